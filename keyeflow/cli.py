@@ -1,0 +1,221 @@
+"""The ``keyeflow`` command. Flows are imported lazily so `keyeflow sql` starts fast."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+# No network here or on most clusters' workers: Prefect's telemetry would only log errors.
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+
+app = typer.Typer(help="keyeflow: Keye-VL-1.5 data and training flows", no_args_is_help=True,
+                  pretty_exceptions_show_locals=False)
+console = Console()
+
+
+def _overrides(values: list[str] | None) -> dict:
+    """--set key=value pairs; values parse as JSON where they can (numbers, booleans)."""
+    out = {}
+    for item in values or []:
+        key, sep, raw = item.partition("=")
+        if not sep:
+            raise typer.BadParameter(f"--set expects key=value, got {item!r}")
+        try:
+            out[key.strip()] = json.loads(raw)
+        except json.JSONDecodeError:
+            out[key.strip()] = raw
+    return out
+
+
+@app.command()
+def run(
+    preset: str = typer.Option("paper", help="Slow-Fast preset: paper or keye-vl-utils"),
+    samples: Optional[Path] = typer.Option(None, help="folder of videos (default: generated samples)"),
+):
+    """Run the whole pipeline on sample data with embedded defaults, then say where to look."""
+    from keyeflow.config import get_settings
+    from keyeflow.datasets.samples import generate_sample_videos
+    from keyeflow.flows.video import video_pipeline
+
+    settings = get_settings()
+    started = time.perf_counter()
+    source = samples or settings.samples_dir / "videos"
+    if samples is None:
+        console.print(f"generating sample videos in {source} …")
+        generate_sample_videos(source)
+    result = video_pipeline([str(source)], preset=preset)
+    _summary(result, time.perf_counter() - started)
+
+
+def _tables_overview() -> Table:
+    from keyeflow.datasets import tables
+
+    table = Table(title="keyeflow tables")
+    for col in ("table", "version", "rows", "uri"):
+        table.add_column(col)
+    for name in tables.list_tables():
+        ds = tables.open_table(name)
+        table.add_row(name, str(ds.version), str(ds.count_rows()), ds.uri)
+    return table
+
+
+def _summary(result: dict, seconds: float) -> None:
+    from keyeflow.config import get_settings
+
+    settings = get_settings()
+    console.print(_tables_overview())
+    ing, tok = result["ingest"], result["pretokenize"]
+    console.print(
+        f"videos: {ing['num_ingested']} new, {ing['num_already_present']} already in, "
+        f"{ing['num_duplicates']} duplicates, {ing['num_quarantined'] + tok['num_quarantined']} quarantined; "
+        f"{tok['num_done']} pre-tokenised ({tok['total_tokens']} vision tokens)"
+    )
+    console.print(f"MLflow run: {result['run_id']}  (tracking URI {settings.mlflow_uri})")
+    console.print(f"done in {seconds:.1f} s. Where to look:")
+    console.print(f"  keyeflow sql \"select reason, count(*) from quarantine group by reason\"")
+    console.print(f"  mlflow ui --backend-store-uri {settings.mlflow_uri}")
+    console.print("  prefect server start   (then http://127.0.0.1:4200)")
+
+
+@app.command()
+def ingest(
+    paths: list[str] = typer.Argument(..., help="files, folders or fsspec URIs"),
+    preset: str = typer.Option("paper", help="Slow-Fast preset for pre-tokenisation"),
+    set_: Optional[list[str]] = typer.Option(None, "--set", help="Slow-Fast override key=value"),
+    pretokenize: bool = typer.Option(True, help="also pre-tokenise what was ingested"),
+    shard_size: int = typer.Option(16, min=1),
+):
+    """Ingest videos (probe, hash, register) and by default pre-tokenise them."""
+    from keyeflow.flows.video import ingest_videos, video_pipeline
+
+    started = time.perf_counter()
+    if pretokenize:
+        result = video_pipeline(paths, preset=preset, overrides=_overrides(set_), shard_size=shard_size)
+        _summary(result, time.perf_counter() - started)
+    else:
+        result = ingest_videos(paths, shard_size=shard_size)
+        console.print({k: v for k, v in result.items() if k.startswith("num_")})
+
+
+@app.command("pretokenize")
+def pretokenize_cmd(
+    preset: str = typer.Option("paper"),
+    set_: Optional[list[str]] = typer.Option(None, "--set", help="Slow-Fast override key=value"),
+    videos_version: Optional[int] = typer.Option(None, help="pin the videos table version"),
+):
+    """Slow-Fast pre-tokenise ingested videos (skips what this config already did)."""
+    from keyeflow.flows.video import pretokenize_videos
+
+    result = pretokenize_videos(preset, _overrides(set_), videos_version=videos_version)
+    console.print({k: v for k, v in result.items() if k.startswith("num_") or k == "total_tokens"})
+
+
+@app.command()
+def slowfast(
+    video: str,
+    preset: str = typer.Option("paper"),
+    set_: Optional[list[str]] = typer.Option(None, "--set", help="override key=value"),
+    as_json: bool = typer.Option(False, "--json", help="print JSON"),
+):
+    """Show how one video would be tokenised: frame types, timestamps, sizes, totals."""
+    from keyeflow.datasets.pretokenize import max_frames
+    from keyeflow.datasets.slowfast import allocate_tokens, resolve_config, select_frames
+    from keyeflow.datasets.video import BadVideo, as_local_file, content_hash, decode, probe
+
+    config = resolve_config(preset, **_overrides(set_))
+    try:
+        _, size = content_hash(video)
+        with as_local_file(video) as path:
+            info = probe(video, path, size)
+            decoded = decode(video, path, info, config.fps, max_frames(config))
+    except BadVideo as exc:
+        console.print(f"[red]error:[/red] {exc}")
+        raise typer.Exit(2)
+    types = select_frames(decoded.frames, config=config)
+    (sh, sw), (fh, fw), total = allocate_tokens(types, info.height, info.width, config=config)[:3]
+    factor2 = config.factor**2
+    out = {
+        "video": video,
+        "preset": preset,
+        "config_hash": config.config_hash(),
+        "sampling_fps": decoded.fps,
+        "frame_types": ["slow" if x == 0 else "fast" for x in types.tolist()],
+        "timestamps": [round(float(x), 3) for x in decoded.timestamps],
+        "num_slow": int((types == 0).sum()),
+        "num_fast": int((types == 1).sum()),
+        "slow_size": [sh, sw],
+        "fast_size": [fh, fw],
+        "slow_tokens": sh * sw // factor2,
+        "fast_tokens": fh * fw // factor2,
+        "total_tokens": int(total),
+        "token_budget": config.total_token_budget,
+    }
+    if as_json:
+        print(json.dumps(out))
+        return
+    strip = "".join("S" if x == 0 else "f" for x in types.tolist())
+    console.print(f"{video}: {out['num_slow']} slow / {out['num_fast']} fast frames at {decoded.fps:.3g} fps")
+    console.print(f"  {strip}")
+    console.print(f"  slow {sh}x{sw} ({out['slow_tokens']} tok)  fast {fh}x{fw} ({out['fast_tokens']} tok)  "
+                  f"total {total} / budget {config.total_token_budget}")
+
+
+@app.command()
+def sql(
+    query: str,
+    fmt: str = typer.Option("table", "--format", help="table, json or csv"),
+):
+    """Query the curated tables with DuckDB; every Lance table is a view."""
+    from keyeflow.datasets import sql as sqlmod
+
+    if fmt not in ("table", "json", "csv"):
+        raise typer.BadParameter(f"--format must be table, json or csv, got {fmt!r}")
+    try:
+        df = sqlmod.query(query)
+    except ValueError as exc:
+        console.print(f"[red]error:[/red] {exc}")
+        raise typer.Exit(2)
+    for col in df.columns:  # bytes (pixel patches) are not for a terminal
+        if df[col].map(lambda v: isinstance(v, (bytes, bytearray))).any():
+            df[col] = df[col].map(lambda v: f"<{len(v)} bytes>" if isinstance(v, (bytes, bytearray)) else v)
+    if fmt == "json":
+        print(df.to_json(orient="records", date_format="iso"))
+    elif fmt == "csv":
+        df.to_csv(sys.stdout, index=False)
+    else:
+        table = Table(show_lines=False)
+        for col in df.columns:
+            table.add_column(str(col))
+        for row in df.itertuples(index=False):
+            table.add_row(*[str(v) for v in row])
+        console.print(table)
+
+
+@app.command("tables")
+def list_tables():
+    """List the tables with their current version and row count."""
+    console.print(_tables_overview())
+
+
+@app.command()
+def samples(dest: Path, bad: bool = typer.Option(False, help="also write the bad-input set under DEST/bad")):
+    """Write the generated sample videos (and optionally the bad inputs) to DEST."""
+    from keyeflow.datasets.samples import generate_bad_inputs, generate_sample_videos
+
+    for path in generate_sample_videos(dest):
+        console.print(str(path))
+    if bad:
+        for name, path in generate_bad_inputs(dest / "bad").items():
+            console.print(f"{name}: {path}")
+
+
+if __name__ == "__main__":
+    app()

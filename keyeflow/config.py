@@ -1,0 +1,72 @@
+"""Settings: where data, tables and tracking live.
+
+Everything defaults under one data root (``KEYEFLOW_HOME``, default ``./keyeflow_home``) so a laptop run
+needs no service; each location can be pointed elsewhere (``s3://`` tables, an MLflow server) by env var.
+Component configs (Slow-Fast, ingestion, gates, stages) live beside their components, one class each.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, is_dataclass
+from pathlib import Path
+from typing import Any
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    """Platform locations, read from ``KEYEFLOW_*`` environment variables."""
+
+    model_config = SettingsConfigDict(env_prefix="KEYEFLOW_", extra="ignore")
+
+    home: Path = Field(default=Path("keyeflow_home"), description="data root")
+    tables_uri: str | None = Field(default=None, description="Lance tables root; default HOME/tables")
+    tracking_uri: str | None = Field(default=None, description="MLflow URI; default sqlite under HOME")
+    experiment: str = "keyeflow"
+
+    @property
+    def root(self) -> Path:
+        return self.home.expanduser().resolve()
+
+    @property
+    def tables(self) -> str:
+        return self.tables_uri or str(self.root / "tables")
+
+    @property
+    def mlflow_uri(self) -> str:
+        # MLflow 3 refuses the plain file store by default; SQLite under the data root keeps the
+        # tracking data next to the tables it describes instead of in the working directory.
+        return self.tracking_uri or f"sqlite:///{self.root / 'mlflow.db'}"
+
+    @property
+    def artifacts_uri(self) -> str:
+        return str(self.root / "mlartifacts")
+
+    @property
+    def samples_dir(self) -> Path:
+        return self.root / "samples"
+
+    @property
+    def work_dir(self) -> Path:
+        """Scratch space for spooled frames; safe to delete between runs."""
+        return self.root / "work"
+
+
+def get_settings() -> Settings:
+    # Read fresh each call: tests and the CLI change KEYEFLOW_HOME at run time.
+    return Settings()
+
+
+def config_hash(config: Any, length: int = 16) -> str:
+    """Stable hash of a config (dataclass, pydantic model or mapping) for caching and row provenance."""
+    if is_dataclass(config):
+        payload = asdict(config)
+    elif hasattr(config, "model_dump"):
+        payload = config.model_dump(mode="json")
+    else:
+        payload = dict(config)
+    text = json.dumps(payload, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:length]

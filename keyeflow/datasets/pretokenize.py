@@ -1,0 +1,184 @@
+"""Slow-Fast pre-tokenisation of ingested videos into ``video_samples`` and ``video_frames``.
+
+Per video: decode once at the sampling rate, label frames Slow/Fast, search the per-frame token budget,
+resize every frame to its Slow or Fast size and store it as uint8 14×14 patches in merge order, ready for
+the vision encoder. A sample's key is (video, config hash): changing any knob that changes tokens makes
+new rows, and an unchanged config finds its rows and skips the video.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pyarrow.compute as pc
+from PIL import Image
+
+from keyeflow.datasets import tables
+from keyeflow.datasets.slowfast import SlowFastConfig, allocate_tokens, select_frames
+from keyeflow.datasets.video import BadVideo, VideoInfo, as_local_file, decode
+
+STAGE = "pretokenize"
+_FLUSH_BYTES = 256 << 20  # commit frame rows at least this often to bound memory on long videos
+
+
+def sample_id(video_id: str, config: SlowFastConfig) -> str:
+    return f"{video_id[:16]}-{config.config_hash()}"
+
+
+def max_frames(config: SlowFastConfig) -> int:
+    # The most frames the budget can hold if every one were Fast at the minimum size (the same cap the
+    # reference preprocessing uses); more frames could not all get tokens, so sample fewer instead.
+    return max(1, config.total_token_budget // config.min_tokens_per_frame)
+
+
+def patchify(frame: np.ndarray, patch: int, merge: int) -> np.ndarray:
+    """H×W×3 uint8 → (H/p · W/p) × (3·p·p) uint8, rows grouped so each merge×merge block is contiguous."""
+    h, w, c = frame.shape
+    gh, gw = h // patch, w // patch
+    x = frame.reshape(gh // merge, merge, patch, gw // merge, merge, patch, c)
+    x = x.transpose(0, 3, 1, 4, 6, 2, 5)  # (gh/m, gw/m, m, m, c, p, p)
+    return np.ascontiguousarray(x).reshape(gh * gw, c * patch * patch)
+
+
+def unpatchify(patches: np.ndarray, grid_h: int, grid_w: int, patch: int, merge: int) -> np.ndarray:
+    """Inverse of :func:`patchify`: back to H×W×3 uint8 (for pictures and checks)."""
+    c = patches.shape[1] // (patch * patch)
+    x = patches.reshape(grid_h // merge, grid_w // merge, merge, merge, c, patch, patch)
+    x = x.transpose(0, 2, 5, 1, 3, 6, 4)  # (gh/m, m, p, gw/m, m, p, c)
+    return np.ascontiguousarray(x).reshape(grid_h * patch, grid_w * patch, c)
+
+
+def resize(frame: np.ndarray, height: int, width: int) -> np.ndarray:
+    # Bicubic, as the Keye/Qwen image processors resample before normalising.
+    if frame.shape[0] == height and frame.shape[1] == width:
+        return np.ascontiguousarray(frame)
+    return np.asarray(Image.fromarray(np.asarray(frame)).resize((width, height), Image.BICUBIC))
+
+
+@dataclass
+class PretokenizeReport:
+    num_videos: int = 0
+    num_done: int = 0
+    num_skipped: int = 0
+    num_quarantined: int = 0
+    total_tokens: int = 0
+    quarantined: dict[str, str] = field(default_factory=dict)
+
+    def add(self, other: PretokenizeReport) -> PretokenizeReport:
+        for name in ("num_videos", "num_done", "num_skipped", "num_quarantined", "total_tokens"):
+            setattr(self, name, getattr(self, name) + getattr(other, name))
+        self.quarantined.update(other.quarantined)
+        return self
+
+
+def pending_videos(videos: tables.TableRef, config: SlowFastConfig, root: str | None = None) -> list[dict]:
+    """Videos of the pinned ``videos`` version that have no sample for this config and no known defect."""
+    ds = tables.open_table("videos", version=videos.version, root=root)
+    rows = ds.to_table().to_pylist()
+    wanted = {sample_id(r["video_id"], config): r for r in rows}
+    done = tables.existing_keys("video_samples", wanted, root)
+    bad = set()
+    if tables.exists("quarantine", root):
+        q = tables.open_table("quarantine", root=root).to_table(
+            columns=["content_hash"],
+            filter=(pc.field("stage") == STAGE) & (pc.field("config_hash") == config.config_hash()),
+        )
+        bad = set(q.column("content_hash").to_pylist())
+    return [r for key, r in sorted(wanted.items()) if key not in done and r["video_id"] not in bad]
+
+
+def tokenize_video(info: VideoInfo, video_id: str, config: SlowFastConfig, spool_dir: Path | None = None):
+    """Decode, select, allocate and patchify one video → (sample row, frame rows)."""
+    with as_local_file(info.uri, spool_dir) as path:
+        decoded = decode(info.uri, path, info, config.fps, max_frames(config), spool_dir)
+    frames = decoded.frames
+    frame_types = select_frames(frames, config=config)
+    (slow_h, slow_w), (fast_h, fast_w), total = allocate_tokens(frame_types, info.height, info.width,
+                                                                config=config)[:3]
+    sid = sample_id(video_id, config)
+    patch, merge = config.patch_size, config.merge_size
+    frame_rows = []
+    for index, (frame, kind) in enumerate(zip(frames, frame_types)):
+        h, w = (slow_h, slow_w) if kind == 0 else (fast_h, fast_w)
+        patches = patchify(resize(frame, h, w), patch, merge)
+        frame_rows.append(
+            {
+                "frame_id": f"{sid}/{index:06d}",
+                "sample_id": sid,
+                "frame_index": index,
+                "frame_type": int(kind),
+                "timestamp": float(decoded.timestamps[index]),
+                "grid_h": h // patch,
+                "grid_w": w // patch,
+                "num_tokens": (h // patch) * (w // patch) // (merge * merge),
+                "patches": patches.tobytes(),
+            }
+        )
+    num_fast = int(frame_types.sum())
+    factor2 = config.factor**2
+    sample = {
+        "sample_id": sid,
+        "video_id": video_id,
+        "uri": info.uri,
+        "config_hash": config.config_hash(),
+        "preset": config.preset,
+        "sampling_fps": decoded.fps,
+        "num_frames": len(frame_types),
+        "num_slow": len(frame_types) - num_fast,
+        "num_fast": num_fast,
+        "frame_types": frame_types.astype(np.int8).tolist(),
+        "timestamps": decoded.timestamps.tolist(),
+        "slow_height": slow_h,
+        "slow_width": slow_w,
+        "fast_height": fast_h,
+        "fast_width": fast_w,
+        "slow_tokens": slow_h * slow_w // factor2,
+        "fast_tokens": fast_h * fast_w // factor2,
+        "total_tokens": int(total),
+        "token_budget": config.total_token_budget,
+        "created_at": tables.now(),
+    }
+    return sample, frame_rows
+
+
+def _info(row: dict) -> VideoInfo:
+    return VideoInfo(**{k: row[k] for k in VideoInfo.__dataclass_fields__})
+
+
+def pretokenize_shard(
+    rows: list[dict],
+    config: SlowFastConfig,
+    root: str | None = None,
+    spool_dir: Path | None = None,
+    on_item: Callable[[], None] | None = None,
+) -> PretokenizeReport:
+    """Tokenise a shard of ``videos`` rows; frames are committed before the sample row that marks a
+    video done, so a crash leaves at most orphan frames that the rerun's keyed insert skips."""
+    report = PretokenizeReport(num_videos=len(rows))
+    samples, frames, bad = [], [], []
+    buffered = 0
+    for row in rows:
+        try:
+            sample, frame_rows = tokenize_video(_info(row), row["video_id"], config, spool_dir)
+        except BadVideo as exc:
+            bad.append(tables.quarantine_row(row["uri"], exc.reason, STAGE, row["video_id"], config.config_hash()))
+            report.quarantined[row["uri"]] = exc.reason
+        else:
+            samples.append(sample)
+            frames += frame_rows
+            buffered += sum(len(f["patches"]) for f in frame_rows)
+            report.num_done += 1
+            report.total_tokens += sample["total_tokens"]
+            if buffered > _FLUSH_BYTES:
+                tables.upsert("video_frames", frames, root)
+                frames, buffered = [], 0
+        if on_item:
+            on_item()
+    report.num_quarantined = len(report.quarantined)
+    tables.upsert("video_frames", frames, root)
+    tables.upsert("quarantine", bad, root)
+    tables.upsert("video_samples", samples, root)
+    return report

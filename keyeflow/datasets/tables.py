@@ -1,0 +1,248 @@
+"""Lance tables: schemas, idempotent writes, pinned reads.
+
+Every table lives at ``<tables root>/<name>.lance``. Writes go through :func:`upsert`, a Lance
+``merge_insert`` keyed on the table's primary key: a commit is one transaction, and re-writing rows
+that are already there inserts nothing, so a rerun after a crash never duplicates a row. Readers pin a
+table by ``TableRef`` (URI + version) so a downstream step sees exactly the rows its upstream produced.
+
+Schemas (documented here because ``keyeflow sql`` users read them):
+
+``videos`` — one row per distinct video content (primary key ``video_id``)
+    video_id (sha256 of the file bytes), uri, size_bytes, container, codec, pix_fmt, bit_depth,
+    width/height (as displayed, after rotation), coded_width/coded_height, rotation (degrees),
+    fps (average), duration_s, num_frames (container's count, 0 if unknown), is_vfr, ingested_at.
+
+``video_samples`` — one row per (video, Slow-Fast config) (primary key ``sample_id``)
+    sample_id, video_id, uri, config_hash, preset, sampling_fps, num_frames, num_slow, num_fast,
+    frame_types (list<int8>: 0 slow, 1 fast), timestamps (list<float32>, seconds),
+    slow_height/slow_width, fast_height/fast_width (pixels, multiples of 28),
+    slow_tokens/fast_tokens (LLM tokens per frame), total_tokens (vision tokens of the video),
+    token_budget, created_at.
+
+``video_frames`` — pixel patches, one row per sampled frame (primary key ``frame_id``)
+    frame_id (``<sample_id>/<index>``), sample_id, frame_index, frame_type, timestamp, grid_h, grid_w
+    (in 14-px patches), num_tokens, patches (uint8 bytes: grid_h*grid_w rows of 3*14*14 values, rows
+    ordered so that each 2×2 merge group is contiguous, values in channel-major order).
+
+``quarantine`` — every input we did not take, with why (primary key ``quarantine_id``)
+    quarantine_id, uri, reason, stage, content_hash (empty if unreadable), config_hash, detected_at.
+
+``gate_results`` — every gate verdict (primary key ``gate_result_id``: gate + table version + run)
+    gate, table_uri, table_version, passed, num_rows, failures (JSON list: check, expectation, column,
+    unexpected_count, examples), run_id (MLflow), checked_at.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterable
+from dataclasses import dataclass
+from datetime import datetime, timezone
+
+import lance
+import pyarrow as pa
+
+from keyeflow.config import get_settings
+
+TIMESTAMP = pa.timestamp("us", tz="UTC")
+
+SCHEMAS: dict[str, pa.Schema] = {
+    "videos": pa.schema(
+        [
+            ("video_id", pa.string()),
+            ("uri", pa.string()),
+            ("size_bytes", pa.int64()),
+            ("container", pa.string()),
+            ("codec", pa.string()),
+            ("pix_fmt", pa.string()),
+            ("bit_depth", pa.int32()),
+            ("width", pa.int32()),
+            ("height", pa.int32()),
+            ("coded_width", pa.int32()),
+            ("coded_height", pa.int32()),
+            ("rotation", pa.int32()),
+            ("fps", pa.float64()),
+            ("duration_s", pa.float64()),
+            ("num_frames", pa.int64()),
+            ("is_vfr", pa.bool_()),
+            ("ingested_at", TIMESTAMP),
+        ]
+    ),
+    "video_samples": pa.schema(
+        [
+            ("sample_id", pa.string()),
+            ("video_id", pa.string()),
+            ("uri", pa.string()),
+            ("config_hash", pa.string()),
+            ("preset", pa.string()),
+            ("sampling_fps", pa.float64()),
+            ("num_frames", pa.int32()),
+            ("num_slow", pa.int32()),
+            ("num_fast", pa.int32()),
+            ("frame_types", pa.list_(pa.int8())),
+            ("timestamps", pa.list_(pa.float32())),
+            ("slow_height", pa.int32()),
+            ("slow_width", pa.int32()),
+            ("fast_height", pa.int32()),
+            ("fast_width", pa.int32()),
+            ("slow_tokens", pa.int32()),
+            ("fast_tokens", pa.int32()),
+            ("total_tokens", pa.int64()),
+            ("token_budget", pa.int64()),
+            ("created_at", TIMESTAMP),
+        ]
+    ),
+    "video_frames": pa.schema(
+        [
+            ("frame_id", pa.string()),
+            ("sample_id", pa.string()),
+            ("frame_index", pa.int32()),
+            ("frame_type", pa.int8()),
+            ("timestamp", pa.float32()),
+            ("grid_h", pa.int32()),
+            ("grid_w", pa.int32()),
+            ("num_tokens", pa.int32()),
+            ("patches", pa.large_binary()),
+        ]
+    ),
+    "quarantine": pa.schema(
+        [
+            ("quarantine_id", pa.string()),
+            ("uri", pa.string()),
+            ("reason", pa.string()),
+            ("stage", pa.string()),
+            ("content_hash", pa.string()),
+            ("config_hash", pa.string()),
+            ("detected_at", TIMESTAMP),
+        ]
+    ),
+    "gate_results": pa.schema(
+        [
+            ("gate_result_id", pa.string()),
+            ("gate", pa.string()),
+            ("table_uri", pa.string()),
+            ("table_version", pa.int64()),
+            ("passed", pa.bool_()),
+            ("num_rows", pa.int64()),
+            ("failures", pa.string()),
+            ("run_id", pa.string()),
+            ("checked_at", TIMESTAMP),
+        ]
+    ),
+}
+
+PRIMARY_KEYS = {
+    "videos": "video_id",
+    "video_samples": "sample_id",
+    "video_frames": "frame_id",
+    "quarantine": "quarantine_id",
+    "gate_results": "gate_result_id",
+}
+
+
+@dataclass(frozen=True)
+class TableRef:
+    """A pinned table: what flows pass between tasks instead of the rows themselves."""
+
+    name: str
+    uri: str
+    version: int
+
+    def __str__(self) -> str:
+        return f"{self.uri}@v{self.version}"
+
+
+def now() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+def table_uri(name: str, root: str | None = None) -> str:
+    return f"{(root or get_settings().tables).rstrip('/')}/{name}.lance"
+
+
+def exists(name: str, root: str | None = None) -> bool:
+    try:
+        lance.dataset(table_uri(name, root))
+    except (ValueError, FileNotFoundError, OSError):
+        return False
+    return True
+
+
+def open_table(name: str, version: int | None = None, root: str | None = None) -> lance.LanceDataset:
+    uri = table_uri(name, root)
+    try:
+        return lance.dataset(uri, version=version)
+    except (ValueError, FileNotFoundError, OSError) as exc:
+        raise FileNotFoundError(f"table {name!r} not found at {uri} (version {version}): {exc}") from exc
+
+
+def ref(name: str, root: str | None = None) -> TableRef:
+    """The table's current version as a pinnable reference (creating it empty if missing)."""
+    ds = ensure(name, root)
+    return TableRef(name=name, uri=ds.uri, version=ds.version)
+
+
+def ensure(name: str, root: str | None = None) -> lance.LanceDataset:
+    """Open a table, creating it empty with its schema if it does not exist yet."""
+    if exists(name, root):
+        return open_table(name, root=root)
+    empty = SCHEMAS[name].empty_table()
+    try:
+        return lance.write_dataset(empty, table_uri(name, root), mode="create")
+    except OSError:
+        # Another writer created it between our check and our write: theirs is as good as ours.
+        return open_table(name, root=root)
+
+
+def upsert(name: str, rows: list[dict] | pa.Table, root: str | None = None) -> int:
+    """Insert rows whose primary key is not present yet; return the table version after the commit.
+
+    Existing keys are left untouched, so writing the same shard twice is harmless.
+    """
+    data = rows if isinstance(rows, pa.Table) else pa.Table.from_pylist(rows, schema=SCHEMAS[name])
+    ds = ensure(name, root)
+    if data.num_rows == 0:
+        return ds.version
+    ds.merge_insert(PRIMARY_KEYS[name]).when_not_matched_insert_all().execute(data)
+    return open_table(name, root=root).version
+
+
+def existing_keys(name: str, keys: Iterable[str], root: str | None = None) -> set[str]:
+    """Which of ``keys`` the table already holds (a scan filtered on the primary key)."""
+    keys = list(keys)
+    if not keys or not exists(name, root):
+        return set()
+    column = PRIMARY_KEYS[name]
+    ds = open_table(name, root=root)
+    found = ds.to_table(columns=[column], filter=pa.compute.field(column).isin(keys))
+    return set(found.column(column).to_pylist())
+
+
+def quarantine_row(uri: str, reason: str, stage: str, content_hash: str = "", config_hash: str = "") -> dict:
+    # One row per (input, stage, config): re-detecting the same problem on a rerun is not a new row.
+    key = hashlib.sha256(f"{uri}\0{stage}\0{content_hash}\0{config_hash}".encode()).hexdigest()[:24]
+    return {
+        "quarantine_id": key,
+        "uri": uri,
+        "reason": reason,
+        "stage": stage,
+        "content_hash": content_hash,
+        "config_hash": config_hash,
+        "detected_at": now(),
+    }
+
+
+def list_tables(root: str | None = None) -> list[str]:
+    """Names of the tables that exist under the root (local or object store)."""
+    import fsspec
+
+    base = (root or get_settings().tables).rstrip("/")
+    fs, path = fsspec.core.url_to_fs(base)
+    if not fs.exists(path):
+        return []
+    names = []
+    for entry in fs.ls(path, detail=False):
+        leaf = entry.rstrip("/").rsplit("/", 1)[-1]
+        if leaf.endswith(".lance"):
+            names.append(leaf[: -len(".lance")])
+    return sorted(names)

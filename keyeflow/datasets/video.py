@@ -1,0 +1,314 @@
+"""Video files: find, read, hash, probe and decode them with ffmpeg.
+
+A video's identity is the sha256 of its bytes, so the same clip under two names is ingested once and a
+renamed file is not re-tokenised. Every failure here raises :class:`BadVideo` with a reason a person can
+act on; callers quarantine the file with that reason and carry on with the rest of the batch.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import math
+import os
+import shutil
+import subprocess
+import tempfile
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import ffmpeg
+import fsspec
+import numpy as np
+
+VIDEO_SUFFIXES = {".mp4", ".mkv", ".webm", ".avi", ".mov", ".m4v", ".mpg", ".mpeg", ".ts", ".flv", ".wmv"}
+MAX_ASPECT_RATIO = 200  # the processor's smart_resize refuses anything longer than 200:1
+_HASH_CHUNK = 8 << 20
+
+
+class BadVideo(ValueError):
+    """An input that cannot become training data; ``reason`` says why in one line."""
+
+    def __init__(self, uri: str, reason: str):
+        super().__init__(f"{uri}: {reason}")
+        self.uri = uri
+        self.reason = reason
+
+
+@dataclass(frozen=True)
+class VideoInfo:
+    uri: str
+    size_bytes: int
+    container: str
+    codec: str
+    pix_fmt: str
+    bit_depth: int
+    width: int  # as displayed (rotation applied)
+    height: int
+    coded_width: int
+    coded_height: int
+    rotation: int
+    fps: float
+    duration_s: float
+    num_frames: int
+    is_vfr: bool
+
+
+def is_local(uri: str) -> bool:
+    return "://" not in uri or uri.startswith("file://")
+
+
+def local_path(uri: str) -> str:
+    return uri[len("file://") :] if uri.startswith("file://") else uri
+
+
+def discover(paths: list[str], suffixes: set[str] = VIDEO_SUFFIXES) -> list[str]:
+    """Expand files, directories (recursive) and fsspec URIs/globs into a sorted list of video URIs.
+
+    A path that does not exist is returned as is so that it is quarantined with a reason, not lost.
+    """
+    found: list[str] = []
+    for item in paths:
+        item = str(item)
+        if is_local(item):
+            path = Path(local_path(item))
+            if path.is_dir():
+                found += [
+                    str(p)
+                    for p in sorted(path.rglob("*"))
+                    if p.suffix.lower() in suffixes and (p.is_file() or p.is_symlink())
+                ]
+            else:
+                found.append(str(path))
+            continue
+        fs, fs_path = fsspec.core.url_to_fs(item)
+        protocol = item.split("://", 1)[0]
+        if any(ch in fs_path for ch in "*?["):
+            found += [f"{protocol}://{p}" for p in sorted(fs.glob(fs_path))]
+        elif fs.isdir(fs_path):
+            found += [
+                f"{protocol}://{p}" for p in sorted(fs.find(fs_path)) if Path(p).suffix.lower() in suffixes
+            ]
+        else:
+            found.append(item)
+    return list(dict.fromkeys(found))
+
+
+def content_hash(uri: str) -> tuple[str, int]:
+    """(sha256 hex, size in bytes) of the file's bytes."""
+    digest = hashlib.sha256()
+    size = 0
+    try:
+        with fsspec.open(uri, "rb") as fh:
+            while chunk := fh.read(_HASH_CHUNK):
+                digest.update(chunk)
+                size += len(chunk)
+    except FileNotFoundError as exc:
+        raise BadVideo(uri, f"unreadable: file not found ({exc.strerror or exc})") from exc
+    except IsADirectoryError as exc:
+        raise BadVideo(uri, "unreadable: is a directory") from exc
+    except OSError as exc:
+        raise BadVideo(uri, f"unreadable: {exc.strerror or exc}") from exc
+    if size == 0:
+        raise BadVideo(uri, "empty file (0 bytes)")
+    return digest.hexdigest(), size
+
+
+@contextlib.contextmanager
+def as_local_file(uri: str, scratch: Path | None = None) -> Iterator[str]:
+    """A local path ffmpeg can open: the file itself, or a temporary copy of a remote object."""
+    if is_local(uri):
+        yield local_path(uri)
+        return
+    scratch = scratch or Path(tempfile.gettempdir())
+    scratch.mkdir(parents=True, exist_ok=True)
+    suffix = Path(uri).suffix
+    fd, tmp = tempfile.mkstemp(suffix=suffix, dir=scratch)
+    try:
+        with os.fdopen(fd, "wb") as out, fsspec.open(uri, "rb") as src:
+            shutil.copyfileobj(src, out, _HASH_CHUNK)
+        yield tmp
+    finally:
+        os.unlink(tmp)
+
+
+def _ratio(text: str | None) -> float:
+    if not text or text in ("0/0", "N/A"):
+        return 0.0
+    num, _, den = text.partition("/")
+    try:
+        return float(num) / float(den or 1) if float(den or 1) else 0.0
+    except ValueError:
+        return 0.0
+
+
+def _rotation(stream: dict) -> int:
+    for side in stream.get("side_data_list", []) or []:
+        if "rotation" in side:
+            return int(round(float(side["rotation"]))) % 360
+    tag = (stream.get("tags") or {}).get("rotate")
+    return int(tag) % 360 if tag else 0
+
+
+def _bit_depth(stream: dict) -> int:
+    raw = stream.get("bits_per_raw_sample")
+    if raw and str(raw).isdigit():
+        return int(raw)
+    pix = stream.get("pix_fmt", "")
+    for depth in (16, 14, 12, 10, 9):
+        if f"p{depth}" in pix:
+            return depth
+    return 8
+
+
+def probe(uri: str, path: str, size_bytes: int) -> VideoInfo:
+    """Read container and stream facts with ffprobe; refuse files that cannot be training video."""
+    try:
+        meta = ffmpeg.probe(path)
+    except ffmpeg.Error as exc:
+        lines = [ln for ln in exc.stderr.decode(errors="replace").strip().splitlines() if ln.strip()]
+        detail = lines[-1].split(": ", 1)[-1] if lines else "ffprobe failed"
+        raise BadVideo(uri, f"not a readable video container ({detail})") from exc
+    streams = meta.get("streams", [])
+    video = [s for s in streams if s.get("codec_type") == "video" and not _is_cover_art(s)]
+    if not video:
+        kinds = sorted({s.get("codec_type", "?") for s in streams}) or ["none"]
+        raise BadVideo(uri, f"no video stream (streams present: {', '.join(kinds)})")
+    stream = video[0]
+    coded_w, coded_h = int(stream.get("width") or 0), int(stream.get("height") or 0)
+    if coded_w <= 0 or coded_h <= 0:
+        raise BadVideo(uri, f"video stream has no frame size ({coded_w}x{coded_h})")
+    rotation = _rotation(stream)
+    width, height = (coded_h, coded_w) if rotation % 180 == 90 else (coded_w, coded_h)
+    if max(width, height) / min(width, height) > MAX_ASPECT_RATIO:
+        raise BadVideo(
+            uri,
+            f"extreme aspect ratio {width}x{height} ({max(width, height) / min(width, height):.0f}:1, "
+            f"limit {MAX_ASPECT_RATIO}:1)",
+        )
+    fmt = meta.get("format", {})
+    duration = float(stream.get("duration") or fmt.get("duration") or 0.0)
+    avg_fps, real_fps = _ratio(stream.get("avg_frame_rate")), _ratio(stream.get("r_frame_rate"))
+    fps = avg_fps or real_fps
+    num_frames = int(stream.get("nb_frames") or 0) if str(stream.get("nb_frames", "")).isdigit() else 0
+    # r_frame_rate is the timebase-level rate; a gap to the average rate means frames are unevenly spaced.
+    is_vfr = bool(avg_fps and real_fps and abs(avg_fps - real_fps) / real_fps > 0.01)
+    return VideoInfo(
+        uri=uri,
+        size_bytes=size_bytes,
+        container=fmt.get("format_name", ""),
+        codec=stream.get("codec_name", ""),
+        pix_fmt=stream.get("pix_fmt", ""),
+        bit_depth=_bit_depth(stream),
+        width=width,
+        height=height,
+        coded_width=coded_w,
+        coded_height=coded_h,
+        rotation=rotation,
+        fps=fps,
+        duration_s=duration,
+        num_frames=num_frames,
+        is_vfr=is_vfr,
+    )
+
+
+def _is_cover_art(stream: dict) -> bool:
+    return bool((stream.get("disposition") or {}).get("attached_pic"))
+
+
+def sampling_fps(info: VideoInfo, fps: float, max_frames: int) -> float:
+    """The rate we actually sample at: the requested fps, lowered so a long video stays under max_frames."""
+    rate = min(fps, info.fps) if info.fps > 0 else fps
+    if info.duration_s > 0 and info.duration_s * rate > max_frames:
+        rate = max_frames / info.duration_s
+    return rate
+
+
+@dataclass
+class DecodedFrames:
+    frames: np.ndarray  # N×H×W×3 uint8 RGB (a memmap for long videos)
+    timestamps: np.ndarray  # seconds, float32
+    fps: float
+
+
+def decode(
+    uri: str, path: str, info: VideoInfo, fps: float, max_frames: int, spool_dir: Path | None = None
+) -> DecodedFrames:
+    """Decode frames at ``fps`` (RGB, rotation applied) with ffmpeg; timestamps are k / fps.
+
+    Frames are written into a memory-mapped scratch file when they would not comfortably fit in memory,
+    so a long 1080p video costs disk, not RAM.
+    """
+    rate = sampling_fps(info, fps, max_frames)
+    width, height = info.width, info.height
+    frame_bytes = width * height * 3
+    capacity = max(1, min(max_frames, math.ceil(info.duration_s * rate) + 2 if info.duration_s else max_frames))
+    spool = None
+    if capacity * frame_bytes > (512 << 20):
+        spool_dir = spool_dir or Path(tempfile.gettempdir())
+        spool_dir.mkdir(parents=True, exist_ok=True)
+        spool = tempfile.NamedTemporaryFile(dir=spool_dir, suffix=".frames", delete=True)
+        buffer = np.memmap(spool, dtype=np.uint8, mode="w+", shape=(capacity, height, width, 3))
+    else:
+        buffer = np.empty((capacity, height, width, 3), dtype=np.uint8)
+
+    count, errors = _run_decoder(uri, path, rate, width, height, buffer)
+    if count == 0:
+        # A clip shorter than one sampling interval (a single frame) yields nothing from the fps
+        # filter's first slot on some containers; its first frame is still a valid sample.
+        count, errors = _run_decoder(uri, path, None, width, height, buffer[:1])
+    if count == 0:
+        raise BadVideo(uri, f"no frame could be decoded ({errors or 'ffmpeg produced no output'})")
+    expected = info.duration_s * rate
+    if errors and expected > 2 and count < 0.9 * expected:
+        raise BadVideo(
+            uri, f"corrupt or truncated: decoded {count} of about {expected:.0f} frames ({errors})"
+        )
+    frames = buffer[:count]
+    timestamps = (np.arange(count, dtype=np.float64) / rate).astype(np.float32)
+    return DecodedFrames(frames=frames, timestamps=timestamps, fps=rate)
+
+
+def _run_decoder(
+    uri: str, path: str, rate: float | None, width: int, height: int, out: np.ndarray
+) -> tuple[int, str]:
+    """Stream raw RGB frames from ffmpeg into ``out``; return (frames written, ffmpeg's error text)."""
+    stream = ffmpeg.input(path)
+    if rate is not None:
+        stream = stream.filter("fps", fps=f"{rate:.6f}")
+    # The scale keeps the size fixed even if a stream changes resolution midway, which would otherwise
+    # desynchronise our fixed-size reads.
+    stream = stream.filter("scale", width, height)
+    args = stream.output("pipe:", format="rawvideo", pix_fmt="rgb24", vframes=len(out)).global_args(
+        "-v", "error", "-nostdin", "-threads", "1"
+    ).compile()
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    err_chunks: list[bytes] = []
+    drain = threading.Thread(target=lambda: err_chunks.append(proc.stderr.read()), daemon=True)
+    drain.start()
+    frame_bytes = width * height * 3
+    count = 0
+    try:
+        while count < len(out):
+            view = memoryview(out[count].reshape(-1))
+            got = proc.stdout.readinto(view)
+            while got and got < frame_bytes:
+                more = proc.stdout.readinto(view[got:])
+                if not more:
+                    break
+                got += more
+            if got != frame_bytes:
+                break
+            count += 1
+        proc.stdout.close()
+    finally:
+        proc.wait()
+        drain.join()
+    text = b"".join(err_chunks).decode(errors="replace").strip()
+    lines = list(dict.fromkeys(ln.strip() for ln in text.splitlines() if ln.strip()))
+    summary = "; ".join(lines[:3])
+    if proc.returncode != 0 and not summary:
+        summary = f"ffmpeg exited with {proc.returncode}"
+    return count, summary[:300]

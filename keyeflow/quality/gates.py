@@ -1,0 +1,214 @@
+"""Quality gates: Great Expectations suites over pinned tables, returning pass or the reasons.
+
+A gate computes the columns its checks need (in DuckDB, over the Lance tables at the versions the
+upstream step produced), runs one GX expectation per check, and reports every failed check by its plain
+name, the GX expectation, how many rows failed and which ones. :meth:`GateResult.raise_if_failed` is
+what stops the next stage.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import warnings
+from dataclasses import dataclass, field
+from typing import Any
+
+import pandas as pd
+
+from keyeflow.datasets import sql, tables
+
+_MAX_EXAMPLES = 10
+
+
+@dataclass(frozen=True)
+class Check:
+    """One expectation with the sentence a person reads when it fails."""
+
+    name: str
+    expectation: str  # a GX expectation class name, e.g. "ExpectColumnValuesToBeInSet"
+    kwargs: dict[str, Any]
+
+
+@dataclass
+class GateResult:
+    gate: str
+    passed: bool
+    num_rows: int
+    failures: list[dict] = field(default_factory=list)
+    checks: list[dict] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return {
+            "gate": self.gate,
+            "passed": self.passed,
+            "num_rows": self.num_rows,
+            "failures": self.failures,
+            "checks": self.checks,
+        }
+
+    def markdown(self) -> str:
+        verdict = "PASSED" if self.passed else "FAILED"
+        lines = [f"## Gate `{self.gate}`: {verdict} ({self.num_rows} rows)", "", "| check | expectation | result | failing rows | examples |", "|---|---|---|---|---|"]
+        for c in self.checks:
+            examples = ", ".join(str(e) for e in c.get("examples", [])[:3])
+            lines.append(
+                f"| {c['check']} | `{c['expectation']}` | {'ok' if c['success'] else 'FAIL'} | "
+                f"{c.get('unexpected_count', 0)} | {examples} |"
+            )
+        return "\n".join(lines)
+
+    def raise_if_failed(self) -> None:
+        if not self.passed:
+            raise GateFailed(self)
+
+
+class GateFailed(RuntimeError):
+    def __init__(self, result: GateResult):
+        self.result = result
+        parts = [
+            f"'{f['check']}' ({f['expectation']} on {f['column']}: {f['unexpected_count']} of "
+            f"{result.num_rows} rows, e.g. {f['examples'][:3]})"
+            for f in result.failures
+        ]
+        super().__init__(f"gate {result.gate!r} failed: " + "; ".join(parts))
+
+
+def run_gate(gate: str, frame: pd.DataFrame, checks: list[Check], id_column: str) -> GateResult:
+    """Validate ``frame`` against ``checks`` with an ephemeral GX context."""
+    import great_expectations as gx
+    from great_expectations.data_context.types.base import ProgressBarsConfig
+
+    logging.getLogger("great_expectations").setLevel(logging.ERROR)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        context = gx.get_context(mode="ephemeral")
+        context.variables.progress_bars = ProgressBarsConfig(globally=False)
+        batch = (
+            context.data_sources.add_pandas(gate)
+            .add_dataframe_asset(gate)
+            .add_batch_definition_whole_dataframe(gate)
+        )
+        suite = context.suites.add(gx.ExpectationSuite(name=gate))
+        for check in checks:
+            cls = getattr(gx.expectations, check.expectation)
+            suite.add_expectation(cls(**check.kwargs, meta={"check": check.name}))
+        validation = context.validation_definitions.add(gx.ValidationDefinition(name=gate, data=batch, suite=suite))
+        if frame.empty:
+            # GX passes vacuous checks on no rows; an empty table feeding training is itself a failure.
+            return GateResult(gate, False, 0, [{"check": "table has rows", "expectation": "non-empty",
+                                                 "column": "*", "unexpected_count": 0, "examples": []}])
+        outcome = validation.run(
+            batch_parameters={"dataframe": frame},
+            result_format={"result_format": "COMPLETE", "unexpected_index_column_names": [id_column]},
+        )
+    checks_out, failures = [], []
+    for res in outcome.results:
+        cfg = res.expectation_config
+        result = res.result or {}
+        examples = [row.get(id_column) for row in (result.get("unexpected_index_list") or [])][:_MAX_EXAMPLES]
+        entry = {
+            "check": cfg.meta.get("check", cfg.type),
+            "expectation": cfg.type,
+            "column": cfg.kwargs.get("column", "*"),
+            "success": bool(res.success),
+            "unexpected_count": int(result.get("unexpected_count") or 0),
+            "examples": [str(e) for e in examples],
+        }
+        if res.exception_info and res.exception_info.get("raised_exception"):
+            entry["success"] = False
+            entry["error"] = res.exception_info.get("exception_message")
+        checks_out.append(entry)
+        if not entry["success"]:
+            failures.append(entry)
+    return GateResult(gate, not failures, len(frame), failures, checks_out)
+
+
+def _in_set(name: str, column: str, values: list) -> Check:
+    return Check(name, "ExpectColumnValuesToBeInSet", {"column": column, "value_set": values})
+
+
+def _at_most(name: str, column: str, value: float) -> Check:
+    return Check(name, "ExpectColumnValuesToBeBetween", {"column": column, "max_value": value})
+
+
+VIDEO_SAMPLE_CHECKS = [
+    Check("one sample per video and config", "ExpectColumnValuesToBeUnique", {"column": "sample_id"}),
+    _in_set("first frame is slow", "first_frame_type", [0]),
+    _at_most("fast frames get at most the fast ratio of slow tokens", "fast_token_excess", 0),
+    _at_most("total tokens within the budget", "budget_excess", 0),
+    _in_set("timestamps strictly increase", "timestamps_increasing", [True]),
+    _in_set("frame sizes are multiples of 28", "size_remainder", [0]),
+    _in_set("frame types and timestamps cover every frame", "lengths_agree", [True]),
+    _in_set("stored frames match the sample (count and tokens)", "frames_agree", [True]),
+    Check("at least one frame", "ExpectColumnValuesToBeBetween", {"column": "num_frames", "min_value": 1}),
+]
+
+VIDEO_CHECKS = [
+    Check("no duplicate content", "ExpectColumnValuesToBeUnique", {"column": "video_id"}),
+    Check("every video has a source uri", "ExpectColumnValuesToNotBeNull", {"column": "uri"}),
+    Check("positive frame size", "ExpectColumnValuesToBeBetween", {"column": "min_side", "min_value": 1}),
+]
+
+
+def video_samples_frame(samples: tables.TableRef, frames: tables.TableRef, config_hash: str | None,
+                        fast_ratio: float, min_tokens: int, strict_budget: bool,
+                        root: str | None = None) -> pd.DataFrame:
+    """One row per sample with the derived columns the video checks read (computed in DuckDB)."""
+    # The reference budget search stops one step past the fitting count, which can overshoot the
+    # budget by at most one token per frame; strict configs get no slack.
+    slack = "0" if strict_budget else "s.num_frames"
+    where = f"where s.config_hash = '{config_hash}'" if config_hash else ""
+    query = f"""
+        with f as (
+            select sample_id, count(*) as n, sum(num_tokens) as tokens
+            from video_frames group by sample_id
+        )
+        select
+            s.sample_id, s.num_frames,
+            s.frame_types[1] as first_frame_type,
+            case when s.num_fast = 0 then 0
+                 else s.fast_tokens - greatest(cast(floor({fast_ratio} * s.slow_tokens) as bigint), {min_tokens})
+            end as fast_token_excess,
+            s.total_tokens - s.token_budget - {slack} as budget_excess,
+            coalesce(list_sort(s.timestamps) = s.timestamps and len(list_distinct(s.timestamps)) = len(s.timestamps), false)
+                as timestamps_increasing,
+            (s.slow_height % 28) + (s.slow_width % 28) + (s.fast_height % 28) + (s.fast_width % 28) as size_remainder,
+            len(s.frame_types) = s.num_frames and len(s.timestamps) = s.num_frames as lengths_agree,
+            coalesce(f.n = s.num_frames and f.tokens = s.total_tokens, false) as frames_agree
+        from video_samples s left join f using (sample_id)
+        {where}
+    """
+    return sql.query(query, root, {"video_samples": samples.version, "video_frames": frames.version})
+
+
+def check_video_samples(samples: tables.TableRef, frames: tables.TableRef, config, root: str | None = None) -> GateResult:
+    frame = video_samples_frame(samples, frames, config.config_hash(), config.fast_ratio,
+                                config.min_tokens_per_frame, config.strict_budget, root)
+    return run_gate("video_samples", frame, VIDEO_SAMPLE_CHECKS, "sample_id")
+
+
+def check_videos(videos: tables.TableRef, root: str | None = None) -> GateResult:
+    frame = sql.query("select video_id, uri, least(width, height) as min_side from videos", root,
+                      {"videos": videos.version})
+    return run_gate("videos", frame, VIDEO_CHECKS, "video_id")
+
+
+def report_json(result: GateResult) -> str:
+    return json.dumps(result.to_dict(), indent=2)
+
+
+def record(result: GateResult, table: tables.TableRef, run_id: str, root: str | None = None) -> int:
+    """Keep the verdict in ``gate_results`` so `keyeflow sql` and lineage can answer what passed."""
+    row = {
+        "gate_result_id": f"{result.gate}/{table.version}/{run_id}",
+        "gate": result.gate,
+        "table_uri": table.uri,
+        "table_version": table.version,
+        "passed": result.passed,
+        "num_rows": result.num_rows,
+        "failures": json.dumps(result.failures),
+        "run_id": run_id,
+        "checked_at": tables.now(),
+    }
+    return tables.upsert("gate_results", [row], root)
