@@ -91,14 +91,16 @@ def ingest(
     preset: str = typer.Option("paper", help="Slow-Fast preset for pre-tokenisation"),
     set_: Optional[list[str]] = typer.Option(None, "--set", help="Slow-Fast override key=value"),
     pretokenize: bool = typer.Option(True, help="also pre-tokenise what was ingested"),
-    shard_size: int = typer.Option(16, min=1),
+    shard_size: int = typer.Option(16, min=1, help="files per ingestion shard (one commit each)"),
+    pretokenize_shard_size: int = typer.Option(4, min=1, help="videos per pre-tokenisation shard"),
 ):
     """Ingest videos (probe, hash, register) and by default pre-tokenise them."""
     from keyeflow.flows.video import ingest_videos, video_pipeline
 
     started = time.perf_counter()
     if pretokenize:
-        result = video_pipeline(paths, preset=preset, overrides=_overrides(set_), shard_size=shard_size)
+        result = video_pipeline(paths, preset=preset, overrides=_overrides(set_), shard_size=shard_size,
+                                pretokenize_shard_size=pretokenize_shard_size)
         _summary(result, time.perf_counter() - started)
     else:
         result = ingest_videos(paths, shard_size=shard_size)

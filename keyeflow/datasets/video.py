@@ -11,6 +11,7 @@ import contextlib
 import hashlib
 import math
 import os
+import re
 import shutil
 import subprocess
 import tempfile
@@ -307,6 +308,8 @@ def _run_decoder(
         proc.wait()
         drain.join()
     text = b"".join(err_chunks).decode(errors="replace").strip()
+    # "[h264 @ 0x55d0…] msg" → "h264: msg": addresses differ per run and mean nothing to a reader.
+    text = re.sub(r"\[(\S+) @ 0x[0-9a-f]+\] ", r"\1: ", text)
     lines = list(dict.fromkeys(ln.strip() for ln in text.splitlines() if ln.strip()))
     summary = "; ".join(lines[:3])
     if proc.returncode != 0 and not summary:
