@@ -19,6 +19,7 @@ os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 app = typer.Typer(help="keyeflow: Keye-VL-1.5 data and training flows", no_args_is_help=True,
                   pretty_exceptions_show_locals=False)
 console = Console()
+errors = Console(stderr=True, soft_wrap=True)  # whole lines: people grep and copy error text
 
 
 def _overrides(values: list[str] | None) -> dict:
@@ -139,7 +140,7 @@ def slowfast(
             info = probe(video, path, size)
             decoded = decode(video, path, info, config.fps, max_frames(config))
     except BadVideo as exc:
-        console.print(f"[red]error:[/red] {exc}")
+        errors.print(f"[red]error:[/red] {exc}")
         raise typer.Exit(2)
     types = select_frames(decoded.frames, config=config)
     (sh, sw), (fh, fw), total = allocate_tokens(types, info.height, info.width, config=config)[:3]
@@ -183,7 +184,7 @@ def sql(
     try:
         df = sqlmod.query(query)
     except ValueError as exc:
-        console.print(f"[red]error:[/red] {exc}")
+        errors.print(f"[red]error:[/red] {exc}")
         raise typer.Exit(2)
     for col in df.columns:  # bytes (pixel patches) are not for a terminal
         if df[col].map(lambda v: isinstance(v, (bytes, bytearray))).any():

@@ -35,7 +35,8 @@ def frame_strips(samples: tables.TableRef, frames: tables.TableRef, *, num_video
         raise ValueError("no pre-tokenised samples to draw")
     frame_table = tables.open_table("video_frames", version=frames.version, root=root)
     fig, axes = plt.subplots(len(sample_rows), frames_per_video,
-                             figsize=(1.6 * frames_per_video, 1.5 * len(sample_rows) + 0.4), squeeze=False)
+                             figsize=(1.6 * frames_per_video, 1.5 * len(sample_rows) + 0.4), squeeze=False,
+                             layout="constrained")
     for row_axes, sample in zip(axes, sample_rows):
         picks = np.unique(np.linspace(0, sample["num_frames"] - 1, frames_per_video).round().astype(int))
         rows = frame_table.to_table(
@@ -64,5 +65,4 @@ def frame_strips(samples: tables.TableRef, frames: tables.TableRef, *, num_video
                          f"{sample['fast_height']}  {sample['total_tokens']} tok",
                          transform=row_axes[0].transAxes, fontsize=7, ha="left")
     fig.suptitle("Slow-Fast frames (blue = Slow, orange = Fast; shown at stored size)", fontsize=9)
-    fig.tight_layout()
     return fig

@@ -30,6 +30,21 @@ Schemas (documented here because ``keyeflow sql`` users read them):
 ``gate_results`` — every gate verdict (primary key ``gate_result_id``: gate + table version + run)
     gate, table_uri, table_version, passed, num_rows, failures (JSON list: check, expectation, column,
     unexpected_count, examples), run_id (MLflow), checked_at.
+
+``train_samples`` — one row per training sample, any modality (primary key ``sample_id``)
+    sample_id, source (dataset name, e.g. ``captions-coco-like``), task (caption, ocr, grounding, vqa,
+    interleaved, text, conversation, …), modality (``video`` if it holds any video, else ``image`` if it
+    holds any image, else ``text``), num_tokens (exact: text + vision tokens), num_text_tokens,
+    num_vision_tokens, media_ids (list<string>: the video_samples / image_samples sample ids it uses),
+    source_uri, content_hash, config_hash, messages (JSON), created_at.
+
+``mixtures`` — the samples a pre-training stage uses, one row per (mixture, sample) (primary key
+``mixture_row_id`` = ``<mixture_id>/<sample_id>``)
+    mixture_row_id, mixture_id (hash of stage, mixture config incl. seed, and the input table versions),
+    stage, sample_id, modality, source, num_tokens, repeats (>= 1: times the sample is used per epoch),
+    order (position in the epoch's seeded shuffle; quote it in SQL: ``"order"``),
+    train_samples_version (the pinned input version), created_at. Shares actually reached:
+    ``select modality, sum(num_tokens * repeats) from mixtures where mixture_id = '…' group by 1``.
 """
 
 from __future__ import annotations
@@ -129,6 +144,38 @@ SCHEMAS: dict[str, pa.Schema] = {
             ("checked_at", TIMESTAMP),
         ]
     ),
+    "train_samples": pa.schema(
+        [
+            ("sample_id", pa.string()),
+            ("source", pa.string()),
+            ("task", pa.string()),
+            ("modality", pa.string()),
+            ("num_tokens", pa.int64()),
+            ("num_text_tokens", pa.int64()),
+            ("num_vision_tokens", pa.int64()),
+            ("media_ids", pa.list_(pa.string())),
+            ("source_uri", pa.string()),
+            ("content_hash", pa.string()),
+            ("config_hash", pa.string()),
+            ("messages", pa.string()),
+            ("created_at", TIMESTAMP),
+        ]
+    ),
+    "mixtures": pa.schema(
+        [
+            ("mixture_row_id", pa.string()),
+            ("mixture_id", pa.string()),
+            ("stage", pa.int32()),
+            ("sample_id", pa.string()),
+            ("modality", pa.string()),
+            ("source", pa.string()),
+            ("num_tokens", pa.int64()),
+            ("repeats", pa.int32()),
+            ("order", pa.int64()),
+            ("train_samples_version", pa.int64()),
+            ("created_at", TIMESTAMP),
+        ]
+    ),
 }
 
 PRIMARY_KEYS = {
@@ -137,6 +184,8 @@ PRIMARY_KEYS = {
     "video_frames": "frame_id",
     "quarantine": "quarantine_id",
     "gate_results": "gate_result_id",
+    "train_samples": "sample_id",
+    "mixtures": "mixture_row_id",
 }
 
 

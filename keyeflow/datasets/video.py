@@ -310,7 +310,8 @@ def _run_decoder(
     text = b"".join(err_chunks).decode(errors="replace").strip()
     # "[h264 @ 0x55d0…] msg" → "h264: msg": addresses differ per run and mean nothing to a reader.
     text = re.sub(r"\[(\S+) @ 0x[0-9a-f]+\] ", r"\1: ", text)
-    lines = list(dict.fromkeys(ln.strip() for ln in text.splitlines() if ln.strip()))
+    # Demuxer and decoder threads interleave their messages; sorted, the same file gives the same reason.
+    lines = sorted({ln.strip() for ln in text.splitlines() if ln.strip()})
     summary = "; ".join(lines[:3])
     if proc.returncode != 0 and not summary:
         summary = f"ffmpeg exited with {proc.returncode}"

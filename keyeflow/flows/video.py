@@ -21,8 +21,10 @@ def ingest_videos(paths: list[str], shard_size: int = 16, parent_run_id: str | N
     with lineage_run("ingest-videos", {"paths": paths, "shard_size": shard_size}, parent_run_id) as run_id:
         shards = t.plan_ingest(paths, shard_size)
         with progress(sum(map(len, shards)), "ingest-progress", "ingest") as tracker:
-            futures = [t.ingest_shard.submit(shard, tracker) for shard in shards]
-            reports = [f.result() for f in futures]
+            # In order, one after another: the first file (in sorted order) with given bytes owns them and
+            # later copies are recorded as duplicates, whatever the scheduling. Ingestion only hashes and
+            # probes; the expensive decoding runs in parallel in pre-tokenisation.
+            reports = [t.ingest_shard(shard, tracker) for shard in shards]
         totals = {k: sum(r[k] for r in reports) for k in ("num_seen", "num_ingested", "num_already_present",
                                                           "num_duplicates", "num_quarantined")}
         videos, quarantine = current_ref("videos"), current_ref("quarantine")
