@@ -24,6 +24,17 @@ Schemas (documented here because ``keyeflow sql`` users read them):
     (in 14-px patches), num_tokens, patches (uint8 bytes: grid_h*grid_w rows of 3*14*14 values, rows
     ordered so that each 2×2 merge group is contiguous, values in channel-major order).
 
+``images`` — one row per distinct still image (primary key ``image_id``)
+    image_id (sha256 of the file bytes), uri, size_bytes, format (JPEG, PNG, WEBP, BMP, GIF), mode
+    (Pillow's pixel mode as stored: RGB, L, P, RGBA, LA, I;16, CMYK, ...), width/height (as displayed,
+    after the EXIF orientation is applied), exif_orientation (the tag as found: 0 none, 1 upright, 2-8
+    the EXIF transforms), ingested_at.
+
+``image_samples`` — one row per (image, image config), pixels included (primary key ``sample_id``)
+    sample_id (``<image_id[:16]>-<config_hash>``), image_id, uri, config_hash, height/width (resized,
+    multiples of 28), grid_h/grid_w (in 14-px patches), num_tokens (LLM tokens, grid_h*grid_w/4),
+    patches (uint8 bytes, the same layout as ``video_frames.patches``), created_at.
+
 ``quarantine`` — every input we did not take, with why (primary key ``quarantine_id``)
     quarantine_id, uri, reason, stage, content_hash (empty if unreadable), config_hash, detected_at.
 
@@ -120,6 +131,34 @@ SCHEMAS: dict[str, pa.Schema] = {
             ("patches", pa.large_binary()),
         ]
     ),
+    "images": pa.schema(
+        [
+            ("image_id", pa.string()),
+            ("uri", pa.string()),
+            ("size_bytes", pa.int64()),
+            ("format", pa.string()),
+            ("mode", pa.string()),
+            ("width", pa.int32()),
+            ("height", pa.int32()),
+            ("exif_orientation", pa.int32()),
+            ("ingested_at", TIMESTAMP),
+        ]
+    ),
+    "image_samples": pa.schema(
+        [
+            ("sample_id", pa.string()),
+            ("image_id", pa.string()),
+            ("uri", pa.string()),
+            ("config_hash", pa.string()),
+            ("height", pa.int32()),
+            ("width", pa.int32()),
+            ("grid_h", pa.int32()),
+            ("grid_w", pa.int32()),
+            ("num_tokens", pa.int32()),
+            ("patches", pa.large_binary()),
+            ("created_at", TIMESTAMP),
+        ]
+    ),
     "quarantine": pa.schema(
         [
             ("quarantine_id", pa.string()),
@@ -182,6 +221,8 @@ PRIMARY_KEYS = {
     "videos": "video_id",
     "video_samples": "sample_id",
     "video_frames": "frame_id",
+    "images": "image_id",
+    "image_samples": "sample_id",
     "quarantine": "quarantine_id",
     "gate_results": "gate_result_id",
     "train_samples": "sample_id",
@@ -295,3 +336,21 @@ def list_tables(root: str | None = None) -> list[str]:
         if leaf.endswith(".lance"):
             names.append(leaf[: -len(".lance")])
     return sorted(names)
+
+
+def replace_groups(name: str, data: pa.Table, group_column: str, root: str | None = None) -> int:
+    """Append ``data`` after deleting rows of the same groups (e.g. a video's frames) left by a crashed write.
+
+    For bulk rows that one writer produces per group, a plain append is far cheaper than a keyed
+    ``merge_insert``; clearing the group first keeps a rerun from duplicating anything.
+    """
+    ds = ensure(name, root)
+    if data.num_rows == 0:
+        return ds.version
+    groups = pa.compute.unique(data.column(group_column)).to_pylist()
+    stale = ds.to_table(columns=[group_column], filter=pa.compute.field(group_column).isin(groups))
+    if stale.num_rows:
+        quoted = ", ".join("'" + g.replace("'", "''") + "'" for g in set(stale.column(group_column).to_pylist()))
+        ds.delete(f"{group_column} IN ({quoted})")
+    lance.write_dataset(data, table_uri(name, root), mode="append")
+    return open_table(name, root=root).version
