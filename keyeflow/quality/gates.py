@@ -194,6 +194,106 @@ def check_videos(videos: tables.TableRef, root: str | None = None) -> GateResult
     return run_gate("videos", frame, VIDEO_CHECKS, "video_id")
 
 
+MIXTURE_CHECKS = [
+    Check("one row per sample (repeats count the uses)", "ExpectColumnValuesToBeUnique", {"column": "sample_id"}),
+    _in_set("only modalities with a target share", "modality_targeted", [True]),
+    _at_most("modality shares within tolerance", "share_excess_pp", 0),
+    _at_most("every targeted modality present", "missing_modalities", 0),
+    _in_set("no quarantined sample used", "quarantined", [False]),
+    Check("every sample used at least once", "ExpectColumnValuesToBeBetween", {"column": "repeats", "min_value": 1}),
+    _at_most("repeats within the cap", "repeat_excess", 0),
+    _at_most("no source used past the repeat cap", "source_excess_tokens", 0),
+    _at_most("every sample fits the stage's context", "length_excess", 0),
+    _in_set("only the stage's tasks", "task_allowed", [True]),
+    _in_set("samples match the pinned input (id, modality, source, tokens)", "matches_input", [True]),
+    _in_set("built from the pinned input version", "pinned_version", [True]),
+    _in_set("order is a permutation of the rows", "order_ok", [True]),
+]
+
+
+def mixture_frame(mixture: tables.TableRef, mixture_id: str, config, quarantine: tables.TableRef | None,
+                  samples: tables.TableRef, root: str | None = None) -> pd.DataFrame:
+    """One row per mixture row with the derived columns the mixture checks read (computed in DuckDB)."""
+    import lance
+
+    def lit(value) -> str:
+        return "'" + str(value).replace("'", "''") + "'"
+
+    targets = ", ".join(f"({lit(m)}, {float(s)!r})" for m, s in config.target_shares.items())
+    tasks = "true" if config.tasks is None else f"coalesce(e.task in ({', '.join(lit(t) for t in config.tasks)}), false)"
+    if quarantine is not None:
+        quarantined = "q.uri is not null"
+        join = "left join (select distinct uri from quarantine where uri is not null) q on s.source_uri = q.uri"
+    else:
+        quarantined, join = "false", ""
+    cap = float(config.repeat_cap)
+    # A source may be used up to cap × the tokens it could give this stage (not quarantined, within the
+    # context, an allowed task); the 1e-6 absorbs float rounding of fractional caps.
+    available_filter = f"not quarantined and num_tokens between 1 and {int(config.max_sample_tokens)}"
+    if config.tasks is not None:
+        available_filter += f" and task in ({', '.join(lit(t) for t in config.tasks)})"
+    query = f"""
+        with m as (select * from mixtures where mixture_id = {lit(mixture_id)}),
+        t(modality, target) as (values {targets}),
+        reached as (
+            select modality,
+                   sum(num_tokens * repeats)::double / sum(sum(num_tokens * repeats)) over () as share
+            from m group by modality
+        ),
+        e as (
+            select s.sample_id, s.modality, s.source, s.task, s.num_tokens, {quarantined} as quarantined
+            from train_samples s {join}
+        ),
+        available as (
+            select modality, source, sum(num_tokens) as tokens from e where {available_filter} group by all
+        ),
+        used as (select modality, source, sum(num_tokens * repeats) as tokens from m group by all)
+        select
+            m.mixture_row_id, m.sample_id, m.modality, m.repeats,
+            coalesce(t.target > 0, false) as modality_targeted,
+            abs(coalesce(r.share, 0) - coalesce(t.target, 0)) * 100 - {float(config.tolerance_pp)!r}
+                as share_excess_pp,
+            (select count(*) from t where t.target > 0 and t.modality not in (select modality from m))
+                as missing_modalities,
+            coalesce(e.quarantined, false) as quarantined,
+            m.repeats - {int(config.sample_repeat_cap)} as repeat_excess,
+            u.tokens - {cap!r} * coalesce(a.tokens, 0) - 1e-6 * u.tokens as source_excess_tokens,
+            m.num_tokens - {int(config.max_sample_tokens)} as length_excess,
+            {tasks} as task_allowed,
+            coalesce(e.sample_id is not null and e.num_tokens = m.num_tokens and e.modality = m.modality
+                     and e.source = m.source, false) as matches_input,
+            coalesce(m.train_samples_version = {int(samples.version)}, false) as pinned_version,
+            row_number() over (order by m."order", m.sample_id) - 1 = m."order" as order_ok
+        from m
+        left join t on m.modality = t.modality
+        left join reached r on m.modality = r.modality
+        left join e on m.sample_id = e.sample_id
+        left join used u on m.modality = u.modality and m.source = u.source
+        left join available a on m.modality = a.modality and m.source = a.source
+        order by m."order"
+    """
+    versions = {mixture.name: mixture.version, samples.name: samples.version}
+    if quarantine is not None:
+        versions[quarantine.name] = quarantine.version
+    con = sql.connect(root, versions)
+    try:
+        # Bind the views to exactly the pinned refs (a ref may live outside the root).
+        con.register("mixtures", lance.dataset(mixture.uri, version=mixture.version))
+        con.register("train_samples", lance.dataset(samples.uri, version=samples.version))
+        if quarantine is not None:
+            con.register("quarantine", lance.dataset(quarantine.uri, version=quarantine.version))
+        return con.sql(query).df()
+    finally:
+        con.close()
+
+
+def check_mixture(mixture: tables.TableRef, mixture_id: str, config, quarantine: tables.TableRef | None,
+                  samples: tables.TableRef, root: str | None = None) -> GateResult:
+    """The stage's mixture reaches its token shares and uses only data it may use, within the cap."""
+    frame = mixture_frame(mixture, mixture_id, config, quarantine, samples, root)
+    return run_gate("mixture", frame, MIXTURE_CHECKS, "mixture_row_id")
+
+
 def report_json(result: GateResult) -> str:
     return json.dumps(result.to_dict(), indent=2)
 

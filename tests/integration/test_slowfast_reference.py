@@ -9,6 +9,7 @@ real clips rendered by ffmpeg's test sources and decoded through ffmpeg-python.
 
 from __future__ import annotations
 
+import functools
 import importlib
 import sys
 import types
@@ -47,6 +48,16 @@ def _import_reference():
 
 ref = _import_reference()
 THRESHOLDS = {name: config.similarity_threshold for name, config in PRESETS.items()}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_torch_thread():
+    # The reference runs thousands of small torch ops one frame pair at a time; a second intra-op thread
+    # only spin-waits on them, and on a busy two-core machine that made this module several times slower.
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
 
 
 def reference_labels(frames: np.ndarray, threshold: float) -> np.ndarray:
@@ -129,6 +140,22 @@ def long_drift(rng, num_frames=300, height=180, width=320) -> np.ndarray:
     return np.stack(frames)
 
 
+def shares_at_threshold(rng) -> np.ndarray:
+    """20 lit patches out of 64, then 0-3 of them changed: shares of exactly 20/20 .. 17/20, where the
+    float32 rounding of the reference's mean decides whether 18/20 is below 0.9 and 19/20 below 0.95."""
+    lit = np.zeros((224, 224, 3), dtype=np.uint8)
+    lit[:84, :112] = texture(rng, 84, 112, block=4, blur=0)
+    lit[:56] = texture(rng, 56, 224, block=4, blur=0)
+    frames = []
+    for changed in (0, 1, 2, 3, 1, 2):
+        frame = lit.copy()
+        region = frame[:28, : 28 * changed]
+        # Lit pixels go dark and dark ones grey: the changed patches have cosine 0 with the originals.
+        frame[:28, : 28 * changed] = np.where(region.any(axis=-1, keepdims=True), 0, 200)
+        frames += [lit, frame]
+    return np.stack(frames)
+
+
 SYNTHETIC = {
     "noise": lambda rng: rng.integers(0, 256, size=(10, 360, 640, 3), dtype=np.uint8),
     "crossfade": lambda rng: crossfade(rng, 360, 640, 30),
@@ -140,11 +167,18 @@ SYNTHETIC = {
     "odd_361x643": lambda rng: np.concatenate([crossfade(rng, 361, 643, 10), scene_cuts(rng, 361, 643, 2, 4)]),
     "small_100x100_upscaled": lambda rng: crossfade(rng, 100, 100, 12),
     "long_300": long_drift,
+    "shares_at_threshold": shares_at_threshold,
 }
 
 
+@functools.cache
 def synthetic(name: str) -> np.ndarray:
-    return SYNTHETIC[name](np.random.default_rng(sorted(SYNTHETIC).index(name)))
+    return SYNTHETIC[name](np.random.default_rng(sorted(SYNTHETIC).index(name)))  # shared: do not modify
+
+
+@functools.cache
+def synthetic_reference(name: str, threshold: float) -> np.ndarray:
+    return reference_labels(synthetic(name), threshold)
 
 
 def decode_rgb(path: Path, fps: float = 2.0) -> np.ndarray:
@@ -190,40 +224,61 @@ def clips(tmp_path_factory) -> dict[str, np.ndarray]:
     return decoded
 
 
+@pytest.fixture(scope="module")
+def clip_reference(clips):
+    """Reference labels of a decoded clip, computed once per threshold: they are the slow part here."""
+    cache: dict[tuple[str, float], np.ndarray] = {}
+
+    def labels(name: str, threshold: float) -> np.ndarray:
+        if (name, threshold) not in cache:
+            cache[name, threshold] = reference_labels(clips[name], threshold)
+        return cache[name, threshold]
+
+    return labels
+
+
 # ----------------------------------------------------------------------------------------------- labels
 
 
 @pytest.mark.parametrize("preset", list(PRESETS))
 @pytest.mark.parametrize("name", list(SYNTHETIC))
 def test_labels_equal_reference_on_synthetic_sequences(name, preset):
-    frames = synthetic(name)
-    expected = reference_labels(frames, THRESHOLDS[preset])
-    assert select_frames(frames, preset=preset).tolist() == expected.tolist()
+    expected = synthetic_reference(name, THRESHOLDS[preset])
+    assert select_frames(synthetic(name), preset=preset).tolist() == expected.tolist()
 
 
 @pytest.mark.parametrize("preset", list(PRESETS))
 @pytest.mark.parametrize("name", list(CLIP_SOURCES))
-def test_labels_equal_reference_on_decoded_clips(clips, name, preset):
-    frames = clips[name]
-    expected = reference_labels(frames, THRESHOLDS[preset])
-    assert select_frames(frames, preset=preset).tolist() == expected.tolist()
+def test_labels_equal_reference_on_decoded_clips(clips, clip_reference, name, preset):
+    expected = clip_reference(name, THRESHOLDS[preset])
+    assert select_frames(clips[name], preset=preset).tolist() == expected.tolist()
 
 
 @pytest.mark.parametrize("name", ["crossfade", "scene_cuts", "black_and_sparse", "noisy_testsrc2"])
-def test_exact_path_alone_equals_reference(clips, name, monkeypatch):
+def test_exact_path_alone_equals_reference(clips, clip_reference, name, monkeypatch):
     # With the tolerance at 1 every frame is decided by the float32 fallback, so the fallback itself is
     # checked against the reference, not only the rare frames that need it.
-    frames = clips[name] if name in clips else synthetic(name)
     monkeypatch.setattr(slowfast, "_COSINE_TOLERANCE", 1.0)
     for preset, threshold in THRESHOLDS.items():
-        assert select_frames(frames, preset=preset).tolist() == reference_labels(frames, threshold).tolist()
+        if name in clips:
+            frames, expected = clips[name], clip_reference(name, threshold)
+        else:
+            frames, expected = synthetic(name), synthetic_reference(name, threshold)
+        assert select_frames(frames, preset=preset).tolist() == expected.tolist()
 
 
-def test_sequences_exercise_slow_frames_and_budget_regimes(clips):
-    # Guards the inputs above: a suite where every frame came out Fast would prove little.
+def test_inputs_exercise_slow_frames_and_the_exact_fallback(clips, clip_reference, monkeypatch):
+    # Guards the inputs above: a suite where every frame came out Fast, or where no frame was ever close
+    # enough to the threshold to need the float32 fallback, would prove little.
     assert (select_frames(clips["cuts"], preset="keye-vl-utils") == 0).sum() >= 4
     assert (select_frames(synthetic("long_300"), preset="keye-vl-utils") == 0).sum() >= 20
     assert (select_frames(clips["life"], preset="paper") == 0).sum() >= 3
+    calls = []
+    exact = slowfast._exact_patch_similar
+    monkeypatch.setattr(slowfast, "_exact_patch_similar", lambda *args: calls.append(1) or exact(*args))
+    labels = select_frames(clips["long_150s"], preset="keye-vl-utils")
+    assert len(calls) >= 1
+    assert labels.tolist() == clip_reference("long_150s", 0.9).tolist()
 
 
 def test_reference_fails_on_one_row_of_patches_and_we_match_its_intent(monkeypatch):
@@ -266,11 +321,11 @@ def test_smart_resize_equals_reference():
 
 @pytest.mark.parametrize("budget", [None, 20_000, 5_000, 2_000])
 @pytest.mark.parametrize("name", ["testsrc2", "cuts", "hd_1080p", "long_150s", "life"])
-def test_sizes_equal_reference_fetch_video_on_clips(clips, name, budget, monkeypatch):
+def test_sizes_equal_reference_fetch_video_on_clips(clips, clip_reference, name, budget, monkeypatch):
     frames = clips[name]
     labels = select_frames(frames, preset="keye-vl-utils")
     nchw = torch.from_numpy(frames).permute(0, 3, 1, 2)
-    slow, fast = reference_sizes(nchw, reference_labels(frames, 0.9), budget, monkeypatch)
+    slow, fast = reference_sizes(nchw, clip_reference(name, 0.9), budget, monkeypatch)
     overrides = {} if budget is None else {"total_token_budget": budget}
     ours = allocate_tokens(labels, frames.shape[1], frames.shape[2], preset="keye-vl-utils", **overrides)
     assert (ours.slow_size, ours.fast_size) == (slow, fast)

@@ -113,6 +113,24 @@ def test_black_patches_are_left_out_of_the_share(cosine_path):
     assert select_frames(clip(frame, other), preset="paper", similarity_threshold=0.5).tolist() == [0, 0]
 
 
+def test_share_exactly_at_the_threshold_is_slow_like_the_reference(cosine_path):
+    # 20 patches are lit (two full rows and four of the third), the other 44 are black in both frames and
+    # skipped. The reference takes the share as a float32 mean, and float32(18/20) = 0.89999998 < 0.9,
+    # float32(19/20) = 0.94999999 < 0.95: a share exactly at the threshold is Slow, not Fast.
+    lit = BLACK.copy()
+    lit[:56] = stripes(0)[:56]
+    lit[56:84, :112] = stripes(0)[56:84, :112]
+
+    def invert(num_patches: int) -> np.ndarray:
+        frame = lit.copy()
+        frame[:28, : 28 * num_patches] = stripes(14)[:28, : 28 * num_patches]
+        return frame
+
+    assert select_frames(clip(lit, invert(2)), preset="keye-vl-utils").tolist() == [0, 0]  # 18/20
+    assert select_frames(clip(lit, invert(1)), preset="keye-vl-utils").tolist() == [0, 1]  # 19/20
+    assert select_frames(clip(lit, invert(1)), preset="paper").tolist() == [0, 0]  # 19/20
+
+
 def test_long_run_of_fast_frames_crosses_blocks(cosine_path):
     # Longer than the comparison block, with a cut at a block boundary and one just after it.
     cut_at = {slowfast._BLOCK, slowfast._BLOCK + 1, 2 * slowfast._BLOCK + 7}
