@@ -39,20 +39,24 @@ def _overrides(values: list[str] | None) -> dict:
 @app.command()
 def run(
     preset: str = typer.Option("paper", help="Slow-Fast preset: paper or keye-vl-utils"),
-    samples: Optional[Path] = typer.Option(None, help="folder of videos (default: generated samples)"),
+    stages: str = typer.Option("1,2,3", help="pre-training stages to build mixtures for"),
 ):
-    """Run the whole pipeline on sample data with embedded defaults, then say where to look."""
+    """Run the whole pipeline on generated sample data with embedded defaults, then say where to look."""
     from keyeflow.config import get_settings
+    from keyeflow.datasets.image_samples import generate_sample_images
     from keyeflow.datasets.samples import generate_sample_videos
-    from keyeflow.flows.video import video_pipeline
+    from keyeflow.datasets.text_samples import generate_sample_corpus
+    from keyeflow.flows.data import data_pipeline
 
     settings = get_settings()
     started = time.perf_counter()
-    source = samples or settings.samples_dir / "videos"
-    if samples is None:
-        console.print(f"generating sample videos in {source} …")
-        generate_sample_videos(source)
-    result = video_pipeline([str(source)], preset=preset)
+    root = settings.samples_dir
+    console.print(f"generating sample data in {root} …")
+    videos = generate_sample_videos(root / "videos")
+    pictures = generate_sample_images(root / "images")
+    generate_sample_corpus(root / "corpus", videos, pictures)
+    result = data_pipeline([str(root / "videos")], [str(root / "images")], [str(root / "corpus")], str(root),
+                           preset=preset, stages=[int(s) for s in stages.split(",")])
     _summary(result, time.perf_counter() - started)
 
 
@@ -73,15 +77,23 @@ def _summary(result: dict, seconds: float) -> None:
 
     settings = get_settings()
     console.print(_tables_overview())
-    ing, tok = result["ingest"], result["pretokenize"]
-    console.print(
-        f"videos: {ing['num_ingested']} new, {ing['num_already_present']} already in, "
-        f"{ing['num_duplicates']} duplicates, {ing['num_quarantined'] + tok['num_quarantined']} quarantined; "
-        f"{tok['num_done']} pre-tokenised ({tok['total_tokens']} vision tokens)"
-    )
+    if result.get("video"):
+        ing, tok = result["video"]["ingest"], result["video"]["pretokenize"]
+        console.print(
+            f"videos: {ing['num_ingested']} new, {ing['num_already_present']} already in, "
+            f"{ing['num_duplicates']} duplicates, {ing['num_quarantined'] + tok['num_quarantined']} quarantined; "
+            f"{tok['num_done']} pre-tokenised ({tok['total_tokens']} vision tokens)"
+        )
+    if result.get("samples"):
+        console.print(f"training samples: {result['samples']['num_written']} new, "
+                      f"{result['samples']['num_quarantined']} quarantined")
+    for stage, mix in (result.get("mixtures") or {}).items():
+        shares = ", ".join(f"{m} {100 * v:.2f}%" for m, v in mix["shares"].items())
+        console.print(f"stage {stage} mixture {mix['mixture_id'][:12]} @ {mix['mixture']}: {shares}")
     console.print(f"MLflow run: {result['run_id']}  (tracking URI {settings.mlflow_uri})")
     console.print(f"done in {seconds:.1f} s. Where to look:")
-    console.print(f"  keyeflow sql \"select reason, count(*) from quarantine group by reason\"")
+    console.print('  keyeflow sql "select reason, count(*) from quarantine group by reason"')
+    console.print('  keyeflow sql "select stage, modality, sum(num_tokens * repeats) from mixtures group by all"')
     console.print(f"  mlflow ui --backend-store-uri {settings.mlflow_uri}")
     console.print("  prefect server start   (then http://127.0.0.1:4200)")
 
@@ -102,7 +114,7 @@ def ingest(
     if pretokenize:
         result = video_pipeline(paths, preset=preset, overrides=_overrides(set_), shard_size=shard_size,
                                 pretokenize_shard_size=pretokenize_shard_size)
-        _summary(result, time.perf_counter() - started)
+        _summary({"run_id": result["run_id"], "video": result}, time.perf_counter() - started)
     else:
         result = ingest_videos(paths, shard_size=shard_size)
         console.print({k: v for k, v in result.items() if k.startswith("num_")})
@@ -119,6 +131,50 @@ def pretokenize_cmd(
 
     result = pretokenize_videos(preset, _overrides(set_), videos_version=videos_version)
     console.print({k: v for k, v in result.items() if k.startswith("num_") or k == "total_tokens"})
+
+
+@app.command("ingest-images")
+def ingest_images_cmd(
+    paths: list[str] = typer.Argument(..., help="image files or folders"),
+    max_tokens: int = typer.Option(20480, help="per-image token cap (4..20480 in the recipe)"),
+):
+    """Ingest and pre-tokenise images (EXIF honoured, bad files quarantined)."""
+    from keyeflow.flows.data import ingest_images
+
+    result = ingest_images(paths, max_tokens=max_tokens)
+    console.print({k: v for k, v in result.items() if k.startswith("num_")})
+
+
+@app.command("samples-build")
+def samples_build(
+    paths: list[str] = typer.Argument(..., help="JSONL conversations/captions and .txt corpora (files or folders)"),
+    source_root: Path = typer.Option(..., help="media paths must stay inside this folder"),
+    preset: str = typer.Option("paper"),
+):
+    """Ingest referenced media, then count every conversation/caption/text sample into train_samples."""
+    from keyeflow.flows.data import build_train_samples
+
+    result = build_train_samples(paths, str(source_root), preset=preset)
+    console.print({k: v for k, v in result.items() if k.startswith("num_")})
+
+
+@app.command()
+def mix(
+    stage: int = typer.Option(..., help="pre-training stage (1, 2 or 3)"),
+    set_: Optional[list[str]] = typer.Option(None, "--set", help="MixtureConfig override key=value (JSON values)"),
+    samples_version: Optional[int] = typer.Option(None, help="pin the train_samples version"),
+):
+    """Build the stage's token-balanced mixture (24/50/26 in stage 3) and report the shares reached."""
+    from keyeflow.datasets.mixture import MixtureShortfall
+    from keyeflow.flows.data import build_mixture
+
+    try:
+        result = build_mixture(stage, _overrides(set_), samples_version)
+    except MixtureShortfall as exc:
+        errors.print(f"[red]error:[/red] {exc}")
+        raise typer.Exit(2)
+    shares = ", ".join(f"{m} {100 * v:.2f}%" for m, v in result["shares"].items())
+    console.print(f"mixture {result['mixture_id']} at {result['mixture']}: {shares}")
 
 
 @app.command()

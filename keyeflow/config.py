@@ -7,7 +7,9 @@ Component configs (Slow-Fast, ingestion, gates, stages) live beside their compon
 
 from __future__ import annotations
 
+import functools
 import hashlib
+import os
 import json
 from dataclasses import asdict, is_dataclass
 from pathlib import Path
@@ -56,7 +58,13 @@ class Settings(BaseSettings):
 
 
 def get_settings() -> Settings:
-    # Read fresh each call: tests and the CLI change KEYEFLOW_HOME at run time.
+    # Keyed on the environment: tests and the CLI change KEYEFLOW_HOME at run time, and building a
+    # pydantic Settings on every table access was measurable.
+    return _settings(tuple(sorted((k, v) for k, v in os.environ.items() if k.startswith("KEYEFLOW_"))))
+
+
+@functools.lru_cache(maxsize=16)
+def _settings(env: tuple) -> Settings:
     return Settings()
 
 

@@ -64,3 +64,18 @@ def prefect_harness():
 
     with prefect_test_harness(server_startup_timeout=120):
         yield
+
+
+@pytest.fixture(scope="session")
+def sample_images(media_dir) -> list[Path]:
+    from keyeflow.datasets.image_samples import generate_sample_images
+
+    return generate_sample_images(media_dir / "images")
+
+
+@pytest.fixture(scope="session")
+def sample_corpus(media_dir, sample_videos, sample_images) -> dict[str, Path]:
+    """Conversations, captions, text and bad records referencing the sample media (source root: media_dir)."""
+    from keyeflow.datasets.text_samples import generate_sample_corpus
+
+    return generate_sample_corpus(media_dir / "corpus", sample_videos, sample_images)

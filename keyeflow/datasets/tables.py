@@ -291,9 +291,16 @@ def upsert(name: str, rows: list[dict] | pa.Table, root: str | None = None) -> i
     """
     data = rows if isinstance(rows, pa.Table) else pa.Table.from_pylist(rows, schema=SCHEMAS[name])
     ds = ensure(name, root)
+    key = PRIMARY_KEYS[name]
+    if data.num_rows:
+        # merge_insert commits a new version even when it inserts nothing; downstream ids (mixtures)
+        # are keyed on input versions, so a no-op rerun must leave the version alone.
+        present = existing_keys(name, data.column(key).to_pylist(), root)
+        if present:
+            data = data.filter(pa.compute.invert(pa.compute.is_in(data.column(key), pa.array(list(present)))))
     if data.num_rows == 0:
         return ds.version
-    ds.merge_insert(PRIMARY_KEYS[name]).when_not_matched_insert_all().execute(data)
+    ds.merge_insert(key).when_not_matched_insert_all().execute(data)
     return open_table(name, root=root).version
 
 

@@ -60,9 +60,10 @@ def pretokenize_videos(preset: str = "paper", overrides: dict | None = None, vid
 
 @flow(name="video-pipeline")
 def video_pipeline(paths: list[str], preset: str = "paper", overrides: dict | None = None,
-                   shard_size: int = 16, pretokenize_shard_size: int = 4) -> dict:
+                   shard_size: int = 16, pretokenize_shard_size: int = 4, parent_run_id: str | None = None) -> dict:
     """Ingest then pre-tokenise; the pre-tokenisation reads exactly the videos version ingestion made."""
-    with lineage_run("video-pipeline", {"paths": paths, "preset": preset, "overrides": overrides or {}}) as run_id:
+    params = {"paths": paths, "preset": preset, "overrides": overrides or {}}
+    with lineage_run("video-pipeline", params, parent_run_id) as run_id:
         ingested = ingest_videos(paths, shard_size=shard_size, parent_run_id=run_id)
         tokenised = pretokenize_videos(preset, overrides, videos_version=ingested["videos"].version,
                                        shard_size=pretokenize_shard_size, parent_run_id=run_id)

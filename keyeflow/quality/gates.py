@@ -312,3 +312,41 @@ def record(result: GateResult, table: tables.TableRef, run_id: str, root: str | 
         "checked_at": tables.now(),
     }
     return tables.upsert("gate_results", [row], root)
+
+
+IMAGE_SAMPLE_CHECKS = [
+    Check("one sample per image and config", "ExpectColumnValuesToBeUnique", {"column": "sample_id"}),
+    _in_set("tokens within the image limits", "tokens_in_range", [True]),
+    _in_set("image sizes are multiples of 28", "size_remainder", [0]),
+    _in_set("stored patches match the grid", "patches_agree", [True]),
+]
+
+TRAIN_SAMPLE_CHECKS = [
+    Check("one row per sample", "ExpectColumnValuesToBeUnique", {"column": "sample_id"}),
+    _in_set("modality is video, image or text", "modality", ["video", "image", "text"]),
+    _in_set("text and vision tokens add up to the total", "tokens_add_up", [True]),
+    Check("every sample has tokens", "ExpectColumnValuesToBeBetween", {"column": "num_tokens", "min_value": 1}),
+    _in_set("modality agrees with the media referenced", "modality_agrees", [True]),
+]
+
+
+def check_image_samples(samples: tables.TableRef, config, root: str | None = None) -> GateResult:
+    frame = sql.query(
+        f"""select sample_id,
+               num_tokens between {config.min_tokens} and {config.max_tokens} as tokens_in_range,
+               (height % 28) + (width % 28) as size_remainder,
+               octet_length(patches) = grid_h * grid_w * 588 and num_tokens * 4 = grid_h * grid_w as patches_agree
+            from image_samples where config_hash = '{config.config_hash()}'""",
+        root, {"image_samples": samples.version})
+    return run_gate("image_samples", frame, IMAGE_SAMPLE_CHECKS, "sample_id")
+
+
+def check_train_samples(samples: tables.TableRef, root: str | None = None) -> GateResult:
+    frame = sql.query(
+        """select sample_id, modality, num_tokens,
+               num_text_tokens + num_vision_tokens = num_tokens as tokens_add_up,
+               case modality when 'text' then len(media_ids) = 0 and num_vision_tokens = 0
+                             else len(media_ids) > 0 and num_vision_tokens > 0 end as modality_agrees
+            from train_samples""",
+        root, {"train_samples": samples.version})
+    return run_gate("train_samples", frame, TRAIN_SAMPLE_CHECKS, "sample_id")

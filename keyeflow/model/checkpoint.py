@@ -1,0 +1,178 @@
+"""Loading a checkpoint laid out like the released Kwai-Keye/Keye-VL-1.5-8B into `KeyeForConditionalGeneration`.
+
+Our own checkpoints are saved and loaded the Hugging Face way (`model.save_pretrained(dir)`,
+`KeyeForConditionalGeneration.from_pretrained(dir)`, safetensors + our config.json); `load_keye_checkpoint`
+also accepts those.
+
+Keye-VL-1.5 state-dict names, and where each fact comes from (public sources read for this module):
+- Verified from the module tree of vLLM's Keye-VL-1.5 implementation (vllm-project/vllm
+  `vllm/model_executor/models/keye.py` + `keye_vl1_5.py`: `self.visual = KeyeSiglipVisionModel(...)` with
+  `vision_model.embeddings/encoder/post_layernorm`, `self.mlp_AR = KeyeVL1_5Projector(...)`, the language model
+  behind `hf_to_vllm_mapper` {"model." → "language_model.model.", "lm_head." → "language_model.lm_head."}) and
+  SGLang's `keye_vl_1_5.py` (`self.visual`, `self.mlp_AR`, `self.model = Qwen3Model`, `self.lm_head`):
+    visual.vision_model.embeddings.patch_embedding.{weight,bias}     Conv2d(3, 1152, 14, stride 14)
+    visual.vision_model.embeddings.position_embedding.weight         Embedding(num_positions, 1152)
+    visual.vision_model.embeddings.packing_position_embedding.weight Embedding(32768, 1152)
+    visual.vision_model.encoder.layers.{i}.layer_norm1/layer_norm2.{weight,bias}
+    visual.vision_model.encoder.layers.{i}.self_attn.{q,k,v,out}_proj.{weight,bias}
+        (separate q/k/v in the file: vLLM's loader stacks `q_proj`/`k_proj`/`v_proj` into its `qkv_proj`)
+    visual.vision_model.encoder.layers.{i}.mlp.{fc1,fc2}.{weight,bias}   (SiglipMLP)
+    visual.vision_model.post_layernorm.{weight,bias}
+    mlp_AR.pre_norm.{weight,bias}   LayerNorm(4·1152) after the 2×2 concat (1.5; the Preview normed before)
+    mlp_AR.linear_1.{weight,bias}   4608 → 4608;   mlp_AR.linear_2.{weight,bias}   4608 → LLM hidden
+    model.embed_tokens.weight, model.layers.{i}.* (Qwen3 names), model.norm.weight, lm_head.weight
+- Verified as skipped by those loaders, so dropped here: `visual.vision_model.head.*` (SigLIP's pooling head,
+  unused by a VLM) and `...packing_position_embedding.weight` (Keye-VL-1.5 runs the ViT with
+  `interpolate_pos_encoding=True`, which adds the interpolated `position_embedding` instead; a public Keye
+  conversion script fills it with zeros), plus any `rotary_emb.inv_freq`.
+- Assumed (not seen in a released file): the config.json field names. We read the Qwen2-VL-style layout the
+  vLLM/SGLang code reads (`config.vision_config.{hidden_size, intermediate_size, num_hidden_layers,
+  num_attention_heads, patch_size, spatial_merge_size, image_size, layer_norm_eps, hidden_act}`, LLM fields flat
+  at the top or in `text_config`, `rope_scaling.mrope_section`, `image_token_id`, `video_token_id`), with
+  `image_size` 384 (27×27 = 729 position embeddings, the SigLIP-so400m-patch14-384 grid) when absent.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+from transformers import Qwen3Config
+
+from keyeflow.model.config import KeyeConfig, KeyeVisionConfig
+from keyeflow.model.modeling import KeyeForConditionalGeneration
+
+_V = r"visual\.vision_model\."
+# (Keye name pattern, our name template), first match wins.
+KEYE_TO_OURS: tuple[tuple[re.Pattern, str], ...] = tuple(
+    (re.compile(pattern), template)
+    for pattern, template in (
+        (_V + r"embeddings\.patch_embedding\.(weight|bias)$", r"vision.patch_embed.\1"),
+        (_V + r"embeddings\.position_embedding\.weight$", r"vision.pos_embed.weight"),
+        (_V + r"encoder\.layers\.(\d+)\.layer_norm1\.(weight|bias)$", r"vision.layers.\1.norm1.\2"),
+        (_V + r"encoder\.layers\.(\d+)\.layer_norm2\.(weight|bias)$", r"vision.layers.\1.norm2.\2"),
+        (_V + r"encoder\.layers\.(\d+)\.self_attn\.(q|k|v|out)_proj\.(weight|bias)$",
+         r"vision.layers.\1.attn.\2_proj.\3"),
+        (_V + r"encoder\.layers\.(\d+)\.mlp\.(fc1|fc2)\.(weight|bias)$", r"vision.layers.\1.mlp.\2.\3"),
+        (_V + r"post_layernorm\.(weight|bias)$", r"vision.post_norm.\1"),
+        (r"mlp_AR\.pre_norm\.(weight|bias)$", r"projector.norm.\1"),
+        (r"mlp_AR\.linear_1\.(weight|bias)$", r"projector.fc1.\1"),
+        (r"mlp_AR\.linear_2\.(weight|bias)$", r"projector.fc2.\1"),
+        (r"model\.(.+)$", r"language_model.\1"),
+        (r"lm_head\.weight$", r"lm_head.weight"),
+    )
+)  # fmt: skip
+DROPPED_KEYS = tuple(
+    re.compile(p)
+    for p in (
+        _V + r"embeddings\.packing_position_embedding\.weight$",
+        _V + r"head\.",
+        r"rotary_emb\.inv_freq$",
+    )
+)
+
+
+def keye_key_to_ours(name: str) -> str | None:
+    """Our parameter name for a Keye-VL-1.5 state-dict key; None for keys we drop; ValueError if unknown."""
+    if any(p.match(name) for p in DROPPED_KEYS):
+        return None
+    for pattern, template in KEYE_TO_OURS:
+        if pattern.match(name):
+            return pattern.sub(template, name)
+    raise ValueError(f"unknown Keye checkpoint key {name!r}")
+
+
+def config_from_keye(raw: dict) -> KeyeConfig:
+    """Our config from a Keye-VL-1.5-style config.json (see the module docstring for what is assumed)."""
+    vc = raw["vision_config"]
+    patch = int(vc.get("patch_size", 14))
+    image_size = int(vc.get("image_size", 384))
+    vision = KeyeVisionConfig(
+        hidden_size=vc["hidden_size"], intermediate_size=vc["intermediate_size"],
+        num_hidden_layers=vc["num_hidden_layers"], num_attention_heads=vc["num_attention_heads"],
+        num_channels=vc.get("num_channels", 3), patch_size=patch,
+        spatial_merge_size=vc.get("spatial_merge_size", 2),
+        num_position_embeddings=(image_size // patch) ** 2,
+        hidden_act=vc.get("hidden_act", "gelu_pytorch_tanh"), layer_norm_eps=vc.get("layer_norm_eps", 1e-6),
+    )  # fmt: skip
+    tc = raw.get("text_config") or raw
+    rope = tc.get("rope_scaling") or tc.get("rope_parameters") or raw.get("rope_scaling") or {}
+    theta = tc.get("rope_theta", rope.get("rope_theta", 1e6))
+    text = Qwen3Config(
+        vocab_size=tc["vocab_size"], hidden_size=tc["hidden_size"], intermediate_size=tc["intermediate_size"],
+        num_hidden_layers=tc["num_hidden_layers"], num_attention_heads=tc["num_attention_heads"],
+        num_key_value_heads=tc.get("num_key_value_heads", tc["num_attention_heads"]),
+        head_dim=tc.get("head_dim", tc["hidden_size"] // tc["num_attention_heads"]),
+        rms_norm_eps=tc.get("rms_norm_eps", 1e-6), max_position_embeddings=tc.get("max_position_embeddings", 40960),
+        tie_word_embeddings=raw.get("tie_word_embeddings", tc.get("tie_word_embeddings", False)),
+        rope_parameters={"rope_type": "default", "rope_theta": float(theta)},
+    )  # fmt: skip
+    ids = {k: raw[k] for k in ("image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id")
+           if k in raw}  # fmt: skip
+    return KeyeConfig(
+        vision_config=vision, text_config=text, mrope_section=rope.get("mrope_section", [16, 24, 24]),
+        tie_word_embeddings=text.tie_word_embeddings, **ids,
+    )  # fmt: skip
+
+
+def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        state: dict[str, torch.Tensor] = {}
+        for shard in sorted(set(json.loads(index.read_text())["weight_map"].values())):
+            state.update(load_file(str(path / shard)))
+        return state
+    single = path / "model.safetensors"
+    if not single.is_file():
+        raise FileNotFoundError(f"no model.safetensors or model.safetensors.index.json under {path}")
+    return load_file(str(single))
+
+
+def load_keye_checkpoint(
+    path: str | Path, config: KeyeConfig | None = None, *, dtype: torch.dtype | None = None
+) -> KeyeForConditionalGeneration:
+    """A model with the weights of a Keye-VL-1.5-layout checkpoint directory (safetensors + config.json), or of
+    one of ours (`save_pretrained`). Strict: every parameter must be filled and every key understood. The model
+    is built on the meta device and takes the loaded tensors as they are (no second copy; `dtype` converts)."""
+    path = Path(path)
+    if not path.is_dir():
+        raise ValueError(f"checkpoint path {path} is not a local directory")
+    raw = json.loads((path / "config.json").read_text())
+    if raw.get("model_type") == KeyeConfig.model_type:
+        if config is None:
+            config = KeyeConfig.from_pretrained(str(path))
+        translate = str  # our own layout: names unchanged
+    else:
+        if config is None:
+            config = config_from_keye(raw)
+        translate = keye_key_to_ours
+
+    state: dict[str, torch.Tensor] = {}
+    for name, tensor in _read_state_dict(path).items():
+        ours = translate(name)
+        if ours is None:
+            continue
+        if ours == "vision.patch_embed.weight" and tensor.ndim == 4:
+            # Conv2d weight [out, c, p, p] → Linear over channel-major (c, y, x) patch values: the same map.
+            tensor = tensor.reshape(tensor.shape[0], -1)
+        state[ours] = tensor.to(dtype) if dtype is not None else tensor
+
+    with torch.device("meta"):
+        model = KeyeForConditionalGeneration(config)
+    expected = set(model.state_dict())
+    if config.text_config.tie_word_embeddings:
+        state.pop("lm_head.weight", None)
+        expected.discard("lm_head.weight")
+    missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
+    if missing or unexpected:
+        raise ValueError(
+            f"checkpoint {path} does not fit the model: missing {missing[:8]}, unexpected "
+            f"{unexpected[:8]} ({len(missing)} missing, {len(unexpected)} unexpected)"
+        )
+    model.load_state_dict(state, strict=False, assign=True)
+    if config.text_config.tie_word_embeddings:
+        model.lm_head.weight = model.language_model.embed_tokens.weight
+    return model.eval()
