@@ -18,11 +18,9 @@ import os
 for _var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "NUMEXPR_NUM_THREADS"):
     os.environ[_var] = "1"
 
-import importlib
 import sys
 import tempfile
 import time
-import types
 from pathlib import Path
 
 import cv2
@@ -38,28 +36,9 @@ try:
 except ImportError:  # run from a checkout without `pip install -e .`
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     from keyeflow.datasets import slowfast
+from keyeflow.datasets.slowfast_reference import import_keye_vl_utils  # noqa: E402
 
 REPEATS = 5
-
-
-def import_reference():
-    # vision_process imports torchvision at module level for readers not used here, and torchvision does
-    # not import on this machine; empty stand-ins are enough for the functions timed below.
-    names = ("torchvision", "torchvision.io", "torchvision.transforms")
-    saved = {name: sys.modules.get(name) for name in names}
-    stubs = {name: types.ModuleType(name) for name in names}
-    stubs["torchvision"].io = stubs["torchvision.io"]
-    stubs["torchvision"].transforms = stubs["torchvision.transforms"]
-    stubs["torchvision.transforms"].InterpolationMode = type("InterpolationMode", (), {})
-    sys.modules.update(stubs)
-    try:
-        return importlib.import_module("keye_vl_utils.vision_process")
-    finally:
-        for name, module in saved.items():
-            if module is None:
-                sys.modules.pop(name, None)
-            else:
-                sys.modules[name] = module
 
 
 def lavfi(spec: str, seconds: float):
@@ -94,7 +73,7 @@ def best_of(fn, repeats=REPEATS):
 
 
 def main() -> None:
-    ref = import_reference()
+    ref = import_keye_vl_utils()
     config = slowfast.resolve_config("keye-vl-utils")
 
     def reference(frames: np.ndarray):

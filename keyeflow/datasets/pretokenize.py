@@ -74,12 +74,6 @@ class PretokenizeReport:
     total_tokens: int = 0
     quarantined: dict[str, str] = field(default_factory=dict)
 
-    def add(self, other: PretokenizeReport) -> PretokenizeReport:
-        for name in ("num_videos", "num_done", "num_skipped", "num_quarantined", "total_tokens"):
-            setattr(self, name, getattr(self, name) + getattr(other, name))
-        self.quarantined.update(other.quarantined)
-        return self
-
 
 def pending_videos(videos: tables.TableRef, config: SlowFastConfig, root: str | None = None) -> list[dict]:
     """Videos of the pinned ``videos`` version that have no sample for this config and no known defect."""

@@ -83,6 +83,13 @@ def record_outputs(run_id: str, refs: list[tables.TableRef], inputs: list[tables
         lineage.log_output(run_id, r)
 
 
+def log_quarantined(quarantined: dict[str, str]) -> None:
+    """Each quarantined input, one warning line, in the task's Prefect log."""
+    logger = get_run_logger()
+    for uri, reason in quarantined.items():
+        logger.warning("quarantined %s: %s", uri, reason)
+
+
 def publish_gate(result: gates.GateResult, table: tables.TableRef, run_id: str) -> None:
     """Report a verdict everywhere a person looks (MLflow, Prefect, the gate_results table), then
     stop the flow if it failed."""

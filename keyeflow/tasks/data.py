@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from prefect import get_run_logger, task
+from prefect import task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 
@@ -11,7 +11,7 @@ from keyeflow.datasets import conversations, images, mixture, tables
 from keyeflow.datasets.images import ImageConfig
 from keyeflow.datasets.slowfast import SlowFastConfig
 from keyeflow.quality import gates
-from keyeflow.tasks.common import ProgressTracker, progress, publish_gate
+from keyeflow.tasks.common import ProgressTracker, log_quarantined, progress, publish_gate
 
 _SHARD = dict(retries=2, retry_delay_seconds=2, cache_policy=NO_CACHE)
 
@@ -26,8 +26,7 @@ def plan_images(paths: list[str], shard_size: int) -> list[list[str]]:
 @task(tags=["image"], **_SHARD)
 def ingest_image_shard(uris: list[str], config: ImageConfig, tracker: ProgressTracker | None = None) -> dict:
     report = images.ingest_images_shard(uris, config, on_item=tracker.advance if tracker else None)
-    for uri, reason in report.quarantined.items():
-        get_run_logger().warning("quarantined %s: %s", uri, reason)
+    log_quarantined(report.quarantined)
     return report.to_dict()
 
 
@@ -48,8 +47,7 @@ def build_train_samples(paths: list[str], source_root: str, slowfast: SlowFastCo
     with progress(len(files), "samples-progress", "samples") as tracker:
         report = conversations.build_train_samples(paths, source_root, slowfast, image_config,
                                                    on_item=tracker.advance)
-    for uri, reason in report.quarantined.items():
-        get_run_logger().warning("quarantined %s: %s", uri, reason)
+    log_quarantined(report.quarantined)
     return report.__dict__
 
 

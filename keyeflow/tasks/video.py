@@ -10,7 +10,7 @@ from keyeflow.config import get_settings
 from keyeflow.datasets import ingest, pretokenize, strips, tables
 from keyeflow.datasets.slowfast import SlowFastConfig
 from keyeflow.quality import gates
-from keyeflow.tasks.common import ProgressTracker, publish_gate
+from keyeflow.tasks.common import ProgressTracker, log_quarantined, publish_gate
 
 # Shard tasks retry: a remote read or a concurrent Lance commit can fail transiently, and a retried
 # shard is harmless because every write is keyed. Bad files never raise here; they are quarantined.
@@ -27,8 +27,7 @@ def plan_ingest(paths: list[str], shard_size: int) -> list[list[str]]:
 @task(**_SHARD)
 def ingest_shard(uris: list[str], tracker: ProgressTracker | None = None) -> dict:
     report = ingest.ingest_shard(uris, on_item=tracker.advance if tracker else None)
-    for uri, reason in report.quarantined.items():
-        get_run_logger().warning("quarantined %s: %s", uri, reason)
+    log_quarantined(report.quarantined)
     return report.to_dict()
 
 
@@ -44,8 +43,7 @@ def pretokenize_shard(rows: list[dict], config: SlowFastConfig, tracker: Progres
     report = pretokenize.pretokenize_shard(
         rows, config, spool_dir=get_settings().work_dir, on_item=tracker.advance if tracker else None
     )
-    for uri, reason in report.quarantined.items():
-        get_run_logger().warning("quarantined %s: %s", uri, reason)
+    log_quarantined(report.quarantined)
     return report.__dict__
 
 

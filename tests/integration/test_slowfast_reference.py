@@ -10,9 +10,6 @@ real clips rendered by ffmpeg's test sources and decoded through ffmpeg-python.
 from __future__ import annotations
 
 import functools
-import importlib
-import sys
-import types
 from pathlib import Path
 
 import ffmpeg
@@ -21,32 +18,11 @@ import pytest
 import torch
 
 from keyeflow.datasets import slowfast
+from keyeflow.datasets.slowfast_reference import import_keye_vl_utils
 from keyeflow.datasets.slowfast import PRESETS, allocate_tokens, select_frames, smart_resize
 
 
-def _import_reference():
-    # vision_process imports torchvision at module level for its image and video readers, and torchvision
-    # cannot be imported here (not installed, or a CUDA-only build). What these tests call (smart_resize,
-    # extract_slow_fast_frames, get_frame_sim, fetch_video's size search) never touches it, so empty
-    # stand-ins let the module load. They leave sys.modules again at once so no other test sees them.
-    names = ("torchvision", "torchvision.io", "torchvision.transforms")
-    saved = {name: sys.modules.get(name) for name in names}
-    stubs = {name: types.ModuleType(name) for name in names}
-    stubs["torchvision"].io = stubs["torchvision.io"]
-    stubs["torchvision"].transforms = stubs["torchvision.transforms"]
-    stubs["torchvision.transforms"].InterpolationMode = type("InterpolationMode", (), {})
-    sys.modules.update(stubs)
-    try:
-        return importlib.import_module("keye_vl_utils.vision_process")
-    finally:
-        for name, module in saved.items():
-            if module is None:
-                sys.modules.pop(name, None)
-            else:
-                sys.modules[name] = module
-
-
-ref = _import_reference()
+ref = import_keye_vl_utils()
 THRESHOLDS = {name: config.similarity_threshold for name, config in PRESETS.items()}
 
 
