@@ -85,13 +85,11 @@ def discover(paths: list[str], suffixes: set[str] = VIDEO_SUFFIXES) -> list[str]
                 found.append(str(path))
             continue
         fs, fs_path = fsspec.core.url_to_fs(item)
-        protocol = item.split("://", 1)[0]
+        # unstrip_protocol gives each filesystem's canonical URI (s3://bucket/key, memory:///path).
         if any(ch in fs_path for ch in "*?["):
-            found += [f"{protocol}://{p}" for p in sorted(fs.glob(fs_path))]
+            found += [fs.unstrip_protocol(p) for p in sorted(fs.glob(fs_path))]
         elif fs.isdir(fs_path):
-            found += [
-                f"{protocol}://{p}" for p in sorted(fs.find(fs_path)) if Path(p).suffix.lower() in suffixes
-            ]
+            found += [fs.unstrip_protocol(p) for p in sorted(fs.find(fs_path)) if Path(p).suffix.lower() in suffixes]
         else:
             found.append(item)
     return list(dict.fromkeys(found))
