@@ -1,0 +1,278 @@
+"""A small OpenAI-compatible chat server around `LocalGenerator`, so that the code that talks to a teacher or
+judge (`OpenAICompatibleGenerator`) runs the same against our tiny model here as against vLLM/SGLang at scale.
+
+    python -m keyeflow.model.serving --model PATH [--port 8000] [--host 127.0.0.1] [--served-model-name NAME]
+
+Endpoints:
+- `POST /v1/chat/completions`: `messages`, `n`, `max_tokens` (or `max_completion_tokens`; default 256),
+  `temperature` (default 1; 0 is greedy), `seed`, `logprobs` (+ `top_logprobs` 0) → `choices[i]` with
+  `message.content`, `finish_reason` and `logprobs.content[{token, logprob, bytes, top_logprobs: []}]`, and
+  `usage`. A request's seed is used as given (`LocalGenerator.generate_one`), so `OpenAICompatibleGenerator`, which
+  sends `conversation_seed(seed, messages)`, gets what `LocalGenerator.generate` gives in process.
+- `GET /v1/models`, `GET /health`.
+
+Limits, each answered with a clear 400 rather than ignored: text only (content a string or `text` parts;
+images and videos go through `LocalGenerator` in process, with a media lookup into our tables); no streaming,
+no `stop` strings, no `top_p`/`top_k` other than their defaults, no top-k alternatives (`top_logprobs` > 0).
+Errors use OpenAI's shape `{"error": {"message", "type", "code"}}`; a wrong `model` name is a 404 as in vLLM.
+
+One generation runs at a time (a lock; the model is not shared across threads). There is no authentication:
+the server binds 127.0.0.1 unless told otherwise, and logs a warning when bound to anything else.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import logging
+import math
+import socket
+import threading
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ConfigDict, Field
+
+from keyeflow.model.generation import LocalGenerator
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_MAX_TOKENS = 256
+MIN_LOGPROB = -9999.0  # JSON has no -inf (vLLM uses the same floor)
+
+
+class ChatCompletionRequest(BaseModel):
+    """The fields of OpenAI's chat-completions request this server reads; other fields are ignored."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    model: str | None = None
+    messages: list[dict[str, Any]]
+    n: int = Field(1, ge=1, le=128)
+    max_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+    temperature: float = Field(1.0, ge=0.0)
+    seed: int | None = None
+    logprobs: bool = False
+    top_logprobs: int | None = Field(None, ge=0)
+    stream: bool = False
+    stop: str | list[str] | None = None
+    top_p: float | None = None
+    top_k: int | None = None
+
+
+class _RequestError(Exception):
+    def __init__(self, status: int, message: str, kind: str = "BadRequestError"):
+        super().__init__(message)
+        self.status, self.message, self.kind = status, message, kind
+
+
+def _error(status: int, message: str, kind: str) -> JSONResponse:
+    return JSONResponse({"error": {"message": message, "type": kind, "code": status}}, status_code=status)
+
+
+def _text_messages(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The messages with content as a string or text parts; anything else is a 400."""
+    for i, message in enumerate(messages):
+        content = message.get("content")
+        if isinstance(content, list):
+            for part in content:
+                kind = part.get("type") if isinstance(part, dict) else None
+                if kind != "text":
+                    raise _RequestError(
+                        400,
+                        f"message {i}: content part type {kind!r} is not supported; this server is text-only",
+                    )
+    return messages
+
+
+def _unsupported(request: ChatCompletionRequest) -> str | None:
+    if request.stream:
+        return "stream=true is not supported"
+    if request.stop:
+        return "stop strings are not supported"
+    if request.top_p not in (None, 1, 1.0):
+        return "top_p other than 1 is not supported"
+    if request.top_k not in (None, 0, -1):
+        return "top_k is not supported"
+    if request.top_logprobs:
+        return "top_logprobs > 0 is not supported (only the sampled token's logprob is returned)"
+    return None
+
+
+def create_app(generator: LocalGenerator, model_name: str) -> FastAPI:
+    """The FastAPI app serving `generator` under the name `model_name`."""
+    app = FastAPI(title="keyeflow model server", docs_url=None, redoc_url=None)
+    lock = threading.Lock()
+    created = int(time.time())
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, error: RequestValidationError) -> JSONResponse:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in e.get('loc', ())[1:]) or 'body'}: {e.get('msg')}"
+            for e in error.errors()
+        )
+        return _error(400, f"invalid request: {problems}", "BadRequestError")
+
+    @app.exception_handler(_RequestError)
+    async def _request_error(request: Request, error: _RequestError) -> JSONResponse:
+        return _error(error.status, error.message, error.kind)
+
+    @app.exception_handler(Exception)
+    async def _internal(request: Request, error: Exception) -> JSONResponse:
+        logger.exception("request to %s failed", request.url.path)
+        return _error(500, f"internal error: {type(error).__name__}: {error}", "InternalServerError")
+
+    @app.get("/health")
+    def health() -> dict:
+        return {"status": "ok"}
+
+    @app.get("/v1/models")
+    def models() -> dict:
+        return {
+            "object": "list",
+            "data": [{"id": model_name, "object": "model", "created": created, "owned_by": "keyeflow"}],
+        }
+
+    @app.post("/v1/chat/completions")
+    def chat_completions(request: ChatCompletionRequest) -> dict:
+        if request.model is not None and request.model != model_name:
+            raise _RequestError(
+                404, f"model {request.model!r} not found; this server serves {model_name!r}", "NotFoundError"
+            )
+        problem = _unsupported(request)
+        if problem:
+            raise _RequestError(400, problem)
+        messages = _text_messages(request.messages)
+        max_tokens = request.max_completion_tokens or request.max_tokens or DEFAULT_MAX_TOKENS
+        try:
+            with lock:
+                num_prompt_tokens = generator.num_prompt_tokens(messages)
+                completions = generator.generate_one(
+                    messages, n=request.n, max_new_tokens=max_tokens, temperature=request.temperature,
+                    seed=request.seed, logprobs=True,  # tokens kept for `usage`; logprobs sent if asked
+                )  # fmt: skip
+        except (ValueError, TypeError) as error:  # bad messages or arguments: the caller's to fix
+            raise _RequestError(400, str(error)) from error
+
+        choices = []
+        for index, completion in enumerate(completions):
+            logprobs = None
+            if request.logprobs:
+                logprobs = {
+                    "content": [
+                        {
+                            "token": token,
+                            "logprob": logprob if math.isfinite(logprob) else MIN_LOGPROB,
+                            "bytes": list(token.encode("utf-8")),
+                            "top_logprobs": [],
+                        }
+                        for token, logprob in zip(completion.tokens, completion.token_logprobs)
+                    ]
+                }
+            choices.append({
+                "index": index,
+                "message": {"role": "assistant", "content": completion.text},
+                "finish_reason": completion.finish_reason,
+                "logprobs": logprobs,
+            })  # fmt: skip
+        num_completion_tokens = sum(len(c.tokens) for c in completions)
+        usage = {
+            "prompt_tokens": num_prompt_tokens,
+            "completion_tokens": num_completion_tokens,
+            "total_tokens": num_prompt_tokens + num_completion_tokens,
+        }
+        return {
+            "id": f"chatcmpl-{uuid.uuid4().hex}",
+            "object": "chat.completion",
+            "created": int(time.time()),
+            "model": model_name,
+            "choices": choices,
+            "usage": usage,
+        }
+
+    return app
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def serve(
+    model_path: str | Path,
+    host: str = "127.0.0.1",
+    port: int = 0,
+    *,
+    served_model_name: str | None = None,
+    device: str = "cpu",
+    log_level: str = "info",
+) -> None:
+    """Load the model at `model_path` and serve it until interrupted (SIGINT/SIGTERM). `port=0` takes any
+    free port; the address actually bound is printed (`keyeflow serving NAME at http://HOST:PORT`).
+    `served_model_name` defaults to `model_path` as given, like vLLM."""
+    import uvicorn
+
+    generator = LocalGenerator(model_path, device=device)
+    name = served_model_name or str(model_path)
+    app = create_app(generator, name)
+    if not _is_loopback(host):
+        logger.warning(
+            "serving on %s: this server has no authentication; keep it behind a firewall or proxy", host
+        )
+    family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+    sock = socket.socket(family, kind, proto)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(address)
+    bound_host, bound_port = sock.getsockname()[:2]
+    url_host = f"[{bound_host}]" if ":" in bound_host else bound_host
+    print(f"keyeflow serving {name} at http://{url_host}:{bound_port}", flush=True)
+    server = uvicorn.Server(uvicorn.Config(app, log_level=log_level))
+    try:
+        server.run(sockets=[sock])
+    finally:
+        sock.close()
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        prog="python -m keyeflow.model.serving",
+        description="OpenAI-compatible chat server for a keyeflow model",
+    )
+    parser.add_argument(
+        "--model", required=True, help="checkpoint directory (ours or the Keye-VL-1.5 layout)"
+    )
+    parser.add_argument(
+        "--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)"
+    )
+    parser.add_argument(
+        "--port", type=int, default=8000, help="port to bind; 0 takes any free port (default 8000)"
+    )
+    parser.add_argument(
+        "--served-model-name", default=None, help="name clients ask for (default: --model as given)"
+    )
+    parser.add_argument("--device", default="cpu", help="torch device (default cpu)")
+    parser.add_argument(
+        "--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"]
+    )
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    serve(
+        args.model, args.host, args.port, served_model_name=args.served_model_name, device=args.device,
+        log_level=args.log_level,
+    )  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
