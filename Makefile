@@ -13,3 +13,6 @@ test: setup
 bench: setup
 	.venv/bin/python benchmarks/bench_slowfast.py
 	.venv/bin/python benchmarks/bench_ingest.py
+	.venv/bin/python benchmarks/bench_mixture.py
+	.venv/bin/python benchmarks/bench_balance.py
+	.venv/bin/python benchmarks/bench_trainer.py

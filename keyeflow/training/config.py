@@ -1,0 +1,200 @@
+"""One training stage's settings: `StageConfig`, validated on construction, and the recipe's pre-training
+stages (`pretrain_stage`).
+
+Everything the loop, the loader and DeepSpeed need comes from here: `keyeflow.training.deepspeed_config` renders
+the DeepSpeed JSON from a `StageConfig` (one source of truth), and `keyeflow.training.trainer.train` reads the
+rest. A checkpoint stores `to_dict()` and `config_hash()`, so a resumed run can tell whether its settings
+changed.
+
+What SPEC §3 fixes for pre-training, and what it leaves open:
+- stage 1 (alignment) trains the projector only, ViT and LLM frozen; context 8,192; DP + ZeRO-2;
+- stage 2 (multi-task) trains everything; context 8,192; DP + ZeRO-2;
+- stage 3 (annealing) trains everything; context 131,072; rope theta 1e6 → 8e6; ZeRO-1 (+ context and
+  pipeline parallelism, not wired here);
+- learning rates, batch sizes and step counts: UNSTATED. `pretrain_stage` picks LLaVA-style values
+  (1e-3 for a projector-only alignment stage, 2e-5 for full training, a lower 1e-5 decaying to 0 for
+  annealing) and 3% warmup; override them per run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+from dataclasses import dataclass
+from typing import Any
+
+SCHEDULES = ("cosine", "constant", "linear")
+TRAINABLE_POLICIES = ("projector", "all")
+ZERO_STAGES = (0, 1, 2, 3)
+
+
+@dataclass(frozen=True, kw_only=True)
+class StageConfig:
+    """How one stage trains. Units: steps are optimizer steps; `window_size` is mixture occurrences (samples)
+    per step for the whole job (every rank together); `max_length` is tokens per packed sequence.
+
+    `trainable` is the freezing policy: "projector" (alignment: ViT and LLM frozen), "all", or module-name
+    prefixes of `KeyeForConditionalGeneration` (e.g. `("projector", "language_model.layers.35")`); frozen
+    parameters get `requires_grad=False` and are never given to the optimizer, so nothing (weight decay
+    included) can change them.
+    """
+
+    name: str
+    learning_rate: float
+    max_steps: int
+    max_length: int  # the stage's context: longest packed sequence (and longest sample) in tokens
+    window_size: int  # occurrences per optimizer step, all ranks together (the loader's window)
+    trainable: str | tuple[str, ...] = "all"
+    min_lr: float = 0.0  # where "cosine"/"linear" decay ends
+    warmup_steps: int = 0  # linear warm-up from 0 to learning_rate
+    schedule: str = "cosine"
+    weight_decay: float = 0.0  # applied to matrices only (not biases, norms)
+    betas: tuple[float, float] = (0.9, 0.95)
+    grad_clip: float | None = 1.0  # max global gradient norm; None = no clipping
+    micro_batches_per_step: int = 1  # gradient accumulation: micro-batches per rank per step
+    seed: int = 0  # fresh-init weights, the loader's epoch shuffles, torch/numpy/python RNG
+    checkpoint_every: int = 1000  # steps; a checkpoint is also written at the last step
+    rope_theta: float | None = None  # override the LLM's RoPE base (SPEC: 8e6 from stage 3)
+    deepspeed_zero: int | None = None  # None: plain data-parallel PyTorch; 0-3: a DeepSpeed engine
+    zero_bucket_size: int = 500_000_000  # elements per ZeRO reduce/all-gather bucket (DeepSpeed's default)
+    # bf16 compute: autocast over fp32 weights without DeepSpeed; with it, the engine's bf16 mode (bf16 weights,
+    # fp32 master copies of the trained ones only, so frozen weights are saved rounded to bf16)
+    bf16: bool = False
+    offload_optimizer: bool = False  # ZeRO-Offload: optimizer states in CPU memory (ZeRO >= 1)
+    offload_params: bool = False  # ZeRO-Infinity-style parameter offload to CPU (ZeRO 3)
+
+    def __post_init__(self) -> None:
+        def fail(name: str, value: Any, why: str) -> None:
+            raise ValueError(f"StageConfig.{name}={value!r}: {why}")
+
+        def integer(name: str, minimum: int) -> None:
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int):
+                fail(name, value, "must be an integer")
+            if value < minimum:
+                fail(name, value, f"must be >= {minimum}")
+
+        def number(name: str, minimum: float, *, strict: bool = False) -> float:
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                fail(name, value, "must be a finite number")
+            if value < minimum or (strict and value == minimum):
+                fail(name, value, f"must be {'>' if strict else '>='} {minimum}")
+            object.__setattr__(self, name, float(value))
+            return float(value)
+
+        if not isinstance(self.name, str) or not self.name:
+            fail("name", self.name, "must be a non-empty string")
+        for name, minimum in (("max_steps", 1), ("max_length", 1), ("window_size", 1), ("warmup_steps", 0),
+                              ("micro_batches_per_step", 1), ("seed", 0), ("checkpoint_every", 1),
+                              ("zero_bucket_size", 1)):
+            integer(name, minimum)
+        if self.warmup_steps > self.max_steps:
+            fail("warmup_steps", self.warmup_steps, f"must be <= max_steps ({self.max_steps})")
+
+        lr = number("learning_rate", 0.0, strict=True)
+        if number("min_lr", 0.0) > lr:
+            fail("min_lr", self.min_lr, f"must be <= learning_rate ({lr})")
+        number("weight_decay", 0.0)
+        if self.schedule not in SCHEDULES:
+            fail("schedule", self.schedule, f"must be one of {SCHEDULES}")
+        betas = tuple(self.betas) if isinstance(self.betas, (list, tuple)) else None
+        if betas is None or len(betas) != 2 or not all(
+                isinstance(b, (int, float)) and not isinstance(b, bool) and 0 <= b < 1 for b in betas):
+            fail("betas", self.betas, "must be two numbers in [0, 1)")
+        object.__setattr__(self, "betas", (float(betas[0]), float(betas[1])))
+        if self.grad_clip is not None:
+            number("grad_clip", 0.0, strict=True)
+        if self.rope_theta is not None:
+            number("rope_theta", 0.0, strict=True)
+
+        trainable = self.trainable
+        if isinstance(trainable, str):
+            if trainable not in TRAINABLE_POLICIES:
+                fail("trainable", trainable, f"must be one of {TRAINABLE_POLICIES} or a list of module prefixes")
+        else:
+            if not isinstance(trainable, (list, tuple)) or not trainable or not all(
+                    isinstance(p, str) and p.strip(".") for p in trainable):
+                fail("trainable", trainable, "a list of module prefixes must be non-empty strings")
+            object.__setattr__(self, "trainable", tuple(sorted({p.strip(".") for p in trainable})))
+
+        if self.deepspeed_zero is not None and (isinstance(self.deepspeed_zero, bool)
+                                                or self.deepspeed_zero not in ZERO_STAGES):
+            fail("deepspeed_zero", self.deepspeed_zero, f"must be None (no DeepSpeed) or one of {ZERO_STAGES}")
+        for flag in ("bf16", "offload_optimizer", "offload_params"):
+            if not isinstance(getattr(self, flag), bool):
+                fail(flag, getattr(self, flag), "must be True or False")
+        if self.offload_optimizer and (self.deepspeed_zero or 0) < 1:
+            fail("offload_optimizer", True, "needs DeepSpeed ZeRO stage >= 1 (deepspeed_zero)")
+        if self.offload_params and self.deepspeed_zero != 3:
+            fail("offload_params", True, "needs DeepSpeed ZeRO stage 3 (deepspeed_zero=3)")
+
+    def trainable_prefixes(self) -> tuple[str, ...] | None:
+        """Module-name prefixes of the trained parameters; None means every parameter."""
+        if self.trainable == "all":
+            return None
+        if self.trainable == "projector":
+            return ("projector",)
+        return self.trainable
+
+    def lr_at(self, step: int) -> float:
+        """Learning rate of optimizer step `step` (0-based): linear warm-up, then the schedule to `min_lr`."""
+        if step < self.warmup_steps:
+            return self.learning_rate * (step + 1) / self.warmup_steps
+        if self.schedule == "constant":
+            return self.learning_rate
+        decay_steps = max(self.max_steps - self.warmup_steps, 1)
+        progress = min((step - self.warmup_steps) / decay_steps, 1.0)
+        if self.schedule == "linear":
+            scale = 1.0 - progress
+        else:
+            scale = 0.5 * (1.0 + math.cos(math.pi * progress))
+        return self.min_lr + (self.learning_rate - self.min_lr) * scale
+
+    def to_dict(self) -> dict[str, Any]:
+        out = dataclasses.asdict(self)
+        out["betas"] = list(self.betas)
+        if isinstance(self.trainable, tuple):
+            out["trainable"] = list(self.trainable)
+        return out
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> StageConfig:
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - names)
+        if unknown:
+            raise ValueError(f"unknown StageConfig field(s) {unknown}; valid: {sorted(names)}")
+        data = dict(data)
+        if isinstance(data.get("trainable"), list):
+            data["trainable"] = tuple(data["trainable"])
+        if isinstance(data.get("betas"), list):
+            data["betas"] = tuple(data["betas"])
+        return cls(**data)
+
+    def config_hash(self) -> str:
+        payload = json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(payload.encode("utf-8")).hexdigest()[:16]
+
+
+# SPEC §3 per pre-training stage; learning rates and warm-up are UNSTATED choices (module docstring).
+_PRETRAIN_STAGES: dict[int, dict[str, Any]] = {
+    1: {"name": "pretrain-1-alignment", "trainable": "projector", "learning_rate": 1e-3, "max_length": 8_192,
+        "deepspeed_zero": 2},
+    2: {"name": "pretrain-2-multitask", "trainable": "all", "learning_rate": 2e-5, "max_length": 8_192,
+        "deepspeed_zero": 2},
+    3: {"name": "pretrain-3-annealing", "trainable": "all", "learning_rate": 1e-5, "max_length": 131_072,
+        "rope_theta": 8e6, "schedule": "linear", "deepspeed_zero": 1},
+}
+
+
+def pretrain_stage(stage: int, **overrides: Any) -> StageConfig:
+    """The recipe's pre-training stage 1, 2 or 3 (bf16, DeepSpeed as SPEC §3 says), with fields replaced.
+    `max_steps` and `window_size` default to 1000 steps of 256 samples (UNSTATED), warm-up to 3% of the steps."""
+    if stage not in _PRETRAIN_STAGES:
+        raise ValueError(f"no pre-training stage {stage!r}: stages 1–3 train (stage 4 is weight averaging)")
+    base = {"max_steps": 1000, "window_size": 256, "bf16": True, **_PRETRAIN_STAGES[stage]}
+    base.update(overrides)
+    base.setdefault("warmup_steps", max(1, round(0.03 * base["max_steps"])))
+    return StageConfig.from_dict(base)

@@ -1,0 +1,87 @@
+"""The trainer on 2 gloo ranks under torchrun, against the same stage on one process: a 2-rank checkpoint resumed
+on 1 rank continues at the exact next sample, and DeepSpeed ZeRO-2 on 2 ranks gives the single-process losses
+(the loss is a token mean over the whole step, so it does not depend on how the step was split)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from test_trainer import REPO, build_training_data, run_trainer, spec_file
+
+from keyeflow.training.config import StageConfig
+from keyeflow.training.trainer import read_metrics, train
+
+# 2 ranks × 2 micro-batches = 4 slots for the 3-5 packs of a window of 8 samples: some micro-batches are empty.
+STAGE = StageConfig(name="dist", learning_rate=1e-3, max_steps=6, max_length=1024, window_size=8,
+                    micro_batches_per_step=2, schedule="constant", checkpoint_every=3)
+RTOL = 1e-4
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory, sample_corpus, media_dir):
+    home = tmp_path_factory.mktemp("trainer-dist") / "home"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("KEYEFLOW_HOME", str(home))
+        for var in ("KEYEFLOW_TABLES_URI", "KEYEFLOW_TRACKING_URI"):
+            mp.delenv(var, raising=False)
+        # DeepSpeed JIT-builds its shared-memory comm op on first use (~35 s) and caches it here.
+        mp.setenv("TORCH_EXTENSIONS_DIR", os.environ.get(
+            "TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "keyeflow" / "torch_extensions")))
+        yield build_training_data(home, sample_corpus["conversations"].parent, media_dir)
+
+
+@pytest.fixture(scope="module")
+def reference(data, tmp_path_factory):
+    """The stage on one process, in this process: losses and per-step occurrences."""
+    out = tmp_path_factory.mktemp("reference")
+    result = train(STAGE, init=data.init, mixture=data.mixture, mixture_id=data.mixture_id, out_dir=out)
+    return result.losses, [m["occurrences"] for m in read_metrics(out)]
+
+
+def torchrun(spec: Path, nproc: int = 2) -> dict:
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
+               "-m", "keyeflow.training.trainer", str(spec)]
+    done = subprocess.run(command, check=False, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-4000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def test_two_ranks_checkpoint_then_one_rank_resumes_at_the_next_sample(data, reference, tmp_path):
+    losses, occurrences = reference
+    out = tmp_path / "run"
+    first = StageConfig.from_dict({**STAGE.to_dict(), "max_steps": 3})
+    two = torchrun(spec_file(tmp_path / "two.json", data, first, out))
+    assert two["step"] == 3
+    assert two["losses"] == pytest.approx(losses[:3], rel=RTOL)  # 2 ranks = 1 rank, step by step
+
+    one = run_trainer(spec_file(tmp_path / "one.json", data, STAGE, out))  # same out_dir: resumes
+    assert one["step"] == 6 and one["losses"][:3] == two["losses"]
+    assert one["losses"] == pytest.approx(losses, rel=RTOL)
+    steps = read_metrics(out)
+    assert [m["step"] for m in steps] == list(range(1, 7))
+    # every step trained on exactly the samples the 1-process run trained on: nothing skipped or repeated
+    assert [m["occurrences"] for m in steps] == occurrences
+    consumed = [o for m in steps for o in m["occurrences"]]
+    assert sorted(consumed) == list(range(6 * STAGE.window_size))
+
+
+@pytest.mark.slow
+def test_deepspeed_zero2_on_two_ranks_gives_the_single_process_losses_and_resumes(data, reference, tmp_path):
+    losses, occurrences = reference
+    zero2 = {**STAGE.to_dict(), "deepspeed_zero": 2}
+    out = tmp_path / "zero2"
+    first = torchrun(spec_file(tmp_path / "a.json", data, StageConfig.from_dict({**zero2, "max_steps": 2}), out))
+    assert first["losses"] == pytest.approx(losses[:2], rel=RTOL)
+    saved = Path(first["checkpoint_dir"])
+    assert (saved / "model" / "model.safetensors").is_file() and (saved / "deepspeed" / "engine").is_dir()
+
+    # the same out_dir: the engine reloads its partitioned optimizer state and goes on
+    result = torchrun(spec_file(tmp_path / "b.json", data, StageConfig.from_dict({**zero2, "max_steps": 4}), out))
+    assert result["step"] == 4 and result["losses"][:2] == first["losses"]
+    assert result["losses"] == pytest.approx(losses[:4], rel=RTOL)
+    assert [m["occurrences"] for m in read_metrics(out)] == occurrences[:4]
