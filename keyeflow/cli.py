@@ -228,6 +228,60 @@ def slowfast(
 
 
 @app.command()
+def longcot(
+    questions: list[str] = typer.Argument(..., help="question JSONL files or folders (conversation format)"),
+    source_root: Optional[Path] = typer.Option(None, help="media must stay inside this folder "
+                                                          "(default: the common folder of the questions)"),
+    review: str = typer.Option("keep_out", help="who decides on B and borderline A: keep_out, auto_approve "
+                                                "(unattended) or prefect (pause for a person in the Prefect UI)"),
+    review_timeout: int = typer.Option(3600, min=1, help="seconds to wait for a person's decision (prefect)"),
+    on_timeout: str = typer.Option("keep_out", help="what an item gets without a decision: keep_out or auto_approve"),
+    backend: str = typer.Option("local", help="local (our model in process) or openai (a server)"),
+    model_path: Optional[str] = typer.Option(None, help="local checkpoint (default: the tiny random one)"),
+    base_url: Optional[str] = typer.Option(None, help="OpenAI-compatible API root with /v1 (openai backend)"),
+    served_model: Optional[str] = typer.Option(None, "--model", help="served model name (openai backend)"),
+    n: int = typer.Option(4, min=1, help="paths per question"),
+    temperature: float = typer.Option(1.0, min=0.0),
+    max_new_tokens: int = typer.Option(256, min=1),
+    judge: str = typer.Option("rule", help="process judge: rule (heuristics) or model (the generator, as JSON)"),
+    rewrite: bool = typer.Option(False, help="ask the generator for harder rewrites (kept only if sane)"),
+    merge: bool = typer.Option(False, help="add two-part questions merged from questions on the same media"),
+    min_samples: int = typer.Option(1, min=0, help="the output gate's minimum number of kept samples"),
+):
+    """LongCoT cold-start data: collect → generate → assess → review → score → gates → the longcot table."""
+    from keyeflow.flows.longcot import longcot as longcot_flow
+    from keyeflow.quality.gates import GateFailed
+
+    generation = {"backend": backend, "model_path": model_path, "base_url": base_url, "model": served_model,
+                  "n": n, "temperature": temperature, "max_new_tokens": max_new_tokens}
+    started = time.perf_counter()
+    try:
+        result = longcot_flow(questions, str(source_root) if source_root else None, review=review,
+                              review_timeout_s=review_timeout, on_timeout=on_timeout, generation=generation,
+                              judge={"kind": judge}, collect={"rewrite": rewrite, "merge": merge},
+                              gates={"min_samples": min_samples})
+    except GateFailed as exc:
+        errors.print(f"[red]gate failed:[/red] {exc}")
+        errors.print('  see: keyeflow sql "select grade, status, stage, reason, count(*) from longcot_paths group by all"')
+        raise typer.Exit(2)
+    except ValueError as exc:
+        errors.print(f"[red]error:[/red] {exc}")
+        raise typer.Exit(2)
+    s, c = result["summary"], result["collect"]
+    console.print(f"questions: {len(result['question_ids'])} ({c['num_new']} new, {c['num_duplicates']} duplicates, "
+                  f"{c['num_quarantined']} quarantined); paths: {s['num_paths']} "
+                  f"(A {s['num_A']}, B {s['num_B']}, C {s['num_C']}); kept {s['num_kept']}, dropped {s['num_dropped']}")
+    console.print(f"reviews: {result['review']['actions'] or 'none needed'}; scores: {result['score']['scores']}; "
+                  f"repeats in training: {result['score']['total_repeats']}")
+    console.print(f"longcot table @ {result['longcot']}; MLflow run {result['run_id']}; "
+                  f"done in {time.perf_counter() - started:.1f} s. Where to look:")
+    console.print('  keyeflow sql "select grade, count(*) from longcot_paths group by grade"')
+    console.print('  keyeflow sql "select stage, reason, count(*) from longcot_paths where status = \'dropped\' group by all"')
+    console.print('  keyeflow sql "select reviewer, action, outcome, note from longcot_reviews"')
+    console.print('  keyeflow sql "select domain, grade, score, repeats, reviewer_action from longcot"')
+
+
+@app.command()
 def sql(
     query: str,
     fmt: str = typer.Option("table", "--format", help="table, json or csv"),

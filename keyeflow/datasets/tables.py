@@ -56,6 +56,34 @@ Schemas (documented here because ``keyeflow sql`` users read them):
     order (position in the epoch's seeded shuffle; quote it in SQL: ``"order"``),
     train_samples_version (the pinned input version), created_at. Shares actually reached:
     ``select modality, sum(num_tokens * repeats) from mixtures where mixture_id = '…' group by 1``.
+
+``longcot_questions`` — LongCoT questions, deduped (primary key ``question_id``: normalised text + media hashes)
+    question_id, source, source_uri (file#Lline, or ``merge:…`` for merged questions), domain (math, stem,
+    ocr, grounding, counting, gui, business), question (the text paths are generated for), original_question,
+    reference, media (JSON list of {type, path, hash}), num_media, rewrite (none, harder, merged),
+    rewrite_note (why a rewrite was kept or discarded), config_hash, created_at.
+
+``longcot_paths`` — every generated reasoning path and what happened to it (primary key ``path_id`` =
+``<question_id>/<gen_config_hash>/<k>``)
+    question_id, domain, gen_config_hash, path_index, text, finish_reason, num_tokens; answer level: answer,
+    answer_ok, answer_method, answer_reason, format_problem; confidence (response, in [0, 1]),
+    step_confidences (list<double>), num_steps, confidence_note, selected; process level: judge, judge_notes,
+    logical_consistency, factual_accuracy, relevance, redundancy, step_scores (JSON); grade (A, B, C; null
+    if dropped at selection before grading), needs_review, grade_reasons; review: review_action, reviewer;
+    response (the kept text in think/answer form), score (1–5), score_reason, repeats; status (selected,
+    review, kept, dropped), stage (generate, select, assess, review, score: where it is or was dropped),
+    reason, created_at, updated_at.
+
+``longcot_reviews`` — every review decision, by a person or a policy (primary key ``review_id``)
+    review_id, path_id, question_id, grade, review_reason, action (approve, edit, reject), edited_text,
+    reviewer, note, source (person, policy), mode (prefect, auto_approve, keep_out), outcome (kept, dropped),
+    outcome_reason, flow_run_id, decided_at.
+
+``longcot`` — the LongCoT cold-start set, one row per kept sample (primary key ``sample_id`` = path id)
+    sample_id, question_id, domain, source, question, reference, media (JSON), response
+    (``<think>…</think><answer>…</answer>``), answer, grade, redundancy, confidence, score, repeats,
+    reviewer_action (none, approve, edit), reviewer, reason, judge, messages (JSON, ready for SFT),
+    gen_config_hash, created_at.
 """
 
 from __future__ import annotations
@@ -215,6 +243,110 @@ SCHEMAS: dict[str, pa.Schema] = {
             ("created_at", TIMESTAMP),
         ]
     ),
+    "longcot_questions": pa.schema(
+        [
+            ("question_id", pa.string()),
+            ("source", pa.string()),
+            ("source_uri", pa.string()),
+            ("domain", pa.string()),
+            ("question", pa.string()),
+            ("original_question", pa.string()),
+            ("reference", pa.string()),
+            ("media", pa.string()),
+            ("num_media", pa.int32()),
+            ("rewrite", pa.string()),
+            ("rewrite_note", pa.string()),
+            ("config_hash", pa.string()),
+            ("created_at", TIMESTAMP),
+        ]
+    ),
+    "longcot_paths": pa.schema(
+        [
+            ("path_id", pa.string()),
+            ("question_id", pa.string()),
+            ("domain", pa.string()),
+            ("gen_config_hash", pa.string()),
+            ("path_index", pa.int32()),
+            ("text", pa.string()),
+            ("finish_reason", pa.string()),
+            ("num_tokens", pa.int32()),
+            ("answer", pa.string()),
+            ("answer_ok", pa.bool_()),
+            ("answer_method", pa.string()),
+            ("answer_reason", pa.string()),
+            ("format_problem", pa.string()),
+            ("confidence", pa.float64()),
+            ("step_confidences", pa.list_(pa.float64())),
+            ("num_steps", pa.int32()),
+            ("confidence_note", pa.string()),
+            ("selected", pa.bool_()),
+            ("judge", pa.string()),
+            ("judge_notes", pa.string()),
+            ("logical_consistency", pa.float64()),
+            ("factual_accuracy", pa.float64()),
+            ("relevance", pa.float64()),
+            ("redundancy", pa.float64()),
+            ("step_scores", pa.string()),
+            ("grade", pa.string()),
+            ("needs_review", pa.bool_()),
+            ("grade_reasons", pa.string()),
+            ("review_action", pa.string()),
+            ("reviewer", pa.string()),
+            ("response", pa.string()),
+            ("score", pa.int32()),
+            ("score_reason", pa.string()),
+            ("repeats", pa.int32()),
+            ("status", pa.string()),
+            ("stage", pa.string()),
+            ("reason", pa.string()),
+            ("created_at", TIMESTAMP),
+            ("updated_at", TIMESTAMP),
+        ]
+    ),
+    "longcot_reviews": pa.schema(
+        [
+            ("review_id", pa.string()),
+            ("path_id", pa.string()),
+            ("question_id", pa.string()),
+            ("grade", pa.string()),
+            ("review_reason", pa.string()),
+            ("action", pa.string()),
+            ("edited_text", pa.string()),
+            ("reviewer", pa.string()),
+            ("note", pa.string()),
+            ("source", pa.string()),
+            ("mode", pa.string()),
+            ("outcome", pa.string()),
+            ("outcome_reason", pa.string()),
+            ("flow_run_id", pa.string()),
+            ("decided_at", TIMESTAMP),
+        ]
+    ),
+    "longcot": pa.schema(
+        [
+            ("sample_id", pa.string()),
+            ("question_id", pa.string()),
+            ("domain", pa.string()),
+            ("source", pa.string()),
+            ("question", pa.string()),
+            ("reference", pa.string()),
+            ("media", pa.string()),
+            ("response", pa.string()),
+            ("answer", pa.string()),
+            ("grade", pa.string()),
+            ("redundancy", pa.float64()),
+            ("confidence", pa.float64()),
+            ("score", pa.int32()),
+            ("repeats", pa.int32()),
+            ("reviewer_action", pa.string()),
+            ("reviewer", pa.string()),
+            ("reason", pa.string()),
+            ("judge", pa.string()),
+            ("messages", pa.string()),
+            ("gen_config_hash", pa.string()),
+            ("created_at", TIMESTAMP),
+        ]
+    ),
 }
 
 PRIMARY_KEYS = {
@@ -227,6 +359,10 @@ PRIMARY_KEYS = {
     "gate_results": "gate_result_id",
     "train_samples": "sample_id",
     "mixtures": "mixture_row_id",
+    "longcot_questions": "question_id",
+    "longcot_paths": "path_id",
+    "longcot_reviews": "review_id",
+    "longcot": "sample_id",
 }
 
 

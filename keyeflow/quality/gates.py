@@ -350,3 +350,51 @@ def check_train_samples(samples: tables.TableRef, root: str | None = None) -> Ga
             from train_samples""",
         root, {"train_samples": samples.version})
     return run_gate("train_samples", frame, TRAIN_SAMPLE_CHECKS, "sample_id")
+
+
+# LongCoT (SPEC §4.3.1): every generated path of a batch, then the samples kept for the cold-start set.
+LONGCOT_PATH_CHECKS = [
+    Check("one row per path", "ExpectColumnValuesToBeUnique", {"column": "path_id"}),
+    _in_set("confidences in [0, 1]", "confidence_in_range", [True]),
+    _in_set("every path kept or dropped after review", "status", ["kept", "dropped"]),
+    _in_set("grade is A, B or C once assessed", "grade_known", [True]),
+    _in_set("every drop has a reason", "drop_has_reason", [True]),
+    _in_set("every C is dropped", "c_dropped", [True]),
+]
+
+
+def longcot_sample_checks(min_samples: int) -> list[Check]:
+    return [
+        Check("one row per sample", "ExpectColumnValuesToBeUnique", {"column": "sample_id"}),
+        Check(f"at least {min_samples} kept samples", "ExpectTableRowCountToBeBetween", {"min_value": min_samples}),
+        _in_set("no C in the output", "grade", ["A", "B"]),
+        _in_set("every kept answer equals the reference", "answer_matches", [True]),
+        _in_set("response in <think>…</think><answer>…</answer> form", "format_ok", [True]),
+        Check("quality score 1-5", "ExpectColumnValuesToBeBetween", {"column": "score", "min_value": 1, "max_value": 5}),
+        Check("repeats >= 0", "ExpectColumnValuesToBeBetween", {"column": "repeats", "min_value": 0}),
+        Check("confidences in [0, 1]", "ExpectColumnValuesToBeBetween",
+              {"column": "confidence", "min_value": 0, "max_value": 1}),
+        _in_set("grade shares within bounds", "grade_share_ok", [True]),
+        _in_set("every B and borderline A approved or edited by review", "reviewed", [True]),
+    ]
+
+
+def check_longcot_paths(paths: tables.TableRef, question_ids: list[str]) -> GateResult:
+    from keyeflow.datasets.longcot import paths_gate_frame
+
+    return run_gate("longcot_paths", paths_gate_frame(paths, question_ids), LONGCOT_PATH_CHECKS, "path_id")
+
+
+def check_longcot_samples(paths: tables.TableRef, questions: tables.TableRef, question_ids: list[str],
+                          config) -> GateResult:
+    """The kept samples (``config``: a ``longcot.GateConfig``). With ``min_samples=0`` an empty output
+    passes, the one case GX's empty-table rule would otherwise fail."""
+    from keyeflow.datasets.longcot import samples_gate_frame
+
+    frame = samples_gate_frame(paths, questions, question_ids, config)
+    checks = longcot_sample_checks(config.min_samples)
+    if frame.empty and config.min_samples == 0:
+        return GateResult("longcot", True, 0, [], [{"check": "empty output allowed (min_samples=0)",
+                                                    "expectation": "ExpectTableRowCountToBeBetween", "column": "*",
+                                                    "success": True, "unexpected_count": 0, "examples": []}])
+    return run_gate("longcot", frame, checks, "sample_id")
