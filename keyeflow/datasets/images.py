@@ -57,7 +57,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import pyarrow.compute as pc
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from keyeflow.config import config_hash as _hash_config
@@ -400,7 +399,7 @@ def ingest_images_shard(
                 on_item()
 
     digests = {digest for digest, _ in hashed.values()}
-    owners = _owners(digests, root)  # image_id -> uri it was first ingested from
+    owners = tables.first_uris("images", digests, root)  # image_id -> uri it was first ingested from
     done = tables.existing_keys("image_samples", {sample_id(d, config) for d in digests}, root)
     image_rows: list[dict] = []
     sample_rows: list[dict] = []
@@ -432,17 +431,8 @@ def ingest_images_shard(
         if on_item:
             on_item()
     report.num_quarantined = len(report.quarantined)
-    # A rerun re-detects the same problems; write only rows not there yet, so it makes no new version.
-    known = tables.existing_keys("quarantine", [r["quarantine_id"] for r in bad], root)
-    tables.upsert("quarantine", [r for r in bad if r["quarantine_id"] not in known], root)
+    # A rerun re-detects the same problems; upsert writes only keys not there yet (no new version).
+    tables.upsert("quarantine", bad, root)
     tables.upsert("images", image_rows, root)
     tables.upsert("image_samples", sample_rows, root)
     return report
-
-
-def _owners(image_ids: set[str], root: str | None) -> dict[str, str]:
-    if not image_ids or not tables.exists("images", root):
-        return {}
-    ds = tables.open_table("images", root=root)
-    found = ds.to_table(columns=["image_id", "uri"], filter=pc.field("image_id").isin(list(image_ids)))
-    return dict(zip(found.column("image_id").to_pylist(), found.column("uri").to_pylist()))

@@ -65,7 +65,7 @@ def ingest_shard(uris: list[str], root: str | None = None, on_item: Callable[[],
                 on_item()
 
     present = tables.existing_keys("videos", {digest for digest, _ in hashed.values()}, root)
-    owners = _owners(present, root)
+    owners = tables.first_uris("videos", present, root)
     rows: list[dict] = []
     for uri, (digest, size) in hashed.items():
         if digest in owners or digest in {r["video_id"] for r in rows}:
@@ -95,13 +95,3 @@ def ingest_shard(uris: list[str], root: str | None = None, on_item: Callable[[],
     tables.upsert("videos", rows, root)
     return report
 
-
-def _owners(video_ids: set[str], root: str | None) -> dict[str, str]:
-    """video_id -> the uri it was first ingested from."""
-    if not video_ids:
-        return {}
-    import pyarrow.compute as pc
-
-    ds = tables.open_table("videos", root=root)
-    found = ds.to_table(columns=["video_id", "uri"], filter=pc.field("video_id").isin(list(video_ids)))
-    return dict(zip(found.column("video_id").to_pylist(), found.column("uri").to_pylist()))

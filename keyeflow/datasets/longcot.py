@@ -291,16 +291,6 @@ def _read_ref(ref: tables.TableRef, column: str, keys: Sequence[str]) -> list[di
     return ds.to_table(filter=pc.field(column).isin(list(keys))).to_pylist()
 
 
-def update_rows(name: str, rows: list[dict], root: str | None = None) -> int:
-    """Write whole rows, replacing those with the same primary key (a Lance merge_insert: one commit)."""
-    ds = tables.ensure(name, root)
-    if not rows:
-        return ds.version
-    data = pa.Table.from_pylist(rows, schema=tables.SCHEMAS[name])
-    ds.merge_insert(tables.PRIMARY_KEYS[name]).when_matched_update_all().when_not_matched_insert_all().execute(data)
-    return tables.open_table(name, root=root).version
-
-
 def _sql_list(values: Iterable[str]) -> str:
     return ", ".join("'" + v.replace("'", "''") + "'" for v in values)
 
@@ -928,7 +918,7 @@ def assess_paths(
             report.grades[result.grade] = report.grades.get(result.grade, 0) + 1
             report.num_needs_review += result.needs_review
             report.judges[verdict.judge] = report.judges.get(verdict.judge, 0) + 1
-        update_rows("longcot_paths", updated, root)
+        tables.update_rows("longcot_paths", updated, root)
         report.num_assessed += len(updated)
     return report
 
@@ -1121,8 +1111,8 @@ def apply_reviews(
                                                              [r["review_id"] for r in reviews], root)}
     for r in reviews:
         r["decided_at"] = first.get(r["review_id"], r["decided_at"])
-    update_rows("longcot_reviews", reviews, root)
-    update_rows("longcot_paths", updated, root)
+    tables.update_rows("longcot_reviews", reviews, root)
+    tables.update_rows("longcot_paths", updated, root)
     report.num_decisions = len(decisions)
     return report
 
@@ -1164,7 +1154,7 @@ def score_samples(
             report.scores[quality.score] = report.scores.get(quality.score, 0) + 1
             report.total_repeats += repeats
             report.num_unused += repeats == 0
-        update_rows("longcot_paths", updated, root)
+        tables.update_rows("longcot_paths", updated, root)
         report.num_scored += len(updated)
     return report
 

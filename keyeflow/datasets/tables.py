@@ -440,6 +440,27 @@ def upsert(name: str, rows: list[dict] | pa.Table, root: str | None = None) -> i
     return open_table(name, root=root).version
 
 
+
+def update_rows(name: str, rows: list[dict], root: str | None = None) -> int:
+    """Write whole rows, replacing those with the same primary key (one merge_insert commit); for tables
+    whose rows change state (e.g. a review outcome), unlike :func:`upsert`, which never overwrites."""
+    ds = ensure(name, root)
+    if not rows:
+        return ds.version
+    data = pa.Table.from_pylist(rows, schema=SCHEMAS[name])
+    ds.merge_insert(PRIMARY_KEYS[name]).when_matched_update_all().when_not_matched_insert_all().execute(data)
+    return open_table(name, root=root).version
+
+
+def first_uris(name: str, keys: set[str], root: str | None = None) -> dict[str, str]:
+    """primary key -> the ``uri`` its row was ingested from, for the keys the table holds."""
+    if not keys or not exists(name, root):
+        return {}
+    column = PRIMARY_KEYS[name]
+    found = open_table(name, root=root).to_table(columns=[column, "uri"],
+                                                 filter=pa.compute.field(column).isin(list(keys)))
+    return dict(zip(found.column(column).to_pylist(), found.column("uri").to_pylist()))
+
 def existing_keys(name: str, keys: Iterable[str], root: str | None = None) -> set[str]:
     """Which of ``keys`` the table already holds (a scan filtered on the primary key)."""
     keys = list(keys)
