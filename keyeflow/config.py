@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import os
 import json
+import os
 from dataclasses import asdict, is_dataclass
 from pathlib import Path
 from typing import Any
@@ -48,6 +48,11 @@ class Settings(BaseSettings):
         return str(self.root / "mlartifacts")
 
     @property
+    def tracking_is_server(self) -> bool:
+        """An MLflow tracking server (not a store file): it, not we, decides where artifacts go."""
+        return self.mlflow_uri.split(":", 1)[0].lower() in ("http", "https")
+
+    @property
     def samples_dir(self) -> Path:
         return self.root / "samples"
 
@@ -66,6 +71,33 @@ def get_settings() -> Settings:
 @functools.lru_cache(maxsize=16)
 def _settings(env: tuple) -> Settings:
     return Settings()
+
+
+def storage_options(uri: str) -> dict[str, str] | None:
+    """Lance options for a table URI on S3-compatible storage, read from the standard AWS variables.
+
+    Credentials and endpoint come only from the environment, never from flow or task parameters, so they
+    never reach Prefect's parameter store or an MLflow param/tag; callers pass the result straight to
+    Lance and must not log it. Lance reads some ``AWS_*`` variables by itself, but not
+    ``AWS_ENDPOINT_URL_S3``, and it refuses a plain-HTTP endpoint (MinIO, moto, a lab gateway) unless told
+    ``allow_http``; mapping them here, in one place, makes every call site agree. ``None`` for local paths.
+    """
+    if not uri.startswith(("s3://", "s3a://")):
+        return None
+    env = os.environ
+    options = {}
+    for option, names in (("aws_access_key_id", ("AWS_ACCESS_KEY_ID",)),
+                          ("aws_secret_access_key", ("AWS_SECRET_ACCESS_KEY",)),
+                          ("aws_session_token", ("AWS_SESSION_TOKEN",)),
+                          ("aws_region", ("AWS_REGION", "AWS_DEFAULT_REGION")),
+                          ("aws_endpoint", ("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL"))):
+        value = next((env[n] for n in names if env.get(n)), None)
+        if value:
+            options[option] = value
+    endpoint = options.get("aws_endpoint", "")
+    if endpoint.lower().startswith("http://") or env.get("AWS_ALLOW_HTTP", "").lower() == "true":
+        options["allow_http"] = "true"
+    return options
 
 
 def config_hash(config: Any, length: int = 16) -> str:

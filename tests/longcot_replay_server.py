@@ -13,7 +13,17 @@ Recordings (JSON): ``{"model": name, "entries": [{"match": substring, "completio
 its last user message; choice ``i`` of ``n`` is ``completions[i % len]``. A completion is ``{"segments":
 [[text, logprob], ...]}`` (the text is the concatenation; every token of a segment gets its logprob) or
 ``{"text": str, "logprob": float}``. Tokens are whitespace-led word pieces, so ``"".join(tokens) == text``.
-Every request is appended to ``--log`` (data URLs shortened) so tests can check what was sent.
+Every request is appended to ``--log`` (data URLs shortened) when it arrives, before it is answered, so tests
+can check what was sent and count attempts (a request the client gave up on is logged too).
+
+An entry can also misbehave, as a real server does, for the bad-input tests: ``"delay_s": seconds`` waits
+before answering (longer than the client's timeout: a generator that times out); ``"respond": {"status": int,
+"body": str | object}`` answers that instead of completions (a string body is sent as it is, so it need not be
+JSON: malformed output; an object is sent as JSON, e.g. without ``choices``, or a 503 error). With ``"times":
+k`` the misbehaviour applies to the first k requests the entry matches, then it answers normally (a
+transient failure that a retry gets past); without it, to every request. An entry without ``completions``
+only misbehaves: when it lets a request through, the next matching entry (or the default) answers it, so a
+misbehaving entry placed before the teacher's recordings turns a known question bad.
 
 ``start_server(recordings, workdir)`` (for tests) runs it as a subprocess and yields its base URL.
 """
@@ -143,18 +153,22 @@ def teacher_recordings() -> dict:
 def make_handler(recordings: dict, log_path: Path | None):
     model = recordings.get("model", "replay-teacher")
     lock = threading.Lock()
+    matched: dict[int, int] = {}  # entry index -> requests it matched so far
 
     class Handler(BaseHTTPRequestHandler):
         def log_message(self, *args) -> None:  # quiet
             pass
 
-        def _send(self, status: int, body: dict) -> None:
-            data = json.dumps(body).encode()
-            self.send_response(status)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(data)))
-            self.end_headers()
-            self.wfile.write(data)
+        def _send(self, status: int, body: dict | str) -> None:
+            data = body.encode() if isinstance(body, str) else json.dumps(body).encode()
+            try:
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+            except (BrokenPipeError, ConnectionResetError):  # the client timed out and left: nobody to answer
+                pass
 
         def do_GET(self) -> None:
             if self.path == "/health":
@@ -177,8 +191,20 @@ def make_handler(recordings: dict, log_path: Path | None):
                                            "code": 404}})
                 return
             prompt = _user_text(body.get("messages") or [])
-            entry = next((e for e in recordings.get("entries", []) if e["match"] in prompt), None)
-            completions = entry["completions"] if entry else [recordings.get("default", DEFAULT)]
+            completions = [recordings.get("default", DEFAULT)]
+            for index, entry in enumerate(recordings.get("entries", [])):
+                if entry["match"] not in prompt:
+                    continue
+                with lock:
+                    matched[index] = seen = matched.get(index, 0) + 1
+                if seen <= entry.get("times", seen):
+                    time.sleep(float(entry.get("delay_s", 0.0)))
+                    if "respond" in entry:
+                        self._send(int(entry["respond"].get("status", 200)), entry["respond"].get("body", ""))
+                        return
+                if "completions" in entry:
+                    completions = entry["completions"]
+                    break
             choices = []
             for i in range(int(body.get("n", 1))):
                 text, tokens, logprobs = tokens_of(completions[i % len(completions)])
@@ -205,17 +231,32 @@ def serve(recordings_path: Path, port: int, log_path: Path | None) -> None:
         server.server_close()
 
 
+def free_port() -> int:
+    """A port nothing listens on (until someone binds it): a server that is down."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def requests_for(log_path: Path, match: str) -> int:
+    """How many logged requests (attempts included) had ``match`` in their last user message."""
+    if not log_path.is_file():
+        return 0
+    return sum(match in _user_text(json.loads(line).get("messages") or [])
+               for line in log_path.read_text(encoding="utf-8").splitlines())
+
+
 @contextlib.contextmanager
-def start_server(recordings: dict, workdir: Path, timeout_s: float = 30.0) -> Iterator[tuple[str, Path]]:
-    """Run the server as a subprocess on a free port; yields (base URL with /v1, request log path)."""
+def start_server(recordings: dict, workdir: Path, timeout_s: float = 30.0,
+                 port: int | None = None) -> Iterator[tuple[str, Path]]:
+    """Run the server as a subprocess on ``port`` (default: a free one); yields (base URL with /v1, request
+    log path). Giving the port of a server that was down brings it back at the same URL."""
     import httpx
 
     workdir.mkdir(parents=True, exist_ok=True)
     recordings_path, log_path = workdir / "recordings.json", workdir / "requests.jsonl"
     recordings_path.write_text(json.dumps(recordings), encoding="utf-8")
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = port or free_port()
     process = subprocess.Popen(
         [sys.executable, __file__, "--recordings", str(recordings_path), "--port", str(port), "--log", str(log_path)],
         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)

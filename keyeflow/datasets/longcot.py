@@ -49,7 +49,6 @@ from dataclasses import asdict, dataclass, field
 from datetime import datetime
 from pathlib import Path
 
-import lance
 import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -84,6 +83,7 @@ DEFAULT_SYSTEM_PROMPT = (
     "Think step by step inside <think></think>, one step per paragraph (separate steps with a blank line), "
     "then give only the final answer inside <answer></answer>."
 )
+DEFAULT_SCORING = LongCoTConfig()  # frozen: one shared default for the step functions' signatures
 REWRITE_PROMPT = (
     "Rewrite the question below so that answering it needs more reasoning steps, without changing its "
     "answer. Keep every number and name it uses. Reply with the new question only.\n\nQuestion: {question}"
@@ -139,7 +139,9 @@ class GenerationConfig:
     max_image_tokens: int = 256
     video_preset: str = "paper"
     max_video_tokens: int = 1024
-    request_timeout_s: float = 600.0
+    request_timeout_s: float = 600.0  # per attempt; a request that takes longer counts as a failed attempt
+    # Further attempts for a transient failure (timeout, refused connection, 408/429/5xx), 0.5 s · 2^k apart;
+    # malformed output and other errors are not retried. A question still failing is quarantined.
     max_retries: int = 4
 
     def __post_init__(self) -> None:
@@ -154,6 +156,10 @@ class GenerationConfig:
         if not (isinstance(self.temperature, (int, float)) and math.isfinite(self.temperature)
                 and self.temperature >= 0):
             raise ValueError(f"GenerationConfig.temperature must be a finite number >= 0, got {self.temperature!r}")
+        if not (isinstance(self.request_timeout_s, (int, float)) and self.request_timeout_s > 0):
+            raise ValueError(f"GenerationConfig.request_timeout_s must be a number > 0, got {self.request_timeout_s!r}")
+        if isinstance(self.max_retries, bool) or not isinstance(self.max_retries, int) or self.max_retries < 0:
+            raise ValueError(f"GenerationConfig.max_retries must be an integer >= 0, got {self.max_retries!r}")
 
     def resolved_model_path(self) -> str | None:
         if self.backend != "local":
@@ -287,7 +293,7 @@ def _read(name: str, version: int | None, column: str, keys: Sequence[str], root
 def _read_ref(ref: tables.TableRef, column: str, keys: Sequence[str]) -> list[dict]:
     if not keys:
         return []
-    ds = lance.dataset(ref.uri, version=ref.version)
+    ds = tables.dataset(ref.uri, version=ref.version)
     return ds.to_table(filter=pc.field(column).isin(list(keys))).to_pylist()
 
 
@@ -565,12 +571,10 @@ def _rewrite(questions: Sequence[Question], config: CollectConfig, generator,
     prompts = [[{"role": "user", "content": REWRITE_PROMPT.format(question=q.text)}] for q in questions]
     out: dict[str, tuple[str, str]] = {}
     for batch_q, batch_p in zip(_chunks(questions, generation.batch_size), _chunks(prompts, generation.batch_size)):
-        try:
-            groups = generator.generate(list(batch_p), n=1, max_new_tokens=config.rewrite_max_new_tokens,
-                                        temperature=0.0, seed=generation.seed, logprobs=False)
-            replies = [g[0].text for g in groups]
-        except (RuntimeError, ValueError, OSError) as error:
-            replies = [error] * len(batch_q)
+        results = _generate_each(generator, list(batch_p), {
+            "n": 1, "max_new_tokens": config.rewrite_max_new_tokens, "temperature": 0.0, "seed": generation.seed,
+            "logprobs": False})
+        replies = [r if isinstance(r, Exception) else r[0].text for r in results]
         for q, reply in zip(batch_q, replies):
             if isinstance(reply, Exception):
                 out[q.question_id] = (q.text, f"rewrite discarded: generation failed ({reply})")
@@ -804,15 +808,18 @@ def generate_paths(
     question_ids: Sequence[str],
     generator,
     config: GenerationConfig,
-    scoring: LongCoTConfig = LongCoTConfig(),
+    scoring: LongCoTConfig = DEFAULT_SCORING,
     root: str | None = None,
     on_item: Callable[[], None] | None = None,
 ) -> GenerateReport:
     """Sample ``config.n`` paths for every question not yet done with this config; one commit per batch.
 
-    A batch that fails is retried question by question; a question that still fails (a server error, a
-    prompt too long, media not pre-tokenised) is quarantined (stage ``longcot_generate``) and tried again
-    on the next run.
+    Failures are per question: a question whose generation fails (the server timed out or was unreachable
+    after the generator's retries, answered malformed output or an error, a prompt too long, media not
+    pre-tokenised or gone) is quarantined (stage ``longcot_generate``, the reason naming the question id and
+    the problem) and the rest of its batch is kept. It has no paths, so the next run tries it again; when it
+    succeeds, its quarantine row is removed (the table's earlier versions keep it), so the quarantine
+    table says what is failing now. Questions done before are not generated again.
     """
     gen_hash = config.config_hash()
     rows = {r["question_id"]: r for r in _read_ref(questions, "question_id", question_ids)}
@@ -824,6 +831,8 @@ def generate_paths(
                             & (pc.field("gen_config_hash") == gen_hash))
         done = set(found.column("question_id").to_pylist())
     report = GenerateReport(num_questions=len(ordered), num_already_done=len(done & set(rows)))
+    # A run that stopped between writing a question's paths and clearing its quarantine row repairs it here.
+    _clear_generate_quarantine(sorted(done & set(rows)), gen_hash, root)
     pending = [q for q in ordered if q["question_id"] not in done]
     for _ in range(len(ordered) - len(pending)):
         if on_item:
@@ -831,29 +840,31 @@ def generate_paths(
     args = {"n": config.n, "max_new_tokens": config.max_new_tokens, "temperature": config.temperature,
             "seed": config.seed, "logprobs": True}
     for batch in _chunks(pending, config.batch_size):
-        messages = [generation_messages(q, config) for q in batch]
-        try:
-            results: list = generator.generate(messages, **args)
-        except (RuntimeError, ValueError, OSError, KeyError) as error:
-            results = []
-            for m in messages:  # one by one: one bad question must not sink the batch
-                try:
-                    results.append(generator.generate([m], **args)[0])
-                except (RuntimeError, ValueError, OSError, KeyError) as single:
-                    results.append(single)
-            del error
-        new_rows, bad = [], []
+        results: list = [None] * len(batch)
+        asked, messages = [], []
+        for k, q in enumerate(batch):
+            try:
+                messages.append(generation_messages(q, config))
+                asked.append(k)
+            except OSError as error:  # an image sent to a server was moved or deleted since collection
+                results[k] = error
+        for k, result in zip(asked, _generate_each(generator, messages, args)):
+            results[k] = result
+        new_rows, bad, generated = [], [], []
         for q, result in zip(batch, results):
             if isinstance(result, Exception):
-                reason = f"generation failed: {type(result).__name__}: {result}"
+                reason = f"question {q['question_id']}: generation failed: {type(result).__name__}: {result}"
                 bad.append(tables.quarantine_row(q["source_uri"], reason, STAGE_GENERATE, q["question_id"], gen_hash))
                 report.quarantined[q["source_uri"]] = reason
                 report.num_failed += 1
                 continue
             new_rows += path_rows(q, result, gen_hash, scoring)
+            generated.append(q["question_id"])
             report.num_generated += 1
-        tables.upsert("quarantine", bad, root)
+        # update_rows, not upsert: a question that fails again keeps one row, with the latest reason.
+        tables.update_rows("quarantine", bad, root)
         tables.upsert("longcot_paths", new_rows, root)
+        _clear_generate_quarantine(generated, gen_hash, root)
         report.num_paths += len(new_rows)
         report.num_correct += sum(r["answer_ok"] for r in new_rows)
         report.num_selected += sum(r["status"] == "selected" for r in new_rows)
@@ -861,6 +872,47 @@ def generate_paths(
             if on_item:
                 on_item()
     return report
+
+
+_GENERATION_ERRORS = (RuntimeError, ValueError, OSError, KeyError)
+
+
+def _generate_each(generator, messages: list[list[dict]], args: dict) -> list:
+    """Per conversation, its completions or the error it failed with.
+
+    Our generators report a partial failure with ``BatchGenerationError`` and the good results are kept
+    as they are; a generator that fails a whole batch at once is asked again one conversation at a time,
+    so that one bad question does not sink the others.
+    """
+    from keyeflow.model.generation import BatchGenerationError
+
+    if not messages:
+        return []
+    try:
+        return generator.generate(messages, **args)
+    except BatchGenerationError as error:
+        return error.results
+    except _GENERATION_ERRORS as error:
+        if len(messages) == 1:
+            return [error]
+    out: list = []
+    for m in messages:
+        try:
+            out.append(generator.generate([m], **args)[0])
+        except _GENERATION_ERRORS as single:
+            out.append(single)
+    return out
+
+
+def _clear_generate_quarantine(question_ids: Sequence[str], gen_hash: str, root: str | None) -> None:
+    """Remove the generation failures of questions that now have paths with these settings."""
+    if not question_ids or not tables.exists("quarantine", root):
+        return
+    where = (f"stage = '{STAGE_GENERATE}' AND config_hash = '{gen_hash}' "
+             f"AND content_hash IN ({_sql_list(question_ids)})")
+    ds = tables.open_table("quarantine", root=root)
+    if ds.count_rows(filter=where):  # a delete commits a new version even when it removes nothing
+        ds.delete(where)
 
 
 # ======================================================================================== 3. assess
@@ -887,7 +939,7 @@ def assess_paths(
     questions: tables.TableRef,
     question_ids: Sequence[str],
     judge: Judge,
-    scoring: LongCoTConfig = LongCoTConfig(),
+    scoring: LongCoTConfig = DEFAULT_SCORING,
     batch_size: int = 16,
     root: str | None = None,
 ) -> AssessReport:
@@ -1133,7 +1185,7 @@ def score_samples(
     questions: tables.TableRef,
     question_ids: Sequence[str],
     judge: Judge,
-    scoring: LongCoTConfig = LongCoTConfig(),
+    scoring: LongCoTConfig = DEFAULT_SCORING,
     batch_size: int = 16,
     root: str | None = None,
 ) -> ScoreReport:
@@ -1263,8 +1315,8 @@ def publish_longcot(
     if existing:
         ds.delete(f"question_id IN ({_sql_list(ids)})")
     if rows:
-        lance.write_dataset(pa.Table.from_pylist(rows, schema=tables.SCHEMAS["longcot"]), tables.table_uri("longcot", root),
-                            mode="append")
+        tables.write_dataset(pa.Table.from_pylist(rows, schema=tables.SCHEMAS["longcot"]),
+                             tables.table_uri("longcot", root), mode="append")
     return tables.open_table("longcot", root=root).version
 
 

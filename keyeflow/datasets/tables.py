@@ -1,9 +1,14 @@
 """Lance tables: schemas, idempotent writes, pinned reads.
 
-Every table lives at ``<tables root>/<name>.lance``. Writes go through :func:`upsert`, a Lance
-``merge_insert`` keyed on the table's primary key: a commit is one transaction, and re-writing rows
-that are already there inserts nothing, so a rerun after a crash never duplicates a row. Readers pin a
-table by ``TableRef`` (URI + version) so a downstream step sees exactly the rows its upstream produced.
+Every table lives at ``<tables root>/<name>.lance``, on local disk or on S3-compatible storage
+(``KEYEFLOW_TABLES_URI=s3://bucket/prefix``). Open and write Lance datasets through :func:`dataset` and
+:func:`write_dataset`, never ``lance.*`` directly: they add the storage options (endpoint, region,
+credentials) that :func:`keyeflow.config.storage_options` reads from the environment.
+
+Writes go through :func:`upsert`, a Lance ``merge_insert`` keyed on the table's primary key: a commit
+is one transaction, and re-writing rows that are already there inserts nothing, so a rerun after a
+crash never duplicates a row. Readers pin a table by ``TableRef`` (URI + version) so a downstream step
+sees exactly the rows its upstream produced.
 
 Schemas (documented here because ``keyeflow sql`` users read them):
 
@@ -91,12 +96,13 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Iterable
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
+from pathlib import Path
 
 import lance
 import pyarrow as pa
 
-from keyeflow.config import get_settings
+from keyeflow.config import get_settings, storage_options
 
 TIMESTAMP = pa.timestamp("us", tz="UTC")
 
@@ -379,16 +385,26 @@ class TableRef:
 
 
 def now() -> datetime:
-    return datetime.now(timezone.utc)
+    return datetime.now(UTC)
 
 
 def table_uri(name: str, root: str | None = None) -> str:
     return f"{(root or get_settings().tables).rstrip('/')}/{name}.lance"
 
 
+def dataset(uri: str, version: int | None = None) -> lance.LanceDataset:
+    """``lance.dataset`` with the storage options for ``uri`` (any table URI, e.g. a ``TableRef.uri``)."""
+    return lance.dataset(uri, version=version, storage_options=storage_options(uri))
+
+
+def write_dataset(data: pa.Table, uri: str, mode: str) -> lance.LanceDataset:
+    """``lance.write_dataset`` with the storage options for ``uri``."""
+    return lance.write_dataset(data, uri, mode=mode, storage_options=storage_options(uri))
+
+
 def exists(name: str, root: str | None = None) -> bool:
     try:
-        lance.dataset(table_uri(name, root))
+        dataset(table_uri(name, root))
     except (ValueError, FileNotFoundError, OSError):
         return False
     return True
@@ -397,7 +413,7 @@ def exists(name: str, root: str | None = None) -> bool:
 def open_table(name: str, version: int | None = None, root: str | None = None) -> lance.LanceDataset:
     uri = table_uri(name, root)
     try:
-        return lance.dataset(uri, version=version)
+        return dataset(uri, version=version)
     except (ValueError, FileNotFoundError, OSError) as exc:
         raise FileNotFoundError(f"table {name!r} not found at {uri} (version {version}): {exc}") from exc
 
@@ -414,7 +430,7 @@ def ensure(name: str, root: str | None = None) -> lance.LanceDataset:
         return open_table(name, root=root)
     empty = SCHEMAS[name].empty_table()
     try:
-        return lance.write_dataset(empty, table_uri(name, root), mode="create")
+        return write_dataset(empty, table_uri(name, root), mode="create")
     except OSError:
         # Another writer created it between our check and our write: theirs is as good as ours.
         return open_table(name, root=root)
@@ -488,18 +504,32 @@ def quarantine_row(uri: str, reason: str, stage: str, content_hash: str = "", co
 
 def list_tables(root: str | None = None) -> list[str]:
     """Names of the tables that exist under the root (local or object store)."""
-    import fsspec
+    from pyarrow import fs as pafs
 
     base = (root or get_settings().tables).rstrip("/")
-    fs, path = fsspec.core.url_to_fs(base)
-    if not fs.exists(path):
+    filesystem, path = _filesystem(base)
+    if filesystem.get_file_info(path).type != pafs.FileType.Directory:
         return []
     names = []
-    for entry in fs.ls(path, detail=False):
-        leaf = entry.rstrip("/").rsplit("/", 1)[-1]
-        if leaf.endswith(".lance"):
-            names.append(leaf[: -len(".lance")])
+    for info in filesystem.get_file_info(pafs.FileSelector(path)):
+        if info.base_name.endswith(".lance"):
+            names.append(info.base_name[: -len(".lance")])
     return sorted(names)
+
+
+def _filesystem(base: str):
+    """A pyarrow filesystem for the tables root; on S3 configured exactly as Lance is (same options)."""
+    from pyarrow import fs as pafs
+
+    options = storage_options(base)
+    if options is None:
+        return pafs.FileSystem.from_uri(base if "://" in base else str(Path(base).resolve()))
+    endpoint = options.get("aws_endpoint")
+    filesystem = pafs.S3FileSystem(
+        access_key=options.get("aws_access_key_id"), secret_key=options.get("aws_secret_access_key"),
+        session_token=options.get("aws_session_token"), region=options.get("aws_region"),
+        endpoint_override=endpoint, scheme="http" if options.get("allow_http") else "https")
+    return filesystem, base.split("://", 1)[1]
 
 
 def replace_groups(name: str, data: pa.Table, group_column: str, root: str | None = None) -> int:
@@ -516,5 +546,5 @@ def replace_groups(name: str, data: pa.Table, group_column: str, root: str | Non
     if stale.num_rows:
         quoted = ", ".join("'" + g.replace("'", "''") + "'" for g in set(stale.column(group_column).to_pylist()))
         ds.delete(f"{group_column} IN ({quoted})")
-    lance.write_dataset(data, table_uri(name, root), mode="append")
+    write_dataset(data, table_uri(name, root), mode="append")
     return open_table(name, root=root).version

@@ -31,8 +31,15 @@ one after another: this is the tiny/CPU default; a real teacher belongs behind v
 
 `OpenAICompatibleGenerator` posts one `/v1/chat/completions` request per conversation (a few at a time),
 retrying connection errors, timeouts, 408, 429 and 5xx with exponential backoff (honouring `Retry-After`); any
-other error is raised at once as `GenerationServerError` with the status and the server's message. The API key
-is read from the environment only, sent as a bearer token, and never logged or shown in a repr or an error.
+other error, and a reply that is not a well-formed completion (a body that is not JSON, no `choices`, the wrong
+number of them, no logprobs when asked for), is raised at once as `GenerationServerError` with the status and
+the problem: a server that answers malformed once answers so again. The API key is read from the environment
+only, sent as a bearer token, and never logged or shown in a repr or an error.
+
+Failures are per conversation: when some conversations of a batch fail and others do not, both backends raise
+`BatchGenerationError`, whose `results[i]` is conversation i's completions or its error, so a caller keeps what
+succeeded and records or retries only what failed (asking again for completions already made costs the
+teacher's time again). A batch of one raises that conversation's error itself.
 """
 
 from __future__ import annotations
@@ -101,6 +108,35 @@ class Generator(Protocol):
     ) -> list[list[Completion]]:
         """`n` completions for each conversation of `messages_batch`, in order. `temperature` 0 is greedy."""
         ...
+
+
+class BatchGenerationError(RuntimeError):
+    """Some conversations of a batch failed: `results[i]` is conversation i's completions, or the exception it
+    failed with (module docstring)."""
+
+    def __init__(self, results: Sequence[list[Completion] | Exception]):
+        self.results = list(results)
+        failed = [(i, r) for i, r in enumerate(self.results) if isinstance(r, Exception)]
+        i, first = failed[0]
+        super().__init__(
+            f"{len(failed)} of {len(self.results)} conversations failed; conversation {i}: "
+            f"{type(first).__name__}: {first}"
+        )
+
+    @property
+    def failures(self) -> dict[int, Exception]:
+        return {i: r for i, r in enumerate(self.results) if isinstance(r, Exception)}
+
+
+def gather_results(results: Sequence[list[Completion] | Exception]) -> list[list[Completion]]:
+    """The batch's completions, or the failure: a batch of one raises its error, a larger batch with any
+    failure raises `BatchGenerationError` carrying the good results too."""
+    failed = [r for r in results if isinstance(r, Exception)]
+    if not failed:
+        return list(results)
+    if len(results) == 1:
+        raise failed[0]
+    raise BatchGenerationError(results)
 
 
 def check_generate_args(n: int, max_new_tokens: int, temperature: float, seed: int | None) -> None:
@@ -286,13 +322,18 @@ class LocalGenerator:
     ) -> list[list[Completion]]:
         check_generate_args(n, max_new_tokens, temperature, seed)
         _check_batch(messages_batch)
-        return [
-            self.generate_one(
-                messages, n=n, max_new_tokens=max_new_tokens, temperature=temperature, logprobs=logprobs,
-                seed=None if seed is None else conversation_seed(seed, messages),
-            )
-            for messages in messages_batch
-        ]  # fmt: skip
+        results: list[list[Completion] | Exception] = []
+        for messages in messages_batch:
+            # A conversation the model cannot take (media not pre-tokenised, a prompt too long, a bad role)
+            # fails alone; the others of the batch are still sampled.
+            try:
+                results.append(self.generate_one(
+                    messages, n=n, max_new_tokens=max_new_tokens, temperature=temperature, logprobs=logprobs,
+                    seed=None if seed is None else conversation_seed(seed, messages),
+                ))  # fmt: skip
+            except (ValueError, KeyError, OSError) as error:
+                results.append(error)
+        return gather_results(results)
 
     def generate_one(
         self,
@@ -536,13 +577,20 @@ class OpenAICompatibleGenerator:
             if seed is not None:
                 payload["seed"] = conversation_seed(seed, messages)
             payloads.append(payload)
+
+        def one(payload: dict) -> list[Completion] | GenerationServerError:
+            try:
+                return self._parse(self._post(client, payload), n, logprobs)
+            except GenerationServerError as error:
+                return error
+
         with httpx.Client(timeout=self.timeout) as client:
             if len(payloads) == 1 or self.max_concurrency == 1:
-                bodies = [self._post(client, p) for p in payloads]
+                results = [one(p) for p in payloads]
             else:
                 with ThreadPoolExecutor(min(self.max_concurrency, len(payloads))) as pool:
-                    bodies = list(pool.map(lambda p: self._post(client, p), payloads))
-        return [self._parse(body, n, logprobs) for body in bodies]
+                    results = list(pool.map(one, payloads))
+        return gather_results(results)
 
     def _post(self, client: httpx.Client, payload: dict) -> dict:
         attempt = 0
@@ -551,8 +599,10 @@ class OpenAICompatibleGenerator:
             try:
                 response = client.post(self.url, json=payload, headers=self._headers())
             except httpx.TransportError as error:  # refused, reset, timed out: the server may come back
-                problem = f"{type(error).__name__}: {error}"
+                problem = f"{type(error).__name__}: {error}" if str(error) else type(error).__name__
                 status = None
+            except httpx.HTTPError as error:  # an undecodable body, a redirect loop: the same on every try
+                raise GenerationServerError(f"POST {self.url}: {type(error).__name__}: {error}") from error
             else:
                 status = response.status_code
                 if status < 300:
@@ -580,31 +630,46 @@ class OpenAICompatibleGenerator:
             time.sleep(wait)
             attempt += 1
 
-    def _parse(self, body: dict, n: int, logprobs: bool) -> list[Completion]:
+    def _parse(self, body: object, n: int, logprobs: bool) -> list[Completion]:
+        """The completions of a reply; `GenerationServerError` naming what is wrong with a malformed one."""
+
+        def malformed(problem: str) -> GenerationServerError:
+            return GenerationServerError(f"POST {self.url}: malformed response: {problem}")
+
+        choices = body.get("choices") if isinstance(body, Mapping) else None
+        if not isinstance(choices, list):
+            raise malformed(f"no 'choices' list in {str(body)[:300]}")
+        if not all(isinstance(c, Mapping) for c in choices):
+            raise malformed("a choice is not an object")
         try:
-            choices = sorted(body["choices"], key=lambda c: c.get("index", 0))
-        except (KeyError, TypeError) as error:
-            raise GenerationServerError(
-                f"{self.url}: response has no 'choices' list: {str(body)[:300]}"
-            ) from error
+            choices = sorted(choices, key=lambda c: int(c.get("index", 0)))
+        except (TypeError, ValueError) as error:
+            raise malformed(f"a choice index is not an integer ({error})") from error
         if len(choices) != n:
-            raise GenerationServerError(
-                f"{self.url}: asked for n={n} choices, the server returned {len(choices)}"
-            )
+            raise GenerationServerError(f"POST {self.url}: asked for n={n} choices, the server returned {len(choices)}")
         out = []
-        for choice in choices:
-            text = (choice.get("message") or {}).get("content") or ""
+        for k, choice in enumerate(choices):
+            message = choice.get("message")
+            text = message.get("content") if isinstance(message, Mapping) else None
+            text = "" if text is None else text  # an empty completion comes back as null content
+            if not isinstance(text, str):
+                raise malformed(f"choice {k}: message.content is a {type(text).__name__}, not a string")
             finish = choice.get("finish_reason") or "stop"
             if not logprobs:
-                out.append(Completion(text=text, finish_reason=finish))
+                out.append(Completion(text=text, finish_reason=str(finish)))
                 continue
-            content = (choice.get("logprobs") or {}).get("content")
-            if content is None:
+            logprobs_field = choice.get("logprobs")
+            content = logprobs_field.get("content") if isinstance(logprobs_field, Mapping) else None
+            if not isinstance(content, list):
                 raise GenerationServerError(
-                    f"{self.url}: logprobs were requested but choice {choice.get('index')} has no "
+                    f"POST {self.url}: logprobs were requested but choice {choice.get('index')} has no "
                     "logprobs.content (does the server support logprobs?)"
                 )
-            tokens = [str(entry["token"]) for entry in content]
-            token_logprobs = [float(entry["logprob"]) for entry in content]
-            out.append(Completion(text, token_logprobs, tokens, offsets_of(text, tokens), finish))
+            try:
+                tokens = [str(entry["token"]) for entry in content]
+                token_logprobs = [float(entry["logprob"]) for entry in content]
+            except (KeyError, TypeError, ValueError) as error:
+                raise malformed(f"choice {k}: a logprobs.content entry lacks a token or a numeric logprob "
+                                f"({type(error).__name__}: {error})") from error
+            out.append(Completion(text, token_logprobs, tokens, offsets_of(text, tokens), str(finish)))
         return out

@@ -214,8 +214,6 @@ MIXTURE_CHECKS = [
 def mixture_frame(mixture: tables.TableRef, mixture_id: str, config, quarantine: tables.TableRef | None,
                   samples: tables.TableRef, root: str | None = None) -> pd.DataFrame:
     """One row per mixture row with the derived columns the mixture checks read (computed in DuckDB)."""
-    import lance
-
     def lit(value) -> str:
         return "'" + str(value).replace("'", "''") + "'"
 
@@ -278,10 +276,10 @@ def mixture_frame(mixture: tables.TableRef, mixture_id: str, config, quarantine:
     con = sql.connect(root, versions)
     try:
         # Bind the views to exactly the pinned refs (a ref may live outside the root).
-        con.register("mixtures", lance.dataset(mixture.uri, version=mixture.version))
-        con.register("train_samples", lance.dataset(samples.uri, version=samples.version))
+        con.register("mixtures", tables.dataset(mixture.uri, version=mixture.version))
+        con.register("train_samples", tables.dataset(samples.uri, version=samples.version))
         if quarantine is not None:
-            con.register("quarantine", lance.dataset(quarantine.uri, version=quarantine.version))
+            con.register("quarantine", tables.dataset(quarantine.uri, version=quarantine.version))
         return con.sql(query).df()
     finally:
         con.close()

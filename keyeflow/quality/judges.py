@@ -143,7 +143,12 @@ class Judge(Protocol):
 
 # ============================================================================================ words
 
-_STOP_WORDS = frozenset(
+
+def _word_set(words: str) -> frozenset[str]:
+    return frozenset(words.split())
+
+
+_STOP_WORDS = _word_set(
     """the and for are but not you all any can had her was one our out has his how its may new now old see
     two way who did get let put say she too use that this with from they have were been will what when
     where which their there then than them these those into onto also such only very more most much many
@@ -153,9 +158,9 @@ _STOP_WORDS = frozenset(
     think thinks thought step steps answer answers question questions therefore thus hence so first
     second third next last finally final result results look looks find finds found know knows check
     checks compute computes computed calculate calculates calculated given means mean equal equals
-    total totals value values number numbers get gets got let's now sure clearly simply just""".split()
+    total totals value values number numbers get gets got let's now sure clearly simply just"""
 )
-_VISUAL_WORDS = frozenset(
+_VISUAL_WORDS = _word_set(
     """image images picture pictures photo photos figure figures chart charts graph graphs plot plots
     diagram diagrams bar bars axis axes legend frame frames video videos clip clips scene scenes shot
     shots screenshot screen screens button buttons icon icons menu sidebar window windows page pages
@@ -164,7 +169,7 @@ _VISUAL_WORDS = frozenset(
     pentagon polygon line lines dot dots left right top bottom corner centre center middle colour
     colours color colors red green blue yellow black white orange purple grey gray pink brown lime
     shown shows visible seen appears appear displayed drawn depicted box boxes region pixel pixels
-    coordinates background foreground""".split()
+    coordinates background foreground"""
 )
 _WORD = re.compile(r"[^\W\d_]+(?:'[^\W\d_]+)?|\d+(?:[.,]\d+)*")
 _NUMBER_TOKEN = re.compile(r"-?\d+(?:,\d{3})*(?:\.\d+)?")
@@ -259,7 +264,7 @@ _FINAL_CLAIM = re.compile(
     r"(?:\bfinal answer\b|\bthe answer\b|\banswer\b|\bthe result\b)\s*(?:is|=|:)\s*(.+?)\s*(?=[.;!](?:\s|$)|\n|$)",
     re.IGNORECASE,
 )
-_VAGUE = frozenset("clear obvious simple easy below above shown following given unknown".split())
+_VAGUE = _word_set("clear obvious simple easy below above shown following given unknown")
 _CONCLUSION = re.compile(r"\b(?:therefore|thus|hence|so|in total|altogether)\b", re.IGNORECASE)
 _QUANTITY = re.compile(rf"({_NUM}(?:\s*/\s*{_NUM})?)(\s*(?:%|[A-Za-z°]+(?:/[A-Za-z]+)?))?")
 
@@ -440,9 +445,11 @@ def _json_objects(text: str) -> list[object]:
     return found
 
 
+# An unusable reply is a ValueError whatever is wrong with it (a wrong type included): callers catch one
+# exception and fall back to the rules.
 def _unit_number(value: object, what: str) -> float:
     if isinstance(value, bool):
-        raise ValueError(f"{what} is a boolean, not a number")
+        raise ValueError(f"{what} is a boolean, not a number")  # noqa: TRY004
     try:
         number = float(value)  # numbers, or numbers written as strings
     except (TypeError, ValueError):
@@ -460,13 +467,13 @@ def parse_assessment(reply: str, num_steps: int) -> ProcessAssessment:
     verdict = candidates[0]
     steps = verdict["steps"]
     if not isinstance(steps, list):
-        raise ValueError("'steps' is not a list")
+        raise ValueError("'steps' is not a list")  # noqa: TRY004
     if len(steps) != num_steps:
         raise ValueError(f"{len(steps)} step verdicts for {num_steps} steps")
     scored = []
     for k, entry in enumerate(steps, start=1):
         if not isinstance(entry, dict):
-            raise ValueError(f"step {k}: not an object")
+            raise ValueError(f"step {k}: not an object")  # noqa: TRY004
         values = {}
         for name, aliases in _ALIASES.items():
             key = next((a for a in aliases if a in entry), None)
@@ -495,6 +502,10 @@ def parse_score(reply: str) -> int:
     return int(value)
 
 
+def _failure(error: Exception) -> str:
+    return f"{type(error).__name__}: {error}"[:200]
+
+
 def _numbered(steps: Sequence[str]) -> str:
     return "\n".join(f"[{k}] {step}" for k, step in enumerate(steps, start=1)) or "(none)"
 
@@ -509,14 +520,19 @@ class ModelJudge:
     fallback: RuleJudge = field(default_factory=RuleJudge)
     name: str = MODEL
 
-    def _ask(self, prompts: list[str]) -> list[str] | str:
-        """The replies, or why the requests failed (then every item falls back)."""
+    def _ask(self, prompts: list[str]) -> list[str | Exception]:
+        """Per prompt, the reply or the error its request failed with (that item falls back; the others
+        keep their replies)."""
+        from keyeflow.model.generation import BatchGenerationError
+
         batch = [[{"role": "user", "content": p}] for p in prompts]
         try:
             out = self.generator.generate(batch, n=1, max_new_tokens=self.max_new_tokens, temperature=0.0,
                                           seed=self.seed, logprobs=False)
+        except BatchGenerationError as error:
+            return [r if isinstance(r, Exception) else r[0].text for r in error.results]
         except (RuntimeError, ValueError, OSError) as error:  # a server error, a prompt too long, …
-            return f"{type(error).__name__}: {error}"
+            return [error] * len(prompts)
         return [group[0].text for group in out]
 
     def assess(self, items: Sequence[JudgeInput]) -> list[ProcessAssessment]:
@@ -532,12 +548,12 @@ class ModelJudge:
         ]  # fmt: skip
         replies = self._ask(prompts)
         out = []
-        for k, item in enumerate(items):
-            if isinstance(replies, str):
-                problem = f"model judge request failed ({replies[:200]})"
+        for item, reply in zip(items, replies):
+            if isinstance(reply, Exception):
+                problem = f"model judge request failed ({_failure(reply)})"
             else:
                 try:
-                    out.append(parse_assessment(replies[k], len(item.steps)))
+                    out.append(parse_assessment(reply, len(item.steps)))
                     continue
                 except ValueError as error:
                     problem = f"model judge reply unusable ({error})"
@@ -559,8 +575,8 @@ class ModelJudge:
         ]  # fmt: skip
         replies = self._ask(prompts) if prompts else []
         for j, k in enumerate(asked):
-            if isinstance(replies, str):
-                problem = f"model judge request failed ({replies[:200]})"
+            if isinstance(replies[j], Exception):
+                problem = f"model judge request failed ({_failure(replies[j])})"
             else:
                 try:
                     out[k] = QualityScore(parse_score(replies[j]), MODEL, "model judge")

@@ -66,6 +66,15 @@ def generate_paths(questions: tables.TableRef, question_ids: list[str], generati
     with progress(len(question_ids), "longcot-generate-progress", "LongCoT paths") as tracker:
         report = lc.generate_paths(questions, question_ids, generator, generation, scoring, on_item=tracker.advance)
     log_quarantined(report.quarantined)
+    if report.num_failed and not (report.num_generated or report.num_already_done):
+        # Nothing to assess: going on would only fail the paths gate with "table has rows", which hides the
+        # cause (a server down, a wrong model name). Each failure is already in the quarantine table.
+        uri, reason = next(iter(report.quarantined.items()))
+        raise RuntimeError(
+            f"LongCoT generation: none of the {report.num_questions} questions got paths ({report.num_failed} "
+            f"failed; first, {uri}: {reason}). Each is in the quarantine table (stage {lc.STAGE_GENERATE}) "
+            "and is tried again on the next run."
+        )
     return report.__dict__
 
 

@@ -64,6 +64,7 @@ import lance
 import numpy as np
 import pyarrow as pa
 
+from keyeflow.datasets import tables
 from keyeflow.datasets.tables import TableRef
 from keyeflow.training.balance import CostModel, balance_two_level, group_loads, imbalance, pack_lengths
 
@@ -107,7 +108,7 @@ def _sibling(mixture: TableRef, name: str) -> str:
 
 def _open(uri: str, version: int | None = None) -> lance.LanceDataset | None:
     try:
-        return lance.dataset(uri, version=version)
+        return tables.dataset(uri, version=version)
     except (ValueError, FileNotFoundError, OSError):
         return None
 
