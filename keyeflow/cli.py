@@ -282,6 +282,94 @@ def longcot(
 
 
 @app.command()
+def pretrain(
+    recipe: str = typer.Option("tiny", help="tiny (CPU, minutes) or keye-8b (the paper's settings)"),
+    init: Optional[str] = typer.Option(None, help="checkpoint stage 1 starts from (default: fresh weights)"),
+    samples_version: Optional[int] = typer.Option(None, help="train_samples version to pin (default: latest)"),
+):
+    """Pre-training stages 1 → 2 → 3 (annealing variants) → 4 (fusion), each evaluated and gated; unchanged
+    stages are skipped, a killed stage resumes."""
+    from keyeflow.flows.pretrain import pretrain as pretrain_flow
+    from keyeflow.quality.gates import GateFailed
+    from keyeflow.tasks.pretrain import PromotionBlocked
+
+    started = time.perf_counter()
+    try:
+        result = pretrain_flow(recipe, init, samples_version)
+    except (GateFailed, PromotionBlocked, ValueError) as exc:
+        errors.print(f"[red]stopped:[/red] {exc}")
+        raise typer.Exit(2)
+    _pretrain_summary(result, time.perf_counter() - started)
+
+
+def _pretrain_summary(result: dict, seconds: float) -> None:
+    table = Table(title="pre-training stages")
+    for col in ("stage", "done now", "checkpoint", "MLflow run"):
+        table.add_column(col)
+    for name, stage in result["stages"].items():
+        table.add_row(name, "trained" if stage["trained"] else "unchanged (skipped)", stage["checkpoint"],
+                      stage["run_id"])
+    console.print(table)
+    console.print(f"final checkpoint: {result['checkpoint']}  ({seconds:.1f} s)")
+    console.print(f"  keyeflow lineage {result['checkpoint']}")
+
+
+@app.command()
+def lineage(
+    target: str = typer.Argument(..., help="a checkpoint directory or an MLflow run id"),
+    as_json: bool = typer.Option(False, "--json", help="print the whole chain as JSON"),
+    show: int = typer.Option(5, help="source files listed per kind in the text view"),
+):
+    """The chain behind a checkpoint: stage runs → mixtures → table versions → source media, with gate
+    verdicts."""
+    from keyeflow import lineage as lineage_mod
+
+    try:
+        chain = lineage_mod.trace(target)
+    except (LookupError, KeyError, ValueError) as exc:
+        errors.print(f"[red]error:[/red] {exc}")
+        raise typer.Exit(2)
+    if as_json:
+        print(json.dumps(chain, indent=2, default=str))
+        return
+    from rich.tree import Tree
+
+    root = Tree(f"[bold]{chain['checkpoint'] or chain['target']}[/bold]  (run {chain['run_id']})")
+    for step in chain["steps"]:
+        gate = {"passed": "[green]promoted[/green]", "failed": "[red]not promoted[/red]"}.get(step["promotion"], "")
+        node = root.add(f"{step['name']}  run {step['run_id']}  {step['status']}  {gate}")
+        if step["checkpoint"]:
+            node.add(f"checkpoint {step['checkpoint']}")
+        if step["upstream_run_ids"]:
+            node.add("from runs " + ", ".join(step["upstream_run_ids"]))
+        if step["mixture"]:
+            node.add(f"mixture {step['mixture']['mixture_id']} @ {step['mixture']['uri']}@v{step['mixture']['version']}")
+    for m in chain["mixtures"]:
+        node = root.add(f"mixture {m['mixture_id']} (stage {m['stage']}) {m['mixture']}  "
+                        f"train_samples@v{m['train_samples_version']}")
+        node.add("samples " + ", ".join(f"{k} {v}" for k, v in m["samples_by_modality"].items())
+                 + "; tokens " + ", ".join(f"{k} {v}" for k, v in m["tokens_by_modality"].items()))
+        node.add(f"sources: {m['num_videos']} videos, {m['num_images']} images, {m['num_texts']} texts "
+                 f"({m['num_source_records']} source records)")
+        gates = node.add("gates")
+        for g in m["gates"]:
+            if g["gate"] is None:
+                gates.add(f"[yellow]{g['num_unchecked_rows']} rows of {g['table']} with no verdict[/yellow]")
+            else:
+                verdict = "[green]passed[/green]" if g["passed"] else "[red]failed[/red]"
+                gates.add(f"{g['gate']} on {g['table']}@v{g['version']}: {verdict} (run {g['run_id']})")
+    sources = chain["sources"]
+    node = root.add(f"all sources: {sources['num_videos']} videos, {sources['num_images']} images, "
+                    f"{sources['num_texts']} texts")
+    for kind in ("videos", "images"):
+        for uri in sources[kind][:show]:
+            node.add(uri)
+        if len(sources[kind]) > show:
+            node.add(f"… {len(sources[kind]) - show} more {kind} (--json lists all)")
+    console.print(root)
+
+
+@app.command()
 def sql(
     query: str,
     fmt: str = typer.Option("table", "--format", help="table, json or csv"),

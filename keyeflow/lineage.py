@@ -38,9 +38,11 @@ def experiment_id(name: str | None = None) -> str:
     exp = c.get_experiment_by_name(name)
     if exp is not None:
         return exp.experiment_id
+    # A tracking server decides where artifacts go (its --artifacts-destination, proxied to every client);
+    # with a local store they go under the data root, not ./mlruns of whatever directory the user ran from.
+    location = None if settings.tracking_is_server else Path(settings.artifacts_uri).as_uri()
     try:
-        # Artifacts under the data root, not ./mlruns of whatever directory the user ran from.
-        return c.create_experiment(name, artifact_location=Path(settings.artifacts_uri).as_uri())
+        return c.create_experiment(name, artifact_location=location)
     except mlflow.exceptions.MlflowException:
         return c.get_experiment_by_name(name).experiment_id  # created concurrently
 
@@ -112,3 +114,92 @@ def run_tags(run_id: str) -> dict[str, str]:
 def parse_table_tag(value: str) -> tuple[str, int]:
     uri, _, version = value.rpartition("@v")
     return uri, int(version)
+
+
+def reopen_run(run_id: str) -> None:
+    """Mark a run RUNNING again: a step resumed after a kill logs into the run it started."""
+    client().update_run(run_id, status="RUNNING")
+
+
+# ---------------------------------------------------------------------------------------------- tracing
+
+CHECKPOINT_TAG = "keyeflow.checkpoint"
+UPSTREAM_TAG = "keyeflow.upstream_run_ids"
+
+
+def _search(filter_string: str) -> list:
+    c = client()
+    experiments = [e.experiment_id for e in c.search_experiments()]
+    return c.search_runs(experiments, filter_string=filter_string, order_by=["attributes.start_time DESC"])
+
+
+def resolve_run(target: str) -> str:
+    """A run id, or the run that produced a checkpoint directory (the model dir, its step dir or the stage's
+    output dir). A flow run that ends in a checkpoint (`keyeflow.final_run_id`) resolves to that step's run."""
+    path = Path(target).expanduser()
+    if path.exists():
+        resolved = path.resolve()
+        for candidate in (resolved, resolved / "model"):
+            runs = _search(f"tags.`{CHECKPOINT_TAG}` = '{candidate}'")
+            if runs:
+                return runs[0].info.run_id
+        for candidate in (resolved, resolved.parent, resolved.parent.parent):
+            runs = _search(f"tags.`keyeflow.out_dir` = '{candidate}'")
+            if runs:
+                return runs[0].info.run_id
+        raise LookupError(f"no MLflow run in {get_settings().mlflow_uri} produced the checkpoint {resolved}")
+    try:
+        run = client().get_run(target)
+    except mlflow.exceptions.MlflowException as exc:
+        raise LookupError(f"{target!r} is neither an existing checkpoint path nor an MLflow run id in "
+                          f"{get_settings().mlflow_uri}") from exc
+    return run.data.tags.get("keyeflow.final_run_id", run.info.run_id)
+
+
+def _step(run) -> dict[str, Any]:
+    tags, params = run.data.tags, run.data.params
+    mixture = None
+    if INPUT_TAG + "mixtures" in tags and "mixture_id" in params:
+        uri, version = parse_table_tag(tags[INPUT_TAG + "mixtures"])
+        mixture = {"uri": uri, "version": version, "mixture_id": params["mixture_id"]}
+    upstream = [r for r in tags.get(UPSTREAM_TAG, "").split(",") if r]
+    return {
+        "name": run.info.run_name, "run_id": run.info.run_id, "status": run.info.status,
+        "checkpoint": tags.get(CHECKPOINT_TAG), "upstream_run_ids": upstream, "mixture": mixture,
+        "promotion": tags.get("keyeflow.gate.promotion"),
+        "metrics": {k: v for k, v in sorted(run.data.metrics.items()) if k.startswith("eval/")},
+        "parent_run_id": tags.get(PARENT_TAG),
+    }  # fmt: skip
+
+
+def trace(target: str) -> dict[str, Any]:
+    """The chain behind a checkpoint (or run id): every step run down to the first, each mixture it trained on,
+    and for each mixture its table versions, source media and gate verdicts (`datasets.provenance`)."""
+    from keyeflow.datasets.provenance import mixture_provenance
+
+    start = resolve_run(target)
+    steps, order, queue = {}, [], [start]
+    while queue:
+        run_id = queue.pop(0)
+        if run_id in steps:
+            continue
+        step = _step(client().get_run(run_id))
+        steps[run_id] = step
+        order.append(run_id)
+        queue.extend(step["upstream_run_ids"])
+    mixtures, seen = [], set()
+    for run_id in order:
+        m = steps[run_id]["mixture"]
+        if m and m["mixture_id"] not in seen:
+            seen.add(m["mixture_id"])
+            mixtures.append(mixture_provenance(TableRef("mixtures", m["uri"], m["version"]), m["mixture_id"]))
+    videos = sorted({v for m in mixtures for v in m["videos"]})
+    images = sorted({i for m in mixtures for i in m["images"]})
+    texts = {t for m in mixtures for t in m["texts"]}
+    return {
+        "target": target, "run_id": start, "checkpoint": steps[start]["checkpoint"],
+        "steps": [steps[r] for r in order], "mixtures": mixtures,
+        "sources": {"num_videos": len(videos), "num_images": len(images),
+                    "num_texts": len(texts), "videos": videos, "images": images},
+        "gates_passed": all(g["passed"] for m in mixtures for g in m["gates"] if g["gate"] is not None),
+    }  # fmt: skip

@@ -44,7 +44,6 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-import lance
 import pyarrow as pa
 
 from keyeflow.datasets import sql, tables
@@ -59,12 +58,13 @@ STAGE_CONTEXT = {1: 8_192, 2: 8_192, 3: 131_072}
 
 # Why a sample is not in a mixture, in the order the reasons are tested (a sample gets the first).
 QUARANTINED = "quarantined"
+HELD_OUT = "held_out"
 MODALITY_NOT_IN_MIXTURE = "modality_not_in_mixture"
 TASK_NOT_IN_STAGE = "task_not_in_stage"
 NO_TOKENS = "no_tokens"
 OVER_LENGTH = "over_length"
 SOURCE_WEIGHT_ZERO = "source_weight_zero"
-EXCLUSION_REASONS = (QUARANTINED, MODALITY_NOT_IN_MIXTURE, TASK_NOT_IN_STAGE, NO_TOKENS, OVER_LENGTH,
+EXCLUSION_REASONS = (QUARANTINED, HELD_OUT, MODALITY_NOT_IN_MIXTURE, TASK_NOT_IN_STAGE, NO_TOKENS, OVER_LENGTH,
                      SOURCE_WEIGHT_ZERO)
 
 # Relative slack when comparing float quotas with integer token counts.
@@ -90,6 +90,11 @@ class MixtureConfig:
     total_tokens: int | None = None  # mixture size in tokens; None = the largest the data gives under the cap
     tolerance_pp: float = 0.5  # allowed |reached − target| share per modality, percentage points
     seed: int = 0
+    # Samples kept out of training for evaluation: those whose sample-id hash falls in the first
+    # `holdout_per_mille` of 1000 buckets (`heldout_sql`). A hash of the id alone, not of the seed or stage, so
+    # every stage and every annealing variant holds out the same samples and no stage trains on another's
+    # evaluation data.
+    holdout_per_mille: int = 0
 
     def __post_init__(self) -> None:
         def fail(name: str, value: Any, why: str) -> None:
@@ -110,6 +115,9 @@ class MixtureConfig:
         object.__setattr__(self, "stage", integer("stage", self.stage, 1))
         object.__setattr__(self, "max_sample_tokens", integer("max_sample_tokens", self.max_sample_tokens, 1))
         object.__setattr__(self, "seed", integer("seed", self.seed, 0))
+        holdout = integer("holdout_per_mille", self.holdout_per_mille, 0)
+        if holdout >= 1000:
+            fail("holdout_per_mille", holdout, "must be < 1000 (1000 would hold out every sample)")
         if self.total_tokens is not None:
             object.__setattr__(self, "total_tokens", integer("total_tokens", self.total_tokens, 1))
 
@@ -517,6 +525,8 @@ def classify_sql(config: MixtureConfig, with_quarantine: bool = True) -> str:
     reasons = []
     if with_quarantine:
         reasons.append(f"when q.uri is not null then {_lit(QUARANTINED)}")
+    if config.holdout_per_mille:
+        reasons.append(f"when {_held_out('s.sample_id', config.holdout_per_mille)} then {_lit(HELD_OUT)}")
     reasons.append(f"when s.modality is null or s.modality not in ({_lits(config.targeted_modalities)}) "
                    f"then {_lit(MODALITY_NOT_IN_MIXTURE)}")
     if config.tasks is not None:
@@ -539,6 +549,45 @@ def _key(prefix: str, column: str) -> str:
     # md5(prefix || id), first 8 digest bytes read little-endian: stable across DuckDB versions and
     # machines, and cheap (md5_number's low 64 bits; the *_upper/_lower helpers are several times slower).
     return f"(md5_number({_lit(prefix)} || {column}) & 18446744073709551615::UHUGEINT)::UBIGINT"
+
+
+def _held_out(column: str, per_mille: int) -> str:
+    return f"{_key('holdout:', column)} % 1000 < {per_mille}"
+
+
+def heldout_sql(per_mille: int, max_tokens: int, per_modality: int) -> str:
+    """The held-out evaluation samples of every mixture built with `holdout_per_mille=per_mille`: per modality
+    the first `per_modality` of them (in hash order) that fit `max_tokens`, quarantined sources left out.
+    Needs views `train_samples` and `quarantine`."""
+    return f"""
+        select sample_id, modality from (
+            select s.sample_id, s.modality,
+                   row_number() over (partition by s.modality order by {_key('holdout-order:', 's.sample_id')},
+                                      s.sample_id) as n
+            from train_samples s
+            where {_held_out('s.sample_id', per_mille)} and s.num_tokens > 0 and s.num_tokens <= {max_tokens}
+              and s.source_uri not in (select uri from quarantine where uri is not null)
+        ) where n <= {per_modality}
+        order by modality, n
+    """
+
+
+def heldout_sample_ids(samples: tables.TableRef, quarantine: tables.TableRef, per_mille: int, max_tokens: int,
+                       per_modality: int, root: str | None = None) -> dict[str, list[str]]:
+    """`heldout_sql` over the pinned tables: modality → sample ids (modalities with none are absent)."""
+    if per_mille <= 0:
+        raise ValueError(f"holdout_per_mille={per_mille}: no samples are held out, nothing to evaluate on")
+    con = sql.connect(root, {samples.name: samples.version, quarantine.name: quarantine.version})
+    try:
+        con.register("train_samples", tables.dataset(samples.uri, version=samples.version))
+        con.register("quarantine", tables.dataset(quarantine.uri, version=quarantine.version))
+        rows = con.sql(heldout_sql(per_mille, max_tokens, per_modality)).fetchall()
+    finally:
+        con.close()
+    out: dict[str, list[str]] = {}
+    for sample_id, modality in rows:
+        out.setdefault(modality, []).append(sample_id)
+    return out
 
 
 def _select_sql(config: MixtureConfig, mixture_id_: str, samples_version: int) -> str:
@@ -613,9 +662,9 @@ def compute_mixture(samples: tables.TableRef, config: MixtureConfig, quarantine:
     con = sql.connect(root, versions)
     try:
         # The refs are the truth (a ref may point outside the root): bind the views to exactly them.
-        con.register("train_samples", lance.dataset(samples.uri, version=samples.version))
+        con.register("train_samples", tables.dataset(samples.uri, version=samples.version))
         if quarantine is not None:
-            con.register("quarantine", lance.dataset(quarantine.uri, version=quarantine.version))
+            con.register("quarantine", tables.dataset(quarantine.uri, version=quarantine.version))
         con.execute("create or replace temp table classified as " + classify_sql(config, quarantine is not None))
         groups = con.sql("""
             select reason, coalesce(modality, '') as modality, source,

@@ -9,8 +9,11 @@ changed.
 What SPEC §3 fixes for pre-training, and what it leaves open:
 - stage 1 (alignment) trains the projector only, ViT and LLM frozen; context 8,192; DP + ZeRO-2;
 - stage 2 (multi-task) trains everything; context 8,192; DP + ZeRO-2;
-- stage 3 (annealing) trains everything; context 131,072; rope theta 1e6 → 8e6; ZeRO-1 (+ context and
-  pipeline parallelism, not wired here);
+- stage 3 (annealing) trains everything; context 131,072; rope theta 1e6 → 8e6; ZeRO-1 with context
+  (sequence) parallelism and pipeline parallelism. Their sizes are UNSTATED: `pretrain_stage(3)` picks
+  sequence-parallel 4 (Ulysses splits attention heads, and 4 divides Qwen3-8B's 8 KV heads) and pipeline 2;
+  both are rendered into the DeepSpeed JSON, and our loop runs data parallelism only (see
+  `StageConfig.sequence_parallel_size`);
 - learning rates, batch sizes and step counts: UNSTATED. `pretrain_stage` picks LLaVA-style values
   (1e-3 for a projector-only alignment stage, 2e-5 for full training, a lower 1e-5 decaying to 0 for
   annealing) and 3% warmup; override them per run.
@@ -64,6 +67,12 @@ class StageConfig:
     bf16: bool = False
     offload_optimizer: bool = False  # ZeRO-Offload: optimizer states in CPU memory (ZeRO >= 1)
     offload_params: bool = False  # ZeRO-Infinity-style parameter offload to CPU (ZeRO 3)
+    # Model-parallel degrees of a long-context stage, rendered into the DeepSpeed JSON (data-parallel ranks =
+    # world size / (sequence × pipeline)). Executing them needs the model split into pipeline stages and
+    # Ulysses attention, which the launcher's job on a cluster provides; `train` refuses sizes > 1 rather than
+    # silently running plain data parallelism under a config that says otherwise.
+    sequence_parallel_size: int = 1
+    pipeline_parallel_size: int = 1
 
     def __post_init__(self) -> None:
         def fail(name: str, value: Any, why: str) -> None:
@@ -89,7 +98,8 @@ class StageConfig:
             fail("name", self.name, "must be a non-empty string")
         for name, minimum in (("max_steps", 1), ("max_length", 1), ("window_size", 1), ("warmup_steps", 0),
                               ("micro_batches_per_step", 1), ("seed", 0), ("checkpoint_every", 1),
-                              ("zero_bucket_size", 1)):
+                              ("zero_bucket_size", 1), ("sequence_parallel_size", 1),
+                              ("pipeline_parallel_size", 1)):
             integer(name, minimum)
         if self.warmup_steps > self.max_steps:
             fail("warmup_steps", self.warmup_steps, f"must be <= max_steps ({self.max_steps})")
@@ -130,6 +140,12 @@ class StageConfig:
             fail("offload_optimizer", True, "needs DeepSpeed ZeRO stage >= 1 (deepspeed_zero)")
         if self.offload_params and self.deepspeed_zero != 3:
             fail("offload_params", True, "needs DeepSpeed ZeRO stage 3 (deepspeed_zero=3)")
+        for name in ("sequence_parallel_size", "pipeline_parallel_size"):
+            if getattr(self, name) > 1 and self.deepspeed_zero is None:
+                fail(name, getattr(self, name), "needs DeepSpeed (deepspeed_zero set)")
+        if self.pipeline_parallel_size > 1 and (self.deepspeed_zero or 0) > 1:
+            # DeepSpeed's pipeline engine shards optimizer state (ZeRO-1) but not gradients or parameters.
+            fail("pipeline_parallel_size", self.pipeline_parallel_size, "works with ZeRO stage 0 or 1 only")
 
     def trainable_prefixes(self) -> tuple[str, ...] | None:
         """Module-name prefixes of the trained parameters; None means every parameter."""
@@ -185,7 +201,8 @@ _PRETRAIN_STAGES: dict[int, dict[str, Any]] = {
     2: {"name": "pretrain-2-multitask", "trainable": "all", "learning_rate": 2e-5, "max_length": 8_192,
         "deepspeed_zero": 2},
     3: {"name": "pretrain-3-annealing", "trainable": "all", "learning_rate": 1e-5, "max_length": 131_072,
-        "rope_theta": 8e6, "schedule": "linear", "deepspeed_zero": 1},
+        "rope_theta": 8e6, "schedule": "linear", "deepspeed_zero": 1, "sequence_parallel_size": 4,
+        "pipeline_parallel_size": 2},
 }
 
 

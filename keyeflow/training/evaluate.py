@@ -382,15 +382,18 @@ def _flat(metrics: Mapping, section: str) -> dict[str, float]:
     return {section: float(value)}
 
 
-def promotion_gate(child_metrics: Mapping, parent_metrics: Mapping, margin: float) -> tuple[bool, list[str]]:
+def promotion_gate(child_metrics: Mapping, parent_metrics: Mapping, margin: float,
+                   accuracy_margin: float | None = None) -> tuple[bool, list[str]]:
     """Whether a child checkpoint may be promoted over its parent, and a reason per failing metric.
 
     Metrics: `{"heldout_loss": {modality: loss}, "mcq_accuracy": accuracy or {benchmark: accuracy}}` (either
     section may be absent). A loss fails when child > parent · (1 + margin) (relative); an accuracy fails
-    when child < parent − margin (absolute). A metric the parent has and the child lacks, or a non-finite
-    child value, fails; metrics only the child has are not compared."""
-    if not (math.isfinite(margin) and margin >= 0):
-        raise ValueError(f"margin must be a finite number >= 0, got {margin}")
+    when child < parent − accuracy_margin (absolute; default: `margin`). A metric the parent has and the child
+    lacks, or a non-finite child value, fails; metrics only the child has are not compared."""
+    accuracy_margin = margin if accuracy_margin is None else accuracy_margin
+    for name, value in (("margin", margin), ("accuracy_margin", accuracy_margin)):
+        if not (math.isfinite(value) and value >= 0):
+            raise ValueError(f"{name} must be a finite number >= 0, got {value}")
     reasons = []
     for section, lower_is_better in (("heldout_loss", True), ("mcq_accuracy", False)):
         child, parent = _flat(child_metrics, section), _flat(parent_metrics, section)
@@ -406,9 +409,9 @@ def promotion_gate(child_metrics: Mapping, parent_metrics: Mapping, margin: floa
                     f"{name}: {after:.4f} vs parent {before:.4f} ({change:+.2%}), worse than the allowed "
                     f"+{margin:.2%}"
                 )
-            elif not lower_is_better and after < before - margin:
+            elif not lower_is_better and after < before - accuracy_margin:
                 reasons.append(
                     f"{name}: {after:.4f} vs parent {before:.4f} ({after - before:+.4f}), a drop larger than "
-                    f"the allowed {margin:.4f}"
+                    f"the allowed {accuracy_margin:.4f}"
                 )
     return not reasons, reasons

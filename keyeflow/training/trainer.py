@@ -45,13 +45,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import lance
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from keyeflow import lineage
+from keyeflow.datasets import tables
 from keyeflow.datasets.tables import TableRef
 from keyeflow.model.checkpoint import load_keye_checkpoint
 from keyeflow.model.config import KeyeConfig
@@ -84,6 +84,12 @@ def train(stage: StageConfig, *, init: str | Path | KeyeConfig, mixture: TableRe
     a `KeyeConfig` for fresh weights seeded by `stage.seed`), checkpointing into `out_dir`; resumes from
     `out_dir/latest` when present. `run_id`: the MLflow run to log to (None: only `out_dir/metrics.jsonl`)."""
     out_dir = Path(out_dir)
+    if stage.sequence_parallel_size > 1 or stage.pipeline_parallel_size > 1:
+        raise ValueError(
+            f"stage {stage.name!r}: sequence_parallel_size={stage.sequence_parallel_size}, pipeline_parallel_size="
+            f"{stage.pipeline_parallel_size}: this loop trains data-parallel only; the DeepSpeed JSON for those "
+            "sizes is rendered (render_deepspeed_config) for a cluster job whose model is split into pipeline "
+            "stages with Ulysses attention. Set both to 1 to train here.")
     dist = distributed.setup(need_group=stage.deepspeed_zero is not None)
     try:
         return _train(stage, init, mixture, mixture_id, out_dir, run_id, dist)
@@ -109,6 +115,9 @@ def _train(stage: StageConfig, init: str | Path | KeyeConfig, mixture: TableRef,
     model = load_model(resume_dir / "model" if resume_dir else init)
     if stage.rope_theta is not None:
         model.config.rope_theta = stage.rope_theta  # read at every forward; saved with the checkpoint
+    # The checkpoint tells the context it was trained at (what generation and the next stage may rely on).
+    text_config = model.config.text_config
+    text_config.max_position_embeddings = max(text_config.max_position_embeddings or 0, stage.max_length)
     trainable = freeze(model, stage.trainable_prefixes())
     model.to(dist.device).train()
 
@@ -316,7 +325,7 @@ def tables_root(mixture: TableRef) -> str:
 
 def train_samples_of(mixture: TableRef, mixture_id: str) -> TableRef:
     """train_samples at the version the mixture pinned."""
-    rows = lance.dataset(mixture.uri, version=mixture.version).to_table(
+    rows = tables.dataset(mixture.uri, version=mixture.version).to_table(
         columns=["train_samples_version"], filter=f"mixture_id = '{mixture_id}'", limit=1)
     if rows.num_rows == 0:
         raise ValueError(f"mixture {mixture_id!r} has no rows in {mixture}")

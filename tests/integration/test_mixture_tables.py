@@ -258,3 +258,33 @@ def test_gate_names_the_check_a_tampered_mixture_breaks(samples):
     # The pinned version before the tampering still passes; an unknown id has no rows and fails.
     assert gates.check_mixture(result.mixture, result.mixture_id, config, None, samples).passed
     assert not gates.check_mixture(result.mixture, "nope", config, None, samples).passed
+
+
+def test_held_out_samples_are_excluded_from_every_mixture_and_counted(samples):
+    from keyeflow.datasets.mixture import HELD_OUT, heldout_sample_ids
+
+    tables.ensure("quarantine")
+    quarantine = tables.ref("quarantine")
+    config = stage_mixture(3, max_sample_tokens=8_192, holdout_per_mille=50)
+    result = build_mixture(samples, config, quarantine)
+    used = {row[0] for row in mixture_rows(result)}
+
+    # ~5% of the samples, chosen by id alone: the same set whatever the stage, seed or shares
+    frame = sql.query(classify_sql(config))
+    held = set(frame.sample_id[frame.reason == HELD_OUT])
+    assert 0.03 < len(held) / len(frame) < 0.07
+    other = stage_mixture(2, max_sample_tokens=8_192, holdout_per_mille=50, seed=7, upsample=True, max_repeats=4)
+    frame2 = sql.query(classify_sql(other))
+    assert set(frame2.sample_id[frame2.reason == HELD_OUT]) == held
+    assert not held & used
+    assert result.report.excluded_counts[HELD_OUT] == len(held)
+
+    picked = heldout_sample_ids(samples, quarantine, 50, max_tokens=2_000, per_modality=5)
+    assert sorted(picked) == ["image", "text", "video"] or sorted(picked) == ["image", "text"]
+    lengths = dict(zip(frame.sample_id, frame.num_tokens))
+    for modality, ids in picked.items():
+        assert 0 < len(ids) <= 5 and set(ids) <= held
+        assert all(lengths[i] <= 2_000 and i.startswith(modality) for i in ids)
+    assert picked == heldout_sample_ids(samples, quarantine, 50, max_tokens=2_000, per_modality=5)
+    with pytest.raises(ValueError, match="holdout_per_mille"):
+        stage_mixture(3, holdout_per_mille=1000)

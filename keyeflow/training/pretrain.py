@@ -1,0 +1,280 @@
+"""The steps of pre-training between the data and the fused checkpoint, each one resumable and cached:
+`prepare_init` (the starting weights), `train_stage` (stages 1–3 through `trainer.train`), `fuse` (stage 4,
+through `merging.merge_checkpoints`) and `evaluate_stage` (held-out loss, MCQ accuracy, the promotion gate).
+
+**Cache and resume.** Every step has a key: a hash of what determines its weights — its config hash, the key
+of the checkpoint it starts from (so a change upstream changes every key below it) and the mixture id (which
+already pins the train_samples and quarantine versions and the mixture config). Its directory is
+`<checkpoints>/<name>-<key>/`. `done.json` there is written last, atomically, once the step's checkpoint is
+complete and its MLflow run closed; a step whose `done.json` exists is skipped and returns what it recorded,
+so a rerun with nothing changed trains nothing. A step killed midway leaves no `done.json`: its next run
+reuses the same directory and MLflow run (`run.json`), and the trainer resumes from the last checkpoint it
+registered (`latest`), which is never half-written.
+
+**Lineage.** Each step is one MLflow run nested under the flow's run, tagged with its key, its checkpoint
+(`keyeflow.checkpoint`, the model directory the next step loads), the runs of the checkpoints it started
+from (`keyeflow.upstream_run_ids`) and, through the trainer, its mixture (`keyeflow.input.mixtures` = uri@vN
+and the `mixture_id` param). `keyeflow.lineage.trace` walks these down to the source files.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import statistics
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from keyeflow import lineage
+from keyeflow.config import get_settings
+from keyeflow.datasets import tables
+from keyeflow.datasets.tables import TableRef
+from keyeflow.model.config import KeyeConfig
+from keyeflow.model.merging import MergeConfig, merge_checkpoints
+from keyeflow.model.modeling import KeyeForConditionalGeneration
+from keyeflow.model.tokenizer import load_tokenizer
+from keyeflow.training.config import StageConfig
+from keyeflow.training.evaluate import evaluate_mcq, heldout_loss, lance_video_lookup, promotion_gate
+from keyeflow.training.recipes import EvalConfig
+from keyeflow.training.samples import LanceSampleReader
+from keyeflow.training.trainer import load_model, read_metrics, train
+
+DONE = "done.json"
+RUN = "run.json"
+EVAL = "eval-{key}.json"
+FORMAT = 1  # bump when a step's output layout changes: old caches then no longer match
+KEY_TAG = "keyeflow.step_key"
+
+
+@dataclass(frozen=True)
+class StageOutput:
+    """What a step hands the next one: a checkpoint directory (loadable with `from_pretrained`) and its run."""
+
+    name: str
+    checkpoint: str
+    run_id: str
+    key: str
+    trained: bool  # False when the step was found done and skipped
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def checkpoints_root() -> Path:
+    return get_settings().root / "checkpoints"
+
+
+def step_key(*parts: Any) -> str:
+    payload = json.dumps([FORMAT, *parts], sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
+def path_fingerprint(path: str | Path) -> str:
+    """A user-given checkpoint's identity: file names, sizes and modification times (hashing the bytes of a
+    16 GB checkpoint on every flow run would take minutes)."""
+    root = Path(path).resolve()
+    if not root.is_dir():
+        raise FileNotFoundError(f"init checkpoint {root} is not a directory")
+    files = sorted(p for p in root.rglob("*") if p.is_file())
+    return step_key(str(root), [(str(p.relative_to(root)), p.stat().st_size, p.stat().st_mtime_ns) for p in files])
+
+
+def _write_json(path: Path, data: dict) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(data, indent=2) + "\n")
+    os.replace(tmp, path)  # a reader sees the old file or the new one, never half of one
+
+
+def _done(out_dir: Path) -> StageOutput | None:
+    done = out_dir / DONE
+    if not done.is_file():
+        return None
+    record = json.loads(done.read_text())
+    if not Path(record["checkpoint"]).is_dir():  # deleted by hand: redo rather than hand on a missing path
+        return None
+    return StageOutput(**{**record, "trained": False})
+
+
+def _open_run(out_dir: Path, name: str, key: str, params: dict, parent_run_id: str | None,
+              upstream: list[StageOutput]) -> str:
+    """The step's MLflow run: the one a killed attempt opened (reopened), else a new one."""
+    run_file = out_dir / RUN
+    if run_file.is_file():
+        run_id = json.loads(run_file.read_text())["run_id"]
+        lineage.reopen_run(run_id)
+        return run_id
+    tags = {KEY_TAG: key, lineage.UPSTREAM_TAG: ",".join(u.run_id for u in upstream),
+            "keyeflow.out_dir": str(out_dir)}
+    run_id = lineage.start_run(name, params, parent_run_id, tags=tags)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    _write_json(run_file, {"run_id": run_id, "name": name, "key": key})
+    return run_id
+
+
+def _finish(out_dir: Path, output: StageOutput) -> StageOutput:
+    lineage.set_tags(output.run_id, {lineage.CHECKPOINT_TAG: output.checkpoint})
+    lineage.end_run(output.run_id)
+    _write_json(out_dir / DONE, {k: v for k, v in output.to_dict().items() if k != "trained"})
+    return output
+
+
+def prepare_init(model_config: KeyeConfig, *, init: str | None, seed: int, parent_run_id: str | None = None,
+                 root: Path | None = None) -> StageOutput:
+    """The weights stage 1 starts from: `init` as given, or fresh weights of `model_config` (seeded), saved
+    once so every stage loads a path and the evaluation has a parent to compare stage 1 with."""
+    root = root or checkpoints_root()
+    if init is not None:
+        key = step_key("init", path_fingerprint(init))
+    else:
+        key = step_key("init", model_config.to_dict(), seed)
+    out_dir = root / f"pretrain-0-init-{key}"
+    if (cached := _done(out_dir)) is not None:
+        return cached
+    run_id = _open_run(out_dir, "pretrain-0-init", key, {"init": init or "fresh", "seed": seed,
+                                                          "model": model_config.to_dict()}, parent_run_id, [])
+    try:
+        if init is not None:
+            checkpoint = str(Path(init).resolve())
+        else:
+            target = out_dir / "model"
+            if not target.is_dir():  # else a killed attempt got as far as renaming it into place
+                torch.manual_seed(seed)
+                tmp = out_dir / ".model.tmp"
+                KeyeForConditionalGeneration(model_config).save_pretrained(tmp)
+                os.replace(tmp, target)
+            checkpoint = str(target)
+    except BaseException:
+        lineage.end_run(run_id, failed=True)
+        raise
+    return _finish(out_dir, StageOutput("pretrain-0-init", checkpoint, run_id, key, True))
+
+
+def train_stage(stage: StageConfig, *, init: StageOutput, mixture: TableRef, mixture_id: str,
+                parent_run_id: str | None = None, root: Path | None = None) -> StageOutput:
+    """Train one stage from `init`'s checkpoint on `mixture_id` (cached and resumable, module docstring)."""
+    root = root or checkpoints_root()
+    key = step_key("train", stage.config_hash(), init.key, mixture_id)
+    out_dir = root / f"{stage.name}-{key}"
+    if (cached := _done(out_dir)) is not None:
+        return cached
+    run_id = _open_run(out_dir, stage.name, key, {"init_checkpoint": init.checkpoint}, parent_run_id, [init])
+    try:
+        result = train(stage, init=init.checkpoint, mixture=mixture, mixture_id=mixture_id, out_dir=out_dir,
+                       run_id=run_id)
+        _log_loss_curve(run_id, out_dir, stage.name)
+    except BaseException:
+        lineage.end_run(run_id, failed=True)
+        raise
+    output = StageOutput(stage.name, str(result.checkpoint_dir / "model"), run_id, key, True)
+    return _finish(out_dir, output)
+
+
+def _log_loss_curve(run_id: str, out_dir: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display on workers; also safe when called from a worker thread
+    import matplotlib.pyplot as plt
+
+    rows = read_metrics(out_dir)
+    if not rows:
+        return
+    figure, ax = plt.subplots(figsize=(6, 3.5))
+    ax.plot([r["step"] for r in rows], [r["loss"] for r in rows], marker="o")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("loss (mean over label tokens)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    figure.tight_layout()
+    lineage.log_figure(run_id, figure, "loss_curve.png")
+    plt.close(figure)
+
+
+def fuse(inputs: list[StageOutput], merge: MergeConfig, *, name: str = "pretrain-4-fusion",
+         base: StageOutput | None = None, parent_run_id: str | None = None, root: Path | None = None) -> StageOutput:
+    """Stage 4: merge the annealed checkpoints (weighted average by default) into one."""
+    root = root or checkpoints_root()
+    merge_params = {"method": merge.method, "weights": merge.weights_for(len(inputs)), "density": merge.density,
+                    "scaling": merge.scaling}
+    key = step_key("fuse", merge_params, [i.key for i in inputs], base.key if base else None)
+    out_dir = root / f"{name}-{key}"
+    if (cached := _done(out_dir)) is not None:
+        return cached
+    upstream = [*inputs, *([base] if base else [])]
+    run_id = _open_run(out_dir, name, key, {"merge": merge_params, "inputs": [i.checkpoint for i in inputs],
+                                            "base": base.checkpoint if base else None}, parent_run_id, upstream)
+    try:
+        # merge_checkpoints writes under a temporary name and renames: a kill leaves no partial model/.
+        model_dir = merge_checkpoints([i.checkpoint for i in inputs], merge, out_dir / "model",
+                                      base=base.checkpoint if base else None)
+    except BaseException:
+        lineage.end_run(run_id, failed=True)
+        raise
+    return _finish(out_dir, StageOutput(name, str(model_dir), run_id, key, True))
+
+
+# ---------------------------------------------------------------------------------------------- evaluation
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    metrics: dict[str, Any]  # {"heldout_loss": {modality: loss}, "mcq_accuracy": float}
+    passed: bool
+    reasons: list[str]
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def mean_metrics(evaluations: list[dict[str, Any]]) -> dict[str, Any]:
+    """The element-wise mean of several checkpoints' metrics: fusion's parent is its inputs on average."""
+    losses = {m: statistics.fmean(e["heldout_loss"][m] for e in evaluations)
+              for m in evaluations[0]["heldout_loss"]}
+    return {"heldout_loss": losses, "mcq_accuracy": statistics.fmean(e["mcq_accuracy"] for e in evaluations)}
+
+
+def evaluate_stage(output: StageOutput, *, config: EvalConfig, heldout: dict[str, list[str]], samples: TableRef,
+                   mcq_records: list[dict], parent_metrics: dict[str, Any] | None) -> Evaluation:
+    """Held-out loss per modality and MCQ accuracy of `output`'s checkpoint, logged to its run, and the
+    promotion gate against `parent_metrics` (None: nothing to compare with, passes). Metrics are cached beside
+    the checkpoint, keyed on the evaluation config and sets, so a rerun does not recompute them."""
+    eval_key = step_key("eval", asdict(config), heldout, samples.version, [r["question_id"] for r in mcq_records])
+    cache = Path(output.checkpoint).parent / EVAL.format(key=eval_key)
+    if cache.is_file():
+        metrics = json.loads(cache.read_text())
+    else:
+        model = load_model(output.checkpoint)
+        tokenizer = load_tokenizer()
+        reader = LanceSampleReader(samples, tokenizer)
+        losses = heldout_loss(model, reader, heldout, config.max_tokens,
+                              pad_token_id=model.config.text_config.pad_token_id or 0)
+        mcq = evaluate_mcq(model, tokenizer, mcq_records, lance_video_lookup())
+        metrics = {"heldout_loss": losses, "mcq_accuracy": mcq.accuracy,
+                   "mcq_predictions": dict(zip([r["question_id"] for r in mcq_records], mcq.predictions))}
+        _write_json(cache, metrics)
+    lineage.log_metrics(output.run_id, {f"eval/heldout_loss/{m}": v for m, v in metrics["heldout_loss"].items()}
+                        | {"eval/mcq_accuracy": metrics["mcq_accuracy"]})
+    if parent_metrics is None:
+        passed, reasons = True, []
+    else:
+        passed, reasons = promotion_gate(metrics, parent_metrics, config.loss_margin, config.accuracy_margin)
+    evaluation = Evaluation(metrics, passed, reasons)
+    lineage.log_dict(output.run_id, {**evaluation.to_dict(), "parent_metrics": parent_metrics}, "evaluation.json")
+    lineage.set_tags(output.run_id, {"keyeflow.gate.promotion": "passed" if passed else "failed"})
+    return evaluation
+
+
+def mcq_source_rows(video_samples: TableRef) -> list[dict]:
+    """The `video_samples` rows (pinned) the MCQ set is generated from, with each video's duration."""
+    rows = tables.dataset(video_samples.uri, version=video_samples.version).to_table(
+        columns=["sample_id", "video_id", "uri", "frame_types", "sampling_fps", "num_frames", "slow_height",
+                 "slow_width"]).to_pylist()
+    if tables.exists("videos"):
+        durations = {r["video_id"]: r["duration_s"] for r in
+                     tables.open_table("videos").to_table(columns=["video_id", "duration_s"]).to_pylist()}
+        for row in rows:
+            row["duration_s"] = durations.get(row["video_id"])
+    return rows
