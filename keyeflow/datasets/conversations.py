@@ -291,6 +291,44 @@ def build_train_samples(
     return report
 
 
+def add_conversations(
+    conversations: list[dict],
+    source_root: str,
+    slowfast: SlowFastConfig,
+    image_config: ImageConfig = ImageConfig(),
+    config: SampleConfig = SampleConfig(),
+    root: str | None = None,
+) -> tuple[dict[str, str], dict[str, str]]:
+    """Conversations made by the platform itself (LongCoT samples, reward-model judgements, rejection-sampled
+    answers) as ``train_samples`` rows, through the same token counting and media lookup as files: each dict
+    has ``uri`` (where it came from: ``table#id``), ``source``, ``task`` and ``messages`` (media parts by path,
+    inside ``source_root``). Returns (uri → sample_id, uri → reason for the ones that could not be used); the
+    rows already present are not written again."""
+    tokenizer = load_tokenizer(config.tokenizer_path)
+    chash = samples_config_hash(tokenizer, slowfast, image_config, config)
+    index = _MediaIndex(tokenizer, slowfast, image_config, root)
+    base = Path(source_root)
+    rows: dict[str, dict] = {}
+    ids: dict[str, str] = {}
+    bad: dict[str, str] = {}
+    for item in conversations:
+        try:
+            record = _record({k: item[k] for k in ("messages", "source", "task") if k in item}, item["uri"],
+                             item.get("source") or "generated")
+            # Media paths resolve against the source root itself (there is no file to be relative to).
+            (row,) = _samples(record, base / "conversation.jsonl", base, index, tokenizer, config, chash)
+        except (BadRecord, BadVideo, TypeError, ValueError) as exc:
+            bad[item["uri"]] = str(getattr(exc, "reason", exc))
+            continue
+        rows[row["sample_id"]] = row
+        ids[item["uri"]] = row["sample_id"]
+    present = tables.existing_keys("train_samples", list(rows), root)
+    tables.upsert("train_samples", [r for key, r in rows.items() if key not in present], root)
+    tables.upsert("quarantine", [tables.quarantine_row(u, why, STAGE, config_hash=chash) for u, why in bad.items()],
+                  root)
+    return ids, bad
+
+
 def _samples(record: Record, path: Path, source_root: Path, index: _MediaIndex, tokenizer,
              config: SampleConfig, chash: str) -> list[dict]:
     if record.text is not None:

@@ -40,11 +40,12 @@ import hashlib
 import json
 import logging
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from keyeflow.datasets import sql, tables
 
@@ -363,7 +364,7 @@ class MixtureShortfall(ValueError):
 class MixtureResult:
     mixture: tables.TableRef  # the mixtures table at the version holding this mixture's rows
     mixture_id: str
-    report: MixtureReport
+    report: MixtureReport | None  # None for a fixed mixture (its repeats were given, nothing was balanced)
 
 
 # ---------------------------------------------------------------------------------------------- planning
@@ -778,6 +779,36 @@ def build_mixture(samples: tables.TableRef, config: MixtureConfig, quarantine: t
     log.info("mixture %s: %s", report.mixture_id,
              ", ".join(f"{m.modality} {m.reached_share:.2%} (target {m.target_share:.2%})" for m in report.modalities))
     return MixtureResult(tables.TableRef("mixtures", ds.uri, version), report.mixture_id, report)
+
+
+def fixed_mixture(samples: tables.TableRef, repeats: Mapping[str, int], *, name: str, stage: int, seed: int = 0,
+                  root: str | None = None) -> MixtureResult:
+    """A mixture whose uses per sample are given, not balanced: post-training sets (SFT after the difficulty
+    filter, LongCoT with its score-derived repeats, a domain expert's subset) go to the trainer through the same
+    `mixtures` table and loader as pre-training. The id hashes the name, stage, seed, train_samples version and
+    every (sample, repeats), so the same set is the same mixture (a rerun writes nothing)."""
+    if not repeats:
+        raise ValueError(f"mixture {name!r}: no samples")
+    bad = {s: r for s, r in repeats.items() if isinstance(r, bool) or not isinstance(r, int) or r < 1}
+    if bad:
+        raise ValueError(f"mixture {name!r}: repeats must be integers >= 1, got {dict(list(bad.items())[:5])}")
+    payload = json.dumps({"name": name, "stage": stage, "seed": seed, "train_samples": samples.version,
+                          "repeats": sorted(repeats.items())}, separators=(",", ":"))
+    mid = hashlib.sha256(payload.encode()).hexdigest()[:16]
+    ids = sorted(repeats)
+    found = {r["sample_id"]: r for r in tables.dataset(samples.uri, version=samples.version).to_table(
+        columns=["sample_id", "modality", "source", "num_tokens"], filter=pc.field("sample_id").isin(ids)).to_pylist()}
+    missing = [s for s in ids if s not in found]
+    if missing:
+        raise KeyError(f"mixture {name!r}: train_samples@v{samples.version} has no rows {missing[:5]}")
+    order = sorted(ids, key=lambda s: hashlib.sha256(f"{seed}:order:{s}".encode()).digest())
+    now = tables.now()
+    rows = [{"mixture_row_id": f"{mid}/{s}", "mixture_id": mid, "stage": stage, "sample_id": s,
+             "modality": found[s]["modality"], "source": found[s]["source"] or "",
+             "num_tokens": found[s]["num_tokens"], "repeats": repeats[s], "order": position,
+             "train_samples_version": samples.version, "created_at": now} for position, s in enumerate(order)]
+    tables.upsert("mixtures", rows, root)
+    return MixtureResult(mixture=tables.ref("mixtures", root), mixture_id=mid, report=None)
 
 
 def _has_rows(name: str, mixture_id_: str, root: str | None) -> bool:

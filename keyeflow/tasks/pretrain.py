@@ -1,4 +1,4 @@
-"""Prefect tasks of pre-training; each wraps one step of `keyeflow.training.pretrain`.
+"""Prefect tasks of pre-training; each wraps one step of `keyeflow.training.steps`.
 
 No Prefect result caching here: a step's cache is its checkpoint directory (`done.json`, keyed on its inputs'
 versions and config hash), which outlives any Prefect database and is what the trainer resumes from.
@@ -14,11 +14,11 @@ from keyeflow import lineage
 from keyeflow.datasets import mixture
 from keyeflow.datasets.tables import TableRef
 from keyeflow.model.merging import MergeConfig
-from keyeflow.training import pretrain
+from keyeflow.training import steps
 from keyeflow.training.config import StageConfig
 from keyeflow.training.evaluate import generate_mcq_set
-from keyeflow.training.pretrain import StageOutput
 from keyeflow.training.recipes import EvalConfig, PretrainRecipe
+from keyeflow.training.steps import StageOutput
 
 
 class PromotionBlocked(RuntimeError):
@@ -32,7 +32,7 @@ def _say(output: StageOutput) -> None:
 
 @task(cache_policy=NO_CACHE)
 def prepare_init(recipe: PretrainRecipe, run_id: str) -> StageOutput:
-    output = pretrain.prepare_init(recipe.model_config(), init=recipe.init, seed=recipe.stages[1].seed,
+    output = steps.prepare_init(recipe.model_config(), init=recipe.init, seed=recipe.stages[1].seed,
                                    parent_run_id=run_id)
     _say(output)
     return output
@@ -41,7 +41,7 @@ def prepare_init(recipe: PretrainRecipe, run_id: str) -> StageOutput:
 @task(cache_policy=NO_CACHE, tags=["training"])
 def train_stage(stage: StageConfig, init: StageOutput, mixture_ref: TableRef, mixture_id: str,
                 run_id: str) -> StageOutput:
-    output = pretrain.train_stage(stage, init=init, mixture=mixture_ref, mixture_id=mixture_id,
+    output = steps.train_stage(stage, init=init, mixture=mixture_ref, mixture_id=mixture_id,
                                   parent_run_id=run_id)
     _say(output)
     return output
@@ -49,7 +49,7 @@ def train_stage(stage: StageConfig, init: StageOutput, mixture_ref: TableRef, mi
 
 @task(cache_policy=NO_CACHE)
 def fuse(inputs: list[StageOutput], merge: MergeConfig, base: StageOutput | None, run_id: str) -> StageOutput:
-    output = pretrain.fuse(inputs, merge, base=base, parent_run_id=run_id)
+    output = steps.fuse(inputs, merge, base=base, parent_run_id=run_id)
     _say(output)
     return output
 
@@ -62,7 +62,7 @@ def heldout_set(samples: TableRef, quarantine: TableRef, config: EvalConfig) -> 
 
 @task(cache_policy=NO_CACHE)
 def mcq_set(video_samples: TableRef, config: EvalConfig) -> list[dict]:
-    rows = pretrain.mcq_source_rows(video_samples)
+    rows = steps.mcq_source_rows(video_samples)
     return generate_mcq_set(rows, min(config.num_mcq, 5 * len(rows)), seed=config.seed)
 
 
@@ -70,7 +70,7 @@ def mcq_set(video_samples: TableRef, config: EvalConfig) -> list[dict]:
 def evaluate(output: StageOutput, config: EvalConfig, heldout: dict[str, list[str]], samples: TableRef,
              mcq: list[dict], parent_metrics: dict | None) -> dict:
     """Evaluate, report in Prefect, and stop the flow when the promotion gate fails."""
-    result = pretrain.evaluate_stage(output, config=config, heldout=heldout, samples=samples, mcq_records=mcq,
+    result = steps.evaluate_stage(output, config=config, heldout=heldout, samples=samples, mcq_records=mcq,
                                      parent_metrics=parent_metrics)
     losses = result.metrics["heldout_loss"]
     lines = [f"# {output.name}: promotion gate {'passed' if result.passed else 'FAILED'}", "",

@@ -1,6 +1,7 @@
-"""The steps of pre-training between the data and the fused checkpoint, each one resumable and cached:
-`prepare_init` (the starting weights), `train_stage` (stages 1–3 through `trainer.train`), `fuse` (stage 4,
-through `merging.merge_checkpoints`) and `evaluate_stage` (held-out loss, MCQ accuracy, the promotion gate).
+"""Training steps that produce checkpoints, each one resumable and cached through `cached_step`: `prepare_init`
+(the starting weights), `train_stage` (any stage `trainer.train` runs: pre-training 1–3, SFT, LongCoT SFT),
+`fuse` (stage 4 and expert merging, through `merging.merge_checkpoints`); post-training's own loops (MPO,
+GSPO) are steps of the same kind. `evaluate_stage` adds held-out loss, MCQ accuracy and the promotion gate.
 
 **Cache and resume.** Every step has a key: a hash of what determines its weights — its config hash, the key
 of the checkpoint it starts from (so a change upstream changes every key below it) and the mixture id (which
@@ -23,6 +24,7 @@ import hashlib
 import json
 import os
 import statistics
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -115,9 +117,23 @@ def _open_run(out_dir: Path, name: str, key: str, params: dict, parent_run_id: s
     return run_id
 
 
-def _finish(out_dir: Path, output: StageOutput) -> StageOutput:
-    lineage.set_tags(output.run_id, {lineage.CHECKPOINT_TAG: output.checkpoint})
-    lineage.end_run(output.run_id)
+def cached_step(name: str, key: str, body: Callable[[Path, str], str], *, upstream: list[StageOutput] = (),
+                params: dict | None = None, parent_run_id: str | None = None, root: Path | None = None
+                ) -> StageOutput:
+    """Run `body(out_dir, run_id) -> checkpoint dir` once per key (module docstring): skipped when done,
+    resumed in the same directory and MLflow run after a kill, the run marked FAILED if `body` raises."""
+    out_dir = (root or checkpoints_root()) / f"{name}-{key}"
+    if (cached := _done(out_dir)) is not None:
+        return cached
+    run_id = _open_run(out_dir, name, key, params or {}, parent_run_id, list(upstream))
+    try:
+        checkpoint = body(out_dir, run_id)
+    except BaseException:
+        lineage.end_run(run_id, failed=True)
+        raise
+    output = StageOutput(name, str(checkpoint), run_id, key, True)
+    lineage.set_tags(run_id, {lineage.CHECKPOINT_TAG: output.checkpoint})
+    lineage.end_run(run_id)
     _write_json(out_dir / DONE, {k: v for k, v in output.to_dict().items() if k != "trained"})
     return output
 
@@ -126,94 +142,78 @@ def prepare_init(model_config: KeyeConfig, *, init: str | None, seed: int, paren
                  root: Path | None = None) -> StageOutput:
     """The weights stage 1 starts from: `init` as given, or fresh weights of `model_config` (seeded), saved
     once so every stage loads a path and the evaluation has a parent to compare stage 1 with."""
-    root = root or checkpoints_root()
     if init is not None:
         key = step_key("init", path_fingerprint(init))
     else:
         key = step_key("init", model_config.to_dict(), seed)
-    out_dir = root / f"pretrain-0-init-{key}"
-    if (cached := _done(out_dir)) is not None:
-        return cached
-    run_id = _open_run(out_dir, "pretrain-0-init", key, {"init": init or "fresh", "seed": seed,
-                                                          "model": model_config.to_dict()}, parent_run_id, [])
-    try:
+
+    def body(out_dir: Path, run_id: str) -> str:
         if init is not None:
-            checkpoint = str(Path(init).resolve())
-        else:
-            target = out_dir / "model"
-            if not target.is_dir():  # else a killed attempt got as far as renaming it into place
-                torch.manual_seed(seed)
-                tmp = out_dir / ".model.tmp"
-                KeyeForConditionalGeneration(model_config).save_pretrained(tmp)
-                os.replace(tmp, target)
-            checkpoint = str(target)
-    except BaseException:
-        lineage.end_run(run_id, failed=True)
-        raise
-    return _finish(out_dir, StageOutput("pretrain-0-init", checkpoint, run_id, key, True))
+            return str(Path(init).resolve())
+        target = out_dir / "model"
+        if not target.is_dir():  # else a killed attempt got as far as renaming it into place
+            torch.manual_seed(seed)
+            tmp = out_dir / ".model.tmp"
+            KeyeForConditionalGeneration(model_config).save_pretrained(tmp)
+            os.replace(tmp, target)
+        return str(target)
+
+    return cached_step("pretrain-0-init", key, body, parent_run_id=parent_run_id, root=root,
+                       params={"init": init or "fresh", "seed": seed, "model": model_config.to_dict()})
 
 
 def train_stage(stage: StageConfig, *, init: StageOutput, mixture: TableRef, mixture_id: str,
                 parent_run_id: str | None = None, root: Path | None = None) -> StageOutput:
-    """Train one stage from `init`'s checkpoint on `mixture_id` (cached and resumable, module docstring)."""
-    root = root or checkpoints_root()
-    key = step_key("train", stage.config_hash(), init.key, mixture_id)
-    out_dir = root / f"{stage.name}-{key}"
-    if (cached := _done(out_dir)) is not None:
-        return cached
-    run_id = _open_run(out_dir, stage.name, key, {"init_checkpoint": init.checkpoint}, parent_run_id, [init])
-    try:
+    """Train one stage (any stage the trainer runs: pre-training, SFT, LongCoT SFT) from `init`'s checkpoint
+    on `mixture_id` (cached and resumable, module docstring)."""
+
+    def body(out_dir: Path, run_id: str) -> str:
         result = train(stage, init=init.checkpoint, mixture=mixture, mixture_id=mixture_id, out_dir=out_dir,
                        run_id=run_id)
-        _log_loss_curve(run_id, out_dir, stage.name)
-    except BaseException:
-        lineage.end_run(run_id, failed=True)
-        raise
-    output = StageOutput(stage.name, str(result.checkpoint_dir / "model"), run_id, key, True)
-    return _finish(out_dir, output)
+        log_loss_curve(run_id, out_dir, stage.name)
+        return str(result.checkpoint_dir / "model")
+
+    return cached_step(stage.name, step_key("train", stage.config_hash(), init.key, mixture_id), body,
+                       upstream=[init], params={"init_checkpoint": init.checkpoint},
+                       parent_run_id=parent_run_id, root=root)
 
 
-def _log_loss_curve(run_id: str, out_dir: Path, title: str) -> None:
+def log_loss_curve(run_id: str, out_dir: Path, title: str, metric: str = "loss") -> None:
+    """`metric` of every line of `out_dir/metrics.jsonl` against the step, as a picture on the run."""
     import matplotlib
 
     matplotlib.use("Agg")  # no display on workers; also safe when called from a worker thread
     import matplotlib.pyplot as plt
 
-    rows = read_metrics(out_dir)
+    rows = [r for r in read_metrics(out_dir) if metric in r]
     if not rows:
         return
     figure, ax = plt.subplots(figsize=(6, 3.5))
-    ax.plot([r["step"] for r in rows], [r["loss"] for r in rows], marker="o")
+    ax.plot([r["step"] for r in rows], [r[metric] for r in rows], marker="o")
     ax.set_xlabel("optimizer step")
-    ax.set_ylabel("loss (mean over label tokens)")
+    ax.set_ylabel(metric)
     ax.set_title(title)
     ax.grid(alpha=0.3)
     figure.tight_layout()
-    lineage.log_figure(run_id, figure, "loss_curve.png")
+    lineage.log_figure(run_id, figure, f"{metric}_curve.png")
     plt.close(figure)
 
 
 def fuse(inputs: list[StageOutput], merge: MergeConfig, *, name: str = "pretrain-4-fusion",
          base: StageOutput | None = None, parent_run_id: str | None = None, root: Path | None = None) -> StageOutput:
-    """Stage 4: merge the annealed checkpoints (weighted average by default) into one."""
-    root = root or checkpoints_root()
+    """Stage 4 (and expert merging): merge checkpoints (weighted average by default) into one."""
     merge_params = {"method": merge.method, "weights": merge.weights_for(len(inputs)), "density": merge.density,
                     "scaling": merge.scaling}
-    key = step_key("fuse", merge_params, [i.key for i in inputs], base.key if base else None)
-    out_dir = root / f"{name}-{key}"
-    if (cached := _done(out_dir)) is not None:
-        return cached
-    upstream = [*inputs, *([base] if base else [])]
-    run_id = _open_run(out_dir, name, key, {"merge": merge_params, "inputs": [i.checkpoint for i in inputs],
-                                            "base": base.checkpoint if base else None}, parent_run_id, upstream)
-    try:
+
+    def body(out_dir: Path, run_id: str) -> str:
         # merge_checkpoints writes under a temporary name and renames: a kill leaves no partial model/.
-        model_dir = merge_checkpoints([i.checkpoint for i in inputs], merge, out_dir / "model",
-                                      base=base.checkpoint if base else None)
-    except BaseException:
-        lineage.end_run(run_id, failed=True)
-        raise
-    return _finish(out_dir, StageOutput(name, str(model_dir), run_id, key, True))
+        return str(merge_checkpoints([i.checkpoint for i in inputs], merge, out_dir / "model",
+                                     base=base.checkpoint if base else None))
+
+    key = step_key("fuse", merge_params, [i.key for i in inputs], base.key if base else None)
+    return cached_step(name, key, body, upstream=[*inputs, *([base] if base else [])], parent_run_id=parent_run_id,
+                       root=root, params={"merge": merge_params, "inputs": [i.checkpoint for i in inputs],
+                                          "base": base.checkpoint if base else None})
 
 
 # ---------------------------------------------------------------------------------------------- evaluation

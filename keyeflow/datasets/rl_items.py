@@ -1,0 +1,91 @@
+"""What RL trains on: items with a prompt and what a reward can check.
+
+- General RL (GSPO) items come from `longcot_questions`: each question with its reference answer and the
+  checker its domain needs (counting → count, grounding → box IoU, everything else → answer equivalence).
+- Alignment RL items are instruction prompts with hard constraints (output mode, JSON keys, word limits,
+  keywords, bullets, code that parses): `alignment_prompts()` writes a small deterministic set from templates
+  for demos and tests (a real run reads its own prompt set in the same dict form).
+
+An item is a plain dict — `id`, `messages` (a chat, media parts by path), `reference` (or None), `task` (a
+`rewards.TASKS` checker), `mode` and `constraints` (`[kind, value]` pairs) — so it goes through Prefect and
+JSON unchanged; `reward_item` turns it into the rewards' `RewardItem`.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from typing import Any
+
+from keyeflow.datasets import tables
+from keyeflow.datasets.longcot import user_content
+from keyeflow.datasets.tables import TableRef
+from keyeflow.training.rewards import Constraint, RewardItem
+
+DOMAIN_CHECKERS = {"counting": "count", "grounding": "grounding"}  # others: answer equivalence ("math")
+THINK = " /think"
+NO_THINK = " /no_think"
+
+
+def longcot_rl_items(questions: TableRef, domains: tuple[str, ...] | None = None) -> list[dict[str, Any]]:
+    """The verifiable RL items of a pinned `longcot_questions` table (questions with a reference answer)."""
+    rows = tables.dataset(questions.uri, version=questions.version).to_table(
+        columns=["question_id", "domain", "question", "reference", "media"]).to_pylist()
+    items = []
+    for row in sorted(rows, key=lambda r: r["question_id"]):
+        if not row["reference"] or (domains and row["domain"] not in domains):
+            continue
+        items.append({
+            "id": row["question_id"], "domain": row["domain"],
+            "messages": [{"role": "user", "content": user_content(row, THINK)}],
+            "reference": row["reference"], "task": DOMAIN_CHECKERS.get(row["domain"], "math"),
+            "mode": "think", "constraints": [],
+        })  # fmt: skip
+    return items
+
+
+# (instruction, mode suffix, constraints): each checkable by rules alone
+_TEMPLATES: list[tuple[str, str, list[list]]] = [
+    ('Describe {topic} as a JSON object with the keys "summary" and "facts".', NO_THINK,
+     [["json", ["summary", "facts"]]]),
+    ("Explain {topic} in at most 40 words.", NO_THINK, [["max_words", 40]]),
+    ("Give exactly three bullet points about {topic}.", NO_THINK, [["num_bullets", 3]]),
+    ("Write a short note on {topic} that mentions the word 'because' and ends with 'That is all.'", THINK,
+     [["include_keywords", ["because"]], ["ends_with", "That is all."]]),
+    ("Write a Python function that returns the number of letters in the word '{topic}'.", THINK,
+     [["python_code", None]]),
+    ("Write a markdown answer about {topic} with the headings 'Overview' and 'Details'.", NO_THINK,
+     [["markdown_headings", ["Overview", "Details"]]]),
+    ("Say something about {topic} without using the word 'very'.", "", [["exclude_keywords", ["very"]]]),
+]
+_TOPICS = ["rivers", "trains", "bees", "glaciers", "lighthouses", "bridges", "tea", "comets"]
+
+
+def alignment_prompts(num_items: int = 16) -> list[dict[str, Any]]:
+    """`num_items` instruction prompts with hard constraints, cycling templates then topics (deterministic).
+    A template without a mode suffix leaves the choice to the model (auto_think)."""
+    if num_items < 1 or num_items > len(_TEMPLATES) * len(_TOPICS):
+        raise ValueError(f"num_items must be in [1, {len(_TEMPLATES) * len(_TOPICS)}], got {num_items}")
+    items = []
+    for n in range(num_items):
+        template, suffix, constraints = _TEMPLATES[n % len(_TEMPLATES)]
+        topic = _TOPICS[(n // len(_TEMPLATES) + n) % len(_TOPICS)]
+        text = template.format(topic=topic) + suffix
+        mode = {THINK: "think", NO_THINK: "no_think"}.get(suffix, "auto_think")
+        items.append({"id": f"align-{n:03d}", "domain": "alignment",
+                      "messages": [{"role": "user", "content": text}], "reference": None, "task": "math",
+                      "mode": mode, "constraints": [list(c) for c in constraints]})
+    return items
+
+
+def reward_item(item: Mapping[str, Any]) -> RewardItem:
+    """The rewards' view of an item."""
+    prompt = item["messages"][-1]["content"]
+    constraints = tuple(Constraint(kind, tuple(value) if isinstance(value, list) else value)
+                        for kind, value in item.get("constraints", []))
+    return RewardItem(prompt=prompt, reference=item.get("reference"), task=item.get("task", "math"),
+                      mode=item.get("mode"), constraints=constraints)
+
+
+def item_json(item: Mapping[str, Any]) -> str:
+    return json.dumps(item, sort_keys=True, ensure_ascii=False)
