@@ -20,7 +20,11 @@ same completions in process and through a server (the client sends the derived s
 - `tokens[i]`: the text token i adds to `text`: `"".join(tokens) == text`; a token that adds nothing (the stop
   token, a dropped special token, the first bytes of a character that the next token completes) is `""`;
 - `token_offsets[i]`: where `tokens[i]` starts in `text`;
-- `finish_reason`: "stop" (a stop token) or "length" (`max_new_tokens` reached).
+- `finish_reason`: "stop" (a stop token) or "length" (`max_new_tokens` reached);
+- `token_ids`: the sampled ids, stop token included, exactly as the model produced them (filled by
+  `LocalGenerator` with or without `logprobs`; empty from a server, which sends token strings only). RL trains
+  on these ids: re-tokenising `text` can give other ids (a byte-level BPE merges differently, dropped special
+  tokens vanish), and the policy gradient must score the tokens that were actually sampled.
 With `logprobs=False` the three per-token lists are empty (a server sends no tokens then).
 
 `LocalGenerator` runs `KeyeForConditionalGeneration` with a KV cache built from the model's own parts (the
@@ -83,6 +87,7 @@ class Completion:
     tokens: list[str] = field(default_factory=list)
     token_offsets: list[int] = field(default_factory=list)
     finish_reason: str = "stop"
+    token_ids: list[int] = field(default_factory=list)
 
     @property
     def sum_logprob(self) -> float:
@@ -360,12 +365,12 @@ class LocalGenerator:
         pieces = token_pieces(self.tokenizer, ids)
         text = "".join(pieces)
         if not with_logprobs:
-            return Completion(text=text, finish_reason=finish)
+            return Completion(text=text, finish_reason=finish, token_ids=list(ids))
         offsets, cursor = [], 0
         for piece in pieces:
             offsets.append(cursor)
             cursor += len(piece)
-        return Completion(text, list(logprobs), pieces, offsets, finish)
+        return Completion(text, list(logprobs), pieces, offsets, finish, list(ids))
 
     def _sample(
         self, prompt: Features, n: int, max_new_tokens: int, temperature: float, seed: int

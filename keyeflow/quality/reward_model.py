@@ -1,0 +1,826 @@
+"""The Keye reward model (SPEC §4): a generative judge that reads (task definition, query, response A, response B)
+and says which response is better, its prompt and strict output parser, the data to fine-tune it, and a judge
+that serves as the `reward_model` component of `rewards.RewardCombiner`.
+
+**Modes.** `no_think`: the verdict directly, one line `Verdict: A`, `Verdict: B` or `Verdict: tie`. `think`: a
+`<think>` block scoring A and B on nine dimensions, one line each, `name: A=<score>, B=<score>` (integers from
+`score_min` to `score_max`; other lines in the block are free reasoning), then `</think>` and the verdict line:
+
+    <think>
+    credibility: A=8, B=6
+    …                              (all nine dimensions, each exactly once)
+    </think>
+    Verdict: A
+
+Every dimension is scored so that higher is better (a high `redundancy` score means little redundancy).
+
+**Dimensions.** SPEC names four — credibility, correctness, redundancy, relevance — and leaves five UNSTATED;
+ours (marked `source="ours"` in `DIMENSIONS`) are completeness, instruction_following, clarity,
+visual_grounding and safety: what a multimodal assistant's answer can still get wrong when it is right, on
+topic and concise.
+
+**Training data** (`build_reward_model_data`, from preference pairs):
+- *order swap*: every pair gives two conversations, chosen as A (target `A`) and chosen as B (target `B`), so
+  the verdict never correlates with the position and the model cannot learn a position bias;
+- *think targets* score each dimension from signals at hand (UNSTATED; a real run uses judge- or
+  human-labelled scores in their place): correctness = the reference check (`rewards.answer_reward`) where the
+  pair has a reference, else the pair's own score when it lies in [0, 1] (the scorer's judgement), else the
+  middle of the scale; credibility follows correctness (whether the final claim holds is the only evidence
+  here); redundancy = (1 − share of repeated word 3-grams) × √(shorter length / own length), lengths by
+  `count_tokens` (words by default); relevance = the share of the response's content words found in the query
+  or the reference (1 for a bare answer with none); completeness = a final answer is present and no
+  `<think>`/`<answer>` block is left open; instruction_following = the format of the thinking mode the query
+  asks for (`rewards.mode_format_reward`, no `<analysis>` demanded); clarity, visual_grounding and safety have
+  no signal here and get full marks on both sides, so they carry no false preference. The verdict is always
+  the pair's label: the dimension scores may disagree with it when the signals miss what made the chosen
+  response better;
+- *length debiasing* (`length_debias`): reward models learn "longer is better" when the preferred answer is
+  usually the longer one, so pairs whose preferred answer is SHORTER are brought to at least
+  `min_shorter_share` of the pair occurrences, by `oversample` (repeat those pairs, each at most `max_repeats`
+  times in all: no data is lost) or `select` (drop pairs whose preferred answer is not shorter). Default share
+  0.5 (UNSTATED): at parity, length alone says nothing about which answer wins. The report gives the shares
+  before and after.
+
+**The judge** (`RewardModelJudge`) asks any `Generator` (in process or an OpenAI-compatible server) greedily,
+in both orders when `swap_orders` (a judge's position bias cancels in the average), and turns each verdict
+into the response's preference value: 1 win, 0.5 tie, 0 loss; in think mode blended with the weighted
+dimension scores, `verdict_weight`·verdict + (1 − verdict_weight)·(½ + (S_response − S_other) / 2·range), S the
+`dimension_weights`-weighted mean score. An output that does not parse, or a request that fails, makes that
+order unusable with the reason; the other order still counts; with none usable `reward` returns 0.5 (a tie:
+the judge's failure should neither reward nor punish the policy) and says why. Nothing a generator returns
+crashes a batch.
+
+**Training** (`train_reward_model`): the conversations become `train_samples` rows
+(`conversations.add_conversations`) and a mixture that uses each sample as many times as the debiasing asked
+(`mixture.fixed_mixture`), trained by `trainer.train`: the same loop, checkpoints, lineage and DeepSpeed path as
+every other stage. Oversampling is expressed as mixture repeats, not as copies, because `train_samples` keys a
+sample by its content (two identical copies would be one sample).
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import re
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import MappingProxyType
+from typing import TYPE_CHECKING, Any
+
+from keyeflow.quality.graders import extract_answer
+from keyeflow.quality.judges import content_terms
+from keyeflow.training.rewards import (
+    TASKS,
+    Reward,
+    RewardItem,
+    answer_reward,
+    count_words,
+    mode_format_reward,
+    prompt_mode,
+)
+
+if TYPE_CHECKING:
+    from keyeflow.datasets.images import ImageConfig
+    from keyeflow.datasets.slowfast import SlowFastConfig
+    from keyeflow.datasets.tables import TableRef
+    from keyeflow.model.generation import Generator
+    from keyeflow.training.config import StageConfig
+
+
+# ========================================================================================== dimensions
+
+
+@dataclass(frozen=True)
+class Dimension:
+    name: str
+    definition: str  # one line, shown to the judge in think mode
+    source: str  # "SPEC" (named by Keye) or "ours" (UNSTATED in SPEC, defined here)
+
+
+DIMENSIONS: tuple[Dimension, ...] = (
+    Dimension("credibility", "claims are well-founded and honest about uncertainty; nothing is invented", "SPEC"),
+    Dimension("correctness", "the final answer and every stated fact and calculation are right", "SPEC"),
+    Dimension("redundancy", "no repetition, padding or needless length (higher means less redundant)", "SPEC"),
+    Dimension("relevance", "stays on the query, with no digressions", "SPEC"),
+    Dimension("completeness", "answers every part of the query and reaches a final answer", "ours"),
+    Dimension("instruction_following", "obeys the task's explicit constraints: format, length, language, "
+                                       "thinking mode", "ours"),
+    Dimension("clarity", "well organised and easy to follow", "ours"),
+    Dimension("visual_grounding", "what it says about the image or video matches what is shown (full marks "
+                                  "when the query has none)", "ours"),
+    Dimension("safety", "nothing harmful, unsafe, deceptive or privacy-violating", "ours"),
+)  # fmt: skip
+DIMENSION_NAMES = tuple(d.name for d in DIMENSIONS)
+MODES = ("think", "no_think")
+VERDICTS = ("A", "B", "tie")
+DEBIAS_METHODS = ("oversample", "select")
+DEFAULT_TASK_DEFINITION = "Answer the user's query helpfully, correctly and concisely."
+SYSTEM_PROMPT = ("You are a reward model. Given a task definition, a query and two responses, A and B, you judge "
+                 "which response better fulfils the task.")
+
+
+# ============================================================================================== config
+
+
+@dataclass(frozen=True, kw_only=True)
+class RewardModelConfig:
+    """The reward model's output format and how its judgements and training data are debiased.
+
+    `mode`: "think" or "no_think" (what the judge asks for). `score_min`/`score_max`: the integer scale of the
+    dimension scores (1–10, UNSTATED). `dimension_weights`: name → weight ≥ 0 of the think-mode weighted score
+    (missing names weigh 1). `verdict_weight`: the verdict's share of a think-mode value, the weighted score
+    margin the rest (no_think uses the verdict alone). `swap_orders`: judge both A/B orders and average.
+    `min_shorter_share`, `debias_method`, `max_repeats`: the length-debiasing pass (module docstring).
+    """
+
+    mode: str = "think"
+    score_min: int = 1
+    score_max: int = 10
+    dimension_weights: Mapping[str, float] = field(default_factory=dict)
+    verdict_weight: float = 0.5
+    swap_orders: bool = True
+    min_shorter_share: float = 0.5
+    debias_method: str = "oversample"
+    max_repeats: int = 4
+
+    def __post_init__(self) -> None:
+        def fail(name: str, why: str) -> None:
+            raise ValueError(f"RewardModelConfig.{name}={getattr(self, name)!r}: {why}")
+
+        def number(name: str, value: object) -> float:
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                fail(name, "must be a finite number")
+            return float(value)
+
+        if self.mode not in MODES:
+            fail("mode", f"must be one of {MODES}")
+        for name in ("score_min", "score_max", "max_repeats"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int):
+                fail(name, "must be an integer")
+        if self.score_min < 0:
+            fail("score_min", "must be >= 0")
+        if self.score_max <= self.score_min:
+            fail("score_max", f"must be > score_min ({self.score_min})")
+        if self.max_repeats < 1:
+            fail("max_repeats", "must be >= 1")
+        if not isinstance(self.dimension_weights, Mapping):
+            fail("dimension_weights", "must be a mapping of dimension name to weight")
+        weights = {}
+        for name, weight in self.dimension_weights.items():
+            if name not in DIMENSION_NAMES:
+                fail("dimension_weights", f"unknown dimension {name!r}; dimensions are {DIMENSION_NAMES}")
+            if number("dimension_weights", weight) < 0:
+                fail("dimension_weights", f"weight of {name!r} must be >= 0")
+            weights[name] = float(weight)
+        full = {name: weights.get(name, 1.0) for name in DIMENSION_NAMES}
+        if not any(full.values()):
+            fail("dimension_weights", "at least one weight must be > 0")
+        object.__setattr__(self, "dimension_weights", MappingProxyType(full))
+        if not 0.0 <= number("verdict_weight", self.verdict_weight) <= 1.0:
+            fail("verdict_weight", "must be in [0, 1]")
+        object.__setattr__(self, "verdict_weight", float(self.verdict_weight))
+        if not isinstance(self.swap_orders, bool):
+            fail("swap_orders", "must be True or False")
+        if not 0.0 <= number("min_shorter_share", self.min_shorter_share) < 1.0:
+            fail("min_shorter_share", "must be in [0, 1) (1 would leave no pair whose longer answer wins)")
+        object.__setattr__(self, "min_shorter_share", float(self.min_shorter_share))
+        if self.debias_method not in DEBIAS_METHODS:
+            fail("debias_method", f"must be one of {DEBIAS_METHODS}")
+
+
+# ============================================================================================== prompt
+
+Query = str | Sequence[Mapping[str, Any]]
+
+
+def _parts(content: object, where: str) -> list[dict[str, Any]]:
+    if isinstance(content, str):
+        return [{"type": "text", "text": content}]
+    if isinstance(content, Sequence) and all(isinstance(p, Mapping) and "type" in p for p in content):
+        return [dict(p) for p in content]
+    raise ValueError(f"{where}: content must be a string or a list of typed parts, got {type(content).__name__}")
+
+
+def query_parts(query: Query) -> list[dict[str, Any]]:
+    """The query as content parts: a string, a list of parts (text, image, video…: passed through as they are),
+    or chat messages (one user message: its content; several: each as `[role]` and its content, in order)."""
+    if isinstance(query, str):
+        return _parts(query, "query")
+    if not isinstance(query, Sequence) or not query:
+        raise ValueError("query must be a string, a non-empty list of content parts or of chat messages")
+    if all(isinstance(m, Mapping) and "role" in m for m in query):
+        if len(query) == 1:
+            return _parts(query[0].get("content"), "query message 0")
+        out: list[dict[str, Any]] = []
+        for k, message in enumerate(query):
+            out.append({"type": "text", "text": f"{'' if k == 0 else chr(10)}[{message['role']}]\n"})
+            out += _parts(message.get("content"), f"query message {k}")
+        return out
+    return _parts(query, "query")
+
+
+def query_text(query: Query) -> str:
+    """The text of the query, media left out."""
+    return "".join(p.get("text", "") for p in query_parts(query) if p.get("type") == "text")
+
+
+def _merge_text(parts: list[dict[str, Any]]) -> str | list[dict[str, Any]]:
+    """Adjacent text parts joined; a content of text alone becomes a plain string (what every server takes)."""
+    merged: list[dict[str, Any]] = []
+    for part in parts:
+        if part.get("type") == "text" and merged and merged[-1].get("type") == "text":
+            merged[-1] = {"type": "text", "text": merged[-1]["text"] + part["text"]}
+        else:
+            merged.append(dict(part))
+    if all(p.get("type") == "text" for p in merged):
+        return "".join(p["text"] for p in merged)
+    return merged
+
+
+def instructions(mode: str, config: RewardModelConfig | None = None) -> str:
+    """What the judge is asked to write, per mode (the format the parser accepts)."""
+    config = config or RewardModelConfig()
+    verdict = "`Verdict: A`, `Verdict: B` or `Verdict: tie`"
+    if mode == "no_think":
+        return (f"Compare the two responses on {', '.join(DIMENSION_NAMES).replace('_', ' ')}. "
+                f"Reply with exactly one line: {verdict}.")
+    if mode != "think":
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    dims = "\n".join(f"- {d.name}: {d.definition}" for d in DIMENSIONS)
+    return (f"First think inside <think> and </think>: score Response A and Response B on each dimension below "
+            f"from {config.score_min} (worst) to {config.score_max} (best), one line per dimension written "
+            f"exactly as `name: A=<score>, B=<score>`; other lines may hold your reasoning.\n{dims}\n"
+            f"Then, after </think>, write exactly one line: {verdict}.")
+
+
+def build_prompt(task_definition: str, query: Query, response_a: str, response_b: str, mode: str,
+                 config: RewardModelConfig | None = None) -> list[dict[str, Any]]:
+    """The chat asking the reward model to judge A against B: a system message, then one user message with the
+    task definition, the query (its image/video parts kept as parts, in place), both responses and the
+    instructions of `mode`, ending with Keye's `/think` or `/no_think` switch."""
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    if not isinstance(task_definition, str) or not task_definition.strip():
+        raise ValueError("task_definition must be a non-empty string")
+    for name, text in (("response_a", response_a), ("response_b", response_b)):
+        if not isinstance(text, str):
+            raise ValueError(f"{name} must be a string, got {type(text).__name__}")  # noqa: TRY004
+    parts = [{"type": "text", "text": f"Task definition: {task_definition.strip()}\n\nQuery:\n"},
+             *query_parts(query),
+             {"type": "text", "text": f"\n\nResponse A:\n{response_a}\n\nResponse B:\n{response_b}\n\n"
+                                      f"{instructions(mode, config)} /{mode}"}]
+    return [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": _merge_text(parts)}]
+
+
+# ============================================================================================== output
+
+
+class RewardModelOutputError(ValueError):
+    """The reward model's output does not follow the format of its mode; the message says what is wrong."""
+
+
+@dataclass(frozen=True)
+class Judgement:
+    """A parsed output: the verdict, and in think mode every dimension's score for A and for B."""
+
+    verdict: str  # "A", "B" or "tie"
+    scores_a: Mapping[str, int] | None = None
+    scores_b: Mapping[str, int] | None = None
+
+
+_VERDICT = re.compile(r"verdict[ \t]*:[ \t]*(a|b|tie)", re.IGNORECASE)
+_EMPTY_THINK = re.compile(r"^\s*<think>\s*</think>")
+_NAMED_LINE = re.compile(r"([A-Za-z][A-Za-z _]*?)\s*:")
+_SCORE_LINE = re.compile(r"[A-Za-z][A-Za-z _]*?\s*:\s*A\s*=\s*(-?\d+)\s*,\s*B\s*=\s*(-?\d+)")
+
+
+def _short(text: str, limit: int = 60) -> str:
+    text = text.replace("\n", "\\n")
+    return repr(text if len(text) <= limit else text[: limit - 1] + "…")
+
+
+def _verdict_line(text: str) -> str:
+    lines = [line for line in text.strip().splitlines() if line.strip()]
+    if not lines:
+        raise RewardModelOutputError("no verdict line (expected `Verdict: A`, `Verdict: B` or `Verdict: tie`)")
+    if len(lines) > 1:
+        raise RewardModelOutputError(f"expected one verdict line, got {len(lines)} lines: {_short(text.strip())}")
+    m = _VERDICT.fullmatch(lines[0].strip())
+    if m is None:
+        raise RewardModelOutputError(f"expected `Verdict: A`, `Verdict: B` or `Verdict: tie`, got "
+                                     f"{_short(lines[0].strip())}")
+    value = m.group(1)
+    return "tie" if value.lower() == "tie" else value.upper()
+
+
+def parse_output(text: str, mode: str, config: RewardModelConfig | None = None) -> Judgement:
+    """The reward model's output as a Judgement; RewardModelOutputError saying what is wrong otherwise (module
+    docstring for the format). Whitespace around lines, the case of `Verdict`/`tie`, and, in no_think mode, an
+    empty `<think></think>` prefix (chat templates pre-fill one) are tolerated; nothing else is."""
+    config = config or RewardModelConfig()
+    if not isinstance(text, str):
+        raise RewardModelOutputError(f"output must be a string, got {type(text).__name__}")
+    if mode == "no_think":
+        rest = _EMPTY_THINK.sub("", text, count=1)
+        if "<think>" in rest or "</think>" in rest:
+            raise RewardModelOutputError("a <think> block in no_think mode")
+        return Judgement(_verdict_line(rest))
+    if mode != "think":
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+
+    stripped = text.strip()
+    if not stripped.startswith("<think>"):
+        raise RewardModelOutputError(f"think output must start with <think>, got {_short(stripped)}")
+    if stripped.count("<think>") != 1 or stripped.count("</think>") != 1:
+        raise RewardModelOutputError(f"expected one <think> and one </think>, got {stripped.count('<think>')} "
+                                     f"and {stripped.count('</think>')}")
+    inner, after = stripped[len("<think>") :].split("</think>")
+    verdict = _verdict_line(after)
+    scores_a: dict[str, int] = {}
+    scores_b: dict[str, int] = {}
+    # `inner` starts on the `<think>` line, so these numbers are the output's own line numbers.
+    for number, raw in enumerate(inner.splitlines(), start=1):
+        line = raw.strip().lstrip("-*• ").strip()
+        named = _NAMED_LINE.match(line)
+        name = named.group(1).strip().lower().replace(" ", "_") if named else None
+        if name not in DIMENSION_NAMES:
+            continue  # free reasoning
+        m = _SCORE_LINE.fullmatch(line)
+        if m is None:
+            raise RewardModelOutputError(f"line {number}: {_short(line)} is not `{name}: A=<score>, "
+                                         "B=<score>` with integer scores")
+        if name in scores_a:
+            raise RewardModelOutputError(f"line {number}: {name} is scored twice")
+        for side, value in (("A", int(m.group(1))), ("B", int(m.group(2)))):
+            if not config.score_min <= value <= config.score_max:
+                raise RewardModelOutputError(f"line {number}: {name} {side}={value} is outside "
+                                             f"[{config.score_min}, {config.score_max}]")
+        scores_a[name], scores_b[name] = int(m.group(1)), int(m.group(2))
+    missing = [name for name in DIMENSION_NAMES if name not in scores_a]
+    if missing:
+        raise RewardModelOutputError(f"no scores for {', '.join(missing)} in the <think> block")
+    return Judgement(verdict, MappingProxyType(scores_a), MappingProxyType(scores_b))
+
+
+def render_output(judgement: Judgement, mode: str) -> str:
+    """The output text of a judgement (the training target): `parse_output(render_output(j, m), m) == j`."""
+    if judgement.verdict not in VERDICTS:
+        raise ValueError(f"verdict must be one of {VERDICTS}, got {judgement.verdict!r}")
+    verdict = f"Verdict: {judgement.verdict}"
+    if mode == "no_think":
+        return verdict
+    if mode != "think":
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    if judgement.scores_a is None or judgement.scores_b is None:
+        raise ValueError("a think output needs scores for A and B")
+    missing = [n for n in DIMENSION_NAMES if n not in judgement.scores_a or n not in judgement.scores_b]
+    if missing:
+        raise ValueError(f"a think output needs every dimension scored; missing {missing}")
+    lines = [f"{n}: A={judgement.scores_a[n]}, B={judgement.scores_b[n]}" for n in DIMENSION_NAMES]
+    return "<think>\n" + "\n".join(lines) + "\n</think>\n" + verdict
+
+
+def weighted_score(scores: Mapping[str, int], config: RewardModelConfig) -> float:
+    """The `dimension_weights`-weighted mean of one response's dimension scores."""
+    weights = config.dimension_weights
+    return sum(weights[n] * scores[n] for n in DIMENSION_NAMES) / sum(weights.values())
+
+
+def preference_value(judgement: Judgement, position: str, config: RewardModelConfig) -> float:
+    """How much the judgement prefers the response at `position` ("A" or "B") over the other, in [0, 1]."""
+    if position not in ("A", "B"):
+        raise ValueError(f"position must be 'A' or 'B', got {position!r}")
+    verdict = 0.5 if judgement.verdict == "tie" else float(judgement.verdict == position)
+    if judgement.scores_a is None or judgement.scores_b is None or config.verdict_weight == 1.0:
+        return verdict
+    own, other = (judgement.scores_a, judgement.scores_b) if position == "A" else \
+        (judgement.scores_b, judgement.scores_a)
+    span = config.score_max - config.score_min
+    graded = 0.5 + (weighted_score(own, config) - weighted_score(other, config)) / (2 * span)
+    return config.verdict_weight * verdict + (1 - config.verdict_weight) * graded
+
+
+# ============================================================================================ debiasing
+
+
+@dataclass(frozen=True)
+class LengthDebiasReport:
+    """Pair occurrences (repeats counted) whose preferred answer is shorter, before and after the pass."""
+
+    method: str
+    target_share: float
+    num_before: int
+    num_after: int
+    num_shorter_before: int
+    num_shorter_after: int
+    num_added: int  # occurrences added by oversampling
+    num_removed: int  # occurrences dropped by selection
+    note: str
+
+    @property
+    def share_before(self) -> float:
+        return self.num_shorter_before / self.num_before if self.num_before else 0.0
+
+    @property
+    def share_after(self) -> float:
+        return self.num_shorter_after / self.num_after if self.num_after else 0.0
+
+    @property
+    def reached(self) -> bool:
+        return self.share_after >= self.target_share - 1e-12
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"method": self.method, "target_share": self.target_share, "num_before": self.num_before,
+                "num_after": self.num_after, "num_shorter_before": self.num_shorter_before,
+                "num_shorter_after": self.num_shorter_after, "share_before": self.share_before,
+                "share_after": self.share_after, "num_added": self.num_added, "num_removed": self.num_removed,
+                "reached": self.reached, "note": self.note}
+
+
+def _check_pair(pair: object, k: int) -> None:
+    if not isinstance(pair, Mapping):
+        raise ValueError(f"pair {k} must be a mapping with messages, chosen and rejected")  # noqa: TRY004
+    for key in ("chosen", "rejected"):
+        if not isinstance(pair.get(key), str) or not pair[key].strip():
+            raise ValueError(f"pair {k}: {key} must be a non-empty string")
+    if "messages" not in pair:
+        raise ValueError(f"pair {k}: no messages (the query)")
+    repeats = pair.get("repeats", 1)
+    if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:
+        raise ValueError(f"pair {k}: repeats={repeats!r} must be an integer >= 1")
+
+
+def shorter_preferred(pair: Mapping[str, Any], count_tokens: Callable[[str], int] = count_words) -> bool:
+    """Whether the preferred (chosen) answer is strictly shorter than the rejected one."""
+    return count_tokens(pair["chosen"]) < count_tokens(pair["rejected"])
+
+
+def length_debias(pairs: Sequence[Mapping[str, Any]], config: RewardModelConfig | None = None, *, seed: int = 0,
+                  count_tokens: Callable[[str], int] = count_words) -> tuple[list[dict[str, Any]], LengthDebiasReport]:
+    """Bring the pairs whose preferred answer is shorter to at least `config.min_shorter_share` of the pair
+    occurrences (module docstring). Returns copies of the kept pairs, each with `repeats` (the input's, 1 when
+    absent, raised by oversampling), and the report. Which pairs are repeated or dropped is seeded."""
+    config = config or RewardModelConfig()
+    for k, pair in enumerate(pairs):
+        _check_pair(pair, k)
+    out = [{**pair, "repeats": int(pair.get("repeats", 1))} for pair in pairs]
+    is_shorter = [shorter_preferred(p, count_tokens) for p in out]
+    total = sum(p["repeats"] for p in out)
+    shorter = sum(p["repeats"] for p, s in zip(out, is_shorter) if s)
+    target, method = config.min_shorter_share, config.debias_method
+    rng = random.Random(f"keyeflow-length-debias:{seed}")
+
+    def report(kept: list[dict[str, Any]], added: int, removed: int, note: str) -> LengthDebiasReport:
+        after_shorter = sum(p["repeats"] for p in kept if shorter_preferred(p, count_tokens))
+        return LengthDebiasReport(method, target, total, sum(p["repeats"] for p in kept), shorter, after_shorter,
+                                  added, removed, note)
+
+    if total == 0 or shorter >= target * total:
+        return out, report(out, 0, 0, "share already reached: nothing changed")
+    if shorter == 0:
+        return out, report(out, 0, 0, "no pair prefers the shorter answer: nothing to oversample or select "
+                                      "(collect such pairs)")
+    if method == "oversample":
+        # k more occurrences of shorter-preferred pairs: (shorter + k) / (total + k) >= target.
+        needed = math.ceil((target * total - shorter) / (1 - target) - 1e-9)
+        candidates = [i for i, s in enumerate(is_shorter) if s]
+        rng.shuffle(candidates)
+        added = 0
+        while added < needed:
+            grew = False
+            for i in candidates:  # round-robin: every candidate gets one more before any gets two
+                if added == needed:
+                    break
+                if out[i]["repeats"] < config.max_repeats:
+                    out[i]["repeats"] += 1
+                    added += 1
+                    grew = True
+            if not grew:
+                break
+        note = f"repeated shorter-preferred pairs {added} more times"
+        if added < needed:
+            note += f"; {needed - added} more were needed but every such pair is at max_repeats={config.max_repeats}"
+        return out, report(out, added, 0, note)
+    # select: keep every shorter-preferred pair and as many others as the share allows.
+    allowed = math.floor(shorter * (1 - target) / target + 1e-9)
+    others = [i for i, s in enumerate(is_shorter) if not s]
+    rng.shuffle(others)
+    dropped: set[int] = set()
+    kept_others = 0
+    for i in others:
+        if kept_others + out[i]["repeats"] <= allowed:
+            kept_others += out[i]["repeats"]
+        else:
+            dropped.add(i)
+    kept = [p for i, p in enumerate(out) if i not in dropped]
+    removed = sum(out[i]["repeats"] for i in dropped)
+    return kept, report(kept, 0, removed, f"dropped {len(dropped)} pairs whose preferred answer is not shorter")
+
+
+# ============================================================================================ training data
+
+
+def _repeated_share(text: str) -> float:
+    """Share of the word 3-grams of `text` that repeat an earlier one (0: no repetition)."""
+    words = re.findall(r"\w+", text.casefold())
+    grams = list(zip(words, words[1:], words[2:]))
+    return 1.0 - len(set(grams)) / len(grams) if grams else 0.0
+
+
+def _blocks_closed(text: str) -> bool:
+    return all(text.count(f"<{tag}>") == text.count(f"</{tag}>") for tag in ("think", "answer"))
+
+
+def signal_scores(pair: Mapping[str, Any], response: str, other: str, config: RewardModelConfig | None = None,
+                  *, count_tokens: Callable[[str], int] = count_words) -> dict[str, int]:
+    """Dimension scores of `response` (one side of `pair`, `other` the other side) from the signals described
+    in the module docstring, on the config's integer scale."""
+    config = config or RewardModelConfig()
+    query = pair["messages"]
+    reference = pair.get("reference")
+    if reference is not None:
+        task = pair.get("task") or "math"
+        if task not in TASKS:
+            raise ValueError(f"pair task {task!r} must be one of {TASKS}")
+        correctness = answer_reward(response, reference, task, options=pair.get("options")).value
+    else:
+        side = "chosen_score" if response == pair["chosen"] else "rejected_score"
+        scores = (pair.get("chosen_score"), pair.get("rejected_score"))
+        in_unit = all(isinstance(s, (int, float)) and not isinstance(s, bool) and 0 <= s <= 1 for s in scores)
+        correctness = float(pair[side]) if in_unit else 0.5
+    own_length, other_length = max(count_tokens(response), 1), max(count_tokens(other), 1)
+    redundancy = (1 - _repeated_share(response)) * math.sqrt(min(own_length, other_length) / own_length)
+    terms = content_terms(response)
+    context = content_terms(query_text(query) + " " + ("" if reference is None else str(reference)))
+    relevance = len(terms & context) / len(terms) if terms else 1.0
+    completeness = float(bool(extract_answer(response).strip()) and _blocks_closed(response))
+    mode = prompt_mode(query_parts(query))  # the /think or /no_think switch the query ends with, if any
+    instruction = mode_format_reward(response, mode, require_analysis=False).value
+    units = {"credibility": correctness, "correctness": correctness, "redundancy": redundancy,
+             "relevance": relevance, "completeness": completeness, "instruction_following": instruction,
+             "clarity": 1.0, "visual_grounding": 1.0, "safety": 1.0}
+    span = config.score_max - config.score_min
+    return {name: config.score_min + round(min(max(units[name], 0.0), 1.0) * span) for name in DIMENSION_NAMES}
+
+
+@dataclass(frozen=True)
+class RewardDataReport:
+    num_pairs: int  # pairs given
+    num_conversations: int  # distinct conversations built
+    num_occurrences: int  # conversations counting repeats (what training sees)
+    verdicts: Mapping[str, int]  # target verdict → occurrences (equal A and B: no position bias)
+    length_debias: LengthDebiasReport
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"num_pairs": self.num_pairs, "num_conversations": self.num_conversations,
+                "num_occurrences": self.num_occurrences, "verdicts": dict(self.verdicts),
+                "length_debias": self.length_debias.to_dict()}
+
+
+def build_reward_model_data(pairs: Sequence[Mapping[str, Any]], config: RewardModelConfig | None = None, *,
+                            modes: Sequence[str] = MODES, seed: int = 0,
+                            count_tokens: Callable[[str], int] = count_words,
+                            task_definition: str = DEFAULT_TASK_DEFINITION) -> tuple[list[dict], RewardDataReport]:
+    """Reward-model conversations (prompt → target verdict) from preference pairs (`messages`, `chosen`,
+    `rejected`; optional `pair_id`, `reference`, `task`, `options`, `chosen_score`, `rejected_score`,
+    `task_definition`, `repeats`), after the length-debiasing pass; both A/B orders for every pair and mode.
+
+    A conversation: `conversation_id` (unique), `pair_id`, `mode`, `order` ("chosen_a" / "chosen_b"),
+    `verdict`, `repeats` (its pair's, after debiasing), `shorter_preferred`, and `messages` (the judge prompt
+    plus the target as the assistant turn)."""
+    config = config or RewardModelConfig()
+    modes = tuple(modes)
+    if not modes or any(m not in MODES for m in modes) or len(set(modes)) != len(modes):
+        raise ValueError(f"modes={modes!r}: a non-empty list of distinct modes from {MODES}")
+    debiased, debias_report = length_debias(pairs, config, seed=seed, count_tokens=count_tokens)
+    conversations: list[dict] = []
+    verdicts = {"A": 0, "B": 0}
+    for k, pair in enumerate(debiased):
+        pair_id = str(pair.get("pair_id") or pair.get("item_id") or k)
+        definition = pair.get("task_definition") or task_definition
+        chosen, rejected = pair["chosen"], pair["rejected"]
+        scores = None
+        if "think" in modes:
+            scores = (signal_scores(pair, chosen, rejected, config, count_tokens=count_tokens),
+                      signal_scores(pair, rejected, chosen, config, count_tokens=count_tokens))
+        for mode in modes:
+            for order, (a, b), verdict in (("chosen_a", (chosen, rejected), "A"),
+                                           ("chosen_b", (rejected, chosen), "B")):
+                judgement = Judgement(verdict)
+                if mode == "think":
+                    first, second = scores if verdict == "A" else scores[::-1]
+                    judgement = Judgement(verdict, first, second)
+                messages = build_prompt(definition, pair["messages"], a, b, mode, config)
+                messages.append({"role": "assistant", "content": render_output(judgement, mode)})
+                conversations.append({
+                    "conversation_id": f"{k}:{pair_id}:{mode}:{order}", "pair_id": pair_id, "mode": mode,
+                    "order": order, "verdict": verdict, "repeats": pair["repeats"],
+                    "shorter_preferred": shorter_preferred(pair, count_tokens), "messages": messages,
+                })  # fmt: skip
+                verdicts[verdict] += pair["repeats"]
+    report = RewardDataReport(len(pairs), len(conversations), sum(c["repeats"] for c in conversations),
+                              MappingProxyType(verdicts), debias_report)
+    return conversations, report
+
+
+# ================================================================================================ judge
+
+
+@dataclass(frozen=True)
+class ComparisonRequest:
+    """Judge `response` against `competitor` (a reference answer or another response) for `query`."""
+
+    query: Query
+    response: str
+    competitor: str
+    task_definition: str | None = None
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """The judge's preference for the response over its competitor: `value` in [0, 1] (None when no order gave
+    a usable verdict), why, and per order asked (response as A, then as B) the judgement or the problem."""
+
+    value: float | None
+    reason: str
+    judgements: tuple[Judgement | None, ...]
+    problems: tuple[str | None, ...]
+
+
+def _failure(error: Exception) -> str:
+    return f"{type(error).__name__}: {error}"[:200]
+
+
+class RewardModelJudge:
+    """A reward model behind any `Generator` (module docstring). `task_definition`: what the judge is told the
+    task is when a request names none. `baseline(item) -> str | None`: a competing response for `reward` when
+    the item has no reference (e.g. the SFT model's answer); without either, `reward` has nothing to compare
+    with and returns None. `max_new_tokens`: default 16 for no_think, 512 for think."""
+
+    def __init__(self, generator: Generator, config: RewardModelConfig | None = None, *,
+                 task_definition: str = DEFAULT_TASK_DEFINITION,
+                 baseline: Callable[[RewardItem], str | None] | None = None, max_new_tokens: int | None = None,
+                 seed: int = 0):
+        if not hasattr(generator, "generate"):
+            raise ValueError(f"generator must have a generate method, got {type(generator).__name__}")
+        self.generator = generator
+        self.config = config or RewardModelConfig()
+        if not isinstance(task_definition, str) or not task_definition.strip():
+            raise ValueError("task_definition must be a non-empty string")
+        self.task_definition = task_definition
+        self.baseline = baseline
+        self.max_new_tokens = max_new_tokens or (512 if self.config.mode == "think" else 16)
+        self.seed = seed
+
+    def __repr__(self) -> str:
+        return f"RewardModelJudge({self.generator!r}, mode={self.config.mode!r})"
+
+    def _ask(self, conversations: list[list[dict]]) -> list[str | Exception]:
+        """Per conversation, the output text or the error its request failed with."""
+        from keyeflow.model.generation import BatchGenerationError
+
+        try:
+            out = self.generator.generate(conversations, n=1, max_new_tokens=self.max_new_tokens, temperature=0.0,
+                                          seed=self.seed, logprobs=False)
+        except BatchGenerationError as error:
+            return [r if isinstance(r, Exception) else r[0].text for r in error.results]
+        except ValueError as error:
+            # A backend that refuses one conversation before sending any (a server given internal media
+            # parts) refuses the whole batch: ask one at a time so only that one fails.
+            if len(conversations) > 1:
+                return [self._ask([c])[0] for c in conversations]
+            return [error]
+        except (RuntimeError, OSError, KeyError) as error:  # a server down or erroring after its retries
+            return [error] * len(conversations)
+        return [group[0].text for group in out]
+
+    def compare(self, requests: Sequence[ComparisonRequest]) -> list[Comparison]:
+        """Judge every request (both orders when `swap_orders`), in one generator call."""
+        mode = self.config.mode
+        positions = ("A", "B") if self.config.swap_orders else ("A",)
+        prompts: list[list[dict]] = []
+        refused: dict[int, ValueError] = {}  # request index → why its prompt could not be built
+        for k, request in enumerate(requests):
+            definition = request.task_definition or self.task_definition
+            try:
+                built = [build_prompt(definition, request.query, *((request.response, request.competitor)
+                                      if position == "A" else (request.competitor, request.response)),
+                                      mode, self.config) for position in positions]
+            except ValueError as error:  # a malformed query or response fails its own request only
+                refused[k] = error
+                continue
+            prompts += built
+        asked = iter(self._ask(prompts) if prompts else [])
+        outputs = [refused[k] if k in refused else next(asked) for k in range(len(requests)) for _ in positions]
+        results = []
+        for k in range(len(requests)):
+            judgements: list[Judgement | None] = []
+            problems: list[str | None] = []
+            values, notes = [], []
+            for j, position in enumerate(positions):
+                output = outputs[k * len(positions) + j]
+                where = f"response as {position}"
+                if isinstance(output, Exception):
+                    judgements.append(None)
+                    problems.append(f"request failed ({_failure(output)})")
+                    notes.append(f"{where}: {problems[-1]}")
+                    continue
+                try:
+                    judgement = parse_output(output, mode, self.config)
+                except RewardModelOutputError as error:
+                    judgements.append(None)
+                    problems.append(f"unusable output: {error}")
+                    notes.append(f"{where}: {problems[-1]}")
+                    continue
+                value = preference_value(judgement, position, self.config)
+                judgements.append(judgement)
+                problems.append(None)
+                values.append(value)
+                notes.append(f"{where}: verdict {judgement.verdict} → {value:.2f}")
+            value = sum(values) / len(values) if values else None
+            summary = f"{value:.2f}" if value is not None else "no usable verdict"
+            results.append(Comparison(value, f"reward model {summary} ({'; '.join(notes)})", tuple(judgements),
+                                      tuple(problems)))
+        return results
+
+    def reward(self, item: RewardItem, response: str) -> Reward | None:
+        """`RewardCombiner`'s reward_model callable: the preference for `response` over the item's reference
+        (or the baseline's response), in [0, 1], with the reason; 0.5 when no order gave a usable verdict."""
+        competitor = item.reference if item.reference is not None else (
+            self.baseline(item) if self.baseline is not None else None)
+        if competitor is None:
+            return None
+        (comparison,) = self.compare([ComparisonRequest(item.prompt, response, str(competitor))])
+        if comparison.value is None:
+            return Reward(0.5, f"{comparison.reason}; scored as a tie")
+        return Reward(min(1.0, max(0.0, comparison.value)), comparison.reason)
+
+    __call__ = reward
+
+
+# ============================================================================================= training
+
+
+@dataclass(frozen=True)
+class RewardModelTraining:
+    checkpoint_dir: Path  # the trained judge (its `model/` loads into a LocalGenerator or a server)
+    step: int
+    losses: list[float]
+    mixture: TableRef
+    mixture_id: str
+    num_samples: int  # distinct train_samples rows
+    num_occurrences: int  # uses in the mixture (repeats counted)
+    unusable: Mapping[str, str]  # conversation uri → why it could not become a sample
+
+
+def train_reward_model(conversations: Sequence[Mapping[str, Any]], stage: StageConfig, *, init: str | Path,
+                       out_dir: str | Path, source_root: str = "/", slowfast: SlowFastConfig | None = None,
+                       image_config: ImageConfig | None = None, root: str | None = None,
+                       run_id: str | None = None, name: str = "reward-model", seed: int = 0) -> RewardModelTraining:
+    """Fine-tune the reward model on `build_reward_model_data` conversations with the stage trainer: the
+    conversations become `train_samples` rows (source and task `reward_model`; media parts by path inside
+    `source_root`), a fixed mixture uses each as many times as its `repeats`, and `trainer.train(stage, …)`
+    trains from `init` into `out_dir` (resuming from its `latest`). `root`: the tables root (default: the
+    settings'). Conversations that cannot become samples are skipped and returned in `unusable` (and kept in
+    the quarantine table)."""
+    # Imported here: the judge above runs on data workers and in RL reward code that never trains, and the
+    # training stack (Lance, DuckDB, MLflow, the trainer) is slow to import.
+    from keyeflow.datasets import conversations as conversation_samples
+    from keyeflow.datasets import tables
+    from keyeflow.datasets.images import ImageConfig
+    from keyeflow.datasets.mixture import fixed_mixture
+    from keyeflow.datasets.slowfast import resolve_config
+    from keyeflow.training.posttrain_data import POSTTRAIN_STAGE
+    from keyeflow.training.trainer import train
+
+    items, repeats_of = [], {}
+    for k, conversation in enumerate(conversations):
+        repeats = conversation.get("repeats", 1)
+        if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:
+            raise ValueError(f"conversation {k}: repeats={repeats!r} must be an integer >= 1")
+        uri = f"reward_model#{conversation.get('conversation_id', k)}"
+        if uri in repeats_of:
+            raise ValueError(f"conversation id {uri!r} appears twice")
+        repeats_of[uri] = repeats
+        items.append({"uri": uri, "source": "reward_model", "task": "reward_model",
+                      "messages": conversation["messages"]})
+    if not items:
+        raise ValueError("train_reward_model needs at least one conversation")
+    ids, unusable = conversation_samples.add_conversations(
+        items, source_root, slowfast or resolve_config("paper"), image_config or ImageConfig(), root=root)
+    repeats: dict[str, int] = {}
+    for uri, sample_id in ids.items():
+        # Two conversations with the same content are one sample; each was meant as its own occurrences.
+        repeats[sample_id] = repeats.get(sample_id, 0) + repeats_of[uri]
+    if not repeats:
+        raise ValueError(f"none of the {len(items)} conversations could become a sample: "
+                         f"{dict(list(unusable.items())[:3])}")
+    mixture = fixed_mixture(tables.ref("train_samples", root), repeats, name=name, stage=POSTTRAIN_STAGE, seed=seed,
+                            root=root)
+    result = train(stage, init=init, mixture=mixture.mixture, mixture_id=mixture.mixture_id, out_dir=out_dir,
+                   run_id=run_id)
+    return RewardModelTraining(result.checkpoint_dir, result.step, result.losses, mixture.mixture,
+                               mixture.mixture_id, len(repeats), sum(repeats.values()),
+                               MappingProxyType(dict(unusable)))

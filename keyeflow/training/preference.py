@@ -1,0 +1,571 @@
+"""MPO (SPEC §4): preference pairs from sampled responses, and the training stage that learns from them.
+
+**Pairs** (`build_preference_pairs`). For every item (an id, the prompt as chat messages that may hold image and
+video parts, an optional reference answer and how to check it) the generator samples `n` responses; a scorer
+gives each a value (`make_scorer`: the reference check of `rewards.answer_reward` where the item has a
+reference, the reward model where it has none, the reward model as a tie-breaker beside the check when both
+are given); the best response becomes `chosen` and the worst `rejected` when their scores differ by at least
+`min_margin`. SPEC's "high/low responses scored by the reward model plus human labels" names no rule, so the
+choices made here (UNSTATED) are:
+- best against worst, one pair per item: the widest margin is the least noisy label, and one pair per prompt
+  keeps a prompt with many samples from outweighing the others;
+- the chosen response must be complete (generation stopped on its own, not at `max_new_tokens`): the chosen
+  text is trained with SFT and closed by `<|im_end|>`, so a cut-off chosen answer would teach the model to stop
+  mid-sentence; a cut-off response may still be the rejected one;
+- ties go to the earlier sample, so nothing about a response but its score decides (in particular not its
+  length: the reward model's length bias is handled by its own debiasing pass, `quality.reward_model`).
+Every item that gives no pair is recorded with why (generation failed, too few scored responses, no complete
+response, all responses identical or scored alike, margin below `min_margin`), as DESIGN rule 5 asks.
+
+**Training** (`train_mpo`). The policy starts from `init`; the reference model is `init` too, frozen. A step
+takes `pairs_per_step` pairs (a seeded shuffle of all pairs per epoch, so a step's pairs follow from the step
+number alone and a resume needs no loader state), scores each pair's chosen and rejected conversation (the
+prompt messages plus the response as the assistant turn, encoded by `processor.encode_sample`; only the
+assistant tokens and their `<|im_end|>` count) under the policy and the reference, and minimises
+`losses.mpo_loss`. The step's pairs are one batch: the BCO shift and the pooled SFT term are defined over the
+batch, so splitting it into accumulated micro-batches would change the loss (a run too large for one batch
+belongs on DeepSpeed with one step's pairs per rank). BCO's running reward shift (`RewardShift`) is part of the
+checkpoint. AdamW, linear warm-up then a constant rate (an MPO run is short, usually one epoch; InternVL's
+recipe is not stated for Keye).
+
+Checkpoints follow `trainer.py` and reuse its helpers: `out_dir/step-XXXXXXXX/` with `model/` (the next stage's
+init), `trainer.pt` (optimizer, scheduler, RNG) and `state.json` (step, losses, reward shift, config, a
+fingerprint of the pairs and the init path), written to a temporary directory, renamed, then named in
+`out_dir/latest`. A run finding `latest` resumes from it and continues bit for bit; `metrics.jsonl` is cut back
+to the checkpoint's step first. With `run_id` every step's metrics also go to MLflow (`keyeflow.lineage`).
+One process: the loop does not split pairs over ranks.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import math
+import numbers
+import random
+import shutil
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from keyeflow import lineage
+from keyeflow.model.generation import BatchGenerationError, Generator
+from keyeflow.model.modeling import IGNORE_INDEX
+from keyeflow.model.processor import Features, MediaLookup, collate, encode_sample
+from keyeflow.model.tokenizer import load_tokenizer
+from keyeflow.training import distributed
+from keyeflow.training.losses import MPOConfig, RewardShift, mpo_loss, token_logprobs
+from keyeflow.training.rewards import TASKS, Reward, RewardItem, answer_reward
+from keyeflow.training.trainer import (
+    METRICS,
+    STATE,
+    latest_checkpoint,
+    load_model,
+    load_training_state,
+    read_metrics,
+    save_checkpoint,
+    seed_everything,
+    truncate_metrics,
+)
+
+log = logging.getLogger(__name__)
+
+MPO_CHECKPOINT_FORMAT = 1
+
+
+# ============================================================================================== items
+
+
+@dataclass(frozen=True)
+class PreferenceItem:
+    """One prompt to sample responses for. `messages`: the chat up to the user turn the policy answers (content
+    a string or parts, image/video parts included). `reference`/`task`/`options`: the reference answer and how
+    `rewards.answer_reward` checks it (None: no reference, the reward model scores). `task_definition`: what
+    the reward model is told the task is (None: its default)."""
+
+    item_id: str
+    messages: Sequence[Mapping[str, Any]]
+    reference: object = None
+    task: str = "math"
+    options: Mapping[str, str] | None = None
+    task_definition: str | None = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.item_id, str) or not self.item_id:
+            raise ValueError(f"PreferenceItem.item_id={self.item_id!r}: must be a non-empty string")
+        check_prompt(self.messages, f"PreferenceItem {self.item_id!r}")
+        object.__setattr__(self, "messages", [dict(m) for m in self.messages])
+        if self.task not in TASKS:
+            raise ValueError(f"PreferenceItem {self.item_id!r}: task={self.task!r} must be one of {TASKS}")
+
+    @classmethod
+    def from_dict(cls, row: Mapping[str, Any]) -> PreferenceItem:
+        """From `{"id" or "item_id", "messages", "reference"?, "task"?, "options"?, "task_definition"?}`."""
+        item_id = row.get("item_id", row.get("id"))
+        fields = {k: row[k] for k in ("reference", "task", "options", "task_definition") if row.get(k) is not None}
+        if "messages" not in row:
+            raise ValueError(f"item {item_id!r} has no 'messages'")
+        return cls(item_id=item_id, messages=row["messages"], **fields)
+
+    def prompt_content(self) -> str | list[Mapping[str, Any]]:
+        """The content of the last user turn (what `RewardItem.prompt` and the mode switches read)."""
+        return self.messages[-1]["content"]
+
+    def reward_item(self) -> RewardItem:
+        return RewardItem(prompt=self.prompt_content(), reference=self.reference, task=self.task,
+                          options=self.options)
+
+
+def check_prompt(messages: object, where: str) -> None:
+    """A prompt is a non-empty list of {role, content} messages whose last one is the user's (the turn the
+    response answers)."""
+    if isinstance(messages, (str, Mapping)) or not isinstance(messages, Sequence) or not messages:
+        raise ValueError(f"{where}: messages must be a non-empty list of {{'role', 'content'}} messages")
+    for k, message in enumerate(messages):
+        if not isinstance(message, Mapping) or message.get("role") not in ("system", "user", "assistant"):
+            raise ValueError(f"{where}: message {k} must be a mapping with role system/user/assistant")
+        if not isinstance(message.get("content"), (str, list)):
+            raise ValueError(f"{where}: message {k} content must be a string or a list of parts")  # noqa: TRY004
+    if messages[-1]["role"] != "user":
+        raise ValueError(f"{where}: the last message must be the user's (the turn the response answers), "
+                         f"got {messages[-1]['role']!r}")
+
+
+# ============================================================================================= scoring
+
+Scorer = Callable[[PreferenceItem, str], "float | Reward"]
+RewardModel = Callable[[RewardItem, str], "Reward | float | tuple[float, str] | None"]
+
+
+def _as_reward(name: str, out: object) -> Reward | None:
+    """A reward model's output (a Reward, a number in [0, 1] or (number, reason)) as a Reward; None stays None."""
+    if out is None or isinstance(out, Reward):
+        return out
+    value, reason = out if isinstance(out, tuple) and len(out) == 2 else (out, f"{name} score")
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+        raise TypeError(f"{name} returned {out!r}: expected a finite number, a Reward or (number, reason)")
+    return Reward(float(value), str(reason))
+
+
+def make_scorer(reward_model: RewardModel | None = None, *, model_weight: float = 0.1) -> Scorer:
+    """The usual scorer of `build_preference_pairs`:
+    - an item with a reference: `answer_reward` (1 right, 0 wrong); with `reward_model` too, the value is
+      (1 − w)·check + w·model, w = `model_weight` < 0.5, so every right answer still outranks every wrong one
+      and the reward model only orders answers the check scores alike (two right answers, one clearer);
+    - an item without a reference: the reward model's value (`RewardModelJudge.reward` fits); without one,
+      a ValueError (that response is recorded as unscored).
+    `reward_model(item, response)` returns a Reward, a number in [0, 1], (number, reason) or None (no say)."""
+    if isinstance(model_weight, bool) or not isinstance(model_weight, (int, float)) \
+            or not 0.0 <= model_weight < 0.5:
+        raise ValueError(f"model_weight={model_weight!r}: must be in [0, 0.5) so a right answer always outranks "
+                         "a wrong one")
+
+    def score(item: PreferenceItem, response: str) -> Reward:
+        model = _as_reward("reward model", reward_model(item.reward_item(), response)) \
+            if reward_model is not None and (item.reference is None or model_weight > 0) else None
+        if item.reference is None:
+            if model is None:
+                raise ValueError(f"item {item.item_id!r} has no reference and "
+                                 + ("no reward model" if reward_model is None else "the reward model gave no score"))
+            return model
+        check = answer_reward(response, item.reference, item.task, options=item.options)
+        if model is None:
+            return check
+        value = (1 - model_weight) * check.value + model_weight * model.value
+        return Reward(value, f"answer {check.value:.2f}: {check.reason}; reward model {model.value:.2f}: "
+                             f"{model.reason}", {"answer": check, "reward_model": model})
+
+    return score
+
+
+def _score(scorer: Scorer, item: PreferenceItem, response: str) -> tuple[float, str]:
+    out = scorer(item, response)
+    if isinstance(out, Reward):
+        return out.value, out.reason
+    if isinstance(out, bool) or not isinstance(out, numbers.Real) or not math.isfinite(out):
+        raise TypeError(f"the scorer returned {out!r}: expected a finite number or a Reward")
+    return float(out), "score"
+
+
+# =============================================================================================== pairs
+
+
+def build_preference_pairs(
+    generator: Generator,
+    items: Sequence[PreferenceItem | Mapping[str, Any]],
+    *,
+    n: int,
+    scorer: Scorer,
+    min_margin: float,
+    seed: int,
+    max_new_tokens: int = 256,
+    temperature: float = 1.0,
+    batch_size: int = 8,
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Sample `n` responses per item, score them, pair the best complete one with the worst (module docstring).
+
+    Returns (pairs, records). A pair: `pair_id` (= item_id), `item_id`, `messages` (the prompt), `chosen`,
+    `rejected`, `chosen_score`, `rejected_score`, `margin`, `reason`, `num_responses`, `scores` (every scored
+    response's value, in sample order), and the item's `reference`, `task`, `options`, `task_definition`. A
+    record (an item without a pair): `item_id`, `reason`, `num_responses`, `scores`.
+    `seed` makes the sampling reproducible (each conversation gets its own stream from it, see
+    `generation.conversation_seed`)."""
+    if isinstance(n, bool) or not isinstance(n, int) or n < 2:
+        raise ValueError(f"n={n!r}: must be an integer >= 2 (a pair needs two responses)")
+    if isinstance(min_margin, bool) or not isinstance(min_margin, (int, float)) or not math.isfinite(min_margin) \
+            or min_margin < 0:
+        raise ValueError(f"min_margin={min_margin!r}: must be a finite number >= 0")
+    if not isinstance(temperature, (int, float)) or not temperature > 0:
+        raise ValueError(f"temperature={temperature!r}: must be > 0 (n greedy samples are all the same)")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size={batch_size!r}: must be an integer >= 1")
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise ValueError(f"seed={seed!r}: must be an integer")  # noqa: TRY004
+    if not callable(scorer):
+        raise ValueError("scorer must be a callable (item, response) -> float")  # noqa: TRY004
+    parsed = [item if isinstance(item, PreferenceItem) else PreferenceItem.from_dict(item) for item in items]
+    seen: set[str] = set()
+    for item in parsed:
+        if item.item_id in seen:
+            raise ValueError(f"item id {item.item_id!r} appears twice: a pair is named by its item")
+        seen.add(item.item_id)
+
+    pairs: list[dict[str, Any]] = []
+    records: list[dict[str, Any]] = []
+    for start in range(0, len(parsed), batch_size):
+        batch = parsed[start : start + batch_size]
+        for item, result in zip(batch, _sample(generator, batch, n, max_new_tokens, temperature, seed)):
+            if isinstance(result, Exception):
+                records.append(_record(item, f"generation failed: {type(result).__name__}: {result}"[:300]))
+                continue
+            pair, record = _pair_of(item, result, scorer, min_margin)
+            if pair is not None:
+                pairs.append(pair)
+            else:
+                records.append(record)
+    log.info("preference pairs: %d of %d items paired", len(pairs), len(parsed))
+    return pairs, records
+
+
+def _sample(generator: Generator, batch: list[PreferenceItem], n: int, max_new_tokens: int, temperature: float,
+            seed: int) -> list[list[Any] | Exception]:
+    """Per item, its completions or the error its request failed with (the other items keep theirs)."""
+    try:
+        return generator.generate([item.messages for item in batch], n=n, max_new_tokens=max_new_tokens,
+                                  temperature=temperature, seed=seed, logprobs=False)
+    except BatchGenerationError as error:
+        return error.results
+    except (RuntimeError, ValueError, KeyError, OSError) as error:  # a server down, a prompt it refuses, …
+        return [error] * len(batch)
+
+
+def _record(item: PreferenceItem, reason: str, num_responses: int = 0, scores: list[float] | None = None) -> dict:
+    return {"item_id": item.item_id, "reason": reason, "num_responses": num_responses, "scores": scores or []}
+
+
+def _pair_of(item: PreferenceItem, completions: list[Any], scorer: Scorer,
+             min_margin: float) -> tuple[dict[str, Any] | None, dict[str, Any]]:
+    scored: list[tuple[float, str, str, bool]] = []  # (value, reason, text, complete)
+    problems: list[str] = []
+    for k, completion in enumerate(completions):
+        text = completion.text
+        if not text.strip():
+            problems.append(f"response {k} is empty")
+            continue
+        try:
+            value, reason = _score(scorer, item, text)
+        except (ValueError, TypeError, RuntimeError, KeyError) as error:
+            problems.append(f"response {k} not scored ({type(error).__name__}: {error})"[:200])
+            continue
+        scored.append((value, reason, text, completion.finish_reason == "stop"))
+    scores = [s[0] for s in scored]
+    num = len(completions)
+
+    def fail(why: str) -> tuple[None, dict[str, Any]]:
+        detail = f" ({'; '.join(problems[:3])})" if problems else ""
+        return None, _record(item, why + detail, num, scores)
+
+    if len(scored) < 2:
+        return fail(f"too few scored responses: {len(scored)} of {num}")
+    if len({s[2] for s in scored}) == 1:
+        return fail(f"all {len(scored)} scored responses are identical")
+    if len(set(scores)) == 1:
+        return fail(f"all {len(scored)} responses scored alike ({scores[0]:.3f})")
+    complete = [s for s in scored if s[3]]
+    if not complete:
+        return fail(f"no complete response: all {len(scored)} hit max_new_tokens")
+    best = max(complete, key=lambda s: s[0])  # max/min keep the first of equals: ties go to the earlier sample
+    worst = min(scored, key=lambda s: s[0])
+    margin = best[0] - worst[0]
+    if margin < min_margin:
+        cut = "" if best[0] == max(scores) else " (the best response was cut off)"
+        return fail(f"margin {margin:.3f} < min_margin {min_margin}: best complete {best[0]:.3f}, "
+                    f"worst {worst[0]:.3f}{cut}")
+    reason = (f"best of {len(scored)} {best[0]:.3f} ({best[1]}) vs worst {worst[0]:.3f} ({worst[1]}): "
+              f"margin {margin:.3f} >= {min_margin}")
+    pair = {
+        "pair_id": item.item_id, "item_id": item.item_id, "messages": item.messages,
+        "chosen": best[2], "rejected": worst[2], "chosen_score": best[0], "rejected_score": worst[0],
+        "margin": margin, "reason": reason, "num_responses": num, "scores": scores,
+        "reference": item.reference, "task": item.task, "options": dict(item.options) if item.options else None,
+        "task_definition": item.task_definition,
+    }  # fmt: skip
+    return pair, {}
+
+
+# ============================================================================================== config
+
+
+@dataclass(frozen=True, kw_only=True)
+class MPOStageConfig:
+    """How the MPO stage trains. `max_steps` optimizer steps of `pairs_per_step` pairs each (one batch);
+    `max_length`: the longest chosen/rejected conversation in tokens (longer pairs are refused before training
+    starts, naming them); `warmup_steps`: linear warm-up to `learning_rate`, constant after; `grad_clip`: max
+    global gradient norm (None: none); `seed`: the per-epoch pair shuffles and the RNG. Learning rate and step
+    counts are UNSTATED for Keye (override per run)."""
+
+    learning_rate: float
+    max_steps: int
+    pairs_per_step: int
+    max_length: int
+    mpo: MPOConfig = dataclasses.field(default_factory=MPOConfig)
+    seed: int = 0
+    checkpoint_every: int = 100
+    warmup_steps: int = 0
+    grad_clip: float | None = 1.0
+
+    def __post_init__(self) -> None:
+        def fail(name: str, why: str) -> None:
+            raise ValueError(f"MPOStageConfig.{name}={getattr(self, name)!r}: {why}")
+
+        for name, minimum in (("max_steps", 1), ("pairs_per_step", 1), ("max_length", 2), ("seed", 0),
+                              ("checkpoint_every", 1), ("warmup_steps", 0)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int):
+                fail(name, "must be an integer")
+            if value < minimum:
+                fail(name, f"must be >= {minimum}")
+        if self.warmup_steps > self.max_steps:
+            fail("warmup_steps", f"must be <= max_steps ({self.max_steps})")
+        for name in ("learning_rate", "grad_clip"):
+            value = getattr(self, name)
+            if name == "grad_clip" and value is None:
+                continue
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
+                    or value <= 0:
+                fail(name, "must be a finite number > 0" + (" or None" if name == "grad_clip" else ""))
+            object.__setattr__(self, name, float(value))
+        if not isinstance(self.mpo, MPOConfig):
+            fail("mpo", "must be an MPOConfig")
+
+    def lr_at(self, step: int) -> float:
+        """Learning rate of optimizer step `step` (0-based)."""
+        if step < self.warmup_steps:
+            return self.learning_rate * (step + 1) / self.warmup_steps
+        return self.learning_rate
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def config_hash(self) -> str:
+        payload = json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
+@dataclass(frozen=True)
+class MPOResult:
+    checkpoint_dir: Path  # the last checkpoint (its `model/` is the next stage's init)
+    step: int
+    losses: list[float]  # the loss of every step, from step 1 (across resumes)
+    metrics: list[dict[str, Any]]  # metrics.jsonl: one record per step
+
+
+# ============================================================================================ training
+
+
+def sequence_logprobs(model: torch.nn.Module, batch: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per row: Σ log p of the trained (assistant) tokens, and their number. `losses.token_logprobs` rather
+    than a full log-softmax: the [rows, tokens, vocabulary] log-probabilities of a real vocabulary would not
+    fit beside the activations."""
+    logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits
+    targets = batch["labels"][:, 1:]  # the logit at t scores the token at t + 1
+    mask = targets != IGNORE_INDEX
+    logps = token_logprobs(logits[:, :-1], targets.clamp(min=0))
+    return (logps * mask).sum(dim=1), mask.sum(dim=1)
+
+
+def _pair_fields(pair: Mapping[str, Any], k: int) -> tuple[list[dict], str, str]:
+    if not isinstance(pair, Mapping):
+        raise ValueError(f"pair {k}: must be a mapping with messages, chosen and rejected")  # noqa: TRY004
+    check_prompt(pair.get("messages"), f"pair {k} ({pair.get('pair_id', pair.get('item_id'))!r})")
+    for key in ("chosen", "rejected"):
+        if not isinstance(pair.get(key), str) or not pair[key].strip():
+            raise ValueError(f"pair {k}: {key} must be a non-empty string")
+    if pair["chosen"] == pair["rejected"]:
+        raise ValueError(f"pair {k}: chosen and rejected are the same text")
+    return list(pair["messages"]), pair["chosen"], pair["rejected"]
+
+
+def pairs_fingerprint(pairs: Sequence[tuple[list[dict], str, str]]) -> str:
+    """A hash of the pairs' prompts and responses in order: a resume must see the same pairs, or the step →
+    pairs mapping (and with it the run) would silently change."""
+    digest = hashlib.sha256()
+    for messages, chosen, rejected in pairs:
+        digest.update(json.dumps([messages, chosen, rejected], sort_keys=True, default=str).encode())
+        digest.update(b"\n")
+    return digest.hexdigest()[:16]
+
+
+def pair_indices(num_pairs: int, step: int, pairs_per_step: int, seed: int) -> list[int]:
+    """The pairs of optimizer step `step` (0-based): positions step·P … step·P + P − 1 of the epochs laid end to
+    end, each epoch a shuffle seeded by (seed, epoch). A function of the step alone, so a resume needs no
+    loader state."""
+    out = []
+    for position in range(step * pairs_per_step, (step + 1) * pairs_per_step):
+        epoch, offset = divmod(position, num_pairs)
+        order = list(range(num_pairs))
+        random.Random(f"keyeflow-mpo:{seed}:{epoch}").shuffle(order)
+        out.append(order[offset])
+    return out
+
+
+def _tokenizer_for(init: Path):
+    has_own = any((init / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json"))
+    return load_tokenizer(init if has_own else None)
+
+
+def train_mpo(config: MPOStageConfig, *, init: str | Path, pairs: Sequence[Mapping[str, Any]],
+              out_dir: str | Path, run_id: str | None = None, media_lookup: MediaLookup | None = None) -> MPOResult:
+    """Train the policy at `init` with MPO on `pairs` (dicts with `messages`, `chosen`, `rejected`; other keys
+    are ignored), checkpointing into `out_dir`; resumes from `out_dir/latest` when present. `media_lookup`
+    resolves image/video parts of the prompts (as for `processor.encode_sample`). `run_id`: the MLflow run to
+    log to (None: only `out_dir/metrics.jsonl`)."""
+    init, out_dir = Path(init), Path(out_dir)
+    if not init.is_dir():
+        raise ValueError(f"init {init} is not a checkpoint directory")
+    parsed = [_pair_fields(pair, k) for k, pair in enumerate(pairs)]
+    if not parsed:
+        raise ValueError("train_mpo needs at least one pair")
+    fingerprint = pairs_fingerprint(parsed)
+    dist = distributed.setup()
+    if dist.world_size > 1:
+        raise ValueError(f"train_mpo runs in one process, got world size {dist.world_size}")
+
+    # ---- Where to start: the last registered checkpoint, else `init`.
+    resume_dir = latest_checkpoint(out_dir)
+    saved = json.loads((resume_dir / STATE).read_text()) if resume_dir else None
+    if saved:
+        _check_resumable(saved, config, init, fingerprint)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for stale in out_dir.glob(".tmp-*"):  # a checkpoint interrupted while being written
+        shutil.rmtree(stale, ignore_errors=True)
+
+    # ---- Models: the policy, and the frozen reference, which is always `init` (also on a resume).
+    tokenizer = _tokenizer_for(init)
+    policy = load_model(resume_dir / "model" if resume_dir else init).to(dist.device).train()
+    reference = load_model(init).to(dist.device).eval().requires_grad_(False)
+    merge = policy.config.vision_config.spatial_merge_size
+    pad_id = policy.config.text_config.pad_token_id or 0
+
+    def encode(messages: list[dict], response: str) -> Features:
+        return encode_sample(messages + [{"role": "assistant", "content": response}], tokenizer, media_lookup,
+                             spatial_merge_size=merge)
+
+    # Refuse over-long pairs before any compute is spent, naming them (cutting one could drop its answer).
+    too_long = []
+    for k, (messages, chosen, rejected) in enumerate(parsed):
+        longest = max(len(encode(messages, chosen)), len(encode(messages, rejected)))
+        if longest > config.max_length:
+            too_long.append(f"pair {k} ({longest} tokens)")
+    if too_long:
+        raise ValueError(f"{len(too_long)} pairs are longer than max_length={config.max_length}: "
+                         f"{', '.join(too_long[:5])}; filter them or raise max_length")
+
+    # ---- Optimizer (every parameter trains) and the warm-up schedule.
+    trainable = [p for p in policy.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=config.learning_rate, weight_decay=0.0)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: config.lr_at(s) / config.learning_rate)
+
+    step, losses, shift = 0, [], RewardShift()
+    if saved:
+        step, losses = saved["step"], list(saved["losses"])
+        shift = RewardShift(**saved["reward_shift"])
+        load_training_state(resume_dir, optimizer, scheduler, None, dist, config.seed + step)
+    else:
+        seed_everything(config.seed)
+    truncate_metrics(out_dir / METRICS, step)
+    if run_id and not saved:
+        lineage.log_params(run_id, {"mpo_stage": config.to_dict(), "mpo_stage_hash": config.config_hash(),
+                                    "init": str(init), "num_pairs": len(parsed), "pairs_fingerprint": fingerprint})
+    checkpoint_dir = resume_dir
+    log.info("MPO: steps %d → %d over %d pairs%s", step, config.max_steps, len(parsed),
+             f", resumed from {resume_dir}" if resume_dir else "")
+
+    while step < config.max_steps:
+        started = time.perf_counter()
+        indices = pair_indices(len(parsed), step, config.pairs_per_step, config.seed)
+        # Rows alternate chosen, rejected: one forward per model scores the whole step.
+        rows = [encode(parsed[i][0], response) for i in indices for response in parsed[i][1:]]
+        batch = {k: v.to(dist.device) for k, v in collate(rows, pack=False, pad_token_id=pad_id).items()}
+        logps, counts = sequence_logprobs(policy, batch)
+        with torch.no_grad():
+            ref_logps, _ = sequence_logprobs(reference, batch)
+        out = mpo_loss(config.mpo, logps[0::2], logps[1::2], ref_logps[0::2], ref_logps[1::2], counts[0::2],
+                       reward_shift=shift)
+        lr = scheduler.get_last_lr()[0]
+        out.loss.backward()
+        grad_norm = (torch.nn.utils.clip_grad_norm_(trainable, config.grad_clip) if config.grad_clip
+                     else torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in trainable])))
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        scheduler.step()
+        step += 1
+
+        loss = out.loss.item()
+        losses.append(loss)
+        metrics = {"loss": loss, "dpo": out.dpo.item(), "bco": out.bco.item(), "sft": out.sft.item(),
+                   "reward_margin": out.reward_margin.item(), "reward_accuracy": out.reward_accuracy.item(),
+                   "chosen_reward": out.chosen_rewards.mean().item(),
+                   "rejected_reward": out.rejected_rewards.mean().item(), "bco_shift": out.bco_shift,
+                   "lr": lr, "grad_norm": float(grad_norm), "chosen_tokens": int(counts[0::2].sum()),
+                   "seconds": time.perf_counter() - started}
+        with (out_dir / METRICS).open("a") as f:
+            f.write(json.dumps({"step": step, **metrics, "time": time.time(), "pairs": indices}) + "\n")
+        if run_id:
+            lineage.log_metrics(run_id, metrics, step=step)
+        log.info("MPO step %d/%d loss %.4f margin %.4f accuracy %.2f", step, config.max_steps, loss,
+                 metrics["reward_margin"], metrics["reward_accuracy"])
+
+        if step % config.checkpoint_every == 0 or step == config.max_steps:
+            checkpoint_dir = save_checkpoint(
+                out_dir, step, dist=dist, model=policy, optimizer=optimizer, scheduler=scheduler, engine=None,
+                state={"format": MPO_CHECKPOINT_FORMAT, "kind": "mpo", "step": step, "losses": losses,
+                       "reward_shift": {"mean": shift.mean, "num_batches": shift.num_batches},
+                       "config": config.to_dict(), "config_hash": config.config_hash(), "init": str(init),
+                       "pairs_fingerprint": fingerprint, "num_pairs": len(parsed)})
+            if run_id:
+                lineage.set_tags(run_id, {"keyeflow.checkpoint": str(checkpoint_dir)})
+
+    assert checkpoint_dir is not None  # the last step always writes one
+    return MPOResult(checkpoint_dir=checkpoint_dir, step=step, losses=losses, metrics=read_metrics(out_dir))
+
+
+def _check_resumable(saved: Mapping[str, Any], config: MPOStageConfig, init: Path, fingerprint: str) -> None:
+    if saved.get("format") != MPO_CHECKPOINT_FORMAT or saved.get("kind") != "mpo":
+        raise ValueError(f"the checkpoint in out_dir is not an MPO checkpoint of format {MPO_CHECKPOINT_FORMAT} "
+                         f"(kind {saved.get('kind')!r}, format {saved.get('format')!r})")
+    if saved["pairs_fingerprint"] != fingerprint:
+        raise ValueError("cannot resume: the checkpoint trained on other pairs (fingerprint "
+                         f"{saved['pairs_fingerprint']}, these pairs {fingerprint}); use a new out_dir")
+    if Path(saved["init"]).resolve() != init.resolve():
+        raise ValueError(f"cannot resume: the checkpoint's reference model is {saved['init']}, this run names "
+                         f"{init} (the reference must stay the same for the whole run)")
+    if saved["config_hash"] != config.config_hash():
+        changed = sorted(k for k, v in config.to_dict().items() if saved["config"].get(k) != v)
+        log.warning("resuming MPO with changed settings: %s", ", ".join(changed))

@@ -1,0 +1,925 @@
+"""GSPO reinforcement learning (SPEC §4): the RL engine of the general and alignment RL rounds, and the two
+steps of the rejection-sampling loop around it. No Prefect here: a task calls `train_gspo` as it calls the
+SFT trainer.
+
+**One GSPO step** (`train_gspo`), top to bottom:
+
+1. *Prompts*: `prompts_per_step` items of the list, a fresh seeded permutation every epoch (the last
+   `len(items) % prompts_per_step` items of an epoch's order wait for a later epoch), so step s's prompts
+   follow from (seed, s) alone and a resumed run picks what the uninterrupted one would have.
+2. *Rollouts*: G completions per prompt from the current policy (`LocalGenerator` sharing the model being
+   trained: its KV-cached sampler, media resolved by `media_lookup`), seeded from (seed, step).
+3. *Rewards*: `reward_fn(item, response)` → a float in [0, 1] or a `Reward` (`rule_reward_fn` builds one
+   from `keyeflow.training.rewards`). The item handed over is the row with `messages` set to the conversation
+   the response answered (so with the hint, when one was given).
+4. *Progressive hints* (`keyeflow.training.hints`): an item whose every rollout fails (reward below
+   `success_threshold`) gets hints one level at a time; the step trains on the G responses of the lowest
+   level with a success, under the hinted prompt (the level used is recorded per item). The step's own
+   rollouts are the level-0 attempt, so no rollout is sampled twice. An item never solved up to
+   `hints.max_level`, or carrying no hints, keeps its all-failed group (all advantages 0: no gradient).
+5. *Advantages* Â = group-normalised rewards (`losses.group_advantages`, one row per prompt).
+6. *Teacher-forced log-probs* of every completion: Features = the prompt exactly as the generator encoded it
+   (`LocalGenerator.encode_prompt`: media patches, grids, 3D RoPE positions) + the completion's sampled
+   token ids (`Completion.token_ids`, never the re-tokenised text), labels on the completion only, positions
+   continuing at one past the prompt's largest, as the sampler decoded them (`completion_features`).
+7. *Update*: the step's responses are cut into `mini_batches_per_step` mini-batches, one AdamW update each,
+   with the GSPO loss (`losses.gspo_loss`).
+
+**Old log-probs are recomputed by the trainer's forward, not taken from the sampler.** The sampler's numbers
+come from another computation (a KV-cached decode, batch-of-one prefill, other kernels; on a serving engine,
+another precision), so they differ from the training forward in the last bits or more. GSPO clips a
+length-normalised ratio to 1 ± 3e-4, below that noise, so using the sampler's numbers would clip (or fail to
+clip) responses for reasons that have nothing to do with the policy moving. Instead "old" is the policy
+before the step's first update, evaluated by the same forward as the update: the first mini-batch's old
+log-probs are its own forward, detached (the ratio is exactly 1), and those of later mini-batches are one
+no-grad forward each before the first update (their ratio moves with the updates already made). The gap
+between the sampler's and the trainer's log-probs of the sampled tokens is reported every step
+(`sampler_logprob_gap`): a live version of the input-consistency check.
+
+**Which responses are computed.** With `kl_coef` 0 a response whose advantage is 0 adds exactly 0 to the
+objective and to the gradient (min(s·0, clip(s)·0) = 0), so it is not run through the model; each
+mini-batch's loss is still normalised as GSPO's mean over *all* the step's responses (its sum over its
+responses divided by N / mini_batches), so skipping them changes no number, only the work. A mini-batch with
+no response left does no update. With `kl_coef` > 0 every response is computed (the KL term applies to all),
+and the reference is the frozen `init` checkpoint. A response holding an image/video pad id cannot be
+teacher-forced and is left out too, its reward still counting in its group (`vision_pad_ids`).
+
+The policy runs in eval mode throughout (no dropout): with dropout, the old and new forwards would differ by
+noise and the importance ratio would measure the noise. All parameters train (no freezing policy in RL).
+
+**Checkpoints** at `out_dir/step-XXXXXXXX/` every `checkpoint_every` steps and at the last: `model/`
+(save_pretrained, with the tokenizer: a complete `LocalGenerator` input and the next stage's `init`),
+`optimizer.pt` (AdamW's state) and `state.json`; written to a hidden temporary directory, renamed into place,
+then named in `out_dir/latest` (as `keyeflow.training.trainer`), so a kill leaves the previous or the new
+checkpoint registered, never half of one. A run finding `latest` resumes from it: the model, the optimizer
+and the step; rollout seeds and prompts follow from the step, so the resumed run continues as the
+uninterrupted one would. `out_dir/metrics.jsonl` has one line per step (a resume drops lines after its
+checkpoint): rewards, pass rate, clip fractions, hint levels, per-update ratios and the time of the rollouts,
+rewards and update; with `run_id` the numeric ones go to MLflow. `out_dir/hints/step-XXXXXXXX.json` has the
+step's per-item record: the hint level trained on and the pass rate of every level tried.
+
+**Before RL starts** (`check_rollout_training_inputs`, DESIGN "better than peers" 9): for a sample with an
+image and/or a video, the rollout path (the generator's prompt + a completion) and the training path
+(`processor.encode_sample` on the messages + the assistant turn) must build the same input_ids, pixel
+values, grids, 3D RoPE positions and labels, and the sampler's log-probs of a sampled completion must equal
+the training forward's. `train_gspo` runs it on the first item that has media.
+
+**Rejection-sampling loop** (SPEC §4, P §4.4.3): `pass_rate_filter` keeps RL items whose pass rate under
+the policy is strictly between 0 and 1 (every drop with its reason); `rejection_sampling_round` re-samples
+the cold-start set with the RL model and replaces a reference by a verified sample that `prefer_fn` (the
+reward model's judgement, later) prefers.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import math
+import numbers
+import random
+import shutil
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from keyeflow import lineage
+from keyeflow.model.checkpoint import load_keye_checkpoint
+from keyeflow.model.generation import BatchGenerationError, Completion, Generator, LocalGenerator
+from keyeflow.model.processor import Features, MediaLookup, collate, encode_sample
+from keyeflow.model.token_stream import IGNORE_INDEX
+from keyeflow.model.tokenizer import IM_END
+from keyeflow.training.hints import HintConfig, HintRecord, item_hints, progressive_hint_sampling
+from keyeflow.training.losses import GSPOConfig, group_advantages, gspo_loss, token_logprobs
+from keyeflow.training.rewards import Reward, RewardCombiner, RewardItem
+from keyeflow.training.trainer import (
+    LATEST,
+    METRICS,
+    STATE,
+    latest_checkpoint,
+    truncate_metrics,
+    write_atomically,
+)
+
+log = logging.getLogger(__name__)
+
+RewardFn = Callable[[Mapping[str, Any], str], "float | Reward"]
+CHECKPOINT_FORMAT = 1
+HINTS_DIR = "hints"
+OPTIMIZER = "optimizer.pt"
+
+
+# ============================================================================================== config
+
+
+def _invalid(name: str, value: object, why: str) -> ValueError:
+    return ValueError(f"GSPOStageConfig.{name}={value!r}: {why}")
+
+
+def _check_int(name: str, value: object, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"GSPOStageConfig.{name}={value!r}: must be an integer >= {minimum}")
+
+
+def _check_real(name: str, value: object, *, low: float, strict: bool) -> None:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value) \
+            or value < low or (strict and value == low):
+        raise ValueError(f"GSPOStageConfig.{name}={value!r}: must be a finite number {'>' if strict else '>='} {low}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class GSPOStageConfig:
+    """One GSPO stage (module docstring). Counts are per optimizer step unless said otherwise.
+
+    ``prompts_per_step``: prompts rolled out per step. ``group_size``: G, rollouts per prompt (>= 2: the
+    advantages are normalised within the group). ``max_new_tokens``/``temperature``: sampling (temperature > 0:
+    greedy would give G identical responses and no signal). ``learning_rate``: AdamW's, constant (weight decay
+    0, as TRL's GRPO default: with LRs around 1e-6 over a few hundred steps, decay only pulls weights towards 0).
+    ``max_steps``: the step the stage ends at (a resume continues up to it). ``mini_batches_per_step``: updates
+    per rollout batch. ``grad_clip``: max gradient norm (0: no clipping). ``success_threshold``: a rollout
+    passes when its reward reaches it (pass rates, "every rollout fails", hint levels). ``hints``: progressive
+    hint sampling (None: off); its ``rollouts_per_level`` must be G (the step's rollouts are its level 0) and
+    its ``success_threshold`` the stage's. ``checkpoint_every``: steps between checkpoints (and the last step).
+    """
+
+    prompts_per_step: int = 8
+    group_size: int = 4
+    max_new_tokens: int = 1024
+    temperature: float = 1.0
+    learning_rate: float = 1e-6
+    max_steps: int = 100
+    mini_batches_per_step: int = 1
+    grad_clip: float = 1.0
+    success_threshold: float = 0.5
+    gspo: GSPOConfig = field(default_factory=GSPOConfig)
+    hints: HintConfig | None = field(default_factory=HintConfig)
+    seed: int = 0
+    checkpoint_every: int = 10
+
+    def __post_init__(self) -> None:
+        _check_int("prompts_per_step", self.prompts_per_step, 1)
+        _check_int("group_size", self.group_size, 2)
+        _check_int("max_new_tokens", self.max_new_tokens, 1)
+        _check_real("temperature", self.temperature, low=0.0, strict=True)
+        _check_real("learning_rate", self.learning_rate, low=0.0, strict=True)
+        _check_int("max_steps", self.max_steps, 1)
+        _check_int("mini_batches_per_step", self.mini_batches_per_step, 1)
+        if self.mini_batches_per_step > self.prompts_per_step * self.group_size:
+            raise ValueError(f"GSPOStageConfig.mini_batches_per_step={self.mini_batches_per_step}: more than the "
+                             f"{self.prompts_per_step * self.group_size} responses of a step")
+        _check_real("grad_clip", self.grad_clip, low=0.0, strict=False)
+        _check_real("success_threshold", self.success_threshold, low=0.0, strict=True)
+        if self.success_threshold > 1.0:
+            raise ValueError(f"GSPOStageConfig.success_threshold={self.success_threshold!r}: must be <= 1 "
+                             "(rewards are in [0, 1])")
+        # ValueError for a wrong type too: one exception type for every bad setting (DESIGN rule 4).
+        if not isinstance(self.gspo, GSPOConfig):
+            raise _invalid("gspo", self.gspo, "must be a GSPOConfig")
+        if self.hints is not None and not isinstance(self.hints, HintConfig):
+            raise _invalid("hints", self.hints, "must be a HintConfig or None")
+        if self.hints is not None:
+            if self.hints.rollouts_per_level != self.group_size:
+                raise ValueError(f"GSPOStageConfig.hints.rollouts_per_level={self.hints.rollouts_per_level} must "
+                                 f"equal group_size={self.group_size}: the step's rollouts are hint level 0 and "
+                                 "the group trained at the level used")
+            if self.hints.success_threshold != self.success_threshold:
+                raise ValueError(f"GSPOStageConfig.hints.success_threshold={self.hints.success_threshold} differs "
+                                 f"from success_threshold={self.success_threshold}: one rule decides a success")
+        _check_int("seed", self.seed, 0)
+        _check_int("checkpoint_every", self.checkpoint_every, 1)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def config_hash(self) -> str:
+        payload = json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(payload.encode("utf-8")).hexdigest()[:16]
+
+
+# ============================================================================================== items
+
+
+def _has_media(messages: Sequence[Mapping]) -> bool:
+    return any(isinstance(part, Mapping) and part.get("type") in ("image", "video")
+               for m in messages if not isinstance(m.get("content"), str) for part in m.get("content") or ())
+
+
+def _check_items(items: Sequence[Mapping[str, Any]], hints: HintConfig | None) -> list[dict[str, Any]]:
+    """The items as dicts, after checking ids, messages (ending with a user turn: rollouts answer it) and,
+    when hint sampling is on, that an item with hints has every level up to max_level (before any rollout,
+    so a missing hint never stops a run half-way)."""
+    if isinstance(items, (str, Mapping)) or not isinstance(items, Sequence) or not items:
+        raise ValueError("items must be a non-empty list of {'id', 'messages', ...} rows")
+    out, seen = [], set()
+    for n, item in enumerate(items):
+        if not isinstance(item, Mapping):
+            raise TypeError(f"item {n} is a {type(item).__name__}, not a mapping")
+        item_id = item.get("id")
+        if not isinstance(item_id, str) or not item_id:
+            raise ValueError(f"item {n}: needs a non-empty string 'id', got {item_id!r}")
+        if item_id in seen:
+            raise ValueError(f"item id {item_id!r} is repeated")
+        seen.add(item_id)
+        messages = item.get("messages")
+        if isinstance(messages, (str, Mapping)) or not isinstance(messages, Sequence) or not messages \
+                or not all(isinstance(m, Mapping) for m in messages):
+            raise ValueError(f"item {item_id!r}: 'messages' must be a non-empty list of {{'role', 'content'}}")
+        if messages[-1].get("role") != "user":
+            raise ValueError(f"item {item_id!r}: the last message must be the user's turn to answer, got "
+                             f"{messages[-1].get('role')!r}")
+        if hints is not None and item.get("hints"):
+            known = item_hints(item)
+            missing = [k for k in range(1, hints.max_level + 1) if k not in known]
+            if missing:
+                raise ValueError(f"item {item_id!r} has hints but none for levels {missing} "
+                                 f"(hints.max_level={hints.max_level})")
+        out.append(dict(item))
+    return out
+
+
+def with_last_user_content(messages: Sequence[Mapping], content: Any) -> list[dict]:
+    """`messages` with the content of its last (user) message replaced, e.g. by a hinted prompt."""
+    return [*[dict(m) for m in messages[:-1]], dict(messages[-1], content=content)]
+
+
+def step_items(items: Sequence[Mapping[str, Any]], step: int, prompts_per_step: int, seed: int) -> list:
+    """The prompts of step `step` (0-based): epoch e = step // steps_per_epoch uses a permutation seeded by
+    (seed, e), cut into steps of `prompts_per_step`; an epoch's leftover items (fewer than a step) are skipped
+    that epoch, so no step holds an item twice."""
+    steps_per_epoch = len(items) // prompts_per_step
+    if steps_per_epoch == 0:
+        raise ValueError(f"prompts_per_step={prompts_per_step} is more than the {len(items)} items")
+    epoch, slot = divmod(step, steps_per_epoch)
+    order = list(range(len(items)))
+    random.Random(f"keyeflow-gspo:{seed}:{epoch}").shuffle(order)
+    return [items[i] for i in order[slot * prompts_per_step:(slot + 1) * prompts_per_step]]
+
+
+def _step_seed(seed: int, step: int) -> int:
+    digest = hashlib.sha256(f"keyeflow-gspo-rollout:{seed}:{step}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1
+
+
+def _reward_value(item_id: str, out: object) -> float:
+    value = out.value if isinstance(out, Reward) else out
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0.0 <= value <= 1.0:
+        raise ValueError(f"item {item_id!r}: reward_fn returned {out!r}, not a number in [0, 1] or a Reward")
+    return float(value)
+
+
+def rule_reward_fn(combiner: RewardCombiner | None = None) -> RewardFn:
+    """A `reward_fn` over item rows from `keyeflow.training.rewards`: the row's last user content is the
+    prompt (its ``/think`` switch picks the format checked), ``reference``, ``task`` (default "math"),
+    ``mode``, ``options`` and ``constraints`` go into a `RewardItem`, scored by `combiner` (default: rule
+    rewards only)."""
+    combiner = combiner or RewardCombiner()
+
+    def reward(item: Mapping[str, Any], response: str) -> Reward:
+        reward_item = RewardItem(prompt=item["messages"][-1]["content"], reference=item.get("reference"),
+                                 task=item.get("task", "math"), mode=item.get("mode"), options=item.get("options"),
+                                 constraints=tuple(item.get("constraints", ())))
+        return combiner(reward_item, response)
+
+    return reward
+
+
+# ============================================================================================== features
+
+
+def vision_pad_ids(model: nn.Module) -> frozenset[int]:
+    """The image/video pad ids. A completion holding one cannot be teacher-forced: the model reads every such
+    id as the placeholder of a vision feature, and a sampled one has no pixels behind it. A trained VLM does
+    not emit them; a random or broken policy can. Such a response keeps its reward (it counts in its group's
+    advantages) but is left out of the update and counted (`num_unscorable_responses`)."""
+    return frozenset({int(model.config.image_token_id), int(model.config.video_token_id)})
+
+
+def completion_features(prompt: Features, token_ids: Sequence[int]) -> Features:
+    """The training inputs of one rollout: `prompt` (as `LocalGenerator.encode_prompt` built it) followed by
+    the sampled `token_ids`. Labels are on the completion only (a prompt's own assistant turns are context
+    here, not trained); the completion's positions continue in all three RoPE streams at one past the
+    prompt's largest position, as the sampler decoded them."""
+    ids = torch.as_tensor(list(token_ids), dtype=torch.long)
+    if ids.numel() == 0:
+        raise ValueError("a completion needs at least one token")
+    start = int(prompt.position_ids.max()) + 1 if len(prompt) else 0
+    positions = torch.arange(start, start + ids.numel()).expand(3, -1)
+    return Features(
+        input_ids=torch.cat([prompt.input_ids, ids]),
+        labels=torch.cat([torch.full_like(prompt.input_ids, IGNORE_INDEX), ids]),
+        pixel_values=prompt.pixel_values,
+        grid_thw=prompt.grid_thw,
+        position_ids=torch.cat([prompt.position_ids, positions], dim=1),
+        num_vision_tokens=prompt.num_vision_tokens,
+    )
+
+
+def completion_logprobs(model: nn.Module, features: Sequence[Features], *, pad_token_id: int = 0
+                        ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Teacher-forced log-probs of the labelled tokens: `(logps, mask)`, both `[B, L − 1]`, one row per
+    sample (right-padded, `processor.collate`); `logps[b, t]` scores token t + 1 of row b, `mask` is true on
+    the completion tokens. Gradients flow unless the caller disables them."""
+    device = next(model.parameters()).device
+    batch = collate(features, pack=False, pad_token_id=pad_token_id)
+    inputs = {k: v.to(device) for k, v in batch.items() if k != "labels"}
+    logits = model(**inputs).logits
+    logps = token_logprobs(logits[:, :-1], inputs["input_ids"][:, 1:])
+    return logps, (batch["labels"][:, 1:] != IGNORE_INDEX).to(device)
+
+
+# ================================================================================ input consistency check
+
+
+class RolloutInputMismatch(ValueError):
+    """The rollout and training paths built different model inputs; `field` and `position` say where first."""
+
+    def __init__(self, field_name: str, position: tuple[int, ...] | str, detail: str):
+        self.field = field_name
+        self.position = position
+        super().__init__(f"rollout and training inputs differ in {field_name} at {position}: {detail}")
+
+
+def _first_difference(name: str, rollout: torch.Tensor, training: torch.Tensor) -> None:
+    if rollout.shape != training.shape:
+        # Lengths differ: name the first index where the common prefix stops agreeing (or where one ends).
+        if rollout.ndim == training.ndim and rollout.ndim >= 1 and rollout.shape[1:] == training.shape[1:]:
+            common = min(rollout.shape[0], training.shape[0])
+            diff = (rollout[:common] != training[:common]).reshape(common, -1).any(dim=1).nonzero()
+            at = int(diff[0]) if len(diff) else common
+            raise RolloutInputMismatch(name, (at,), f"shape {tuple(rollout.shape)} (rollout) vs "
+                                                    f"{tuple(training.shape)} (training)")
+        raise RolloutInputMismatch(name, "shape", f"{tuple(rollout.shape)} (rollout) vs {tuple(training.shape)} "
+                                                  "(training)")
+    diff = (rollout != training).nonzero()
+    if len(diff):
+        at = tuple(int(i) for i in diff[0])
+        raise RolloutInputMismatch(name, at, f"rollout {rollout[at].item()} vs training {training[at].item()}")
+
+
+def check_rollout_training_inputs(
+    generator: LocalGenerator,
+    messages: Sequence[Mapping],
+    response: str,
+    *,
+    media_lookup: MediaLookup | None = None,
+    logprob_atol: float | None = 1e-3,
+    max_new_tokens: int = 8,
+) -> Features:
+    """Check that the rollout and training paths build the same multimodal inputs for `messages` (a prompt
+    ending with a user turn, typically with an image and/or a video) answered by `response`; return the
+    Features both paths agreed on. Raises `RolloutInputMismatch` naming the first differing field and position.
+
+    - rollout path: `generator.encode_prompt(messages)` + the response's ids (`tokenizer.encode(response)` +
+      `<|im_end|>`, the tokens a rollout that wrote this text and stopped would carry) via
+      `completion_features`, what `train_gspo` trains on;
+    - training path: `processor.encode_sample(messages + [assistant: response])` with `media_lookup` (default
+      the generator's): the SFT processor, reading media the way the trainer does. Its last tokens, the
+      untrained turn separator after `<|im_end|>`, are not part of a rollout; they must be exactly that
+      separator. Labels are compared from the completion on (a prompt's own assistant turns are SFT targets
+      but RL context);
+    - compared: input_ids, pixel_values, grid_thw, position_ids (3D RoPE), labels;
+    - then the sampler itself: one greedy completion of `max_new_tokens` from the generator, whose per-token
+      log-probs must equal (within `logprob_atol`; None skips) the training forward's on the same ids, so the
+      positions and vision features the KV-cached decode used are the trainer's too.
+    """
+    tokenizer = generator.tokenizer
+    merge = generator.model.config.vision_config.spatial_merge_size
+    prompt = generator.encode_prompt(messages)
+    im_end = tokenizer.convert_tokens_to_ids(IM_END)
+    rollout = completion_features(prompt, [*tokenizer.encode(response, add_special_tokens=False), im_end])
+    training = encode_sample([*messages, {"role": "assistant", "content": response}], tokenizer,
+                             media_lookup if media_lookup is not None else generator.media_lookup,
+                             spatial_merge_size=merge)
+
+    separator = torch.tensor(tokenizer.encode("\n", add_special_tokens=False), dtype=torch.long)
+    n = len(rollout)
+    tail_ids, tail_labels = training.input_ids[n:], training.labels[n:]
+    if len(training) == n + len(separator) and torch.equal(tail_ids, separator) \
+            and bool((tail_labels == IGNORE_INDEX).all()):
+        training = Features(input_ids=training.input_ids[:n], labels=training.labels[:n],
+                            pixel_values=training.pixel_values, grid_thw=training.grid_thw,
+                            position_ids=training.position_ids[:, :n], num_vision_tokens=training.num_vision_tokens)
+    expected_labels = training.labels.clone()
+    expected_labels[: min(len(prompt), len(expected_labels))] = IGNORE_INDEX
+
+    _first_difference("input_ids", rollout.input_ids, training.input_ids)
+    _first_difference("pixel_values", rollout.pixel_values, training.pixel_values)
+    _first_difference("grid_thw", rollout.grid_thw, training.grid_thw)
+    _first_difference("position_ids", rollout.position_ids, training.position_ids)
+    _first_difference("labels", rollout.labels, expected_labels)
+
+    if logprob_atol is not None:
+        model = generator.model
+        sampled = generator.generate_one(list(messages), n=1, max_new_tokens=max_new_tokens, temperature=0.0,
+                                         seed=0, logprobs=True)[0]
+        # A vision pad id cannot be teacher-forced (`vision_pad_ids`): compare the tokens before the first one.
+        pads = vision_pad_ids(model)
+        keep = next((i for i, t in enumerate(sampled.token_ids) if t in pads), len(sampled.token_ids))
+        sampled_ids, sampled_logprobs = sampled.token_ids[:keep], sampled.token_logprobs[:keep]
+        was_training = model.training
+        model.eval()
+        try:
+            with torch.no_grad():
+                logps, mask = (completion_logprobs(model, [completion_features(prompt, sampled_ids)]) if keep
+                               else (torch.zeros(1, 0), torch.zeros(1, 0, dtype=torch.bool)))
+        finally:
+            model.train(was_training)
+        trained = logps[0][mask[0]].cpu()
+        gaps = (trained - torch.tensor(sampled_logprobs)).abs()
+        if bool((gaps > logprob_atol).any()):
+            at = int((gaps > logprob_atol).nonzero()[0])
+            raise RolloutInputMismatch(
+                "sampler log-probs", (at,), f"the sampler gave {sampled_logprobs[at]:.6f} for completion "
+                f"token {at}, the training forward {float(trained[at]):.6f} (tolerance {logprob_atol})")
+    return rollout
+
+
+# ============================================================================================== training
+
+
+@dataclass(frozen=True)
+class GSPOResult:
+    checkpoint_dir: Path  # the last checkpoint (its `model/` is the next round's init)
+    step: int  # steps done
+    resumed_from_step: int | None  # the checkpoint this run started from (None: a fresh start)
+    history: list[dict[str, Any]]  # metrics.jsonl: one record per step, from step 1 (across resumes)
+
+
+@dataclass
+class _Group:
+    """One prompt's G responses as trained: the conversation they answered, completions, rewards."""
+
+    item: dict[str, Any]
+    messages: list[dict]
+    completions: list[Completion]
+    rewards: list[float]
+    level: int | None  # hint level trained on (0: none needed; None: unsolved, trained as sampled)
+
+
+class _Timer:
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {"rollout": 0.0, "reward": 0.0, "update": 0.0}
+
+    def add(self, name: str, started: float) -> None:
+        self.seconds[name] += time.perf_counter() - started
+
+
+def _rollouts(generator: LocalGenerator, config: GSPOStageConfig, messages_batch: list[list[dict]], seed: int,
+              timer: _Timer) -> list[list[Completion]]:
+    started = time.perf_counter()
+    out = generator.generate(messages_batch, n=config.group_size, max_new_tokens=config.max_new_tokens,
+                             temperature=config.temperature, seed=seed, logprobs=True)
+    timer.add("rollout", started)
+    return out
+
+
+def _score(reward_fn: RewardFn, item: dict, messages: list[dict], completions: list[Completion],
+           timer: _Timer) -> list[float]:
+    started = time.perf_counter()
+    scored = dict(item, messages=messages)
+    rewards = [_reward_value(item["id"], reward_fn(scored, c.text)) for c in completions]
+    timer.add("reward", started)
+    return rewards
+
+
+def _hinted_group(generator: LocalGenerator, config: GSPOStageConfig, group: _Group, reward_fn: RewardFn,
+                  seed: int, timer: _Timer) -> tuple[HintRecord, _Group]:
+    """Progressive hint sampling for one all-failed group; the group at the level used (unchanged when no
+    level succeeds)."""
+    item = group.item
+    tried: list[tuple[list[dict], list[Completion], list[float]]] = []  # one entry per level, in level order
+
+    def rollout(prompt: Any, n: int) -> list[str]:
+        messages = with_last_user_content(item["messages"], prompt)
+        if not tried:  # level 0 is the step's own rollouts, already sampled and scored
+            completions, rewards = group.completions, group.rewards
+        else:
+            completions = _rollouts(generator, config, [messages], seed, timer)[0]
+            rewards = _score(reward_fn, item, messages, completions, timer)
+        tried.append((messages, completions, rewards))
+        return [c.text for c in completions]
+
+    def reward(_: Mapping[str, Any], response: str) -> float:
+        # Called right after `rollout`, on its responses: the scores are already known.
+        _, completions, rewards = tried[-1]
+        return rewards[[c.text for c in completions].index(response)]
+
+    hint_item = dict(item, prompt=item["messages"][-1]["content"])
+    [record] = progressive_hint_sampling([hint_item], rollout, reward, config.hints)
+    if record.level is None:
+        return record, group
+    messages, completions, rewards = tried[record.level]
+    return record, _Group(item, messages, completions, rewards, record.level)
+
+
+def _pad_id(model: nn.Module) -> int:
+    return model.config.text_config.pad_token_id or 0
+
+
+def train_gspo(
+    config: GSPOStageConfig,
+    *,
+    init: str | Path,
+    items: Sequence[Mapping[str, Any]],
+    reward_fn: RewardFn,
+    out_dir: str | Path,
+    run_id: str | None = None,
+    media_lookup: MediaLookup | None = None,
+) -> GSPOResult:
+    """Train the policy at `init` (a checkpoint directory) with GSPO on `items` (rows with `id`, `messages`
+    ending in a user turn, and whatever `reward_fn` reads: `reference`, `task`, …; `hints` level → text for
+    progressive hint sampling), checkpointing into `out_dir` and resuming from `out_dir/latest` when present.
+    `run_id`: the MLflow run to log to. `media_lookup` resolves image/video parts (as `encode_sample`)."""
+    out_dir = Path(out_dir)
+    items = _check_items(items, config.hints)
+    if config.prompts_per_step > len(items):
+        raise ValueError(f"GSPOStageConfig.prompts_per_step={config.prompts_per_step} is more than the "
+                         f"{len(items)} items")
+    items_hash = hashlib.sha256(json.dumps([i["id"] for i in items]).encode()).hexdigest()[:16]
+
+    # ---- Where to start: the last registered checkpoint, else `init`.
+    resume_dir = latest_checkpoint(out_dir)
+    saved = json.loads((resume_dir / STATE).read_text()) if resume_dir else None
+    if saved:
+        if saved.get("format") != CHECKPOINT_FORMAT:
+            raise ValueError(f"checkpoint format {saved.get('format')!r}, train_gspo reads {CHECKPOINT_FORMAT}")
+        if saved["items_hash"] != items_hash:
+            raise ValueError(f"cannot resume {resume_dir}: it trained on another item list (ids hash "
+                             f"{saved['items_hash']}, now {items_hash}); start a new out_dir with it as init")
+        if saved["config_hash"] != config.config_hash():
+            changed = sorted(k for k, v in config.to_dict().items() if saved["config"].get(k) != v)
+            log.warning("resuming with changed GSPO settings: %s", ", ".join(changed))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for stale in out_dir.glob(".tmp-*"):  # a checkpoint interrupted while being written
+        shutil.rmtree(stale, ignore_errors=True)
+
+    # ---- Policy and its sampler: one model, shared, so rollouts always come from the current weights.
+    generator = LocalGenerator(resume_dir / "model" if resume_dir else Path(init), media_lookup=media_lookup)
+    model, tokenizer = generator.model, generator.tokenizer
+    model.eval()  # no dropout anywhere in RL (module docstring); gradients still flow
+    for p in model.parameters():
+        p.requires_grad_(True)
+    reference = None
+    if config.gspo.kl_coef > 0:
+        reference = load_keye_checkpoint(Path(init)).to(generator.device).eval().requires_grad_(False)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=config.learning_rate, weight_decay=0.0)
+    step = 0
+    if saved:
+        step = saved["step"]
+        optimizer.load_state_dict(torch.load(resume_dir / OPTIMIZER, map_location="cpu"))
+
+    # ---- Before any update: the rollout and training paths must see the same multimodal inputs.
+    with_media = next((item for item in items if _has_media(item["messages"])), None)
+    if with_media is not None:
+        check_rollout_training_inputs(generator, with_media["messages"], str(with_media.get("reference") or "ok"),
+                                      media_lookup=media_lookup)
+
+    truncate_metrics(out_dir / METRICS, step)
+    for stale in (out_dir / HINTS_DIR).glob("step-*.json"):  # steps after the checkpoint are run again
+        if int(stale.stem.removeprefix("step-")) > step:
+            stale.unlink()
+    if run_id and not saved:
+        lineage.log_params(run_id, {"gspo_stage": config.to_dict(), "gspo_stage_hash": config.config_hash(),
+                                    "init": str(init), "num_items": len(items)})
+    checkpoint_dir = resume_dir
+    log.info("GSPO: steps %d → %d over %d items%s", step, config.max_steps, len(items),
+             f", resumed from {resume_dir}" if resume_dir else "")
+
+    while step < config.max_steps:
+        started = time.perf_counter()
+        metrics, hint_report = _gspo_step(config, generator, reference, optimizer, items, reward_fn, step)
+        step += 1
+        metrics["time_step"] = time.perf_counter() - started
+        write_atomically(_hints_path(out_dir, step), json.dumps({"step": step, "items": hint_report}, indent=1))
+        with (out_dir / METRICS).open("a") as f:
+            f.write(json.dumps({"step": step, **metrics, "time": time.time()}) + "\n")
+        if run_id:
+            lineage.log_metrics(run_id, {k: v for k, v in metrics.items()
+                                         if isinstance(v, (int, float)) and not isinstance(v, bool)
+                                         and math.isfinite(v)}, step=step)
+        log.info("GSPO step %d/%d reward %.3f pass %.2f clip %.3f", step, config.max_steps,
+                 metrics["reward_mean"], metrics["pass_rate"], metrics["clip_fraction"])
+        if step % config.checkpoint_every == 0 or step == config.max_steps:
+            checkpoint_dir = _save_checkpoint(out_dir, step, model, tokenizer, optimizer, {
+                "format": CHECKPOINT_FORMAT, "step": step, "config": config.to_dict(),
+                "config_hash": config.config_hash(), "items_hash": items_hash, "init": str(init)})
+            if run_id:
+                lineage.set_tags(run_id, {"keyeflow.checkpoint": str(checkpoint_dir)})
+
+    assert checkpoint_dir is not None  # the last step always writes one
+    history = [json.loads(line) for line in (out_dir / METRICS).read_text().splitlines() if line]
+    return GSPOResult(checkpoint_dir=checkpoint_dir, step=step,
+                      resumed_from_step=saved["step"] if saved else None, history=history)
+
+
+def _gspo_step(config: GSPOStageConfig, generator: LocalGenerator, reference: nn.Module | None,
+               optimizer: torch.optim.Optimizer, items: list[dict], reward_fn: RewardFn, step: int
+               ) -> tuple[dict[str, Any], dict[str, Any]]:
+    """One step (0-based `step`): rollouts, rewards, hints, advantages, updates. Returns the step's metrics
+    and its per-item hint report."""
+    timer = _Timer()
+    seed = _step_seed(config.seed, step)
+    batch = step_items(items, step, config.prompts_per_step, config.seed)
+
+    # ---- Rollouts and rewards.
+    sampled = _rollouts(generator, config, [item["messages"] for item in batch], seed, timer)
+    groups = [_Group(item, item["messages"], completions,
+                     _score(reward_fn, item, item["messages"], completions, timer), None)
+              for item, completions in zip(batch, sampled)]
+    threshold = config.success_threshold
+    all_rewards = [r for g in groups for r in g.rewards]
+    metrics: dict[str, Any] = {
+        "reward_mean": sum(all_rewards) / len(all_rewards),
+        "pass_rate": sum(r >= threshold for r in all_rewards) / len(all_rewards),
+        "num_all_fail": sum(all(r < threshold for r in g.rewards) for g in groups),
+        "num_all_pass": sum(all(r >= threshold for r in g.rewards) for g in groups),
+    }
+
+    # ---- Progressive hints for the groups where every rollout failed.
+    report: dict[str, Any] = {}
+    for k, group in enumerate(groups):
+        item_id = group.item["id"]
+        rate = sum(r >= threshold for r in group.rewards) / len(group.rewards)
+        if rate > 0:
+            groups[k].level = 0
+            report[item_id] = {"level": 0, "pass_rates": {"0": rate}}
+        elif config.hints is None or not group.item.get("hints"):
+            report[item_id] = {"level": None, "pass_rates": {"0": 0.0},
+                               "note": "hint sampling off" if config.hints is None else "item has no hints"}
+        else:
+            record, groups[k] = _hinted_group(generator, config, group, reward_fn, seed, timer)
+            report[item_id] = {"level": record.level, "hint": record.hint,
+                               "pass_rates": {str(level): rate for level, rate in record.pass_rates.items()}}
+    levels = {item_id: entry["level"] for item_id, entry in report.items()}
+    metrics["hint_levels"] = levels
+    metrics["num_hinted"] = sum(1 for v in levels.values() if v)
+    metrics["num_unsolved"] = sum(1 for v in levels.values() if v is None)
+
+    # ---- Advantages and the responses that carry signal.
+    started = time.perf_counter()
+    advantages = group_advantages(torch.tensor([g.rewards for g in groups], dtype=torch.float32),
+                                  eps=config.gspo.advantage_eps)
+    responses: list[tuple[Features, float, Completion]] = []
+    vision_pads = vision_pad_ids(generator.model)
+    num_unscorable = 0
+    for g, group in enumerate(groups):
+        prompt = generator.encode_prompt(group.messages)
+        for j, completion in enumerate(group.completions):
+            advantage = float(advantages[g, j])
+            if vision_pads.intersection(completion.token_ids):
+                num_unscorable += 1  # see `vision_pad_ids`; its reward still counts in the group's advantages
+            elif advantage != 0.0 or config.gspo.kl_coef > 0:
+                responses.append((completion_features(prompt, completion.token_ids), advantage, completion))
+    metrics["num_unscorable_responses"] = num_unscorable
+    num_responses = advantages.numel()
+    num_mini = config.mini_batches_per_step
+    chunks = [responses[k * len(responses) // num_mini:(k + 1) * len(responses) // num_mini]
+              for k in range(num_mini)]
+    chunks = [c for c in chunks if c]
+    metrics["num_active_responses"] = len(responses)
+    metrics["completion_tokens_mean"] = sum(len(c.token_ids) for g in groups for c in g.completions) / num_responses
+    metrics["hint_level_mean"] = (sum(g.level or 0 for g in groups) / len(groups))
+
+    # ---- Old (and reference) log-probs, all before the first update (module docstring).
+    model = generator.model
+    pad = _pad_id(model)
+    old: list[torch.Tensor | None] = [None] * len(chunks)
+    ref: list[torch.Tensor | None] = [None] * len(chunks)
+    with torch.no_grad():
+        for k, chunk in enumerate(chunks):
+            features = [f for f, _, _ in chunk]
+            if k > 0:
+                old[k] = completion_logprobs(model, features, pad_token_id=pad)[0]
+            if reference is not None:
+                ref[k] = completion_logprobs(reference, features, pad_token_id=pad)[0]
+
+    # ---- Updates: one per mini-batch.
+    updates, gaps = [], []
+    params = [p for p in model.parameters()]
+    for k, chunk in enumerate(chunks):
+        features = [f for f, _, _ in chunk]
+        logps, mask = completion_logprobs(model, features, pad_token_id=pad)
+        if old[k] is None:
+            old[k] = logps.detach()
+        adv = torch.tensor([a for _, a, _ in chunk], dtype=torch.float32, device=logps.device)
+        out = gspo_loss(config.gspo, logps, adv, mask, old_logps=old[k], ref_logps=ref[k])
+        # GSPO's mean over all N responses of the step, spread evenly over the mini-batches (module docstring).
+        (out.loss * len(chunk) / (num_responses / num_mini)).backward()
+        if config.grad_clip > 0:
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, config.grad_clip))
+        else:
+            grad_norm = float(torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params
+                                                                     if p.grad is not None])))
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        log_ratio = ((logps.detach() - old[k]) * mask).sum(dim=1) / mask.sum(dim=1)
+        updates.append({"num_responses": len(chunk), "loss": float(out.loss.detach()), "mean_ratio": float(out.mean_ratio),
+                        "max_abs_log_ratio": float(log_ratio.abs().max()),
+                        "clip_fraction": float(out.clip_fraction), "clip_low_fraction": float(out.clip_low_fraction),
+                        "clip_high_fraction": float(out.clip_high_fraction), "grad_norm": grad_norm,
+                        **({"kl": float(out.kl)} if out.kl is not None else {})})
+        for row, (_, _, completion) in enumerate(chunk):
+            trained = old[k][row][mask[row]].cpu()
+            gaps.append((trained - torch.tensor(completion.token_logprobs)).abs())
+    timer.add("update", started)
+
+    def mean_of(key: str) -> float:
+        return sum(u[key] for u in updates) / len(updates) if updates else math.nan
+
+    metrics.update({
+        "num_updates": len(updates),
+        "loss": mean_of("loss"), "mean_ratio": mean_of("mean_ratio"),
+        "clip_fraction": mean_of("clip_fraction") if updates else 0.0,
+        "clip_low_fraction": mean_of("clip_low_fraction") if updates else 0.0,
+        "clip_high_fraction": mean_of("clip_high_fraction") if updates else 0.0,
+        "grad_norm": mean_of("grad_norm"),
+        "sampler_logprob_gap": float(torch.cat(gaps).mean()) if gaps else math.nan,
+        "time_rollout": timer.seconds["rollout"], "time_reward": timer.seconds["reward"],
+        "time_update": timer.seconds["update"],
+        "updates": updates,
+    })  # fmt: skip
+    return metrics, report
+
+
+def _hints_path(out_dir: Path, step: int) -> Path:
+    path = out_dir / HINTS_DIR / f"step-{step:08d}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def _save_checkpoint(out_dir: Path, step: int, model: nn.Module, tokenizer: Any, optimizer: torch.optim.Optimizer,
+                     state: dict[str, Any]) -> Path:
+    """Write step `step`'s checkpoint atomically and register it in `latest` (module docstring)."""
+    name = f"step-{step:08d}"
+    final, tmp = out_dir / name, out_dir / f".tmp-{name}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    model.save_pretrained(tmp / "model")
+    tokenizer.save_pretrained(tmp / "model")
+    torch.save(optimizer.state_dict(), tmp / OPTIMIZER)
+    (tmp / STATE).write_text(json.dumps(state))
+    if final.exists():  # written by a run killed before it reached `latest`: never registered
+        shutil.rmtree(final)
+    tmp.replace(final)
+    write_atomically(out_dir / LATEST, name + "\n")
+    return final
+
+
+# ============================================================================ the rejection-sampling loop
+
+
+@dataclass(frozen=True)
+class PassRateRecord:
+    item_id: str
+    pass_rate: float | None  # share of the G rollouts that passed (None: generation failed)
+    kept: bool
+    reason: str
+
+
+@dataclass(frozen=True)
+class PassRateFilterResult:
+    kept: list[dict[str, Any]]  # the items with 0 < pass rate < 1, in order, each with its `pass_rate`
+    records: list[PassRateRecord]  # one per item, in order, kept or not and why
+
+    @property
+    def pass_rates(self) -> dict[str, float | None]:
+        return {r.item_id: r.pass_rate for r in self.records}
+
+
+def _generate_each(generator: Generator, messages_batch: list[list[dict]], **kwargs: Any
+                   ) -> list[list[Completion] | Exception]:
+    """Completions per conversation, or the error of each conversation that failed (the others are kept)."""
+    try:
+        return list(generator.generate(messages_batch, **kwargs))
+    except BatchGenerationError as error:
+        return error.results
+    except (ValueError, KeyError, OSError, RuntimeError) as error:
+        if len(messages_batch) == 1:  # a batch of one raises its conversation's own error
+            return [error]
+        raise
+
+
+def pass_rate_filter(
+    policy_generator: Generator,
+    items: Sequence[Mapping[str, Any]],
+    G: int,
+    reward_fn: RewardFn,
+    *,
+    max_new_tokens: int = 1024,
+    temperature: float = 1.0,
+    seed: int = 0,
+    success_threshold: float = 0.5,
+) -> PassRateFilterResult:
+    """The RL item rule of the rejection-sampling loop: sample `G` responses per item from the policy, score
+    them with `reward_fn`; keep the items whose pass rate (share with reward >= `success_threshold`) is
+    strictly between 0 and 1 (an item always solved or never solved gives GSPO no signal). Every item gets a
+    record with its rate; a conversation the generator failed on is dropped with the error as its reason."""
+    if isinstance(G, bool) or not isinstance(G, int) or G < 2:
+        raise ValueError(f"G={G!r}: a pass rate strictly between 0 and 1 needs at least 2 rollouts")
+    items = _check_items(items, None)
+    results = _generate_each(policy_generator, [item["messages"] for item in items], n=G,
+                             max_new_tokens=max_new_tokens, temperature=temperature, seed=seed, logprobs=False)
+    kept, records = [], []
+    for item, result in zip(items, results):
+        if isinstance(result, Exception):
+            records.append(PassRateRecord(item["id"], None, False,
+                                          f"generation failed: {type(result).__name__}: {result}"))
+            continue
+        rewards = [_reward_value(item["id"], reward_fn(item, c.text)) for c in result]
+        rate = sum(r >= success_threshold for r in rewards) / len(rewards)
+        if rate == 0.0:
+            records.append(PassRateRecord(item["id"], rate, False, f"too hard: 0 of {G} rollouts passed"))
+        elif rate == 1.0:
+            records.append(PassRateRecord(item["id"], rate, False, f"too easy: all {G} rollouts passed"))
+        else:
+            records.append(PassRateRecord(item["id"], rate, True, f"{round(rate * G)} of {G} rollouts passed"))
+            kept.append(dict(item, pass_rate=rate))
+    return PassRateFilterResult(kept, records)
+
+
+@dataclass(frozen=True)
+class RejectionRecord:
+    row_id: str
+    replaced: bool
+    reason: str
+    num_sampled: int
+    num_verified: int
+    previous_reference: str  # the reference the row had before this round
+
+
+@dataclass(frozen=True)
+class RejectionRound:
+    rows: list[dict[str, Any]]  # the cold-start rows, references replaced where a sample was preferred
+    records: list[RejectionRecord]  # one per row, in order
+
+    @property
+    def num_replaced(self) -> int:
+        return sum(r.replaced for r in self.records)
+
+
+def rejection_sampling_round(
+    rl_generator: Generator,
+    cold_start_rows: Sequence[Mapping[str, Any]],
+    verify_fn: Callable[[Mapping[str, Any], str], bool],
+    prefer_fn: Callable[[str, str], bool],
+    k: int,
+    *,
+    max_new_tokens: int = 1024,
+    temperature: float = 1.0,
+    seed: int = 0,
+) -> RejectionRound:
+    """One round of SPEC §4's rejection-sampling loop over the cold-start set. Each row has an `id` and
+    `messages` ending with the reference assistant response. The RL model samples `k` responses to the
+    conversation before it; `verify_fn(row, response)` keeps the correct ones; they then challenge the
+    reference one by one, `prefer_fn(candidate, incumbent)` deciding, and a preferred candidate becomes the
+    incumbent (as many judge calls as verified samples, and under a consistent judge the result is preferred
+    over the reference and over every other verified sample). The row's reference becomes the final
+    incumbent. A row whose generation failed keeps its reference, with the error as the reason."""
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        raise ValueError(f"k={k!r}: must be an integer >= 1")
+    rows, prompts = [], []
+    for n, row in enumerate(cold_start_rows):
+        row_id = row.get("id") if isinstance(row, Mapping) else None
+        messages = row.get("messages") if isinstance(row, Mapping) else None
+        if not isinstance(row_id, str) or not row_id:
+            raise ValueError(f"cold-start row {n}: needs a non-empty string 'id'")
+        if isinstance(messages, (str, Mapping)) or not isinstance(messages, Sequence) or len(messages) < 2 \
+                or not isinstance(messages[-1], Mapping) or messages[-1].get("role") != "assistant" \
+                or not isinstance(messages[-1].get("content"), str):
+            raise ValueError(f"cold-start row {row_id!r}: 'messages' must end with the reference assistant "
+                             "response (a string) after the conversation it answers")
+        rows.append(dict(row))
+        prompts.append([dict(m) for m in messages[:-1]])
+    results = _generate_each(rl_generator, prompts, n=k, max_new_tokens=max_new_tokens, temperature=temperature,
+                             seed=seed, logprobs=False)
+    new_rows, records = [], []
+    for row, prompt, result in zip(rows, prompts, results):
+        reference = row["messages"][-1]["content"]
+        if isinstance(result, Exception):
+            new_rows.append(row)
+            records.append(RejectionRecord(row["id"], False, f"generation failed: {type(result).__name__}: "
+                                           f"{result}", 0, 0, reference))
+            continue
+        verified = [c.text for c in result if verify_fn(row, c.text)]
+        incumbent, winner = reference, None
+        for j, candidate in enumerate(verified):
+            if prefer_fn(candidate, incumbent):
+                incumbent, winner = candidate, j
+        if not verified:
+            reason = f"none of {k} samples verified correct"
+        elif winner is None:
+            reason = f"{len(verified)} of {k} verified, none preferred over the reference"
+        else:
+            reason = f"verified sample {winner + 1} of {len(verified)} ({k} sampled) preferred over the reference"
+        if winner is None:
+            new_rows.append(row)
+        else:
+            new_rows.append(dict(row, messages=[*prompt, dict(row["messages"][-1], content=incumbent)]))
+        records.append(RejectionRecord(row["id"], winner is not None, reason, len(result), len(verified), reference))
+    return RejectionRound(new_rows, records)

@@ -1,0 +1,296 @@
+"""The Keye reward model on literal inputs: its nine dimensions and config, the prompt, the strict parser of both
+output modes (well-formed and malformed outputs), the preference value of a judgement, the length-debiasing
+pass and the order-swapped training conversations."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+
+from keyeflow.quality.reward_model import (
+    DIMENSION_NAMES,
+    DIMENSIONS,
+    SYSTEM_PROMPT,
+    Judgement,
+    RewardModelConfig,
+    RewardModelOutputError,
+    build_prompt,
+    build_reward_model_data,
+    instructions,
+    length_debias,
+    parse_output,
+    preference_value,
+    query_parts,
+    render_output,
+    signal_scores,
+)
+from keyeflow.training.rewards import prompt_mode
+
+
+def think_output(a: dict[str, int] | None = None, b: dict[str, int] | None = None, verdict: str = "A",
+                 extra: str = "") -> str:
+    a = a or {}
+    b = b or {}
+    lines = [f"{n}: A={a.get(n, 7)}, B={b.get(n, 4)}" for n in DIMENSION_NAMES]
+    return "<think>\n" + extra + "\n".join(lines) + f"\n</think>\nVerdict: {verdict}"
+
+
+# ------------------------------------------------------------------------------------------ dimensions
+
+
+def test_nine_dimensions_four_from_spec_five_ours_each_defined():
+    assert len(DIMENSIONS) == 9 and len(set(DIMENSION_NAMES)) == 9
+    assert [d.name for d in DIMENSIONS if d.source == "SPEC"] == ["credibility", "correctness", "redundancy",
+                                                                 "relevance"]
+    assert {d.name for d in DIMENSIONS if d.source == "ours"} == {
+        "completeness", "instruction_following", "clarity", "visual_grounding", "safety"}
+    assert all(d.definition and "\n" not in d.definition for d in DIMENSIONS)
+
+
+def test_config_is_validated_with_clear_errors():
+    with pytest.raises(ValueError, match=r"RewardModelConfig.mode='auto'"):
+        RewardModelConfig(mode="auto")
+    with pytest.raises(ValueError, match=r"score_max=1: must be > score_min"):
+        RewardModelConfig(score_min=1, score_max=1)
+    with pytest.raises(ValueError, match=r"unknown dimension 'helpfulness'"):
+        RewardModelConfig(dimension_weights={"helpfulness": 1.0})
+    with pytest.raises(ValueError, match=r"at least one weight must be > 0"):
+        RewardModelConfig(dimension_weights=dict.fromkeys(DIMENSION_NAMES, 0))
+    with pytest.raises(ValueError, match=r"verdict_weight=1.5: must be in \[0, 1\]"):
+        RewardModelConfig(verdict_weight=1.5)
+    with pytest.raises(ValueError, match=r"min_shorter_share=1.0: must be in \[0, 1\)"):
+        RewardModelConfig(min_shorter_share=1.0)
+    with pytest.raises(ValueError, match=r"debias_method='drop'"):
+        RewardModelConfig(debias_method="drop")
+    with pytest.raises(ValueError, match=r"max_repeats=0: must be >= 1"):
+        RewardModelConfig(max_repeats=0)
+    weights = RewardModelConfig(dimension_weights={"correctness": 3}).dimension_weights
+    assert weights["correctness"] == 3.0 and weights["safety"] == 1.0 and len(weights) == 9
+
+
+# ---------------------------------------------------------------------------------------------- prompt
+
+
+def test_prompt_for_a_text_query_is_one_string_ending_with_the_mode_switch():
+    messages = build_prompt("Solve the sum.", "What is 2+2?", "4", "5", "no_think")
+    assert messages[0] == {"role": "system", "content": SYSTEM_PROMPT}
+    assert messages[1] == {"role": "user", "content": (
+        "Task definition: Solve the sum.\n\nQuery:\nWhat is 2+2?\n\nResponse A:\n4\n\nResponse B:\n5\n\n"
+        "Compare the two responses on credibility, correctness, redundancy, relevance, completeness, "
+        "instruction following, clarity, visual grounding, safety. Reply with exactly one line: `Verdict: A`, "
+        "`Verdict: B` or `Verdict: tie`. /no_think")}
+    think = build_prompt("Solve the sum.", "What is 2+2?", "4", "5", "think")[1]["content"]
+    assert think.endswith(" /think") and prompt_mode(think) == "think"
+    assert all(f"- {d.name}: {d.definition}" in think for d in DIMENSIONS)
+    assert "from 1 (worst) to 10 (best)" in think and "`name: A=<score>, B=<score>`" in think
+    assert "from 0 (worst) to 5 (best)" in instructions("think", RewardModelConfig(score_min=0, score_max=5))
+
+
+def test_prompt_keeps_media_parts_in_place_and_flattens_a_chat_query():
+    image = {"type": "image", "image": "chart.png"}
+    query = [{"role": "user", "content": [image, {"type": "text", "text": "Which bar is tallest?"}]}]
+    content = build_prompt("Read the chart.", query, "The red one.", "Blue.", "think")[1]["content"]
+    assert content[0] == {"type": "text", "text": "Task definition: Read the chart.\n\nQuery:\n"}
+    assert content[1] == image
+    assert content[2]["text"].startswith("Which bar is tallest?\n\nResponse A:\nThe red one.\n\nResponse B:\nBlue.")
+    assert prompt_mode(content) == "think"
+    chat = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi?"}]
+    assert query_parts(chat) == [{"type": "text", "text": "[system]\n"}, {"type": "text", "text": "Be brief."},
+                                 {"type": "text", "text": "\n[user]\n"}, {"type": "text", "text": "Hi?"}]
+    with pytest.raises(ValueError, match="mode must be one of"):
+        build_prompt("t", "q", "a", "b", "auto_think")
+    with pytest.raises(ValueError, match="task_definition must be a non-empty string"):
+        build_prompt(" ", "q", "a", "b", "think")
+    with pytest.raises(ValueError, match="query must be"):
+        build_prompt("t", [], "a", "b", "think")
+
+
+# ---------------------------------------------------------------------------------------------- parser
+
+
+@pytest.mark.parametrize(("text", "verdict"), [
+    ("Verdict: A", "A"), ("Verdict: B\n", "B"), ("  verdict:tie  ", "tie"), ("Verdict: TIE", "tie"),
+    ("<think>\n</think>\nVerdict: B", "B"),  # an empty think block pre-filled by a chat template
+])  # fmt: skip
+def test_no_think_verdicts_parse(text, verdict):
+    assert parse_output(text, "no_think") == Judgement(verdict)
+
+
+@pytest.mark.parametrize(("text", "problem"), [
+    ("", "no verdict line"),
+    ("A", "expected `Verdict: A`, `Verdict: B` or `Verdict: tie`, got 'A'"),
+    ("Verdict: C", "got 'Verdict: C'"),
+    ("The verdict: A", "got 'The verdict: A'"),
+    ("Verdict: A\nVerdict: B", "expected one verdict line, got 2 lines"),
+    ("Verdict: A because it is right", "got 'Verdict: A because it is right'"),
+    ("<think>A is right.</think>\nVerdict: A", "a <think> block in no_think mode"),
+])  # fmt: skip
+def test_malformed_no_think_outputs_say_what_is_wrong(text, problem):
+    with pytest.raises(RewardModelOutputError, match=re.escape(problem)):
+        parse_output(text, "no_think")
+
+
+def test_think_output_parses_scores_and_verdict_with_free_reasoning_lines():
+    text = think_output({"correctness": 10}, {"correctness": 1}, "B",
+                        extra="A gives the right sum; B does not.\n- but B is shorter\n")
+    judgement = parse_output("\n  " + text.replace("safety: A=7, B=4", "  - Safety :A = 7 ,B= 4") + "\n", "think")
+    assert judgement.verdict == "B"
+    assert judgement.scores_a["correctness"] == 10 and judgement.scores_b["correctness"] == 1
+    assert judgement.scores_a["safety"] == 7 and judgement.scores_b["safety"] == 4
+    assert set(judgement.scores_a) == set(DIMENSION_NAMES)
+
+
+@pytest.mark.parametrize(("text", "problem"), [
+    ("Verdict: A", "think output must start with <think>"),
+    ("I think A.\n" + think_output(), "think output must start with <think>"),
+    (think_output() + "\n<think>more</think>", "expected one <think> and one </think>, got 2 and 2"),
+    (think_output().replace("</think>", ""), "expected one <think> and one </think>, got 1 and 0"),
+    (think_output().replace("safety: A=7, B=4\n", ""), "no scores for safety in the <think> block"),
+    (think_output().replace("clarity: A=7, B=4", "clarity: A=7, B=4\nclarity: A=1, B=1"),
+     "line 9: clarity is scored twice"),
+    (think_output().replace("relevance: A=7", "relevance: A=11"), r"line 5: relevance A=11 is outside \[1, 10\]"),
+    (think_output().replace("relevance: A=7", "relevance: A=7.5"),
+     "line 5: 'relevance: A=7.5, B=4' is not `relevance: A=<score>, B=<score>`"),
+    (think_output().replace("relevance: A=7, B=4", "relevance: good for both"),
+     "line 5: 'relevance: good for both' is not"),
+    (think_output(verdict="maybe A"), "expected `Verdict: A`, `Verdict: B` or `Verdict: tie`, got 'Verdict: maybe A'"),
+    (think_output() + "\nI am sure.", "expected one verdict line, got 2 lines"),
+    (think_output().split("</think>")[0] + "</think>", "no verdict line"),
+])  # fmt: skip
+def test_malformed_think_outputs_say_what_is_wrong(text, problem):
+    with pytest.raises(RewardModelOutputError, match=problem):
+        parse_output(text, "think")
+
+
+def test_render_and_parse_round_trip_in_both_modes():
+    judgement = Judgement("tie", dict.fromkeys(DIMENSION_NAMES, 3), dict.fromkeys(DIMENSION_NAMES, 9))
+    assert parse_output(render_output(judgement, "think"), "think") == judgement
+    assert render_output(Judgement("B"), "no_think") == "Verdict: B"
+    assert parse_output("Verdict: B", "no_think") == Judgement("B")
+    assert render_output(judgement, "think").splitlines()[:2] == ["<think>", "credibility: A=3, B=9"]
+    with pytest.raises(ValueError, match="needs scores for A and B"):
+        render_output(Judgement("A"), "think")
+    with pytest.raises(ValueError, match="verdict must be one of"):
+        render_output(Judgement("C"), "no_think")
+
+
+def test_preference_value_of_a_judgement_from_either_position():
+    config = RewardModelConfig(verdict_weight=0.5)
+    assert preference_value(Judgement("A"), "A", config) == 1.0
+    assert preference_value(Judgement("A"), "B", config) == 0.0
+    assert preference_value(Judgement("tie"), "B", config) == 0.5
+    # think: 0.5 · verdict + 0.5 · (0.5 + (S_own − S_other) / (2 · 9)), S the weighted mean score
+    judgement = parse_output(think_output({"correctness": 10}, {"correctness": 1}, "A"), "think")
+    s_a, s_b = (7 * 8 + 10) / 9, (4 * 8 + 1) / 9
+    assert preference_value(judgement, "A", config) == pytest.approx(0.5 + 0.5 * (0.5 + (s_a - s_b) / 18))
+    assert preference_value(judgement, "B", config) == pytest.approx(0.5 * (0.5 + (s_b - s_a) / 18))
+    only_correctness = RewardModelConfig(verdict_weight=0.0, dimension_weights={
+        n: (1.0 if n == "correctness" else 0.0) for n in DIMENSION_NAMES})
+    assert preference_value(judgement, "A", only_correctness) == pytest.approx(0.5 + 9 / 18)
+
+
+# ------------------------------------------------------------------------------------------- debiasing
+
+
+def pair(chosen_words: int, rejected_words: int, name: str = "p", **extra) -> dict:
+    return {"pair_id": name, "messages": [{"role": "user", "content": "What is the capital of France?"}],
+            "chosen": " ".join(["paris"] * chosen_words), "rejected": " ".join(["lyon"] * rejected_words), **extra}
+
+
+def test_length_debias_oversamples_pairs_whose_preferred_answer_is_shorter():
+    pairs = [pair(1, 5, "short"), pair(5, 1, "long1"), pair(6, 2, "long2"), pair(3, 3, "equal")]
+    kept, report = length_debias(pairs, RewardModelConfig(min_shorter_share=0.5), seed=0)
+    # 1 of 4 before; (1 + k) / (4 + k) >= 0.5 needs k = 2 more uses of the one shorter-preferred pair
+    assert (report.num_before, report.num_shorter_before, report.share_before) == (4, 1, 0.25)
+    assert (report.num_after, report.num_shorter_after, report.share_after) == (6, 3, 0.5)
+    assert report.num_added == 2 and report.num_removed == 0 and report.reached
+    assert [p["repeats"] for p in kept] == [3, 1, 1, 1] and [p["pair_id"] for p in kept] == [
+        "short", "long1", "long2", "equal"]
+    assert report.to_dict()["share_after"] == 0.5
+    assert "repeats" not in pairs[0]  # the input is not modified
+
+
+def test_length_debias_oversampling_stops_at_max_repeats_and_says_so():
+    pairs = [pair(1, 5, "short")] + [pair(5, 1, f"long{k}") for k in range(9)]
+    kept, report = length_debias(pairs, RewardModelConfig(min_shorter_share=0.5, max_repeats=3))
+    assert kept[0]["repeats"] == 3 and report.num_added == 2
+    assert report.share_after == pytest.approx(3 / 12) and not report.reached
+    assert "6 more were needed but every such pair is at max_repeats=3" in report.note
+
+
+def test_length_debias_by_selection_drops_pairs_whose_preferred_answer_is_longer():
+    pairs = [pair(1, 5, "short1"), pair(2, 4, "short2")] + [pair(5, 1, f"long{k}") for k in range(6)]
+    config = RewardModelConfig(min_shorter_share=0.4, debias_method="select")
+    kept, report = length_debias(pairs, config, seed=3)
+    # 2 shorter-preferred; 2 / (2 + m) >= 0.4 allows m = 3 others: 3 of the 6 are dropped
+    assert report.num_removed == 3 and report.num_after == 5 and report.share_after == pytest.approx(0.4)
+    assert sum(p["pair_id"].startswith("short") for p in kept) == 2
+    again, _ = length_debias(pairs, config, seed=3)
+    assert [p["pair_id"] for p in again] == [p["pair_id"] for p in kept]  # seeded
+
+
+def test_length_debias_leaves_data_alone_when_share_is_reached_or_unreachable():
+    balanced = [pair(1, 5), pair(5, 1)]
+    kept, report = length_debias(balanced, RewardModelConfig(min_shorter_share=0.5))
+    assert report.share_before == report.share_after == 0.5 and "already reached" in report.note
+    assert [p["repeats"] for p in kept] == [1, 1]
+    kept, report = length_debias([pair(5, 1), pair(2, 2)], RewardModelConfig())
+    assert report.share_after == 0.0 and not report.reached and "no pair prefers the shorter answer" in report.note
+    with pytest.raises(ValueError, match="pair 0: chosen must be a non-empty string"):
+        length_debias([{"messages": [], "chosen": "", "rejected": "x"}])
+
+
+# ------------------------------------------------------------------------------------------ training data
+
+
+def test_training_data_has_both_orders_with_swapped_verdicts_and_scores():
+    pairs = [pair(1, 4, "p0", reference="Paris", chosen_score=1.0, rejected_score=0.0), pair(4, 1, "p1")]
+    conversations, report = build_reward_model_data(pairs, RewardModelConfig(min_shorter_share=0.0))
+    assert len(conversations) == 2 * 2 * 2  # pairs × modes × orders
+    assert len({c["conversation_id"] for c in conversations}) == len(conversations)
+    assert dict(report.verdicts) == {"A": 4, "B": 4}  # as many A as B targets: no position to learn
+    by_key = {(c["pair_id"], c["mode"], c["order"]): c for c in conversations}
+    for mode in ("think", "no_think"):
+        first, second = by_key[("p0", mode, "chosen_a")], by_key[("p0", mode, "chosen_b")]
+        assert (first["verdict"], second["verdict"]) == ("A", "B")
+        assert "Response A:\nparis\n\nResponse B:\nlyon lyon lyon lyon" in first["messages"][1]["content"]
+        assert "Response A:\nlyon lyon lyon lyon\n\nResponse B:\nparis" in second["messages"][1]["content"]
+        assert first["messages"][1]["content"].endswith(f"/{mode}")
+        target_a = parse_output(first["messages"][-1]["content"], mode)
+        target_b = parse_output(second["messages"][-1]["content"], mode)
+        assert (target_a.verdict, target_b.verdict) == ("A", "B")
+        if mode == "think":
+            assert target_a.scores_a == target_b.scores_b and target_a.scores_b == target_b.scores_a
+            assert target_a.scores_a["correctness"] == 10 and target_a.scores_b["correctness"] == 1
+        assert first["messages"][-1]["role"] == "assistant"
+    assert report.num_occurrences == 8 and report.length_debias.share_before == 0.5
+
+
+def test_training_data_carries_the_debiasing_repeats_and_one_mode_when_asked():
+    pairs = [pair(1, 5, "short"), pair(5, 1, "long1"), pair(6, 2, "long2")]
+    conversations, report = build_reward_model_data(pairs, RewardModelConfig(min_shorter_share=0.5),
+                                                    modes=("no_think",))
+    assert {c["mode"] for c in conversations} == {"no_think"}
+    assert {c["pair_id"]: c["repeats"] for c in conversations} == {"short": 2, "long1": 1, "long2": 1}
+    assert report.length_debias.share_after == 0.5 and report.num_occurrences == 2 * 4
+    assert all(c["shorter_preferred"] == (c["pair_id"] == "short") for c in conversations)
+    with pytest.raises(ValueError, match="modes="):
+        build_reward_model_data(pairs, modes=("auto_think",))
+
+
+def test_signal_scores_follow_the_documented_signals():
+    base = {"messages": [{"role": "user", "content": "What is 6 times 7? /think"}], "reference": "42",
+            "task": "math", "chosen": "<think>6 times 7 is 42.</think><answer>42</answer>", "rejected": "41"}
+    good = signal_scores(base, base["chosen"], base["rejected"])
+    bad = signal_scores(base, base["rejected"], base["chosen"])
+    assert good["correctness"] == good["credibility"] == 10 and bad["correctness"] == bad["credibility"] == 1
+    assert good["instruction_following"] == 10 and bad["instruction_following"] == 1  # /think asks for <think>
+    assert good["clarity"] == good["safety"] == good["visual_grounding"] == 10 == bad["safety"]
+    repetitive = "the answer is 42 the answer is 42 the answer is 42"
+    assert signal_scores(base, repetitive, "42")["redundancy"] < signal_scores(base, "The answer is 42.",
+                                                                              "42")["redundancy"]
+    assert signal_scores(base, "Bananas grow in tropical climates.", "42")["relevance"] == 1
+    assert signal_scores(base, "<think>unfinished", "42")["completeness"] == 1
+    no_reference = {**base, "reference": None, "chosen_score": 0.8, "rejected_score": 0.2}
+    assert signal_scores(no_reference, base["chosen"], base["rejected"])["correctness"] == 1 + round(0.8 * 9)
