@@ -299,11 +299,11 @@ def pretrain(
     except (GateFailed, PromotionBlocked, ValueError) as exc:
         errors.print(f"[red]stopped:[/red] {exc}")
         raise typer.Exit(2)
-    _pretrain_summary(result, time.perf_counter() - started)
+    _stages_summary("pre-training stages", result, time.perf_counter() - started)
 
 
-def _pretrain_summary(result: dict, seconds: float) -> None:
-    table = Table(title="pre-training stages")
+def _stages_summary(title: str, result: dict, seconds: float) -> None:
+    table = Table(title=title)
     for col in ("stage", "done now", "checkpoint", "MLflow run"):
         table.add_column(col)
     for name, stage in result["stages"].items():
@@ -312,6 +312,26 @@ def _pretrain_summary(result: dict, seconds: float) -> None:
     console.print(table)
     console.print(f"final checkpoint: {result['checkpoint']}  ({seconds:.1f} s)")
     console.print(f"  keyeflow lineage {result['checkpoint']}")
+
+
+@app.command()
+def posttrain(
+    checkpoint: str = typer.Argument("latest-pretrain", help="checkpoint to start from (default: the newest pretrain run's)"),
+    recipe: str = typer.Option("tiny", help="tiny (CPU, minutes) or keye-8b"),
+    samples_version: Optional[int] = typer.Option(None, help="train_samples version to pin (default: latest)"),
+):
+    """Post-training: SFT → reward model → MPO → LongCoT SFT + expert merge → GSPO rounds → alignment RL;
+    unchanged stages are skipped, a killed one resumes."""
+    from keyeflow.flows.posttrain import posttrain as posttrain_flow
+    from keyeflow.training.rl import RolloutInputMismatch
+
+    started = time.perf_counter()
+    try:
+        result = posttrain_flow(checkpoint, recipe, samples_version)
+    except (RolloutInputMismatch, ValueError, FileNotFoundError, LookupError) as exc:
+        errors.print(f"[red]stopped:[/red] {exc}")
+        raise typer.Exit(2)
+    _stages_summary("post-training stages", result, time.perf_counter() - started)
 
 
 @app.command()

@@ -203,3 +203,12 @@ def trace(target: str) -> dict[str, Any]:
                     "num_texts": len(texts), "videos": videos, "images": images},
         "gates_passed": all(g["passed"] for m in mixtures for g in m["gates"] if g["gate"] is not None),
     }  # fmt: skip
+
+
+def latest_checkpoint(kind: str) -> str:
+    """The checkpoint the newest finished `kind` flow run (e.g. "pretrain") ended with."""
+    runs = _search(f"tags.`keyeflow.kind` = '{kind}' and attributes.status = 'FINISHED'")
+    for run in runs:
+        if CHECKPOINT_TAG in run.data.tags:
+            return run.data.tags[CHECKPOINT_TAG]
+    raise LookupError(f"no finished {kind!r} run with a checkpoint in {get_settings().mlflow_uri}; run it first")

@@ -786,14 +786,16 @@ def fixed_mixture(samples: tables.TableRef, repeats: Mapping[str, int], *, name:
     """A mixture whose uses per sample are given, not balanced: post-training sets (SFT after the difficulty
     filter, LongCoT with its score-derived repeats, a domain expert's subset) go to the trainer through the same
     `mixtures` table and loader as pre-training. The id hashes the name, stage, seed, train_samples version and
-    every (sample, repeats), so the same set is the same mixture (a rerun writes nothing)."""
+    every (sample, repeats), so the same set is the same mixture (a rerun writes nothing). Not the
+    train_samples version: a sample id names its content (a content hash), so the same ids are the same data
+    whatever else was appended to the table since; the rows keep the version they were first read at."""
     if not repeats:
         raise ValueError(f"mixture {name!r}: no samples")
     bad = {s: r for s, r in repeats.items() if isinstance(r, bool) or not isinstance(r, int) or r < 1}
     if bad:
         raise ValueError(f"mixture {name!r}: repeats must be integers >= 1, got {dict(list(bad.items())[:5])}")
-    payload = json.dumps({"name": name, "stage": stage, "seed": seed, "train_samples": samples.version,
-                          "repeats": sorted(repeats.items())}, separators=(",", ":"))
+    payload = json.dumps({"name": name, "stage": stage, "seed": seed, "repeats": sorted(repeats.items())},
+                         separators=(",", ":"))
     mid = hashlib.sha256(payload.encode()).hexdigest()[:16]
     ids = sorted(repeats)
     found = {r["sample_id"]: r for r in tables.dataset(samples.uri, version=samples.version).to_table(
@@ -807,7 +809,8 @@ def fixed_mixture(samples: tables.TableRef, repeats: Mapping[str, int], *, name:
              "modality": found[s]["modality"], "source": found[s]["source"] or "",
              "num_tokens": found[s]["num_tokens"], "repeats": repeats[s], "order": position,
              "train_samples_version": samples.version, "created_at": now} for position, s in enumerate(order)]
-    tables.upsert("mixtures", rows, root)
+    if not tables.existing_keys("mixtures", [rows[0]["mixture_row_id"]], root):
+        tables.upsert("mixtures", rows, root)
     return MixtureResult(mixture=tables.ref("mixtures", root), mixture_id=mid, report=None)
 
 

@@ -104,6 +104,12 @@ def difficulty_filter(generator: Generator, rows: list[dict], config: Difficulty
             report.unchecked.append(row["sample_id"])
             continue
         prompt, reference = row["messages"][:-1], _text(row["messages"][-1]["content"])
+        try:  # a reference the checker cannot read (a region described in words, not a box): not checkable
+            answer_reward(reference, reference, checker)
+        except ValueError:
+            report.kept.append(row["sample_id"])
+            report.unchecked.append(row["sample_id"])
+            continue
         if hasattr(generator, "media_lookup"):
             generator.media_lookup = ordered_media_lookup(row["media_ids"], read_media(set(row["media_ids"]), root))
         (completions,) = generator.generate([prompt], n=config.num_paths, max_new_tokens=config.max_new_tokens,

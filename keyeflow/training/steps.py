@@ -24,7 +24,7 @@ import hashlib
 import json
 import os
 import statistics
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -163,9 +163,11 @@ def prepare_init(model_config: KeyeConfig, *, init: str | None, seed: int, paren
 
 
 def train_stage(stage: StageConfig, *, init: StageOutput, mixture: TableRef, mixture_id: str,
-                parent_run_id: str | None = None, root: Path | None = None) -> StageOutput:
+                parent_run_id: str | None = None, root: Path | None = None,
+                data_from: Sequence[StageOutput] = ()) -> StageOutput:
     """Train one stage (any stage the trainer runs: pre-training, SFT, LongCoT SFT) from `init`'s checkpoint
-    on `mixture_id` (cached and resumable, module docstring)."""
+    on `mixture_id` (cached and resumable, module docstring). `data_from`: steps whose models made the training
+    data (a rejection-sampled cold-start set), recorded as upstream too."""
 
     def body(out_dir: Path, run_id: str) -> str:
         result = train(stage, init=init.checkpoint, mixture=mixture, mixture_id=mixture_id, out_dir=out_dir,
@@ -173,8 +175,8 @@ def train_stage(stage: StageConfig, *, init: StageOutput, mixture: TableRef, mix
         log_loss_curve(run_id, out_dir, stage.name)
         return str(result.checkpoint_dir / "model")
 
-    return cached_step(stage.name, step_key("train", stage.config_hash(), init.key, mixture_id), body,
-                       upstream=[init], params={"init_checkpoint": init.checkpoint},
+    key = step_key("train", stage.config_hash(), init.key, mixture_id, *([d.key for d in data_from] or []))
+    return cached_step(stage.name, key, body, upstream=[init, *data_from], params={"init_checkpoint": init.checkpoint},
                        parent_run_id=parent_run_id, root=root)
 
 

@@ -1,0 +1,111 @@
+"""The `posttrain` flow with the tiny recipe on the sample data under Prefect's harness: conversations and media
+through the data flow, the LongCoT table through the LongCoT flow (the teacher is the replaying
+OpenAI-compatible server, a real process: our tiny model answers nothing right), then every post-training stage
+from a tiny start checkpoint. Checked: each stage is an MLflow run in the final checkpoint's lineage, expert
+merging is exactly the configured task arithmetic, the SFT difficulty filter, pair sources, hint records and
+rejection-sampling reports are where a person looks for them, and a rerun with nothing changed trains nothing."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from typer.testing import CliRunner
+
+from keyeflow import lineage
+from keyeflow.cli import app
+from keyeflow.training.posttrain_recipe import posttrain_recipe
+
+_spec = importlib.util.spec_from_file_location("longcot_replay_server",
+                                               Path(__file__).parents[1] / "longcot_replay_server.py")
+replay = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(replay)
+
+STAGES = ["posttrain-0-start", "posttrain-1-sft", "posttrain-1-sft-anneal", "posttrain-2-reward-model",
+          "posttrain-3-mpo", "posttrain-4-longcot-sft", "posttrain-4-expert-math", "posttrain-4-expert-merge",
+          "posttrain-5-gspo-round-1", "posttrain-4-longcot-sft-round-2", "posttrain-5-gspo-round-2",
+          "posttrain-6-alignment-rl"]
+
+
+@pytest.fixture(scope="module")
+def data_home(tmp_path_factory, sample_corpus, media_dir, prefect_harness):
+    """train_samples from the sample corpus and the LongCoT tables from the replaying teacher."""
+    from keyeflow.datasets.longcot_samples import generate_longcot_questions
+    from keyeflow.flows.data import build_train_samples
+    from keyeflow.flows.longcot import longcot
+    from keyeflow.model.config import tiny
+    from keyeflow.model.modeling import KeyeForConditionalGeneration
+
+    root = tmp_path_factory.mktemp("posttrain")
+    home = root / "home"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("KEYEFLOW_HOME", str(home))
+        for var in ("KEYEFLOW_TABLES_URI", "KEYEFLOW_TRACKING_URI"):
+            mp.delenv(var, raising=False)
+        build_train_samples([str(sample_corpus["conversations"].parent)], str(media_dir))
+        questions = generate_longcot_questions(media_dir / "longcot-posttrain", media_dir / "images")
+        with replay.start_server(replay.teacher_recordings(), root / "teacher") as (url, _):
+            longcot([str(questions["dir"])], str(media_dir), review="auto_approve",
+                    generation={"backend": "openai", "base_url": url, "model": "replay-teacher", "n": 4})
+        torch.manual_seed(0)
+        KeyeForConditionalGeneration(tiny()).save_pretrained(root / "start")
+        yield home, root / "start"
+
+
+@pytest.mark.slow
+def test_posttrain_flow_runs_every_stage_into_the_lineage(data_home, monkeypatch):
+    from keyeflow.flows.posttrain import posttrain
+
+    home, start = data_home
+    monkeypatch.setenv("KEYEFLOW_HOME", str(home))
+    result = posttrain(str(start))
+    stages = result["stages"]
+    assert all(s["trained"] for s in stages.values())
+
+    # ---- Every stage is an MLflow run in the chain of the final checkpoint.
+    out = CliRunner().invoke(app, ["lineage", result["checkpoint"], "--json"])
+    assert out.exit_code == 0, out.output
+    chain = json.loads(out.output)
+    assert chain["steps"][0]["name"] == "posttrain-6-alignment-rl"
+    assert sorted({s["name"] for s in chain["steps"]}) == sorted(STAGES)
+    assert all(s["status"] == "FINISHED" for s in chain["steps"])
+    client = lineage.client()
+    for step in chain["steps"]:
+        assert client.get_run(step["run_id"]).data.tags["mlflow.parentRunId"]  # nested under the flow's run
+    # the SFT, LongCoT and reward-model stages trained on mixtures whose sources lineage reaches
+    assert {m["stage"] for m in chain["mixtures"]} == {5}
+    assert chain["sources"]["num_texts"] > 0
+
+    # ---- Expert merging: cold start + w·(expert − cold start), exactly (float64, cast back).
+    recipe = posttrain_recipe("tiny")
+    merged_run = client.get_run(stages["expert_merge"]["run_id"])
+    inputs = json.loads(merged_run.data.params["inputs"])
+    base = load_file(str(Path(merged_run.data.params["base"]) / "model.safetensors"))
+    expert = load_file(str(Path(inputs[0]) / "model.safetensors"))
+    merged = load_file(str(Path(stages["expert_merge"]["checkpoint"]) / "model.safetensors"))
+    w = recipe.expert_weight
+    for key, value in merged.items():
+        expected = (base[key].double() + w * (expert[key].double() - base[key].double())).to(value.dtype)
+        assert torch.equal(value, expected), key
+
+    # ---- What a person looks at: filter report, pair sources, hints per GSPO step, metrics.
+    flow_run = client.get_run(result["run_id"])
+    artifacts = {a.path for a in client.list_artifacts(result["run_id"])}
+    assert {"sft_difficulty_filter.json", "preference_pairs.json"} <= artifacts
+    assert flow_run.data.metrics["sft_candidates"] >= flow_run.data.metrics["sft_kept"] > 0
+    pairs = json.loads(Path(client.download_artifacts(result["run_id"], "preference_pairs.json")).read_text())
+    assert pairs["teacher"] > 0  # kept LongCoT paths over wrong ones of the same question
+    gspo = client.get_run(stages["gspo_round_1"]["run_id"])
+    assert "reward_mean" in gspo.data.metrics
+    assert {a.path for a in client.list_artifacts(gspo.info.run_id)} >= {"hints"}
+    mpo = client.get_run(stages["mpo"]["run_id"])
+    assert {"loss", "dpo", "bco", "sft"} <= set(mpo.data.metrics)
+
+    # ---- Nothing changed: nothing trains again.
+    again = posttrain(str(start))
+    assert [k for k, s in again["stages"].items() if s["trained"]] == []
+    assert again["checkpoint"] == result["checkpoint"]
