@@ -79,3 +79,53 @@ def sample_corpus(media_dir, sample_videos, sample_images) -> dict[str, Path]:
     from keyeflow.datasets.text_samples import generate_sample_corpus
 
     return generate_sample_corpus(media_dir / "corpus", sample_videos, sample_images)
+
+
+@pytest.fixture(scope="session")
+def serve_model():
+    """`serve_model(model_dir, served_name, log_dir)`: a context manager running the real
+    `python -m keyeflow.model.serving` on a free 127.0.0.1 port until healthy; yields its base URL (…/v1)."""
+    import contextlib
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    import httpx
+
+    repo = Path(__file__).resolve().parents[1]
+
+    @contextlib.contextmanager
+    def serve(model_dir: Path, served_name: str, log_dir: Path, timeout_s: float = 60):
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        log = log_dir / "server.log"
+        command = [sys.executable, "-m", "keyeflow.model.serving", "--model", str(model_dir), "--port", str(port),
+                   "--served-model-name", served_name, "--log-level", "warning"]
+        env = os.environ | {"PYTHONPATH": str(repo) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+        with log.open("wb") as out:
+            process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=repo)
+        try:
+            deadline = time.monotonic() + timeout_s
+            while True:
+                if process.poll() is not None:
+                    pytest.fail(f"server exited with {process.returncode}:\n{log.read_text()[-3000:]}")
+                try:
+                    if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
+                        break
+                except httpx.TransportError:
+                    pass
+                if time.monotonic() > deadline:
+                    pytest.fail(f"server not healthy after {timeout_s:.0f} s:\n{log.read_text()[-3000:]}")
+                time.sleep(0.2)
+            yield f"http://127.0.0.1:{port}/v1"
+        finally:
+            process.terminate()
+            try:
+                process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait(timeout=10)
+
+    return serve

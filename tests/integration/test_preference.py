@@ -15,14 +15,8 @@ from __future__ import annotations
 import importlib.util
 import itertools
 import json
-import os
-import socket
-import subprocess
-import sys
-import time
 from pathlib import Path
 
-import httpx
 import numpy as np
 import pyarrow.compute as pc
 import pytest
@@ -250,43 +244,11 @@ def test_mpo_trains_on_prompts_with_images_through_the_media_lookup(init_dir, tm
 # ---------------------------------------------------------------------------------------------- judge
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
-def model_server(init_dir, tmp_path_factory):
+def model_server(init_dir, tmp_path_factory, serve_model):
     """`python -m keyeflow.model.serving` around the tiny random model; yields its base URL (…/v1)."""
-    port = free_port()
-    log = tmp_path_factory.mktemp("server-log") / "server.log"
-    command = [sys.executable, "-m", "keyeflow.model.serving", "--model", str(init_dir), "--port", str(port),
-               "--served-model-name", SERVED_NAME, "--log-level", "warning"]
-    env = os.environ | {"PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    with log.open("wb") as out:
-        process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=REPO)
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            if process.poll() is not None:
-                pytest.fail(f"server exited with {process.returncode}:\n{log.read_text()[-3000:]}")
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail(f"server not healthy after 60 s:\n{log.read_text()[-3000:]}")
-            time.sleep(0.2)
-        yield f"http://127.0.0.1:{port}/v1"
-    finally:
-        process.terminate()
-        try:
-            process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(timeout=10)
+    with serve_model(init_dir, SERVED_NAME, tmp_path_factory.mktemp("server-log")) as url:
+        yield url
 
 
 def test_judge_through_the_real_server_turns_nonsense_into_reasons(model_server):

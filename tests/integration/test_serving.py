@@ -6,10 +6,7 @@ errors (404, 400, 500 after retries), and retries on 503 and on a server that co
 from __future__ import annotations
 
 import json
-import os
 import socket
-import subprocess
-import sys
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -52,38 +49,10 @@ def model_dir(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def server(model_dir, tmp_path_factory):
+def server(model_dir, tmp_path_factory, serve_model):
     """The real server in a subprocess; yields its base URL (…/v1)."""
-    port = free_port()
-    log = tmp_path_factory.mktemp("server-log") / "server.log"
-    command = [
-        sys.executable, "-m", "keyeflow.model.serving", "--model", str(model_dir), "--port", str(port),
-        "--served-model-name", SERVED_NAME, "--log-level", "warning",
-    ]  # fmt: skip
-    env = os.environ | {"PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    with log.open("wb") as out:
-        process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=REPO)
-    try:
-        deadline = time.monotonic() + 45
-        while True:
-            if process.poll() is not None:
-                pytest.fail(f"server exited with {process.returncode}:\n{log.read_text()[-3000:]}")
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail(f"server not healthy after 45 s:\n{log.read_text()[-3000:]}")
-            time.sleep(0.2)
-        yield f"http://127.0.0.1:{port}/v1"
-    finally:
-        process.terminate()
-        try:
-            process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(timeout=10)
+    with serve_model(model_dir, SERVED_NAME, tmp_path_factory.mktemp("server-log")) as url:
+        yield url
 
 
 def test_server_equals_local_generator(server, model_dir):
