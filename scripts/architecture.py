@@ -11,8 +11,8 @@ from pathlib import Path
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-from matplotlib.patches import FancyArrowPatch, FancyBboxPatch  # noqa: E402
+import matplotlib.pyplot as plt
+from matplotlib.patches import FancyArrowPatch, FancyBboxPatch
 
 # name → (x, y, width, label, colour); coordinates in a 100 × 60 canvas
 BOXES = {
@@ -22,10 +22,10 @@ BOXES = {
     "samples": (25, 39, 17, "train_samples\n(exact token counts)\n+ GX gates", "#e0e7ff"),
     "mixture": (47, 39, 17, "mixtures\n24/50/26 in tokens\n(DuckDB) + gate", "#e0e7ff"),
     "pretrain": (69, 39, 29, "pretrain\n1 align → 2 multi-task →\n3 anneal ×variants → 4 fusion\neval + promotion gate each", "#dcfce7"),
-    "longcot": (25, 16, 39, "longcot: collect → multi-path generate → assess A/B/C →\n"
-                           "human review (Prefect pause) → score 1–5 → gates", "#fef3c7"),
-    "posttrain": (69, 10, 29, "posttrain\nSFT → reward model → MPO →\nLongCoT SFT + expert merge →\n"
-                              "GSPO rounds (hints, rejection\nsampling) → alignment RL", "#dcfce7"),
+    "longcot": (25, 16, 39, ("longcot: collect → multi-path generate → assess A/B/C →\n"
+                           "human review (Prefect pause) → score 1–5 → gates"), "#fef3c7"),
+    "posttrain": (69, 10, 29, ("posttrain\nSFT → reward model → MPO →\nLongCoT SFT + expert merge →\n"
+                              "GSPO rounds (hints, rejection\nsampling) → alignment RL"), "#dcfce7"),
 }
 ARROWS = [("videos", "samples"), ("images", "samples"), ("text", "samples"), ("samples", "mixture"),
           ("mixture", "pretrain"), ("pretrain", "posttrain"), ("longcot", "posttrain")]
