@@ -13,9 +13,9 @@ import json
 import os
 from dataclasses import asdict, is_dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -28,6 +28,24 @@ class Settings(BaseSettings):
     tables_uri: str | None = Field(default=None, description="Lance tables root; default HOME/tables")
     tracking_uri: str | None = Field(default=None, description="MLflow URI; default sqlite under HOME")
     experiment: str = "keyeflow"
+    # Where data flows run their shard tasks. Read when a flow module is imported (a Prefect flow's task
+    # runner is fixed when the flow is decorated), so set these before starting `keyeflow`, a worker or
+    # a deployment's job, not in the middle of a process.
+    task_runner: Literal["thread", "dask"] = Field(
+        default="thread", description="thread: Prefect's thread pool in this process; dask: a Dask cluster")
+    dask_workers: int = Field(default=2, description="worker processes of the local Dask cluster")
+    dask_address: str | None = Field(
+        default=None, description="scheduler of an existing Dask cluster (tcp://host:8786) instead of a local one")
+
+    @model_validator(mode="after")
+    def _check_task_runner(self) -> Settings:
+        if self.dask_workers < 1:
+            raise ValueError(f"KEYEFLOW_DASK_WORKERS must be at least 1, got {self.dask_workers}")
+        # A scheduler address with the thread runner would be silently ignored; say so instead.
+        if self.dask_address and self.task_runner != "dask":
+            raise ValueError(f"KEYEFLOW_DASK_ADDRESS={self.dask_address} is set but KEYEFLOW_TASK_RUNNER is "
+                             f"{self.task_runner!r}; set KEYEFLOW_TASK_RUNNER=dask to use that cluster")
+        return self
 
     @property
     def root(self) -> Path:

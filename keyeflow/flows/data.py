@@ -5,7 +5,6 @@ between tasks."""
 from __future__ import annotations
 
 from prefect import flow
-from prefect.task_runners import ThreadPoolTaskRunner
 
 from keyeflow.datasets import mixture as mixture_mod
 from keyeflow.datasets.images import ImageConfig
@@ -13,9 +12,9 @@ from keyeflow.datasets.slowfast import resolve_config
 from keyeflow.datasets.tables import TableRef, table_uri
 from keyeflow.flows.video import video_pipeline
 from keyeflow.tasks import data as t
-from keyeflow.tasks.common import current_ref, lineage_run, progress, record_outputs
+from keyeflow.tasks.common import current_ref, lineage_run, progress, record_outputs, task_runner
 
-RUNNER = ThreadPoolTaskRunner(max_workers=2)
+RUNNER = task_runner()  # KEYEFLOW_TASK_RUNNER, read at import like the video flows'
 
 
 @flow(name="ingest-images", task_runner=RUNNER)
@@ -27,8 +26,8 @@ def ingest_images(paths: list[str], max_tokens: int = 20480, shard_size: int = 3
     with lineage_run("ingest-images", params, parent_run_id) as run_id:
         shards = t.plan_images(paths, shard_size)
         with progress(sum(map(len, shards)), "images-progress", "images") as tracker:
-            futures = [t.ingest_image_shard.submit(shard, config, tracker) for shard in shards]
-            reports = [f.result() for f in futures]
+            futures = [t.ingest_image_shard.submit(shard, config, tracker.for_tasks()) for shard in shards]
+            reports = tracker.results(futures, shards)
         totals = {k: sum(r[k] for r in reports) for k in ("num_seen", "num_ingested", "num_quarantined")}
         outputs = [current_ref("images"), current_ref("image_samples"), current_ref("quarantine")]
         record_outputs(run_id, outputs, metrics=totals)

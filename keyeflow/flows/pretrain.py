@@ -40,7 +40,7 @@ def pretrain(recipe: str = "tiny", init: str | None = None, samples_version: int
         stages = {"init": init_out.to_dict()}
         for stage in (1, 2):
             m = mixtures[stage]
-            previous = t.train_stage(r.stages[stage], previous, m["mixture"], m["mixture_id"], run_id)
+            previous = t.train_stage(r.stages[stage], previous, m["mixture"], m["mixture_id"], run_id, r.launch)
             metrics = evaluate(previous, metrics)
             stages[previous.name] = previous.to_dict()
         stage2, stage2_metrics = previous, metrics
@@ -50,7 +50,7 @@ def pretrain(recipe: str = "tiny", init: str | None = None, samples_version: int
         annealed, annealed_metrics = [], []
         for variant in r.variants:
             m = annealing[variant.name]
-            output = t.train_stage(r.variant_stage(variant), stage2, m["mixture"], m["mixture_id"], run_id)
+            output = t.train_stage(r.variant_stage(variant), stage2, m["mixture"], m["mixture_id"], run_id, r.launch)
             annealed_metrics.append(evaluate(output, stage2_metrics))
             annealed.append(output)
             stages[output.name] = output.to_dict()

@@ -4,15 +4,15 @@ table references (URI + Lance version), never frames."""
 from __future__ import annotations
 
 from prefect import flow
-from prefect.task_runners import ThreadPoolTaskRunner
 
 from keyeflow.datasets import tables
 from keyeflow.datasets.slowfast import resolve_config
 from keyeflow.tasks import video as t
-from keyeflow.tasks.common import current_ref, lineage_run, progress, record_outputs
+from keyeflow.tasks.common import current_ref, lineage_run, progress, record_outputs, task_runner
 
-# Shards run two at a time: decoding happens in ffmpeg subprocesses, so threads keep both cores busy.
-RUNNER = ThreadPoolTaskRunner(max_workers=2)
+# Chosen from KEYEFLOW_TASK_RUNNER when this module is imported: a flow's runner is fixed when it is
+# decorated, and reading it here (not per call) makes subflows, the CLI and deployments agree.
+RUNNER = task_runner()
 
 
 @flow(name="ingest-videos", task_runner=RUNNER)
@@ -45,8 +45,8 @@ def pretokenize_videos(preset: str = "paper", overrides: dict | None = None, vid
     with lineage_run("pretokenize-videos", params, parent_run_id) as run_id:
         shards = t.plan_pretokenize(videos, config, shard_size)
         with progress(sum(map(len, shards)), "pretokenize-progress", "pre-tokenise") as tracker:
-            futures = [t.pretokenize_shard.submit(shard, config, tracker) for shard in shards]
-            reports = [f.result() for f in futures]
+            futures = [t.pretokenize_shard.submit(shard, config, tracker.for_tasks()) for shard in shards]
+            reports = tracker.results(futures, shards)
         totals = {k: sum(r[k] for r in reports) for k in ("num_videos", "num_done", "num_quarantined",
                                                           "total_tokens")}
         samples, frames, quarantine = current_ref("video_samples"), current_ref("video_frames"), \

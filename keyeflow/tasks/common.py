@@ -1,4 +1,4 @@
-"""Orchestration policy shared by every flow: lineage runs, progress, gate reporting.
+"""Orchestration policy shared by every flow: the task runner, lineage runs, progress, gate reporting.
 
 Domain functions take plain callbacks for progress; here those callbacks drive a rich bar in the
 terminal and a Prefect progress artifact in the UI.
@@ -8,24 +8,63 @@ from __future__ import annotations
 
 import contextlib
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
 from prefect import get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_progress_artifact, update_progress_artifact
 from prefect.cache_policies import NO_CACHE
+from prefect.context import FlowRunContext
+from prefect.futures import PrefectFuture, as_completed
+from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from keyeflow import lineage
+from keyeflow.config import get_settings
 from keyeflow.datasets import tables
 from keyeflow.quality import gates
 
 
+def task_runner() -> TaskRunner:
+    """The runner data flows submit shard tasks to, chosen by ``KEYEFLOW_TASK_RUNNER`` (see ``Settings``).
+
+    ``thread`` (default): two threads in the flow's process; decoding happens in ffmpeg subprocesses, so
+    two threads keep both cores of a laptop busy. ``dask``: a temporary local cluster of
+    ``KEYEFLOW_DASK_WORKERS`` processes, or the existing cluster at ``KEYEFLOW_DASK_ADDRESS``. Its workers
+    run the shard tasks, so they need this package and the same ``KEYEFLOW_*`` settings (a local cluster
+    inherits them; a remote one must be given them), and they must reach the tables (object storage, or a
+    shared disk). The cluster starts at the first submitted task, so flows that submit none never start one.
+    """
+    settings = get_settings()
+    if settings.task_runner == "thread":
+        return ThreadPoolTaskRunner(max_workers=2)
+    from prefect_dask import DaskTaskRunner  # imported here: it pulls in dask.distributed
+
+    if settings.dask_address:
+        return DaskTaskRunner(address=settings.dask_address)
+    # Processes, not threads: each worker's Python work (probing, patchifying frames) gets its own core,
+    # and a worker that runs out of memory is restarted by its nanny instead of taking the flow down.
+    return DaskTaskRunner(cluster_kwargs={"n_workers": settings.dask_workers, "processes": True})
+
+
+def _tasks_run_here() -> bool:
+    """Whether submitted tasks run in this process (they do with the thread pool, and with no flow at all)."""
+    context = FlowRunContext.get()
+    return context is None or isinstance(context.task_runner, ThreadPoolTaskRunner)
+
+
 class ProgressTracker:
-    """Counts finished items from any worker thread; shows them in the terminal and in Prefect."""
+    """Counts finished items; shows them in the terminal and in Prefect.
+
+    With the thread runner, shard tasks get the tracker itself (`for_tasks`) and count each item from
+    their threads. A task in another process (Dask) cannot: the rich bar and the lock do not pickle, and a
+    copy there would count for nobody. Those tasks get None and the flow counts each shard's items as the
+    shard finishes (`results`): coarser, but the bar and the artifact still reach 100%.
+    """
 
     def __init__(self, total: int, key: str, description: str):
         self.total = max(total, 1)
         self.done = 0
+        self.tasks_run_here = _tasks_run_here()
         self._lock = threading.Lock()
         self._last_reported = -1.0
         self._artifact = create_progress_artifact(0.0, key=key, description=description)
@@ -33,15 +72,28 @@ class ProgressTracker:
         self._task = self._bar.add_task(description, total=total)
         self._bar.start()
 
-    def advance(self) -> None:
+    def advance(self, num_items: int = 1) -> None:
         with self._lock:
-            self.done += 1
+            self.done += num_items
             self._bar.update(self._task, completed=self.done)
             percent = 100.0 * self.done / self.total
             # Each artifact update is an API call; a few per run is enough to watch.
             if percent - self._last_reported >= 5 or self.done == self.total:
                 self._last_reported = percent
                 update_progress_artifact(self._artifact, percent)
+
+    def for_tasks(self) -> ProgressTracker | None:
+        """What to hand a submitted shard task to count its items with."""
+        return self if self.tasks_run_here else None
+
+    def results(self, futures: Sequence[PrefectFuture], shards: Sequence[Sequence]) -> list:
+        """The futures' results in submission order; counts each shard when it finishes if its task could
+        not count its own items."""
+        if not self.tasks_run_here:
+            sizes = {id(f): len(shard) for f, shard in zip(futures, shards, strict=True)}
+            for future in as_completed(list(futures)):
+                self.advance(sizes[id(future)])
+        return [f.result() for f in futures]
 
     def close(self) -> None:
         self._bar.stop()

@@ -17,6 +17,7 @@ from keyeflow.model.merging import MergeConfig
 from keyeflow.training import steps
 from keyeflow.training.config import StageConfig
 from keyeflow.training.evaluate import generate_mcq_set
+from keyeflow.training.launch import LaunchConfig
 from keyeflow.training.recipes import EvalConfig, PretrainRecipe
 from keyeflow.training.steps import StageOutput
 
@@ -40,9 +41,9 @@ def prepare_init(recipe: PretrainRecipe, run_id: str) -> StageOutput:
 
 @task(cache_policy=NO_CACHE, tags=["training"])
 def train_stage(stage: StageConfig, init: StageOutput, mixture_ref: TableRef, mixture_id: str,
-                run_id: str) -> StageOutput:
+                run_id: str, launch: LaunchConfig | None = None) -> StageOutput:
     output = steps.train_stage(stage, init=init, mixture=mixture_ref, mixture_id=mixture_id,
-                                  parent_run_id=run_id)
+                                  parent_run_id=run_id, launch=launch)
     _say(output)
     return output
 

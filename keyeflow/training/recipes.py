@@ -23,6 +23,7 @@ from keyeflow.datasets.mixture import MixtureConfig, stage_mixture
 from keyeflow.model.config import KeyeConfig, keye_8b, tiny
 from keyeflow.model.merging import MergeConfig
 from keyeflow.training.config import StageConfig, pretrain_stage
+from keyeflow.training.launch import LaunchConfig
 
 MODELS = {"tiny": tiny, "keye-8b": keye_8b}
 
@@ -90,6 +91,7 @@ class PretrainRecipe:
     fusion_method: str = "average"  # average (the paper) | task_arithmetic | ties (base = stage 2)
     evaluation: EvalConfig = field(default_factory=EvalConfig)
     initial_context: int | None = None  # the fresh model's max_position_embeddings (None: the factory's)
+    launch: LaunchConfig | None = None  # how each stage's ranks start (None: in the flow's process)
 
     def __post_init__(self) -> None:
         if self.model not in MODELS:
@@ -145,6 +147,8 @@ class PretrainRecipe:
             "annealing": self.annealing.to_dict(),
             "variants": [dataclasses.asdict(v) for v in self.variants],
             "fusion_method": self.fusion_method, "evaluation": dataclasses.asdict(self.evaluation),
+            # only when set, so the hash of a recipe that trains in-process stays what it was
+            **({"launch": self.launch.to_dict()} if self.launch else {}),
         }  # fmt: skip
 
     def config_hash(self) -> str:

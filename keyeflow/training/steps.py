@@ -41,9 +41,10 @@ from keyeflow.model.modeling import KeyeForConditionalGeneration
 from keyeflow.model.tokenizer import load_tokenizer
 from keyeflow.training.config import StageConfig
 from keyeflow.training.evaluate import evaluate_mcq, heldout_loss, lance_video_lookup, promotion_gate
+from keyeflow.training.launch import LaunchConfig, launch_train
 from keyeflow.training.recipes import EvalConfig
 from keyeflow.training.samples import LanceSampleReader
-from keyeflow.training.trainer import load_model, read_metrics, train
+from keyeflow.training.trainer import load_model, read_metrics
 
 DONE = "done.json"
 RUN = "run.json"
@@ -164,14 +165,17 @@ def prepare_init(model_config: KeyeConfig, *, init: str | None, seed: int, paren
 
 def train_stage(stage: StageConfig, *, init: StageOutput, mixture: TableRef, mixture_id: str,
                 parent_run_id: str | None = None, root: Path | None = None,
-                data_from: Sequence[StageOutput] = ()) -> StageOutput:
+                data_from: Sequence[StageOutput] = (), launch: LaunchConfig | None = None) -> StageOutput:
     """Train one stage (any stage the trainer runs: pre-training, SFT, LongCoT SFT) from `init`'s checkpoint
     on `mixture_id` (cached and resumable, module docstring). `data_from`: steps whose models made the training
-    data (a rejection-sampled cold-start set), recorded as upstream too."""
+    data (a rejection-sampled cold-start set), recorded as upstream too. `launch`: start the ranks with
+    torchrun or the DeepSpeed launcher (`keyeflow.training.launch`); None trains in this process. It is not in
+    the key: the launcher and the number of ranks change what the stage learns only by float rounding (the
+    step loss is a token mean over all ranks), and a step resumes on any number of ranks."""
 
     def body(out_dir: Path, run_id: str) -> str:
-        result = train(stage, init=init.checkpoint, mixture=mixture, mixture_id=mixture_id, out_dir=out_dir,
-                       run_id=run_id)
+        result = launch_train(launch or LaunchConfig(), stage, init=init.checkpoint, mixture=mixture,
+                              mixture_id=mixture_id, out_dir=out_dir, run_id=run_id)
         log_loss_curve(run_id, out_dir, stage.name)
         return str(result.checkpoint_dir / "model")
 

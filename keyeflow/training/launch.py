@@ -1,0 +1,185 @@
+"""Run a stage's training under a multi-process launcher: `torchrun` or the DeepSpeed launcher.
+
+`train(stage, …)` trains in the calling process (one rank). With a `LaunchConfig` naming a launcher,
+`launch_train` writes the trainer's JSON spec into the run's `out_dir`, starts
+`python -m keyeflow.training.trainer SPEC.json` under that launcher as a subprocess, streams its output into
+this module's logger, and, when it exits, reads the result back from `out_dir` (the checkpoint `latest`
+names and the `state.json` in it), so the caller gets the same `TrainResult` as in-process training. The
+ranks resume from `out_dir/latest` like any run of the trainer, so a launch killed midway goes on where it
+stopped when it is started again, on any number of ranks.
+
+On one machine without GPUs both launchers work on CPU: each rank joins a gloo group from the RANK,
+WORLD_SIZE, MASTER_ADDR and MASTER_PORT the launcher sets (without them DeepSpeed would try MPI,
+STACK.md). DeepSpeed JIT-builds its shared-memory op on first use (~35 s), cached in `TORCH_EXTENSIONS_DIR`.
+
+Several nodes: DeepSpeed with a `hostfile` (`host slots=N` per line) starts the ranks over passwordless ssh
+(pdsh). Every node then needs this package, the same paths (`out_dir`, the init checkpoint and the tables on
+a shared disk or object storage) and the same `KEYEFLOW_*` settings: the launcher forwards only variables
+named `MLFLOW*`, `PYTHON*` and a few more, plus the lines of `~/.deepspeed_env`, so put the `KEYEFLOW_*`
+lines there. torchrun starts one node; run it on each node yourself for more.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import logging
+import os
+import socket
+import subprocess
+import sys
+import threading
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import IO, TYPE_CHECKING
+
+from keyeflow.model.config import KeyeConfig
+from keyeflow.training.config import StageConfig
+
+if TYPE_CHECKING:
+    from keyeflow.datasets.tables import TableRef
+    from keyeflow.training.trainer import TrainResult
+
+log = logging.getLogger(__name__)
+
+LAUNCHERS = ("inprocess", "torchrun", "deepspeed")
+SPEC = "launch-spec.json"
+TAIL_LINES = 40  # of stderr, in the error of a failed launch: enough for a traceback and the launcher's summary
+
+
+class LaunchFailed(RuntimeError):
+    """The launched training exited with an error (its stderr's last lines are in the message)."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class LaunchConfig:
+    """How a stage's training processes start.
+
+    `launcher`: "inprocess" (the calling process is the only rank), "torchrun" or "deepspeed".
+    `nproc_per_node`: ranks per machine (torchrun `--nproc_per_node`, DeepSpeed `--num_gpus`).
+    `hostfile`: DeepSpeed only, the machines to run on (`host slots=N` lines); None: this machine.
+    `num_nodes`: DeepSpeed with a hostfile only, use its first `num_nodes` hosts (None: all of them).
+    `master_port`: the rendezvous port; None: a free local port on one machine, DeepSpeed's default
+    (29500) across machines.
+    How a stage is launched does not change what it learns (the step loss is a token mean over all ranks,
+    `keyeflow.training.trainer`), so it is not part of a step's cache key."""
+
+    launcher: str = "inprocess"
+    nproc_per_node: int = 1
+    hostfile: str | None = None
+    num_nodes: int | None = None
+    master_port: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.launcher not in LAUNCHERS:
+            raise ValueError(f"LaunchConfig.launcher={self.launcher!r}: one of {list(LAUNCHERS)}")
+        for name in ("nproc_per_node", "num_nodes", "master_port"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise ValueError(f"LaunchConfig.{name}={value!r}: must be an integer >= 1")
+        if self.master_port is not None and self.master_port > 65535:
+            raise ValueError(f"LaunchConfig.master_port={self.master_port}: must be a port number <= 65535")
+        if self.launcher == "inprocess" and (self.nproc_per_node != 1 or self.hostfile or self.num_nodes
+                                             or self.master_port):
+            raise ValueError("LaunchConfig(launcher='inprocess') runs one rank in this process: nproc_per_node "
+                             "must be 1 and hostfile, num_nodes, master_port unset; use 'torchrun' or "
+                             "'deepspeed' for more ranks")
+        if self.hostfile is not None and self.launcher != "deepspeed":
+            raise ValueError(f"LaunchConfig.hostfile={self.hostfile!r} needs launcher='deepspeed' (torchrun "
+                             "starts one machine; run it on each machine for more)")
+        if self.num_nodes is not None and self.hostfile is None:
+            raise ValueError(f"LaunchConfig.num_nodes={self.num_nodes} needs a hostfile naming the machines")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def command(self, spec: Path) -> list[str]:
+        """The launcher's command line for the trainer on `spec`."""
+        trainer = ["keyeflow.training.trainer", str(spec)]
+        if self.launcher == "torchrun":
+            # --standalone: a local rendezvous on a free port, as another job on this machine may hold any fixed one.
+            rendezvous = ["--standalone"] if self.master_port is None else \
+                ["--nnodes", "1", "--master_addr", "127.0.0.1", "--master_port", str(self.master_port)]
+            return [sys.executable, "-m", "torch.distributed.run", *rendezvous,
+                    "--nproc_per_node", str(self.nproc_per_node), "-m", *trainer]
+        if self.launcher == "deepspeed":
+            port = self.master_port or (None if self.hostfile else _free_port())
+            hosts = ["--hostfile", self.hostfile] if self.hostfile else []
+            nodes = ["--num_nodes", str(self.num_nodes)] if self.num_nodes else []
+            ports = ["--master_port", str(port)] if port is not None else []
+            # --no_local_rank: the trainer reads LOCAL_RANK from the environment and takes only the spec.
+            return [sys.executable, "-m", "deepspeed.launcher.runner", *hosts, *nodes,
+                    "--num_gpus", str(self.nproc_per_node), *ports, "--no_local_rank", "--module", *trainer]
+        raise ValueError(f"launcher {self.launcher!r} runs in this process: there is no command")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch_train(launch: LaunchConfig, stage: StageConfig, *, init: str | Path | KeyeConfig, mixture: TableRef,
+                 mixture_id: str, out_dir: str | Path, run_id: str | None = None) -> TrainResult:
+    """`trainer.train` with the same arguments, its ranks started by `launch` (module docstring)."""
+    # Imported here, not at the top: recipes import this module for LaunchConfig, and the trainer brings
+    # MLflow and the model code (seconds of import) that a recipe does not need.
+    from keyeflow.training.trainer import train
+
+    out_dir = Path(out_dir)
+    if launch.launcher == "inprocess":
+        return train(stage, init=init, mixture=mixture, mixture_id=mixture_id, out_dir=out_dir, run_id=run_id)
+    if launch.hostfile is not None and not Path(launch.hostfile).is_file():
+        # DeepSpeed would only warn and train on this machine alone.
+        raise FileNotFoundError(f"LaunchConfig.hostfile={launch.hostfile!r}: no such file")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    spec = out_dir / SPEC
+    spec.write_text(json.dumps({
+        "stage": stage.to_dict(), "init": init.to_dict() if isinstance(init, KeyeConfig) else str(init),
+        "mixture": {"name": mixture.name, "uri": mixture.uri, "version": mixture.version},
+        "mixture_id": mixture_id, "out_dir": str(out_dir.resolve()), "run_id": run_id}, indent=2) + "\n")
+    command = launch.command(spec)
+    log.info("stage %s: launching %s", stage.name, " ".join(command))
+    returncode, tail = _run(command)
+    if returncode != 0:
+        raise LaunchFailed(f"stage {stage.name!r}: {launch.launcher} exited with code {returncode} "
+                           f"(command: {' '.join(command)}); last lines of its stderr:\n" + "\n".join(tail))
+    return read_result(out_dir)
+
+
+def _run(command: list[str]) -> tuple[int, list[str]]:
+    """Run `command`, every line of its output into the log as it comes; its exit code and stderr's tail."""
+    tail: collections.deque[str] = collections.deque(maxlen=TAIL_LINES)
+
+    def pump(stream: IO[str], keep: bool) -> None:
+        for line in stream:
+            line = line.rstrip("\n")
+            log.info("%s", line)
+            if keep:
+                tail.append(line)
+
+    # Unbuffered children: their lines arrive as they are written, not when a buffer fills.
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                          errors="replace") as process:
+        readers = [threading.Thread(target=pump, args=(process.stdout, False), daemon=True),
+                   threading.Thread(target=pump, args=(process.stderr, True), daemon=True)]
+        for reader in readers:
+            reader.start()
+        for reader in readers:
+            reader.join()
+        returncode = process.wait()
+    return returncode, list(tail)
+
+
+def read_result(out_dir: str | Path) -> TrainResult:
+    """What `train` returned, from what it left in `out_dir`: the checkpoint `latest` names (the last step
+    always writes one) and the losses recorded in it."""
+    from keyeflow.training.trainer import STATE, TrainResult, latest_checkpoint
+
+    out_dir = Path(out_dir)
+    checkpoint = latest_checkpoint(out_dir)
+    if checkpoint is None:
+        raise LaunchFailed(f"the launched training exited cleanly but registered no checkpoint in {out_dir}")
+    state = json.loads((checkpoint / STATE).read_text())
+    return TrainResult(checkpoint_dir=checkpoint, step=state["step"], losses=list(state["losses"]))
