@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import socket
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Optional
 
 import typer
+from rich.columns import Columns
 from rich.console import Console
 from rich.table import Table
 
@@ -36,28 +40,192 @@ def _overrides(values: list[str] | None) -> dict:
     return out
 
 
+# The recorded teacher listens on this port when it is free. The teacher's URL is part of the LongCoT
+# generation config hash (GenerationConfig.config_hash), so a rerun must reach it at the same URL to find its
+# paths done; a random free port would make every `keyeflow run` generate (and post-train on) new paths.
+RECORDED_TEACHER_PORT = 18431
+
+
 @app.command()
 def run(
     preset: str = typer.Option("paper", help="Slow-Fast preset: paper or keye-vl-utils"),
-    stages: str = typer.Option("1,2,3", help="pre-training stages to build mixtures for"),
+    stages: str = typer.Option("1,2,3", help="pre-training stages the data flow builds mixtures for"),
+    teacher_url: str | None = typer.Option(
+        None, help="an OpenAI-compatible teacher for the LongCoT step (API root with /v1; key from "
+                   "$OPENAI_API_KEY) instead of the recorded one"),
+    teacher_model: str | None = typer.Option(None, help="the served model name of --teacher-url"),
 ):
-    """Run the whole pipeline on generated sample data with embedded defaults, then say where to look."""
+    """The whole DAG on generated sample data with embedded defaults: data flows → pretrain (tiny) →
+    LongCoT (a recorded teacher unless --teacher-url) → posttrain (tiny), then a summary and where to look.
+    A rerun reuses everything that did not change."""
+    if (teacher_url is None) != (teacher_model is None):
+        raise typer.BadParameter("--teacher-url and --teacher-model go together")
+    # transformers draws a "Writing model shards" bar for every tiny checkpoint it saves, dozens of lines
+    # between the flows' own progress; read when transformers is imported, so set before the flows are.
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     from keyeflow.config import get_settings
     from keyeflow.datasets.image_samples import generate_sample_images
+    from keyeflow.datasets.longcot_samples import generate_longcot_questions
     from keyeflow.datasets.samples import generate_sample_videos
     from keyeflow.datasets.text_samples import generate_sample_corpus
     from keyeflow.flows.data import data_pipeline
+    from keyeflow.flows.longcot import longcot as longcot_flow
+    from keyeflow.flows.posttrain import posttrain as posttrain_flow
+    from keyeflow.flows.pretrain import pretrain as pretrain_flow
+    from keyeflow.quality.gates import GateFailed
+    from keyeflow.tasks.pretrain import PromotionBlocked
 
     settings = get_settings()
-    started = time.perf_counter()
     root = settings.samples_dir
-    console.print(f"generating sample data in {root} …")
-    videos = generate_sample_videos(root / "videos")
-    pictures = generate_sample_images(root / "images")
-    generate_sample_corpus(root / "corpus", videos, pictures)
-    result = data_pipeline([str(root / "videos")], [str(root / "images")], [str(root / "corpus")], str(root),
-                           preset=preset, stages=[int(s) for s in stages.split(",")])
-    _summary(result, time.perf_counter() - started)
+    started = time.perf_counter()
+    seconds: dict[str, float] = {}
+    step = "data-pipeline"
+
+    def begin(name: str, what: str) -> float:
+        nonlocal step
+        step = name
+        console.rule(f"[bold]{name}[/bold]: {what}", align="left")
+        return time.perf_counter()
+
+    try:
+        t0 = begin("data-pipeline", f"sample media and corpus in {root} → tables → gates → mixtures")
+        videos = generate_sample_videos(root / "videos")
+        pictures = generate_sample_images(root / "images")
+        generate_sample_corpus(root / "corpus", videos, pictures)
+        data = data_pipeline([str(root / "videos")], [str(root / "images")], [str(root / "corpus")],
+                             str(root), preset=preset, stages=[int(s) for s in stages.split(",")])
+        seconds["data-pipeline"] = time.perf_counter() - t0
+
+        t0 = begin("pretrain", "recipe tiny: stages 1 → 2 → 3 (variants) → 4 (fusion), each gated")
+        pre = pretrain_flow("tiny")
+        seconds["pretrain"] = time.perf_counter() - t0
+
+        t0 = begin("longcot", "sample questions → generate → assess → review (unattended: keep out) → "
+                              "score → gates")
+        questions = generate_longcot_questions(root / "longcot", root / "images", root / "videos")
+        with _longcot_teacher(teacher_url, teacher_model, settings.root / "recorded-teacher") as generation:
+            cot = longcot_flow([str(questions["dir"])], str(root), generation=generation)
+        seconds["longcot"] = time.perf_counter() - t0
+
+        t0 = begin("posttrain", "recipe tiny from the pretrain checkpoint: SFT → reward model → MPO → "
+                                "LongCoT SFT + expert merge → GSPO rounds → alignment RL")
+        post = posttrain_flow(pre["checkpoint"], "tiny")
+        seconds["posttrain"] = time.perf_counter() - t0
+    except (GateFailed, PromotionBlocked, ValueError, LookupError, OSError, RuntimeError) as exc:
+        # RuntimeError covers a recorded teacher that would not start; ValueError a mixture shortfall or a
+        # failed rollout/trainer input check; the flows' own runs in MLflow and Prefect keep the details.
+        errors.print(f"[red]stopped in {step}:[/red] {type(exc).__name__}: {exc}")
+        raise typer.Exit(2)
+    _run_summary(data, pre, cot, post, seconds, time.perf_counter() - started)
+
+
+@contextlib.contextmanager
+def _longcot_teacher(url: str | None, model: str | None, workdir: Path) -> Iterator[dict]:
+    """The LongCoT flow's generation settings: the given teacher server, or the recorded teacher started for
+    the step (and stopped after it) on 127.0.0.1."""
+    if url:
+        console.print(f"LongCoT teacher: {model} at {url}")
+        yield {"backend": "openai", "base_url": url, "model": model}
+        return
+    from keyeflow.model import replay_server
+
+    port = RECORDED_TEACHER_PORT if _port_is_free(RECORDED_TEACHER_PORT) else replay_server.free_port()
+    recordings = replay_server.teacher_recordings()
+    with replay_server.start_server(recordings, workdir, port=port) as (base_url, log):
+        console.print("LongCoT teacher: recorded completions for the sample questions (no teacher model runs "
+                      f"on a CPU), replayed at {base_url} by keyeflow.model.replay_server; requests logged "
+                      f"in {log}")
+        if port != RECORDED_TEACHER_PORT:
+            console.print(f"  port {RECORDED_TEACHER_PORT} is taken, so the teacher's URL differs from other "
+                          "runs' and its paths are generated again")
+        yield {"backend": "openai", "base_url": base_url, "model": recordings["model"]}
+    console.print("LongCoT teacher stopped")
+
+
+def _port_is_free(port: int) -> bool:
+    # SO_REUSEADDR as the server sets it: the previous run's connections in TIME_WAIT do not make it busy.
+    with socket.socket() as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def _checkpoint_cell(checkpoint: str, name: str, root: Path) -> str:
+    """A step's checkpoint as the part of its path that differs from the others: steps write to
+    ``checkpoints/<stage>-<key>[/step-N]/model`` under the data root, so the key (and step) name it."""
+    path = Path(checkpoint)
+    try:
+        relative = path.relative_to(root / "checkpoints")
+    except ValueError:
+        return checkpoint
+    text = str(relative.parent if relative.name == "model" else relative)
+    return "…-" + text.removeprefix(f"{name}-") if text.startswith(f"{name}-") else text
+
+
+def _run_summary(data: dict, pre: dict, cot: dict, post: dict, seconds: dict[str, float],
+                 total: float) -> None:
+    from rich import box
+    from rich.markup import escape
+
+    from keyeflow.config import get_settings
+    from keyeflow.datasets import tables
+
+    settings = get_settings()
+    root = settings.root
+    console.rule("[bold]summary[/bold]", align="left")
+    # Tables side by side as name@version (rows): one line each would push the rest off the screen.
+    entries = []
+    for name in tables.list_tables():
+        ds = tables.open_table(name)
+        entries.append(f"{name}@v{ds.version} ({ds.count_rows()})")
+    console.print(f"tables in {settings.tables}, name@version (rows):")
+    console.print(Columns(entries, padding=(0, 3)))
+    for stage, mix in (data.get("mixtures") or {}).items():
+        shares = ", ".join(f"{m} {100 * v:.1f}%" for m, v in mix["shares"].items())
+        console.print(f"stage {stage} mixture {mix['mixture_id'][:12]}: {shares}")
+    s = cot["summary"]
+    reviews = ", ".join(f"{action} {count}" for action, count in (cot["review"]["actions"] or {}).items())
+    console.print(f"LongCoT: {len(cot['question_ids'])} questions, {s['num_paths']} paths (A {s['num_A']}, "
+                  f"B {s['num_B']}, C {s['num_C']}), {s['num_kept']} kept; "
+                  f"reviews: {reviews or 'none needed'}")
+
+    # One line per run, so it fits a terminal: stage names without their flow's prefix, checkpoints by the
+    # part of the path that differs (the final one is printed whole below), full run ids (they are what
+    # `keyeflow lineage` and the MLflow UI take).
+    table = Table(box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False, title_justify="left",
+                  title=escape(f"runs (checkpoints: {root}/checkpoints/<stage>-KEY[/step-N]/model)"))
+    table.add_column("flow / stage", no_wrap=True)
+    table.add_column("done", no_wrap=True)
+    table.add_column("checkpoint", overflow="fold", min_width=10)
+    table.add_column("MLflow run", no_wrap=True)
+    flows = (("data-pipeline", data, None), ("pretrain", pre, "pretrain"), ("longcot", cot, None),
+             ("posttrain", post, "posttrain"))
+    for flow, result, prefix in flows:
+        table.add_row(f"[bold]{flow}[/bold]", f"{seconds[flow]:.0f} s", "", result["run_id"])
+        for stage in (result.get("stages") or {}).values() if prefix else ():
+            name = stage["name"]
+            if name.startswith(f"{prefix}-"):
+                label = "  " + name.removeprefix(f"{prefix}-")
+                done = "trained" if stage["trained"] else "skipped"
+            else:  # post-training starts from pre-training's last checkpoint: that step's run, not a new one
+                label, done = f"  from {name}", ""
+            table.add_row(label, done, _checkpoint_cell(stage["checkpoint"], name, root), stage["run_id"])
+    console.print(table)
+    # soft_wrap: paths and commands are not broken by inserted newlines, so they copy whole.
+    console.print(f"[bold]final checkpoint[/bold] {post['checkpoint']}", soft_wrap=True)
+    console.print(f"done in {total:.0f} s. Where to look:")
+    where = [
+        f"keyeflow lineage {post['checkpoint']}",
+        'keyeflow sql "select grade, status, count(*) from longcot_paths group by all"',
+        'keyeflow sql "select stage, modality, sum(num_tokens * repeats) from mixtures group by all"',
+        f"mlflow ui --backend-store-uri {settings.mlflow_uri}   # runs, metrics, gate reports",
+        "prefect server start   # then http://127.0.0.1:4200: these flow runs, tasks and artifacts",
+    ]
+    for line in where:
+        console.print(f"  {line}", soft_wrap=True, highlight=False)
 
 
 def _tables_overview() -> Table:

@@ -141,8 +141,8 @@ def resolve_run(target: str) -> str:
         resolved = path.resolve()
         for candidate in (resolved, resolved / "model"):
             runs = _search(f"tags.`{CHECKPOINT_TAG}` = '{candidate}'")
-            if runs:
-                return runs[0].info.run_id
+            if runs:  # the newest may be a flow run that ended on this (skipped) step: follow it to the step
+                return runs[0].data.tags.get("keyeflow.final_run_id", runs[0].info.run_id)
         for candidate in (resolved, resolved.parent, resolved.parent.parent):
             runs = _search(f"tags.`keyeflow.out_dir` = '{candidate}'")
             if runs:

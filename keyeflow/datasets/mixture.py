@@ -68,6 +68,10 @@ SOURCE_WEIGHT_ZERO = "source_weight_zero"
 EXCLUSION_REASONS = (QUARANTINED, HELD_OUT, MODALITY_NOT_IN_MIXTURE, TASK_NOT_IN_STAGE, NO_TOKENS, OVER_LENGTH,
                      SOURCE_WEIGHT_ZERO)
 
+# Tasks of the train_samples rows post-training adds (LongCoT and rejection-sampled conversations, reward-model
+# judgements): pre-training mixtures that take "every task" leave them out.
+POSTTRAIN_TASKS = ("longcot", "reward_model")
+
 # Relative slack when comparing float quotas with integer token counts.
 _EPS = 1e-9
 
@@ -532,6 +536,8 @@ def classify_sql(config: MixtureConfig, with_quarantine: bool = True) -> str:
                    f"then {_lit(MODALITY_NOT_IN_MIXTURE)}")
     if config.tasks is not None:
         reasons.append(f"when s.task is null or s.task not in ({_lits(config.tasks)}) then {_lit(TASK_NOT_IN_STAGE)}")
+    else:  # "every task" of pre-training never means the rows post-training writes to the same table
+        reasons.append(f"when s.task in ({_lits(POSTTRAIN_TASKS)}) then {_lit(TASK_NOT_IN_STAGE)}")
     reasons.append(f"when s.num_tokens is null or s.num_tokens <= 0 then {_lit(NO_TOKENS)}")
     reasons.append(f"when s.num_tokens > {config.max_sample_tokens} then {_lit(OVER_LENGTH)}")
     zero = [s for s, w in config.source_weights.items() if w == 0]

@@ -23,7 +23,7 @@ def plan_images(paths: list[str], shard_size: int) -> list[list[str]]:
     return images.plan_image_shards(paths, IngestConfig(shard_size=shard_size))
 
 
-@task(tags=["image"], **_SHARD)
+@task(**_SHARD)  # untagged like the video shards (keyeflow/tasks/video.py says why)
 def ingest_image_shard(uris: list[str], config: ImageConfig, tracker: ProgressTracker | None = None) -> dict:
     report = images.ingest_images_shard(uris, config, on_item=tracker.advance if tracker else None)
     log_quarantined(report.quarantined)

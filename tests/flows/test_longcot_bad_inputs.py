@@ -1,12 +1,11 @@
 """The LongCoT flow under Prefect's harness with bad input: question lines without a reference answer, and a
-teacher server (``tests/longcot_replay_server.py``, a real process on 127.0.0.1) that times out, answers
+teacher server (``keyeflow.model.replay_server``, a real process on 127.0.0.1) that times out, answers
 malformed output, fails with 503 for a while, or is down. Each fails its own item with a reason that
 ``keyeflow sql`` shows, the rest of the batch goes through to the ``longcot`` table, and a rerun against the
 server, fixed and back at the same address, asks it only for the questions that failed."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
@@ -16,10 +15,7 @@ from typer.testing import CliRunner
 from keyeflow import lineage
 from keyeflow.cli import app
 from keyeflow.datasets import sql, tables
-
-_spec = importlib.util.spec_from_file_location("longcot_replay_server", Path(__file__).parents[1] / "longcot_replay_server.py")
-replay = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(replay)
+from keyeflow.model import replay_server as replay
 
 runner = CliRunner()
 

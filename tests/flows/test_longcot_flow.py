@@ -5,7 +5,6 @@ video ingested first), and our model behind the real ``keyeflow.model.serving`` 
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import socket
@@ -25,10 +24,7 @@ from keyeflow.cli import app
 from keyeflow.datasets import longcot as lc
 from keyeflow.datasets import sql, tables
 from keyeflow.datasets.longcot_samples import generate_longcot_questions
-
-_spec = importlib.util.spec_from_file_location("longcot_replay_server", Path(__file__).parents[1] / "longcot_replay_server.py")
-replay = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(replay)
+from keyeflow.model import replay_server as replay
 
 REPO = Path(__file__).resolve().parents[2]
 runner = CliRunner()

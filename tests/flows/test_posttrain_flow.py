@@ -7,7 +7,6 @@ rejection-sampling reports are where a person looks for them, and a rerun with n
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
@@ -18,12 +17,8 @@ from typer.testing import CliRunner
 
 from keyeflow import lineage
 from keyeflow.cli import app
+from keyeflow.model import replay_server as replay
 from keyeflow.training.posttrain_recipe import posttrain_recipe
-
-_spec = importlib.util.spec_from_file_location("longcot_replay_server",
-                                               Path(__file__).parents[1] / "longcot_replay_server.py")
-replay = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(replay)
 
 STAGES = ["posttrain-0-start", "posttrain-1-sft", "posttrain-1-sft-anneal", "posttrain-2-reward-model",
           "posttrain-3-mpo", "posttrain-4-longcot-sft", "posttrain-4-expert-math", "posttrain-4-expert-merge",

@@ -1,12 +1,11 @@
 """LongCoT cold-start steps on real tables, without Prefect: collection (dedupe, domains, media, bad lines,
 rewrites, merges), multi-path generation through an OpenAI-compatible HTTP server replaying a teacher
-(``tests/longcot_replay_server.py``, a real process on 127.0.0.1) and through our tiny model in process,
+(``keyeflow.model.replay_server``, a real process on 127.0.0.1) and through our tiny model in process,
 answers written differently from the reference (½ / 1/2 / 0.5, 1000 m / 1 km, \\frac{1}{2} / 50%) ending
 up as A, the rule and model judges, review decisions and the gates' frames."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
@@ -16,6 +15,7 @@ from keyeflow.datasets import longcot as lc
 from keyeflow.datasets import sql, tables
 from keyeflow.datasets.longcot_samples import generate_longcot_questions
 from keyeflow.datasets.video import content_hash
+from keyeflow.model import replay_server as replay
 from keyeflow.model.generation import LocalGenerator, OpenAICompatibleGenerator
 from keyeflow.quality import gates
 from keyeflow.quality.judges import (
@@ -27,10 +27,6 @@ from keyeflow.quality.judges import (
     parse_assessment,
     parse_score,
 )
-
-_spec = importlib.util.spec_from_file_location("longcot_replay_server", Path(__file__).parents[1] / "longcot_replay_server.py")
-replay = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(replay)
 
 JUDGE = "You grade the reasoning of a response to a question, step by step.\n\nQuestion: "
 REWRITE = "Reply with the new question only.\n\nQuestion: "

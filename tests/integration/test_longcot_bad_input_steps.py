@@ -2,11 +2,10 @@
 server that times out, answers malformed output, fails for a while or is down. Each fails only its own item,
 with a reason naming the question and the problem (transient failures retried a bounded number of times,
 counted on the server side), the rest completes, and a rerun against a working server asks it only for what
-failed. The server is ``tests/longcot_replay_server.py``, a real process on 127.0.0.1; nothing is mocked."""
+failed. The server is ``keyeflow.model.replay_server``, a real process on 127.0.0.1; nothing is mocked."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import time
 from pathlib import Path
@@ -15,12 +14,9 @@ import pytest
 
 from keyeflow.datasets import longcot as lc
 from keyeflow.datasets import sql, tables
+from keyeflow.model import replay_server as replay
 from keyeflow.model.generation import BatchGenerationError, GenerationServerError, OpenAICompatibleGenerator
 from keyeflow.quality.judges import FALLBACK, JudgeInput, ModelJudge
-
-_spec = importlib.util.spec_from_file_location("longcot_replay_server", Path(__file__).parents[1] / "longcot_replay_server.py")
-replay = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(replay)
 
 HALF = "What is 1 divided by 2?"
 ROAD = "A road is 1000 m long. How long is it in kilometres?"

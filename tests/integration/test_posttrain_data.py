@@ -5,9 +5,7 @@ samples reach a mixture with their repeats."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 
@@ -16,6 +14,7 @@ from keyeflow.datasets.conversations import add_conversations
 from keyeflow.datasets.images import ImageConfig
 from keyeflow.datasets.mixture import fixed_mixture
 from keyeflow.datasets.slowfast import resolve_config
+from keyeflow.model import replay_server as replay
 from keyeflow.model.generation import OpenAICompatibleGenerator
 from keyeflow.training.posttrain_data import (
     DifficultyConfig,
@@ -24,11 +23,6 @@ from keyeflow.training.posttrain_data import (
     longcot_mixture,
     sft_mixture,
 )
-
-_spec = importlib.util.spec_from_file_location("longcot_replay_server",
-                                               Path(__file__).parents[1] / "longcot_replay_server.py")
-replay = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(replay)
 
 PAPER = resolve_config("paper")
 

@@ -1,6 +1,6 @@
 """Preference pairs, MPO and the reward model with real parts: the tiny random model saved with save_pretrained,
 the OpenAI-compatible server (`python -m keyeflow.model.serving`) and the replay server
-(`tests/longcot_replay_server.py`) as real processes on 127.0.0.1, real Lance tables and MLflow.
+(`keyeflow.model.replay_server`) as real processes on 127.0.0.1, real Lance tables and MLflow.
 
 - pairs: sampled over HTTP from the replay server (canned answers, checked against references) and in process
   from the tiny model; every item without a pair is recorded with why;
@@ -12,7 +12,6 @@ the OpenAI-compatible server (`python -m keyeflow.model.serving`) and the replay
 
 from __future__ import annotations
 
-import importlib.util
 import itertools
 import json
 from pathlib import Path
@@ -24,6 +23,7 @@ import torch
 
 from keyeflow import lineage
 from keyeflow.datasets import tables
+from keyeflow.model import replay_server as replay
 from keyeflow.model.checkpoint import load_keye_checkpoint
 from keyeflow.model.config import tiny
 from keyeflow.model.generation import LocalGenerator, OpenAICompatibleGenerator
@@ -52,9 +52,6 @@ from keyeflow.training.rewards import RewardCombiner, RewardConfig, RewardItem
 from keyeflow.training.trainer import LATEST
 
 REPO = Path(__file__).resolve().parents[2]
-_spec = importlib.util.spec_from_file_location("longcot_replay_server", REPO / "tests" / "longcot_replay_server.py")
-replay = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(replay)
 
 SERVED_NAME = "keye-tiny"
 

@@ -1,12 +1,15 @@
-"""A replaying OpenAI-compatible chat server for the LongCoT tests: the network boundary to a teacher model.
+"""A recorded LongCoT teacher: an OpenAI-compatible chat server that replays what a teacher model answered to
+the sample questions (``keyeflow.datasets.longcot_samples``).
 
-A real teacher (Keye-VL behind vLLM) cannot run here, and our tiny random model answers nothing correctly,
-so the tests that need known good, flawed and wrong reasoning paths talk HTTP to this server, which returns
-recorded completions with per-token logprobs for known prompts. It is a real process on 127.0.0.1 speaking
-the same ``/v1/chat/completions`` protocol (``choices[i].message.content``, ``logprobs.content[{token,
-logprob}]``), so ``OpenAICompatibleGenerator`` and the whole flow run unchanged against it.
+A real teacher (Keye-VL behind vLLM) cannot run on a CPU, and our tiny random model answers nothing
+correctly, so the LongCoT flow would keep no path and post-training would have no LongCoT data.
+``keyeflow run`` therefore starts this server with ``teacher_recordings()`` for its LongCoT step, and the
+tests that need known good, flawed and wrong reasoning paths use it too. It is a real process on
+127.0.0.1 speaking the same ``/v1/chat/completions`` protocol (``choices[i].message.content``,
+``logprobs.content[{token, logprob}]``), so ``OpenAICompatibleGenerator`` and the whole flow run unchanged
+against it, as they would against vLLM.
 
-    python tests/longcot_replay_server.py --recordings FILE [--port 0] [--log REQUESTS.jsonl]
+    python -m keyeflow.model.replay_server --recordings FILE [--port 0] [--log REQUESTS.jsonl]
 
 Recordings (JSON): ``{"model": name, "entries": [{"match": substring, "completions": [completion, ...]}],
 "default": completion}``. A request is answered by the first entry whose ``match`` occurs in the text of
@@ -16,7 +19,7 @@ its last user message; choice ``i`` of ``n`` is ``completions[i % len]``. A comp
 Every request is appended to ``--log`` (data URLs shortened) when it arrives, before it is answered, so tests
 can check what was sent and count attempts (a request the client gave up on is logged too).
 
-An entry can also misbehave, as a real server does, for the bad-input tests: ``"delay_s": seconds`` waits
+For the bad-input tests an entry can also misbehave, as a real server does: ``"delay_s": seconds`` waits
 before answering (longer than the client's timeout: a generator that times out); ``"respond": {"status": int,
 "body": str | object}`` answers that instead of completions (a string body is sent as it is, so it need not be
 JSON: malformed output; an object is sent as JSON, e.g. without ``choices``, or a 503 error). With ``"times":
@@ -25,7 +28,8 @@ transient failure that a retry gets past); without it, to every request. An entr
 only misbehaves: when it lets a request through, the next matching entry (or the default) answers it, so a
 misbehaving entry placed before the teacher's recordings turns a known question bad.
 
-``start_server(recordings, workdir)`` (for tests) runs it as a subprocess and yields its base URL.
+``start_server(recordings, workdir)`` runs it as a subprocess and yields its base URL; it stops the server
+when the ``with`` block ends.
 """
 
 from __future__ import annotations
@@ -258,7 +262,8 @@ def start_server(recordings: dict, workdir: Path, timeout_s: float = 30.0,
     recordings_path.write_text(json.dumps(recordings), encoding="utf-8")
     port = port or free_port()
     process = subprocess.Popen(
-        [sys.executable, __file__, "--recordings", str(recordings_path), "--port", str(port), "--log", str(log_path)],
+        [sys.executable, "-m", "keyeflow.model.replay_server", "--recordings", str(recordings_path),
+         "--port", str(port), "--log", str(log_path)],
         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
         deadline = time.monotonic() + timeout_s
@@ -284,7 +289,8 @@ def start_server(recordings: dict, workdir: Path, timeout_s: float = 30.0,
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description="replay recorded chat completions (tests only)")
+    parser = argparse.ArgumentParser(prog="python -m keyeflow.model.replay_server",
+                                     description="replay recorded chat completions (a recorded teacher)")
     parser.add_argument("--recordings", type=Path, required=True)
     parser.add_argument("--port", type=int, default=0)
     parser.add_argument("--log", type=Path, default=None)
