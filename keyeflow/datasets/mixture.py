@@ -509,13 +509,16 @@ def _lits(values: Iterable[str]) -> str:
     return ", ".join(_lit(v) for v in values)
 
 
-def mixture_id(config: MixtureConfig, samples: tables.TableRef, quarantine: tables.TableRef | None) -> str:
+def mixture_id(config: MixtureConfig, eligible_digest: str) -> str:
+    """The mixture's identity: the config and the CONTENT of the rows it may choose from (their ids, modalities,
+    sources and token counts; a sample id is itself a content hash). Not the table versions: rows appended to
+    train_samples or quarantine that this config excludes (post-training's own rows, an unrelated quarantined
+    file) change a version but not the mixture, and must not make every stage downstream train again."""
     payload = {
         "stage": config.stage,
         "config": config.config_hash(),
         "seed": config.seed,
-        "train_samples": [samples.name, samples.version],
-        "quarantine": [quarantine.name, quarantine.version] if quarantine is not None else None,
+        "eligible": eligible_digest,
     }
     text = json.dumps(payload, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(text.encode()).hexdigest()[:16]
@@ -662,7 +665,6 @@ class Selection:
 def compute_mixture(samples: tables.TableRef, config: MixtureConfig, quarantine: tables.TableRef | None = None,
                     root: str | None = None) -> Selection:
     """Choose a mixture's rows in DuckDB over ``samples`` pinned at its version; writes nothing."""
-    mid = mixture_id(config, samples, quarantine)
     versions = {samples.name: samples.version}
     if quarantine is not None:
         versions[quarantine.name] = quarantine.version
@@ -673,6 +675,12 @@ def compute_mixture(samples: tables.TableRef, config: MixtureConfig, quarantine:
         if quarantine is not None:
             con.register("quarantine", tables.dataset(quarantine.uri, version=quarantine.version))
         con.execute("create or replace temp table classified as " + classify_sql(config, quarantine is not None))
+        digest = con.sql("""
+            select coalesce(md5(string_agg(sample_id || ':' || modality || ':' || source || ':' || num_tokens, ','
+                                           order by sample_id)), '')
+            from classified where reason is null
+        """).fetchall()[0][0]
+        mid = mixture_id(config, digest)
         groups = con.sql("""
             select reason, coalesce(modality, '') as modality, source,
                    count(*) as n, coalesce(sum(num_tokens), 0) as tokens

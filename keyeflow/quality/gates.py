@@ -206,7 +206,10 @@ MIXTURE_CHECKS = [
     _at_most("every sample fits the stage's context", "length_excess", 0),
     _in_set("only the stage's tasks", "task_allowed", [True]),
     _in_set("samples match the pinned input (id, modality, source, tokens)", "matches_input", [True]),
-    _in_set("built from the pinned input version", "pinned_version", [True]),
+    # A mixture's id is its eligible rows' content, so a rebuild from a later train_samples version with the
+    # same rows reuses the rows written earlier: they pin a version no later than the input, and every row
+    # must still match the input (the check above).
+    _in_set("built from the input version or an earlier one", "pinned_version", [True]),
     _in_set("order is a permutation of the rows", "order_ok", [True]),
 ]
 
@@ -260,7 +263,7 @@ def mixture_frame(mixture: tables.TableRef, mixture_id: str, config, quarantine:
             {tasks} as task_allowed,
             coalesce(e.sample_id is not null and e.num_tokens = m.num_tokens and e.modality = m.modality
                      and e.source = m.source, false) as matches_input,
-            coalesce(m.train_samples_version = {int(samples.version)}, false) as pinned_version,
+            coalesce(m.train_samples_version <= {int(samples.version)}, false) as pinned_version,
             row_number() over (order by m."order", m.sample_id) - 1 = m."order" as order_ok
         from m
         left join t on m.modality = t.modality

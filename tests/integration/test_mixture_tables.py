@@ -288,3 +288,18 @@ def test_held_out_samples_are_excluded_from_every_mixture_and_counted(samples):
     assert picked == heldout_sample_ids(samples, quarantine, 50, max_tokens=2_000, per_modality=5)
     with pytest.raises(ValueError, match="holdout_per_mille"):
         stage_mixture(3, holdout_per_mille=1000)
+
+
+def test_rows_the_config_excludes_do_not_change_the_mixture(samples):
+    config = stage_mixture(3, max_sample_tokens=8_192)
+    first = build_mixture(samples, config, None)
+    # Post-training writes its own rows into train_samples: a new table version, the same mixture.
+    extra = sample_rows(seed=9, shape={"text": (5, 40, 400, ["posttrain"])}, prefix="rm-")
+    tables.upsert("train_samples", [r | {"task": "reward_model"} for r in extra])
+    later = tables.ref("train_samples")
+    assert later.version > samples.version
+    again = build_mixture(later, config, None)
+    assert again.mixture_id == first.mixture_id
+    assert again.mixture.version == first.mixture.version  # nothing written
+    assert not any(s.startswith("rm-") for s, *_ in mixture_rows(again))
+    gates.check_mixture(again.mixture, again.mixture_id, config, None, later).raise_if_failed()
