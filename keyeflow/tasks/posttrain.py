@@ -114,7 +114,9 @@ def mpo(recipe: PosttrainRecipe, init: StageOutput, pairs: list[dict], run_id: s
 @task(**_NO_CACHE)
 def longcot_data(longcot: TableRef, name: str, domain: str | None) -> dict:
     image_config, slowfast = media_configs(GenerationConfig())
-    result, bad = longcot_mixture(longcot, name=name, slowfast=slowfast, image_config=image_config, domain=domain)
+    # The general LongCoT mix follows the scores' repeats; a domain expert trains on all of its domain.
+    result, bad = longcot_mixture(longcot, name=name, slowfast=slowfast, image_config=image_config, domain=domain,
+                                  min_repeats=1 if domain else 0)
     for uri, why in bad.items():
         get_run_logger().warning("LongCoT sample %s not usable: %s", uri, why)
     return {"mixture": result.mixture, "mixture_id": result.mixture_id}

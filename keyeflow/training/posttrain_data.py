@@ -137,10 +137,12 @@ def longcot_rows(longcot: TableRef, domain: str | None = None) -> list[dict]:
 
 
 def longcot_mixture(longcot: TableRef, *, name: str, slowfast: SlowFastConfig, image_config: ImageConfig,
-                    domain: str | None = None, seed: int = 0, source_root: str = "/",
+                    domain: str | None = None, seed: int = 0, source_root: str = "/", min_repeats: int = 0,
                     root: str | None = None) -> tuple[MixtureResult, dict[str, str]]:
-    """LongCoT samples (one domain's, or all) as train_samples rows and a mixture using each `repeats` times.
-    Returns the mixture and the samples that could not be used, with why (also in `quarantine`)."""
+    """LongCoT samples (one domain's, or all) as train_samples rows and a mixture using each `repeats` times,
+    at least `min_repeats` (an expert takes every kept sample of its domain: 1, even those the scoring drew out
+    of the general mix). Returns the mixture and the samples that could not be used, with why (also in
+    `quarantine`)."""
     rows = longcot_rows(longcot, domain)
     if not rows:
         raise ValueError(f"{longcot.uri}@v{longcot.version} has no LongCoT samples"
@@ -153,7 +155,8 @@ def longcot_mixture(longcot: TableRef, *, name: str, slowfast: SlowFastConfig, i
         sample_id = ids.get(f"longcot#{r['sample_id']}")
         # Repeats 0: the scoring kept the sample out of training (a low score drawn out). Two LongCoT rows with
         # the same conversation are one sample: it gets the larger count.
-        if sample_id is not None and int(r["repeats"]) >= 1:
-            repeats[sample_id] = max(repeats.get(sample_id, 0), int(r["repeats"]))
+        uses = max(int(r["repeats"]), min_repeats)
+        if sample_id is not None and uses >= 1:
+            repeats[sample_id] = max(repeats.get(sample_id, 0), uses)
     samples = tables.ref("train_samples", root)
     return fixed_mixture(samples, repeats, name=name, stage=POSTTRAIN_STAGE, seed=seed, root=root), bad

@@ -125,5 +125,9 @@ def test_longcot_samples_reach_a_mixture_with_their_repeats(home):
                                 image_config=ImageConfig())
     used = tables.open_table("mixtures").to_table(filter=f"mixture_id = '{expert.mixture_id}'").to_pylist()
     assert sorted(r["repeats"] for r in used) == [1, 3]
+    everything, _ = longcot_mixture(tables.ref("longcot"), name="expert-math-all", domain="math", slowfast=PAPER,
+                                    image_config=ImageConfig(), min_repeats=1)
+    used = tables.open_table("mixtures").to_table(filter=f"mixture_id = '{everything.mixture_id}'").to_pylist()
+    assert sorted(r["repeats"] for r in used) == [1, 1, 3]  # the scored-out sample too, once
     with pytest.raises(ValueError, match="of domain 'gui'"):
         longcot_mixture(tables.ref("longcot"), name="x", domain="gui", slowfast=PAPER, image_config=ImageConfig())
