@@ -129,3 +129,23 @@ def serve_model():
                 process.wait(timeout=10)
 
     return serve
+
+
+@pytest.fixture(scope="module")
+def multirank_training_data(request, tmp_path_factory, sample_corpus, media_dir):
+    """The trainer tests' data (sample corpus → train_samples → a stage-2 mixture, a tiny init model) in a home of
+    the calling module's own, set up for multi-process DeepSpeed runs on CPU."""
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent / "integration"))
+    from test_trainer import build_training_data
+
+    home = tmp_path_factory.mktemp(request.module.__name__.rpartition(".")[2]) / "home"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("KEYEFLOW_HOME", str(home))
+        for var in ("KEYEFLOW_TABLES_URI", "KEYEFLOW_TRACKING_URI"):
+            mp.delenv(var, raising=False)
+        # DeepSpeed JIT-builds its shared-memory comm op on first use (~35 s) and caches it here.
+        mp.setenv("TORCH_EXTENSIONS_DIR", os.environ.get(
+            "TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "keyeflow" / "torch_extensions")))
+        yield build_training_data(home, sample_corpus["conversations"].parent, media_dir)

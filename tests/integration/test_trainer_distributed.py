@@ -5,13 +5,12 @@ on 1 rank continues at the exact next sample, and DeepSpeed ZeRO-2 on 2 ranks gi
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-from test_trainer import REPO, build_training_data, run_trainer, spec_file
+from test_trainer import REPO, run_trainer, spec_file
 
 from keyeflow.training.config import StageConfig
 from keyeflow.training.trainer import read_metrics, train
@@ -23,16 +22,8 @@ RTOL = 1e-4
 
 
 @pytest.fixture(scope="module")
-def data(tmp_path_factory, sample_corpus, media_dir):
-    home = tmp_path_factory.mktemp("trainer-dist") / "home"
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("KEYEFLOW_HOME", str(home))
-        for var in ("KEYEFLOW_TABLES_URI", "KEYEFLOW_TRACKING_URI"):
-            mp.delenv(var, raising=False)
-        # DeepSpeed JIT-builds its shared-memory comm op on first use (~35 s) and caches it here.
-        mp.setenv("TORCH_EXTENSIONS_DIR", os.environ.get(
-            "TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "keyeflow" / "torch_extensions")))
-        yield build_training_data(home, sample_corpus["conversations"].parent, media_dir)
+def data(multirank_training_data):
+    return multirank_training_data
 
 
 @pytest.fixture(scope="module")

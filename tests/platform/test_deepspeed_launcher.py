@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
-import sys
 from pathlib import Path
 
 import pytest
@@ -20,10 +18,6 @@ from keyeflow.training.launch import LaunchConfig, LaunchFailed, launch_train
 from keyeflow.training.recipes import pretrain_recipe
 from keyeflow.training.trainer import LATEST, STATE, read_metrics, train
 
-# The trainer tests' data builder (sample corpus → train_samples → a stage-2 mixture, and a tiny init model).
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "integration"))
-from test_trainer import build_training_data
-
 # 2 ranks × 2 micro-batches per step; the loss is a token mean over the step, whatever its split over ranks.
 STAGE = StageConfig(name="launched", learning_rate=1e-3, max_steps=4, max_length=1024, window_size=8,
                     micro_batches_per_step=2, schedule="constant", checkpoint_every=2)
@@ -31,16 +25,8 @@ RTOL = 1e-4
 
 
 @pytest.fixture(scope="module")
-def data(tmp_path_factory, sample_corpus, media_dir):
-    home = tmp_path_factory.mktemp("launcher") / "home"
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("KEYEFLOW_HOME", str(home))
-        for var in ("KEYEFLOW_TABLES_URI", "KEYEFLOW_TRACKING_URI"):
-            mp.delenv(var, raising=False)
-        # DeepSpeed JIT-builds its shared-memory comm op on first use (~35 s) and caches it here.
-        mp.setenv("TORCH_EXTENSIONS_DIR", os.environ.get(
-            "TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "keyeflow" / "torch_extensions")))
-        yield build_training_data(home, sample_corpus["conversations"].parent, media_dir)
+def data(multirank_training_data):
+    return multirank_training_data
 
 
 @pytest.fixture(scope="module")
