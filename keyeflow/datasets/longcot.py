@@ -638,7 +638,7 @@ class StoredMediaLookup:
     def __call__(self, part):
         from keyeflow.datasets import images, pretokenize
         from keyeflow.datasets.video import content_hash
-        from keyeflow.training.samples import read_media
+        from keyeflow.datasets.sample_reader import read_media
 
         kind = part["type"]
         path = str(part[kind])

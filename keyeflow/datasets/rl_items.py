@@ -20,7 +20,7 @@ from typing import Any
 from keyeflow.datasets import tables
 from keyeflow.datasets.longcot import user_content
 from keyeflow.datasets.tables import TableRef
-from keyeflow.training.rewards import Constraint, RewardItem
+from keyeflow.quality.rewards import Constraint, RewardItem
 
 DOMAIN_CHECKERS = {"counting": "count", "grounding": "grounding"}  # others: answer equivalence ("math")
 THINK = " /think"

@@ -1,6 +1,6 @@
 """The `pretrain` flow: stage mixtures → stage 1 → 2 → 3 (one run per annealing variant) → 4 (fusion), with
 an evaluation and promotion gate after each. Wiring only; each step returns a checkpoint path and its MLflow
-run id, and skips itself when its inputs and config are unchanged (keyeflow.training.steps)."""
+run id, and skips itself when its inputs and config are unchanged (keyeflow.steps.stages)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from keyeflow.flows.data import build_mixture
 from keyeflow.tasks import pretrain as t
 from keyeflow.tasks.common import current_ref, lineage_run
 from keyeflow.training.recipes import pretrain_recipe
-from keyeflow.training.steps import mean_metrics
+from keyeflow.steps.stages import mean_metrics
 
 
 @flow(name="pretrain")

@@ -70,7 +70,7 @@ from typing import TYPE_CHECKING, Any
 
 from keyeflow.quality.graders import extract_answer
 from keyeflow.quality.judges import content_terms
-from keyeflow.training.rewards import (
+from keyeflow.quality.rewards import (
     TASKS,
     Reward,
     RewardItem,

@@ -1,4 +1,4 @@
-"""Prefect tasks of post-training; each wraps one step of `keyeflow.training.posttrain` (or the shared training
+"""Prefect tasks of post-training; each wraps one step of `keyeflow.steps.posttrain` (or the shared training
 steps), reports what it did in the task log, and returns references (checkpoint paths, run ids, table
 versions, small item lists), never weights or tensors."""
 
@@ -15,7 +15,9 @@ from keyeflow.datasets.mixture import fixed_mixture
 from keyeflow.datasets.rl_items import alignment_prompts, longcot_rl_items
 from keyeflow.datasets.tables import TableRef
 from keyeflow.model.merging import MergeConfig
-from keyeflow.training import posttrain, rl, steps
+from keyeflow.steps import posttrain
+from keyeflow.steps import stages as steps
+from keyeflow.training import rl
 from keyeflow.training.config import StageConfig
 from keyeflow.training.posttrain_data import (
     POSTTRAIN_STAGE,
@@ -25,7 +27,7 @@ from keyeflow.training.posttrain_data import (
     sft_mixture,
 )
 from keyeflow.training.posttrain_recipe import PosttrainRecipe
-from keyeflow.training.steps import StageOutput
+from keyeflow.steps.stages import StageOutput
 
 _NO_CACHE = {"cache_policy": NO_CACHE}
 

@@ -1,4 +1,4 @@
-"""Prefect tasks of pre-training; each wraps one step of `keyeflow.training.steps`.
+"""Prefect tasks of pre-training; each wraps one step of `keyeflow.steps.stages`.
 
 No Prefect result caching here: a step's cache is its checkpoint directory (`done.json`, keyed on its inputs'
 versions and config hash), which outlives any Prefect database and is what the trainer resumes from.
@@ -14,12 +14,12 @@ from keyeflow import lineage
 from keyeflow.datasets import mixture
 from keyeflow.datasets.tables import TableRef
 from keyeflow.model.merging import MergeConfig
-from keyeflow.training import steps
+from keyeflow.steps import stages as steps
 from keyeflow.training.config import StageConfig
 from keyeflow.training.evaluate import generate_mcq_set
 from keyeflow.training.launch import LaunchConfig
 from keyeflow.training.recipes import EvalConfig, PretrainRecipe
-from keyeflow.training.steps import StageOutput
+from keyeflow.steps.stages import StageOutput
 
 
 class PromotionBlocked(RuntimeError):

@@ -26,7 +26,7 @@ and an item stops as soon as one level gets a success. Every item is a mapping (
 - whatever ``reward_fn(item, response)`` needs (a reference answer, …).
 
 ``rollout_fn(prompt, n)`` is the policy: ``n`` responses to one prompt. ``reward_fn`` returns a float in
-[0, 1] or a :class:`~keyeflow.training.rewards.Reward`; a rollout succeeds when its reward reaches
+[0, 1] or a :class:`~keyeflow.quality.rewards.Reward`; a rollout succeeds when its reward reaches
 ``success_threshold``.
 
 Where the hint goes (:func:`hinted_prompt`): SPEC says "append a hint after the query". It is appended to
@@ -51,7 +51,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from keyeflow.training.rewards import Reward
+from keyeflow.quality.rewards import Reward
 
 HINT_LEVELS: dict[int, str] = {
     1: "a concept or observation: what to notice or which idea applies, no method and no numbers worked out",

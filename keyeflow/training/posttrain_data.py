@@ -29,8 +29,8 @@ from keyeflow.datasets.slowfast import SlowFastConfig
 from keyeflow.datasets.tables import TableRef
 from keyeflow.model.generation import Generator
 from keyeflow.model.processor import MediaPatches
-from keyeflow.training.rewards import answer_reward
-from keyeflow.training.samples import read_media
+from keyeflow.quality.rewards import answer_reward
+from keyeflow.datasets.sample_reader import read_media
 
 POSTTRAIN_STAGE = 5  # the `stage` column of post-training mixtures (pre-training uses 1–3)
 # train_samples.task → the checker that can tell a right answer (others are not checkable: kept)

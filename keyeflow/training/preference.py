@@ -61,7 +61,7 @@ from keyeflow.model.processor import Features, MediaLookup, collate, encode_samp
 from keyeflow.model.tokenizer import load_tokenizer
 from keyeflow.training import distributed
 from keyeflow.training.losses import MPOConfig, RewardShift, mpo_loss, token_logprobs
-from keyeflow.training.rewards import TASKS, Reward, RewardItem, answer_reward
+from keyeflow.quality.rewards import TASKS, Reward, RewardItem, answer_reward
 from keyeflow.training.trainer import (
     METRICS,
     STATE,

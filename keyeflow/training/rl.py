@@ -10,7 +10,7 @@ SFT trainer.
 2. *Rollouts*: G completions per prompt from the current policy (`LocalGenerator` sharing the model being
    trained: its KV-cached sampler, media resolved by `media_lookup`), seeded from (seed, step).
 3. *Rewards*: `reward_fn(item, response)` → a float in [0, 1] or a `Reward` (`rule_reward_fn` builds one
-   from `keyeflow.training.rewards`). The item handed over is the row with `messages` set to the conversation
+   from `keyeflow.quality.rewards`). The item handed over is the row with `messages` set to the conversation
    the response answered (so with the hint, when one was given).
 4. *Progressive hints* (`keyeflow.training.hints`): an item whose every rollout fails (reward below
    `success_threshold`) gets hints one level at a time; the step trains on the G responses of the lowest
@@ -97,7 +97,7 @@ from keyeflow.model.token_stream import IGNORE_INDEX
 from keyeflow.model.tokenizer import IM_END
 from keyeflow.training.hints import HintConfig, HintRecord, item_hints, progressive_hint_sampling
 from keyeflow.training.losses import GSPOConfig, group_advantages, gspo_loss, token_logprobs
-from keyeflow.training.rewards import Reward, RewardCombiner, RewardItem
+from keyeflow.quality.rewards import Reward, RewardCombiner, RewardItem
 from keyeflow.training.trainer import (
     LATEST,
     METRICS,
@@ -274,7 +274,7 @@ def _reward_value(item_id: str, out: object) -> float:
 
 
 def rule_reward_fn(combiner: RewardCombiner | None = None) -> RewardFn:
-    """A `reward_fn` over item rows from `keyeflow.training.rewards`: the row's last user content is the
+    """A `reward_fn` over item rows from `keyeflow.quality.rewards`: the row's last user content is the
     prompt (its ``/think`` switch picks the format checked), ``reference``, ``task`` (default "math"),
     ``mode``, ``options`` and ``constraints`` go into a `RewardItem`, scored by `combiner` (default: rule
     rewards only)."""

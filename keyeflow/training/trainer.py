@@ -61,7 +61,7 @@ from keyeflow.training import distributed
 from keyeflow.training.config import StageConfig
 from keyeflow.training.deepspeed_config import render_deepspeed_config
 from keyeflow.training.loader import MicroBatch, MixtureLoader
-from keyeflow.training.samples import LanceSampleReader
+from keyeflow.datasets.sample_reader import LanceSampleReader
 
 log = logging.getLogger(__name__)
 

@@ -24,7 +24,7 @@ from typer.testing import CliRunner
 from keyeflow import lineage
 from keyeflow.cli import app
 from keyeflow.training.recipes import pretrain_recipe
-from keyeflow.training.steps import DONE
+from keyeflow.steps.stages import DONE
 from keyeflow.training.trainer import LATEST
 
 KEYEFLOW = str(Path(sys.executable).parent / "keyeflow")

@@ -29,7 +29,7 @@ from keyeflow.training.evaluate import (
     promotion_gate,
     score_options,
 )
-from keyeflow.training.samples import LanceSampleReader
+from keyeflow.datasets.sample_reader import LanceSampleReader
 
 # Small budgets keep every video under ~250 vision tokens, so the tiny model runs them in milliseconds.
 SMALL = resolve_config("paper", total_token_budget=256, min_tokens_per_frame=4, max_tokens_per_frame=16)

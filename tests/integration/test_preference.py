@@ -48,7 +48,7 @@ from keyeflow.training.preference import (
     sequence_logprobs,
     train_mpo,
 )
-from keyeflow.training.rewards import RewardCombiner, RewardConfig, RewardItem
+from keyeflow.quality.rewards import RewardCombiner, RewardConfig, RewardItem
 from keyeflow.training.trainer import LATEST
 
 REPO = Path(__file__).resolve().parents[2]

@@ -12,7 +12,7 @@ import pytest
 
 from keyeflow import lineage
 from keyeflow.model.config import tiny
-from keyeflow.training import steps
+from keyeflow.steps import stages as steps
 from keyeflow.training.config import StageConfig
 from keyeflow.training.launch import LaunchConfig, LaunchFailed, launch_train
 from keyeflow.training.recipes import pretrain_recipe

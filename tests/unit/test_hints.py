@@ -17,7 +17,7 @@ from keyeflow.training.hints import (
     progressive_hint_sampling,
     unsolved_share_by_level,
 )
-from keyeflow.training.rewards import Reward, math_answer_reward
+from keyeflow.quality.rewards import Reward, math_answer_reward
 
 NEVER = 99  # an item no hint level can make the policy solve
 

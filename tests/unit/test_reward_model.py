@@ -25,7 +25,7 @@ from keyeflow.quality.reward_model import (
     render_output,
     signal_scores,
 )
-from keyeflow.training.rewards import prompt_mode
+from keyeflow.quality.rewards import prompt_mode
 
 
 def think_output(a: dict[str, int] | None = None, b: dict[str, int] | None = None, verdict: str = "A",

@@ -8,7 +8,7 @@ import math
 import numpy as np
 import pytest
 
-from keyeflow.training.rewards import (
+from keyeflow.quality.rewards import (
     Constraint,
     Reward,
     RewardCombiner,

@@ -7,7 +7,7 @@ import json
 import pytest
 
 from keyeflow.datasets.rl_items import alignment_prompts, reward_item
-from keyeflow.training.rewards import rule_reward
+from keyeflow.quality.rewards import rule_reward
 
 
 def test_alignment_prompts_are_deterministic_and_checkable():

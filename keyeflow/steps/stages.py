@@ -43,7 +43,7 @@ from keyeflow.training.config import StageConfig
 from keyeflow.training.evaluate import evaluate_mcq, heldout_loss, lance_video_lookup, promotion_gate
 from keyeflow.training.launch import LaunchConfig, launch_train
 from keyeflow.training.recipes import EvalConfig
-from keyeflow.training.samples import LanceSampleReader
+from keyeflow.datasets.sample_reader import LanceSampleReader
 from keyeflow.training.trainer import load_model, read_metrics
 
 DONE = "done.json"

@@ -26,8 +26,8 @@ from keyeflow.model.generation import Generator, LocalGenerator
 from keyeflow.quality.reward_model import ComparisonRequest, RewardModelConfig, RewardModelJudge
 from keyeflow.training import preference, rl
 from keyeflow.training.posttrain_recipe import AlignmentSettings, PreferenceSettings
-from keyeflow.training.rewards import Reward, RewardCombiner, RewardConfig, answer_reward
-from keyeflow.training.steps import (
+from keyeflow.quality.rewards import Reward, RewardCombiner, RewardConfig, answer_reward
+from keyeflow.steps.stages import (
     KEY_TAG,
     StageOutput,
     cached_step,
