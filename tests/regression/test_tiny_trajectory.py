@@ -1,0 +1,132 @@
+"""The tiny recipe's training trajectory, bit for bit: pre-training stages 1 → 2 → 3 on the sample data (the
+recipe's own stage configs and mixtures), then one MPO step and one GSPO step from the stage-3 checkpoint.
+Every step's loss and a digest of the weights after each stage are compared with `tiny_trajectory.json`,
+recorded before the training loops were moved onto one engine; any change to what a step computes (the
+order of floating-point operations included) fails here.
+
+The numbers depend on the CPU kernels torch picks and on the number of threads, so the trajectory runs on one
+thread. A deliberate change of the numbers is re-recorded with
+`KEYEFLOW_RECORD_TRAJECTORY=1 pytest tests/regression`, and the commit says why the numbers changed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from keyeflow.datasets import conversations, images, ingest, pretokenize, tables
+from keyeflow.datasets.images import ImageConfig
+from keyeflow.datasets.mixture import build_mixture
+from keyeflow.datasets.pretokenize import patchify
+from keyeflow.datasets.slowfast import resolve_config
+from keyeflow.model.checkpoint import load_keye_checkpoint
+from keyeflow.model.modeling import KeyeForConditionalGeneration
+from keyeflow.model.processor import MediaPatches
+from keyeflow.training.losses import GSPOConfig
+from keyeflow.training.preference import MPOStageConfig, train_mpo
+from keyeflow.training.recipes import pretrain_recipe
+from keyeflow.training.rl import GSPOStageConfig, train_gspo
+from keyeflow.training.trainer import train
+
+RECORDED = Path(__file__).with_name("tiny_trajectory.json")
+
+
+def weights_digest(model_dir: Path) -> str:
+    """sha256 over every parameter's name and float32 bytes, in name order."""
+    model = load_keye_checkpoint(model_dir)
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().to(torch.float32).contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def hexes(values) -> list[str]:
+    return [float(v).hex() for v in values]
+
+
+def image_lookup(part: dict) -> MediaPatches:
+    """A fixed 56×84 random picture for every image part (6 merged tokens)."""
+    pixels = np.random.default_rng(part["seed"]).integers(0, 256, (56, 84, 3), dtype=np.uint8)
+    return MediaPatches(patchify(pixels, 14, 2), [(1, 4, 6)])
+
+
+def picture_prompt(seed: int, question: str) -> list[dict]:
+    return [{"role": "user", "content": [{"type": "image", "seed": seed}, {"type": "text", "text": question}]}]
+
+
+MPO_PAIRS = [
+    {"messages": picture_prompt(1, "What is shown?"), "chosen": "A red square.", "rejected": "Nothing, maybe."},
+    {"messages": picture_prompt(2, "How many dots?"), "chosen": "Three.", "rejected": "I cannot tell at all."},
+]
+GSPO_ITEMS = [
+    {"id": "one", "messages": picture_prompt(1, "Describe it."), "reference": "square"},
+    {"id": "two", "messages": picture_prompt(2, "Count them."), "reference": "3"},
+]
+
+
+def letter_share(item, response: str) -> float:
+    """A reward that varies between random completions, so every group carries an advantage."""
+    return sum(ch.isascii() and ch.isalpha() for ch in response) / len(response) if response else 0.0
+
+
+def run_trajectory(home: Path, corpus_dir: Path, media_dir: Path) -> dict:
+    recipe = pretrain_recipe("tiny")
+    paper, image_config = resolve_config("paper"), ImageConfig()
+    media = conversations.referenced_media([str(corpus_dir)], str(media_dir))
+    ingest.ingest_shard(media["video"])
+    pretokenize.pretokenize_shard(pretokenize.pending_videos(tables.ref("videos"), paper), paper)
+    images.ingest_images_shard(media["image"], image_config)
+    conversations.build_train_samples([str(corpus_dir)], str(media_dir), paper, image_config)
+
+    init = home / "init"
+    torch.manual_seed(recipe.stages[1].seed)
+    KeyeForConditionalGeneration(recipe.model_config()).save_pretrained(init)
+    out: dict = {"init": weights_digest(init)}
+    checkpoint: Path = init
+    for number, stage in ((1, recipe.stages[1]), (2, recipe.stages[2]),
+                          (3, recipe.variant_stage(recipe.variants[0]))):
+        mixture = build_mixture(tables.ref("train_samples"), recipe.mixture(number, recipe.variants[0]),
+                                tables.ref("quarantine"))
+        result = train(stage, init=checkpoint, mixture=mixture.mixture, mixture_id=mixture.mixture_id,
+                       out_dir=home / f"stage-{number}")
+        checkpoint = result.checkpoint_dir / "model"
+        out[f"stage{number}"] = {"losses": hexes(result.losses), "weights": weights_digest(checkpoint)}
+
+    mpo = train_mpo(MPOStageConfig(learning_rate=1e-3, max_steps=1, pairs_per_step=2, max_length=256),
+                    init=checkpoint, pairs=MPO_PAIRS, out_dir=home / "mpo", media_lookup=image_lookup)
+    out["mpo"] = {"losses": hexes(mpo.losses),
+                  "metrics": hexes(mpo.metrics[0][k] for k in ("dpo", "bco", "sft", "reward_margin")),
+                  "weights": weights_digest(mpo.checkpoint_dir / "model")}
+
+    gspo = train_gspo(GSPOStageConfig(prompts_per_step=2, group_size=4, max_new_tokens=8, learning_rate=1e-3,
+                                      max_steps=1, hints=None, gspo=GSPOConfig(), seed=3),
+                      init=checkpoint, items=GSPO_ITEMS, reward_fn=letter_share, out_dir=home / "gspo",
+                      media_lookup=image_lookup)
+    record = gspo.history[0]
+    assert record["num_active_responses"] > 0, "the trajectory must include a GSPO update"
+    out["gspo"] = {"metrics": hexes(record[k] for k in ("reward_mean", "loss", "mean_ratio", "grad_norm")),
+                   "weights": weights_digest(gspo.checkpoint_dir / "model")}
+    return out
+
+
+def test_tiny_recipe_trajectory_is_reproduced_bit_for_bit(home, sample_corpus, media_dir):
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        trajectory = run_trajectory(home, sample_corpus["conversations"].parent, media_dir)
+    finally:
+        torch.set_num_threads(threads)
+    if os.environ.get("KEYEFLOW_RECORD_TRAJECTORY"):
+        RECORDED.write_text(json.dumps(trajectory, indent=1) + "\n")
+        pytest.skip(f"recorded {RECORDED}")
+    expected = json.loads(RECORDED.read_text())
+    for part in expected:
+        assert trajectory[part] == expected[part], f"{part} differs from the recorded trajectory"
+    assert trajectory == expected
