@@ -161,7 +161,7 @@ def main() -> None:
         out = home / f"trainer-{repeat}"
         run_id = lineage.start_run("bench-trainer")
         wall = time.perf_counter()
-        train(stage, init=init, mixture=built.mixture, mixture_id=built.mixture_id, out_dir=out, run_id=run_id)
+        train(stage, init=init, mixture=built.mixture, mixture_id=built.mixture_id, out_dir=out, sink=lineage.RunSink(run_id))
         wall = time.perf_counter() - wall
         lineage.end_run(run_id)
         times = [m["time"] for m in read_metrics(out)]

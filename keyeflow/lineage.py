@@ -127,6 +127,26 @@ CHECKPOINT_TAG = "keyeflow.checkpoint"
 UPSTREAM_TAG = "keyeflow.upstream_run_ids"
 
 
+class RunSink:
+    """A training loop's metrics sink (`keyeflow.training.engine.MetricsSink`) writing to one MLflow run:
+    training code is handed one of these and never imports this module."""
+
+    def __init__(self, run_id: str):
+        self.run_id = run_id
+
+    def log_params(self, params: dict[str, Any]) -> None:
+        log_params(self.run_id, dict(params))
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        log_metrics(self.run_id, dict(metrics), step=step)
+
+    def log_input(self, table: TableRef) -> None:
+        log_input(self.run_id, table)
+
+    def set_checkpoint(self, path: Path) -> None:
+        set_tags(self.run_id, {CHECKPOINT_TAG: str(path)})
+
+
 def _search(filter_string: str) -> list:
     c = client()
     experiments = [e.experiment_id for e in c.search_experiments()]

@@ -23,9 +23,12 @@ from keyeflow.datasets.longcot import GenerationConfig, StoredMediaLookup, media
 from keyeflow.datasets.rl_items import reward_item
 from keyeflow.datasets.tables import TableRef
 from keyeflow.model.generation import Generator, LocalGenerator
-from keyeflow.quality.reward_model import ComparisonRequest, RewardModelConfig, RewardModelJudge
-from keyeflow.training import preference, rl
-from keyeflow.training.posttrain_recipe import AlignmentSettings, PreferenceSettings
+from keyeflow.quality.reward_model import (
+    ComparisonRequest,
+    RewardModelConfig,
+    RewardModelJudge,
+    build_reward_model_data,
+)
 from keyeflow.quality.rewards import Reward, RewardCombiner, RewardConfig, answer_reward
 from keyeflow.steps.stages import (
     KEY_TAG,
@@ -35,6 +38,9 @@ from keyeflow.steps.stages import (
     path_fingerprint,
     step_key,
 )
+from keyeflow.training import preference, rl
+from keyeflow.training.posttrain_recipe import AlignmentSettings, PreferenceSettings
+from keyeflow.training.reward_model_trainer import train_reward_model as train_rm
 
 LATEST_PRETRAIN = "latest-pretrain"
 
@@ -105,16 +111,14 @@ def policy_pairs(policy: StageOutput, items: Sequence[Mapping[str, Any]], settin
 def train_reward_model(config: RewardModelConfig, stage, *, init: StageOutput, pairs: list[dict],
                        parent_run_id: str | None = None, tables_ref: dict[str, TableRef] | None = None) -> StageOutput:
     """The think/no_think judge, fine-tuned on judgements built from the pairs (order-swapped, length-debiased)."""
-    from keyeflow.quality.reward_model import build_reward_model_data
-    from keyeflow.quality.reward_model import train_reward_model as train_rm
-
     conversations, report = build_reward_model_data(pairs, config)
 
     def body(out_dir: Path, run_id: str) -> str:
         lineage.log_dict(run_id, report.__dict__ if hasattr(report, "__dict__") else report, "reward_data.json")
         for ref in (tables_ref or {}).values():
             lineage.log_input(run_id, ref)
-        result = train_rm(conversations, stage, init=init.checkpoint, out_dir=out_dir, run_id=run_id)
+        result = train_rm(conversations, stage, init=init.checkpoint, out_dir=out_dir,
+                          sink=lineage.RunSink(run_id))
         lineage.log_params(run_id, {"mixture_id": result.mixture_id})
         lineage.log_input(run_id, result.mixture)
         log_loss_curve(run_id, out_dir, stage.name)
@@ -129,7 +133,8 @@ def train_reward_model(config: RewardModelConfig, stage, *, init: StageOutput, p
 def train_mpo(config: preference.MPOStageConfig, *, init: StageOutput, pairs: list[dict],
               parent_run_id: str | None = None) -> StageOutput:
     def body(out_dir: Path, run_id: str) -> str:
-        result = preference.train_mpo(config, init=init.checkpoint, pairs=pairs, out_dir=out_dir, run_id=run_id,
+        result = preference.train_mpo(config, init=init.checkpoint, pairs=pairs, out_dir=out_dir,
+                                      sink=lineage.RunSink(run_id),
                                       media_lookup=media_lookup())
         log_loss_curve(run_id, out_dir, "posttrain-3-mpo")
         return str(result.checkpoint_dir / "model")
@@ -186,7 +191,7 @@ def train_gspo(config: rl.GSPOStageConfig, *, name: str, init: StageOutput, item
     key: a different judge or weight is a different stage)."""
     def body(out_dir: Path, run_id: str) -> str:
         result = rl.train_gspo(config, init=init.checkpoint, items=items, reward_fn=reward_fn, out_dir=out_dir,
-                               run_id=run_id, media_lookup=media_lookup())
+                               sink=lineage.RunSink(run_id), media_lookup=media_lookup())
         log_loss_curve(run_id, out_dir, name, metric="reward_mean")
         hints = sorted(out_dir.glob("hints/step-*.json"))
         if hints:

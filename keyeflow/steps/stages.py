@@ -34,17 +34,19 @@ import torch
 from keyeflow import lineage
 from keyeflow.config import get_settings
 from keyeflow.datasets import tables
+from keyeflow.datasets.sample_reader import LanceSampleReader
 from keyeflow.datasets.tables import TableRef
 from keyeflow.model.config import KeyeConfig
 from keyeflow.model.merging import MergeConfig, merge_checkpoints
 from keyeflow.model.modeling import KeyeForConditionalGeneration
 from keyeflow.model.tokenizer import load_tokenizer
+from keyeflow.steps.train_job import launch_train
 from keyeflow.training.config import StageConfig
 from keyeflow.training.evaluate import evaluate_mcq, heldout_loss, lance_video_lookup, promotion_gate
-from keyeflow.training.launch import LaunchConfig, launch_train
+from keyeflow.training.launch import LaunchConfig
 from keyeflow.training.recipes import EvalConfig
-from keyeflow.datasets.sample_reader import LanceSampleReader
-from keyeflow.training.trainer import load_model, read_metrics
+from keyeflow.training.engine import read_metrics
+from keyeflow.training.trainer import load_model
 
 DONE = "done.json"
 RUN = "run.json"

@@ -1,10 +1,11 @@
 """Run a stage's training under a multi-process launcher: `torchrun` or the DeepSpeed launcher.
 
-`train(stage, …)` trains in the calling process (one rank). With a `LaunchConfig` naming a launcher,
-`launch_train` writes the trainer's JSON spec into the run's `out_dir`, starts
-`python -m keyeflow.training.trainer SPEC.json` under that launcher as a subprocess, streams its output into
-this module's logger, and, when it exits, reads the result back from `out_dir` (the checkpoint `latest`
-names and the `state.json` in it), so the caller gets the same `TrainResult` as in-process training. The
+`train(stage, …)` trains in the calling process (one rank). `LaunchConfig` says how a stage's ranks start
+instead, and `command(spec)` builds the launcher's command line; `keyeflow.steps.train_job.launch_train`
+writes the trainer's JSON spec into the run's `out_dir`, starts `python -m keyeflow.steps.train_job SPEC.json`
+under that launcher as a subprocess, streams its output into the log, and, when it exits, reads the result
+back from `out_dir` (the checkpoint `latest` names and the `state.json` in it), so the caller gets the same
+`TrainResult` as in-process training. The
 ranks resume from `out_dir/latest` like any run of the trainer, so a launch killed midway goes on where it
 stopped when it is started again, on any number of ranks.
 
@@ -21,35 +22,18 @@ lines there. torchrun starts one node; run it on each node yourself for more.
 
 from __future__ import annotations
 
-import collections
-import json
 import logging
-import os
 import socket
-import subprocess
 import sys
-import threading
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import IO, TYPE_CHECKING
-
-from keyeflow.model.config import KeyeConfig
-from keyeflow.training.config import StageConfig
-
-if TYPE_CHECKING:
-    from keyeflow.datasets.tables import TableRef
-    from keyeflow.training.trainer import TrainResult
 
 log = logging.getLogger(__name__)
 
 LAUNCHERS = ("inprocess", "torchrun", "deepspeed")
 SPEC = "launch-spec.json"
-TAIL_LINES = 40  # of stderr, in the error of a failed launch: enough for a traceback and the launcher's summary
-
-
-class LaunchFailed(RuntimeError):
-    """The launched training exited with an error (its stderr's last lines are in the message)."""
-
+# The module each rank runs (the steps layer: it reports to MLflow, which training code does not import).
+TRAIN_JOB_MODULE = "keyeflow.steps.train_job"
 
 @dataclass(frozen=True, kw_only=True)
 class LaunchConfig:
@@ -95,7 +79,7 @@ class LaunchConfig:
 
     def command(self, spec: Path) -> list[str]:
         """The launcher's command line for the trainer on `spec`."""
-        trainer = ["keyeflow.training.trainer", str(spec)]
+        trainer = [TRAIN_JOB_MODULE, str(spec)]
         if self.launcher == "torchrun":
             # --standalone: a local rendezvous on a free port, as another job on this machine may hold any fixed one.
             rendezvous = ["--standalone"] if self.master_port is None else \
@@ -117,69 +101,3 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def launch_train(launch: LaunchConfig, stage: StageConfig, *, init: str | Path | KeyeConfig, mixture: TableRef,
-                 mixture_id: str, out_dir: str | Path, run_id: str | None = None) -> TrainResult:
-    """`trainer.train` with the same arguments, its ranks started by `launch` (module docstring)."""
-    # Imported here, not at the top: recipes import this module for LaunchConfig, and the trainer brings
-    # MLflow and the model code (seconds of import) that a recipe does not need.
-    from keyeflow.training.trainer import train
-
-    out_dir = Path(out_dir)
-    if launch.launcher == "inprocess":
-        return train(stage, init=init, mixture=mixture, mixture_id=mixture_id, out_dir=out_dir, run_id=run_id)
-    if launch.hostfile is not None and not Path(launch.hostfile).is_file():
-        # DeepSpeed would only warn and train on this machine alone.
-        raise FileNotFoundError(f"LaunchConfig.hostfile={launch.hostfile!r}: no such file")
-    out_dir.mkdir(parents=True, exist_ok=True)
-    spec = out_dir / SPEC
-    spec.write_text(json.dumps({
-        "stage": stage.to_dict(), "init": init.to_dict() if isinstance(init, KeyeConfig) else str(init),
-        "mixture": {"name": mixture.name, "uri": mixture.uri, "version": mixture.version},
-        "mixture_id": mixture_id, "out_dir": str(out_dir.resolve()), "run_id": run_id}, indent=2) + "\n")
-    command = launch.command(spec)
-    log.info("stage %s: launching %s", stage.name, " ".join(command))
-    returncode, tail = _run(command)
-    if returncode != 0:
-        raise LaunchFailed(f"stage {stage.name!r}: {launch.launcher} exited with code {returncode} "
-                           f"(command: {' '.join(command)}); last lines of its stderr:\n" + "\n".join(tail))
-    return read_result(out_dir)
-
-
-def _run(command: list[str]) -> tuple[int, list[str]]:
-    """Run `command`, every line of its output into the log as it comes; its exit code and stderr's tail."""
-    tail: collections.deque[str] = collections.deque(maxlen=TAIL_LINES)
-
-    def pump(stream: IO[str], keep: bool) -> None:
-        for line in stream:
-            line = line.rstrip("\n")
-            log.info("%s", line)
-            if keep:
-                tail.append(line)
-
-    # Unbuffered children: their lines arrive as they are written, not when a buffer fills.
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
-                          errors="replace") as process:
-        readers = [threading.Thread(target=pump, args=(process.stdout, False), daemon=True),
-                   threading.Thread(target=pump, args=(process.stderr, True), daemon=True)]
-        for reader in readers:
-            reader.start()
-        for reader in readers:
-            reader.join()
-        returncode = process.wait()
-    return returncode, list(tail)
-
-
-def read_result(out_dir: str | Path) -> TrainResult:
-    """What `train` returned, from what it left in `out_dir`: the checkpoint `latest` names (the last step
-    always writes one) and the losses recorded in it."""
-    from keyeflow.training.trainer import STATE, TrainResult, latest_checkpoint
-
-    out_dir = Path(out_dir)
-    checkpoint = latest_checkpoint(out_dir)
-    if checkpoint is None:
-        raise LaunchFailed(f"the launched training exited cleanly but registered no checkpoint in {out_dir}")
-    state = json.loads((checkpoint / STATE).read_text())
-    return TrainResult(checkpoint_dir=checkpoint, step=state["step"], losses=list(state["losses"]))

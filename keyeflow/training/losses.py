@@ -48,6 +48,7 @@ Label smoothing (cDPO) is left out: neither InternVL's MPO nor TRL's current sig
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -137,16 +138,23 @@ def mpo_loss(
     chosen_num_tokens: torch.Tensor,
     *,
     reward_shift: RewardShift | None,
+    all_reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> MPOOutput:
     """MPO on a batch of pairs. Every input is one value per pair, shape (B,): the log-probabilities summed over
     the response tokens under the policy and the frozen reference, and the number of chosen response tokens.
-    `reward_shift` (required, may be None) is updated with this batch before BCO uses it; None means δ = 0."""
+    `reward_shift` (required, may be None) is updated with this batch before BCO uses it; None means δ = 0.
+
+    A batch split over data-parallel ranks: `all_reduce` sums a tensor over the ranks (in place, returning
+    it). Every term is then a sum over this rank's pairs divided by the whole batch's count (pairs for DPO and
+    BCO, chosen tokens for SFT) and δ comes from the whole batch's mean reward, so the ranks' losses and
+    gradients add up to the loss of the whole batch on one process; `loss`, `dpo`, `bco` and `sft` are this
+    rank's shares, the reward statistics are the whole batch's. None: one process, the batch is all there is
+    (the same numbers: a mean is computed as the sum divided by the count either way)."""
     _check_same_shape(policy_chosen_logps=policy_chosen_logps, policy_rejected_logps=policy_rejected_logps,
                       ref_chosen_logps=ref_chosen_logps, ref_rejected_logps=ref_rejected_logps,
                       chosen_num_tokens=chosen_num_tokens)
     if policy_chosen_logps.ndim != 1 or policy_chosen_logps.numel() == 0:
         raise ValueError(f"MPO inputs must be non-empty 1-D (one value per pair), got {policy_chosen_logps.shape}")
-    num_tokens = chosen_num_tokens.sum()
     if bool((chosen_num_tokens < 1).any()):
         raise ValueError(f"every chosen response needs at least one token, got counts {chosen_num_tokens.tolist()}")
 
@@ -160,28 +168,38 @@ def mpo_loss(
     rejected_logratios = policy_rejected_logps - ref_rejected_logps
     chosen_rewards = beta * chosen_logratios
     rejected_rewards = beta * rejected_logratios
+    chosen_d, rejected_d = chosen_rewards.detach(), rejected_rewards.detach()
 
-    dpo = -F.logsigmoid(chosen_rewards - rejected_rewards).mean()
+    # The whole batch's counts and reward sum (one collective on several ranks; see the docstring).
+    totals = torch.stack([torch.tensor(float(policy_chosen_logps.numel()), dtype=torch.float64),
+                          chosen_num_tokens.sum().double().cpu(),
+                          torch.cat([chosen_d, rejected_d]).double().sum().cpu()])
+    if all_reduce is not None:
+        totals = all_reduce(totals.to(policy_chosen_logps.device)).cpu()
+    num_pairs, num_tokens, reward_sum = int(totals[0].item()), totals[1].item(), totals[2].item()
+
+    dpo = -F.logsigmoid(chosen_rewards - rejected_rewards).sum() / num_pairs
 
     # δ from the rewards before the gradient step, detached: it is a baseline, not something to optimise.
     delta = 0.0
     if reward_shift is not None:
-        batch_mean = torch.cat([chosen_rewards, rejected_rewards]).detach().double().mean().item()
-        delta = reward_shift.update(batch_mean)
-    bco = (-F.logsigmoid(chosen_rewards - delta) - F.logsigmoid(-(rejected_rewards - delta))).mean()
+        delta = reward_shift.update(reward_sum / (2 * num_pairs))
+    bco = (-F.logsigmoid(chosen_rewards - delta) - F.logsigmoid(-(rejected_rewards - delta))).sum() / num_pairs
 
-    sft = -policy_chosen_logps.sum() / num_tokens.to(dtype)
+    sft = -policy_chosen_logps.sum() / torch.tensor(num_tokens, dtype=dtype)
 
     # Zero-weight terms are skipped rather than multiplied by 0, so an overflow in an unused term cannot turn
     # the total into NaN (0 · inf).
     total = sum(w * term for w, term in ((config.dpo_weight, dpo), (config.bco_weight, bco),
                                          (config.sft_weight, sft)) if w)
-    chosen_d, rejected_d = chosen_rewards.detach(), rejected_rewards.detach()
+    statistics = torch.stack([(chosen_d - rejected_d).sum(), (chosen_d > rejected_d).float().sum()])
+    if all_reduce is not None:
+        statistics = all_reduce(statistics)
     return MPOOutput(
         loss=total, dpo=dpo, bco=bco, sft=sft,
         chosen_rewards=chosen_d, rejected_rewards=rejected_d,
-        reward_margin=(chosen_d - rejected_d).mean(),
-        reward_accuracy=(chosen_d > rejected_d).float().mean(),
+        reward_margin=statistics[0] / num_pairs,
+        reward_accuracy=statistics[1] / num_pairs,
         bco_shift=delta,
     )  # fmt: skip
 

@@ -23,17 +23,16 @@ number alone and a resume needs no loader state), scores each pair's chosen and 
 prompt messages plus the response as the assistant turn, encoded by `processor.encode_sample`; only the
 assistant tokens and their `<|im_end|>` count) under the policy and the reference, and minimises
 `losses.mpo_loss`. The step's pairs are one batch: the BCO shift and the pooled SFT term are defined over the
-batch, so splitting it into accumulated micro-batches would change the loss (a run too large for one batch
-belongs on DeepSpeed with one step's pairs per rank). BCO's running reward shift (`RewardShift`) is part of the
-checkpoint. AdamW, linear warm-up then a constant rate (an MPO run is short, usually one epoch; InternVL's
-recipe is not stated for Keye).
+batch, so it is not cut into accumulated micro-batches (that would change the loss); under torchrun the ranks
+share it instead (rank r scores pairs r, r + W, … of the step) and `mpo_loss` normalises every term by the
+whole step's counts, so the summed gradients equal one process's. BCO's running reward shift (`RewardShift`)
+is part of the checkpoint. AdamW, linear warm-up then a constant rate (an MPO run is short, usually one epoch;
+InternVL's recipe is not stated for Keye).
 
-Checkpoints follow `trainer.py` and reuse its helpers: `out_dir/step-XXXXXXXX/` with `model/` (the next stage's
-init), `trainer.pt` (optimizer, scheduler, RNG) and `state.json` (step, losses, reward shift, config, a
-fingerprint of the pairs and the init path), written to a temporary directory, renamed, then named in
-`out_dir/latest`. A run finding `latest` resumes from it and continues bit for bit; `metrics.jsonl` is cut back
-to the checkpoint's step first. With `run_id` every step's metrics also go to MLflow (`keyeflow.lineage`).
-One process: the loop does not split pairs over ranks.
+The loop runs on the training engine (`keyeflow.training.engine`: fp32 master weights, data parallelism,
+the one checkpoint format with `latest`, metrics.jsonl and the metrics sink); `state.json` adds the step's
+losses, the reward shift, the config, a fingerprint of the pairs and the init path. A run finding `latest`
+resumes from it and continues bit for bit.
 """
 
 from __future__ import annotations
@@ -45,7 +44,6 @@ import logging
 import math
 import numbers
 import random
-import shutil
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -54,25 +52,25 @@ from typing import Any
 
 import torch
 
-from keyeflow import lineage
 from keyeflow.model.generation import BatchGenerationError, Generator
 from keyeflow.model.modeling import IGNORE_INDEX
 from keyeflow.model.processor import Features, MediaLookup, collate, encode_sample
 from keyeflow.model.tokenizer import load_tokenizer
-from keyeflow.training import distributed
-from keyeflow.training.losses import MPOConfig, RewardShift, mpo_loss, token_logprobs
 from keyeflow.quality.rewards import TASKS, Reward, RewardItem, answer_reward
-from keyeflow.training.trainer import (
-    METRICS,
-    STATE,
-    latest_checkpoint,
-    load_model,
-    load_training_state,
+from keyeflow.training import distributed
+from keyeflow.training.engine import (
+    Engine,
+    MetricsSink,
+    NullSink,
+    append_metrics,
+    check_kind,
+    prepare_out_dir,
     read_metrics,
-    save_checkpoint,
+    resume_point,
     seed_everything,
-    truncate_metrics,
 )
+from keyeflow.training.losses import MPOConfig, MPOOutput, RewardShift, mpo_loss, token_logprobs
+from keyeflow.training.trainer import load_model
 
 log = logging.getLogger(__name__)
 
@@ -441,34 +439,43 @@ def _tokenizer_for(init: Path):
 
 
 def train_mpo(config: MPOStageConfig, *, init: str | Path, pairs: Sequence[Mapping[str, Any]],
-              out_dir: str | Path, run_id: str | None = None, media_lookup: MediaLookup | None = None) -> MPOResult:
+              out_dir: str | Path, sink: MetricsSink | None = None,
+              media_lookup: MediaLookup | None = None) -> MPOResult:
     """Train the policy at `init` with MPO on `pairs` (dicts with `messages`, `chosen`, `rejected`; other keys
     are ignored), checkpointing into `out_dir`; resumes from `out_dir/latest` when present. `media_lookup`
-    resolves image/video parts of the prompts (as for `processor.encode_sample`). `run_id`: the MLflow run to
-    log to (None: only `out_dir/metrics.jsonl`)."""
+    resolves image/video parts of the prompts (as for `processor.encode_sample`). `sink`: where parameters and
+    per-step metrics are reported (None: only `out_dir/metrics.jsonl`). Under torchrun each rank scores its
+    share of every step's pairs (module docstring)."""
     init, out_dir = Path(init), Path(out_dir)
     if not init.is_dir():
         raise ValueError(f"init {init} is not a checkpoint directory")
     parsed = [_pair_fields(pair, k) for k, pair in enumerate(pairs)]
     if not parsed:
         raise ValueError("train_mpo needs at least one pair")
-    fingerprint = pairs_fingerprint(parsed)
     dist = distributed.setup()
-    if dist.world_size > 1:
-        raise ValueError(f"train_mpo runs in one process, got world size {dist.world_size}")
+    try:
+        if config.pairs_per_step < dist.world_size:
+            raise ValueError(f"MPOStageConfig.pairs_per_step={config.pairs_per_step}: fewer pairs per step than "
+                             f"the {dist.world_size} ranks (each rank scores at least one pair)")
+        return _train_mpo(config, init, parsed, out_dir, sink or NullSink(), media_lookup, dist)
+    finally:
+        distributed.teardown(dist)
 
+
+def _train_mpo(config: MPOStageConfig, init: Path, parsed: list[tuple[list[dict], str, str]], out_dir: Path,
+               sink: MetricsSink, media_lookup: MediaLookup | None, dist: distributed.Distributed) -> MPOResult:
+    fingerprint = pairs_fingerprint(parsed)
     # ---- Where to start: the last registered checkpoint, else `init`.
-    resume_dir = latest_checkpoint(out_dir)
-    saved = json.loads((resume_dir / STATE).read_text()) if resume_dir else None
+    resume_dir, saved = resume_point(out_dir)
     if saved:
         _check_resumable(saved, config, init, fingerprint)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    for stale in out_dir.glob(".tmp-*"):  # a checkpoint interrupted while being written
-        shutil.rmtree(stale, ignore_errors=True)
+    prepare_out_dir(out_dir, dist, saved["step"] if saved else 0)
 
-    # ---- Models: the policy, and the frozen reference, which is always `init` (also on a resume).
+    # ---- Models: the policy on the engine, and the frozen reference, which is always `init` (also on a resume).
     tokenizer = _tokenizer_for(init)
-    policy = load_model(resume_dir / "model" if resume_dir else init).to(dist.device).train()
+    engine = Engine(load_model(resume_dir / "model" if resume_dir else init), dist=dist,
+                    learning_rate=config.learning_rate, lr_at=config.lr_at, grad_clip=config.grad_clip)
+    policy = engine.model
     reference = load_model(init).to(dist.device).eval().requires_grad_(False)
     merge = policy.config.vision_config.spatial_merge_size
     pad_id = policy.config.text_config.pad_token_id or 0
@@ -487,79 +494,82 @@ def train_mpo(config: MPOStageConfig, *, init: str | Path, pairs: Sequence[Mappi
         raise ValueError(f"{len(too_long)} pairs are longer than max_length={config.max_length}: "
                          f"{', '.join(too_long[:5])}; filter them or raise max_length")
 
-    # ---- Optimizer (every parameter trains) and the warm-up schedule.
-    trainable = [p for p in policy.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=config.learning_rate, weight_decay=0.0)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: config.lr_at(s) / config.learning_rate)
-
     step, losses, shift = 0, [], RewardShift()
     if saved:
         step, losses = saved["step"], list(saved["losses"])
         shift = RewardShift(**saved["reward_shift"])
-        load_training_state(resume_dir, optimizer, scheduler, None, dist, config.seed + step)
+        engine.load(resume_dir, config.seed + step)
     else:
         seed_everything(config.seed)
-    truncate_metrics(out_dir / METRICS, step)
-    if run_id and not saved:
-        lineage.log_params(run_id, {"mpo_stage": config.to_dict(), "mpo_stage_hash": config.config_hash(),
-                                    "init": str(init), "num_pairs": len(parsed), "pairs_fingerprint": fingerprint})
+    if dist.is_main and not saved:
+        sink.log_params({"mpo_stage": config.to_dict(), "mpo_stage_hash": config.config_hash(), "init": str(init),
+                         "num_pairs": len(parsed), "pairs_fingerprint": fingerprint,
+                         "world_size": dist.world_size})
     checkpoint_dir = resume_dir
-    log.info("MPO: steps %d → %d over %d pairs%s", step, config.max_steps, len(parsed),
-             f", resumed from {resume_dir}" if resume_dir else "")
+    log.info("MPO: steps %d → %d over %d pairs on %d rank(s)%s", step, config.max_steps, len(parsed),
+             dist.world_size, f", resumed from {resume_dir}" if resume_dir else "")
 
     while step < config.max_steps:
         started = time.perf_counter()
         indices = pair_indices(len(parsed), step, config.pairs_per_step, config.seed)
-        # Rows alternate chosen, rejected: one forward per model scores the whole step.
-        rows = [encode(parsed[i][0], response) for i in indices for response in parsed[i][1:]]
-        batch = {k: v.to(dist.device) for k, v in collate(rows, pack=False, pad_token_id=pad_id).items()}
-        logps, counts = sequence_logprobs(policy, batch)
-        with torch.no_grad():
-            ref_logps, _ = sequence_logprobs(reference, batch)
-        out = mpo_loss(config.mpo, logps[0::2], logps[1::2], ref_logps[0::2], ref_logps[1::2], counts[0::2],
-                       reward_shift=shift)
-        lr = scheduler.get_last_lr()[0]
-        out.loss.backward()
-        grad_norm = (torch.nn.utils.clip_grad_norm_(trainable, config.grad_clip) if config.grad_clip
-                     else torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in trainable])))
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        scheduler.step()
+        lr = engine.lr
+        out, num_chosen_tokens = mpo_step(engine, reference, config, [parsed[i] for i in indices], encode, pad_id,
+                                          shift)
+        grad_norm = engine.step()
         step += 1
 
-        loss = out.loss.item()
+        loss = engine.all_reduce_sum(out.loss.detach().double()).item() if dist.world_size > 1 else out.loss.item()
         losses.append(loss)
-        metrics = {"loss": loss, "dpo": out.dpo.item(), "bco": out.bco.item(), "sft": out.sft.item(),
+        terms = [out.dpo, out.bco, out.sft]
+        if dist.world_size > 1:
+            terms = list(engine.all_reduce_sum(torch.stack([t.detach().double() for t in terms])))
+        metrics = {"loss": loss, "dpo": terms[0].item(), "bco": terms[1].item(), "sft": terms[2].item(),
                    "reward_margin": out.reward_margin.item(), "reward_accuracy": out.reward_accuracy.item(),
                    "chosen_reward": out.chosen_rewards.mean().item(),
                    "rejected_reward": out.rejected_rewards.mean().item(), "bco_shift": out.bco_shift,
-                   "lr": lr, "grad_norm": float(grad_norm), "chosen_tokens": int(counts[0::2].sum()),
+                   "lr": lr, "grad_norm": grad_norm, "chosen_tokens": num_chosen_tokens,
                    "seconds": time.perf_counter() - started}
-        with (out_dir / METRICS).open("a") as f:
-            f.write(json.dumps({"step": step, **metrics, "time": time.time(), "pairs": indices}) + "\n")
-        if run_id:
-            lineage.log_metrics(run_id, metrics, step=step)
+        append_metrics(out_dir, dist, sink, step, metrics, {"time": time.time(), "pairs": indices})
         log.info("MPO step %d/%d loss %.4f margin %.4f accuracy %.2f", step, config.max_steps, loss,
                  metrics["reward_margin"], metrics["reward_accuracy"])
 
         if step % config.checkpoint_every == 0 or step == config.max_steps:
-            checkpoint_dir = save_checkpoint(
-                out_dir, step, dist=dist, model=policy, optimizer=optimizer, scheduler=scheduler, engine=None,
-                state={"format": MPO_CHECKPOINT_FORMAT, "kind": "mpo", "step": step, "losses": losses,
-                       "reward_shift": {"mean": shift.mean, "num_batches": shift.num_batches},
-                       "config": config.to_dict(), "config_hash": config.config_hash(), "init": str(init),
-                       "pairs_fingerprint": fingerprint, "num_pairs": len(parsed)})
-            if run_id:
-                lineage.set_tags(run_id, {"keyeflow.checkpoint": str(checkpoint_dir)})
+            checkpoint_dir = engine.save(out_dir, step, {
+                "format": MPO_CHECKPOINT_FORMAT, "kind": "mpo", "losses": losses,
+                "reward_shift": {"mean": shift.mean, "num_batches": shift.num_batches},
+                "config": config.to_dict(), "config_hash": config.config_hash(), "init": str(init),
+                "pairs_fingerprint": fingerprint, "num_pairs": len(parsed)})
+            if dist.is_main:
+                sink.set_checkpoint(checkpoint_dir)
 
     assert checkpoint_dir is not None  # the last step always writes one
     return MPOResult(checkpoint_dir=checkpoint_dir, step=step, losses=losses, metrics=read_metrics(out_dir))
 
 
+def mpo_step(engine: Engine, reference: torch.nn.Module, config: MPOStageConfig,
+             step_pairs: list[tuple[list[dict], str, str]], encode: Callable[[list[dict], str], Features],
+             pad_id: int, shift: RewardShift) -> tuple[MPOOutput, int]:
+    """The gradient of one step's MPO loss, this rank's share of the step's pairs (`step_pairs[rank::world]`;
+    the loss's counts are the whole step's, so the ranks' gradients add up to the one-process gradient).
+    Returns the loss terms and the whole step's number of chosen tokens."""
+    dist = engine.dist
+    mine = step_pairs[dist.rank::dist.world_size]
+    # Rows alternate chosen, rejected: one forward per model scores the rank's pairs.
+    rows = [encode(messages, response) for messages, *responses in mine for response in responses]
+    batch = {k: v.to(dist.device) for k, v in collate(rows, pack=False, pad_token_id=pad_id).items()}
+    with engine.autocast():
+        logps, counts = sequence_logprobs(engine.forward, batch)
+        with torch.no_grad():
+            ref_logps, _ = sequence_logprobs(reference, batch)
+    out = mpo_loss(config.mpo, logps[0::2], logps[1::2], ref_logps[0::2], ref_logps[1::2], counts[0::2],
+                   reward_shift=shift, all_reduce=engine.all_reduce_sum if dist.world_size > 1 else None)
+    engine.backward(out.loss)
+    num_chosen = engine.all_reduce_sum(counts[0::2].sum().double()).item()
+    return out, int(num_chosen)
+
+
 def _check_resumable(saved: Mapping[str, Any], config: MPOStageConfig, init: Path, fingerprint: str) -> None:
-    if saved.get("format") != MPO_CHECKPOINT_FORMAT or saved.get("kind") != "mpo":
-        raise ValueError(f"the checkpoint in out_dir is not an MPO checkpoint of format {MPO_CHECKPOINT_FORMAT} "
-                         f"(kind {saved.get('kind')!r}, format {saved.get('format')!r})")
+    check_kind(saved, "mpo", MPO_CHECKPOINT_FORMAT)
     if saved["pairs_fingerprint"] != fingerprint:
         raise ValueError("cannot resume: the checkpoint trained on other pairs (fingerprint "
                          f"{saved['pairs_fingerprint']}, these pairs {fingerprint}); use a new out_dir")

@@ -47,15 +47,19 @@ teacher-forced and is left out too, its reward still counting in its group (`vis
 The policy runs in eval mode throughout (no dropout): with dropout, the old and new forwards would differ by
 noise and the importance ratio would measure the noise. All parameters train (no freezing policy in RL).
 
-**Checkpoints** at `out_dir/step-XXXXXXXX/` every `checkpoint_every` steps and at the last: `model/`
-(save_pretrained, with the tokenizer: a complete `LocalGenerator` input and the next stage's `init`),
-`optimizer.pt` (AdamW's state) and `state.json`; written to a hidden temporary directory, renamed into place,
-then named in `out_dir/latest` (as `keyeflow.training.trainer`), so a kill leaves the previous or the new
-checkpoint registered, never half of one. A run finding `latest` resumes from it: the model, the optimizer
-and the step; rollout seeds and prompts follow from the step, so the resumed run continues as the
+**Several ranks** (torchrun): rank r rolls out the r-th contiguous share of a step's prompts; rollouts are
+seeded per conversation, so they are the one-process rollouts. The ranks agree on the list of responses that
+carry signal and cut it into the one-process mini-batches; each rank computes its part of each, and the
+losses are divided by the whole step's counts, so the summed gradients (the engine sums them over ranks)
+equal one process's, and so do the step's metrics (gathered over ranks).
+
+**Checkpoints** are the training engine's (`keyeflow.training.engine`): `model/` (with the tokenizer: a
+complete `LocalGenerator` input and the next stage's `init`), `trainer.pt` (AdamW, RNG) and `state.json`,
+registered atomically in `out_dir/latest`. A run finding `latest` resumes from it: the model, the optimizer,
+the RNG and the step; rollout seeds and prompts follow from the step, so the resumed run continues as the
 uninterrupted one would. `out_dir/metrics.jsonl` has one line per step (a resume drops lines after its
 checkpoint): rewards, pass rate, clip fractions, hint levels, per-update ratios and the time of the rollouts,
-rewards and update; with `run_id` the numeric ones go to MLflow. `out_dir/hints/step-XXXXXXXX.json` has the
+rewards and update; the numeric ones also go to the metrics sink. `out_dir/hints/step-XXXXXXXX.json` has the
 step's per-item record: the hint level trained on and the pass rate of every level tried.
 
 **Before RL starts** (`check_rollout_training_inputs`, DESIGN "better than peers" 9): for a sample with an
@@ -79,7 +83,6 @@ import logging
 import math
 import numbers
 import random
-import shutil
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -89,30 +92,34 @@ from typing import Any
 import torch
 from torch import nn
 
-from keyeflow import lineage
 from keyeflow.model.checkpoint import load_keye_checkpoint
 from keyeflow.model.generation import BatchGenerationError, Completion, Generator, LocalGenerator
 from keyeflow.model.processor import Features, MediaLookup, collate, encode_sample
 from keyeflow.model.token_stream import IGNORE_INDEX
 from keyeflow.model.tokenizer import IM_END
-from keyeflow.training.hints import HintConfig, HintRecord, item_hints, progressive_hint_sampling
-from keyeflow.training.losses import GSPOConfig, group_advantages, gspo_loss, token_logprobs
 from keyeflow.quality.rewards import Reward, RewardCombiner, RewardItem
-from keyeflow.training.trainer import (
-    LATEST,
-    METRICS,
-    STATE,
-    latest_checkpoint,
-    truncate_metrics,
+from keyeflow.training import distributed
+from keyeflow.training.engine import (
+    Engine,
+    MetricsSink,
+    NullSink,
+    append_metrics,
+    check_kind,
+    chunks,
+    prepare_out_dir,
+    read_metrics,
+    resume_point,
+    seed_everything,
     write_atomically,
 )
+from keyeflow.training.hints import HintConfig, HintRecord, item_hints, progressive_hint_sampling
+from keyeflow.training.losses import GSPOConfig, group_advantages, gspo_loss, token_logprobs
 
 log = logging.getLogger(__name__)
 
 RewardFn = Callable[[Mapping[str, Any], str], "float | Reward"]
 CHECKPOINT_FORMAT = 1
 HINTS_DIR = "hints"
-OPTIMIZER = "optimizer.pt"
 
 
 # ============================================================================================== config
@@ -529,50 +536,58 @@ def train_gspo(
     items: Sequence[Mapping[str, Any]],
     reward_fn: RewardFn,
     out_dir: str | Path,
-    run_id: str | None = None,
+    sink: MetricsSink | None = None,
     media_lookup: MediaLookup | None = None,
 ) -> GSPOResult:
     """Train the policy at `init` (a checkpoint directory) with GSPO on `items` (rows with `id`, `messages`
     ending in a user turn, and whatever `reward_fn` reads: `reference`, `task`, …; `hints` level → text for
     progressive hint sampling), checkpointing into `out_dir` and resuming from `out_dir/latest` when present.
-    `run_id`: the MLflow run to log to. `media_lookup` resolves image/video parts (as `encode_sample`)."""
+    `sink`: where parameters and per-step metrics are reported. `media_lookup` resolves image/video parts (as
+    `encode_sample`). Under torchrun each rank rolls out its share of every step's prompts (module docstring)."""
     out_dir = Path(out_dir)
     items = _check_items(items, config.hints)
     if config.prompts_per_step > len(items):
         raise ValueError(f"GSPOStageConfig.prompts_per_step={config.prompts_per_step} is more than the "
                          f"{len(items)} items")
+    dist = distributed.setup()
+    try:
+        if config.prompts_per_step < dist.world_size:
+            raise ValueError(f"GSPOStageConfig.prompts_per_step={config.prompts_per_step}: fewer prompts per step "
+                             f"than the {dist.world_size} ranks (each rank rolls out at least one prompt)")
+        return _train_gspo(config, init, items, reward_fn, out_dir, sink or NullSink(), media_lookup, dist)
+    finally:
+        distributed.teardown(dist)
+
+
+def _train_gspo(config: GSPOStageConfig, init: str | Path, items: list[dict], reward_fn: RewardFn, out_dir: Path,
+                sink: MetricsSink, media_lookup: MediaLookup | None, dist: distributed.Distributed) -> GSPOResult:
     items_hash = hashlib.sha256(json.dumps([i["id"] for i in items]).encode()).hexdigest()[:16]
 
     # ---- Where to start: the last registered checkpoint, else `init`.
-    resume_dir = latest_checkpoint(out_dir)
-    saved = json.loads((resume_dir / STATE).read_text()) if resume_dir else None
+    resume_dir, saved = resume_point(out_dir)
     if saved:
-        if saved.get("format") != CHECKPOINT_FORMAT:
-            raise ValueError(f"checkpoint format {saved.get('format')!r}, train_gspo reads {CHECKPOINT_FORMAT}")
+        check_kind(saved, "gspo", CHECKPOINT_FORMAT)
         if saved["items_hash"] != items_hash:
             raise ValueError(f"cannot resume {resume_dir}: it trained on another item list (ids hash "
                              f"{saved['items_hash']}, now {items_hash}); start a new out_dir with it as init")
         if saved["config_hash"] != config.config_hash():
             changed = sorted(k for k, v in config.to_dict().items() if saved["config"].get(k) != v)
             log.warning("resuming with changed GSPO settings: %s", ", ".join(changed))
-    out_dir.mkdir(parents=True, exist_ok=True)
-    for stale in out_dir.glob(".tmp-*"):  # a checkpoint interrupted while being written
-        shutil.rmtree(stale, ignore_errors=True)
+    step = saved["step"] if saved else 0
+    prepare_out_dir(out_dir, dist, step)
 
-    # ---- Policy and its sampler: one model, shared, so rollouts always come from the current weights.
+    # ---- Policy and its sampler: one model, shared, so rollouts always come from the current weights. The
+    # policy stays in eval mode (no dropout; see the module docstring); every parameter trains.
     generator = LocalGenerator(resume_dir / "model" if resume_dir else Path(init), media_lookup=media_lookup)
-    model, tokenizer = generator.model, generator.tokenizer
-    model.eval()  # no dropout anywhere in RL (module docstring); gradients still flow
-    for p in model.parameters():
-        p.requires_grad_(True)
+    engine = Engine(generator.model, dist=dist, learning_rate=config.learning_rate,
+                    lr_at=lambda _: config.learning_rate, grad_clip=config.grad_clip, train_mode=False)
     reference = None
     if config.gspo.kl_coef > 0:
         reference = load_keye_checkpoint(Path(init)).to(generator.device).eval().requires_grad_(False)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=config.learning_rate, weight_decay=0.0)
-    step = 0
     if saved:
-        step = saved["step"]
-        optimizer.load_state_dict(torch.load(resume_dir / OPTIMIZER, map_location="cpu"))
+        engine.load(resume_dir, config.seed + step)
+    else:
+        seed_everything(config.seed + dist.rank)
 
     # ---- Before any update: the rollout and training paths must see the same multimodal inputs.
     with_media = next((item for item in items if _has_media(item["messages"])), None)
@@ -580,65 +595,79 @@ def train_gspo(
         check_rollout_training_inputs(generator, with_media["messages"], str(with_media.get("reference") or "ok"),
                                       media_lookup=media_lookup)
 
-    truncate_metrics(out_dir / METRICS, step)
-    for stale in (out_dir / HINTS_DIR).glob("step-*.json"):  # steps after the checkpoint are run again
-        if int(stale.stem.removeprefix("step-")) > step:
-            stale.unlink()
-    if run_id and not saved:
-        lineage.log_params(run_id, {"gspo_stage": config.to_dict(), "gspo_stage_hash": config.config_hash(),
-                                    "init": str(init), "num_items": len(items)})
+    if dist.is_main:
+        for stale in (out_dir / HINTS_DIR).glob("step-*.json"):  # steps after the checkpoint are run again
+            if int(stale.stem.removeprefix("step-")) > step:
+                stale.unlink()
+        if not saved:
+            sink.log_params({"gspo_stage": config.to_dict(), "gspo_stage_hash": config.config_hash(),
+                             "init": str(init), "num_items": len(items), "world_size": dist.world_size})
     checkpoint_dir = resume_dir
-    log.info("GSPO: steps %d → %d over %d items%s", step, config.max_steps, len(items),
-             f", resumed from {resume_dir}" if resume_dir else "")
+    log.info("GSPO: steps %d → %d over %d items on %d rank(s)%s", step, config.max_steps, len(items),
+             dist.world_size, f", resumed from {resume_dir}" if resume_dir else "")
 
     while step < config.max_steps:
         started = time.perf_counter()
-        metrics, hint_report = _gspo_step(config, generator, reference, optimizer, items, reward_fn, step)
+        metrics, hint_report = gspo_step(config, engine, generator, reference, items, reward_fn, step)
         step += 1
         metrics["time_step"] = time.perf_counter() - started
-        write_atomically(_hints_path(out_dir, step), json.dumps({"step": step, "items": hint_report}, indent=1))
-        with (out_dir / METRICS).open("a") as f:
-            f.write(json.dumps({"step": step, **metrics, "time": time.time()}) + "\n")
-        if run_id:
-            lineage.log_metrics(run_id, {k: v for k, v in metrics.items()
-                                         if isinstance(v, (int, float)) and not isinstance(v, bool)
-                                         and math.isfinite(v)}, step=step)
+        if dist.is_main:
+            write_atomically(_hints_path(out_dir, step), json.dumps({"step": step, "items": hint_report}, indent=1))
+        append_metrics(out_dir, dist, sink, step, metrics, {"time": time.time()})
         log.info("GSPO step %d/%d reward %.3f pass %.2f clip %.3f", step, config.max_steps,
                  metrics["reward_mean"], metrics["pass_rate"], metrics["clip_fraction"])
         if step % config.checkpoint_every == 0 or step == config.max_steps:
-            checkpoint_dir = _save_checkpoint(out_dir, step, model, tokenizer, optimizer, {
-                "format": CHECKPOINT_FORMAT, "step": step, "config": config.to_dict(),
-                "config_hash": config.config_hash(), "items_hash": items_hash, "init": str(init)})
-            if run_id:
-                lineage.set_tags(run_id, {"keyeflow.checkpoint": str(checkpoint_dir)})
+            checkpoint_dir = engine.save(out_dir, step, {
+                "format": CHECKPOINT_FORMAT, "kind": "gspo", "config": config.to_dict(),
+                "config_hash": config.config_hash(), "items_hash": items_hash, "init": str(init)},
+                tokenizer=generator.tokenizer)
+            if dist.is_main:
+                sink.set_checkpoint(checkpoint_dir)
 
     assert checkpoint_dir is not None  # the last step always writes one
-    history = [json.loads(line) for line in (out_dir / METRICS).read_text().splitlines() if line]
     return GSPOResult(checkpoint_dir=checkpoint_dir, step=step,
-                      resumed_from_step=saved["step"] if saved else None, history=history)
+                      resumed_from_step=saved["step"] if saved else None, history=read_metrics(out_dir))
 
 
-def _gspo_step(config: GSPOStageConfig, generator: LocalGenerator, reference: nn.Module | None,
-               optimizer: torch.optim.Optimizer, items: list[dict], reward_fn: RewardFn, step: int
-               ) -> tuple[dict[str, Any], dict[str, Any]]:
+def _over_ranks(engine: Engine, value: float, count: int) -> float:
+    """The mean over every rank's responses of a per-rank mean `value` over `count` responses."""
+    gathered = engine.gather((value, count))
+    if len(gathered) == 1:
+        return value
+    total = sum(n for _, n in gathered)
+    return sum(v * n for v, n in gathered if n) / total if total else math.nan
+
+
+def gspo_step(config: GSPOStageConfig, engine: Engine, generator: LocalGenerator, reference: nn.Module | None,
+              items: list[dict], reward_fn: RewardFn, step: int) -> tuple[dict[str, Any], dict[str, Any]]:
     """One step (0-based `step`): rollouts, rewards, hints, advantages, updates. Returns the step's metrics
-    and its per-item hint report."""
+    and its per-item hint report, both for the whole step (every rank's prompts).
+
+    With W ranks, rank r rolls out the r-th contiguous share of the step's prompts (each conversation's
+    samples are seeded by the conversation, not by its place, so they are the one-process samples); the
+    list of responses that carry signal is agreed over all ranks, cut into the same mini-batches as on one
+    process, and each rank computes the part of each mini-batch it rolled out. Losses are divided by the
+    whole step's counts, so the summed gradients equal one process's."""
     timer = _Timer()
+    dist = engine.dist
     seed = _step_seed(config.seed, step)
     batch = step_items(items, step, config.prompts_per_step, config.seed)
+    first = dist.rank * len(batch) // dist.world_size
+    mine = batch[first:(dist.rank + 1) * len(batch) // dist.world_size]
 
-    # ---- Rollouts and rewards.
-    sampled = _rollouts(generator, config, [item["messages"] for item in batch], seed, timer)
+    # ---- Rollouts and rewards of this rank's prompts.
+    sampled = _rollouts(generator, config, [item["messages"] for item in mine], seed, timer)
     groups = [_Group(item, item["messages"], completions,
                      _score(reward_fn, item, item["messages"], completions, timer), None)
-              for item, completions in zip(batch, sampled)]
+              for item, completions in zip(mine, sampled)]
     threshold = config.success_threshold
-    all_rewards = [r for g in groups for r in g.rewards]
+    all_rewards = [r for rank_rewards in engine.gather([r for g in groups for r in g.rewards]) for r in rank_rewards]
+    group_rewards = [rs for rank_groups in engine.gather([g.rewards for g in groups]) for rs in rank_groups]
     metrics: dict[str, Any] = {
         "reward_mean": sum(all_rewards) / len(all_rewards),
         "pass_rate": sum(r >= threshold for r in all_rewards) / len(all_rewards),
-        "num_all_fail": sum(all(r < threshold for r in g.rewards) for g in groups),
-        "num_all_pass": sum(all(r >= threshold for r in g.rewards) for g in groups),
+        "num_all_fail": sum(all(r < threshold for r in rs) for rs in group_rewards),
+        "num_all_pass": sum(all(r >= threshold for r in rs) for rs in group_rewards),
     }
 
     # ---- Progressive hints for the groups where every rollout failed.
@@ -656,16 +685,17 @@ def _gspo_step(config: GSPOStageConfig, generator: LocalGenerator, reference: nn
             record, groups[k] = _hinted_group(generator, config, group, reward_fn, seed, timer)
             report[item_id] = {"level": record.level, "hint": record.hint,
                                "pass_rates": {str(level): rate for level, rate in record.pass_rates.items()}}
+    report = {k: v for rank_report in engine.gather(report) for k, v in rank_report.items()}
     levels = {item_id: entry["level"] for item_id, entry in report.items()}
     metrics["hint_levels"] = levels
     metrics["num_hinted"] = sum(1 for v in levels.values() if v)
     metrics["num_unsolved"] = sum(1 for v in levels.values() if v is None)
 
-    # ---- Advantages and the responses that carry signal.
+    # ---- Advantages and the responses that carry signal, agreed over the ranks.
     started = time.perf_counter()
     advantages = group_advantages(torch.tensor([g.rewards for g in groups], dtype=torch.float32),
                                   eps=config.gspo.advantage_eps)
-    responses: list[tuple[Features, float, Completion]] = []
+    responses: dict[tuple[int, int], tuple[Features, float, Completion]] = {}
     vision_pads = vision_pad_ids(generator.model)
     num_unscorable = 0
     for g, group in enumerate(groups):
@@ -675,59 +705,68 @@ def _gspo_step(config: GSPOStageConfig, generator: LocalGenerator, reference: nn
             if vision_pads.intersection(completion.token_ids):
                 num_unscorable += 1  # see `vision_pad_ids`; its reward still counts in the group's advantages
             elif advantage != 0.0 or config.gspo.kl_coef > 0:
-                responses.append((completion_features(prompt, completion.token_ids), advantage, completion))
-    metrics["num_unscorable_responses"] = num_unscorable
-    num_responses = advantages.numel()
+                responses[(first + g, j)] = (completion_features(prompt, completion.token_ids), advantage,
+                                             completion)
+    active = sorted(key for rank_keys in engine.gather(sorted(responses)) for key in rank_keys)
+    metrics["num_unscorable_responses"] = sum(engine.gather(num_unscorable))
+    num_responses = len(all_rewards)
     num_mini = config.mini_batches_per_step
-    chunks = [responses[k * len(responses) // num_mini:(k + 1) * len(responses) // num_mini]
-              for k in range(num_mini)]
-    chunks = [c for c in chunks if c]
-    metrics["num_active_responses"] = len(responses)
-    metrics["completion_tokens_mean"] = sum(len(c.token_ids) for g in groups for c in g.completions) / num_responses
-    metrics["hint_level_mean"] = (sum(g.level or 0 for g in groups) / len(groups))
+    # The one-process mini-batches (contiguous slices of the active responses), each rank's part of each.
+    plan = [[responses[key] for key in chunk if key in responses] for chunk in chunks(active, num_mini) if chunk]
+    metrics["num_active_responses"] = len(active)
+    lengths = [n for rank_lengths in engine.gather([len(c.token_ids) for g in groups for c in g.completions])
+               for n in rank_lengths]
+    metrics["completion_tokens_mean"] = sum(lengths) / num_responses
+    levels_used = [level for rank_levels in engine.gather([g.level for g in groups]) for level in rank_levels]
+    metrics["hint_level_mean"] = sum(level or 0 for level in levels_used) / len(levels_used)
 
     # ---- Old (and reference) log-probs, all before the first update (module docstring).
-    model = generator.model
+    model = engine.model
     pad = _pad_id(model)
-    old: list[torch.Tensor | None] = [None] * len(chunks)
-    ref: list[torch.Tensor | None] = [None] * len(chunks)
+    old: list[torch.Tensor | None] = [None] * len(plan)
+    ref: list[torch.Tensor | None] = [None] * len(plan)
     with torch.no_grad():
-        for k, chunk in enumerate(chunks):
-            features = [f for f, _, _ in chunk]
-            if k > 0:
+        for k, part in enumerate(plan):
+            features = [f for f, _, _ in part]
+            if k > 0 and features:
                 old[k] = completion_logprobs(model, features, pad_token_id=pad)[0]
-            if reference is not None:
+            if reference is not None and features:
                 ref[k] = completion_logprobs(reference, features, pad_token_id=pad)[0]
 
-    # ---- Updates: one per mini-batch.
+    # ---- Updates: one per mini-batch; a rank without a part of it still takes part in the gradient sum.
+    keys = ["loss", "mean_ratio", "clip_fraction", "clip_low_fraction", "clip_high_fraction",
+            *(["kl"] if reference is not None else [])]
     updates, gaps = [], []
-    params = [p for p in model.parameters()]
-    for k, chunk in enumerate(chunks):
-        features = [f for f, _, _ in chunk]
-        logps, mask = completion_logprobs(model, features, pad_token_id=pad)
-        if old[k] is None:
-            old[k] = logps.detach()
-        adv = torch.tensor([a for _, a, _ in chunk], dtype=torch.float32, device=logps.device)
-        out = gspo_loss(config.gspo, logps, adv, mask, old_logps=old[k], ref_logps=ref[k])
-        # GSPO's mean over all N responses of the step, spread evenly over the mini-batches (module docstring).
-        (out.loss * len(chunk) / (num_responses / num_mini)).backward()
-        if config.grad_clip > 0:
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, config.grad_clip))
-        else:
-            grad_norm = float(torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params
-                                                                     if p.grad is not None])))
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        log_ratio = ((logps.detach() - old[k]) * mask).sum(dim=1) / mask.sum(dim=1)
-        updates.append({"num_responses": len(chunk), "loss": float(out.loss.detach()), "mean_ratio": float(out.mean_ratio),
-                        "max_abs_log_ratio": float(log_ratio.abs().max()),
-                        "clip_fraction": float(out.clip_fraction), "clip_low_fraction": float(out.clip_low_fraction),
-                        "clip_high_fraction": float(out.clip_high_fraction), "grad_norm": grad_norm,
-                        **({"kl": float(out.kl)} if out.kl is not None else {})})
-        for row, (_, _, completion) in enumerate(chunk):
-            trained = old[k][row][mask[row]].cpu()
-            gaps.append((trained - torch.tensor(completion.token_logprobs)).abs())
+    for k, part in enumerate(plan):
+        record: dict[str, Any] = {}
+        if part:
+            features = [f for f, _, _ in part]
+            logps, mask = completion_logprobs(engine.forward, features, pad_token_id=pad)
+            if old[k] is None:
+                old[k] = logps.detach()
+            adv = torch.tensor([a for _, a, _ in part], dtype=torch.float32, device=logps.device)
+            out = gspo_loss(config.gspo, logps, adv, mask, old_logps=old[k], ref_logps=ref[k])
+            # GSPO's mean over all N responses of the step, spread evenly over the mini-batches (module docstring).
+            engine.backward(out.loss * len(part) / (num_responses / num_mini))
+            log_ratio = ((logps.detach() - old[k]) * mask).sum(dim=1) / mask.sum(dim=1)
+            record = {"loss": float(out.loss.detach()), "mean_ratio": float(out.mean_ratio),
+                      "max_abs_log_ratio": float(log_ratio.abs().max()),
+                      "clip_fraction": float(out.clip_fraction), "clip_low_fraction": float(out.clip_low_fraction),
+                      "clip_high_fraction": float(out.clip_high_fraction),
+                      **({"kl": float(out.kl)} if out.kl is not None else {})}
+            for row, (_, _, completion) in enumerate(part):
+                trained = old[k][row][mask[row]].cpu()
+                gaps.append((trained - torch.tensor(completion.token_logprobs)).abs())
+        grad_norm = engine.step()
+        size = sum(engine.gather(len(part)))
+        update = {"num_responses": size}
+        for key in keys:  # every rank gathers every key (collectives must match), a rank without a part adds 0
+            update[key] = _over_ranks(engine, record.get(key, math.nan), len(part) if record else 0)
+        update["max_abs_log_ratio"] = max(r for r in engine.gather(record.get("max_abs_log_ratio", -math.inf)))
+        update["grad_norm"] = grad_norm
+        updates.append(update)
     timer.add("update", started)
+    gap_parts = [g for g in engine.gather(torch.cat(gaps) if gaps else None) if g is not None]
 
     def mean_of(key: str) -> float:
         return sum(u[key] for u in updates) / len(updates) if updates else math.nan
@@ -739,7 +778,7 @@ def _gspo_step(config: GSPOStageConfig, generator: LocalGenerator, reference: nn
         "clip_low_fraction": mean_of("clip_low_fraction") if updates else 0.0,
         "clip_high_fraction": mean_of("clip_high_fraction") if updates else 0.0,
         "grad_norm": mean_of("grad_norm"),
-        "sampler_logprob_gap": float(torch.cat(gaps).mean()) if gaps else math.nan,
+        "sampler_logprob_gap": float(torch.cat(gap_parts).mean()) if gap_parts else math.nan,
         "time_rollout": timer.seconds["rollout"], "time_reward": timer.seconds["reward"],
         "time_update": timer.seconds["update"],
         "updates": updates,
@@ -751,24 +790,6 @@ def _hints_path(out_dir: Path, step: int) -> Path:
     path = out_dir / HINTS_DIR / f"step-{step:08d}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     return path
-
-
-def _save_checkpoint(out_dir: Path, step: int, model: nn.Module, tokenizer: Any, optimizer: torch.optim.Optimizer,
-                     state: dict[str, Any]) -> Path:
-    """Write step `step`'s checkpoint atomically and register it in `latest` (module docstring)."""
-    name = f"step-{step:08d}"
-    final, tmp = out_dir / name, out_dir / f".tmp-{name}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    model.save_pretrained(tmp / "model")
-    tokenizer.save_pretrained(tmp / "model")
-    torch.save(optimizer.state_dict(), tmp / OPTIMIZER)
-    (tmp / STATE).write_text(json.dumps(state))
-    if final.exists():  # written by a run killed before it reached `latest`: never registered
-        shutil.rmtree(final)
-    tmp.replace(final)
-    write_atomically(out_dir / LATEST, name + "\n")
-    return final
 
 
 # ============================================================================ the rejection-sampling loop

@@ -25,7 +25,7 @@ from keyeflow import lineage
 from keyeflow.cli import app
 from keyeflow.training.recipes import pretrain_recipe
 from keyeflow.steps.stages import DONE
-from keyeflow.training.trainer import LATEST
+from keyeflow.training.engine import LATEST
 
 KEYEFLOW = str(Path(sys.executable).parent / "keyeflow")
 RECIPE = pretrain_recipe("tiny")

@@ -36,9 +36,9 @@ from keyeflow.quality.reward_model import (
     RewardModelConfig,
     RewardModelJudge,
     build_reward_model_data,
-    train_reward_model,
 )
 from keyeflow.training.config import StageConfig
+from keyeflow.training.reward_model_trainer import train_reward_model
 from keyeflow.training.losses import MPOConfig
 from keyeflow.training.preference import (
     MPOStageConfig,
@@ -49,7 +49,7 @@ from keyeflow.training.preference import (
     train_mpo,
 )
 from keyeflow.quality.rewards import RewardCombiner, RewardConfig, RewardItem
-from keyeflow.training.trainer import LATEST
+from keyeflow.training.engine import LATEST
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -186,7 +186,7 @@ def pair_margins(policy_dir: Path, init_dir: Path, pairs: list[dict]) -> list[fl
 
 def test_mpo_loss_falls_margin_grows_and_a_resume_continues_bit_for_bit(init_dir, tmp_path, home):
     run_id = lineage.start_run("mpo-test")
-    full = train_mpo(mpo_config(4), init=init_dir, pairs=MPO_PAIRS, out_dir=tmp_path / "full", run_id=run_id)
+    full = train_mpo(mpo_config(4), init=init_dir, pairs=MPO_PAIRS, out_dir=tmp_path / "full", sink=lineage.RunSink(run_id))
     assert full.step == 4 and len(full.losses) == 4 and [m["step"] for m in full.metrics] == [1, 2, 3, 4]
     margins = [m["reward_margin"] for m in full.metrics]
     assert margins[0] == 0.0  # step 1 scores the pairs before any update: policy = reference

@@ -39,7 +39,7 @@ from keyeflow.training.rl import (
     step_items,
     train_gspo,
 )
-from keyeflow.training.trainer import LATEST, read_metrics
+from keyeflow.training.engine import LATEST, read_metrics
 
 G = 4
 MAX_NEW = 8
@@ -268,12 +268,12 @@ def test_checkpoint_resume_continues_like_an_uninterrupted_run(init_dir, tmp_pat
     config = stage(prompts_per_step=2, mini_batches_per_step=2, hints=None)
     run_id = lineage.start_run("gspo-test")
     first = train_gspo(dataclasses.replace(config, max_steps=2), init=init_dir, items=items,
-                       reward_fn=letter_reward, out_dir=tmp_path / "run", run_id=run_id, media_lookup=media_lookup)
+                       reward_fn=letter_reward, out_dir=tmp_path / "run", sink=lineage.RunSink(run_id), media_lookup=media_lookup)
     assert (first.step, first.resumed_from_step) == (2, None)
     assert (tmp_path / "run" / LATEST).read_text().strip() == "step-00000002"
     # Fresh run over the same out_dir with more steps: resumes from step 2 (a "kill" after step 2's checkpoint).
     resumed = train_gspo(dataclasses.replace(config, max_steps=3), init=init_dir, items=items,
-                         reward_fn=letter_reward, out_dir=tmp_path / "run", run_id=run_id, media_lookup=media_lookup)
+                         reward_fn=letter_reward, out_dir=tmp_path / "run", sink=lineage.RunSink(run_id), media_lookup=media_lookup)
     assert (resumed.step, resumed.resumed_from_step) == (3, 2)
     assert [r["step"] for r in read_metrics(tmp_path / "run")] == [1, 2, 3]
     straight = train_gspo(dataclasses.replace(config, max_steps=3), init=init_dir, items=items,

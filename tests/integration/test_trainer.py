@@ -29,7 +29,8 @@ from keyeflow.model.config import tiny
 from keyeflow.model.modeling import KeyeForConditionalGeneration
 from keyeflow.training.config import StageConfig, pretrain_stage
 from keyeflow.training.deepspeed_config import render_deepspeed_config
-from keyeflow.training.trainer import LATEST, check_resumable, read_metrics, train
+from keyeflow.training.engine import LATEST, read_metrics
+from keyeflow.training.trainer import check_resumable, train
 
 MAX_LENGTH = 1024
 REPO = Path(__file__).resolve().parents[2]
@@ -85,7 +86,7 @@ def spec_file(path: Path, data: TrainingData, stage_config: StageConfig, out_dir
 
 
 def trainer_command(spec: Path) -> list[str]:
-    return [sys.executable, "-m", "keyeflow.training.trainer", str(spec)]
+    return [sys.executable, "-m", "keyeflow.steps.train_job", str(spec)]
 
 
 def run_trainer(spec: Path) -> dict:
@@ -159,7 +160,7 @@ def test_deepspeed_json_is_rendered_from_the_stage_config_and_deepspeed_accepts_
 def test_loss_falls_and_metrics_reach_mlflow(data, tmp_path):
     run_id = lineage.start_run("train-test")
     result = train(stage(max_steps=30, checkpoint_every=30, schedule="constant"), init=data.init,
-                   mixture=data.mixture, mixture_id=data.mixture_id, out_dir=tmp_path / "run", run_id=run_id)
+                   mixture=data.mixture, mixture_id=data.mixture_id, out_dir=tmp_path / "run", sink=lineage.RunSink(run_id))
     assert result.step == 30 and len(result.losses) == 30
     first, last = sum(result.losses[:5]) / 5, sum(result.losses[-5:]) / 5
     assert last < first - 0.5, result.losses  # ln(4096) ≈ 8.3 at the start

@@ -13,7 +13,8 @@ import pytest
 from test_trainer import REPO, run_trainer, spec_file
 
 from keyeflow.training.config import StageConfig
-from keyeflow.training.trainer import read_metrics, train
+from keyeflow.training.engine import read_metrics
+from keyeflow.training.trainer import train
 
 # 2 ranks × 2 micro-batches = 4 slots for the 3-5 packs of a window of 8 samples: some micro-batches are empty.
 STAGE = StageConfig(name="dist", learning_rate=1e-3, max_steps=6, max_length=1024, window_size=8,
@@ -36,7 +37,7 @@ def reference(data, tmp_path_factory):
 
 def torchrun(spec: Path, nproc: int = 2) -> dict:
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
-               "-m", "keyeflow.training.trainer", str(spec)]
+               "-m", "keyeflow.steps.train_job", str(spec)]
     done = subprocess.run(command, check=False, cwd=REPO, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-4000:]
     return json.loads(done.stdout.strip().splitlines()[-1])

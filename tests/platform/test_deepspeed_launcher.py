@@ -14,9 +14,11 @@ from keyeflow import lineage
 from keyeflow.model.config import tiny
 from keyeflow.steps import stages as steps
 from keyeflow.training.config import StageConfig
-from keyeflow.training.launch import LaunchConfig, LaunchFailed, launch_train
+from keyeflow.steps.train_job import LaunchFailed, launch_train
+from keyeflow.training.launch import LaunchConfig
 from keyeflow.training.recipes import pretrain_recipe
-from keyeflow.training.trainer import LATEST, STATE, read_metrics, train
+from keyeflow.training.engine import LATEST, STATE, read_metrics
+from keyeflow.training.trainer import train
 
 # 2 ranks × 2 micro-batches per step; the loss is a token mean over the step, whatever its split over ranks.
 STAGE = StageConfig(name="launched", learning_rate=1e-3, max_steps=4, max_length=1024, window_size=8,
@@ -56,12 +58,12 @@ def test_launch_config_is_validated_with_the_field_named(tmp_path):
     command = hosts.command(tmp_path / "spec.json")
     assert command[1:3] == ["-m", "deepspeed.launcher.runner"]
     assert command[3:] == ["--hostfile", "/etc/keyeflow/hosts", "--num_nodes", "2", "--num_gpus", "8",
-                           "--no_local_rank", "--module", "keyeflow.training.trainer", str(tmp_path / "spec.json")]
+                           "--no_local_rank", "--module", "keyeflow.steps.train_job", str(tmp_path / "spec.json")]
     local = LaunchConfig(launcher="deepspeed", nproc_per_node=2).command(tmp_path / "spec.json")
     assert "--master_port" in local  # a free port, not 29500 that another job may hold
     torchrun = LaunchConfig(launcher="torchrun", nproc_per_node=2, master_port=29911).command(tmp_path / "s.json")
     assert torchrun[3:] == ["--nnodes", "1", "--master_addr", "127.0.0.1", "--master_port", "29911",
-                            "--nproc_per_node", "2", "-m", "keyeflow.training.trainer", str(tmp_path / "s.json")]
+                            "--nproc_per_node", "2", "-m", "keyeflow.steps.train_job", str(tmp_path / "s.json")]
     # A recipe carries how its stages launch; unset, its record (and hash) is what it was before.
     recipe = pretrain_recipe("tiny")
     assert recipe.launch is None and "launch" not in recipe.to_dict()
