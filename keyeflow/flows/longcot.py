@@ -26,7 +26,7 @@ from prefect import flow, runtime
 from prefect.flow_runs import pause_flow_run
 from pydantic import ValidationError
 
-from keyeflow.datasets import longcot as lc
+from keyeflow.longcot import generate as lc
 from keyeflow.datasets.tables import TableRef
 from keyeflow.flows.data import ingest_images
 from keyeflow.flows.video import video_pipeline

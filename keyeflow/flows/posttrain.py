@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from prefect import flow
 
-from keyeflow.datasets.longcot import GenerationConfig
+from keyeflow.longcot.generate import GenerationConfig
 from keyeflow.datasets.tables import TableRef, table_uri
 from keyeflow.flows.data import ingest_images
 from keyeflow.flows.video import video_pipeline

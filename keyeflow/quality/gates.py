@@ -381,7 +381,7 @@ def longcot_sample_checks(min_samples: int) -> list[Check]:
 
 
 def check_longcot_paths(paths: tables.TableRef, question_ids: list[str]) -> GateResult:
-    from keyeflow.datasets.longcot import paths_gate_frame
+    from keyeflow.longcot.generate import paths_gate_frame
 
     return run_gate("longcot_paths", paths_gate_frame(paths, question_ids), LONGCOT_PATH_CHECKS, "path_id")
 
@@ -390,7 +390,7 @@ def check_longcot_samples(paths: tables.TableRef, questions: tables.TableRef, qu
                           config) -> GateResult:
     """The kept samples (``config``: a ``longcot.GateConfig``). With ``min_samples=0`` an empty output
     passes, the one case GX's empty-table rule would otherwise fail."""
-    from keyeflow.datasets.longcot import samples_gate_frame
+    from keyeflow.longcot.generate import samples_gate_frame
 
     frame = samples_gate_frame(paths, questions, question_ids, config)
     checks = longcot_sample_checks(config.min_samples)

@@ -1,4 +1,4 @@
-"""Prefect tasks for the LongCoT cold-start flow; each wraps one function of ``keyeflow.datasets.longcot``.
+"""Prefect tasks for the LongCoT cold-start flow; each wraps one function of ``keyeflow.longcot.generate``.
 
 Also here: :class:`ReviewDecision`, the form a reviewer fills in the Prefect UI (or sends with
 ``prefect.flow_runs.resume_flow_run(flow_run_id, run_input={...})``), and :func:`decisions_from_review`,
@@ -16,7 +16,7 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.input import RunInput
 
-from keyeflow.datasets import longcot as lc
+from keyeflow.longcot import generate as lc
 from keyeflow.datasets import tables
 from keyeflow.quality import gates
 from keyeflow.quality.longcot_scoring import LongCoTConfig

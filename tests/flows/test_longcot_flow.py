@@ -21,7 +21,7 @@ from typer.testing import CliRunner
 
 from keyeflow import lineage
 from keyeflow.cli import app
-from keyeflow.datasets import longcot as lc
+from keyeflow.longcot import generate as lc
 from keyeflow.datasets import sql, tables
 from keyeflow.datasets.longcot_samples import generate_longcot_questions
 from keyeflow.model import replay_server as replay

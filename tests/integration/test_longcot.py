@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from keyeflow.datasets import longcot as lc
+from keyeflow.longcot import generate as lc
 from keyeflow.datasets import sql, tables
 from keyeflow.datasets.longcot_samples import generate_longcot_questions
 from keyeflow.datasets.video import content_hash

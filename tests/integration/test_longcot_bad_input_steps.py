@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from keyeflow.datasets import longcot as lc
+from keyeflow.longcot import generate as lc
 from keyeflow.datasets import sql, tables
 from keyeflow.model import replay_server as replay
 from keyeflow.model.generation import BatchGenerationError, GenerationServerError, OpenAICompatibleGenerator

@@ -1,0 +1,1 @@
+"""LongCoT cold-start data (SPEC §4.3.1), its own layer between quality and training."""
