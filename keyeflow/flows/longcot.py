@@ -26,17 +26,21 @@ from prefect import flow, runtime
 from prefect.flow_runs import pause_flow_run
 from pydantic import ValidationError
 
-from keyeflow.datasets import longcot as lc
 from keyeflow.datasets.tables import TableRef
 from keyeflow.flows.data import ingest_images
 from keyeflow.flows.video import video_pipeline
+from keyeflow.longcot.assess import JudgeConfig
+from keyeflow.longcot.collect import CollectConfig
+from keyeflow.longcot.gates import GateConfig
+from keyeflow.longcot.generate import GenerationConfig
+from keyeflow.longcot.review import Decision, ReviewConfig
 from keyeflow.quality.longcot_scoring import LongCoTConfig
 from keyeflow.tasks import longcot as t
 from keyeflow.tasks.common import current_ref, lineage_run, record_outputs
 
 
 @flow(name="longcot-review-item")
-def review_longcot_item(paths: TableRef, questions: TableRef, path_id: str, review: lc.ReviewConfig) -> lc.Decision:
+def review_longcot_item(paths: TableRef, questions: TableRef, path_id: str, review: ReviewConfig) -> Decision:
     """Pause until a person decides on one path; the decision is stored at once and returned."""
     markdown = t.render_review_item(paths, questions, path_id)
     form = t.ReviewDecision.with_initial_data(description=markdown, item_id=path_id, action="approve")
@@ -53,7 +57,7 @@ def review_longcot_item(paths: TableRef, questions: TableRef, path_id: str, revi
     return decision
 
 
-def _review(paths, questions, question_ids: list[str], review: lc.ReviewConfig) -> list[lc.Decision]:
+def _review(paths, questions, question_ids: list[str], review: ReviewConfig) -> list[Decision]:
     plan = t.plan_review(paths, question_ids)
     decisions = list(plan.pending)  # made by people in a run that stopped before applying them
     if review.mode != "prefect":
@@ -97,12 +101,12 @@ def longcot(
     """
     import os
 
-    gen = lc.GenerationConfig(**(generation or {}))
-    judge_config = lc.JudgeConfig(**(judge or {}))
-    collect_config = lc.CollectConfig(**(collect or {}))
+    gen = GenerationConfig(**(generation or {}))
+    judge_config = JudgeConfig(**(judge or {}))
+    collect_config = CollectConfig(**(collect or {}))
     scoring_config = LongCoTConfig(**(scoring or {}))
-    gate_config = lc.GateConfig(**(gates or {}))
-    review_config = lc.ReviewConfig(review, review_timeout_s, on_timeout, review_poll_interval_s)
+    gate_config = GateConfig(**(gates or {}))
+    review_config = ReviewConfig(review, review_timeout_s, on_timeout, review_poll_interval_s)
     root = source_root or os.path.commonpath([os.path.abspath(os.path.dirname(p) if os.path.isfile(p) else p)
                                               for p in questions])
     params = {"questions": questions, "source_root": root, "generation": gen.__dict__,

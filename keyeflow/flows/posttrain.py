@@ -8,10 +8,10 @@ from __future__ import annotations
 
 from prefect import flow
 
-from keyeflow.datasets.longcot import GenerationConfig
 from keyeflow.datasets.tables import TableRef, table_uri
 from keyeflow.flows.data import ingest_images
 from keyeflow.flows.video import video_pipeline
+from keyeflow.longcot.generate import GenerationConfig
 from keyeflow.tasks import posttrain as t
 from keyeflow.tasks.common import current_ref, lineage_run
 from keyeflow.training.posttrain_recipe import posttrain_recipe

@@ -354,6 +354,7 @@ def check_train_samples(samples: tables.TableRef, root: str | None = None) -> Ga
 
 
 # LongCoT (SPEC §4.3.1): every generated path of a batch, then the samples kept for the cold-start set.
+# keyeflow/longcot/gates.py computes the columns these read and runs them (LongCoT is a layer above quality).
 LONGCOT_PATH_CHECKS = [
     Check("one row per path", "ExpectColumnValuesToBeUnique", {"column": "path_id"}),
     _in_set("confidences in [0, 1]", "confidence_in_range", [True]),
@@ -378,24 +379,3 @@ def longcot_sample_checks(min_samples: int) -> list[Check]:
         _in_set("grade shares within bounds", "grade_share_ok", [True]),
         _in_set("every B and borderline A approved or edited by review", "reviewed", [True]),
     ]
-
-
-def check_longcot_paths(paths: tables.TableRef, question_ids: list[str]) -> GateResult:
-    from keyeflow.datasets.longcot import paths_gate_frame
-
-    return run_gate("longcot_paths", paths_gate_frame(paths, question_ids), LONGCOT_PATH_CHECKS, "path_id")
-
-
-def check_longcot_samples(paths: tables.TableRef, questions: tables.TableRef, question_ids: list[str],
-                          config) -> GateResult:
-    """The kept samples (``config``: a ``longcot.GateConfig``). With ``min_samples=0`` an empty output
-    passes, the one case GX's empty-table rule would otherwise fail."""
-    from keyeflow.datasets.longcot import samples_gate_frame
-
-    frame = samples_gate_frame(paths, questions, question_ids, config)
-    checks = longcot_sample_checks(config.min_samples)
-    if frame.empty and config.min_samples == 0:
-        return GateResult("longcot", True, 0, [], [{"check": "empty output allowed (min_samples=0)",
-                                                    "expectation": "ExpectTableRowCountToBeBetween", "column": "*",
-                                                    "success": True, "unexpected_count": 0, "examples": []}])
-    return run_gate("longcot", frame, checks, "sample_id")

@@ -19,9 +19,9 @@ import pyarrow.compute as pc
 
 from keyeflow import lineage
 from keyeflow.datasets import tables
-from keyeflow.datasets.longcot import GenerationConfig, StoredMediaLookup, media_configs, user_content
-from keyeflow.datasets.rl_items import reward_item
 from keyeflow.datasets.tables import TableRef
+from keyeflow.longcot.generate import GenerationConfig, StoredMediaLookup, media_configs, user_content
+from keyeflow.longcot.rl_items import reward_item
 from keyeflow.model.generation import Generator, LocalGenerator
 from keyeflow.quality.reward_model import (
     ComparisonRequest,

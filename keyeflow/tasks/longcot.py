@@ -1,4 +1,5 @@
-"""Prefect tasks for the LongCoT cold-start flow; each wraps one function of ``keyeflow.datasets.longcot``.
+"""Prefect tasks for the LongCoT cold-start flow; each wraps one step function of ``keyeflow.longcot`` (called
+as ``<step module>.<function>``: the task carries the same name).
 
 Also here: :class:`ReviewDecision`, the form a reviewer fills in the Prefect UI (or sends with
 ``prefect.flow_runs.resume_flow_run(flow_run_id, run_input={...})``), and :func:`decisions_from_review`,
@@ -16,9 +17,22 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.input import RunInput
 
-from keyeflow.datasets import longcot as lc
 from keyeflow.datasets import tables
-from keyeflow.quality import gates
+from keyeflow.longcot import assess, collect, generate, publish, review, score
+from keyeflow.longcot.assess import JudgeConfig, make_judge
+from keyeflow.longcot.collect import CollectConfig
+from keyeflow.longcot.gates import GateConfig, check_longcot_paths, check_longcot_samples
+from keyeflow.longcot.generate import STAGE_GENERATE, GenerationConfig, make_generator
+from keyeflow.longcot.publish import batch_summary, grade_shares
+from keyeflow.longcot.review import (
+    Decision,
+    ReviewConfig,
+    ReviewPlan,
+    policy_decision,
+    review_item,
+    review_markdown,
+    review_plan,
+)
 from keyeflow.quality.longcot_scoring import LongCoTConfig
 from keyeflow.tasks.common import log_quarantined, progress, publish_gate
 
@@ -46,25 +60,26 @@ def artifact_key(path_id: str) -> str:
 
 
 @task(**_STEP)
-def collect_questions(paths: list[str], source_root: str, config: lc.CollectConfig,
-                      generation: lc.GenerationConfig) -> dict:
-    generator = lc.make_generator(generation) if config.rewrite else None
-    report = lc.collect_questions(paths, source_root, config, generator, generation)
+def collect_questions(paths: list[str], source_root: str, config: CollectConfig,
+                      generation: GenerationConfig) -> dict:
+    generator = make_generator(generation) if config.rewrite else None
+    report = collect.collect_questions(paths, source_root, config, generator, generation)
     log_quarantined(report.quarantined)
     return report.__dict__
 
 
 @task(**_STEP)
 def referenced_media(questions: tables.TableRef, question_ids: list[str]) -> dict[str, list[str]]:
-    return lc.referenced_media(questions, question_ids)
+    return collect.referenced_media(questions, question_ids)
 
 
 @task(**_STEP)
-def generate_paths(questions: tables.TableRef, question_ids: list[str], generation: lc.GenerationConfig,
+def generate_paths(questions: tables.TableRef, question_ids: list[str], generation: GenerationConfig,
                    scoring: LongCoTConfig) -> dict:
-    generator = lc.make_generator(generation)
+    generator = make_generator(generation)
     with progress(len(question_ids), "longcot-generate-progress", "LongCoT paths") as tracker:
-        report = lc.generate_paths(questions, question_ids, generator, generation, scoring, on_item=tracker.advance)
+        report = generate.generate_paths(questions, question_ids, generator, generation, scoring,
+                                         on_item=tracker.advance)
     log_quarantined(report.quarantined)
     if report.num_failed and not (report.num_generated or report.num_already_done):
         # Nothing to assess: going on would only fail the paths gate with "table has rows", which hides the
@@ -72,7 +87,7 @@ def generate_paths(questions: tables.TableRef, question_ids: list[str], generati
         uri, reason = next(iter(report.quarantined.items()))
         raise RuntimeError(
             f"LongCoT generation: none of the {report.num_questions} questions got paths ({report.num_failed} "
-            f"failed; first, {uri}: {reason}). Each is in the quarantine table (stage {lc.STAGE_GENERATE}) "
+            f"failed; first, {uri}: {reason}). Each is in the quarantine table (stage {STAGE_GENERATE}) "
             "and is tried again on the next run."
         )
     return report.__dict__
@@ -80,31 +95,31 @@ def generate_paths(questions: tables.TableRef, question_ids: list[str], generati
 
 @task(**_STEP)
 def assess_paths(paths: tables.TableRef, questions: tables.TableRef, question_ids: list[str],
-                 judge: lc.JudgeConfig, generation: lc.GenerationConfig, scoring: LongCoTConfig) -> dict:
-    report = lc.assess_paths(paths, questions, question_ids, lc.make_judge(judge, generation), scoring)
+                 judge: JudgeConfig, generation: GenerationConfig, scoring: LongCoTConfig) -> dict:
+    report = assess.assess_paths(paths, questions, question_ids, make_judge(judge, generation), scoring)
     return report.__dict__
 
 
 @task(**_STEP)
-def plan_review(paths: tables.TableRef, question_ids: list[str]) -> lc.ReviewPlan:
-    return lc.review_plan(paths, question_ids)
+def plan_review(paths: tables.TableRef, question_ids: list[str]) -> ReviewPlan:
+    return review_plan(paths, question_ids)
 
 
 @task(**_STEP)
-def record_decision(paths: tables.TableRef, decision: lc.Decision) -> None:
-    lc.record_decision(paths, decision)
+def record_decision(paths: tables.TableRef, decision: Decision) -> None:
+    review.record_decision(paths, decision)
 
 
 @task(**_STEP)
 def render_review_item(paths: tables.TableRef, questions: tables.TableRef, path_id: str) -> str:
     """The item as markdown, published as an artifact the reviewer opens beside the form."""
-    markdown = lc.review_markdown(lc.review_item(paths, questions, path_id))
+    markdown = review_markdown(review_item(paths, questions, path_id))
     create_markdown_artifact(markdown, key=artifact_key(path_id), description=f"LongCoT review of {path_id}")
     return markdown
 
 
-def decisions_from_review(path_id: str, outcome: dict | None, review: lc.ReviewConfig,
-                          state_note: str = "") -> lc.Decision:
+def decisions_from_review(path_id: str, outcome: dict | None, review: ReviewConfig,
+                          state_note: str = "") -> Decision:
     """A stored decision from what one review run gave back.
 
     ``outcome``: ``{"decision": {...ReviewDecision fields}, "decided_at", "flow_run_id"}`` when a person
@@ -113,29 +128,29 @@ def decisions_from_review(path_id: str, outcome: dict | None, review: lc.ReviewC
     """
     if outcome is None:
         note = f"no decision within {review.timeout_s} s ({state_note}); on_timeout={review.on_timeout}"
-        return lc.policy_decision(path_id, review.on_timeout, review.mode, note)
+        return policy_decision(path_id, review.on_timeout, review.mode, note)
     if "invalid" in outcome:
-        return lc.policy_decision(path_id, "keep_out", review.mode, f"unusable review input: {outcome['invalid']}")
+        return policy_decision(path_id, "keep_out", review.mode, f"unusable review input: {outcome['invalid']}")
     d = outcome["decision"]
     if d["item_id"] != path_id:
-        return lc.policy_decision(path_id, "keep_out", review.mode,
-                                  f"unusable review input: decision names {d['item_id']!r}, not this item")
+        return policy_decision(path_id, "keep_out", review.mode,
+                               f"unusable review input: decision names {d['item_id']!r}, not this item")
     try:
-        return lc.Decision(path_id, d["action"], d["reviewer"] or "anonymous", d["edited_text"], d["note"],
-                           "person", review.mode, datetime.fromisoformat(outcome["decided_at"]),
-                           outcome.get("flow_run_id", ""))
+        return Decision(path_id, d["action"], d["reviewer"] or "anonymous", d["edited_text"], d["note"],
+                        "person", review.mode, datetime.fromisoformat(outcome["decided_at"]),
+                        outcome.get("flow_run_id", ""))
     except ValueError as error:  # an edit without text
-        return lc.policy_decision(path_id, "keep_out", review.mode, f"unusable review input: {error}")
+        return policy_decision(path_id, "keep_out", review.mode, f"unusable review input: {error}")
 
 
 @task(**_STEP)
-def policy_decisions(path_ids: list[str], policy: str, mode: str, note: str) -> list[lc.Decision]:
-    return [lc.policy_decision(p, policy, mode, note) for p in path_ids]
+def policy_decisions(path_ids: list[str], policy: str, mode: str, note: str) -> list[Decision]:
+    return [policy_decision(p, policy, mode, note) for p in path_ids]
 
 
 @task(**_STEP)
-def apply_reviews(paths: tables.TableRef, questions: tables.TableRef, decisions: list[lc.Decision]) -> dict:
-    report = lc.apply_reviews(paths, questions, decisions)
+def apply_reviews(paths: tables.TableRef, questions: tables.TableRef, decisions: list[Decision]) -> dict:
+    report = review.apply_reviews(paths, questions, decisions)
     logger = get_run_logger()
     for d in decisions:
         logger.info("review %s: %s by %s (%s)%s", d.item_id, d.action, d.reviewer, d.source,
@@ -145,33 +160,33 @@ def apply_reviews(paths: tables.TableRef, questions: tables.TableRef, decisions:
 
 @task(**_STEP)
 def score_samples(paths: tables.TableRef, questions: tables.TableRef, question_ids: list[str],
-                  judge: lc.JudgeConfig, generation: lc.GenerationConfig, scoring: LongCoTConfig) -> dict:
-    report = lc.score_samples(paths, questions, question_ids, lc.make_judge(judge, generation), scoring)
+                  judge: JudgeConfig, generation: GenerationConfig, scoring: LongCoTConfig) -> dict:
+    report = score.score_samples(paths, questions, question_ids, make_judge(judge, generation), scoring)
     return report.__dict__
 
 
 @task(**_STEP)
 def gate_longcot_paths(paths: tables.TableRef, question_ids: list[str], run_id: str) -> None:
-    publish_gate(gates.check_longcot_paths(paths, question_ids), paths, run_id)
+    publish_gate(check_longcot_paths(paths, question_ids), paths, run_id)
 
 
 @task(**_STEP)
 def gate_longcot_samples(paths: tables.TableRef, questions: tables.TableRef, question_ids: list[str],
-                         config: lc.GateConfig, run_id: str) -> None:
-    publish_gate(gates.check_longcot_samples(paths, questions, question_ids, config), paths, run_id)
+                         config: GateConfig, run_id: str) -> None:
+    publish_gate(check_longcot_samples(paths, questions, question_ids, config), paths, run_id)
 
 
 @task(**_STEP)
 def publish_longcot(paths: tables.TableRef, questions: tables.TableRef, question_ids: list[str],
-                    generation: lc.GenerationConfig) -> tables.TableRef:
-    version = lc.publish_longcot(paths, questions, question_ids, generation)
+                    generation: GenerationConfig) -> tables.TableRef:
+    version = publish.publish_longcot(paths, questions, question_ids, generation)
     return tables.TableRef("longcot", tables.table_uri("longcot"), version)
 
 
 @task(**_STEP)
 def summarize(paths: tables.TableRef, question_ids: list[str]) -> dict:
-    summary = lc.batch_summary(paths, question_ids) | {
-        f"share_{g}": s for g, s in lc.grade_shares(paths, question_ids).items()}
+    summary = batch_summary(paths, question_ids) | {
+        f"share_{g}": s for g, s in grade_shares(paths, question_ids).items()}
     lines = ["## LongCoT batch", "", "| measure | value |", "|---|---|"]
     lines += [f"| {k} | {v:.3g} |" if isinstance(v, float) else f"| {k} | {v} |" for k, v in summary.items()]
     lines += ["", ("Ask more with `keyeflow sql`, e.g. "

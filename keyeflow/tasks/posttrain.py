@@ -10,10 +10,11 @@ from prefect.cache_policies import NO_CACHE
 
 from keyeflow import lineage
 from keyeflow.datasets import tables
-from keyeflow.datasets.longcot import GenerationConfig, media_configs
 from keyeflow.datasets.mixture import fixed_mixture
-from keyeflow.datasets.rl_items import alignment_prompts, longcot_rl_items
 from keyeflow.datasets.tables import TableRef
+from keyeflow.longcot.collect import referenced_media
+from keyeflow.longcot.generate import GenerationConfig, media_configs
+from keyeflow.longcot.rl_items import alignment_prompts, longcot_rl_items
 from keyeflow.model.merging import MergeConfig
 from keyeflow.steps import posttrain
 from keyeflow.steps import stages as steps
@@ -71,8 +72,6 @@ def train_stage(stage: StageConfig, init: StageOutput, mixture: TableRef, mixtur
 def question_media(questions: TableRef) -> dict[str, list[str]]:
     """The media the LongCoT questions show: post-training reads them pre-tokenised with the LongCoT
     generation defaults' configs, so they are ingested with those (a no-op for what is already in)."""
-    from keyeflow.datasets.longcot import referenced_media
-
     ids = tables.dataset(questions.uri, version=questions.version).to_table(columns=["question_id"])
     return referenced_media(questions, ids.column("question_id").to_pylist())
 

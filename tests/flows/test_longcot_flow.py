@@ -21,10 +21,11 @@ from typer.testing import CliRunner
 
 from keyeflow import lineage
 from keyeflow.cli import app
-from keyeflow.datasets import longcot as lc
 from keyeflow.datasets import sql, tables
 from keyeflow.datasets.longcot_samples import generate_longcot_questions
+from keyeflow.longcot.generate import GenerationConfig, default_model_path, ensure_tiny_model, make_generator
 from keyeflow.model import replay_server as replay
+from keyeflow.quality.judges import JudgeInput, ModelJudge
 
 REPO = Path(__file__).resolve().parents[2]
 runner = CliRunner()
@@ -223,7 +224,7 @@ def test_longcot_flow_on_the_tiny_local_model(home, tmp_path, sample_images, sam
     result = longcot([str(files["dir"])], str(media_dir), review="keep_out",
                      generation={"n": 2, "max_new_tokens": 24, "max_image_tokens": 64, "max_video_tokens": 512},
                      collect={"rewrite": True, "merge": True, "rewrite_max_new_tokens": 16}, gates={"min_samples": 0})
-    assert (lc.default_model_path() / "config.json").is_file()
+    assert (default_model_path() / "config.json").is_file()
     c, g = result["collect"], result["generate"]
     assert c["num_merged"] >= 2 and c["num_rewrites_discarded"] == c["num_new"] - c["num_merged"]
     assert g["num_failed"] == 0 and g["num_generated"] == len(result["question_ids"])
@@ -244,7 +245,7 @@ def test_longcot_flow_on_the_tiny_local_model(home, tmp_path, sample_images, sam
 @pytest.fixture(scope="module")
 def model_server(tmp_path_factory):
     """Our tiny model behind the real OpenAI-compatible server (`python -m keyeflow.model.serving`)."""
-    model_dir = lc.ensure_tiny_model(tmp_path_factory.mktemp("served") / "tiny")
+    model_dir = ensure_tiny_model(tmp_path_factory.mktemp("served") / "tiny")
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
@@ -292,7 +293,7 @@ def test_longcot_flow_through_the_model_server(home, tmp_path, questions, model_
     reason = sql.query("select reason from quarantine where stage = 'longcot_generate'").reason[0]
     assert "HTTP 400" in reason and "'image_url' is not supported" in reason
     assert set(sql.query("select grade from longcot_paths").grade) == {"C"}
-    judge = lc.ModelJudge(lc.make_generator(lc.GenerationConfig(backend="openai", base_url=model_server,
-                                                                model="keye-tiny")), max_new_tokens=16)
-    verdict = judge.assess([lc.JudgeInput("What is 1 divided by 2?", "0.5", ("1 / 2 = 0.5.",), "0.5")])[0]
+    judge = ModelJudge(make_generator(GenerationConfig(backend="openai", base_url=model_server,
+                                                       model="keye-tiny")), max_new_tokens=16)
+    verdict = judge.assess([JudgeInput("What is 1 divided by 2?", "0.5", ("1 / 2 = 0.5.",), "0.5")])[0]
     assert verdict.judge == "rule (model fallback)" and "rule judge used" in verdict.notes[0]

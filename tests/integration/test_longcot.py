@@ -11,13 +11,25 @@ from pathlib import Path
 
 import pytest
 
-from keyeflow.datasets import longcot as lc
 from keyeflow.datasets import sql, tables
 from keyeflow.datasets.longcot_samples import generate_longcot_questions
 from keyeflow.datasets.video import content_hash
+from keyeflow.longcot.assess import assess_paths
+from keyeflow.longcot.collect import DOMAINS, CollectConfig, CollectReport, collect_questions
+from keyeflow.longcot.gates import GateConfig, check_longcot_paths, check_longcot_samples
+from keyeflow.longcot.generate import (
+    GenerationConfig,
+    check_answer,
+    default_model_path,
+    ensure_tiny_model,
+    generate_paths,
+    make_generator,
+    media_configs,
+)
+from keyeflow.longcot.review import Decision, apply_reviews, record_decision, review_plan, review_queue
+from keyeflow.longcot.score import score_samples
 from keyeflow.model import replay_server as replay
 from keyeflow.model.generation import LocalGenerator, OpenAICompatibleGenerator
-from keyeflow.quality import gates
 from keyeflow.quality.judges import (
     FALLBACK,
     JudgeInput,
@@ -67,11 +79,11 @@ def server(url: str) -> OpenAICompatibleGenerator:
     return OpenAICompatibleGenerator(url, "replay-teacher", max_retries=0)
 
 
-def replay_config(url: str, n: int = 4) -> lc.GenerationConfig:
-    return lc.GenerationConfig(backend="openai", base_url=url, model="replay-teacher", n=n)
+def replay_config(url: str, n: int = 4) -> GenerationConfig:
+    return GenerationConfig(backend="openai", base_url=url, model="replay-teacher", n=n)
 
 
-def _ids(report: lc.CollectReport, *texts: str) -> list[str]:
+def _ids(report: CollectReport, *texts: str) -> list[str]:
     rows = {r["question"]: r["question_id"] for r in tables.open_table("longcot_questions").to_table().to_pylist()}
     return [rows[t] for t in texts]
 
@@ -95,7 +107,7 @@ def test_collect_dedupes_checks_domains_and_media_and_quarantines_bad_lines(home
             "reference": "0.5"}),
     ]
     bad.write_text("\n".join(lines) + "\n")
-    report = lc.collect_questions([questions["dir"]], questions["root"])
+    report = collect_questions([questions["dir"]], questions["root"])
 
     assert report.num_duplicates == 1 and report.num_new == len(report.question_ids)
     reasons = dict(sql.query("select uri, reason from quarantine where stage = 'longcot_collect'").values)
@@ -114,10 +126,10 @@ def test_collect_dedupes_checks_domains_and_media_and_quarantines_bad_lines(home
     by_question = {r["question"]: r for r in rows}
     assert by_question["What is the title of the document?"]["reference"] == "Keye-VL sample report"  # <answer> turn
     assert by_question["Which sidebar item comes right after 'Gates'?"]["domain"] == "gui"
-    assert {r["domain"] for r in rows} == set(lc.DOMAINS)
+    assert {r["domain"] for r in rows} == set(DOMAINS)
 
     version = tables.ref("longcot_questions").version
-    again = lc.collect_questions([questions["dir"]], questions["root"])
+    again = collect_questions([questions["dir"]], questions["root"])
     assert again.num_new == 0 and again.num_already_present == len(report.question_ids)
     assert again.question_ids == report.question_ids and tables.ref("longcot_questions").version == version
 
@@ -128,8 +140,8 @@ def test_rewrites_kept_only_when_sane_and_merges_keep_the_reference(home, questi
     text = Path(questions["text"]).read_text().splitlines()
     source.write_text("\n".join(line for line in text if "1000 m" in line or "divided by 2" in line
                                 or "Solve for x" in line) + "\n")
-    report = lc.collect_questions([str(source)], str(tmp_path), lc.CollectConfig(rewrite=True), server(url),
-                                  replay_config(url))
+    report = collect_questions([str(source)], str(tmp_path), CollectConfig(rewrite=True), server(url),
+                               replay_config(url))
     rows = {r["original_question"]: r for r in tables.open_table("longcot_questions").to_table().to_pylist()}
     road = rows["A road is 1000 m long. How long is it in kilometres?"]
     assert road["rewrite"] == "harder" and road["rewrite_note"] == "rewrite accepted"
@@ -142,9 +154,9 @@ def test_rewrites_kept_only_when_sane_and_merges_keep_the_reference(home, questi
 
     # The tiny random model writes junk: every rewrite is discarded, with the reason.
     home_two = tmp_path / "home2"
-    local = LocalGenerator(lc.ensure_tiny_model(home_two / "tiny"))
-    lc.collect_questions([questions["dir"]], questions["root"], lc.CollectConfig(rewrite=True, merge=True), local,
-                         lc.GenerationConfig(max_new_tokens=48), root=str(home_two / "tables"))
+    local = LocalGenerator(ensure_tiny_model(home_two / "tiny"))
+    collect_questions([questions["dir"]], questions["root"], CollectConfig(rewrite=True, merge=True), local,
+                      GenerationConfig(max_new_tokens=48), root=str(home_two / "tables"))
     rows = tables.open_table("longcot_questions", root=str(home_two / "tables")).to_table().to_pylist()
     plain = [r for r in rows if r["rewrite"] != "merged"]
     assert plain and all(r["rewrite_note"].startswith("rewrite discarded: ") for r in plain)
@@ -152,7 +164,7 @@ def test_rewrites_kept_only_when_sane_and_merges_keep_the_reference(home, questi
     merged = {r["reference"]: r for r in rows if r["rewrite"] == "merged"}
     assert "(Lineage, 4)" in merged and "(50%, 50%)" in merged
     assert "(1) Which sidebar item comes right after 'Gates'?" in merged["(Lineage, 4)"]["question"]
-    assert lc.check_answer("gui", "<think>x</think><answer>(Lineage, four)</answer>", "(Lineage, 4)").ok
+    assert check_answer("gui", "<think>x</think><answer>(Lineage, four)</answer>", "(Lineage, 4)").ok
 
 
 # ===================================================================================== generation
@@ -160,14 +172,14 @@ def test_rewrites_kept_only_when_sane_and_merges_keep_the_reference(home, questi
 
 def test_equivalent_answers_written_differently_end_up_as_A(home, questions, teacher):
     url, log = teacher
-    report = lc.collect_questions([questions["dir"]], questions["root"])
+    report = collect_questions([questions["dir"]], questions["root"])
     ids = _ids(report, "What is 1 divided by 2?", "A road is 1000 m long. How long is it in kilometres?",
                "A pizza is cut into 8 equal slices and 4 of them are eaten. What fraction of the pizza is eaten?",
                "Simplify (x + 1)^2 - (x - 1)^2.")
     config = replay_config(url)
-    generated = lc.generate_paths(tables.ref("longcot_questions"), ids, server(url), config)
+    generated = generate_paths(tables.ref("longcot_questions"), ids, server(url), config)
     assert generated.num_paths == 16 and generated.num_failed == 0
-    assessed = lc.assess_paths(tables.ref("longcot_paths"), tables.ref("longcot_questions"), ids, RuleJudge())
+    assessed = assess_paths(tables.ref("longcot_paths"), tables.ref("longcot_questions"), ids, RuleJudge())
     assert assessed.grades == {"A": 7}
 
     rows = sql.query("select answer, answer_ok, answer_method, grade, status, stage, reason, confidence, "
@@ -186,16 +198,16 @@ def test_equivalent_answers_written_differently_end_up_as_A(home, questions, tea
     assert all(0.0 <= c <= 1.0 for c in rows.confidence)
     # A rerun with the same settings generates nothing and asks the server nothing.
     before = len(log.read_text().splitlines())
-    again = lc.generate_paths(tables.ref("longcot_questions"), ids, server(url), config)
+    again = generate_paths(tables.ref("longcot_questions"), ids, server(url), config)
     assert again.num_already_done == 4 and again.num_paths == 0 and len(log.read_text().splitlines()) == before
 
 
 def test_media_sent_to_a_server_and_grounding_by_iou(home, questions, teacher):
     url, log = teacher
-    report = lc.collect_questions([questions["dir"]], questions["root"])
+    report = collect_questions([questions["dir"]], questions["root"])
     ids = _ids(report, "What share of the tokens does the image bar show?",
                "Give the bounding box of the red rectangle as [[x1, y1, x2, y2]] in [0, 1000) coordinates.")
-    lc.generate_paths(tables.ref("longcot_questions"), ids, server(url), replay_config(url, n=1))
+    generate_paths(tables.ref("longcot_questions"), ids, server(url), replay_config(url, n=1))
     rows = sql.query("select domain, answer, answer_ok, answer_method, answer_reason from longcot_paths order by domain")
     assert rows.answer_method.tolist() == ["text", "iou"] and all(rows.answer_ok)
     assert rows.answer_reason.iloc[1].startswith("IoU 0.9")
@@ -204,24 +216,24 @@ def test_media_sent_to_a_server_and_grounding_by_iou(home, questions, teacher):
     images = [p["image_url"]["url"] for p in parts if p["type"] == "image_url"]
     assert any(u.startswith("data:image/webp;base64,") for u in images)
     assert any(u.startswith("data:image/png;base64,") for u in images)
-    assert not lc.check_answer("grounding", "<answer>[[500, 500, 900, 900]]</answer>", "[[75, 100, 375, 433]]").ok
+    assert not check_answer("grounding", "<answer>[[500, 500, 900, 900]]</answer>", "[[75, 100, 375, 433]]").ok
 
 
 def test_local_model_media_prompts_and_failures(home, questions, sample_images):
     from keyeflow.datasets.images import ingest_images_shard
 
-    report = lc.collect_questions([questions["dir"]], questions["root"])
+    report = collect_questions([questions["dir"]], questions["root"])
     ids = _ids(report, "How many filled shapes are in the image, not counting the black line?",
                "What word is written on the logo?", "Is the Sun a star? Answer yes or no.")
-    config = lc.GenerationConfig(n=2, max_new_tokens=24, max_image_tokens=64)
-    image_config, _ = lc.media_configs(config)
+    config = GenerationConfig(n=2, max_new_tokens=24, max_image_tokens=64)
+    image_config, _ = media_configs(config)
     shapes = next(p for p in sample_images if p.name.startswith("shapes"))
     ingest_images_shard([str(shapes)], image_config)  # the logo is not ingested
-    generated = lc.generate_paths(tables.ref("longcot_questions"), ids, lc.make_generator(config), config)
+    generated = generate_paths(tables.ref("longcot_questions"), ids, make_generator(config), config)
     assert generated.num_generated == 2 and generated.num_failed == 1
     reason = sql.query("select reason from quarantine where stage = 'longcot_generate'").reason.tolist()
     assert len(reason) == 1 and "logo_rgba_512x512.png has no pre-tokenised sample" in reason[0]
-    assert (lc.default_model_path() / "config.json").is_file()
+    assert (default_model_path() / "config.json").is_file()
     rows = sql.query("select grade, status, num_tokens, confidence from longcot_paths")
     assert len(rows) == 4 and set(rows.grade) == {"C"} and set(rows.status) == {"dropped"}
     assert all(0.0 <= c <= 1.0 for c in rows.confidence) and all(rows.num_tokens > 0)
@@ -293,7 +305,7 @@ def test_model_judge_parses_replies_and_falls_back(home, teacher, tmp_path):
     assert [(s.score, s.judge) for s in scored] == [(4, "model"), (1, "rule")]
 
     # Our tiny random model as the judge: nothing usable comes back, every item is judged by the rules.
-    tiny = LocalGenerator(lc.ensure_tiny_model(tmp_path / "tiny"))
+    tiny = LocalGenerator(ensure_tiny_model(tmp_path / "tiny"))
     fallen = ModelJudge(tiny, max_new_tokens=24).assess(items)
     assert [v.judge for v in fallen] == [FALLBACK, FALLBACK]
     assert all("rule judge used" in v.notes[0] for v in fallen)
@@ -306,14 +318,14 @@ def test_model_judge_parses_replies_and_falls_back(home, teacher, tmp_path):
 
 def test_review_decisions_are_stored_and_applied(home, questions, teacher):
     url, _ = teacher
-    report = lc.collect_questions([questions["dir"]], questions["root"])
+    report = collect_questions([questions["dir"]], questions["root"])
     ids = _ids(report, "Solve for x: 3x + 5 = 20.", "What is 15% of 240?",
                "What is the sum of the interior angles of a triangle, in degrees?", "What is 1 divided by 2?")
     qref = tables.ref("longcot_questions")
-    lc.generate_paths(qref, ids, server(url), replay_config(url))
-    assessed = lc.assess_paths(tables.ref("longcot_paths"), qref, ids, RuleJudge())
+    generate_paths(qref, ids, server(url), replay_config(url))
+    assessed = assess_paths(tables.ref("longcot_paths"), qref, ids, RuleJudge())
     assert assessed.grades == {"A": 5, "B": 2} and assessed.num_needs_review == 3
-    queue = lc.review_queue(tables.ref("longcot_paths"), ids)
+    queue = review_queue(tables.ref("longcot_paths"), ids)
     rows = {r["path_id"]: r for r in tables.open_table("longcot_paths").to_table().to_pylist()}
     by_kind = {("borderline" if rows[p]["grade"] == "A" else rows[p]["answer"]): p for p in queue}
     assert set(by_kind) == {"borderline", "5", "180"}
@@ -322,18 +334,18 @@ def test_review_decisions_are_stored_and_applied(home, questions, teacher):
 
     now = tables.now()
     decisions = [
-        lc.Decision(by_kind["5"], "edit", "alice", "Step 1: 3x = 20 - 5 = 15.\n\nStep 2: x = 15 / 3 = 5.",
-                    "removed the digression", decided_at=now),
-        lc.Decision(by_kind["180"], "edit", "bob", "<think>60 + 60 + 60 = 180</think><answer>190</answer>",
-                    decided_at=now),
-        lc.Decision(by_kind["borderline"], "reject", "carol", note="too repetitive", decided_at=now),
+        Decision(by_kind["5"], "edit", "alice", "Step 1: 3x = 20 - 5 = 15.\n\nStep 2: x = 15 / 3 = 5.",
+                 "removed the digression", decided_at=now),
+        Decision(by_kind["180"], "edit", "bob", "<think>60 + 60 + 60 = 180</think><answer>190</answer>",
+                 decided_at=now),
+        Decision(by_kind["borderline"], "reject", "carol", note="too repetitive", decided_at=now),
     ]
     # Alice's decision is stored the moment she makes it; a crash before it is applied loses nothing.
-    lc.record_decision(tables.ref("longcot_paths"), decisions[0])
-    plan = lc.review_plan(tables.ref("longcot_paths"), ids)
+    record_decision(tables.ref("longcot_paths"), decisions[0])
+    plan = review_plan(tables.ref("longcot_paths"), ids)
     assert plan.pending == [decisions[0]] and sorted(plan.ask) == sorted([by_kind["180"], by_kind["borderline"]])
     assert sql.query("select outcome from longcot_reviews").outcome.tolist() == ["pending"]
-    result = lc.apply_reviews(tables.ref("longcot_paths"), qref, decisions)
+    result = apply_reviews(tables.ref("longcot_paths"), qref, decisions)
     assert result.actions == {"edit": 2, "reject": 1} and result.num_kept == 1 and result.num_dropped == 2
     after = {r["path_id"]: r for r in tables.open_table("longcot_paths").to_table().to_pylist()}
     edited = after[by_kind["5"]]
@@ -348,13 +360,13 @@ def test_review_decisions_are_stored_and_applied(home, questions, teacher):
     assert stored.reviewer.tolist() == ["alice", "bob", "carol"] and set(stored.source) == {"person"}
     assert stored.outcome.tolist() == ["kept", "dropped", "dropped"] and stored.edited_text[0].startswith("Step 1")
     assert len(stored) == 3 and stored.decided_at.tolist() == [now] * 3
-    assert lc.review_queue(tables.ref("longcot_paths"), ids) == []  # people decided: never asked again
+    assert review_queue(tables.ref("longcot_paths"), ids) == []  # people decided: never asked again
 
-    scored = lc.score_samples(tables.ref("longcot_paths"), qref, ids, RuleJudge())
+    scored = score_samples(tables.ref("longcot_paths"), qref, ids, RuleJudge())
     assert scored.num_scored == 5 and scored.scores == {1: 5}  # text questions: answerable without media
-    gate = gates.check_longcot_samples(tables.ref("longcot_paths"), qref, ids, lc.GateConfig())
+    gate = check_longcot_samples(tables.ref("longcot_paths"), qref, ids, GateConfig())
     assert gate.passed, gate.failures
-    strict = gates.check_longcot_samples(tables.ref("longcot_paths"), qref, ids,
-                                         lc.GateConfig(grade_share_bounds={"B": (0.0, 0.1)}))
+    strict = check_longcot_samples(tables.ref("longcot_paths"), qref, ids,
+                                   GateConfig(grade_share_bounds={"B": (0.0, 0.1)}))
     assert not strict.passed and [f["check"] for f in strict.failures] == ["grade shares within bounds"]
-    assert gates.check_longcot_paths(tables.ref("longcot_paths"), ids).passed
+    assert check_longcot_paths(tables.ref("longcot_paths"), ids).passed

@@ -12,8 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from keyeflow.datasets import longcot as lc
 from keyeflow.datasets import sql, tables
+from keyeflow.longcot.collect import collect_questions
+from keyeflow.longcot.generate import GenerationConfig, generate_paths, make_generator
 from keyeflow.model import replay_server as replay
 from keyeflow.model.generation import BatchGenerationError, GenerationServerError, OpenAICompatibleGenerator
 from keyeflow.quality.judges import FALLBACK, JudgeInput, ModelJudge
@@ -56,9 +57,9 @@ def write_questions(folder: Path, texts: list[str]) -> Path:
     return path
 
 
-def config(url: str, n: int = 2) -> lc.GenerationConfig:
-    return lc.GenerationConfig(backend="openai", base_url=url, model="replay-teacher", n=n,
-                               request_timeout_s=TIMEOUT_S, max_retries=MAX_RETRIES)
+def config(url: str, n: int = 2) -> GenerationConfig:
+    return GenerationConfig(backend="openai", base_url=url, model="replay-teacher", n=n,
+                            request_timeout_s=TIMEOUT_S, max_retries=MAX_RETRIES)
 
 
 def question_ids() -> dict[str, str]:
@@ -83,7 +84,7 @@ def test_questions_without_a_reference_fail_at_collection_and_the_rest_is_collec
     ]
     source = tmp_path / "q.jsonl"
     source.write_text("".join(json.dumps(r) + "\n" for r in [good[0], *bad, good[1]]))
-    report = lc.collect_questions([str(source)], str(tmp_path))
+    report = collect_questions([str(source)], str(tmp_path))
 
     assert report.num_lines == 6 and report.num_new == 2 and report.num_quarantined == 4
     reasons = dict(sql.query("select uri, reason from quarantine where stage = 'longcot_collect'").values)
@@ -102,14 +103,14 @@ def test_a_misbehaving_teacher_fails_only_its_items_and_a_rerun_asks_only_for_th
     good, bad = [HALF, ROAD, ANGLES, LETTERS, FLAKY], [SLOW, NOT_JSON, NO_CHOICES, NO_LOGPROBS]
     source = write_questions(tmp_path / "questions", [HALF, SLOW, ROAD, NOT_JSON, ANGLES, NO_CHOICES, FLAKY,
                                                       NO_LOGPROBS, LETTERS])
-    lc.collect_questions([str(source)], str(source.parent))
+    collect_questions([str(source)], str(source.parent))
     ids = question_ids()
     all_ids = [ids[t] for t in REFERENCES]
     port = replay.free_port()
     with replay.start_server(misbehaving(), tmp_path / "faulty", port=port) as (url, log):
         started = time.monotonic()
-        report = lc.generate_paths(tables.ref("longcot_questions"), all_ids, lc.make_generator(config(url)),
-                                   config(url))
+        report = generate_paths(tables.ref("longcot_questions"), all_ids, make_generator(config(url)),
+                                config(url))
         elapsed = time.monotonic() - started
         attempts = {t: replay.requests_for(log, t) for t in REFERENCES}
 
@@ -134,8 +135,8 @@ def test_a_misbehaving_teacher_fails_only_its_items_and_a_rerun_asks_only_for_th
     # The server is fixed and back at the same address: only the four failed questions are asked, once each.
     with replay.start_server(replay.teacher_recordings(), tmp_path / "fixed", port=port) as (url_again, log):
         assert url_again == url
-        again = lc.generate_paths(tables.ref("longcot_questions"), all_ids, lc.make_generator(config(url)),
-                                  config(url))
+        again = generate_paths(tables.ref("longcot_questions"), all_ids, make_generator(config(url)),
+                               config(url))
         attempts = {t: replay.requests_for(log, t) for t in REFERENCES}
     assert (again.num_already_done, again.num_generated, again.num_failed, again.num_paths) == (5, 4, 0, 8)
     assert attempts == {t: int(t in bad) for t in REFERENCES}
@@ -144,19 +145,19 @@ def test_a_misbehaving_teacher_fails_only_its_items_and_a_rerun_asks_only_for_th
     assert set(after.question_id) == set(all_ids) and len(after) == 18
     assert after.loc[first.index].equals(first)  # the paths done before are untouched
     # The same settings once more: everything is done, the server is not needed at all.
-    nothing = lc.generate_paths(tables.ref("longcot_questions"), all_ids, lc.make_generator(config(url)), config(url))
+    nothing = generate_paths(tables.ref("longcot_questions"), all_ids, make_generator(config(url)), config(url))
     assert (nothing.num_already_done, nothing.num_generated, nothing.num_failed) == (9, 0, 0)
 
 
 def test_a_server_that_is_down_fails_every_item_after_bounded_retries(home, tmp_path):
     source = write_questions(tmp_path / "questions", [HALF, ROAD, LETTERS])
-    lc.collect_questions([str(source)], str(source.parent))
+    collect_questions([str(source)], str(source.parent))
     ids = question_ids()
     url = f"http://127.0.0.1:{replay.free_port()}/v1"  # nothing listens there
 
     started = time.monotonic()
-    report = lc.generate_paths(tables.ref("longcot_questions"), list(ids.values()), lc.make_generator(config(url)),
-                               config(url))
+    report = generate_paths(tables.ref("longcot_questions"), list(ids.values()), make_generator(config(url)),
+                            config(url))
     elapsed = time.monotonic() - started
     assert (report.num_generated, report.num_failed, report.num_paths) == (0, 3, 0)
     assert 1.4 < elapsed < 10, f"two backoffs (0.5 s + 1 s), requests in parallel; took {elapsed:.1f} s"
@@ -166,7 +167,7 @@ def test_a_server_that_is_down_fails_every_item_after_bounded_retries(home, tmp_
         assert reason.startswith(f"question {qid}: generation failed: GenerationServerError: POST {url}/chat/completions "
                                  "failed after 3 attempt(s); last error: ConnectError")
     # The same question failing again keeps one quarantine row, with the latest reason.
-    lc.generate_paths(tables.ref("longcot_questions"), [ids[HALF]], lc.make_generator(config(url)), config(url))
+    generate_paths(tables.ref("longcot_questions"), [ids[HALF]], make_generator(config(url)), config(url))
     assert len(sql.query("select * from quarantine where stage = 'longcot_generate'")) == 3
 
     # The generator itself: a batch with some failures keeps the good results beside the errors.

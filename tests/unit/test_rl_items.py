@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from keyeflow.datasets.rl_items import alignment_prompts, reward_item
+from keyeflow.longcot.rl_items import alignment_prompts, reward_item
 from keyeflow.quality.rewards import rule_reward
 
 

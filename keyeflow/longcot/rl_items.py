@@ -18,7 +18,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from keyeflow.datasets import tables
-from keyeflow.datasets.longcot import user_content
+from keyeflow.longcot.generate import user_content
 from keyeflow.datasets.tables import TableRef
 from keyeflow.quality.rewards import Constraint, RewardItem
 
