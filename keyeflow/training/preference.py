@@ -57,6 +57,7 @@ from keyeflow.model.modeling import IGNORE_INDEX
 from keyeflow.model.processor import Features, MediaLookup, collate, encode_sample
 from keyeflow.model.tokenizer import load_tokenizer
 from keyeflow.quality.rewards import TASKS, Reward, RewardItem, answer_reward
+from keyeflow.faults import kill_point
 from keyeflow.training import distributed
 from keyeflow.training.engine import (
     Engine,
@@ -530,6 +531,7 @@ def _train_mpo(config: MPOStageConfig, init: Path, parsed: list[tuple[list[dict]
                    "lr": lr, "grad_norm": grad_norm, "chosen_tokens": num_chosen_tokens,
                    "seconds": time.perf_counter() - started}
         append_metrics(out_dir, dist, sink, step, metrics, {"time": time.time(), "pairs": indices})
+        kill_point("mpo.step")  # after the step's update and metrics, before its checkpoint
         log.info("MPO step %d/%d loss %.4f margin %.4f accuracy %.2f", step, config.max_steps, loss,
                  metrics["reward_margin"], metrics["reward_accuracy"])
 

@@ -98,6 +98,7 @@ from keyeflow.model.processor import Features, MediaLookup, collate, encode_samp
 from keyeflow.model.token_stream import IGNORE_INDEX
 from keyeflow.model.tokenizer import IM_END
 from keyeflow.quality.rewards import Reward, RewardCombiner, RewardItem
+from keyeflow.faults import kill_point
 from keyeflow.training import distributed
 from keyeflow.training.engine import (
     Engine,
@@ -614,6 +615,7 @@ def _train_gspo(config: GSPOStageConfig, init: str | Path, items: list[dict], re
         if dist.is_main:
             write_atomically(_hints_path(out_dir, step), json.dumps({"step": step, "items": hint_report}, indent=1))
         append_metrics(out_dir, dist, sink, step, metrics, {"time": time.time()})
+        kill_point("gspo.step")  # after the step's update and metrics, before its checkpoint
         log.info("GSPO step %d/%d reward %.3f pass %.2f clip %.3f", step, config.max_steps,
                  metrics["reward_mean"], metrics["pass_rate"], metrics["clip_fraction"])
         if step % config.checkpoint_every == 0 or step == config.max_steps:

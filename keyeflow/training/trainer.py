@@ -48,6 +48,7 @@ from keyeflow.model.checkpoint import load_keye_checkpoint
 from keyeflow.model.config import KeyeConfig
 from keyeflow.model.modeling import IGNORE_INDEX, KeyeForConditionalGeneration, mrope_position_ids
 from keyeflow.model.processor import Features, collate_rows
+from keyeflow.faults import kill_point
 from keyeflow.training import distributed
 from keyeflow.training.config import StageConfig
 from keyeflow.training.deepspeed_config import render_deepspeed_config
@@ -166,6 +167,7 @@ def _train(stage: StageConfig, init: str | Path | KeyeConfig, mixture: TableRef,
         metrics = {"loss": step_loss, "lr": lr, "tokens": num_tokens, "label_tokens": num_labels,
                    "tokens_per_s": num_tokens / elapsed, "grad_norm": grad_norm}
         append_metrics(out_dir, dist, sink, step, metrics, {"time": time.time(), "occurrences": occurrences})
+        kill_point("stage.step")  # after the step's update and metrics, before its checkpoint
         if dist.is_main:
             log.info("step %d/%d loss %.4f lr %.3g %.0f tokens/s", step, stage.max_steps, step_loss, lr,
                      metrics["tokens_per_s"])
