@@ -29,14 +29,14 @@ def media_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def sample_videos(media_dir) -> list[Path]:
-    from keyeflow.datasets.samples import generate_sample_videos
+    from keyeflow.synthetic.videos import generate_sample_videos
 
     return generate_sample_videos(media_dir / "videos")
 
 
 @pytest.fixture(scope="session")
 def bad_inputs(media_dir) -> dict[str, Path]:
-    from keyeflow.datasets.samples import generate_bad_inputs
+    from keyeflow.synthetic.videos import generate_bad_inputs
 
     return generate_bad_inputs(media_dir / "bad")
 
@@ -68,7 +68,7 @@ def prefect_harness():
 
 @pytest.fixture(scope="session")
 def sample_images(media_dir) -> list[Path]:
-    from keyeflow.datasets.image_samples import generate_sample_images
+    from keyeflow.synthetic.images import generate_sample_images
 
     return generate_sample_images(media_dir / "images")
 
@@ -76,7 +76,7 @@ def sample_images(media_dir) -> list[Path]:
 @pytest.fixture(scope="session")
 def sample_corpus(media_dir, sample_videos, sample_images) -> dict[str, Path]:
     """Conversations, captions, text and bad records referencing the sample media (source root: media_dir)."""
-    from keyeflow.datasets.text_samples import generate_sample_corpus
+    from keyeflow.synthetic.corpus import generate_sample_corpus
 
     return generate_sample_corpus(media_dir / "corpus", sample_videos, sample_images)
 

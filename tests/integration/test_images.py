@@ -14,7 +14,7 @@ import pytest
 from PIL import Image, ImageFile
 
 from keyeflow.datasets import sql, tables
-from keyeflow.datasets.image_samples import (
+from keyeflow.synthetic.images import (
     EXIF_EXPECTED_QUADRANTS,
     exif_upright,
     generate_bad_images,

@@ -1,6 +1,6 @@
 """LongCoT cold-start steps on real tables, without Prefect: collection (dedupe, domains, media, bad lines,
 rewrites, merges), multi-path generation through an OpenAI-compatible HTTP server replaying a teacher
-(``keyeflow.model.replay_server``, a real process on 127.0.0.1) and through our tiny model in process,
+(``keyeflow.synthetic.scripted_teacher``, a real process on 127.0.0.1) and through our tiny model in process,
 answers written differently from the reference (½ / 1/2 / 0.5, 1000 m / 1 km, \\frac{1}{2} / 50%) ending
 up as A, the rule and model judges, review decisions and the gates' frames."""
 
@@ -13,9 +13,9 @@ import pytest
 
 from keyeflow.datasets import longcot as lc
 from keyeflow.datasets import sql, tables
-from keyeflow.datasets.longcot_samples import generate_longcot_questions
+from keyeflow.synthetic.longcot_questions import generate_longcot_questions
 from keyeflow.datasets.video import content_hash
-from keyeflow.model import replay_server as replay
+from keyeflow.synthetic import scripted_teacher as replay
 from keyeflow.model.generation import LocalGenerator, OpenAICompatibleGenerator
 from keyeflow.quality import gates
 from keyeflow.quality.judges import (

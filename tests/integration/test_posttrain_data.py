@@ -14,7 +14,7 @@ from keyeflow.datasets.conversations import add_conversations
 from keyeflow.datasets.images import ImageConfig
 from keyeflow.datasets.mixture import fixed_mixture
 from keyeflow.datasets.slowfast import resolve_config
-from keyeflow.model import replay_server as replay
+from keyeflow.synthetic import scripted_teacher as replay
 from keyeflow.model.generation import OpenAICompatibleGenerator
 from keyeflow.training.posttrain_data import (
     DifficultyConfig,

@@ -62,7 +62,7 @@ name_unicode      vidéo_日本語_клип.mp4                       non-ASCII 
 ================  ==========================================  ===========================================
 
 All the good-but-odd bad inputs (one_frame, extreme_*, rotated, vfr, ten_bit, name_*) are real playable
-videos of 1-3 s. Run ``python -m keyeflow.datasets.samples DEST`` to write the samples to DEST and the bad
+videos of 1-3 s. Run ``python -m keyeflow.synthetic.videos DEST`` to write the samples to DEST and the bad
 inputs to DEST/bad.
 """
 
@@ -430,7 +430,7 @@ def generate_bad_inputs(dest: Path) -> dict[str, Path]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m keyeflow.datasets.samples",
+        prog="python -m keyeflow.synthetic.videos",
         description="Write sample videos to DEST and edge-case inputs to DEST/bad, with ffmpeg only.",
     )
     parser.add_argument("dest", type=Path)

@@ -45,7 +45,7 @@ empty             empty.webp                       0 bytes
 unreadable        dangling.jpg                     dangling symlink: listed by a scan, cannot be opened
 ================  ===============================  =========================================================
 
-Run ``python -m keyeflow.datasets.image_samples DEST`` to write the samples to DEST and the bad inputs to
+Run ``python -m keyeflow.synthetic.images DEST`` to write the samples to DEST and the bad inputs to
 DEST/bad.
 """
 
@@ -414,7 +414,7 @@ def generate_bad_images(dest: Path) -> dict[str, Path]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m keyeflow.datasets.image_samples",
+        prog="python -m keyeflow.synthetic.images",
         description="Write sample images to DEST and bad image inputs to DEST/bad, drawn with Pillow.",
     )
     parser.add_argument("dest", type=Path)

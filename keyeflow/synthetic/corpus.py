@@ -2,8 +2,8 @@
 
 Nothing is shipped and nothing is downloaded: every sentence comes from templates in this file filled from
 seeded vocabularies, so tests, demos and the tiny end-to-end run have chat data, caption pairs and plain
-text that point at the sample clips (``samples.generate_sample_videos``) and pictures
-(``image_samples.generate_sample_images``). Generation is deterministic: the same seed, media and ``dest``
+text that point at the sample clips (``videos.generate_sample_videos``) and pictures
+(``images.generate_sample_images``). Generation is deterministic: the same seed, media and ``dest``
 give byte-identical files (each conversation, caption or document draws from its own ``random.Random``
 seeded by a string, which Python hashes the same way on every run). It takes well under a second.
 
@@ -56,7 +56,7 @@ bad_bad_text       bad/text/ (a folder)            ``bad-text-synth/invalid_utf8
                                                    UTF-8) and ``bad-text-synth/empty.txt`` (0 bytes)
 =================  ==============================  ===========================================================
 
-Run ``python -m keyeflow.datasets.text_samples DEST VIDEO_DIR IMAGE_DIR`` to write the corpus for the media
+Run ``python -m keyeflow.synthetic.corpus DEST VIDEO_DIR IMAGE_DIR`` to write the corpus for the media
 found (top level only) in VIDEO_DIR and IMAGE_DIR.
 """
 
@@ -79,7 +79,7 @@ from pathlib import Path
 
 import numpy as np
 
-from keyeflow.datasets.image_samples import _WORDS as _DOCUMENT_WORDS
+from keyeflow.synthetic.images import _WORDS as _DOCUMENT_WORDS
 
 __all__ = [
     "BAD_DEFECTS",
@@ -1879,7 +1879,7 @@ def _size(path: Path) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m keyeflow.datasets.text_samples",
+        prog="python -m keyeflow.synthetic.corpus",
         description="Write sample conversations, captions, plain text and bad inputs to DEST, referring to "
                     "the videos in VIDEO_DIR and the images in IMAGE_DIR.",
     )
