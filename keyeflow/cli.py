@@ -69,10 +69,10 @@ def run(
     from keyeflow.flows.posttrain import posttrain as posttrain_flow
     from keyeflow.flows.pretrain import pretrain as pretrain_flow
     from keyeflow.quality.gates import GateFailed
-    from keyeflow.synthetic.corpus import generate_sample_corpus
-    from keyeflow.synthetic.images import generate_sample_images
+    from keyeflow.synthetic.corpus import generate_corpus
+    from keyeflow.synthetic.images import generate_images
     from keyeflow.synthetic.longcot_questions import generate_longcot_questions
-    from keyeflow.synthetic.videos import generate_sample_videos
+    from keyeflow.synthetic.videos import generate_videos
     from keyeflow.tasks.pretrain import PromotionBlocked
 
     settings = get_settings()
@@ -89,9 +89,9 @@ def run(
 
     try:
         t0 = begin("data-pipeline", f"sample media and corpus in {root} → tables → gates → mixtures")
-        videos = generate_sample_videos(root / "videos")
-        pictures = generate_sample_images(root / "images")
-        generate_sample_corpus(root / "corpus", videos, pictures)
+        videos = generate_videos(root / "videos")
+        pictures = generate_images(root / "images")
+        generate_corpus(root / "corpus", videos, pictures)
         data = data_pipeline([str(root / "videos")], [str(root / "images")], [str(root / "corpus")],
                              str(root), preset=preset, stages=[int(s) for s in stages.split(",")])
         seconds["data-pipeline"] = time.perf_counter() - t0
@@ -597,12 +597,12 @@ def list_tables():
 @app.command()
 def samples(dest: Path, bad: bool = typer.Option(False, help="also write the bad-input set under DEST/bad")):
     """Write the generated sample videos (and optionally the bad inputs) to DEST."""
-    from keyeflow.synthetic.videos import generate_bad_inputs, generate_sample_videos
+    from keyeflow.synthetic.videos import generate_bad_videos, generate_videos
 
-    for path in generate_sample_videos(dest):
+    for path in generate_videos(dest):
         console.print(str(path))
     if bad:
-        for name, path in generate_bad_inputs(dest / "bad").items():
+        for name, path in generate_bad_videos(dest / "bad").items():
             console.print(f"{name}: {path}")
 
 

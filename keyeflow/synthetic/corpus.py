@@ -2,8 +2,8 @@
 
 Nothing is shipped and nothing is downloaded: every sentence comes from templates in this file filled from
 seeded vocabularies, so tests, demos and the tiny end-to-end run have chat data, caption pairs and plain
-text that point at the sample clips (``videos.generate_sample_videos``) and pictures
-(``images.generate_sample_images``). Generation is deterministic: the same seed, media and ``dest``
+text that point at the sample clips (``videos.generate_videos``) and pictures
+(``images.generate_images``). Generation is deterministic: the same seed, media and ``dest``
 give byte-identical files (each conversation, caption or document draws from its own ``random.Random``
 seeded by a string, which Python hashes the same way on every run). It takes well under a second.
 
@@ -86,7 +86,7 @@ __all__ = [
     "IMAGE_SUFFIXES",
     "TEXT_SOURCES",
     "VIDEO_SUFFIXES",
-    "generate_sample_corpus",
+    "generate_corpus",
     "main",
 ]
 
@@ -1838,7 +1838,7 @@ def _bad_files(bad: Path, videos: list[Path], images: list[Path], overwrite: boo
     return out
 
 
-def generate_sample_corpus(
+def generate_corpus(
     dest: Path, videos: list[Path], images: list[Path], *, seed: int = 0, overwrite: bool = False
 ) -> dict[str, Path]:
     """Write conversations, captions, plain text and bad inputs into dest; return {key: path}.
@@ -1891,7 +1891,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     videos = _media_in(args.video_dir, VIDEO_SUFFIXES)
     images = _media_in(args.image_dir, IMAGE_SUFFIXES)
-    paths = generate_sample_corpus(args.dest, videos, images, seed=args.seed, overwrite=args.overwrite)
+    paths = generate_corpus(args.dest, videos, images, seed=args.seed, overwrite=args.overwrite)
     print(f"{len(videos)} videos, {len(images)} images")
     for key, path in paths.items():
         print(f"{_size(path):>9}  {path}  ({key})")

@@ -5,7 +5,7 @@ numpy, shapes with ImageDraw, text with Pillow's bundled font), so tests and dem
 every format and pixel mode the image path must handle. Drawing is deterministic (fixed seeds, no clock),
 so the same Pillow build writes byte-identical files; the whole set is under 1 MB and takes about a second.
 
-Good samples (``generate_sample_images``), in this order:
+Good pictures (``generate_images``), in this order:
 
 ======================================  =======  ===========================================================
 file                                    mode     what it exercises
@@ -45,7 +45,7 @@ empty             empty.webp                       0 bytes
 unreadable        dangling.jpg                     dangling symlink: listed by a scan, cannot be opened
 ================  ===============================  =========================================================
 
-Run ``python -m keyeflow.synthetic.images DEST`` to write the samples to DEST and the bad inputs to
+Run ``python -m keyeflow.synthetic.images DEST`` to write the pictures to DEST and the bad inputs to
 DEST/bad.
 """
 
@@ -66,7 +66,7 @@ __all__ = [
     "EXIF_EXPECTED_QUADRANTS",
     "exif_upright",
     "generate_bad_images",
-    "generate_sample_images",
+    "generate_images",
     "huge_header_png",
     "main",
 ]
@@ -291,7 +291,7 @@ def _bitmap_bmp() -> Image.Image:
 
 
 # name -> (draw function returning an image or (image, extra save args), Pillow save arguments)
-_SAMPLES: list[tuple[str, Callable, dict]] = [
+_PICTURES: list[tuple[str, Callable, dict]] = [
     ("gradient_1024x768.jpg", _gradient_jpg, {"quality": 85}),
     ("shapes_800x600.png", _shapes_png, {}),
     ("document_1240x1754.png", _document_png, {"optimize": True}),
@@ -331,7 +331,7 @@ def _write_bytes(path: Path, data: bytes) -> None:
     os.replace(partial, path)
 
 
-def generate_sample_images(dest: Path, *, overwrite: bool = False) -> list[Path]:
+def generate_images(dest: Path, *, overwrite: bool = False) -> list[Path]:
     """Write the sample images into dest and return their paths, in a fixed order.
 
     Existing files are kept unless overwrite, so calling this again is cheap.
@@ -339,7 +339,7 @@ def generate_sample_images(dest: Path, *, overwrite: bool = False) -> list[Path]
     dest = Path(dest)
     dest.mkdir(parents=True, exist_ok=True)
     paths = []
-    for name, draw, save_args in _SAMPLES:
+    for name, draw, save_args in _PICTURES:
         path = dest / name
         if overwrite or not path.exists():
             drawn = draw()
@@ -372,7 +372,7 @@ def huge_header_png(width: int = 50_000, height: int = 50_000) -> bytes:
 def generate_bad_images(dest: Path) -> dict[str, Path]:
     """Write the bad inputs an image ingestion must survive into dest; return {short name: path}.
 
-    Idempotent like generate_sample_images: files already present are kept.
+    Idempotent like generate_images: files already present are kept.
     """
     dest = Path(dest)
     dest.mkdir(parents=True, exist_ok=True)
@@ -420,7 +420,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("dest", type=Path)
     parser.add_argument("--overwrite", action="store_true", help="redraw sample images that exist")
     args = parser.parse_args(argv)
-    for path in generate_sample_images(args.dest, overwrite=args.overwrite):
+    for path in generate_images(args.dest, overwrite=args.overwrite):
         print(f"{path.stat().st_size:>9}  {path}")
     for key, path in generate_bad_images(args.dest / "bad").items():
         size = path.stat().st_size if path.exists() else "-"

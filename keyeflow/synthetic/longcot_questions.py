@@ -1,6 +1,6 @@
 """A small LongCoT question set for demos and tests: about 30 questions over the seven domains, with reference
-answers, some about the sample pictures (``images.generate_sample_images``) and clips
-(``videos.generate_sample_videos``).
+answers, some about the sample pictures (``images.generate_images``) and clips
+(``videos.generate_videos``).
 
 Nothing is downloaded: the text questions are written here, and the visual ones ask what the generated media
 really show (the drawing code fixes the shapes, boxes, texts and colours), so their references are right.

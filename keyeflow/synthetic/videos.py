@@ -5,7 +5,7 @@ Nothing binary is shipped and nothing is downloaded: every clip is synthesised b
 end-to-end run have real video files on any machine that has ffmpeg. Encoders run single-threaded with
 bit-exact flags and fixed seeds, so the same ffmpeg build writes byte-identical files on every run.
 
-Good samples (``generate_sample_videos``), ~8 clips, 3-10 s each, under 3 MB together:
+Good clips (``generate_videos``), ~8 clips, 3-10 s each, under 3 MB together:
 
 =========================================  =====  ======  =====  =====================================
 file                                       size   fps     secs   what it exercises
@@ -30,7 +30,7 @@ solid_colors_640x480_mpeg4_25fps.mp4       4:3    25      5      flat colour sho
                                                                  near-identical frames; MPEG-4 in MP4
 =========================================  =====  ======  =====  =====================================
 
-Bad inputs (``generate_bad_inputs``), keyed by the short names below, written to one directory:
+Bad inputs (``generate_bad_videos``), keyed by the short names below, written to one directory:
 
 ================  ==========================================  ===========================================
 key               file                                        what an ingestion must do with it
@@ -62,7 +62,7 @@ name_unicode      vidéo_日本語_клип.mp4                       non-ASCII 
 ================  ==========================================  ===========================================
 
 All the good-but-odd bad inputs (one_frame, extreme_*, rotated, vfr, ten_bit, name_*) are real playable
-videos of 1-3 s. Run ``python -m keyeflow.synthetic.videos DEST`` to write the samples to DEST and the bad
+videos of 1-3 s. Run ``python -m keyeflow.synthetic.videos DEST`` to write the clips to DEST and the bad
 inputs to DEST/bad.
 """
 
@@ -76,7 +76,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["generate_bad_inputs", "generate_sample_videos", "main"]
+__all__ = ["generate_bad_videos", "generate_videos", "main"]
 
 FFMPEG = "ffmpeg"
 
@@ -189,7 +189,7 @@ def _still(source: str, frames: int) -> str:
     return f"{source},trim=end_frame=1,loop=loop={frames - 1}:size=1:start=0"
 
 
-def _sample_clips() -> list[_Clip]:
+def _good_clips() -> list[_Clip]:
     cuts = (
         "testsrc2=s=640x360:r=25:d=2,setsar=1[c0];"
         "smptebars=s=640x360:r=25:d=2,setsar=1[c1];"
@@ -255,15 +255,15 @@ def _sample_clips() -> list[_Clip]:
     ]
 
 
-def generate_sample_videos(dest: Path, *, overwrite: bool = False) -> list[Path]:
-    """Write the small varied sample set into dest and return the paths, in a fixed order.
+def generate_videos(dest: Path, *, overwrite: bool = False) -> list[Path]:
+    """Write the small varied set of clips into dest and return the paths, in a fixed order.
 
     Existing files are kept (and not re-encoded) unless overwrite, so calling this again is cheap.
     """
     dest = Path(dest)
     dest.mkdir(parents=True, exist_ok=True)
     paths = []
-    for clip in _sample_clips():
+    for clip in _good_clips():
         path = dest / clip.name
         if overwrite or not path.exists():
             _encode(clip, path)
@@ -283,7 +283,7 @@ def _truncate_copy(src: Path, dst: Path, fraction: float) -> None:
 
 
 def _bad_clips() -> dict[str, _Clip]:
-    """The bad inputs that are plain ffmpeg encodes (the rest are made by hand in generate_bad_inputs)."""
+    """The bad inputs that are plain ffmpeg encodes (the rest are made by hand in generate_bad_videos)."""
     h264 = tuple(_H264)
     ten_bit_graph = _small("testsrc2", "320x180", 25, 2, pix_fmt="yuv420p10le")
     # Debian's libx264 is built for 8 and 10 bit; some builds are 8-bit only, and then HEVC Main 10 is the
@@ -351,10 +351,10 @@ def _bad_clips() -> dict[str, _Clip]:
     }
 
 
-def generate_bad_inputs(dest: Path) -> dict[str, Path]:
+def generate_bad_videos(dest: Path) -> dict[str, Path]:
     """Write the edge-case inputs an ingestion must survive into dest; return {short name: path}.
 
-    Idempotent like generate_sample_videos: files already present are kept.
+    Idempotent like generate_videos: files already present are kept.
     """
     dest = Path(dest)
     dest.mkdir(parents=True, exist_ok=True)
@@ -436,9 +436,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("dest", type=Path)
     parser.add_argument("--overwrite", action="store_true", help="re-encode sample videos that exist")
     args = parser.parse_args(argv)
-    for path in generate_sample_videos(args.dest, overwrite=args.overwrite):
+    for path in generate_videos(args.dest, overwrite=args.overwrite):
         print(f"{path.stat().st_size:>9}  {path}")
-    for key, path in generate_bad_inputs(args.dest / "bad").items():
+    for key, path in generate_bad_videos(args.dest / "bad").items():
         size = path.stat().st_size if path.exists() else "-"
         print(f"{size:>9}  {path}  ({key})")
     return 0

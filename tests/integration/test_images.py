@@ -18,7 +18,7 @@ from keyeflow.synthetic.images import (
     EXIF_EXPECTED_QUADRANTS,
     exif_upright,
     generate_bad_images,
-    generate_sample_images,
+    generate_images,
 )
 from keyeflow.datasets.images import (
     STAGE,
@@ -37,7 +37,7 @@ IMAGE_TABLES = ("images", "image_samples", "quarantine")
 
 @pytest.fixture(scope="session")
 def sample_images(media_dir) -> list[Path]:
-    return generate_sample_images(media_dir / "images")
+    return generate_images(media_dir / "images")
 
 
 @pytest.fixture(scope="session")
@@ -290,7 +290,7 @@ def test_config_is_validated_and_hashed():
 
 def test_generated_samples_are_small_fast_and_deterministic(tmp_path, sample_images, bad_images):
     start = time.perf_counter()
-    again = generate_sample_images(tmp_path / "again")
+    again = generate_images(tmp_path / "again")
     elapsed = time.perf_counter() - start
     assert elapsed < 5, f"generation took {elapsed:.1f}s"
     assert sum(p.stat().st_size for p in again) < 2_000_000

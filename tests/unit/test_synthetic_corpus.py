@@ -69,7 +69,7 @@ def corpus(tmp_path_factory):
     root = tmp_path_factory.mktemp("corpus_root")
     videos, images = make_media(root)
     start = time.monotonic()
-    paths = synthetic_corpus.generate_sample_corpus(root / "corpus", videos, images)
+    paths = synthetic_corpus.generate_corpus(root / "corpus", videos, images)
     return root, videos, images, paths, time.monotonic() - start
 
 
@@ -301,7 +301,7 @@ def test_deterministic_and_keeps_existing_files(tmp_path):
     for name in ("a", "b"):
         videos, images = make_media(tmp_path / name)
         dest = tmp_path / name / "corpus"
-        synthetic_corpus.generate_sample_corpus(dest, videos, images, seed=3)
+        synthetic_corpus.generate_corpus(dest, videos, images, seed=3)
         outputs.append({p.relative_to(dest): p.read_bytes() for p in sorted(dest.rglob("*")) if p.is_file()})
     assert outputs[0] == outputs[1]
 
@@ -309,14 +309,14 @@ def test_deterministic_and_keeps_existing_files(tmp_path):
     conversations = dest / "conversations.jsonl"
     conversations.write_text("edited\n")
     videos, images = make_media(tmp_path / "a")
-    synthetic_corpus.generate_sample_corpus(dest, videos, images, seed=3)
+    synthetic_corpus.generate_corpus(dest, videos, images, seed=3)
     assert conversations.read_text() == "edited\n"
-    synthetic_corpus.generate_sample_corpus(dest, videos, images, seed=3, overwrite=True)
+    synthetic_corpus.generate_corpus(dest, videos, images, seed=3, overwrite=True)
     assert conversations.read_bytes() == outputs[0][Path("conversations.jsonl")]
 
     other = tmp_path / "c" / "corpus"
     videos, images = make_media(tmp_path / "c")
-    synthetic_corpus.generate_sample_corpus(other, videos, images, seed=4)
+    synthetic_corpus.generate_corpus(other, videos, images, seed=4)
     assert (other / "conversations.jsonl").read_bytes() != outputs[0][Path("conversations.jsonl")]
     assert not list(tmp_path.rglob("*.partial"))
 

@@ -75,8 +75,8 @@ def frame_diffs(frames: np.ndarray) -> np.ndarray:
 def generated(tmp_path_factory):
     dest = tmp_path_factory.mktemp("samples")
     start = time.monotonic()
-    videos = synthetic_videos.generate_sample_videos(dest)
-    bad = synthetic_videos.generate_bad_inputs(dest / "bad")
+    videos = synthetic_videos.generate_videos(dest)
+    bad = synthetic_videos.generate_bad_videos(dest / "bad")
     return dest, videos, bad, time.monotonic() - start
 
 
@@ -308,8 +308,8 @@ def test_rerun_keeps_existing_files(generated):
     dest, videos, bad, _ = generated
     files = [*videos, *(p for p in bad.values() if p.exists())]
     before = {p: p.stat().st_mtime_ns for p in files}
-    assert synthetic_videos.generate_sample_videos(dest) == videos
-    assert synthetic_videos.generate_bad_inputs(dest / "bad") == bad
+    assert synthetic_videos.generate_videos(dest) == videos
+    assert synthetic_videos.generate_bad_videos(dest / "bad") == bad
     assert {p: p.stat().st_mtime_ns for p in files} == before
 
 
@@ -317,7 +317,7 @@ def test_overwrite_reencodes_to_identical_bytes(generated):
     dest, videos, _, _ = generated
     before = {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in videos}
     time.sleep(0.01)
-    synthetic_videos.generate_sample_videos(dest, overwrite=True)
+    synthetic_videos.generate_videos(dest, overwrite=True)
     for path, (mtime, data) in before.items():
         assert path.stat().st_mtime_ns != mtime
         assert path.read_bytes() == data, f"{path.name} is not byte-deterministic"
