@@ -7,9 +7,10 @@ text that point at the sample clips (``videos.generate_videos``) and pictures
 give byte-identical files (each conversation, caption or document draws from its own ``random.Random``
 seeded by a string, which Python hashes the same way on every run). It takes well under a second.
 
-The sample clips and pictures are known by name: their conversations talk about what they really show
-(shot times, colours, boxes in [0,1000) computed from the drawing coordinates, the text drawn on them).
-Media under other names get generic, still well-formed conversations.
+The sample clips and pictures are known by name: their conversations say what the code that made them
+states they show (``videos.describe_video``, ``images.describe_image``: shot times, colours, boxes in
+[0,1000) computed from the drawing coordinates, the text drawn on them). Media under other names get
+generic, still well-formed conversations.
 
 Good outputs, under ``dest`` (keys of the returned dict in brackets):
 
@@ -63,7 +64,6 @@ found (top level only) in VIDEO_DIR and IMAGE_DIR.
 from __future__ import annotations
 
 import argparse
-import functools
 import itertools
 import json
 import math
@@ -73,13 +73,11 @@ import re
 import string
 import sys
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
 
-import numpy as np
-
-from keyeflow.synthetic.images import _WORDS as _DOCUMENT_WORDS
+from keyeflow.synthetic.images import ImageScene, Question, Region, describe_image
+from keyeflow.synthetic.videos import Shot, VideoScene, describe_video
 
 __all__ = [
     "BAD_DEFECTS",
@@ -205,353 +203,37 @@ def _number_word(n: int) -> str:
     return names[n] if 0 <= n < len(names) else str(n)
 
 
-# ------------------------------------------------------------------------------------------ media knowledge
-
-
-@dataclass(frozen=True)
-class _Shot:
-    start: float
-    end: float
-    what: str  # a noun phrase: "static SMPTE colour bars"
-    motion: str  # a clause about movement inside the shot
-
-
-@dataclass(frozen=True)
-class _VideoInfo:
-    seconds: float
-    fps: int
-    size: tuple[int, int]
-    shots: tuple[_Shot, ...]
-    audio: str | None = None  # a noun phrase for the sound track, None when silent
-    known: bool = True
-
-
-@dataclass(frozen=True)
-class _ImageInfo:
-    size: tuple[int, int]  # as shown upright
-    summary: str  # a noun phrase: "a smooth colour gradient ..."
-    details: tuple[str, ...]  # full sentences of what is visible
-    objects: tuple[tuple[str, tuple[float, float, float, float]], ...]  # (phrase, pixel box)
-    text: tuple[str, ...] = ()  # readable text, in reading order
-    qa: tuple[tuple[str, str, str], ...] = ()  # (question, short answer, why)
-    known: bool = True
-
-
-# Keyed by the start of the file name: the portrait clip is VP9/WebM or H.264/MP4, depending on the ffmpeg
-# build.
-_VIDEOS: dict[str, _VideoInfo] = {
-    "cuts_640x360": _VideoInfo(8, 25, (640, 360), (
-        _Shot(0, 2, "a colour test card with moving elements and a running counter",
-              "small markers sweep across the card while the counter ticks upward"),
-        _Shot(2, 4, "static SMPTE colour bars", "nothing moves; the bars hold perfectly still"),
-        _Shot(4, 6, "a colourful Mandelbrot fractal", "the fractal shifts slowly as the view drifts inward"),
-        _Shot(6, 8, "a black-and-white cellular automaton pattern",
-              "new rows of cells keep appearing, so the pattern appears to crawl"),
-    ), audio="a steady 440 Hz sine tone"),
-    "static_then_motion_320x240": _VideoInfo(7, 30, (320, 240), (
-        _Shot(0, 3, "a frozen colour test pattern", "the frame is held completely still"),
-        _Shot(3, 5, "green Game of Life cells on a dark grey field",
-              "cells are born and die every frame, so the field flickers with small changes"),
-        _Shot(5, 7, "a flat steel-blue screen", "the colour never changes"),
-    )),
-    "pan_1280x720": _VideoInfo(6, 30, (1280, 720), (
-        _Shot(0, 6, "a wide test pattern seen through a window that pans to the right",
-              "the picture slides steadily to the left at about 100 pixels per second"),
-    )),
-    "zoom_640x360": _VideoInfo(3, 60, (640, 360), (
-        _Shot(0, 3, "a colour test card that the camera zooms into",
-              "the card grows smoothly towards its centre with every frame"),
-    )),
-    "portrait_360x640": _VideoInfo(4, 30, (360, 640), (
-        _Shot(0, 2, "a tall colour test card with moving markers", "markers travel across the card"),
-        _Shot(2, 4, "a Mandelbrot fractal in portrait format", "the fractal changes slowly"),
-    )),
-    "wide_840x360": _VideoInfo(4, 24, (840, 360), (
-        _Shot(0, 2, "high-definition colour bars", "the bars stay still"),
-        _Shot(2, 4, "a yellow square gliding across a blue background",
-              "the square travels from the left side towards the right at a constant speed"),
-    )),
-    "life_320x240": _VideoInfo(9, 12, (320, 240), (
-        _Shot(0, 9, "Game of Life cells evolving, with dead cells leaving reddish-brown traces",
-              "the population changes a little in every frame, never settling"),
-    )),
-    "solid_colors_640x480": _VideoInfo(5, 25, (640, 480), (
-        _Shot(0, 1, "a solid red screen", "the colour is constant"),
-        _Shot(1, 2, "a solid lime-green screen", "the colour is constant"),
-        _Shot(2, 3, "a solid blue screen", "the colour is constant"),
-        _Shot(3, 4, "a solid black screen", "the colour is constant"),
-        _Shot(4, 5, "a solid white screen", "the colour is constant"),
-    )),
-}
-
-
-def _document_lines() -> tuple[str, ...]:
-    """The text visible on document_1240x1754.png, rebuilt with the same seeded draws.
-
-    The drawing writes six sections of 358 px each from y=190, more than the 1754-px page holds: section 5
-    shows its heading and two body lines (the third is cut at the bottom edge) and section 6 is off the page.
-    """
-    rng = np.random.default_rng(3)
-    lines = ["Keye-VL sample report"]
-    y = 190
-    for paragraph in range(6):
-        heading = f"{paragraph + 1}. Section on {_DOCUMENT_WORDS[paragraph * 3]}"
-        if y + 40 <= 1754:
-            lines.append(heading)
-        y += 56
-        for _ in range(8):
-            line = " ".join(_DOCUMENT_WORDS[i] for i in rng.integers(0, len(_DOCUMENT_WORDS), size=9))
-            if y + 28 <= 1754:
-                lines.append(line)
-            y += 34
-        y += 30
-    return tuple(lines)
-
-
-def _ui_rows() -> tuple[str, ...]:
-    return tuple(f"stage-{row + 1}  {_DOCUMENT_WORDS[row]}  {_DOCUMENT_WORDS[-row - 1]}" for row in range(10))
-
-
-@functools.cache
-def _known_images() -> dict[str, _ImageInfo]:
-    doc = _document_lines()
-    rows = _ui_rows()
-    return {
-        "gradient_1024x768": _ImageInfo(
-            (1024, 768),
-            "a smooth colour gradient with three pale ring outlines",
-            ("Orange fills the upper left corner and fades into blue towards the upper right.",
-             "Along the bottom the colours turn green.",
-             "Three ring outlines in pale cream and pink tones float over the gradient; they are hollow.",
-             "The largest ring sits on the right, the smallest near the bottom middle."),
-            (("the upper-left ring", (110, 110, 390, 390)), ("the large ring on the right", (510, 110, 890,
-                                                                                             490)),
-             ("the small ring near the bottom", (390, 490, 610, 710))),
-            qa=(("How many ring outlines are drawn?", "3",
-                 ("There is one on the upper left, a large one on the "
-                 "right and a small one near the bottom.")),
-                ("What colour dominates the bottom edge?", "Green", ("The gradient blends into green as it "
-                 "approaches the lower edge."))),
-        ),
-        "shapes_800x600": _ImageInfo(
-            (800, 600),
-            "flat coloured shapes with hard edges on a cream background",
-            ("A red rectangle sits in the upper left.", "A blue circle is to its right.",
-             "A green triangle points upward in the lower half.",
-             "A yellow hexagon in the upper right overlaps the edge of the circle.",
-             "A thick black line runs diagonally in the lower right."),
-            (("the red rectangle", (60, 60, 300, 260)), ("the blue circle", (360, 80, 620, 340)),
-             ("the green triangle", (120, 320, 480, 540)), ("the black diagonal line", (520, 400, 760, 560)),
-             ("the yellow hexagon", (570, 90, 750, 270))),
-            qa=(("How many filled shapes are there?", "4", ("The rectangle, circle, triangle and hexagon are "
-                 "filled; the black line is a stroke, not a shape.")),
-                ("Which shape is yellow?", "The hexagon",
-                 ("The only yellow element is the six-sided figure in "
-                 "the upper right.")),
-                ("Is the circle left or right of the rectangle?", "Right", ("The rectangle is near the left "
-                 "edge and the circle lies further to the right."))),
-        ),
-        "document_1240x1754": _ImageInfo(
-            (1240, 1754),
-            "a greyscale A4-like page of printed text with a title and numbered sections",
-            ("The page is white with black and dark grey lettering.",
-             "A large title heads the page.",
-             "Four numbered sections with eight lines of body text each fill most of the page.",
-             "A fifth section starts near the bottom and is cut off by the lower edge after two lines.",
-             "The body lines are lists of short technical words rather than full sentences."),
-            (("the title", (100, 95, 590, 150)),
-             *((f"the heading of section {k + 1}", (100, 190 + 358 * k, 390,
-                                                    230 + 358 * k)) for k in range(5)),
-             *((f"the body text of section {k + 1}", (100, 246 + 358 * k, 870,
-                                                      522 + 358 * k)) for k in range(4)),
-             ("the cut-off body text of section 5", (100, 1678, 790, 1753))),
-            text=doc,
-            qa=(("How many numbered section headings are visible?", "5", ("Headings 1 to 5 can be read; the "
-                 "fifth section runs off the bottom of the page.")),
-                ("What is the title of the page?", doc[0], "It is the large line of text at the very top."),
-                ("What is the heading of the third section?", doc[1 + 2 * 9],
-                 ("Section headings are numbered; "
-                 "the third one reads like this.")),
-                ("Is the whole page of text visible?", "No",
-                 ("The fifth section is cut off after two lines by "
-                 "the bottom edge, so the page continues beyond what is shown."))),
-        ),
-        "bar_chart_900x600": _ImageInfo(
-            (900, 600),
-            "a bar chart titled 'Tokens by modality' with three coloured bars",
-            ("The chart has a vertical axis marked from 0 to 100 in steps of 20.",
-             "A red bar labelled video reaches 24%.", "A blue bar labelled image reaches 50%.",
-             "A green bar labelled text reaches 26%.", "Each bar carries its percentage just above it."),
-            (("the video bar", (180, 414, 320, 520)), ("the image bar", (410, 300, 550, 520)),
-             ("the text bar", (640, 406, 780, 520)), ("the chart title", (300, 20, 600, 55))),
-            text=("Tokens by modality", "24%", "50%", "26%", "video", "image", "text", "0", "20", "40", "60",
-                  "80", "100"),
-            qa=(("Which modality has the tallest bar?", "Image",
-                 ("The image bar reaches 50%, higher than 24% "
-                 "for video and 26% for text.")),
-                ("What share of tokens goes to text?", "26%", "The green bar labelled text is marked 26%."),
-                ("By how many percentage points does image exceed video?", "26", ("Image is at 50% and video "
-                 "at 24%, and 50 minus 24 is 26."))),
-        ),
-        "line_chart_3000x600": _ImageInfo(
-            (3000, 600),
-            "a very wide line chart titled 'loss over steps (two runs)'",
-            ("Two curves, one red and one blue, wiggle across a panorama-shaped plot.",
-             "Both curves oscillate with a swing that slowly shrinks from left to right.",
-             "A vertical axis on the left is marked from 0 to 100."),
-            (("the chart title", (1300, 15, 1760, 55)), ("the plot area", (120, 60, 2940, 540))),
-            text=("loss over steps (two runs)", "0", "20", "40", "60", "80", "100"),
-            qa=(("How many runs are plotted?", "2", ("The title says two runs and there are a red and a blue "
-                 "curve.")),
-                ("Does the swing of the curves grow or shrink to the right?", "It shrinks",
-                 ("The oscillations "
-                 "are wide near the left axis and narrower towards the right edge."))),
-        ),
-        "large_scene_4800x3600": _ImageInfo(
-            (4800, 3600),
-            "a large drawn landscape with a sun, two grey mountains and a row of trees",
-            ("A blue sky brightens towards a warm tone near the horizon.",
-             "A pale yellow sun hangs in the upper right.",
-             "Two grey mountains rise from the horizon; the right one has a white snowy peak.",
-             "Green grass fills the lower part, where twelve small trees stand in a row."),
-            (("the sun", (3500, 400, 4100, 1000)), ("the snow-capped peak", (2300, 900, 2900, 1150)),
-             ("the left mountain", (0, 1300, 1900, 2232)), ("the right mountain", (1300, 900, 3900, 2232)),
-             ("the row of trees", (200, 2600, 4540, 3200))),
-            qa=(("How many trees are in the row?", "12",
-                 "Counting the trunks from left to right gives twelve."),
-                ("Where is the sun?", "Upper right",
-                 "The yellow disc is high in the sky on the right side.")),
-        ),
-        "small_tall_60x400": _ImageInfo(
-            (60, 400),
-            "a narrow, tall strip of repeating colour bands with a white oval in the middle",
-            ("Colour bands run horizontally and repeat down the strip.",
-             "A small white oval sits roughly halfway down."),
-            (("the white oval", (10, 170, 50, 230)),),
-            qa=(("What shape is drawn in white?", "An oval", "It is taller than it is wide."),),
-        ),
-        "logo_rgba_512x512": _ImageInfo(
-            (512, 512),
-            "a logo: a blue disc with the word KEYE on a transparent background",
-            ("The disc is deep blue with a soft, fading rim.", "The word KEYE is written across it in white.",
-             "Everything outside the disc is transparent."),
-            (("the blue disc", (56, 56, 456, 456)), ("the word KEYE", (170, 225, 340, 290))),
-            text=("KEYE",),
-            qa=(("What word is written on the logo?", "KEYE", "White capital letters cross the disc."),),
-        ),
-        "icons_palette_256x256": _ImageInfo(
-            (256, 256),
-            "four small flat icons in four colours separated by a dark line",
-            ("A red square sits in the top left and a green circle in the top right.",
-             "A blue triangle sits in the bottom left and a yellow pentagon in the bottom right.",
-             "A thin dark line divides the top row from the bottom row."),
-            (("the red square", (20, 20, 110, 110)), ("the green circle", (140, 20, 236, 116)),
-             ("the blue triangle", (20, 140, 110, 236)), ("the yellow pentagon", (140, 140, 236, 236)),
-             ("the dark dividing line", (20, 126, 236, 130))),
-            qa=(("Which icon is in the bottom right?", "The yellow pentagon", ("The bottom row holds a blue "
-                 "triangle on the left and a yellow pentagon on the right.")),
-                ("How many icons are there?", "4", "Two on the top row and two on the bottom row.")),
-        ),
-        "exif_rotated_orient6": _ImageInfo(
-            (448, 672),
-            "a portrait picture split into a red block, a green block and a blue band",
-            ("The top half is divided into a red block on the left and a green block on the right.",
-             "The whole bottom half is blue."),
-            (("the red block", (0, 0, 224, 336)), ("the green block", (224, 0, 448, 336)),
-             ("the blue band", (0, 336, 448, 672))),
-            qa=(("What colour is the top-left block?", "Red", "The upper left quarter is filled with red."),
-                ("Is the picture portrait or landscape?", "Portrait",
-                 ("It is taller than it is wide when shown "
-                 "upright."))),
-        ),
-        "grey16_640x480": _ImageInfo(
-            (640, 480),
-            "a greyscale ramp from black on the left to white on the right with an inverted square",
-            ("Brightness rises evenly from the left edge to the right edge.",
-             "A square near the centre runs the other way, bright on its left and darker on its right."),
-            (("the inverted square", (280, 200, 360, 280)),),
-            qa=(("Which side of the picture is brightest?", "The right",
-                 ("The ramp goes from black at the left "
-                 "to white at the right.")),),
-        ),
-        "ui_screenshot_1280x800": _ImageInfo(
-            (1280, 800),
-            "a screenshot of a web dashboard titled 'keyeflow - runs' with a sidebar and ten rows",
-            ("A dark navy bar across the top holds the title.",
-             "A light sidebar on the left lists Flows, Tables, Gates, Lineage and Settings.",
-             "Ten rounded white rows list stages one to ten, each with a status dot on the right.",
-             "Four of the dots are red and six are green."),
-            (("the top bar", (0, 0, 1280, 56)), ("the sidebar", (0, 56, 240, 800)),
-             *((f"the row for stage-{k + 1}", (280, 100 + 60 * k, 1240, 148 + 60 * k)) for k in range(10)),
-             ("the red status dot of stage-1", (1190, 114, 1210, 134))),
-            text=("keyeflow - runs", "Flows", "Tables", "Gates", "Lineage", "Settings", *rows),
-            qa=(("How many rows show a red status dot?", "4",
-                 ("Stages 1, 4, 7 and 10 have red dots; the other "
-                 "six are green.")),
-                ("What is the third item in the sidebar?", "Gates",
-                 ("The sidebar reads Flows, Tables, Gates, "
-                 "Lineage, Settings.")),
-                ("Which stage is listed last?", "stage-10", ("The rows are numbered from stage-1 down to "
-                 "stage-10."))),
-        ),
-        "cmyk_poster_600x800": _ImageInfo(
-            (600, 800),
-            "a bright poster with a yellow, cyan and magenta gradient and a black panel reading CMYK",
-            ("Yellow at the top left fades into cyan at the top right and magenta at the bottom.",
-             "A black rectangle across the middle carries the word CMYK in white."),
-            (("the black panel", (80, 300, 520, 500)), ("the word CMYK", (120, 370, 330, 440))),
-            text=("CMYK",),
-            qa=(("What word is on the black panel?", "CMYK",
-                 ("White letters in the middle of the panel spell "
-                 "it.")),),
-        ),
-        "animated_200x200": _ImageInfo(
-            (200, 200),
-            "a small white square picture with a red disc on its left side",
-            ("The background is white.", "A red disc sits left of centre."),
-            (("the red disc", (20, 50, 120, 150)),),
-            qa=(("What colour is the disc?", "Red", "The only coloured element is a red circle."),),
-        ),
-        "bitmap_128x96": _ImageInfo(
-            (128, 96),
-            "a tiny gradient blending black, red and cyan",
-            ("Black in the top left corner warms into red towards the top right.",
-             "The bottom edge turns cyan."),
-            (("the red top-right corner", (96, 0, 128, 32)), ("the cyan lower edge", (0, 72, 128, 96))),
-            qa=(("Which corner is black?", "The top left",
-                 "The gradient starts from black at the upper left."),),
-        ),
-    }
-
+# -------------------------------------------------------------------------------- media of unknown content
+# Sample media are described by the code that makes them (describe_video, describe_image); for any other
+# name, a guess from its size and a seeded layout, so every media file still gets well-formed rows.
 
 _COLOURS = ("red", "orange", "yellow", "green", "teal", "blue", "purple", "pink", "grey", "brown", "white",
             "black")
 _SHAPE_NAMES = ("patch", "block", "band", "blob", "stripe", "square", "circle", "region")
 
 
-def _generic_image(name: str, rng: random.Random) -> _ImageInfo:
+def _generic_image(name: str, rng: random.Random) -> ImageScene:
     found = re.search(r"(\d{2,5})x(\d{2,5})", name)
     size = (int(found.group(1)), int(found.group(2))) if found else (1000, 1000)
     width, height = size
-    objects = []
+    regions = []
     for _ in range(rng.randint(2, 3)):
         phrase = f"the {rng.choice(_COLOURS)} {rng.choice(_SHAPE_NAMES)}"
         x1, y1 = rng.uniform(0, 0.6) * width, rng.uniform(0, 0.6) * height
         x2, y2 = x1 + rng.uniform(0.15, 0.4) * width, y1 + rng.uniform(0.15, 0.4) * height
-        objects.append((phrase, (x1, y1, x2, y2)))
-    return _ImageInfo(
+        regions.append(Region(phrase, (x1, y1, x2, y2)))
+    return ImageScene(
         size,
         f"a picture about {width} by {height} pixels",
         (f"The picture is {width} pixels wide and {height} pixels tall.",
          "Its content is not catalogued, so only its layout is described."),
-        tuple(objects),
-        qa=(("Is the picture wider than it is tall?", "Yes" if width > height else "No",
-             f"It measures {width} by {height} pixels."),),
-        known=False,
+        tuple(regions),
+        questions=(Question("Is the picture wider than it is tall?", "Yes" if width > height else "No",
+                            f"It measures {width} by {height} pixels."),),
     )
 
 
-def _generic_video(name: str, rng: random.Random) -> _VideoInfo:
+def _generic_video(name: str, rng: random.Random) -> VideoScene:
     found = re.search(r"(\d{2,5})x(\d{2,5})", name)
     size = (int(found.group(1)), int(found.group(2))) if found else (640, 360)
     fps_found = re.search(r"(\d{1,3})fps", name)
@@ -559,18 +241,11 @@ def _generic_video(name: str, rng: random.Random) -> _VideoInfo:
     cuts = sorted(rng.sample(range(1, 6), rng.randint(1, 2)))
     bounds = [0, *cuts, 6]
     shots = tuple(
-        _Shot(a, b, f"a {rng.choice(_COLOURS)} {rng.choice(('scene', 'pattern', 'backdrop'))}",
-              rng.choice(("the view stays steady", "the content drifts slowly")))
+        Shot(a, b, f"a {rng.choice(_COLOURS)} {rng.choice(('scene', 'pattern', 'backdrop'))}",
+             rng.choice(("the view stays steady", "the content drifts slowly")))
         for a, b in itertools.pairwise(bounds)
     )
-    return _VideoInfo(6, fps, size, shots, known=False)
-
-
-def _lookup(table: dict, name: str):
-    for key, info in table.items():
-        if name.startswith(key):
-            return info
-    return None
+    return VideoScene(6, fps, size, shots)
 
 
 # --------------------------------------------------------------------------------------- sentence sources
@@ -672,33 +347,33 @@ def _proportion(size: tuple[int, int]) -> str:
 # -------------------------------------------------------------------------------------- video conversations
 
 
-def _video_facts(info: _VideoInfo) -> list[str]:
-    width, height = info.size
+def _video_facts(scene: VideoScene) -> list[str]:
+    width, height = scene.size
     facts = [
-        (f"The clip lasts about {info.seconds:g} seconds at {info.fps} frames per second, "
-        f"roughly {int(info.seconds * info.fps)} frames in all."),
-        f"Each frame is {width} by {height} pixels, a {_proportion(info.size)} format.",
+        (f"The clip lasts about {scene.seconds:g} seconds at {scene.fps} frames per second, "
+        f"roughly {int(scene.seconds * scene.fps)} frames in all."),
+        f"Each frame is {width} by {height} pixels, a {_proportion(scene.size)} format.",
     ]
-    for shot in info.shots:
+    for shot in scene.shots:
         facts.append(f"From {_fmt_time(shot.start)} s to {_fmt_time(shot.end)} s it shows {shot.what}; "
                      f"{shot.motion}.")
-    for prev, nxt in zip(info.shots, info.shots[1:]):
+    for prev, nxt in zip(scene.shots, scene.shots[1:]):
         facts.append(f"At {_fmt_time(nxt.start)} s the picture cuts straight from {prev.what} to {nxt.what}.")
-    facts.append(f"The sound track carries {info.audio}." if info.audio else "The clip has no sound track.")
+    facts.append(f"The sound track carries {scene.audio}." if scene.audio else "The clip has no sound track.")
     return facts
 
 
-def _video_pool(rng: random.Random, info: _VideoInfo) -> list[str]:
-    return _pool(rng, _VIDEO_POOL, _VIDEO_SLOTS, {"samples": int(info.seconds * 2)})
+def _video_pool(rng: random.Random, scene: VideoScene) -> list[str]:
+    return _pool(rng, _VIDEO_POOL, _VIDEO_SLOTS, {"samples": int(scene.seconds * 2)})
 
 
 def _video_conversations(seed: int, name: str, rel: str) -> list[tuple[str, str, list[dict]]]:
     """(source, task, messages) for one video: six conversations of different kinds."""
     rng = _rng(seed, "video", name)
-    info = _lookup(_VIDEOS, name) or _generic_video(name, rng)
+    scene = describe_video(name) or _generic_video(name, rng)
     part = {"type": "video", "video": rel}
-    facts = _video_facts(info)
-    shots = info.shots
+    facts = _video_facts(scene)
+    shots = scene.shots
     out: list[tuple[str, str, list[dict]]] = []
 
     def user(text: str) -> dict:
@@ -712,7 +387,7 @@ def _video_conversations(seed: int, name: str, rel: str) -> list[tuple[str, str,
                       "Write a thorough description of the video.", "Give a detailed caption for this clip."))
     body = _grow(rng, [f"The video shows {shots[0].what}" + (
         f", followed by {len(shots) - 1} more {'shot' if len(shots) == 2 else 'shots'}." if len(shots) > 1
-        else ", in a single continuous shot."), *facts], _video_pool(rng, info), rng.randint(60, 400))
+        else ", in a single continuous shot."), *facts], _video_pool(rng, scene), rng.randint(60, 400))
     out.append(("video-caption-synth", "caption", [user(ask), answer(body)]))
 
     # 2. temporal grounding
@@ -744,7 +419,7 @@ def _video_conversations(seed: int, name: str, rel: str) -> list[tuple[str, str,
                 b in itertools.pairwise(shots)]
     if not cuts:
         reasons.append("Any change in the picture happens gradually inside the one shot.")
-    body = f"{cuts}. " + _grow(rng, reasons, _video_pool(rng, info), rng.randint(20, 150))
+    body = f"{cuts}. " + _grow(rng, reasons, _video_pool(rng, scene), rng.randint(20, 150))
     out.append(("video-qa-synth", "vqa", [user(ask), answer(body)]))
 
     # 4. what changes over time
@@ -755,8 +430,8 @@ def _video_conversations(seed: int, name: str, rel: str) -> list[tuple[str, str,
         opener = "It opens with" if k == 0 else rng.choice(("Next comes", "Then the clip switches to",
                                                              "After that we see"))
         steps.append(f"{opener} {s.what} ({_fmt_time(s.start)}-{_fmt_time(s.end)} s); {s.motion}.")
-    steps.append(f"The clip ends at {info.seconds:g} s on {shots[-1].what}.")
-    body = _grow(rng, steps, [*facts, *_video_pool(rng, info)], rng.randint(40, 300))
+    steps.append(f"The clip ends at {scene.seconds:g} s on {shots[-1].what}.")
+    body = _grow(rng, steps, [*facts, *_video_pool(rng, scene)], rng.randint(40, 300))
     out.append(("video-caption-synth", "caption", [user(ask), answer(body)]))
 
     # 5. thinking mode
@@ -778,17 +453,18 @@ def _video_conversations(seed: int, name: str, rel: str) -> list[tuple[str, str,
                  f"Throughout the clip the picture shows {s.what}.",
                  f"The only change is that {s.motion}, which is a gradual change, not a jump.",
                  "A cut would replace the whole picture between two frames, and that never happens here."]
-        final = f"It is one continuous shot lasting {info.seconds:g} seconds: {_clip_time(0, info.seconds)}."
-    reasoning = _grow(rng, think, [*facts, *_video_pool(rng, info)], rng.randint(60, 360))
+        final = (f"It is one continuous shot lasting {scene.seconds:g} seconds: "
+                 f"{_clip_time(0, scene.seconds)}.")
+    reasoning = _grow(rng, think, [*facts, *_video_pool(rng, scene)], rng.randint(60, 360))
     body = f"<think>{reasoning}</think><answer>{final}</answer>"
     out.append(("video-reasoning-synth", "vqa", [user(ask), answer(body)]))
 
     # 6. /no_think
     question, short = rng.choice((
-        ("How long is the video, in seconds?", f"About {info.seconds:g} seconds."),
+        ("How long is the video, in seconds?", f"About {scene.seconds:g} seconds."),
         ("Is the video in portrait or landscape format?",
-         "Portrait." if info.size[1] > info.size[0] else "Landscape."),
-        ("Does the clip have sound?", f"Yes: {info.audio}." if info.audio else "No, it is silent."),
+         "Portrait." if scene.size[1] > scene.size[0] else "Landscape."),
+        ("Does the clip have sound?", f"Yes: {scene.audio}." if scene.audio else "No, it is silent."),
     ))
     body = _grow(rng, [short], facts, rng.randint(20, 200))
     out.append(("video-qa-synth", "vqa", [user(f"{question} /no_think"), answer(body)]))
@@ -797,42 +473,42 @@ def _video_conversations(seed: int, name: str, rel: str) -> list[tuple[str, str,
 
 def _video_captions(seed: int, name: str) -> list[str]:
     rng = _rng(seed, "video-caption", name)
-    info = _lookup(_VIDEOS, name) or _generic_video(name, rng)
-    parts = [s.what for s in info.shots]
+    scene = describe_video(name) or _generic_video(name, rng)
+    parts = [s.what for s in scene.shots]
     short = (parts[0] if len(parts) == 1 else ", then ".join(parts[:3]))
     short = short[0].upper() + short[1:] + "."
-    long = _grow(rng, _video_facts(info), _video_pool(rng, info), rng.randint(50, 140))
+    long = _grow(rng, _video_facts(scene), _video_pool(rng, scene), rng.randint(50, 140))
     return [short, long]
 
 
 # -------------------------------------------------------------------------------------- image conversations
 
 
-def _image_facts(info: _ImageInfo) -> list[str]:
-    width, height = info.size
-    facts = [f"It shows {info.summary}.", *info.details,
-             f"The picture is {width} pixels wide and {height} pixels tall ({_proportion(info.size)})."]
-    if info.text:
-        facts.append(f"Readable text includes \u201c{info.text[0]}\u201d.")
+def _image_facts(scene: ImageScene) -> list[str]:
+    width, height = scene.size
+    facts = [f"It shows {scene.summary}.", *scene.details,
+             f"The picture is {width} pixels wide and {height} pixels tall ({_proportion(scene.size)})."]
+    if scene.text:
+        facts.append(f"Readable text includes \u201c{scene.text[0]}\u201d.")
     else:
         facts.append("There is no readable text in it.")
     return facts
 
 
-def _image_pool(rng: random.Random, info: _ImageInfo) -> list[str]:
-    return _pool(rng, _IMAGE_POOL, _IMAGE_SLOTS, {"proportion": _proportion(info.size)})
+def _image_pool(rng: random.Random, scene: ImageScene) -> list[str]:
+    return _pool(rng, _IMAGE_POOL, _IMAGE_SLOTS, {"proportion": _proportion(scene.size)})
 
 
-def _image_info(seed: int, name: str) -> _ImageInfo:
-    return _lookup(_known_images(), name) or _generic_image(name, _rng(seed, "image-generic", name))
+def _image_scene(seed: int, name: str) -> ImageScene:
+    return describe_image(name) or _generic_image(name, _rng(seed, "image-generic", name))
 
 
 def _image_conversations(seed: int, name: str, rel: str) -> list[tuple[str, str, list[dict]]]:
     rng = _rng(seed, "image", name)
-    info = _image_info(seed, name)
+    scene = _image_scene(seed, name)
     part = {"type": "image", "image": rel}
-    facts = _image_facts(info)
-    boxes = [(phrase, _norm_box(px, info.size)) for phrase, px in info.objects]
+    facts = _image_facts(scene)
+    boxes = [(phrase, _norm_box(px, scene.size)) for phrase, px in scene.regions]
     out: list[tuple[str, str, list[dict]]] = []
 
     def user(text: str) -> dict:
@@ -845,15 +521,15 @@ def _image_conversations(seed: int, name: str, rel: str) -> list[tuple[str, str,
     ask = rng.choice(("Describe this image in detail.", "What does this picture show?",
                       "Write a detailed caption for the image.", "Describe everything you can see."))
     out.append(("image-caption-synth", "caption",
-                [user(ask), answer(_grow(rng, facts, _image_pool(rng, info), rng.randint(40, 400)))]))
+                [user(ask), answer(_grow(rng, facts, _image_pool(rng, scene), rng.randint(40, 400)))]))
 
     # 2. OCR
-    if info.text:
-        if len(info.text) > 20:  # a long page: read from the top, a varying number of lines
-            lines = info.text[: rng.randint(3, 40)]
+    if scene.text:
+        if len(scene.text) > 20:  # a long page: read from the top, a varying number of lines
+            lines = scene.text[: rng.randint(3, 40)]
             ask = f"Read the first {len(lines)} lines of text in the image, from the top."
         else:
-            lines = info.text
+            lines = scene.text
             ask = rng.choice(("Read all the text in the image.",
                               "Transcribe every piece of text you can see.",
                               "What text appears in this picture? Copy it exactly."))
@@ -861,7 +537,7 @@ def _image_conversations(seed: int, name: str, rel: str) -> list[tuple[str, str,
     else:
         ask = rng.choice(("Is there any text in this image? If so, read it.",
                           "Transcribe any text in the image."))
-        body = _grow(rng, ["There is no text in this image.", *info.details], [], rng.randint(20, 80))
+        body = _grow(rng, ["There is no text in this image.", *scene.details], [], rng.randint(20, 80))
     out.append(("image-ocr-synth", "ocr", [user(ask), answer(body)]))
 
     # 3. grounding: phrase to box
@@ -886,10 +562,10 @@ def _image_conversations(seed: int, name: str, rel: str) -> list[tuple[str, str,
     out.append(("image-grounding-synth", "grounding", [user(ask), answer(body)]))
 
     # 5. VQA, thinking mode for some pictures
-    question, short, why = rng.choice(info.qa)
+    question, short, why = rng.choice(scene.questions)
     if rng.random() < 0.4:
         reasoning = _grow(rng, [f"The question is: {question}", why, "Let me check that against the picture.",
-                                *info.details], facts, rng.randint(40, 300))
+                                *scene.details], facts, rng.randint(40, 300))
         body = f"<think>{reasoning}</think><answer>{short}</answer>"
         out.append(("image-reasoning-synth", "vqa", [user(f"{question} /think"), answer(body)]))
     else:
@@ -900,11 +576,11 @@ def _image_conversations(seed: int, name: str, rel: str) -> list[tuple[str, str,
     # 6. two-round conversation
     first_q = rng.choice(("What kind of picture is this?", "Summarise this image briefly.",
                           "What is the main subject here?"))
-    first_a = _grow(rng, [f"It is {info.summary}."], info.details, rng.randint(15, 120))
+    first_a = _grow(rng, [f"It is {scene.summary}."], scene.details, rng.randint(15, 120))
     phrase, box = rng.choice(boxes)
     second_q = rng.choice((f"And where exactly is {phrase}?", f"Can you point out {phrase}?",
                            f"Show me where {phrase} is."))
-    second_a = _box(phrase, box) + " " + _grow(rng, [], _image_pool(rng, info), rng.randint(10, 80))
+    second_a = _box(phrase, box) + " " + _grow(rng, [], _image_pool(rng, scene), rng.randint(10, 80))
     out.append(("image-chat-synth", "conversation", [
         user(first_q), answer(first_a), {"role": "user", "content": second_q}, answer(second_a.strip())]))
     return out
@@ -912,30 +588,30 @@ def _image_conversations(seed: int, name: str, rel: str) -> list[tuple[str, str,
 
 def _image_captions(seed: int, name: str) -> list[str]:
     rng = _rng(seed, "image-caption", name)
-    info = _image_info(seed, name)
-    short = info.summary[0].upper() + info.summary[1:] + "."
-    medium = _grow(rng, [short, *info.details[:2]], [], rng.randint(20, 40))
-    long = _grow(rng, _image_facts(info), _image_pool(rng, info), rng.randint(60, 140))
+    scene = _image_scene(seed, name)
+    short = scene.summary[0].upper() + scene.summary[1:] + "."
+    medium = _grow(rng, [short, *scene.details[:2]], [], rng.randint(20, 40))
+    long = _grow(rng, _image_facts(scene), _image_pool(rng, scene), rng.randint(60, 140))
     return [short, medium, long]
 
 
 def _pair_conversation(seed: int, a: tuple[str, str], b: tuple[str, str]) -> tuple[str, str, list[dict]]:
     rng = _rng(seed, "pair", a[0], b[0])
-    info_a, info_b = _image_info(seed, a[0]), _image_info(seed, b[0])
+    scene_a, scene_b = _image_scene(seed, a[0]), _image_scene(seed, b[0])
     question = rng.choice(("What is different between the two pictures?", "Compare the two images.",
                            "Which of the two pictures contains readable text, and what do they show?"))
     content = [{"type": "text", "text": "Picture 1:"}, {"type": "image", "image": a[1]},
                {"type": "text", "text": "Picture 2:"}, {"type": "image", "image": b[1]},
                {"type": "text", "text": question}]
 
-    def text_note(info: _ImageInfo, label: str) -> str:
-        return (f"{label} contains text, starting with \u201c{info.text[0]}\u201d." if info.text
+    def text_note(scene: ImageScene, label: str) -> str:
+        return (f"{label} contains text, starting with \u201c{scene.text[0]}\u201d." if scene.text
                 else f"{label} has no text.")
 
-    core = [f"Picture 1 shows {info_a.summary}, while picture 2 shows {info_b.summary}.",
-            text_note(info_a, "Picture 1"), text_note(info_b, "Picture 2"),
-            f"Picture 1 is {_proportion(info_a.size)} and picture 2 is {_proportion(info_b.size)}."]
-    body = _grow(rng, core, [*info_a.details[:2], *info_b.details[:2]], rng.randint(40, 250))
+    core = [f"Picture 1 shows {scene_a.summary}, while picture 2 shows {scene_b.summary}.",
+            text_note(scene_a, "Picture 1"), text_note(scene_b, "Picture 2"),
+            f"Picture 1 is {_proportion(scene_a.size)} and picture 2 is {_proportion(scene_b.size)}."]
+    body = _grow(rng, core, [*scene_a.details[:2], *scene_b.details[:2]], rng.randint(40, 250))
     return ("multi-image-synth", "interleaved", [{"role": "user", "content": content},
                                                  {"role": "assistant", "content": body}])
 

@@ -7,6 +7,7 @@ pass for the wrong reason).
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import subprocess
@@ -134,6 +135,20 @@ def test_sample_properties(videos, name):
     assert int(stream["nb_read_frames"]) == fps * seconds
     assert float(info["format"]["duration"]) == pytest.approx(seconds, abs=0.05)
     assert 3 <= seconds <= 10
+
+
+def test_every_clip_states_what_it_shows(videos):
+    """The corpus's captions and questions read describe_video: it must agree with the file it describes."""
+    for name, path in videos.items():
+        scene = synthetic_videos.describe_video(name)
+        assert scene is not None, name
+        _, width, height, fps, seconds = EXPECTED[name]
+        assert (scene.size, scene.fps, scene.seconds) == ((width, height), fps, seconds), name
+        assert scene.shots[0].start == 0 and scene.shots[-1].end == seconds, name
+        assert all(a.end == b.start for a, b in itertools.pairwise(scene.shots)), name
+        has_audio = any(s["codec_type"] == "audio" for s in ffprobe(path)["streams"])
+        assert (scene.audio is not None) == has_audio, name
+    assert synthetic_videos.describe_video("holiday_clip.mp4") is None
 
 
 def test_samples_cover_aspect_ratios(videos):
