@@ -23,8 +23,8 @@ from keyeflow import lineage
 from keyeflow.cli import app
 from keyeflow.datasets import longcot as lc
 from keyeflow.datasets import sql, tables
-from keyeflow.synthetic.longcot_questions import generate_longcot_questions
 from keyeflow.synthetic import scripted_teacher as replay
+from keyeflow.synthetic.longcot_questions import generate_longcot_questions
 
 REPO = Path(__file__).resolve().parents[2]
 runner = CliRunner()

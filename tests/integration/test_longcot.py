@@ -13,9 +13,7 @@ import pytest
 
 from keyeflow.datasets import longcot as lc
 from keyeflow.datasets import sql, tables
-from keyeflow.synthetic.longcot_questions import generate_longcot_questions
 from keyeflow.datasets.video import content_hash
-from keyeflow.synthetic import scripted_teacher as replay
 from keyeflow.model.generation import LocalGenerator, OpenAICompatibleGenerator
 from keyeflow.quality import gates
 from keyeflow.quality.judges import (
@@ -27,6 +25,8 @@ from keyeflow.quality.judges import (
     parse_assessment,
     parse_score,
 )
+from keyeflow.synthetic import scripted_teacher as replay
+from keyeflow.synthetic.longcot_questions import generate_longcot_questions
 
 JUDGE = "You grade the reasoning of a response to a question, step by step.\n\nQuestion: "
 REWRITE = "Reply with the new question only.\n\nQuestion: "

@@ -14,9 +14,9 @@ import pytest
 
 from keyeflow.datasets import longcot as lc
 from keyeflow.datasets import sql, tables
-from keyeflow.synthetic import scripted_teacher as replay
 from keyeflow.model.generation import BatchGenerationError, GenerationServerError, OpenAICompatibleGenerator
 from keyeflow.quality.judges import FALLBACK, JudgeInput, ModelJudge
+from keyeflow.synthetic import scripted_teacher as replay
 
 HALF = "What is 1 divided by 2?"
 ROAD = "A road is 1000 m long. How long is it in kilometres?"
