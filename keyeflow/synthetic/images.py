@@ -69,6 +69,8 @@ from typing import NamedTuple
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
+from keyeflow.synthetic import vocabulary
+
 __all__ = [
     "EXIF_EXPECTED_QUADRANTS",
     "ImageScene",
@@ -84,11 +86,7 @@ __all__ = [
 
 # How exif_rotated_orient6.jpg looks once shown upright: (top-left, top-right, bottom) colours.
 EXIF_EXPECTED_QUADRANTS = ((220, 30, 30), (30, 180, 60), (40, 60, 220))
-_WORDS = (
-    "keye", "vision", "language", "model", "frames", "tokens", "slow", "fast", "patch", "merge", "resize",
-    "budget", "table", "lance", "shard", "quarantine", "reason", "config", "hash", "sample", "image", "video",
-    "text", "mixture", "stage", "train", "annealing", "fusion", "reward",
-)
+_WORDS = vocabulary.load("picture_words")["words"]  # what the document page and UI rows are written with
 _AXIS_LABELS = tuple(str(k * 20) for k in range(6))  # what _axes writes beside its ticks, bottom to top
 
 
