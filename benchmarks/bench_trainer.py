@@ -34,16 +34,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 def build_data(home: Path, max_length: int, image_tokens: int):
     from keyeflow.datasets import conversations, images, ingest, pretokenize, tables
-    from keyeflow.datasets.image_samples import generate_sample_images
     from keyeflow.datasets.images import ImageConfig
     from keyeflow.datasets.mixture import build_mixture, stage_mixture
-    from keyeflow.datasets.samples import generate_sample_videos
     from keyeflow.datasets.slowfast import resolve_config
-    from keyeflow.datasets.text_samples import generate_sample_corpus
+    from keyeflow.synthetic.corpus import generate_corpus
+    from keyeflow.synthetic.images import generate_images
+    from keyeflow.synthetic.videos import generate_videos
 
     media = home / "media"
-    corpus = generate_sample_corpus(media / "corpus", generate_sample_videos(media / "videos"),
-                                    generate_sample_images(media / "images"))["conversations"].parent
+    corpus = generate_corpus(media / "corpus", generate_videos(media / "videos"),
+                             generate_images(media / "images"))["conversations"].parent
     paper, image_config = resolve_config("paper"), ImageConfig(max_tokens=image_tokens)
     found = conversations.referenced_media([str(corpus)], str(media))
     ingest.ingest_shard(found["video"])

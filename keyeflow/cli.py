@@ -64,15 +64,15 @@ def run(
     # between the flows' own progress; read when transformers is imported, so set before the flows are.
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     from keyeflow.config import get_settings
-    from keyeflow.datasets.image_samples import generate_sample_images
-    from keyeflow.datasets.longcot_samples import generate_longcot_questions
-    from keyeflow.datasets.samples import generate_sample_videos
-    from keyeflow.datasets.text_samples import generate_sample_corpus
     from keyeflow.flows.data import data_pipeline
     from keyeflow.flows.longcot import longcot as longcot_flow
     from keyeflow.flows.posttrain import posttrain as posttrain_flow
     from keyeflow.flows.pretrain import pretrain as pretrain_flow
     from keyeflow.quality.gates import GateFailed
+    from keyeflow.synthetic.corpus import generate_corpus
+    from keyeflow.synthetic.images import generate_images
+    from keyeflow.synthetic.longcot_questions import generate_longcot_questions
+    from keyeflow.synthetic.videos import generate_videos
     from keyeflow.tasks.pretrain import PromotionBlocked
 
     settings = get_settings()
@@ -89,9 +89,9 @@ def run(
 
     try:
         t0 = begin("data-pipeline", f"sample media and corpus in {root} → tables → gates → mixtures")
-        videos = generate_sample_videos(root / "videos")
-        pictures = generate_sample_images(root / "images")
-        generate_sample_corpus(root / "corpus", videos, pictures)
+        videos = generate_videos(root / "videos")
+        pictures = generate_images(root / "images")
+        generate_corpus(root / "corpus", videos, pictures)
         data = data_pipeline([str(root / "videos")], [str(root / "images")], [str(root / "corpus")],
                              str(root), preset=preset, stages=[int(s) for s in stages.split(",")])
         seconds["data-pipeline"] = time.perf_counter() - t0
@@ -127,14 +127,14 @@ def _longcot_teacher(url: str | None, model: str | None, workdir: Path) -> Itera
         console.print(f"LongCoT teacher: {model} at {url}")
         yield {"backend": "openai", "base_url": url, "model": model}
         return
-    from keyeflow.model import replay_server
+    from keyeflow.synthetic import scripted_teacher
 
-    port = RECORDED_TEACHER_PORT if _port_is_free(RECORDED_TEACHER_PORT) else replay_server.free_port()
-    recordings = replay_server.teacher_recordings()
-    with replay_server.start_server(recordings, workdir, port=port) as (base_url, log):
+    port = RECORDED_TEACHER_PORT if _port_is_free(RECORDED_TEACHER_PORT) else scripted_teacher.free_port()
+    recordings = scripted_teacher.teacher_recordings()
+    with scripted_teacher.start_server(recordings, workdir, port=port) as (base_url, log):
         console.print("LongCoT teacher: recorded completions for the sample questions (no teacher model runs "
-                      f"on a CPU), replayed at {base_url} by keyeflow.model.replay_server; requests logged "
-                      f"in {log}")
+                      f"on a CPU), replayed at {base_url} by keyeflow.synthetic.scripted_teacher; requests "
+                      f"logged in {log}")
         if port != RECORDED_TEACHER_PORT:
             console.print(f"  port {RECORDED_TEACHER_PORT} is taken, so the teacher's URL differs from other "
                           "runs' and its paths are generated again")
@@ -597,12 +597,12 @@ def list_tables():
 @app.command()
 def samples(dest: Path, bad: bool = typer.Option(False, help="also write the bad-input set under DEST/bad")):
     """Write the generated sample videos (and optionally the bad inputs) to DEST."""
-    from keyeflow.datasets.samples import generate_bad_inputs, generate_sample_videos
+    from keyeflow.synthetic.videos import generate_bad_videos, generate_videos
 
-    for path in generate_sample_videos(dest):
+    for path in generate_videos(dest):
         console.print(str(path))
     if bad:
-        for name, path in generate_bad_inputs(dest / "bad").items():
+        for name, path in generate_bad_videos(dest / "bad").items():
             console.print(f"{name}: {path}")
 
 

@@ -29,16 +29,16 @@ def media_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def sample_videos(media_dir) -> list[Path]:
-    from keyeflow.datasets.samples import generate_sample_videos
+    from keyeflow.synthetic.videos import generate_videos
 
-    return generate_sample_videos(media_dir / "videos")
+    return generate_videos(media_dir / "videos")
 
 
 @pytest.fixture(scope="session")
 def bad_inputs(media_dir) -> dict[str, Path]:
-    from keyeflow.datasets.samples import generate_bad_inputs
+    from keyeflow.synthetic.videos import generate_bad_videos
 
-    return generate_bad_inputs(media_dir / "bad")
+    return generate_bad_videos(media_dir / "bad")
 
 
 @pytest.fixture()
@@ -68,17 +68,17 @@ def prefect_harness():
 
 @pytest.fixture(scope="session")
 def sample_images(media_dir) -> list[Path]:
-    from keyeflow.datasets.image_samples import generate_sample_images
+    from keyeflow.synthetic.images import generate_images
 
-    return generate_sample_images(media_dir / "images")
+    return generate_images(media_dir / "images")
 
 
 @pytest.fixture(scope="session")
 def sample_corpus(media_dir, sample_videos, sample_images) -> dict[str, Path]:
     """Conversations, captions, text and bad records referencing the sample media (source root: media_dir)."""
-    from keyeflow.datasets.text_samples import generate_sample_corpus
+    from keyeflow.synthetic.corpus import generate_corpus
 
-    return generate_sample_corpus(media_dir / "corpus", sample_videos, sample_images)
+    return generate_corpus(media_dir / "corpus", sample_videos, sample_images)
 
 
 @pytest.fixture(scope="session")

@@ -1,5 +1,5 @@
 """The LongCoT flow under Prefect's harness with bad input: question lines without a reference answer, and a
-teacher server (``keyeflow.model.replay_server``, a real process on 127.0.0.1) that times out, answers
+teacher server (``keyeflow.synthetic.scripted_teacher``, a real process on 127.0.0.1) that times out, answers
 malformed output, fails with 503 for a while, or is down. Each fails its own item with a reason that
 ``keyeflow sql`` shows, the rest of the batch goes through to the ``longcot`` table, and a rerun against the
 server, fixed and back at the same address, asks it only for the questions that failed."""
@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 from keyeflow import lineage
 from keyeflow.cli import app
 from keyeflow.datasets import sql, tables
-from keyeflow.model import replay_server as replay
+from keyeflow.synthetic import scripted_teacher as replay
 
 runner = CliRunner()
 

@@ -22,10 +22,10 @@ from typer.testing import CliRunner
 from keyeflow import lineage
 from keyeflow.cli import app
 from keyeflow.datasets import sql, tables
-from keyeflow.datasets.longcot_samples import generate_longcot_questions
 from keyeflow.longcot.generate import GenerationConfig, default_model_path, ensure_tiny_model, make_generator
-from keyeflow.model import replay_server as replay
 from keyeflow.quality.judges import JudgeInput, ModelJudge
+from keyeflow.synthetic import scripted_teacher as replay
+from keyeflow.synthetic.longcot_questions import generate_longcot_questions
 
 REPO = Path(__file__).resolve().parents[2]
 runner = CliRunner()

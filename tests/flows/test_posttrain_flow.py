@@ -17,7 +17,7 @@ from typer.testing import CliRunner
 
 from keyeflow import lineage
 from keyeflow.cli import app
-from keyeflow.model import replay_server as replay
+from keyeflow.synthetic import scripted_teacher as replay
 from keyeflow.training.posttrain_recipe import posttrain_recipe
 
 STAGES = ["posttrain-0-start", "posttrain-1-sft", "posttrain-1-sft-anneal", "posttrain-2-reward-model",
@@ -29,11 +29,11 @@ STAGES = ["posttrain-0-start", "posttrain-1-sft", "posttrain-1-sft-anneal", "pos
 @pytest.fixture(scope="module")
 def data_home(tmp_path_factory, sample_corpus, media_dir, prefect_harness):
     """train_samples from the sample corpus and the LongCoT tables from the replaying teacher."""
-    from keyeflow.datasets.longcot_samples import generate_longcot_questions
     from keyeflow.flows.data import build_train_samples
     from keyeflow.flows.longcot import longcot
     from keyeflow.model.config import tiny
     from keyeflow.model.modeling import KeyeForConditionalGeneration
+    from keyeflow.synthetic.longcot_questions import generate_longcot_questions
 
     root = tmp_path_factory.mktemp("posttrain")
     home = root / "home"

@@ -13,7 +13,7 @@ from rich.console import Console
 from typer.testing import CliRunner
 
 from keyeflow import cli
-from keyeflow.datasets.longcot_samples import TEXT_QUESTIONS
+from keyeflow.synthetic.longcot_questions import TEXT_QUESTIONS
 
 
 def test_the_recorded_teacher_answers_the_sample_questions_then_stops(tmp_path, capsys):

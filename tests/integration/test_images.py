@@ -11,15 +11,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image, ImageFile
+from PIL import Image, ImageFile, ImageOps
 
 from keyeflow.datasets import sql, tables
-from keyeflow.datasets.image_samples import (
-    EXIF_EXPECTED_QUADRANTS,
-    exif_upright,
-    generate_bad_images,
-    generate_sample_images,
-)
 from keyeflow.datasets.images import (
     STAGE,
     ImageConfig,
@@ -31,13 +25,20 @@ from keyeflow.datasets.images import (
 )
 from keyeflow.datasets.ingest import IngestConfig
 from keyeflow.datasets.pretokenize import patchify, unpatchify
+from keyeflow.synthetic.images import (
+    EXIF_EXPECTED_QUADRANTS,
+    describe_image,
+    exif_upright,
+    generate_bad_images,
+    generate_images,
+)
 
 IMAGE_TABLES = ("images", "image_samples", "quarantine")
 
 
 @pytest.fixture(scope="session")
 def sample_images(media_dir) -> list[Path]:
-    return generate_sample_images(media_dir / "images")
+    return generate_images(media_dir / "images")
 
 
 @pytest.fixture(scope="session")
@@ -290,7 +291,7 @@ def test_config_is_validated_and_hashed():
 
 def test_generated_samples_are_small_fast_and_deterministic(tmp_path, sample_images, bad_images):
     start = time.perf_counter()
-    again = generate_sample_images(tmp_path / "again")
+    again = generate_images(tmp_path / "again")
     elapsed = time.perf_counter() - start
     assert elapsed < 5, f"generation took {elapsed:.1f}s"
     assert sum(p.stat().st_size for p in again) < 2_000_000
@@ -314,3 +315,20 @@ def test_generated_samples_are_small_fast_and_deterministic(tmp_path, sample_ima
     with Image.open(bad_images["extreme_aspect"]) as wide, Image.open(bad_images["one_pixel"]) as dot:
         assert wide.size == (3000, 10) and dot.size == (1, 1)
     assert os.path.islink(bad_images["unreadable"]) and not bad_images["unreadable"].exists()
+
+
+def test_every_picture_states_what_it_shows_within_its_frame(sample_images):
+    """The corpus's captions, grounding and OCR read describe_image: its size is the picture's as shown
+    upright, every region it points at lies on the picture, and the page's text stops where the page does."""
+    for path in sample_images:
+        scene = describe_image(path.name)
+        assert scene is not None, path.name
+        with Image.open(path) as image:
+            assert scene.size == ImageOps.exif_transpose(image).size, path.name
+        width, height = scene.size
+        for phrase, (x1, y1, x2, y2) in scene.regions:
+            assert 0 <= x1 < x2 <= width and 0 <= y1 < y2 <= height, (path.name, phrase)
+    assert describe_image("scan_of_receipt.jpg") is None
+    page = describe_image("document_1240x1754.png")
+    # The title, four whole sections (heading and eight lines) and the fifth one's heading and two lines.
+    assert page.text[0] == "Keye-VL sample report" and len(page.text) == 1 + 4 * 9 + 3

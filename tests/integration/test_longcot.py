@@ -1,6 +1,6 @@
 """LongCoT cold-start steps on real tables, without Prefect: collection (dedupe, domains, media, bad lines,
 rewrites, merges), multi-path generation through an OpenAI-compatible HTTP server replaying a teacher
-(``keyeflow.model.replay_server``, a real process on 127.0.0.1) and through our tiny model in process,
+(``keyeflow.synthetic.scripted_teacher``, a real process on 127.0.0.1) and through our tiny model in process,
 answers written differently from the reference (½ / 1/2 / 0.5, 1000 m / 1 km, \\frac{1}{2} / 50%) ending
 up as A, the rule and model judges, review decisions and the gates' frames."""
 
@@ -12,11 +12,9 @@ from pathlib import Path
 import pytest
 
 from keyeflow.datasets import sql, tables
-from keyeflow.datasets.longcot_samples import generate_longcot_questions
 from keyeflow.datasets.video import content_hash
 from keyeflow.longcot.assess import assess_paths
 from keyeflow.longcot.collect import DOMAINS, CollectConfig, CollectReport, collect_questions
-from keyeflow.longcot.gates import GateConfig, check_longcot_paths, check_longcot_samples
 from keyeflow.longcot.generate import (
     GenerationConfig,
     check_answer,
@@ -28,7 +26,6 @@ from keyeflow.longcot.generate import (
 )
 from keyeflow.longcot.review import Decision, apply_reviews, record_decision, review_plan, review_queue
 from keyeflow.longcot.score import score_samples
-from keyeflow.model import replay_server as replay
 from keyeflow.model.generation import LocalGenerator, OpenAICompatibleGenerator
 from keyeflow.quality.judges import (
     FALLBACK,
@@ -39,6 +36,8 @@ from keyeflow.quality.judges import (
     parse_assessment,
     parse_score,
 )
+from keyeflow.synthetic import scripted_teacher as replay
+from keyeflow.synthetic.longcot_questions import generate_longcot_questions
 
 JUDGE = "You grade the reasoning of a response to a question, step by step.\n\nQuestion: "
 REWRITE = "Reply with the new question only.\n\nQuestion: "

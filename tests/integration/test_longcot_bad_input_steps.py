@@ -2,7 +2,7 @@
 server that times out, answers malformed output, fails for a while or is down. Each fails only its own item,
 with a reason naming the question and the problem (transient failures retried a bounded number of times,
 counted on the server side), the rest completes, and a rerun against a working server asks it only for what
-failed. The server is ``keyeflow.model.replay_server``, a real process on 127.0.0.1; nothing is mocked."""
+failed. The server is ``keyeflow.synthetic.scripted_teacher``, a real process on 127.0.0.1; nothing is mocked."""
 
 from __future__ import annotations
 
@@ -15,9 +15,9 @@ import pytest
 from keyeflow.datasets import sql, tables
 from keyeflow.longcot.collect import collect_questions
 from keyeflow.longcot.generate import GenerationConfig, generate_paths, make_generator
-from keyeflow.model import replay_server as replay
 from keyeflow.model.generation import BatchGenerationError, GenerationServerError, OpenAICompatibleGenerator
 from keyeflow.quality.judges import FALLBACK, JudgeInput, ModelJudge
+from keyeflow.synthetic import scripted_teacher as replay
 
 HALF = "What is 1 divided by 2?"
 ROAD = "A road is 1000 m long. How long is it in kilometres?"

@@ -14,8 +14,8 @@ from keyeflow.datasets.conversations import add_conversations
 from keyeflow.datasets.images import ImageConfig
 from keyeflow.datasets.mixture import fixed_mixture
 from keyeflow.datasets.slowfast import resolve_config
-from keyeflow.model import replay_server as replay
 from keyeflow.model.generation import OpenAICompatibleGenerator
+from keyeflow.synthetic import scripted_teacher as replay
 from keyeflow.training.posttrain_data import (
     DifficultyConfig,
     conversation_samples,

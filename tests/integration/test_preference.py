@@ -1,6 +1,6 @@
 """Preference pairs, MPO and the reward model with real parts: the tiny random model saved with save_pretrained,
 the OpenAI-compatible server (`python -m keyeflow.model.serving`) and the replay server
-(`keyeflow.model.replay_server`) as real processes on 127.0.0.1, real Lance tables and MLflow.
+(`keyeflow.synthetic.scripted_teacher`) as real processes on 127.0.0.1, real Lance tables and MLflow.
 
 - pairs: sampled over HTTP from the replay server (canned answers, checked against references) and in process
   from the tiny model; every item without a pair is recorded with why;
@@ -23,7 +23,7 @@ import torch
 
 from keyeflow import lineage
 from keyeflow.datasets import tables
-from keyeflow.model import replay_server as replay
+from keyeflow.synthetic import scripted_teacher as replay
 from keyeflow.model.checkpoint import load_keye_checkpoint
 from keyeflow.model.config import tiny
 from keyeflow.model.generation import LocalGenerator, OpenAICompatibleGenerator

@@ -27,8 +27,8 @@ import pytest
 import yaml
 
 from keyeflow.datasets import sql, tables
-from keyeflow.datasets.longcot_samples import generate_longcot_questions
-from keyeflow.model import replay_server as replay
+from keyeflow.synthetic import scripted_teacher as replay
+from keyeflow.synthetic.longcot_questions import generate_longcot_questions
 
 REPO = Path(__file__).resolve().parents[2]
 POOL = "keyeflow-local"

@@ -1,6 +1,6 @@
 """A small LongCoT question set for demos and tests: about 30 questions over the seven domains, with reference
-answers, some about the sample pictures (``image_samples.generate_sample_images``) and clips
-(``samples.generate_sample_videos``).
+answers, some about the sample pictures (``images.generate_images``) and clips
+(``videos.generate_videos``).
 
 Nothing is downloaded: the text questions are written here, and the visual ones ask what the generated media
 really show (the drawing code fixes the shapes, boxes, texts and colours), so their references are right.
@@ -16,7 +16,7 @@ Written in the conversation format ``collect_questions`` reads, over two files (
 
 Visual questions are written only for the media found in ``images_dir`` / ``videos_dir``.
 
-Run ``python -m keyeflow.datasets.longcot_samples DEST [IMAGES_DIR] [VIDEOS_DIR]``.
+Run ``python -m keyeflow.synthetic.longcot_questions DEST [IMAGES_DIR] [VIDEOS_DIR]``.
 """
 
 from __future__ import annotations
@@ -134,7 +134,7 @@ def generate_longcot_questions(dest: Path, images_dir: Path | None = None, video
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m keyeflow.datasets.longcot_samples",
+    parser = argparse.ArgumentParser(prog="python -m keyeflow.synthetic.longcot_questions",
                                      description="write the sample LongCoT questions")
     parser.add_argument("dest", type=Path)
     parser.add_argument("images_dir", type=Path, nargs="?")

@@ -1,5 +1,5 @@
-"""A recorded LongCoT teacher: an OpenAI-compatible chat server that replays what a teacher model answered to
-the sample questions (``keyeflow.datasets.longcot_samples``).
+"""A scripted LongCoT teacher: an OpenAI-compatible chat server that replays hand-written teacher answers
+(``teacher_recordings``) to the sample questions (``keyeflow.synthetic.longcot_questions``).
 
 A real teacher (Keye-VL behind vLLM) cannot run on a CPU, and our tiny random model answers nothing
 correctly, so the LongCoT flow would keep no path and post-training would have no LongCoT data.
@@ -9,7 +9,7 @@ tests that need known good, flawed and wrong reasoning paths use it too. It is a
 ``logprobs.content[{token, logprob}]``), so ``OpenAICompatibleGenerator`` and the whole flow run unchanged
 against it, as they would against vLLM.
 
-    python -m keyeflow.model.replay_server --recordings FILE [--port 0] [--log REQUESTS.jsonl]
+    python -m keyeflow.synthetic.scripted_teacher --recordings FILE [--port 0] [--log REQUESTS.jsonl]
 
 Recordings (JSON): ``{"model": name, "entries": [{"match": substring, "completions": [completion, ...]}],
 "default": completion}``. A request is answered by the first entry whose ``match`` occurs in the text of
@@ -93,7 +93,7 @@ def _path(steps: list[tuple[str, float]], answer: str) -> dict:
 
 
 def teacher_recordings() -> dict:
-    """What a teacher said about some of the sample questions (``keyeflow.datasets.longcot_samples``):
+    """What a teacher said about some of the sample questions (``keyeflow.synthetic.longcot_questions``):
     correct paths whose answers are written unlike the reference (½ / 1/2 / 0.5, 1000 m for 1 km,
     \\frac{1}{2} and 50% for 1/2), a path with a digression (B), one with a false calculation (B), a
     repetitive one (borderline A), visual paths (a bar chart, a box), and wrong answers (C). Every other
@@ -262,7 +262,7 @@ def start_server(recordings: dict, workdir: Path, timeout_s: float = 30.0,
     recordings_path.write_text(json.dumps(recordings), encoding="utf-8")
     port = port or free_port()
     process = subprocess.Popen(
-        [sys.executable, "-m", "keyeflow.model.replay_server", "--recordings", str(recordings_path),
+        [sys.executable, "-m", "keyeflow.synthetic.scripted_teacher", "--recordings", str(recordings_path),
          "--port", str(port), "--log", str(log_path)],
         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
@@ -289,7 +289,7 @@ def start_server(recordings: dict, workdir: Path, timeout_s: float = 30.0,
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m keyeflow.model.replay_server",
+    parser = argparse.ArgumentParser(prog="python -m keyeflow.synthetic.scripted_teacher",
                                      description="replay recorded chat completions (a recorded teacher)")
     parser.add_argument("--recordings", type=Path, required=True)
     parser.add_argument("--port", type=int, default=0)

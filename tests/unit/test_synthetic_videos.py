@@ -7,6 +7,7 @@ pass for the wrong reason).
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import subprocess
@@ -17,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from keyeflow.datasets import samples
+from keyeflow.synthetic import videos as synthetic_videos
 
 
 def ffprobe(path: Path, *extra: str) -> dict:
@@ -75,8 +76,8 @@ def frame_diffs(frames: np.ndarray) -> np.ndarray:
 def generated(tmp_path_factory):
     dest = tmp_path_factory.mktemp("samples")
     start = time.monotonic()
-    videos = samples.generate_sample_videos(dest)
-    bad = samples.generate_bad_inputs(dest / "bad")
+    videos = synthetic_videos.generate_videos(dest)
+    bad = synthetic_videos.generate_bad_videos(dest / "bad")
     return dest, videos, bad, time.monotonic() - start
 
 
@@ -105,7 +106,7 @@ def test_sample_set_is_small(videos):
 
 PORTRAIT = (
     "portrait_360x640_vp9_30fps.webm"
-    if samples._has_encoder("libvpx-vp9")
+    if synthetic_videos._has_encoder("libvpx-vp9")
     else "portrait_360x640_h264_30fps.mp4"
 )
 
@@ -134,6 +135,20 @@ def test_sample_properties(videos, name):
     assert int(stream["nb_read_frames"]) == fps * seconds
     assert float(info["format"]["duration"]) == pytest.approx(seconds, abs=0.05)
     assert 3 <= seconds <= 10
+
+
+def test_every_clip_states_what_it_shows(videos):
+    """The corpus's captions and questions read describe_video: it must agree with the file it describes."""
+    for name, path in videos.items():
+        scene = synthetic_videos.describe_video(name)
+        assert scene is not None, name
+        _, width, height, fps, seconds = EXPECTED[name]
+        assert (scene.size, scene.fps, scene.seconds) == ((width, height), fps, seconds), name
+        assert scene.shots[0].start == 0 and scene.shots[-1].end == seconds, name
+        assert all(a.end == b.start for a, b in itertools.pairwise(scene.shots)), name
+        has_audio = any(s["codec_type"] == "audio" for s in ffprobe(path)["streams"])
+        assert (scene.audio is not None) == has_audio, name
+    assert synthetic_videos.describe_video("holiday_clip.mp4") is None
 
 
 def test_samples_cover_aspect_ratios(videos):
@@ -308,8 +323,8 @@ def test_rerun_keeps_existing_files(generated):
     dest, videos, bad, _ = generated
     files = [*videos, *(p for p in bad.values() if p.exists())]
     before = {p: p.stat().st_mtime_ns for p in files}
-    assert samples.generate_sample_videos(dest) == videos
-    assert samples.generate_bad_inputs(dest / "bad") == bad
+    assert synthetic_videos.generate_videos(dest) == videos
+    assert synthetic_videos.generate_bad_videos(dest / "bad") == bad
     assert {p: p.stat().st_mtime_ns for p in files} == before
 
 
@@ -317,7 +332,7 @@ def test_overwrite_reencodes_to_identical_bytes(generated):
     dest, videos, _, _ = generated
     before = {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in videos}
     time.sleep(0.01)
-    samples.generate_sample_videos(dest, overwrite=True)
+    synthetic_videos.generate_videos(dest, overwrite=True)
     for path, (mtime, data) in before.items():
         assert path.stat().st_mtime_ns != mtime
         assert path.read_bytes() == data, f"{path.name} is not byte-deterministic"
@@ -325,14 +340,14 @@ def test_overwrite_reencodes_to_identical_bytes(generated):
 
 def test_main_writes_both_sets(generated, capsys):
     dest, videos, bad, _ = generated
-    assert samples.main([str(dest)]) == 0  # everything exists, so this only lists
+    assert synthetic_videos.main([str(dest)]) == 0  # everything exists, so this only lists
     out = capsys.readouterr().out
     assert all(str(p) in out for p in [*videos, *bad.values()])
 
 
 def test_failed_command_raises_with_ffmpeg_stderr(tmp_path):
     with pytest.raises(RuntimeError, match="No such filter"):
-        samples._run_ffmpeg(
+        synthetic_videos._run_ffmpeg(
             ["-filter_complex", "nosuchfilter[v]", "-map", "[v]", str(tmp_path / "x.mp4")], "x.mp4"
         )
     assert not os.path.exists(tmp_path / "x.mp4")

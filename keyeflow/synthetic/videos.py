@@ -5,7 +5,7 @@ Nothing binary is shipped and nothing is downloaded: every clip is synthesised b
 end-to-end run have real video files on any machine that has ffmpeg. Encoders run single-threaded with
 bit-exact flags and fixed seeds, so the same ffmpeg build writes byte-identical files on every run.
 
-Good samples (``generate_sample_videos``), ~8 clips, 3-10 s each, under 3 MB together:
+Good clips (``generate_videos``), ~8 clips, 3-10 s each, under 3 MB together:
 
 =========================================  =====  ======  =====  =====================================
 file                                       size   fps     secs   what it exercises
@@ -30,7 +30,10 @@ solid_colors_640x480_mpeg4_25fps.mp4       4:3    25      5      flat colour sho
                                                                  near-identical frames; MPEG-4 in MP4
 =========================================  =====  ======  =====  =====================================
 
-Bad inputs (``generate_bad_inputs``), keyed by the short names below, written to one directory:
+What each good clip shows (``describe_video``: a ``VideoScene`` of its shots, their times and motion, the
+sound track) is written beside the filter graphs, for the corpus's captions and questions about the clips.
+
+Bad inputs (``generate_bad_videos``), keyed by the short names below, written to one directory:
 
 ================  ==========================================  ===========================================
 key               file                                        what an ingestion must do with it
@@ -62,7 +65,7 @@ name_unicode      vidéo_日本語_клип.mp4                       non-ASCII 
 ================  ==========================================  ===========================================
 
 All the good-but-odd bad inputs (one_frame, extreme_*, rotated, vfr, ten_bit, name_*) are real playable
-videos of 1-3 s. Run ``python -m keyeflow.datasets.samples DEST`` to write the samples to DEST and the bad
+videos of 1-3 s. Run ``python -m keyeflow.synthetic.videos DEST`` to write the clips to DEST and the bad
 inputs to DEST/bad.
 """
 
@@ -76,7 +79,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["generate_bad_inputs", "generate_sample_videos", "main"]
+__all__ = ["Shot", "VideoScene", "describe_video", "generate_bad_videos", "generate_videos", "main"]
 
 FFMPEG = "ffmpeg"
 
@@ -189,7 +192,7 @@ def _still(source: str, frames: int) -> str:
     return f"{source},trim=end_frame=1,loop=loop={frames - 1}:size=1:start=0"
 
 
-def _sample_clips() -> list[_Clip]:
+def _good_clips() -> list[_Clip]:
     cuts = (
         "testsrc2=s=640x360:r=25:d=2,setsar=1[c0];"
         "smptebars=s=640x360:r=25:d=2,setsar=1[c1];"
@@ -255,15 +258,91 @@ def _sample_clips() -> list[_Clip]:
     ]
 
 
-def generate_sample_videos(dest: Path, *, overwrite: bool = False) -> list[Path]:
-    """Write the small varied sample set into dest and return the paths, in a fixed order.
+@dataclass(frozen=True)
+class Shot:
+    start: float  # seconds
+    end: float
+    what: str  # a noun phrase: "static SMPTE colour bars"
+    motion: str  # a clause about movement inside the shot
+
+
+@dataclass(frozen=True)
+class VideoScene:
+    """What a clip shows, written beside the filter graph that makes it: what the corpus's captions and
+    questions about that clip say."""
+
+    seconds: float
+    fps: int
+    size: tuple[int, int]
+    shots: tuple[Shot, ...]
+    audio: str | None = None  # a noun phrase for the sound track, None when silent
+
+
+# What each clip of _good_clips shows, keyed by the start of its file name: the portrait clip is VP9/WebM or
+# H.264/MP4, depending on the ffmpeg build.
+_SCENES: dict[str, VideoScene] = {
+    "cuts_640x360": VideoScene(8, 25, (640, 360), (
+        Shot(0, 2, "a colour test card with moving elements and a running counter",
+             "small markers sweep across the card while the counter ticks upward"),
+        Shot(2, 4, "static SMPTE colour bars", "nothing moves; the bars hold perfectly still"),
+        Shot(4, 6, "a colourful Mandelbrot fractal", "the fractal shifts slowly as the view drifts inward"),
+        Shot(6, 8, "a black-and-white cellular automaton pattern",
+             "new rows of cells keep appearing, so the pattern appears to crawl"),
+    ), audio="a steady 440 Hz sine tone"),
+    "static_then_motion_320x240": VideoScene(7, 30, (320, 240), (
+        Shot(0, 3, "a frozen colour test pattern", "the frame is held completely still"),
+        Shot(3, 5, "green Game of Life cells on a dark grey field",
+             "cells are born and die every frame, so the field flickers with small changes"),
+        Shot(5, 7, "a flat steel-blue screen", "the colour never changes"),
+    )),
+    "pan_1280x720": VideoScene(6, 30, (1280, 720), (
+        Shot(0, 6, "a wide test pattern seen through a window that pans to the right",
+             "the picture slides steadily to the left at about 100 pixels per second"),
+    )),
+    "zoom_640x360": VideoScene(3, 60, (640, 360), (
+        Shot(0, 3, "a colour test card that the camera zooms into",
+             "the card grows smoothly towards its centre with every frame"),
+    )),
+    "portrait_360x640": VideoScene(4, 30, (360, 640), (
+        Shot(0, 2, "a tall colour test card with moving markers", "markers travel across the card"),
+        Shot(2, 4, "a Mandelbrot fractal in portrait format", "the fractal changes slowly"),
+    )),
+    "wide_840x360": VideoScene(4, 24, (840, 360), (
+        Shot(0, 2, "high-definition colour bars", "the bars stay still"),
+        Shot(2, 4, "a yellow square gliding across a blue background",
+             "the square travels from the left side towards the right at a constant speed"),
+    )),
+    "life_320x240": VideoScene(9, 12, (320, 240), (
+        Shot(0, 9, "Game of Life cells evolving, with dead cells leaving reddish-brown traces",
+             "the population changes a little in every frame, never settling"),
+    )),
+    "solid_colors_640x480": VideoScene(5, 25, (640, 480), (
+        Shot(0, 1, "a solid red screen", "the colour is constant"),
+        Shot(1, 2, "a solid lime-green screen", "the colour is constant"),
+        Shot(2, 3, "a solid blue screen", "the colour is constant"),
+        Shot(3, 4, "a solid black screen", "the colour is constant"),
+        Shot(4, 5, "a solid white screen", "the colour is constant"),
+    )),
+}
+
+
+def describe_video(name: str) -> VideoScene | None:
+    """What the generated clip that a file name starts with shows; None for a name that is no clip's."""
+    for key, scene in _SCENES.items():
+        if name.startswith(key):
+            return scene
+    return None
+
+
+def generate_videos(dest: Path, *, overwrite: bool = False) -> list[Path]:
+    """Write the small varied set of clips into dest and return the paths, in a fixed order.
 
     Existing files are kept (and not re-encoded) unless overwrite, so calling this again is cheap.
     """
     dest = Path(dest)
     dest.mkdir(parents=True, exist_ok=True)
     paths = []
-    for clip in _sample_clips():
+    for clip in _good_clips():
         path = dest / clip.name
         if overwrite or not path.exists():
             _encode(clip, path)
@@ -283,7 +362,7 @@ def _truncate_copy(src: Path, dst: Path, fraction: float) -> None:
 
 
 def _bad_clips() -> dict[str, _Clip]:
-    """The bad inputs that are plain ffmpeg encodes (the rest are made by hand in generate_bad_inputs)."""
+    """The bad inputs that are plain ffmpeg encodes (the rest are made by hand in generate_bad_videos)."""
     h264 = tuple(_H264)
     ten_bit_graph = _small("testsrc2", "320x180", 25, 2, pix_fmt="yuv420p10le")
     # Debian's libx264 is built for 8 and 10 bit; some builds are 8-bit only, and then HEVC Main 10 is the
@@ -351,10 +430,10 @@ def _bad_clips() -> dict[str, _Clip]:
     }
 
 
-def generate_bad_inputs(dest: Path) -> dict[str, Path]:
+def generate_bad_videos(dest: Path) -> dict[str, Path]:
     """Write the edge-case inputs an ingestion must survive into dest; return {short name: path}.
 
-    Idempotent like generate_sample_videos: files already present are kept.
+    Idempotent like generate_videos: files already present are kept.
     """
     dest = Path(dest)
     dest.mkdir(parents=True, exist_ok=True)
@@ -430,15 +509,15 @@ def generate_bad_inputs(dest: Path) -> dict[str, Path]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m keyeflow.datasets.samples",
+        prog="python -m keyeflow.synthetic.videos",
         description="Write sample videos to DEST and edge-case inputs to DEST/bad, with ffmpeg only.",
     )
     parser.add_argument("dest", type=Path)
     parser.add_argument("--overwrite", action="store_true", help="re-encode sample videos that exist")
     args = parser.parse_args(argv)
-    for path in generate_sample_videos(args.dest, overwrite=args.overwrite):
+    for path in generate_videos(args.dest, overwrite=args.overwrite):
         print(f"{path.stat().st_size:>9}  {path}")
-    for key, path in generate_bad_inputs(args.dest / "bad").items():
+    for key, path in generate_bad_videos(args.dest / "bad").items():
         size = path.stat().st_size if path.exists() else "-"
         print(f"{size:>9}  {path}  ({key})")
     return 0

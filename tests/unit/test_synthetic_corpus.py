@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from keyeflow.datasets import text_samples
+from keyeflow.synthetic import corpus as synthetic_corpus
 
 VIDEO_NAMES = [
     "cuts_640x360_h264_25fps.mp4",
@@ -69,7 +69,7 @@ def corpus(tmp_path_factory):
     root = tmp_path_factory.mktemp("corpus_root")
     videos, images = make_media(root)
     start = time.monotonic()
-    paths = text_samples.generate_sample_corpus(root / "corpus", videos, images)
+    paths = synthetic_corpus.generate_corpus(root / "corpus", videos, images)
     return root, videos, images, paths, time.monotonic() - start
 
 
@@ -118,7 +118,7 @@ def check_conversation(row: dict, base: Path) -> None:
 def test_generation_is_fast_and_returns_every_key(corpus):
     _, _, _, paths, seconds = corpus
     assert seconds < 3
-    expected = {"conversations", "captions", "text_dir"} | {f"bad_{k}" for k in text_samples.BAD_DEFECTS}
+    expected = {"conversations", "captions", "text_dir"} | {f"bad_{k}" for k in synthetic_corpus.BAD_DEFECTS}
     assert set(paths) == expected
     for key, path in paths.items():
         assert path.exists(), key
@@ -212,7 +212,7 @@ def test_temporal_and_grounding_formats(corpus):
     )
     # Boxes come from the drawing coordinates: the shapes picture is 800x600 and its red rectangle is drawn
     # at (60,60)-(300,260); every box given for that picture is one of its drawn shapes.
-    assert text_samples._norm_box((60, 60, 300, 260), (800, 600)) == (75, 100, 375, 433)
+    assert synthetic_corpus._norm_box((60, 60, 300, 260), (800, 600)) == (75, 100, 375, 433)
     drawn = {
         (75, 100, 375, 433),
         (450, 133, 775, 566),
@@ -255,9 +255,9 @@ def test_captions(corpus):
 def test_text_corpora(corpus):
     _, _, _, paths, _ = corpus
     text_dir = paths["text_dir"]
-    assert sorted(p.name for p in text_dir.iterdir()) == sorted(text_samples.TEXT_SOURCES)
+    assert sorted(p.name for p in text_dir.iterdir()) == sorted(synthetic_corpus.TEXT_SOURCES)
     documents = sorted(text_dir.rglob("*.txt"))
-    assert len(documents) == 3 * text_samples.DOCS_PER_SOURCE
+    assert len(documents) == 3 * synthetic_corpus.DOCS_PER_SOURCE
     raw = [p.read_bytes() for p in documents]
     texts = [b.decode("utf-8") for b in raw]
     total = sum(map(len, raw))
@@ -277,14 +277,14 @@ def test_text_corpora(corpus):
 
 
 def test_math_problems_are_right():
-    rng = text_samples._rng(0, "test-math")
+    rng = synthetic_corpus._rng(0, "test-math")
     for _ in range(200):
-        statement, _, answer = text_samples._p_linear(rng)
+        statement, _, answer = synthetic_corpus._p_linear(rng)
         a, sign, b, c = re.match(r"Solve (\d+)x ([+−]) (\d+) = (-?\d+) for x\.", statement).groups()
         x = int(answer.removeprefix("x = "))
         assert int(a) * x + (int(b) if sign == "+" else -int(b)) == int(c)
     for _ in range(200):
-        statement, _, answer = text_samples._p_system(rng)
+        statement, _, answer = synthetic_corpus._p_system(rng)
         if "system" not in statement:
             continue
         x, y = map(int, re.match(r"x = (-?\d+), y = (-?\d+)", answer).groups())
@@ -301,7 +301,7 @@ def test_deterministic_and_keeps_existing_files(tmp_path):
     for name in ("a", "b"):
         videos, images = make_media(tmp_path / name)
         dest = tmp_path / name / "corpus"
-        text_samples.generate_sample_corpus(dest, videos, images, seed=3)
+        synthetic_corpus.generate_corpus(dest, videos, images, seed=3)
         outputs.append({p.relative_to(dest): p.read_bytes() for p in sorted(dest.rglob("*")) if p.is_file()})
     assert outputs[0] == outputs[1]
 
@@ -309,14 +309,14 @@ def test_deterministic_and_keeps_existing_files(tmp_path):
     conversations = dest / "conversations.jsonl"
     conversations.write_text("edited\n")
     videos, images = make_media(tmp_path / "a")
-    text_samples.generate_sample_corpus(dest, videos, images, seed=3)
+    synthetic_corpus.generate_corpus(dest, videos, images, seed=3)
     assert conversations.read_text() == "edited\n"
-    text_samples.generate_sample_corpus(dest, videos, images, seed=3, overwrite=True)
+    synthetic_corpus.generate_corpus(dest, videos, images, seed=3, overwrite=True)
     assert conversations.read_bytes() == outputs[0][Path("conversations.jsonl")]
 
     other = tmp_path / "c" / "corpus"
     videos, images = make_media(tmp_path / "c")
-    text_samples.generate_sample_corpus(other, videos, images, seed=4)
+    synthetic_corpus.generate_corpus(other, videos, images, seed=4)
     assert (other / "conversations.jsonl").read_bytes() != outputs[0][Path("conversations.jsonl")]
     assert not list(tmp_path.rglob("*.partial"))
 
@@ -329,7 +329,7 @@ def jsonl_lines(path: Path) -> list[bytes]:
 
 def check_good_lines(key: str, path: Path) -> list[bytes]:
     lines = jsonl_lines(path)
-    bad_numbers = set(text_samples.BAD_DEFECTS[key])
+    bad_numbers = set(synthetic_corpus.BAD_DEFECTS[key])
     for number, line in enumerate(lines, start=1):
         if number not in bad_numbers:
             check_conversation(json.loads(line.decode("utf-8")), path.parent)
@@ -402,7 +402,7 @@ def test_bad_text(corpus):
     _, _, _, paths, _ = corpus
     folder = paths["bad_bad_text"]
     files = sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file())
-    assert files == sorted(text_samples.BAD_DEFECTS["bad_text"])
+    assert files == sorted(synthetic_corpus.BAD_DEFECTS["bad_text"])
     invalid = folder / "bad-text-synth" / "invalid_utf8.txt"
     with pytest.raises(UnicodeDecodeError):
         invalid.read_bytes().decode("utf-8")
@@ -413,7 +413,7 @@ def test_bad_text(corpus):
 def test_main_writes_for_media_folders(tmp_path, capsys):
     videos, images = make_media(tmp_path)
     (tmp_path / "videos" / ".hidden.partial.mp4").write_bytes(b"x")
-    code = text_samples.main([str(tmp_path / "out"), str(tmp_path / "videos"), str(tmp_path / "images")])
+    code = synthetic_corpus.main([str(tmp_path / "out"), str(tmp_path / "videos"), str(tmp_path / "images")])
     assert code == 0
     printed = capsys.readouterr().out
     assert f"{len(videos)} videos, {len(images)} images" in printed
