@@ -23,6 +23,7 @@ from pathlib import Path
 
 import pyarrow.compute as pc
 
+from keyeflow.config import check_int, invalid
 from keyeflow.config import config_hash as hash_config
 from keyeflow.datasets import images, pretokenize, tables
 from keyeflow.datasets.images import ImageConfig
@@ -46,11 +47,11 @@ class SampleConfig:
     tokenizer_path: str | None = None  # a real checkpoint's tokenizer; None = the shipped one
 
     def __post_init__(self):
-        if self.min_text_tokens < 1 or self.max_text_tokens <= self.min_text_tokens:
-            raise ValueError(
-                f"SampleConfig: need 1 <= min_text_tokens < max_text_tokens, got {self.min_text_tokens}, "
-                f"{self.max_text_tokens}"
-            )
+        for name in ("min_text_tokens", "max_text_tokens"):
+            object.__setattr__(self, name, check_int("SampleConfig", name, getattr(self, name), minimum=1))
+        if self.max_text_tokens <= self.min_text_tokens:
+            raise invalid("SampleConfig", "max_text_tokens", self.max_text_tokens,
+                          f"must be > min_text_tokens ({self.min_text_tokens})")
 
 
 class BadRecord(ValueError):

@@ -22,11 +22,11 @@ What SPEC §3 fixes for pre-training, and what it leaves open:
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
 import math
 from dataclasses import dataclass
 from typing import Any
+
+from keyeflow.config import check_flag, check_int, check_number, config_hash, invalid, is_number
 
 SCHEDULES = ("cosine", "constant", "linear")
 TRAINABLE_POLICIES = ("projector", "all")
@@ -76,23 +76,7 @@ class StageConfig:
 
     def __post_init__(self) -> None:
         def fail(name: str, value: Any, why: str) -> None:
-            raise ValueError(f"StageConfig.{name}={value!r}: {why}")
-
-        def integer(name: str, minimum: int) -> None:
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int):
-                fail(name, value, "must be an integer")
-            if value < minimum:
-                fail(name, value, f"must be >= {minimum}")
-
-        def number(name: str, minimum: float, *, strict: bool = False) -> float:
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-                fail(name, value, "must be a finite number")
-            if value < minimum or (strict and value == minimum):
-                fail(name, value, f"must be {'>' if strict else '>='} {minimum}")
-            object.__setattr__(self, name, float(value))
-            return float(value)
+            raise invalid("StageConfig", name, value, why)
 
         if not isinstance(self.name, str) or not self.name:
             fail("name", self.name, "must be a non-empty string")
@@ -100,25 +84,26 @@ class StageConfig:
                               ("micro_batches_per_step", 1), ("seed", 0), ("checkpoint_every", 1),
                               ("zero_bucket_size", 1), ("sequence_parallel_size", 1),
                               ("pipeline_parallel_size", 1)):
-            integer(name, minimum)
+            object.__setattr__(self, name,
+                               check_int("StageConfig", name, getattr(self, name), minimum=minimum))
         if self.warmup_steps > self.max_steps:
             fail("warmup_steps", self.warmup_steps, f"must be <= max_steps ({self.max_steps})")
 
-        lr = number("learning_rate", 0.0, strict=True)
-        if number("min_lr", 0.0) > lr:
-            fail("min_lr", self.min_lr, f"must be <= learning_rate ({lr})")
-        number("weight_decay", 0.0)
+        # Numbers are stored as floats, so that 2 and 2.0 give one hash and one JSON.
+        # grad_clip None: no clipping; rope_theta None: the checkpoint's own.
+        optional = [name for name in ("grad_clip", "rope_theta") if getattr(self, name) is not None]
+        positive = ["learning_rate", *optional]
+        for name in (*positive, "min_lr", "weight_decay"):
+            object.__setattr__(self, name, check_number("StageConfig", name, getattr(self, name), minimum=0,
+                                                        strict=name in positive))
+        if self.min_lr > self.learning_rate:
+            fail("min_lr", self.min_lr, f"must be <= learning_rate ({self.learning_rate})")
         if self.schedule not in SCHEDULES:
             fail("schedule", self.schedule, f"must be one of {SCHEDULES}")
         betas = tuple(self.betas) if isinstance(self.betas, (list, tuple)) else None
-        if betas is None or len(betas) != 2 or not all(
-                isinstance(b, (int, float)) and not isinstance(b, bool) and 0 <= b < 1 for b in betas):
+        if betas is None or len(betas) != 2 or not all(is_number(b) and 0 <= b < 1 for b in betas):
             fail("betas", self.betas, "must be two numbers in [0, 1)")
         object.__setattr__(self, "betas", (float(betas[0]), float(betas[1])))
-        if self.grad_clip is not None:
-            number("grad_clip", 0.0, strict=True)
-        if self.rope_theta is not None:
-            number("rope_theta", 0.0, strict=True)
 
         trainable = self.trainable
         if isinstance(trainable, str):
@@ -134,8 +119,7 @@ class StageConfig:
                                                 or self.deepspeed_zero not in ZERO_STAGES):
             fail("deepspeed_zero", self.deepspeed_zero, f"must be None (no DeepSpeed) or one of {ZERO_STAGES}")
         for flag in ("bf16", "offload_optimizer", "offload_params"):
-            if not isinstance(getattr(self, flag), bool):
-                fail(flag, getattr(self, flag), "must be True or False")
+            check_flag("StageConfig", flag, getattr(self, flag))
         if self.offload_optimizer and (self.deepspeed_zero or 0) < 1:
             fail("offload_optimizer", True, "needs DeepSpeed ZeRO stage >= 1 (deepspeed_zero)")
         if self.offload_params and self.deepspeed_zero != 3:
@@ -190,8 +174,7 @@ class StageConfig:
         return cls(**data)
 
     def config_hash(self) -> str:
-        payload = json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
-        return hashlib.sha256(payload.encode("utf-8")).hexdigest()[:16]
+        return config_hash(self.to_dict(), compact=True)
 
 
 # SPEC §3 per pre-training stage; learning rates and warm-up are UNSTATED choices (module docstring).
@@ -215,3 +198,4 @@ def pretrain_stage(stage: int, **overrides: Any) -> StageConfig:
     base.update(overrides)
     base.setdefault("warmup_steps", max(1, round(0.03 * base["max_steps"])))
     return StageConfig.from_dict(base)
+
