@@ -25,6 +25,7 @@ from keyeflow.datasets.tables import TableRef
 from keyeflow.model.generation import Generator, LocalGenerator
 from keyeflow.quality.reward_model import ComparisonRequest, RewardModelConfig, RewardModelJudge
 from keyeflow.training import preference, rl
+from keyeflow.training.config import GSPOStageConfig, MPOStageConfig
 from keyeflow.training.posttrain_recipe import AlignmentSettings, PreferenceSettings
 from keyeflow.quality.rewards import Reward, RewardCombiner, RewardConfig, answer_reward
 from keyeflow.steps.stages import (
@@ -126,7 +127,7 @@ def train_reward_model(config: RewardModelConfig, stage, *, init: StageOutput, p
                        params={"reward_model": repr(config), "num_pairs": len(pairs)})
 
 
-def train_mpo(config: preference.MPOStageConfig, *, init: StageOutput, pairs: list[dict],
+def train_mpo(config: MPOStageConfig, *, init: StageOutput, pairs: list[dict],
               parent_run_id: str | None = None) -> StageOutput:
     def body(out_dir: Path, run_id: str) -> str:
         result = preference.train_mpo(config, init=init.checkpoint, pairs=pairs, out_dir=out_dir, run_id=run_id,
@@ -179,7 +180,7 @@ def alignment_reward(settings: AlignmentSettings, *, judge: RewardModelJudge | N
     return lambda item, response: combiner(reward_item(item), response)
 
 
-def train_gspo(config: rl.GSPOStageConfig, *, name: str, init: StageOutput, items: list[dict], reward_fn,
+def train_gspo(config: GSPOStageConfig, *, name: str, init: StageOutput, items: list[dict], reward_fn,
                reward_spec: dict, extra_upstream: Sequence[StageOutput] = (), parent_run_id: str | None = None
                ) -> StageOutput:
     """One GSPO stage (general RL round or alignment RL). `reward_spec`: what the reward is made of (part of the

@@ -14,12 +14,10 @@ from typing import Any
 
 from keyeflow.config import check_int, check_number, config_hash, invalid
 from keyeflow.quality.reward_model import RewardModelConfig
-from keyeflow.training.config import StageConfig
+from keyeflow.training.config import GSPOStageConfig, MPOStageConfig, StageConfig
 from keyeflow.training.hints import HintConfig
 from keyeflow.training.losses import GSPOConfig, MPOConfig
 from keyeflow.training.posttrain_data import DifficultyConfig
-from keyeflow.training.preference import MPOStageConfig
-from keyeflow.training.rl import GSPOStageConfig
 
 SFT_TASKS = ("conversation", "vqa", "grounding", "ocr", "temporal", "interleaved")
 

@@ -38,10 +38,9 @@ from keyeflow.quality.reward_model import (
     build_reward_model_data,
     train_reward_model,
 )
-from keyeflow.training.config import StageConfig
+from keyeflow.training.config import MPOStageConfig, StageConfig
 from keyeflow.training.losses import MPOConfig
 from keyeflow.training.preference import (
-    MPOStageConfig,
     PreferenceItem,
     build_preference_pairs,
     make_scorer,
