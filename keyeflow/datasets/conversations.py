@@ -35,6 +35,7 @@ from keyeflow.model.tokenizer import load_tokenizer, tokenizer_version
 STAGE = "ingest_samples"
 SOURCE_SUFFIXES = {".jsonl", ".txt"}
 _ROLES = {"system", "user", "assistant"}
+DEFAULT_IMAGE_CONFIG = ImageConfig()  # frozen: one shared default for the builders' signatures
 _COMMIT_ROWS = 5000
 
 
@@ -163,7 +164,7 @@ def resolve_media(part: dict, base: Path, source_root: Path) -> Path:
     value = part.get(kind)
     if not isinstance(value, str) or not value:
         raise BadRecord(f"{kind} part has no path")
-    value = value[len("file://"):] if value.startswith("file://") else value
+    value = value.removeprefix("file://")
     path = (base / value).resolve() if not Path(value).is_absolute() else Path(value).resolve()
     if not path.is_relative_to(source_root.resolve()):
         raise BadRecord(f"{kind} path {value!r} is outside the source root {source_root}")
@@ -246,7 +247,7 @@ def build_train_samples(
     paths: list[str],
     source_root: str,
     slowfast: SlowFastConfig,
-    image_config: ImageConfig = ImageConfig(),
+    image_config: ImageConfig = DEFAULT_IMAGE_CONFIG,
     config: SampleConfig = SampleConfig(),
     root: str | None = None,
     on_item: Callable[[], None] | None = None,
@@ -296,7 +297,7 @@ def add_conversations(
     conversations: list[dict],
     source_root: str,
     slowfast: SlowFastConfig,
-    image_config: ImageConfig = ImageConfig(),
+    image_config: ImageConfig = DEFAULT_IMAGE_CONFIG,
     config: SampleConfig = SampleConfig(),
     root: str | None = None,
 ) -> tuple[dict[str, str], dict[str, str]]:

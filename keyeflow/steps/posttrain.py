@@ -24,9 +24,6 @@ from keyeflow.datasets.rl_items import reward_item
 from keyeflow.datasets.tables import TableRef
 from keyeflow.model.generation import Generator, LocalGenerator
 from keyeflow.quality.reward_model import ComparisonRequest, RewardModelConfig, RewardModelJudge
-from keyeflow.training import preference, rl
-from keyeflow.training.config import GSPOStageConfig, MPOStageConfig
-from keyeflow.training.posttrain_recipe import AlignmentSettings, PreferenceSettings
 from keyeflow.quality.rewards import Reward, RewardCombiner, RewardConfig, answer_reward
 from keyeflow.steps.stages import (
     KEY_TAG,
@@ -36,6 +33,9 @@ from keyeflow.steps.stages import (
     path_fingerprint,
     step_key,
 )
+from keyeflow.training import preference, rl
+from keyeflow.training.config import GSPOStageConfig, MPOStageConfig
+from keyeflow.training.posttrain_recipe import AlignmentSettings, PreferenceSettings
 
 LATEST_PRETRAIN = "latest-pretrain"
 

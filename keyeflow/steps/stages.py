@@ -34,6 +34,7 @@ import torch
 from keyeflow import lineage
 from keyeflow.config import get_settings
 from keyeflow.datasets import tables
+from keyeflow.datasets.sample_reader import LanceSampleReader
 from keyeflow.datasets.tables import TableRef
 from keyeflow.model.config import KeyeConfig
 from keyeflow.model.merging import MergeConfig, merge_checkpoints
@@ -43,7 +44,6 @@ from keyeflow.training.config import StageConfig
 from keyeflow.training.evaluate import evaluate_mcq, heldout_loss, lance_video_lookup, promotion_gate
 from keyeflow.training.launch import LaunchConfig, launch_train
 from keyeflow.training.recipes import EvalConfig
-from keyeflow.datasets.sample_reader import LanceSampleReader
 from keyeflow.training.trainer import load_model, read_metrics
 
 DONE = "done.json"

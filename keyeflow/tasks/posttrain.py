@@ -17,6 +17,7 @@ from keyeflow.datasets.tables import TableRef
 from keyeflow.model.merging import MergeConfig
 from keyeflow.steps import posttrain
 from keyeflow.steps import stages as steps
+from keyeflow.steps.stages import StageOutput
 from keyeflow.training import rl
 from keyeflow.training.config import GSPOStageConfig, StageConfig
 from keyeflow.training.posttrain_data import (
@@ -27,7 +28,6 @@ from keyeflow.training.posttrain_data import (
     sft_mixture,
 )
 from keyeflow.training.posttrain_recipe import PosttrainRecipe
-from keyeflow.steps.stages import StageOutput
 
 _NO_CACHE = {"cache_policy": NO_CACHE}
 

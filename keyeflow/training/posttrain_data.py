@@ -26,12 +26,12 @@ from keyeflow.config import check_int, check_number
 from keyeflow.datasets import conversations, tables
 from keyeflow.datasets.images import ImageConfig
 from keyeflow.datasets.mixture import MixtureResult, fixed_mixture
+from keyeflow.datasets.sample_reader import read_media
 from keyeflow.datasets.slowfast import SlowFastConfig
 from keyeflow.datasets.tables import TableRef
 from keyeflow.model.generation import Generator
 from keyeflow.model.processor import MediaPatches
 from keyeflow.quality.rewards import answer_reward
-from keyeflow.datasets.sample_reader import read_media
 
 POSTTRAIN_STAGE = 5  # the `stage` column of post-training mixtures (pre-training uses 1–3)
 # train_samples.task → the checker that can tell a right answer (others are not checkable: kept)

@@ -23,8 +23,8 @@ from typer.testing import CliRunner
 
 from keyeflow import lineage
 from keyeflow.cli import app
-from keyeflow.training.recipes import pretrain_recipe
 from keyeflow.steps.stages import DONE
+from keyeflow.training.recipes import pretrain_recipe
 from keyeflow.training.trainer import LATEST
 
 KEYEFLOW = str(Path(sys.executable).parent / "keyeflow")

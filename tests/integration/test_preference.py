@@ -38,6 +38,7 @@ from keyeflow.quality.reward_model import (
     build_reward_model_data,
     train_reward_model,
 )
+from keyeflow.quality.rewards import RewardCombiner, RewardConfig, RewardItem
 from keyeflow.training.config import MPOStageConfig, StageConfig
 from keyeflow.training.losses import MPOConfig
 from keyeflow.training.preference import (
@@ -47,7 +48,6 @@ from keyeflow.training.preference import (
     sequence_logprobs,
     train_mpo,
 )
-from keyeflow.quality.rewards import RewardCombiner, RewardConfig, RewardItem
 from keyeflow.training.trainer import LATEST
 
 REPO = Path(__file__).resolve().parents[2]
