@@ -15,15 +15,15 @@ import os
 for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
     os.environ[var] = "1"
 
-import argparse  # noqa: E402
-import resource  # noqa: E402
-import subprocess  # noqa: E402
-import tempfile  # noqa: E402
-import time  # noqa: E402
-from pathlib import Path  # noqa: E402
+import argparse
+import resource
+import subprocess
+import tempfile
+import time
+from pathlib import Path
 
-import cv2  # noqa: E402
-import torch  # noqa: E402
+import cv2
+import torch
 
 torch.set_num_threads(1)
 cv2.setNumThreads(1)
@@ -34,8 +34,8 @@ CLIPS = {
     # clip is kept as the hard case: it decodes almost for free, so fixed per-frame work shows most.
     "grain_720p_30fps": ("mandelbrot=size=1280x720:rate=30,noise=alls=14:allf=t", "1280x720", 30),
     "grain_cuts_1080p_25fps": ("testsrc2=size=1920x1080:rate=25,noise=alls=10:allf=t", "1920x1080", 25),
-    "grain_life_960x540_30fps": ("life=size=240x135:rate=30:seed=7:mold=10,scale=960:540:flags=neighbor,"
-                                 "noise=alls=12:allf=t", "960x540", 30),
+    "grain_life_960x540_30fps": (("life=size=240x135:rate=30:seed=7:mold=10,scale=960:540:flags=neighbor,"
+                                  "noise=alls=12:allf=t"), "960x540", 30),
     "clean_testsrc2_640x360_30fps": ("testsrc2=size=640x360:rate=30", "640x360", 30),
 }
 

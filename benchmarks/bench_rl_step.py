@@ -100,8 +100,9 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     from keyeflow.model.modeling import KeyeForConditionalGeneration
+    from keyeflow.training.config import GSPOStageConfig
     from keyeflow.training.losses import GSPOConfig
-    from keyeflow.training.rl import GSPOStageConfig, rule_reward_fn, train_gspo
+    from keyeflow.training.rl import rule_reward_fn, train_gspo
 
     rule = rule_reward_fn()
 

@@ -36,7 +36,7 @@ try:
 except ImportError:  # run from a checkout without `pip install -e .`
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     from keyeflow.datasets import slowfast
-from keyeflow.datasets.slowfast_reference import import_keye_vl_utils  # noqa: E402
+from keyeflow.datasets.slowfast_reference import import_keye_vl_utils
 
 REPEATS = 5
 

@@ -75,8 +75,8 @@ def bench_model_config():
 
 def collated_steps(stage, mixture, mixture_id, pad_id):
     """The micro-batches `train` will see, collated, per step; and real tokens per step."""
-    from keyeflow.training.loader import MixtureLoader
     from keyeflow.datasets.sample_reader import LanceSampleReader
+    from keyeflow.training.loader import MixtureLoader
     from keyeflow.training.trainer import micro_batch_inputs, tables_root, train_samples_of
 
     reader = LanceSampleReader(train_samples_of(mixture, mixture_id), root=tables_root(mixture))

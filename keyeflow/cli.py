@@ -10,7 +10,6 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Optional
 
 import typer
 from rich.columns import Columns
@@ -270,7 +269,7 @@ def _summary(result: dict, seconds: float) -> None:
 def ingest(
     paths: list[str] = typer.Argument(..., help="files, folders or fsspec URIs"),
     preset: str = typer.Option("paper", help="Slow-Fast preset for pre-tokenisation"),
-    set_: Optional[list[str]] = typer.Option(None, "--set", help="Slow-Fast override key=value"),
+    set_: list[str] | None = typer.Option(None, "--set", help="Slow-Fast override key=value"),
     pretokenize: bool = typer.Option(True, help="also pre-tokenise what was ingested"),
     shard_size: int = typer.Option(16, min=1, help="files per ingestion shard (one commit each)"),
     pretokenize_shard_size: int = typer.Option(4, min=1, help="videos per pre-tokenisation shard"),
@@ -291,8 +290,8 @@ def ingest(
 @app.command("pretokenize")
 def pretokenize_cmd(
     preset: str = typer.Option("paper"),
-    set_: Optional[list[str]] = typer.Option(None, "--set", help="Slow-Fast override key=value"),
-    videos_version: Optional[int] = typer.Option(None, help="pin the videos table version"),
+    set_: list[str] | None = typer.Option(None, "--set", help="Slow-Fast override key=value"),
+    videos_version: int | None = typer.Option(None, help="pin the videos table version"),
 ):
     """Slow-Fast pre-tokenise ingested videos (skips what this config already did)."""
     from keyeflow.flows.video import pretokenize_videos
@@ -329,8 +328,8 @@ def samples_build(
 @app.command()
 def mix(
     stage: int = typer.Option(..., help="pre-training stage (1, 2 or 3)"),
-    set_: Optional[list[str]] = typer.Option(None, "--set", help="MixtureConfig override key=value (JSON values)"),
-    samples_version: Optional[int] = typer.Option(None, help="pin the train_samples version"),
+    set_: list[str] | None = typer.Option(None, "--set", help="MixtureConfig override key=value (JSON values)"),
+    samples_version: int | None = typer.Option(None, help="pin the train_samples version"),
 ):
     """Build the stage's token-balanced mixture (24/50/26 in stage 3) and report the shares reached."""
     from keyeflow.datasets.mixture import MixtureShortfall
@@ -349,7 +348,7 @@ def mix(
 def slowfast(
     video: str,
     preset: str = typer.Option("paper"),
-    set_: Optional[list[str]] = typer.Option(None, "--set", help="override key=value"),
+    set_: list[str] | None = typer.Option(None, "--set", help="override key=value"),
     as_json: bool = typer.Option(False, "--json", help="print JSON"),
 ):
     """Show how one video would be tokenised: frame types, timestamps, sizes, totals."""
@@ -398,16 +397,16 @@ def slowfast(
 @app.command()
 def longcot(
     questions: list[str] = typer.Argument(..., help="question JSONL files or folders (conversation format)"),
-    source_root: Optional[Path] = typer.Option(None, help="media must stay inside this folder "
-                                                          "(default: the common folder of the questions)"),
+    source_root: Path | None = typer.Option(None, help="media must stay inside this folder "
+                                                      "(default: the common folder of the questions)"),
     review: str = typer.Option("keep_out", help="who decides on B and borderline A: keep_out, auto_approve "
                                                 "(unattended) or prefect (pause for a person in the Prefect UI)"),
     review_timeout: int = typer.Option(3600, min=1, help="seconds to wait for a person's decision (prefect)"),
     on_timeout: str = typer.Option("keep_out", help="what an item gets without a decision: keep_out or auto_approve"),
     backend: str = typer.Option("local", help="local (our model in process) or openai (a server)"),
-    model_path: Optional[str] = typer.Option(None, help="local checkpoint (default: the tiny random one)"),
-    base_url: Optional[str] = typer.Option(None, help="OpenAI-compatible API root with /v1 (openai backend)"),
-    served_model: Optional[str] = typer.Option(None, "--model", help="served model name (openai backend)"),
+    model_path: str | None = typer.Option(None, help="local checkpoint (default: the tiny random one)"),
+    base_url: str | None = typer.Option(None, help="OpenAI-compatible API root with /v1 (openai backend)"),
+    served_model: str | None = typer.Option(None, "--model", help="served model name (openai backend)"),
     n: int = typer.Option(4, min=1, help="paths per question"),
     temperature: float = typer.Option(1.0, min=0.0),
     max_new_tokens: int = typer.Option(256, min=1),
@@ -452,8 +451,8 @@ def longcot(
 @app.command()
 def pretrain(
     recipe: str = typer.Option("tiny", help="tiny (CPU, minutes) or keye-8b (the paper's settings)"),
-    init: Optional[str] = typer.Option(None, help="checkpoint stage 1 starts from (default: fresh weights)"),
-    samples_version: Optional[int] = typer.Option(None, help="train_samples version to pin (default: latest)"),
+    init: str | None = typer.Option(None, help="checkpoint stage 1 starts from (default: fresh weights)"),
+    samples_version: int | None = typer.Option(None, help="train_samples version to pin (default: latest)"),
 ):
     """Pre-training stages 1 → 2 → 3 (annealing variants) → 4 (fusion), each evaluated and gated; unchanged
     stages are skipped, a killed stage resumes."""
@@ -486,7 +485,7 @@ def _stages_summary(title: str, result: dict, seconds: float) -> None:
 def posttrain(
     checkpoint: str = typer.Argument("latest-pretrain", help="checkpoint to start from (default: the newest pretrain run's)"),
     recipe: str = typer.Option("tiny", help="tiny (CPU, minutes) or keye-8b"),
-    samples_version: Optional[int] = typer.Option(None, help="train_samples version to pin (default: latest)"),
+    samples_version: int | None = typer.Option(None, help="train_samples version to pin (default: latest)"),
 ):
     """Post-training: SFT → reward model → MPO → LongCoT SFT + expert merge → GSPO rounds → alignment RL;
     unchanged stages are skipped, a killed one resumes."""

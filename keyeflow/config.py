@@ -1,8 +1,10 @@
-"""Settings: where data, tables and tracking live.
+"""Settings: where data, tables and tracking live; and the checks and the hash every config class shares.
 
 Everything defaults under one data root (``KEYEFLOW_HOME``, default ``./keyeflow_home``) so a laptop run
 needs no service; each location can be pointed elsewhere (``s3://`` tables, an MLflow server) by env var.
-Component configs (Slow-Fast, ingestion, gates, stages) live beside their components, one class each.
+Component configs (Slow-Fast, ingestion, gates, stages) live beside their components, one class each; they
+validate themselves on construction with the functions below (`check_int`, `check_number`, `check_flag`,
+`invalid`) and hash themselves with `config_hash`.
 """
 
 from __future__ import annotations
@@ -10,6 +12,8 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+import math
+import numbers
 import os
 from dataclasses import asdict, is_dataclass
 from pathlib import Path
@@ -118,13 +122,73 @@ def storage_options(uri: str) -> dict[str, str] | None:
     return options
 
 
-def config_hash(config: Any, length: int = 16) -> str:
-    """Stable hash of a config (dataclass, pydantic model or mapping) for caching and row provenance."""
+# ------------------------------------------------------------------------------------------ config checks
+# A bad setting is refused when its config is built (DESIGN rule 4), with one message shape that names the
+# class, the field and the value: "StageConfig.max_steps=0: must be >= 1". A wrong type is a ValueError too:
+# one exception type for every bad setting, whatever was wrong with it.
+
+
+def is_integer(value: object) -> bool:
+    """An int or NumPy integer; not a bool (Python counts True as 1, a config never should)."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def is_number(value: object) -> bool:
+    """A finite real number (int, float or NumPy scalar); not a bool, NaN or infinity."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def invalid(owner: str, name: str, value: object, why: str) -> ValueError:
+    """The error for a bad setting `owner.name` (the caller raises it)."""
+    return ValueError(f"{owner}.{name}={value!r}: {why}")
+
+
+def check_int(owner: str, name: str, value: object, *, minimum: int | None = None,
+              maximum: int | None = None) -> int:
+    """`value` as an int, or a ValueError saying it is not an integer, or which bound it breaks."""
+    if not is_integer(value):
+        raise invalid(owner, name, value, "must be an integer")
+    if (minimum is not None and value < minimum) or (maximum is not None and value > maximum):
+        bounds = []
+        if minimum is not None:
+            bounds.append(f">= {minimum}")
+        if maximum is not None:
+            bounds.append(f"<= {maximum}")
+        raise invalid(owner, name, value, "must be " + " and ".join(bounds))
+    return int(value)
+
+
+def check_number(owner: str, name: str, value: object, *, minimum: float | None = None,
+                 strict: bool = False) -> float:
+    """`value` as a float, or a ValueError saying what it must be: finite, >= `minimum` (> with `strict`)."""
+    if not is_number(value) or (minimum is not None and (value < minimum or (strict and value == minimum))):
+        bound = "" if minimum is None else f" {'>' if strict else '>='} {minimum}"
+        raise invalid(owner, name, value, f"must be a finite number{bound}")
+    return float(value)
+
+
+def check_flag(owner: str, name: str, value: object) -> bool:
+    """`value` if it is True or False (not 1, 0 or "yes")."""
+    if not isinstance(value, bool):
+        raise invalid(owner, name, value, "must be True or False")
+    return value
+
+
+def config_hash(config: Any, length: int = 16, *, compact: bool = False) -> str:
+    """Stable hash of a config (dataclass, pydantic model or mapping) for caching and row provenance: the
+    sha256 of its JSON with sorted keys.
+
+    Two spellings of that JSON are in use, and both stay, because stored data is keyed on them: table rows
+    (image and train samples, LongCoT generations) carry hashes of `json.dumps`' default spacing; stage
+    checkpoints, cached training steps and mixtures carry hashes of the compact form (``compact=True``:
+    no spaces after "," and ":"). Changing either would re-key everything already stored.
+    """
     if is_dataclass(config):
         payload = asdict(config)
     elif hasattr(config, "model_dump"):
         payload = config.model_dump(mode="json")
     else:
         payload = dict(config)
-    text = json.dumps(payload, sort_keys=True, default=str)
+    separators = (",", ":") if compact else None
+    text = json.dumps(payload, sort_keys=True, separators=separators, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:length]

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import pyarrow.compute as pc
 
+from keyeflow.config import check_int, invalid
 from keyeflow.config import config_hash as hash_config
 from keyeflow.datasets import images, pretokenize, tables
 from keyeflow.datasets.images import ImageConfig
@@ -34,6 +35,7 @@ from keyeflow.model.tokenizer import load_tokenizer, tokenizer_version
 STAGE = "ingest_samples"
 SOURCE_SUFFIXES = {".jsonl", ".txt"}
 _ROLES = {"system", "user", "assistant"}
+DEFAULT_IMAGE_CONFIG = ImageConfig()  # frozen: one shared default for the builders' signatures
 _COMMIT_ROWS = 5000
 
 
@@ -46,11 +48,11 @@ class SampleConfig:
     tokenizer_path: str | None = None  # a real checkpoint's tokenizer; None = the shipped one
 
     def __post_init__(self):
-        if self.min_text_tokens < 1 or self.max_text_tokens <= self.min_text_tokens:
-            raise ValueError(
-                f"SampleConfig: need 1 <= min_text_tokens < max_text_tokens, got {self.min_text_tokens}, "
-                f"{self.max_text_tokens}"
-            )
+        for name in ("min_text_tokens", "max_text_tokens"):
+            object.__setattr__(self, name, check_int("SampleConfig", name, getattr(self, name), minimum=1))
+        if self.max_text_tokens <= self.min_text_tokens:
+            raise invalid("SampleConfig", "max_text_tokens", self.max_text_tokens,
+                          f"must be > min_text_tokens ({self.min_text_tokens})")
 
 
 class BadRecord(ValueError):
@@ -162,7 +164,7 @@ def resolve_media(part: dict, base: Path, source_root: Path) -> Path:
     value = part.get(kind)
     if not isinstance(value, str) or not value:
         raise BadRecord(f"{kind} part has no path")
-    value = value[len("file://"):] if value.startswith("file://") else value
+    value = value.removeprefix("file://")
     path = (base / value).resolve() if not Path(value).is_absolute() else Path(value).resolve()
     if not path.is_relative_to(source_root.resolve()):
         raise BadRecord(f"{kind} path {value!r} is outside the source root {source_root}")
@@ -245,7 +247,7 @@ def build_train_samples(
     paths: list[str],
     source_root: str,
     slowfast: SlowFastConfig,
-    image_config: ImageConfig = ImageConfig(),
+    image_config: ImageConfig = DEFAULT_IMAGE_CONFIG,
     config: SampleConfig = SampleConfig(),
     root: str | None = None,
     on_item: Callable[[], None] | None = None,
@@ -295,7 +297,7 @@ def add_conversations(
     conversations: list[dict],
     source_root: str,
     slowfast: SlowFastConfig,
-    image_config: ImageConfig = ImageConfig(),
+    image_config: ImageConfig = DEFAULT_IMAGE_CONFIG,
     config: SampleConfig = SampleConfig(),
     root: str | None = None,
 ) -> tuple[dict[str, str], dict[str, str]]:

@@ -59,6 +59,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from keyeflow.config import check_int, invalid
 from keyeflow.config import config_hash as _hash_config
 from keyeflow.datasets import tables
 from keyeflow.datasets.ingest import IngestConfig, IngestReport
@@ -115,21 +116,13 @@ class ImageConfig:
 
     def __post_init__(self) -> None:
         for name in ("min_tokens", "max_tokens", "patch_size", "merge_size", "min_side", "max_header_pixels"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-                raise ValueError(f"ImageConfig.{name}={value!r}: must be an integer")  # noqa: TRY004 (rule 4)
-            object.__setattr__(self, name, int(value))
-            if value < 1:
-                raise ValueError(f"ImageConfig.{name}={value!r}: must be >= 1")
+            object.__setattr__(self, name, check_int("ImageConfig", name, getattr(self, name), minimum=1))
         if self.max_tokens < self.min_tokens:
-            raise ValueError(
-                f"ImageConfig.max_tokens={self.max_tokens}: must be >= min_tokens ({self.min_tokens})"
-            )
+            raise invalid("ImageConfig", "max_tokens", self.max_tokens,
+                          f"must be >= min_tokens ({self.min_tokens})")
         if self.max_header_pixels < self.min_side * self.min_side:
-            raise ValueError(
-                f"ImageConfig.max_header_pixels={self.max_header_pixels}: must be >= min_side**2 "
-                f"({self.min_side * self.min_side}), or no image could pass"
-            )
+            raise invalid("ImageConfig", "max_header_pixels", self.max_header_pixels,
+                          f"must be >= min_side**2 ({self.min_side * self.min_side}), or no image could pass")
 
     @property
     def factor(self) -> int:

@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
+from keyeflow.config import check_int
 from keyeflow.datasets import tables
 from keyeflow.datasets.video import BadVideo, as_local_file, content_hash, discover, probe
 
@@ -22,8 +23,8 @@ class IngestConfig:
     shard_size: int = 16
 
     def __post_init__(self):
-        if self.shard_size < 1:
-            raise ValueError(f"IngestConfig.shard_size must be >= 1, got {self.shard_size}")
+        object.__setattr__(self, "shard_size",
+                           check_int("IngestConfig", "shard_size", self.shard_size, minimum=1))
 
 
 @dataclass

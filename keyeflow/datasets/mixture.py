@@ -47,6 +47,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from keyeflow.config import check_flag, check_int, check_number, config_hash, invalid
 from keyeflow.datasets import sql, tables
 
 log = logging.getLogger(__name__)
@@ -103,28 +104,17 @@ class MixtureConfig:
 
     def __post_init__(self) -> None:
         def fail(name: str, value: Any, why: str) -> None:
-            raise ValueError(f"MixtureConfig.{name}={value!r}: {why}")
+            raise invalid("MixtureConfig", name, value, why)
 
-        def integer(name: str, value: Any, minimum: int) -> int:
-            if isinstance(value, bool) or not isinstance(value, int):
-                fail(name, value, "must be an integer")
-            if value < minimum:
-                fail(name, value, f"must be >= {minimum}")
-            return int(value)
-
-        def number(name: str, value: Any) -> float:
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-                fail(name, value, "must be a finite number")
-            return float(value)
-
-        object.__setattr__(self, "stage", integer("stage", self.stage, 1))
-        object.__setattr__(self, "max_sample_tokens", integer("max_sample_tokens", self.max_sample_tokens, 1))
-        object.__setattr__(self, "seed", integer("seed", self.seed, 0))
-        holdout = integer("holdout_per_mille", self.holdout_per_mille, 0)
-        if holdout >= 1000:
-            fail("holdout_per_mille", holdout, "must be < 1000 (1000 would hold out every sample)")
+        for name, minimum in (("stage", 1), ("max_sample_tokens", 1), ("seed", 0), ("holdout_per_mille", 0)):
+            object.__setattr__(self, name,
+                               check_int("MixtureConfig", name, getattr(self, name), minimum=minimum))
+        if self.holdout_per_mille >= 1000:
+            fail("holdout_per_mille", self.holdout_per_mille,
+                 "must be < 1000 (1000 would hold out every sample)")
         if self.total_tokens is not None:
-            object.__setattr__(self, "total_tokens", integer("total_tokens", self.total_tokens, 1))
+            object.__setattr__(self, "total_tokens",
+                               check_int("MixtureConfig", "total_tokens", self.total_tokens, minimum=1))
 
         if not isinstance(self.target_shares, dict) or not self.target_shares:
             fail("target_shares", self.target_shares, f"must be a non-empty dict over {MODALITIES}")
@@ -132,7 +122,7 @@ class MixtureConfig:
         for modality, share in sorted(self.target_shares.items()):
             if modality not in MODALITIES:
                 fail("target_shares", self.target_shares, f"unknown modality {modality!r}; valid: {MODALITIES}")
-            share = number(f"target_shares[{modality!r}]", share)
+            share = check_number("MixtureConfig", f"target_shares[{modality!r}]", share)
             if share < 0:
                 fail("target_shares", self.target_shares, f"share of {modality!r} must be >= 0")
             shares[modality] = share
@@ -147,7 +137,7 @@ class MixtureConfig:
         for source, weight in sorted(self.source_weights.items()):
             if not isinstance(source, str) or not source:
                 fail("source_weights", self.source_weights, "source names must be non-empty strings")
-            weight = number(f"source_weights[{source!r}]", weight)
+            weight = check_number("MixtureConfig", f"source_weights[{source!r}]", weight)
             if weight < 0:
                 fail("source_weights", self.source_weights, f"weight of {source!r} must be >= 0")
             weights[source] = weight
@@ -160,9 +150,8 @@ class MixtureConfig:
                 fail("tasks", self.tasks, "an empty task list would exclude everything; use None for all")
             object.__setattr__(self, "tasks", tuple(sorted(set(self.tasks))))
 
-        if not isinstance(self.upsample, bool):
-            fail("upsample", self.upsample, "must be True or False")
-        max_repeats = number("max_repeats", self.max_repeats)
+        check_flag("MixtureConfig", "upsample", self.upsample)
+        max_repeats = check_number("MixtureConfig", "max_repeats", self.max_repeats)
         if max_repeats < 1:
             fail("max_repeats", self.max_repeats, "must be >= 1 (1 = every sample used at most once)")
         if max_repeats != 1 and not self.upsample:
@@ -171,7 +160,7 @@ class MixtureConfig:
         # Keep integral caps integers so that 2 and 2.0 hash alike and read naturally.
         object.__setattr__(self, "max_repeats", int(max_repeats) if max_repeats.is_integer() else max_repeats)
 
-        tolerance = number("tolerance_pp", self.tolerance_pp)
+        tolerance = check_number("MixtureConfig", "tolerance_pp", self.tolerance_pp)
         if not 0 < tolerance <= 100:
             fail("tolerance_pp", self.tolerance_pp, "must be in (0, 100] percentage points")
         object.__setattr__(self, "tolerance_pp", tolerance)
@@ -199,8 +188,7 @@ class MixtureConfig:
         return out
 
     def config_hash(self) -> str:
-        payload = json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
-        return hashlib.sha256(payload.encode("utf-8")).hexdigest()[:16]
+        return config_hash(self.to_dict(), compact=True)
 
 
 # Stage 2's mixture is UNSTATED in the paper (SPEC §3 lists its tasks, not shares). We pick
@@ -520,8 +508,7 @@ def mixture_id(config: MixtureConfig, eligible_digest: str) -> str:
         "seed": config.seed,
         "eligible": eligible_digest,
     }
-    text = json.dumps(payload, sort_keys=True, separators=(",", ":"))
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
+    return config_hash(payload, compact=True)
 
 
 def classify_sql(config: MixtureConfig, with_quarantine: bool = True) -> str:

@@ -15,8 +15,8 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pyarrow as pa
-import torch
 import pyarrow.compute as pc
+import torch
 
 from keyeflow.datasets import tables
 from keyeflow.datasets.slowfast import SlowFastConfig, allocate_tokens, select_frames

@@ -15,8 +15,6 @@ following frames in one batched product, jumping straight to the next frame that
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
 import math
 import warnings
 from collections.abc import Callable, Sequence
@@ -28,6 +26,8 @@ import cv2
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+from keyeflow.config import check_flag, check_int, check_number, config_hash, invalid
 
 FRAME_SLOW = 0
 FRAME_FAST = 1
@@ -52,24 +52,20 @@ class SlowFastConfig:
 
     def __post_init__(self) -> None:
         def fail(name: str, value: Any, why: str) -> None:
-            raise ValueError(f"SlowFastConfig.{name}={value!r}: {why}")
+            raise invalid("SlowFastConfig", name, value, why)
 
         # Normalise numbers so that 2 and 2.0 give the same hash and JSON.
         for name in ("fps", "similarity_threshold", "patch_cosine_threshold", "fast_ratio"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-                fail(name, value, "must be a finite number")
-            object.__setattr__(self, name, float(value))
-        int_fields = ("selection_max_tokens", "min_tokens_per_frame", "max_tokens_per_frame",
-                      "total_token_budget", "patch_size", "merge_size")
-        for name in int_fields:
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-                fail(name, value, "must be an integer")
-            object.__setattr__(self, name, int(value))
-        if not isinstance(self.strict_budget, (bool, np.bool_)):
-            fail("strict_budget", self.strict_budget, "must be True or False")
-        object.__setattr__(self, "strict_budget", bool(self.strict_budget))
+            object.__setattr__(self, name, check_number("SlowFastConfig", name, getattr(self, name)))
+        for name, minimum in (("selection_max_tokens", None), ("min_tokens_per_frame", 1),
+                              ("max_tokens_per_frame", None), ("total_token_budget", 1), ("patch_size", 1),
+                              ("merge_size", 1)):
+            object.__setattr__(self, name,
+                               check_int("SlowFastConfig", name, getattr(self, name), minimum=minimum))
+        strict = self.strict_budget
+        if isinstance(strict, np.bool_):  # NumPy's bool is not a bool, but says the same
+            strict = bool(strict)
+        object.__setattr__(self, "strict_budget", check_flag("SlowFastConfig", "strict_budget", strict))
         if not isinstance(self.preset, str):
             fail("preset", self.preset, "must be a string")
 
@@ -81,9 +77,6 @@ class SlowFastConfig:
             fail("patch_cosine_threshold", self.patch_cosine_threshold, "must be in [0, 1]")
         if not 0.0 < self.fast_ratio <= 1.0:
             fail("fast_ratio", self.fast_ratio, "must be in (0, 1]")
-        for name in ("patch_size", "merge_size", "min_tokens_per_frame", "total_token_budget"):
-            if getattr(self, name) < 1:
-                fail(name, getattr(self, name), "must be >= 1")
         if self.max_tokens_per_frame < self.min_tokens_per_frame:
             fail("max_tokens_per_frame", self.max_tokens_per_frame,
                  f"must be >= min_tokens_per_frame ({self.min_tokens_per_frame})")
@@ -102,9 +95,7 @@ class SlowFastConfig:
     def config_hash(self) -> str:
         """Stable across processes and Python versions; the preset name is left out because two presets
         with the same numbers make the same tokens."""
-        fields = {k: v for k, v in self.to_dict().items() if k != "preset"}
-        payload = json.dumps(fields, sort_keys=True, separators=(",", ":"))
-        return hashlib.sha256(payload.encode("utf-8")).hexdigest()[:16]
+        return config_hash({k: v for k, v in self.to_dict().items() if k != "preset"}, compact=True)
 
 
 PRESETS: MappingProxyType[str, SlowFastConfig] = MappingProxyType({

@@ -10,12 +10,12 @@ import matplotlib
 
 matplotlib.use("Agg")  # headless: flows run on servers and workers without a display
 
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import pyarrow.compute as pc  # noqa: E402
+import matplotlib.pyplot as plt
+import numpy as np
+import pyarrow.compute as pc
 
-from keyeflow.datasets import tables  # noqa: E402
-from keyeflow.datasets.pretokenize import unpatchify  # noqa: E402
+from keyeflow.datasets import tables
+from keyeflow.datasets.pretokenize import unpatchify
 
 SLOW_COLOUR = "#1f77b4"
 FAST_COLOUR = "#ff7f0e"

@@ -62,7 +62,7 @@ def is_local(uri: str) -> bool:
 
 
 def local_path(uri: str) -> str:
-    return uri[len("file://") :] if uri.startswith("file://") else uri
+    return uri.removeprefix("file://")
 
 
 def discover(paths: list[str], suffixes: set[str] = VIDEO_SUFFIXES) -> list[str]:
@@ -146,7 +146,7 @@ def _ratio(text: str | None) -> float:
 def _rotation(stream: dict) -> int:
     for side in stream.get("side_data_list", []) or []:
         if "rotation" in side:
-            return int(round(float(side["rotation"]))) % 360
+            return round(float(side["rotation"])) % 360
     tag = (stream.get("tags") or {}).get("rotate")
     return int(tag) % 360 if tag else 0
 
@@ -244,12 +244,13 @@ def decode(
     width, height = info.width, info.height
     frame_bytes = width * height * 3
     capacity = max(1, min(max_frames, math.ceil(info.duration_s * rate) + 2 if info.duration_s else max_frames))
-    spool = None
     if capacity * frame_bytes > (512 << 20):
         spool_dir = spool_dir or Path(tempfile.gettempdir())
         spool_dir.mkdir(parents=True, exist_ok=True)
-        spool = tempfile.NamedTemporaryFile(dir=spool_dir, suffix=".frames", delete=True)
-        buffer = np.memmap(spool, dtype=np.uint8, mode="w+", shape=(capacity, height, width, 3))
+        # The map holds its own handle on the file, so closing (and so deleting) the scratch file right away
+        # keeps the frames and leaves nothing on disk once they are dropped, even if this process is killed.
+        with tempfile.NamedTemporaryFile(dir=spool_dir, suffix=".frames") as spool:
+            buffer = np.memmap(spool, dtype=np.uint8, mode="w+", shape=(capacity, height, width, 3))
     else:
         buffer = np.empty((capacity, height, width, 3), dtype=np.uint8)
 

@@ -20,7 +20,7 @@ when and the outcome.
 
 from __future__ import annotations
 
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 from prefect import flow, runtime
 from prefect.flow_runs import pause_flow_run
@@ -51,7 +51,7 @@ def review_longcot_item(paths: TableRef, questions: TableRef, path_id: str, revi
         outcome = {"invalid": str(error).replace("\n", " ")}
     else:
         outcome = {"decision": answer.model_dump(include={"item_id", "action", "edited_text", "reviewer", "note"}),
-                   "decided_at": datetime.now(timezone.utc).isoformat(), "flow_run_id": str(runtime.flow_run.id)}
+                   "decided_at": datetime.now(UTC).isoformat(), "flow_run_id": str(runtime.flow_run.id)}
     decision = t.decisions_from_review(path_id, outcome, review)
     t.record_decision(paths, decision)
     return decision

@@ -8,10 +8,10 @@ from prefect import flow
 
 from keyeflow.datasets.tables import TableRef, table_uri
 from keyeflow.flows.data import build_mixture
+from keyeflow.steps.stages import mean_metrics
 from keyeflow.tasks import pretrain as t
 from keyeflow.tasks.common import current_ref, lineage_run
 from keyeflow.training.recipes import pretrain_recipe
-from keyeflow.steps.stages import mean_metrics
 
 
 @flow(name="pretrain")

@@ -18,8 +18,8 @@ from collections.abc import Mapping
 from typing import Any
 
 from keyeflow.datasets import tables
-from keyeflow.longcot.generate import user_content
 from keyeflow.datasets.tables import TableRef
+from keyeflow.longcot.generate import user_content
 from keyeflow.quality.rewards import Constraint, RewardItem
 
 DOMAIN_CHECKERS = {"counting": "count", "grounding": "grounding"}  # others: answer equivalence ("math")

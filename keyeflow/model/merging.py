@@ -49,6 +49,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from keyeflow.config import check_number, invalid
+
 METHODS = ("average", "task_arithmetic", "ties")
 DEFAULT_TIES_DENSITY = 0.2  # TIES paper: keep the top 20% of each task vector
 MERGE_RECORD = "merge.json"
@@ -73,41 +75,40 @@ class MergeConfig:
     scaling: float | None = None
 
     def __post_init__(self) -> None:
+        def fail(name: str, value: object, why: str) -> None:
+            raise invalid("MergeConfig", name, value, why)
+
         if self.method not in METHODS:
-            raise ValueError(f"MergeConfig.method must be one of {METHODS}, got {self.method!r}")
+            fail("method", self.method, f"must be one of {METHODS}")
         if self.weights is not None:
-            weights = tuple(float(w) for w in self.weights)
+            weights = tuple(check_number("MergeConfig", f"weights[{i}]", weight)
+                            for i, weight in enumerate(self.weights))
             if not weights:
-                raise ValueError("MergeConfig.weights must hold one weight per input, got none")
-            if not all(math.isfinite(w) for w in weights):
-                raise ValueError(f"MergeConfig.weights must be finite, got {weights}")
+                fail("weights", self.weights, "must hold one weight per input, got none")
             if self.method == "average":
                 if min(weights) < 0:
-                    raise ValueError(f"average weights must be >= 0, got {weights}")
+                    fail("weights", weights, "average weights must be >= 0")
                 if abs(sum(weights) - 1.0) > _WEIGHT_SUM_TOLERANCE:
-                    raise ValueError(
-                        f"average weights must sum to 1 (they are used as given, not normalised), "
-                        f"got {weights} summing to {sum(weights)!r}"
-                    )
+                    fail("weights", weights, "average weights must sum to 1 (they are used as given, not "
+                         f"normalised); they sum to {sum(weights)!r}")
             object.__setattr__(self, "weights", weights)
         if self.method == "average":
             for name in ("base", "density", "scaling"):
                 if getattr(self, name) is not None:
-                    raise ValueError(f"MergeConfig.{name} is not used by method 'average'; leave it None")
+                    fail(name, getattr(self, name), "not used by method 'average'; leave it None")
             return
         if self.base is not None:
             object.__setattr__(self, "base", str(self.base))
         if self.method == "task_arithmetic" and self.density is not None:
-            raise ValueError("MergeConfig.density is used only by method 'ties'")
+            fail("density", self.density, "used only by method 'ties'")
         if self.method == "ties":
-            density = DEFAULT_TIES_DENSITY if self.density is None else float(self.density)
+            density = check_number("MergeConfig", "density",
+                                   DEFAULT_TIES_DENSITY if self.density is None else self.density)
             if not 0.0 < density <= 1.0:
-                raise ValueError(f"MergeConfig.density must be in (0, 1], got {self.density}")
+                fail("density", self.density, "must be in (0, 1]")
             object.__setattr__(self, "density", density)
-        scaling = 1.0 if self.scaling is None else float(self.scaling)
-        if not math.isfinite(scaling):
-            raise ValueError(f"MergeConfig.scaling must be finite, got {self.scaling}")
-        object.__setattr__(self, "scaling", scaling)
+        scaling = 1.0 if self.scaling is None else self.scaling
+        object.__setattr__(self, "scaling", check_number("MergeConfig", "scaling", scaling))
 
     def weights_for(self, num_inputs: int) -> tuple[float, ...]:
         if num_inputs < 1:

@@ -32,6 +32,8 @@ import unicodedata
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+from keyeflow.config import check_int, check_number, invalid, is_integer, is_number
+
 PROCESS_DIMENSIONS = ("logical_consistency", "factual_accuracy", "relevance")
 GRADES = ("A", "B", "C")
 
@@ -59,33 +61,32 @@ class LongCoTConfig:
     seed: int = 0  # salts the per-item keep draw
 
     def __post_init__(self) -> None:
+        def fail(name: str, value: object, why: str) -> None:
+            raise invalid("LongCoTConfig", name, value, why)
+
         if self.response_confidence not in ("min", "mean"):
-            raise ValueError(f"response_confidence must be 'min' or 'mean', got {self.response_confidence!r}")
-        if not isinstance(self.max_paths_per_question, int) or self.max_paths_per_question < 1:
-            raise ValueError(
-                f"max_paths_per_question must be an integer ≥ 1, got {self.max_paths_per_question}"
-            )
+            fail("response_confidence", self.response_confidence, "must be 'min' or 'mean'")
+        for name, minimum in (("max_paths_per_question", 1), ("seed", 0)):
+            object.__setattr__(self, name,
+                               check_int("LongCoTConfig", name, getattr(self, name), minimum=minimum))
         for name in ("dedup_similarity", "min_process_score", "redundancy_review", "redundancy_max"):
-            value = getattr(self, name)
-            if not 0.0 <= value <= 1.0:
-                raise ValueError(f"{name} must be in [0, 1], got {value}")
+            if not 0.0 <= check_number("LongCoTConfig", name, getattr(self, name)) <= 1.0:
+                fail(name, getattr(self, name), "must be in [0, 1]")
         if self.redundancy_review >= self.redundancy_max:
-            raise ValueError(
-                f"redundancy_review ({self.redundancy_review}) must be below redundancy_max "
-                f"({self.redundancy_max})"
-            )
+            fail("redundancy_review", self.redundancy_review,
+                 f"must be below redundancy_max ({self.redundancy_max})")
         object.__setattr__(self, "repeats_by_score", tuple(self.repeats_by_score))
         object.__setattr__(self, "keep_probability_by_score", tuple(self.keep_probability_by_score))
         repeats, keeps = self.repeats_by_score, self.keep_probability_by_score
-        if len(repeats) != 5 or any(not isinstance(r, int) or r < 1 for r in repeats):
-            raise ValueError(f"repeats_by_score must be five integers ≥ 1 (scores 1..5), got {repeats}")
-        if len(keeps) != 5 or any(not 0.0 < p <= 1.0 for p in keeps):
-            raise ValueError(f"keep_probability_by_score must be five numbers in (0, 1], got {keeps}")
+        if len(repeats) != 5 or not all(is_integer(r) and r >= 1 for r in repeats):
+            fail("repeats_by_score", repeats, "must be five integers ≥ 1 (scores 1..5)")
+        if len(keeps) != 5 or not all(is_number(p) and 0.0 < p <= 1.0 for p in keeps):
+            fail("keep_probability_by_score", keeps, "must be five numbers in (0, 1]")
         # The recipe's intent: a higher quality score never weighs less in training.
         if any(a > b for a, b in itertools.pairwise(repeats)):
-            raise ValueError(f"repeats_by_score must not decrease with the score, got {repeats}")
+            fail("repeats_by_score", repeats, "must not decrease with the score")
         if any(a > b for a, b in itertools.pairwise(keeps)):
-            raise ValueError(f"keep_probability_by_score must not decrease with the score, got {keeps}")
+            fail("keep_probability_by_score", keeps, "must not decrease with the score")
 
 
 # ========================================================================================= confidences

@@ -66,6 +66,7 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any
 
+from keyeflow.config import check_flag, check_int, check_number, invalid
 from keyeflow.quality.graders import extract_answer
 from keyeflow.quality.judges import content_terms
 from keyeflow.quality.rewards import (
@@ -140,44 +141,33 @@ class RewardModelConfig:
 
     def __post_init__(self) -> None:
         def fail(name: str, why: str) -> None:
-            raise ValueError(f"RewardModelConfig.{name}={getattr(self, name)!r}: {why}")
-
-        def number(name: str, value: object) -> float:
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-                fail(name, "must be a finite number")
-            return float(value)
+            raise invalid("RewardModelConfig", name, getattr(self, name), why)
 
         if self.mode not in MODES:
             fail("mode", f"must be one of {MODES}")
-        for name in ("score_min", "score_max", "max_repeats"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int):
-                fail(name, "must be an integer")
-        if self.score_min < 0:
-            fail("score_min", "must be >= 0")
+        for name, minimum in (("score_min", 0), ("score_max", None), ("max_repeats", 1)):
+            object.__setattr__(self, name,
+                               check_int("RewardModelConfig", name, getattr(self, name), minimum=minimum))
         if self.score_max <= self.score_min:
             fail("score_max", f"must be > score_min ({self.score_min})")
-        if self.max_repeats < 1:
-            fail("max_repeats", "must be >= 1")
         if not isinstance(self.dimension_weights, Mapping):
             fail("dimension_weights", "must be a mapping of dimension name to weight")
         weights = {}
         for name, weight in self.dimension_weights.items():
             if name not in DIMENSION_NAMES:
                 fail("dimension_weights", f"unknown dimension {name!r}; dimensions are {DIMENSION_NAMES}")
-            if number("dimension_weights", weight) < 0:
+            weights[name] = check_number("RewardModelConfig", f"dimension_weights[{name!r}]", weight)
+            if weights[name] < 0:
                 fail("dimension_weights", f"weight of {name!r} must be >= 0")
-            weights[name] = float(weight)
         full = {name: weights.get(name, 1.0) for name in DIMENSION_NAMES}
         if not any(full.values()):
             fail("dimension_weights", "at least one weight must be > 0")
         object.__setattr__(self, "dimension_weights", MappingProxyType(full))
-        if not 0.0 <= number("verdict_weight", self.verdict_weight) <= 1.0:
+        if not 0.0 <= check_number("RewardModelConfig", "verdict_weight", self.verdict_weight) <= 1.0:
             fail("verdict_weight", "must be in [0, 1]")
         object.__setattr__(self, "verdict_weight", float(self.verdict_weight))
-        if not isinstance(self.swap_orders, bool):
-            fail("swap_orders", "must be True or False")
-        if not 0.0 <= number("min_shorter_share", self.min_shorter_share) < 1.0:
+        check_flag("RewardModelConfig", "swap_orders", self.swap_orders)
+        if not 0.0 <= check_number("RewardModelConfig", "min_shorter_share", self.min_shorter_share) < 1.0:
             fail("min_shorter_share", "must be in [0, 1) (1 would leave no pair whose longer answer wins)")
         object.__setattr__(self, "min_shorter_share", float(self.min_shorter_share))
         if self.debias_method not in DEBIAS_METHODS:

@@ -71,6 +71,7 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any
 
+from keyeflow.config import check_flag, check_int, check_number, invalid, is_number
 from keyeflow.quality import graders
 
 TASKS = ("math", "choice", "count", "grounding")
@@ -430,26 +431,25 @@ class Constraint:
     def __post_init__(self) -> None:
         expected = _CONSTRAINT_VALUES.get(self.kind)
         if expected is None:
-            raise ValueError(f"Constraint.kind={self.kind!r}: must be one of {sorted(_CONSTRAINT_VALUES)}")
-        where = f"Constraint({self.kind!r}).value={self.value!r}"
+            raise invalid("Constraint", "kind", self.kind, f"must be one of {sorted(_CONSTRAINT_VALUES)}")
+        owner = f"Constraint({self.kind!r})"
         if expected == "int":
             minimum = 1 if self.kind == "min_list_items" else 0
-            if isinstance(self.value, bool) or not isinstance(self.value, int) or self.value < minimum:
-                raise ValueError(f"{where}: must be an integer >= {minimum}")
+            object.__setattr__(self, "value", check_int(owner, "value", self.value, minimum=minimum))
         elif expected == "text":
             if not isinstance(self.value, str) or not self.value.strip():
-                raise ValueError(f"{where}: must be a non-empty string")
+                raise invalid(owner, "value", self.value, "must be a non-empty string")
         elif expected in ("texts", "keys"):
             if isinstance(self.value, str) or not isinstance(self.value, Sequence):
-                raise ValueError(f"{where}: must be a list of strings")
+                raise invalid(owner, "value", self.value, "must be a list of strings")
             values = tuple(self.value)
             if not all(isinstance(v, str) and v.strip() for v in values):
-                raise ValueError(f"{where}: every entry must be a non-empty string")
+                raise invalid(owner, "value", self.value, "every entry must be a non-empty string")
             if expected == "texts" and not values:
-                raise ValueError(f"{where}: needs at least one entry")
+                raise invalid(owner, "value", self.value, "needs at least one entry")
             object.__setattr__(self, "value", values)
         elif self.value is not None:
-            raise ValueError(f"{where}: takes no value (None)")
+            raise invalid(owner, "value", self.value, "takes no value (None)")
 
 
 _CONSTRAINT_VALUES = {
@@ -520,12 +520,12 @@ class RewardItem:
 
     def __post_init__(self) -> None:
         if self.task not in TASKS:
-            raise ValueError(f"RewardItem.task={self.task!r}: must be one of {TASKS}")
+            raise invalid("RewardItem", "task", self.task, f"must be one of {TASKS}")
         if self.mode is not None and self.mode not in MODES:
-            raise ValueError(f"RewardItem.mode={self.mode!r}: must be one of {MODES} or None")
+            raise invalid("RewardItem", "mode", self.mode, f"must be one of {MODES} or None")
         constraints = tuple(self.constraints)
         if not all(isinstance(c, Constraint) for c in constraints):
-            raise ValueError(f"RewardItem.constraints={self.constraints!r}: must be Constraint objects")
+            raise invalid("RewardItem", "constraints", self.constraints, "must be Constraint objects")
         object.__setattr__(self, "constraints", constraints)
 
     @property
@@ -562,36 +562,28 @@ class RewardConfig:
 
     def __post_init__(self) -> None:
         def fail(name: str, why: str) -> None:
-            raise ValueError(f"RewardConfig.{name}={getattr(self, name)!r}: {why}")
+            raise invalid("RewardConfig", name, getattr(self, name), why)
 
         if not isinstance(self.weights, Mapping) or not self.weights:
             fail("weights", "must be a non-empty mapping of component name to weight")
         for name, weight in self.weights.items():
             if name not in COMPONENTS:
                 fail("weights", f"unknown component {name!r}; components are {COMPONENTS}")
-            if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not math.isfinite(weight) \
-                    or weight < 0:
+            if not (is_number(weight) and weight >= 0):
                 fail("weights", f"weight of {name!r} must be a finite number >= 0")
         if not any(w > 0 for w in self.weights.values()):
             fail("weights", "at least one weight must be > 0")
         object.__setattr__(self, "weights", MappingProxyType({k: float(v) for k, v in self.weights.items()}))
         for name in ("check_format", "format_gates", "require_analysis", "iou_continuous",
                      "reward_model_only_without_reference"):
-            if not isinstance(getattr(self, name), bool):
-                fail(name, "must be True or False")
-        for name in ("format_weight", "iou_threshold"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-                fail(name, "must be a number")
-        if not 0.0 <= self.format_weight < 1.0:
+            check_flag("RewardConfig", name, getattr(self, name))
+        # Numbers are kept as given (they are only compared with).
+        if not 0.0 <= check_number("RewardConfig", "format_weight", self.format_weight) < 1.0:
             fail("format_weight", "must be in [0, 1): the answer and constraint checks need a share")
-        if not 0.0 < self.iou_threshold <= 1.0:
+        if not 0.0 < check_number("RewardConfig", "iou_threshold", self.iou_threshold) <= 1.0:
             fail("iou_threshold", "must be in (0, 1]")
         for name in ("rel_tol", "abs_tol"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
-                    or value < 0:
-                fail(name, "must be a finite number >= 0")
+            check_number("RewardConfig", name, getattr(self, name), minimum=0)
 
 
 # ======================================================================================= rule reward

@@ -39,6 +39,7 @@ from keyeflow.steps.stages import (
     step_key,
 )
 from keyeflow.training import preference, rl
+from keyeflow.training.config import GSPOStageConfig, MPOStageConfig
 from keyeflow.training.posttrain_recipe import AlignmentSettings, PreferenceSettings
 from keyeflow.training.reward_model_trainer import train_reward_model as train_rm
 
@@ -130,7 +131,7 @@ def train_reward_model(config: RewardModelConfig, stage, *, init: StageOutput, p
                        params={"reward_model": repr(config), "num_pairs": len(pairs)})
 
 
-def train_mpo(config: preference.MPOStageConfig, *, init: StageOutput, pairs: list[dict],
+def train_mpo(config: MPOStageConfig, *, init: StageOutput, pairs: list[dict],
               parent_run_id: str | None = None) -> StageOutput:
     def body(out_dir: Path, run_id: str) -> str:
         result = preference.train_mpo(config, init=init.checkpoint, pairs=pairs, out_dir=out_dir,
@@ -184,7 +185,7 @@ def alignment_reward(settings: AlignmentSettings, *, judge: RewardModelJudge | N
     return lambda item, response: combiner(reward_item(item), response)
 
 
-def train_gspo(config: rl.GSPOStageConfig, *, name: str, init: StageOutput, items: list[dict], reward_fn,
+def train_gspo(config: GSPOStageConfig, *, name: str, init: StageOutput, items: list[dict], reward_fn,
                reward_spec: dict, extra_upstream: Sequence[StageOutput] = (), parent_run_id: str | None = None
                ) -> StageOutput:
     """One GSPO stage (general RL round or alignment RL). `reward_spec`: what the reward is made of (part of the

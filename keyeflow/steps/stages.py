@@ -42,10 +42,10 @@ from keyeflow.model.modeling import KeyeForConditionalGeneration
 from keyeflow.model.tokenizer import load_tokenizer
 from keyeflow.steps.train_job import launch_train
 from keyeflow.training.config import StageConfig
+from keyeflow.training.engine import read_metrics
 from keyeflow.training.evaluate import evaluate_mcq, heldout_loss, lance_video_lookup, promotion_gate
 from keyeflow.training.launch import LaunchConfig
 from keyeflow.training.recipes import EvalConfig
-from keyeflow.training.engine import read_metrics
 from keyeflow.training.trainer import load_model
 
 DONE = "done.json"

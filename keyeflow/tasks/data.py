@@ -13,7 +13,7 @@ from keyeflow.datasets.slowfast import SlowFastConfig
 from keyeflow.quality import gates
 from keyeflow.tasks.common import ProgressTracker, log_quarantined, progress, publish_gate
 
-_SHARD = dict(retries=2, retry_delay_seconds=2, cache_policy=NO_CACHE)
+_SHARD = {"retries": 2, "retry_delay_seconds": 2, "cache_policy": NO_CACHE}
 
 
 @task(cache_policy=NO_CACHE)

@@ -18,8 +18,9 @@ from keyeflow.longcot.rl_items import alignment_prompts, longcot_rl_items
 from keyeflow.model.merging import MergeConfig
 from keyeflow.steps import posttrain
 from keyeflow.steps import stages as steps
+from keyeflow.steps.stages import StageOutput
 from keyeflow.training import rl
-from keyeflow.training.config import StageConfig
+from keyeflow.training.config import GSPOStageConfig, StageConfig
 from keyeflow.training.posttrain_data import (
     POSTTRAIN_STAGE,
     conversation_samples,
@@ -28,7 +29,6 @@ from keyeflow.training.posttrain_data import (
     sft_mixture,
 )
 from keyeflow.training.posttrain_recipe import PosttrainRecipe
-from keyeflow.steps.stages import StageOutput
 
 _NO_CACHE = {"cache_policy": NO_CACHE}
 
@@ -143,7 +143,7 @@ def check_rl_inputs(policy: StageOutput, items: list[dict]) -> str:
 
 
 @task(**_NO_CACHE, tags=["training"])
-def gspo(config: rl.GSPOStageConfig, name: str, init: StageOutput, items: list[dict], run_id: str,
+def gspo(config: GSPOStageConfig, name: str, init: StageOutput, items: list[dict], run_id: str,
          data_from: list[StageOutput] = ()) -> StageOutput:
     return _say(posttrain.train_gspo(config, name=name, init=init, items=items, reward_fn=posttrain.verifiable_reward,
                                      reward_spec={"kind": "verifiable"}, extra_upstream=list(data_from),
@@ -176,7 +176,7 @@ def rejection_sampling(policy: StageOutput, rm: StageOutput, longcot: TableRef, 
 
 
 @task(**_NO_CACHE)
-def pass_rate_filter(policy: StageOutput, items: list[dict], config: rl.GSPOStageConfig, round_number: int) -> list[dict]:
+def pass_rate_filter(policy: StageOutput, items: list[dict], config: GSPOStageConfig, round_number: int) -> list[dict]:
     """RL items for the next round: pass rate strictly between 0 and 1 under the policy. When fewer than a
     step's prompts remain, all items stay: groups whose rollouts all pass or all fail have zero advantage and
     change nothing, so the fallback costs compute, not correctness."""

@@ -15,11 +15,11 @@ from keyeflow.datasets import mixture
 from keyeflow.datasets.tables import TableRef
 from keyeflow.model.merging import MergeConfig
 from keyeflow.steps import stages as steps
+from keyeflow.steps.stages import StageOutput
 from keyeflow.training.config import StageConfig
 from keyeflow.training.evaluate import generate_mcq_set
 from keyeflow.training.launch import LaunchConfig
 from keyeflow.training.recipes import EvalConfig, PretrainRecipe
-from keyeflow.steps.stages import StageOutput
 
 
 class PromotionBlocked(RuntimeError):

@@ -17,7 +17,7 @@ from keyeflow.tasks.common import ProgressTracker, log_quarantined, publish_gate
 # No tags on shard tasks: a tagged task asks the server for tag concurrency slots before it runs, and on a
 # SQLite-backed server those calls meet "database busy" retries that cost 30 % on a 2,000-video ingest
 # (benchmarks/bench_prefect_load.py). Cap data-flow parallelism with the task runner instead.
-_SHARD = dict(retries=2, retry_delay_seconds=2, cache_policy=NO_CACHE)
+_SHARD = {"retries": 2, "retry_delay_seconds": 2, "cache_policy": NO_CACHE}
 
 
 @task(cache_policy=NO_CACHE)

@@ -45,11 +45,14 @@ from __future__ import annotations
 import bisect
 import heapq
 import math
+import numbers
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
 import numpy as np
+
+from keyeflow.config import check_int, invalid
 
 # Architectures the default coefficients are derived from (public configs).
 # SigLIP-400M (siglip-so400m-patch14-384), Keye-VL-1.5's vision encoder.
@@ -70,12 +73,9 @@ class VisionGrid:
 
     def __post_init__(self) -> None:
         for name in ("patches", "count"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0:
-                raise ValueError(f"VisionGrid.{name}={value!r}: must be an integer >= 0")
-            object.__setattr__(self, name, int(value))
+            object.__setattr__(self, name, check_int("VisionGrid", name, getattr(self, name), minimum=0))
         if self.kind not in GRID_KINDS:
-            raise ValueError(f"VisionGrid.kind={self.kind!r}: must be one of {GRID_KINDS}")
+            raise invalid("VisionGrid", "kind", self.kind, f"must be one of {GRID_KINDS}")
 
 
 @dataclass(frozen=True)
@@ -87,11 +87,10 @@ class SampleCost:
     sample_id: str = ""  # named in errors
 
     def __post_init__(self) -> None:
-        if isinstance(self.num_tokens, bool) or not isinstance(self.num_tokens, (int, np.integer)):
-            raise ValueError(f"SampleCost.num_tokens={self.num_tokens!r}: must be an integer")
-        if self.num_tokens < 1:
-            raise ValueError(f"sample {self.sample_id!r}: num_tokens={self.num_tokens} must be >= 1")
-        object.__setattr__(self, "num_tokens", int(self.num_tokens))
+        num_tokens = check_int("SampleCost", "num_tokens", self.num_tokens)
+        if num_tokens < 1:  # said with the sample's id: it comes from a table row, not from a setting
+            raise ValueError(f"sample {self.sample_id!r}: num_tokens={num_tokens} must be >= 1")
+        object.__setattr__(self, "num_tokens", num_tokens)
         object.__setattr__(self, "grids", tuple(self.grids))
 
     @classmethod
@@ -100,15 +99,6 @@ class SampleCost:
         """A Slow-Fast video: ``num_slow`` frames of ``slow_patches`` and ``num_fast`` of ``fast_patches``."""
         return cls(num_tokens, (VisionGrid(slow_patches, num_slow, "slow"), VisionGrid(fast_patches, num_fast, "fast")),
                    sample_id)
-
-
-def _number(owner: str, name: str, value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
-        raise ValueError(f"{owner}.{name}={value!r}: must be a number")
-    value = float(value)
-    if not math.isfinite(value) or value < 0:
-        raise ValueError(f"{owner}.{name}={value!r}: must be finite and >= 0")
-    return value
 
 
 def vit_coefficients(*, vit_layers: int, vit_hidden: int, vit_mlp: int, llm_layers: int,
@@ -145,7 +135,13 @@ class CostModel:
 
     def __post_init__(self) -> None:
         for name in ("llm_linear", "llm_quadratic", "vit_linear", "vit_quadratic"):
-            object.__setattr__(self, name, _number("CostModel", name, getattr(self, name)))
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, numbers.Real):
+                raise invalid("CostModel", name, value, "must be a number")
+            value = float(value)
+            if not math.isfinite(value) or value < 0:
+                raise invalid("CostModel", name, value, "must be finite and >= 0")
+            object.__setattr__(self, name, value)
 
     @classmethod
     def from_model_sizes(cls, *, vit_layers: int, vit_hidden: int, vit_mlp: int, llm_layers: int,

@@ -1,5 +1,6 @@
-"""One training stage's settings: `StageConfig`, validated on construction, and the recipe's pre-training
-stages (`pretrain_stage`).
+"""The training stages' settings, each validated on construction: `StageConfig` (the SFT/pre-training loop)
+and the recipe's pre-training stages (`pretrain_stage`); `MPOStageConfig` (preference optimisation) and
+`GSPOStageConfig` (reinforcement learning) for post-training.
 
 Everything the loop, the loader and DeepSpeed need comes from here: `keyeflow.training.deepspeed_config` renders
 the DeepSpeed JSON from a `StageConfig` (one source of truth), and `keyeflow.training.trainer.train` reads the
@@ -22,11 +23,13 @@ What SPEC §3 fixes for pre-training, and what it leaves open:
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
+
+from keyeflow.config import check_flag, check_int, check_number, config_hash, invalid, is_number
+from keyeflow.training.hints import HintConfig
+from keyeflow.training.losses import GSPOConfig, MPOConfig
 
 SCHEDULES = ("cosine", "constant", "linear")
 TRAINABLE_POLICIES = ("projector", "all")
@@ -76,23 +79,7 @@ class StageConfig:
 
     def __post_init__(self) -> None:
         def fail(name: str, value: Any, why: str) -> None:
-            raise ValueError(f"StageConfig.{name}={value!r}: {why}")
-
-        def integer(name: str, minimum: int) -> None:
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int):
-                fail(name, value, "must be an integer")
-            if value < minimum:
-                fail(name, value, f"must be >= {minimum}")
-
-        def number(name: str, minimum: float, *, strict: bool = False) -> float:
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-                fail(name, value, "must be a finite number")
-            if value < minimum or (strict and value == minimum):
-                fail(name, value, f"must be {'>' if strict else '>='} {minimum}")
-            object.__setattr__(self, name, float(value))
-            return float(value)
+            raise invalid("StageConfig", name, value, why)
 
         if not isinstance(self.name, str) or not self.name:
             fail("name", self.name, "must be a non-empty string")
@@ -100,25 +87,26 @@ class StageConfig:
                               ("micro_batches_per_step", 1), ("seed", 0), ("checkpoint_every", 1),
                               ("zero_bucket_size", 1), ("sequence_parallel_size", 1),
                               ("pipeline_parallel_size", 1)):
-            integer(name, minimum)
+            object.__setattr__(self, name,
+                               check_int("StageConfig", name, getattr(self, name), minimum=minimum))
         if self.warmup_steps > self.max_steps:
             fail("warmup_steps", self.warmup_steps, f"must be <= max_steps ({self.max_steps})")
 
-        lr = number("learning_rate", 0.0, strict=True)
-        if number("min_lr", 0.0) > lr:
-            fail("min_lr", self.min_lr, f"must be <= learning_rate ({lr})")
-        number("weight_decay", 0.0)
+        # Numbers are stored as floats, so that 2 and 2.0 give one hash and one JSON.
+        # grad_clip None: no clipping; rope_theta None: the checkpoint's own.
+        optional = [name for name in ("grad_clip", "rope_theta") if getattr(self, name) is not None]
+        positive = ["learning_rate", *optional]
+        for name in (*positive, "min_lr", "weight_decay"):
+            object.__setattr__(self, name, check_number("StageConfig", name, getattr(self, name), minimum=0,
+                                                        strict=name in positive))
+        if self.min_lr > self.learning_rate:
+            fail("min_lr", self.min_lr, f"must be <= learning_rate ({self.learning_rate})")
         if self.schedule not in SCHEDULES:
             fail("schedule", self.schedule, f"must be one of {SCHEDULES}")
         betas = tuple(self.betas) if isinstance(self.betas, (list, tuple)) else None
-        if betas is None or len(betas) != 2 or not all(
-                isinstance(b, (int, float)) and not isinstance(b, bool) and 0 <= b < 1 for b in betas):
+        if betas is None or len(betas) != 2 or not all(is_number(b) and 0 <= b < 1 for b in betas):
             fail("betas", self.betas, "must be two numbers in [0, 1)")
         object.__setattr__(self, "betas", (float(betas[0]), float(betas[1])))
-        if self.grad_clip is not None:
-            number("grad_clip", 0.0, strict=True)
-        if self.rope_theta is not None:
-            number("rope_theta", 0.0, strict=True)
 
         trainable = self.trainable
         if isinstance(trainable, str):
@@ -134,8 +122,7 @@ class StageConfig:
                                                 or self.deepspeed_zero not in ZERO_STAGES):
             fail("deepspeed_zero", self.deepspeed_zero, f"must be None (no DeepSpeed) or one of {ZERO_STAGES}")
         for flag in ("bf16", "offload_optimizer", "offload_params"):
-            if not isinstance(getattr(self, flag), bool):
-                fail(flag, getattr(self, flag), "must be True or False")
+            check_flag("StageConfig", flag, getattr(self, flag))
         if self.offload_optimizer and (self.deepspeed_zero or 0) < 1:
             fail("offload_optimizer", True, "needs DeepSpeed ZeRO stage >= 1 (deepspeed_zero)")
         if self.offload_params and self.deepspeed_zero != 3:
@@ -190,8 +177,7 @@ class StageConfig:
         return cls(**data)
 
     def config_hash(self) -> str:
-        payload = json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
-        return hashlib.sha256(payload.encode("utf-8")).hexdigest()[:16]
+        return config_hash(self.to_dict(), compact=True)
 
 
 # SPEC §3 per pre-training stage; learning rates and warm-up are UNSTATED choices (module docstring).
@@ -215,3 +201,114 @@ def pretrain_stage(stage: int, **overrides: Any) -> StageConfig:
     base.update(overrides)
     base.setdefault("warmup_steps", max(1, round(0.03 * base["max_steps"])))
     return StageConfig.from_dict(base)
+
+
+# ---------------------------------------------------------------------------------------------- post-training
+
+
+@dataclass(frozen=True, kw_only=True)
+class MPOStageConfig:
+    """How the MPO stage trains (`keyeflow.training.preference.train_mpo`). `max_steps` optimizer steps of
+    `pairs_per_step` pairs each (one batch); `max_length`: the longest chosen/rejected conversation in tokens
+    (longer pairs are refused before training starts, naming them); `warmup_steps`: linear warm-up to
+    `learning_rate`, constant after; `grad_clip`: max global gradient norm (None: none); `seed`: the per-epoch
+    pair shuffles and the RNG. Learning rate and step counts are UNSTATED for Keye (override per run)."""
+
+    learning_rate: float
+    max_steps: int
+    pairs_per_step: int
+    max_length: int
+    mpo: MPOConfig = field(default_factory=MPOConfig)
+    seed: int = 0
+    checkpoint_every: int = 100
+    warmup_steps: int = 0
+    grad_clip: float | None = 1.0
+
+    def __post_init__(self) -> None:
+        for name, minimum in (("max_steps", 1), ("pairs_per_step", 1), ("max_length", 2), ("seed", 0),
+                              ("checkpoint_every", 1), ("warmup_steps", 0)):
+            object.__setattr__(self, name,
+                               check_int("MPOStageConfig", name, getattr(self, name), minimum=minimum))
+        if self.warmup_steps > self.max_steps:
+            raise invalid("MPOStageConfig", "warmup_steps", self.warmup_steps,
+                          f"must be <= max_steps ({self.max_steps})")
+        for name in ("learning_rate",) if self.grad_clip is None else ("learning_rate", "grad_clip"):
+            object.__setattr__(self, name,
+                               check_number("MPOStageConfig", name, getattr(self, name), minimum=0, strict=True))
+        if not isinstance(self.mpo, MPOConfig):
+            raise invalid("MPOStageConfig", "mpo", self.mpo, "must be an MPOConfig")
+
+    def lr_at(self, step: int) -> float:
+        """Learning rate of optimizer step `step` (0-based)."""
+        if step < self.warmup_steps:
+            return self.learning_rate * (step + 1) / self.warmup_steps
+        return self.learning_rate
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def config_hash(self) -> str:
+        return config_hash(self.to_dict(), compact=True)
+
+
+@dataclass(frozen=True, kw_only=True)
+class GSPOStageConfig:
+    """One GSPO stage (`keyeflow.training.rl`). Counts are per optimizer step unless said otherwise.
+
+    ``prompts_per_step``: prompts rolled out per step. ``group_size``: G, rollouts per prompt (>= 2: the
+    advantages are normalised within the group). ``max_new_tokens``/``temperature``: sampling (temperature > 0:
+    greedy would give G identical responses and no signal). ``learning_rate``: AdamW's, constant (weight decay
+    0, as TRL's GRPO default: with LRs around 1e-6 over a few hundred steps, decay only pulls weights towards 0).
+    ``max_steps``: the step the stage ends at (a resume continues up to it). ``mini_batches_per_step``: updates
+    per rollout batch. ``grad_clip``: max gradient norm (0: no clipping). ``success_threshold``: a rollout
+    passes when its reward reaches it (pass rates, "every rollout fails", hint levels). ``hints``: progressive
+    hint sampling (None: off); its ``rollouts_per_level`` must be G (the step's rollouts are its level 0) and
+    its ``success_threshold`` the stage's. ``checkpoint_every``: steps between checkpoints (and the last step).
+    """
+
+    prompts_per_step: int = 8
+    group_size: int = 4
+    max_new_tokens: int = 1024
+    temperature: float = 1.0
+    learning_rate: float = 1e-6
+    max_steps: int = 100
+    mini_batches_per_step: int = 1
+    grad_clip: float = 1.0
+    success_threshold: float = 0.5
+    gspo: GSPOConfig = field(default_factory=GSPOConfig)
+    hints: HintConfig | None = field(default_factory=HintConfig)
+    seed: int = 0
+    checkpoint_every: int = 10
+
+    def __post_init__(self) -> None:
+        # Checked, not converted: the numbers are hashed as given (a stored hash must not change).
+        for name, minimum in (("prompts_per_step", 1), ("group_size", 2), ("max_new_tokens", 1),
+                              ("max_steps", 1), ("mini_batches_per_step", 1), ("seed", 0), ("checkpoint_every", 1)):
+            check_int("GSPOStageConfig", name, getattr(self, name), minimum=minimum)
+        for name, strict in (("temperature", True), ("learning_rate", True), ("grad_clip", False),
+                             ("success_threshold", True)):
+            check_number("GSPOStageConfig", name, getattr(self, name), minimum=0, strict=strict)
+        if self.mini_batches_per_step > self.prompts_per_step * self.group_size:
+            raise invalid("GSPOStageConfig", "mini_batches_per_step", self.mini_batches_per_step,
+                          f"more than the {self.prompts_per_step * self.group_size} responses of a step")
+        if self.success_threshold > 1.0:
+            raise invalid("GSPOStageConfig", "success_threshold", self.success_threshold,
+                          "must be <= 1 (rewards are in [0, 1])")
+        if not isinstance(self.gspo, GSPOConfig):
+            raise invalid("GSPOStageConfig", "gspo", self.gspo, "must be a GSPOConfig")
+        if self.hints is not None and not isinstance(self.hints, HintConfig):
+            raise invalid("GSPOStageConfig", "hints", self.hints, "must be a HintConfig or None")
+        if self.hints is not None:
+            if self.hints.rollouts_per_level != self.group_size:
+                raise ValueError(f"GSPOStageConfig.hints.rollouts_per_level={self.hints.rollouts_per_level} must "
+                                 f"equal group_size={self.group_size}: the step's rollouts are hint level 0 and "
+                                 "the group trained at the level used")
+            if self.hints.success_threshold != self.success_threshold:
+                raise ValueError(f"GSPOStageConfig.hints.success_threshold={self.hints.success_threshold} differs "
+                                 f"from success_threshold={self.success_threshold}: one rule decides a success")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def config_hash(self) -> str:
+        return config_hash(self.to_dict(), compact=True)

@@ -35,9 +35,9 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from keyeflow.datasets import tables
+from keyeflow.datasets.sample_reader import read_media
 from keyeflow.model.processor import Features, MediaPatches, collate, collate_rows, encode_sample
 from keyeflow.model.token_stream import FAST, IGNORE_INDEX, SLOW
-from keyeflow.datasets.sample_reader import read_media
 
 SampleReader = Callable[[list[str]], list[Features]]
 MediaResolver = Callable[[str], MediaPatches]

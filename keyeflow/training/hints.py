@@ -44,13 +44,13 @@ nothing to train on), and the rollouts and rewards at that level (the group GSPO
 from __future__ import annotations
 
 import copy
-import math
 import numbers
 import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from keyeflow.config import check_int, check_number, invalid
 from keyeflow.quality.rewards import Reward
 
 HINT_LEVELS: dict[int, str] = {
@@ -87,26 +87,23 @@ class HintConfig:
     hint_template: str = "\n\nHint: {hint}"
 
     def __post_init__(self) -> None:
-        def fail(name: str, why: str) -> None:
-            raise ValueError(f"HintConfig.{name}={getattr(self, name)!r}: {why}")
-
-        for name, low, high in (("rollouts_per_level", 1, None), ("max_level", 1, MAX_LEVEL)):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int):
-                fail(name, "must be an integer")
-            if value < low or (high is not None and value > high):
-                fail(name, f"must be >= {low}" + (f" and <= {high}" if high is not None else ""))
-        threshold = self.success_threshold
-        if isinstance(threshold, bool) or not isinstance(threshold, numbers.Real) or not math.isfinite(threshold):
-            fail("success_threshold", "must be a number")
-        if not 0.0 < threshold <= 1.0:
-            fail("success_threshold", "must be in (0, 1]: rewards are in [0, 1] and 0 would pass everything")
+        object.__setattr__(self, "rollouts_per_level",
+                           check_int("HintConfig", "rollouts_per_level", self.rollouts_per_level, minimum=1))
+        object.__setattr__(self, "max_level", check_int("HintConfig", "max_level", self.max_level, minimum=1,
+                                                        maximum=MAX_LEVEL))
+        # Kept as given, not made a float: a GSPO stage's hash holds it.
+        check_number("HintConfig", "success_threshold", self.success_threshold)
+        if not 0.0 < self.success_threshold <= 1.0:
+            raise invalid("HintConfig", "success_threshold", self.success_threshold,
+                          "must be in (0, 1]: rewards are in [0, 1] and 0 would pass everything")
         if not isinstance(self.hint_template, str) or "{hint}" not in self.hint_template:
-            fail("hint_template", "must be a string holding {hint}")
+            raise invalid("HintConfig", "hint_template", self.hint_template,
+                          "must be a string holding {hint}")
         try:
             self.hint_template.format(hint="", level=1)
         except (KeyError, IndexError, ValueError) as exc:
-            fail("hint_template", f"only {{hint}} and {{level}} may be used ({exc!r})")
+            raise invalid("HintConfig", "hint_template", self.hint_template,
+                          f"only {{hint}} and {{level}} may be used ({exc!r})") from exc
 
 
 # ============================================================================================= prompts

@@ -28,6 +28,8 @@ import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from keyeflow.config import invalid, is_integer
+
 log = logging.getLogger(__name__)
 
 LAUNCHERS = ("inprocess", "torchrun", "deepspeed")
@@ -56,13 +58,16 @@ class LaunchConfig:
 
     def __post_init__(self) -> None:
         if self.launcher not in LAUNCHERS:
-            raise ValueError(f"LaunchConfig.launcher={self.launcher!r}: one of {list(LAUNCHERS)}")
+            raise invalid("LaunchConfig", "launcher", self.launcher, f"one of {list(LAUNCHERS)}")
         for name in ("nproc_per_node", "num_nodes", "master_port"):
             value = getattr(self, name)
-            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-                raise ValueError(f"LaunchConfig.{name}={value!r}: must be an integer >= 1")
+            if value is None:  # unset
+                continue
+            if not (is_integer(value) and value >= 1):
+                raise invalid("LaunchConfig", name, value, "must be an integer >= 1")
+            object.__setattr__(self, name, int(value))
         if self.master_port is not None and self.master_port > 65535:
-            raise ValueError(f"LaunchConfig.master_port={self.master_port}: must be a port number <= 65535")
+            raise invalid("LaunchConfig", "master_port", self.master_port, "must be a port number <= 65535")
         if self.launcher == "inprocess" and (self.nproc_per_node != 1 or self.hostfile or self.num_nodes
                                              or self.master_port):
             raise ValueError("LaunchConfig(launcher='inprocess') runs one rank in this process: nproc_per_node "

@@ -64,6 +64,7 @@ import lance
 import numpy as np
 import pyarrow as pa
 
+from keyeflow.config import check_int, invalid
 from keyeflow.datasets import tables
 from keyeflow.datasets.tables import TableRef
 from keyeflow.training.balance import CostModel, balance_two_level, group_loads, imbalance, pack_lengths
@@ -329,14 +330,6 @@ class WindowPlan:
 # ---------------------------------------------------------------------------------------------- loader
 
 
-def _int(name: str, value: Any, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-        raise ValueError(f"MixtureLoader {name}={value!r}: must be an integer")
-    if value < minimum:
-        raise ValueError(f"MixtureLoader {name}={value!r}: must be >= {minimum}")
-    return int(value)
-
-
 class MixtureLoader:
     """Iterate one rank's micro-batches of a mixture, step after step; resumable to the exact sample.
 
@@ -347,17 +340,19 @@ class MixtureLoader:
     def __init__(self, mixture: TableRef, mixture_id: str, *, rank: int, world_size: int, max_length: int,
                  micro_batches_per_step: int, seed: int, sample_reader: SampleReader, window_size: int,
                  cost_model: CostModel | None = None, num_epochs: int | None = 1):
-        self.world_size = _int("world_size", world_size, 1)
-        self.rank = _int("rank", rank, 0)
+        self.world_size = check_int("MixtureLoader", "world_size", world_size, minimum=1)
+        self.rank = check_int("MixtureLoader", "rank", rank, minimum=0)
         if self.rank >= self.world_size:
-            raise ValueError(f"MixtureLoader rank={rank!r}: must be < world_size={world_size}")
-        self.max_length = _int("max_length", max_length, 1)
-        self.micro_batches_per_step = _int("micro_batches_per_step", micro_batches_per_step, 1)
-        self.seed = _int("seed", seed, 0)
-        self.window_size = _int("window_size", window_size, 1)
-        self.num_epochs = None if num_epochs is None else _int("num_epochs", num_epochs, 1)
+            raise invalid("MixtureLoader", "rank", rank, f"must be < world_size={world_size}")
+        self.max_length = check_int("MixtureLoader", "max_length", max_length, minimum=1)
+        self.micro_batches_per_step = check_int("MixtureLoader", "micro_batches_per_step", micro_batches_per_step,
+                                                minimum=1)
+        self.seed = check_int("MixtureLoader", "seed", seed, minimum=0)
+        self.window_size = check_int("MixtureLoader", "window_size", window_size, minimum=1)
+        self.num_epochs = None if num_epochs is None else check_int("MixtureLoader", "num_epochs", num_epochs,
+                                                                    minimum=1)
         if not callable(sample_reader):
-            raise ValueError(f"MixtureLoader sample_reader={sample_reader!r}: must be callable(sample_ids)")
+            raise invalid("MixtureLoader", "sample_reader", sample_reader, "must be callable(sample_ids)")
         self.sample_reader = sample_reader
         self.cost_model = cost_model or CostModel()
         self.mixture = mixture
@@ -526,7 +521,7 @@ class MixtureLoader:
             if state.get(key) != value:
                 raise ValueError(f"cannot resume: state has {key}={state.get(key)!r}, this loader has {value!r} "
                                  "(the stream of windows would differ)")
-        window = _int("state window", state["window"], 0)
+        window = check_int("MixtureLoader", "state['window']", state["window"], minimum=0)
         in_window = self.window_occurrences(window)
         consumed = np.asarray(state["consumed"], dtype=np.int64)
         if len(consumed) and not np.isin(consumed, in_window).all():
@@ -538,7 +533,8 @@ class MixtureLoader:
         if saved_layout == self.layout and state["micro_batches_done"] > 0:
             # Same layout: rebuild the same plan and go on from the same micro-batch.
             self._consumed_before = np.asarray(state["consumed_before"], dtype=np.int64)
-            self._done = _int("state micro_batches_done", state["micro_batches_done"], 0)
+            self._done = check_int("MixtureLoader", "state['micro_batches_done']", state["micro_batches_done"],
+                                   minimum=0)
             if not np.array_equal(self._consumed(), np.sort(consumed)):
                 raise ValueError("cannot resume: the rebuilt plan does not reproduce the saved consumed "
                                  "occurrences (metadata or cost inputs changed)")

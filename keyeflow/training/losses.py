@@ -54,13 +54,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-
-def _check_number(owner: str, name: str, value: object, *, minimum: float, strict: bool = False) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise ValueError(f"{owner}.{name}={value!r}: must be a finite number")
-    if value < minimum or (strict and value == minimum):
-        raise ValueError(f"{owner}.{name}={value!r}: must be {'>' if strict else '>='} {minimum}")
-    return float(value)
+from keyeflow.config import check_number, invalid
 
 
 def token_logprobs(logits: torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor:
@@ -86,9 +80,9 @@ class MPOConfig:
     sft_weight: float = 1.0
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "beta", _check_number("MPOConfig", "beta", self.beta, minimum=0.0, strict=True))
+        object.__setattr__(self, "beta", check_number("MPOConfig", "beta", self.beta, minimum=0, strict=True))
         for name in ("dpo_weight", "bco_weight", "sft_weight"):
-            object.__setattr__(self, name, _check_number("MPOConfig", name, getattr(self, name), minimum=0.0))
+            object.__setattr__(self, name, check_number("MPOConfig", name, getattr(self, name), minimum=0))
         if self.dpo_weight == self.bco_weight == self.sft_weight == 0.0:
             raise ValueError("MPOConfig: dpo_weight, bco_weight and sft_weight are all 0, the loss would be 0")
 
@@ -218,15 +212,13 @@ class GSPOConfig:
     advantage_eps: float = 1e-4
 
     def __post_init__(self) -> None:
-        low = _check_number("GSPOConfig", "epsilon_low", self.epsilon_low, minimum=0.0, strict=True)
-        if low >= 1.0:
-            raise ValueError(f"GSPOConfig.epsilon_low={low!r}: must be < 1 (the lower bound 1 − ε must stay > 0)")
-        object.__setattr__(self, "epsilon_low", low)
-        object.__setattr__(self, "epsilon_high",
-                           _check_number("GSPOConfig", "epsilon_high", self.epsilon_high, minimum=0.0, strict=True))
-        object.__setattr__(self, "kl_coef", _check_number("GSPOConfig", "kl_coef", self.kl_coef, minimum=0.0))
-        object.__setattr__(self, "advantage_eps",
-                           _check_number("GSPOConfig", "advantage_eps", self.advantage_eps, minimum=0.0))
+        for name, strict in (("epsilon_low", True), ("epsilon_high", True), ("kl_coef", False),
+                             ("advantage_eps", False)):
+            object.__setattr__(self, name, check_number("GSPOConfig", name, getattr(self, name), minimum=0,
+                                                        strict=strict))
+        if self.epsilon_low >= 1.0:
+            raise invalid("GSPOConfig", "epsilon_low", self.epsilon_low,
+                          "must be < 1 (the lower bound 1 − ε must stay > 0)")
 
 
 def group_advantages(rewards: torch.Tensor, eps: float = 1e-4) -> torch.Tensor:

@@ -22,15 +22,16 @@ from typing import Any
 
 import pyarrow.compute as pc
 
+from keyeflow.config import check_int, check_number
 from keyeflow.datasets import conversations, tables
 from keyeflow.datasets.images import ImageConfig
 from keyeflow.datasets.mixture import MixtureResult, fixed_mixture
+from keyeflow.datasets.sample_reader import read_media
 from keyeflow.datasets.slowfast import SlowFastConfig
 from keyeflow.datasets.tables import TableRef
 from keyeflow.model.generation import Generator
 from keyeflow.model.processor import MediaPatches
 from keyeflow.quality.rewards import answer_reward
-from keyeflow.datasets.sample_reader import read_media
 
 POSTTRAIN_STAGE = 5  # the `stage` column of post-training mixtures (pre-training uses 1–3)
 # train_samples.task → the checker that can tell a right answer (others are not checkable: kept)
@@ -46,13 +47,11 @@ class DifficultyConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        for name in ("num_paths", "max_new_tokens"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"DifficultyConfig.{name}={value!r}: must be an integer >= 1")
-        if not (isinstance(self.temperature, (int, float)) and self.temperature > 0):
-            raise ValueError(f"DifficultyConfig.temperature={self.temperature!r}: must be > 0 (sampling, "
-                             "so that several paths can differ)")
+        for name, minimum in (("num_paths", 1), ("max_new_tokens", 1), ("seed", 0)):
+            object.__setattr__(self, name,
+                               check_int("DifficultyConfig", name, getattr(self, name), minimum=minimum))
+        # > 0: sampling, so that several paths can differ. Kept as given: the recipe's hash holds it.
+        check_number("DifficultyConfig", "temperature", self.temperature, minimum=0, strict=True)
 
 
 @dataclass

@@ -8,19 +8,16 @@ does not (learning rates, step counts, sample counts: UNSTATED for Keye).
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any
 
+from keyeflow.config import check_int, check_number, config_hash, invalid
 from keyeflow.quality.reward_model import RewardModelConfig
-from keyeflow.training.config import StageConfig
+from keyeflow.training.config import GSPOStageConfig, MPOStageConfig, StageConfig
 from keyeflow.training.hints import HintConfig
 from keyeflow.training.losses import GSPOConfig, MPOConfig
 from keyeflow.training.posttrain_data import DifficultyConfig
-from keyeflow.training.preference import MPOStageConfig
-from keyeflow.training.rl import GSPOStageConfig
 
 SFT_TASKS = ("conversation", "vqa", "grounding", "ocr", "temporal", "interleaved")
 
@@ -37,6 +34,14 @@ class PreferenceSettings:
     max_teacher_pairs: int = 10_000
     max_policy_items: int = 10_000
 
+    def __post_init__(self) -> None:
+        # Best against worst: a pair needs two responses.
+        for name, minimum in (("num_responses", 2), ("max_new_tokens", 1), ("max_teacher_pairs", 1),
+                              ("max_policy_items", 1)):
+            object.__setattr__(self, name, check_int("PreferenceSettings", name, getattr(self, name),
+                                                     minimum=minimum))
+        check_number("PreferenceSettings", "min_margin", self.min_margin, minimum=0)  # kept as given: hashed
+
 
 @dataclass(frozen=True, kw_only=True)
 class AlignmentSettings:
@@ -45,6 +50,14 @@ class AlignmentSettings:
     num_prompts: int = 512
     weights: dict[str, float] = field(default_factory=lambda: {"rule": 0.6, "judge": 0.2, "reward_model": 0.2})
     judge_max_new_tokens: int = 256
+
+    def __post_init__(self) -> None:
+        for name in ("num_prompts", "judge_max_new_tokens"):
+            object.__setattr__(self, name,
+                               check_int("AlignmentSettings", name, getattr(self, name), minimum=1))
+        if set(self.weights) - {"rule", "judge", "reward_model"}:
+            raise invalid("AlignmentSettings", "weights", self.weights,
+                          "components are rule, judge and reward_model")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -70,15 +83,11 @@ class PosttrainRecipe:
     alignment_rewards: AlignmentSettings
 
     def __post_init__(self) -> None:
-        if self.rounds < 1:
-            raise ValueError(f"PosttrainRecipe.rounds={self.rounds}: at least one GSPO round")
-        if self.rejection_samples < 1:
-            raise ValueError(f"PosttrainRecipe.rejection_samples={self.rejection_samples}: must be >= 1")
+        for name in ("rounds", "rejection_samples", "sft_max_items"):  # rounds: at least one GSPO round
+            object.__setattr__(self, name, check_int("PosttrainRecipe", name, getattr(self, name), minimum=1))
         if not self.expert_domain:
             raise ValueError("PosttrainRecipe.expert_domain: name the LongCoT domain the expert trains on")
-        if set(self.alignment_rewards.weights) - {"rule", "judge", "reward_model"}:
-            raise ValueError(f"AlignmentSettings.weights={self.alignment_rewards.weights}: components are "
-                             "rule, judge and reward_model")
+        check_number("PosttrainRecipe", "expert_weight", self.expert_weight)  # kept as given: hashed
 
     def cold_start_stage(self, round_number: int) -> StageConfig:
         """The LongCoT SFT retrained on round `round_number`'s rejection-sampled set (a stage of its own)."""
@@ -88,8 +97,7 @@ class PosttrainRecipe:
         return _plain(self)
 
     def config_hash(self) -> str:
-        payload = json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
-        return hashlib.sha256(payload.encode()).hexdigest()[:16]
+        return config_hash(self.to_dict(), compact=True)
 
 
 def _plain(value: Any) -> Any:

@@ -37,7 +37,6 @@ resumes from it and continues bit for bit.
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import logging
@@ -52,13 +51,14 @@ from typing import Any
 
 import torch
 
+from keyeflow.faults import kill_point
 from keyeflow.model.generation import BatchGenerationError, Generator
 from keyeflow.model.modeling import IGNORE_INDEX
 from keyeflow.model.processor import Features, MediaLookup, collate, encode_sample
 from keyeflow.model.tokenizer import load_tokenizer
 from keyeflow.quality.rewards import TASKS, Reward, RewardItem, answer_reward
-from keyeflow.faults import kill_point
 from keyeflow.training import distributed
+from keyeflow.training.config import MPOStageConfig
 from keyeflow.training.engine import (
     Engine,
     MetricsSink,
@@ -70,7 +70,7 @@ from keyeflow.training.engine import (
     resume_point,
     seed_everything,
 )
-from keyeflow.training.losses import MPOConfig, MPOOutput, RewardShift, mpo_loss, token_logprobs
+from keyeflow.training.losses import MPOOutput, RewardShift, mpo_loss, token_logprobs
 from keyeflow.training.trainer import load_model
 
 log = logging.getLogger(__name__)
@@ -316,65 +316,6 @@ def _pair_of(item: PreferenceItem, completions: list[Any], scorer: Scorer,
         "task_definition": item.task_definition,
     }  # fmt: skip
     return pair, {}
-
-
-# ============================================================================================== config
-
-
-@dataclass(frozen=True, kw_only=True)
-class MPOStageConfig:
-    """How the MPO stage trains. `max_steps` optimizer steps of `pairs_per_step` pairs each (one batch);
-    `max_length`: the longest chosen/rejected conversation in tokens (longer pairs are refused before training
-    starts, naming them); `warmup_steps`: linear warm-up to `learning_rate`, constant after; `grad_clip`: max
-    global gradient norm (None: none); `seed`: the per-epoch pair shuffles and the RNG. Learning rate and step
-    counts are UNSTATED for Keye (override per run)."""
-
-    learning_rate: float
-    max_steps: int
-    pairs_per_step: int
-    max_length: int
-    mpo: MPOConfig = dataclasses.field(default_factory=MPOConfig)
-    seed: int = 0
-    checkpoint_every: int = 100
-    warmup_steps: int = 0
-    grad_clip: float | None = 1.0
-
-    def __post_init__(self) -> None:
-        def fail(name: str, why: str) -> None:
-            raise ValueError(f"MPOStageConfig.{name}={getattr(self, name)!r}: {why}")
-
-        for name, minimum in (("max_steps", 1), ("pairs_per_step", 1), ("max_length", 2), ("seed", 0),
-                              ("checkpoint_every", 1), ("warmup_steps", 0)):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int):
-                fail(name, "must be an integer")
-            if value < minimum:
-                fail(name, f"must be >= {minimum}")
-        if self.warmup_steps > self.max_steps:
-            fail("warmup_steps", f"must be <= max_steps ({self.max_steps})")
-        for name in ("learning_rate", "grad_clip"):
-            value = getattr(self, name)
-            if name == "grad_clip" and value is None:
-                continue
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
-                    or value <= 0:
-                fail(name, "must be a finite number > 0" + (" or None" if name == "grad_clip" else ""))
-            object.__setattr__(self, name, float(value))
-        if not isinstance(self.mpo, MPOConfig):
-            fail("mpo", "must be an MPOConfig")
-
-    def lr_at(self, step: int) -> float:
-        """Learning rate of optimizer step `step` (0-based)."""
-        if step < self.warmup_steps:
-            return self.learning_rate * (step + 1) / self.warmup_steps
-        return self.learning_rate
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    def config_hash(self) -> str:
-        payload = json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
-        return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 
 @dataclass(frozen=True)

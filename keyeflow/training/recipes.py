@@ -13,12 +13,10 @@ the promotion gate after every stage.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
-import math
 from dataclasses import dataclass, field
 from typing import Any
 
+from keyeflow.config import check_int, check_number, config_hash, invalid
 from keyeflow.datasets.mixture import MixtureConfig, stage_mixture
 from keyeflow.model.config import KeyeConfig, keye_8b, tiny
 from keyeflow.model.merging import MergeConfig
@@ -39,10 +37,10 @@ class AnnealVariant:
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not self.name.replace("-", "").replace("_", "").isalnum():
-            raise ValueError(f"AnnealVariant.name={self.name!r}: letters, digits, '-' and '_' only "
-                             "(it names a checkpoint directory and an MLflow run)")
-        if not (isinstance(self.weight, (int, float)) and math.isfinite(self.weight) and self.weight >= 0):
-            raise ValueError(f"AnnealVariant.weight={self.weight!r}: must be a finite number >= 0")
+            raise invalid("AnnealVariant", "name", self.name, "letters, digits, '-' and '_' only "
+                          "(it names a checkpoint directory and an MLflow run)")
+        check_number("AnnealVariant", "weight", self.weight, minimum=0)  # kept as given: it is hashed
+        object.__setattr__(self, "seed", check_int("AnnealVariant", "seed", self.seed, minimum=0))
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -64,16 +62,12 @@ class EvalConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        if not 0 < self.holdout_per_mille < 1000:
-            raise ValueError(f"EvalConfig.holdout_per_mille={self.holdout_per_mille}: must be in 1..999")
-        for name in ("heldout_per_modality", "max_tokens", "num_mcq"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"EvalConfig.{name}={value!r}: must be an integer >= 1")
-        for name in ("loss_margin", "accuracy_margin"):
-            value = getattr(self, name)
-            if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
-                raise ValueError(f"EvalConfig.{name}={value!r}: must be a finite number >= 0")
+        for name, minimum, maximum in (("holdout_per_mille", 1, 999), ("heldout_per_modality", 1, None),
+                                       ("max_tokens", 1, None), ("num_mcq", 1, None), ("seed", 0, None)):
+            object.__setattr__(self, name, check_int("EvalConfig", name, getattr(self, name), minimum=minimum,
+                                                     maximum=maximum))
+        for name in ("loss_margin", "accuracy_margin"):  # kept as given: they are hashed
+            check_number("EvalConfig", name, getattr(self, name), minimum=0)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -152,8 +146,7 @@ class PretrainRecipe:
         }  # fmt: skip
 
     def config_hash(self) -> str:
-        payload = json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"), default=str)
-        return hashlib.sha256(payload.encode()).hexdigest()[:16]
+        return config_hash(self.to_dict(), compact=True)
 
 
 def _tiny(init: str | None) -> PretrainRecipe:

@@ -76,7 +76,6 @@ reward model's judgement, later) prefers.
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import logging
@@ -85,21 +84,22 @@ import numbers
 import random
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
+from keyeflow.faults import kill_point
 from keyeflow.model.checkpoint import load_keye_checkpoint
 from keyeflow.model.generation import BatchGenerationError, Completion, Generator, LocalGenerator
 from keyeflow.model.processor import Features, MediaLookup, collate, encode_sample
 from keyeflow.model.token_stream import IGNORE_INDEX
 from keyeflow.model.tokenizer import IM_END
 from keyeflow.quality.rewards import Reward, RewardCombiner, RewardItem
-from keyeflow.faults import kill_point
 from keyeflow.training import distributed
+from keyeflow.training.config import GSPOStageConfig
 from keyeflow.training.engine import (
     Engine,
     MetricsSink,
@@ -114,100 +114,13 @@ from keyeflow.training.engine import (
     write_atomically,
 )
 from keyeflow.training.hints import HintConfig, HintRecord, item_hints, progressive_hint_sampling
-from keyeflow.training.losses import GSPOConfig, group_advantages, gspo_loss, token_logprobs
+from keyeflow.training.losses import group_advantages, gspo_loss, token_logprobs
 
 log = logging.getLogger(__name__)
 
 RewardFn = Callable[[Mapping[str, Any], str], "float | Reward"]
 CHECKPOINT_FORMAT = 1
 HINTS_DIR = "hints"
-
-
-# ============================================================================================== config
-
-
-def _invalid(name: str, value: object, why: str) -> ValueError:
-    return ValueError(f"GSPOStageConfig.{name}={value!r}: {why}")
-
-
-def _check_int(name: str, value: object, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"GSPOStageConfig.{name}={value!r}: must be an integer >= {minimum}")
-
-
-def _check_real(name: str, value: object, *, low: float, strict: bool) -> None:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value) \
-            or value < low or (strict and value == low):
-        raise ValueError(f"GSPOStageConfig.{name}={value!r}: must be a finite number {'>' if strict else '>='} {low}")
-
-
-@dataclass(frozen=True, kw_only=True)
-class GSPOStageConfig:
-    """One GSPO stage (module docstring). Counts are per optimizer step unless said otherwise.
-
-    ``prompts_per_step``: prompts rolled out per step. ``group_size``: G, rollouts per prompt (>= 2: the
-    advantages are normalised within the group). ``max_new_tokens``/``temperature``: sampling (temperature > 0:
-    greedy would give G identical responses and no signal). ``learning_rate``: AdamW's, constant (weight decay
-    0, as TRL's GRPO default: with LRs around 1e-6 over a few hundred steps, decay only pulls weights towards 0).
-    ``max_steps``: the step the stage ends at (a resume continues up to it). ``mini_batches_per_step``: updates
-    per rollout batch. ``grad_clip``: max gradient norm (0: no clipping). ``success_threshold``: a rollout
-    passes when its reward reaches it (pass rates, "every rollout fails", hint levels). ``hints``: progressive
-    hint sampling (None: off); its ``rollouts_per_level`` must be G (the step's rollouts are its level 0) and
-    its ``success_threshold`` the stage's. ``checkpoint_every``: steps between checkpoints (and the last step).
-    """
-
-    prompts_per_step: int = 8
-    group_size: int = 4
-    max_new_tokens: int = 1024
-    temperature: float = 1.0
-    learning_rate: float = 1e-6
-    max_steps: int = 100
-    mini_batches_per_step: int = 1
-    grad_clip: float = 1.0
-    success_threshold: float = 0.5
-    gspo: GSPOConfig = field(default_factory=GSPOConfig)
-    hints: HintConfig | None = field(default_factory=HintConfig)
-    seed: int = 0
-    checkpoint_every: int = 10
-
-    def __post_init__(self) -> None:
-        _check_int("prompts_per_step", self.prompts_per_step, 1)
-        _check_int("group_size", self.group_size, 2)
-        _check_int("max_new_tokens", self.max_new_tokens, 1)
-        _check_real("temperature", self.temperature, low=0.0, strict=True)
-        _check_real("learning_rate", self.learning_rate, low=0.0, strict=True)
-        _check_int("max_steps", self.max_steps, 1)
-        _check_int("mini_batches_per_step", self.mini_batches_per_step, 1)
-        if self.mini_batches_per_step > self.prompts_per_step * self.group_size:
-            raise ValueError(f"GSPOStageConfig.mini_batches_per_step={self.mini_batches_per_step}: more than the "
-                             f"{self.prompts_per_step * self.group_size} responses of a step")
-        _check_real("grad_clip", self.grad_clip, low=0.0, strict=False)
-        _check_real("success_threshold", self.success_threshold, low=0.0, strict=True)
-        if self.success_threshold > 1.0:
-            raise ValueError(f"GSPOStageConfig.success_threshold={self.success_threshold!r}: must be <= 1 "
-                             "(rewards are in [0, 1])")
-        # ValueError for a wrong type too: one exception type for every bad setting (DESIGN rule 4).
-        if not isinstance(self.gspo, GSPOConfig):
-            raise _invalid("gspo", self.gspo, "must be a GSPOConfig")
-        if self.hints is not None and not isinstance(self.hints, HintConfig):
-            raise _invalid("hints", self.hints, "must be a HintConfig or None")
-        if self.hints is not None:
-            if self.hints.rollouts_per_level != self.group_size:
-                raise ValueError(f"GSPOStageConfig.hints.rollouts_per_level={self.hints.rollouts_per_level} must "
-                                 f"equal group_size={self.group_size}: the step's rollouts are hint level 0 and "
-                                 "the group trained at the level used")
-            if self.hints.success_threshold != self.success_threshold:
-                raise ValueError(f"GSPOStageConfig.hints.success_threshold={self.hints.success_threshold} differs "
-                                 f"from success_threshold={self.success_threshold}: one rule decides a success")
-        _check_int("seed", self.seed, 0)
-        _check_int("checkpoint_every", self.checkpoint_every, 1)
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    def config_hash(self) -> str:
-        payload = json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
-        return hashlib.sha256(payload.encode("utf-8")).hexdigest()[:16]
 
 
 # ============================================================================================== items

@@ -44,11 +44,11 @@ from torch import nn
 from keyeflow.datasets import tables
 from keyeflow.datasets.sample_reader import LanceSampleReader
 from keyeflow.datasets.tables import TableRef
+from keyeflow.faults import kill_point
 from keyeflow.model.checkpoint import load_keye_checkpoint
 from keyeflow.model.config import KeyeConfig
 from keyeflow.model.modeling import IGNORE_INDEX, KeyeForConditionalGeneration, mrope_position_ids
 from keyeflow.model.processor import Features, collate_rows
-from keyeflow.faults import kill_point
 from keyeflow.training import distributed
 from keyeflow.training.config import StageConfig
 from keyeflow.training.deepspeed_config import render_deepspeed_config

@@ -23,9 +23,9 @@ from typer.testing import CliRunner
 
 from keyeflow import lineage
 from keyeflow.cli import app
-from keyeflow.training.recipes import pretrain_recipe
 from keyeflow.steps.stages import DONE
 from keyeflow.training.engine import LATEST
+from keyeflow.training.recipes import pretrain_recipe
 
 KEYEFLOW = str(Path(sys.executable).parent / "keyeflow")
 RECIPE = pretrain_recipe("tiny")

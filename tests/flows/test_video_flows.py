@@ -61,7 +61,7 @@ def test_video_pipeline_tracks_lineage_gates_and_pictures(home, sample_videos, b
 
 
 def test_failing_gate_stops_the_flow_and_names_the_check(home, sample_videos):
-    from keyeflow.flows.video import pretokenize_videos, ingest_videos
+    from keyeflow.flows.video import ingest_videos, pretokenize_videos
 
     ingest_videos([str(p) for p in sample_videos[:2]])
     first = pretokenize_videos("paper")

@@ -13,8 +13,6 @@ from pathlib import Path
 import lance
 import pytest
 
-from keyeflow.datasets import tables
-
 KEYEFLOW = str(Path(sys.executable).parent / "keyeflow")
 
 # Row content that must match; times of writing naturally differ between runs.

@@ -13,6 +13,7 @@ import torch
 
 from keyeflow.datasets import ingest, pretokenize, tables
 from keyeflow.datasets.pretokenize import patchify
+from keyeflow.datasets.sample_reader import LanceSampleReader
 from keyeflow.datasets.slowfast import resolve_config
 from keyeflow.model.config import tiny
 from keyeflow.model.modeling import KeyeForConditionalGeneration
@@ -29,7 +30,6 @@ from keyeflow.training.evaluate import (
     promotion_gate,
     score_options,
 )
-from keyeflow.datasets.sample_reader import LanceSampleReader
 
 # Small budgets keep every video under ~250 vision tokens, so the tiny model runs them in milliseconds.
 SMALL = resolve_config("paper", total_token_budget=256, min_tokens_per_frame=4, max_tokens_per_frame=16)

@@ -15,6 +15,7 @@ from keyeflow.datasets import sql, tables
 from keyeflow.datasets.video import content_hash
 from keyeflow.longcot.assess import assess_paths
 from keyeflow.longcot.collect import DOMAINS, CollectConfig, CollectReport, collect_questions
+from keyeflow.longcot.gates import GateConfig, check_longcot_paths, check_longcot_samples
 from keyeflow.longcot.generate import (
     GenerationConfig,
     check_answer,

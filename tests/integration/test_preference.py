@@ -23,7 +23,6 @@ import torch
 
 from keyeflow import lineage
 from keyeflow.datasets import tables
-from keyeflow.synthetic import scripted_teacher as replay
 from keyeflow.model.checkpoint import load_keye_checkpoint
 from keyeflow.model.config import tiny
 from keyeflow.model.generation import LocalGenerator, OpenAICompatibleGenerator
@@ -37,19 +36,19 @@ from keyeflow.quality.reward_model import (
     RewardModelJudge,
     build_reward_model_data,
 )
-from keyeflow.training.config import StageConfig
-from keyeflow.training.reward_model_trainer import train_reward_model
+from keyeflow.quality.rewards import RewardCombiner, RewardConfig, RewardItem
+from keyeflow.synthetic import scripted_teacher as replay
+from keyeflow.training.config import MPOStageConfig, StageConfig
+from keyeflow.training.engine import LATEST
 from keyeflow.training.losses import MPOConfig
 from keyeflow.training.preference import (
-    MPOStageConfig,
     PreferenceItem,
     build_preference_pairs,
     make_scorer,
     sequence_logprobs,
     train_mpo,
 )
-from keyeflow.quality.rewards import RewardCombiner, RewardConfig, RewardItem
-from keyeflow.training.engine import LATEST
+from keyeflow.training.reward_model_trainer import train_reward_model
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -27,10 +27,11 @@ from keyeflow.model.generation import LocalGenerator
 from keyeflow.model.modeling import KeyeForConditionalGeneration
 from keyeflow.model.processor import MediaPatches
 from keyeflow.model.tokenizer import load_tokenizer
+from keyeflow.training.config import GSPOStageConfig
+from keyeflow.training.engine import LATEST, read_metrics
 from keyeflow.training.hints import HintConfig
 from keyeflow.training.losses import GSPOConfig
 from keyeflow.training.rl import (
-    GSPOStageConfig,
     RolloutInputMismatch,
     check_rollout_training_inputs,
     pass_rate_filter,
@@ -39,7 +40,6 @@ from keyeflow.training.rl import (
     step_items,
     train_gspo,
 )
-from keyeflow.training.engine import LATEST, read_metrics
 
 G = 4
 MAX_NEW = 8

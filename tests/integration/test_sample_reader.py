@@ -7,11 +7,11 @@ import torch
 
 from keyeflow.datasets import conversations, images, ingest, pretokenize, tables
 from keyeflow.datasets.images import ImageConfig
+from keyeflow.datasets.sample_reader import LanceSampleReader
 from keyeflow.datasets.slowfast import resolve_config
 from keyeflow.model.config import tiny
 from keyeflow.model.modeling import KeyeForConditionalGeneration
 from keyeflow.model.processor import collate
-from keyeflow.datasets.sample_reader import LanceSampleReader
 
 PAPER = resolve_config("paper")
 

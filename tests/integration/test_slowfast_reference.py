@@ -18,9 +18,8 @@ import pytest
 import torch
 
 from keyeflow.datasets import slowfast
-from keyeflow.datasets.slowfast_reference import import_keye_vl_utils
 from keyeflow.datasets.slowfast import PRESETS, allocate_tokens, select_frames, smart_resize
-
+from keyeflow.datasets.slowfast_reference import import_keye_vl_utils
 
 ref = import_keye_vl_utils()
 THRESHOLDS = {name: config.similarity_threshold for name, config in PRESETS.items()}

@@ -13,11 +13,11 @@ import pytest
 from keyeflow import lineage
 from keyeflow.model.config import tiny
 from keyeflow.steps import stages as steps
-from keyeflow.training.config import StageConfig
 from keyeflow.steps.train_job import LaunchFailed, launch_train
+from keyeflow.training.config import StageConfig
+from keyeflow.training.engine import LATEST, STATE, read_metrics
 from keyeflow.training.launch import LaunchConfig
 from keyeflow.training.recipes import pretrain_recipe
-from keyeflow.training.engine import LATEST, STATE, read_metrics
 from keyeflow.training.trainer import train
 
 # 2 ranks × 2 micro-batches per step; the loss is a token mean over the step, whatever its split over ranks.

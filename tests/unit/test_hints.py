@@ -7,6 +7,7 @@ import re
 
 import pytest
 
+from keyeflow.quality.rewards import Reward, math_answer_reward
 from keyeflow.training.hints import (
     HINT_LEVELS,
     HintConfig,
@@ -17,7 +18,6 @@ from keyeflow.training.hints import (
     progressive_hint_sampling,
     unsolved_share_by_level,
 )
-from keyeflow.quality.rewards import Reward, math_answer_reward
 
 NEVER = 99  # an item no hint level can make the policy solve
 
