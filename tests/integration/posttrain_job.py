@@ -7,14 +7,16 @@ from __future__ import annotations
 import json
 import os
 import sys
+from pathlib import Path
 
 import numpy as np
 
 from keyeflow.datasets.pretokenize import patchify
 from keyeflow.model.processor import MediaPatches
+from keyeflow.training.config import GSPOStageConfig, MPOStageConfig
 from keyeflow.training.losses import GSPOConfig
-from keyeflow.training.preference import MPOStageConfig, train_mpo
-from keyeflow.training.rl import GSPOStageConfig, train_gspo
+from keyeflow.training.preference import train_mpo
+from keyeflow.training.rl import train_gspo
 
 
 def image_lookup(part: dict) -> MediaPatches:
@@ -51,7 +53,7 @@ def letter_share(item, response: str) -> float:
 
 
 def main(spec_path: str) -> None:
-    spec = json.loads(open(spec_path).read())
+    spec = json.loads(Path(spec_path).read_text())
     if spec["kind"] == "mpo":
         result = train_mpo(MPOStageConfig(**MPO, max_steps=spec["max_steps"]), init=spec["init"], pairs=PAIRS,
                            out_dir=spec["out_dir"], media_lookup=image_lookup)

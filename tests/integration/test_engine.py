@@ -70,8 +70,8 @@ def assert_same_weights(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], 
     """Equal weights, and so equal updates: every tensor's change from init agrees to float32 reduction noise."""
     assert a.keys() == b.keys()
     moved = 0
-    for name in a:
-        delta_a, delta_b = a[name] - init[name], b[name] - init[name]
+    for name, value in a.items():
+        delta_a, delta_b = value - init[name], b[name] - init[name]
         torch.testing.assert_close(delta_a, delta_b, rtol=1e-3, atol=2e-6, msg=name)
         moved += int(delta_a.abs().max() > 0)
     assert moved > len(a) // 2  # the runs really trained most tensors

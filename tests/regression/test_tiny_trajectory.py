@@ -28,10 +28,11 @@ from keyeflow.datasets.slowfast import resolve_config
 from keyeflow.model.checkpoint import load_keye_checkpoint
 from keyeflow.model.modeling import KeyeForConditionalGeneration
 from keyeflow.model.processor import MediaPatches
+from keyeflow.training.config import GSPOStageConfig, MPOStageConfig
 from keyeflow.training.losses import GSPOConfig
-from keyeflow.training.preference import MPOStageConfig, train_mpo
+from keyeflow.training.preference import train_mpo
 from keyeflow.training.recipes import pretrain_recipe
-from keyeflow.training.rl import GSPOStageConfig, train_gspo
+from keyeflow.training.rl import train_gspo
 from keyeflow.training.trainer import train
 
 RECORDED = Path(__file__).with_name("tiny_trajectory.json")

@@ -2,7 +2,8 @@
 own layer or lower ones, imports inside functions and classes included.
 
 Layers, low → high: config → model → datasets → quality → longcot → training → lineage → steps → tasks →
-flows → synthetic → cli. `config` is keyeflow/config.py and keyeflow/__init__.py, `lineage` keyeflow/lineage.py,
+flows → synthetic → cli. `config` is keyeflow/config.py, keyeflow/faults.py (the named kill points) and
+keyeflow/__init__.py, `lineage` keyeflow/lineage.py,
 `cli` keyeflow/cli.py; the others are the subpackages keyeflow/<name>/. Two more rules:
 - `keyeflow.synthetic` (generated sample data, the scripted teacher) is imported by keyeflow.cli only;
 - domain code (model, datasets, quality, longcot, training) never imports prefect or mlflow: it runs under
@@ -31,6 +32,7 @@ DOMAIN = ("model", "datasets", "quality", "longcot", "training")
 ORCHESTRATION = ("prefect", "mlflow")  # third-party packages domain code must not import
 SYNTHETIC_IMPORTERS = ("synthetic", "cli")
 MODULE_LAYERS = ("config", "lineage", "cli")  # layers that are one module, keyeflow/<name>.py
+BASE_MODULES = ("faults",)  # keyeflow/<name>.py modules of the lowest layer besides config.py
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -58,7 +60,7 @@ def layer_of(module: str) -> str | None:
     parts = module.split(".")
     if parts[0] != PACKAGE:
         return None
-    if len(parts) == 1:  # keyeflow/__init__.py
+    if len(parts) == 1 or (len(parts) == 2 and parts[1] in BASE_MODULES):  # keyeflow/__init__.py, faults.py
         return "config"
     if parts[1] in MODULE_LAYERS:  # keyeflow/<name>.py: a module, nothing below it
         return parts[1] if len(parts) == 2 else None
