@@ -564,6 +564,35 @@ def gspo_step(config: GSPOStageConfig, engine: Engine, generator: LocalGenerator
     process, and each rank computes the part of each mini-batch it rolled out. Losses are divided by the
     whole step's counts, so the summed gradients equal one process's."""
     timer = _Timer()
+    groups, first, metrics, report = _sample_groups(config, engine, generator, items, reward_fn, step, timer)
+    started = time.perf_counter()
+    plan, num_responses = _mini_batch_plan(config, engine, generator, groups, first, metrics)
+    updates, gap_parts = _updates(config, engine, reference, plan, num_responses)
+    timer.add("update", started)
+
+    def mean_of(key: str) -> float:
+        return sum(u[key] for u in updates) / len(updates) if updates else math.nan
+
+    metrics.update({
+        "num_updates": len(updates),
+        "loss": mean_of("loss"), "mean_ratio": mean_of("mean_ratio"),
+        "clip_fraction": mean_of("clip_fraction") if updates else 0.0,
+        "clip_low_fraction": mean_of("clip_low_fraction") if updates else 0.0,
+        "clip_high_fraction": mean_of("clip_high_fraction") if updates else 0.0,
+        "grad_norm": mean_of("grad_norm"),
+        "sampler_logprob_gap": float(torch.cat(gap_parts).mean()) if gap_parts else math.nan,
+        "time_rollout": timer.seconds["rollout"], "time_reward": timer.seconds["reward"],
+        "time_update": timer.seconds["update"],
+        "updates": updates,
+    })  # fmt: skip
+    return metrics, report
+
+
+def _sample_groups(config: GSPOStageConfig, engine: Engine, generator: LocalGenerator, items: list[dict],
+                   reward_fn: RewardFn, step: int, timer: _Timer
+                   ) -> tuple[list[_Group], int, dict[str, Any], dict[str, Any]]:
+    """This rank's groups (rollouts, rewards, the hint level trained on), the index of its first prompt in
+    the step, the step's reward metrics and its hint report (all ranks)."""
     dist = engine.dist
     seed = _step_seed(config.seed, step)
     batch = step_items(items, step, config.prompts_per_step, config.seed)
@@ -606,8 +635,15 @@ def gspo_step(config: GSPOStageConfig, engine: Engine, generator: LocalGenerator
     metrics["num_hinted"] = sum(1 for v in levels.values() if v)
     metrics["num_unsolved"] = sum(1 for v in levels.values() if v is None)
 
+    return groups, first, metrics, report
+
+
+def _mini_batch_plan(config: GSPOStageConfig, engine: Engine, generator: LocalGenerator, groups: list[_Group],
+                     first: int, metrics: dict[str, Any]
+                     ) -> tuple[list[list[tuple[Features, float, Completion]]], int]:
+    """Advantages, and this rank's part of each mini-batch of the responses that carry signal (agreed over
+    the ranks); also the step's number of responses (the GSPO mean's N). Adds the counts to `metrics`."""
     # ---- Advantages and the responses that carry signal, agreed over the ranks.
-    started = time.perf_counter()
     advantages = group_advantages(torch.tensor([g.rewards for g in groups], dtype=torch.float32),
                                   eps=config.gspo.advantage_eps)
     responses: dict[tuple[int, int], tuple[Features, float, Completion]] = {}
@@ -624,7 +660,7 @@ def gspo_step(config: GSPOStageConfig, engine: Engine, generator: LocalGenerator
                                              completion)
     active = sorted(key for rank_keys in engine.gather(sorted(responses)) for key in rank_keys)
     metrics["num_unscorable_responses"] = sum(engine.gather(num_unscorable))
-    num_responses = len(all_rewards)
+    num_responses = sum(engine.gather(sum(len(g.rewards) for g in groups)))
     num_mini = config.mini_batches_per_step
     # The one-process mini-batches (contiguous slices of the active responses), each rank's part of each.
     plan = [[responses[key] for key in chunk if key in responses] for chunk in chunks(active, num_mini) if chunk]
@@ -635,6 +671,14 @@ def gspo_step(config: GSPOStageConfig, engine: Engine, generator: LocalGenerator
     levels_used = [level for rank_levels in engine.gather([g.level for g in groups]) for level in rank_levels]
     metrics["hint_level_mean"] = sum(level or 0 for level in levels_used) / len(levels_used)
 
+    return plan, num_responses
+
+
+def _updates(config: GSPOStageConfig, engine: Engine, reference: nn.Module | None,
+             plan: list[list[tuple[Features, float, Completion]]], num_responses: int
+             ) -> tuple[list[dict[str, Any]], list[torch.Tensor]]:
+    """One update per mini-batch; each update's statistics (all ranks) and the sampler/trainer log-prob gaps."""
+    num_mini = config.mini_batches_per_step
     # ---- Old (and reference) log-probs, all before the first update (module docstring).
     model = engine.model
     pad = _pad_id(model)
@@ -680,25 +724,8 @@ def gspo_step(config: GSPOStageConfig, engine: Engine, generator: LocalGenerator
         update["max_abs_log_ratio"] = max(r for r in engine.gather(record.get("max_abs_log_ratio", -math.inf)))
         update["grad_norm"] = grad_norm
         updates.append(update)
-    timer.add("update", started)
     gap_parts = [g for g in engine.gather(torch.cat(gaps) if gaps else None) if g is not None]
-
-    def mean_of(key: str) -> float:
-        return sum(u[key] for u in updates) / len(updates) if updates else math.nan
-
-    metrics.update({
-        "num_updates": len(updates),
-        "loss": mean_of("loss"), "mean_ratio": mean_of("mean_ratio"),
-        "clip_fraction": mean_of("clip_fraction") if updates else 0.0,
-        "clip_low_fraction": mean_of("clip_low_fraction") if updates else 0.0,
-        "clip_high_fraction": mean_of("clip_high_fraction") if updates else 0.0,
-        "grad_norm": mean_of("grad_norm"),
-        "sampler_logprob_gap": float(torch.cat(gap_parts).mean()) if gap_parts else math.nan,
-        "time_rollout": timer.seconds["rollout"], "time_reward": timer.seconds["reward"],
-        "time_update": timer.seconds["update"],
-        "updates": updates,
-    })  # fmt: skip
-    return metrics, report
+    return updates, gap_parts
 
 
 def _hints_path(out_dir: Path, step: int) -> Path:
