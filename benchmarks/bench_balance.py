@@ -90,15 +90,21 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--micro-batches", type=int, default=4)
     parser.add_argument("--max-length", type=int, default=131_072)
-    parser.add_argument("--packs-per-micro-batch", type=float, default=1.0,
-                        help="window size in packs per (rank, micro-batch); sets the tokens per step")
+    parser.add_argument(
+        "--packs-per-micro-batch",
+        type=float,
+        default=1.0,
+        help="window size in packs per (rank, micro-batch); sets the tokens per step",
+    )
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     model = CostModel()
     rng = np.random.default_rng(args.seed)
     tokens_per_step = args.ranks * args.micro_batches * args.packs_per_micro_batch * args.max_length * 0.97
 
-    results: dict[str, list[float]] = {k: [] for k in ("split", "tokens", "proxy", "ours", "micro", "micro_split")}
+    results: dict[str, list[float]] = {
+        k: [] for k in ("split", "tokens", "proxy", "ours", "micro", "micro_split")
+    }
     share_ours, share_split, counts, seconds, vit_share = [], [], [], [], []
     modality_tokens = dict.fromkeys(SHARES, 0)
     for _ in range(args.steps):
@@ -117,7 +123,9 @@ def main() -> None:
             split_loads.append(cost[mine].sum())
             # Its micro-batches: packs dealt round robin, as a plain loader would.
             micro = np.arange(len(packs)) % args.micro_batches
-            split_micro.append(imbalance(group_loads(pack_costs(packs, cost[mine]), micro, args.micro_batches)))
+            split_micro.append(
+                imbalance(group_loads(pack_costs(packs, cost[mine]), micro, args.micro_batches))
+            )
         results["split"].append(imbalance(split_loads))
         results["micro_split"].append(float(np.mean(split_micro)))
         share_split.append(tokens.sum() / (split_packs * args.max_length))
@@ -128,18 +136,30 @@ def main() -> None:
         rank, micro = balance_two_level(true, args.ranks, args.micro_batches)
         seconds.append(time.perf_counter() - start)
         results["ours"].append(imbalance(group_loads(true, rank, args.ranks)))
-        results["micro"].append(float(np.mean([
-            imbalance(group_loads(true[rank == r], micro[rank == r], args.micro_batches)) for r in range(args.ranks)])))
+        results["micro"].append(
+            float(
+                np.mean(
+                    [
+                        imbalance(group_loads(true[rank == r], micro[rank == r], args.micro_batches))
+                        for r in range(args.ranks)
+                    ]
+                )
+            )
+        )
         share_ours.append(tokens.sum() / (len(packs) * args.max_length))
         for name, values in (("tokens", tokens.astype(np.float64)), ("proxy", proxy)):
-            results[name].append(imbalance(group_loads(true, balance(pack_costs(packs, values), args.ranks), args.ranks)))
+            results[name].append(
+                imbalance(group_loads(true, balance(pack_costs(packs, values), args.ranks), args.ranks))
+            )
 
     def row(label: str, values: list[float]) -> str:
         return f"| {label:<30} | {np.mean(values):>8.3f} | {np.max(values):>8.3f} |"
 
-    print(f"{args.steps} steps × ~{np.mean(counts):.0f} samples (~{tokens_per_step / 1e6:.1f}M tokens), "
-          f"{args.ranks} ranks × {args.micro_batches} micro-batches, max_length {args.max_length:,}; "
-          f"vision encoder = {np.mean(vit_share):.1%} of the true cost")
+    print(
+        f"{args.steps} steps × ~{np.mean(counts):.0f} samples (~{tokens_per_step / 1e6:.1f}M tokens), "
+        f"{args.ranks} ranks × {args.micro_batches} micro-batches, max_length {args.max_length:,}; "
+        f"vision encoder = {np.mean(vit_share):.1%} of the true cost"
+    )
     total = sum(modality_tokens.values())
     print("token shares: " + ", ".join(f"{m} {t / total:.1%}" for m, t in modality_tokens.items()) + "\n")
     print("| rank cost max/mean             |     mean |    worst |")
@@ -148,16 +168,26 @@ def main() -> None:
     print(row("LPT on tokens", results["tokens"]))
     print(row("LPT on text proxy (no ViT)", results["proxy"]))
     print(row("LPT on cost (ours)", results["ours"]))
-    print(f"\nours / split (max/mean): {np.mean(results['ours']):.3f} vs {np.mean(results['split']):.3f} "
-          f"(target ours <= 1.05): {'PASS' if np.mean(results['ours']) <= 1.05 else 'FAIL'}")
-    print(f"step time saved vs the split (slowest rank): {1 - np.mean(results['ours']) / np.mean(results['split']):.1%}")
-    print(f"micro-batch cost max/mean within a rank: ours {np.mean(results['micro']):.3f}, "
-          f"split dealt round robin {np.mean(results['micro_split']):.3f}")
-    print(f"real-token share after packing: ours {np.mean(share_ours):.2%} (min {np.min(share_ours):.2%}), "
-          f"split packed per rank {np.mean(share_split):.2%} (target >= 95%): "
-          f"{'PASS' if np.min(share_ours) >= 0.95 else 'FAIL'}")
-    print(f"planning time per step (pack + two-level LPT, {np.mean(counts):.0f} samples): "
-          f"{np.mean(seconds) * 1e3:.1f} ms")
+    print(
+        f"\nours / split (max/mean): {np.mean(results['ours']):.3f} vs {np.mean(results['split']):.3f} "
+        f"(target ours <= 1.05): {'PASS' if np.mean(results['ours']) <= 1.05 else 'FAIL'}"
+    )
+    print(
+        f"step time saved vs the split (slowest rank): {1 - np.mean(results['ours']) / np.mean(results['split']):.1%}"
+    )
+    print(
+        f"micro-batch cost max/mean within a rank: ours {np.mean(results['micro']):.3f}, "
+        f"split dealt round robin {np.mean(results['micro_split']):.3f}"
+    )
+    print(
+        f"real-token share after packing: ours {np.mean(share_ours):.2%} (min {np.min(share_ours):.2%}), "
+        f"split packed per rank {np.mean(share_split):.2%} (target >= 95%): "
+        f"{'PASS' if np.min(share_ours) >= 0.95 else 'FAIL'}"
+    )
+    print(
+        f"planning time per step (pack + two-level LPT, {np.mean(counts):.0f} samples): "
+        f"{np.mean(seconds) * 1e3:.1f} ms"
+    )
 
 
 if __name__ == "__main__":

@@ -57,10 +57,18 @@ def build_model(vocab_size: int, hidden: int, layers: int, device: torch.device)
     from transformers import Qwen3Config, Qwen3ForCausalLM
 
     heads = max(hidden // 32, 1)
-    config = Qwen3Config(vocab_size=vocab_size, hidden_size=hidden, intermediate_size=4 * hidden,
-                         num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=max(heads // 2, 1),
-                         head_dim=32, max_position_embeddings=4096, tie_word_embeddings=False,
-                         rope_parameters={"rope_type": "default", "rope_theta": 1e6})
+    config = Qwen3Config(
+        vocab_size=vocab_size,
+        hidden_size=hidden,
+        intermediate_size=4 * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=max(heads // 2, 1),
+        head_dim=32,
+        max_position_embeddings=4096,
+        tie_word_embeddings=False,
+        rope_parameters={"rope_type": "default", "rope_theta": 1e6},
+    )
     torch.manual_seed(0)
     return Qwen3ForCausalLM(config).to(device).train()
 
@@ -69,22 +77,31 @@ def build_batch(args, vocab_size: int, device: torch.device) -> dict[str, torch.
     """Left-padded prompts, right-padded completions (the layout TRL's GRPO uses), advantages, ratio noise."""
     gen = torch.Generator().manual_seed(1)
     n, p, c = args.prompts * args.group, args.prompt_length, args.completion_length
-    prompt_lengths = torch.randint(p // 2, p + 1, (args.prompts,), generator=gen).repeat_interleave(args.group)
+    prompt_lengths = torch.randint(p // 2, p + 1, (args.prompts,), generator=gen).repeat_interleave(
+        args.group
+    )
     completion_lengths = torch.randint(max(c // 10, 1), c + 1, (n,), generator=gen)
     prompt_mask = (torch.arange(p)[None, :] >= p - prompt_lengths[:, None]).long()
     completion_mask = (torch.arange(c)[None, :] < completion_lengths[:, None]).long()
     prompt_ids = torch.randint(1, vocab_size, (n, p), generator=gen) * prompt_mask  # pad id 0
     completion_ids = torch.randint(1, vocab_size, (n, c), generator=gen) * completion_mask
     rewards = torch.randint(0, 2, (args.prompts, args.group), generator=gen).float()
-    batch = {"prompt_ids": prompt_ids, "prompt_mask": prompt_mask, "completion_ids": completion_ids,
-             "completion_mask": completion_mask, "advantages": group_advantages(rewards).flatten(),
-             "noise": torch.randn(n, c, generator=gen) * 3e-3}
+    batch = {
+        "prompt_ids": prompt_ids,
+        "prompt_mask": prompt_mask,
+        "completion_ids": completion_ids,
+        "completion_mask": completion_mask,
+        "advantages": group_advantages(rewards).flatten(),
+        "noise": torch.randn(n, c, generator=gen) * 3e-3,
+    }
     return {k: v.to(device) for k, v in batch.items()}
 
 
 def model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    return {"input_ids": torch.cat([batch["prompt_ids"], batch["completion_ids"]], dim=1),
-            "attention_mask": torch.cat([batch["prompt_mask"], batch["completion_mask"]], dim=1)}
+    return {
+        "input_ids": torch.cat([batch["prompt_ids"], batch["completion_ids"]], dim=1),
+        "attention_mask": torch.cat([batch["prompt_mask"], batch["completion_mask"]], dim=1),
+    }
 
 
 def our_logps(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -136,11 +153,14 @@ def trl_trainer(device: torch.device):
         _metrics={"train": defaultdict(list), "eval": defaultdict(list)},
     )  # fmt: skip
     trainer._get_per_token_logps_and_entropies = types.MethodType(
-        GRPOTrainer._get_per_token_logps_and_entropies, trainer)
+        GRPOTrainer._get_per_token_logps_and_entropies, trainer
+    )
 
     def update(model, batch, old_logps) -> tuple[float, float]:
-        inputs = {k: batch[k] for k in ("prompt_ids", "prompt_mask", "completion_ids", "completion_mask",
-                                        "advantages")}
+        inputs = {
+            k: batch[k]
+            for k in ("prompt_ids", "prompt_mask", "completion_ids", "completion_mask", "advantages")
+        }
         inputs["old_per_token_logps"] = old_logps
         loss = GRPOTrainer._compute_loss(trainer, model, inputs)
         loss.backward()
@@ -202,13 +222,17 @@ def best_of(runs: dict, repeats: int, device: torch.device) -> tuple[dict[str, l
 
 def report(title: str, times: dict[str, list[float]], results: dict, tokens: int, grad_diff: float) -> None:
     print(f"\n{title}")
-    print(f"  loss: ours {results['ours'][0]:.9f}, TRL {results['TRL'][0]:.9f}; clipped responses: ours "
-          f"{results['ours'][1]:.3f}, TRL {results['TRL'][1]:.3f}; gradient relative difference {grad_diff:.1e}")
+    print(
+        f"  loss: ours {results['ours'][0]:.9f}, TRL {results['TRL'][0]:.9f}; clipped responses: ours "
+        f"{results['ours'][1]:.3f}, TRL {results['TRL'][1]:.3f}; gradient relative difference {grad_diff:.1e}"
+    )
     print(f"  {'':<6}{'best ms':>10}{'median ms':>11}{'tokens/s':>11}")
     for name, values in times.items():
         values = sorted(values)
-        print(f"  {name:<6}{values[0] * 1e3:>10.1f}{values[len(values) // 2] * 1e3:>11.1f}"
-              f"{tokens / values[0]:>11,.0f}")
+        print(
+            f"  {name:<6}{values[0] * 1e3:>10.1f}{values[len(values) // 2] * 1e3:>11.1f}"
+            f"{tokens / values[0]:>11,.0f}"
+        )
     print(f"  TRL / ours time = {min(times['TRL']) / min(times['ours']):.2f}× (> 1: ours is faster)")
 
 
@@ -245,22 +269,35 @@ def main() -> None:
 
     n, tokens = args.prompts * args.group, int(mask.sum())
     params = sum(p.numel() for p in ours_model.parameters())
-    print(f"model: Qwen3 {args.layers} layers × {args.hidden}, vocab {vocab_size}, {params / 1e6:.1f}M parameters; "
-          f"{device}, torch threads {torch.get_num_threads()}")
-    print(f"batch: {args.prompts} prompts × {args.group} rollouts = {n} responses, prompt ≤ {args.prompt_length}, "
-          f"completion ≤ {args.completion_length}; {tokens:,} completion tokens; {args.repeats} timed runs each")
+    print(
+        f"model: Qwen3 {args.layers} layers × {args.hidden}, vocab {vocab_size}, {params / 1e6:.1f}M parameters; "
+        f"{device}, torch threads {torch.get_num_threads()}"
+    )
+    print(
+        f"batch: {args.prompts} prompts × {args.group} rollouts = {n} responses, prompt ≤ {args.prompt_length}, "
+        f"completion ≤ {args.completion_length}; {tokens:,} completion tokens; {args.repeats} timed runs each"
+    )
 
     # The whole update: backbone + head + log-probs + loss + backward to every parameter.
     runs = {
-        "ours": (lambda: ours_model.zero_grad(set_to_none=True),
-                 lambda: our_loss(our_logps(ours_model, batch), batch, old_logps)),
-        "TRL": (lambda: trl_model.zero_grad(set_to_none=True),
-                lambda: trl_update(trl_model, batch, old_logps)),
+        "ours": (
+            lambda: ours_model.zero_grad(set_to_none=True),
+            lambda: our_loss(our_logps(ours_model, batch), batch, old_logps),
+        ),
+        "TRL": (
+            lambda: trl_model.zero_grad(set_to_none=True),
+            lambda: trl_update(trl_model, batch, old_logps),
+        ),
     }
     times, results = best_of(runs, args.repeats, device)
     grads = [torch.cat([p.grad.flatten() for p in m.parameters()]) for m in (ours_model, trl_model)]
-    report("whole update (forward log-probs, loss, backward)", times, results, tokens,
-           relative_difference(grads[0], grads[1]))
+    report(
+        "whole update (forward log-probs, loss, backward)",
+        times,
+        results,
+        tokens,
+        relative_difference(grads[0], grads[1]),
+    )
 
     # Only what differs: head, log-probs, loss, backward to fixed final hidden states.
     with torch.no_grad():
@@ -279,11 +316,18 @@ def main() -> None:
         logits = ours_model.lm_head(leaves["ours"][:, -(c + 1) : -1])
         return our_loss(token_logprobs(logits, batch["completion_ids"]), batch, old_logps)
 
-    runs = {"ours": (lambda: reset("ours"), ours_head),
-            "TRL": (lambda: reset("TRL"), lambda: trl_update(head_only, batch, old_logps))}
+    runs = {
+        "ours": (lambda: reset("ours"), ours_head),
+        "TRL": (lambda: reset("TRL"), lambda: trl_update(head_only, batch, old_logps)),
+    }
     times, results = best_of(runs, args.repeats, device)
-    report("LM head + log-probs + loss + backward, from fixed hidden states", times, results, tokens,
-           relative_difference(leaves["ours"].grad, leaves["TRL"].grad))
+    report(
+        "LM head + log-probs + loss + backward, from fixed hidden states",
+        times,
+        results,
+        tokens,
+        relative_difference(leaves["ours"].grad, leaves["TRL"].grad),
+    )
 
 
 if __name__ == "__main__":

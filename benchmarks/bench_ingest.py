@@ -34,8 +34,11 @@ CLIPS = {
     # clip is kept as the hard case: it decodes almost for free, so fixed per-frame work shows most.
     "grain_720p_30fps": ("mandelbrot=size=1280x720:rate=30,noise=alls=14:allf=t", "1280x720", 30),
     "grain_cuts_1080p_25fps": ("testsrc2=size=1920x1080:rate=25,noise=alls=10:allf=t", "1920x1080", 25),
-    "grain_life_960x540_30fps": (("life=size=240x135:rate=30:seed=7:mold=10,scale=960:540:flags=neighbor,"
-                                  "noise=alls=12:allf=t"), "960x540", 30),
+    "grain_life_960x540_30fps": (
+        ("life=size=240x135:rate=30:seed=7:mold=10,scale=960:540:flags=neighbor,noise=alls=12:allf=t"),
+        "960x540",
+        30,
+    ),
     "clean_testsrc2_640x360_30fps": ("testsrc2=size=640x360:rate=30", "640x360", 30),
 }
 
@@ -49,18 +52,58 @@ def make_clips(dest: Path, seconds: int) -> list[Path]:
     out = []
     for name, (source, _, fps) in CLIPS.items():
         path = dest / f"{name}.mp4"
-        subprocess.run(["ffmpeg", "-v", "error", "-y", "-f", "lavfi", "-i", source, "-t", str(seconds),
-                        "-c:v", "libx264", "-preset", "veryfast", "-crf", "23", "-g", str(fps * 2), "-pix_fmt", "yuv420p",
-                        str(path)], check=True)
+        subprocess.run(
+            [
+                "ffmpeg",
+                "-v",
+                "error",
+                "-y",
+                "-f",
+                "lavfi",
+                "-i",
+                source,
+                "-t",
+                str(seconds),
+                "-c:v",
+                "libx264",
+                "-preset",
+                "veryfast",
+                "-crf",
+                "23",
+                "-g",
+                str(fps * 2),
+                "-pix_fmt",
+                "yuv420p",
+                str(path),
+            ],
+            check=True,
+        )
         out.append(path)
     return out
 
 
 def decode_only(path: Path, fps: float) -> int:
     """The floor: ffmpeg decodes at the sampling rate to raw RGB that nobody looks at."""
-    proc = subprocess.Popen(["ffmpeg", "-v", "error", "-nostdin", "-threads", "1", "-i", str(path), "-vf",
-                             f"fps={fps}", "-f", "rawvideo", "-pix_fmt", "rgb24", "pipe:"],
-                            stdout=subprocess.PIPE)
+    proc = subprocess.Popen(
+        [
+            "ffmpeg",
+            "-v",
+            "error",
+            "-nostdin",
+            "-threads",
+            "1",
+            "-i",
+            str(path),
+            "-vf",
+            f"fps={fps}",
+            "-f",
+            "rawvideo",
+            "-pix_fmt",
+            "rgb24",
+            "pipe:",
+        ],
+        stdout=subprocess.PIPE,
+    )
     total = 0
     while chunk := proc.stdout.read(1 << 20):
         total += len(chunk)
@@ -99,8 +142,10 @@ def main() -> None:
             assert report.num_done == 1, report
             rows.append((clip.stem, floor_cpu, ours_cpu, floor_wall, ours_wall, report.total_tokens))
 
-    print(f"\ningest + pre-tokenise ({args.preset}) vs ffmpeg decode-only at {config.fps} fps, one core, "
-          f"{args.seconds} s clips")
+    print(
+        f"\ningest + pre-tokenise ({args.preset}) vs ffmpeg decode-only at {config.fps} fps, one core, "
+        f"{args.seconds} s clips"
+    )
     print(f"{'clip':28s} {'decode cpu s':>12s} {'ours cpu s':>11s} {'ratio':>6s} {'tokens':>7s}")
     for name, fc, oc, fw, ow, tok in rows:
         print(f"{name:28s} {fc:12.2f} {oc:11.2f} {oc / fc:6.2f} {tok:7d}")

@@ -33,12 +33,25 @@ from keyeflow.datasets.mixture import MixtureConfig, compute_mixture, stage_mixt
 # modality → (share of rows, lognormal median tokens, sigma, min, max, sources, tasks)
 SHAPES = {
     # Long videos: Slow-Fast budgets put most between 5K and 60K tokens, a tail past the 128K context.
-    "video": (0.06, 18_000, 0.9, 1_000, 200_000, ["yt-long", "ego-clips", "movie-qa", "howto-steps"],
-              ["caption", "vqa", "grounding"]),
+    "video": (
+        0.06,
+        18_000,
+        0.9,
+        1_000,
+        200_000,
+        ["yt-long", "ego-clips", "movie-qa", "howto-steps"],
+        ["caption", "vqa", "grounding"],
+    ),
     # Medium images: a few hundred to a few thousand tokens, up to the 20,480-token image cap + text.
-    "image": (0.54, 1_200, 0.8, 64, 21_000, ["captions-coco-like", "ocr-docs", "grounding-refcoco-like",
-                                              "charts", "interleaved-web", "vqa-mix"],
-              ["caption", "ocr", "grounding", "vqa", "interleaved"]),
+    "image": (
+        0.54,
+        1_200,
+        0.8,
+        64,
+        21_000,
+        ["captions-coco-like", "ocr-docs", "grounding-refcoco-like", "charts", "interleaved-web", "vqa-mix"],
+        ["caption", "ocr", "grounding", "vqa", "interleaved"],
+    ),
     # Short texts, with long documents in the tail.
     "text": (0.40, 500, 1.1, 8, 140_000, ["web-text", "code", "math-text"], ["text"]),
 }
@@ -58,22 +71,27 @@ def synthetic_samples(num_rows: int, seed: int = 0) -> pa.Table:
         ids = np.char.add(f"{modality}-", np.char.zfill(np.arange(start, start + n).astype(str), 8))
         src = np.asarray(sources)[source_idx]
         media = pa.array([[] if modality == "text" else [i] for i in ids.tolist()], pa.list_(pa.string()))
-        parts.append(pa.table({
-            "sample_id": ids,
-            "source": src,
-            "task": np.asarray(tasks)[rng.integers(0, len(tasks), n)],
-            "modality": np.full(n, modality),
-            "num_tokens": tokens,
-            "num_text_tokens": text.astype(np.int64),
-            "num_vision_tokens": (tokens - text).astype(np.int64),
-            "media_ids": media,
-            "source_uri": np.char.add(np.char.add("s3://corpus/", src), np.char.add("/", ids)),
-            "content_hash": np.char.zfill(np.arange(start, start + n).astype(str), 16),
-            "config_hash": np.full(n, "tok-v1"),
-            "messages": np.full(n, "[]"),
-            "created_at": pa.array(np.full(n, np.datetime64("2026-01-01T00:00:00", "us")),
-                                   pa.timestamp("us", tz="UTC")),
-        }))
+        parts.append(
+            pa.table(
+                {
+                    "sample_id": ids,
+                    "source": src,
+                    "task": np.asarray(tasks)[rng.integers(0, len(tasks), n)],
+                    "modality": np.full(n, modality),
+                    "num_tokens": tokens,
+                    "num_text_tokens": text.astype(np.int64),
+                    "num_vision_tokens": (tokens - text).astype(np.int64),
+                    "media_ids": media,
+                    "source_uri": np.char.add(np.char.add("s3://corpus/", src), np.char.add("/", ids)),
+                    "content_hash": np.char.zfill(np.arange(start, start + n).astype(str), 16),
+                    "config_hash": np.full(n, "tok-v1"),
+                    "messages": np.full(n, "[]"),
+                    "created_at": pa.array(
+                        np.full(n, np.datetime64("2026-01-01T00:00:00", "us")), pa.timestamp("us", tz="UTC")
+                    ),
+                }
+            )
+        )
         start += n
     return pa.concat_tables(parts).cast(tables.SCHEMAS["train_samples"])
 
@@ -87,15 +105,26 @@ def md5_keys(prefix: str, ids: np.ndarray) -> np.ndarray:
     return np.frombuffer(digest, dtype="<u8")
 
 
-def pandas_mixture(samples: tables.TableRef, config: MixtureConfig, quarantine: tables.TableRef | None,
-                   timings: dict[str, float]) -> pd.DataFrame:
+def pandas_mixture(
+    samples: tables.TableRef,
+    config: MixtureConfig,
+    quarantine: tables.TableRef | None,
+    timings: dict[str, float],
+) -> pd.DataFrame:
     t0 = time.perf_counter()
-    df = lance.dataset(samples.uri, version=samples.version).to_table(
-        columns=["sample_id", "modality", "source", "task", "num_tokens", "source_uri"]).to_pandas()
+    df = (
+        lance.dataset(samples.uri, version=samples.version)
+        .to_table(columns=["sample_id", "modality", "source", "task", "num_tokens", "source_uri"])
+        .to_pandas()
+    )
     bad = set()
     if quarantine is not None:
-        bad = set(lance.dataset(quarantine.uri, version=quarantine.version).to_table(columns=["uri"])
-                  .column("uri").to_pylist())
+        bad = set(
+            lance.dataset(quarantine.uri, version=quarantine.version)
+            .to_table(columns=["uri"])
+            .column("uri")
+            .to_pylist()
+        )
     t1 = time.perf_counter()
 
     reason = pd.Series(None, index=df.index, dtype=object)
@@ -114,18 +143,32 @@ def pandas_mixture(samples: tables.TableRef, config: MixtureConfig, quarantine: 
     if zero:
         mark(df.source.isin(zero), mixture.SOURCE_WEIGHT_ZERO)
     df["reason"] = reason
-    groups = (df.groupby(["reason", "modality", "source"], dropna=False, sort=True)
-              .agg(n=("sample_id", "size"), tokens=("num_tokens", "sum")).reset_index())
+    groups = (
+        df.groupby(["reason", "modality", "source"], dropna=False, sort=True)
+        .agg(n=("sample_id", "size"), tokens=("num_tokens", "sum"))
+        .reset_index()
+    )
     rows = [(None if pd.isna(r) else r, m, s, n, t) for r, m, s, n, t in groups.itertuples(index=False)]
     excluded = mixture._exclusions(rows)
     available = [(m, s, int(t), int(n)) for r, m, s, n, t in rows if r is None]
     plan = mixture.plan_quotas(available, config, excluded)
 
-    plan_df = pd.DataFrame([{"modality": p.modality, "source": p.source, "full_passes": p.full_passes,
-                             "remainder": p.remainder, "available": p.available_tokens,
-                             "cap_tokens": p.cap_tokens} for p in plan.sources])
+    plan_df = pd.DataFrame(
+        [
+            {
+                "modality": p.modality,
+                "source": p.source,
+                "full_passes": p.full_passes,
+                "remainder": p.remainder,
+                "available": p.available_tokens,
+                "cap_tokens": p.cap_tokens,
+            }
+            for p in plan.sources
+        ]
+    )
     e = df.loc[df.reason.isna(), ["sample_id", "modality", "source", "num_tokens"]].merge(
-        plan_df, on=["modality", "source"])
+        plan_df, on=["modality", "source"]
+    )
     t2 = time.perf_counter()
     e["key"] = md5_keys(f"{config.seed}:", e.sample_id.to_numpy())
     t3 = time.perf_counter()
@@ -185,7 +228,7 @@ def main() -> None:
         lance.write_dataset(data, tables.table_uri("train_samples", root), mode="create")
         samples = tables.ref("train_samples", root)
         # 0.5% of the corpus quarantined upstream (undecodable media and the like).
-        bad = data.column("source_uri").to_pylist()[:: 200]
+        bad = data.column("source_uri").to_pylist()[::200]
         tables.upsert("quarantine", [tables.quarantine_row(u, "decode failed", "ingest") for u in bad], root)
         quarantine = tables.ref("quarantine", root)
         setup_s = time.perf_counter() - start
@@ -193,9 +236,9 @@ def main() -> None:
         config = stage_mixture(3, seed=args.seed)
         duck_s, selection = best_of(args.repeat, lambda: compute_mixture(samples, config, quarantine, root))
         pandas_timings: dict[str, float] = {}
-        pandas_s, pandas_rows = best_of(args.repeat,
-                                        lambda: pandas_mixture(samples, config, quarantine, pandas_timings),
-                                        pandas_timings)
+        pandas_s, pandas_rows = best_of(
+            args.repeat, lambda: pandas_mixture(samples, config, quarantine, pandas_timings), pandas_timings
+        )
         start = time.perf_counter()
         built = mixture.build_mixture(samples, config, quarantine, root)
         build_s = time.perf_counter() - start
@@ -206,24 +249,36 @@ def main() -> None:
         same_rows = duck.astype({"repeats": "int64"}).equals(other.astype({"repeats": "int64"}))
         report = selection.report
 
-        print(f"train_samples: {args.rows:,} rows ({', '.join(f'{m} {SHAPES[m][0]:.0%}' for m in SHAPES)} "
-              f"of rows), {len(bad):,} quarantined; setup {setup_s:.1f} s; {os.cpu_count()} cores")
+        print(
+            f"train_samples: {args.rows:,} rows ({', '.join(f'{m} {SHAPES[m][0]:.0%}' for m in SHAPES)} "
+            f"of rows), {len(bad):,} quarantined; setup {setup_s:.1f} s; {os.cpu_count()} cores"
+        )
         print(report.markdown())
         print()
         print("| step | DuckDB | pandas |")
         print("|---|---|---|")
-        print(f"| whole computation (read Lance → rows + report), best of {args.repeat} | {duck_s:.2f} s | "
-              f"{pandas_s:.2f} s |")
+        print(
+            f"| whole computation (read Lance → rows + report), best of {args.repeat} | {duck_s:.2f} s | "
+            f"{pandas_s:.2f} s |"
+        )
         print(f"|   of which: read Lance | (pushed into the query) | {pandas_timings['read']:.2f} s |")
         print(f"|   of which: md5 keys | (in the query) | {pandas_timings['md5']:.2f} s |")
-        print(f"|   of which: exclude, plan, rank, select, order | (in the query) | "
-              f"{pandas_timings['compute']:.2f} s |")
-        print(f"| build_mixture incl. writing {built.report.num_rows:,} rows to Lance | {build_s:.2f} s | — |")
+        print(
+            f"|   of which: exclude, plan, rank, select, order | (in the query) | "
+            f"{pandas_timings['compute']:.2f} s |"
+        )
+        print(
+            f"| build_mixture incl. writing {built.report.num_rows:,} rows to Lance | {build_s:.2f} s | — |"
+        )
         print()
-        print(f"ratio pandas / DuckDB: {pandas_s / duck_s:.1f}x "
-              f"(without pandas' md5 cost: {(pandas_s - pandas_timings['md5']) / duck_s:.1f}x)")
-        print(f"same rows (sample_id, repeats, order): {same_rows} "
-              f"({len(duck):,} DuckDB rows, {len(other):,} pandas rows)")
+        print(
+            f"ratio pandas / DuckDB: {pandas_s / duck_s:.1f}x "
+            f"(without pandas' md5 cost: {(pandas_s - pandas_timings['md5']) / duck_s:.1f}x)"
+        )
+        print(
+            f"same rows (sample_id, repeats, order): {same_rows} "
+            f"({len(duck):,} DuckDB rows, {len(other):,} pandas rows)"
+        )
         print(f"DuckDB under 10 s: {duck_s < 10}")
         if not same_rows:
             raise SystemExit("DuckDB and pandas chose different rows")

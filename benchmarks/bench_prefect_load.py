@@ -59,8 +59,29 @@ def make_clips(dest: Path, num_videos: int) -> list[Path]:
     bases = []
     for name, size in BASE_CLIPS:
         path = base_dir / f"{name}.mp4"
-        subprocess.run(["ffmpeg", "-v", "error", "-nostdin", "-y", "-f", "lavfi", "-i", f"{name}=s={size}:r=10",
-                        "-frames:v", "5", "-c:v", "libx264", "-preset", "veryfast", "-pix_fmt", "yuv420p", str(path)], check=True)
+        subprocess.run(
+            [
+                "ffmpeg",
+                "-v",
+                "error",
+                "-nostdin",
+                "-y",
+                "-f",
+                "lavfi",
+                "-i",
+                f"{name}=s={size}:r=10",
+                "-frames:v",
+                "5",
+                "-c:v",
+                "libx264",
+                "-preset",
+                "veryfast",
+                "-pix_fmt",
+                "yuv420p",
+                str(path),
+            ],
+            check=True,
+        )
         bases.append(path.read_bytes())
     clips_dir = dest / "clips"
     clips_dir.mkdir()
@@ -75,12 +96,27 @@ def make_clips(dest: Path, num_videos: int) -> list[Path]:
 
 
 def start_server(prefect_home: Path, port: int, log: Path) -> subprocess.Popen:
-    env = os.environ | {"PREFECT_HOME": str(prefect_home), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-                        "PREFECT_API_URL": f"http://127.0.0.1:{port}/api"}
+    env = os.environ | {
+        "PREFECT_HOME": str(prefect_home),
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "PREFECT_API_URL": f"http://127.0.0.1:{port}/api",
+    }
     with log.open("wb") as out:
-        process = subprocess.Popen([str(Path(sys.executable).parent / "prefect"), "server", "start", "--host",
-                                    "127.0.0.1", "--port", str(port)], stdout=out, stderr=subprocess.STDOUT,
-                                   env=env, start_new_session=True)
+        process = subprocess.Popen(
+            [
+                str(Path(sys.executable).parent / "prefect"),
+                "server",
+                "start",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(port),
+            ],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env=env,
+            start_new_session=True,
+        )
     import httpx
 
     deadline = time.monotonic() + 120
@@ -133,8 +169,10 @@ def direct(paths: list[str], shard_size: int) -> dict:
         s0 = time.perf_counter()
         reports.append(ingest.ingest_shard(shard).to_dict())
         SHARD_SECONDS.append(time.perf_counter() - s0)
-    totals = {k: sum(r[k] for r in reports) for k in ("num_seen", "num_ingested", "num_already_present",
-                                                      "num_duplicates", "num_quarantined")}
+    totals = {
+        k: sum(r[k] for r in reports)
+        for k in ("num_seen", "num_ingested", "num_already_present", "num_duplicates", "num_quarantined")
+    }
     videos, quarantine = tables.ref("videos"), tables.ref("quarantine")
     lineage.log_metrics(run_id, totals)
     for ref in (videos, quarantine):
@@ -186,7 +224,9 @@ def untagged_shards(active: bool) -> Iterator[None]:
 
     original = video.ingest_shard
     untagged = original.with_options()
-    untagged.tags = set()  # with_options(tags=set()) would keep the old tags: an empty set reads as "not given"
+    untagged.tags = (
+        set()
+    )  # with_options(tags=set()) would keep the old tags: an empty set reads as "not given"
     video.ingest_shard = untagged
     try:
         yield
@@ -203,8 +243,15 @@ def server_record(flow_run_id: str) -> tuple[str, int, float]:
     state = httpx.get(f"{api}/flow_runs/{flow_run_id}", timeout=30).json()["state"]["type"]
     task_runs: list[dict] = []
     while True:
-        page = httpx.post(f"{api}/task_runs/filter", json={"flow_runs": {"id": {"any_": [flow_run_id]}}, "limit": 200,
-                                                           "offset": len(task_runs)}, timeout=30).raise_for_status().json()
+        page = (
+            httpx.post(
+                f"{api}/task_runs/filter",
+                json={"flow_runs": {"id": {"any_": [flow_run_id]}}, "limit": 200, "offset": len(task_runs)},
+                timeout=30,
+            )
+            .raise_for_status()
+            .json()
+        )
         task_runs += page
         if len(page) < 200:
             break
@@ -237,26 +284,36 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--num-videos", type=int, default=2000)
     parser.add_argument("--shard-size", type=int, default=16, help="the flow's shard size (its default: 16)")
-    parser.add_argument("--repeats", type=int, default=1, help="runs per side, alternating which side goes first")
-    parser.add_argument("--untagged-shards", action="store_true",
-                        help="also run the flow with its shard tasks untagged (diagnosis: a task with tags asks the "
-                             "server for tag-concurrency slots)")
+    parser.add_argument(
+        "--repeats", type=int, default=1, help="runs per side, alternating which side goes first"
+    )
+    parser.add_argument(
+        "--untagged-shards",
+        action="store_true",
+        help="also run the flow with its shard tasks untagged (diagnosis: a task with tags asks the "
+        "server for tag-concurrency slots)",
+    )
     parser.add_argument("--timeout-s", type=float, default=1800, help="the flow counts as stalled after this")
     args = parser.parse_args()
 
     tmp = Path(tempfile.mkdtemp(prefix="bench-prefect-"))
     port = free_port()
     # Before prefect is imported: this process's flows talk to the server started below.
-    os.environ |= {"PREFECT_HOME": str(tmp / "prefect-home"), "PREFECT_API_URL": f"http://127.0.0.1:{port}/api",
-                   "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
+    os.environ |= {
+        "PREFECT_HOME": str(tmp / "prefect-home"),
+        "PREFECT_API_URL": f"http://127.0.0.1:{port}/api",
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+    }
     for var in ("KEYEFLOW_TABLES_URI", "KEYEFLOW_TRACKING_URI"):
         os.environ.pop(var, None)
     server = None
     try:
         t0 = time.perf_counter()
         clips = make_clips(tmp / "media", args.num_videos)
-        print(f"{len(clips)} clips ({sum(p.stat().st_size for p in clips) / 1e6:.1f} MB) made in "
-              f"{time.perf_counter() - t0:.1f} s")
+        print(
+            f"{len(clips)} clips ({sum(p.stat().st_size for p in clips) / 1e6:.1f} MB) made in "
+            f"{time.perf_counter() - t0:.1f} s"
+        )
         t0 = time.perf_counter()
         server = start_server(tmp / "prefect-home", port, tmp / "server.log")
         print(f"prefect server healthy on 127.0.0.1:{port} after {time.perf_counter() - t0:.1f} s")
@@ -314,22 +371,38 @@ def main() -> None:
     num_shards = -(-n // args.shard_size)
     mean = {side: sum(v) / len(v) for side, v in times.items()}
     inside = {side: sum(v) / len(v) for side, v in shard_s.items()}
-    labels = {"direct": "direct (domain functions)", "prefect": "prefect (the flow, real server)",
-              "prefect-untagged": "prefect, shard tasks untagged"}
-    print(f"\ningest {n} videos in {num_shards} shards of {args.shard_size}, one after another (hash + ffprobe + "
-          f"Lance commits per shard), mean of {args.repeats} run(s) per side; wall seconds")
-    print(f"{'side':32s} {'wall s':>7s} {'ms/video':>9s} {'overhead':>9s} {'in shards s':>12s} {'outside s':>10s}")
+    labels = {
+        "direct": "direct (domain functions)",
+        "prefect": "prefect (the flow, real server)",
+        "prefect-untagged": "prefect, shard tasks untagged",
+    }
+    print(
+        f"\ningest {n} videos in {num_shards} shards of {args.shard_size}, one after another (hash + ffprobe + "
+        f"Lance commits per shard), mean of {args.repeats} run(s) per side; wall seconds"
+    )
+    print(
+        f"{'side':32s} {'wall s':>7s} {'ms/video':>9s} {'overhead':>9s} {'in shards s':>12s} {'outside s':>10s}"
+    )
     for side in sides:
         overhead = "" if side == "direct" else f"{100 * (mean[side] / mean['direct'] - 1):+8.1f}%"
-        print(f"{labels[side]:32s} {mean[side]:7.1f} {1000 * mean[side] / n:9.2f} {overhead:>9s} "
-              f"{inside[side]:12.1f} {mean[side] - inside[side]:10.1f}")
-    print(f"orchestration overhead of the flow: {100 * (mean['prefect'] / mean['direct'] - 1):+.1f} % "
-          f"(target < 10 %), {1000 * (mean['prefect'] - mean['direct']) / num_shards:+.0f} ms per shard task")
+        print(
+            f"{labels[side]:32s} {mean[side]:7.1f} {1000 * mean[side] / n:9.2f} {overhead:>9s} "
+            f"{inside[side]:12.1f} {mean[side] - inside[side]:10.1f}"
+        )
+    print(
+        f"orchestration overhead of the flow: {100 * (mean['prefect'] / mean['direct'] - 1):+.1f} % "
+        f"(target < 10 %), {1000 * (mean['prefect'] - mean['direct']) / num_shards:+.0f} ms per shard task"
+    )
     for side in sides[1:]:
         states = sorted({rec[0] for rec in records[side]})
-        print(f"{side}: flow runs {', '.join(states)} on the server, {records[side][0][1]} task runs recorded, "
-              f"server CPU during the flow {sum(server_cpu[side]) / len(server_cpu[side]):.1f} s")
-    print("(in shards: direct = its ingest_shard calls; prefect = the shard task runs' run time on the server)")
+        print(
+            f"{side}: flow runs {', '.join(states)} on the server, {records[side][0][1]} task runs recorded, "
+            f"server CPU during the flow {sum(server_cpu[side]) / len(server_cpu[side]):.1f} s"
+        )
+    print(
+        "(in shards: direct = its ingest_shard calls; prefect = the shard task runs' run time on the server)"
+    )
+
 
 if __name__ == "__main__":
     main()

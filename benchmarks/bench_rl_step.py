@@ -48,25 +48,53 @@ def model_config(size: str):
     ids = tiny(tokenizer)
     if size == "tiny":
         return ids
-    vision = KeyeVisionConfig(hidden_size=128, intermediate_size=512, num_hidden_layers=4, num_attention_heads=4,
-                              num_position_embeddings=16)
-    text = Qwen3Config(vocab_size=len(tokenizer), hidden_size=256, intermediate_size=1024, num_hidden_layers=4,
-                       num_attention_heads=8, num_key_value_heads=4, head_dim=32, max_position_embeddings=8192,
-                       rope_parameters={"rope_type": "default", "rope_theta": 1e6}, tie_word_embeddings=False,
-                       pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
-    return KeyeConfig(vision_config=vision, text_config=text, mrope_section=[4, 6, 6],
-                      image_token_id=ids.image_token_id, video_token_id=ids.video_token_id,
-                      vision_start_token_id=ids.vision_start_token_id, vision_end_token_id=ids.vision_end_token_id)
+    vision = KeyeVisionConfig(
+        hidden_size=128,
+        intermediate_size=512,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_position_embeddings=16,
+    )
+    text = Qwen3Config(
+        vocab_size=len(tokenizer),
+        hidden_size=256,
+        intermediate_size=1024,
+        num_hidden_layers=4,
+        num_attention_heads=8,
+        num_key_value_heads=4,
+        head_dim=32,
+        max_position_embeddings=8192,
+        rope_parameters={"rope_type": "default", "rope_theta": 1e6},
+        tie_word_embeddings=False,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+    return KeyeConfig(
+        vision_config=vision,
+        text_config=text,
+        mrope_section=[4, 6, 6],
+        image_token_id=ids.image_token_id,
+        video_token_id=ids.video_token_id,
+        vision_start_token_id=ids.vision_start_token_id,
+        vision_end_token_id=ids.vision_end_token_id,
+    )
 
 
 def build_items(num_prompts: int, num_images: int) -> list[dict]:
     items = []
     for k in range(num_prompts):
         question = f"What is {k + 2} times {k + 3}? Answer with the number. /think"
-        content = ([{"type": "image", "seed": k}, {"type": "text", "text": question}] if k < num_images
-                   else question)
-        items.append({"id": f"q{k}", "messages": [{"role": "user", "content": content}],
-                      "reference": str((k + 2) * (k + 3)), "task": "math"})
+        content = (
+            [{"type": "image", "seed": k}, {"type": "text", "text": question}] if k < num_images else question
+        )
+        items.append(
+            {
+                "id": f"q{k}",
+                "messages": [{"role": "user", "content": content}],
+                "reference": str((k + 2) * (k + 3)),
+                "task": "math",
+            }
+        )
     return items
 
 
@@ -118,24 +146,43 @@ def main() -> None:
     model.save_pretrained(home / "init")
     del model
     items = build_items(args.prompts, args.images)
-    stage = GSPOStageConfig(prompts_per_step=args.prompts, group_size=args.group, max_new_tokens=args.max_new_tokens,
-                            learning_rate=1e-5, max_steps=args.steps, mini_batches_per_step=args.mini_batches,
-                            gspo=GSPOConfig(), hints=None, checkpoint_every=args.steps)
-    print(f"model {args.size}: {num_params / 1e6:.1f}M parameters; {args.prompts} prompts ({args.images} with an "
-          f"image) × G={args.group}, up to {args.max_new_tokens} new tokens, {args.mini_batches} mini-batches; "
-          f"{args.steps} steps × {args.repeats} runs; torch threads {torch.get_num_threads()}")
+    stage = GSPOStageConfig(
+        prompts_per_step=args.prompts,
+        group_size=args.group,
+        max_new_tokens=args.max_new_tokens,
+        learning_rate=1e-5,
+        max_steps=args.steps,
+        mini_batches_per_step=args.mini_batches,
+        gspo=GSPOConfig(),
+        hints=None,
+        checkpoint_every=args.steps,
+    )
+    print(
+        f"model {args.size}: {num_params / 1e6:.1f}M parameters; {args.prompts} prompts ({args.images} with an "
+        f"image) × G={args.group}, up to {args.max_new_tokens} new tokens, {args.mini_batches} mini-batches; "
+        f"{args.steps} steps × {args.repeats} runs; torch threads {torch.get_num_threads()}"
+    )
 
     splits: dict[str, list[float]] = {part: [] for part in (*PARTS, "step")}
     tokens = []
     for repeat in range(args.repeats):
         wall = time.perf_counter()
-        result = train_gspo(stage, init=home / "init", items=items, reward_fn=reward, out_dir=home / f"run-{repeat}",
-                            media_lookup=media_lookup)
+        result = train_gspo(
+            stage,
+            init=home / "init",
+            items=items,
+            reward_fn=reward,
+            out_dir=home / f"run-{repeat}",
+            media_lookup=media_lookup,
+        )
         wall = time.perf_counter() - wall
         measured = result.history[1:]
         for record in measured:
-            timed = {"rollout": record["time_rollout"], "reward": record["time_reward"],
-                     "update": record["time_update"]}
+            timed = {
+                "rollout": record["time_rollout"],
+                "reward": record["time_reward"],
+                "update": record["time_update"],
+            }
             timed["other"] = record["time_step"] - sum(timed.values())
             for part, seconds in timed.items():
                 splits[part].append(seconds)
@@ -143,21 +190,29 @@ def main() -> None:
             tokens.append(record["completion_tokens_mean"] * args.prompts * args.group)
         steps_time = sum(r["time_step"] for r in result.history)
         step_times = ", ".join(f"{r['time_step']:.2f}" for r in result.history)
-        print(f"  run {repeat + 1}: steps {step_times} s "
-              f"(first = warm-up); train_gspo wall {wall:.1f} s, of which {wall - steps_time:.1f} s outside the "
-              "steps (model load, input check, checkpoint)")
+        print(
+            f"  run {repeat + 1}: steps {step_times} s "
+            f"(first = warm-up); train_gspo wall {wall:.1f} s, of which {wall - steps_time:.1f} s outside the "
+            "steps (model load, input check, checkpoint)"
+        )
 
     # The fastest step is the one least disturbed by other processes; the median shows how much they moved.
     order = sorted(range(len(splits["step"])), key=lambda i: splits["step"][i])
     best, middle = order[0], order[(len(order) - 1) // 2]
-    print(f"\none step: fastest {splits['step'][best]:.3f} s, median {splits['step'][middle]:.3f} s "
-          f"(of {len(order)} measured); {tokens[best]:.0f} completion tokens sampled in the fastest")
+    print(
+        f"\none step: fastest {splits['step'][best]:.3f} s, median {splits['step'][middle]:.3f} s "
+        f"(of {len(order)} measured); {tokens[best]:.0f} completion tokens sampled in the fastest"
+    )
     print(f"{'part':<10}{'fastest s':>11}{'share':>8}{'median-step s':>15}{'share':>8}")
     for part in PARTS:
         fast, mid = splits[part][best], splits[part][middle]
-        print(f"{part:<10}{fast:>11.3f}{fast / splits['step'][best]:>8.1%}{mid:>15.3f}"
-              f"{mid / splits['step'][middle]:>8.1%}")
-    print(f"rollout throughput (fastest step): {tokens[best] / splits['rollout'][best]:,.0f} sampled tokens/s")
+        print(
+            f"{part:<10}{fast:>11.3f}{fast / splits['step'][best]:>8.1%}{mid:>15.3f}"
+            f"{mid / splits['step'][middle]:>8.1%}"
+        )
+    print(
+        f"rollout throughput (fastest step): {tokens[best] / splits['rollout'][best]:,.0f} sampled tokens/s"
+    )
 
 
 if __name__ == "__main__":

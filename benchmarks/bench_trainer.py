@@ -42,8 +42,9 @@ def build_data(home: Path, max_length: int, image_tokens: int):
     from keyeflow.synthetic.videos import generate_videos
 
     media = home / "media"
-    corpus = generate_corpus(media / "corpus", generate_videos(media / "videos"),
-                             generate_images(media / "images"))["conversations"].parent
+    corpus = generate_corpus(
+        media / "corpus", generate_videos(media / "videos"), generate_images(media / "images")
+    )["conversations"].parent
     paper, image_config = resolve_config("paper"), ImageConfig(max_tokens=image_tokens)
     found = conversations.referenced_media([str(corpus)], str(media))
     ingest.ingest_shard(found["video"])
@@ -62,15 +63,36 @@ def bench_model_config():
 
     tokenizer = load_tokenizer()
     ids = tiny(tokenizer)
-    vision = KeyeVisionConfig(hidden_size=128, intermediate_size=512, num_hidden_layers=4, num_attention_heads=4,
-                              num_position_embeddings=16)
-    text = Qwen3Config(vocab_size=len(tokenizer), hidden_size=256, intermediate_size=1024, num_hidden_layers=4,
-                       num_attention_heads=8, num_key_value_heads=4, head_dim=32, max_position_embeddings=8192,
-                       rope_parameters={"rope_type": "default", "rope_theta": 1e6}, tie_word_embeddings=False,
-                       pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
-    return KeyeConfig(vision_config=vision, text_config=text, mrope_section=[4, 6, 6],
-                      image_token_id=ids.image_token_id, video_token_id=ids.video_token_id,
-                      vision_start_token_id=ids.vision_start_token_id, vision_end_token_id=ids.vision_end_token_id)
+    vision = KeyeVisionConfig(
+        hidden_size=128,
+        intermediate_size=512,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_position_embeddings=16,
+    )
+    text = Qwen3Config(
+        vocab_size=len(tokenizer),
+        hidden_size=256,
+        intermediate_size=1024,
+        num_hidden_layers=4,
+        num_attention_heads=8,
+        num_key_value_heads=4,
+        head_dim=32,
+        max_position_embeddings=8192,
+        rope_parameters={"rope_type": "default", "rope_theta": 1e6},
+        tie_word_embeddings=False,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+    return KeyeConfig(
+        vision_config=vision,
+        text_config=text,
+        mrope_section=[4, 6, 6],
+        image_token_id=ids.image_token_id,
+        video_token_id=ids.video_token_id,
+        vision_start_token_id=ids.vision_start_token_id,
+        vision_end_token_id=ids.vision_end_token_id,
+    )
 
 
 def collated_steps(stage, mixture, mixture_id, pad_id):
@@ -80,9 +102,18 @@ def collated_steps(stage, mixture, mixture_id, pad_id):
     from keyeflow.training.trainer import micro_batch_inputs, tables_root, train_samples_of
 
     reader = LanceSampleReader(train_samples_of(mixture, mixture_id), root=tables_root(mixture))
-    loader = MixtureLoader(mixture, mixture_id, rank=0, world_size=1, max_length=stage.max_length,
-                           micro_batches_per_step=stage.micro_batches_per_step, seed=stage.seed,
-                           sample_reader=reader, window_size=stage.window_size, num_epochs=None)
+    loader = MixtureLoader(
+        mixture,
+        mixture_id,
+        rank=0,
+        world_size=1,
+        max_length=stage.max_length,
+        micro_batches_per_step=stage.micro_batches_per_step,
+        seed=stage.seed,
+        sample_reader=reader,
+        window_size=stage.window_size,
+        num_epochs=None,
+    )
     batches = iter(loader)
     steps, tokens = [], []
     for _ in range(stage.max_steps):
@@ -135,8 +166,10 @@ def main() -> None:
 
     started = time.perf_counter()
     built = build_data(home, args.max_length, args.image_tokens)
-    print(f"data: mixture {built.mixture_id}, {built.report.num_rows} samples, "
-          f"{built.report.reached_tokens:,} tokens ({time.perf_counter() - started:.1f} s)")
+    print(
+        f"data: mixture {built.mixture_id}, {built.report.num_rows} samples, "
+        f"{built.report.reached_tokens:,} tokens ({time.perf_counter() - started:.1f} s)"
+    )
     config = bench_model_config()
     torch.manual_seed(0)
     model = KeyeForConditionalGeneration(config)
@@ -144,14 +177,25 @@ def main() -> None:
     model.save_pretrained(init)
     num_params = sum(p.numel() for p in model.parameters())
     del model
-    stage = StageConfig(name="bench", learning_rate=1e-3, max_steps=args.steps, max_length=args.max_length,
-                        window_size=args.window, micro_batches_per_step=args.micro_batches, schedule="constant",
-                        checkpoint_every=args.steps)
-    steps, tokens = collated_steps(stage, built.mixture, built.mixture_id, config.text_config.pad_token_id or 0)
-    measured = sum(tokens[args.skip:])
-    print(f"model: {num_params / 1e6:.1f}M parameters; {args.steps} steps of {args.window} samples, "
-          f"{args.micro_batches} micro-batches, max_length {args.max_length}; {sum(tokens):,} tokens, "
-          f"{measured:,} measured (steps {args.skip + 1}–{args.steps}); torch threads {torch.get_num_threads()}")
+    stage = StageConfig(
+        name="bench",
+        learning_rate=1e-3,
+        max_steps=args.steps,
+        max_length=args.max_length,
+        window_size=args.window,
+        micro_batches_per_step=args.micro_batches,
+        schedule="constant",
+        checkpoint_every=args.steps,
+    )
+    steps, tokens = collated_steps(
+        stage, built.mixture, built.mixture_id, config.text_config.pad_token_id or 0
+    )
+    measured = sum(tokens[args.skip :])
+    print(
+        f"model: {num_params / 1e6:.1f}M parameters; {args.steps} steps of {args.window} samples, "
+        f"{args.micro_batches} micro-batches, max_length {args.max_length}; {sum(tokens):,} tokens, "
+        f"{measured:,} measured (steps {args.skip + 1}–{args.steps}); torch threads {torch.get_num_threads()}"
+    )
 
     results: dict[str, list[float]] = {"bare": [], "trainer": []}
     for repeat in range(args.repeats):
@@ -161,15 +205,24 @@ def main() -> None:
         out = home / f"trainer-{repeat}"
         run_id = lineage.start_run("bench-trainer")
         wall = time.perf_counter()
-        train(stage, init=init, mixture=built.mixture, mixture_id=built.mixture_id, out_dir=out, sink=lineage.RunSink(run_id))
+        train(
+            stage,
+            init=init,
+            mixture=built.mixture,
+            mixture_id=built.mixture_id,
+            out_dir=out,
+            sink=lineage.RunSink(run_id),
+        )
         wall = time.perf_counter() - wall
         lineage.end_run(run_id)
         times = [m["time"] for m in read_metrics(out)]
         loop = times[-1] - times[args.skip - 1]
         results["trainer"].append(measured / loop)
-        print(f"  run {repeat + 1}: bare {results['bare'][-1]:,.0f} tokens/s, trainer "
-              f"{results['trainer'][-1]:,.0f} tokens/s (train() wall {wall:.1f} s, of which outside the "
-              f"measured steps {wall - loop:.1f} s: start-up, warm-up steps, final checkpoint)")
+        print(
+            f"  run {repeat + 1}: bare {results['bare'][-1]:,.0f} tokens/s, trainer "
+            f"{results['trainer'][-1]:,.0f} tokens/s (train() wall {wall:.1f} s, of which outside the "
+            f"measured steps {wall - loop:.1f} s: start-up, warm-up steps, final checkpoint)"
+        )
 
     bare, ours = max(results["bare"]), max(results["trainer"])
     print(f"\n{'':<10}{'tokens/s':>12}")

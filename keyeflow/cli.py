@@ -19,8 +19,11 @@ from rich.table import Table
 # No network here or on most clusters' workers: Prefect's telemetry would only log errors.
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 
-app = typer.Typer(help="keyeflow: Keye-VL-1.5 data and training flows", no_args_is_help=True,
-                  pretty_exceptions_show_locals=False)
+app = typer.Typer(
+    help="keyeflow: Keye-VL-1.5 data and training flows",
+    no_args_is_help=True,
+    pretty_exceptions_show_locals=False,
+)
 console = Console()
 errors = Console(stderr=True, soft_wrap=True)  # whole lines: people grep and copy error text
 
@@ -50,8 +53,10 @@ def run(
     preset: str = typer.Option("paper", help="Slow-Fast preset: paper or keye-vl-utils"),
     stages: str = typer.Option("1,2,3", help="pre-training stages the data flow builds mixtures for"),
     teacher_url: str | None = typer.Option(
-        None, help="an OpenAI-compatible teacher for the LongCoT step (API root with /v1; key from "
-                   "$OPENAI_API_KEY) instead of the recorded one"),
+        None,
+        help="an OpenAI-compatible teacher for the LongCoT step (API root with /v1; key from "
+        "$OPENAI_API_KEY) instead of the recorded one",
+    ),
     teacher_model: str | None = typer.Option(None, help="the served model name of --teacher-url"),
 ):
     """The whole DAG on generated sample data with embedded defaults: data flows → pretrain (tiny) →
@@ -91,23 +96,33 @@ def run(
         videos = generate_videos(root / "videos")
         pictures = generate_images(root / "images")
         generate_corpus(root / "corpus", videos, pictures)
-        data = data_pipeline([str(root / "videos")], [str(root / "images")], [str(root / "corpus")],
-                             str(root), preset=preset, stages=[int(s) for s in stages.split(",")])
+        data = data_pipeline(
+            [str(root / "videos")],
+            [str(root / "images")],
+            [str(root / "corpus")],
+            str(root),
+            preset=preset,
+            stages=[int(s) for s in stages.split(",")],
+        )
         seconds["data-pipeline"] = time.perf_counter() - t0
 
         t0 = begin("pretrain", "recipe tiny: stages 1 → 2 → 3 (variants) → 4 (fusion), each gated")
         pre = pretrain_flow("tiny")
         seconds["pretrain"] = time.perf_counter() - t0
 
-        t0 = begin("longcot", "sample questions → generate → assess → review (unattended: keep out) → "
-                              "score → gates")
+        t0 = begin(
+            "longcot", "sample questions → generate → assess → review (unattended: keep out) → score → gates"
+        )
         questions = generate_longcot_questions(root / "longcot", root / "images", root / "videos")
         with _longcot_teacher(teacher_url, teacher_model, settings.root / "recorded-teacher") as generation:
             cot = longcot_flow([str(questions["dir"])], str(root), generation=generation)
         seconds["longcot"] = time.perf_counter() - t0
 
-        t0 = begin("posttrain", "recipe tiny from the pretrain checkpoint: SFT → reward model → MPO → "
-                                "LongCoT SFT + expert merge → GSPO rounds → alignment RL")
+        t0 = begin(
+            "posttrain",
+            "recipe tiny from the pretrain checkpoint: SFT → reward model → MPO → "
+            "LongCoT SFT + expert merge → GSPO rounds → alignment RL",
+        )
         post = posttrain_flow(pre["checkpoint"], "tiny")
         seconds["posttrain"] = time.perf_counter() - t0
     except (GateFailed, PromotionBlocked, ValueError, LookupError, OSError, RuntimeError) as exc:
@@ -131,12 +146,16 @@ def _longcot_teacher(url: str | None, model: str | None, workdir: Path) -> Itera
     port = RECORDED_TEACHER_PORT if _port_is_free(RECORDED_TEACHER_PORT) else scripted_teacher.free_port()
     recordings = scripted_teacher.teacher_recordings()
     with scripted_teacher.start_server(recordings, workdir, port=port) as (base_url, log):
-        console.print("LongCoT teacher: recorded completions for the sample questions (no teacher model runs "
-                      f"on a CPU), replayed at {base_url} by keyeflow.synthetic.scripted_teacher; requests "
-                      f"logged in {log}")
+        console.print(
+            "LongCoT teacher: recorded completions for the sample questions (no teacher model runs "
+            f"on a CPU), replayed at {base_url} by keyeflow.synthetic.scripted_teacher; requests "
+            f"logged in {log}"
+        )
         if port != RECORDED_TEACHER_PORT:
-            console.print(f"  port {RECORDED_TEACHER_PORT} is taken, so the teacher's URL differs from other "
-                          "runs' and its paths are generated again")
+            console.print(
+                f"  port {RECORDED_TEACHER_PORT} is taken, so the teacher's URL differs from other "
+                "runs' and its paths are generated again"
+            )
         yield {"backend": "openai", "base_url": base_url, "model": recordings["model"]}
     console.print("LongCoT teacher stopped")
 
@@ -164,8 +183,9 @@ def _checkpoint_cell(checkpoint: str, name: str, root: Path) -> str:
     return "…-" + text.removeprefix(f"{name}-") if text.startswith(f"{name}-") else text
 
 
-def _run_summary(data: dict, pre: dict, cot: dict, post: dict, seconds: dict[str, float],
-                 total: float) -> None:
+def _run_summary(
+    data: dict, pre: dict, cot: dict, post: dict, seconds: dict[str, float], total: float
+) -> None:
     from rich import box
     from rich.markup import escape
 
@@ -187,21 +207,32 @@ def _run_summary(data: dict, pre: dict, cot: dict, post: dict, seconds: dict[str
         console.print(f"stage {stage} mixture {mix['mixture_id'][:12]}: {shares}")
     s = cot["summary"]
     reviews = ", ".join(f"{action} {count}" for action, count in (cot["review"]["actions"] or {}).items())
-    console.print(f"LongCoT: {len(cot['question_ids'])} questions, {s['num_paths']} paths (A {s['num_A']}, "
-                  f"B {s['num_B']}, C {s['num_C']}), {s['num_kept']} kept; "
-                  f"reviews: {reviews or 'none needed'}")
+    console.print(
+        f"LongCoT: {len(cot['question_ids'])} questions, {s['num_paths']} paths (A {s['num_A']}, "
+        f"B {s['num_B']}, C {s['num_C']}), {s['num_kept']} kept; "
+        f"reviews: {reviews or 'none needed'}"
+    )
 
     # One line per run, so it fits a terminal: stage names without their flow's prefix, checkpoints by the
     # part of the path that differs (the final one is printed whole below), full run ids (they are what
     # `keyeflow lineage` and the MLflow UI take).
-    table = Table(box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False, title_justify="left",
-                  title=escape(f"runs (checkpoints: {root}/checkpoints/<stage>-KEY[/step-N]/model)"))
+    table = Table(
+        box=box.SIMPLE_HEAD,
+        show_edge=False,
+        pad_edge=False,
+        title_justify="left",
+        title=escape(f"runs (checkpoints: {root}/checkpoints/<stage>-KEY[/step-N]/model)"),
+    )
     table.add_column("flow / stage", no_wrap=True)
     table.add_column("done", no_wrap=True)
     table.add_column("checkpoint", overflow="fold", min_width=10)
     table.add_column("MLflow run", no_wrap=True)
-    flows = (("data-pipeline", data, None), ("pretrain", pre, "pretrain"), ("longcot", cot, None),
-             ("posttrain", post, "posttrain"))
+    flows = (
+        ("data-pipeline", data, None),
+        ("pretrain", pre, "pretrain"),
+        ("longcot", cot, None),
+        ("posttrain", post, "posttrain"),
+    )
     for flow, result, prefix in flows:
         table.add_row(f"[bold]{flow}[/bold]", f"{seconds[flow]:.0f} s", "", result["run_id"])
         for stage in (result.get("stages") or {}).values() if prefix else ():
@@ -252,15 +283,19 @@ def _summary(result: dict, seconds: float) -> None:
             f"{tok['num_done']} pre-tokenised ({tok['total_tokens']} vision tokens)"
         )
     if result.get("samples"):
-        console.print(f"training samples: {result['samples']['num_written']} new, "
-                      f"{result['samples']['num_quarantined']} quarantined")
+        console.print(
+            f"training samples: {result['samples']['num_written']} new, "
+            f"{result['samples']['num_quarantined']} quarantined"
+        )
     for stage, mix in (result.get("mixtures") or {}).items():
         shares = ", ".join(f"{m} {100 * v:.2f}%" for m, v in mix["shares"].items())
         console.print(f"stage {stage} mixture {mix['mixture_id'][:12]} @ {mix['mixture']}: {shares}")
     console.print(f"MLflow run: {result['run_id']}  (tracking URI {settings.mlflow_uri})")
     console.print(f"done in {seconds:.1f} s. Where to look:")
     console.print('  keyeflow sql "select reason, count(*) from quarantine group by reason"')
-    console.print('  keyeflow sql "select stage, modality, sum(num_tokens * repeats) from mixtures group by all"')
+    console.print(
+        '  keyeflow sql "select stage, modality, sum(num_tokens * repeats) from mixtures group by all"'
+    )
     console.print(f"  mlflow ui --backend-store-uri {settings.mlflow_uri}")
     console.print("  prefect server start   (then http://127.0.0.1:4200)")
 
@@ -279,8 +314,13 @@ def ingest(
 
     started = time.perf_counter()
     if pretokenize:
-        result = video_pipeline(paths, preset=preset, overrides=_overrides(set_), shard_size=shard_size,
-                                pretokenize_shard_size=pretokenize_shard_size)
+        result = video_pipeline(
+            paths,
+            preset=preset,
+            overrides=_overrides(set_),
+            shard_size=shard_size,
+            pretokenize_shard_size=pretokenize_shard_size,
+        )
         _summary({"run_id": result["run_id"], "video": result}, time.perf_counter() - started)
     else:
         result = ingest_videos(paths, shard_size=shard_size)
@@ -314,7 +354,9 @@ def ingest_images_cmd(
 
 @app.command("samples-build")
 def samples_build(
-    paths: list[str] = typer.Argument(..., help="JSONL conversations/captions and .txt corpora (files or folders)"),
+    paths: list[str] = typer.Argument(
+        ..., help="JSONL conversations/captions and .txt corpora (files or folders)"
+    ),
     source_root: Path = typer.Option(..., help="media paths must stay inside this folder"),
     preset: str = typer.Option("paper"),
 ):
@@ -328,7 +370,9 @@ def samples_build(
 @app.command()
 def mix(
     stage: int = typer.Option(..., help="pre-training stage (1, 2 or 3)"),
-    set_: list[str] | None = typer.Option(None, "--set", help="MixtureConfig override key=value (JSON values)"),
+    set_: list[str] | None = typer.Option(
+        None, "--set", help="MixtureConfig override key=value (JSON values)"
+    ),
     samples_version: int | None = typer.Option(None, help="pin the train_samples version"),
 ):
     """Build the stage's token-balanced mixture (24/50/26 in stage 3) and report the shares reached."""
@@ -390,19 +434,27 @@ def slowfast(
     strip = "".join("S" if x == 0 else "f" for x in types.tolist())
     console.print(f"{video}: {out['num_slow']} slow / {out['num_fast']} fast frames at {decoded.fps:.3g} fps")
     console.print(f"  {strip}")
-    console.print(f"  slow {sh}x{sw} ({out['slow_tokens']} tok)  fast {fh}x{fw} ({out['fast_tokens']} tok)  "
-                  f"total {total} / budget {config.total_token_budget}")
+    console.print(
+        f"  slow {sh}x{sw} ({out['slow_tokens']} tok)  fast {fh}x{fw} ({out['fast_tokens']} tok)  "
+        f"total {total} / budget {config.total_token_budget}"
+    )
 
 
 @app.command()
 def longcot(
     questions: list[str] = typer.Argument(..., help="question JSONL files or folders (conversation format)"),
-    source_root: Path | None = typer.Option(None, help="media must stay inside this folder "
-                                                      "(default: the common folder of the questions)"),
-    review: str = typer.Option("keep_out", help="who decides on B and borderline A: keep_out, auto_approve "
-                                                "(unattended) or prefect (pause for a person in the Prefect UI)"),
+    source_root: Path | None = typer.Option(
+        None, help="media must stay inside this folder (default: the common folder of the questions)"
+    ),
+    review: str = typer.Option(
+        "keep_out",
+        help="who decides on B and borderline A: keep_out, auto_approve "
+        "(unattended) or prefect (pause for a person in the Prefect UI)",
+    ),
     review_timeout: int = typer.Option(3600, min=1, help="seconds to wait for a person's decision (prefect)"),
-    on_timeout: str = typer.Option("keep_out", help="what an item gets without a decision: keep_out or auto_approve"),
+    on_timeout: str = typer.Option(
+        "keep_out", help="what an item gets without a decision: keep_out or auto_approve"
+    ),
     backend: str = typer.Option("local", help="local (our model in process) or openai (a server)"),
     model_path: str | None = typer.Option(None, help="local checkpoint (default: the tiny random one)"),
     base_url: str | None = typer.Option(None, help="OpenAI-compatible API root with /v1 (openai backend)"),
@@ -410,7 +462,9 @@ def longcot(
     n: int = typer.Option(4, min=1, help="paths per question"),
     temperature: float = typer.Option(1.0, min=0.0),
     max_new_tokens: int = typer.Option(256, min=1),
-    judge: str = typer.Option("rule", help="process judge: rule (heuristics) or model (the generator, as JSON)"),
+    judge: str = typer.Option(
+        "rule", help="process judge: rule (heuristics) or model (the generator, as JSON)"
+    ),
     rewrite: bool = typer.Option(False, help="ask the generator for harder rewrites (kept only if sane)"),
     merge: bool = typer.Option(False, help="add two-part questions merged from questions on the same media"),
     min_samples: int = typer.Option(1, min=0, help="the output gate's minimum number of kept samples"),
@@ -419,31 +473,55 @@ def longcot(
     from keyeflow.flows.longcot import longcot as longcot_flow
     from keyeflow.quality.gates import GateFailed
 
-    generation = {"backend": backend, "model_path": model_path, "base_url": base_url, "model": served_model,
-                  "n": n, "temperature": temperature, "max_new_tokens": max_new_tokens}
+    generation = {
+        "backend": backend,
+        "model_path": model_path,
+        "base_url": base_url,
+        "model": served_model,
+        "n": n,
+        "temperature": temperature,
+        "max_new_tokens": max_new_tokens,
+    }
     started = time.perf_counter()
     try:
-        result = longcot_flow(questions, str(source_root) if source_root else None, review=review,
-                              review_timeout_s=review_timeout, on_timeout=on_timeout, generation=generation,
-                              judge={"kind": judge}, collect={"rewrite": rewrite, "merge": merge},
-                              gates={"min_samples": min_samples})
+        result = longcot_flow(
+            questions,
+            str(source_root) if source_root else None,
+            review=review,
+            review_timeout_s=review_timeout,
+            on_timeout=on_timeout,
+            generation=generation,
+            judge={"kind": judge},
+            collect={"rewrite": rewrite, "merge": merge},
+            gates={"min_samples": min_samples},
+        )
     except GateFailed as exc:
         errors.print(f"[red]gate failed:[/red] {exc}")
-        errors.print('  see: keyeflow sql "select grade, status, stage, reason, count(*) from longcot_paths group by all"')
+        errors.print(
+            '  see: keyeflow sql "select grade, status, stage, reason, count(*) from longcot_paths group by all"'
+        )
         raise typer.Exit(2)
     except ValueError as exc:
         errors.print(f"[red]error:[/red] {exc}")
         raise typer.Exit(2)
     s, c = result["summary"], result["collect"]
-    console.print(f"questions: {len(result['question_ids'])} ({c['num_new']} new, {c['num_duplicates']} duplicates, "
-                  f"{c['num_quarantined']} quarantined); paths: {s['num_paths']} "
-                  f"(A {s['num_A']}, B {s['num_B']}, C {s['num_C']}); kept {s['num_kept']}, dropped {s['num_dropped']}")
-    console.print(f"reviews: {result['review']['actions'] or 'none needed'}; scores: {result['score']['scores']}; "
-                  f"repeats in training: {result['score']['total_repeats']}")
-    console.print(f"longcot table @ {result['longcot']}; MLflow run {result['run_id']}; "
-                  f"done in {time.perf_counter() - started:.1f} s. Where to look:")
+    console.print(
+        f"questions: {len(result['question_ids'])} ({c['num_new']} new, {c['num_duplicates']} duplicates, "
+        f"{c['num_quarantined']} quarantined); paths: {s['num_paths']} "
+        f"(A {s['num_A']}, B {s['num_B']}, C {s['num_C']}); kept {s['num_kept']}, dropped {s['num_dropped']}"
+    )
+    console.print(
+        f"reviews: {result['review']['actions'] or 'none needed'}; scores: {result['score']['scores']}; "
+        f"repeats in training: {result['score']['total_repeats']}"
+    )
+    console.print(
+        f"longcot table @ {result['longcot']}; MLflow run {result['run_id']}; "
+        f"done in {time.perf_counter() - started:.1f} s. Where to look:"
+    )
     console.print('  keyeflow sql "select grade, count(*) from longcot_paths group by grade"')
-    console.print('  keyeflow sql "select stage, reason, count(*) from longcot_paths where status = \'dropped\' group by all"')
+    console.print(
+        "  keyeflow sql \"select stage, reason, count(*) from longcot_paths where status = 'dropped' group by all\""
+    )
     console.print('  keyeflow sql "select reviewer, action, outcome, note from longcot_reviews"')
     console.print('  keyeflow sql "select domain, grade, score, repeats, reviewer_action from longcot"')
 
@@ -474,8 +552,12 @@ def _stages_summary(title: str, result: dict, seconds: float) -> None:
     for col in ("stage", "done now", "checkpoint", "MLflow run"):
         table.add_column(col)
     for name, stage in result["stages"].items():
-        table.add_row(name, "trained" if stage["trained"] else "unchanged (skipped)", stage["checkpoint"],
-                      stage["run_id"])
+        table.add_row(
+            name,
+            "trained" if stage["trained"] else "unchanged (skipped)",
+            stage["checkpoint"],
+            stage["run_id"],
+        )
     console.print(table)
     console.print(f"final checkpoint: {result['checkpoint']}  ({seconds:.1f} s)")
     console.print(f"  keyeflow lineage {result['checkpoint']}")
@@ -483,7 +565,9 @@ def _stages_summary(title: str, result: dict, seconds: float) -> None:
 
 @app.command()
 def posttrain(
-    checkpoint: str = typer.Argument("latest-pretrain", help="checkpoint to start from (default: the newest pretrain run's)"),
+    checkpoint: str = typer.Argument(
+        "latest-pretrain", help="checkpoint to start from (default: the newest pretrain run's)"
+    ),
     recipe: str = typer.Option("tiny", help="tiny (CPU, minutes) or keye-8b"),
     samples_version: int | None = typer.Option(None, help="train_samples version to pin (default: latest)"),
 ):
@@ -523,21 +607,33 @@ def lineage(
 
     root = Tree(f"[bold]{chain['checkpoint'] or chain['target']}[/bold]  (run {chain['run_id']})")
     for step in chain["steps"]:
-        gate = {"passed": "[green]promoted[/green]", "failed": "[red]not promoted[/red]"}.get(step["promotion"], "")
+        gate = {"passed": "[green]promoted[/green]", "failed": "[red]not promoted[/red]"}.get(
+            step["promotion"], ""
+        )
         node = root.add(f"{step['name']}  run {step['run_id']}  {step['status']}  {gate}")
         if step["checkpoint"]:
             node.add(f"checkpoint {step['checkpoint']}")
         if step["upstream_run_ids"]:
             node.add("from runs " + ", ".join(step["upstream_run_ids"]))
         if step["mixture"]:
-            node.add(f"mixture {step['mixture']['mixture_id']} @ {step['mixture']['uri']}@v{step['mixture']['version']}")
+            node.add(
+                f"mixture {step['mixture']['mixture_id']} @ {step['mixture']['uri']}@v{step['mixture']['version']}"
+            )
     for m in chain["mixtures"]:
-        node = root.add(f"mixture {m['mixture_id']} (stage {m['stage']}) {m['mixture']}  "
-                        f"train_samples@v{m['train_samples_version']}")
-        node.add("samples " + ", ".join(f"{k} {v}" for k, v in m["samples_by_modality"].items())
-                 + "; tokens " + ", ".join(f"{k} {v}" for k, v in m["tokens_by_modality"].items()))
-        node.add(f"sources: {m['num_videos']} videos, {m['num_images']} images, {m['num_texts']} texts "
-                 f"({m['num_source_records']} source records)")
+        node = root.add(
+            f"mixture {m['mixture_id']} (stage {m['stage']}) {m['mixture']}  "
+            f"train_samples@v{m['train_samples_version']}"
+        )
+        node.add(
+            "samples "
+            + ", ".join(f"{k} {v}" for k, v in m["samples_by_modality"].items())
+            + "; tokens "
+            + ", ".join(f"{k} {v}" for k, v in m["tokens_by_modality"].items())
+        )
+        node.add(
+            f"sources: {m['num_videos']} videos, {m['num_images']} images, {m['num_texts']} texts "
+            f"({m['num_source_records']} source records)"
+        )
         gates = node.add("gates")
         for g in m["gates"]:
             if g["gate"] is None:
@@ -546,8 +642,10 @@ def lineage(
                 verdict = "[green]passed[/green]" if g["passed"] else "[red]failed[/red]"
                 gates.add(f"{g['gate']} on {g['table']}@v{g['version']}: {verdict} (run {g['run_id']})")
     sources = chain["sources"]
-    node = root.add(f"all sources: {sources['num_videos']} videos, {sources['num_images']} images, "
-                    f"{sources['num_texts']} texts")
+    node = root.add(
+        f"all sources: {sources['num_videos']} videos, {sources['num_images']} images, "
+        f"{sources['num_texts']} texts"
+    )
     for kind in ("videos", "images"):
         for uri in sources[kind][:show]:
             node.add(uri)

@@ -36,10 +36,13 @@ class Settings(BaseSettings):
     # runner is fixed when the flow is decorated), so set these before starting `keyeflow`, a worker or
     # a deployment's job, not in the middle of a process.
     task_runner: Literal["thread", "dask"] = Field(
-        default="thread", description="thread: Prefect's thread pool in this process; dask: a Dask cluster")
+        default="thread", description="thread: Prefect's thread pool in this process; dask: a Dask cluster"
+    )
     dask_workers: int = Field(default=2, description="worker processes of the local Dask cluster")
     dask_address: str | None = Field(
-        default=None, description="scheduler of an existing Dask cluster (tcp://host:8786) instead of a local one")
+        default=None,
+        description="scheduler of an existing Dask cluster (tcp://host:8786) instead of a local one",
+    )
 
     @model_validator(mode="after")
     def _check_task_runner(self) -> Settings:
@@ -47,8 +50,10 @@ class Settings(BaseSettings):
             raise ValueError(f"KEYEFLOW_DASK_WORKERS must be at least 1, got {self.dask_workers}")
         # A scheduler address with the thread runner would be silently ignored; say so instead.
         if self.dask_address and self.task_runner != "dask":
-            raise ValueError(f"KEYEFLOW_DASK_ADDRESS={self.dask_address} is set but KEYEFLOW_TASK_RUNNER is "
-                             f"{self.task_runner!r}; set KEYEFLOW_TASK_RUNNER=dask to use that cluster")
+            raise ValueError(
+                f"KEYEFLOW_DASK_ADDRESS={self.dask_address} is set but KEYEFLOW_TASK_RUNNER is "
+                f"{self.task_runner!r}; set KEYEFLOW_TASK_RUNNER=dask to use that cluster"
+            )
         return self
 
     @property
@@ -108,11 +113,13 @@ def storage_options(uri: str) -> dict[str, str] | None:
         return None
     env = os.environ
     options = {}
-    for option, names in (("aws_access_key_id", ("AWS_ACCESS_KEY_ID",)),
-                          ("aws_secret_access_key", ("AWS_SECRET_ACCESS_KEY",)),
-                          ("aws_session_token", ("AWS_SESSION_TOKEN",)),
-                          ("aws_region", ("AWS_REGION", "AWS_DEFAULT_REGION")),
-                          ("aws_endpoint", ("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL"))):
+    for option, names in (
+        ("aws_access_key_id", ("AWS_ACCESS_KEY_ID",)),
+        ("aws_secret_access_key", ("AWS_SECRET_ACCESS_KEY",)),
+        ("aws_session_token", ("AWS_SESSION_TOKEN",)),
+        ("aws_region", ("AWS_REGION", "AWS_DEFAULT_REGION")),
+        ("aws_endpoint", ("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL")),
+    ):
         value = next((env[n] for n in names if env.get(n)), None)
         if value:
             options[option] = value
@@ -143,8 +150,9 @@ def invalid(owner: str, name: str, value: object, why: str) -> ValueError:
     return ValueError(f"{owner}.{name}={value!r}: {why}")
 
 
-def check_int(owner: str, name: str, value: object, *, minimum: int | None = None,
-              maximum: int | None = None) -> int:
+def check_int(
+    owner: str, name: str, value: object, *, minimum: int | None = None, maximum: int | None = None
+) -> int:
     """`value` as an int, or a ValueError saying it is not an integer, or which bound it breaks."""
     if not is_integer(value):
         raise invalid(owner, name, value, "must be an integer")
@@ -158,8 +166,9 @@ def check_int(owner: str, name: str, value: object, *, minimum: int | None = Non
     return int(value)
 
 
-def check_number(owner: str, name: str, value: object, *, minimum: float | None = None,
-                 strict: bool = False) -> float:
+def check_number(
+    owner: str, name: str, value: object, *, minimum: float | None = None, strict: bool = False
+) -> float:
     """`value` as a float, or a ValueError saying what it must be: finite, >= `minimum` (> with `strict`)."""
     if not is_number(value) or (minimum is not None and (value < minimum or (strict and value == minimum))):
         bound = "" if minimum is None else f" {'>' if strict else '>='} {minimum}"

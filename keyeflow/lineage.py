@@ -47,8 +47,12 @@ def experiment_id(name: str | None = None) -> str:
         return c.get_experiment_by_name(name).experiment_id  # created concurrently
 
 
-def start_run(name: str, params: dict[str, Any] | None = None, parent_run_id: str | None = None,
-              tags: dict[str, str] | None = None) -> str:
+def start_run(
+    name: str,
+    params: dict[str, Any] | None = None,
+    parent_run_id: str | None = None,
+    tags: dict[str, str] | None = None,
+) -> str:
     """Create a run and return its id; close it with :func:`end_run`."""
     all_tags = {"keyeflow.kind": name, **(tags or {})}
     if parent_run_id:
@@ -171,8 +175,10 @@ def resolve_run(target: str) -> str:
     try:
         run = client().get_run(target)
     except mlflow.exceptions.MlflowException as exc:
-        raise LookupError(f"{target!r} is neither an existing checkpoint path nor an MLflow run id in "
-                          f"{get_settings().mlflow_uri}") from exc
+        raise LookupError(
+            f"{target!r} is neither an existing checkpoint path nor an MLflow run id in "
+            f"{get_settings().mlflow_uri}"
+        ) from exc
     return run.data.tags.get("keyeflow.final_run_id", run.info.run_id)
 
 
@@ -231,4 +237,6 @@ def latest_checkpoint(kind: str) -> str:
     for run in runs:
         if CHECKPOINT_TAG in run.data.tags:
             return run.data.tags[CHECKPOINT_TAG]
-    raise LookupError(f"no finished {kind!r} run with a checkpoint in {get_settings().mlflow_uri}; run it first")
+    raise LookupError(
+        f"no finished {kind!r} run with a checkpoint in {get_settings().mlflow_uri}; run it first"
+    )

@@ -1,6 +1,6 @@
 """Draw the architecture picture of the docs: the DAG of flows and the stores every step reads and writes.
 
-    python scripts/architecture.py [docs/images/architecture.png]
+python scripts/architecture.py [docs/images/architecture.png]
 """
 
 from __future__ import annotations
@@ -21,16 +21,47 @@ BOXES = {
     "text": (2, 28, 18, "conversations,\ncaptions, text", "#dbeafe"),
     "samples": (25, 39, 17, "train_samples\n(exact token counts)\n+ GX gates", "#e0e7ff"),
     "mixture": (47, 39, 17, "mixtures\n24/50/26 in tokens\n(DuckDB) + gate", "#e0e7ff"),
-    "pretrain": (69, 39, 29, "pretrain\n1 align → 2 multi-task →\n3 anneal ×variants → 4 fusion\neval + promotion gate each", "#dcfce7"),
-    "longcot": (25, 16, 39, ("longcot: collect → multi-path generate → assess A/B/C →\n"
-                           "human review (Prefect pause) → score 1–5 → gates"), "#fef3c7"),
-    "posttrain": (69, 10, 29, ("posttrain\nSFT → reward model → MPO →\nLongCoT SFT + expert merge →\n"
-                              "GSPO rounds (hints, rejection\nsampling) → alignment RL"), "#dcfce7"),
+    "pretrain": (
+        69,
+        39,
+        29,
+        "pretrain\n1 align → 2 multi-task →\n3 anneal ×variants → 4 fusion\neval + promotion gate each",
+        "#dcfce7",
+    ),
+    "longcot": (
+        25,
+        16,
+        39,
+        (
+            "longcot: collect → multi-path generate → assess A/B/C →\n"
+            "human review (Prefect pause) → score 1–5 → gates"
+        ),
+        "#fef3c7",
+    ),
+    "posttrain": (
+        69,
+        10,
+        29,
+        (
+            "posttrain\nSFT → reward model → MPO →\nLongCoT SFT + expert merge →\n"
+            "GSPO rounds (hints, rejection\nsampling) → alignment RL"
+        ),
+        "#dcfce7",
+    ),
 }
-ARROWS = [("videos", "samples"), ("images", "samples"), ("text", "samples"), ("samples", "mixture"),
-          ("mixture", "pretrain"), ("pretrain", "posttrain"), ("longcot", "posttrain")]
-STORES = ("Lance tables (local dir or s3://) · DuckDB `keyeflow sql` · MLflow runs: params, metrics, pictures, "
-          "lineage tags uri@vN · Prefect: flows, tasks, artifacts, deployments · checkpoints/<stage>-<key>/")
+ARROWS = [
+    ("videos", "samples"),
+    ("images", "samples"),
+    ("text", "samples"),
+    ("samples", "mixture"),
+    ("mixture", "pretrain"),
+    ("pretrain", "posttrain"),
+    ("longcot", "posttrain"),
+]
+STORES = (
+    "Lance tables (local dir or s3://) · DuckDB `keyeflow sql` · MLflow runs: params, metrics, pictures, "
+    "lineage tags uri@vN · Prefect: flows, tasks, artifacts, deployments · checkpoints/<stage>-<key>/"
+)
 
 
 def draw(out: Path) -> None:
@@ -51,9 +82,17 @@ def draw(out: Path) -> None:
         end = (xb - 0.5, yb + heights[b] / 2)
         if a == "pretrain":  # down into post-training
             start, end = (xa + wa / 2, ya - 0.5), (xb + wb / 2, yb + heights[b] + 0.5)
-        ax.add_patch(FancyArrowPatch(start, end, arrowstyle="-|>", mutation_scale=14, color="#334155", lw=1.2))
-    ax.text(50, 60, "keyeflow: the Keye-VL-1.5 recipe as one DAG (Prefect flows; domain code under them)",
-            ha="center", fontsize=13, weight="bold")
+        ax.add_patch(
+            FancyArrowPatch(start, end, arrowstyle="-|>", mutation_scale=14, color="#334155", lw=1.2)
+        )
+    ax.text(
+        50,
+        60,
+        "keyeflow: the Keye-VL-1.5 recipe as one DAG (Prefect flows; domain code under them)",
+        ha="center",
+        fontsize=13,
+        weight="bold",
+    )
     ax.add_patch(FancyBboxPatch((2, 1.5), 96, 4, boxstyle="round,pad=0.4", fc="#f1f5f9", ec="#94a3b8"))
     ax.text(50, 3.5, STORES, ha="center", va="center", fontsize=8.8)
     fig.tight_layout()

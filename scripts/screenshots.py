@@ -36,8 +36,9 @@ def free_port() -> int:
 
 @contextlib.contextmanager
 def server(command: list[str], health: str, env: dict, timeout_s: float = 120) -> Iterator[None]:
-    process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                               start_new_session=True)
+    process = subprocess.Popen(
+        command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True
+    )
     try:
         deadline = time.monotonic() + timeout_s
         while True:
@@ -58,9 +59,22 @@ def server(command: list[str], health: str, env: dict, timeout_s: float = 120) -
 
 def shoot(chromium: str, url: str, out: Path, wait_ms: int = 12_000) -> None:
     """One page, after `wait_ms` of virtual time for the single-page app to fetch and render."""
-    subprocess.run([chromium, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
-                    f"--window-size={WINDOW}", f"--virtual-time-budget={wait_ms}", f"--screenshot={out}", url],
-                   check=True, capture_output=True, timeout=120)
+    subprocess.run(
+        [
+            chromium,
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--hide-scrollbars",
+            f"--window-size={WINDOW}",
+            f"--virtual-time-budget={wait_ms}",
+            f"--screenshot={out}",
+            url,
+        ],
+        check=True,
+        capture_output=True,
+        timeout=120,
+    )
     print(f"  {out}  ←  {url}")
 
 
@@ -69,7 +83,9 @@ def main() -> None:
     parser.add_argument("--home", default=os.environ.get("KEYEFLOW_HOME", "keyeflow_home"))
     parser.add_argument("--out", default="docs/images")
     args = parser.parse_args()
-    chromium = os.environ.get("CHROMIUM") or shutil.which("chromium-headless-shell") or shutil.which("chromium")
+    chromium = (
+        os.environ.get("CHROMIUM") or shutil.which("chromium-headless-shell") or shutil.which("chromium")
+    )
     if not chromium:
         sys.exit("no Chromium found: apt-get install -y chromium-headless-shell (or set CHROMIUM)")
     home = Path(args.home).resolve()
@@ -86,29 +102,64 @@ def main() -> None:
     experiment = client.get_experiment_by_name("keyeflow")
     if experiment is None:
         sys.exit(f"no keyeflow experiment in {store}: run `keyeflow run` first")
-    runs = client.search_runs([experiment.experiment_id], "tags.`keyeflow.kind` = 'pretrain'",
-                              order_by=["attributes.start_time DESC"], max_results=1)
+    runs = client.search_runs(
+        [experiment.experiment_id],
+        "tags.`keyeflow.kind` = 'pretrain'",
+        order_by=["attributes.start_time DESC"],
+        max_results=1,
+    )
     final_run = runs[0].data.tags.get("keyeflow.final_run_id") if runs else None
 
     prefect_port, mlflow_port = free_port(), free_port()
-    prefect_cmd = [str(bin_dir / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(prefect_port)]
-    mlflow_cmd = [str(bin_dir / "mlflow"), "ui", "--backend-store-uri", store, "--host", "127.0.0.1",
-                  "--port", str(mlflow_port)]
+    prefect_cmd = [
+        str(bin_dir / "prefect"),
+        "server",
+        "start",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(prefect_port),
+    ]
+    mlflow_cmd = [
+        str(bin_dir / "mlflow"),
+        "ui",
+        "--backend-store-uri",
+        store,
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(mlflow_port),
+    ]
     prefect_url, mlflow_url = f"http://127.0.0.1:{prefect_port}", f"http://127.0.0.1:{mlflow_port}"
     # The UI is served by the same process but must be told where its API is (default: port 4200).
-    prefect_env = env | {"PREFECT_UI_API_URL": f"{prefect_url}/api", "PREFECT_SERVER_UI_API_URL": f"{prefect_url}/api"}
-    with server(prefect_cmd, f"{prefect_url}/api/health", prefect_env), \
-            server(mlflow_cmd, f"{mlflow_url}/health", env):
+    prefect_env = env | {
+        "PREFECT_UI_API_URL": f"{prefect_url}/api",
+        "PREFECT_SERVER_UI_API_URL": f"{prefect_url}/api",
+    }
+    with (
+        server(prefect_cmd, f"{prefect_url}/api/health", prefect_env),
+        server(mlflow_cmd, f"{mlflow_url}/health", env),
+    ):
         print("screenshots:")
         shoot(chromium, f"{prefect_url}/runs", out / "prefect-flow-runs.png")
-        flow_runs = httpx.post(f"{prefect_url}/api/flow_runs/filter", timeout=30, json={
-            "flows": {"name": {"any_": ["pretrain"]}}, "sort": "START_TIME_DESC", "limit": 1}).json()
+        flow_runs = httpx.post(
+            f"{prefect_url}/api/flow_runs/filter",
+            timeout=30,
+            json={"flows": {"name": {"any_": ["pretrain"]}}, "sort": "START_TIME_DESC", "limit": 1},
+        ).json()
         if flow_runs:
-            shoot(chromium, f"{prefect_url}/runs/flow-run/{flow_runs[0]['id']}", out / "prefect-pretrain-run.png")
+            shoot(
+                chromium,
+                f"{prefect_url}/runs/flow-run/{flow_runs[0]['id']}",
+                out / "prefect-pretrain-run.png",
+            )
         shoot(chromium, f"{mlflow_url}/#/experiments/{experiment.experiment_id}", out / "mlflow-runs.png")
         if final_run:
-            shoot(chromium, f"{mlflow_url}/#/experiments/{experiment.experiment_id}/runs/{final_run}",
-                  out / "mlflow-fused-checkpoint-run.png")
+            shoot(
+                chromium,
+                f"{mlflow_url}/#/experiments/{experiment.experiment_id}/runs/{final_run}",
+                out / "mlflow-fused-checkpoint-run.png",
+            )
 
 
 if __name__ == "__main__":

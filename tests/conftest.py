@@ -101,8 +101,19 @@ def serve_model():
             sock.bind(("127.0.0.1", 0))
             port = sock.getsockname()[1]
         log = log_dir / "server.log"
-        command = [sys.executable, "-m", "keyeflow.model.serving", "--model", str(model_dir), "--port", str(port),
-                   "--served-model-name", served_name, "--log-level", "warning"]
+        command = [
+            sys.executable,
+            "-m",
+            "keyeflow.model.serving",
+            "--model",
+            str(model_dir),
+            "--port",
+            str(port),
+            "--served-model-name",
+            served_name,
+            "--log-level",
+            "warning",
+        ]
         env = os.environ | {"PYTHONPATH": str(repo) + os.pathsep + os.environ.get("PYTHONPATH", "")}
         with log.open("wb") as out:
             process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=repo)
@@ -146,6 +157,10 @@ def multirank_training_data(request, tmp_path_factory, sample_corpus, media_dir)
         for var in ("KEYEFLOW_TABLES_URI", "KEYEFLOW_TRACKING_URI"):
             mp.delenv(var, raising=False)
         # DeepSpeed JIT-builds its shared-memory comm op on first use (~35 s) and caches it here.
-        mp.setenv("TORCH_EXTENSIONS_DIR", os.environ.get(
-            "TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "keyeflow" / "torch_extensions")))
+        mp.setenv(
+            "TORCH_EXTENSIONS_DIR",
+            os.environ.get(
+                "TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "keyeflow" / "torch_extensions")
+            ),
+        )
         yield build_training_data(home, sample_corpus["conversations"].parent, media_dir)

@@ -51,8 +51,12 @@ class SampleConfig:
         for name in ("min_text_tokens", "max_text_tokens"):
             object.__setattr__(self, name, check_int("SampleConfig", name, getattr(self, name), minimum=1))
         if self.max_text_tokens <= self.min_text_tokens:
-            raise invalid("SampleConfig", "max_text_tokens", self.max_text_tokens,
-                          f"must be > min_text_tokens ({self.min_text_tokens})")
+            raise invalid(
+                "SampleConfig",
+                "max_text_tokens",
+                self.max_text_tokens,
+                f"must be > min_text_tokens ({self.min_text_tokens})",
+            )
 
 
 class BadRecord(ValueError):
@@ -213,8 +217,11 @@ class _MediaIndex:
         if key not in self._rows:
             found = None
             if tables.exists(table, self.root):
-                rows = tables.open_table(table, root=self.root).to_table(
-                    columns=columns, filter=pc.field("sample_id") == key).to_pylist()
+                rows = (
+                    tables.open_table(table, root=self.root)
+                    .to_table(columns=columns, filter=pc.field("sample_id") == key)
+                    .to_pylist()
+                )
                 found = rows[0] if rows else None
             self._rows[key] = found
         if self._rows[key] is None:
@@ -223,24 +230,39 @@ class _MediaIndex:
 
     def _why(self, path: Path, digest: str) -> str:
         if tables.exists("quarantine", self.root):
-            q = tables.open_table("quarantine", root=self.root).to_table(
-                columns=["reason"], filter=(pc.field("content_hash") == digest) | (pc.field("uri") == str(path))
-            ).column("reason").to_pylist()
+            q = (
+                tables.open_table("quarantine", root=self.root)
+                .to_table(
+                    columns=["reason"],
+                    filter=(pc.field("content_hash") == digest) | (pc.field("uri") == str(path)),
+                )
+                .column("reason")
+                .to_pylist()
+            )
             if q:
                 return f"quarantined: {q[0]}"
         return "not ingested"
 
     def ids(self, kind: str, row: dict) -> list[int]:
         if kind == "video":
-            return token_stream.video_ids(self.tokenizer, row["frame_types"], row["timestamps"],
-                                          row["slow_tokens"], row["fast_tokens"])
+            return token_stream.video_ids(
+                self.tokenizer, row["frame_types"], row["timestamps"], row["slow_tokens"], row["fast_tokens"]
+            )
         return token_stream.image_ids(self.tokenizer, row["num_tokens"])
 
 
-def samples_config_hash(tokenizer, slowfast: SlowFastConfig, image_config: ImageConfig, config: SampleConfig) -> str:
+def samples_config_hash(
+    tokenizer, slowfast: SlowFastConfig, image_config: ImageConfig, config: SampleConfig
+) -> str:
     """Everything that changes a sample's tokens: a change re-counts, an unchanged setting skips."""
-    return hash_config({"tokenizer": tokenizer_version(tokenizer), "slowfast": slowfast.config_hash(),
-                        "image": image_config.config_hash(), "samples": hash_config(config)})
+    return hash_config(
+        {
+            "tokenizer": tokenizer_version(tokenizer),
+            "slowfast": slowfast.config_hash(),
+            "image": image_config.config_hash(),
+            "samples": hash_config(config),
+        }
+    )
 
 
 def build_train_samples(
@@ -264,13 +286,17 @@ def build_train_samples(
     def commit() -> None:
         present = tables.existing_keys("train_samples", list(rows), root)
         new = [r for key, r in rows.items() if key not in present]
-        tables.upsert("quarantine", [tables.quarantine_row(u, why, STAGE, config_hash=chash) for u, why in bad], root)
+        tables.upsert(
+            "quarantine", [tables.quarantine_row(u, why, STAGE, config_hash=chash) for u, why in bad], root
+        )
         tables.upsert("train_samples", new, root)
         report.num_written += len(new)
         report.num_already_present += len(rows) - len(new)
         report.quarantined.update(dict(bad))
         for r in new:
-            report.tokens_by_modality[r["modality"]] = report.tokens_by_modality.get(r["modality"], 0) + r["num_tokens"]
+            report.tokens_by_modality[r["modality"]] = (
+                report.tokens_by_modality.get(r["modality"], 0) + r["num_tokens"]
+            )
         rows.clear()
         bad.clear()
 
@@ -315,8 +341,11 @@ def add_conversations(
     bad: dict[str, str] = {}
     for item in conversations:
         try:
-            record = _record({k: item[k] for k in ("messages", "source", "task") if k in item}, item["uri"],
-                             item.get("source") or "generated")
+            record = _record(
+                {k: item[k] for k in ("messages", "source", "task") if k in item},
+                item["uri"],
+                item.get("source") or "generated",
+            )
             # Media paths resolve against the source root itself (there is no file to be relative to).
             (row,) = _samples(record, base / "conversation.jsonl", base, index, tokenizer, config, chash)
         except (BadRecord, BadVideo, TypeError, ValueError) as exc:
@@ -326,20 +355,37 @@ def add_conversations(
         ids[item["uri"]] = row["sample_id"]
     present = tables.existing_keys("train_samples", list(rows), root)
     tables.upsert("train_samples", [r for key, r in rows.items() if key not in present], root)
-    tables.upsert("quarantine", [tables.quarantine_row(u, why, STAGE, config_hash=chash) for u, why in bad.items()],
-                  root)
+    tables.upsert(
+        "quarantine",
+        [tables.quarantine_row(u, why, STAGE, config_hash=chash) for u, why in bad.items()],
+        root,
+    )
     return ids, bad
 
 
-def _samples(record: Record, path: Path, source_root: Path, index: _MediaIndex, tokenizer,
-             config: SampleConfig, chash: str) -> list[dict]:
+def _samples(
+    record: Record,
+    path: Path,
+    source_root: Path,
+    index: _MediaIndex,
+    tokenizer,
+    config: SampleConfig,
+    chash: str,
+) -> list[dict]:
     if record.text is not None:
         chunks = chunk_text(record.text, tokenizer, config)
         if not chunks:
             raise BadRecord(f"text shorter than {config.min_text_tokens} tokens")
         return [
-            _row(record, f"{record.uri}#chunk{n}", "text", token_stream.render_text(tokenizer, chunk), [],
-                 {"text": chunk}, chash)
+            _row(
+                record,
+                f"{record.uri}#chunk{n}",
+                "text",
+                token_stream.render_text(tokenizer, chunk),
+                [],
+                {"text": chunk},
+                chash,
+            )
             for n, chunk in enumerate(chunks)
         ]
     media_rows: dict[int, tuple[str, dict]] = {}
@@ -356,8 +402,17 @@ def _samples(record: Record, path: Path, source_root: Path, index: _MediaIndex, 
     )
     kinds = {kind for kind, _ in media_rows.values()}
     modality = "video" if "video" in kinds else "image" if "image" in kinds else "text"
-    return [_row(record, record.uri, modality, rendered, media_ids,
-                 {"messages": record.messages, "media": digests}, chash)]
+    return [
+        _row(
+            record,
+            record.uri,
+            modality,
+            rendered,
+            media_ids,
+            {"messages": record.messages, "media": digests},
+            chash,
+        )
+    ]
 
 
 def chunk_text(text: str, tokenizer, config: SampleConfig) -> list[str]:
@@ -392,7 +447,9 @@ def chunk_text(text: str, tokenizer, config: SampleConfig) -> list[str]:
     return [c for c, n in chunks if n >= config.min_text_tokens]
 
 
-def _row(record: Record, uri: str, modality: str, rendered, media_ids: list[str], content: dict, chash: str) -> dict:
+def _row(
+    record: Record, uri: str, modality: str, rendered, media_ids: list[str], content: dict, chash: str
+) -> dict:
     body = json.dumps(content, sort_keys=True, ensure_ascii=False)
     digest = hashlib.sha256(body.encode()).hexdigest()
     return {
@@ -408,7 +465,11 @@ def _row(record: Record, uri: str, modality: str, rendered, media_ids: list[str]
         "source_uri": uri,
         "content_hash": digest,
         "config_hash": chash,
-        "messages": json.dumps(record.messages if record.messages is not None else [
-            {"role": "text", "content": content["text"]}], ensure_ascii=False),
+        "messages": json.dumps(
+            record.messages
+            if record.messages is not None
+            else [{"role": "text", "content": content["text"]}],
+            ensure_ascii=False,
+        ),
         "created_at": tables.now(),
     }

@@ -118,11 +118,16 @@ class ImageConfig:
         for name in ("min_tokens", "max_tokens", "patch_size", "merge_size", "min_side", "max_header_pixels"):
             object.__setattr__(self, name, check_int("ImageConfig", name, getattr(self, name), minimum=1))
         if self.max_tokens < self.min_tokens:
-            raise invalid("ImageConfig", "max_tokens", self.max_tokens,
-                          f"must be >= min_tokens ({self.min_tokens})")
+            raise invalid(
+                "ImageConfig", "max_tokens", self.max_tokens, f"must be >= min_tokens ({self.min_tokens})"
+            )
         if self.max_header_pixels < self.min_side * self.min_side:
-            raise invalid("ImageConfig", "max_header_pixels", self.max_header_pixels,
-                          f"must be >= min_side**2 ({self.min_side * self.min_side}), or no image could pass")
+            raise invalid(
+                "ImageConfig",
+                "max_header_pixels",
+                self.max_header_pixels,
+                f"must be >= min_side**2 ({self.min_side * self.min_side}), or no image could pass",
+            )
 
     @property
     def factor(self) -> int:
@@ -220,8 +225,9 @@ def _unidentified_reason(path: str, uri: str) -> str:
         fmt = None
     if fmt:
         return f"unsupported image format {fmt} (accepted: {', '.join(FORMATS)})"
-    return (f"corrupt or not an image: the bytes match no supported format ({', '.join(FORMATS)}); "
-            f"named {suffix}")
+    return (
+        f"corrupt or not an image: the bytes match no supported format ({', '.join(FORMATS)}); named {suffix}"
+    )
 
 
 def _open(path: str, uri: str, config: ImageConfig) -> Image.Image:
@@ -258,7 +264,9 @@ def _check_header(image: Image.Image, uri: str, config: ImageConfig) -> None:
         )
     ratio = max(width, height) / min(width, height)
     if ratio > MAX_ASPECT_RATIO:
-        raise BadImage(uri, f"extreme aspect ratio {width}x{height} ({ratio:.0f}:1, limit {MAX_ASPECT_RATIO}:1)")
+        raise BadImage(
+            uri, f"extreme aspect ratio {width}x{height} ({ratio:.0f}:1, limit {MAX_ASPECT_RATIO}:1)"
+        )
 
 
 def _orientation(image: Image.Image) -> int:
@@ -314,7 +322,9 @@ def decode_image(path: str, uri: str, config: ImageConfig) -> DecodedImage:
                 rgb = _to_rgb(upright)
                 rgb.load()  # detach from the file before it closes
             except (ValueError, OSError) as exc:
-                raise BadImage(uri, f"cannot convert pixel mode {upright.mode} to RGB: {_detail(exc)}") from exc
+                raise BadImage(
+                    uri, f"cannot convert pixel mode {upright.mode} to RGB: {_detail(exc)}"
+                ) from exc
     return DecodedImage(rgb=rgb, format=fmt, mode=mode, exif_orientation=orientation)
 
 
@@ -324,12 +334,21 @@ def tokenize_image(uri: str, image_id: str, size_bytes: int, config: ImageConfig
         decoded = decode_image(path, uri, config)
     width, height = decoded.rgb.size
     f = config.factor
-    new_h, new_w = smart_resize(height, width, factor=f, min_pixels=config.min_tokens * f * f,
-                                max_pixels=config.max_tokens * f * f, max_ratio=MAX_ASPECT_RATIO)
+    new_h, new_w = smart_resize(
+        height,
+        width,
+        factor=f,
+        min_pixels=config.min_tokens * f * f,
+        max_pixels=config.max_tokens * f * f,
+        max_ratio=MAX_ASPECT_RATIO,
+    )
     # Pillow bicubic on the RGB image, as keye-vl-utils' fetch_image does (`image.resize((w, h))`): the
     # pixels the released model saw for images. (Video frames use their own resize in pretokenize.)
-    resized = decoded.rgb if (width, height) == (new_w, new_h) else decoded.rgb.resize(
-        (new_w, new_h), Image.Resampling.BICUBIC)
+    resized = (
+        decoded.rgb
+        if (width, height) == (new_w, new_h)
+        else decoded.rgb.resize((new_w, new_h), Image.Resampling.BICUBIC)
+    )
     patches = patchify(np.asarray(resized), config.patch_size, config.merge_size)
     grid_h, grid_w = new_h // config.patch_size, new_w // config.patch_size
     image_row = {

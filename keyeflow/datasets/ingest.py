@@ -23,8 +23,9 @@ class IngestConfig:
     shard_size: int = 16
 
     def __post_init__(self):
-        object.__setattr__(self, "shard_size",
-                           check_int("IngestConfig", "shard_size", self.shard_size, minimum=1))
+        object.__setattr__(
+            self, "shard_size", check_int("IngestConfig", "shard_size", self.shard_size, minimum=1)
+        )
 
 
 @dataclass
@@ -51,7 +52,9 @@ def plan_shards(paths: list[str], config: IngestConfig = IngestConfig()) -> list
     return [uris[i : i + config.shard_size] for i in range(0, len(uris), config.shard_size)]
 
 
-def ingest_shard(uris: list[str], root: str | None = None, on_item: Callable[[], None] | None = None) -> IngestReport:
+def ingest_shard(
+    uris: list[str], root: str | None = None, on_item: Callable[[], None] | None = None
+) -> IngestReport:
     """Hash, probe and register one shard of video URIs; returns what happened to each."""
     report = IngestReport(num_seen=len(uris))
     hashed: dict[str, tuple[str, int]] = {}
@@ -95,4 +98,3 @@ def ingest_shard(uris: list[str], root: str | None = None, on_item: Callable[[],
     tables.upsert("quarantine", bad, root)
     tables.upsert("videos", rows, root)
     return report
-

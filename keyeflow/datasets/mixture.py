@@ -66,8 +66,15 @@ TASK_NOT_IN_STAGE = "task_not_in_stage"
 NO_TOKENS = "no_tokens"
 OVER_LENGTH = "over_length"
 SOURCE_WEIGHT_ZERO = "source_weight_zero"
-EXCLUSION_REASONS = (QUARANTINED, HELD_OUT, MODALITY_NOT_IN_MIXTURE, TASK_NOT_IN_STAGE, NO_TOKENS, OVER_LENGTH,
-                     SOURCE_WEIGHT_ZERO)
+EXCLUSION_REASONS = (
+    QUARANTINED,
+    HELD_OUT,
+    MODALITY_NOT_IN_MIXTURE,
+    TASK_NOT_IN_STAGE,
+    NO_TOKENS,
+    OVER_LENGTH,
+    SOURCE_WEIGHT_ZERO,
+)
 
 # Tasks of the train_samples rows post-training adds (LongCoT and rejection-sampled conversations, reward-model
 # judgements): pre-training mixtures that take "every task" leave them out.
@@ -84,7 +91,9 @@ class MixtureConfig:
     stage: int
     target_shares: dict[str, float]  # modality → share of TOKENS; sums to 1
     max_sample_tokens: int  # the stage's context length: longer samples are excluded (and counted)
-    source_weights: dict[str, float] = field(default_factory=dict)  # source → weight in its modality (default 1)
+    source_weights: dict[str, float] = field(
+        default_factory=dict
+    )  # source → weight in its modality (default 1)
     tasks: tuple[str, ...] | None = None  # tasks the stage takes; None = every task
     # Cap on uses of one sample per epoch. A fractional cap (2.5) lets a source be used 2.5 times over:
     # every sample 2 times and some 3 times. Only used with upsample=True.
@@ -107,21 +116,28 @@ class MixtureConfig:
             raise invalid("MixtureConfig", name, value, why)
 
         for name, minimum in (("stage", 1), ("max_sample_tokens", 1), ("seed", 0), ("holdout_per_mille", 0)):
-            object.__setattr__(self, name,
-                               check_int("MixtureConfig", name, getattr(self, name), minimum=minimum))
+            object.__setattr__(
+                self, name, check_int("MixtureConfig", name, getattr(self, name), minimum=minimum)
+            )
         if self.holdout_per_mille >= 1000:
-            fail("holdout_per_mille", self.holdout_per_mille,
-                 "must be < 1000 (1000 would hold out every sample)")
+            fail(
+                "holdout_per_mille",
+                self.holdout_per_mille,
+                "must be < 1000 (1000 would hold out every sample)",
+            )
         if self.total_tokens is not None:
-            object.__setattr__(self, "total_tokens",
-                               check_int("MixtureConfig", "total_tokens", self.total_tokens, minimum=1))
+            object.__setattr__(
+                self, "total_tokens", check_int("MixtureConfig", "total_tokens", self.total_tokens, minimum=1)
+            )
 
         if not isinstance(self.target_shares, dict) or not self.target_shares:
             fail("target_shares", self.target_shares, f"must be a non-empty dict over {MODALITIES}")
         shares = {}
         for modality, share in sorted(self.target_shares.items()):
             if modality not in MODALITIES:
-                fail("target_shares", self.target_shares, f"unknown modality {modality!r}; valid: {MODALITIES}")
+                fail(
+                    "target_shares", self.target_shares, f"unknown modality {modality!r}; valid: {MODALITIES}"
+                )
             share = check_number("MixtureConfig", f"target_shares[{modality!r}]", share)
             if share < 0:
                 fail("target_shares", self.target_shares, f"share of {modality!r} must be >= 0")
@@ -155,8 +171,11 @@ class MixtureConfig:
         if max_repeats < 1:
             fail("max_repeats", self.max_repeats, "must be >= 1 (1 = every sample used at most once)")
         if max_repeats != 1 and not self.upsample:
-            fail("max_repeats", self.max_repeats,
-                 "only applies with upsample=True (upsample=False uses every sample at most once)")
+            fail(
+                "max_repeats",
+                self.max_repeats,
+                "only applies with upsample=True (upsample=False uses every sample at most once)",
+            )
         # Keep integral caps integers so that 2 and 2.0 hash alike and read naturally.
         object.__setattr__(self, "max_repeats", int(max_repeats) if max_repeats.is_integer() else max_repeats)
 
@@ -211,8 +230,10 @@ _FIELD_NAMES = tuple(f.name for f in dataclasses.fields(MixtureConfig))
 def stage_mixture(stage: int, **overrides: Any) -> MixtureConfig:
     """The recipe's mixture for pre-training stage 1, 2 or 3, with some fields replaced."""
     if stage not in STAGE_SHARES:
-        raise ValueError(f"no data mixture for stage {stage!r}: stages 1–3 train on data "
-                         "(stage 4 is fusion: weight averaging of stage-3 checkpoints)")
+        raise ValueError(
+            f"no data mixture for stage {stage!r}: stages 1–3 train on data "
+            "(stage 4 is fusion: weight averaging of stage-3 checkpoints)"
+        )
     unknown = sorted(set(overrides) - set(_FIELD_NAMES) | ({"stage"} & set(overrides)))
     if unknown:
         valid = [name for name in _FIELD_NAMES if name != "stage"]
@@ -299,8 +320,9 @@ class MixtureReport:
 
     @property
     def within_tolerance(self) -> bool:
-        return all(abs(m.reached_share - m.target_share) * 100 <= self.tolerance_pp + 1e-12
-                   for m in self.modalities)
+        return all(
+            abs(m.reached_share - m.target_share) * 100 <= self.tolerance_pp + 1e-12 for m in self.modalities
+        )
 
     @property
     def excluded_counts(self) -> dict[str, int]:
@@ -313,7 +335,9 @@ class MixtureReport:
         for m in self.modalities:
             if m.modality == name:
                 return m
-        raise KeyError(f"modality {name!r} is not in this mixture; it has {[m.modality for m in self.modalities]}")
+        raise KeyError(
+            f"modality {name!r} is not in this mixture; it has {[m.modality for m in self.modalities]}"
+        )
 
     def to_dict(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)
@@ -326,8 +350,10 @@ class MixtureReport:
         lines = [
             f"## Mixture `{self.mixture_id}` (stage {self.stage}, seed {self.seed})",
             "",
-            (f"{self.reached_tokens:,} tokens in {self.num_rows:,} samples (target {self.total_tokens:,}); "
-             f"shares {verdict} ±{self.tolerance_pp} pp; repeat cap {self.repeat_cap}."),
+            (
+                f"{self.reached_tokens:,} tokens in {self.num_rows:,} samples (target {self.total_tokens:,}); "
+                f"shares {verdict} ±{self.tolerance_pp} pp; repeat cap {self.repeat_cap}."
+            ),
             "",
             "| modality | available | target | quota | reached | reached share | samples | uses | max repeats |",
             "|---|---|---|---|---|---|---|---|---|",
@@ -335,10 +361,13 @@ class MixtureReport:
         for m in self.modalities:
             lines.append(
                 f"| {m.modality} | {m.available_tokens:,} | {m.target_share:.2%} | {m.quota_tokens:,.0f} | "
-                f"{m.reached_tokens:,} | {m.reached_share:.2%} | {m.samples_used:,} | {m.uses:,} | {m.max_repeats} |")
+                f"{m.reached_tokens:,} | {m.reached_share:.2%} | {m.samples_used:,} | {m.uses:,} | {m.max_repeats} |"
+            )
         if self.excluded:
             lines += ["", "| excluded because | modality | samples | tokens |", "|---|---|---|---|"]
-            lines += [f"| {e.reason} | {e.modality} | {e.num_samples:,} | {e.num_tokens:,} |" for e in self.excluded]
+            lines += [
+                f"| {e.reason} | {e.modality} | {e.num_samples:,} | {e.num_tokens:,} |" for e in self.excluded
+            ]
         for s in self.shortfalls:
             lines.append(f"\nShort of {s.modality}: {s.missing_tokens:,.0f} tokens under the cap.")
         return "\n".join(lines)
@@ -408,8 +437,11 @@ def _fmt(tokens: float) -> str:
     return f"{tokens:,.0f}"
 
 
-def plan_quotas(available: Iterable[tuple[str, str, int, int]], config: MixtureConfig,
-                excluded: list[Exclusion] | None = None) -> Plan:
+def plan_quotas(
+    available: Iterable[tuple[str, str, int, int]],
+    config: MixtureConfig,
+    excluded: list[Exclusion] | None = None,
+) -> Plan:
     """Token quotas per modality and source from the eligible (modality, source, tokens, samples).
 
     Raises :class:`MixtureShortfall` for a targeted modality with no tokens, and, unless upsampling,
@@ -429,7 +461,9 @@ def plan_quotas(available: Iterable[tuple[str, str, int, int]], config: MixtureC
         if excluded:
             lost = [e for e in excluded if e.modality in empty]
             if lost:
-                why = " (excluded: " + ", ".join(f"{e.num_samples} {e.modality} {e.reason}" for e in lost) + ")"
+                why = (
+                    " (excluded: " + ", ".join(f"{e.num_samples} {e.modality} {e.reason}" for e in lost) + ")"
+                )
         raise MixtureShortfall(
             f"stage {config.stage} mixture: no eligible {' / '.join(empty)} tokens{why} but the target "
             f"share is {', '.join(f'{m} {shares[m]:.1%}' for m in empty)}. Fix: add {' / '.join(empty)} "
@@ -453,7 +487,8 @@ def plan_quotas(available: Iterable[tuple[str, str, int, int]], config: MixtureC
             parts.append(
                 f"{s.modality} is short by {_fmt(s.missing_tokens)} tokens (quota "
                 f"{shares[s.modality]:.1%} × {_fmt(total)} = {_fmt(s.quota_tokens)}; "
-                f"{_fmt(s.available_tokens)} eligible, each sample used at most once)")
+                f"{_fmt(s.available_tokens)} eligible, each sample used at most once)"
+            )
         need = max(s.passes_needed for s in shortfalls)
         raise MixtureShortfall(
             f"stage {config.stage} mixture: " + "; ".join(parts) + ". Fix: upsample=True with "
@@ -463,9 +498,12 @@ def plan_quotas(available: Iterable[tuple[str, str, int, int]], config: MixtureC
             shortfalls,
         )
     if shortfalls:
-        log.warning("mixture stage %s: %s short under max_repeats=%s; shares will miss the target",
-                    config.stage, ", ".join(f"{s.modality} by {_fmt(s.missing_tokens)} tokens" for s in shortfalls),
-                    config.max_repeats)
+        log.warning(
+            "mixture stage %s: %s short under max_repeats=%s; shares will miss the target",
+            config.stage,
+            ", ".join(f"{s.modality} by {_fmt(s.missing_tokens)} tokens" for s in shortfalls),
+            config.max_repeats,
+        )
 
     plans, remainders = [], {}
     for m, rows in by_modality.items():
@@ -480,9 +518,20 @@ def plan_quotas(available: Iterable[tuple[str, str, int, int]], config: MixtureC
             if remainder < _EPS * tokens:
                 remainder = 0.0
             remainders[m] += remainder
-            plans.append(SourcePlan(m, source, weighted[source], tokens, samples,
-                                    quotas[m] * weighted[source] / weight_sum, quota, full, remainder,
-                                    cap * tokens))
+            plans.append(
+                SourcePlan(
+                    m,
+                    source,
+                    weighted[source],
+                    tokens,
+                    samples,
+                    quotas[m] * weighted[source] / weight_sum,
+                    quota,
+                    full,
+                    remainder,
+                    cap * tokens,
+                )
+            )
     return Plan(total, max_total, quotas, remainders, plans, shortfalls)
 
 
@@ -522,10 +571,14 @@ def classify_sql(config: MixtureConfig, with_quarantine: bool = True) -> str:
         reasons.append(f"when q.uri is not null then {_lit(QUARANTINED)}")
     if config.holdout_per_mille:
         reasons.append(f"when {_held_out('s.sample_id', config.holdout_per_mille)} then {_lit(HELD_OUT)}")
-    reasons.append(f"when s.modality is null or s.modality not in ({_lits(config.targeted_modalities)}) "
-                   f"then {_lit(MODALITY_NOT_IN_MIXTURE)}")
+    reasons.append(
+        f"when s.modality is null or s.modality not in ({_lits(config.targeted_modalities)}) "
+        f"then {_lit(MODALITY_NOT_IN_MIXTURE)}"
+    )
     if config.tasks is not None:
-        reasons.append(f"when s.task is null or s.task not in ({_lits(config.tasks)}) then {_lit(TASK_NOT_IN_STAGE)}")
+        reasons.append(
+            f"when s.task is null or s.task not in ({_lits(config.tasks)}) then {_lit(TASK_NOT_IN_STAGE)}"
+        )
     else:  # "every task" of pre-training never means the rows post-training writes to the same table
         reasons.append(f"when s.task in ({_lits(POSTTRAIN_TASKS)}) then {_lit(TASK_NOT_IN_STAGE)}")
     reasons.append(f"when s.num_tokens is null or s.num_tokens <= 0 then {_lit(NO_TOKENS)}")
@@ -533,11 +586,14 @@ def classify_sql(config: MixtureConfig, with_quarantine: bool = True) -> str:
     zero = [s for s, w in config.source_weights.items() if w == 0]
     if zero:
         reasons.append(f"when s.source in ({_lits(zero)}) then {_lit(SOURCE_WEIGHT_ZERO)}")
-    join = ("left join (select distinct uri from quarantine where uri is not null) q on s.source_uri = q.uri"
-            if with_quarantine else "")
+    join = (
+        "left join (select distinct uri from quarantine where uri is not null) q on s.source_uri = q.uri"
+        if with_quarantine
+        else ""
+    )
     return f"""
         select s.sample_id, s.modality, coalesce(s.source, '') as source, s.num_tokens,
-               case {' '.join(reasons)} end as reason
+               case {" ".join(reasons)} end as reason
         from train_samples s {join}
     """
 
@@ -559,18 +615,24 @@ def heldout_sql(per_mille: int, max_tokens: int, per_modality: int) -> str:
     return f"""
         select sample_id, modality from (
             select s.sample_id, s.modality,
-                   row_number() over (partition by s.modality order by {_key('holdout-order:', 's.sample_id')},
+                   row_number() over (partition by s.modality order by {_key("holdout-order:", "s.sample_id")},
                                       s.sample_id) as n
             from train_samples s
-            where {_held_out('s.sample_id', per_mille)} and s.num_tokens > 0 and s.num_tokens <= {max_tokens}
+            where {_held_out("s.sample_id", per_mille)} and s.num_tokens > 0 and s.num_tokens <= {max_tokens}
               and s.source_uri not in (select uri from quarantine where uri is not null)
         ) where n <= {per_modality}
         order by modality, n
     """
 
 
-def heldout_sample_ids(samples: tables.TableRef, quarantine: tables.TableRef, per_mille: int, max_tokens: int,
-                       per_modality: int, root: str | None = None) -> dict[str, list[str]]:
+def heldout_sample_ids(
+    samples: tables.TableRef,
+    quarantine: tables.TableRef,
+    per_mille: int,
+    max_tokens: int,
+    per_modality: int,
+    root: str | None = None,
+) -> dict[str, list[str]]:
     """`heldout_sql` over the pinned tables: modality → sample ids (modalities with none are absent)."""
     if per_mille <= 0:
         raise ValueError(f"holdout_per_mille={per_mille}: no samples are held out, nothing to evaluate on")
@@ -649,8 +711,12 @@ class Selection:
     plan: Plan
 
 
-def compute_mixture(samples: tables.TableRef, config: MixtureConfig, quarantine: tables.TableRef | None = None,
-                    root: str | None = None) -> Selection:
+def compute_mixture(
+    samples: tables.TableRef,
+    config: MixtureConfig,
+    quarantine: tables.TableRef | None = None,
+    root: str | None = None,
+) -> Selection:
     """Choose a mixture's rows in DuckDB over ``samples`` pinned at its version; writes nothing."""
     versions = {samples.name: samples.version}
     if quarantine is not None:
@@ -661,7 +727,9 @@ def compute_mixture(samples: tables.TableRef, config: MixtureConfig, quarantine:
         con.register("train_samples", tables.dataset(samples.uri, version=samples.version))
         if quarantine is not None:
             con.register("quarantine", tables.dataset(quarantine.uri, version=quarantine.version))
-        con.execute("create or replace temp table classified as " + classify_sql(config, quarantine is not None))
+        con.execute(
+            "create or replace temp table classified as " + classify_sql(config, quarantine is not None)
+        )
         digest = con.sql("""
             select coalesce(md5(string_agg(sample_id || ':' || modality || ':' || source || ':' || num_tokens, ','
                                            order by sample_id)), '')
@@ -677,10 +745,22 @@ def compute_mixture(samples: tables.TableRef, config: MixtureConfig, quarantine:
         available = [(m, s, int(t), int(n)) for reason, m, s, n, t in groups if reason is None]
         plan = plan_quotas(available, config, excluded)
 
-        con.register("plan_sources", pa.Table.from_pylist([
-            {"modality": p.modality, "source": p.source, "full_passes": p.full_passes,
-             "remainder": p.remainder, "available": p.available_tokens, "cap_tokens": p.cap_tokens}
-            for p in plan.sources]))
+        con.register(
+            "plan_sources",
+            pa.Table.from_pylist(
+                [
+                    {
+                        "modality": p.modality,
+                        "source": p.source,
+                        "full_passes": p.full_passes,
+                        "remainder": p.remainder,
+                        "available": p.available_tokens,
+                        "cap_tokens": p.cap_tokens,
+                    }
+                    for p in plan.sources
+                ]
+            ),
+        )
         # Tokens of the (modality, source) groups before each one, in DuckDB's own sort order.
         con.execute("""
             create or replace temp table plan as
@@ -689,8 +769,10 @@ def compute_mixture(samples: tables.TableRef, config: MixtureConfig, quarantine:
                       as token_offset
             from plan_sources
         """)
-        con.register("modality_plan", pa.Table.from_pylist(
-            [{"modality": m, "remainder": r} for m, r in plan.remainders.items()]))
+        con.register(
+            "modality_plan",
+            pa.Table.from_pylist([{"modality": m, "remainder": r} for m, r in plan.remainders.items()]),
+        )
         # Sorted by "order" so the mixture is stored (and read back by the loader) in epoch order.
         rows = con.sql(_select_sql(config, mid, samples.version) + ' order by "order"').to_arrow_table()
         con.register("selected", rows)
@@ -714,43 +796,76 @@ def _exclusions(groups: list[tuple]) -> list[Exclusion]:
         entry[0] += int(n)
         entry[1] += int(tokens)
     order = {r: i for i, r in enumerate(EXCLUSION_REASONS)}
-    return [Exclusion(reason, modality, n, t)
-            for (reason, modality), (n, t) in sorted(totals.items(), key=lambda kv: (order[kv[0][0]], kv[0][1]))]
+    return [
+        Exclusion(reason, modality, n, t)
+        for (reason, modality), (n, t) in sorted(totals.items(), key=lambda kv: (order[kv[0][0]], kv[0][1]))
+    ]
 
 
-def _report(mid: str, config: MixtureConfig, samples: tables.TableRef, quarantine: tables.TableRef | None,
-            plan: Plan, excluded: list[Exclusion], reached: list[tuple], num_rows: int) -> MixtureReport:
+def _report(
+    mid: str,
+    config: MixtureConfig,
+    samples: tables.TableRef,
+    quarantine: tables.TableRef | None,
+    plan: Plan,
+    excluded: list[Exclusion],
+    reached: list[tuple],
+    num_rows: int,
+) -> MixtureReport:
     by_source = {(m, s): (int(t), int(n), int(u), int(x)) for m, s, t, n, u, x in reached}
     total_reached = sum(v[0] for v in by_source.values())
     sources, modalities = [], []
     for p in plan.sources:
         tokens, n, _, _ = by_source.get((p.modality, p.source), (0, 0, 0, 0))
-        sources.append(SourceReport(p.modality, p.source, p.weight, p.available_tokens, p.available_samples,
-                                    p.quota, p.weighted_quota, tokens, n, tokens / p.available_tokens))
+        sources.append(
+            SourceReport(
+                p.modality,
+                p.source,
+                p.weight,
+                p.available_tokens,
+                p.available_samples,
+                p.quota,
+                p.weighted_quota,
+                tokens,
+                n,
+                tokens / p.available_tokens,
+            )
+        )
     for m in config.targeted_modalities:
         rows = [v for (mm, _), v in by_source.items() if mm == m]
         tokens = sum(r[0] for r in rows)
         avail = sum(p.available_tokens for p in plan.sources if p.modality == m)
-        modalities.append(ModalityReport(
-            modality=m,
-            target_share=config.target_shares[m],
-            available_tokens=avail,
-            available_samples=sum(p.available_samples for p in plan.sources if p.modality == m),
-            quota_tokens=config.target_shares[m] * plan.total_tokens,
-            reached_tokens=tokens,
-            reached_share=tokens / total_reached if total_reached else 0.0,
-            samples_used=sum(r[1] for r in rows),
-            uses=sum(r[2] for r in rows),
-            max_repeats=max((r[3] for r in rows), default=0),
-            passes=tokens / avail if avail else 0.0,
-        ))
+        modalities.append(
+            ModalityReport(
+                modality=m,
+                target_share=config.target_shares[m],
+                available_tokens=avail,
+                available_samples=sum(p.available_samples for p in plan.sources if p.modality == m),
+                quota_tokens=config.target_shares[m] * plan.total_tokens,
+                reached_tokens=tokens,
+                reached_share=tokens / total_reached if total_reached else 0.0,
+                samples_used=sum(r[1] for r in rows),
+                uses=sum(r[2] for r in rows),
+                max_repeats=max((r[3] for r in rows), default=0),
+                passes=tokens / avail if avail else 0.0,
+            )
+        )
     return MixtureReport(
-        mixture_id=mid, stage=config.stage, config_hash=config.config_hash(), seed=config.seed,
+        mixture_id=mid,
+        stage=config.stage,
+        config_hash=config.config_hash(),
+        seed=config.seed,
         train_samples_version=samples.version,
         quarantine_version=quarantine.version if quarantine is not None else None,
-        total_tokens=round(plan.total_tokens), max_total_tokens=math.floor(plan.max_total_tokens + _EPS),
-        reached_tokens=total_reached, num_rows=num_rows, tolerance_pp=config.tolerance_pp,
-        repeat_cap=config.repeat_cap, modalities=modalities, sources=sources, excluded=excluded,
+        total_tokens=round(plan.total_tokens),
+        max_total_tokens=math.floor(plan.max_total_tokens + _EPS),
+        reached_tokens=total_reached,
+        num_rows=num_rows,
+        tolerance_pp=config.tolerance_pp,
+        repeat_cap=config.repeat_cap,
+        modalities=modalities,
+        sources=sources,
+        excluded=excluded,
         shortfalls=list(plan.shortfalls),
     )
 
@@ -758,8 +873,12 @@ def _report(mid: str, config: MixtureConfig, samples: tables.TableRef, quarantin
 # ---------------------------------------------------------------------------------------------- entry points
 
 
-def build_mixture(samples: tables.TableRef, config: MixtureConfig, quarantine: tables.TableRef | None = None,
-                  root: str | None = None) -> MixtureResult:
+def build_mixture(
+    samples: tables.TableRef,
+    config: MixtureConfig,
+    quarantine: tables.TableRef | None = None,
+    root: str | None = None,
+) -> MixtureResult:
     """Build a stage's mixture from ``train_samples`` at its pinned version and write it to ``mixtures``.
 
     Idempotent: the same inputs and config give the same ``mixture_id`` and rows, and a rerun writes
@@ -772,18 +891,32 @@ def build_mixture(samples: tables.TableRef, config: MixtureConfig, quarantine: t
         ds = tables.open_table("mixtures", root=root)
         version = ds.version
     else:
-        rows = selection.rows.append_column("created_at", pa.array([tables.now()] * selection.rows.num_rows,
-                                                                    tables.TIMESTAMP))
-        version = tables.upsert("mixtures", rows.select(tables.SCHEMAS["mixtures"].names)
-                                .cast(tables.SCHEMAS["mixtures"]), root)
+        rows = selection.rows.append_column(
+            "created_at", pa.array([tables.now()] * selection.rows.num_rows, tables.TIMESTAMP)
+        )
+        version = tables.upsert(
+            "mixtures", rows.select(tables.SCHEMAS["mixtures"].names).cast(tables.SCHEMAS["mixtures"]), root
+        )
         ds = tables.open_table("mixtures", version=version, root=root)
-    log.info("mixture %s: %s", report.mixture_id,
-             ", ".join(f"{m.modality} {m.reached_share:.2%} (target {m.target_share:.2%})" for m in report.modalities))
+    log.info(
+        "mixture %s: %s",
+        report.mixture_id,
+        ", ".join(
+            f"{m.modality} {m.reached_share:.2%} (target {m.target_share:.2%})" for m in report.modalities
+        ),
+    )
     return MixtureResult(tables.TableRef("mixtures", ds.uri, version), report.mixture_id, report)
 
 
-def fixed_mixture(samples: tables.TableRef, repeats: Mapping[str, int], *, name: str, stage: int, seed: int = 0,
-                  root: str | None = None) -> MixtureResult:
+def fixed_mixture(
+    samples: tables.TableRef,
+    repeats: Mapping[str, int],
+    *,
+    name: str,
+    stage: int,
+    seed: int = 0,
+    root: str | None = None,
+) -> MixtureResult:
     """A mixture whose uses per sample are given, not balanced: post-training sets (SFT after the difficulty
     filter, LongCoT with its score-derived repeats, a domain expert's subset) go to the trainer through the same
     `mixtures` table and loader as pre-training. The id hashes the name, stage, seed, train_samples version and
@@ -794,22 +927,44 @@ def fixed_mixture(samples: tables.TableRef, repeats: Mapping[str, int], *, name:
         raise ValueError(f"mixture {name!r}: no samples")
     bad = {s: r for s, r in repeats.items() if isinstance(r, bool) or not isinstance(r, int) or r < 1}
     if bad:
-        raise ValueError(f"mixture {name!r}: repeats must be integers >= 1, got {dict(list(bad.items())[:5])}")
-    payload = json.dumps({"name": name, "stage": stage, "seed": seed, "repeats": sorted(repeats.items())},
-                         separators=(",", ":"))
+        raise ValueError(
+            f"mixture {name!r}: repeats must be integers >= 1, got {dict(list(bad.items())[:5])}"
+        )
+    payload = json.dumps(
+        {"name": name, "stage": stage, "seed": seed, "repeats": sorted(repeats.items())},
+        separators=(",", ":"),
+    )
     mid = hashlib.sha256(payload.encode()).hexdigest()[:16]
     ids = sorted(repeats)
-    found = {r["sample_id"]: r for r in tables.dataset(samples.uri, version=samples.version).to_table(
-        columns=["sample_id", "modality", "source", "num_tokens"], filter=pc.field("sample_id").isin(ids)).to_pylist()}
+    found = {
+        r["sample_id"]: r
+        for r in tables.dataset(samples.uri, version=samples.version)
+        .to_table(
+            columns=["sample_id", "modality", "source", "num_tokens"], filter=pc.field("sample_id").isin(ids)
+        )
+        .to_pylist()
+    }
     missing = [s for s in ids if s not in found]
     if missing:
         raise KeyError(f"mixture {name!r}: train_samples@v{samples.version} has no rows {missing[:5]}")
     order = sorted(ids, key=lambda s: hashlib.sha256(f"{seed}:order:{s}".encode()).digest())
     now = tables.now()
-    rows = [{"mixture_row_id": f"{mid}/{s}", "mixture_id": mid, "stage": stage, "sample_id": s,
-             "modality": found[s]["modality"], "source": found[s]["source"] or "",
-             "num_tokens": found[s]["num_tokens"], "repeats": repeats[s], "order": position,
-             "train_samples_version": samples.version, "created_at": now} for position, s in enumerate(order)]
+    rows = [
+        {
+            "mixture_row_id": f"{mid}/{s}",
+            "mixture_id": mid,
+            "stage": stage,
+            "sample_id": s,
+            "modality": found[s]["modality"],
+            "source": found[s]["source"] or "",
+            "num_tokens": found[s]["num_tokens"],
+            "repeats": repeats[s],
+            "order": position,
+            "train_samples_version": samples.version,
+            "created_at": now,
+        }
+        for position, s in enumerate(order)
+    ]
     if not tables.existing_keys("mixtures", [rows[0]["mixture_row_id"]], root):
         tables.upsert("mixtures", rows, root)
     return MixtureResult(mixture=tables.ref("mixtures", root), mixture_id=mid, report=None)

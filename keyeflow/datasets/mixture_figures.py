@@ -29,8 +29,10 @@ def shares_chart(report: MixtureReport) -> Figure:
     width = 0.38
     targets = [100 * m.target_share for m in report.modalities]
     reached = [100 * m.reached_share for m in report.modalities]
-    colors = [_REACHED_OK if abs(r - t) <= report.tolerance_pp + 1e-12 else _REACHED_OFF
-              for r, t in zip(reached, targets)]
+    colors = [
+        _REACHED_OK if abs(r - t) <= report.tolerance_pp + 1e-12 else _REACHED_OFF
+        for r, t in zip(reached, targets)
+    ]
     target_bars = ax.bar([x - width / 2 for x in xs], targets, width, label="target", color=_TARGET_COLOR)
     reached_bars = ax.bar([x + width / 2 for x in xs], reached, width, label="reached", color=colors)
     ax.bar_label(target_bars, labels=[f"{v:.1f}%" for v in targets], padding=2, fontsize=9)
@@ -38,8 +40,11 @@ def shares_chart(report: MixtureReport) -> Figure:
     ax.set_xticks(list(xs), [f"{m.modality}\n{m.reached_tokens:,} tok" for m in report.modalities])
     ax.set_ylabel("share of tokens (%)")
     ax.set_ylim(0, max(targets + reached + [1.0]) * 1.18)
-    ax.set_title(f"Stage {report.stage} mixture {report.mixture_id}: "
-                 f"{report.reached_tokens:,} tokens (±{report.tolerance_pp} pp)", fontsize=10)
+    ax.set_title(
+        f"Stage {report.stage} mixture {report.mixture_id}: "
+        f"{report.reached_tokens:,} tokens (±{report.tolerance_pp} pp)",
+        fontsize=10,
+    )
     ax.legend(loc="upper right", frameon=False)
     ax.spines[["top", "right"]].set_visible(False)
     return fig

@@ -97,12 +97,15 @@ def tokenize_video(info: VideoInfo, video_id: str, config: SlowFastConfig, spool
         decoded = decode(info.uri, path, info, config.fps, max_frames(config), spool_dir)
     frames = decoded.frames
     frame_types = select_frames(frames, config=config)
-    (slow_h, slow_w), (fast_h, fast_w), total = allocate_tokens(frame_types, info.height, info.width,
-                                                                config=config)[:3]
+    (slow_h, slow_w), (fast_h, fast_w), total = allocate_tokens(
+        frame_types, info.height, info.width, config=config
+    )[:3]
     sid = sample_id(video_id, config)
     patch, merge = config.patch_size, config.merge_size
     sizes = [(slow_h, slow_w) if kind == 0 else (fast_h, fast_w) for kind in frame_types]
-    patches = [patchify(resize(frame, h, w), patch, merge).reshape(-1) for frame, (h, w) in zip(frames, sizes)]
+    patches = [
+        patchify(resize(frame, h, w), patch, merge).reshape(-1) for frame, (h, w) in zip(frames, sizes)
+    ]
     grid_h = np.array([h // patch for h, _ in sizes], dtype=np.int32)
     grid_w = np.array([w // patch for _, w in sizes], dtype=np.int32)
     offsets = np.zeros(len(patches) + 1, dtype=np.int64)
@@ -172,7 +175,9 @@ def pretokenize_shard(
         try:
             sample, frame_rows = tokenize_video(_info(row), row["video_id"], config, spool_dir)
         except BadVideo as exc:
-            bad.append(tables.quarantine_row(row["uri"], exc.reason, STAGE, row["video_id"], config.config_hash()))
+            bad.append(
+                tables.quarantine_row(row["uri"], exc.reason, STAGE, row["video_id"], config.config_hash())
+            )
             report.quarantined[row["uri"]] = exc.reason
         else:
             samples.append(sample)

@@ -22,8 +22,9 @@ from keyeflow.datasets.tables import TableRef
 MEDIA_TABLES = ("video_samples", "image_samples")
 
 
-def _register(con: duckdb.DuckDBPyConnection, name: str, version: int | None = None,
-              root: str | None = None) -> bool:
+def _register(
+    con: duckdb.DuckDBPyConnection, name: str, version: int | None = None, root: str | None = None
+) -> bool:
     if not tables.exists(name, root):
         return False
     con.register(name, tables.open_table(name, version=version, root=root))
@@ -35,9 +36,12 @@ def mixture_provenance(mixture: TableRef, mixture_id: str, root: str | None = No
     con = duckdb.connect()
     try:
         con.register("mixtures", tables.dataset(mixture.uri, version=mixture.version))
-        rows = con.execute("select modality, count(*), sum(num_tokens * repeats), min(train_samples_version), "
-                           "max(train_samples_version), min(stage) from mixtures where mixture_id = ? "
-                           "group by modality order by modality", [mixture_id]).fetchall()
+        rows = con.execute(
+            "select modality, count(*), sum(num_tokens * repeats), min(train_samples_version), "
+            "max(train_samples_version), min(stage) from mixtures where mixture_id = ? "
+            "group by modality order by modality",
+            [mixture_id],
+        ).fetchall()
         if not rows:
             raise KeyError(f"mixture {mixture_id!r} has no rows in {mixture.uri}@v{mixture.version}")
         versions = {r[3] for r in rows} | {r[4] for r in rows}
@@ -45,27 +49,40 @@ def mixture_provenance(mixture: TableRef, mixture_id: str, root: str | None = No
             raise ValueError(f"mixture {mixture_id!r} mixes train_samples versions {sorted(versions)}")
         samples_version = versions.pop()
         _register(con, "train_samples", samples_version, root)
-        con.execute("""
+        con.execute(
+            """
             create temp table used as
             select s.sample_id, s.modality, s.source, s.source_uri, s.media_ids
             from mixtures m join train_samples s on m.sample_id = s.sample_id
             where m.mixture_id = ?
-        """, [mixture_id])
+        """,
+            [mixture_id],
+        )
         con.execute("create temp table media as select distinct unnest(media_ids) as media_id from used")
 
         videos: list[str] = []
         images: list[str] = []
         if _register(con, "video_samples", root=root):
-            videos = [r[0] for r in con.sql("""
+            videos = [
+                r[0]
+                for r in con.sql("""
                 select distinct v.uri from media m join video_samples v on v.sample_id = m.media_id order by 1
-            """).fetchall()]
+            """).fetchall()
+            ]
         if _register(con, "image_samples", root=root):
-            images = [r[0] for r in con.sql("""
+            images = [
+                r[0]
+                for r in con.sql("""
                 select distinct i.uri from media m join image_samples i on i.sample_id = m.media_id order by 1
-            """).fetchall()]
+            """).fetchall()
+            ]
         # A text sample's source_uri names its record (file#Lline), so these are the text sources themselves.
-        texts = [r[0] for r in con.sql("select distinct coalesce(source_uri, sample_id) from used "
-                                       "where modality = 'text' order by 1").fetchall()]
+        texts = [
+            r[0]
+            for r in con.sql(
+                "select distinct coalesce(source_uri, sample_id) from used where modality = 'text' order by 1"
+            ).fetchall()
+        ]
         num_records = con.sql("select count(distinct source_uri) from used").fetchall()[0][0]
 
         gates = _gate_verdicts(con, mixture, samples_version, root)
@@ -84,15 +101,19 @@ def mixture_provenance(mixture: TableRef, mixture_id: str, root: str | None = No
     }  # fmt: skip
 
 
-def _gate_verdicts(con: duckdb.DuckDBPyConnection, mixture: TableRef, samples_version: int,
-                   root: str | None) -> list[dict[str, Any]]:
+def _gate_verdicts(
+    con: duckdb.DuckDBPyConnection, mixture: TableRef, samples_version: int, root: str | None
+) -> list[dict[str, Any]]:
     if not _register(con, "gate_results", root=root):
         return []
-    exact = con.execute("""
+    exact = con.execute(
+        """
         select gate, table_uri, table_version, passed, run_id, 0 as num_unchecked from gate_results
         where (table_uri = ? and table_version = ?) or (table_uri like '%/train_samples.lance' and table_version = ?)
         order by checked_at
-    """, [mixture.uri, mixture.version, samples_version]).fetchall()
+    """,
+        [mixture.uri, mixture.version, samples_version],
+    ).fetchall()
     media = []
     for name in MEDIA_TABLES:
         if not con.sql(f"select 1 from information_schema.tables where table_name = '{name}'").fetchall():
@@ -117,8 +138,16 @@ def _gate_verdicts(con: duckdb.DuckDBPyConnection, mixture: TableRef, samples_ve
     out = []
     for gate, uri, version, passed, run_id, unchecked in [*exact, *media]:
         if gate is None:
-            out.append({"gate": None, "table": uri, "version": None, "passed": None, "run_id": None,
-                        "num_unchecked_rows": unchecked})
+            out.append(
+                {
+                    "gate": None,
+                    "table": uri,
+                    "version": None,
+                    "passed": None,
+                    "run_id": None,
+                    "num_unchecked_rows": unchecked,
+                }
+            )
         else:
             out.append({"gate": gate, "table": uri, "version": version, "passed": passed, "run_id": run_id})
     return out

@@ -28,8 +28,12 @@ class LanceSampleReader:
 
     def __call__(self, sample_ids: list[str]) -> list[Features]:
         wanted = list(dict.fromkeys(sample_ids))
-        rows = {r["sample_id"]: r for r in self.samples.to_table(
-            columns=["sample_id", "messages", "media_ids"], filter=pc.field("sample_id").isin(wanted)).to_pylist()}
+        rows = {
+            r["sample_id"]: r
+            for r in self.samples.to_table(
+                columns=["sample_id", "messages", "media_ids"], filter=pc.field("sample_id").isin(wanted)
+            ).to_pylist()
+        }
         missing = [s for s in wanted if s not in rows]
         if missing:
             raise KeyError(f"train_samples@v{self.samples.version} has no rows {missing[:5]}")
@@ -49,32 +53,53 @@ def read_media(media_ids: set[str], root: str | None = None) -> dict[str, MediaP
         return out
     ids = sorted(media_ids)
     if tables.exists("video_samples", root):
-        videos = tables.open_table("video_samples", root=root).to_table(
-            columns=["sample_id", "frame_types", "timestamps", "slow_tokens", "fast_tokens"],
-            filter=pc.field("sample_id").isin(ids)).to_pylist()
+        videos = (
+            tables.open_table("video_samples", root=root)
+            .to_table(
+                columns=["sample_id", "frame_types", "timestamps", "slow_tokens", "fast_tokens"],
+                filter=pc.field("sample_id").isin(ids),
+            )
+            .to_pylist()
+        )
         if videos:
-            frames = tables.open_table("video_frames", root=root).to_table(
-                columns=["sample_id", "frame_index", "grid_h", "grid_w", "patches"],
-                filter=pc.field("sample_id").isin([v["sample_id"] for v in videos])).to_pylist()
+            frames = (
+                tables.open_table("video_frames", root=root)
+                .to_table(
+                    columns=["sample_id", "frame_index", "grid_h", "grid_w", "patches"],
+                    filter=pc.field("sample_id").isin([v["sample_id"] for v in videos]),
+                )
+                .to_pylist()
+            )
             by_video: dict[str, list[dict]] = {}
             for f in frames:
                 by_video.setdefault(f["sample_id"], []).append(f)
             for v in videos:
                 fs = sorted(by_video.get(v["sample_id"], []), key=lambda f: f["frame_index"])
                 if len(fs) != len(v["frame_types"]):
-                    raise KeyError(f"video sample {v['sample_id']} has {len(fs)} stored frames, "
-                                   f"expected {len(v['frame_types'])}")
+                    raise KeyError(
+                        f"video sample {v['sample_id']} has {len(fs)} stored frames, "
+                        f"expected {len(v['frame_types'])}"
+                    )
                 out[v["sample_id"]] = MediaPatches(
                     patches=np.concatenate([_patches(f) for f in fs]),
                     grids=[(1, f["grid_h"], f["grid_w"]) for f in fs],
-                    frame_types=v["frame_types"], timestamps=v["timestamps"], slow_tokens=v["slow_tokens"],
-                    fast_tokens=v["fast_tokens"] if 1 in v["frame_types"] else None)
+                    frame_types=v["frame_types"],
+                    timestamps=v["timestamps"],
+                    slow_tokens=v["slow_tokens"],
+                    fast_tokens=v["fast_tokens"] if 1 in v["frame_types"] else None,
+                )
     if tables.exists("image_samples", root):
-        for img in tables.open_table("image_samples", root=root).to_table(
-                columns=["sample_id", "grid_h", "grid_w", "patches"],
-                filter=pc.field("sample_id").isin(ids)).to_pylist():
+        for img in (
+            tables.open_table("image_samples", root=root)
+            .to_table(
+                columns=["sample_id", "grid_h", "grid_w", "patches"], filter=pc.field("sample_id").isin(ids)
+            )
+            .to_pylist()
+        ):
             # copy: Arrow buffers are read-only and torch warns on wrapping them
-            out[img["sample_id"]] = MediaPatches(patches=_patches(img).copy(), grids=[(1, img["grid_h"], img["grid_w"])])
+            out[img["sample_id"]] = MediaPatches(
+                patches=_patches(img).copy(), grids=[(1, img["grid_h"], img["grid_w"])]
+            )
     missing = media_ids - set(out)
     if missing:
         raise KeyError(f"media not found in video_samples/image_samples: {sorted(missing)[:5]}")

@@ -39,11 +39,15 @@ class SlowFastConfig:
 
     similarity_threshold: float  # a frame is Slow when its similarity to the latest Slow frame is below this
     total_token_budget: int  # per video, over all frames
-    strict_budget: bool  # True: largest per-frame size that fits; False: keye-vl-utils' search (may overshoot)
+    strict_budget: (
+        bool  # True: largest per-frame size that fits; False: keye-vl-utils' search (may overshoot)
+    )
     preset: str  # the preset this came from; informational, not part of the hash
     fps: float = 2.0  # frame sampling rate; used by whoever samples frames, hashed because it changes tokens
     patch_cosine_threshold: float = 0.7  # a patch counts as similar when its HSV cosine is above this
-    selection_max_tokens: int = 256  # frames are compared at this size at most, which is also what makes it cheap
+    selection_max_tokens: int = (
+        256  # frames are compared at this size at most, which is also what makes it cheap
+    )
     fast_ratio: float = 0.3  # a Fast frame's share of a Slow frame's tokens
     min_tokens_per_frame: int = 48
     max_tokens_per_frame: int = 768
@@ -57,11 +61,17 @@ class SlowFastConfig:
         # Normalise numbers so that 2 and 2.0 give the same hash and JSON.
         for name in ("fps", "similarity_threshold", "patch_cosine_threshold", "fast_ratio"):
             object.__setattr__(self, name, check_number("SlowFastConfig", name, getattr(self, name)))
-        for name, minimum in (("selection_max_tokens", None), ("min_tokens_per_frame", 1),
-                              ("max_tokens_per_frame", None), ("total_token_budget", 1), ("patch_size", 1),
-                              ("merge_size", 1)):
-            object.__setattr__(self, name,
-                               check_int("SlowFastConfig", name, getattr(self, name), minimum=minimum))
+        for name, minimum in (
+            ("selection_max_tokens", None),
+            ("min_tokens_per_frame", 1),
+            ("max_tokens_per_frame", None),
+            ("total_token_budget", 1),
+            ("patch_size", 1),
+            ("merge_size", 1),
+        ):
+            object.__setattr__(
+                self, name, check_int("SlowFastConfig", name, getattr(self, name), minimum=minimum)
+            )
         strict = self.strict_budget
         if isinstance(strict, np.bool_):  # NumPy's bool is not a bool, but says the same
             strict = bool(strict)
@@ -78,11 +88,17 @@ class SlowFastConfig:
         if not 0.0 < self.fast_ratio <= 1.0:
             fail("fast_ratio", self.fast_ratio, "must be in (0, 1]")
         if self.max_tokens_per_frame < self.min_tokens_per_frame:
-            fail("max_tokens_per_frame", self.max_tokens_per_frame,
-                 f"must be >= min_tokens_per_frame ({self.min_tokens_per_frame})")
+            fail(
+                "max_tokens_per_frame",
+                self.max_tokens_per_frame,
+                f"must be >= min_tokens_per_frame ({self.min_tokens_per_frame})",
+            )
         if self.selection_max_tokens < self.min_tokens_per_frame:
-            fail("selection_max_tokens", self.selection_max_tokens,
-                 f"must be >= min_tokens_per_frame ({self.min_tokens_per_frame})")
+            fail(
+                "selection_max_tokens",
+                self.selection_max_tokens,
+                f"must be >= min_tokens_per_frame ({self.min_tokens_per_frame})",
+            )
 
     @property
     def factor(self) -> int:
@@ -98,12 +114,16 @@ class SlowFastConfig:
         return config_hash({k: v for k, v in self.to_dict().items() if k != "preset"}, compact=True)
 
 
-PRESETS: MappingProxyType[str, SlowFastConfig] = MappingProxyType({
-    "paper": SlowFastConfig(
-        similarity_threshold=0.95, total_token_budget=75_000, strict_budget=True, preset="paper"),
-    "keye-vl-utils": SlowFastConfig(
-        similarity_threshold=0.90, total_token_budget=65_536, strict_budget=False, preset="keye-vl-utils"),
-})
+PRESETS: MappingProxyType[str, SlowFastConfig] = MappingProxyType(
+    {
+        "paper": SlowFastConfig(
+            similarity_threshold=0.95, total_token_budget=75_000, strict_budget=True, preset="paper"
+        ),
+        "keye-vl-utils": SlowFastConfig(
+            similarity_threshold=0.90, total_token_budget=65_536, strict_budget=False, preset="keye-vl-utils"
+        ),
+    }
+)
 
 _FIELD_NAMES = tuple(f.name for f in dataclasses.fields(SlowFastConfig))
 
@@ -127,8 +147,9 @@ def _config(config: SlowFastConfig | None, preset: str, overrides: dict[str, Any
     return config
 
 
-def smart_resize(height: int, width: int, *, factor: int = 28, min_pixels: int, max_pixels: int,
-                 max_ratio: float = 200) -> tuple[int, int]:
+def smart_resize(
+    height: int, width: int, *, factor: int = 28, min_pixels: int, max_pixels: int, max_ratio: float = 200
+) -> tuple[int, int]:
     """(h, w) with both sides multiples of `factor`, area within [min_pixels, max_pixels], aspect kept.
 
     The arithmetic is keye-vl-utils' on purpose, Python's banker's `round` included (42 px -> 56, 70 px
@@ -170,11 +191,16 @@ def _downscale_hsv(frames: np.ndarray, cfg: SlowFastConfig) -> np.ndarray:
     """The clip as uint8 HSV (N, h, w, 3) at comparison size, pixel for pixel what the reference compares."""
     num_frames, height, width, _ = frames.shape
     f = cfg.factor
-    h, w = smart_resize(height, width, factor=f, min_pixels=cfg.min_tokens_per_frame * f * f,
-                        max_pixels=cfg.selection_max_tokens * f * f)
+    h, w = smart_resize(
+        height,
+        width,
+        factor=f,
+        min_pixels=cfg.min_tokens_per_frame * f * f,
+        max_pixels=cfg.selection_max_tokens * f * f,
+    )
     hsv = np.empty((num_frames, h, w, 3), dtype=np.uint8)
     for start in range(0, num_frames, _DOWNSCALE_BATCH):
-        chunk = np.ascontiguousarray(frames[start:start + _DOWNSCALE_BATCH])
+        chunk = np.ascontiguousarray(frames[start : start + _DOWNSCALE_BATCH])
         with warnings.catch_warnings():
             # Decoded frames are often read-only buffers; nothing here writes to them.
             warnings.filterwarnings("ignore", message=".*not writable.*")
@@ -214,7 +240,9 @@ def _share_is_slow(num_similar: np.ndarray, num_valid: np.ndarray, threshold: fl
     return share.astype(np.float64) < threshold
 
 
-def _exact_patch_similar(slow_hsv: np.ndarray, other_hsv: np.ndarray, factor: int, threshold: float) -> np.ndarray:
+def _exact_patch_similar(
+    slow_hsv: np.ndarray, other_hsv: np.ndarray, factor: int, threshold: float
+) -> np.ndarray:
     """Per-patch "cosine > threshold" for one frame pair, with the reference's float32 operations and layout."""
     h, w, _ = slow_hsv.shape
     gh, gw = h // factor, w // factor
@@ -227,8 +255,9 @@ def _exact_patch_similar(slow_hsv: np.ndarray, other_hsv: np.ndarray, factor: in
     return ((normalised(slow_hsv) * normalised(other_hsv)).sum(dim=-1) > threshold).reshape(-1).numpy()
 
 
-def select_frames(frames: np.ndarray, *, preset: str = "paper", config: SlowFastConfig | None = None,
-                  **overrides: Any) -> np.ndarray:
+def select_frames(
+    frames: np.ndarray, *, preset: str = "paper", config: SlowFastConfig | None = None, **overrides: Any
+) -> np.ndarray:
     """Slow (0) / Fast (1) label per frame of a uint8 RGB clip (N, H, W, 3), as int8.
 
     Frame 0 is Slow; every later frame is compared with the latest Slow frame and becomes the new Slow
@@ -254,7 +283,7 @@ def select_frames(frames: np.ndarray, *, preset: str = "paper", config: SlowFast
     buffer = np.empty((min(_BLOCK, num_frames), (h // f) * (w // f), f * f * 3), dtype=np.float32)
 
     def load_block(first: int) -> tuple[np.ndarray, np.ndarray]:
-        vectors = _patch_vectors(hsv[first:first + _BLOCK], f, buffer)
+        vectors = _patch_vectors(hsv[first : first + _BLOCK], f, buffer)
         return vectors, np.sqrt(np.einsum("kpd,kpd->kp", vectors, vectors).astype(np.float64))
 
     block_first = 0
@@ -268,8 +297,8 @@ def select_frames(frames: np.ndarray, *, preset: str = "paper", config: SlowFast
             block_first = start - start % _BLOCK
             block_vectors, block_norms = load_block(block_first)
         stop = min(start + run, block_first + _BLOCK, num_frames)
-        vectors = block_vectors[start - block_first:stop - block_first]  # (K, P, D)
-        norms = block_norms[start - block_first:stop - block_first]  # (K, P)
+        vectors = block_vectors[start - block_first : stop - block_first]  # (K, P, D)
+        norms = block_norms[start - block_first : stop - block_first]  # (K, P)
         dots = np.matmul(vectors.transpose(1, 0, 2), slow_vector[:, :, None])[:, :, 0].T  # (K, P)
         with np.errstate(invalid="ignore", divide="ignore"):
             cos = dots / (slow_norm * norms)
@@ -329,8 +358,15 @@ def _first_over_budget(cost: Callable[[int], int], low: int, high: int, budget: 
     return low
 
 
-def allocate_tokens(frame_types: Sequence[int] | np.ndarray, height: int, width: int, *, preset: str = "paper",
-                    config: SlowFastConfig | None = None, **overrides: Any) -> TokenAllocation:
+def allocate_tokens(
+    frame_types: Sequence[int] | np.ndarray,
+    height: int,
+    width: int,
+    *,
+    preset: str = "paper",
+    config: SlowFastConfig | None = None,
+    **overrides: Any,
+) -> TokenAllocation:
     """Frame sizes for a clip of `height` x `width` frames labelled by `select_frames`.
 
     The search prices a Slow frame at t tokens and a Fast one at max(int(fast_ratio * t), min); the sizes
@@ -358,12 +394,21 @@ def allocate_tokens(frame_types: Sequence[int] | np.ndarray, height: int, width:
         tokens_per_slow = _first_over_budget(cost, low, high, cfg.total_token_budget)
 
     area = cfg.factor * cfg.factor
-    slow_size = smart_resize(height, width, factor=cfg.factor, min_pixels=low * area,
-                             max_pixels=tokens_per_slow * area)
+    slow_size = smart_resize(
+        height, width, factor=cfg.factor, min_pixels=low * area, max_pixels=tokens_per_slow * area
+    )
     slow_tokens = slow_size[0] * slow_size[1] // area
     fast_max_pixels = max(int(slow_tokens * cfg.fast_ratio) * area, low * area)
-    fast_size = smart_resize(height, width, factor=cfg.factor, min_pixels=low * area, max_pixels=fast_max_pixels)
+    fast_size = smart_resize(
+        height, width, factor=cfg.factor, min_pixels=low * area, max_pixels=fast_max_pixels
+    )
     fast_tokens = fast_size[0] * fast_size[1] // area
     return TokenAllocation(
-        slow_size=slow_size, fast_size=fast_size, total_tokens=num_slow * slow_tokens + num_fast * fast_tokens,
-        slow_tokens=slow_tokens, fast_tokens=fast_tokens, num_slow=num_slow, num_fast=num_fast)
+        slow_size=slow_size,
+        fast_size=fast_size,
+        total_tokens=num_slow * slow_tokens + num_fast * fast_tokens,
+        slow_tokens=slow_tokens,
+        fast_tokens=fast_tokens,
+        num_slow=num_slow,
+        num_fast=num_fast,
+    )

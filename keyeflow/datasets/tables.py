@@ -456,7 +456,6 @@ def upsert(name: str, rows: list[dict] | pa.Table, root: str | None = None) -> i
     return open_table(name, root=root).version
 
 
-
 def update_rows(name: str, rows: list[dict], root: str | None = None) -> int:
     """Write whole rows, replacing those with the same primary key (one merge_insert commit); for tables
     whose rows change state (e.g. a review outcome), unlike :func:`upsert`, which never overwrites."""
@@ -473,9 +472,11 @@ def first_uris(name: str, keys: set[str], root: str | None = None) -> dict[str, 
     if not keys or not exists(name, root):
         return {}
     column = PRIMARY_KEYS[name]
-    found = open_table(name, root=root).to_table(columns=[column, "uri"],
-                                                 filter=pa.compute.field(column).isin(list(keys)))
+    found = open_table(name, root=root).to_table(
+        columns=[column, "uri"], filter=pa.compute.field(column).isin(list(keys))
+    )
     return dict(zip(found.column(column).to_pylist(), found.column("uri").to_pylist()))
+
 
 def existing_keys(name: str, keys: Iterable[str], root: str | None = None) -> set[str]:
     """Which of ``keys`` the table already holds (a scan filtered on the primary key)."""
@@ -526,9 +527,13 @@ def _filesystem(base: str):
         return pafs.FileSystem.from_uri(base if "://" in base else str(Path(base).resolve()))
     endpoint = options.get("aws_endpoint")
     filesystem = pafs.S3FileSystem(
-        access_key=options.get("aws_access_key_id"), secret_key=options.get("aws_secret_access_key"),
-        session_token=options.get("aws_session_token"), region=options.get("aws_region"),
-        endpoint_override=endpoint, scheme="http" if options.get("allow_http") else "https")
+        access_key=options.get("aws_access_key_id"),
+        secret_key=options.get("aws_secret_access_key"),
+        session_token=options.get("aws_session_token"),
+        region=options.get("aws_region"),
+        endpoint_override=endpoint,
+        scheme="http" if options.get("allow_http") else "https",
+    )
     return filesystem, base.split("://", 1)[1]
 
 
@@ -544,7 +549,9 @@ def replace_groups(name: str, data: pa.Table, group_column: str, root: str | Non
     groups = pa.compute.unique(data.column(group_column)).to_pylist()
     stale = ds.to_table(columns=[group_column], filter=pa.compute.field(group_column).isin(groups))
     if stale.num_rows:
-        quoted = ", ".join("'" + g.replace("'", "''") + "'" for g in set(stale.column(group_column).to_pylist()))
+        quoted = ", ".join(
+            "'" + g.replace("'", "''") + "'" for g in set(stale.column(group_column).to_pylist())
+        )
         ds.delete(f"{group_column} IN ({quoted})")
     write_dataset(data, table_uri(name, root), mode="append")
     return open_table(name, root=root).version

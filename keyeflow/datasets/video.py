@@ -89,7 +89,9 @@ def discover(paths: list[str], suffixes: set[str] = VIDEO_SUFFIXES) -> list[str]
         if any(ch in fs_path for ch in "*?["):
             found += [fs.unstrip_protocol(p) for p in sorted(fs.glob(fs_path))]
         elif fs.isdir(fs_path):
-            found += [fs.unstrip_protocol(p) for p in sorted(fs.find(fs_path)) if Path(p).suffix.lower() in suffixes]
+            found += [
+                fs.unstrip_protocol(p) for p in sorted(fs.find(fs_path)) if Path(p).suffix.lower() in suffixes
+            ]
         else:
             found.append(item)
     return list(dict.fromkeys(found))
@@ -243,7 +245,9 @@ def decode(
     rate = sampling_fps(info, fps, max_frames)
     width, height = info.width, info.height
     frame_bytes = width * height * 3
-    capacity = max(1, min(max_frames, math.ceil(info.duration_s * rate) + 2 if info.duration_s else max_frames))
+    capacity = max(
+        1, min(max_frames, math.ceil(info.duration_s * rate) + 2 if info.duration_s else max_frames)
+    )
     if capacity * frame_bytes > (512 << 20):
         spool_dir = spool_dir or Path(tempfile.gettempdir())
         spool_dir.mkdir(parents=True, exist_ok=True)
@@ -281,9 +285,11 @@ def _run_decoder(
     # The scale keeps the size fixed even if a stream changes resolution midway, which would otherwise
     # desynchronise our fixed-size reads.
     stream = stream.filter("scale", width, height)
-    args = stream.output("pipe:", format="rawvideo", pix_fmt="rgb24", vframes=len(out)).global_args(
-        "-v", "error", "-nostdin", "-threads", "1"
-    ).compile()
+    args = (
+        stream.output("pipe:", format="rawvideo", pix_fmt="rgb24", vframes=len(out))
+        .global_args("-v", "error", "-nostdin", "-threads", "1")
+        .compile()
+    )
     proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     err_chunks: list[bytes] = []
     drain = threading.Thread(target=lambda: err_chunks.append(proc.stderr.read()), daemon=True)

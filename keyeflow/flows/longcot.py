@@ -45,13 +45,20 @@ def review_longcot_item(paths: TableRef, questions: TableRef, path_id: str, revi
     markdown = t.render_review_item(paths, questions, path_id)
     form = t.ReviewDecision.with_initial_data(description=markdown, item_id=path_id, action="approve")
     try:
-        answer = pause_flow_run(wait_for_input=form, timeout=review.timeout_s, poll_interval=review.poll_interval_s,
-                                key=t.artifact_key(path_id))
+        answer = pause_flow_run(
+            wait_for_input=form,
+            timeout=review.timeout_s,
+            poll_interval=review.poll_interval_s,
+            key=t.artifact_key(path_id),
+        )
     except ValidationError as error:
         outcome = {"invalid": str(error).replace("\n", " ")}
     else:
-        outcome = {"decision": answer.model_dump(include={"item_id", "action", "edited_text", "reviewer", "note"}),
-                   "decided_at": datetime.now(UTC).isoformat(), "flow_run_id": str(runtime.flow_run.id)}
+        outcome = {
+            "decision": answer.model_dump(include={"item_id", "action", "edited_text", "reviewer", "note"}),
+            "decided_at": datetime.now(UTC).isoformat(),
+            "flow_run_id": str(runtime.flow_run.id),
+        }
     decision = t.decisions_from_review(path_id, outcome, review)
     t.record_decision(paths, decision)
     return decision
@@ -61,19 +68,27 @@ def _review(paths, questions, question_ids: list[str], review: ReviewConfig) -> 
     plan = t.plan_review(paths, question_ids)
     decisions = list(plan.pending)  # made by people in a run that stopped before applying them
     if review.mode != "prefect":
-        note = {"auto_approve": "review mode auto_approve: approved without a person",
-                "keep_out": "review mode keep_out: not reviewed, kept out"}[review.mode]
+        note = {
+            "auto_approve": "review mode auto_approve: approved without a person",
+            "keep_out": "review mode keep_out: not reviewed, kept out",
+        }[review.mode]
         return decisions + t.policy_decisions(plan.ask, review.mode, review.mode, note)
     for k, path_id in enumerate(plan.ask):
         state = review_longcot_item(paths, questions, path_id, review, return_state=True)
         if state.is_completed():
             decisions.append(state.result())
             continue
-        decisions.append(t.decisions_from_review(path_id, None, review, f"review run {state.name}: {state.message}"))
+        decisions.append(
+            t.decisions_from_review(path_id, None, review, f"review run {state.name}: {state.message}")
+        )
         rest = plan.ask[k + 1 :]
         if rest:
-            decisions += t.policy_decisions(rest, review.on_timeout, review.mode,
-                                            f"not asked: an earlier item got no decision; on_timeout={review.on_timeout}")
+            decisions += t.policy_decisions(
+                rest,
+                review.on_timeout,
+                review.mode,
+                f"not asked: an earlier item got no decision; on_timeout={review.on_timeout}",
+            )
         break
     return decisions
 
@@ -107,11 +122,20 @@ def longcot(
     scoring_config = LongCoTConfig(**(scoring or {}))
     gate_config = GateConfig(**(gates or {}))
     review_config = ReviewConfig(review, review_timeout_s, on_timeout, review_poll_interval_s)
-    root = source_root or os.path.commonpath([os.path.abspath(os.path.dirname(p) if os.path.isfile(p) else p)
-                                              for p in questions])
-    params = {"questions": questions, "source_root": root, "generation": gen.__dict__,
-              "generation_hash": gen.config_hash(), "judge": judge_config.kind, "collect": collect_config.__dict__,
-              "scoring": scoring_config.__dict__, "gates": gate_config.__dict__, "review": review_config.__dict__}
+    root = source_root or os.path.commonpath(
+        [os.path.abspath(os.path.dirname(p) if os.path.isfile(p) else p) for p in questions]
+    )
+    params = {
+        "questions": questions,
+        "source_root": root,
+        "generation": gen.__dict__,
+        "generation_hash": gen.config_hash(),
+        "judge": judge_config.kind,
+        "collect": collect_config.__dict__,
+        "scoring": scoring_config.__dict__,
+        "gates": gate_config.__dict__,
+        "review": review_config.__dict__,
+    }
     with lineage_run("longcot", params, parent_run_id) as run_id:
         collected = t.collect_questions(questions, root, collect_config, gen)
         ids = collected["question_ids"]
@@ -121,24 +145,48 @@ def longcot(
             if media["image"]:
                 ingest_images(media["image"], max_tokens=gen.max_image_tokens, parent_run_id=run_id)
             if media["video"]:
-                video_pipeline(media["video"], preset=gen.video_preset,
-                               overrides={"total_token_budget": gen.max_video_tokens}, parent_run_id=run_id)
+                video_pipeline(
+                    media["video"],
+                    preset=gen.video_preset,
+                    overrides={"total_token_budget": gen.max_video_tokens},
+                    parent_run_id=run_id,
+                )
         generated = t.generate_paths(questions_ref, ids, gen, scoring_config)
-        assessed = t.assess_paths(current_ref("longcot_paths"), questions_ref, ids, judge_config, gen, scoring_config)
+        assessed = t.assess_paths(
+            current_ref("longcot_paths"), questions_ref, ids, judge_config, gen, scoring_config
+        )
         decisions = _review(current_ref("longcot_paths"), questions_ref, ids, review_config)
         reviewed = t.apply_reviews(current_ref("longcot_paths"), questions_ref, decisions)
-        scored = t.score_samples(current_ref("longcot_paths"), questions_ref, ids, judge_config, gen, scoring_config)
+        scored = t.score_samples(
+            current_ref("longcot_paths"), questions_ref, ids, judge_config, gen, scoring_config
+        )
         paths = current_ref("longcot_paths")
         summary = t.summarize(paths, ids)
         t.gate_longcot_paths(paths, ids, run_id)
         t.gate_longcot_samples(paths, questions_ref, ids, gate_config, run_id)
         output = t.publish_longcot(paths, questions_ref, ids, gen)
         reviews, quarantine = current_ref("longcot_reviews"), current_ref("quarantine")
-        metrics = {k: v for k, v in {**collected, **generated, **summary}.items()
-                   if k.startswith(("num_", "share_")) and isinstance(v, (int, float))}
+        metrics = {
+            k: v
+            for k, v in {**collected, **generated, **summary}.items()
+            if k.startswith(("num_", "share_")) and isinstance(v, (int, float))
+        }
         metrics |= {f"review_{k}": v for k, v in reviewed["actions"].items()}
-        metrics |= {f"score_{k}": v for k, v in scored["scores"].items()} | {"total_repeats": scored["total_repeats"]}
+        metrics |= {f"score_{k}": v for k, v in scored["scores"].items()} | {
+            "total_repeats": scored["total_repeats"]
+        }
         record_outputs(run_id, [questions_ref, paths, reviews, output, quarantine], metrics=metrics)
-        return {"run_id": run_id, "questions": questions_ref, "paths": paths, "reviews": reviews, "longcot": output,
-                "question_ids": ids, "collect": collected, "generate": generated, "assess": assessed,
-                "review": reviewed, "score": scored, "summary": summary}
+        return {
+            "run_id": run_id,
+            "questions": questions_ref,
+            "paths": paths,
+            "reviews": reviews,
+            "longcot": output,
+            "question_ids": ids,
+            "collect": collected,
+            "generate": generated,
+            "assess": assessed,
+            "review": reviewed,
+            "score": scored,
+            "summary": summary,
+        }

@@ -15,19 +15,32 @@ from keyeflow.training.recipes import pretrain_recipe
 
 
 @flow(name="pretrain")
-def pretrain(recipe: str = "tiny", init: str | None = None, samples_version: int | None = None,
-             parent_run_id: str | None = None) -> dict:
+def pretrain(
+    recipe: str = "tiny",
+    init: str | None = None,
+    samples_version: int | None = None,
+    parent_run_id: str | None = None,
+) -> dict:
     """Pre-train with the named recipe from `init` (a checkpoint path; None = fresh weights) on train_samples
     (pinned `samples_version`, or the latest)."""
     r = pretrain_recipe(recipe, init)
-    with lineage_run("pretrain", {"recipe": r.to_dict(), "recipe_hash": r.config_hash()}, parent_run_id) as run_id:
-        samples = TableRef("train_samples", table_uri("train_samples"), samples_version) if samples_version \
+    with lineage_run(
+        "pretrain", {"recipe": r.to_dict(), "recipe_hash": r.config_hash()}, parent_run_id
+    ) as run_id:
+        samples = (
+            TableRef("train_samples", table_uri("train_samples"), samples_version)
+            if samples_version
             else current_ref("train_samples")
+        )
         version = samples.version
-        mixtures = {stage: build_mixture(stage, r.mixture_overrides(stage), version, parent_run_id=run_id)
-                    for stage in (1, 2)}
-        annealing = {v.name: build_mixture(3, r.mixture_overrides(3, v), version, parent_run_id=run_id)
-                     for v in r.variants}
+        mixtures = {
+            stage: build_mixture(stage, r.mixture_overrides(stage), version, parent_run_id=run_id)
+            for stage in (1, 2)
+        }
+        annealing = {
+            v.name: build_mixture(3, r.mixture_overrides(3, v), version, parent_run_id=run_id)
+            for v in r.variants
+        }
         heldout = t.heldout_set(samples, current_ref("quarantine"), r.evaluation)
         mcq = t.mcq_set(current_ref("video_samples"), r.evaluation)
 
@@ -40,7 +53,9 @@ def pretrain(recipe: str = "tiny", init: str | None = None, samples_version: int
         stages = {"init": init_out.to_dict()}
         for stage in (1, 2):
             m = mixtures[stage]
-            previous = t.train_stage(r.stages[stage], previous, m["mixture"], m["mixture_id"], run_id, r.launch)
+            previous = t.train_stage(
+                r.stages[stage], previous, m["mixture"], m["mixture_id"], run_id, r.launch
+            )
             metrics = evaluate(previous, metrics)
             stages[previous.name] = previous.to_dict()
         stage2, stage2_metrics = previous, metrics
@@ -50,7 +65,9 @@ def pretrain(recipe: str = "tiny", init: str | None = None, samples_version: int
         annealed, annealed_metrics = [], []
         for variant in r.variants:
             m = annealing[variant.name]
-            output = t.train_stage(r.variant_stage(variant), stage2, m["mixture"], m["mixture_id"], run_id, r.launch)
+            output = t.train_stage(
+                r.variant_stage(variant), stage2, m["mixture"], m["mixture_id"], run_id, r.launch
+            )
             annealed_metrics.append(evaluate(output, stage2_metrics))
             annealed.append(output)
             stages[output.name] = output.to_dict()
@@ -59,6 +76,11 @@ def pretrain(recipe: str = "tiny", init: str | None = None, samples_version: int
         evaluate(fused, mean_metrics(annealed_metrics))
         stages[fused.name] = fused.to_dict()
         t.record_final(run_id, fused)
-        return {"run_id": run_id, "checkpoint": fused.checkpoint, "final_run_id": fused.run_id, "stages": stages,
-                "mixtures": {str(k): v["mixture_id"] for k, v in mixtures.items()}
-                | {f"3-{k}": v["mixture_id"] for k, v in annealing.items()}}
+        return {
+            "run_id": run_id,
+            "checkpoint": fused.checkpoint,
+            "final_run_id": fused.run_id,
+            "stages": stages,
+            "mixtures": {str(k): v["mixture_id"] for k, v in mixtures.items()}
+            | {f"3-{k}": v["mixture_id"] for k, v in annealing.items()},
+        }

@@ -43,8 +43,11 @@ def make_judge(config: JudgeConfig, generation: GenerationConfig, root: str | No
     if config.kind == "rule":
         return RuleJudge()
     judge_generation = config.generation or generation
-    return ModelJudge(make_generator(judge_generation, root), max_new_tokens=config.max_new_tokens,
-                      seed=judge_generation.seed)
+    return ModelJudge(
+        make_generator(judge_generation, root),
+        max_new_tokens=config.max_new_tokens,
+        seed=judge_generation.seed,
+    )
 
 
 # ===================================================================================== reasoning text
@@ -70,13 +73,20 @@ def as_think_answer(response: str) -> str:
     """The response in ``<think>…</think><answer>…</answer>`` form (unchanged when it already is)."""
     if graders.format_problem(response, "think") is None:
         return response.strip()
-    return f"<think>\n{reasoning_text(response)}\n</think>\n<answer>{graders.extract_answer(response)}</answer>"
+    return (
+        f"<think>\n{reasoning_text(response)}\n</think>\n<answer>{graders.extract_answer(response)}</answer>"
+    )
 
 
 def judge_input(question: dict, response: str) -> JudgeInput:
     media = json.loads(question["media"])
-    return JudgeInput(question["question"], question["reference"], tuple(reasoning_steps(response)),
-                      graders.extract_answer(response), tuple(m["type"] for m in media))
+    return JudgeInput(
+        question["question"],
+        question["reference"],
+        tuple(reasoning_steps(response)),
+        graders.extract_answer(response),
+        tuple(m["type"] for m in media),
+    )
 
 
 # ======================================================================================== assess
@@ -118,10 +128,15 @@ def assess_paths(
                 "grade_reasons": "; ".join(result.reasons), "stage": "assess", "updated_at": tables.now(),
             })  # fmt: skip
             if result.needs_review:
-                row.update(status="review", reason=f"{result.grade} needs review: {'; '.join(result.reasons)}")
+                row.update(
+                    status="review", reason=f"{result.grade} needs review: {'; '.join(result.reasons)}"
+                )
             else:
-                row.update(status="kept", reason="A: answer right, process sound",
-                           response=as_think_answer(row["text"]))
+                row.update(
+                    status="kept",
+                    reason="A: answer right, process sound",
+                    response=as_think_answer(row["text"]),
+                )
             updated.append(row)
             report.grades[result.grade] = report.grades.get(result.grade, 0) + 1
             report.num_needs_review += result.needs_review

@@ -50,11 +50,15 @@ class CollectConfig:
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.rewrite_min_overlap <= 1.0:
-            raise ValueError(f"CollectConfig.rewrite_min_overlap must be in [0, 1], got {self.rewrite_min_overlap}")
+            raise ValueError(
+                f"CollectConfig.rewrite_min_overlap must be in [0, 1], got {self.rewrite_min_overlap}"
+            )
         if self.rewrite_max_new_tokens < 1 or self.max_question_chars < 1:
             raise ValueError("CollectConfig: rewrite_max_new_tokens and max_question_chars must be >= 1")
         if self.default_domain is not None and self.default_domain not in DOMAINS:
-            raise ValueError(f"CollectConfig.default_domain must be one of {DOMAINS}, got {self.default_domain!r}")
+            raise ValueError(
+                f"CollectConfig.default_domain must be one of {DOMAINS}, got {self.default_domain!r}"
+            )
 
 
 @dataclass
@@ -98,8 +102,9 @@ def question_id(text: str, media_hashes: Sequence[tuple[str, str]]) -> str:
     return hashlib.sha256(payload.encode()).hexdigest()[:20]
 
 
-def _parse_question(row, uri: str, file: Path, source_root: Path, config: CollectConfig,
-                    digest: Callable[[Path], str]) -> Question:
+def _parse_question(
+    row, uri: str, file: Path, source_root: Path, config: CollectConfig, digest: Callable[[Path], str]
+) -> Question:
     if not isinstance(row, dict):
         raise BadRecord(f"expected a JSON object, got {type(row).__name__}")
     messages = row.get("messages")
@@ -123,8 +128,11 @@ def _parse_question(row, uri: str, file: Path, source_root: Path, config: Collec
         if not isinstance(content, (str, list)):
             raise BadRecord("the assistant turn's content must be a string or a list of parts")
         answer_text = _text_of(content)
-        reference = graders.extract_answer(answer_text) if re.search(r"<answer>|answer", answer_text, re.IGNORECASE) \
+        reference = (
+            graders.extract_answer(answer_text)
+            if re.search(r"<answer>|answer", answer_text, re.IGNORECASE)
             else answer_text.strip()
+        )
     else:
         raise BadRecord("no reference: give a 'reference' field or an assistant turn")
     if not reference:
@@ -144,8 +152,13 @@ def _parse_question(row, uri: str, file: Path, source_root: Path, config: Collec
     return Question(qid, str(row.get("source") or file.stem), uri, domain, text, reference, media)
 
 
-def read_questions(path: Path, source_root: Path, config: CollectConfig, bad: list[tuple[str, str]],
-                   digest: Callable[[Path], str]) -> tuple[int, list[Question]]:
+def read_questions(
+    path: Path,
+    source_root: Path,
+    config: CollectConfig,
+    bad: list[tuple[str, str]],
+    digest: Callable[[Path], str],
+) -> tuple[int, list[Question]]:
     """(lines read, questions) of one JSONL file; every unusable line is appended to ``bad``."""
     try:
         raw = path.read_bytes()
@@ -159,7 +172,9 @@ def read_questions(path: Path, source_root: Path, config: CollectConfig, bad: li
         num_lines += 1
         uri = f"{path}#L{number}"
         try:
-            out.append(_parse_question(json.loads(line.decode("utf-8")), uri, path, source_root, config, digest))
+            out.append(
+                _parse_question(json.loads(line.decode("utf-8")), uri, path, source_root, config, digest)
+            )
         except UnicodeDecodeError as exc:
             bad.append((uri, f"invalid UTF-8 at line {number}, byte {exc.start} of the line"))
         except json.JSONDecodeError as exc:
@@ -198,11 +213,18 @@ def rewrite_problem(original: str, rewrite: str, reference: str, min_overlap: fl
     if words:
         kept = len(words & content_terms(text)) / len(words)
         if kept < min_overlap:
-            return f"keeps only {100 * kept:.0f}% of the original's content words (< {100 * min_overlap:.0f}%)"
+            return (
+                f"keeps only {100 * kept:.0f}% of the original's content words (< {100 * min_overlap:.0f}%)"
+            )
+
     def states(question: str) -> bool:
         norm_ref = graders.normalize_text(reference)
-        return bool(norm_ref) and re.search(rf"(?<!\w){re.escape(norm_ref)}(?!\w)",
-                                            graders.normalize_text(question)) is not None
+        return (
+            bool(norm_ref)
+            and re.search(rf"(?<!\w){re.escape(norm_ref)}(?!\w)", graders.normalize_text(question))
+            is not None
+        )
+
     if states(text) and not states(original):
         return "gives the answer away"
     return None
@@ -224,11 +246,20 @@ def _merge_pairs(questions: Sequence[Question]) -> list[tuple[Question, Question
 
 def _merged(a: Question, b: Question) -> Question:
     kind = " and ".join(sorted({m["type"] for m in a.media}))
-    text = (f"Answer both questions about the same {kind}.\n(1) {a.text}\n(2) {b.text}\n"
-            "Give the final answer as (answer 1, answer 2).")
+    text = (
+        f"Answer both questions about the same {kind}.\n(1) {a.text}\n(2) {b.text}\n"
+        "Give the final answer as (answer 1, answer 2)."
+    )
     qid = hashlib.sha256(f"merge:{a.question_id}:{b.question_id}".encode()).hexdigest()[:20]
-    return Question(qid, a.source, f"merge:{a.source_uri}+{b.source_uri}", a.domain, text,
-                    f"({a.reference}, {b.reference})", a.media)
+    return Question(
+        qid,
+        a.source,
+        f"merge:{a.source_uri}+{b.source_uri}",
+        a.domain,
+        text,
+        f"({a.reference}, {b.reference})",
+        a.media,
+    )
 
 
 def collect_questions(
@@ -267,9 +298,14 @@ def collect_questions(
         for q in questions:
             if q.question_id in first:
                 kept = first[q.question_id]
-                differs = "" if graders.answers_equivalent(q.reference, kept.reference) else \
-                    f"; its reference {q.reference!r} differs from {kept.reference!r}"
-                bad.append((q.source_uri, f"duplicate of question {q.question_id} ({kept.source_uri}){differs}"))
+                differs = (
+                    ""
+                    if graders.answers_equivalent(q.reference, kept.reference)
+                    else f"; its reference {q.reference!r} differs from {kept.reference!r}"
+                )
+                bad.append(
+                    (q.source_uri, f"duplicate of question {q.question_id} ({kept.source_uri}){differs}")
+                )
                 report.num_duplicates += 1
             else:
                 first[q.question_id] = q
@@ -282,8 +318,12 @@ def collect_questions(
     originals = [q for q in new if not q.source_uri.startswith("merge:")]  # merges are made from originals
     if config.rewrite and originals:
         rewrites = _rewrite(originals, config, generator, generation or GenerationConfig())
-    chash = hash_config({"collect": asdict(config), "generation": generation.config_hash() if
-                         (config.rewrite and generation) else None})
+    chash = hash_config(
+        {
+            "collect": asdict(config),
+            "generation": generation.config_hash() if (config.rewrite and generation) else None,
+        }
+    )
     rows = []
     for q in new:
         text, note = rewrites.get(q.question_id, (q.text, ""))
@@ -300,8 +340,11 @@ def collect_questions(
             "num_media": len(q.media), "rewrite": kind, "rewrite_note": note, "config_hash": chash,
             "created_at": tables.now(),
         })  # fmt: skip
-    tables.upsert("quarantine", [tables.quarantine_row(u, why, STAGE_COLLECT, config_hash=chash) for u, why in bad],
-                  root)
+    tables.upsert(
+        "quarantine",
+        [tables.quarantine_row(u, why, STAGE_COLLECT, config_hash=chash) for u, why in bad],
+        root,
+    )
     tables.upsert("longcot_questions", rows, root)
     report.num_new = len(rows)
     report.num_already_present = len(batch) - len(new)
@@ -311,14 +354,25 @@ def collect_questions(
     return report
 
 
-def _rewrite(questions: Sequence[Question], config: CollectConfig, generator,
-             generation: GenerationConfig) -> dict[str, tuple[str, str]]:
+def _rewrite(
+    questions: Sequence[Question], config: CollectConfig, generator, generation: GenerationConfig
+) -> dict[str, tuple[str, str]]:
     prompts = [[{"role": "user", "content": REWRITE_PROMPT.format(question=q.text)}] for q in questions]
     out: dict[str, tuple[str, str]] = {}
-    for batch_q, batch_p in zip(chunks(questions, generation.batch_size), chunks(prompts, generation.batch_size)):
-        results = generate_each(generator, list(batch_p), {
-            "n": 1, "max_new_tokens": config.rewrite_max_new_tokens, "temperature": 0.0, "seed": generation.seed,
-            "logprobs": False})
+    for batch_q, batch_p in zip(
+        chunks(questions, generation.batch_size), chunks(prompts, generation.batch_size)
+    ):
+        results = generate_each(
+            generator,
+            list(batch_p),
+            {
+                "n": 1,
+                "max_new_tokens": config.rewrite_max_new_tokens,
+                "temperature": 0.0,
+                "seed": generation.seed,
+                "logprobs": False,
+            },
+        )
         replies = [r if isinstance(r, Exception) else r[0].text for r in results]
         for q, reply in zip(batch_q, replies):
             if isinstance(reply, Exception):
@@ -328,8 +382,9 @@ def _rewrite(questions: Sequence[Question], config: CollectConfig, generator,
             problem = rewrite_problem(q.text, text, q.reference, config.rewrite_min_overlap)
             if problem is None and graders.normalize_text(text) == graders.normalize_text(q.text):
                 problem = "the same question"
-            out[q.question_id] = (q.text, f"rewrite discarded: {problem}") if problem else \
-                (text, "rewrite accepted")
+            out[q.question_id] = (
+                (q.text, f"rewrite discarded: {problem}") if problem else (text, "rewrite accepted")
+            )
     return out
 
 

@@ -20,7 +20,9 @@ def chunks(items: Sequence, size: int) -> Iterable[Sequence]:
         yield items[i : i + size]
 
 
-def read_rows(name: str, version: int | None, column: str, keys: Sequence[str], root: str | None) -> list[dict]:
+def read_rows(
+    name: str, version: int | None, column: str, keys: Sequence[str], root: str | None
+) -> list[dict]:
     """Rows of a table (at a version) whose ``column`` is one of ``keys``."""
     if not keys or not tables.exists(name, root):
         return []

@@ -26,7 +26,8 @@ class GateConfig:
 
     min_samples: int = 1  # 0 lets an empty output through (a random tiny model solves nothing)
     grade_share_bounds: dict[str, tuple[float, float]] = field(
-        default_factory=lambda: {"A": (0.2, 1.0), "B": (0.0, 0.8)})
+        default_factory=lambda: {"A": (0.2, 1.0), "B": (0.0, 0.8)}
+    )
 
     def __post_init__(self) -> None:
         if self.min_samples < 0:
@@ -37,7 +38,9 @@ class GateConfig:
                 raise ValueError(f"GateConfig.grade_share_bounds: kept samples are A or B, got {key!r}")
             lo, hi = (float(v) for v in value)
             if not 0.0 <= lo <= hi <= 1.0:
-                raise ValueError(f"GateConfig.grade_share_bounds[{key!r}] must be 0 <= min <= max <= 1, got {value}")
+                raise ValueError(
+                    f"GateConfig.grade_share_bounds[{key!r}] must be 0 <= min <= max <= 1, got {value}"
+                )
             bounds[key] = (lo, hi)
         object.__setattr__(self, "grade_share_bounds", bounds)
 
@@ -57,12 +60,15 @@ def paths_gate_frame(paths: tables.TableRef, question_ids: Sequence[str]) -> pd.
             "drop_has_reason": r["status"] != "dropped" or bool((r["reason"] or "").strip()),
             "c_dropped": r["grade"] != "C" or r["status"] == "dropped",
         })  # fmt: skip
-    return pd.DataFrame(out, columns=["path_id", "confidence_in_range", "status", "grade_known", "drop_has_reason",
-                                      "c_dropped"])
+    return pd.DataFrame(
+        out,
+        columns=["path_id", "confidence_in_range", "status", "grade_known", "drop_has_reason", "c_dropped"],
+    )
 
 
-def samples_gate_frame(paths: tables.TableRef, questions: tables.TableRef, question_ids: Sequence[str],
-                       config: GateConfig) -> pd.DataFrame:
+def samples_gate_frame(
+    paths: tables.TableRef, questions: tables.TableRef, question_ids: Sequence[str], config: GateConfig
+) -> pd.DataFrame:
     """One row per kept path of the batch with the columns the sample checks read."""
     kept = [r for r in batch_paths(paths, question_ids) if r["status"] == "kept"]
     qs = questions_by_id(questions, (r["question_id"] for r in kept))
@@ -84,8 +90,17 @@ def samples_gate_frame(paths: tables.TableRef, questions: tables.TableRef, quest
             "grade_share_ok": lo - 1e-9 <= share <= hi + 1e-9,
             "reviewed": (not r["needs_review"]) or r["review_action"] in ("approve", "edit"),
         })  # fmt: skip
-    columns = ["sample_id", "grade", "answer_matches", "format_ok", "score", "repeats", "confidence",
-               "grade_share_ok", "reviewed"]
+    columns = [
+        "sample_id",
+        "grade",
+        "answer_matches",
+        "format_ok",
+        "score",
+        "repeats",
+        "confidence",
+        "grade_share_ok",
+        "reviewed",
+    ]
     frame = pd.DataFrame(out, columns=columns)
     if not out:  # keep the dtypes GX expects even with no rows
         frame = frame.astype({"score": "float64", "repeats": "float64", "confidence": "float64"})
@@ -96,14 +111,28 @@ def check_longcot_paths(paths: tables.TableRef, question_ids: list[str]) -> Gate
     return run_gate("longcot_paths", paths_gate_frame(paths, question_ids), LONGCOT_PATH_CHECKS, "path_id")
 
 
-def check_longcot_samples(paths: tables.TableRef, questions: tables.TableRef, question_ids: list[str],
-                          config: GateConfig) -> GateResult:
+def check_longcot_samples(
+    paths: tables.TableRef, questions: tables.TableRef, question_ids: list[str], config: GateConfig
+) -> GateResult:
     """The kept samples. With ``min_samples=0`` an empty output passes, the one case GX's empty-table rule
     would otherwise fail."""
     frame = samples_gate_frame(paths, questions, question_ids, config)
     checks = longcot_sample_checks(config.min_samples)
     if frame.empty and config.min_samples == 0:
-        return GateResult("longcot", True, 0, [], [{"check": "empty output allowed (min_samples=0)",
-                                                    "expectation": "ExpectTableRowCountToBeBetween", "column": "*",
-                                                    "success": True, "unexpected_count": 0, "examples": []}])
+        return GateResult(
+            "longcot",
+            True,
+            0,
+            [],
+            [
+                {
+                    "check": "empty output allowed (min_samples=0)",
+                    "expectation": "ExpectTableRowCountToBeBetween",
+                    "column": "*",
+                    "success": True,
+                    "unexpected_count": 0,
+                    "examples": [],
+                }
+            ],
+        )
     return run_gate("longcot", frame, checks, "sample_id")

@@ -92,13 +92,26 @@ class GenerationConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"GenerationConfig.{name} must be an integer >= 1, got {value!r}")
-        if not (isinstance(self.temperature, (int, float)) and math.isfinite(self.temperature)
-                and self.temperature >= 0):
-            raise ValueError(f"GenerationConfig.temperature must be a finite number >= 0, got {self.temperature!r}")
+        if not (
+            isinstance(self.temperature, (int, float))
+            and math.isfinite(self.temperature)
+            and self.temperature >= 0
+        ):
+            raise ValueError(
+                f"GenerationConfig.temperature must be a finite number >= 0, got {self.temperature!r}"
+            )
         if not (isinstance(self.request_timeout_s, (int, float)) and self.request_timeout_s > 0):
-            raise ValueError(f"GenerationConfig.request_timeout_s must be a number > 0, got {self.request_timeout_s!r}")
-        if isinstance(self.max_retries, bool) or not isinstance(self.max_retries, int) or self.max_retries < 0:
-            raise ValueError(f"GenerationConfig.max_retries must be an integer >= 0, got {self.max_retries!r}")
+            raise ValueError(
+                f"GenerationConfig.request_timeout_s must be a number > 0, got {self.request_timeout_s!r}"
+            )
+        if (
+            isinstance(self.max_retries, bool)
+            or not isinstance(self.max_retries, int)
+            or self.max_retries < 0
+        ):
+            raise ValueError(
+                f"GenerationConfig.max_retries must be an integer >= 0, got {self.max_retries!r}"
+            )
 
     def resolved_model_path(self) -> str | None:
         if self.backend != "local":
@@ -187,26 +200,38 @@ class StoredMediaLookup:
         if path not in self._hashes:
             self._hashes[path] = content_hash(path)[0]
         digest = self._hashes[path]
-        sample = images.sample_id(digest, self.image_config) if kind == "image" else \
-            pretokenize.sample_id(digest, self.slowfast)
+        sample = (
+            images.sample_id(digest, self.image_config)
+            if kind == "image"
+            else pretokenize.sample_id(digest, self.slowfast)
+        )
         try:
             return read_media({sample}, self.root)[sample]
         except KeyError as error:
-            raise ValueError(f"{kind} {Path(path).name} has no pre-tokenised sample {sample} for this "
-                             f"config ({error}); ingest it first") from None
+            raise ValueError(
+                f"{kind} {Path(path).name} has no pre-tokenised sample {sample} for this "
+                f"config ({error}); ingest it first"
+            ) from None
 
 
 def media_configs(config: GenerationConfig):
     """The image and Slow-Fast configs the local backend reads media with."""
-    return (ImageConfig(max_tokens=config.max_image_tokens),
-            resolve_config(config.video_preset, total_token_budget=config.max_video_tokens))
+    return (
+        ImageConfig(max_tokens=config.max_image_tokens),
+        resolve_config(config.video_preset, total_token_budget=config.max_video_tokens),
+    )
 
 
 def make_generator(config: GenerationConfig, root: str | None = None):
     """The :class:`~keyeflow.model.generation.Generator` a generation config names."""
     if config.backend == "openai":
-        return OpenAICompatibleGenerator(config.base_url, config.model, api_key_env=config.api_key_env,
-                                         timeout=config.request_timeout_s, max_retries=config.max_retries)
+        return OpenAICompatibleGenerator(
+            config.base_url,
+            config.model,
+            api_key_env=config.api_key_env,
+            timeout=config.request_timeout_s,
+            max_retries=config.max_retries,
+        )
     path = config.model_path or ensure_tiny_model()
     return LocalGenerator(path, media_lookup=StoredMediaLookup(*media_configs(config), root=root))
 
@@ -256,7 +281,9 @@ class GenerateReport:
 def _confidence(completion, config: LongCoTConfig) -> tuple[float, list[float], str]:
     if not completion.token_logprobs:
         return 0.0, [], "no token logprobs: confidence 0"
-    offsets = [(start, start + len(token)) for start, token in zip(completion.token_offsets, completion.tokens)]
+    offsets = [
+        (start, start + len(token)) for start, token in zip(completion.token_offsets, completion.tokens)
+    ]
     try:
         conf = path_confidence(completion.text, completion.token_logprobs, offsets, config)
     except ValueError as error:
@@ -289,12 +316,20 @@ def path_rows(question: dict, completions: Sequence, gen_hash: str, config: Long
             "confidence_note": note, "selected": id(path) not in dropped, "created_at": now, "updated_at": now,
         })  # fmt: skip
         if not check.ok:
-            row.update(grade="C", needs_review=False, grade_reasons="answer wrong", status="dropped",
-                       stage="generate", reason=f"C: answer wrong ({check.reason})")
+            row.update(
+                grade="C",
+                needs_review=False,
+                grade_reasons="answer wrong",
+                status="dropped",
+                stage="generate",
+                reason=f"C: answer wrong ({check.reason})",
+            )
         elif id(path) in dropped:
             row.update(status="dropped", stage="select", reason=dropped[id(path)])
         else:
-            row.update(status="selected", stage="select", reason="selected: correct, diverse, most confident first")
+            row.update(
+                status="selected", stage="select", reason="selected: correct, diverse, most confident first"
+            )
         rows.append(row)
     return rows
 
@@ -327,8 +362,11 @@ def generate_paths(
     done = set()
     if tables.exists("longcot_paths", root):
         ds = tables.open_table("longcot_paths", root=root)
-        found = ds.to_table(columns=["question_id"], filter=pc.field("question_id").isin([q["question_id"] for q in ordered])
-                            & (pc.field("gen_config_hash") == gen_hash))
+        found = ds.to_table(
+            columns=["question_id"],
+            filter=pc.field("question_id").isin([q["question_id"] for q in ordered])
+            & (pc.field("gen_config_hash") == gen_hash),
+        )
         done = set(found.column("question_id").to_pylist())
     report = GenerateReport(num_questions=len(ordered), num_already_done=len(done & set(rows)))
     # A run that stopped between writing a question's paths and clearing its quarantine row repairs it here.
@@ -337,8 +375,13 @@ def generate_paths(
     for _ in range(len(ordered) - len(pending)):
         if on_item:
             on_item()
-    args = {"n": config.n, "max_new_tokens": config.max_new_tokens, "temperature": config.temperature,
-            "seed": config.seed, "logprobs": True}
+    args = {
+        "n": config.n,
+        "max_new_tokens": config.max_new_tokens,
+        "temperature": config.temperature,
+        "seed": config.seed,
+        "logprobs": True,
+    }
     for batch in chunks(pending, config.batch_size):
         results: list = [None] * len(batch)
         asked, messages = [], []
@@ -354,7 +397,9 @@ def generate_paths(
         for q, result in zip(batch, results):
             if isinstance(result, Exception):
                 reason = f"question {q['question_id']}: generation failed: {type(result).__name__}: {result}"
-                bad.append(tables.quarantine_row(q["source_uri"], reason, STAGE_GENERATE, q["question_id"], gen_hash))
+                bad.append(
+                    tables.quarantine_row(q["source_uri"], reason, STAGE_GENERATE, q["question_id"], gen_hash)
+                )
                 report.quarantined[q["source_uri"]] = reason
                 report.num_failed += 1
                 continue
@@ -406,8 +451,10 @@ def _clear_generate_quarantine(question_ids: Sequence[str], gen_hash: str, root:
     """Remove the generation failures of questions that now have paths with these settings."""
     if not question_ids or not tables.exists("quarantine", root):
         return
-    where = (f"stage = '{STAGE_GENERATE}' AND config_hash = '{gen_hash}' "
-             f"AND content_hash IN ({sql_list(question_ids)})")
+    where = (
+        f"stage = '{STAGE_GENERATE}' AND config_hash = '{gen_hash}' "
+        f"AND content_hash IN ({sql_list(question_ids)})"
+    )
     ds = tables.open_table("quarantine", root=root)
     if ds.count_rows(filter=where):  # a delete commits a new version even when it removes nothing
         ds.delete(where)

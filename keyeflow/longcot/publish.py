@@ -18,8 +18,10 @@ from keyeflow.quality.longcot_scoring import GRADES
 def sft_messages(question: dict, response: str, config: GenerationConfig) -> list[dict]:
     """The training conversation: the question (media parts, text + the think switch), the response. The
     generation system prompt is left out: in training, ``/think`` asks for the format."""
-    return [{"role": "user", "content": user_content(question, config.think_suffix)},
-            {"role": "assistant", "content": response}]
+    return [
+        {"role": "user", "content": user_content(question, config.think_suffix)},
+        {"role": "assistant", "content": response},
+    ]
 
 
 def publish_longcot(
@@ -51,15 +53,21 @@ def publish_longcot(
     existing = read_rows("longcot", None, "question_id", ids, root)
 
     def key(row: dict) -> tuple:
-        return tuple(row[c] for c in ("sample_id", "response", "grade", "score", "repeats", "reviewer_action", "reason"))
+        return tuple(
+            row[c]
+            for c in ("sample_id", "response", "grade", "score", "repeats", "reviewer_action", "reason")
+        )
 
     if sorted(map(key, existing)) == sorted(map(key, rows)):
         return ds.version
     if existing:
         ds.delete(f"question_id IN ({sql_list(ids)})")
     if rows:
-        tables.write_dataset(pa.Table.from_pylist(rows, schema=tables.SCHEMAS["longcot"]),
-                             tables.table_uri("longcot", root), mode="append")
+        tables.write_dataset(
+            pa.Table.from_pylist(rows, schema=tables.SCHEMAS["longcot"]),
+            tables.table_uri("longcot", root),
+            mode="append",
+        )
     return tables.open_table("longcot", root=root).version
 
 

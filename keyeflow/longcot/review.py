@@ -46,7 +46,9 @@ class ReviewConfig:
         if self.mode not in REVIEW_MODES:
             raise ValueError(f"ReviewConfig.mode must be one of {REVIEW_MODES}, got {self.mode!r}")
         if self.on_timeout not in TIMEOUT_POLICIES:
-            raise ValueError(f"ReviewConfig.on_timeout must be one of {TIMEOUT_POLICIES}, got {self.on_timeout!r}")
+            raise ValueError(
+                f"ReviewConfig.on_timeout must be one of {TIMEOUT_POLICIES}, got {self.on_timeout!r}"
+            )
         if self.timeout_s < 1 or self.poll_interval_s < 1:
             raise ValueError("ReviewConfig: timeout_s and poll_interval_s must be >= 1 second")
 
@@ -86,18 +88,30 @@ def policy_decision(path_id: str, policy: str, mode: str, note: str) -> Decision
     if policy not in TIMEOUT_POLICIES:
         raise ValueError(f"policy must be one of {TIMEOUT_POLICIES}, got {policy!r}")
     action = "approve" if policy == "auto_approve" else "reject"
-    return Decision(path_id, action, f"policy:{policy}", note=note, source="policy", mode=mode,
-                    decided_at=tables.now())
+    return Decision(
+        path_id, action, f"policy:{policy}", note=note, source="policy", mode=mode, decided_at=tables.now()
+    )
 
 
 def _decision(r: dict) -> Decision:
-    return Decision(r["path_id"], r["action"], r["reviewer"], r["edited_text"] or "", r["note"] or "", r["source"],
-                    r["mode"], r["decided_at"], r["flow_run_id"] or "")
+    return Decision(
+        r["path_id"],
+        r["action"],
+        r["reviewer"],
+        r["edited_text"] or "",
+        r["note"] or "",
+        r["source"],
+        r["mode"],
+        r["decided_at"],
+        r["flow_run_id"] or "",
+    )
 
 
 def person_decisions(path_ids: Sequence[str], root: str | None = None) -> dict[str, Decision]:
     """The latest decision a person made on each of these paths (what a rerun reuses)."""
-    rows = [r for r in read_rows("longcot_reviews", None, "path_id", path_ids, root) if r["source"] == "person"]
+    rows = [
+        r for r in read_rows("longcot_reviews", None, "path_id", path_ids, root) if r["source"] == "person"
+    ]
     return {r["path_id"]: _decision(r) for r in sorted(rows, key=lambda r: r["decided_at"])}
 
 
@@ -127,9 +141,14 @@ def review_plan(paths: tables.TableRef, question_ids: Sequence[str], root: str |
     """What step 4 has to do for the batch: ask about every path graded for review that no person has
     decided on (items a policy handled on an earlier run are asked again: a person may be there now), and
     apply the people's decisions still pending."""
-    candidates = [r["path_id"] for r in batch_paths(paths, question_ids)
-                  if r["needs_review"] and r["grade"] in ("A", "B") and r["stage"] in ("assess", "review", "score")]
-    rows = [r for r in read_rows("longcot_reviews", None, "path_id", candidates, root) if r["source"] == "person"]
+    candidates = [
+        r["path_id"]
+        for r in batch_paths(paths, question_ids)
+        if r["needs_review"] and r["grade"] in ("A", "B") and r["stage"] in ("assess", "review", "score")
+    ]
+    rows = [
+        r for r in read_rows("longcot_reviews", None, "path_id", candidates, root) if r["source"] == "person"
+    ]
     decided = {r["path_id"] for r in rows}
     pending = [_decision(r) for r in sorted(rows, key=lambda r: r["decided_at"]) if r["outcome"] == "pending"]
     return ReviewPlan([p for p in candidates if p not in decided], pending)
@@ -154,8 +173,10 @@ def review_markdown(item: dict) -> str:
     steps = json.loads(row["step_scores"] or "[]")
     table = ["| step | logic | facts | relevance | redundant | notes |", "|---|---|---|---|---|---|"]
     for k, s in enumerate(steps, start=1):
-        table.append(f"| {k} | {s['logical_consistency']:.2f} | {s['factual_accuracy']:.2f} | {s['relevance']:.2f} "
-                     f"| {'yes' if s['redundant'] else ''} | {'; '.join(s['notes'])} |")
+        table.append(
+            f"| {k} | {s['logical_consistency']:.2f} | {s['factual_accuracy']:.2f} | {s['relevance']:.2f} "
+            f"| {'yes' if s['redundant'] else ''} | {'; '.join(s['notes'])} |"
+        )
     return "\n".join([
         f"## LongCoT review: `{row['path_id']}`",
         f"**Grade {row['grade']}** — {row['grade_reasons']}  ",
@@ -205,14 +226,26 @@ def apply_reviews(
             raise ValueError(f"review decision for unknown path {d.item_id!r}")
         q = qs[row["question_id"]]
         who = d.reviewer or "anonymous"
-        row = dict(row, reviewer=who, review_action=d.action, stage="review", updated_at=tables.now(),
-                   score=None, score_reason=None, repeats=None)
+        row = dict(
+            row,
+            reviewer=who,
+            review_action=d.action,
+            stage="review",
+            updated_at=tables.now(),
+            score=None,
+            score_reason=None,
+            repeats=None,
+        )
         label = f"{row['grade']} ({row['grade_reasons'] or ''})"
         if d.action == "reject":
             outcome = f"{label} rejected by {who}" + (f": {d.note}" if d.note else "")
             row.update(status="dropped", reason=outcome, response=None)
         else:
-            response = as_think_answer(row["text"]) if d.action == "approve" else edited_response(d.edited_text, row["text"])
+            response = (
+                as_think_answer(row["text"])
+                if d.action == "approve"
+                else edited_response(d.edited_text, row["text"])
+            )
             problem = graders.format_problem(response, "think")
             check = check_answer(q["domain"], response, q["reference"])
             verb = "approved" if d.action == "approve" else "edited"
@@ -220,7 +253,9 @@ def apply_reviews(
                 outcome = f"{label} {verb} by {who} but unusable: {problem}"
                 row.update(status="dropped", reason=outcome, response=None)
             elif not check.ok:
-                outcome = f"{label} {verb} by {who} but the answer no longer matches the reference ({check.reason})"
+                outcome = (
+                    f"{label} {verb} by {who} but the answer no longer matches the reference ({check.reason})"
+                )
                 row.update(status="dropped", reason=outcome, response=None)
             else:
                 outcome = f"{label} {verb} by {who}" + (f": {d.note}" if d.note else "")
@@ -232,8 +267,10 @@ def apply_reviews(
         report.num_kept += row["status"] == "kept"
         report.num_dropped += row["status"] == "dropped"
     # A decision stored when it was made (or by an earlier run) keeps its time; its outcome is filled in.
-    first = {r["review_id"]: r["decided_at"] for r in read_rows("longcot_reviews", None, "review_id",
-                                                             [r["review_id"] for r in reviews], root)}
+    first = {
+        r["review_id"]: r["decided_at"]
+        for r in read_rows("longcot_reviews", None, "review_id", [r["review_id"] for r in reviews], root)
+    }
     for r in reviews:
         r["decided_at"] = first.get(r["review_id"], r["decided_at"])
     tables.update_rows("longcot_reviews", reviews, root)

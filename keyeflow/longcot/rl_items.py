@@ -29,8 +29,11 @@ NO_THINK = " /no_think"
 
 def longcot_rl_items(questions: TableRef, domains: tuple[str, ...] | None = None) -> list[dict[str, Any]]:
     """The verifiable RL items of a pinned `longcot_questions` table (questions with a reference answer)."""
-    rows = tables.dataset(questions.uri, version=questions.version).to_table(
-        columns=["question_id", "domain", "question", "reference", "media"]).to_pylist()
+    rows = (
+        tables.dataset(questions.uri, version=questions.version)
+        .to_table(columns=["question_id", "domain", "question", "reference", "media"])
+        .to_pylist()
+    )
     items = []
     for row in sorted(rows, key=lambda r: r["question_id"]):
         if not row["reference"] or (domains and row["domain"] not in domains):
@@ -46,16 +49,28 @@ def longcot_rl_items(questions: TableRef, domains: tuple[str, ...] | None = None
 
 # (instruction, mode suffix, constraints): each checkable by rules alone
 _TEMPLATES: list[tuple[str, str, list[list]]] = [
-    ('Describe {topic} as a JSON object with the keys "summary" and "facts".', NO_THINK,
-     [["json", ["summary", "facts"]]]),
+    (
+        'Describe {topic} as a JSON object with the keys "summary" and "facts".',
+        NO_THINK,
+        [["json", ["summary", "facts"]]],
+    ),
     ("Explain {topic} in at most 40 words.", NO_THINK, [["max_words", 40]]),
     ("Give exactly three bullet points about {topic}.", NO_THINK, [["num_bullets", 3]]),
-    ("Write a short note on {topic} that mentions the word 'because' and ends with 'That is all.'", THINK,
-     [["include_keywords", ["because"]], ["ends_with", "That is all."]]),
-    ("Write a Python function that returns the number of letters in the word '{topic}'.", THINK,
-     [["python_code", None]]),
-    ("Write a markdown answer about {topic} with the headings 'Overview' and 'Details'.", NO_THINK,
-     [["markdown_headings", ["Overview", "Details"]]]),
+    (
+        "Write a short note on {topic} that mentions the word 'because' and ends with 'That is all.'",
+        THINK,
+        [["include_keywords", ["because"]], ["ends_with", "That is all."]],
+    ),
+    (
+        "Write a Python function that returns the number of letters in the word '{topic}'.",
+        THINK,
+        [["python_code", None]],
+    ),
+    (
+        "Write a markdown answer about {topic} with the headings 'Overview' and 'Details'.",
+        NO_THINK,
+        [["markdown_headings", ["Overview", "Details"]]],
+    ),
     ("Say something about {topic} without using the word 'very'.", "", [["exclude_keywords", ["very"]]]),
 ]
 _TOPICS = ["rivers", "trains", "bees", "glaciers", "lighthouses", "bridges", "tea", "comets"]
@@ -72,19 +87,34 @@ def alignment_prompts(num_items: int = 16) -> list[dict[str, Any]]:
         topic = _TOPICS[(n // len(_TEMPLATES) + n) % len(_TOPICS)]
         text = template.format(topic=topic) + suffix
         mode = {THINK: "think", NO_THINK: "no_think"}.get(suffix, "auto_think")
-        items.append({"id": f"align-{n:03d}", "domain": "alignment",
-                      "messages": [{"role": "user", "content": text}], "reference": None, "task": "math",
-                      "mode": mode, "constraints": [list(c) for c in constraints]})
+        items.append(
+            {
+                "id": f"align-{n:03d}",
+                "domain": "alignment",
+                "messages": [{"role": "user", "content": text}],
+                "reference": None,
+                "task": "math",
+                "mode": mode,
+                "constraints": [list(c) for c in constraints],
+            }
+        )
     return items
 
 
 def reward_item(item: Mapping[str, Any]) -> RewardItem:
     """The rewards' view of an item."""
     prompt = item["messages"][-1]["content"]
-    constraints = tuple(Constraint(kind, tuple(value) if isinstance(value, list) else value)
-                        for kind, value in item.get("constraints", []))
-    return RewardItem(prompt=prompt, reference=item.get("reference"), task=item.get("task", "math"),
-                      mode=item.get("mode"), constraints=constraints)
+    constraints = tuple(
+        Constraint(kind, tuple(value) if isinstance(value, list) else value)
+        for kind, value in item.get("constraints", [])
+    )
+    return RewardItem(
+        prompt=prompt,
+        reference=item.get("reference"),
+        task=item.get("task", "math"),
+        mode=item.get("mode"),
+        constraints=constraints,
+    )
 
 
 def item_json(item: Mapping[str, Any]) -> str:

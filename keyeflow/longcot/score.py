@@ -46,8 +46,17 @@ def score_samples(
             reason = row["reason"]
             if repeats == 0:
                 reason += f"; score {quality.score}: left out of this epoch by the keep draw"
-            updated.append(dict(row, score=quality.score, score_reason=f"{quality.judge}: {quality.reason}",
-                                repeats=repeats, stage="score", reason=reason, updated_at=tables.now()))
+            updated.append(
+                dict(
+                    row,
+                    score=quality.score,
+                    score_reason=f"{quality.judge}: {quality.reason}",
+                    repeats=repeats,
+                    stage="score",
+                    reason=reason,
+                    updated_at=tables.now(),
+                )
+            )
             report.scores[quality.score] = report.scores.get(quality.score, 0) + 1
             report.total_repeats += repeats
             report.num_unused += repeats == 0

@@ -651,7 +651,9 @@ class OpenAICompatibleGenerator:
         except (TypeError, ValueError) as error:
             raise malformed(f"a choice index is not an integer ({error})") from error
         if len(choices) != n:
-            raise GenerationServerError(f"POST {self.url}: asked for n={n} choices, the server returned {len(choices)}")
+            raise GenerationServerError(
+                f"POST {self.url}: asked for n={n} choices, the server returned {len(choices)}"
+            )
         out = []
         for k, choice in enumerate(choices):
             message = choice.get("message")
@@ -674,7 +676,9 @@ class OpenAICompatibleGenerator:
                 tokens = [str(entry["token"]) for entry in content]
                 token_logprobs = [float(entry["logprob"]) for entry in content]
             except (KeyError, TypeError, ValueError) as error:
-                raise malformed(f"choice {k}: a logprobs.content entry lacks a token or a numeric logprob "
-                                f"({type(error).__name__}: {error})") from error
+                raise malformed(
+                    f"choice {k}: a logprobs.content entry lacks a token or a numeric logprob "
+                    f"({type(error).__name__}: {error})"
+                ) from error
             out.append(Completion(text, token_logprobs, tokens, offsets_of(text, tokens), str(finish)))
         return out

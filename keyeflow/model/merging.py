@@ -81,16 +81,21 @@ class MergeConfig:
         if self.method not in METHODS:
             fail("method", self.method, f"must be one of {METHODS}")
         if self.weights is not None:
-            weights = tuple(check_number("MergeConfig", f"weights[{i}]", weight)
-                            for i, weight in enumerate(self.weights))
+            weights = tuple(
+                check_number("MergeConfig", f"weights[{i}]", weight) for i, weight in enumerate(self.weights)
+            )
             if not weights:
                 fail("weights", self.weights, "must hold one weight per input, got none")
             if self.method == "average":
                 if min(weights) < 0:
                     fail("weights", weights, "average weights must be >= 0")
                 if abs(sum(weights) - 1.0) > _WEIGHT_SUM_TOLERANCE:
-                    fail("weights", weights, "average weights must sum to 1 (they are used as given, not "
-                         f"normalised); they sum to {sum(weights)!r}")
+                    fail(
+                        "weights",
+                        weights,
+                        "average weights must sum to 1 (they are used as given, not "
+                        f"normalised); they sum to {sum(weights)!r}",
+                    )
             object.__setattr__(self, "weights", weights)
         if self.method == "average":
             for name in ("base", "density", "scaling"):
@@ -102,8 +107,9 @@ class MergeConfig:
         if self.method == "task_arithmetic" and self.density is not None:
             fail("density", self.density, "used only by method 'ties'")
         if self.method == "ties":
-            density = check_number("MergeConfig", "density",
-                                   DEFAULT_TIES_DENSITY if self.density is None else self.density)
+            density = check_number(
+                "MergeConfig", "density", DEFAULT_TIES_DENSITY if self.density is None else self.density
+            )
             if not 0.0 < density <= 1.0:
                 fail("density", self.density, "must be in (0, 1]")
             object.__setattr__(self, "density", density)

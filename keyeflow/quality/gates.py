@@ -49,7 +49,12 @@ class GateResult:
 
     def markdown(self) -> str:
         verdict = "PASSED" if self.passed else "FAILED"
-        lines = [f"## Gate `{self.gate}`: {verdict} ({self.num_rows} rows)", "", "| check | expectation | result | failing rows | examples |", "|---|---|---|---|---|"]
+        lines = [
+            f"## Gate `{self.gate}`: {verdict} ({self.num_rows} rows)",
+            "",
+            "| check | expectation | result | failing rows | examples |",
+            "|---|---|---|---|---|",
+        ]
         for c in self.checks:
             examples = ", ".join(str(e) for e in c.get("examples", [])[:3])
             lines.append(
@@ -93,11 +98,25 @@ def run_gate(gate: str, frame: pd.DataFrame, checks: list[Check], id_column: str
         for check in checks:
             cls = getattr(gx.expectations, check.expectation)
             suite.add_expectation(cls(**check.kwargs, meta={"check": check.name}))
-        validation = context.validation_definitions.add(gx.ValidationDefinition(name=gate, data=batch, suite=suite))
+        validation = context.validation_definitions.add(
+            gx.ValidationDefinition(name=gate, data=batch, suite=suite)
+        )
         if frame.empty:
             # GX passes vacuous checks on no rows; an empty table feeding training is itself a failure.
-            return GateResult(gate, False, 0, [{"check": "table has rows", "expectation": "non-empty",
-                                                 "column": "*", "unexpected_count": 0, "examples": []}])
+            return GateResult(
+                gate,
+                False,
+                0,
+                [
+                    {
+                        "check": "table has rows",
+                        "expectation": "non-empty",
+                        "column": "*",
+                        "unexpected_count": 0,
+                        "examples": [],
+                    }
+                ],
+            )
         outcome = validation.run(
             batch_parameters={"dataframe": frame},
             result_format={"result_format": "COMPLETE", "unexpected_index_column_names": [id_column]},
@@ -151,9 +170,15 @@ VIDEO_CHECKS = [
 ]
 
 
-def video_samples_frame(samples: tables.TableRef, frames: tables.TableRef, config_hash: str | None,
-                        fast_ratio: float, min_tokens: int, strict_budget: bool,
-                        root: str | None = None) -> pd.DataFrame:
+def video_samples_frame(
+    samples: tables.TableRef,
+    frames: tables.TableRef,
+    config_hash: str | None,
+    fast_ratio: float,
+    min_tokens: int,
+    strict_budget: bool,
+    root: str | None = None,
+) -> pd.DataFrame:
     """One row per sample with the derived columns the video checks read (computed in DuckDB)."""
     # The reference budget search stops one step past the fitting count, which can overshoot the
     # budget by at most one token per frame; strict configs get no slack.
@@ -182,25 +207,41 @@ def video_samples_frame(samples: tables.TableRef, frames: tables.TableRef, confi
     return sql.query(query, root, {"video_samples": samples.version, "video_frames": frames.version})
 
 
-def check_video_samples(samples: tables.TableRef, frames: tables.TableRef, config, root: str | None = None) -> GateResult:
-    frame = video_samples_frame(samples, frames, config.config_hash(), config.fast_ratio,
-                                config.min_tokens_per_frame, config.strict_budget, root)
+def check_video_samples(
+    samples: tables.TableRef, frames: tables.TableRef, config, root: str | None = None
+) -> GateResult:
+    frame = video_samples_frame(
+        samples,
+        frames,
+        config.config_hash(),
+        config.fast_ratio,
+        config.min_tokens_per_frame,
+        config.strict_budget,
+        root,
+    )
     return run_gate("video_samples", frame, VIDEO_SAMPLE_CHECKS, "sample_id")
 
 
 def check_videos(videos: tables.TableRef, root: str | None = None) -> GateResult:
-    frame = sql.query("select video_id, uri, least(width, height) as min_side from videos", root,
-                      {"videos": videos.version})
+    frame = sql.query(
+        "select video_id, uri, least(width, height) as min_side from videos", root, {"videos": videos.version}
+    )
     return run_gate("videos", frame, VIDEO_CHECKS, "video_id")
 
 
 MIXTURE_CHECKS = [
-    Check("one row per sample (repeats count the uses)", "ExpectColumnValuesToBeUnique", {"column": "sample_id"}),
+    Check(
+        "one row per sample (repeats count the uses)", "ExpectColumnValuesToBeUnique", {"column": "sample_id"}
+    ),
     _in_set("only modalities with a target share", "modality_targeted", [True]),
     _at_most("modality shares within tolerance", "share_excess_pp", 0),
     _at_most("every targeted modality present", "missing_modalities", 0),
     _in_set("no quarantined sample used", "quarantined", [False]),
-    Check("every sample used at least once", "ExpectColumnValuesToBeBetween", {"column": "repeats", "min_value": 1}),
+    Check(
+        "every sample used at least once",
+        "ExpectColumnValuesToBeBetween",
+        {"column": "repeats", "min_value": 1},
+    ),
     _at_most("repeats within the cap", "repeat_excess", 0),
     _at_most("no source used past the repeat cap", "source_excess_tokens", 0),
     _at_most("every sample fits the stage's context", "length_excess", 0),
@@ -214,17 +255,30 @@ MIXTURE_CHECKS = [
 ]
 
 
-def mixture_frame(mixture: tables.TableRef, mixture_id: str, config, quarantine: tables.TableRef | None,
-                  samples: tables.TableRef, root: str | None = None) -> pd.DataFrame:
+def mixture_frame(
+    mixture: tables.TableRef,
+    mixture_id: str,
+    config,
+    quarantine: tables.TableRef | None,
+    samples: tables.TableRef,
+    root: str | None = None,
+) -> pd.DataFrame:
     """One row per mixture row with the derived columns the mixture checks read (computed in DuckDB)."""
+
     def lit(value) -> str:
         return "'" + str(value).replace("'", "''") + "'"
 
     targets = ", ".join(f"({lit(m)}, {float(s)!r})" for m, s in config.target_shares.items())
-    tasks = "true" if config.tasks is None else f"coalesce(e.task in ({', '.join(lit(t) for t in config.tasks)}), false)"
+    tasks = (
+        "true"
+        if config.tasks is None
+        else f"coalesce(e.task in ({', '.join(lit(t) for t in config.tasks)}), false)"
+    )
     if quarantine is not None:
         quarantined = "q.uri is not null"
-        join = "left join (select distinct uri from quarantine where uri is not null) q on s.source_uri = q.uri"
+        join = (
+            "left join (select distinct uri from quarantine where uri is not null) q on s.source_uri = q.uri"
+        )
     else:
         quarantined, join = "false", ""
     cap = float(config.repeat_cap)
@@ -288,8 +342,14 @@ def mixture_frame(mixture: tables.TableRef, mixture_id: str, config, quarantine:
         con.close()
 
 
-def check_mixture(mixture: tables.TableRef, mixture_id: str, config, quarantine: tables.TableRef | None,
-                  samples: tables.TableRef, root: str | None = None) -> GateResult:
+def check_mixture(
+    mixture: tables.TableRef,
+    mixture_id: str,
+    config,
+    quarantine: tables.TableRef | None,
+    samples: tables.TableRef,
+    root: str | None = None,
+) -> GateResult:
     """The stage's mixture reaches its token shares and uses only data it may use, within the cap."""
     frame = mixture_frame(mixture, mixture_id, config, quarantine, samples, root)
     return run_gate("mixture", frame, MIXTURE_CHECKS, "mixture_row_id")
@@ -326,7 +386,9 @@ TRAIN_SAMPLE_CHECKS = [
     Check("one row per sample", "ExpectColumnValuesToBeUnique", {"column": "sample_id"}),
     _in_set("modality is video, image or text", "modality", ["video", "image", "text"]),
     _in_set("text and vision tokens add up to the total", "tokens_add_up", [True]),
-    Check("every sample has tokens", "ExpectColumnValuesToBeBetween", {"column": "num_tokens", "min_value": 1}),
+    Check(
+        "every sample has tokens", "ExpectColumnValuesToBeBetween", {"column": "num_tokens", "min_value": 1}
+    ),
     _in_set("modality agrees with the media referenced", "modality_agrees", [True]),
 ]
 
@@ -338,7 +400,9 @@ def check_image_samples(samples: tables.TableRef, config, root: str | None = Non
                (height % 28) + (width % 28) as size_remainder,
                octet_length(patches) = grid_h * grid_w * 588 and num_tokens * 4 = grid_h * grid_w as patches_agree
             from image_samples where config_hash = '{config.config_hash()}'""",
-        root, {"image_samples": samples.version})
+        root,
+        {"image_samples": samples.version},
+    )
     return run_gate("image_samples", frame, IMAGE_SAMPLE_CHECKS, "sample_id")
 
 
@@ -349,7 +413,9 @@ def check_train_samples(samples: tables.TableRef, root: str | None = None) -> Ga
                case modality when 'text' then len(media_ids) = 0 and num_vision_tokens = 0
                              else len(media_ids) > 0 and num_vision_tokens > 0 end as modality_agrees
             from train_samples""",
-        root, {"train_samples": samples.version})
+        root,
+        {"train_samples": samples.version},
+    )
     return run_gate("train_samples", frame, TRAIN_SAMPLE_CHECKS, "sample_id")
 
 
@@ -368,14 +434,25 @@ LONGCOT_PATH_CHECKS = [
 def longcot_sample_checks(min_samples: int) -> list[Check]:
     return [
         Check("one row per sample", "ExpectColumnValuesToBeUnique", {"column": "sample_id"}),
-        Check(f"at least {min_samples} kept samples", "ExpectTableRowCountToBeBetween", {"min_value": min_samples}),
+        Check(
+            f"at least {min_samples} kept samples",
+            "ExpectTableRowCountToBeBetween",
+            {"min_value": min_samples},
+        ),
         _in_set("no C in the output", "grade", ["A", "B"]),
         _in_set("every kept answer equals the reference", "answer_matches", [True]),
         _in_set("response in <think>…</think><answer>…</answer> form", "format_ok", [True]),
-        Check("quality score 1-5", "ExpectColumnValuesToBeBetween", {"column": "score", "min_value": 1, "max_value": 5}),
+        Check(
+            "quality score 1-5",
+            "ExpectColumnValuesToBeBetween",
+            {"column": "score", "min_value": 1, "max_value": 5},
+        ),
         Check("repeats >= 0", "ExpectColumnValuesToBeBetween", {"column": "repeats", "min_value": 0}),
-        Check("confidences in [0, 1]", "ExpectColumnValuesToBeBetween",
-              {"column": "confidence", "min_value": 0, "max_value": 1}),
+        Check(
+            "confidences in [0, 1]",
+            "ExpectColumnValuesToBeBetween",
+            {"column": "confidence", "min_value": 0, "max_value": 1},
+        ),
         _in_set("grade shares within bounds", "grade_share_ok", [True]),
         _in_set("every B and borderline A approved or edited by review", "reviewed", [True]),
     ]

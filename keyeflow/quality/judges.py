@@ -278,7 +278,9 @@ def _is_value(claim: str, answer: str) -> bool:
     if re.search(r"\d", claim):
         return bool(re.search(r"\d", answer))
     words = claim.casefold().strip(" *").split()
-    return 1 <= len(words) <= 2 and words[0] not in _STOP_WORDS | _VAGUE and words[0] not in ("in", "on", "at")
+    return (
+        1 <= len(words) <= 2 and words[0] not in _STOP_WORDS | _VAGUE and words[0] not in ("in", "on", "at")
+    )
 
 
 def contradictions(step: str, answer: str, is_last: bool) -> list[str]:
@@ -377,8 +379,15 @@ class RuleJudge:
                 step_notes.append("shares no word or number with the question, the answer or earlier results")
             if redundant[k]:
                 step_notes.append("repeats earlier content")
-            scored.append(StepScores(0.0 if clashes else 1.0, 0.0 if errors else 1.0, relevance, redundant[k],
-                                     tuple(step_notes)))
+            scored.append(
+                StepScores(
+                    0.0 if clashes else 1.0,
+                    0.0 if errors else 1.0,
+                    relevance,
+                    redundant[k],
+                    tuple(step_notes),
+                )
+            )
             earlier_numbers |= _numbers(step)
         return ProcessAssessment(tuple(scored), round(redundancy, 6), judge, tuple(notes))
 
@@ -527,8 +536,14 @@ class ModelJudge:
 
         batch = [[{"role": "user", "content": p}] for p in prompts]
         try:
-            out = self.generator.generate(batch, n=1, max_new_tokens=self.max_new_tokens, temperature=0.0,
-                                          seed=self.seed, logprobs=False)
+            out = self.generator.generate(
+                batch,
+                n=1,
+                max_new_tokens=self.max_new_tokens,
+                temperature=0.0,
+                seed=self.seed,
+                logprobs=False,
+            )
         except BatchGenerationError as error:
             return [r if isinstance(r, Exception) else r[0].text for r in error.results]
         except (RuntimeError, ValueError, OSError) as error:  # a server error, a prompt too long, …

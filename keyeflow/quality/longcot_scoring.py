@@ -67,14 +67,18 @@ class LongCoTConfig:
         if self.response_confidence not in ("min", "mean"):
             fail("response_confidence", self.response_confidence, "must be 'min' or 'mean'")
         for name, minimum in (("max_paths_per_question", 1), ("seed", 0)):
-            object.__setattr__(self, name,
-                               check_int("LongCoTConfig", name, getattr(self, name), minimum=minimum))
+            object.__setattr__(
+                self, name, check_int("LongCoTConfig", name, getattr(self, name), minimum=minimum)
+            )
         for name in ("dedup_similarity", "min_process_score", "redundancy_review", "redundancy_max"):
             if not 0.0 <= check_number("LongCoTConfig", name, getattr(self, name)) <= 1.0:
                 fail(name, getattr(self, name), "must be in [0, 1]")
         if self.redundancy_review >= self.redundancy_max:
-            fail("redundancy_review", self.redundancy_review,
-                 f"must be below redundancy_max ({self.redundancy_max})")
+            fail(
+                "redundancy_review",
+                self.redundancy_review,
+                f"must be below redundancy_max ({self.redundancy_max})",
+            )
         object.__setattr__(self, "repeats_by_score", tuple(self.repeats_by_score))
         object.__setattr__(self, "keep_probability_by_score", tuple(self.keep_probability_by_score))
         repeats, keeps = self.repeats_by_score, self.keep_probability_by_score

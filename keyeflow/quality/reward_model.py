@@ -111,8 +111,10 @@ MODES = ("think", "no_think")
 VERDICTS = ("A", "B", "tie")
 DEBIAS_METHODS = ("oversample", "select")
 DEFAULT_TASK_DEFINITION = "Answer the user's query helpfully, correctly and concisely."
-SYSTEM_PROMPT = ("You are a reward model. Given a task definition, a query and two responses, A and B, you judge "
-                 "which response better fulfils the task.")
+SYSTEM_PROMPT = (
+    "You are a reward model. Given a task definition, a query and two responses, A and B, you judge "
+    "which response better fulfils the task."
+)
 
 
 # ============================================================================================== config
@@ -146,8 +148,9 @@ class RewardModelConfig:
         if self.mode not in MODES:
             fail("mode", f"must be one of {MODES}")
         for name, minimum in (("score_min", 0), ("score_max", None), ("max_repeats", 1)):
-            object.__setattr__(self, name,
-                               check_int("RewardModelConfig", name, getattr(self, name), minimum=minimum))
+            object.__setattr__(
+                self, name, check_int("RewardModelConfig", name, getattr(self, name), minimum=minimum)
+            )
         if self.score_max <= self.score_min:
             fail("score_max", f"must be > score_min ({self.score_min})")
         if not isinstance(self.dimension_weights, Mapping):
@@ -184,7 +187,9 @@ def _parts(content: object, where: str) -> list[dict[str, Any]]:
         return [{"type": "text", "text": content}]
     if isinstance(content, Sequence) and all(isinstance(p, Mapping) and "type" in p for p in content):
         return [dict(p) for p in content]
-    raise ValueError(f"{where}: content must be a string or a list of typed parts, got {type(content).__name__}")
+    raise ValueError(
+        f"{where}: content must be a string or a list of typed parts, got {type(content).__name__}"
+    )
 
 
 def query_parts(query: Query) -> list[dict[str, Any]]:
@@ -228,19 +233,29 @@ def instructions(mode: str, config: RewardModelConfig | None = None) -> str:
     config = config or RewardModelConfig()
     verdict = "`Verdict: A`, `Verdict: B` or `Verdict: tie`"
     if mode == "no_think":
-        return (f"Compare the two responses on {', '.join(DIMENSION_NAMES).replace('_', ' ')}. "
-                f"Reply with exactly one line: {verdict}.")
+        return (
+            f"Compare the two responses on {', '.join(DIMENSION_NAMES).replace('_', ' ')}. "
+            f"Reply with exactly one line: {verdict}."
+        )
     if mode != "think":
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     dims = "\n".join(f"- {d.name}: {d.definition}" for d in DIMENSIONS)
-    return (f"First think inside <think> and </think>: score Response A and Response B on each dimension below "
-            f"from {config.score_min} (worst) to {config.score_max} (best), one line per dimension written "
-            f"exactly as `name: A=<score>, B=<score>`; other lines may hold your reasoning.\n{dims}\n"
-            f"Then, after </think>, write exactly one line: {verdict}.")
+    return (
+        f"First think inside <think> and </think>: score Response A and Response B on each dimension below "
+        f"from {config.score_min} (worst) to {config.score_max} (best), one line per dimension written "
+        f"exactly as `name: A=<score>, B=<score>`; other lines may hold your reasoning.\n{dims}\n"
+        f"Then, after </think>, write exactly one line: {verdict}."
+    )
 
 
-def build_prompt(task_definition: str, query: Query, response_a: str, response_b: str, mode: str,
-                 config: RewardModelConfig | None = None) -> list[dict[str, Any]]:
+def build_prompt(
+    task_definition: str,
+    query: Query,
+    response_a: str,
+    response_b: str,
+    mode: str,
+    config: RewardModelConfig | None = None,
+) -> list[dict[str, Any]]:
     """The chat asking the reward model to judge A against B: a system message, then one user message with the
     task definition, the query (its image/video parts kept as parts, in place), both responses and the
     instructions of `mode`, ending with Keye's `/think` or `/no_think` switch."""
@@ -251,10 +266,15 @@ def build_prompt(task_definition: str, query: Query, response_a: str, response_b
     for name, text in (("response_a", response_a), ("response_b", response_b)):
         if not isinstance(text, str):
             raise ValueError(f"{name} must be a string, got {type(text).__name__}")  # noqa: TRY004
-    parts = [{"type": "text", "text": f"Task definition: {task_definition.strip()}\n\nQuery:\n"},
-             *query_parts(query),
-             {"type": "text", "text": f"\n\nResponse A:\n{response_a}\n\nResponse B:\n{response_b}\n\n"
-                                      f"{instructions(mode, config)} /{mode}"}]
+    parts = [
+        {"type": "text", "text": f"Task definition: {task_definition.strip()}\n\nQuery:\n"},
+        *query_parts(query),
+        {
+            "type": "text",
+            "text": f"\n\nResponse A:\n{response_a}\n\nResponse B:\n{response_b}\n\n"
+            f"{instructions(mode, config)} /{mode}",
+        },
+    ]
     return [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": _merge_text(parts)}]
 
 
@@ -288,13 +308,18 @@ def _short(text: str, limit: int = 60) -> str:
 def _verdict_line(text: str) -> str:
     lines = [line for line in text.strip().splitlines() if line.strip()]
     if not lines:
-        raise RewardModelOutputError("no verdict line (expected `Verdict: A`, `Verdict: B` or `Verdict: tie`)")
+        raise RewardModelOutputError(
+            "no verdict line (expected `Verdict: A`, `Verdict: B` or `Verdict: tie`)"
+        )
     if len(lines) > 1:
-        raise RewardModelOutputError(f"expected one verdict line, got {len(lines)} lines: {_short(text.strip())}")
+        raise RewardModelOutputError(
+            f"expected one verdict line, got {len(lines)} lines: {_short(text.strip())}"
+        )
     m = _VERDICT.fullmatch(lines[0].strip())
     if m is None:
-        raise RewardModelOutputError(f"expected `Verdict: A`, `Verdict: B` or `Verdict: tie`, got "
-                                     f"{_short(lines[0].strip())}")
+        raise RewardModelOutputError(
+            f"expected `Verdict: A`, `Verdict: B` or `Verdict: tie`, got {_short(lines[0].strip())}"
+        )
     value = m.group(1)
     return "tie" if value.lower() == "tie" else value.upper()
 
@@ -318,8 +343,10 @@ def parse_output(text: str, mode: str, config: RewardModelConfig | None = None) 
     if not stripped.startswith("<think>"):
         raise RewardModelOutputError(f"think output must start with <think>, got {_short(stripped)}")
     if stripped.count("<think>") != 1 or stripped.count("</think>") != 1:
-        raise RewardModelOutputError(f"expected one <think> and one </think>, got {stripped.count('<think>')} "
-                                     f"and {stripped.count('</think>')}")
+        raise RewardModelOutputError(
+            f"expected one <think> and one </think>, got {stripped.count('<think>')} "
+            f"and {stripped.count('</think>')}"
+        )
     inner, after = stripped[len("<think>") :].split("</think>")
     verdict = _verdict_line(after)
     scores_a: dict[str, int] = {}
@@ -333,14 +360,17 @@ def parse_output(text: str, mode: str, config: RewardModelConfig | None = None) 
             continue  # free reasoning
         m = _SCORE_LINE.fullmatch(line)
         if m is None:
-            raise RewardModelOutputError(f"line {number}: {_short(line)} is not `{name}: A=<score>, "
-                                         "B=<score>` with integer scores")
+            raise RewardModelOutputError(
+                f"line {number}: {_short(line)} is not `{name}: A=<score>, B=<score>` with integer scores"
+            )
         if name in scores_a:
             raise RewardModelOutputError(f"line {number}: {name} is scored twice")
         for side, value in (("A", int(m.group(1))), ("B", int(m.group(2)))):
             if not config.score_min <= value <= config.score_max:
-                raise RewardModelOutputError(f"line {number}: {name} {side}={value} is outside "
-                                             f"[{config.score_min}, {config.score_max}]")
+                raise RewardModelOutputError(
+                    f"line {number}: {name} {side}={value} is outside "
+                    f"[{config.score_min}, {config.score_max}]"
+                )
         scores_a[name], scores_b[name] = int(m.group(1)), int(m.group(2))
     missing = [name for name in DIMENSION_NAMES if name not in scores_a]
     if missing:
@@ -379,8 +409,11 @@ def preference_value(judgement: Judgement, position: str, config: RewardModelCon
     verdict = 0.5 if judgement.verdict == "tie" else float(judgement.verdict == position)
     if judgement.scores_a is None or judgement.scores_b is None or config.verdict_weight == 1.0:
         return verdict
-    own, other = (judgement.scores_a, judgement.scores_b) if position == "A" else \
-        (judgement.scores_b, judgement.scores_a)
+    own, other = (
+        (judgement.scores_a, judgement.scores_b)
+        if position == "A"
+        else (judgement.scores_b, judgement.scores_a)
+    )
     span = config.score_max - config.score_min
     graded = 0.5 + (weighted_score(own, config) - weighted_score(other, config)) / (2 * span)
     return config.verdict_weight * verdict + (1 - config.verdict_weight) * graded
@@ -416,11 +449,20 @@ class LengthDebiasReport:
         return self.share_after >= self.target_share - 1e-12
 
     def to_dict(self) -> dict[str, Any]:
-        return {"method": self.method, "target_share": self.target_share, "num_before": self.num_before,
-                "num_after": self.num_after, "num_shorter_before": self.num_shorter_before,
-                "num_shorter_after": self.num_shorter_after, "share_before": self.share_before,
-                "share_after": self.share_after, "num_added": self.num_added, "num_removed": self.num_removed,
-                "reached": self.reached, "note": self.note}
+        return {
+            "method": self.method,
+            "target_share": self.target_share,
+            "num_before": self.num_before,
+            "num_after": self.num_after,
+            "num_shorter_before": self.num_shorter_before,
+            "num_shorter_after": self.num_shorter_after,
+            "share_before": self.share_before,
+            "share_after": self.share_after,
+            "num_added": self.num_added,
+            "num_removed": self.num_removed,
+            "reached": self.reached,
+            "note": self.note,
+        }
 
 
 def _check_pair(pair: object, k: int) -> None:
@@ -441,8 +483,13 @@ def shorter_preferred(pair: Mapping[str, Any], count_tokens: Callable[[str], int
     return count_tokens(pair["chosen"]) < count_tokens(pair["rejected"])
 
 
-def length_debias(pairs: Sequence[Mapping[str, Any]], config: RewardModelConfig | None = None, *, seed: int = 0,
-                  count_tokens: Callable[[str], int] = count_words) -> tuple[list[dict[str, Any]], LengthDebiasReport]:
+def length_debias(
+    pairs: Sequence[Mapping[str, Any]],
+    config: RewardModelConfig | None = None,
+    *,
+    seed: int = 0,
+    count_tokens: Callable[[str], int] = count_words,
+) -> tuple[list[dict[str, Any]], LengthDebiasReport]:
     """Bring the pairs whose preferred answer is shorter to at least `config.min_shorter_share` of the pair
     occurrences (module docstring). Returns copies of the kept pairs, each with `repeats` (the input's, 1 when
     absent, raised by oversampling), and the report. Which pairs are repeated or dropped is seeded."""
@@ -458,14 +505,27 @@ def length_debias(pairs: Sequence[Mapping[str, Any]], config: RewardModelConfig 
 
     def report(kept: list[dict[str, Any]], added: int, removed: int, note: str) -> LengthDebiasReport:
         after_shorter = sum(p["repeats"] for p in kept if shorter_preferred(p, count_tokens))
-        return LengthDebiasReport(method, target, total, sum(p["repeats"] for p in kept), shorter, after_shorter,
-                                  added, removed, note)
+        return LengthDebiasReport(
+            method,
+            target,
+            total,
+            sum(p["repeats"] for p in kept),
+            shorter,
+            after_shorter,
+            added,
+            removed,
+            note,
+        )
 
     if total == 0 or shorter >= target * total:
         return out, report(out, 0, 0, "share already reached: nothing changed")
     if shorter == 0:
-        return out, report(out, 0, 0, "no pair prefers the shorter answer: nothing to oversample or select "
-                                      "(collect such pairs)")
+        return out, report(
+            out,
+            0,
+            0,
+            "no pair prefers the shorter answer: nothing to oversample or select (collect such pairs)",
+        )
     if method == "oversample":
         # k more occurrences of shorter-preferred pairs: (shorter + k) / (total + k) >= target.
         needed = math.ceil((target * total - shorter) / (1 - target) - 1e-9)
@@ -500,7 +560,9 @@ def length_debias(pairs: Sequence[Mapping[str, Any]], config: RewardModelConfig 
             dropped.add(i)
     kept = [p for i, p in enumerate(out) if i not in dropped]
     removed = sum(out[i]["repeats"] for i in dropped)
-    return kept, report(kept, 0, removed, f"dropped {len(dropped)} pairs whose preferred answer is not shorter")
+    return kept, report(
+        kept, 0, removed, f"dropped {len(dropped)} pairs whose preferred answer is not shorter"
+    )
 
 
 # ============================================================================================ training data
@@ -517,8 +579,14 @@ def _blocks_closed(text: str) -> bool:
     return all(text.count(f"<{tag}>") == text.count(f"</{tag}>") for tag in ("think", "answer"))
 
 
-def signal_scores(pair: Mapping[str, Any], response: str, other: str, config: RewardModelConfig | None = None,
-                  *, count_tokens: Callable[[str], int] = count_words) -> dict[str, int]:
+def signal_scores(
+    pair: Mapping[str, Any],
+    response: str,
+    other: str,
+    config: RewardModelConfig | None = None,
+    *,
+    count_tokens: Callable[[str], int] = count_words,
+) -> dict[str, int]:
     """Dimension scores of `response` (one side of `pair`, `other` the other side) from the signals described
     in the module docstring, on the config's integer scale."""
     config = config or RewardModelConfig()
@@ -542,11 +610,21 @@ def signal_scores(pair: Mapping[str, Any], response: str, other: str, config: Re
     completeness = float(bool(extract_answer(response).strip()) and _blocks_closed(response))
     mode = prompt_mode(query_parts(query))  # the /think or /no_think switch the query ends with, if any
     instruction = mode_format_reward(response, mode, require_analysis=False).value
-    units = {"credibility": correctness, "correctness": correctness, "redundancy": redundancy,
-             "relevance": relevance, "completeness": completeness, "instruction_following": instruction,
-             "clarity": 1.0, "visual_grounding": 1.0, "safety": 1.0}
+    units = {
+        "credibility": correctness,
+        "correctness": correctness,
+        "redundancy": redundancy,
+        "relevance": relevance,
+        "completeness": completeness,
+        "instruction_following": instruction,
+        "clarity": 1.0,
+        "visual_grounding": 1.0,
+        "safety": 1.0,
+    }
     span = config.score_max - config.score_min
-    return {name: config.score_min + round(min(max(units[name], 0.0), 1.0) * span) for name in DIMENSION_NAMES}
+    return {
+        name: config.score_min + round(min(max(units[name], 0.0), 1.0) * span) for name in DIMENSION_NAMES
+    }
 
 
 @dataclass(frozen=True)
@@ -558,15 +636,24 @@ class RewardDataReport:
     length_debias: LengthDebiasReport
 
     def to_dict(self) -> dict[str, Any]:
-        return {"num_pairs": self.num_pairs, "num_conversations": self.num_conversations,
-                "num_occurrences": self.num_occurrences, "verdicts": dict(self.verdicts),
-                "length_debias": self.length_debias.to_dict()}
+        return {
+            "num_pairs": self.num_pairs,
+            "num_conversations": self.num_conversations,
+            "num_occurrences": self.num_occurrences,
+            "verdicts": dict(self.verdicts),
+            "length_debias": self.length_debias.to_dict(),
+        }
 
 
-def build_reward_model_data(pairs: Sequence[Mapping[str, Any]], config: RewardModelConfig | None = None, *,
-                            modes: Sequence[str] = MODES, seed: int = 0,
-                            count_tokens: Callable[[str], int] = count_words,
-                            task_definition: str = DEFAULT_TASK_DEFINITION) -> tuple[list[dict], RewardDataReport]:
+def build_reward_model_data(
+    pairs: Sequence[Mapping[str, Any]],
+    config: RewardModelConfig | None = None,
+    *,
+    modes: Sequence[str] = MODES,
+    seed: int = 0,
+    count_tokens: Callable[[str], int] = count_words,
+    task_definition: str = DEFAULT_TASK_DEFINITION,
+) -> tuple[list[dict], RewardDataReport]:
     """Reward-model conversations (prompt → target verdict) from preference pairs (`messages`, `chosen`,
     `rejected`; optional `pair_id`, `reference`, `task`, `options`, `chosen_score`, `rejected_score`,
     `task_definition`, `repeats`), after the length-debiasing pass; both A/B orders for every pair and mode.
@@ -587,11 +674,15 @@ def build_reward_model_data(pairs: Sequence[Mapping[str, Any]], config: RewardMo
         chosen, rejected = pair["chosen"], pair["rejected"]
         scores = None
         if "think" in modes:
-            scores = (signal_scores(pair, chosen, rejected, config, count_tokens=count_tokens),
-                      signal_scores(pair, rejected, chosen, config, count_tokens=count_tokens))
+            scores = (
+                signal_scores(pair, chosen, rejected, config, count_tokens=count_tokens),
+                signal_scores(pair, rejected, chosen, config, count_tokens=count_tokens),
+            )
         for mode in modes:
-            for order, (a, b), verdict in (("chosen_a", (chosen, rejected), "A"),
-                                           ("chosen_b", (rejected, chosen), "B")):
+            for order, (a, b), verdict in (
+                ("chosen_a", (chosen, rejected), "A"),
+                ("chosen_b", (rejected, chosen), "B"),
+            ):
                 judgement = Judgement(verdict)
                 if mode == "think":
                     first, second = scores if verdict == "A" else scores[::-1]
@@ -604,8 +695,13 @@ def build_reward_model_data(pairs: Sequence[Mapping[str, Any]], config: RewardMo
                     "shorter_preferred": shorter_preferred(pair, count_tokens), "messages": messages,
                 })  # fmt: skip
                 verdicts[verdict] += pair["repeats"]
-    report = RewardDataReport(len(pairs), len(conversations), sum(c["repeats"] for c in conversations),
-                              MappingProxyType(verdicts), debias_report)
+    report = RewardDataReport(
+        len(pairs),
+        len(conversations),
+        sum(c["repeats"] for c in conversations),
+        MappingProxyType(verdicts),
+        debias_report,
+    )
     return conversations, report
 
 
@@ -643,10 +739,16 @@ class RewardModelJudge:
     the item has no reference (e.g. the SFT model's answer); without either, `reward` has nothing to compare
     with and returns None. `max_new_tokens`: default 16 for no_think, 512 for think."""
 
-    def __init__(self, generator: Generator, config: RewardModelConfig | None = None, *,
-                 task_definition: str = DEFAULT_TASK_DEFINITION,
-                 baseline: Callable[[RewardItem], str | None] | None = None, max_new_tokens: int | None = None,
-                 seed: int = 0):
+    def __init__(
+        self,
+        generator: Generator,
+        config: RewardModelConfig | None = None,
+        *,
+        task_definition: str = DEFAULT_TASK_DEFINITION,
+        baseline: Callable[[RewardItem], str | None] | None = None,
+        max_new_tokens: int | None = None,
+        seed: int = 0,
+    ):
         if not hasattr(generator, "generate"):
             raise ValueError(f"generator must have a generate method, got {type(generator).__name__}")
         self.generator = generator
@@ -666,8 +768,14 @@ class RewardModelJudge:
         from keyeflow.model.generation import BatchGenerationError
 
         try:
-            out = self.generator.generate(conversations, n=1, max_new_tokens=self.max_new_tokens, temperature=0.0,
-                                          seed=self.seed, logprobs=False)
+            out = self.generator.generate(
+                conversations,
+                n=1,
+                max_new_tokens=self.max_new_tokens,
+                temperature=0.0,
+                seed=self.seed,
+                logprobs=False,
+            )
         except BatchGenerationError as error:
             return [r if isinstance(r, Exception) else r[0].text for r in error.results]
         except ValueError as error:
@@ -689,15 +797,28 @@ class RewardModelJudge:
         for k, request in enumerate(requests):
             definition = request.task_definition or self.task_definition
             try:
-                built = [build_prompt(definition, request.query, *((request.response, request.competitor)
-                                      if position == "A" else (request.competitor, request.response)),
-                                      mode, self.config) for position in positions]
+                built = [
+                    build_prompt(
+                        definition,
+                        request.query,
+                        *(
+                            (request.response, request.competitor)
+                            if position == "A"
+                            else (request.competitor, request.response)
+                        ),
+                        mode,
+                        self.config,
+                    )
+                    for position in positions
+                ]
             except ValueError as error:  # a malformed query or response fails its own request only
                 refused[k] = error
                 continue
             prompts += built
         asked = iter(self._ask(prompts) if prompts else [])
-        outputs = [refused[k] if k in refused else next(asked) for k in range(len(requests)) for _ in positions]
+        outputs = [
+            refused[k] if k in refused else next(asked) for k in range(len(requests)) for _ in positions
+        ]
         results = []
         for k in range(len(requests)):
             judgements: list[Judgement | None] = []
@@ -725,15 +846,21 @@ class RewardModelJudge:
                 notes.append(f"{where}: verdict {judgement.verdict} → {value:.2f}")
             value = sum(values) / len(values) if values else None
             summary = f"{value:.2f}" if value is not None else "no usable verdict"
-            results.append(Comparison(value, f"reward model {summary} ({'; '.join(notes)})", tuple(judgements),
-                                      tuple(problems)))
+            results.append(
+                Comparison(
+                    value, f"reward model {summary} ({'; '.join(notes)})", tuple(judgements), tuple(problems)
+                )
+            )
         return results
 
     def reward(self, item: RewardItem, response: str) -> Reward | None:
         """`RewardCombiner`'s reward_model callable: the preference for `response` over the item's reference
         (or the baseline's response), in [0, 1], with the reason; 0.5 when no order gave a usable verdict."""
-        competitor = item.reference if item.reference is not None else (
-            self.baseline(item) if self.baseline is not None else None)
+        competitor = (
+            item.reference
+            if item.reference is not None
+            else (self.baseline(item) if self.baseline is not None else None)
+        )
         if competitor is None:
             return None
         (comparison,) = self.compare([ComparisonRequest(item.prompt, response, str(competitor))])

@@ -121,8 +121,9 @@ def final_answer(response: str) -> str:
     return graders.extract_answer(_ANALYSIS_BLOCK.sub("", response))
 
 
-def math_answer_reward(response: str, reference: object, *, rel_tol: float = 1e-4,
-                       abs_tol: float = 1e-9) -> Reward:
+def math_answer_reward(
+    response: str, reference: object, *, rel_tol: float = 1e-4, abs_tol: float = 1e-9
+) -> Reward:
     """1 when the response's final answer is equivalent to ``reference`` (graders.answers_equivalent)."""
     answer = final_answer(response)
     verdict = graders.answers_equivalent(answer, reference, rel_tol=rel_tol, abs_tol=abs_tol)
@@ -153,8 +154,9 @@ def count_reward(response: str, reference: object) -> Reward:
 _ANSWER_BLOCK = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
 
 
-def grounding_reward(response: str, reference: object, *, threshold: float = 0.5,
-                     continuous: bool = False) -> Reward:
+def grounding_reward(
+    response: str, reference: object, *, threshold: float = 0.5, continuous: bool = False
+) -> Reward:
     """Box IoU of the response's answer with ``reference``: thresholded to 0/1 at ``threshold``, or the
     IoU itself when ``continuous``. The box is the first one in the last ``<answer>`` block, else in the
     whole response (graders.iou_reward's reading); no readable box scores 0. A bad reference raises."""
@@ -174,9 +176,17 @@ def grounding_reward(response: str, reference: object, *, threshold: float = 0.5
     return Reward(float(passed), f"IoU {iou:.3f} {'≥' if passed else '<'} {threshold}")
 
 
-def answer_reward(response: str, reference: object, task: str = "math", *,
-                  options: Mapping[str, str] | None = None, rel_tol: float = 1e-4, abs_tol: float = 1e-9,
-                  iou_threshold: float = 0.5, iou_continuous: bool = False) -> Reward:
+def answer_reward(
+    response: str,
+    reference: object,
+    task: str = "math",
+    *,
+    options: Mapping[str, str] | None = None,
+    rel_tol: float = 1e-4,
+    abs_tol: float = 1e-9,
+    iou_threshold: float = 0.5,
+    iou_continuous: bool = False,
+) -> Reward:
     """The verifiable reward of ``task`` (one of :data:`TASKS`) for one response."""
     if task == "math":
         return math_answer_reward(response, reference, rel_tol=rel_tol, abs_tol=abs_tol)
@@ -332,8 +342,11 @@ def bullet_points(text: str) -> list[str]:
 
 def list_items(text: str) -> list[str]:
     """Bullet points and numbered items (``1.`` / ``1)``), outside code fences."""
-    return [ln for ln in _outside_fences(text)
-            if (_BULLET.match(ln) and not _RULE_LINE.match(ln)) or _NUMBERED.match(ln)]
+    return [
+        ln
+        for ln in _outside_fences(text)
+        if (_BULLET.match(ln) and not _RULE_LINE.match(ln)) or _NUMBERED.match(ln)
+    ]
 
 
 def markdown_reward(response: str, headings: Sequence[str] = (), min_list_items: int = 0) -> Reward:
@@ -488,10 +501,14 @@ def check_constraint(response: str, constraint: Constraint) -> Reward:
     if kind == "include_keywords":
         present = keywords_present(body, value)
         missing = [k for k in value if k not in present]
-        return Reward(float(not missing), f"missing keywords {missing}" if missing else "all keywords present")
+        return Reward(
+            float(not missing), f"missing keywords {missing}" if missing else "all keywords present"
+        )
     if kind == "exclude_keywords":
         found = keywords_present(body, value)
-        return Reward(float(not found), f"forbidden keywords present {found}" if found else "no forbidden keyword")
+        return Reward(
+            float(not found), f"forbidden keywords present {found}" if found else "no forbidden keyword"
+        )
     # ends_with: compared without case and with runs of whitespace as one space
     tail, phrase = " ".join(body.casefold().split()), " ".join(value.casefold().split())
     ok = tail.endswith(phrase)
@@ -574,8 +591,13 @@ class RewardConfig:
         if not any(w > 0 for w in self.weights.values()):
             fail("weights", "at least one weight must be > 0")
         object.__setattr__(self, "weights", MappingProxyType({k: float(v) for k, v in self.weights.items()}))
-        for name in ("check_format", "format_gates", "require_analysis", "iou_continuous",
-                     "reward_model_only_without_reference"):
+        for name in (
+            "check_format",
+            "format_gates",
+            "require_analysis",
+            "iou_continuous",
+            "reward_model_only_without_reference",
+        ):
             check_flag("RewardConfig", name, getattr(self, name))
         # Numbers are kept as given (they are only compared with).
         if not 0.0 <= check_number("RewardConfig", "format_weight", self.format_weight) < 1.0:
@@ -595,13 +617,23 @@ def rule_reward(item: RewardItem, response: str, config: RewardConfig | None = N
     parts: dict[str, Reward] = {}
     if item.reference is not None:
         parts["answer"] = answer_reward(
-            response, item.reference, item.task, options=item.options, rel_tol=config.rel_tol,
-            abs_tol=config.abs_tol, iou_threshold=config.iou_threshold, iou_continuous=config.iou_continuous)
+            response,
+            item.reference,
+            item.task,
+            options=item.options,
+            rel_tol=config.rel_tol,
+            abs_tol=config.abs_tol,
+            iou_threshold=config.iou_threshold,
+            iou_continuous=config.iou_continuous,
+        )
     for k, constraint in enumerate(item.constraints):
         name = constraint.kind if constraint.kind not in parts else f"{constraint.kind}#{k}"
         parts[name] = check_constraint(response, constraint)
-    fmt = mode_format_reward(response, item.output_mode, require_analysis=config.require_analysis) \
-        if config.check_format else None
+    fmt = (
+        mode_format_reward(response, item.output_mode, require_analysis=config.require_analysis)
+        if config.check_format
+        else None
+    )
     if fmt is None and not parts:
         return None
     components = ({"format": fmt} if fmt is not None else {}) | parts
@@ -629,8 +661,9 @@ def _as_reward(name: str, out: object) -> Reward | None:
     else:
         value, reason = out, f"{name} score"
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{name} returned {out!r}: expected a Reward, a number in [0, 1], "
-                         "a (number, reason) pair or None")
+        raise TypeError(
+            f"{name} returned {out!r}: expected a Reward, a number in [0, 1], a (number, reason) pair or None"
+        )
     try:
         return Reward(float(value), reason)
     except ValueError as exc:
@@ -646,33 +679,49 @@ class RewardCombiner:
     reward of 0 for "could not score" would teach the policy something false.
     """
 
-    def __init__(self, config: RewardConfig | None = None, *, judge: Scorer | None = None,
-                 reward_model: Scorer | None = None):
+    def __init__(
+        self,
+        config: RewardConfig | None = None,
+        *,
+        judge: Scorer | None = None,
+        reward_model: Scorer | None = None,
+    ):
         self.config = config or RewardConfig()
-        self.scorers: dict[str, Scorer] = {"rule": lambda item, response: rule_reward(item, response, self.config)}
+        self.scorers: dict[str, Scorer] = {
+            "rule": lambda item, response: rule_reward(item, response, self.config)
+        }
         for name, scorer in (("judge", judge), ("reward_model", reward_model)):
             if scorer is not None:
                 if not callable(scorer):
-                    raise ValueError(f"{name} must be a callable (item, response), got {type(scorer).__name__}")
+                    raise ValueError(
+                        f"{name} must be a callable (item, response), got {type(scorer).__name__}"
+                    )
                 self.scorers[name] = scorer
             elif self.config.weights.get(name, 0.0) > 0:
-                raise ValueError(f"RewardConfig gives {name!r} weight {self.config.weights[name]} "
-                                 f"but no {name} callable was passed")
+                raise ValueError(
+                    f"RewardConfig gives {name!r} weight {self.config.weights[name]} "
+                    f"but no {name} callable was passed"
+                )
 
     def __call__(self, item: RewardItem, response: str) -> Reward:
         parts: dict[str, Reward] = {}
         for name, weight in self.config.weights.items():
             if weight == 0.0:
                 continue
-            if name == "reward_model" and self.config.reward_model_only_without_reference \
-                    and item.reference is not None:
+            if (
+                name == "reward_model"
+                and self.config.reward_model_only_without_reference
+                and item.reference is not None
+            ):
                 continue
             reward = _as_reward(name, self.scorers[name](item, response))
             if reward is not None:
                 parts[name] = reward
         if not parts:
-            raise ValueError("no reward component applies to this item "
-                             f"(weights {dict(self.config.weights)}, reference {item.reference!r})")
+            raise ValueError(
+                "no reward component applies to this item "
+                f"(weights {dict(self.config.weights)}, reference {item.reference!r})"
+            )
         total = sum(self.config.weights[name] for name in parts)
         value = sum(self.config.weights[name] * r.value for name, r in parts.items()) / total
         reason = " | ".join(f"{name} {r.value:.2f}: {r.reason}" for name, r in parts.items())

@@ -66,8 +66,13 @@ def start_from(checkpoint: str, *, parent_run_id: str | None = None) -> StageOut
     try:
         run_id = lineage.resolve_run(str(path))
     except LookupError:
-        return cached_step("posttrain-0-start", step_key("start", path_fingerprint(path)), lambda out, run: str(path),
-                           params={"checkpoint": str(path)}, parent_run_id=parent_run_id)
+        return cached_step(
+            "posttrain-0-start",
+            step_key("start", path_fingerprint(path)),
+            lambda out, run: str(path),
+            params={"checkpoint": str(path)},
+            parent_run_id=parent_run_id,
+        )
     tags = lineage.run_tags(run_id)
     key = tags.get(KEY_TAG) or path_fingerprint(path)
     return StageOutput(tags.get("mlflow.runName", "start"), str(path), run_id, key, False)
@@ -80,8 +85,11 @@ def teacher_pairs(paths: TableRef, questions: TableRef, limit: int) -> list[dict
     """Preference pairs from the LongCoT teacher's own paths: per question, a kept path (chosen) over a path
     whose answer was wrong (rejected). The paths were sampled from the teacher and checked against the
     reference, which is how MPO pairs are made (SPEC §4); these come for free from the LongCoT flow."""
-    rows = tables.dataset(paths.uri, version=paths.version).to_table(
-        columns=["path_id", "question_id", "text", "response", "status", "answer_ok"]).to_pylist()
+    rows = (
+        tables.dataset(paths.uri, version=paths.version)
+        .to_table(columns=["path_id", "question_id", "text", "response", "status", "answer_ok"])
+        .to_pylist()
+    )
     chosen: dict[str, dict] = {}
     rejected: dict[str, dict] = {}
     for row in sorted(rows, key=lambda r: r["path_id"]):
@@ -90,82 +98,162 @@ def teacher_pairs(paths: TableRef, questions: TableRef, limit: int) -> list[dict
         elif row["answer_ok"] is False and row["text"]:
             rejected.setdefault(row["question_id"], row)
     wanted = sorted(set(chosen) & set(rejected))[:limit]
-    qs = {q["question_id"]: q for q in tables.dataset(questions.uri, version=questions.version).to_table(
-        filter=pc.field("question_id").isin(wanted) if wanted else None).to_pylist()} if wanted else {}
-    return [{"pair_id": f"teacher/{q}", "item_id": q,
-             "messages": [{"role": "user", "content": user_content(qs[q], " /think")}],
-             "chosen": chosen[q]["response"], "rejected": rejected[q]["text"], "reference": qs[q]["reference"],
-             "chosen_score": 1.0, "rejected_score": 0.0, "reason": "teacher path kept vs wrong answer"}
-            for q in wanted if q in qs]
+    qs = (
+        {
+            q["question_id"]: q
+            for q in tables.dataset(questions.uri, version=questions.version)
+            .to_table(filter=pc.field("question_id").isin(wanted) if wanted else None)
+            .to_pylist()
+        }
+        if wanted
+        else {}
+    )
+    return [
+        {
+            "pair_id": f"teacher/{q}",
+            "item_id": q,
+            "messages": [{"role": "user", "content": user_content(qs[q], " /think")}],
+            "chosen": chosen[q]["response"],
+            "rejected": rejected[q]["text"],
+            "reference": qs[q]["reference"],
+            "chosen_score": 1.0,
+            "rejected_score": 0.0,
+            "reason": "teacher path kept vs wrong answer",
+        }
+        for q in wanted
+        if q in qs
+    ]
 
 
-def policy_pairs(policy: StageOutput, items: Sequence[Mapping[str, Any]], settings: PreferenceSettings,
-                 seed: int = 0) -> tuple[list[dict], list[dict]]:
+def policy_pairs(
+    policy: StageOutput, items: Sequence[Mapping[str, Any]], settings: PreferenceSettings, seed: int = 0
+) -> tuple[list[dict], list[dict]]:
     """Pairs from `num_responses` samples of the policy per verifiable item, scored against the reference."""
-    use = [{k: v for k, v in i.items() if k in ("id", "messages", "reference", "task")}
-           for i in items[: settings.max_policy_items]]
+    use = [
+        {k: v for k, v in i.items() if k in ("id", "messages", "reference", "task")}
+        for i in items[: settings.max_policy_items]
+    ]
     return preference.build_preference_pairs(
-        local_generator(policy.checkpoint), use, n=settings.num_responses, scorer=preference.make_scorer(),
-        min_margin=settings.min_margin, seed=seed, max_new_tokens=settings.max_new_tokens)
+        local_generator(policy.checkpoint),
+        use,
+        n=settings.num_responses,
+        scorer=preference.make_scorer(),
+        min_margin=settings.min_margin,
+        seed=seed,
+        max_new_tokens=settings.max_new_tokens,
+    )
 
 
-def train_reward_model(config: RewardModelConfig, stage, *, init: StageOutput, pairs: list[dict],
-                       parent_run_id: str | None = None, tables_ref: dict[str, TableRef] | None = None) -> StageOutput:
+def train_reward_model(
+    config: RewardModelConfig,
+    stage,
+    *,
+    init: StageOutput,
+    pairs: list[dict],
+    parent_run_id: str | None = None,
+    tables_ref: dict[str, TableRef] | None = None,
+) -> StageOutput:
     """The think/no_think judge, fine-tuned on judgements built from the pairs (order-swapped, length-debiased)."""
     conversations, report = build_reward_model_data(pairs, config)
 
     def body(out_dir: Path, run_id: str) -> str:
-        lineage.log_dict(run_id, report.__dict__ if hasattr(report, "__dict__") else report, "reward_data.json")
+        lineage.log_dict(
+            run_id, report.__dict__ if hasattr(report, "__dict__") else report, "reward_data.json"
+        )
         for ref in (tables_ref or {}).values():
             lineage.log_input(run_id, ref)
-        result = train_rm(conversations, stage, init=init.checkpoint, out_dir=out_dir,
-                          sink=lineage.RunSink(run_id))
+        result = train_rm(
+            conversations, stage, init=init.checkpoint, out_dir=out_dir, sink=lineage.RunSink(run_id)
+        )
         lineage.log_params(run_id, {"mixture_id": result.mixture_id})
         lineage.log_input(run_id, result.mixture)
         log_loss_curve(run_id, out_dir, stage.name)
         return str(result.checkpoint_dir / "model")
 
-    key = step_key("reward-model", stage.config_hash(), repr(config), init.key,
-                   [(p["pair_id"], p["chosen"], p["rejected"]) for p in pairs])
-    return cached_step(stage.name, key, body, upstream=[init], parent_run_id=parent_run_id,
-                       params={"reward_model": repr(config), "num_pairs": len(pairs)})
+    key = step_key(
+        "reward-model",
+        stage.config_hash(),
+        repr(config),
+        init.key,
+        [(p["pair_id"], p["chosen"], p["rejected"]) for p in pairs],
+    )
+    return cached_step(
+        stage.name,
+        key,
+        body,
+        upstream=[init],
+        parent_run_id=parent_run_id,
+        params={"reward_model": repr(config), "num_pairs": len(pairs)},
+    )
 
 
-def train_mpo(config: MPOStageConfig, *, init: StageOutput, pairs: list[dict],
-              parent_run_id: str | None = None) -> StageOutput:
+def train_mpo(
+    config: MPOStageConfig, *, init: StageOutput, pairs: list[dict], parent_run_id: str | None = None
+) -> StageOutput:
     def body(out_dir: Path, run_id: str) -> str:
-        result = preference.train_mpo(config, init=init.checkpoint, pairs=pairs, out_dir=out_dir,
-                                      sink=lineage.RunSink(run_id),
-                                      media_lookup=media_lookup())
+        result = preference.train_mpo(
+            config,
+            init=init.checkpoint,
+            pairs=pairs,
+            out_dir=out_dir,
+            sink=lineage.RunSink(run_id),
+            media_lookup=media_lookup(),
+        )
         log_loss_curve(run_id, out_dir, "posttrain-3-mpo")
         return str(result.checkpoint_dir / "model")
 
-    key = step_key("mpo", config.config_hash(), init.key, [(p["pair_id"], p["chosen"], p["rejected"]) for p in pairs])
-    return cached_step("posttrain-3-mpo", key, body, upstream=[init], parent_run_id=parent_run_id,
-                       params={"mpo": config.to_dict(), "num_pairs": len(pairs)})
+    key = step_key(
+        "mpo", config.config_hash(), init.key, [(p["pair_id"], p["chosen"], p["rejected"]) for p in pairs]
+    )
+    return cached_step(
+        "posttrain-3-mpo",
+        key,
+        body,
+        upstream=[init],
+        parent_run_id=parent_run_id,
+        params={"mpo": config.to_dict(), "num_pairs": len(pairs)},
+    )
 
 
 # ---------------------------------------------------------------------------------------------- RL
 
 
-def judge_for(checkpoint: str, config: RewardModelConfig, max_new_tokens: int | None = None,
-              baseline: Mapping[str, str] | None = None) -> RewardModelJudge:
+def judge_for(
+    checkpoint: str,
+    config: RewardModelConfig,
+    max_new_tokens: int | None = None,
+    baseline: Mapping[str, str] | None = None,
+) -> RewardModelJudge:
     """A reward-model judge around a checkpoint in this process. A served judge (vLLM or
     `python -m keyeflow.model.serving`) goes through `RewardModelJudge(OpenAICompatibleGenerator(...))`: the
     same interface. `baseline`: prompt text → a competing response, for items without a reference."""
     lookup = None
     if baseline is not None:
+
         def lookup(item) -> str | None:
             return baseline.get(json.dumps(item.prompt, sort_keys=True))
-    return RewardModelJudge(local_generator(checkpoint), config, max_new_tokens=max_new_tokens, baseline=lookup)
+
+    return RewardModelJudge(
+        local_generator(checkpoint), config, max_new_tokens=max_new_tokens, baseline=lookup
+    )
 
 
-def baseline_responses(policy: StageOutput, items: Sequence[Mapping[str, Any]], max_new_tokens: int) -> dict[str, str]:
+def baseline_responses(
+    policy: StageOutput, items: Sequence[Mapping[str, Any]], max_new_tokens: int
+) -> dict[str, str]:
     """The policy's greedy answer to each item, keyed by its prompt (what `judge_for(baseline=…)` reads)."""
     generator = local_generator(policy.checkpoint)
-    answers = generator.generate([list(i["messages"]) for i in items], n=1, max_new_tokens=max_new_tokens,
-                                 temperature=0.0, seed=0, logprobs=False)
-    return {json.dumps(i["messages"][-1]["content"], sort_keys=True): a[0].text for i, a in zip(items, answers)}
+    answers = generator.generate(
+        [list(i["messages"]) for i in items],
+        n=1,
+        max_new_tokens=max_new_tokens,
+        temperature=0.0,
+        seed=0,
+        logprobs=False,
+    )
+    return {
+        json.dumps(i["messages"][-1]["content"], sort_keys=True): a[0].text for i, a in zip(items, answers)
+    }
 
 
 def verifiable_reward(item: Mapping[str, Any], response: str) -> Reward:
@@ -173,51 +261,105 @@ def verifiable_reward(item: Mapping[str, Any], response: str) -> Reward:
     return RewardCombiner()(reward_item(item), response)
 
 
-def alignment_reward(settings: AlignmentSettings, *, judge: RewardModelJudge | None,
-                     reward_model: RewardModelJudge | None):
+def alignment_reward(
+    settings: AlignmentSettings, *, judge: RewardModelJudge | None, reward_model: RewardModelJudge | None
+):
     """Alignment RL's reward: rule-based, generative judge and reward model combined by the recipe's weights
     (a component without a model gets weight 0)."""
-    weights = {k: w for k, w in settings.weights.items()
-               if w > 0 and (k == "rule" or {"judge": judge, "reward_model": reward_model}[k] is not None)}
-    combiner = RewardCombiner(RewardConfig(weights=weights, reward_model_only_without_reference=False),
-                              judge=judge.reward if judge and "judge" in weights else None,
-                              reward_model=reward_model.reward if reward_model and "reward_model" in weights else None)
+    weights = {
+        k: w
+        for k, w in settings.weights.items()
+        if w > 0 and (k == "rule" or {"judge": judge, "reward_model": reward_model}[k] is not None)
+    }
+    combiner = RewardCombiner(
+        RewardConfig(weights=weights, reward_model_only_without_reference=False),
+        judge=judge.reward if judge and "judge" in weights else None,
+        reward_model=reward_model.reward if reward_model and "reward_model" in weights else None,
+    )
     return lambda item, response: combiner(reward_item(item), response)
 
 
-def train_gspo(config: GSPOStageConfig, *, name: str, init: StageOutput, items: list[dict], reward_fn,
-               reward_spec: dict, extra_upstream: Sequence[StageOutput] = (), parent_run_id: str | None = None
-               ) -> StageOutput:
+def train_gspo(
+    config: GSPOStageConfig,
+    *,
+    name: str,
+    init: StageOutput,
+    items: list[dict],
+    reward_fn,
+    reward_spec: dict,
+    extra_upstream: Sequence[StageOutput] = (),
+    parent_run_id: str | None = None,
+) -> StageOutput:
     """One GSPO stage (general RL round or alignment RL). `reward_spec`: what the reward is made of (part of the
     key: a different judge or weight is a different stage)."""
+
     def body(out_dir: Path, run_id: str) -> str:
-        result = rl.train_gspo(config, init=init.checkpoint, items=items, reward_fn=reward_fn, out_dir=out_dir,
-                               sink=lineage.RunSink(run_id), media_lookup=media_lookup())
+        result = rl.train_gspo(
+            config,
+            init=init.checkpoint,
+            items=items,
+            reward_fn=reward_fn,
+            out_dir=out_dir,
+            sink=lineage.RunSink(run_id),
+            media_lookup=media_lookup(),
+        )
         log_loss_curve(run_id, out_dir, name, metric="reward_mean")
         hints = sorted(out_dir.glob("hints/step-*.json"))
         if hints:
             lineage.log_file(run_id, hints[-1], "hints")
         return str(result.checkpoint_dir / "model")
 
-    key = step_key("gspo", config.config_hash(), init.key, reward_spec, [i["id"] for i in items],
-                   [u.key for u in extra_upstream])
-    return cached_step(name, key, body, upstream=[init, *extra_upstream], parent_run_id=parent_run_id,
-                       params={"gspo": config.to_dict(), "num_items": len(items), "reward": reward_spec})
+    key = step_key(
+        "gspo",
+        config.config_hash(),
+        init.key,
+        reward_spec,
+        [i["id"] for i in items],
+        [u.key for u in extra_upstream],
+    )
+    return cached_step(
+        name,
+        key,
+        body,
+        upstream=[init, *extra_upstream],
+        parent_run_id=parent_run_id,
+        params={"gspo": config.to_dict(), "num_items": len(items), "reward": reward_spec},
+    )
 
 
 def cold_start_rows(longcot: TableRef) -> list[dict[str, Any]]:
     """The LongCoT cold-start set as rows for rejection sampling: the conversation ending with the reference
     response, and the reference answer its samples are verified against."""
-    rows = tables.dataset(longcot.uri, version=longcot.version).to_table(
-        columns=["sample_id", "domain", "source", "messages", "reference", "repeats"]).to_pylist()
-    return [{"id": r["sample_id"], "domain": r["domain"], "source": r["source"], "repeats": int(r["repeats"]),
-             "messages": json.loads(r["messages"]), "reference": r["reference"]} for r in rows]
+    rows = (
+        tables.dataset(longcot.uri, version=longcot.version)
+        .to_table(columns=["sample_id", "domain", "source", "messages", "reference", "repeats"])
+        .to_pylist()
+    )
+    return [
+        {
+            "id": r["sample_id"],
+            "domain": r["domain"],
+            "source": r["source"],
+            "repeats": int(r["repeats"]),
+            "messages": json.loads(r["messages"]),
+            "reference": r["reference"],
+        }
+        for r in rows
+    ]
 
 
-def rejection_sampling(policy: StageOutput, rows: list[dict], judge: RewardModelJudge, k: int, *,
-                       max_new_tokens: int, seed: int = 0) -> rl.RejectionRound:
+def rejection_sampling(
+    policy: StageOutput,
+    rows: list[dict],
+    judge: RewardModelJudge,
+    k: int,
+    *,
+    max_new_tokens: int,
+    seed: int = 0,
+) -> rl.RejectionRound:
     """The RL model re-samples the cold-start set; a verified sample the reward model prefers replaces the
     reference response."""
+
     def verify(row: Mapping[str, Any], response: str) -> bool:
         return answer_reward(response, row["reference"]).value >= 1.0
 
@@ -233,8 +375,9 @@ def rejection_sampling(policy: StageOutput, rows: list[dict], judge: RewardModel
     generator: Generator = local_generator(policy.checkpoint)
     out_rows, records = [], []
     for row in rows:  # one row at a time: the judge is told which question the two responses answer
-        one = rl.rejection_sampling_round(generator, [row], verify, prefer_for(row), k,
-                                          max_new_tokens=max_new_tokens, seed=seed)
+        one = rl.rejection_sampling_round(
+            generator, [row], verify, prefer_for(row), k, max_new_tokens=max_new_tokens, seed=seed
+        )
         out_rows += one.rows
         records += one.records
     return rl.RejectionRound(out_rows, records)

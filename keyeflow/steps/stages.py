@@ -85,7 +85,9 @@ def path_fingerprint(path: str | Path) -> str:
     if not root.is_dir():
         raise FileNotFoundError(f"init checkpoint {root} is not a directory")
     files = sorted(p for p in root.rglob("*") if p.is_file())
-    return step_key(str(root), [(str(p.relative_to(root)), p.stat().st_size, p.stat().st_mtime_ns) for p in files])
+    return step_key(
+        str(root), [(str(p.relative_to(root)), p.stat().st_size, p.stat().st_mtime_ns) for p in files]
+    )
 
 
 def _write_json(path: Path, data: dict) -> None:
@@ -104,25 +106,36 @@ def _done(out_dir: Path) -> StageOutput | None:
     return StageOutput(**{**record, "trained": False})
 
 
-def _open_run(out_dir: Path, name: str, key: str, params: dict, parent_run_id: str | None,
-              upstream: list[StageOutput]) -> str:
+def _open_run(
+    out_dir: Path, name: str, key: str, params: dict, parent_run_id: str | None, upstream: list[StageOutput]
+) -> str:
     """The step's MLflow run: the one a killed attempt opened (reopened), else a new one."""
     run_file = out_dir / RUN
     if run_file.is_file():
         run_id = json.loads(run_file.read_text())["run_id"]
         lineage.reopen_run(run_id)
         return run_id
-    tags = {KEY_TAG: key, lineage.UPSTREAM_TAG: ",".join(u.run_id for u in upstream),
-            "keyeflow.out_dir": str(out_dir)}
+    tags = {
+        KEY_TAG: key,
+        lineage.UPSTREAM_TAG: ",".join(u.run_id for u in upstream),
+        "keyeflow.out_dir": str(out_dir),
+    }
     run_id = lineage.start_run(name, params, parent_run_id, tags=tags)
     out_dir.mkdir(parents=True, exist_ok=True)
     _write_json(run_file, {"run_id": run_id, "name": name, "key": key})
     return run_id
 
 
-def cached_step(name: str, key: str, body: Callable[[Path, str], str], *, upstream: list[StageOutput] = (),
-                params: dict | None = None, parent_run_id: str | None = None, root: Path | None = None
-                ) -> StageOutput:
+def cached_step(
+    name: str,
+    key: str,
+    body: Callable[[Path, str], str],
+    *,
+    upstream: list[StageOutput] = (),
+    params: dict | None = None,
+    parent_run_id: str | None = None,
+    root: Path | None = None,
+) -> StageOutput:
     """Run `body(out_dir, run_id) -> checkpoint dir` once per key (module docstring): skipped when done,
     resumed in the same directory and MLflow run after a kill, the run marked FAILED if `body` raises."""
     out_dir = (root or checkpoints_root()) / f"{name}-{key}"
@@ -141,8 +154,14 @@ def cached_step(name: str, key: str, body: Callable[[Path, str], str], *, upstre
     return output
 
 
-def prepare_init(model_config: KeyeConfig, *, init: str | None, seed: int, parent_run_id: str | None = None,
-                 root: Path | None = None) -> StageOutput:
+def prepare_init(
+    model_config: KeyeConfig,
+    *,
+    init: str | None,
+    seed: int,
+    parent_run_id: str | None = None,
+    root: Path | None = None,
+) -> StageOutput:
     """The weights stage 1 starts from: `init` as given, or fresh weights of `model_config` (seeded), saved
     once so every stage loads a path and the evaluation has a parent to compare stage 1 with."""
     if init is not None:
@@ -161,13 +180,27 @@ def prepare_init(model_config: KeyeConfig, *, init: str | None, seed: int, paren
             os.replace(tmp, target)
         return str(target)
 
-    return cached_step("pretrain-0-init", key, body, parent_run_id=parent_run_id, root=root,
-                       params={"init": init or "fresh", "seed": seed, "model": model_config.to_dict()})
+    return cached_step(
+        "pretrain-0-init",
+        key,
+        body,
+        parent_run_id=parent_run_id,
+        root=root,
+        params={"init": init or "fresh", "seed": seed, "model": model_config.to_dict()},
+    )
 
 
-def train_stage(stage: StageConfig, *, init: StageOutput, mixture: TableRef, mixture_id: str,
-                parent_run_id: str | None = None, root: Path | None = None,
-                data_from: Sequence[StageOutput] = (), launch: LaunchConfig | None = None) -> StageOutput:
+def train_stage(
+    stage: StageConfig,
+    *,
+    init: StageOutput,
+    mixture: TableRef,
+    mixture_id: str,
+    parent_run_id: str | None = None,
+    root: Path | None = None,
+    data_from: Sequence[StageOutput] = (),
+    launch: LaunchConfig | None = None,
+) -> StageOutput:
     """Train one stage (any stage the trainer runs: pre-training, SFT, LongCoT SFT) from `init`'s checkpoint
     on `mixture_id` (cached and resumable, module docstring). `data_from`: steps whose models made the training
     data (a rejection-sampled cold-start set), recorded as upstream too. `launch`: start the ranks with
@@ -176,14 +209,28 @@ def train_stage(stage: StageConfig, *, init: StageOutput, mixture: TableRef, mix
     step loss is a token mean over all ranks), and a step resumes on any number of ranks."""
 
     def body(out_dir: Path, run_id: str) -> str:
-        result = launch_train(launch or LaunchConfig(), stage, init=init.checkpoint, mixture=mixture,
-                              mixture_id=mixture_id, out_dir=out_dir, run_id=run_id)
+        result = launch_train(
+            launch or LaunchConfig(),
+            stage,
+            init=init.checkpoint,
+            mixture=mixture,
+            mixture_id=mixture_id,
+            out_dir=out_dir,
+            run_id=run_id,
+        )
         log_loss_curve(run_id, out_dir, stage.name)
         return str(result.checkpoint_dir / "model")
 
     key = step_key("train", stage.config_hash(), init.key, mixture_id, *([d.key for d in data_from] or []))
-    return cached_step(stage.name, key, body, upstream=[init, *data_from], params={"init_checkpoint": init.checkpoint},
-                       parent_run_id=parent_run_id, root=root)
+    return cached_step(
+        stage.name,
+        key,
+        body,
+        upstream=[init, *data_from],
+        params={"init_checkpoint": init.checkpoint},
+        parent_run_id=parent_run_id,
+        root=root,
+    )
 
 
 def log_loss_curve(run_id: str, out_dir: Path, title: str, metric: str = "loss") -> None:
@@ -207,21 +254,48 @@ def log_loss_curve(run_id: str, out_dir: Path, title: str, metric: str = "loss")
     plt.close(figure)
 
 
-def fuse(inputs: list[StageOutput], merge: MergeConfig, *, name: str = "pretrain-4-fusion",
-         base: StageOutput | None = None, parent_run_id: str | None = None, root: Path | None = None) -> StageOutput:
+def fuse(
+    inputs: list[StageOutput],
+    merge: MergeConfig,
+    *,
+    name: str = "pretrain-4-fusion",
+    base: StageOutput | None = None,
+    parent_run_id: str | None = None,
+    root: Path | None = None,
+) -> StageOutput:
     """Stage 4 (and expert merging): merge checkpoints (weighted average by default) into one."""
-    merge_params = {"method": merge.method, "weights": merge.weights_for(len(inputs)), "density": merge.density,
-                    "scaling": merge.scaling}
+    merge_params = {
+        "method": merge.method,
+        "weights": merge.weights_for(len(inputs)),
+        "density": merge.density,
+        "scaling": merge.scaling,
+    }
 
     def body(out_dir: Path, run_id: str) -> str:
         # merge_checkpoints writes under a temporary name and renames: a kill leaves no partial model/.
-        return str(merge_checkpoints([i.checkpoint for i in inputs], merge, out_dir / "model",
-                                     base=base.checkpoint if base else None))
+        return str(
+            merge_checkpoints(
+                [i.checkpoint for i in inputs],
+                merge,
+                out_dir / "model",
+                base=base.checkpoint if base else None,
+            )
+        )
 
     key = step_key("fuse", merge_params, [i.key for i in inputs], base.key if base else None)
-    return cached_step(name, key, body, upstream=[*inputs, *([base] if base else [])], parent_run_id=parent_run_id,
-                       root=root, params={"merge": merge_params, "inputs": [i.checkpoint for i in inputs],
-                                          "base": base.checkpoint if base else None})
+    return cached_step(
+        name,
+        key,
+        body,
+        upstream=[*inputs, *([base] if base else [])],
+        parent_run_id=parent_run_id,
+        root=root,
+        params={
+            "merge": merge_params,
+            "inputs": [i.checkpoint for i in inputs],
+            "base": base.checkpoint if base else None,
+        },
+    )
 
 
 # ---------------------------------------------------------------------------------------------- evaluation
@@ -239,17 +313,27 @@ class Evaluation:
 
 def mean_metrics(evaluations: list[dict[str, Any]]) -> dict[str, Any]:
     """The element-wise mean of several checkpoints' metrics: fusion's parent is its inputs on average."""
-    losses = {m: statistics.fmean(e["heldout_loss"][m] for e in evaluations)
-              for m in evaluations[0]["heldout_loss"]}
+    losses = {
+        m: statistics.fmean(e["heldout_loss"][m] for e in evaluations) for m in evaluations[0]["heldout_loss"]
+    }
     return {"heldout_loss": losses, "mcq_accuracy": statistics.fmean(e["mcq_accuracy"] for e in evaluations)}
 
 
-def evaluate_stage(output: StageOutput, *, config: EvalConfig, heldout: dict[str, list[str]], samples: TableRef,
-                   mcq_records: list[dict], parent_metrics: dict[str, Any] | None) -> Evaluation:
+def evaluate_stage(
+    output: StageOutput,
+    *,
+    config: EvalConfig,
+    heldout: dict[str, list[str]],
+    samples: TableRef,
+    mcq_records: list[dict],
+    parent_metrics: dict[str, Any] | None,
+) -> Evaluation:
     """Held-out loss per modality and MCQ accuracy of `output`'s checkpoint, logged to its run, and the
     promotion gate against `parent_metrics` (None: nothing to compare with, passes). Metrics are cached beside
     the checkpoint, keyed on the evaluation config and sets, so a rerun does not recompute them."""
-    eval_key = step_key("eval", asdict(config), heldout, samples.version, [r["question_id"] for r in mcq_records])
+    eval_key = step_key(
+        "eval", asdict(config), heldout, samples.version, [r["question_id"] for r in mcq_records]
+    )
     cache = Path(output.checkpoint).parent / EVAL.format(key=eval_key)
     if cache.is_file():
         metrics = json.loads(cache.read_text())
@@ -257,32 +341,56 @@ def evaluate_stage(output: StageOutput, *, config: EvalConfig, heldout: dict[str
         model = load_model(output.checkpoint)
         tokenizer = load_tokenizer()
         reader = LanceSampleReader(samples, tokenizer)
-        losses = heldout_loss(model, reader, heldout, config.max_tokens,
-                              pad_token_id=model.config.text_config.pad_token_id or 0)
+        losses = heldout_loss(
+            model, reader, heldout, config.max_tokens, pad_token_id=model.config.text_config.pad_token_id or 0
+        )
         mcq = evaluate_mcq(model, tokenizer, mcq_records, lance_video_lookup())
-        metrics = {"heldout_loss": losses, "mcq_accuracy": mcq.accuracy,
-                   "mcq_predictions": dict(zip([r["question_id"] for r in mcq_records], mcq.predictions))}
+        metrics = {
+            "heldout_loss": losses,
+            "mcq_accuracy": mcq.accuracy,
+            "mcq_predictions": dict(zip([r["question_id"] for r in mcq_records], mcq.predictions)),
+        }
         _write_json(cache, metrics)
-    lineage.log_metrics(output.run_id, {f"eval/heldout_loss/{m}": v for m, v in metrics["heldout_loss"].items()}
-                        | {"eval/mcq_accuracy": metrics["mcq_accuracy"]})
+    lineage.log_metrics(
+        output.run_id,
+        {f"eval/heldout_loss/{m}": v for m, v in metrics["heldout_loss"].items()}
+        | {"eval/mcq_accuracy": metrics["mcq_accuracy"]},
+    )
     if parent_metrics is None:
         passed, reasons = True, []
     else:
         passed, reasons = promotion_gate(metrics, parent_metrics, config.loss_margin, config.accuracy_margin)
     evaluation = Evaluation(metrics, passed, reasons)
-    lineage.log_dict(output.run_id, {**evaluation.to_dict(), "parent_metrics": parent_metrics}, "evaluation.json")
+    lineage.log_dict(
+        output.run_id, {**evaluation.to_dict(), "parent_metrics": parent_metrics}, "evaluation.json"
+    )
     lineage.set_tags(output.run_id, {"keyeflow.gate.promotion": "passed" if passed else "failed"})
     return evaluation
 
 
 def mcq_source_rows(video_samples: TableRef) -> list[dict]:
     """The `video_samples` rows (pinned) the MCQ set is generated from, with each video's duration."""
-    rows = tables.dataset(video_samples.uri, version=video_samples.version).to_table(
-        columns=["sample_id", "video_id", "uri", "frame_types", "sampling_fps", "num_frames", "slow_height",
-                 "slow_width"]).to_pylist()
+    rows = (
+        tables.dataset(video_samples.uri, version=video_samples.version)
+        .to_table(
+            columns=[
+                "sample_id",
+                "video_id",
+                "uri",
+                "frame_types",
+                "sampling_fps",
+                "num_frames",
+                "slow_height",
+                "slow_width",
+            ]
+        )
+        .to_pylist()
+    )
     if tables.exists("videos"):
-        durations = {r["video_id"]: r["duration_s"] for r in
-                     tables.open_table("videos").to_table(columns=["video_id", "duration_s"]).to_pylist()}
+        durations = {
+            r["video_id"]: r["duration_s"]
+            for r in tables.open_table("videos").to_table(columns=["video_id", "duration_s"]).to_pylist()
+        }
         for row in rows:
             row["duration_s"] = durations.get(row["video_id"])
     return rows

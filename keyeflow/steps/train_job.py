@@ -30,41 +30,70 @@ from keyeflow.training.trainer import TrainResult, read_result, train
 
 log = logging.getLogger(__name__)
 
-TAIL_LINES = 40  # of stderr, in the error of a failed launch: enough for a traceback and the launcher's summary
+TAIL_LINES = (
+    40  # of stderr, in the error of a failed launch: enough for a traceback and the launcher's summary
+)
 
 
 class LaunchFailed(RuntimeError):
     """The launched training exited with an error (its stderr's last lines are in the message)."""
 
 
-def launch_train(launch: LaunchConfig, stage: StageConfig, *, init: str | Path | KeyeConfig, mixture: TableRef,
-                 mixture_id: str, out_dir: str | Path, run_id: str | None = None) -> TrainResult:
+def launch_train(
+    launch: LaunchConfig,
+    stage: StageConfig,
+    *,
+    init: str | Path | KeyeConfig,
+    mixture: TableRef,
+    mixture_id: str,
+    out_dir: str | Path,
+    run_id: str | None = None,
+) -> TrainResult:
     """`trainer.train` with the same arguments, its ranks started by `launch` (module docstring); `run_id`: the
     MLflow run every rank reports to (None: only `out_dir/metrics.jsonl`)."""
     out_dir = Path(out_dir)
     if launch.launcher == "inprocess":
-        return train(stage, init=init, mixture=mixture, mixture_id=mixture_id, out_dir=out_dir,
-                     sink=lineage.RunSink(run_id) if run_id else None)
+        return train(
+            stage,
+            init=init,
+            mixture=mixture,
+            mixture_id=mixture_id,
+            out_dir=out_dir,
+            sink=lineage.RunSink(run_id) if run_id else None,
+        )
     if launch.hostfile is not None and not Path(launch.hostfile).is_file():
         # DeepSpeed would only warn and train on this machine alone.
         raise FileNotFoundError(f"LaunchConfig.hostfile={launch.hostfile!r}: no such file")
     out_dir.mkdir(parents=True, exist_ok=True)
     spec = out_dir / SPEC
-    spec.write_text(json.dumps({
-        "stage": stage.to_dict(), "init": init.to_dict() if isinstance(init, KeyeConfig) else str(init),
-        "mixture": {"name": mixture.name, "uri": mixture.uri, "version": mixture.version},
-        "mixture_id": mixture_id, "out_dir": str(out_dir.resolve()), "run_id": run_id}, indent=2) + "\n")
+    spec.write_text(
+        json.dumps(
+            {
+                "stage": stage.to_dict(),
+                "init": init.to_dict() if isinstance(init, KeyeConfig) else str(init),
+                "mixture": {"name": mixture.name, "uri": mixture.uri, "version": mixture.version},
+                "mixture_id": mixture_id,
+                "out_dir": str(out_dir.resolve()),
+                "run_id": run_id,
+            },
+            indent=2,
+        )
+        + "\n"
+    )
     command = launch.command(spec)
     log.info("stage %s: launching %s", stage.name, " ".join(command))
     returncode, tail = _run(command)
     if returncode != 0:
-        raise LaunchFailed(f"stage {stage.name!r}: {launch.launcher} exited with code {returncode} "
-                           f"(command: {' '.join(command)}); last lines of its stderr:\n" + "\n".join(tail))
+        raise LaunchFailed(
+            f"stage {stage.name!r}: {launch.launcher} exited with code {returncode} "
+            f"(command: {' '.join(command)}); last lines of its stderr:\n" + "\n".join(tail)
+        )
     try:
         return read_result(out_dir)
     except FileNotFoundError as error:
-        raise LaunchFailed(f"the launched training exited cleanly but registered no checkpoint in {out_dir}"
-                           ) from error
+        raise LaunchFailed(
+            f"the launched training exited cleanly but registered no checkpoint in {out_dir}"
+        ) from error
 
 
 def _run(command: list[str]) -> tuple[int, list[str]]:
@@ -80,10 +109,13 @@ def _run(command: list[str]) -> tuple[int, list[str]]:
 
     # Unbuffered children: their lines arrive as they are written, not when a buffer fills.
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
-                          errors="replace") as process:
-        readers = [threading.Thread(target=pump, args=(process.stdout, False), daemon=True),
-                   threading.Thread(target=pump, args=(process.stderr, True), daemon=True)]
+    with subprocess.Popen(
+        command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, errors="replace"
+    ) as process:
+        readers = [
+            threading.Thread(target=pump, args=(process.stdout, False), daemon=True),
+            threading.Thread(target=pump, args=(process.stderr, True), daemon=True),
+        ]
         for reader in readers:
             reader.start()
         for reader in readers:
@@ -105,13 +137,21 @@ def main(argv: list[str] | None = None) -> None:
     spec = json.loads(Path(args[0]).read_text())
     init = spec["init"]
     run_id = spec.get("run_id")
-    result = train(StageConfig.from_dict(spec["stage"]),
-                   init=KeyeConfig.from_dict(init) if isinstance(init, dict) else init,
-                   mixture=TableRef(**spec["mixture"]), mixture_id=spec["mixture_id"], out_dir=spec["out_dir"],
-                   sink=lineage.RunSink(run_id) if run_id else None)
+    result = train(
+        StageConfig.from_dict(spec["stage"]),
+        init=KeyeConfig.from_dict(init) if isinstance(init, dict) else init,
+        mixture=TableRef(**spec["mixture"]),
+        mixture_id=spec["mixture_id"],
+        out_dir=spec["out_dir"],
+        sink=lineage.RunSink(run_id) if run_id else None,
+    )
     if int(os.environ.get("RANK", "0")) == 0:
-        print(json.dumps({"checkpoint_dir": str(result.checkpoint_dir), "step": result.step,
-                          "losses": result.losses}), flush=True)
+        print(
+            json.dumps(
+                {"checkpoint_dir": str(result.checkpoint_dir), "step": result.step, "losses": result.losses}
+            ),
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

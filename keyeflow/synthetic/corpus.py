@@ -109,8 +109,10 @@ BAD_DEFECTS: dict[str, dict[int | str, str]] = {
         3: "content is a number",
         4: "content is an object",
     },
-    "bad_text": {"bad-text-synth/invalid_utf8.txt": "invalid UTF-8",
-                 "bad-text-synth/empty.txt": "empty file"},
+    "bad_text": {
+        "bad-text-synth/invalid_utf8.txt": "invalid UTF-8",
+        "bad-text-synth/empty.txt": "empty file",
+    },
 }
 
 
@@ -200,8 +202,21 @@ def _norm_box(box_px: tuple[float, float, float, float], size: tuple[int, int]) 
 
 
 def _number_word(n: int) -> str:
-    names = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten", "eleven",
-             "twelve")
+    names = (
+        "zero",
+        "one",
+        "two",
+        "three",
+        "four",
+        "five",
+        "six",
+        "seven",
+        "eight",
+        "nine",
+        "ten",
+        "eleven",
+        "twelve",
+    )
     return names[n] if 0 <= n < len(names) else str(n)
 
 
@@ -227,11 +242,18 @@ def _generic_image(name: str, rng: random.Random) -> ImageScene:
     return ImageScene(
         size,
         f"a picture about {width} by {height} pixels",
-        (f"The picture is {width} pixels wide and {height} pixels tall.",
-         "Its content is not catalogued, so only its layout is described."),
+        (
+            f"The picture is {width} pixels wide and {height} pixels tall.",
+            "Its content is not catalogued, so only its layout is described.",
+        ),
         tuple(regions),
-        questions=(Question("Is the picture wider than it is tall?", "Yes" if width > height else "No",
-                            f"It measures {width} by {height} pixels."),),
+        questions=(
+            Question(
+                "Is the picture wider than it is tall?",
+                "Yes" if width > height else "No",
+                f"It measures {width} by {height} pixels.",
+            ),
+        ),
     )
 
 
@@ -243,8 +265,12 @@ def _generic_video(name: str, rng: random.Random) -> VideoScene:
     cuts = sorted(rng.sample(range(1, 6), rng.randint(1, 2)))
     bounds = [0, *cuts, 6]
     shots = tuple(
-        Shot(a, b, f"a {rng.choice(_COLOURS)} {rng.choice(('scene', 'pattern', 'backdrop'))}",
-             rng.choice(("the view stays steady", "the content drifts slowly")))
+        Shot(
+            a,
+            b,
+            f"a {rng.choice(_COLOURS)} {rng.choice(('scene', 'pattern', 'backdrop'))}",
+            rng.choice(("the view stays steady", "the content drifts slowly")),
+        )
         for a, b in itertools.pairwise(bounds)
     )
     return VideoScene(6, fps, size, shots)
@@ -285,13 +311,16 @@ def _proportion(size: tuple[int, int]) -> str:
 def _video_facts(scene: VideoScene) -> list[str]:
     width, height = scene.size
     facts = [
-        (f"The clip lasts about {scene.seconds:g} seconds at {scene.fps} frames per second, "
-        f"roughly {int(scene.seconds * scene.fps)} frames in all."),
+        (
+            f"The clip lasts about {scene.seconds:g} seconds at {scene.fps} frames per second, "
+            f"roughly {int(scene.seconds * scene.fps)} frames in all."
+        ),
         f"Each frame is {width} by {height} pixels, a {_proportion(scene.size)} format.",
     ]
     for shot in scene.shots:
-        facts.append(f"From {_fmt_time(shot.start)} s to {_fmt_time(shot.end)} s it shows {shot.what}; "
-                     f"{shot.motion}.")
+        facts.append(
+            f"From {_fmt_time(shot.start)} s to {_fmt_time(shot.end)} s it shows {shot.what}; {shot.motion}."
+        )
     for prev, nxt in zip(scene.shots, scene.shots[1:]):
         facts.append(f"At {_fmt_time(nxt.start)} s the picture cuts straight from {prev.what} to {nxt.what}.")
     facts.append(f"The sound track carries {scene.audio}." if scene.audio else "The clip has no sound track.")
@@ -318,26 +347,50 @@ def _video_conversations(seed: int, name: str, rel: str) -> list[tuple[str, str,
         return {"role": "assistant", "content": text}
 
     # 1. caption
-    ask = rng.choice(("Describe this video in detail.", "What happens in this clip?",
-                      "Write a thorough description of the video.", "Give a detailed caption for this clip."))
-    body = _grow(rng, [f"The video shows {shots[0].what}" + (
-        f", followed by {len(shots) - 1} more {'shot' if len(shots) == 2 else 'shots'}." if len(shots) > 1
-        else ", in a single continuous shot."), *facts], _video_pool(rng, scene), rng.randint(60, 400))
+    ask = rng.choice(
+        (
+            "Describe this video in detail.",
+            "What happens in this clip?",
+            "Write a thorough description of the video.",
+            "Give a detailed caption for this clip.",
+        )
+    )
+    body = _grow(
+        rng,
+        [
+            f"The video shows {shots[0].what}"
+            + (
+                f", followed by {len(shots) - 1} more {'shot' if len(shots) == 2 else 'shots'}."
+                if len(shots) > 1
+                else ", in a single continuous shot."
+            ),
+            *facts,
+        ],
+        _video_pool(rng, scene),
+        rng.randint(60, 400),
+    )
     out.append(("video-caption-synth", "caption", [user(ask), answer(body)]))
 
     # 2. temporal grounding
     shot = rng.choice(shots)
-    ask = rng.choice((
-        f"During which seconds does the video show {shot.what}? Answer with a time span.",
-        f"Find the time span in which {shot.what} is on screen.",
-        f"When does {shot.what} appear? Give start and end times in seconds.",
-    ))
+    ask = rng.choice(
+        (
+            f"During which seconds does the video show {shot.what}? Answer with a time span.",
+            f"Find the time span in which {shot.what} is on screen.",
+            f"When does {shot.what} appear? Give start and end times in seconds.",
+        )
+    )
     lead = f"{_clip_time(shot.start, shot.end)}"
-    why = [(f"{shot.what[0].upper() + shot.what[1:]} is on screen from {_fmt_time(shot.start)} s to "
-           f"{_fmt_time(shot.end)} s.")]
+    why = [
+        (
+            f"{shot.what[0].upper() + shot.what[1:]} is on screen from {_fmt_time(shot.start)} s to "
+            f"{_fmt_time(shot.end)} s."
+        )
+    ]
     if len(shots) > 1:
-        why.append(f"The clip contains {len(shots)} shots in total, and this is shot number "
-                   f"{shots.index(shot) + 1}.")
+        why.append(
+            f"The clip contains {len(shots)} shots in total, and this is shot number {shots.index(shot) + 1}."
+        )
     else:
         why.append("It is the only shot, so it fills the whole clip.")
     body = lead + " " + _grow(rng, why, facts, rng.randint(20, 120))
@@ -345,25 +398,44 @@ def _video_conversations(seed: int, name: str, rel: str) -> list[tuple[str, str,
 
     # 3. counting
     cuts = len(shots) - 1
-    ask = rng.choice(("How many hard cuts does the video contain?", "Count the scene changes in this clip.",
-                      "How many times does the picture switch abruptly to something else?"))
-    reasons = [(f"There {'is' if cuts == 1 else 'are'} {_number_word(cuts)} "
-               f"{'cut' if cuts == 1 else 'cuts'}, so the clip consists of {_number_word(len(shots))} "
-               f"{'shot' if len(shots) == 1 else 'shots'}.")]
-    reasons += [f"The cut at {_fmt_time(b.start)} s leads from {a.what} to {b.what}." for a,
-                b in itertools.pairwise(shots)]
+    ask = rng.choice(
+        (
+            "How many hard cuts does the video contain?",
+            "Count the scene changes in this clip.",
+            "How many times does the picture switch abruptly to something else?",
+        )
+    )
+    reasons = [
+        (
+            f"There {'is' if cuts == 1 else 'are'} {_number_word(cuts)} "
+            f"{'cut' if cuts == 1 else 'cuts'}, so the clip consists of {_number_word(len(shots))} "
+            f"{'shot' if len(shots) == 1 else 'shots'}."
+        )
+    ]
+    reasons += [
+        f"The cut at {_fmt_time(b.start)} s leads from {a.what} to {b.what}."
+        for a, b in itertools.pairwise(shots)
+    ]
     if not cuts:
         reasons.append("Any change in the picture happens gradually inside the one shot.")
     body = f"{cuts}. " + _grow(rng, reasons, _video_pool(rng, scene), rng.randint(20, 150))
     out.append(("video-qa-synth", "vqa", [user(ask), answer(body)]))
 
     # 4. what changes over time
-    ask = rng.choice(("Describe how the video changes over time.", "What changes from the start to the end?",
-                      "Walk me through the clip from beginning to end."))
+    ask = rng.choice(
+        (
+            "Describe how the video changes over time.",
+            "What changes from the start to the end?",
+            "Walk me through the clip from beginning to end.",
+        )
+    )
     steps = []
     for k, s in enumerate(shots):
-        opener = "It opens with" if k == 0 else rng.choice(("Next comes", "Then the clip switches to",
-                                                             "After that we see"))
+        opener = (
+            "It opens with"
+            if k == 0
+            else rng.choice(("Next comes", "Then the clip switches to", "After that we see"))
+        )
         steps.append(f"{opener} {s.what} ({_fmt_time(s.start)}-{_fmt_time(s.end)} s); {s.motion}.")
     steps.append(f"The clip ends at {scene.seconds:g} s on {shots[-1].what}.")
     body = _grow(rng, steps, [*facts, *_video_pool(rng, scene)], rng.randint(40, 300))
@@ -375,32 +447,43 @@ def _video_conversations(seed: int, name: str, rel: str) -> list[tuple[str, str,
         a, b = shots[k], shots[k + 1]
         ask = f"Which scene comes directly after {a.what}, and when does it start and end? /think"
         think = [f"I need the shot that follows {a.what}.", "Listing the shots in order:"]
-        think += [f"shot {i + 1} runs from {_fmt_time(s.start)} s to {_fmt_time(s.end)} s and shows {s.what}."
-                  for i, s in enumerate(shots)]
-        think += [f"{a.what[0].upper() + a.what[1:]} is shot {k + 1}, so the answer is shot {k + 2}.",
-                  f"That shot starts at {_fmt_time(b.start)} s and ends at {_fmt_time(b.end)} s.",
-                  "Checking the cut: the change is abrupt, with no fade, so the boundary is sharp."]
+        think += [
+            f"shot {i + 1} runs from {_fmt_time(s.start)} s to {_fmt_time(s.end)} s and shows {s.what}."
+            for i, s in enumerate(shots)
+        ]
+        think += [
+            f"{a.what[0].upper() + a.what[1:]} is shot {k + 1}, so the answer is shot {k + 2}.",
+            f"That shot starts at {_fmt_time(b.start)} s and ends at {_fmt_time(b.end)} s.",
+            "Checking the cut: the change is abrupt, with no fade, so the boundary is sharp.",
+        ]
         final = f"{b.what[0].upper() + b.what[1:]}, {_clip_time(b.start, b.end)}."
     else:
         s = shots[0]
         ask = "Is this one continuous shot, or is it edited from several? Explain your reasoning. /think"
-        think = ["To tell whether there are cuts, I compare each moment of the clip with the moment before.",
-                 f"Throughout the clip the picture shows {s.what}.",
-                 f"The only change is that {s.motion}, which is a gradual change, not a jump.",
-                 "A cut would replace the whole picture between two frames, and that never happens here."]
-        final = (f"It is one continuous shot lasting {scene.seconds:g} seconds: "
-                 f"{_clip_time(0, scene.seconds)}.")
+        think = [
+            "To tell whether there are cuts, I compare each moment of the clip with the moment before.",
+            f"Throughout the clip the picture shows {s.what}.",
+            f"The only change is that {s.motion}, which is a gradual change, not a jump.",
+            "A cut would replace the whole picture between two frames, and that never happens here.",
+        ]
+        final = (
+            f"It is one continuous shot lasting {scene.seconds:g} seconds: {_clip_time(0, scene.seconds)}."
+        )
     reasoning = _grow(rng, think, [*facts, *_video_pool(rng, scene)], rng.randint(60, 360))
     body = f"<think>{reasoning}</think><answer>{final}</answer>"
     out.append(("video-reasoning-synth", "vqa", [user(ask), answer(body)]))
 
     # 6. /no_think
-    question, short = rng.choice((
-        ("How long is the video, in seconds?", f"About {scene.seconds:g} seconds."),
-        ("Is the video in portrait or landscape format?",
-         "Portrait." if scene.size[1] > scene.size[0] else "Landscape."),
-        ("Does the clip have sound?", f"Yes: {scene.audio}." if scene.audio else "No, it is silent."),
-    ))
+    question, short = rng.choice(
+        (
+            ("How long is the video, in seconds?", f"About {scene.seconds:g} seconds."),
+            (
+                "Is the video in portrait or landscape format?",
+                "Portrait." if scene.size[1] > scene.size[0] else "Landscape.",
+            ),
+            ("Does the clip have sound?", f"Yes: {scene.audio}." if scene.audio else "No, it is silent."),
+        )
+    )
     body = _grow(rng, [short], facts, rng.randint(20, 200))
     out.append(("video-qa-synth", "vqa", [user(f"{question} /no_think"), answer(body)]))
     return out
@@ -410,7 +493,7 @@ def _video_captions(seed: int, name: str) -> list[str]:
     rng = _rng(seed, "video-caption", name)
     scene = describe_video(name) or _generic_video(name, rng)
     parts = [s.what for s in scene.shots]
-    short = (parts[0] if len(parts) == 1 else ", then ".join(parts[:3]))
+    short = parts[0] if len(parts) == 1 else ", then ".join(parts[:3])
     short = short[0].upper() + short[1:] + "."
     long = _grow(rng, _video_facts(scene), _video_pool(rng, scene), rng.randint(50, 140))
     return [short, long]
@@ -421,8 +504,11 @@ def _video_captions(seed: int, name: str) -> list[str]:
 
 def _image_facts(scene: ImageScene) -> list[str]:
     width, height = scene.size
-    facts = [f"It shows {scene.summary}.", *scene.details,
-             f"The picture is {width} pixels wide and {height} pixels tall ({_proportion(scene.size)})."]
+    facts = [
+        f"It shows {scene.summary}.",
+        *scene.details,
+        f"The picture is {width} pixels wide and {height} pixels tall ({_proportion(scene.size)}).",
+    ]
     if scene.text:
         facts.append(f"Readable text includes \u201c{scene.text[0]}\u201d.")
     else:
@@ -453,10 +539,21 @@ def _image_conversations(seed: int, name: str, rel: str) -> list[tuple[str, str,
         return {"role": "assistant", "content": text}
 
     # 1. caption
-    ask = rng.choice(("Describe this image in detail.", "What does this picture show?",
-                      "Write a detailed caption for the image.", "Describe everything you can see."))
-    out.append(("image-caption-synth", "caption",
-                [user(ask), answer(_grow(rng, facts, _image_pool(rng, scene), rng.randint(40, 400)))]))
+    ask = rng.choice(
+        (
+            "Describe this image in detail.",
+            "What does this picture show?",
+            "Write a detailed caption for the image.",
+            "Describe everything you can see.",
+        )
+    )
+    out.append(
+        (
+            "image-caption-synth",
+            "caption",
+            [user(ask), answer(_grow(rng, facts, _image_pool(rng, scene), rng.randint(40, 400)))],
+        )
+    )
 
     # 2. OCR
     if scene.text:
@@ -465,20 +562,30 @@ def _image_conversations(seed: int, name: str, rel: str) -> list[tuple[str, str,
             ask = f"Read the first {len(lines)} lines of text in the image, from the top."
         else:
             lines = scene.text
-            ask = rng.choice(("Read all the text in the image.",
-                              "Transcribe every piece of text you can see.",
-                              "What text appears in this picture? Copy it exactly."))
+            ask = rng.choice(
+                (
+                    "Read all the text in the image.",
+                    "Transcribe every piece of text you can see.",
+                    "What text appears in this picture? Copy it exactly.",
+                )
+            )
         body = "\n".join(lines)
     else:
-        ask = rng.choice(("Is there any text in this image? If so, read it.",
-                          "Transcribe any text in the image."))
+        ask = rng.choice(
+            ("Is there any text in this image? If so, read it.", "Transcribe any text in the image.")
+        )
         body = _grow(rng, ["There is no text in this image.", *scene.details], [], rng.randint(20, 80))
     out.append(("image-ocr-synth", "ocr", [user(ask), answer(body)]))
 
     # 3. grounding: phrase to box
     phrase, box = rng.choice(boxes)
-    ask = rng.choice((f"Locate {phrase} in the image.", f"Where is {phrase}? Give its bounding box.",
-                      f"Find {phrase} and output its box."))
+    ask = rng.choice(
+        (
+            f"Locate {phrase} in the image.",
+            f"Where is {phrase}? Give its bounding box.",
+            f"Find {phrase} and output its box.",
+        )
+    )
     extra = ["The box is given as x1, y1, x2, y2 on a 0 to 999 scale of the picture's width and height."]
     body = _box(phrase, box)
     if rng.random() < 0.5:
@@ -499,8 +606,12 @@ def _image_conversations(seed: int, name: str, rel: str) -> list[tuple[str, str,
     # 5. VQA, thinking mode for some pictures
     question, short, why = rng.choice(scene.questions)
     if rng.random() < 0.4:
-        reasoning = _grow(rng, [f"The question is: {question}", why, "Let me check that against the picture.",
-                                *scene.details], facts, rng.randint(40, 300))
+        reasoning = _grow(
+            rng,
+            [f"The question is: {question}", why, "Let me check that against the picture.", *scene.details],
+            facts,
+            rng.randint(40, 300),
+        )
         body = f"<think>{reasoning}</think><answer>{short}</answer>"
         out.append(("image-reasoning-synth", "vqa", [user(f"{question} /think"), answer(body)]))
     else:
@@ -509,15 +620,22 @@ def _image_conversations(seed: int, name: str, rel: str) -> list[tuple[str, str,
         out.append(("image-vqa-synth", "vqa", [user(question + suffix), answer(body)]))
 
     # 6. two-round conversation
-    first_q = rng.choice(("What kind of picture is this?", "Summarise this image briefly.",
-                          "What is the main subject here?"))
+    first_q = rng.choice(
+        ("What kind of picture is this?", "Summarise this image briefly.", "What is the main subject here?")
+    )
     first_a = _grow(rng, [f"It is {scene.summary}."], scene.details, rng.randint(15, 120))
     phrase, box = rng.choice(boxes)
-    second_q = rng.choice((f"And where exactly is {phrase}?", f"Can you point out {phrase}?",
-                           f"Show me where {phrase} is."))
+    second_q = rng.choice(
+        (f"And where exactly is {phrase}?", f"Can you point out {phrase}?", f"Show me where {phrase} is.")
+    )
     second_a = _box(phrase, box) + " " + _grow(rng, [], _image_pool(rng, scene), rng.randint(10, 80))
-    out.append(("image-chat-synth", "conversation", [
-        user(first_q), answer(first_a), {"role": "user", "content": second_q}, answer(second_a.strip())]))
+    out.append(
+        (
+            "image-chat-synth",
+            "conversation",
+            [user(first_q), answer(first_a), {"role": "user", "content": second_q}, answer(second_a.strip())],
+        )
+    )
     return out
 
 
@@ -533,22 +651,40 @@ def _image_captions(seed: int, name: str) -> list[str]:
 def _pair_conversation(seed: int, a: tuple[str, str], b: tuple[str, str]) -> tuple[str, str, list[dict]]:
     rng = _rng(seed, "pair", a[0], b[0])
     scene_a, scene_b = _image_scene(seed, a[0]), _image_scene(seed, b[0])
-    question = rng.choice(("What is different between the two pictures?", "Compare the two images.",
-                           "Which of the two pictures contains readable text, and what do they show?"))
-    content = [{"type": "text", "text": "Picture 1:"}, {"type": "image", "image": a[1]},
-               {"type": "text", "text": "Picture 2:"}, {"type": "image", "image": b[1]},
-               {"type": "text", "text": question}]
+    question = rng.choice(
+        (
+            "What is different between the two pictures?",
+            "Compare the two images.",
+            "Which of the two pictures contains readable text, and what do they show?",
+        )
+    )
+    content = [
+        {"type": "text", "text": "Picture 1:"},
+        {"type": "image", "image": a[1]},
+        {"type": "text", "text": "Picture 2:"},
+        {"type": "image", "image": b[1]},
+        {"type": "text", "text": question},
+    ]
 
     def text_note(scene: ImageScene, label: str) -> str:
-        return (f"{label} contains text, starting with \u201c{scene.text[0]}\u201d." if scene.text
-                else f"{label} has no text.")
+        return (
+            f"{label} contains text, starting with \u201c{scene.text[0]}\u201d."
+            if scene.text
+            else f"{label} has no text."
+        )
 
-    core = [f"Picture 1 shows {scene_a.summary}, while picture 2 shows {scene_b.summary}.",
-            text_note(scene_a, "Picture 1"), text_note(scene_b, "Picture 2"),
-            f"Picture 1 is {_proportion(scene_a.size)} and picture 2 is {_proportion(scene_b.size)}."]
+    core = [
+        f"Picture 1 shows {scene_a.summary}, while picture 2 shows {scene_b.summary}.",
+        text_note(scene_a, "Picture 1"),
+        text_note(scene_b, "Picture 2"),
+        f"Picture 1 is {_proportion(scene_a.size)} and picture 2 is {_proportion(scene_b.size)}.",
+    ]
     body = _grow(rng, core, [*scene_a.details[:2], *scene_b.details[:2]], rng.randint(40, 250))
-    return ("multi-image-synth", "interleaved", [{"role": "user", "content": content},
-                                                 {"role": "assistant", "content": body}])
+    return (
+        "multi-image-synth",
+        "interleaved",
+        [{"role": "user", "content": content}, {"role": "assistant", "content": body}],
+    )
 
 
 # ------------------------------------------------------------------------------------------- text corpora
@@ -585,14 +721,18 @@ def _list_entry(rng: random.Random, slots: _Slots, kind: str, heading: str, year
     if heading in ("Timeline", "Survey records"):
         return f"{next(years, 2024)}: {slots.fill(rng.choice(_TIMELINE[kind]))}."
     if heading == "Museum specimens":
-        return (f"Specimen {rng.choice('ABCDEFGHKM')}-{rng.randint(100, 9999)}: "
-                f"{rng.choice(('an adult male', 'an adult female', 'a juvenile'))} collected near "
-                f"{rng.choice(_TEXT_SLOTS['feature'])} in {next(years, 2024)} by {_person(rng)}, "
-                f"{rng.randint(5, 80)} cm long.")
+        return (
+            f"Specimen {rng.choice('ABCDEFGHKM')}-{rng.randint(100, 9999)}: "
+            f"{rng.choice(('an adult male', 'an adult female', 'a juvenile'))} collected near "
+            f"{rng.choice(_TEXT_SLOTS['feature'])} in {next(years, 2024)} by {_person(rng)}, "
+            f"{rng.randint(5, 80)} cm long."
+        )
     born = rng.randint(1500, 1930)
-    return (f"{_person(rng)} ({born}–{born + rng.randint(30, 90)}), "
-            f"{_article(rng.choice(_TEXT_SLOTS['profession']))} who "
-            f"{slots.format(rng.choice(_TEXT_SLOTS['deed']))}.")
+    return (
+        f"{_person(rng)} ({born}–{born + rng.randint(30, 90)}), "
+        f"{_article(rng.choice(_TEXT_SLOTS['profession']))} who "
+        f"{slots.format(rng.choice(_TEXT_SLOTS['deed']))}."
+    )
 
 
 def _encyclopedia_doc(rng: random.Random, index: int, target: int) -> str:
@@ -603,18 +743,37 @@ def _encyclopedia_doc(rng: random.Random, index: int, target: int) -> str:
     year3 = rng.randint(year2 + 20, 1990)
     # Facts are drawn once per article, so a number mentioned twice agrees with itself.
     fixed: dict[str, object] = {
-        "name": _name(rng), "region": _name(rng), "river": _name(rng, 2), "person": _person(rng),
-        "other": _name(rng), "variant": _name(rng), "year1": year1, "year2": year2, "year3": year3,
-        "century": f"{(year2 // 100) + 1}th", "pop_old": f"{rng.randint(300, 9000):,}",
-        "elev": rng.randint(40, 1800), "bridges": rng.randint(2, 9), "area": f"{rng.uniform(4, 180):.1f}",
-        "share": rng.randint(8, 45), "size": rng.randint(8, 70), "weight": rng.randint(12, 2400),
-        "clutch": rng.randint(2, 7), "territory": rng.randint(1, 40),
+        "name": _name(rng),
+        "region": _name(rng),
+        "river": _name(rng, 2),
+        "person": _person(rng),
+        "other": _name(rng),
+        "variant": _name(rng),
+        "year1": year1,
+        "year2": year2,
+        "year3": year3,
+        "century": f"{(year2 // 100) + 1}th",
+        "pop_old": f"{rng.randint(300, 9000):,}",
+        "elev": rng.randint(40, 1800),
+        "bridges": rng.randint(2, 9),
+        "area": f"{rng.uniform(4, 180):.1f}",
+        "share": rng.randint(8, 45),
+        "size": rng.randint(8, 70),
+        "weight": rng.randint(12, 2400),
+        "clutch": rng.randint(2, 7),
+        "territory": rng.randint(1, 40),
         "population": f"{rng.randint(80, 20000):,}",
-        "workshops": rng.randint(20, 140), "workshops2": rng.randint(3, 19), "days": rng.randint(2, 30),
-        "steps": rng.randint(4, 12), "years": rng.randint(2, 7), "distance": rng.randint(6, 90),
-        "small": rng.randint(2, 11), "weeks": rng.randint(3, 14),
+        "workshops": rng.randint(20, 140),
+        "workshops2": rng.randint(3, 19),
+        "days": rng.randint(2, 30),
+        "steps": rng.randint(4, 12),
+        "years": rng.randint(2, 7),
+        "distance": rng.randint(6, 90),
+        "small": rng.randint(2, 11),
+        "weeks": rng.randint(3, 14),
         "weekday": rng.choice(("Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday")),
-        "animal": rng.choice(_TEXT_SLOTS["animal"]), "trade": rng.choice(_TEXT_SLOTS["trade"]),
+        "animal": rng.choice(_TEXT_SLOTS["animal"]),
+        "trade": rng.choice(_TEXT_SLOTS["trade"]),
         "count": lambda r: f"{r.randint(20, 5000):,}",
     }
     slots = _Slots(rng, fixed, _TEXT_SLOTS)
@@ -663,11 +822,18 @@ def _encyclopedia_doc(rng: random.Random, index: int, target: int) -> str:
 def _p_linear(r: random.Random) -> tuple[str, list[str], str]:
     x, a, b = r.randint(-12, 20), r.randint(2, 9), r.choice([v for v in range(-30, 31) if v])
     c = a * x + b
-    return (f"Solve {a}x {'+' if b > 0 else '−'} {abs(b)} = {c} for x.",
-            [f"{'Subtract' if b > 0 else 'Add'} {abs(b)} on both sides: {a}x = {c - b}.",
-             f"Divide both sides by {a}: x = {c - b} / {a} = {x}.",
-             (f"Check: {a} × {_par(x)} = {a * x}, and {a * x} {'+' if b > 0 else '−'} {abs(b)} = {c}, as "
-             "required.")], f"x = {x}")
+    return (
+        f"Solve {a}x {'+' if b > 0 else '−'} {abs(b)} = {c} for x.",
+        [
+            f"{'Subtract' if b > 0 else 'Add'} {abs(b)} on both sides: {a}x = {c - b}.",
+            f"Divide both sides by {a}: x = {c - b} / {a} = {x}.",
+            (
+                f"Check: {a} × {_par(x)} = {a * x}, and {a * x} {'+' if b > 0 else '−'} {abs(b)} = {c}, as "
+                "required."
+            ),
+        ],
+        f"x = {x}",
+    )
 
 
 def _p_discount(r: random.Random) -> tuple[str, list[str], str]:
@@ -675,19 +841,27 @@ def _p_discount(r: random.Random) -> tuple[str, list[str], str]:
     off = Fraction(price * pct, 100)
     final = price - off
     item = r.choice(("jacket", "kettle", "bicycle lamp", "pair of boots", "desk chair", "tent", "backpack"))
-    return (f"A {item} costs {price} euros and is sold at {pct}% off. What is the sale price?",
-            [f"The discount is {pct}% of {price}, that is {price} × {pct} / 100 = {float(off):.2f} euros.",
-             f"Subtract it from the original price: {price} − {float(off):.2f} = {float(final):.2f}."],
-            f"{float(final):.2f} euros")
+    return (
+        f"A {item} costs {price} euros and is sold at {pct}% off. What is the sale price?",
+        [
+            f"The discount is {pct}% of {price}, that is {price} × {pct} / 100 = {float(off):.2f} euros.",
+            f"Subtract it from the original price: {price} − {float(off):.2f} = {float(final):.2f}.",
+        ],
+        f"{float(final):.2f} euros",
+    )
 
 
 def _p_rectangle(r: random.Random) -> tuple[str, list[str], str]:
     w, h = r.randint(3, 40), r.randint(3, 40)
     thing = r.choice(("garden bed", "classroom floor", "poster", "field", "tablecloth", "balcony"))
-    return (f"A rectangular {thing} measures {w} m by {h} m. Find its area and its perimeter.",
-            [f"Area is length times width: {w} × {h} = {w * h} square metres.",
-             f"Perimeter is twice the sum of the sides: 2 × ({w} + {h}) = {2 * (w + h)} metres."],
-            f"area {w * h} m², perimeter {2 * (w + h)} m")
+    return (
+        f"A rectangular {thing} measures {w} m by {h} m. Find its area and its perimeter.",
+        [
+            f"Area is length times width: {w} × {h} = {w * h} square metres.",
+            f"Perimeter is twice the sum of the sides: 2 × ({w} + {h}) = {2 * (w + h)} metres.",
+        ],
+        f"area {w * h} m², perimeter {2 * (w + h)} m",
+    )
 
 
 def _p_average(r: random.Random) -> tuple[str, list[str], str]:
@@ -695,23 +869,34 @@ def _p_average(r: random.Random) -> tuple[str, list[str], str]:
     total = sum(values)
     mean = Fraction(total, len(values))
     who = r.choice(("A student scored", "A runner logged", "A shop sold", "A weather station recorded"))
-    unit = {"A student scored": "points in each test", "A runner logged": "minutes on each run",
-            "A shop sold": "loaves on each day",
-            "A weather station recorded": "millimetres of rain each week"}[who]
-    return (f"{who} {', '.join(map(str, values))} {unit}. What is the mean?",
-            [f"Add the values: {' + '.join(map(str, values))} = {total}.",
-             f"Divide by the number of values, {len(values)}: {total} / {len(values)} = {float(mean):.2f}."],
-            f"{float(mean):.2f}")
+    unit = {
+        "A student scored": "points in each test",
+        "A runner logged": "minutes on each run",
+        "A shop sold": "loaves on each day",
+        "A weather station recorded": "millimetres of rain each week",
+    }[who]
+    return (
+        f"{who} {', '.join(map(str, values))} {unit}. What is the mean?",
+        [
+            f"Add the values: {' + '.join(map(str, values))} = {total}.",
+            f"Divide by the number of values, {len(values)}: {total} / {len(values)} = {float(mean):.2f}.",
+        ],
+        f"{float(mean):.2f}",
+    )
 
 
 def _p_series(r: random.Random) -> tuple[str, list[str], str]:
     a, d, n = r.randint(1, 15), r.randint(1, 9), r.randint(5, 30)
     last = a + (n - 1) * d
     total = n * (a + last) // 2
-    return (f"Find the sum of the first {n} terms of the arithmetic sequence {a}, {a + d}, {a + 2 * d}, ...",
-            [f"The common difference is {d}, so the {n}th term is {a} + ({n} − 1) × {d} = {last}.",
-             f"The sum is n times the mean of the first and last terms: {n} × ({a} + {last}) / 2 = {total}."],
-            f"{total}")
+    return (
+        f"Find the sum of the first {n} terms of the arithmetic sequence {a}, {a + d}, {a + 2 * d}, ...",
+        [
+            f"The common difference is {d}, so the {n}th term is {a} + ({n} − 1) × {d} = {last}.",
+            f"The sum is n times the mean of the first and last terms: {n} × ({a} + {last}) / 2 = {total}.",
+        ],
+        f"{total}",
+    )
 
 
 def _decimal(value: Fraction) -> str:
@@ -723,11 +908,15 @@ def _p_speed(r: random.Random) -> tuple[str, list[str], str]:
     hours = Fraction(minutes, 60)
     dist = speed * hours
     who = r.choice(("A train", "A cyclist", "A ferry", "A delivery van", "A bus"))
-    return (f"{who} travels at a steady {speed} km/h for {minutes} minutes. How far does it go?",
-            [f"Convert the time to hours: {minutes} / 60 = {hours} h.",
-             f"Distance is speed times time: {speed} × {hours} = {_decimal(dist)} km."
-             + ("" if dist.denominator == 1 else " (rounded to two decimals)")],
-            f"{_decimal(dist)} km")
+    return (
+        f"{who} travels at a steady {speed} km/h for {minutes} minutes. How far does it go?",
+        [
+            f"Convert the time to hours: {minutes} / 60 = {hours} h.",
+            f"Distance is speed times time: {speed} × {hours} = {_decimal(dist)} km."
+            + ("" if dist.denominator == 1 else " (rounded to two decimals)"),
+        ],
+        f"{_decimal(dist)} km",
+    )
 
 
 def _p_interest(r: random.Random) -> tuple[str, list[str], str]:
@@ -738,10 +927,18 @@ def _p_interest(r: random.Random) -> tuple[str, list[str], str]:
         new = round(amount * (1 + rate / 100), 2)
         steps.append(f"After year {year}: {amount:.2f} × {1 + rate / 100:.2f} = {new:.2f}.")
         amount = new
-    return ((f"{principal} euros are invested at {rate}% interest compounded yearly. "
-            f"How much is there after {years} years?"),
-            ["Each year the balance is multiplied by 1 plus the rate.", *steps,
-             "Amounts are rounded to the cent each year, as a bank would."], f"{amount:.2f} euros")
+    return (
+        (
+            f"{principal} euros are invested at {rate}% interest compounded yearly. "
+            f"How much is there after {years} years?"
+        ),
+        [
+            "Each year the balance is multiplied by 1 plus the rate.",
+            *steps,
+            "Amounts are rounded to the cent each year, as a bank would.",
+        ],
+        f"{amount:.2f} euros",
+    )
 
 
 def _p_ratio(r: random.Random) -> tuple[str, list[str], str]:
@@ -749,21 +946,30 @@ def _p_ratio(r: random.Random) -> tuple[str, list[str], str]:
     unit = r.randint(3, 40)
     total = (p + q) * unit
     names = r.sample(("Ana", "Bo", "Chen", "Dara", "Emil", "Farah", "Goran", "Hana", "Ivo", "Jun"), 2)
-    return (f"{names[0]} and {names[1]} share {total} marbles in the ratio {p}:{q}. How many does each get?",
-            [f"The ratio has {p} + {q} = {p + q} parts.",
-             f"One part is {total} / {p + q} = {unit} marbles.",
-             f"{names[0]} gets {p} × {unit} = {p * unit} and {names[1]} gets {q} × {unit} = {q * unit}."],
-            f"{names[0]} {p * unit}, {names[1]} {q * unit}")
+    return (
+        f"{names[0]} and {names[1]} share {total} marbles in the ratio {p}:{q}. How many does each get?",
+        [
+            f"The ratio has {p} + {q} = {p + q} parts.",
+            f"One part is {total} / {p + q} = {unit} marbles.",
+            f"{names[0]} gets {p} × {unit} = {p * unit} and {names[1]} gets {q} × {unit} = {q * unit}.",
+        ],
+        f"{names[0]} {p * unit}, {names[1]} {q * unit}",
+    )
 
 
 def _p_pythagoras(r: random.Random) -> tuple[str, list[str], str]:
     a, b, c = r.choice(((3, 4, 5), (5, 12, 13), (8, 15, 17), (7, 24, 25), (20, 21, 29)))
     k = r.randint(1, 6)
     a, b, c = a * k, b * k, c * k
-    return (f"A ladder reaches {b} m up a wall and its foot stands {a} m from the wall. How long is it?",
-            ["The wall, the ground and the ladder form a right triangle with the ladder as hypotenuse.",
-             f"Square the two legs: {a}² = {a * a} and {b}² = {b * b}.",
-             f"Add them: {a * a} + {b * b} = {c * c}, and the square root of {c * c} is {c}."], f"{c} m")
+    return (
+        f"A ladder reaches {b} m up a wall and its foot stands {a} m from the wall. How long is it?",
+        [
+            "The wall, the ground and the ladder form a right triangle with the ladder as hypotenuse.",
+            f"Square the two legs: {a}² = {a * a} and {b}² = {b * b}.",
+            f"Add them: {a * a} + {b * b} = {c * c}, and the square root of {c * c} is {c}.",
+        ],
+        f"{c} m",
+    )
 
 
 def _p_fractions(r: random.Random) -> tuple[str, list[str], str]:
@@ -774,9 +980,15 @@ def _p_fractions(r: random.Random) -> tuple[str, list[str], str]:
     nx, ny = x.numerator * (lcm // x.denominator), y.numerator * (lcm // y.denominator)
     total = x + y
     last = f"which simplifies to {total}" if total.denominator != lcm else "which is already in lowest terms"
-    return (f"Compute {x} + {y} and simplify.",
-            [f"The least common denominator is {lcm}.", f"Rewrite: {x} = {nx}/{lcm} and {y} = {ny}/{lcm}.",
-             f"Add the numerators: {nx} + {ny} = {nx + ny}, giving {nx + ny}/{lcm}, {last}."], f"{total}")
+    return (
+        f"Compute {x} + {y} and simplify.",
+        [
+            f"The least common denominator is {lcm}.",
+            f"Rewrite: {x} = {nx}/{lcm} and {y} = {ny}/{lcm}.",
+            f"Add the numerators: {nx} + {ny} = {nx + ny}, giving {nx + ny}/{lcm}, {last}.",
+        ],
+        f"{total}",
+    )
 
 
 def _term(coefficient: int, variable: str, first: bool = False) -> str:
@@ -799,13 +1011,22 @@ def _p_system(r: random.Random) -> tuple[str, list[str], str]:
     det = a * d - b * c
     if det == 0:
         return _p_linear(r)
-    return ((f"Solve the system {_term(a, 'x', True)} {_term(b, 'y')} = {e} and "
-            f"{_term(c, 'x', True)} {_term(d, 'y')} = {f}."),
-            [(f"The determinant is {a} × {_par(d)} − {b} × {c} = {det}, which is not zero, so there is "
-              "exactly one solution."),
-             f"By Cramer's rule, x = ({_par(e)} × {_par(d)} − {b} × {_par(f)}) / {_par(det)} = {x},",
-             f"and y = ({a} × {_par(f)} − {_par(e)} × {c}) / {_par(det)} = {y}.",
-             f"Check in the first equation: {a} × {_par(x)} + {b} × {_par(y)} = {e}."], f"x = {x}, y = {y}")
+    return (
+        (
+            f"Solve the system {_term(a, 'x', True)} {_term(b, 'y')} = {e} and "
+            f"{_term(c, 'x', True)} {_term(d, 'y')} = {f}."
+        ),
+        [
+            (
+                f"The determinant is {a} × {_par(d)} − {b} × {c} = {det}, which is not zero, so there is "
+                "exactly one solution."
+            ),
+            f"By Cramer's rule, x = ({_par(e)} × {_par(d)} − {b} × {_par(f)}) / {_par(det)} = {x},",
+            f"and y = ({a} × {_par(f)} − {_par(e)} × {c}) / {_par(det)} = {y}.",
+            f"Check in the first equation: {a} × {_par(x)} + {b} × {_par(y)} = {e}.",
+        ],
+        f"x = {x}, y = {y}",
+    )
 
 
 def _p_probability(r: random.Random) -> tuple[str, list[str], str]:
@@ -813,12 +1034,18 @@ def _p_probability(r: random.Random) -> tuple[str, list[str], str]:
     total = red + blue + green
     colour, count = r.choice((("red", red), ("blue", blue), ("green", green)))
     p = Fraction(count, total)
-    return ((f"A bag holds {red} red, {blue} blue and {green} green marbles. One is drawn at random. "
-            f"What is the probability that it is {colour}?"),
-            [f"There are {red} + {blue} + {green} = {total} marbles, each equally likely.",
-             f"{count} of them are {colour}, so the probability is {count}/{total}"
-             + (f", which simplifies to {p}." if p.denominator != total else ".")],
-            f"{p} (about {float(p):.3f})")
+    return (
+        (
+            f"A bag holds {red} red, {blue} blue and {green} green marbles. One is drawn at random. "
+            f"What is the probability that it is {colour}?"
+        ),
+        [
+            f"There are {red} + {blue} + {green} = {total} marbles, each equally likely.",
+            f"{count} of them are {colour}, so the probability is {count}/{total}"
+            + (f", which simplifies to {p}." if p.denominator != total else "."),
+        ],
+        f"{p} (about {float(p):.3f})",
+    )
 
 
 def _p_gcd(r: random.Random) -> tuple[str, list[str], str]:
@@ -830,24 +1057,47 @@ def _p_gcd(r: random.Random) -> tuple[str, list[str], str]:
     while y:
         steps.append(f"{x} = {x // y} × {y} + {x % y}.")
         x, y = y, x % y
-    return (f"Find the greatest common divisor and the least common multiple of {a} and {b}.",
-            ["Use the Euclidean algorithm.", *steps, f"The last non-zero remainder is {gcd}.",
-             f"The least common multiple is {a} × {b} / {gcd} = {lcm}."], f"gcd {gcd}, lcm {lcm}")
+    return (
+        f"Find the greatest common divisor and the least common multiple of {a} and {b}.",
+        [
+            "Use the Euclidean algorithm.",
+            *steps,
+            f"The last non-zero remainder is {gcd}.",
+            f"The least common multiple is {a} × {b} / {gcd} = {lcm}.",
+        ],
+        f"gcd {gcd}, lcm {lcm}",
+    )
 
 
 def _p_units(r: random.Random) -> tuple[str, list[str], str]:
     litres, cups = r.randint(2, 30), r.choice((150, 200, 250, 300))
     total_ml = litres * 1000
     full, rest = divmod(total_ml, cups)
-    return (f"How many {cups} ml cups can be filled from {litres} litres of soup, and how much is left?",
-            [f"Convert litres to millilitres: {litres} × 1000 = {total_ml} ml.",
-             f"Divide by the cup size: {total_ml} / {cups} = {full} remainder {rest}."],
-            f"{full} cups, {rest} ml left")
+    return (
+        f"How many {cups} ml cups can be filled from {litres} litres of soup, and how much is left?",
+        [
+            f"Convert litres to millilitres: {litres} × 1000 = {total_ml} ml.",
+            f"Divide by the cup size: {total_ml} / {cups} = {full} remainder {rest}.",
+        ],
+        f"{full} cups, {rest} ml left",
+    )
 
 
 _PROBLEMS: tuple[Callable[[random.Random], tuple[str, list[str], str]], ...] = (
-    _p_linear, _p_discount, _p_rectangle, _p_average, _p_series, _p_speed, _p_interest, _p_ratio,
-    _p_pythagoras, _p_fractions, _p_system, _p_probability, _p_gcd, _p_units,
+    _p_linear,
+    _p_discount,
+    _p_rectangle,
+    _p_average,
+    _p_series,
+    _p_speed,
+    _p_interest,
+    _p_ratio,
+    _p_pythagoras,
+    _p_fractions,
+    _p_system,
+    _p_probability,
+    _p_gcd,
+    _p_units,
 )
 _MATH_PHRASES = vocabulary.load("math")
 _MATH_TITLES = _MATH_PHRASES["titles"]
@@ -859,8 +1109,11 @@ def _math_doc(rng: random.Random, index: int, target: int) -> str:
     blocks, count, number = [], _words(title), 1
     while count < target:
         statement, steps, result = rng.choice(_PROBLEMS)(rng)
-        block = (f"Problem {number}. {statement}\n{rng.choice(_MATH_LEADS)} " + " ".join(steps)
-                 + f"\nAnswer: {result}.")
+        block = (
+            f"Problem {number}. {statement}\n{rng.choice(_MATH_LEADS)} "
+            + " ".join(steps)
+            + f"\nAnswer: {result}."
+        )
         if count + _words(block) > MAX_DOC_WORDS and count >= MIN_DOC_WORDS:
             break
         blocks.append(block)
@@ -884,12 +1137,14 @@ def _dialogue_doc(rng: random.Random, index: int, target: int) -> str:
         "time": lambda r: f"{r.randint(6, 21)}:{r.choice(('00', '15', '30', '45'))}",
         "time2": lambda r: f"{r.randint(6, 21)}:{r.choice(('05', '20', '35', '50'))}",
         "time3": lambda r: f"{r.randint(6, 21)}:{r.choice(('10', '25', '40', '55'))}",
-        "num": lambda r: r.randint(12, 95), "num2": lambda r: r.randint(20, 90),
+        "num": lambda r: r.randint(12, 95),
+        "num2": lambda r: r.randint(20, 90),
         "small": lambda r: r.randint(2, 9),
         "name": c,
         "plant2": lambda r: r.choice(_DIALOGUE_SLOTS["plant"]),
         # What a topic talks about stays the same within a document.
-        "food": rng.choice(_DIALOGUE_SLOTS["food"]), "place": rng.choice(_DIALOGUE_SLOTS["place"]),
+        "food": rng.choice(_DIALOGUE_SLOTS["food"]),
+        "place": rng.choice(_DIALOGUE_SLOTS["place"]),
     }
     slots = _Slots(rng, fixed, _DIALOGUE_SLOTS)
     lines = [f"A conversation between {a} and {b}."]
@@ -1004,8 +1259,12 @@ def _simple(text_q: str, text_a: str, media: tuple[str, str] | None = None, row_
     if media:
         content.append({"type": media[0], media[0]: media[1]})
     content.append({"type": "text", "text": text_q})
-    return {"id": row_id, "source": "bad-inputs-synth", "task": "vqa" if media else "conversation",
-            "messages": [{"role": "user", "content": content}, {"role": "assistant", "content": text_a}]}
+    return {
+        "id": row_id,
+        "source": "bad-inputs-synth",
+        "task": "vqa" if media else "conversation",
+        "messages": [{"role": "user", "content": content}, {"role": "assistant", "content": text_a}],
+    }
 
 
 def _bad_files(bad: Path, videos: list[Path], images: list[Path], overwrite: bool) -> dict[str, Path]:
@@ -1019,11 +1278,18 @@ def _bad_files(bad: Path, videos: list[Path], images: list[Path], overwrite: boo
         return json.dumps(row, ensure_ascii=False).encode("utf-8")
 
     lines = [
-        dump(_simple("What colour is the sky on a clear day?", "Blue, because air scatters short wavelengths "
-                     "of sunlight more than long ones.", row_id="broken-1")),
+        dump(
+            _simple(
+                "What colour is the sky on a clear day?",
+                "Blue, because air scatters short wavelengths of sunlight more than long ones.",
+                row_id="broken-1",
+            )
+        ),
         dump(_simple("Describe the clip briefly.", "A short synthetic test clip.", video, "broken-2")),
-        (b'{"id": "broken-3", "source": "bad-inputs-synth", "messages": [{"role": "user", "content": '
-         b'"this line stops in the middle of a stri'),
+        (
+            b'{"id": "broken-3", "source": "bad-inputs-synth", "messages": [{"role": "user", "content": '
+            b'"this line stops in the middle of a stri'
+        ),
         dump(_simple("What is shown here?", "A synthetic test picture.", image, "broken-4")),
         dump(_simple("Name a prime number above ten.", "Eleven is the smallest one.", row_id="broken-5")),
     ]
@@ -1032,8 +1298,10 @@ def _bad_files(bad: Path, videos: list[Path], images: list[Path], overwrite: boo
 
     # Line 2: a Latin-1 byte, a lead byte before ASCII, a lone continuation byte, a cut-off three-byte
     # sequence and an overlong encoding: none of them is UTF-8.
-    invalid = (b'{"id": "utf8-2", "source": "bad-inputs-synth", "messages": [{"role": "user", "content": '
-               b'"caf\xe9 and na\xc3ve \x80 \xe2\x82"}, {"role": "assistant", "content": "\xc0\xaf"}]}')
+    invalid = (
+        b'{"id": "utf8-2", "source": "bad-inputs-synth", "messages": [{"role": "user", "content": '
+        b'"caf\xe9 and na\xc3ve \x80 \xe2\x82"}, {"role": "assistant", "content": "\xc0\xaf"}]}'
+    )
     lines = [
         dump(_simple("Translate 'good morning' into French.", "Bonjour.", row_id="utf8-1")),
         invalid,
@@ -1043,8 +1311,14 @@ def _bad_files(bad: Path, videos: list[Path], images: list[Path], overwrite: boo
     _write_bytes(out["invalid_utf8"], b"\n".join(lines) + b"\n", overwrite)
 
     lines = [
-        dump(_simple("What happens in this clip?", "It cannot be described: the file is missing.",
-                     ("video", "videos/does_not_exist.mp4"), "missing-1")),
+        dump(
+            _simple(
+                "What happens in this clip?",
+                "It cannot be described: the file is missing.",
+                ("video", "videos/does_not_exist.mp4"),
+                "missing-1",
+            )
+        ),
         dump(_simple("What happens in this clip?", "A short synthetic clip.", some, "missing-2")),
     ]
     out["missing_media"] = bad / "missing_media.jsonl"
@@ -1061,25 +1335,52 @@ def _bad_files(bad: Path, videos: list[Path], images: list[Path], overwrite: boo
     _write_bytes(out["outside_root"], b"\n".join(lines) + b"\n", overwrite)
 
     lines = [
-        dump({"id": "schema-1", "source": "bad-inputs-synth",
-              "conversation": [{"from": "human", "value": "Hello?"}, {"from": "gpt", "value": "Hello."}]}),
-        dump({"id": "schema-2", "source": "bad-inputs-synth",
-              "messages": [{"role": "narrator", "content": "Once upon a time."},
-                           {"role": "assistant", "content": "The end."}]}),
-        dump({"id": "schema-3", "source": "bad-inputs-synth",
-              "messages": [{"role": "user", "content": 42}, {"role": "assistant", "content": "Forty-two."}]}),
-        dump({"id": "schema-4", "source": "bad-inputs-synth",
-              "messages": [{"role": "user", "content": {"text": "an object, not a list"}},
-                           {"role": "assistant", "content": "Noted."}]}),
+        dump(
+            {
+                "id": "schema-1",
+                "source": "bad-inputs-synth",
+                "conversation": [{"from": "human", "value": "Hello?"}, {"from": "gpt", "value": "Hello."}],
+            }
+        ),
+        dump(
+            {
+                "id": "schema-2",
+                "source": "bad-inputs-synth",
+                "messages": [
+                    {"role": "narrator", "content": "Once upon a time."},
+                    {"role": "assistant", "content": "The end."},
+                ],
+            }
+        ),
+        dump(
+            {
+                "id": "schema-3",
+                "source": "bad-inputs-synth",
+                "messages": [{"role": "user", "content": 42}, {"role": "assistant", "content": "Forty-two."}],
+            }
+        ),
+        dump(
+            {
+                "id": "schema-4",
+                "source": "bad-inputs-synth",
+                "messages": [
+                    {"role": "user", "content": {"text": "an object, not a list"}},
+                    {"role": "assistant", "content": "Noted."},
+                ],
+            }
+        ),
         dump(_simple("How many legs does a spider have?", "Eight.", row_id="schema-5")),
     ]
     out["bad_schema"] = bad / "bad_schema.jsonl"
     _write_bytes(out["bad_schema"], b"\n".join(lines) + b"\n", overwrite)
 
     text = bad / "text"
-    _write_bytes(text / "bad-text-synth" / "invalid_utf8.txt",
-                 b"A plain paragraph that starts well.\n\nThen a stray byte \xff appears and the rest "
-                 b"cannot be decoded as UTF-8.\n", overwrite)
+    _write_bytes(
+        text / "bad-text-synth" / "invalid_utf8.txt",
+        b"A plain paragraph that starts well.\n\nThen a stray byte \xff appears and the rest "
+        b"cannot be decoded as UTF-8.\n",
+        overwrite,
+    )
     _write_bytes(text / "bad-text-synth" / "empty.txt", b"", overwrite)
     out["bad_text"] = text
     return out
@@ -1097,9 +1398,11 @@ def generate_corpus(
     dest = Path(dest)
     dest.mkdir(parents=True, exist_ok=True)
     videos, images = [Path(v) for v in videos], [Path(i) for i in images]
-    out: dict[str, Path] = {"conversations": dest / "conversations.jsonl",
-                            "captions": dest / "captions.jsonl",
-                            "text_dir": dest / "text"}
+    out: dict[str, Path] = {
+        "conversations": dest / "conversations.jsonl",
+        "captions": dest / "captions.jsonl",
+        "text_dir": dest / "text",
+    }
     if overwrite or not out["conversations"].exists():
         _write_bytes(out["conversations"], _jsonl(_conversation_rows(seed, videos, images, dest)), overwrite)
     if overwrite or not out["captions"].exists():
@@ -1114,8 +1417,11 @@ def generate_corpus(
 
 
 def _media_in(folder: Path, suffixes: tuple[str, ...]) -> list[Path]:
-    return sorted(p for p in folder.iterdir()
-                  if p.is_file() and p.suffix.lower() in suffixes and not p.name.startswith("."))
+    return sorted(
+        p
+        for p in folder.iterdir()
+        if p.is_file() and p.suffix.lower() in suffixes and not p.name.startswith(".")
+    )
 
 
 def _size(path: Path) -> int:
@@ -1128,7 +1434,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m keyeflow.synthetic.corpus",
         description="Write sample conversations, captions, plain text and bad inputs to DEST, referring to "
-                    "the videos in VIDEO_DIR and the images in IMAGE_DIR.",
+        "the videos in VIDEO_DIR and the images in IMAGE_DIR.",
     )
     parser.add_argument("dest", type=Path)
     parser.add_argument("video_dir", type=Path)

@@ -151,9 +151,11 @@ def _extent(points: list[tuple[int, int]]) -> tuple[int, int, int, int]:
 
 
 def _gradient_jpg() -> _Picture:
-    rings = [(_disc(250, 250, 140), "the upper-left ring"),
-             (_disc(700, 300, 190), "the large ring on the right"),
-             (_disc(500, 600, 110), "the small ring near the bottom")]
+    rings = [
+        (_disc(250, 250, 140), "the upper-left ring"),
+        (_disc(700, 300, 190), "the large ring on the right"),
+        (_disc(500, 600, 110), "the small ring near the bottom"),
+    ]
 
     def paint() -> Image.Image:
         image = Image.fromarray(_gradient(1024, 768, (250, 120, 40), (40, 120, 250), (30, 200, 120)))
@@ -163,20 +165,33 @@ def _gradient_jpg() -> _Picture:
             draw.ellipse(box, outline=shade, width=18)
         return image
 
-    return _Picture(ImageScene(
-        (1024, 768),
-        "a smooth colour gradient with three pale ring outlines",
-        ("Orange fills the upper left corner and fades into blue towards the upper right.",
-         "Along the bottom the colours turn green.",
-         "Three ring outlines in pale cream and pink tones float over the gradient; they are hollow.",
-         "The largest ring sits on the right, the smallest near the bottom middle."),
-        tuple(Region(phrase, box) for box, phrase in rings),
-        questions=(Question("How many ring outlines are drawn?", str(len(rings)),
-                            "There is one on the upper left, a large one on the right and a small one near "
-                            "the bottom."),
-                   Question("What colour dominates the bottom edge?", "Green",
-                            "The gradient blends into green as it approaches the lower edge.")),
-    ), paint)
+    return _Picture(
+        ImageScene(
+            (1024, 768),
+            "a smooth colour gradient with three pale ring outlines",
+            (
+                "Orange fills the upper left corner and fades into blue towards the upper right.",
+                "Along the bottom the colours turn green.",
+                "Three ring outlines in pale cream and pink tones float over the gradient; they are hollow.",
+                "The largest ring sits on the right, the smallest near the bottom middle.",
+            ),
+            tuple(Region(phrase, box) for box, phrase in rings),
+            questions=(
+                Question(
+                    "How many ring outlines are drawn?",
+                    str(len(rings)),
+                    "There is one on the upper left, a large one on the right and a small one near "
+                    "the bottom.",
+                ),
+                Question(
+                    "What colour dominates the bottom edge?",
+                    "Green",
+                    "The gradient blends into green as it approaches the lower edge.",
+                ),
+            ),
+        ),
+        paint,
+    )
 
 
 def _shapes_png() -> _Picture:
@@ -194,24 +209,45 @@ def _shapes_png() -> _Picture:
         draw.regular_polygon(hexagon, 6, fill=(240, 190, 30))
         return image
 
-    return _Picture(ImageScene(
-        (800, 600),
-        "flat coloured shapes with hard edges on a cream background",
-        ("A red rectangle sits in the upper left.", "A blue circle is to its right.",
-         "A green triangle points upward in the lower half.",
-         "A yellow hexagon in the upper right overlaps the edge of the circle.",
-         "A thick black line runs diagonally in the lower right."),
-        (Region("the red rectangle", rectangle), Region("the blue circle", circle),
-         Region("the green triangle", _extent(triangle)), Region("the black diagonal line", line),
-         Region("the yellow hexagon", _disc(*hexagon))),
-        questions=(Question("How many filled shapes are there?", "4",
-                            "The rectangle, circle, triangle and hexagon are filled; the black line is a "
-                            "stroke, not a shape."),
-                   Question("Which shape is yellow?", "The hexagon",
-                            "The only yellow element is the six-sided figure in the upper right."),
-                   Question("Is the circle left or right of the rectangle?", "Right",
-                            "The rectangle is near the left edge and the circle lies further to the right.")),
-    ), paint)
+    return _Picture(
+        ImageScene(
+            (800, 600),
+            "flat coloured shapes with hard edges on a cream background",
+            (
+                "A red rectangle sits in the upper left.",
+                "A blue circle is to its right.",
+                "A green triangle points upward in the lower half.",
+                "A yellow hexagon in the upper right overlaps the edge of the circle.",
+                "A thick black line runs diagonally in the lower right.",
+            ),
+            (
+                Region("the red rectangle", rectangle),
+                Region("the blue circle", circle),
+                Region("the green triangle", _extent(triangle)),
+                Region("the black diagonal line", line),
+                Region("the yellow hexagon", _disc(*hexagon)),
+            ),
+            questions=(
+                Question(
+                    "How many filled shapes are there?",
+                    "4",
+                    "The rectangle, circle, triangle and hexagon are filled; the black line is a "
+                    "stroke, not a shape.",
+                ),
+                Question(
+                    "Which shape is yellow?",
+                    "The hexagon",
+                    "The only yellow element is the six-sided figure in the upper right.",
+                ),
+                Question(
+                    "Is the circle left or right of the rectangle?",
+                    "Right",
+                    "The rectangle is near the left edge and the circle lies further to the right.",
+                ),
+            ),
+        ),
+        paint,
+    )
 
 
 def _document_png() -> _Picture:
@@ -244,40 +280,67 @@ def _document_png() -> _Picture:
         return image
 
     # Legible: a heading's 40-px and a body line's 28-px glyphs end on the page.
-    shown = [(heading, heading_y, [(line, line_y) for line, line_y in lines if line_y + 28 <= height])
-             for (heading, heading_y), lines in sections if heading_y + 40 <= height]
+    shown = [
+        (heading, heading_y, [(line, line_y) for line, line_y in lines if line_y + 28 <= height])
+        for (heading, heading_y), lines in sections
+        if heading_y + 40 <= height
+    ]
     text = [title]
     for heading, _, lines in shown:
         text += [heading, *(line for line, _ in lines)]
     # Right ends of the text (x2) as annotated: the lines' lengths vary with their words.
     regions = [Region("the title", (100, 95, 590, 150))]
-    regions += [Region(f"the heading of section {k + 1}", (100, heading_y, 390, heading_y + 40))
-                for k, (_, heading_y, _) in enumerate(shown)]
-    regions += [Region(f"the body text of section {k + 1}", (100, lines[0][1], 870, lines[-1][1] + 38))
-                for k, (_, _, lines) in enumerate(shown) if len(lines) == 8]
-    regions += [Region(f"the cut-off body text of section {k + 1}", (100, lines[0][1], 790, height - 1))
-                for k, (_, _, lines) in enumerate(shown) if len(lines) < 8]
-    return _Picture(ImageScene(
-        (width, height),
-        "a greyscale A4-like page of printed text with a title and numbered sections",
-        ("The page is white with black and dark grey lettering.",
-         "A large title heads the page.",
-         "Four numbered sections with eight lines of body text each fill most of the page.",
-         "A fifth section starts near the bottom and is cut off by the lower edge after two lines.",
-         "The body lines are lists of short technical words rather than full sentences."),
-        tuple(regions),
-        text=tuple(text),
-        questions=(Question("How many numbered section headings are visible?", str(len(shown)),
-                            "Headings 1 to 5 can be read; the fifth section runs off the bottom of the "
-                            "page."),
-                   Question("What is the title of the page?", title,
-                            "It is the large line of text at the very top."),
-                   Question("What is the heading of the third section?", shown[2][0],
-                            "Section headings are numbered; the third one reads like this."),
-                   Question("Is the whole page of text visible?", "No",
-                            "The fifth section is cut off after two lines by the bottom edge, so the page "
-                            "continues beyond what is shown.")),
-    ), paint)
+    regions += [
+        Region(f"the heading of section {k + 1}", (100, heading_y, 390, heading_y + 40))
+        for k, (_, heading_y, _) in enumerate(shown)
+    ]
+    regions += [
+        Region(f"the body text of section {k + 1}", (100, lines[0][1], 870, lines[-1][1] + 38))
+        for k, (_, _, lines) in enumerate(shown)
+        if len(lines) == 8
+    ]
+    regions += [
+        Region(f"the cut-off body text of section {k + 1}", (100, lines[0][1], 790, height - 1))
+        for k, (_, _, lines) in enumerate(shown)
+        if len(lines) < 8
+    ]
+    return _Picture(
+        ImageScene(
+            (width, height),
+            "a greyscale A4-like page of printed text with a title and numbered sections",
+            (
+                "The page is white with black and dark grey lettering.",
+                "A large title heads the page.",
+                "Four numbered sections with eight lines of body text each fill most of the page.",
+                "A fifth section starts near the bottom and is cut off by the lower edge after two lines.",
+                "The body lines are lists of short technical words rather than full sentences.",
+            ),
+            tuple(regions),
+            text=tuple(text),
+            questions=(
+                Question(
+                    "How many numbered section headings are visible?",
+                    str(len(shown)),
+                    "Headings 1 to 5 can be read; the fifth section runs off the bottom of the page.",
+                ),
+                Question(
+                    "What is the title of the page?", title, "It is the large line of text at the very top."
+                ),
+                Question(
+                    "What is the heading of the third section?",
+                    shown[2][0],
+                    "Section headings are numbered; the third one reads like this.",
+                ),
+                Question(
+                    "Is the whole page of text visible?",
+                    "No",
+                    "The fifth section is cut off after two lines by the bottom edge, so the page "
+                    "continues beyond what is shown.",
+                ),
+            ),
+        ),
+        paint,
+    )
 
 
 def _axes(draw: ImageDraw.ImageDraw, box, font) -> None:
@@ -292,8 +355,11 @@ def _axes(draw: ImageDraw.ImageDraw, box, font) -> None:
 
 def _bar_chart_webp() -> _Picture:
     title = "Tokens by modality"
-    bars = [("video", 24, (220, 80, 60), "red"), ("image", 50, (60, 120, 220), "blue"),
-            ("text", 26, (80, 170, 90), "green")]  # label, percent, fill, colour name
+    bars = [
+        ("video", 24, (220, 80, 60), "red"),
+        ("image", 50, (60, 120, 220), "blue"),
+        ("text", 26, (80, 170, 90), "green"),
+    ]  # label, percent, fill, colour name
     base, span = 520, 440  # the axis's 0 and its height in pixels (100%)
 
     def paint() -> Image.Image:
@@ -312,24 +378,49 @@ def _bar_chart_webp() -> _Picture:
 
     # A bar's box reaches its value's height rounded; the drawn bar's top is cut to whole pixels (1 px lower
     # at 24%).
-    return _Picture(ImageScene(
-        (900, 600),
-        f"a bar chart titled '{title}' with three coloured bars",
-        ("The chart has a vertical axis marked from 0 to 100 in steps of 20.",
-         *(f"A {name} bar labelled {label} reaches {value}%." for label, value, _, name in bars),
-         "Each bar carries its percentage just above it."),
-        (*(Region(f"the {label} bar", (180 + i * 230, base - round(value / 100 * span), 320 + i * 230, base))
-           for i, (label, value, _, _) in enumerate(bars)),
-         Region("the chart title", (300, 20, 600, 55))),
-        text=(title, *(f"{value}%" for _, value, _, _ in bars), *(label for label, _, _, _ in bars),
-              *_AXIS_LABELS),
-        questions=(Question("Which modality has the tallest bar?", "Image",
-                            "The image bar reaches 50%, higher than 24% for video and 26% for text."),
-                   Question("What share of tokens goes to text?", "26%",
-                            "The green bar labelled text is marked 26%."),
-                   Question("By how many percentage points does image exceed video?", "26",
-                            "Image is at 50% and video at 24%, and 50 minus 24 is 26.")),
-    ), paint)
+    return _Picture(
+        ImageScene(
+            (900, 600),
+            f"a bar chart titled '{title}' with three coloured bars",
+            (
+                "The chart has a vertical axis marked from 0 to 100 in steps of 20.",
+                *(f"A {name} bar labelled {label} reaches {value}%." for label, value, _, name in bars),
+                "Each bar carries its percentage just above it.",
+            ),
+            (
+                *(
+                    Region(
+                        f"the {label} bar",
+                        (180 + i * 230, base - round(value / 100 * span), 320 + i * 230, base),
+                    )
+                    for i, (label, value, _, _) in enumerate(bars)
+                ),
+                Region("the chart title", (300, 20, 600, 55)),
+            ),
+            text=(
+                title,
+                *(f"{value}%" for _, value, _, _ in bars),
+                *(label for label, _, _, _ in bars),
+                *_AXIS_LABELS,
+            ),
+            questions=(
+                Question(
+                    "Which modality has the tallest bar?",
+                    "Image",
+                    "The image bar reaches 50%, higher than 24% for video and 26% for text.",
+                ),
+                Question(
+                    "What share of tokens goes to text?", "26%", "The green bar labelled text is marked 26%."
+                ),
+                Question(
+                    "By how many percentage points does image exceed video?",
+                    "26",
+                    "Image is at 50% and video at 24%, and 50 minus 24 is 26.",
+                ),
+            ),
+        ),
+        paint,
+    )
 
 
 def _line_chart_jpg() -> _Picture:
@@ -349,20 +440,32 @@ def _line_chart_jpg() -> _Picture:
         draw.text((1300, 15), title, fill=(0, 0, 0), font=_font(32))
         return image
 
-    return _Picture(ImageScene(
-        (3000, 600),
-        f"a very wide line chart titled '{title}'",
-        ("Two curves, one red and one blue, wiggle across a panorama-shaped plot.",
-         "Both curves oscillate with a swing that slowly shrinks from left to right.",
-         "A vertical axis on the left is marked from 0 to 100."),
-        (Region("the chart title", (1300, 15, 1760, 55)), Region("the plot area", plot)),
-        text=(title, *_AXIS_LABELS),
-        questions=(Question("How many runs are plotted?", str(len(runs)),
-                            "The title says two runs and there are a red and a blue curve."),
-                   Question("Does the swing of the curves grow or shrink to the right?", "It shrinks",
-                            "The oscillations are wide near the left axis and narrower towards the right "
-                            "edge.")),
-    ), paint)
+    return _Picture(
+        ImageScene(
+            (3000, 600),
+            f"a very wide line chart titled '{title}'",
+            (
+                "Two curves, one red and one blue, wiggle across a panorama-shaped plot.",
+                "Both curves oscillate with a swing that slowly shrinks from left to right.",
+                "A vertical axis on the left is marked from 0 to 100.",
+            ),
+            (Region("the chart title", (1300, 15, 1760, 55)), Region("the plot area", plot)),
+            text=(title, *_AXIS_LABELS),
+            questions=(
+                Question(
+                    "How many runs are plotted?",
+                    str(len(runs)),
+                    "The title says two runs and there are a red and a blue curve.",
+                ),
+                Question(
+                    "Does the swing of the curves grow or shrink to the right?",
+                    "It shrinks",
+                    "The oscillations are wide near the left axis and narrower towards the right edge.",
+                ),
+            ),
+        ),
+        paint,
+    )
 
 
 def _large_scene_jpg() -> _Picture:
@@ -388,22 +491,38 @@ def _large_scene_jpg() -> _Picture:
             draw.ellipse((x, 2600, x + 160, 2950), fill=(30, 100 + 8 * i, 40))
         return image
 
-    return _Picture(ImageScene(
-        (width, height),
-        "a large drawn landscape with a sun, two grey mountains and a row of trees",
-        ("A blue sky brightens towards a warm tone near the horizon.",
-         "A pale yellow sun hangs in the upper right.",
-         "Two grey mountains rise from the horizon; the right one has a white snowy peak.",
-         "Green grass fills the lower part, where twelve small trees stand in a row."),
-        (Region("the sun", sun), Region("the snow-capped peak", _extent(snow)),
-         Region("the left mountain", _extent(left_mountain)),
-         Region("the right mountain", _extent(right_mountain)),
-         Region("the row of trees", (trees[0], 2600, trees[-1] + 160, 3200))),
-        questions=(Question("How many trees are in the row?", str(len(trees)),
-                            "Counting the trunks from left to right gives twelve."),
-                   Question("Where is the sun?", "Upper right",
-                            "The yellow disc is high in the sky on the right side.")),
-    ), paint)
+    return _Picture(
+        ImageScene(
+            (width, height),
+            "a large drawn landscape with a sun, two grey mountains and a row of trees",
+            (
+                "A blue sky brightens towards a warm tone near the horizon.",
+                "A pale yellow sun hangs in the upper right.",
+                "Two grey mountains rise from the horizon; the right one has a white snowy peak.",
+                "Green grass fills the lower part, where twelve small trees stand in a row.",
+            ),
+            (
+                Region("the sun", sun),
+                Region("the snow-capped peak", _extent(snow)),
+                Region("the left mountain", _extent(left_mountain)),
+                Region("the right mountain", _extent(right_mountain)),
+                Region("the row of trees", (trees[0], 2600, trees[-1] + 160, 3200)),
+            ),
+            questions=(
+                Question(
+                    "How many trees are in the row?",
+                    str(len(trees)),
+                    "Counting the trunks from left to right gives twelve.",
+                ),
+                Question(
+                    "Where is the sun?",
+                    "Upper right",
+                    "The yellow disc is high in the sky on the right side.",
+                ),
+            ),
+        ),
+        paint,
+    )
 
 
 def _small_tall_png() -> _Picture:
@@ -416,14 +535,21 @@ def _small_tall_png() -> _Picture:
         ImageDraw.Draw(image).ellipse(oval, fill=(255, 255, 255))
         return image
 
-    return _Picture(ImageScene(
-        (60, 400),
-        "a narrow, tall strip of repeating colour bands with a white oval in the middle",
-        ("Colour bands run horizontally and repeat down the strip.",
-         "A small white oval sits roughly halfway down."),
-        (Region("the white oval", oval),),
-        questions=(Question("What shape is drawn in white?", "An oval", "It is taller than it is wide."),),
-    ), paint)
+    return _Picture(
+        ImageScene(
+            (60, 400),
+            "a narrow, tall strip of repeating colour bands with a white oval in the middle",
+            (
+                "Colour bands run horizontally and repeat down the strip.",
+                "A small white oval sits roughly halfway down.",
+            ),
+            (Region("the white oval", oval),),
+            questions=(
+                Question("What shape is drawn in white?", "An oval", "It is taller than it is wide."),
+            ),
+        ),
+        paint,
+    )
 
 
 def _logo_rgba_png() -> _Picture:
@@ -438,16 +564,23 @@ def _logo_rgba_png() -> _Picture:
         draw.text((170, 225), word, fill=(255, 255, 255, 255), font=_font(64))
         return image
 
-    return _Picture(ImageScene(
-        (512, 512),
-        f"a logo: a blue disc with the word {word} on a transparent background",
-        ("The disc is deep blue with a soft, fading rim.", f"The word {word} is written across it in white.",
-         "Everything outside the disc is transparent."),
-        (Region("the blue disc", _disc(256, 256, 200)), Region(f"the word {word}", (170, 225, 340, 290))),
-        text=(word,),
-        questions=(Question("What word is written on the logo?", word,
-                            "White capital letters cross the disc."),),
-    ), paint)
+    return _Picture(
+        ImageScene(
+            (512, 512),
+            f"a logo: a blue disc with the word {word} on a transparent background",
+            (
+                "The disc is deep blue with a soft, fading rim.",
+                f"The word {word} is written across it in white.",
+                "Everything outside the disc is transparent.",
+            ),
+            (Region("the blue disc", _disc(256, 256, 200)), Region(f"the word {word}", (170, 225, 340, 290))),
+            text=(word,),
+            questions=(
+                Question("What word is written on the logo?", word, "White capital letters cross the disc."),
+            ),
+        ),
+        paint,
+    )
 
 
 def _icons_palette_png() -> _Picture:
@@ -469,21 +602,33 @@ def _icons_palette_png() -> _Picture:
         return image
 
     x1, y, x2, _ = line
-    return _Picture(ImageScene(
-        (256, 256),
-        "four small flat icons in four colours separated by a dark line",
-        ("A red square sits in the top left and a green circle in the top right.",
-         "A blue triangle sits in the bottom left and a yellow pentagon in the bottom right.",
-         "A thin dark line divides the top row from the bottom row."),
-        (Region("the red square", square), Region("the green circle", circle),
-         Region("the blue triangle", _extent(triangle)), Region("the yellow pentagon", _disc(*pentagon)),
-         Region("the dark dividing line", (x1, y - line_width // 2, x2, y + line_width // 2))),
-        questions=(Question("Which icon is in the bottom right?", "The yellow pentagon",
-                            "The bottom row holds a blue triangle on the left and a yellow pentagon on the "
-                            "right."),
-                   Question("How many icons are there?", "4",
-                            "Two on the top row and two on the bottom row.")),
-    ), paint)
+    return _Picture(
+        ImageScene(
+            (256, 256),
+            "four small flat icons in four colours separated by a dark line",
+            (
+                "A red square sits in the top left and a green circle in the top right.",
+                "A blue triangle sits in the bottom left and a yellow pentagon in the bottom right.",
+                "A thin dark line divides the top row from the bottom row.",
+            ),
+            (
+                Region("the red square", square),
+                Region("the green circle", circle),
+                Region("the blue triangle", _extent(triangle)),
+                Region("the yellow pentagon", _disc(*pentagon)),
+                Region("the dark dividing line", (x1, y - line_width // 2, x2, y + line_width // 2)),
+            ),
+            questions=(
+                Question(
+                    "Which icon is in the bottom right?",
+                    "The yellow pentagon",
+                    "The bottom row holds a blue triangle on the left and a yellow pentagon on the right.",
+                ),
+                Question("How many icons are there?", "4", "Two on the top row and two on the bottom row."),
+            ),
+        ),
+        paint,
+    )
 
 
 _EXIF_UPRIGHT_SIZE = (448, 672)
@@ -509,19 +654,32 @@ def _exif_rotated_jpg() -> _Picture:
         return stored, {"exif": exif.tobytes()}
 
     width, height = _EXIF_UPRIGHT_SIZE
-    return _Picture(ImageScene(
-        (width, height),
-        "a portrait picture split into a red block, a green block and a blue band",
-        ("The top half is divided into a red block on the left and a green block on the right.",
-         "The whole bottom half is blue."),
-        (Region("the red block", (0, 0, width // 2, height // 2)),
-         Region("the green block", (width // 2, 0, width, height // 2)),
-         Region("the blue band", (0, height // 2, width, height))),
-        questions=(Question("What colour is the top-left block?", "Red",
-                            "The upper left quarter is filled with red."),
-                   Question("Is the picture portrait or landscape?", "Portrait",
-                            "It is taller than it is wide when shown upright.")),
-    ), paint)
+    return _Picture(
+        ImageScene(
+            (width, height),
+            "a portrait picture split into a red block, a green block and a blue band",
+            (
+                "The top half is divided into a red block on the left and a green block on the right.",
+                "The whole bottom half is blue.",
+            ),
+            (
+                Region("the red block", (0, 0, width // 2, height // 2)),
+                Region("the green block", (width // 2, 0, width, height // 2)),
+                Region("the blue band", (0, height // 2, width, height)),
+            ),
+            questions=(
+                Question(
+                    "What colour is the top-left block?", "Red", "The upper left quarter is filled with red."
+                ),
+                Question(
+                    "Is the picture portrait or landscape?",
+                    "Portrait",
+                    "It is taller than it is wide when shown upright.",
+                ),
+            ),
+        ),
+        paint,
+    )
 
 
 def _grey16_png() -> _Picture:
@@ -534,15 +692,25 @@ def _grey16_png() -> _Picture:
         pixels[square] = 65535 - pixels[square]
         return Image.fromarray(pixels)  # mode I;16
 
-    return _Picture(ImageScene(
-        (640, 480),
-        "a greyscale ramp from black on the left to white on the right with an inverted square",
-        ("Brightness rises evenly from the left edge to the right edge.",
-         "A square near the centre runs the other way, bright on its left and darker on its right."),
-        (Region("the inverted square", (left, top, left + side, top + side)),),
-        questions=(Question("Which side of the picture is brightest?", "The right",
-                            "The ramp goes from black at the left to white at the right."),),
-    ), paint)
+    return _Picture(
+        ImageScene(
+            (640, 480),
+            "a greyscale ramp from black on the left to white on the right with an inverted square",
+            (
+                "Brightness rises evenly from the left edge to the right edge.",
+                "A square near the centre runs the other way, bright on its left and darker on its right.",
+            ),
+            (Region("the inverted square", (left, top, left + side, top + side)),),
+            questions=(
+                Question(
+                    "Which side of the picture is brightest?",
+                    "The right",
+                    "The ramp goes from black at the left to white at the right.",
+                ),
+            ),
+        ),
+        paint,
+    )
 
 
 def _ui_screenshot_webp() -> _Picture:
@@ -561,31 +729,54 @@ def _ui_screenshot_webp() -> _Picture:
             draw.text((30, 90 + 48 * i), name, fill=(40, 40, 40), font=_font(22))
         font = _font(20)
         for row, (label, y) in enumerate(rows):
-            draw.rounded_rectangle((280, y, 1240, y + 48), radius=8, fill=(255, 255, 255),
-                                   outline=(210, 214, 220))
+            draw.rounded_rectangle(
+                (280, y, 1240, y + 48), radius=8, fill=(255, 255, 255), outline=(210, 214, 220)
+            )
             draw.text((300, y + 12), label, fill=(30, 30, 30), font=font)
             colour = (210, 70, 60) if row in red_dots else (60, 170, 90)
             draw.ellipse(_status_dot(y), fill=colour)
         return image
 
-    return _Picture(ImageScene(
-        (1280, 800),
-        f"a screenshot of a web dashboard titled '{title}' with a sidebar and ten rows",
-        ("A dark navy bar across the top holds the title.",
-         "A light sidebar on the left lists Flows, Tables, Gates, Lineage and Settings.",
-         "Ten rounded white rows list stages one to ten, each with a status dot on the right.",
-         "Four of the dots are red and six are green."),
-        (Region("the top bar", top_bar), Region("the sidebar", sidebar),
-         *(Region(f"the row for stage-{k + 1}", (280, y, 1240, y + 48)) for k, (_, y) in enumerate(rows)),
-         Region("the red status dot of stage-1", _status_dot(rows[0][1]))),
-        text=(title, *menu, *(label for label, _ in rows)),
-        questions=(Question("How many rows show a red status dot?", str(len(red_dots)),
-                            "Stages 1, 4, 7 and 10 have red dots; the other six are green."),
-                   Question("What is the third item in the sidebar?", menu[2],
-                            "The sidebar reads Flows, Tables, Gates, Lineage, Settings."),
-                   Question("Which stage is listed last?", f"stage-{len(rows)}",
-                            "The rows are numbered from stage-1 down to stage-10.")),
-    ), paint)
+    return _Picture(
+        ImageScene(
+            (1280, 800),
+            f"a screenshot of a web dashboard titled '{title}' with a sidebar and ten rows",
+            (
+                "A dark navy bar across the top holds the title.",
+                "A light sidebar on the left lists Flows, Tables, Gates, Lineage and Settings.",
+                "Ten rounded white rows list stages one to ten, each with a status dot on the right.",
+                "Four of the dots are red and six are green.",
+            ),
+            (
+                Region("the top bar", top_bar),
+                Region("the sidebar", sidebar),
+                *(
+                    Region(f"the row for stage-{k + 1}", (280, y, 1240, y + 48))
+                    for k, (_, y) in enumerate(rows)
+                ),
+                Region("the red status dot of stage-1", _status_dot(rows[0][1])),
+            ),
+            text=(title, *menu, *(label for label, _ in rows)),
+            questions=(
+                Question(
+                    "How many rows show a red status dot?",
+                    str(len(red_dots)),
+                    "Stages 1, 4, 7 and 10 have red dots; the other six are green.",
+                ),
+                Question(
+                    "What is the third item in the sidebar?",
+                    menu[2],
+                    "The sidebar reads Flows, Tables, Gates, Lineage, Settings.",
+                ),
+                Question(
+                    "Which stage is listed last?",
+                    f"stage-{len(rows)}",
+                    "The rows are numbered from stage-1 down to stage-10.",
+                ),
+            ),
+        ),
+        paint,
+    )
 
 
 def _status_dot(row_y: int) -> tuple[int, int, int, int]:
@@ -602,22 +793,34 @@ def _cmyk_poster_jpg() -> _Picture:
         draw.text((120, 370), word, fill=(255, 255, 255), font=_font(72))
         return image.convert("CMYK")
 
-    return _Picture(ImageScene(
-        (600, 800),
-        f"a bright poster with a yellow, cyan and magenta gradient and a black panel reading {word}",
-        ("Yellow at the top left fades into cyan at the top right and magenta at the bottom.",
-         f"A black rectangle across the middle carries the word {word} in white."),
-        (Region("the black panel", panel), Region(f"the word {word}", (120, 370, 330, 440))),
-        text=(word,),
-        questions=(Question("What word is on the black panel?", word,
-                            "White letters in the middle of the panel spell it."),),
-    ), paint)
+    return _Picture(
+        ImageScene(
+            (600, 800),
+            f"a bright poster with a yellow, cyan and magenta gradient and a black panel reading {word}",
+            (
+                "Yellow at the top left fades into cyan at the top right and magenta at the bottom.",
+                f"A black rectangle across the middle carries the word {word} in white.",
+            ),
+            (Region("the black panel", panel), Region(f"the word {word}", (120, 370, 330, 440))),
+            text=(word,),
+            questions=(
+                Question(
+                    "What word is on the black panel?",
+                    word,
+                    "White letters in the middle of the panel spell it.",
+                ),
+            ),
+        ),
+        paint,
+    )
 
 
 def _animated_gif() -> _Picture:
     # (box, colour) of each frame's one disc, which moves 60 px right
-    discs = [((20 + 60 * k, 50, 120 + 60 * k, 150), colour)
-             for k, colour in enumerate([(230, 60, 60), (60, 60, 230)])]
+    discs = [
+        ((20 + 60 * k, 50, 120 + 60 * k, 150), colour)
+        for k, colour in enumerate([(230, 60, 60), (60, 60, 230)])
+    ]
 
     def paint() -> tuple[Image.Image, dict]:
         frames = []
@@ -628,14 +831,18 @@ def _animated_gif() -> _Picture:
         return frames[0], {"save_all": True, "append_images": frames[1:], "duration": 200, "loop": 0}
 
     # What counts is the first frame (a still image of the GIF): its red disc.
-    return _Picture(ImageScene(
-        (200, 200),
-        "a small white square picture with a red disc on its left side",
-        ("The background is white.", "A red disc sits left of centre."),
-        (Region("the red disc", discs[0][0]),),
-        questions=(Question("What colour is the disc?", "Red",
-                            "The only coloured element is a red circle."),),
-    ), paint)
+    return _Picture(
+        ImageScene(
+            (200, 200),
+            "a small white square picture with a red disc on its left side",
+            ("The background is white.", "A red disc sits left of centre."),
+            (Region("the red disc", discs[0][0]),),
+            questions=(
+                Question("What colour is the disc?", "Red", "The only coloured element is a red circle."),
+            ),
+        ),
+        paint,
+    )
 
 
 def _bitmap_bmp() -> _Picture:
@@ -644,16 +851,28 @@ def _bitmap_bmp() -> _Picture:
     def paint() -> Image.Image:
         return Image.fromarray(_gradient(width, height, (0, 0, 0), (255, 0, 0), (0, 255, 255)))
 
-    return _Picture(ImageScene(
-        (width, height),
-        "a tiny gradient blending black, red and cyan",
-        ("Black in the top left corner warms into red towards the top right.",
-         "The bottom edge turns cyan."),
-        (Region("the red top-right corner", (width * 3 // 4, 0, width, height // 3)),
-         Region("the cyan lower edge", (0, height * 3 // 4, width, height))),
-        questions=(Question("Which corner is black?", "The top left",
-                            "The gradient starts from black at the upper left."),),
-    ), paint)
+    return _Picture(
+        ImageScene(
+            (width, height),
+            "a tiny gradient blending black, red and cyan",
+            (
+                "Black in the top left corner warms into red towards the top right.",
+                "The bottom edge turns cyan.",
+            ),
+            (
+                Region("the red top-right corner", (width * 3 // 4, 0, width, height // 3)),
+                Region("the cyan lower edge", (0, height * 3 // 4, width, height)),
+            ),
+            questions=(
+                Question(
+                    "Which corner is black?",
+                    "The top left",
+                    "The gradient starts from black at the upper left.",
+                ),
+            ),
+        ),
+        paint,
+    )
 
 
 # file name -> (the picture: its scene and its painting, Pillow save arguments)
@@ -725,7 +944,9 @@ def generate_images(dest: Path, *, overwrite: bool = False) -> list[Path]:
 
 
 def _png_chunk(kind: bytes, data: bytes) -> bytes:
-    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+    return (
+        struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+    )
 
 
 def huge_header_png(width: int = 50_000, height: int = 50_000) -> bytes:
@@ -759,8 +980,11 @@ def generate_bad_images(dest: Path) -> dict[str, Path]:
             make(path)
         out[key] = path
 
-    once("corrupt", "corrupt_random.jpg",
-         lambda p: _write_bytes(p, np.random.default_rng(7).integers(0, 256, 4096, dtype=np.uint8).tobytes()))
+    once(
+        "corrupt",
+        "corrupt_random.jpg",
+        lambda p: _write_bytes(p, np.random.default_rng(7).integers(0, 256, 4096, dtype=np.uint8).tobytes()),
+    )
 
     def truncated(path: Path) -> None:
         rng = np.random.default_rng(11)
@@ -777,13 +1001,23 @@ def generate_bad_images(dest: Path) -> dict[str, Path]:
     once("truncated", "truncated.jpg", truncated)
     once("huge_header", "huge_header_50000x50000.png", lambda p: _write_bytes(p, huge_header_png()))
     once("one_pixel", "one_pixel_1x1.png", lambda p: _save(Image.new("RGB", (1, 1), (255, 0, 0)), p))
-    once("not_image", "not_an_image.png",
-         lambda p: _write_bytes(p, b"This is not an image. It is plain text with a .png name.\n"))
-    once("extreme_aspect", "extreme_aspect_3000x10.png",
-         lambda p: _save(Image.fromarray(_gradient(3000, 10, (0, 0, 0), (255, 255, 255), (0, 0, 0))), p))
+    once(
+        "not_image",
+        "not_an_image.png",
+        lambda p: _write_bytes(p, b"This is not an image. It is plain text with a .png name.\n"),
+    )
+    once(
+        "extreme_aspect",
+        "extreme_aspect_3000x10.png",
+        lambda p: _save(Image.fromarray(_gradient(3000, 10, (0, 0, 0), (255, 255, 255), (0, 0, 0))), p),
+    )
     once("empty", "empty.webp", lambda p: p.touch())
     # Relative target inside a directory that does not exist: stays dangling wherever dest is moved.
-    once("unreadable", "dangling.jpg", lambda p: os.symlink(os.path.join("no-such-directory", "missing.jpg"), p))
+    once(
+        "unreadable",
+        "dangling.jpg",
+        lambda p: os.symlink(os.path.join("no-such-directory", "missing.jpg"), p),
+    )
     return out
 
 

@@ -69,7 +69,9 @@ def _user_text(messages: list[dict]) -> str:
             content = message.get("content")
             if isinstance(content, str):
                 return content
-            return "\n".join(p.get("text", "") for p in content if isinstance(p, dict) and p.get("type") == "text")
+            return "\n".join(
+                p.get("text", "") for p in content if isinstance(p, dict) and p.get("type") == "text"
+            )
     return ""
 
 
@@ -98,60 +100,168 @@ def teacher_recordings() -> dict:
     \\frac{1}{2} and 50% for 1/2), a path with a digression (B), one with a false calculation (B), a
     repetitive one (borderline A), visual paths (a bar chart, a box), and wrong answers (C). Every other
     prompt gets "unknown" (C)."""
-    return {"model": "replay-teacher", "entries": [
-        {"match": "What is 1 divided by 2?", "completions": [
-            _path([("Step 1: Dividing 1 by 2 splits one whole into 2 equal parts.", -0.05),
-                   ("Step 2: Each of the 2 parts is one half of 1, and 1 / 2 = 0.5.", -0.05)], "½"),
-            _path([("Step 1: The question asks for 1 divided by 2.", -0.1),
-                   ("Step 2: Written as a fraction, 1 divided by 2 is 1/2.", -0.1)], "1/2"),
-            _path([("Step 1: Half of 1 is what dividing 1 by 2 gives.", -0.2),
-                   ("Step 2: As a decimal, 1 / 2 = 0.5 exactly.", -0.2)], "0.5"),
-            _path([("Step 1: 2 / 1 = 2.", -0.3)], "2"),
-        ]},
-        {"match": "A road is 1000 m long.", "completions": [
-            _path([("Step 1: The road is 1000 m long and one kilometre is 1000 m.", -0.05),
-                   ("Step 2: So 1000 / 1000 = 1, and the road is 1 km long.", -0.05)], "1000 m"),
-            _path([("Step 1: Kilometres are metres divided by 1000.", -0.15),
-                   ("Step 2: 1000 m / 1000 gives 1 km.", -0.15)], "1 km"),
-        ]},
-        {"match": "What fraction of the pizza is eaten?", "completions": [
-            _path([("Step 1: 4 of the 8 slices are eaten.", -0.05),
-                   ("Step 2: 4 / 8 = 0.5 of the pizza.", -0.05)], "\\frac{1}{2}"),
-            _path([("Step 1: The pizza has 8 slices and 4 are eaten, so the eaten share is 4 out of 8.", -0.1),
-                   ("Step 2: 4 / 8 = 0.5, which is 50%.", -0.1)], "50%"),
-        ]},
-        {"match": "Solve for x: 3x + 5 = 20.", "completions": [
-            _path([("Step 1: Subtract 5 from both sides: 20 - 5 = 15, so 3x = 15.", -0.05),
-                   ("Step 2: Divide both sides by 3: 15 / 3 = 5.", -0.05)], "5"),
-            _path([("Step 1: Move the 5 over: 3x = 20 - 5 = 15.", -0.2),
-                   ("Step 2: The weather in Paris is lovely in spring and the cafes are busy.", -0.4),
-                   ("Step 3: Then x = 15 / 3 = 5.", -0.2)], "5"),
-        ]},
-        {"match": "What is 15% of 240?", "completions": [
-            _path([("Step 1: 15% of 240 means 0.15 times 240.", -0.1),
-                   ("Step 2: 15% of 240 means 0.15 times 240.", -0.1),
-                   ("Step 3: 0.15 × 240 = 36.", -0.1)], "36"),
-        ]},
-        {"match": "interior angles of a triangle", "completions": [
-            _path([("Step 1: An equilateral triangle has three angles of 60 degrees.", -0.1),
-                   ("Step 2: 60 + 60 + 60 = 200, but the angle sum of any triangle is 180 degrees.", -0.1)],
-                  "180"),
-        ]},
-        {"match": "Simplify (x + 1)^2 - (x - 1)^2.", "completions": [
-            _path([("Step 1: The squares cancel and leave 2x.", -0.5)], "2x"),
-        ]},
-        {"match": "What share of the tokens does the image bar show?", "completions": [
-            _path([("Step 1: The chart in the image has three bars: video, image and text.", -0.05),
-                   ("Step 2: The image bar is the tallest and its label reads 50%.", -0.05),
-                   ("Step 3: The axis on the left confirms the bar ends at 50.", -0.05)], "50%"),
-        ]},
-        {"match": "bounding box of the red rectangle", "completions": [
-            _path([("Step 1: The red rectangle is in the top left part of the image.", -0.05),
-                   ("Step 2: Its left edge is at about 76 and its right edge at about 374 on the 1000 scale.", -0.05),
-                   ("Step 3: Its top is near 101 and its bottom near 430, above the green triangle.", -0.05)],
-                  "[[76, 101, 374, 430]]"),
-        ]},
-    ]}
+    return {
+        "model": "replay-teacher",
+        "entries": [
+            {
+                "match": "What is 1 divided by 2?",
+                "completions": [
+                    _path(
+                        [
+                            ("Step 1: Dividing 1 by 2 splits one whole into 2 equal parts.", -0.05),
+                            ("Step 2: Each of the 2 parts is one half of 1, and 1 / 2 = 0.5.", -0.05),
+                        ],
+                        "½",
+                    ),
+                    _path(
+                        [
+                            ("Step 1: The question asks for 1 divided by 2.", -0.1),
+                            ("Step 2: Written as a fraction, 1 divided by 2 is 1/2.", -0.1),
+                        ],
+                        "1/2",
+                    ),
+                    _path(
+                        [
+                            ("Step 1: Half of 1 is what dividing 1 by 2 gives.", -0.2),
+                            ("Step 2: As a decimal, 1 / 2 = 0.5 exactly.", -0.2),
+                        ],
+                        "0.5",
+                    ),
+                    _path([("Step 1: 2 / 1 = 2.", -0.3)], "2"),
+                ],
+            },
+            {
+                "match": "A road is 1000 m long.",
+                "completions": [
+                    _path(
+                        [
+                            ("Step 1: The road is 1000 m long and one kilometre is 1000 m.", -0.05),
+                            ("Step 2: So 1000 / 1000 = 1, and the road is 1 km long.", -0.05),
+                        ],
+                        "1000 m",
+                    ),
+                    _path(
+                        [
+                            ("Step 1: Kilometres are metres divided by 1000.", -0.15),
+                            ("Step 2: 1000 m / 1000 gives 1 km.", -0.15),
+                        ],
+                        "1 km",
+                    ),
+                ],
+            },
+            {
+                "match": "What fraction of the pizza is eaten?",
+                "completions": [
+                    _path(
+                        [
+                            ("Step 1: 4 of the 8 slices are eaten.", -0.05),
+                            ("Step 2: 4 / 8 = 0.5 of the pizza.", -0.05),
+                        ],
+                        "\\frac{1}{2}",
+                    ),
+                    _path(
+                        [
+                            (
+                                "Step 1: The pizza has 8 slices and 4 are eaten, so the eaten share is 4 out of 8.",
+                                -0.1,
+                            ),
+                            ("Step 2: 4 / 8 = 0.5, which is 50%.", -0.1),
+                        ],
+                        "50%",
+                    ),
+                ],
+            },
+            {
+                "match": "Solve for x: 3x + 5 = 20.",
+                "completions": [
+                    _path(
+                        [
+                            ("Step 1: Subtract 5 from both sides: 20 - 5 = 15, so 3x = 15.", -0.05),
+                            ("Step 2: Divide both sides by 3: 15 / 3 = 5.", -0.05),
+                        ],
+                        "5",
+                    ),
+                    _path(
+                        [
+                            ("Step 1: Move the 5 over: 3x = 20 - 5 = 15.", -0.2),
+                            (
+                                "Step 2: The weather in Paris is lovely in spring and the cafes are busy.",
+                                -0.4,
+                            ),
+                            ("Step 3: Then x = 15 / 3 = 5.", -0.2),
+                        ],
+                        "5",
+                    ),
+                ],
+            },
+            {
+                "match": "What is 15% of 240?",
+                "completions": [
+                    _path(
+                        [
+                            ("Step 1: 15% of 240 means 0.15 times 240.", -0.1),
+                            ("Step 2: 15% of 240 means 0.15 times 240.", -0.1),
+                            ("Step 3: 0.15 × 240 = 36.", -0.1),
+                        ],
+                        "36",
+                    ),
+                ],
+            },
+            {
+                "match": "interior angles of a triangle",
+                "completions": [
+                    _path(
+                        [
+                            ("Step 1: An equilateral triangle has three angles of 60 degrees.", -0.1),
+                            (
+                                "Step 2: 60 + 60 + 60 = 200, but the angle sum of any triangle is 180 degrees.",
+                                -0.1,
+                            ),
+                        ],
+                        "180",
+                    ),
+                ],
+            },
+            {
+                "match": "Simplify (x + 1)^2 - (x - 1)^2.",
+                "completions": [
+                    _path([("Step 1: The squares cancel and leave 2x.", -0.5)], "2x"),
+                ],
+            },
+            {
+                "match": "What share of the tokens does the image bar show?",
+                "completions": [
+                    _path(
+                        [
+                            ("Step 1: The chart in the image has three bars: video, image and text.", -0.05),
+                            ("Step 2: The image bar is the tallest and its label reads 50%.", -0.05),
+                            ("Step 3: The axis on the left confirms the bar ends at 50.", -0.05),
+                        ],
+                        "50%",
+                    ),
+                ],
+            },
+            {
+                "match": "bounding box of the red rectangle",
+                "completions": [
+                    _path(
+                        [
+                            ("Step 1: The red rectangle is in the top left part of the image.", -0.05),
+                            (
+                                "Step 2: Its left edge is at about 76 and its right edge at about 374 on the 1000 scale.",
+                                -0.05,
+                            ),
+                            (
+                                "Step 3: Its top is near 101 and its bottom near 430, above the green triangle.",
+                                -0.05,
+                            ),
+                        ],
+                        "[[76, 101, 374, 430]]",
+                    ),
+                ],
+            },
+        ],
+    }
 
 
 def make_handler(recordings: dict, log_path: Path | None):
@@ -180,19 +290,31 @@ def make_handler(recordings: dict, log_path: Path | None):
             elif self.path == "/v1/models":
                 self._send(200, {"object": "list", "data": [{"id": model, "object": "model"}]})
             else:
-                self._send(404, {"error": {"message": f"no route {self.path}", "type": "NotFoundError", "code": 404}})
+                self._send(
+                    404, {"error": {"message": f"no route {self.path}", "type": "NotFoundError", "code": 404}}
+                )
 
         def do_POST(self) -> None:
             if self.path != "/v1/chat/completions":
-                self._send(404, {"error": {"message": f"no route {self.path}", "type": "NotFoundError", "code": 404}})
+                self._send(
+                    404, {"error": {"message": f"no route {self.path}", "type": "NotFoundError", "code": 404}}
+                )
                 return
             body = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))))
             if log_path is not None:
                 with lock, log_path.open("a", encoding="utf-8") as out:
                     out.write(json.dumps(_shorten(body)) + "\n")
             if body.get("model") not in (None, model):
-                self._send(404, {"error": {"message": f"model {body.get('model')!r} not found", "type": "NotFoundError",
-                                           "code": 404}})
+                self._send(
+                    404,
+                    {
+                        "error": {
+                            "message": f"model {body.get('model')!r} not found",
+                            "type": "NotFoundError",
+                            "code": 404,
+                        }
+                    },
+                )
                 return
             prompt = _user_text(body.get("messages") or [])
             completions = [recordings.get("default", DEFAULT)]
@@ -212,15 +334,30 @@ def make_handler(recordings: dict, log_path: Path | None):
             choices = []
             for i in range(int(body.get("n", 1))):
                 text, tokens, logprobs = tokens_of(completions[i % len(completions)])
-                choice = {"index": i, "message": {"role": "assistant", "content": text}, "finish_reason": "stop",
-                          "logprobs": None}
+                choice = {
+                    "index": i,
+                    "message": {"role": "assistant", "content": text},
+                    "finish_reason": "stop",
+                    "logprobs": None,
+                }
                 if body.get("logprobs"):
-                    choice["logprobs"] = {"content": [
-                        {"token": tok, "logprob": lp, "bytes": list(tok.encode()), "top_logprobs": []}
-                        for tok, lp in zip(tokens, logprobs)]}
+                    choice["logprobs"] = {
+                        "content": [
+                            {"token": tok, "logprob": lp, "bytes": list(tok.encode()), "top_logprobs": []}
+                            for tok, lp in zip(tokens, logprobs)
+                        ]
+                    }
                 choices.append(choice)
-            self._send(200, {"id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion",
-                             "created": int(time.time()), "model": model, "choices": choices})
+            self._send(
+                200,
+                {
+                    "id": f"chatcmpl-{uuid.uuid4().hex}",
+                    "object": "chat.completion",
+                    "created": int(time.time()),
+                    "model": model,
+                    "choices": choices,
+                },
+            )
 
     return Handler
 
@@ -246,13 +383,16 @@ def requests_for(log_path: Path, match: str) -> int:
     """How many logged requests (attempts included) had ``match`` in their last user message."""
     if not log_path.is_file():
         return 0
-    return sum(match in _user_text(json.loads(line).get("messages") or [])
-               for line in log_path.read_text(encoding="utf-8").splitlines())
+    return sum(
+        match in _user_text(json.loads(line).get("messages") or [])
+        for line in log_path.read_text(encoding="utf-8").splitlines()
+    )
 
 
 @contextlib.contextmanager
-def start_server(recordings: dict, workdir: Path, timeout_s: float = 30.0,
-                 port: int | None = None) -> Iterator[tuple[str, Path]]:
+def start_server(
+    recordings: dict, workdir: Path, timeout_s: float = 30.0, port: int | None = None
+) -> Iterator[tuple[str, Path]]:
     """Run the server as a subprocess on ``port`` (default: a free one); yields (base URL with /v1, request
     log path). Giving the port of a server that was down brings it back at the same URL."""
     import httpx
@@ -262,9 +402,20 @@ def start_server(recordings: dict, workdir: Path, timeout_s: float = 30.0,
     recordings_path.write_text(json.dumps(recordings), encoding="utf-8")
     port = port or free_port()
     process = subprocess.Popen(
-        [sys.executable, "-m", "keyeflow.synthetic.scripted_teacher", "--recordings", str(recordings_path),
-         "--port", str(port), "--log", str(log_path)],
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        [
+            sys.executable,
+            "-m",
+            "keyeflow.synthetic.scripted_teacher",
+            "--recordings",
+            str(recordings_path),
+            "--port",
+            str(port),
+            "--log",
+            str(log_path),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
     try:
         deadline = time.monotonic() + timeout_s
         while True:
@@ -289,8 +440,10 @@ def start_server(recordings: dict, workdir: Path, timeout_s: float = 30.0,
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m keyeflow.synthetic.scripted_teacher",
-                                     description="replay recorded chat completions (a recorded teacher)")
+    parser = argparse.ArgumentParser(
+        prog="python -m keyeflow.synthetic.scripted_teacher",
+        description="replay recorded chat completions (a recorded teacher)",
+    )
     parser.add_argument("--recordings", type=Path, required=True)
     parser.add_argument("--port", type=int, default=0)
     parser.add_argument("--log", type=Path, default=None)

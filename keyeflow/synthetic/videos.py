@@ -281,48 +281,119 @@ class VideoScene:
 # What each clip of _good_clips shows, keyed by the start of its file name: the portrait clip is VP9/WebM or
 # H.264/MP4, depending on the ffmpeg build.
 _SCENES: dict[str, VideoScene] = {
-    "cuts_640x360": VideoScene(8, 25, (640, 360), (
-        Shot(0, 2, "a colour test card with moving elements and a running counter",
-             "small markers sweep across the card while the counter ticks upward"),
-        Shot(2, 4, "static SMPTE colour bars", "nothing moves; the bars hold perfectly still"),
-        Shot(4, 6, "a colourful Mandelbrot fractal", "the fractal shifts slowly as the view drifts inward"),
-        Shot(6, 8, "a black-and-white cellular automaton pattern",
-             "new rows of cells keep appearing, so the pattern appears to crawl"),
-    ), audio="a steady 440 Hz sine tone"),
-    "static_then_motion_320x240": VideoScene(7, 30, (320, 240), (
-        Shot(0, 3, "a frozen colour test pattern", "the frame is held completely still"),
-        Shot(3, 5, "green Game of Life cells on a dark grey field",
-             "cells are born and die every frame, so the field flickers with small changes"),
-        Shot(5, 7, "a flat steel-blue screen", "the colour never changes"),
-    )),
-    "pan_1280x720": VideoScene(6, 30, (1280, 720), (
-        Shot(0, 6, "a wide test pattern seen through a window that pans to the right",
-             "the picture slides steadily to the left at about 100 pixels per second"),
-    )),
-    "zoom_640x360": VideoScene(3, 60, (640, 360), (
-        Shot(0, 3, "a colour test card that the camera zooms into",
-             "the card grows smoothly towards its centre with every frame"),
-    )),
-    "portrait_360x640": VideoScene(4, 30, (360, 640), (
-        Shot(0, 2, "a tall colour test card with moving markers", "markers travel across the card"),
-        Shot(2, 4, "a Mandelbrot fractal in portrait format", "the fractal changes slowly"),
-    )),
-    "wide_840x360": VideoScene(4, 24, (840, 360), (
-        Shot(0, 2, "high-definition colour bars", "the bars stay still"),
-        Shot(2, 4, "a yellow square gliding across a blue background",
-             "the square travels from the left side towards the right at a constant speed"),
-    )),
-    "life_320x240": VideoScene(9, 12, (320, 240), (
-        Shot(0, 9, "Game of Life cells evolving, with dead cells leaving reddish-brown traces",
-             "the population changes a little in every frame, never settling"),
-    )),
-    "solid_colors_640x480": VideoScene(5, 25, (640, 480), (
-        Shot(0, 1, "a solid red screen", "the colour is constant"),
-        Shot(1, 2, "a solid lime-green screen", "the colour is constant"),
-        Shot(2, 3, "a solid blue screen", "the colour is constant"),
-        Shot(3, 4, "a solid black screen", "the colour is constant"),
-        Shot(4, 5, "a solid white screen", "the colour is constant"),
-    )),
+    "cuts_640x360": VideoScene(
+        8,
+        25,
+        (640, 360),
+        (
+            Shot(
+                0,
+                2,
+                "a colour test card with moving elements and a running counter",
+                "small markers sweep across the card while the counter ticks upward",
+            ),
+            Shot(2, 4, "static SMPTE colour bars", "nothing moves; the bars hold perfectly still"),
+            Shot(
+                4, 6, "a colourful Mandelbrot fractal", "the fractal shifts slowly as the view drifts inward"
+            ),
+            Shot(
+                6,
+                8,
+                "a black-and-white cellular automaton pattern",
+                "new rows of cells keep appearing, so the pattern appears to crawl",
+            ),
+        ),
+        audio="a steady 440 Hz sine tone",
+    ),
+    "static_then_motion_320x240": VideoScene(
+        7,
+        30,
+        (320, 240),
+        (
+            Shot(0, 3, "a frozen colour test pattern", "the frame is held completely still"),
+            Shot(
+                3,
+                5,
+                "green Game of Life cells on a dark grey field",
+                "cells are born and die every frame, so the field flickers with small changes",
+            ),
+            Shot(5, 7, "a flat steel-blue screen", "the colour never changes"),
+        ),
+    ),
+    "pan_1280x720": VideoScene(
+        6,
+        30,
+        (1280, 720),
+        (
+            Shot(
+                0,
+                6,
+                "a wide test pattern seen through a window that pans to the right",
+                "the picture slides steadily to the left at about 100 pixels per second",
+            ),
+        ),
+    ),
+    "zoom_640x360": VideoScene(
+        3,
+        60,
+        (640, 360),
+        (
+            Shot(
+                0,
+                3,
+                "a colour test card that the camera zooms into",
+                "the card grows smoothly towards its centre with every frame",
+            ),
+        ),
+    ),
+    "portrait_360x640": VideoScene(
+        4,
+        30,
+        (360, 640),
+        (
+            Shot(0, 2, "a tall colour test card with moving markers", "markers travel across the card"),
+            Shot(2, 4, "a Mandelbrot fractal in portrait format", "the fractal changes slowly"),
+        ),
+    ),
+    "wide_840x360": VideoScene(
+        4,
+        24,
+        (840, 360),
+        (
+            Shot(0, 2, "high-definition colour bars", "the bars stay still"),
+            Shot(
+                2,
+                4,
+                "a yellow square gliding across a blue background",
+                "the square travels from the left side towards the right at a constant speed",
+            ),
+        ),
+    ),
+    "life_320x240": VideoScene(
+        9,
+        12,
+        (320, 240),
+        (
+            Shot(
+                0,
+                9,
+                "Game of Life cells evolving, with dead cells leaving reddish-brown traces",
+                "the population changes a little in every frame, never settling",
+            ),
+        ),
+    ),
+    "solid_colors_640x480": VideoScene(
+        5,
+        25,
+        (640, 480),
+        (
+            Shot(0, 1, "a solid red screen", "the colour is constant"),
+            Shot(1, 2, "a solid lime-green screen", "the colour is constant"),
+            Shot(2, 3, "a solid blue screen", "the colour is constant"),
+            Shot(3, 4, "a solid black screen", "the colour is constant"),
+            Shot(4, 5, "a solid white screen", "the colour is constant"),
+        ),
+    ),
 }
 
 

@@ -126,8 +126,9 @@ def current_ref(name: str) -> tables.TableRef:
 
 
 @task(cache_policy=NO_CACHE)
-def record_outputs(run_id: str, refs: list[tables.TableRef], inputs: list[tables.TableRef] = (),
-                   metrics: dict | None = None) -> None:
+def record_outputs(
+    run_id: str, refs: list[tables.TableRef], inputs: list[tables.TableRef] = (), metrics: dict | None = None
+) -> None:
     lineage.log_metrics(run_id, metrics or {})
     for r in inputs:
         lineage.log_input(run_id, r)

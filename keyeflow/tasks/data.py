@@ -41,12 +41,14 @@ def referenced_media(paths: list[str], source_root: str) -> dict[str, list[str]]
 
 
 @task(**_SHARD)
-def build_train_samples(paths: list[str], source_root: str, slowfast: SlowFastConfig,
-                        image_config: ImageConfig) -> dict:
+def build_train_samples(
+    paths: list[str], source_root: str, slowfast: SlowFastConfig, image_config: ImageConfig
+) -> dict:
     files = conversations.discover_sources(paths)
     with progress(len(files), "samples-progress", "samples") as tracker:
-        report = conversations.build_train_samples(paths, source_root, slowfast, image_config,
-                                                   on_item=tracker.advance)
+        report = conversations.build_train_samples(
+            paths, source_root, slowfast, image_config, on_item=tracker.advance
+        )
     log_quarantined(report.quarantined)
     return report.__dict__
 
@@ -57,8 +59,9 @@ def gate_train_samples(samples: tables.TableRef, run_id: str) -> None:
 
 
 @task(cache_policy=NO_CACHE)
-def build_mixture(samples: tables.TableRef, config: mixture.MixtureConfig, quarantine: tables.TableRef,
-                  run_id: str) -> mixture.MixtureResult:
+def build_mixture(
+    samples: tables.TableRef, config: mixture.MixtureConfig, quarantine: tables.TableRef, run_id: str
+) -> mixture.MixtureResult:
     result = mixture.build_mixture(samples, config, quarantine)
     _publish_report(result.report, run_id)
     return result
@@ -73,14 +76,24 @@ def _publish_report(report: mixture.MixtureReport, run_id: str) -> None:
     lineage.log_figure(run_id, figure, "mixture_shares.png")
     plt.close(figure)
     lineage.log_dict(run_id, report.to_dict(), "mixture_report.json")
-    lineage.log_metrics(run_id, {f"share_{m.modality}": m.reached_share for m in report.modalities}
-                        | {f"tokens_{m.modality}": m.reached_tokens for m in report.modalities})
-    create_markdown_artifact(report.markdown() + f"\n\nChart: `mixture_shares.png` on MLflow run `{run_id}`.",
-                             key=f"mixture-stage-{report.stage}")
+    lineage.log_metrics(
+        run_id,
+        {f"share_{m.modality}": m.reached_share for m in report.modalities}
+        | {f"tokens_{m.modality}": m.reached_tokens for m in report.modalities},
+    )
+    create_markdown_artifact(
+        report.markdown() + f"\n\nChart: `mixture_shares.png` on MLflow run `{run_id}`.",
+        key=f"mixture-stage-{report.stage}",
+    )
 
 
 @task(cache_policy=NO_CACHE)
-def gate_mixture(result: mixture.MixtureResult, config: mixture.MixtureConfig, quarantine: tables.TableRef,
-                 samples: tables.TableRef, run_id: str) -> None:
+def gate_mixture(
+    result: mixture.MixtureResult,
+    config: mixture.MixtureConfig,
+    quarantine: tables.TableRef,
+    samples: tables.TableRef,
+    run_id: str,
+) -> None:
     verdict = gates.check_mixture(result.mixture, result.mixture_id, config, quarantine, samples)
     publish_gate(verdict, result.mixture, run_id)

@@ -60,8 +60,9 @@ def artifact_key(path_id: str) -> str:
 
 
 @task(**_STEP)
-def collect_questions(paths: list[str], source_root: str, config: CollectConfig,
-                      generation: GenerationConfig) -> dict:
+def collect_questions(
+    paths: list[str], source_root: str, config: CollectConfig, generation: GenerationConfig
+) -> dict:
     generator = make_generator(generation) if config.rewrite else None
     report = collect.collect_questions(paths, source_root, config, generator, generation)
     log_quarantined(report.quarantined)
@@ -74,12 +75,14 @@ def referenced_media(questions: tables.TableRef, question_ids: list[str]) -> dic
 
 
 @task(**_STEP)
-def generate_paths(questions: tables.TableRef, question_ids: list[str], generation: GenerationConfig,
-                   scoring: LongCoTConfig) -> dict:
+def generate_paths(
+    questions: tables.TableRef, question_ids: list[str], generation: GenerationConfig, scoring: LongCoTConfig
+) -> dict:
     generator = make_generator(generation)
     with progress(len(question_ids), "longcot-generate-progress", "LongCoT paths") as tracker:
-        report = generate.generate_paths(questions, question_ids, generator, generation, scoring,
-                                         on_item=tracker.advance)
+        report = generate.generate_paths(
+            questions, question_ids, generator, generation, scoring, on_item=tracker.advance
+        )
     log_quarantined(report.quarantined)
     if report.num_failed and not (report.num_generated or report.num_already_done):
         # Nothing to assess: going on would only fail the paths gate with "table has rows", which hides the
@@ -94,8 +97,14 @@ def generate_paths(questions: tables.TableRef, question_ids: list[str], generati
 
 
 @task(**_STEP)
-def assess_paths(paths: tables.TableRef, questions: tables.TableRef, question_ids: list[str],
-                 judge: JudgeConfig, generation: GenerationConfig, scoring: LongCoTConfig) -> dict:
+def assess_paths(
+    paths: tables.TableRef,
+    questions: tables.TableRef,
+    question_ids: list[str],
+    judge: JudgeConfig,
+    generation: GenerationConfig,
+    scoring: LongCoTConfig,
+) -> dict:
     report = assess.assess_paths(paths, questions, question_ids, make_judge(judge, generation), scoring)
     return report.__dict__
 
@@ -118,8 +127,9 @@ def render_review_item(paths: tables.TableRef, questions: tables.TableRef, path_
     return markdown
 
 
-def decisions_from_review(path_id: str, outcome: dict | None, review: ReviewConfig,
-                          state_note: str = "") -> Decision:
+def decisions_from_review(
+    path_id: str, outcome: dict | None, review: ReviewConfig, state_note: str = ""
+) -> Decision:
     """A stored decision from what one review run gave back.
 
     ``outcome``: ``{"decision": {...ReviewDecision fields}, "decided_at", "flow_run_id"}`` when a person
@@ -130,15 +140,29 @@ def decisions_from_review(path_id: str, outcome: dict | None, review: ReviewConf
         note = f"no decision within {review.timeout_s} s ({state_note}); on_timeout={review.on_timeout}"
         return policy_decision(path_id, review.on_timeout, review.mode, note)
     if "invalid" in outcome:
-        return policy_decision(path_id, "keep_out", review.mode, f"unusable review input: {outcome['invalid']}")
+        return policy_decision(
+            path_id, "keep_out", review.mode, f"unusable review input: {outcome['invalid']}"
+        )
     d = outcome["decision"]
     if d["item_id"] != path_id:
-        return policy_decision(path_id, "keep_out", review.mode,
-                               f"unusable review input: decision names {d['item_id']!r}, not this item")
+        return policy_decision(
+            path_id,
+            "keep_out",
+            review.mode,
+            f"unusable review input: decision names {d['item_id']!r}, not this item",
+        )
     try:
-        return Decision(path_id, d["action"], d["reviewer"] or "anonymous", d["edited_text"], d["note"],
-                        "person", review.mode, datetime.fromisoformat(outcome["decided_at"]),
-                        outcome.get("flow_run_id", ""))
+        return Decision(
+            path_id,
+            d["action"],
+            d["reviewer"] or "anonymous",
+            d["edited_text"],
+            d["note"],
+            "person",
+            review.mode,
+            datetime.fromisoformat(outcome["decided_at"]),
+            outcome.get("flow_run_id", ""),
+        )
     except ValueError as error:  # an edit without text
         return policy_decision(path_id, "keep_out", review.mode, f"unusable review input: {error}")
 
@@ -153,14 +177,26 @@ def apply_reviews(paths: tables.TableRef, questions: tables.TableRef, decisions:
     report = review.apply_reviews(paths, questions, decisions)
     logger = get_run_logger()
     for d in decisions:
-        logger.info("review %s: %s by %s (%s)%s", d.item_id, d.action, d.reviewer, d.source,
-                    f" — {d.note}" if d.note else "")
+        logger.info(
+            "review %s: %s by %s (%s)%s",
+            d.item_id,
+            d.action,
+            d.reviewer,
+            d.source,
+            f" — {d.note}" if d.note else "",
+        )
     return report.__dict__
 
 
 @task(**_STEP)
-def score_samples(paths: tables.TableRef, questions: tables.TableRef, question_ids: list[str],
-                  judge: JudgeConfig, generation: GenerationConfig, scoring: LongCoTConfig) -> dict:
+def score_samples(
+    paths: tables.TableRef,
+    questions: tables.TableRef,
+    question_ids: list[str],
+    judge: JudgeConfig,
+    generation: GenerationConfig,
+    scoring: LongCoTConfig,
+) -> dict:
     report = score.score_samples(paths, questions, question_ids, make_judge(judge, generation), scoring)
     return report.__dict__
 
@@ -171,14 +207,20 @@ def gate_longcot_paths(paths: tables.TableRef, question_ids: list[str], run_id: 
 
 
 @task(**_STEP)
-def gate_longcot_samples(paths: tables.TableRef, questions: tables.TableRef, question_ids: list[str],
-                         config: GateConfig, run_id: str) -> None:
+def gate_longcot_samples(
+    paths: tables.TableRef,
+    questions: tables.TableRef,
+    question_ids: list[str],
+    config: GateConfig,
+    run_id: str,
+) -> None:
     publish_gate(check_longcot_samples(paths, questions, question_ids, config), paths, run_id)
 
 
 @task(**_STEP)
-def publish_longcot(paths: tables.TableRef, questions: tables.TableRef, question_ids: list[str],
-                    generation: GenerationConfig) -> tables.TableRef:
+def publish_longcot(
+    paths: tables.TableRef, questions: tables.TableRef, question_ids: list[str], generation: GenerationConfig
+) -> tables.TableRef:
     version = publish.publish_longcot(paths, questions, question_ids, generation)
     return tables.TableRef("longcot", tables.table_uri("longcot"), version)
 
@@ -186,10 +228,16 @@ def publish_longcot(paths: tables.TableRef, questions: tables.TableRef, question
 @task(**_STEP)
 def summarize(paths: tables.TableRef, question_ids: list[str]) -> dict:
     summary = batch_summary(paths, question_ids) | {
-        f"share_{g}": s for g, s in grade_shares(paths, question_ids).items()}
+        f"share_{g}": s for g, s in grade_shares(paths, question_ids).items()
+    }
     lines = ["## LongCoT batch", "", "| measure | value |", "|---|---|"]
     lines += [f"| {k} | {v:.3g} |" if isinstance(v, float) else f"| {k} | {v} |" for k, v in summary.items()]
-    lines += ["", ("Ask more with `keyeflow sql`, e.g. "
-                   "`select grade, status, stage, count(*) from longcot_paths group by all`.")]
+    lines += [
+        "",
+        (
+            "Ask more with `keyeflow sql`, e.g. "
+            "`select grade, status, stage, count(*) from longcot_paths group by all`."
+        ),
+    ]
     create_markdown_artifact("\n".join(lines), key="longcot-summary", description="LongCoT grades and drops")
     return summary

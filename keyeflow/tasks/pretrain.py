@@ -33,17 +33,25 @@ def _say(output: StageOutput) -> None:
 
 @task(cache_policy=NO_CACHE)
 def prepare_init(recipe: PretrainRecipe, run_id: str) -> StageOutput:
-    output = steps.prepare_init(recipe.model_config(), init=recipe.init, seed=recipe.stages[1].seed,
-                                   parent_run_id=run_id)
+    output = steps.prepare_init(
+        recipe.model_config(), init=recipe.init, seed=recipe.stages[1].seed, parent_run_id=run_id
+    )
     _say(output)
     return output
 
 
 @task(cache_policy=NO_CACHE, tags=["training"])
-def train_stage(stage: StageConfig, init: StageOutput, mixture_ref: TableRef, mixture_id: str,
-                run_id: str, launch: LaunchConfig | None = None) -> StageOutput:
-    output = steps.train_stage(stage, init=init, mixture=mixture_ref, mixture_id=mixture_id,
-                                  parent_run_id=run_id, launch=launch)
+def train_stage(
+    stage: StageConfig,
+    init: StageOutput,
+    mixture_ref: TableRef,
+    mixture_id: str,
+    run_id: str,
+    launch: LaunchConfig | None = None,
+) -> StageOutput:
+    output = steps.train_stage(
+        stage, init=init, mixture=mixture_ref, mixture_id=mixture_id, parent_run_id=run_id, launch=launch
+    )
     _say(output)
     return output
 
@@ -57,8 +65,9 @@ def fuse(inputs: list[StageOutput], merge: MergeConfig, base: StageOutput | None
 
 @task(cache_policy=NO_CACHE)
 def heldout_set(samples: TableRef, quarantine: TableRef, config: EvalConfig) -> dict[str, list[str]]:
-    return mixture.heldout_sample_ids(samples, quarantine, config.holdout_per_mille, config.max_tokens,
-                                      config.heldout_per_modality)
+    return mixture.heldout_sample_ids(
+        samples, quarantine, config.holdout_per_mille, config.max_tokens, config.heldout_per_modality
+    )
 
 
 @task(cache_policy=NO_CACHE)
@@ -68,29 +77,57 @@ def mcq_set(video_samples: TableRef, config: EvalConfig) -> list[dict]:
 
 
 @task(cache_policy=NO_CACHE)
-def evaluate(output: StageOutput, config: EvalConfig, heldout: dict[str, list[str]], samples: TableRef,
-             mcq: list[dict], parent_metrics: dict | None) -> dict:
+def evaluate(
+    output: StageOutput,
+    config: EvalConfig,
+    heldout: dict[str, list[str]],
+    samples: TableRef,
+    mcq: list[dict],
+    parent_metrics: dict | None,
+) -> dict:
     """Evaluate, report in Prefect, and stop the flow when the promotion gate fails."""
-    result = steps.evaluate_stage(output, config=config, heldout=heldout, samples=samples, mcq_records=mcq,
-                                     parent_metrics=parent_metrics)
+    result = steps.evaluate_stage(
+        output,
+        config=config,
+        heldout=heldout,
+        samples=samples,
+        mcq_records=mcq,
+        parent_metrics=parent_metrics,
+    )
     losses = result.metrics["heldout_loss"]
-    lines = [f"# {output.name}: promotion gate {'passed' if result.passed else 'FAILED'}", "",
-             "| metric | value | parent |", "|---|---|---|"]
+    lines = [
+        f"# {output.name}: promotion gate {'passed' if result.passed else 'FAILED'}",
+        "",
+        "| metric | value | parent |",
+        "|---|---|---|",
+    ]
     for modality, value in losses.items():
         parent = (parent_metrics or {}).get("heldout_loss", {}).get(modality)
-        lines.append(f"| held-out loss, {modality} | {value:.4f} | {'' if parent is None else f'{parent:.4f}'} |")
+        lines.append(
+            f"| held-out loss, {modality} | {value:.4f} | {'' if parent is None else f'{parent:.4f}'} |"
+        )
     parent_acc = (parent_metrics or {}).get("mcq_accuracy")
-    lines.append(f"| MCQ accuracy | {result.metrics['mcq_accuracy']:.3f} | "
-                 f"{'' if parent_acc is None else f'{parent_acc:.3f}'} |")
-    lines += ["", *[f"- {r}" for r in result.reasons], "",
-              f"Checkpoint `{output.checkpoint}`, MLflow run `{output.run_id}`."]
+    lines.append(
+        f"| MCQ accuracy | {result.metrics['mcq_accuracy']:.3f} | "
+        f"{'' if parent_acc is None else f'{parent_acc:.3f}'} |"
+    )
+    lines += [
+        "",
+        *[f"- {r}" for r in result.reasons],
+        "",
+        f"Checkpoint `{output.checkpoint}`, MLflow run `{output.run_id}`.",
+    ]
     create_markdown_artifact("\n".join(lines), key=f"eval-{output.name}".lower()[:60])
     if not result.passed:
-        raise PromotionBlocked(f"{output.name} ({output.checkpoint}) is not promoted: " + "; ".join(result.reasons))
+        raise PromotionBlocked(
+            f"{output.name} ({output.checkpoint}) is not promoted: " + "; ".join(result.reasons)
+        )
     return result.metrics
 
 
 @task(cache_policy=NO_CACHE)
 def record_final(run_id: str, output: StageOutput) -> None:
     """The flow's run names the checkpoint it ends with, so `keyeflow lineage <flow run id>` starts there."""
-    lineage.set_tags(run_id, {lineage.CHECKPOINT_TAG: output.checkpoint, "keyeflow.final_run_id": output.run_id})
+    lineage.set_tags(
+        run_id, {lineage.CHECKPOINT_TAG: output.checkpoint, "keyeflow.final_run_id": output.run_id}
+    )

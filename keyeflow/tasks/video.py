@@ -42,7 +42,9 @@ def plan_pretokenize(videos: tables.TableRef, config: SlowFastConfig, shard_size
 
 
 @task(**_SHARD)
-def pretokenize_shard(rows: list[dict], config: SlowFastConfig, tracker: ProgressTracker | None = None) -> dict:
+def pretokenize_shard(
+    rows: list[dict], config: SlowFastConfig, tracker: ProgressTracker | None = None
+) -> dict:
     report = pretokenize.pretokenize_shard(
         rows, config, spool_dir=get_settings().work_dir, on_item=tracker.advance if tracker else None
     )
@@ -56,8 +58,9 @@ def gate_videos(videos: tables.TableRef, run_id: str) -> None:
 
 
 @task(cache_policy=NO_CACHE)
-def gate_video_samples(samples: tables.TableRef, frames: tables.TableRef, config: SlowFastConfig,
-                       run_id: str) -> None:
+def gate_video_samples(
+    samples: tables.TableRef, frames: tables.TableRef, config: SlowFastConfig, run_id: str
+) -> None:
     publish_gate(gates.check_video_samples(samples, frames, config), samples, run_id)
 
 

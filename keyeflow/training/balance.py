@@ -94,15 +94,27 @@ class SampleCost:
         object.__setattr__(self, "grids", tuple(self.grids))
 
     @classmethod
-    def video(cls, num_tokens: int, *, num_slow: int, slow_patches: int, num_fast: int, fast_patches: int,
-              sample_id: str = "") -> SampleCost:
+    def video(
+        cls,
+        num_tokens: int,
+        *,
+        num_slow: int,
+        slow_patches: int,
+        num_fast: int,
+        fast_patches: int,
+        sample_id: str = "",
+    ) -> SampleCost:
         """A Slow-Fast video: ``num_slow`` frames of ``slow_patches`` and ``num_fast`` of ``fast_patches``."""
-        return cls(num_tokens, (VisionGrid(slow_patches, num_slow, "slow"), VisionGrid(fast_patches, num_fast, "fast")),
-                   sample_id)
+        return cls(
+            num_tokens,
+            (VisionGrid(slow_patches, num_slow, "slow"), VisionGrid(fast_patches, num_fast, "fast")),
+            sample_id,
+        )
 
 
-def vit_coefficients(*, vit_layers: int, vit_hidden: int, vit_mlp: int, llm_layers: int,
-                     llm_hidden: int) -> tuple[float, float]:
+def vit_coefficients(
+    *, vit_layers: int, vit_hidden: int, vit_mlp: int, llm_layers: int, llm_hidden: int
+) -> tuple[float, float]:
     """(a, b) of the encoder's ``a·P + b·P²`` per grid, in the LLM proxy's units (``4·d_llm`` FLOPs per layer).
 
     Per encoder layer and patch: matrices ``2·(4·d_v² + 2·d_v·mlp_v)`` FLOPs (QKV+O, a two-matrix MLP),
@@ -116,8 +128,12 @@ def vit_coefficients(*, vit_layers: int, vit_hidden: int, vit_mlp: int, llm_laye
 
 
 _VIT_LINEAR, _VIT_QUADRATIC = vit_coefficients(
-    vit_layers=SIGLIP_400M["layers"], vit_hidden=SIGLIP_400M["hidden"], vit_mlp=SIGLIP_400M["mlp"],
-    llm_layers=LLM_8B["layers"], llm_hidden=LLM_8B["hidden"])
+    vit_layers=SIGLIP_400M["layers"],
+    vit_hidden=SIGLIP_400M["hidden"],
+    vit_mlp=SIGLIP_400M["mlp"],
+    llm_layers=LLM_8B["layers"],
+    llm_hidden=LLM_8B["hidden"],
+)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -144,11 +160,17 @@ class CostModel:
             object.__setattr__(self, name, value)
 
     @classmethod
-    def from_model_sizes(cls, *, vit_layers: int, vit_hidden: int, vit_mlp: int, llm_layers: int,
-                         llm_hidden: int) -> CostModel:
+    def from_model_sizes(
+        cls, *, vit_layers: int, vit_hidden: int, vit_mlp: int, llm_layers: int, llm_hidden: int
+    ) -> CostModel:
         """Coefficients for another encoder/LLM pair (the LLM's ``6·d`` replaces 24576)."""
-        a, b = vit_coefficients(vit_layers=vit_layers, vit_hidden=vit_hidden, vit_mlp=vit_mlp,
-                                llm_layers=llm_layers, llm_hidden=llm_hidden)
+        a, b = vit_coefficients(
+            vit_layers=vit_layers,
+            vit_hidden=vit_hidden,
+            vit_mlp=vit_mlp,
+            llm_layers=llm_layers,
+            llm_hidden=llm_hidden,
+        )
         return cls(llm_linear=6.0 * llm_hidden, llm_quadratic=1.0, vit_linear=a, vit_quadratic=b)
 
     def to_dict(self) -> dict[str, float]:
@@ -179,8 +201,9 @@ class CostModel:
 # ---------------------------------------------------------------------------------------------- packing
 
 
-def pack_lengths(lengths: Any, max_length: int, costs: Any = None,
-                 names: Sequence[str] | None = None) -> list[list[int]]:
+def pack_lengths(
+    lengths: Any, max_length: int, costs: Any = None, names: Sequence[str] | None = None
+) -> list[list[int]]:
     """Pack items of ``lengths`` into sequences of at most ``max_length``; returns index lists.
 
     Best-fit decreasing by length (ties: higher cost first, then lower index); among sequences with
@@ -200,13 +223,17 @@ def pack_lengths(lengths: Any, max_length: int, costs: Any = None,
 
     bad = np.flatnonzero(lengths < 1)
     if len(bad):
-        raise ValueError(f"sample {name(int(bad[0]))} has {int(lengths[bad[0]])} tokens; every sample needs >= 1")
+        raise ValueError(
+            f"sample {name(int(bad[0]))} has {int(lengths[bad[0]])} tokens; every sample needs >= 1"
+        )
     over = np.flatnonzero(lengths > max_length)
     if len(over):
         i = int(over[np.argmax(lengths[over])])
-        raise ValueError(f"sample {name(i)} has {int(lengths[i]):,} tokens, more than max_length {int(max_length):,} "
-                         f"({len(over)} sample(s) too long); samples are never split: drop them from the "
-                         "mixture (max_sample_tokens) or raise max_length")
+        raise ValueError(
+            f"sample {name(i)} has {int(lengths[i]):,} tokens, more than max_length {int(max_length):,} "
+            f"({len(over)} sample(s) too long); samples are never split: drop them from the "
+            "mixture (max_sample_tokens) or raise max_length"
+        )
 
     order = np.lexsort((np.arange(n), -costs, -lengths))
     packs: list[list[int]] = []
@@ -232,14 +259,20 @@ def pack_lengths(lengths: Any, max_length: int, costs: Any = None,
     return packs
 
 
-def pack(samples: Sequence[SampleCost], max_length: int, cost_model: CostModel | None = None) -> list[list[int]]:
+def pack(
+    samples: Sequence[SampleCost], max_length: int, cost_model: CostModel | None = None
+) -> list[list[int]]:
     """Pack samples (never split) into sequences of at most ``max_length`` tokens; returns index lists.
 
     A sample longer than ``max_length`` is an error naming it. See :func:`pack_lengths`.
     """
     model = cost_model or CostModel()
-    return pack_lengths([s.num_tokens for s in samples], max_length, model.costs(samples),
-                        [s.sample_id or f"#{i}" for i, s in enumerate(samples)])
+    return pack_lengths(
+        [s.num_tokens for s in samples],
+        max_length,
+        model.costs(samples),
+        [s.sample_id or f"#{i}" for i, s in enumerate(samples)],
+    )
 
 
 def real_token_share(lengths: Any, packs: Sequence[Sequence[int]], max_length: int) -> float:
@@ -273,7 +306,9 @@ def balance(costs: Any, num_groups: int) -> np.ndarray:
     return assignment
 
 
-def balance_two_level(pack_costs: Any, num_ranks: int, num_micro_batches: int) -> tuple[np.ndarray, np.ndarray]:
+def balance_two_level(
+    pack_costs: Any, num_ranks: int, num_micro_batches: int
+) -> tuple[np.ndarray, np.ndarray]:
     """(rank, micro-batch) of each pack: LPT across ranks, then LPT over each rank's packs across its micro-batches."""
     pack_costs = np.asarray(pack_costs, dtype=np.float64).reshape(-1)
     rank = balance(pack_costs, num_ranks)
@@ -286,8 +321,11 @@ def balance_two_level(pack_costs: Any, num_ranks: int, num_micro_batches: int) -
 
 def group_loads(costs: Any, assignment: Any, num_groups: int) -> np.ndarray:
     """Total cost per group."""
-    return np.bincount(np.asarray(assignment, dtype=np.int64), weights=np.asarray(costs, dtype=np.float64),
-                       minlength=num_groups)[:num_groups]
+    return np.bincount(
+        np.asarray(assignment, dtype=np.int64),
+        weights=np.asarray(costs, dtype=np.float64),
+        minlength=num_groups,
+    )[:num_groups]
 
 
 def imbalance(loads: Any) -> float:

@@ -83,12 +83,21 @@ class StageConfig:
 
         if not isinstance(self.name, str) or not self.name:
             fail("name", self.name, "must be a non-empty string")
-        for name, minimum in (("max_steps", 1), ("max_length", 1), ("window_size", 1), ("warmup_steps", 0),
-                              ("micro_batches_per_step", 1), ("seed", 0), ("checkpoint_every", 1),
-                              ("zero_bucket_size", 1), ("sequence_parallel_size", 1),
-                              ("pipeline_parallel_size", 1)):
-            object.__setattr__(self, name,
-                               check_int("StageConfig", name, getattr(self, name), minimum=minimum))
+        for name, minimum in (
+            ("max_steps", 1),
+            ("max_length", 1),
+            ("window_size", 1),
+            ("warmup_steps", 0),
+            ("micro_batches_per_step", 1),
+            ("seed", 0),
+            ("checkpoint_every", 1),
+            ("zero_bucket_size", 1),
+            ("sequence_parallel_size", 1),
+            ("pipeline_parallel_size", 1),
+        ):
+            object.__setattr__(
+                self, name, check_int("StageConfig", name, getattr(self, name), minimum=minimum)
+            )
         if self.warmup_steps > self.max_steps:
             fail("warmup_steps", self.warmup_steps, f"must be <= max_steps ({self.max_steps})")
 
@@ -97,8 +106,11 @@ class StageConfig:
         optional = [name for name in ("grad_clip", "rope_theta") if getattr(self, name) is not None]
         positive = ["learning_rate", *optional]
         for name in (*positive, "min_lr", "weight_decay"):
-            object.__setattr__(self, name, check_number("StageConfig", name, getattr(self, name), minimum=0,
-                                                        strict=name in positive))
+            object.__setattr__(
+                self,
+                name,
+                check_number("StageConfig", name, getattr(self, name), minimum=0, strict=name in positive),
+            )
         if self.min_lr > self.learning_rate:
             fail("min_lr", self.min_lr, f"must be <= learning_rate ({self.learning_rate})")
         if self.schedule not in SCHEDULES:
@@ -111,16 +123,26 @@ class StageConfig:
         trainable = self.trainable
         if isinstance(trainable, str):
             if trainable not in TRAINABLE_POLICIES:
-                fail("trainable", trainable, f"must be one of {TRAINABLE_POLICIES} or a list of module prefixes")
+                fail(
+                    "trainable",
+                    trainable,
+                    f"must be one of {TRAINABLE_POLICIES} or a list of module prefixes",
+                )
         else:
-            if not isinstance(trainable, (list, tuple)) or not trainable or not all(
-                    isinstance(p, str) and p.strip(".") for p in trainable):
+            if (
+                not isinstance(trainable, (list, tuple))
+                or not trainable
+                or not all(isinstance(p, str) and p.strip(".") for p in trainable)
+            ):
                 fail("trainable", trainable, "a list of module prefixes must be non-empty strings")
             object.__setattr__(self, "trainable", tuple(sorted({p.strip(".") for p in trainable})))
 
-        if self.deepspeed_zero is not None and (isinstance(self.deepspeed_zero, bool)
-                                                or self.deepspeed_zero not in ZERO_STAGES):
-            fail("deepspeed_zero", self.deepspeed_zero, f"must be None (no DeepSpeed) or one of {ZERO_STAGES}")
+        if self.deepspeed_zero is not None and (
+            isinstance(self.deepspeed_zero, bool) or self.deepspeed_zero not in ZERO_STAGES
+        ):
+            fail(
+                "deepspeed_zero", self.deepspeed_zero, f"must be None (no DeepSpeed) or one of {ZERO_STAGES}"
+            )
         for flag in ("bf16", "offload_optimizer", "offload_params"):
             check_flag("StageConfig", flag, getattr(self, flag))
         if self.offload_optimizer and (self.deepspeed_zero or 0) < 1:
@@ -182,13 +204,31 @@ class StageConfig:
 
 # SPEC §3 per pre-training stage; learning rates and warm-up are UNSTATED choices (module docstring).
 _PRETRAIN_STAGES: dict[int, dict[str, Any]] = {
-    1: {"name": "pretrain-1-alignment", "trainable": "projector", "learning_rate": 1e-3, "max_length": 8_192,
-        "deepspeed_zero": 2},
-    2: {"name": "pretrain-2-multitask", "trainable": "all", "learning_rate": 2e-5, "max_length": 8_192,
-        "deepspeed_zero": 2},
-    3: {"name": "pretrain-3-annealing", "trainable": "all", "learning_rate": 1e-5, "max_length": 131_072,
-        "rope_theta": 8e6, "schedule": "linear", "deepspeed_zero": 1, "sequence_parallel_size": 4,
-        "pipeline_parallel_size": 2},
+    1: {
+        "name": "pretrain-1-alignment",
+        "trainable": "projector",
+        "learning_rate": 1e-3,
+        "max_length": 8_192,
+        "deepspeed_zero": 2,
+    },
+    2: {
+        "name": "pretrain-2-multitask",
+        "trainable": "all",
+        "learning_rate": 2e-5,
+        "max_length": 8_192,
+        "deepspeed_zero": 2,
+    },
+    3: {
+        "name": "pretrain-3-annealing",
+        "trainable": "all",
+        "learning_rate": 1e-5,
+        "max_length": 131_072,
+        "rope_theta": 8e6,
+        "schedule": "linear",
+        "deepspeed_zero": 1,
+        "sequence_parallel_size": 4,
+        "pipeline_parallel_size": 2,
+    },
 }
 
 
@@ -225,16 +265,28 @@ class MPOStageConfig:
     grad_clip: float | None = 1.0
 
     def __post_init__(self) -> None:
-        for name, minimum in (("max_steps", 1), ("pairs_per_step", 1), ("max_length", 2), ("seed", 0),
-                              ("checkpoint_every", 1), ("warmup_steps", 0)):
-            object.__setattr__(self, name,
-                               check_int("MPOStageConfig", name, getattr(self, name), minimum=minimum))
+        for name, minimum in (
+            ("max_steps", 1),
+            ("pairs_per_step", 1),
+            ("max_length", 2),
+            ("seed", 0),
+            ("checkpoint_every", 1),
+            ("warmup_steps", 0),
+        ):
+            object.__setattr__(
+                self, name, check_int("MPOStageConfig", name, getattr(self, name), minimum=minimum)
+            )
         if self.warmup_steps > self.max_steps:
-            raise invalid("MPOStageConfig", "warmup_steps", self.warmup_steps,
-                          f"must be <= max_steps ({self.max_steps})")
+            raise invalid(
+                "MPOStageConfig",
+                "warmup_steps",
+                self.warmup_steps,
+                f"must be <= max_steps ({self.max_steps})",
+            )
         for name in ("learning_rate",) if self.grad_clip is None else ("learning_rate", "grad_clip"):
-            object.__setattr__(self, name,
-                               check_number("MPOStageConfig", name, getattr(self, name), minimum=0, strict=True))
+            object.__setattr__(
+                self, name, check_number("MPOStageConfig", name, getattr(self, name), minimum=0, strict=True)
+            )
         if not isinstance(self.mpo, MPOConfig):
             raise invalid("MPOStageConfig", "mpo", self.mpo, "must be an MPOConfig")
 
@@ -282,30 +334,53 @@ class GSPOStageConfig:
 
     def __post_init__(self) -> None:
         # Checked, not converted: the numbers are hashed as given (a stored hash must not change).
-        for name, minimum in (("prompts_per_step", 1), ("group_size", 2), ("max_new_tokens", 1),
-                              ("max_steps", 1), ("mini_batches_per_step", 1), ("seed", 0), ("checkpoint_every", 1)):
+        for name, minimum in (
+            ("prompts_per_step", 1),
+            ("group_size", 2),
+            ("max_new_tokens", 1),
+            ("max_steps", 1),
+            ("mini_batches_per_step", 1),
+            ("seed", 0),
+            ("checkpoint_every", 1),
+        ):
             check_int("GSPOStageConfig", name, getattr(self, name), minimum=minimum)
-        for name, strict in (("temperature", True), ("learning_rate", True), ("grad_clip", False),
-                             ("success_threshold", True)):
+        for name, strict in (
+            ("temperature", True),
+            ("learning_rate", True),
+            ("grad_clip", False),
+            ("success_threshold", True),
+        ):
             check_number("GSPOStageConfig", name, getattr(self, name), minimum=0, strict=strict)
         if self.mini_batches_per_step > self.prompts_per_step * self.group_size:
-            raise invalid("GSPOStageConfig", "mini_batches_per_step", self.mini_batches_per_step,
-                          f"more than the {self.prompts_per_step * self.group_size} responses of a step")
+            raise invalid(
+                "GSPOStageConfig",
+                "mini_batches_per_step",
+                self.mini_batches_per_step,
+                f"more than the {self.prompts_per_step * self.group_size} responses of a step",
+            )
         if self.success_threshold > 1.0:
-            raise invalid("GSPOStageConfig", "success_threshold", self.success_threshold,
-                          "must be <= 1 (rewards are in [0, 1])")
+            raise invalid(
+                "GSPOStageConfig",
+                "success_threshold",
+                self.success_threshold,
+                "must be <= 1 (rewards are in [0, 1])",
+            )
         if not isinstance(self.gspo, GSPOConfig):
             raise invalid("GSPOStageConfig", "gspo", self.gspo, "must be a GSPOConfig")
         if self.hints is not None and not isinstance(self.hints, HintConfig):
             raise invalid("GSPOStageConfig", "hints", self.hints, "must be a HintConfig or None")
         if self.hints is not None:
             if self.hints.rollouts_per_level != self.group_size:
-                raise ValueError(f"GSPOStageConfig.hints.rollouts_per_level={self.hints.rollouts_per_level} must "
-                                 f"equal group_size={self.group_size}: the step's rollouts are hint level 0 and "
-                                 "the group trained at the level used")
+                raise ValueError(
+                    f"GSPOStageConfig.hints.rollouts_per_level={self.hints.rollouts_per_level} must "
+                    f"equal group_size={self.group_size}: the step's rollouts are hint level 0 and "
+                    "the group trained at the level used"
+                )
             if self.hints.success_threshold != self.success_threshold:
-                raise ValueError(f"GSPOStageConfig.hints.success_threshold={self.hints.success_threshold} differs "
-                                 f"from success_threshold={self.success_threshold}: one rule decides a success")
+                raise ValueError(
+                    f"GSPOStageConfig.hints.success_threshold={self.hints.success_threshold} differs "
+                    f"from success_threshold={self.success_threshold}: one rule decides a success"
+                )
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -31,9 +31,11 @@ def render_deepspeed_config(stage: StageConfig, world_size: int) -> dict[str, An
         raise ValueError(f"world_size={world_size!r}: must be an integer >= 1")
     model_parallel = stage.sequence_parallel_size * stage.pipeline_parallel_size
     if world_size % model_parallel:
-        raise ValueError(f"world_size={world_size} is not a multiple of sequence_parallel_size × "
-                         f"pipeline_parallel_size = {stage.sequence_parallel_size} × "
-                         f"{stage.pipeline_parallel_size} (stage {stage.name!r})")
+        raise ValueError(
+            f"world_size={world_size} is not a multiple of sequence_parallel_size × "
+            f"pipeline_parallel_size = {stage.sequence_parallel_size} × "
+            f"{stage.pipeline_parallel_size} (stage {stage.name!r})"
+        )
     data_parallel = world_size // model_parallel
 
     zero: dict[str, Any] = {"stage": stage.deepspeed_zero}
@@ -74,7 +76,11 @@ def render_deepspeed_config(stage: StageConfig, world_size: int) -> dict[str, An
     if stage.pipeline_parallel_size > 1:
         # Layers split by parameter count; pipe_partitioned/grad_partitioned shard the activations and
         # gradients sent between stages over the tensor-parallel group (DeepSpeed's defaults, kept explicit).
-        config["pipeline"] = {"stages": stage.pipeline_parallel_size, "partition": "parameters",
-                              "pipe_partitioned": True, "grad_partitioned": True,
-                              "activation_checkpoint_interval": 0}
+        config["pipeline"] = {
+            "stages": stage.pipeline_parallel_size,
+            "partition": "parameters",
+            "pipe_partitioned": True,
+            "grad_partitioned": True,
+            "activation_checkpoint_interval": 0,
+        }
     return config

@@ -49,8 +49,13 @@ def setup(*, need_group: bool = False) -> Distributed:
     owns = False
     if (world_size > 1 or need_group) and not dist.is_initialized():
         if world_size == 1:
-            for key, value in (("RANK", "0"), ("WORLD_SIZE", "1"), ("LOCAL_RANK", "0"),
-                               ("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", str(_free_port()))):
+            for key, value in (
+                ("RANK", "0"),
+                ("WORLD_SIZE", "1"),
+                ("LOCAL_RANK", "0"),
+                ("MASTER_ADDR", "127.0.0.1"),
+                ("MASTER_PORT", str(_free_port())),
+            ):
                 os.environ.setdefault(key, value)
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
         owns = True
@@ -110,5 +115,5 @@ def all_reduce_gradients(info: Distributed, params: Iterable[nn.Parameter]) -> N
     offset = 0
     for p in params:
         n = p.grad.numel()
-        p.grad.copy_(flat[offset:offset + n].view_as(p.grad))
+        p.grad.copy_(flat[offset : offset + n].view_as(p.grad))
         offset += n

@@ -88,8 +88,11 @@ class NullSink:
 
 def numeric(metrics: Mapping[str, Any]) -> dict[str, float]:
     """The finite numbers of a metrics record (what a tracker can plot)."""
-    return {k: float(v) for k, v in metrics.items()
-            if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)}
+    return {
+        k: float(v)
+        for k, v in metrics.items()
+        if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+    }
 
 
 def truncate_metrics(path: Path, step: int) -> None:
@@ -142,8 +145,10 @@ def resume_point(out_dir: Path) -> tuple[Path | None, dict[str, Any] | None]:
 def check_kind(saved: Mapping[str, Any], kind: str, fmt: int) -> None:
     """A loop resumes only its own checkpoints, of the format it reads."""
     if saved.get("format") != fmt or saved.get("kind", kind) != kind:
-        raise ValueError(f"the checkpoint in out_dir is not a {kind} checkpoint of format {fmt} "
-                         f"(kind {saved.get('kind')!r}, format {saved.get('format')!r})")
+        raise ValueError(
+            f"the checkpoint in out_dir is not a {kind} checkpoint of format {fmt} "
+            f"(kind {saved.get('kind')!r}, format {saved.get('format')!r})"
+        )
 
 
 def rng_state() -> dict[str, Any]:
@@ -161,8 +166,10 @@ def seed_everything(seed: int) -> None:
 
 def decay_groups(params: Sequence[nn.Parameter], weight_decay: float) -> list[dict[str, Any]]:
     """AdamW's parameter groups: decay on matrices, none on norms' gains and biases."""
-    return [{"params": [p for p in params if p.ndim >= 2], "weight_decay": weight_decay},
-            {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
+    return [
+        {"params": [p for p in params if p.ndim >= 2], "weight_decay": weight_decay},
+        {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
+    ]
 
 
 def freeze(model: nn.Module, prefixes: tuple[str, ...] | None) -> list[nn.Parameter]:
@@ -172,8 +179,10 @@ def freeze(model: nn.Module, prefixes: tuple[str, ...] | None) -> list[nn.Parame
     if prefixes is not None:
         for prefix in prefixes:
             if not any(name == prefix or name.startswith(prefix + ".") for name in names):
-                raise ValueError(f"trainable prefix {prefix!r} matches no parameter; top-level modules: "
-                                 f"{sorted({n.split('.')[0] for n in names})}")
+                raise ValueError(
+                    f"trainable prefix {prefix!r} matches no parameter; top-level modules: "
+                    f"{sorted({n.split('.')[0] for n in names})}"
+                )
     trainable = []
     for name, p in model.named_parameters():
         keep = prefixes is None or any(name == q or name.startswith(q + ".") for q in prefixes)
@@ -186,11 +195,21 @@ def freeze(model: nn.Module, prefixes: tuple[str, ...] | None) -> list[nn.Parame
 class Engine:
     """A model being trained (module docstring). Build it after loading the model and before `load`."""
 
-    def __init__(self, model: nn.Module, *, dist: distributed.Distributed, learning_rate: float,
-                 lr_at: Callable[[int], float], betas: tuple[float, float] = (0.9, 0.999),
-                 weight_decay: float = 0.0, grad_clip: float | None = None,
-                 trainable_prefixes: tuple[str, ...] | None = None, bf16: bool = False,
-                 deepspeed_config: dict[str, Any] | None = None, train_mode: bool = True):
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        dist: distributed.Distributed,
+        learning_rate: float,
+        lr_at: Callable[[int], float],
+        betas: tuple[float, float] = (0.9, 0.999),
+        weight_decay: float = 0.0,
+        grad_clip: float | None = None,
+        trainable_prefixes: tuple[str, ...] | None = None,
+        bf16: bool = False,
+        deepspeed_config: dict[str, Any] | None = None,
+        train_mode: bool = True,
+    ):
         self.dist = dist
         self.grad_clip = grad_clip or None  # 0 and None both mean no clipping
         self.bf16_autocast = bf16 and deepspeed_config is None
@@ -200,15 +219,17 @@ class Engine:
         model.to(dist.device)
         model.train(train_mode)
         self.model = model
-        self.optimizer = torch.optim.AdamW(decay_groups(self.trainable, weight_decay), lr=learning_rate,
-                                           betas=betas)
+        self.optimizer = torch.optim.AdamW(
+            decay_groups(self.trainable, weight_decay), lr=learning_rate, betas=betas
+        )
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: lr_at(s) / learning_rate)
         self.deepspeed = None
         if deepspeed_config is not None:
             import deepspeed  # imported only here: it is slow to import and optional for one process
 
-            self.deepspeed, *_ = deepspeed.initialize(model=model, optimizer=self.optimizer,
-                                                      config=deepspeed_config)
+            self.deepspeed, *_ = deepspeed.initialize(
+                model=model, optimizer=self.optimizer, config=deepspeed_config
+            )
             # DeepSpeed's engine sets train/eval on its module; keep the loop's choice.
             self.deepspeed.module.train(train_mode)
         else:
@@ -284,8 +305,14 @@ class Engine:
             self.module.save_pretrained(tmp / "model", state_dict=weights)
             if tokenizer is not None:
                 tokenizer.save_pretrained(tmp / "model")
-            torch.save({"optimizer": self.optimizer.state_dict() if self.deepspeed is None else None,
-                        "scheduler": self.scheduler.state_dict(), "rng": rngs}, tmp / TRAINER_STATE)
+            torch.save(
+                {
+                    "optimizer": self.optimizer.state_dict() if self.deepspeed is None else None,
+                    "scheduler": self.scheduler.state_dict(),
+                    "rng": rngs,
+                },
+                tmp / TRAINER_STATE,
+            )
             (tmp / STATE).write_text(json.dumps({**state, "step": step, "world_size": dist.world_size}))
             if final.exists():  # written by a run killed before it reached `latest`: never registered
                 shutil.rmtree(final)
@@ -300,8 +327,12 @@ class Engine:
         the RNG is seeded from `fallback_seed` + rank instead."""
         saved = torch.load(path / TRAINER_STATE, map_location="cpu", weights_only=False)
         if self.deepspeed is not None:
-            self.deepspeed.load_checkpoint(str(path / "deepspeed"), tag="engine", load_optimizer_states=True,
-                                           load_lr_scheduler_states=False)
+            self.deepspeed.load_checkpoint(
+                str(path / "deepspeed"),
+                tag="engine",
+                load_optimizer_states=True,
+                load_lr_scheduler_states=False,
+            )
         else:
             self.optimizer.load_state_dict(saved["optimizer"])
         self.scheduler.load_state_dict(saved["scheduler"])
@@ -324,8 +355,14 @@ def prepare_out_dir(out_dir: Path, dist: distributed.Distributed, resumed_step: 
         truncate_metrics(out_dir / METRICS, resumed_step)
 
 
-def append_metrics(out_dir: Path, dist: distributed.Distributed, sink: MetricsSink, step: int,
-                   metrics: Mapping[str, Any], extra: Mapping[str, Any] | None = None) -> None:
+def append_metrics(
+    out_dir: Path,
+    dist: distributed.Distributed,
+    sink: MetricsSink,
+    step: int,
+    metrics: Mapping[str, Any],
+    extra: Mapping[str, Any] | None = None,
+) -> None:
     """One step's line in metrics.jsonl (with `extra`, not sent to the sink) and its numbers to the sink."""
     if not dist.is_main:
         return
@@ -337,4 +374,4 @@ def append_metrics(out_dir: Path, dist: distributed.Distributed, sink: MetricsSi
 def chunks(items: Sequence[Any], num: int) -> Iterator[Sequence[Any]]:
     """`items` cut into `num` contiguous, nearly equal slices (some empty when there are fewer items)."""
     for k in range(num):
-        yield items[k * len(items) // num:(k + 1) * len(items) // num]
+        yield items[k * len(items) // num : (k + 1) * len(items) // num]

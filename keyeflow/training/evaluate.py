@@ -382,8 +382,9 @@ def _flat(metrics: Mapping, section: str) -> dict[str, float]:
     return {section: float(value)}
 
 
-def promotion_gate(child_metrics: Mapping, parent_metrics: Mapping, margin: float,
-                   accuracy_margin: float | None = None) -> tuple[bool, list[str]]:
+def promotion_gate(
+    child_metrics: Mapping, parent_metrics: Mapping, margin: float, accuracy_margin: float | None = None
+) -> tuple[bool, list[str]]:
     """Whether a child checkpoint may be promoted over its parent, and a reason per failing metric.
 
     Metrics: `{"heldout_loss": {modality: loss}, "mcq_accuracy": accuracy or {benchmark: accuracy}}` (either

@@ -87,23 +87,38 @@ class HintConfig:
     hint_template: str = "\n\nHint: {hint}"
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "rollouts_per_level",
-                           check_int("HintConfig", "rollouts_per_level", self.rollouts_per_level, minimum=1))
-        object.__setattr__(self, "max_level", check_int("HintConfig", "max_level", self.max_level, minimum=1,
-                                                        maximum=MAX_LEVEL))
+        object.__setattr__(
+            self,
+            "rollouts_per_level",
+            check_int("HintConfig", "rollouts_per_level", self.rollouts_per_level, minimum=1),
+        )
+        object.__setattr__(
+            self,
+            "max_level",
+            check_int("HintConfig", "max_level", self.max_level, minimum=1, maximum=MAX_LEVEL),
+        )
         # Kept as given, not made a float: a GSPO stage's hash holds it.
         check_number("HintConfig", "success_threshold", self.success_threshold)
         if not 0.0 < self.success_threshold <= 1.0:
-            raise invalid("HintConfig", "success_threshold", self.success_threshold,
-                          "must be in (0, 1]: rewards are in [0, 1] and 0 would pass everything")
+            raise invalid(
+                "HintConfig",
+                "success_threshold",
+                self.success_threshold,
+                "must be in (0, 1]: rewards are in [0, 1] and 0 would pass everything",
+            )
         if not isinstance(self.hint_template, str) or "{hint}" not in self.hint_template:
-            raise invalid("HintConfig", "hint_template", self.hint_template,
-                          "must be a string holding {hint}")
+            raise invalid(
+                "HintConfig", "hint_template", self.hint_template, "must be a string holding {hint}"
+            )
         try:
             self.hint_template.format(hint="", level=1)
         except (KeyError, IndexError, ValueError) as exc:
-            raise invalid("HintConfig", "hint_template", self.hint_template,
-                          f"only {{hint}} and {{level}} may be used ({exc!r})") from exc
+            raise invalid(
+                "HintConfig",
+                "hint_template",
+                self.hint_template,
+                f"only {{hint}} and {{level}} may be used ({exc!r})",
+            ) from exc
 
 
 # ============================================================================================= prompts
@@ -133,15 +148,23 @@ def hinted_prompt(prompt: Prompt, hint: str, level: int, template: str = HintCon
     return parts + [{"type": "text", "text": addition.lstrip()}]
 
 
-def hint_writer_prompt(question: str, level: int, reference: str | None = None,
-                       solution: str | None = None) -> str:
+def hint_writer_prompt(
+    question: str, level: int, reference: str | None = None, solution: str | None = None
+) -> str:
     """A request to a teacher model for the level-``level`` hint to ``question`` (for a ``hint_writer``)."""
     if level not in HINT_LEVELS:
         raise ValueError(f"level must be one of {sorted(HINT_LEVELS)}, got {level!r}")
-    lines = [(f"Write a level-{level} hint for the question below. Hint levels go from 1 (weakest) to 5 "
-              f"(strongest); level {level} is {HINT_LEVELS[level]}."),
-             "Do not state the final answer" + (" unless the level is a complete solution." if level == 5 else "."),
-             "Reply with the hint only.", "", f"Question: {question}"]
+    lines = [
+        (
+            f"Write a level-{level} hint for the question below. Hint levels go from 1 (weakest) to 5 "
+            f"(strongest); level {level} is {HINT_LEVELS[level]}."
+        ),
+        "Do not state the final answer"
+        + (" unless the level is a complete solution." if level == 5 else "."),
+        "Reply with the hint only.",
+        "",
+        f"Question: {question}",
+    ]
     if reference is not None:
         lines.append(f"Reference answer (for you, not to be revealed below level 5): {reference}")
     if solution is not None:
@@ -205,8 +228,9 @@ def _reward_value(item_id: str, out: object) -> float:
 def _rollouts(rollout_fn: RolloutFn, prompt: Prompt, n: int, item_id: str, level: int) -> list[str]:
     responses = list(rollout_fn(prompt, n))
     if len(responses) != n or not all(isinstance(r, str) for r in responses):
-        raise ValueError(f"item {item_id!r} at L{level}: rollout_fn must return {n} strings, "
-                         f"got {len(responses)} values")
+        raise ValueError(
+            f"item {item_id!r} at L{level}: rollout_fn must return {n} strings, got {len(responses)} values"
+        )
     return responses
 
 
@@ -239,7 +263,9 @@ def progressive_hint_sampling(
         for item_id, known in hints.items():
             missing = [k for k in range(1, config.max_level + 1) if k not in known]
             if missing:
-                raise ValueError(f"item {item_id!r} has no hint for levels {missing} and no hint_writer was given")
+                raise ValueError(
+                    f"item {item_id!r} has no hint for levels {missing} and no hint_writer was given"
+                )
 
     pass_rates: dict[str, dict[int, float]] = {item_id: {} for item_id in ids}
     solved: dict[str, tuple[int, Prompt, list[str], list[float]]] = {}
@@ -253,9 +279,13 @@ def progressive_hint_sampling(
                 prompt = item["prompt"]
             else:
                 if level not in hints[item_id]:
-                    text = hint_writer(item, level)  # not None: without a writer every hint was checked present
+                    text = hint_writer(
+                        item, level
+                    )  # not None: without a writer every hint was checked present
                     if not isinstance(text, str) or not text.strip():
-                        raise ValueError(f"item {item_id!r}: hint_writer returned no L{level} hint ({text!r})")
+                        raise ValueError(
+                            f"item {item_id!r}: hint_writer returned no L{level} hint ({text!r})"
+                        )
                     hints[item_id][level] = text
                 prompt = hinted_prompt(item["prompt"], hints[item_id][level], level, config.hint_template)
             responses = _rollouts(rollout_fn, prompt, n, item_id, level)
@@ -272,8 +302,18 @@ def progressive_hint_sampling(
             records.append(HintRecord(item_id, None, pass_rates[item_id], None, None, hints=known))
             continue
         level, prompt, responses, rewards = solved[item_id]
-        records.append(HintRecord(item_id, level, pass_rates[item_id], prompt,
-                                  known[level] if level else None, tuple(responses), tuple(rewards), known))
+        records.append(
+            HintRecord(
+                item_id,
+                level,
+                pass_rates[item_id],
+                prompt,
+                known[level] if level else None,
+                tuple(responses),
+                tuple(rewards),
+                known,
+            )
+        )
     return records
 
 
@@ -282,4 +322,6 @@ def unsolved_share_by_level(records: Sequence[HintRecord], max_level: int = MAX_
     up to k; level 0 is the share that fails without a hint). Non-increasing in k."""
     if not records:
         return {}
-    return {k: sum(r.level is None or r.level > k for r in records) / len(records) for k in range(max_level + 1)}
+    return {
+        k: sum(r.level is None or r.level > k for r in records) / len(records) for k in range(max_level + 1)
+    }

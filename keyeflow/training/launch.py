@@ -37,6 +37,7 @@ SPEC = "launch-spec.json"
 # The module each rank runs (the steps layer: it reports to MLflow, which training code does not import).
 TRAIN_JOB_MODULE = "keyeflow.steps.train_job"
 
+
 @dataclass(frozen=True, kw_only=True)
 class LaunchConfig:
     """How a stage's training processes start.
@@ -68,14 +69,19 @@ class LaunchConfig:
             object.__setattr__(self, name, int(value))
         if self.master_port is not None and self.master_port > 65535:
             raise invalid("LaunchConfig", "master_port", self.master_port, "must be a port number <= 65535")
-        if self.launcher == "inprocess" and (self.nproc_per_node != 1 or self.hostfile or self.num_nodes
-                                             or self.master_port):
-            raise ValueError("LaunchConfig(launcher='inprocess') runs one rank in this process: nproc_per_node "
-                             "must be 1 and hostfile, num_nodes, master_port unset; use 'torchrun' or "
-                             "'deepspeed' for more ranks")
+        if self.launcher == "inprocess" and (
+            self.nproc_per_node != 1 or self.hostfile or self.num_nodes or self.master_port
+        ):
+            raise ValueError(
+                "LaunchConfig(launcher='inprocess') runs one rank in this process: nproc_per_node "
+                "must be 1 and hostfile, num_nodes, master_port unset; use 'torchrun' or "
+                "'deepspeed' for more ranks"
+            )
         if self.hostfile is not None and self.launcher != "deepspeed":
-            raise ValueError(f"LaunchConfig.hostfile={self.hostfile!r} needs launcher='deepspeed' (torchrun "
-                             "starts one machine; run it on each machine for more)")
+            raise ValueError(
+                f"LaunchConfig.hostfile={self.hostfile!r} needs launcher='deepspeed' (torchrun "
+                "starts one machine; run it on each machine for more)"
+            )
         if self.num_nodes is not None and self.hostfile is None:
             raise ValueError(f"LaunchConfig.num_nodes={self.num_nodes} needs a hostfile naming the machines")
 
@@ -87,18 +93,40 @@ class LaunchConfig:
         trainer = [TRAIN_JOB_MODULE, str(spec)]
         if self.launcher == "torchrun":
             # --standalone: a local rendezvous on a free port, as another job on this machine may hold any fixed one.
-            rendezvous = ["--standalone"] if self.master_port is None else \
-                ["--nnodes", "1", "--master_addr", "127.0.0.1", "--master_port", str(self.master_port)]
-            return [sys.executable, "-m", "torch.distributed.run", *rendezvous,
-                    "--nproc_per_node", str(self.nproc_per_node), "-m", *trainer]
+            rendezvous = (
+                ["--standalone"]
+                if self.master_port is None
+                else ["--nnodes", "1", "--master_addr", "127.0.0.1", "--master_port", str(self.master_port)]
+            )
+            return [
+                sys.executable,
+                "-m",
+                "torch.distributed.run",
+                *rendezvous,
+                "--nproc_per_node",
+                str(self.nproc_per_node),
+                "-m",
+                *trainer,
+            ]
         if self.launcher == "deepspeed":
             port = self.master_port or (None if self.hostfile else _free_port())
             hosts = ["--hostfile", self.hostfile] if self.hostfile else []
             nodes = ["--num_nodes", str(self.num_nodes)] if self.num_nodes else []
             ports = ["--master_port", str(port)] if port is not None else []
             # --no_local_rank: the trainer reads LOCAL_RANK from the environment and takes only the spec.
-            return [sys.executable, "-m", "deepspeed.launcher.runner", *hosts, *nodes,
-                    "--num_gpus", str(self.nproc_per_node), *ports, "--no_local_rank", "--module", *trainer]
+            return [
+                sys.executable,
+                "-m",
+                "deepspeed.launcher.runner",
+                *hosts,
+                *nodes,
+                "--num_gpus",
+                str(self.nproc_per_node),
+                *ports,
+                "--no_local_rank",
+                "--module",
+                *trainer,
+            ]
         raise ValueError(f"launcher {self.launcher!r} runs in this process: there is no command")
 
 

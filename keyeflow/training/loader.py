@@ -123,8 +123,10 @@ def read_sample_table(mixture: TableRef, mixture_id: str, cost_model: CostModel)
     try:
         con.register("mixtures", rows_ds)
         rows = con.sql(
-            'select sample_id, modality, repeats, train_samples_version from mixtures where mixture_id = ? '
-            'order by "order", sample_id', params=[mixture_id]).to_arrow_table()
+            "select sample_id, modality, repeats, train_samples_version from mixtures where mixture_id = ? "
+            'order by "order", sample_id',
+            params=[mixture_id],
+        ).to_arrow_table()
         if rows.num_rows == 0:
             raise ValueError(f"mixture {mixture_id!r} has no rows in {mixture}")
         versions = pa.compute.unique(rows.column("train_samples_version")).to_pylist()
@@ -133,8 +135,9 @@ def read_sample_table(mixture: TableRef, mixture_id: str, cost_model: CostModel)
         samples_uri = _sibling(mixture, "train_samples")
         samples_ds = _open(samples_uri, versions[0])
         if samples_ds is None:
-            raise FileNotFoundError(f"train_samples@v{versions[0]} (pinned by mixture {mixture_id!r}) "
-                                    f"not found at {samples_uri}")
+            raise FileNotFoundError(
+                f"train_samples@v{versions[0]} (pinned by mixture {mixture_id!r}) not found at {samples_uri}"
+            )
         con.register("train_samples", samples_ds)
         con.register("m", rows.select(["sample_id"]).append_column("idx", pa.array(np.arange(rows.num_rows))))
         meta = con.sql("""
@@ -144,8 +147,10 @@ def read_sample_table(mixture: TableRef, mixture_id: str, cost_model: CostModel)
         if len(meta["idx"]) != rows.num_rows:
             found = set(meta["idx"].tolist())
             missing = [rows.column("sample_id")[i].as_py() for i in range(rows.num_rows) if i not in found]
-            raise ValueError(f"{len(missing)} sample(s) of mixture {mixture_id!r} are not in "
-                             f"train_samples@v{versions[0]}, e.g. {missing[:3]}")
+            raise ValueError(
+                f"{len(missing)} sample(s) of mixture {mixture_id!r} are not in "
+                f"train_samples@v{versions[0]}, e.g. {missing[:3]}"
+            )
         # One row per (sample, grid size): Slow frames, Fast frames, images. Only metadata columns.
         parts = []
         video_ds = _open(_sibling(mixture, "video_samples"))
@@ -163,8 +168,11 @@ def read_sample_table(mixture: TableRef, mixture_id: str, cost_model: CostModel)
             parts.append(f"""
                 select md.idx, i.grid_h * i.grid_w as patches, 1 as count
                 from {media} md join image_samples i on i.sample_id = md.media_id""")
-        grids = (con.sql(" union all ".join(parts)).fetchnumpy() if parts
-                 else {"idx": np.zeros(0, np.int64), "patches": np.zeros(0), "count": np.zeros(0)})
+        grids = (
+            con.sql(" union all ".join(parts)).fetchnumpy()
+            if parts
+            else {"idx": np.zeros(0, np.int64), "patches": np.zeros(0), "count": np.zeros(0)}
+        )
     finally:
         con.close()
 
@@ -172,15 +180,27 @@ def read_sample_table(mixture: TableRef, mixture_id: str, cost_model: CostModel)
     num_tokens = np.asarray(meta["num_tokens"], dtype=np.int64)
     vision_tokens = np.asarray(meta["num_vision_tokens"], dtype=np.int64)
     grid_idx = np.asarray(grids["idx"], dtype=np.int64)
-    vit = np.bincount(grid_idx, weights=cost_model.grid_cost(np.asarray(grids["patches"], dtype=np.float64),
-                                                            np.asarray(grids["count"], dtype=np.float64)),
-                      minlength=n) if len(grid_idx) else np.zeros(n)
+    vit = (
+        np.bincount(
+            grid_idx,
+            weights=cost_model.grid_cost(
+                np.asarray(grids["patches"], dtype=np.float64), np.asarray(grids["count"], dtype=np.float64)
+            ),
+            minlength=n,
+        )
+        if len(grid_idx)
+        else np.zeros(n)
+    )
     has_grids = np.bincount(grid_idx, minlength=n) > 0
     fallback = (vision_tokens > 0) & ~has_grids
     vit = np.where(fallback, cost_model.vit_linear * PATCHES_PER_TOKEN * vision_tokens, vit)
     if fallback.any():
-        log.warning("mixture %s: %d sample(s) have vision tokens but no video_samples/image_samples rows; "
-                    "costed from num_vision_tokens only", mixture_id, int(fallback.sum()))
+        log.warning(
+            "mixture %s: %d sample(s) have vision tokens but no video_samples/image_samples rows; "
+            "costed from num_vision_tokens only",
+            mixture_id,
+            int(fallback.sum()),
+        )
     return SampleTable(
         sample_ids=np.asarray(rows.column("sample_id").to_pylist(), dtype=object),
         modalities=np.asarray(rows.column("modality").to_pylist(), dtype=object),
@@ -268,9 +288,13 @@ class Layout:
     plan_version: int = PLAN_VERSION
 
     def to_dict(self) -> dict[str, Any]:
-        return {"world_size": self.world_size, "micro_batches_per_step": self.micro_batches_per_step,
-                "max_length": self.max_length, "cost_model": dict(self.cost_model),
-                "plan_version": self.plan_version}
+        return {
+            "world_size": self.world_size,
+            "micro_batches_per_step": self.micro_batches_per_step,
+            "max_length": self.max_length,
+            "cost_model": dict(self.cost_model),
+            "plan_version": self.plan_version,
+        }
 
 
 @dataclass(frozen=True)
@@ -313,7 +337,9 @@ class WindowPlan:
 
     def micro_batch_loads(self, rank: int) -> np.ndarray:
         mine = self.pack_rank == rank
-        return group_loads(self.pack_costs[mine], self.pack_micro_batch[mine], self.layout.micro_batches_per_step)
+        return group_loads(
+            self.pack_costs[mine], self.pack_micro_batch[mine], self.layout.micro_batches_per_step
+        )
 
     @property
     def real_token_share(self) -> float:
@@ -337,20 +363,34 @@ class MixtureLoader:
     Call :meth:`load_state_dict` before iterating. See the module docstring for the plan and resume.
     """
 
-    def __init__(self, mixture: TableRef, mixture_id: str, *, rank: int, world_size: int, max_length: int,
-                 micro_batches_per_step: int, seed: int, sample_reader: SampleReader, window_size: int,
-                 cost_model: CostModel | None = None, num_epochs: int | None = 1):
+    def __init__(
+        self,
+        mixture: TableRef,
+        mixture_id: str,
+        *,
+        rank: int,
+        world_size: int,
+        max_length: int,
+        micro_batches_per_step: int,
+        seed: int,
+        sample_reader: SampleReader,
+        window_size: int,
+        cost_model: CostModel | None = None,
+        num_epochs: int | None = 1,
+    ):
         self.world_size = check_int("MixtureLoader", "world_size", world_size, minimum=1)
         self.rank = check_int("MixtureLoader", "rank", rank, minimum=0)
         if self.rank >= self.world_size:
             raise invalid("MixtureLoader", "rank", rank, f"must be < world_size={world_size}")
         self.max_length = check_int("MixtureLoader", "max_length", max_length, minimum=1)
-        self.micro_batches_per_step = check_int("MixtureLoader", "micro_batches_per_step", micro_batches_per_step,
-                                                minimum=1)
+        self.micro_batches_per_step = check_int(
+            "MixtureLoader", "micro_batches_per_step", micro_batches_per_step, minimum=1
+        )
         self.seed = check_int("MixtureLoader", "seed", seed, minimum=0)
         self.window_size = check_int("MixtureLoader", "window_size", window_size, minimum=1)
-        self.num_epochs = None if num_epochs is None else check_int("MixtureLoader", "num_epochs", num_epochs,
-                                                                    minimum=1)
+        self.num_epochs = (
+            None if num_epochs is None else check_int("MixtureLoader", "num_epochs", num_epochs, minimum=1)
+        )
         if not callable(sample_reader):
             raise invalid("MixtureLoader", "sample_reader", sample_reader, "must be callable(sample_ids)")
         self.sample_reader = sample_reader
@@ -361,11 +401,14 @@ class MixtureLoader:
         longest = int(np.argmax(self.samples.num_tokens))
         if self.samples.num_tokens[longest] > self.max_length:
             over = int((self.samples.num_tokens > self.max_length).sum())
-            raise ValueError(f"sample {self.samples.sample_ids[longest]!r} of mixture {mixture_id!r} has "
-                             f"{int(self.samples.num_tokens[longest]):,} tokens, more than max_length "
-                             f"{self.max_length:,} ({over} sample(s) too long); samples are never split")
-        self.layout = Layout(self.world_size, self.micro_batches_per_step, self.max_length,
-                             self.cost_model.to_dict())
+            raise ValueError(
+                f"sample {self.samples.sample_ids[longest]!r} of mixture {mixture_id!r} has "
+                f"{int(self.samples.num_tokens[longest]):,} tokens, more than max_length "
+                f"{self.max_length:,} ({over} sample(s) too long); samples are never split"
+            )
+        self.layout = Layout(
+            self.world_size, self.micro_batches_per_step, self.max_length, self.cost_model.to_dict()
+        )
         self._stream0 = epoch_stream(self.samples.repeats)
         self.occurrences_per_epoch = len(self._stream0)
         self.windows_per_epoch = -(-self.occurrences_per_epoch // self.window_size)
@@ -390,7 +433,9 @@ class MixtureLoader:
             return self._stream0
         cached_epoch, rows = self._epoch_cache
         if cached_epoch != epoch:
-            rows = self._stream0[np.random.default_rng([self.seed, epoch]).permutation(self.occurrences_per_epoch)]
+            rows = self._stream0[
+                np.random.default_rng([self.seed, epoch]).permutation(self.occurrences_per_epoch)
+            ]
             self._epoch_cache = (epoch, rows)
         return rows
 
@@ -426,21 +471,41 @@ class MixtureLoader:
         rows = self.rows_of(occurrences)
         lengths = self.samples.num_tokens[rows]
         costs = self.samples.costs[rows]
-        packs = tuple(np.asarray(p, dtype=np.int64)
-                      for p in pack_lengths(lengths, layout.max_length, costs, self.samples.sample_ids[rows]))
+        packs = tuple(
+            np.asarray(p, dtype=np.int64)
+            for p in pack_lengths(lengths, layout.max_length, costs, self.samples.sample_ids[rows])
+        )
         pack_tokens = np.array([int(lengths[p].sum()) for p in packs], dtype=np.int64)
         pack_costs = np.array([float(costs[p].sum()) for p in packs], dtype=np.float64)
-        pack_rank, pack_micro_batch = balance_two_level(pack_costs, layout.world_size, layout.micro_batches_per_step)
-        return WindowPlan(window, window // self.windows_per_epoch, layout, occurrences, rows, packs,
-                          pack_tokens, pack_costs, pack_rank, pack_micro_batch)
+        pack_rank, pack_micro_batch = balance_two_level(
+            pack_costs, layout.world_size, layout.micro_batches_per_step
+        )
+        return WindowPlan(
+            window,
+            window // self.windows_per_epoch,
+            layout,
+            occurrences,
+            rows,
+            packs,
+            pack_tokens,
+            pack_costs,
+            pack_rank,
+            pack_micro_batch,
+        )
 
     def current_plan(self) -> WindowPlan:
         if self._plan is None:
             self._plan = self.plan_window(self._window, self._consumed_before)
             if self._plan.num_empty_micro_batches:
-                log.warning("step %d: %d packs for %d ranks × %d micro-batches; %d micro-batch(es) are empty "
-                            "(raise window_size)", self._window, len(self._plan.packs), self.world_size,
-                            self.micro_batches_per_step, self._plan.num_empty_micro_batches)
+                log.warning(
+                    "step %d: %d packs for %d ranks × %d micro-batches; %d micro-batch(es) are empty "
+                    "(raise window_size)",
+                    self._window,
+                    len(self._plan.packs),
+                    self.world_size,
+                    self.micro_batches_per_step,
+                    self._plan.num_empty_micro_batches,
+                )
         return self._plan
 
     # ------------------------------------------------------------------------------------------ iteration
@@ -457,23 +522,34 @@ class MixtureLoader:
                 for k in plan.micro_batch_packs(self.rank, index):
                     members = plan.packs[k]
                     rows = plan.rows[members]
-                    packs.append(Pack(
-                        sample_ids=tuple(self.samples.sample_ids[rows].tolist()),
-                        occurrences=tuple(plan.occurrences[members].tolist()),
-                        num_tokens=tuple(self.samples.num_tokens[rows].tolist()),
-                        modalities=tuple(self.samples.modalities[rows].tolist()),
-                        cost=float(plan.pack_costs[k]),
-                    ))
+                    packs.append(
+                        Pack(
+                            sample_ids=tuple(self.samples.sample_ids[rows].tolist()),
+                            occurrences=tuple(plan.occurrences[members].tolist()),
+                            num_tokens=tuple(self.samples.num_tokens[rows].tolist()),
+                            modalities=tuple(self.samples.modalities[rows].tolist()),
+                            cost=float(plan.pack_costs[k]),
+                        )
+                    )
                 ids = [s for p in packs for s in p.sample_ids]
                 payloads: tuple[tuple[Any, ...], ...] = ()
                 if ids:
                     got = list(self.sample_reader(ids))
                     if len(got) != len(ids):
-                        raise ValueError(f"sample_reader returned {len(got)} payloads for {len(ids)} sample ids")
+                        raise ValueError(
+                            f"sample_reader returned {len(got)} payloads for {len(ids)} sample ids"
+                        )
                     split = np.cumsum([len(p.sample_ids) for p in packs])[:-1].tolist()
                     payloads = tuple(tuple(got[a:b]) for a, b in zip([0, *split], [*split, len(got)]))
-                batch = MicroBatch(step=plan.window, epoch=plan.epoch, index=index, num_micro_batches=num,
-                                   rank=self.rank, packs=tuple(packs), payloads=payloads)
+                batch = MicroBatch(
+                    step=plan.window,
+                    epoch=plan.epoch,
+                    index=index,
+                    num_micro_batches=num,
+                    rank=self.rank,
+                    packs=tuple(packs),
+                    payloads=payloads,
+                )
                 # Advance before yielding: a state_dict() taken after receiving this micro-batch counts it.
                 self._done = index + 1
                 if self._done == num:
@@ -515,33 +591,47 @@ class MixtureLoader:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Continue where ``state`` stopped (see the module docstring); the world size may differ."""
-        expected = {"stream_version": STREAM_VERSION, "mixture_id": self.mixture_id, "seed": self.seed,
-                    "window_size": self.window_size, "occurrences_per_epoch": self.occurrences_per_epoch}
+        expected = {
+            "stream_version": STREAM_VERSION,
+            "mixture_id": self.mixture_id,
+            "seed": self.seed,
+            "window_size": self.window_size,
+            "occurrences_per_epoch": self.occurrences_per_epoch,
+        }
         for key, value in expected.items():
             if state.get(key) != value:
-                raise ValueError(f"cannot resume: state has {key}={state.get(key)!r}, this loader has {value!r} "
-                                 "(the stream of windows would differ)")
+                raise ValueError(
+                    f"cannot resume: state has {key}={state.get(key)!r}, this loader has {value!r} "
+                    "(the stream of windows would differ)"
+                )
         window = check_int("MixtureLoader", "state['window']", state["window"], minimum=0)
         in_window = self.window_occurrences(window)
         consumed = np.asarray(state["consumed"], dtype=np.int64)
         if len(consumed) and not np.isin(consumed, in_window).all():
             raise ValueError(f"cannot resume: consumed occurrences outside window {window}")
         saved = state["layout"]
-        saved_layout = Layout(saved["world_size"], saved["micro_batches_per_step"], saved["max_length"],
-                              dict(saved["cost_model"]), saved.get("plan_version", -1))
+        saved_layout = Layout(
+            saved["world_size"],
+            saved["micro_batches_per_step"],
+            saved["max_length"],
+            dict(saved["cost_model"]),
+            saved.get("plan_version", -1),
+        )
         self._window, self._plan = window, None
         if saved_layout == self.layout and state["micro_batches_done"] > 0:
             # Same layout: rebuild the same plan and go on from the same micro-batch.
             self._consumed_before = np.asarray(state["consumed_before"], dtype=np.int64)
-            self._done = check_int("MixtureLoader", "state['micro_batches_done']", state["micro_batches_done"],
-                                   minimum=0)
+            self._done = check_int(
+                "MixtureLoader", "state['micro_batches_done']", state["micro_batches_done"], minimum=0
+            )
             if not np.array_equal(self._consumed(), np.sort(consumed)):
-                raise ValueError("cannot resume: the rebuilt plan does not reproduce the saved consumed "
-                                 "occurrences (metadata or cost inputs changed)")
+                raise ValueError(
+                    "cannot resume: the rebuilt plan does not reproduce the saved consumed "
+                    "occurrences (metadata or cost inputs changed)"
+                )
         else:
             # Another layout (or a step boundary): plan what is left of the window for this layout.
             self._consumed_before = np.sort(consumed)
             self._done = 0
         if len(self._consumed_before) == len(in_window) and len(in_window):
             self._next_window()
-

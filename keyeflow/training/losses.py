@@ -84,7 +84,9 @@ class MPOConfig:
         for name in ("dpo_weight", "bco_weight", "sft_weight"):
             object.__setattr__(self, name, check_number("MPOConfig", name, getattr(self, name), minimum=0))
         if self.dpo_weight == self.bco_weight == self.sft_weight == 0.0:
-            raise ValueError("MPOConfig: dpo_weight, bco_weight and sft_weight are all 0, the loss would be 0")
+            raise ValueError(
+                "MPOConfig: dpo_weight, bco_weight and sft_weight are all 0, the loss would be 0"
+            )
 
 
 @dataclass
@@ -144,17 +146,28 @@ def mpo_loss(
     gradients add up to the loss of the whole batch on one process; `loss`, `dpo`, `bco` and `sft` are this
     rank's shares, the reward statistics are the whole batch's. None: one process, the batch is all there is
     (the same numbers: a mean is computed as the sum divided by the count either way)."""
-    _check_same_shape(policy_chosen_logps=policy_chosen_logps, policy_rejected_logps=policy_rejected_logps,
-                      ref_chosen_logps=ref_chosen_logps, ref_rejected_logps=ref_rejected_logps,
-                      chosen_num_tokens=chosen_num_tokens)
+    _check_same_shape(
+        policy_chosen_logps=policy_chosen_logps,
+        policy_rejected_logps=policy_rejected_logps,
+        ref_chosen_logps=ref_chosen_logps,
+        ref_rejected_logps=ref_rejected_logps,
+        chosen_num_tokens=chosen_num_tokens,
+    )
     if policy_chosen_logps.ndim != 1 or policy_chosen_logps.numel() == 0:
-        raise ValueError(f"MPO inputs must be non-empty 1-D (one value per pair), got {policy_chosen_logps.shape}")
+        raise ValueError(
+            f"MPO inputs must be non-empty 1-D (one value per pair), got {policy_chosen_logps.shape}"
+        )
     if bool((chosen_num_tokens < 1).any()):
-        raise ValueError(f"every chosen response needs at least one token, got counts {chosen_num_tokens.tolist()}")
+        raise ValueError(
+            f"every chosen response needs at least one token, got counts {chosen_num_tokens.tolist()}"
+        )
 
     # float32 at least: summed log-probs run to the thousands, where bf16 cannot resolve a margin of 1.
     dtype = torch.promote_types(policy_chosen_logps.dtype, torch.float32)
-    policy_chosen_logps, policy_rejected_logps = policy_chosen_logps.to(dtype), policy_rejected_logps.to(dtype)
+    policy_chosen_logps, policy_rejected_logps = (
+        policy_chosen_logps.to(dtype),
+        policy_rejected_logps.to(dtype),
+    )
     ref_chosen_logps, ref_rejected_logps = ref_chosen_logps.to(dtype), ref_rejected_logps.to(dtype)
 
     beta = config.beta
@@ -165,9 +178,13 @@ def mpo_loss(
     chosen_d, rejected_d = chosen_rewards.detach(), rejected_rewards.detach()
 
     # The whole batch's counts and reward sum (one collective on several ranks; see the docstring).
-    totals = torch.stack([torch.tensor(float(policy_chosen_logps.numel()), dtype=torch.float64),
-                          chosen_num_tokens.sum().double().cpu(),
-                          torch.cat([chosen_d, rejected_d]).double().sum().cpu()])
+    totals = torch.stack(
+        [
+            torch.tensor(float(policy_chosen_logps.numel()), dtype=torch.float64),
+            chosen_num_tokens.sum().double().cpu(),
+            torch.cat([chosen_d, rejected_d]).double().sum().cpu(),
+        ]
+    )
     if all_reduce is not None:
         totals = all_reduce(totals.to(policy_chosen_logps.device)).cpu()
     num_pairs, num_tokens, reward_sum = int(totals[0].item()), totals[1].item(), totals[2].item()
@@ -178,14 +195,19 @@ def mpo_loss(
     delta = 0.0
     if reward_shift is not None:
         delta = reward_shift.update(reward_sum / (2 * num_pairs))
-    bco = (-F.logsigmoid(chosen_rewards - delta) - F.logsigmoid(-(rejected_rewards - delta))).sum() / num_pairs
+    bco = (
+        -F.logsigmoid(chosen_rewards - delta) - F.logsigmoid(-(rejected_rewards - delta))
+    ).sum() / num_pairs
 
     sft = -policy_chosen_logps.sum() / torch.tensor(num_tokens, dtype=dtype)
 
     # Zero-weight terms are skipped rather than multiplied by 0, so an overflow in an unused term cannot turn
     # the total into NaN (0 · inf).
-    total = sum(w * term for w, term in ((config.dpo_weight, dpo), (config.bco_weight, bco),
-                                         (config.sft_weight, sft)) if w)
+    total = sum(
+        w * term
+        for w, term in ((config.dpo_weight, dpo), (config.bco_weight, bco), (config.sft_weight, sft))
+        if w
+    )
     statistics = torch.stack([(chosen_d - rejected_d).sum(), (chosen_d > rejected_d).float().sum()])
     if all_reduce is not None:
         statistics = all_reduce(statistics)
@@ -212,13 +234,22 @@ class GSPOConfig:
     advantage_eps: float = 1e-4
 
     def __post_init__(self) -> None:
-        for name, strict in (("epsilon_low", True), ("epsilon_high", True), ("kl_coef", False),
-                             ("advantage_eps", False)):
-            object.__setattr__(self, name, check_number("GSPOConfig", name, getattr(self, name), minimum=0,
-                                                        strict=strict))
+        for name, strict in (
+            ("epsilon_low", True),
+            ("epsilon_high", True),
+            ("kl_coef", False),
+            ("advantage_eps", False),
+        ):
+            object.__setattr__(
+                self, name, check_number("GSPOConfig", name, getattr(self, name), minimum=0, strict=strict)
+            )
         if self.epsilon_low >= 1.0:
-            raise invalid("GSPOConfig", "epsilon_low", self.epsilon_low,
-                          "must be < 1 (the lower bound 1 − ε must stay > 0)")
+            raise invalid(
+                "GSPOConfig",
+                "epsilon_low",
+                self.epsilon_low,
+                "must be < 1 (the lower bound 1 − ε must stay > 0)",
+            )
 
 
 def group_advantages(rewards: torch.Tensor, eps: float = 1e-4) -> torch.Tensor:
@@ -267,18 +298,23 @@ def gspo_loss(
     if mask.shape != logps.shape:
         raise ValueError(f"mask shape {tuple(mask.shape)} differs from logps shape {tuple(logps.shape)}")
     if advantages.shape != logps.shape[:1]:
-        raise ValueError(f"advantages must be one per response, shape ({logps.shape[0]},), got "
-                         f"{tuple(advantages.shape)}")
+        raise ValueError(
+            f"advantages must be one per response, shape ({logps.shape[0]},), got {tuple(advantages.shape)}"
+        )
     for name, other in (("old_logps", old_logps), ("ref_logps", ref_logps)):
         if other is not None and other.shape != logps.shape:
-            raise ValueError(f"{name} shape {tuple(other.shape)} differs from logps shape {tuple(logps.shape)}")
+            raise ValueError(
+                f"{name} shape {tuple(other.shape)} differs from logps shape {tuple(logps.shape)}"
+            )
     if config.kl_coef > 0 and ref_logps is None:
         raise ValueError(f"GSPOConfig.kl_coef={config.kl_coef} needs ref_logps")
     mask = mask.bool()
     lengths = mask.sum(dim=1)
     if bool((lengths == 0).any()):
-        raise ValueError(f"responses {torch.nonzero(lengths == 0).flatten().tolist()} have no tokens: the "
-                         "length-normalised ratio is undefined")
+        raise ValueError(
+            f"responses {torch.nonzero(lengths == 0).flatten().tolist()} have no tokens: the "
+            "length-normalised ratio is undefined"
+        )
 
     # float32 at least: the clipping range (3e-4) is far below bf16's resolution near 1 (about 4e-3).
     dtype = torch.promote_types(logps.dtype, torch.float32)
@@ -312,5 +348,13 @@ def gspo_loss(
     ratio = torch.exp(log_ratio.detach())
     low = ((ratio < 1.0 - config.epsilon_low) & (advantages < 0)).float().mean()
     high = ((ratio > 1.0 + config.epsilon_high) & (advantages > 0)).float().mean()
-    return GSPOOutput(loss=loss, policy_loss=policy_loss, kl=kl, ratio=ratio, mean_ratio=ratio.mean(),
-                      clip_low_fraction=low, clip_high_fraction=high, clip_fraction=low + high)
+    return GSPOOutput(
+        loss=loss,
+        policy_loss=policy_loss,
+        kl=kl,
+        ratio=ratio,
+        mean_ratio=ratio.mean(),
+        clip_low_fraction=low,
+        clip_high_fraction=high,
+        clip_fraction=low + high,
+    )

@@ -35,8 +35,15 @@ from keyeflow.quality.rewards import answer_reward
 
 POSTTRAIN_STAGE = 5  # the `stage` column of post-training mixtures (pre-training uses 1–3)
 # train_samples.task → the checker that can tell a right answer (others are not checkable: kept)
-CHECKERS = {"grounding": "grounding", "counting": "count", "count": "count", "math": "math", "vqa": "math",
-            "ocr": "math", "temporal": "math"}
+CHECKERS = {
+    "grounding": "grounding",
+    "counting": "count",
+    "count": "count",
+    "math": "math",
+    "vqa": "math",
+    "ocr": "math",
+    "temporal": "math",
+}
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -48,8 +55,9 @@ class DifficultyConfig:
 
     def __post_init__(self) -> None:
         for name, minimum in (("num_paths", 1), ("max_new_tokens", 1), ("seed", 0)):
-            object.__setattr__(self, name,
-                               check_int("DifficultyConfig", name, getattr(self, name), minimum=minimum))
+            object.__setattr__(
+                self, name, check_int("DifficultyConfig", name, getattr(self, name), minimum=minimum)
+            )
         # > 0: sampling, so that several paths can differ. Kept as given: the recipe's hash holds it.
         check_number("DifficultyConfig", "temperature", self.temperature, minimum=0, strict=True)
 
@@ -62,14 +70,24 @@ class DifficultyReport:
     num_right: dict[str, int] = field(default_factory=dict)  # sample id → right answers of num_paths
 
     def to_dict(self) -> dict[str, Any]:
-        return {"kept": self.kept, "dropped": self.dropped, "unchecked": self.unchecked, "num_right": self.num_right}
+        return {
+            "kept": self.kept,
+            "dropped": self.dropped,
+            "unchecked": self.unchecked,
+            "num_right": self.num_right,
+        }
 
 
 def conversation_samples(samples: TableRef, tasks: Sequence[str], max_tokens: int) -> list[dict]:
     """`train_samples` rows of `tasks` (chats ending in an assistant turn) at most `max_tokens` long."""
-    rows = tables.dataset(samples.uri, version=samples.version).to_table(
-        columns=["sample_id", "task", "modality", "num_tokens", "media_ids", "messages"],
-        filter=pc.field("task").isin(list(tasks)) & (pc.field("num_tokens") <= max_tokens)).to_pylist()
+    rows = (
+        tables.dataset(samples.uri, version=samples.version)
+        .to_table(
+            columns=["sample_id", "task", "modality", "num_tokens", "media_ids", "messages"],
+            filter=pc.field("task").isin(list(tasks)) & (pc.field("num_tokens") <= max_tokens),
+        )
+        .to_pylist()
+    )
     out = []
     for row in rows:
         messages = json.loads(row["messages"])
@@ -91,8 +109,9 @@ def ordered_media_lookup(media_ids: Sequence[str], media: Mapping[str, MediaPatc
     return lambda part: media[next(order)]
 
 
-def difficulty_filter(generator: Generator, rows: list[dict], config: DifficultyConfig,
-                      root: str | None = None) -> DifficultyReport:
+def difficulty_filter(
+    generator: Generator, rows: list[dict], config: DifficultyConfig, root: str | None = None
+) -> DifficultyReport:
     """Sample `num_paths` answers per row with `generator` (the model SFT starts from) and drop the rows every
     path answers right. `generator.media_lookup` is set per row (a LocalGenerator's media come from Lance)."""
     report = DifficultyReport()
@@ -110,14 +129,23 @@ def difficulty_filter(generator: Generator, rows: list[dict], config: Difficulty
             report.unchecked.append(row["sample_id"])
             continue
         if hasattr(generator, "media_lookup"):
-            generator.media_lookup = ordered_media_lookup(row["media_ids"], read_media(set(row["media_ids"]), root))
-        (completions,) = generator.generate([prompt], n=config.num_paths, max_new_tokens=config.max_new_tokens,
-                                            temperature=config.temperature, seed=config.seed, logprobs=False)
+            generator.media_lookup = ordered_media_lookup(
+                row["media_ids"], read_media(set(row["media_ids"]), root)
+            )
+        (completions,) = generator.generate(
+            [prompt],
+            n=config.num_paths,
+            max_new_tokens=config.max_new_tokens,
+            temperature=config.temperature,
+            seed=config.seed,
+            logprobs=False,
+        )
         right = sum(answer_reward(c.text, reference, checker).value >= 1.0 for c in completions)
         report.num_right[row["sample_id"]] = right
         if right == len(completions):
-            report.dropped[row["sample_id"]] = (f"too easy: all {right} sampled answers match the reference "
-                                                f"({checker} check)")
+            report.dropped[row["sample_id"]] = (
+                f"too easy: all {right} sampled answers match the reference ({checker} check)"
+            )
         else:
             report.kept.append(row["sample_id"])
     return report
@@ -131,23 +159,42 @@ def longcot_rows(longcot: TableRef, domain: str | None = None) -> list[dict]:
     """The `longcot` table's samples (optionally one domain's), with their repeats."""
     ds = tables.dataset(longcot.uri, version=longcot.version)
     filter_ = pc.field("domain") == domain if domain else None
-    return ds.to_table(columns=["sample_id", "domain", "source", "messages", "repeats", "score"],
-                       filter=filter_).to_pylist()
+    return ds.to_table(
+        columns=["sample_id", "domain", "source", "messages", "repeats", "score"], filter=filter_
+    ).to_pylist()
 
 
-def longcot_mixture(longcot: TableRef, *, name: str, slowfast: SlowFastConfig, image_config: ImageConfig,
-                    domain: str | None = None, seed: int = 0, source_root: str = "/", min_repeats: int = 0,
-                    root: str | None = None) -> tuple[MixtureResult, dict[str, str]]:
+def longcot_mixture(
+    longcot: TableRef,
+    *,
+    name: str,
+    slowfast: SlowFastConfig,
+    image_config: ImageConfig,
+    domain: str | None = None,
+    seed: int = 0,
+    source_root: str = "/",
+    min_repeats: int = 0,
+    root: str | None = None,
+) -> tuple[MixtureResult, dict[str, str]]:
     """LongCoT samples (one domain's, or all) as train_samples rows and a mixture using each `repeats` times,
     at least `min_repeats` (an expert takes every kept sample of its domain: 1, even those the scoring drew out
     of the general mix). Returns the mixture and the samples that could not be used, with why (also in
     `quarantine`)."""
     rows = longcot_rows(longcot, domain)
     if not rows:
-        raise ValueError(f"{longcot.uri}@v{longcot.version} has no LongCoT samples"
-                         + (f" of domain {domain!r}" if domain else ""))
-    items = [{"uri": f"longcot#{r['sample_id']}", "source": f"longcot-{r['domain']}", "task": "longcot",
-              "messages": json.loads(r["messages"])} for r in rows]
+        raise ValueError(
+            f"{longcot.uri}@v{longcot.version} has no LongCoT samples"
+            + (f" of domain {domain!r}" if domain else "")
+        )
+    items = [
+        {
+            "uri": f"longcot#{r['sample_id']}",
+            "source": f"longcot-{r['domain']}",
+            "task": "longcot",
+            "messages": json.loads(r["messages"]),
+        }
+        for r in rows
+    ]
     ids, bad = conversations.add_conversations(items, source_root, slowfast, image_config, root=root)
     repeats: dict[str, int] = {}
     for r in rows:

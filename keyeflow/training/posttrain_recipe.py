@@ -36,10 +36,15 @@ class PreferenceSettings:
 
     def __post_init__(self) -> None:
         # Best against worst: a pair needs two responses.
-        for name, minimum in (("num_responses", 2), ("max_new_tokens", 1), ("max_teacher_pairs", 1),
-                              ("max_policy_items", 1)):
-            object.__setattr__(self, name, check_int("PreferenceSettings", name, getattr(self, name),
-                                                     minimum=minimum))
+        for name, minimum in (
+            ("num_responses", 2),
+            ("max_new_tokens", 1),
+            ("max_teacher_pairs", 1),
+            ("max_policy_items", 1),
+        ):
+            object.__setattr__(
+                self, name, check_int("PreferenceSettings", name, getattr(self, name), minimum=minimum)
+            )
         check_number("PreferenceSettings", "min_margin", self.min_margin, minimum=0)  # kept as given: hashed
 
 
@@ -48,16 +53,20 @@ class AlignmentSettings:
     """Alignment RL's prompts and how their rewards combine (rule-based, generative judge, reward model)."""
 
     num_prompts: int = 512
-    weights: dict[str, float] = field(default_factory=lambda: {"rule": 0.6, "judge": 0.2, "reward_model": 0.2})
+    weights: dict[str, float] = field(
+        default_factory=lambda: {"rule": 0.6, "judge": 0.2, "reward_model": 0.2}
+    )
     judge_max_new_tokens: int = 256
 
     def __post_init__(self) -> None:
         for name in ("num_prompts", "judge_max_new_tokens"):
-            object.__setattr__(self, name,
-                               check_int("AlignmentSettings", name, getattr(self, name), minimum=1))
+            object.__setattr__(
+                self, name, check_int("AlignmentSettings", name, getattr(self, name), minimum=1)
+            )
         if set(self.weights) - {"rule", "judge", "reward_model"}:
-            raise invalid("AlignmentSettings", "weights", self.weights,
-                          "components are rule, judge and reward_model")
+            raise invalid(
+                "AlignmentSettings", "weights", self.weights, "components are rule, judge and reward_model"
+            )
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -112,11 +121,27 @@ def _plain(value: Any) -> Any:
 
 
 def _tiny() -> PosttrainRecipe:
-    small = {"max_steps": 3, "window_size": 4, "micro_batches_per_step": 1, "warmup_steps": 1,
-             "checkpoint_every": 3, "bf16": False, "deepspeed_zero": None, "max_length": 2_048}
+    small = {
+        "max_steps": 3,
+        "window_size": 4,
+        "micro_batches_per_step": 1,
+        "warmup_steps": 1,
+        "checkpoint_every": 3,
+        "bf16": False,
+        "deepspeed_zero": None,
+        "max_length": 2_048,
+    }
     hints = HintConfig(rollouts_per_level=2, max_level=5)
-    gspo = GSPOStageConfig(prompts_per_step=2, group_size=2, max_new_tokens=8, learning_rate=1e-4, max_steps=2,
-                           gspo=GSPOConfig(), hints=hints, checkpoint_every=2)
+    gspo = GSPOStageConfig(
+        prompts_per_step=2,
+        group_size=2,
+        max_new_tokens=8,
+        learning_rate=1e-4,
+        max_steps=2,
+        gspo=GSPOConfig(),
+        hints=hints,
+        checkpoint_every=2,
+    )
     return PosttrainRecipe(
         name="tiny", sft_tasks=SFT_TASKS, sft_max_items=24,
         difficulty=DifficultyConfig(num_paths=2, max_new_tokens=8),
@@ -141,11 +166,25 @@ def _tiny() -> PosttrainRecipe:
 def _keye_8b() -> PosttrainRecipe:
     # SPEC gives the order, the MPO weights (0.8/0.2/1.0), GSPO's ε (3e-4/4e-4) and the hint levels; every
     # count and learning rate below is UNSTATED and chosen (TRL/verl-like defaults for an 8B model).
-    full = {"window_size": 256, "micro_batches_per_step": 4, "bf16": True, "deepspeed_zero": 2,
-            "max_length": 32_768, "checkpoint_every": 200}
-    gspo = GSPOStageConfig(prompts_per_step=128, group_size=8, max_new_tokens=16_384, learning_rate=1e-6,
-                           max_steps=500, mini_batches_per_step=4, gspo=GSPOConfig(),
-                           hints=HintConfig(rollouts_per_level=8), checkpoint_every=50)
+    full = {
+        "window_size": 256,
+        "micro_batches_per_step": 4,
+        "bf16": True,
+        "deepspeed_zero": 2,
+        "max_length": 32_768,
+        "checkpoint_every": 200,
+    }
+    gspo = GSPOStageConfig(
+        prompts_per_step=128,
+        group_size=8,
+        max_new_tokens=16_384,
+        learning_rate=1e-6,
+        max_steps=500,
+        mini_batches_per_step=4,
+        gspo=GSPOConfig(),
+        hints=HintConfig(rollouts_per_level=8),
+        checkpoint_every=50,
+    )
     return PosttrainRecipe(
         name="keye-8b", sft_tasks=SFT_TASKS, sft_max_items=8_000_000,
         difficulty=DifficultyConfig(num_paths=4, max_new_tokens=4_096),

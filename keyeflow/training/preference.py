@@ -107,7 +107,9 @@ class PreferenceItem:
     def from_dict(cls, row: Mapping[str, Any]) -> PreferenceItem:
         """From `{"id" or "item_id", "messages", "reference"?, "task"?, "options"?, "task_definition"?}`."""
         item_id = row.get("item_id", row.get("id"))
-        fields = {k: row[k] for k in ("reference", "task", "options", "task_definition") if row.get(k) is not None}
+        fields = {
+            k: row[k] for k in ("reference", "task", "options", "task_definition") if row.get(k) is not None
+        }
         if "messages" not in row:
             raise ValueError(f"item {item_id!r} has no 'messages'")
         return cls(item_id=item_id, messages=row["messages"], **fields)
@@ -117,8 +119,9 @@ class PreferenceItem:
         return self.messages[-1]["content"]
 
     def reward_item(self) -> RewardItem:
-        return RewardItem(prompt=self.prompt_content(), reference=self.reference, task=self.task,
-                          options=self.options)
+        return RewardItem(
+            prompt=self.prompt_content(), reference=self.reference, task=self.task, options=self.options
+        )
 
 
 def check_prompt(messages: object, where: str) -> None:
@@ -132,8 +135,10 @@ def check_prompt(messages: object, where: str) -> None:
         if not isinstance(message.get("content"), (str, list)):
             raise ValueError(f"{where}: message {k} content must be a string or a list of parts")  # noqa: TRY004
     if messages[-1]["role"] != "user":
-        raise ValueError(f"{where}: the last message must be the user's (the turn the response answers), "
-                         f"got {messages[-1]['role']!r}")
+        raise ValueError(
+            f"{where}: the last message must be the user's (the turn the response answers), "
+            f"got {messages[-1]['role']!r}"
+        )
 
 
 # ============================================================================================= scoring
@@ -160,25 +165,38 @@ def make_scorer(reward_model: RewardModel | None = None, *, model_weight: float 
     - an item without a reference: the reward model's value (`RewardModelJudge.reward` fits); without one,
       a ValueError (that response is recorded as unscored).
     `reward_model(item, response)` returns a Reward, a number in [0, 1], (number, reason) or None (no say)."""
-    if isinstance(model_weight, bool) or not isinstance(model_weight, (int, float)) \
-            or not 0.0 <= model_weight < 0.5:
-        raise ValueError(f"model_weight={model_weight!r}: must be in [0, 0.5) so a right answer always outranks "
-                         "a wrong one")
+    if (
+        isinstance(model_weight, bool)
+        or not isinstance(model_weight, (int, float))
+        or not 0.0 <= model_weight < 0.5
+    ):
+        raise ValueError(
+            f"model_weight={model_weight!r}: must be in [0, 0.5) so a right answer always outranks "
+            "a wrong one"
+        )
 
     def score(item: PreferenceItem, response: str) -> Reward:
-        model = _as_reward("reward model", reward_model(item.reward_item(), response)) \
-            if reward_model is not None and (item.reference is None or model_weight > 0) else None
+        model = (
+            _as_reward("reward model", reward_model(item.reward_item(), response))
+            if reward_model is not None and (item.reference is None or model_weight > 0)
+            else None
+        )
         if item.reference is None:
             if model is None:
-                raise ValueError(f"item {item.item_id!r} has no reference and "
-                                 + ("no reward model" if reward_model is None else "the reward model gave no score"))
+                raise ValueError(
+                    f"item {item.item_id!r} has no reference and "
+                    + ("no reward model" if reward_model is None else "the reward model gave no score")
+                )
             return model
         check = answer_reward(response, item.reference, item.task, options=item.options)
         if model is None:
             return check
         value = (1 - model_weight) * check.value + model_weight * model.value
-        return Reward(value, f"answer {check.value:.2f}: {check.reason}; reward model {model.value:.2f}: "
-                             f"{model.reason}", {"answer": check, "reward_model": model})
+        return Reward(
+            value,
+            f"answer {check.value:.2f}: {check.reason}; reward model {model.value:.2f}: {model.reason}",
+            {"answer": check, "reward_model": model},
+        )
 
     return score
 
@@ -217,8 +235,12 @@ def build_preference_pairs(
     `generation.conversation_seed`)."""
     if isinstance(n, bool) or not isinstance(n, int) or n < 2:
         raise ValueError(f"n={n!r}: must be an integer >= 2 (a pair needs two responses)")
-    if isinstance(min_margin, bool) or not isinstance(min_margin, (int, float)) or not math.isfinite(min_margin) \
-            or min_margin < 0:
+    if (
+        isinstance(min_margin, bool)
+        or not isinstance(min_margin, (int, float))
+        or not math.isfinite(min_margin)
+        or min_margin < 0
+    ):
         raise ValueError(f"min_margin={min_margin!r}: must be a finite number >= 0")
     if not isinstance(temperature, (int, float)) or not temperature > 0:
         raise ValueError(f"temperature={temperature!r}: must be > 0 (n greedy samples are all the same)")
@@ -252,24 +274,39 @@ def build_preference_pairs(
     return pairs, records
 
 
-def _sample(generator: Generator, batch: list[PreferenceItem], n: int, max_new_tokens: int, temperature: float,
-            seed: int) -> list[list[Any] | Exception]:
+def _sample(
+    generator: Generator,
+    batch: list[PreferenceItem],
+    n: int,
+    max_new_tokens: int,
+    temperature: float,
+    seed: int,
+) -> list[list[Any] | Exception]:
     """Per item, its completions or the error its request failed with (the other items keep theirs)."""
     try:
-        return generator.generate([item.messages for item in batch], n=n, max_new_tokens=max_new_tokens,
-                                  temperature=temperature, seed=seed, logprobs=False)
+        return generator.generate(
+            [item.messages for item in batch],
+            n=n,
+            max_new_tokens=max_new_tokens,
+            temperature=temperature,
+            seed=seed,
+            logprobs=False,
+        )
     except BatchGenerationError as error:
         return error.results
     except (RuntimeError, ValueError, KeyError, OSError) as error:  # a server down, a prompt it refuses, …
         return [error] * len(batch)
 
 
-def _record(item: PreferenceItem, reason: str, num_responses: int = 0, scores: list[float] | None = None) -> dict:
+def _record(
+    item: PreferenceItem, reason: str, num_responses: int = 0, scores: list[float] | None = None
+) -> dict:
     return {"item_id": item.item_id, "reason": reason, "num_responses": num_responses, "scores": scores or []}
 
 
-def _pair_of(item: PreferenceItem, completions: list[Any], scorer: Scorer,
-             min_margin: float) -> tuple[dict[str, Any] | None, dict[str, Any]]:
+def _pair_of(
+    item: PreferenceItem, completions: list[Any], scorer: Scorer, min_margin: float
+) -> tuple[dict[str, Any] | None, dict[str, Any]]:
     scored: list[tuple[float, str, str, bool]] = []  # (value, reason, text, complete)
     problems: list[str] = []
     for k, completion in enumerate(completions):
@@ -299,15 +336,21 @@ def _pair_of(item: PreferenceItem, completions: list[Any], scorer: Scorer,
     complete = [s for s in scored if s[3]]
     if not complete:
         return fail(f"no complete response: all {len(scored)} hit max_new_tokens")
-    best = max(complete, key=lambda s: s[0])  # max/min keep the first of equals: ties go to the earlier sample
+    best = max(
+        complete, key=lambda s: s[0]
+    )  # max/min keep the first of equals: ties go to the earlier sample
     worst = min(scored, key=lambda s: s[0])
     margin = best[0] - worst[0]
     if margin < min_margin:
         cut = "" if best[0] == max(scores) else " (the best response was cut off)"
-        return fail(f"margin {margin:.3f} < min_margin {min_margin}: best complete {best[0]:.3f}, "
-                    f"worst {worst[0]:.3f}{cut}")
-    reason = (f"best of {len(scored)} {best[0]:.3f} ({best[1]}) vs worst {worst[0]:.3f} ({worst[1]}): "
-              f"margin {margin:.3f} >= {min_margin}")
+        return fail(
+            f"margin {margin:.3f} < min_margin {min_margin}: best complete {best[0]:.3f}, "
+            f"worst {worst[0]:.3f}{cut}"
+        )
+    reason = (
+        f"best of {len(scored)} {best[0]:.3f} ({best[1]}) vs worst {worst[0]:.3f} ({worst[1]}): "
+        f"margin {margin:.3f} >= {min_margin}"
+    )
     pair = {
         "pair_id": item.item_id, "item_id": item.item_id, "messages": item.messages,
         "chosen": best[2], "rejected": worst[2], "chosen_score": best[0], "rejected_score": worst[0],
@@ -329,7 +372,9 @@ class MPOResult:
 # ============================================================================================ training
 
 
-def sequence_logprobs(model: torch.nn.Module, batch: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+def sequence_logprobs(
+    model: torch.nn.Module, batch: Mapping[str, torch.Tensor]
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Per row: Σ log p of the trained (assistant) tokens, and their number. `losses.token_logprobs` rather
     than a full log-softmax: the [rows, tokens, vocabulary] log-probabilities of a real vocabulary would not
     fit beside the activations."""
@@ -380,9 +425,15 @@ def _tokenizer_for(init: Path):
     return load_tokenizer(init if has_own else None)
 
 
-def train_mpo(config: MPOStageConfig, *, init: str | Path, pairs: Sequence[Mapping[str, Any]],
-              out_dir: str | Path, sink: MetricsSink | None = None,
-              media_lookup: MediaLookup | None = None) -> MPOResult:
+def train_mpo(
+    config: MPOStageConfig,
+    *,
+    init: str | Path,
+    pairs: Sequence[Mapping[str, Any]],
+    out_dir: str | Path,
+    sink: MetricsSink | None = None,
+    media_lookup: MediaLookup | None = None,
+) -> MPOResult:
     """Train the policy at `init` with MPO on `pairs` (dicts with `messages`, `chosen`, `rejected`; other keys
     are ignored), checkpointing into `out_dir`; resumes from `out_dir/latest` when present. `media_lookup`
     resolves image/video parts of the prompts (as for `processor.encode_sample`). `sink`: where parameters and
@@ -397,15 +448,24 @@ def train_mpo(config: MPOStageConfig, *, init: str | Path, pairs: Sequence[Mappi
     dist = distributed.setup()
     try:
         if config.pairs_per_step < dist.world_size:
-            raise ValueError(f"MPOStageConfig.pairs_per_step={config.pairs_per_step}: fewer pairs per step than "
-                             f"the {dist.world_size} ranks (each rank scores at least one pair)")
+            raise ValueError(
+                f"MPOStageConfig.pairs_per_step={config.pairs_per_step}: fewer pairs per step than "
+                f"the {dist.world_size} ranks (each rank scores at least one pair)"
+            )
         return _train_mpo(config, init, parsed, out_dir, sink or NullSink(), media_lookup, dist)
     finally:
         distributed.teardown(dist)
 
 
-def _train_mpo(config: MPOStageConfig, init: Path, parsed: list[tuple[list[dict], str, str]], out_dir: Path,
-               sink: MetricsSink, media_lookup: MediaLookup | None, dist: distributed.Distributed) -> MPOResult:
+def _train_mpo(
+    config: MPOStageConfig,
+    init: Path,
+    parsed: list[tuple[list[dict], str, str]],
+    out_dir: Path,
+    sink: MetricsSink,
+    media_lookup: MediaLookup | None,
+    dist: distributed.Distributed,
+) -> MPOResult:
     fingerprint = pairs_fingerprint(parsed)
     # ---- Where to start: the last registered checkpoint, else `init`.
     resume_dir, saved = resume_point(out_dir)
@@ -415,16 +475,25 @@ def _train_mpo(config: MPOStageConfig, init: Path, parsed: list[tuple[list[dict]
 
     # ---- Models: the policy on the engine, and the frozen reference, which is always `init` (also on a resume).
     tokenizer = _tokenizer_for(init)
-    engine = Engine(load_model(resume_dir / "model" if resume_dir else init), dist=dist,
-                    learning_rate=config.learning_rate, lr_at=config.lr_at, grad_clip=config.grad_clip)
+    engine = Engine(
+        load_model(resume_dir / "model" if resume_dir else init),
+        dist=dist,
+        learning_rate=config.learning_rate,
+        lr_at=config.lr_at,
+        grad_clip=config.grad_clip,
+    )
     policy = engine.model
     reference = load_model(init).to(dist.device).eval().requires_grad_(False)
     merge = policy.config.vision_config.spatial_merge_size
     pad_id = policy.config.text_config.pad_token_id or 0
 
     def encode(messages: list[dict], response: str) -> Features:
-        return encode_sample(messages + [{"role": "assistant", "content": response}], tokenizer, media_lookup,
-                             spatial_merge_size=merge)
+        return encode_sample(
+            messages + [{"role": "assistant", "content": response}],
+            tokenizer,
+            media_lookup,
+            spatial_merge_size=merge,
+        )
 
     # Refuse over-long pairs before any compute is spent, naming them (cutting one could drop its answer).
     too_long = []
@@ -433,8 +502,10 @@ def _train_mpo(config: MPOStageConfig, init: Path, parsed: list[tuple[list[dict]
         if longest > config.max_length:
             too_long.append(f"pair {k} ({longest} tokens)")
     if too_long:
-        raise ValueError(f"{len(too_long)} pairs are longer than max_length={config.max_length}: "
-                         f"{', '.join(too_long[:5])}; filter them or raise max_length")
+        raise ValueError(
+            f"{len(too_long)} pairs are longer than max_length={config.max_length}: "
+            f"{', '.join(too_long[:5])}; filter them or raise max_length"
+        )
 
     step, losses, shift = 0, [], RewardShift()
     if saved:
@@ -444,44 +515,87 @@ def _train_mpo(config: MPOStageConfig, init: Path, parsed: list[tuple[list[dict]
     else:
         seed_everything(config.seed)
     if dist.is_main and not saved:
-        sink.log_params({"mpo_stage": config.to_dict(), "mpo_stage_hash": config.config_hash(), "init": str(init),
-                         "num_pairs": len(parsed), "pairs_fingerprint": fingerprint,
-                         "world_size": dist.world_size})
+        sink.log_params(
+            {
+                "mpo_stage": config.to_dict(),
+                "mpo_stage_hash": config.config_hash(),
+                "init": str(init),
+                "num_pairs": len(parsed),
+                "pairs_fingerprint": fingerprint,
+                "world_size": dist.world_size,
+            }
+        )
     checkpoint_dir = resume_dir
-    log.info("MPO: steps %d → %d over %d pairs on %d rank(s)%s", step, config.max_steps, len(parsed),
-             dist.world_size, f", resumed from {resume_dir}" if resume_dir else "")
+    log.info(
+        "MPO: steps %d → %d over %d pairs on %d rank(s)%s",
+        step,
+        config.max_steps,
+        len(parsed),
+        dist.world_size,
+        f", resumed from {resume_dir}" if resume_dir else "",
+    )
 
     while step < config.max_steps:
         started = time.perf_counter()
         indices = pair_indices(len(parsed), step, config.pairs_per_step, config.seed)
         lr = engine.lr
-        out, num_chosen_tokens = mpo_step(engine, reference, config, [parsed[i] for i in indices], encode, pad_id,
-                                          shift)
+        out, num_chosen_tokens = mpo_step(
+            engine, reference, config, [parsed[i] for i in indices], encode, pad_id, shift
+        )
         grad_norm = engine.step()
         step += 1
 
-        loss = engine.all_reduce_sum(out.loss.detach().double()).item() if dist.world_size > 1 else out.loss.item()
+        loss = (
+            engine.all_reduce_sum(out.loss.detach().double()).item()
+            if dist.world_size > 1
+            else out.loss.item()
+        )
         losses.append(loss)
         terms = [out.dpo, out.bco, out.sft]
         if dist.world_size > 1:
             terms = list(engine.all_reduce_sum(torch.stack([t.detach().double() for t in terms])))
-        metrics = {"loss": loss, "dpo": terms[0].item(), "bco": terms[1].item(), "sft": terms[2].item(),
-                   "reward_margin": out.reward_margin.item(), "reward_accuracy": out.reward_accuracy.item(),
-                   "chosen_reward": out.chosen_rewards.mean().item(),
-                   "rejected_reward": out.rejected_rewards.mean().item(), "bco_shift": out.bco_shift,
-                   "lr": lr, "grad_norm": grad_norm, "chosen_tokens": num_chosen_tokens,
-                   "seconds": time.perf_counter() - started}
+        metrics = {
+            "loss": loss,
+            "dpo": terms[0].item(),
+            "bco": terms[1].item(),
+            "sft": terms[2].item(),
+            "reward_margin": out.reward_margin.item(),
+            "reward_accuracy": out.reward_accuracy.item(),
+            "chosen_reward": out.chosen_rewards.mean().item(),
+            "rejected_reward": out.rejected_rewards.mean().item(),
+            "bco_shift": out.bco_shift,
+            "lr": lr,
+            "grad_norm": grad_norm,
+            "chosen_tokens": num_chosen_tokens,
+            "seconds": time.perf_counter() - started,
+        }
         append_metrics(out_dir, dist, sink, step, metrics, {"time": time.time(), "pairs": indices})
         kill_point("mpo.step")  # after the step's update and metrics, before its checkpoint
-        log.info("MPO step %d/%d loss %.4f margin %.4f accuracy %.2f", step, config.max_steps, loss,
-                 metrics["reward_margin"], metrics["reward_accuracy"])
+        log.info(
+            "MPO step %d/%d loss %.4f margin %.4f accuracy %.2f",
+            step,
+            config.max_steps,
+            loss,
+            metrics["reward_margin"],
+            metrics["reward_accuracy"],
+        )
 
         if step % config.checkpoint_every == 0 or step == config.max_steps:
-            checkpoint_dir = engine.save(out_dir, step, {
-                "format": MPO_CHECKPOINT_FORMAT, "kind": "mpo", "losses": losses,
-                "reward_shift": {"mean": shift.mean, "num_batches": shift.num_batches},
-                "config": config.to_dict(), "config_hash": config.config_hash(), "init": str(init),
-                "pairs_fingerprint": fingerprint, "num_pairs": len(parsed)})
+            checkpoint_dir = engine.save(
+                out_dir,
+                step,
+                {
+                    "format": MPO_CHECKPOINT_FORMAT,
+                    "kind": "mpo",
+                    "losses": losses,
+                    "reward_shift": {"mean": shift.mean, "num_batches": shift.num_batches},
+                    "config": config.to_dict(),
+                    "config_hash": config.config_hash(),
+                    "init": str(init),
+                    "pairs_fingerprint": fingerprint,
+                    "num_pairs": len(parsed),
+                },
+            )
             if dist.is_main:
                 sink.set_checkpoint(checkpoint_dir)
 
@@ -489,14 +603,20 @@ def _train_mpo(config: MPOStageConfig, init: Path, parsed: list[tuple[list[dict]
     return MPOResult(checkpoint_dir=checkpoint_dir, step=step, losses=losses, metrics=read_metrics(out_dir))
 
 
-def mpo_step(engine: Engine, reference: torch.nn.Module, config: MPOStageConfig,
-             step_pairs: list[tuple[list[dict], str, str]], encode: Callable[[list[dict], str], Features],
-             pad_id: int, shift: RewardShift) -> tuple[MPOOutput, int]:
+def mpo_step(
+    engine: Engine,
+    reference: torch.nn.Module,
+    config: MPOStageConfig,
+    step_pairs: list[tuple[list[dict], str, str]],
+    encode: Callable[[list[dict], str], Features],
+    pad_id: int,
+    shift: RewardShift,
+) -> tuple[MPOOutput, int]:
     """The gradient of one step's MPO loss, this rank's share of the step's pairs (`step_pairs[rank::world]`;
     the loss's counts are the whole step's, so the ranks' gradients add up to the one-process gradient).
     Returns the loss terms and the whole step's number of chosen tokens."""
     dist = engine.dist
-    mine = step_pairs[dist.rank::dist.world_size]
+    mine = step_pairs[dist.rank :: dist.world_size]
     # Rows alternate chosen, rejected: one forward per model scores the rank's pairs.
     rows = [encode(messages, response) for messages, *responses in mine for response in responses]
     batch = {k: v.to(dist.device) for k, v in collate(rows, pack=False, pad_token_id=pad_id).items()}
@@ -504,8 +624,16 @@ def mpo_step(engine: Engine, reference: torch.nn.Module, config: MPOStageConfig,
         logps, counts = sequence_logprobs(engine.forward, batch)
         with torch.no_grad():
             ref_logps, _ = sequence_logprobs(reference, batch)
-    out = mpo_loss(config.mpo, logps[0::2], logps[1::2], ref_logps[0::2], ref_logps[1::2], counts[0::2],
-                   reward_shift=shift, all_reduce=engine.all_reduce_sum if dist.world_size > 1 else None)
+    out = mpo_loss(
+        config.mpo,
+        logps[0::2],
+        logps[1::2],
+        ref_logps[0::2],
+        ref_logps[1::2],
+        counts[0::2],
+        reward_shift=shift,
+        all_reduce=engine.all_reduce_sum if dist.world_size > 1 else None,
+    )
     engine.backward(out.loss)
     num_chosen = engine.all_reduce_sum(counts[0::2].sum().double()).item()
     return out, int(num_chosen)
@@ -514,11 +642,15 @@ def mpo_step(engine: Engine, reference: torch.nn.Module, config: MPOStageConfig,
 def _check_resumable(saved: Mapping[str, Any], config: MPOStageConfig, init: Path, fingerprint: str) -> None:
     check_kind(saved, "mpo", MPO_CHECKPOINT_FORMAT)
     if saved["pairs_fingerprint"] != fingerprint:
-        raise ValueError("cannot resume: the checkpoint trained on other pairs (fingerprint "
-                         f"{saved['pairs_fingerprint']}, these pairs {fingerprint}); use a new out_dir")
+        raise ValueError(
+            "cannot resume: the checkpoint trained on other pairs (fingerprint "
+            f"{saved['pairs_fingerprint']}, these pairs {fingerprint}); use a new out_dir"
+        )
     if Path(saved["init"]).resolve() != init.resolve():
-        raise ValueError(f"cannot resume: the checkpoint's reference model is {saved['init']}, this run names "
-                         f"{init} (the reference must stay the same for the whole run)")
+        raise ValueError(
+            f"cannot resume: the checkpoint's reference model is {saved['init']}, this run names "
+            f"{init} (the reference must stay the same for the whole run)"
+        )
     if saved["config_hash"] != config.config_hash():
         changed = sorted(k for k, v in config.to_dict().items() if saved["config"].get(k) != v)
         log.warning("resuming MPO with changed settings: %s", ", ".join(changed))

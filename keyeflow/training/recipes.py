@@ -37,8 +37,12 @@ class AnnealVariant:
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not self.name.replace("-", "").replace("_", "").isalnum():
-            raise invalid("AnnealVariant", "name", self.name, "letters, digits, '-' and '_' only "
-                          "(it names a checkpoint directory and an MLflow run)")
+            raise invalid(
+                "AnnealVariant",
+                "name",
+                self.name,
+                "letters, digits, '-' and '_' only (it names a checkpoint directory and an MLflow run)",
+            )
         check_number("AnnealVariant", "weight", self.weight, minimum=0)  # kept as given: it is hashed
         object.__setattr__(self, "seed", check_int("AnnealVariant", "seed", self.seed, minimum=0))
 
@@ -62,10 +66,18 @@ class EvalConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        for name, minimum, maximum in (("holdout_per_mille", 1, 999), ("heldout_per_modality", 1, None),
-                                       ("max_tokens", 1, None), ("num_mcq", 1, None), ("seed", 0, None)):
-            object.__setattr__(self, name, check_int("EvalConfig", name, getattr(self, name), minimum=minimum,
-                                                     maximum=maximum))
+        for name, minimum, maximum in (
+            ("holdout_per_mille", 1, 999),
+            ("heldout_per_modality", 1, None),
+            ("max_tokens", 1, None),
+            ("num_mcq", 1, None),
+            ("seed", 0, None),
+        ):
+            object.__setattr__(
+                self,
+                name,
+                check_int("EvalConfig", name, getattr(self, name), minimum=minimum, maximum=maximum),
+            )
         for name in ("loss_margin", "accuracy_margin"):  # kept as given: they are hashed
             check_number("EvalConfig", name, getattr(self, name), minimum=0)
 
@@ -114,14 +126,19 @@ class PretrainRecipe:
         the recipe's overrides, and the evaluation hold-out (every mixture holds out the same samples)."""
         overrides = (variant or self.variants[0]).mixture if stage == 3 else self.mixtures[stage]
         context = self.annealing.max_length if stage == 3 else self.stages[stage].max_length
-        return {"max_sample_tokens": context, **overrides, "holdout_per_mille": self.evaluation.holdout_per_mille}
+        return {
+            "max_sample_tokens": context,
+            **overrides,
+            "holdout_per_mille": self.evaluation.holdout_per_mille,
+        }
 
     def mixture(self, stage: int, variant: AnnealVariant | None = None) -> MixtureConfig:
         return stage_mixture(stage, **self.mixture_overrides(stage, variant))
 
     def variant_stage(self, variant: AnnealVariant) -> StageConfig:
-        return dataclasses.replace(self.annealing, name=f"{self.annealing.name}-{variant.name}",
-                                   seed=variant.seed)
+        return dataclasses.replace(
+            self.annealing, name=f"{self.annealing.name}-{variant.name}", seed=variant.seed
+        )
 
     def fusion(self) -> MergeConfig:
         weights = [v.weight for v in self.variants]
@@ -152,25 +169,58 @@ class PretrainRecipe:
 def _tiny(init: str | None) -> PretrainRecipe:
     # Random weights learn fast at 1e-3 and barely move at the paper's 2e-5 in 4 steps; the tiny recipe's
     # learning rates are the only values chosen for a CPU demo rather than scaled from the paper.
-    small = {"max_steps": 4, "window_size": 8, "micro_batches_per_step": 1, "warmup_steps": 1,
-             "checkpoint_every": 2, "bf16": False, "deepspeed_zero": None}
+    small = {
+        "max_steps": 4,
+        "window_size": 8,
+        "micro_batches_per_step": 1,
+        "warmup_steps": 1,
+        "checkpoint_every": 2,
+        "bf16": False,
+        "deepspeed_zero": None,
+    }
     stages = {
         1: pretrain_stage(1, **small, max_length=1_024, learning_rate=1e-3),
         2: pretrain_stage(2, **small, max_length=1_024, learning_rate=1e-3),
     }
-    annealing = pretrain_stage(3, **small, max_length=4_096, learning_rate=5e-4, min_lr=0.0,
-                               sequence_parallel_size=1, pipeline_parallel_size=1)
+    annealing = pretrain_stage(
+        3,
+        **small,
+        max_length=4_096,
+        learning_rate=5e-4,
+        min_lr=0.0,
+        sequence_parallel_size=1,
+        pipeline_parallel_size=1,
+    )
     # Stage 2's video share must come from the few clips short enough for 1,024 tokens: let it repeat them.
     mixtures = {1: {}, 2: {"upsample": True, "max_repeats": 8}}
     variants = (
         AnnealVariant(name="balanced", weight=1.0),
-        AnnealVariant(name="video-rich", weight=1.0, seed=1,
-                      mixture={"target_shares": {"video": 0.34, "image": 0.44, "text": 0.22}, "seed": 1}),
+        AnnealVariant(
+            name="video-rich",
+            weight=1.0,
+            seed=1,
+            mixture={"target_shares": {"video": 0.34, "image": 0.44, "text": 0.22}, "seed": 1},
+        ),
     )
-    evaluation = EvalConfig(holdout_per_mille=60, heldout_per_modality=3, max_tokens=1_024, num_mcq=4,
-                            loss_margin=0.05, accuracy_margin=0.5)
-    return PretrainRecipe(name="tiny", model="tiny", init=init, stages=stages, mixtures=mixtures,
-                          annealing=annealing, variants=variants, evaluation=evaluation, initial_context=1_024)
+    evaluation = EvalConfig(
+        holdout_per_mille=60,
+        heldout_per_modality=3,
+        max_tokens=1_024,
+        num_mcq=4,
+        loss_margin=0.05,
+        accuracy_margin=0.5,
+    )
+    return PretrainRecipe(
+        name="tiny",
+        model="tiny",
+        init=init,
+        stages=stages,
+        mixtures=mixtures,
+        annealing=annealing,
+        variants=variants,
+        evaluation=evaluation,
+        initial_context=1_024,
+    )
 
 
 def _keye_8b(init: str | None) -> PretrainRecipe:
@@ -179,13 +229,27 @@ def _keye_8b(init: str | None) -> PretrainRecipe:
     # these three move the 24/50/26 balance a few points towards each modality in turn.
     variants = (
         AnnealVariant(name="balanced"),
-        AnnealVariant(name="video-rich", seed=1,
-                      mixture={"target_shares": {"video": 0.30, "image": 0.46, "text": 0.24}, "seed": 1}),
-        AnnealVariant(name="text-rich", seed=2,
-                      mixture={"target_shares": {"video": 0.22, "image": 0.46, "text": 0.32}, "seed": 2}),
+        AnnealVariant(
+            name="video-rich",
+            seed=1,
+            mixture={"target_shares": {"video": 0.30, "image": 0.46, "text": 0.24}, "seed": 1},
+        ),
+        AnnealVariant(
+            name="text-rich",
+            seed=2,
+            mixture={"target_shares": {"video": 0.22, "image": 0.46, "text": 0.32}, "seed": 2},
+        ),
     )
-    return PretrainRecipe(name="keye-8b", model="keye-8b", init=init, stages=stages, mixtures={1: {}, 2: {}},
-                          annealing=pretrain_stage(3), variants=variants, evaluation=EvalConfig())
+    return PretrainRecipe(
+        name="keye-8b",
+        model="keye-8b",
+        init=init,
+        stages=stages,
+        mixtures={1: {}, 2: {}},
+        annealing=pretrain_stage(3),
+        variants=variants,
+        evaluation=EvalConfig(),
+    )
 
 
 RECIPES = {"tiny": _tiny, "keye-8b": _keye_8b}

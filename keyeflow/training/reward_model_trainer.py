@@ -35,10 +35,20 @@ class RewardModelTraining:
     unusable: Mapping[str, str]  # conversation uri → why it could not become a sample
 
 
-def train_reward_model(conversations: Sequence[Mapping[str, Any]], stage: StageConfig, *, init: str | Path,
-                       out_dir: str | Path, source_root: str = "/", slowfast: SlowFastConfig | None = None,
-                       image_config: ImageConfig | None = None, root: str | None = None,
-                       sink: MetricsSink | None = None, name: str = "reward-model", seed: int = 0) -> RewardModelTraining:
+def train_reward_model(
+    conversations: Sequence[Mapping[str, Any]],
+    stage: StageConfig,
+    *,
+    init: str | Path,
+    out_dir: str | Path,
+    source_root: str = "/",
+    slowfast: SlowFastConfig | None = None,
+    image_config: ImageConfig | None = None,
+    root: str | None = None,
+    sink: MetricsSink | None = None,
+    name: str = "reward-model",
+    seed: int = 0,
+) -> RewardModelTraining:
     """Fine-tune the reward model on `build_reward_model_data` conversations with the stage trainer: the
     conversations become `train_samples` rows (source and task `reward_model`; media parts by path inside
     `source_root`), a fixed mixture uses each as many times as its `repeats`, and `trainer.train(stage, …)`
@@ -54,23 +64,41 @@ def train_reward_model(conversations: Sequence[Mapping[str, Any]], stage: StageC
         if uri in repeats_of:
             raise ValueError(f"conversation id {uri!r} appears twice")
         repeats_of[uri] = repeats
-        items.append({"uri": uri, "source": "reward_model", "task": "reward_model",
-                      "messages": conversation["messages"]})
+        items.append(
+            {
+                "uri": uri,
+                "source": "reward_model",
+                "task": "reward_model",
+                "messages": conversation["messages"],
+            }
+        )
     if not items:
         raise ValueError("train_reward_model needs at least one conversation")
     ids, unusable = conversation_samples.add_conversations(
-        items, source_root, slowfast or resolve_config("paper"), image_config or ImageConfig(), root=root)
+        items, source_root, slowfast or resolve_config("paper"), image_config or ImageConfig(), root=root
+    )
     repeats: dict[str, int] = {}
     for uri, sample_id in ids.items():
         # Two conversations with the same content are one sample; each was meant as its own occurrences.
         repeats[sample_id] = repeats.get(sample_id, 0) + repeats_of[uri]
     if not repeats:
-        raise ValueError(f"none of the {len(items)} conversations could become a sample: "
-                         f"{dict(list(unusable.items())[:3])}")
-    mixture = fixed_mixture(tables.ref("train_samples", root), repeats, name=name, stage=POSTTRAIN_STAGE, seed=seed,
-                            root=root)
-    result = train(stage, init=init, mixture=mixture.mixture, mixture_id=mixture.mixture_id, out_dir=out_dir,
-                   sink=sink)
-    return RewardModelTraining(result.checkpoint_dir, result.step, result.losses, mixture.mixture,
-                               mixture.mixture_id, len(repeats), sum(repeats.values()),
-                               MappingProxyType(dict(unusable)))
+        raise ValueError(
+            f"none of the {len(items)} conversations could become a sample: "
+            f"{dict(list(unusable.items())[:3])}"
+        )
+    mixture = fixed_mixture(
+        tables.ref("train_samples", root), repeats, name=name, stage=POSTTRAIN_STAGE, seed=seed, root=root
+    )
+    result = train(
+        stage, init=init, mixture=mixture.mixture, mixture_id=mixture.mixture_id, out_dir=out_dir, sink=sink
+    )
+    return RewardModelTraining(
+        result.checkpoint_dir,
+        result.step,
+        result.losses,
+        mixture.mixture,
+        mixture.mixture_id,
+        len(repeats),
+        sum(repeats.values()),
+        MappingProxyType(dict(unusable)),
+    )

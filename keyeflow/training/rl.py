@@ -127,8 +127,12 @@ HINTS_DIR = "hints"
 
 
 def _has_media(messages: Sequence[Mapping]) -> bool:
-    return any(isinstance(part, Mapping) and part.get("type") in ("image", "video")
-               for m in messages if not isinstance(m.get("content"), str) for part in m.get("content") or ())
+    return any(
+        isinstance(part, Mapping) and part.get("type") in ("image", "video")
+        for m in messages
+        if not isinstance(m.get("content"), str)
+        for part in m.get("content") or ()
+    )
 
 
 def _check_items(items: Sequence[Mapping[str, Any]], hints: HintConfig | None) -> list[dict[str, Any]]:
@@ -148,18 +152,28 @@ def _check_items(items: Sequence[Mapping[str, Any]], hints: HintConfig | None) -
             raise ValueError(f"item id {item_id!r} is repeated")
         seen.add(item_id)
         messages = item.get("messages")
-        if isinstance(messages, (str, Mapping)) or not isinstance(messages, Sequence) or not messages \
-                or not all(isinstance(m, Mapping) for m in messages):
-            raise ValueError(f"item {item_id!r}: 'messages' must be a non-empty list of {{'role', 'content'}}")
+        if (
+            isinstance(messages, (str, Mapping))
+            or not isinstance(messages, Sequence)
+            or not messages
+            or not all(isinstance(m, Mapping) for m in messages)
+        ):
+            raise ValueError(
+                f"item {item_id!r}: 'messages' must be a non-empty list of {{'role', 'content'}}"
+            )
         if messages[-1].get("role") != "user":
-            raise ValueError(f"item {item_id!r}: the last message must be the user's turn to answer, got "
-                             f"{messages[-1].get('role')!r}")
+            raise ValueError(
+                f"item {item_id!r}: the last message must be the user's turn to answer, got "
+                f"{messages[-1].get('role')!r}"
+            )
         if hints is not None and item.get("hints"):
             known = item_hints(item)
             missing = [k for k in range(1, hints.max_level + 1) if k not in known]
             if missing:
-                raise ValueError(f"item {item_id!r} has hints but none for levels {missing} "
-                                 f"(hints.max_level={hints.max_level})")
+                raise ValueError(
+                    f"item {item_id!r} has hints but none for levels {missing} "
+                    f"(hints.max_level={hints.max_level})"
+                )
         out.append(dict(item))
     return out
 
@@ -179,7 +193,7 @@ def step_items(items: Sequence[Mapping[str, Any]], step: int, prompts_per_step: 
     epoch, slot = divmod(step, steps_per_epoch)
     order = list(range(len(items)))
     random.Random(f"keyeflow-gspo:{seed}:{epoch}").shuffle(order)
-    return [items[i] for i in order[slot * prompts_per_step:(slot + 1) * prompts_per_step]]
+    return [items[i] for i in order[slot * prompts_per_step : (slot + 1) * prompts_per_step]]
 
 
 def _step_seed(seed: int, step: int) -> int:
@@ -202,9 +216,14 @@ def rule_reward_fn(combiner: RewardCombiner | None = None) -> RewardFn:
     combiner = combiner or RewardCombiner()
 
     def reward(item: Mapping[str, Any], response: str) -> Reward:
-        reward_item = RewardItem(prompt=item["messages"][-1]["content"], reference=item.get("reference"),
-                                 task=item.get("task", "math"), mode=item.get("mode"), options=item.get("options"),
-                                 constraints=tuple(item.get("constraints", ())))
+        reward_item = RewardItem(
+            prompt=item["messages"][-1]["content"],
+            reference=item.get("reference"),
+            task=item.get("task", "math"),
+            mode=item.get("mode"),
+            options=item.get("options"),
+            constraints=tuple(item.get("constraints", ())),
+        )
         return combiner(reward_item, response)
 
     return reward
@@ -241,8 +260,9 @@ def completion_features(prompt: Features, token_ids: Sequence[int]) -> Features:
     )
 
 
-def completion_logprobs(model: nn.Module, features: Sequence[Features], *, pad_token_id: int = 0
-                        ) -> tuple[torch.Tensor, torch.Tensor]:
+def completion_logprobs(
+    model: nn.Module, features: Sequence[Features], *, pad_token_id: int = 0
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Teacher-forced log-probs of the labelled tokens: `(logps, mask)`, both `[B, L − 1]`, one row per
     sample (right-padded, `processor.collate`); `logps[b, t]` scores token t + 1 of row b, `mask` is true on
     the completion tokens. Gradients flow unless the caller disables them."""
@@ -273,14 +293,18 @@ def _first_difference(name: str, rollout: torch.Tensor, training: torch.Tensor) 
             common = min(rollout.shape[0], training.shape[0])
             diff = (rollout[:common] != training[:common]).reshape(common, -1).any(dim=1).nonzero()
             at = int(diff[0]) if len(diff) else common
-            raise RolloutInputMismatch(name, (at,), f"shape {tuple(rollout.shape)} (rollout) vs "
-                                                    f"{tuple(training.shape)} (training)")
-        raise RolloutInputMismatch(name, "shape", f"{tuple(rollout.shape)} (rollout) vs {tuple(training.shape)} "
-                                                  "(training)")
+            raise RolloutInputMismatch(
+                name, (at,), f"shape {tuple(rollout.shape)} (rollout) vs {tuple(training.shape)} (training)"
+            )
+        raise RolloutInputMismatch(
+            name, "shape", f"{tuple(rollout.shape)} (rollout) vs {tuple(training.shape)} (training)"
+        )
     diff = (rollout != training).nonzero()
     if len(diff):
         at = tuple(int(i) for i in diff[0])
-        raise RolloutInputMismatch(name, at, f"rollout {rollout[at].item()} vs training {training[at].item()}")
+        raise RolloutInputMismatch(
+            name, at, f"rollout {rollout[at].item()} vs training {training[at].item()}"
+        )
 
 
 def check_rollout_training_inputs(
@@ -314,18 +338,29 @@ def check_rollout_training_inputs(
     prompt = generator.encode_prompt(messages)
     im_end = tokenizer.convert_tokens_to_ids(IM_END)
     rollout = completion_features(prompt, [*tokenizer.encode(response, add_special_tokens=False), im_end])
-    training = encode_sample([*messages, {"role": "assistant", "content": response}], tokenizer,
-                             media_lookup if media_lookup is not None else generator.media_lookup,
-                             spatial_merge_size=merge)
+    training = encode_sample(
+        [*messages, {"role": "assistant", "content": response}],
+        tokenizer,
+        media_lookup if media_lookup is not None else generator.media_lookup,
+        spatial_merge_size=merge,
+    )
 
     separator = torch.tensor(tokenizer.encode("\n", add_special_tokens=False), dtype=torch.long)
     n = len(rollout)
     tail_ids, tail_labels = training.input_ids[n:], training.labels[n:]
-    if len(training) == n + len(separator) and torch.equal(tail_ids, separator) \
-            and bool((tail_labels == IGNORE_INDEX).all()):
-        training = Features(input_ids=training.input_ids[:n], labels=training.labels[:n],
-                            pixel_values=training.pixel_values, grid_thw=training.grid_thw,
-                            position_ids=training.position_ids[:, :n], num_vision_tokens=training.num_vision_tokens)
+    if (
+        len(training) == n + len(separator)
+        and torch.equal(tail_ids, separator)
+        and bool((tail_labels == IGNORE_INDEX).all())
+    ):
+        training = Features(
+            input_ids=training.input_ids[:n],
+            labels=training.labels[:n],
+            pixel_values=training.pixel_values,
+            grid_thw=training.grid_thw,
+            position_ids=training.position_ids[:, :n],
+            num_vision_tokens=training.num_vision_tokens,
+        )
     expected_labels = training.labels.clone()
     expected_labels[: min(len(prompt), len(expected_labels))] = IGNORE_INDEX
 
@@ -337,8 +372,9 @@ def check_rollout_training_inputs(
 
     if logprob_atol is not None:
         model = generator.model
-        sampled = generator.generate_one(list(messages), n=1, max_new_tokens=max_new_tokens, temperature=0.0,
-                                         seed=0, logprobs=True)[0]
+        sampled = generator.generate_one(
+            list(messages), n=1, max_new_tokens=max_new_tokens, temperature=0.0, seed=0, logprobs=True
+        )[0]
         # A vision pad id cannot be teacher-forced (`vision_pad_ids`): compare the tokens before the first one.
         pads = vision_pad_ids(model)
         keep = next((i for i, t in enumerate(sampled.token_ids) if t in pads), len(sampled.token_ids))
@@ -347,8 +383,11 @@ def check_rollout_training_inputs(
         model.eval()
         try:
             with torch.no_grad():
-                logps, mask = (completion_logprobs(model, [completion_features(prompt, sampled_ids)]) if keep
-                               else (torch.zeros(1, 0), torch.zeros(1, 0, dtype=torch.bool)))
+                logps, mask = (
+                    completion_logprobs(model, [completion_features(prompt, sampled_ids)])
+                    if keep
+                    else (torch.zeros(1, 0), torch.zeros(1, 0, dtype=torch.bool))
+                )
         finally:
             model.train(was_training)
         trained = logps[0][mask[0]].cpu()
@@ -356,8 +395,11 @@ def check_rollout_training_inputs(
         if bool((gaps > logprob_atol).any()):
             at = int((gaps > logprob_atol).nonzero()[0])
             raise RolloutInputMismatch(
-                "sampler log-probs", (at,), f"the sampler gave {sampled_logprobs[at]:.6f} for completion "
-                f"token {at}, the training forward {float(trained[at]):.6f} (tolerance {logprob_atol})")
+                "sampler log-probs",
+                (at,),
+                f"the sampler gave {sampled_logprobs[at]:.6f} for completion "
+                f"token {at}, the training forward {float(trained[at]):.6f} (tolerance {logprob_atol})",
+            )
     return rollout
 
 
@@ -391,17 +433,29 @@ class _Timer:
         self.seconds[name] += time.perf_counter() - started
 
 
-def _rollouts(generator: LocalGenerator, config: GSPOStageConfig, messages_batch: list[list[dict]], seed: int,
-              timer: _Timer) -> list[list[Completion]]:
+def _rollouts(
+    generator: LocalGenerator,
+    config: GSPOStageConfig,
+    messages_batch: list[list[dict]],
+    seed: int,
+    timer: _Timer,
+) -> list[list[Completion]]:
     started = time.perf_counter()
-    out = generator.generate(messages_batch, n=config.group_size, max_new_tokens=config.max_new_tokens,
-                             temperature=config.temperature, seed=seed, logprobs=True)
+    out = generator.generate(
+        messages_batch,
+        n=config.group_size,
+        max_new_tokens=config.max_new_tokens,
+        temperature=config.temperature,
+        seed=seed,
+        logprobs=True,
+    )
     timer.add("rollout", started)
     return out
 
 
-def _score(reward_fn: RewardFn, item: dict, messages: list[dict], completions: list[Completion],
-           timer: _Timer) -> list[float]:
+def _score(
+    reward_fn: RewardFn, item: dict, messages: list[dict], completions: list[Completion], timer: _Timer
+) -> list[float]:
     started = time.perf_counter()
     scored = dict(item, messages=messages)
     rewards = [_reward_value(item["id"], reward_fn(scored, c.text)) for c in completions]
@@ -409,8 +463,14 @@ def _score(reward_fn: RewardFn, item: dict, messages: list[dict], completions: l
     return rewards
 
 
-def _hinted_group(generator: LocalGenerator, config: GSPOStageConfig, group: _Group, reward_fn: RewardFn,
-                  seed: int, timer: _Timer) -> tuple[HintRecord, _Group]:
+def _hinted_group(
+    generator: LocalGenerator,
+    config: GSPOStageConfig,
+    group: _Group,
+    reward_fn: RewardFn,
+    seed: int,
+    timer: _Timer,
+) -> tuple[HintRecord, _Group]:
     """Progressive hint sampling for one all-failed group; the group at the level used (unchanged when no
     level succeeds)."""
     item = group.item
@@ -461,20 +521,31 @@ def train_gspo(
     out_dir = Path(out_dir)
     items = _check_items(items, config.hints)
     if config.prompts_per_step > len(items):
-        raise ValueError(f"GSPOStageConfig.prompts_per_step={config.prompts_per_step} is more than the "
-                         f"{len(items)} items")
+        raise ValueError(
+            f"GSPOStageConfig.prompts_per_step={config.prompts_per_step} is more than the {len(items)} items"
+        )
     dist = distributed.setup()
     try:
         if config.prompts_per_step < dist.world_size:
-            raise ValueError(f"GSPOStageConfig.prompts_per_step={config.prompts_per_step}: fewer prompts per step "
-                             f"than the {dist.world_size} ranks (each rank rolls out at least one prompt)")
+            raise ValueError(
+                f"GSPOStageConfig.prompts_per_step={config.prompts_per_step}: fewer prompts per step "
+                f"than the {dist.world_size} ranks (each rank rolls out at least one prompt)"
+            )
         return _train_gspo(config, init, items, reward_fn, out_dir, sink or NullSink(), media_lookup, dist)
     finally:
         distributed.teardown(dist)
 
 
-def _train_gspo(config: GSPOStageConfig, init: str | Path, items: list[dict], reward_fn: RewardFn, out_dir: Path,
-                sink: MetricsSink, media_lookup: MediaLookup | None, dist: distributed.Distributed) -> GSPOResult:
+def _train_gspo(
+    config: GSPOStageConfig,
+    init: str | Path,
+    items: list[dict],
+    reward_fn: RewardFn,
+    out_dir: Path,
+    sink: MetricsSink,
+    media_lookup: MediaLookup | None,
+    dist: distributed.Distributed,
+) -> GSPOResult:
     items_hash = hashlib.sha256(json.dumps([i["id"] for i in items]).encode()).hexdigest()[:16]
 
     # ---- Where to start: the last registered checkpoint, else `init`.
@@ -482,8 +553,10 @@ def _train_gspo(config: GSPOStageConfig, init: str | Path, items: list[dict], re
     if saved:
         check_kind(saved, "gspo", CHECKPOINT_FORMAT)
         if saved["items_hash"] != items_hash:
-            raise ValueError(f"cannot resume {resume_dir}: it trained on another item list (ids hash "
-                             f"{saved['items_hash']}, now {items_hash}); start a new out_dir with it as init")
+            raise ValueError(
+                f"cannot resume {resume_dir}: it trained on another item list (ids hash "
+                f"{saved['items_hash']}, now {items_hash}); start a new out_dir with it as init"
+            )
         if saved["config_hash"] != config.config_hash():
             changed = sorted(k for k, v in config.to_dict().items() if saved["config"].get(k) != v)
             log.warning("resuming with changed GSPO settings: %s", ", ".join(changed))
@@ -493,8 +566,14 @@ def _train_gspo(config: GSPOStageConfig, init: str | Path, items: list[dict], re
     # ---- Policy and its sampler: one model, shared, so rollouts always come from the current weights. The
     # policy stays in eval mode (no dropout; see the module docstring); every parameter trains.
     generator = LocalGenerator(resume_dir / "model" if resume_dir else Path(init), media_lookup=media_lookup)
-    engine = Engine(generator.model, dist=dist, learning_rate=config.learning_rate,
-                    lr_at=lambda _: config.learning_rate, grad_clip=config.grad_clip, train_mode=False)
+    engine = Engine(
+        generator.model,
+        dist=dist,
+        learning_rate=config.learning_rate,
+        lr_at=lambda _: config.learning_rate,
+        grad_clip=config.grad_clip,
+        train_mode=False,
+    )
     reference = None
     if config.gspo.kl_coef > 0:
         reference = load_keye_checkpoint(Path(init)).to(generator.device).eval().requires_grad_(False)
@@ -506,19 +585,36 @@ def _train_gspo(config: GSPOStageConfig, init: str | Path, items: list[dict], re
     # ---- Before any update: the rollout and training paths must see the same multimodal inputs.
     with_media = next((item for item in items if _has_media(item["messages"])), None)
     if with_media is not None:
-        check_rollout_training_inputs(generator, with_media["messages"], str(with_media.get("reference") or "ok"),
-                                      media_lookup=media_lookup)
+        check_rollout_training_inputs(
+            generator,
+            with_media["messages"],
+            str(with_media.get("reference") or "ok"),
+            media_lookup=media_lookup,
+        )
 
     if dist.is_main:
         for stale in (out_dir / HINTS_DIR).glob("step-*.json"):  # steps after the checkpoint are run again
             if int(stale.stem.removeprefix("step-")) > step:
                 stale.unlink()
         if not saved:
-            sink.log_params({"gspo_stage": config.to_dict(), "gspo_stage_hash": config.config_hash(),
-                             "init": str(init), "num_items": len(items), "world_size": dist.world_size})
+            sink.log_params(
+                {
+                    "gspo_stage": config.to_dict(),
+                    "gspo_stage_hash": config.config_hash(),
+                    "init": str(init),
+                    "num_items": len(items),
+                    "world_size": dist.world_size,
+                }
+            )
     checkpoint_dir = resume_dir
-    log.info("GSPO: steps %d → %d over %d items on %d rank(s)%s", step, config.max_steps, len(items),
-             dist.world_size, f", resumed from {resume_dir}" if resume_dir else "")
+    log.info(
+        "GSPO: steps %d → %d over %d items on %d rank(s)%s",
+        step,
+        config.max_steps,
+        len(items),
+        dist.world_size,
+        f", resumed from {resume_dir}" if resume_dir else "",
+    )
 
     while step < config.max_steps:
         started = time.perf_counter()
@@ -526,22 +622,43 @@ def _train_gspo(config: GSPOStageConfig, init: str | Path, items: list[dict], re
         step += 1
         metrics["time_step"] = time.perf_counter() - started
         if dist.is_main:
-            write_atomically(_hints_path(out_dir, step), json.dumps({"step": step, "items": hint_report}, indent=1))
+            write_atomically(
+                _hints_path(out_dir, step), json.dumps({"step": step, "items": hint_report}, indent=1)
+            )
         append_metrics(out_dir, dist, sink, step, metrics, {"time": time.time()})
         kill_point("gspo.step")  # after the step's update and metrics, before its checkpoint
-        log.info("GSPO step %d/%d reward %.3f pass %.2f clip %.3f", step, config.max_steps,
-                 metrics["reward_mean"], metrics["pass_rate"], metrics["clip_fraction"])
+        log.info(
+            "GSPO step %d/%d reward %.3f pass %.2f clip %.3f",
+            step,
+            config.max_steps,
+            metrics["reward_mean"],
+            metrics["pass_rate"],
+            metrics["clip_fraction"],
+        )
         if step % config.checkpoint_every == 0 or step == config.max_steps:
-            checkpoint_dir = engine.save(out_dir, step, {
-                "format": CHECKPOINT_FORMAT, "kind": "gspo", "config": config.to_dict(),
-                "config_hash": config.config_hash(), "items_hash": items_hash, "init": str(init)},
-                tokenizer=generator.tokenizer)
+            checkpoint_dir = engine.save(
+                out_dir,
+                step,
+                {
+                    "format": CHECKPOINT_FORMAT,
+                    "kind": "gspo",
+                    "config": config.to_dict(),
+                    "config_hash": config.config_hash(),
+                    "items_hash": items_hash,
+                    "init": str(init),
+                },
+                tokenizer=generator.tokenizer,
+            )
             if dist.is_main:
                 sink.set_checkpoint(checkpoint_dir)
 
     assert checkpoint_dir is not None  # the last step always writes one
-    return GSPOResult(checkpoint_dir=checkpoint_dir, step=step,
-                      resumed_from_step=saved["step"] if saved else None, history=read_metrics(out_dir))
+    return GSPOResult(
+        checkpoint_dir=checkpoint_dir,
+        step=step,
+        resumed_from_step=saved["step"] if saved else None,
+        history=read_metrics(out_dir),
+    )
 
 
 def _over_ranks(engine: Engine, value: float, count: int) -> float:
@@ -553,8 +670,15 @@ def _over_ranks(engine: Engine, value: float, count: int) -> float:
     return sum(v * n for v, n in gathered if n) / total if total else math.nan
 
 
-def gspo_step(config: GSPOStageConfig, engine: Engine, generator: LocalGenerator, reference: nn.Module | None,
-              items: list[dict], reward_fn: RewardFn, step: int) -> tuple[dict[str, Any], dict[str, Any]]:
+def gspo_step(
+    config: GSPOStageConfig,
+    engine: Engine,
+    generator: LocalGenerator,
+    reference: nn.Module | None,
+    items: list[dict],
+    reward_fn: RewardFn,
+    step: int,
+) -> tuple[dict[str, Any], dict[str, Any]]:
     """One step (0-based `step`): rollouts, rewards, hints, advantages, updates. Returns the step's metrics
     and its per-item hint report, both for the whole step (every rank's prompts).
 
@@ -588,24 +712,39 @@ def gspo_step(config: GSPOStageConfig, engine: Engine, generator: LocalGenerator
     return metrics, report
 
 
-def _sample_groups(config: GSPOStageConfig, engine: Engine, generator: LocalGenerator, items: list[dict],
-                   reward_fn: RewardFn, step: int, timer: _Timer
-                   ) -> tuple[list[_Group], int, dict[str, Any], dict[str, Any]]:
+def _sample_groups(
+    config: GSPOStageConfig,
+    engine: Engine,
+    generator: LocalGenerator,
+    items: list[dict],
+    reward_fn: RewardFn,
+    step: int,
+    timer: _Timer,
+) -> tuple[list[_Group], int, dict[str, Any], dict[str, Any]]:
     """This rank's groups (rollouts, rewards, the hint level trained on), the index of its first prompt in
     the step, the step's reward metrics and its hint report (all ranks)."""
     dist = engine.dist
     seed = _step_seed(config.seed, step)
     batch = step_items(items, step, config.prompts_per_step, config.seed)
     first = dist.rank * len(batch) // dist.world_size
-    mine = batch[first:(dist.rank + 1) * len(batch) // dist.world_size]
+    mine = batch[first : (dist.rank + 1) * len(batch) // dist.world_size]
 
     # ---- Rollouts and rewards of this rank's prompts.
     sampled = _rollouts(generator, config, [item["messages"] for item in mine], seed, timer)
-    groups = [_Group(item, item["messages"], completions,
-                     _score(reward_fn, item, item["messages"], completions, timer), None)
-              for item, completions in zip(mine, sampled)]
+    groups = [
+        _Group(
+            item,
+            item["messages"],
+            completions,
+            _score(reward_fn, item, item["messages"], completions, timer),
+            None,
+        )
+        for item, completions in zip(mine, sampled)
+    ]
     threshold = config.success_threshold
-    all_rewards = [r for rank_rewards in engine.gather([r for g in groups for r in g.rewards]) for r in rank_rewards]
+    all_rewards = [
+        r for rank_rewards in engine.gather([r for g in groups for r in g.rewards]) for r in rank_rewards
+    ]
     group_rewards = [rs for rank_groups in engine.gather([g.rewards for g in groups]) for rs in rank_groups]
     metrics: dict[str, Any] = {
         "reward_mean": sum(all_rewards) / len(all_rewards),
@@ -623,12 +762,18 @@ def _sample_groups(config: GSPOStageConfig, engine: Engine, generator: LocalGene
             groups[k].level = 0
             report[item_id] = {"level": 0, "pass_rates": {"0": rate}}
         elif config.hints is None or not group.item.get("hints"):
-            report[item_id] = {"level": None, "pass_rates": {"0": 0.0},
-                               "note": "hint sampling off" if config.hints is None else "item has no hints"}
+            report[item_id] = {
+                "level": None,
+                "pass_rates": {"0": 0.0},
+                "note": "hint sampling off" if config.hints is None else "item has no hints",
+            }
         else:
             record, groups[k] = _hinted_group(generator, config, group, reward_fn, seed, timer)
-            report[item_id] = {"level": record.level, "hint": record.hint,
-                               "pass_rates": {str(level): rate for level, rate in record.pass_rates.items()}}
+            report[item_id] = {
+                "level": record.level,
+                "hint": record.hint,
+                "pass_rates": {str(level): rate for level, rate in record.pass_rates.items()},
+            }
     report = {k: v for rank_report in engine.gather(report) for k, v in rank_report.items()}
     levels = {item_id: entry["level"] for item_id, entry in report.items()}
     metrics["hint_levels"] = levels
@@ -638,14 +783,20 @@ def _sample_groups(config: GSPOStageConfig, engine: Engine, generator: LocalGene
     return groups, first, metrics, report
 
 
-def _mini_batch_plan(config: GSPOStageConfig, engine: Engine, generator: LocalGenerator, groups: list[_Group],
-                     first: int, metrics: dict[str, Any]
-                     ) -> tuple[list[list[tuple[Features, float, Completion]]], int]:
+def _mini_batch_plan(
+    config: GSPOStageConfig,
+    engine: Engine,
+    generator: LocalGenerator,
+    groups: list[_Group],
+    first: int,
+    metrics: dict[str, Any],
+) -> tuple[list[list[tuple[Features, float, Completion]]], int]:
     """Advantages, and this rank's part of each mini-batch of the responses that carry signal (agreed over
     the ranks); also the step's number of responses (the GSPO mean's N). Adds the counts to `metrics`."""
     # ---- Advantages and the responses that carry signal, agreed over the ranks.
-    advantages = group_advantages(torch.tensor([g.rewards for g in groups], dtype=torch.float32),
-                                  eps=config.gspo.advantage_eps)
+    advantages = group_advantages(
+        torch.tensor([g.rewards for g in groups], dtype=torch.float32), eps=config.gspo.advantage_eps
+    )
     responses: dict[tuple[int, int], tuple[Features, float, Completion]] = {}
     vision_pads = vision_pad_ids(generator.model)
     num_unscorable = 0
@@ -656,17 +807,25 @@ def _mini_batch_plan(config: GSPOStageConfig, engine: Engine, generator: LocalGe
             if vision_pads.intersection(completion.token_ids):
                 num_unscorable += 1  # see `vision_pad_ids`; its reward still counts in the group's advantages
             elif advantage != 0.0 or config.gspo.kl_coef > 0:
-                responses[(first + g, j)] = (completion_features(prompt, completion.token_ids), advantage,
-                                             completion)
+                responses[(first + g, j)] = (
+                    completion_features(prompt, completion.token_ids),
+                    advantage,
+                    completion,
+                )
     active = sorted(key for rank_keys in engine.gather(sorted(responses)) for key in rank_keys)
     metrics["num_unscorable_responses"] = sum(engine.gather(num_unscorable))
     num_responses = sum(engine.gather(sum(len(g.rewards) for g in groups)))
     num_mini = config.mini_batches_per_step
     # The one-process mini-batches (contiguous slices of the active responses), each rank's part of each.
-    plan = [[responses[key] for key in chunk if key in responses] for chunk in chunks(active, num_mini) if chunk]
+    plan = [
+        [responses[key] for key in chunk if key in responses] for chunk in chunks(active, num_mini) if chunk
+    ]
     metrics["num_active_responses"] = len(active)
-    lengths = [n for rank_lengths in engine.gather([len(c.token_ids) for g in groups for c in g.completions])
-               for n in rank_lengths]
+    lengths = [
+        n
+        for rank_lengths in engine.gather([len(c.token_ids) for g in groups for c in g.completions])
+        for n in rank_lengths
+    ]
     metrics["completion_tokens_mean"] = sum(lengths) / num_responses
     levels_used = [level for rank_levels in engine.gather([g.level for g in groups]) for level in rank_levels]
     metrics["hint_level_mean"] = sum(level or 0 for level in levels_used) / len(levels_used)
@@ -674,9 +833,13 @@ def _mini_batch_plan(config: GSPOStageConfig, engine: Engine, generator: LocalGe
     return plan, num_responses
 
 
-def _updates(config: GSPOStageConfig, engine: Engine, reference: nn.Module | None,
-             plan: list[list[tuple[Features, float, Completion]]], num_responses: int
-             ) -> tuple[list[dict[str, Any]], list[torch.Tensor]]:
+def _updates(
+    config: GSPOStageConfig,
+    engine: Engine,
+    reference: nn.Module | None,
+    plan: list[list[tuple[Features, float, Completion]]],
+    num_responses: int,
+) -> tuple[list[dict[str, Any]], list[torch.Tensor]]:
     """One update per mini-batch; each update's statistics (all ranks) and the sampler/trainer log-prob gaps."""
     num_mini = config.mini_batches_per_step
     # ---- Old (and reference) log-probs, all before the first update (module docstring).
@@ -693,8 +856,14 @@ def _updates(config: GSPOStageConfig, engine: Engine, reference: nn.Module | Non
                 ref[k] = completion_logprobs(reference, features, pad_token_id=pad)[0]
 
     # ---- Updates: one per mini-batch; a rank without a part of it still takes part in the gradient sum.
-    keys = ["loss", "mean_ratio", "clip_fraction", "clip_low_fraction", "clip_high_fraction",
-            *(["kl"] if reference is not None else [])]
+    keys = [
+        "loss",
+        "mean_ratio",
+        "clip_fraction",
+        "clip_low_fraction",
+        "clip_high_fraction",
+        *(["kl"] if reference is not None else []),
+    ]
     updates, gaps = [], []
     for k, part in enumerate(plan):
         record: dict[str, Any] = {}
@@ -708,20 +877,28 @@ def _updates(config: GSPOStageConfig, engine: Engine, reference: nn.Module | Non
             # GSPO's mean over all N responses of the step, spread evenly over the mini-batches (module docstring).
             engine.backward(out.loss * len(part) / (num_responses / num_mini))
             log_ratio = ((logps.detach() - old[k]) * mask).sum(dim=1) / mask.sum(dim=1)
-            record = {"loss": float(out.loss.detach()), "mean_ratio": float(out.mean_ratio),
-                      "max_abs_log_ratio": float(log_ratio.abs().max()),
-                      "clip_fraction": float(out.clip_fraction), "clip_low_fraction": float(out.clip_low_fraction),
-                      "clip_high_fraction": float(out.clip_high_fraction),
-                      **({"kl": float(out.kl)} if out.kl is not None else {})}
+            record = {
+                "loss": float(out.loss.detach()),
+                "mean_ratio": float(out.mean_ratio),
+                "max_abs_log_ratio": float(log_ratio.abs().max()),
+                "clip_fraction": float(out.clip_fraction),
+                "clip_low_fraction": float(out.clip_low_fraction),
+                "clip_high_fraction": float(out.clip_high_fraction),
+                **({"kl": float(out.kl)} if out.kl is not None else {}),
+            }
             for row, (_, _, completion) in enumerate(part):
                 trained = old[k][row][mask[row]].cpu()
                 gaps.append((trained - torch.tensor(completion.token_logprobs)).abs())
         grad_norm = engine.step()
         size = sum(engine.gather(len(part)))
         update = {"num_responses": size}
-        for key in keys:  # every rank gathers every key (collectives must match), a rank without a part adds 0
+        for (
+            key
+        ) in keys:  # every rank gathers every key (collectives must match), a rank without a part adds 0
             update[key] = _over_ranks(engine, record.get(key, math.nan), len(part) if record else 0)
-        update["max_abs_log_ratio"] = max(r for r in engine.gather(record.get("max_abs_log_ratio", -math.inf)))
+        update["max_abs_log_ratio"] = max(
+            r for r in engine.gather(record.get("max_abs_log_ratio", -math.inf))
+        )
         update["grad_norm"] = grad_norm
         updates.append(update)
     gap_parts = [g for g in engine.gather(torch.cat(gaps) if gaps else None) if g is not None]
@@ -755,8 +932,9 @@ class PassRateFilterResult:
         return {r.item_id: r.pass_rate for r in self.records}
 
 
-def _generate_each(generator: Generator, messages_batch: list[list[dict]], **kwargs: Any
-                   ) -> list[list[Completion] | Exception]:
+def _generate_each(
+    generator: Generator, messages_batch: list[list[dict]], **kwargs: Any
+) -> list[list[Completion] | Exception]:
     """Completions per conversation, or the error of each conversation that failed (the others are kept)."""
     try:
         return list(generator.generate(messages_batch, **kwargs))
@@ -786,13 +964,23 @@ def pass_rate_filter(
     if isinstance(G, bool) or not isinstance(G, int) or G < 2:
         raise ValueError(f"G={G!r}: a pass rate strictly between 0 and 1 needs at least 2 rollouts")
     items = _check_items(items, None)
-    results = _generate_each(policy_generator, [item["messages"] for item in items], n=G,
-                             max_new_tokens=max_new_tokens, temperature=temperature, seed=seed, logprobs=False)
+    results = _generate_each(
+        policy_generator,
+        [item["messages"] for item in items],
+        n=G,
+        max_new_tokens=max_new_tokens,
+        temperature=temperature,
+        seed=seed,
+        logprobs=False,
+    )
     kept, records = [], []
     for item, result in zip(items, results):
         if isinstance(result, Exception):
-            records.append(PassRateRecord(item["id"], None, False,
-                                          f"generation failed: {type(result).__name__}: {result}"))
+            records.append(
+                PassRateRecord(
+                    item["id"], None, False, f"generation failed: {type(result).__name__}: {result}"
+                )
+            )
             continue
         rewards = [_reward_value(item["id"], reward_fn(item, c.text)) for c in result]
         rate = sum(r >= success_threshold for r in rewards) / len(rewards)
@@ -801,7 +989,9 @@ def pass_rate_filter(
         elif rate == 1.0:
             records.append(PassRateRecord(item["id"], rate, False, f"too easy: all {G} rollouts passed"))
         else:
-            records.append(PassRateRecord(item["id"], rate, True, f"{round(rate * G)} of {G} rollouts passed"))
+            records.append(
+                PassRateRecord(item["id"], rate, True, f"{round(rate * G)} of {G} rollouts passed")
+            )
             kept.append(dict(item, pass_rate=rate))
     return PassRateFilterResult(kept, records)
 
@@ -852,22 +1042,39 @@ def rejection_sampling_round(
         messages = row.get("messages") if isinstance(row, Mapping) else None
         if not isinstance(row_id, str) or not row_id:
             raise ValueError(f"cold-start row {n}: needs a non-empty string 'id'")
-        if isinstance(messages, (str, Mapping)) or not isinstance(messages, Sequence) or len(messages) < 2 \
-                or not isinstance(messages[-1], Mapping) or messages[-1].get("role") != "assistant" \
-                or not isinstance(messages[-1].get("content"), str):
-            raise ValueError(f"cold-start row {row_id!r}: 'messages' must end with the reference assistant "
-                             "response (a string) after the conversation it answers")
+        if (
+            isinstance(messages, (str, Mapping))
+            or not isinstance(messages, Sequence)
+            or len(messages) < 2
+            or not isinstance(messages[-1], Mapping)
+            or messages[-1].get("role") != "assistant"
+            or not isinstance(messages[-1].get("content"), str)
+        ):
+            raise ValueError(
+                f"cold-start row {row_id!r}: 'messages' must end with the reference assistant "
+                "response (a string) after the conversation it answers"
+            )
         rows.append(dict(row))
         prompts.append([dict(m) for m in messages[:-1]])
-    results = _generate_each(rl_generator, prompts, n=k, max_new_tokens=max_new_tokens, temperature=temperature,
-                             seed=seed, logprobs=False)
+    results = _generate_each(
+        rl_generator,
+        prompts,
+        n=k,
+        max_new_tokens=max_new_tokens,
+        temperature=temperature,
+        seed=seed,
+        logprobs=False,
+    )
     new_rows, records = [], []
     for row, prompt, result in zip(rows, prompts, results):
         reference = row["messages"][-1]["content"]
         if isinstance(result, Exception):
             new_rows.append(row)
-            records.append(RejectionRecord(row["id"], False, f"generation failed: {type(result).__name__}: "
-                                           f"{result}", 0, 0, reference))
+            records.append(
+                RejectionRecord(
+                    row["id"], False, f"generation failed: {type(result).__name__}: {result}", 0, 0, reference
+                )
+            )
             continue
         verified = [c.text for c in result if verify_fn(row, c.text)]
         incumbent, winner = reference, None
@@ -879,10 +1086,14 @@ def rejection_sampling_round(
         elif winner is None:
             reason = f"{len(verified)} of {k} verified, none preferred over the reference"
         else:
-            reason = f"verified sample {winner + 1} of {len(verified)} ({k} sampled) preferred over the reference"
+            reason = (
+                f"verified sample {winner + 1} of {len(verified)} ({k} sampled) preferred over the reference"
+            )
         if winner is None:
             new_rows.append(row)
         else:
             new_rows.append(dict(row, messages=[*prompt, dict(row["messages"][-1], content=incumbent)]))
-        records.append(RejectionRecord(row["id"], winner is not None, reason, len(result), len(verified), reference))
+        records.append(
+            RejectionRecord(row["id"], winner is not None, reason, len(result), len(verified), reference)
+        )
     return RejectionRound(new_rows, records)

@@ -75,8 +75,15 @@ class TrainResult:
     losses: list[float]  # the loss of every step, from step 1 (across resumes)
 
 
-def train(stage: StageConfig, *, init: str | Path | KeyeConfig, mixture: TableRef, mixture_id: str,
-          out_dir: str | Path, sink: MetricsSink | None = None) -> TrainResult:
+def train(
+    stage: StageConfig,
+    *,
+    init: str | Path | KeyeConfig,
+    mixture: TableRef,
+    mixture_id: str,
+    out_dir: str | Path,
+    sink: MetricsSink | None = None,
+) -> TrainResult:
     """Train `stage` on `mixture_id` (rows of the pinned `mixture` table) from `init` (a checkpoint directory, or
     a `KeyeConfig` for fresh weights seeded by `stage.seed`), checkpointing into `out_dir`; resumes from
     `out_dir/latest` when present. `sink`: where parameters and per-step metrics are reported (None: only
@@ -87,17 +94,27 @@ def train(stage: StageConfig, *, init: str | Path | KeyeConfig, mixture: TableRe
             f"stage {stage.name!r}: sequence_parallel_size={stage.sequence_parallel_size}, pipeline_parallel_size="
             f"{stage.pipeline_parallel_size}: this loop trains data-parallel only; the DeepSpeed JSON for those "
             "sizes is rendered (render_deepspeed_config) for a cluster job whose model is split into pipeline "
-            "stages with Ulysses attention. Set both to 1 to train here.")
+            "stages with Ulysses attention. Set both to 1 to train here."
+        )
     dist = distributed.setup(need_group=stage.deepspeed_zero is not None)
     try:
         return _train(stage, init, mixture, mixture_id, out_dir, sink or NullSink(), dist)
     finally:
-        if stage.deepspeed_zero is None:  # DeepSpeed caches groups for the process's life: keep the group then
+        if (
+            stage.deepspeed_zero is None
+        ):  # DeepSpeed caches groups for the process's life: keep the group then
             distributed.teardown(dist)
 
 
-def _train(stage: StageConfig, init: str | Path | KeyeConfig, mixture: TableRef, mixture_id: str,
-           out_dir: Path, sink: MetricsSink, dist: distributed.Distributed) -> TrainResult:
+def _train(
+    stage: StageConfig,
+    init: str | Path | KeyeConfig,
+    mixture: TableRef,
+    mixture_id: str,
+    out_dir: Path,
+    sink: MetricsSink,
+    dist: distributed.Distributed,
+) -> TrainResult:
     # ---- Where to start: the last registered checkpoint, else `init`.
     resume_dir, saved = resume_point(out_dir)
     if saved:
@@ -112,11 +129,20 @@ def _train(stage: StageConfig, init: str | Path | KeyeConfig, mixture: TableRef,
     # The checkpoint tells the context it was trained at (what generation and the next stage may rely on).
     text_config = model.config.text_config
     text_config.max_position_embeddings = max(text_config.max_position_embeddings or 0, stage.max_length)
-    engine = Engine(model, dist=dist, learning_rate=stage.learning_rate, lr_at=stage.lr_at, betas=stage.betas,
-                    weight_decay=stage.weight_decay, grad_clip=stage.grad_clip,
-                    trainable_prefixes=stage.trainable_prefixes(), bf16=stage.bf16,
-                    deepspeed_config=render_deepspeed_config(stage, dist.world_size)
-                    if stage.deepspeed_zero is not None else None)
+    engine = Engine(
+        model,
+        dist=dist,
+        learning_rate=stage.learning_rate,
+        lr_at=stage.lr_at,
+        betas=stage.betas,
+        weight_decay=stage.weight_decay,
+        grad_clip=stage.grad_clip,
+        trainable_prefixes=stage.trainable_prefixes(),
+        bf16=stage.bf16,
+        deepspeed_config=render_deepspeed_config(stage, dist.world_size)
+        if stage.deepspeed_zero is not None
+        else None,
+    )
 
     # ---- The rest of the training state.
     step, losses, num_consumed = 0, [], 0
@@ -129,10 +155,18 @@ def _train(stage: StageConfig, init: str | Path | KeyeConfig, mixture: TableRef,
     # ---- Data: this rank's micro-batches, packed and balanced over ranks by the loader. Its position is part
     # of the checkpoint, so a resume continues at the exact next sample, even on another world size.
     reader = LanceSampleReader(train_samples_of(mixture, mixture_id), root=tables_root(mixture))
-    loader = MixtureLoader(mixture, mixture_id, rank=dist.rank, world_size=dist.world_size,
-                           max_length=stage.max_length, micro_batches_per_step=stage.micro_batches_per_step,
-                           seed=stage.seed, sample_reader=reader, window_size=stage.window_size,
-                           num_epochs=None)  # max_steps ends the stage, not the epochs
+    loader = MixtureLoader(
+        mixture,
+        mixture_id,
+        rank=dist.rank,
+        world_size=dist.world_size,
+        max_length=stage.max_length,
+        micro_batches_per_step=stage.micro_batches_per_step,
+        seed=stage.seed,
+        sample_reader=reader,
+        window_size=stage.window_size,
+        num_epochs=None,
+    )  # max_steps ends the stage, not the epochs
     if saved:
         loader.load_state_dict(saved["loader"])
     micro_batches = iter(loader)
@@ -144,12 +178,24 @@ def _train(stage: StageConfig, init: str | Path | KeyeConfig, mixture: TableRef,
     dummy = vision_dummy(model.config) if engine.deepspeed is not None else None
 
     if dist.is_main and not saved:
-        sink.log_params({"stage": stage.to_dict(), "stage_hash": stage.config_hash(), "mixture_id": mixture_id,
-                         "world_size": dist.world_size})
+        sink.log_params(
+            {
+                "stage": stage.to_dict(),
+                "stage_hash": stage.config_hash(),
+                "mixture_id": mixture_id,
+                "world_size": dist.world_size,
+            }
+        )
         sink.log_input(mixture)
     checkpoint_dir = resume_dir
-    log.info("stage %s: steps %d → %d on %d rank(s)%s", stage.name, step, stage.max_steps, dist.world_size,
-             f", resumed from {resume_dir}" if resume_dir else "")
+    log.info(
+        "stage %s: steps %d → %d on %d rank(s)%s",
+        stage.name,
+        step,
+        stage.max_steps,
+        dist.world_size,
+        f", resumed from {resume_dir}" if resume_dir else "",
+    )
 
     # ---- The loop: one window of the mixture per optimizer step.
     while step < stage.max_steps:
@@ -160,24 +206,48 @@ def _train(stage: StageConfig, init: str | Path | KeyeConfig, mixture: TableRef,
         step_loss, num_tokens, num_labels, grad_norm = train_step(engine, batches, pad_id, dummy)
         step += 1
         losses.append(step_loss)
-        occurrences = sorted(o for rank_occ in engine.gather([o for mb in batches for o in mb.occurrences])
-                             for o in rank_occ)
+        occurrences = sorted(
+            o for rank_occ in engine.gather([o for mb in batches for o in mb.occurrences]) for o in rank_occ
+        )
         num_consumed += len(occurrences)
         elapsed = time.perf_counter() - started
-        metrics = {"loss": step_loss, "lr": lr, "tokens": num_tokens, "label_tokens": num_labels,
-                   "tokens_per_s": num_tokens / elapsed, "grad_norm": grad_norm}
+        metrics = {
+            "loss": step_loss,
+            "lr": lr,
+            "tokens": num_tokens,
+            "label_tokens": num_labels,
+            "tokens_per_s": num_tokens / elapsed,
+            "grad_norm": grad_norm,
+        }
         append_metrics(out_dir, dist, sink, step, metrics, {"time": time.time(), "occurrences": occurrences})
         kill_point("stage.step")  # after the step's update and metrics, before its checkpoint
         if dist.is_main:
-            log.info("step %d/%d loss %.4f lr %.3g %.0f tokens/s", step, stage.max_steps, step_loss, lr,
-                     metrics["tokens_per_s"])
+            log.info(
+                "step %d/%d loss %.4f lr %.3g %.0f tokens/s",
+                step,
+                stage.max_steps,
+                step_loss,
+                lr,
+                metrics["tokens_per_s"],
+            )
 
         if step % stage.checkpoint_every == 0 or step == stage.max_steps:
-            checkpoint_dir = engine.save(out_dir, step, {
-                "format": CHECKPOINT_FORMAT, "kind": "stage", "losses": losses,
-                "num_consumed_occurrences": num_consumed, "loader": loader.state_dict(), "mixture_id": mixture_id,
-                "mixture": {"uri": mixture.uri, "version": mixture.version}, "stage": stage.to_dict(),
-                "stage_hash": stage.config_hash(), "deepspeed_zero": stage.deepspeed_zero})
+            checkpoint_dir = engine.save(
+                out_dir,
+                step,
+                {
+                    "format": CHECKPOINT_FORMAT,
+                    "kind": "stage",
+                    "losses": losses,
+                    "num_consumed_occurrences": num_consumed,
+                    "loader": loader.state_dict(),
+                    "mixture_id": mixture_id,
+                    "mixture": {"uri": mixture.uri, "version": mixture.version},
+                    "stage": stage.to_dict(),
+                    "stage_hash": stage.config_hash(),
+                    "deepspeed_zero": stage.deepspeed_zero,
+                },
+            )
             if dist.is_main:
                 sink.set_checkpoint(checkpoint_dir)
 
@@ -185,15 +255,19 @@ def _train(stage: StageConfig, init: str | Path | KeyeConfig, mixture: TableRef,
     return TrainResult(checkpoint_dir=checkpoint_dir, step=step, losses=losses)
 
 
-def train_step(engine: Engine, batches: list[MicroBatch], pad_id: int, dummy: Features | None
-               ) -> tuple[float, float, float, float]:
+def train_step(
+    engine: Engine, batches: list[MicroBatch], pad_id: int, dummy: Features | None
+) -> tuple[float, float, float, float]:
     """One optimizer step over this rank's micro-batches: (the step's token-mean loss over all ranks, its
     tokens, its label tokens, the gradient norm). See the module docstring for the normalisation."""
     inputs = [micro_batch_inputs(mb, pad_id, dummy) for mb in batches]
     device = engine.dist.device
     # N: label tokens of the whole step (every micro-batch of every rank); see the module docstring.
-    counts = torch.tensor([sum(num_label_tokens(b) for b in inputs if b is not None),
-                           sum(mb.num_tokens for mb in batches)], dtype=torch.float64, device=device)
+    counts = torch.tensor(
+        [sum(num_label_tokens(b) for b in inputs if b is not None), sum(mb.num_tokens for mb in batches)],
+        dtype=torch.float64,
+        device=device,
+    )
     num_labels, num_tokens = engine.all_reduce_sum(counts).tolist()
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
     for batch in inputs:
@@ -223,11 +297,21 @@ def vision_dummy(config: KeyeConfig) -> Features:
     merge = config.vision_config.spatial_merge_size
     ids = torch.tensor([config.vision_start_token_id, config.image_token_id, config.vision_end_token_id])
     grid = torch.tensor([[1, merge, merge]])
-    positions = mrope_position_ids(ids, grid, image_token_id=config.image_token_id,
-                                   video_token_id=config.video_token_id, spatial_merge_size=merge)
-    return Features(input_ids=ids, labels=torch.full_like(ids, IGNORE_INDEX),
-                    pixel_values=torch.zeros(merge * merge, config.vision_config.patch_dim, dtype=torch.uint8),
-                    grid_thw=grid, position_ids=positions, num_vision_tokens=len(ids))
+    positions = mrope_position_ids(
+        ids,
+        grid,
+        image_token_id=config.image_token_id,
+        video_token_id=config.video_token_id,
+        spatial_merge_size=merge,
+    )
+    return Features(
+        input_ids=ids,
+        labels=torch.full_like(ids, IGNORE_INDEX),
+        pixel_values=torch.zeros(merge * merge, config.vision_config.patch_dim, dtype=torch.uint8),
+        grid_thw=grid,
+        position_ids=positions,
+        num_vision_tokens=len(ids),
+    )
 
 
 def micro_batch_inputs(mb: MicroBatch, pad_token_id: int, dummy: Features | None) -> dict[str, Any] | None:
@@ -251,8 +335,12 @@ def token_loss_sum(forward: nn.Module, batch: dict[str, torch.Tensor], device: t
     inputs = {k: v.to(device) for k, v in batch.items() if k != "labels"}
     logits = forward(**inputs).logits
     targets = batch["labels"][:, 1:].to(device)
-    return F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]), targets.reshape(-1),
-                           ignore_index=IGNORE_INDEX, reduction="sum")
+    return F.cross_entropy(
+        logits[:, :-1].float().reshape(-1, logits.shape[-1]),
+        targets.reshape(-1),
+        ignore_index=IGNORE_INDEX,
+        reduction="sum",
+    )
 
 
 # ---------------------------------------------------------------------------------------------- data
@@ -266,7 +354,8 @@ def tables_root(mixture: TableRef) -> str:
 def train_samples_of(mixture: TableRef, mixture_id: str) -> TableRef:
     """train_samples at the version the mixture pinned."""
     rows = tables.dataset(mixture.uri, version=mixture.version).to_table(
-        columns=["train_samples_version"], filter=f"mixture_id = '{mixture_id}'", limit=1)
+        columns=["train_samples_version"], filter=f"mixture_id = '{mixture_id}'", limit=1
+    )
     if rows.num_rows == 0:
         raise ValueError(f"mixture {mixture_id!r} has no rows in {mixture}")
     version = int(rows.column("train_samples_version")[0].as_py())
@@ -280,14 +369,20 @@ def check_resumable(saved: dict[str, Any], stage: StageConfig, mixture_id: str, 
     if saved.get("format") != CHECKPOINT_FORMAT:
         raise ValueError(f"checkpoint format {saved.get('format')!r}, this trainer reads {CHECKPOINT_FORMAT}")
     if saved["mixture_id"] != mixture_id:
-        raise ValueError(f"cannot resume: the checkpoint trained on mixture {saved['mixture_id']!r}, "
-                         f"this run asks for {mixture_id!r} (start a new out_dir with the checkpoint as init)")
+        raise ValueError(
+            f"cannot resume: the checkpoint trained on mixture {saved['mixture_id']!r}, "
+            f"this run asks for {mixture_id!r} (start a new out_dir with the checkpoint as init)"
+        )
     if saved["deepspeed_zero"] != stage.deepspeed_zero:
-        raise ValueError(f"cannot resume: the checkpoint's optimizer state was written with deepspeed_zero="
-                         f"{saved['deepspeed_zero']}, this run has {stage.deepspeed_zero}")
+        raise ValueError(
+            f"cannot resume: the checkpoint's optimizer state was written with deepspeed_zero="
+            f"{saved['deepspeed_zero']}, this run has {stage.deepspeed_zero}"
+        )
     if stage.deepspeed_zero is not None and saved["world_size"] != world_size:
-        raise ValueError(f"cannot resume: DeepSpeed partitioned the optimizer state over {saved['world_size']} "
-                         f"ranks, this run has {world_size} (plain data parallelism resumes on any world size)")
+        raise ValueError(
+            f"cannot resume: DeepSpeed partitioned the optimizer state over {saved['world_size']} "
+            f"ranks, this run has {world_size} (plain data parallelism resumes on any world size)"
+        )
     if saved["stage_hash"] != stage.config_hash():
         changed = sorted(k for k, v in stage.to_dict().items() if saved["stage"].get(k) != v)
         log.warning("resuming with changed stage settings: %s", ", ".join(changed))

@@ -29,7 +29,9 @@ def test_data_pipeline_builds_gated_mixtures_with_charts(home, sample_corpus, me
 
     run = lineage.client().get_run(stage3["run_id"])
     assert run.data.tags["keyeflow.gate.mixture"] == "passed"
-    assert run.data.tags["keyeflow.input.train_samples"].endswith(f"@v{result['samples']['train_samples'].version}")
+    assert run.data.tags["keyeflow.input.train_samples"].endswith(
+        f"@v{result['samples']['train_samples'].version}"
+    )
     assert run.data.tags[lineage.PARENT_TAG] == result["run_id"]
     files = {a.path for a in lineage.client().list_artifacts(stage3["run_id"])}
     assert {"mixture_shares.png", "mixture_report.json"} <= files
@@ -37,10 +39,21 @@ def test_data_pipeline_builds_gated_mixtures_with_charts(home, sample_corpus, me
 
     gates_run = sql.query("select gate, bool_and(passed) as ok from gate_results group by gate order by gate")
     assert dict(zip(gates_run.gate, gates_run.ok)) == {
-        "image_samples": True, "mixture": True, "train_samples": True, "video_samples": True, "videos": True}
+        "image_samples": True,
+        "mixture": True,
+        "train_samples": True,
+        "video_samples": True,
+        "videos": True,
+    }
     with get_client(sync_client=True) as client:
-        keys = {a.key for a in client.read_artifacts(artifact_filter=ArtifactFilter(
-            key=ArtifactFilterKey(any_=["mixture-stage-3", "gate-mixture", "samples-progress"])))}
+        keys = {
+            a.key
+            for a in client.read_artifacts(
+                artifact_filter=ArtifactFilter(
+                    key=ArtifactFilterKey(any_=["mixture-stage-3", "gate-mixture", "samples-progress"])
+                )
+            )
+        }
     assert keys == {"mixture-stage-3", "gate-mixture", "samples-progress"}
 
     # nothing changed: the samples table keeps its version, so the stage-3 mixture id is the same

@@ -40,19 +40,32 @@ def misbehaving() -> dict:
     rec["entries"] = [
         {"match": SLOW, "delay_s": 3.0},
         {"match": NOT_JSON, "respond": {"status": 200, "body": "<html>502 Bad Gateway</html>"}},
-        {"match": FLAKY, "times": 2, "respond": {"status": 503, "body": {"error": {"message": "overloaded"}}}},
+        {
+            "match": FLAKY,
+            "times": 2,
+            "respond": {"status": 503, "body": {"error": {"message": "overloaded"}}},
+        },
     ] + rec["entries"]
     return rec
 
 
 def generation(url: str, max_retries: int = 2) -> dict:
-    return {"backend": "openai", "base_url": url, "model": "replay-teacher", "n": 2, "request_timeout_s": 1.0,
-            "max_retries": max_retries}
+    return {
+        "backend": "openai",
+        "base_url": url,
+        "model": "replay-teacher",
+        "n": 2,
+        "request_timeout_s": 1.0,
+        "max_retries": max_retries,
+    }
 
 
 def write_questions(folder: Path, texts: list[str], extra: list[dict] = ()) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
-    rows = [{"domain": "math", "messages": [{"role": "user", "content": t}], "reference": REFERENCES[t]} for t in texts]
+    rows = [
+        {"domain": "math", "messages": [{"role": "user", "content": t}], "reference": REFERENCES[t]}
+        for t in texts
+    ]
     (folder / "questions.jsonl").write_text("".join(json.dumps(r) + "\n" for r in [*rows, *extra]))
     return folder / "questions.jsonl"
 
@@ -64,17 +77,23 @@ def sql_json(query: str) -> list[dict]:
 
 
 def question_ids() -> dict[str, str]:
-    return {r["question"]: r["question_id"] for r in tables.open_table("longcot_questions").to_table().to_pylist()}
+    return {
+        r["question"]: r["question_id"] for r in tables.open_table("longcot_questions").to_table().to_pylist()
+    }
 
 
-def test_bad_questions_and_a_misbehaving_teacher_fail_only_their_items_and_a_rerun_finishes_them(home, tmp_path):
+def test_bad_questions_and_a_misbehaving_teacher_fail_only_their_items_and_a_rerun_finishes_them(
+    home, tmp_path
+):
     from keyeflow.flows.longcot import longcot
 
     no_reference = [
         {"domain": "math", "messages": [{"role": "user", "content": "What is 7 times 6?"}]},
         {"domain": "math", "messages": [{"role": "user", "content": "What is 8 plus 1?"}], "reference": ""},
     ]
-    source = write_questions(tmp_path / "questions", [HALF, SLOW, ROAD, NOT_JSON, ANGLES, FLAKY, LETTERS], no_reference)
+    source = write_questions(
+        tmp_path / "questions", [HALF, SLOW, ROAD, NOT_JSON, ANGLES, FLAKY, LETTERS], no_reference
+    )
     port = replay.free_port()
     with replay.start_server(misbehaving(), tmp_path / "faulty", port=port) as (url, log):
         first = longcot([str(source)], str(source.parent), review="auto_approve", generation=generation(url))
@@ -88,8 +107,11 @@ def test_bad_questions_and_a_misbehaving_teacher_fail_only_their_items_and_a_rer
     # What failed and why, as a data person asks it.
     failed = sql_json("select stage, uri, reason from quarantine order by stage, uri")
     assert [(r["stage"], r["uri"]) for r in failed] == [
-        ("longcot_collect", f"{source}#L8"), ("longcot_collect", f"{source}#L9"),
-        ("longcot_generate", f"{source}#L2"), ("longcot_generate", f"{source}#L4")]
+        ("longcot_collect", f"{source}#L8"),
+        ("longcot_collect", f"{source}#L9"),
+        ("longcot_generate", f"{source}#L2"),
+        ("longcot_generate", f"{source}#L4"),
+    ]
     assert failed[0]["reason"] == "line 8: no reference: give a 'reference' field or an assistant turn"
     assert failed[1]["reason"] == "line 9: empty reference answer"
     assert failed[2]["reason"].startswith(f"question {ids[SLOW]}: generation failed: GenerationServerError: ")
@@ -118,23 +140,37 @@ def test_bad_questions_and_a_misbehaving_teacher_fail_only_their_items_and_a_rer
     assert len(sql.query("select * from longcot_paths")) == 14
 
 
-def test_a_teacher_that_is_down_fails_every_question_with_the_reason_and_a_rerun_completes_them(home, tmp_path):
+def test_a_teacher_that_is_down_fails_every_question_with_the_reason_and_a_rerun_completes_them(
+    home, tmp_path
+):
     from keyeflow.flows.longcot import longcot
 
     source = write_questions(tmp_path / "questions", [HALF, ROAD, ANGLES])
     port = replay.free_port()  # nothing listens there
     url = f"http://127.0.0.1:{port}/v1"
-    with pytest.raises(RuntimeError, match=r"none of the 3 questions got paths \(3 failed; first, .*questions.jsonl#L1: "
-                                           r"question \w+: generation failed: .*after 2 attempt\(s\); last error: "
-                                           r"ConnectError.*tried again on the next run"):
-        longcot([str(source)], str(source.parent), review="auto_approve", generation=generation(url, max_retries=1))
+    with pytest.raises(
+        RuntimeError,
+        match=r"none of the 3 questions got paths \(3 failed; first, .*questions.jsonl#L1: "
+        r"question \w+: generation failed: .*after 2 attempt\(s\); last error: "
+        r"ConnectError.*tried again on the next run",
+    ):
+        longcot(
+            [str(source)],
+            str(source.parent),
+            review="auto_approve",
+            generation=generation(url, max_retries=1),
+        )
     failed = sql.query("select content_hash, reason from quarantine where stage = 'longcot_generate'")
     assert set(failed.content_hash) == set(question_ids().values())
     assert all("after 2 attempt(s); last error: ConnectError" in r for r in failed.reason)
 
     with replay.start_server(replay.teacher_recordings(), tmp_path / "up", port=port) as (_, log):
-        result = longcot([str(source)], str(source.parent), review="auto_approve",
-                         generation=generation(url, max_retries=1))
+        result = longcot(
+            [str(source)],
+            str(source.parent),
+            review="auto_approve",
+            generation=generation(url, max_retries=1),
+        )
         attempts = {t: replay.requests_for(log, t) for t in (HALF, ROAD, ANGLES)}
     assert attempts == {HALF: 1, ROAD: 1, ANGLES: 1}
     assert (result["generate"]["num_generated"], result["generate"]["num_failed"]) == (3, 0)

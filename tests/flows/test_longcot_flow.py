@@ -59,8 +59,9 @@ def test_longcot_flow_with_a_teacher_server_end_to_end(home, questions, teacher)
     from keyeflow.flows.longcot import longcot
 
     url, log = teacher
-    result = longcot([str(questions["dir"])], questions["root"], review="auto_approve",
-                     generation=teacher_generation(url))
+    result = longcot(
+        [str(questions["dir"])], questions["root"], review="auto_approve", generation=teacher_generation(url)
+    )
     s = result["summary"]
     assert (s["num_paths"], s["num_A"], s["num_B"], s["num_C"], s["num_kept"]) == (124, 11, 2, 93, 13)
     assert result["review"]["sources"] == {"policy": 3} and result["collect"]["num_duplicates"] == 1
@@ -68,8 +69,15 @@ def test_longcot_flow_with_a_teacher_server_end_to_end(home, questions, teacher)
     # Every verdict is queryable, as `keyeflow sql` users ask it.
     query = "select grade, count(*) as n from longcot_paths group by grade order by grade"
     by_grade = json.loads(runner.invoke(app, ["sql", query, "--format", "json"]).output)
-    assert by_grade == [{"grade": "A", "n": 11}, {"grade": "B", "n": 2}, {"grade": "C", "n": 93}, {"grade": None, "n": 18}]
-    drops = sql.query("select stage, count(*) as n from longcot_paths where status = 'dropped' group by stage")
+    assert by_grade == [
+        {"grade": "A", "n": 11},
+        {"grade": "B", "n": 2},
+        {"grade": "C", "n": 93},
+        {"grade": None, "n": 18},
+    ]
+    drops = sql.query(
+        "select stage, count(*) as n from longcot_paths where status = 'dropped' group by stage"
+    )
     assert dict(zip(drops.stage, drops.n)) == {"generate": 93, "select": 18}
     out = sql.query("select * from longcot order by sample_id")
     assert len(out) == 13 and set(out.grade) == {"A", "B"}
@@ -90,17 +98,45 @@ def test_longcot_flow_with_a_teacher_server_end_to_end(home, questions, teacher)
     assert run.data.tags["keyeflow.gate.longcot"] == "passed" and run.data.metrics["num_C"] == 93
     assert run.data.tags["keyeflow.output.longcot"].endswith(f"@v{result['longcot'].version}")
     with get_client(sync_client=True) as client:
-        keys = {a.key for a in client.read_artifacts(artifact_filter=ArtifactFilter(
-            key=ArtifactFilterKey(any_=["longcot-summary", "gate-longcot", "longcot-generate-progress"])))}
+        keys = {
+            a.key
+            for a in client.read_artifacts(
+                artifact_filter=ArtifactFilter(
+                    key=ArtifactFilterKey(
+                        any_=["longcot-summary", "gate-longcot", "longcot-generate-progress"]
+                    )
+                )
+            )
+        }
     assert keys == {"longcot-summary", "gate-longcot", "longcot-generate-progress"}
     sent = [json.loads(line) for line in log.read_text().splitlines()]
-    assert any(p.get("type") == "image_url" for b in sent for m in b["messages"] if isinstance(m["content"], list)
-               for p in m["content"])
+    assert any(
+        p.get("type") == "image_url"
+        for b in sent
+        for m in b["messages"]
+        if isinstance(m["content"], list)
+        for p in m["content"]
+    )
 
     # The CLI again over the same files: nothing is generated or asked again, the output table is unchanged.
     requests_before = len(log.read_text().splitlines())
-    again = runner.invoke(app, ["longcot", str(questions["dir"]), "--source-root", questions["root"], "--review",
-                                "auto_approve", "--backend", "openai", "--base-url", url, "--model", "replay-teacher"])
+    again = runner.invoke(
+        app,
+        [
+            "longcot",
+            str(questions["dir"]),
+            "--source-root",
+            questions["root"],
+            "--review",
+            "auto_approve",
+            "--backend",
+            "openai",
+            "--base-url",
+            url,
+            "--model",
+            "replay-teacher",
+        ],
+    )
     assert again.exit_code == 0, again.output
     assert "paths: 124 (A 11, B 2, C 93); kept 13" in " ".join(again.output.split())
     assert len(log.read_text().splitlines()) == requests_before
@@ -114,8 +150,11 @@ def _paused_runs() -> list:
     from prefect.client.schemas.objects import StateType
 
     with get_client(sync_client=True) as client:
-        return client.read_flow_runs(flow_run_filter=FlowRunFilter(
-            state=FlowRunFilterState(type=FlowRunFilterStateType(any_=[StateType.PAUSED]))))
+        return client.read_flow_runs(
+            flow_run_filter=FlowRunFilter(
+                state=FlowRunFilterState(type=FlowRunFilterStateType(any_=[StateType.PAUSED]))
+            )
+        )
 
 
 def _in_thread(fn, **kwargs) -> tuple[threading.Thread, dict]:
@@ -139,9 +178,15 @@ def test_review_pauses_the_flow_and_a_person_resumes_it(home, questions, teacher
     from keyeflow.tasks.longcot import artifact_key
 
     url, _ = teacher
-    thread, box = _in_thread(longcot, questions=[str(questions["dir"])], source_root=questions["root"],
-                             review="prefect", review_timeout_s=120, review_poll_interval_s=1,
-                             generation=teacher_generation(url))
+    thread, box = _in_thread(
+        longcot,
+        questions=[str(questions["dir"])],
+        source_root=questions["root"],
+        review="prefect",
+        review_timeout_s=120,
+        review_poll_interval_s=1,
+        generation=teacher_generation(url),
+    )
     decided: dict[str, tuple[str, str]] = {}  # path id -> (action, paused run id)
     deadline = time.monotonic() + 120
     while len(decided) < 3:
@@ -151,18 +196,37 @@ def test_review_pauses_the_flow_and_a_person_resumes_it(home, questions, teacher
             path_id = run.parameters["path_id"]
             if path_id in decided:
                 continue
-            row = tables.open_table("longcot_paths").to_table(filter=pc.field("path_id") == path_id).to_pylist()[0]
+            row = (
+                tables.open_table("longcot_paths")
+                .to_table(filter=pc.field("path_id") == path_id)
+                .to_pylist()[0]
+            )
             assert row["status"] == "review"
             if not decided:  # an answer the form does not allow is refused, the run stays paused
                 with pytest.raises(RuntimeError):
                     resume_flow_run(run.id, run_input={"item_id": path_id, "action": "maybe"})
             if row["grade"] == "A":
-                decision = {"item_id": path_id, "action": "approve", "reviewer": "bob", "note": "repetition is fine"}
+                decision = {
+                    "item_id": path_id,
+                    "action": "approve",
+                    "reviewer": "bob",
+                    "note": "repetition is fine",
+                }
             elif row["answer"] == "5":
-                decision = {"item_id": path_id, "action": "edit", "reviewer": "alice", "note": "dropped the digression",
-                            "edited_text": "Step 1: 3x = 20 - 5 = 15.\n\nStep 2: x = 15 / 3 = 5."}
+                decision = {
+                    "item_id": path_id,
+                    "action": "edit",
+                    "reviewer": "alice",
+                    "note": "dropped the digression",
+                    "edited_text": "Step 1: 3x = 20 - 5 = 15.\n\nStep 2: x = 15 / 3 = 5.",
+                }
             else:
-                decision = {"item_id": path_id, "action": "reject", "reviewer": "carol", "note": "wrong arithmetic"}
+                decision = {
+                    "item_id": path_id,
+                    "action": "reject",
+                    "reviewer": "carol",
+                    "note": "wrong arithmetic",
+                }
             resume_flow_run(run.id, run_input=decision)
             decided[path_id] = (decision["action"], str(run.id))
         time.sleep(0.3)
@@ -171,8 +235,10 @@ def test_review_pauses_the_flow_and_a_person_resumes_it(home, questions, teacher
     result = box["result"]
     assert result["review"]["actions"] == {"approve": 1, "edit": 1, "reject": 1}
 
-    reviews = sql.query("select path_id, reviewer, action, edited_text, note, source, outcome, flow_run_id, decided_at "
-                        "from longcot_reviews order by reviewer")
+    reviews = sql.query(
+        "select path_id, reviewer, action, edited_text, note, source, outcome, flow_run_id, decided_at "
+        "from longcot_reviews order by reviewer"
+    )
     assert reviews.reviewer.tolist() == ["alice", "bob", "carol"] and set(reviews.source) == {"person"}
     assert reviews.outcome.tolist() == ["kept", "kept", "dropped"] and reviews.decided_at.notna().all()
     for row in reviews.itertuples():
@@ -180,7 +246,9 @@ def test_review_pauses_the_flow_and_a_person_resumes_it(home, questions, teacher
     out = sql.query("select sample_id, grade, reviewer_action, reviewer, response, reason from longcot")
     edited = out[out.reviewer_action == "edit"].iloc[0]
     assert edited.reviewer == "alice" and "Step 2: x = 15 / 3 = 5." in edited.response
-    assert edited.reason.startswith("B (process flawed; relevance 0 < 0.7) edited by alice: dropped the digression")
+    assert edited.reason.startswith(
+        "B (process flawed; relevance 0 < 0.7) edited by alice: dropped the digression"
+    )
     rejected = reviews[reviews.reviewer == "carol"].path_id.iloc[0]
     assert rejected not in set(out.sample_id) and len(out) == 12
     assert sql.query("select bool_and(passed) as ok from gate_results").ok[0]
@@ -189,8 +257,9 @@ def test_review_pauses_the_flow_and_a_person_resumes_it(home, questions, teacher
     from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
 
     with get_client(sync_client=True) as client:
-        artifacts = client.read_artifacts(artifact_filter=ArtifactFilter(
-            key=ArtifactFilterKey(any_=[artifact_key(p) for p in decided])))
+        artifacts = client.read_artifacts(
+            artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[artifact_key(p) for p in decided]))
+        )
     assert len({a.key for a in artifacts}) == 3 and "**Reference:**" in artifacts[0].data
 
 
@@ -200,9 +269,16 @@ def test_review_timeout_applies_the_configured_policy(home, questions, teacher, 
 
     url, _ = teacher
     started = time.monotonic()
-    result = longcot([str(questions["dir"])], questions["root"], review="prefect", review_timeout_s=2,
-                     on_timeout=policy, review_poll_interval_s=1, generation=teacher_generation(url),
-                     gates={"grade_share_bounds": {"A": (0.0, 1.0), "B": (0.0, 1.0)}})
+    result = longcot(
+        [str(questions["dir"])],
+        questions["root"],
+        review="prefect",
+        review_timeout_s=2,
+        on_timeout=policy,
+        review_poll_interval_s=1,
+        generation=teacher_generation(url),
+        gates={"grade_share_bounds": {"A": (0.0, 1.0), "B": (0.0, 1.0)}},
+    )
     assert time.monotonic() - started < 60  # one wait of 2 s, not one per item
     reviews = sql.query("select reviewer, action, source, note, outcome from longcot_reviews order by note")
     assert len(reviews) == 3 and set(reviews.source) == {"policy"}
@@ -219,11 +295,17 @@ def test_longcot_flow_on_the_tiny_local_model(home, tmp_path, sample_images, sam
     answers nothing right, every path is graded C with its reason, and the flow still completes."""
     from keyeflow.flows.longcot import longcot
 
-    files = generate_longcot_questions(media_dir / f"longcot-{tmp_path.name}", media_dir / "images",
-                                       sample_videos[0].parent)
-    result = longcot([str(files["dir"])], str(media_dir), review="keep_out",
-                     generation={"n": 2, "max_new_tokens": 24, "max_image_tokens": 64, "max_video_tokens": 512},
-                     collect={"rewrite": True, "merge": True, "rewrite_max_new_tokens": 16}, gates={"min_samples": 0})
+    files = generate_longcot_questions(
+        media_dir / f"longcot-{tmp_path.name}", media_dir / "images", sample_videos[0].parent
+    )
+    result = longcot(
+        [str(files["dir"])],
+        str(media_dir),
+        review="keep_out",
+        generation={"n": 2, "max_new_tokens": 24, "max_image_tokens": 64, "max_video_tokens": 512},
+        collect={"rewrite": True, "merge": True, "rewrite_max_new_tokens": 16},
+        gates={"min_samples": 0},
+    )
     assert (default_model_path() / "config.json").is_file()
     c, g = result["collect"], result["generate"]
     assert c["num_merged"] >= 2 and c["num_rewrites_discarded"] == c["num_new"] - c["num_merged"]
@@ -237,7 +319,9 @@ def test_longcot_flow_on_the_tiny_local_model(home, tmp_path, sample_images, sam
     assert all(0.0 <= x <= 1.0 for x in paths.confidence)
     notes = sql.query("select rewrite_note from longcot_questions where rewrite = 'none'").rewrite_note
     assert all(n.startswith("rewrite discarded: ") for n in notes)
-    gate = sql.query("select gate, passed, num_rows from gate_results where gate like 'longcot%' order by gate")
+    gate = sql.query(
+        "select gate, passed, num_rows from gate_results where gate like 'longcot%' order by gate"
+    )
     assert gate.values.tolist() == [["longcot", True, 0], ["longcot_paths", True, len(paths)]]
     assert tables.open_table("longcot").count_rows() == 0
 
@@ -252,9 +336,25 @@ def model_server(tmp_path_factory):
     log = tmp_path_factory.mktemp("serving-log") / "server.log"
     env = os.environ | {"PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
     with log.open("wb") as out:
-        process = subprocess.Popen([sys.executable, "-m", "keyeflow.model.serving", "--model", str(model_dir),
-                                    "--port", str(port), "--served-model-name", "keye-tiny", "--log-level", "warning"],
-                                   stdout=out, stderr=subprocess.STDOUT, env=env, cwd=REPO)
+        process = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "keyeflow.model.serving",
+                "--model",
+                str(model_dir),
+                "--port",
+                str(port),
+                "--served-model-name",
+                "keye-tiny",
+                "--log-level",
+                "warning",
+            ],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env=env,
+            cwd=REPO,
+        )
     try:
         deadline = time.monotonic() + 60
         while True:
@@ -281,19 +381,36 @@ def test_longcot_flow_through_the_model_server(home, tmp_path, questions, model_
     few = tmp_path / "few"
     few.mkdir()
     (few / "text.jsonl").write_text("\n".join(Path(questions["text"]).read_text().splitlines()[:3]) + "\n")
-    chart = next(json.loads(line) for line in Path(questions["visual"]).read_text().splitlines() if "bar_chart" in line)
+    chart = next(
+        json.loads(line) for line in Path(questions["visual"]).read_text().splitlines() if "bar_chart" in line
+    )
     part = chart["messages"][0]["content"][0]
-    part["image"] = str((Path(questions["dir"]) / part["image"]).resolve())  # absolute, inside the source root
+    part["image"] = str(
+        (Path(questions["dir"]) / part["image"]).resolve()
+    )  # absolute, inside the source root
     (few / "visual.jsonl").write_text(json.dumps(chart) + "\n")
-    result = longcot([str(few)], questions["root"], review="keep_out", judge={"kind": "model"},
-                     generation={"backend": "openai", "base_url": model_server, "model": "keye-tiny", "n": 2,
-                                 "max_new_tokens": 16}, gates={"min_samples": 0})
+    result = longcot(
+        [str(few)],
+        questions["root"],
+        review="keep_out",
+        judge={"kind": "model"},
+        generation={
+            "backend": "openai",
+            "base_url": model_server,
+            "model": "keye-tiny",
+            "n": 2,
+            "max_new_tokens": 16,
+        },
+        gates={"min_samples": 0},
+    )
     g = result["generate"]
     assert (g["num_generated"], g["num_failed"], g["num_paths"]) == (3, 1, 6)
     reason = sql.query("select reason from quarantine where stage = 'longcot_generate'").reason[0]
     assert "HTTP 400" in reason and "'image_url' is not supported" in reason
     assert set(sql.query("select grade from longcot_paths").grade) == {"C"}
-    judge = ModelJudge(make_generator(GenerationConfig(backend="openai", base_url=model_server,
-                                                       model="keye-tiny")), max_new_tokens=16)
+    judge = ModelJudge(
+        make_generator(GenerationConfig(backend="openai", base_url=model_server, model="keye-tiny")),
+        max_new_tokens=16,
+    )
     verdict = judge.assess([JudgeInput("What is 1 divided by 2?", "0.5", ("1 / 2 = 0.5.",), "0.5")])[0]
     assert verdict.judge == "rule (model fallback)" and "rule judge used" in verdict.notes[0]

@@ -20,10 +20,20 @@ from keyeflow.cli import app
 from keyeflow.synthetic import scripted_teacher as replay
 from keyeflow.training.posttrain_recipe import posttrain_recipe
 
-STAGES = ["posttrain-0-start", "posttrain-1-sft", "posttrain-1-sft-anneal", "posttrain-2-reward-model",
-          "posttrain-3-mpo", "posttrain-4-longcot-sft", "posttrain-4-expert-math", "posttrain-4-expert-merge",
-          "posttrain-5-gspo-round-1", "posttrain-4-longcot-sft-round-2", "posttrain-5-gspo-round-2",
-          "posttrain-6-alignment-rl"]
+STAGES = [
+    "posttrain-0-start",
+    "posttrain-1-sft",
+    "posttrain-1-sft-anneal",
+    "posttrain-2-reward-model",
+    "posttrain-3-mpo",
+    "posttrain-4-longcot-sft",
+    "posttrain-4-expert-math",
+    "posttrain-4-expert-merge",
+    "posttrain-5-gspo-round-1",
+    "posttrain-4-longcot-sft-round-2",
+    "posttrain-5-gspo-round-2",
+    "posttrain-6-alignment-rl",
+]
 
 
 @pytest.fixture(scope="module")
@@ -44,8 +54,12 @@ def data_home(tmp_path_factory, sample_corpus, media_dir, prefect_harness):
         build_train_samples([str(sample_corpus["conversations"].parent)], str(media_dir))
         questions = generate_longcot_questions(media_dir / "longcot-posttrain", media_dir / "images")
         with replay.start_server(replay.teacher_recordings(), root / "teacher") as (url, _):
-            longcot([str(questions["dir"])], str(media_dir), review="auto_approve",
-                    generation={"backend": "openai", "base_url": url, "model": "replay-teacher", "n": 4})
+            longcot(
+                [str(questions["dir"])],
+                str(media_dir),
+                review="auto_approve",
+                generation={"backend": "openai", "base_url": url, "model": "replay-teacher", "n": 4},
+            )
         torch.manual_seed(0)
         KeyeForConditionalGeneration(tiny()).save_pretrained(root / "start")
         yield home, root / "start"

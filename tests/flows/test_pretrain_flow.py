@@ -56,10 +56,19 @@ def stage_dir(home: Path, name: str) -> Path | None:
 
 def kill_during_stage_3(home: Path, tmp_path: Path) -> None:
     """Run `keyeflow pretrain` and SIGKILL its whole process group once stage 3 has trained a step."""
-    env = {**os.environ, "KEYEFLOW_HOME": str(home), "PREFECT_HOME": str(tmp_path / "prefect"),
-           "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
-    proc = subprocess.Popen([KEYEFLOW, "pretrain"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                            start_new_session=True)
+    env = {
+        **os.environ,
+        "KEYEFLOW_HOME": str(home),
+        "PREFECT_HOME": str(tmp_path / "prefect"),
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+    }
+    proc = subprocess.Popen(
+        [KEYEFLOW, "pretrain"],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        start_new_session=True,
+    )
     deadline = time.monotonic() + 600
     try:
         while time.monotonic() < deadline:
@@ -67,7 +76,9 @@ def kill_during_stage_3(home: Path, tmp_path: Path) -> None:
             metrics = stage3 / "metrics.jsonl" if stage3 else None
             if metrics and metrics.is_file() and len(metrics.read_text().splitlines()) >= 3:
                 break
-            assert proc.poll() is None, f"pretrain exited before stage 3 trained: {proc.stderr.read()[-3000:]}"
+            assert proc.poll() is None, (
+                f"pretrain exited before stage 3 trained: {proc.stderr.read()[-3000:]}"
+            )
             time.sleep(0.05)
         else:
             pytest.fail("stage 3 did not start within 10 minutes")
@@ -90,7 +101,9 @@ def test_pretrain_killed_then_rerun_then_unchanged(data_home, tmp_path, monkeypa
     assert not (killed / DONE).exists()
     if (killed / LATEST).exists():  # checkpoint_every=2: the step-2 checkpoint may have been registered
         registered = killed / (killed / LATEST).read_text().strip()
-        assert (registered / "model" / "model.safetensors").is_file() and (registered / "state.json").is_file()
+        assert (registered / "model" / "model.safetensors").is_file() and (
+            registered / "state.json"
+        ).is_file()
     assert stage_dir(data_home, "pretrain-4-fusion") is None
     stage1_metrics = (stage_dir(data_home, "pretrain-1-alignment") / "metrics.jsonl").read_text()
 
@@ -105,10 +118,13 @@ def test_pretrain_killed_then_rerun_then_unchanged(data_home, tmp_path, monkeypa
 
     # ---- MLflow: one run per stage, nested under the flow's run, chained to the runs it started from.
     client = lineage.client()
-    chain = {"pretrain-1-alignment": ["init"], "pretrain-2-multitask": ["pretrain-1-alignment"],
-             "pretrain-3-annealing-balanced": ["pretrain-2-multitask"],
-             "pretrain-3-annealing-video-rich": ["pretrain-2-multitask"],
-             "pretrain-4-fusion": ["pretrain-3-annealing-balanced", "pretrain-3-annealing-video-rich"]}
+    chain = {
+        "pretrain-1-alignment": ["init"],
+        "pretrain-2-multitask": ["pretrain-1-alignment"],
+        "pretrain-3-annealing-balanced": ["pretrain-2-multitask"],
+        "pretrain-3-annealing-video-rich": ["pretrain-2-multitask"],
+        "pretrain-4-fusion": ["pretrain-3-annealing-balanced", "pretrain-3-annealing-video-rich"],
+    }
     for name, upstream in chain.items():
         run = client.get_run(stages[name]["run_id"])
         assert run.info.status == "FINISHED" and run.info.run_name == name
@@ -120,18 +136,24 @@ def test_pretrain_killed_then_rerun_then_unchanged(data_home, tmp_path, monkeypa
     assert client.get_run(result["run_id"]).data.tags[lineage.CHECKPOINT_TAG] == result["checkpoint"]
 
     # ---- Stage 1 trained the projector only.
-    init, stage1 = weights(stages["init"]["checkpoint"]), weights(stages["pretrain-1-alignment"]["checkpoint"])
+    init, stage1 = (
+        weights(stages["init"]["checkpoint"]),
+        weights(stages["pretrain-1-alignment"]["checkpoint"]),
+    )
     assert init.keys() == stage1.keys()
     moved = {k for k in init if not torch.equal(init[k], stage1[k])}
     assert moved and all(k.startswith("projector.") for k in moved)
 
     # ---- Stage 3: rope theta reset to 8e6 and the longer context, in the saved config.
     for variant in ("balanced", "video-rich"):
-        config = json.loads((Path(stages[f"pretrain-3-annealing-{variant}"]["checkpoint"]) / "config.json")
-                            .read_text())["text_config"]
+        config = json.loads(
+            (Path(stages[f"pretrain-3-annealing-{variant}"]["checkpoint"]) / "config.json").read_text()
+        )["text_config"]
         assert config["rope_parameters"]["rope_theta"] == 8e6
         assert config["max_position_embeddings"] == RECIPE.annealing.max_length > RECIPE.stages[2].max_length
-    stage2_config = json.loads((Path(stages["pretrain-2-multitask"]["checkpoint"]) / "config.json").read_text())
+    stage2_config = json.loads(
+        (Path(stages["pretrain-2-multitask"]["checkpoint"]) / "config.json").read_text()
+    )
     assert stage2_config["text_config"]["rope_parameters"]["rope_theta"] == 1e6
 
     # ---- Stage 4: exactly the configured weighted average (float64 sum, cast back).
@@ -159,7 +181,9 @@ def test_pretrain_killed_then_rerun_then_unchanged(data_home, tmp_path, monkeypa
         assert gates.get("mixture") is True and gates.get("train_samples") is True
         if mixture["num_videos"]:
             assert gates.get("video_samples") is True
-    text = CliRunner().invoke(app, ["lineage", result["run_id"]])  # the flow's run id resolves to the same chain
+    text = CliRunner().invoke(
+        app, ["lineage", result["run_id"]]
+    )  # the flow's run id resolves to the same chain
     assert text.exit_code == 0 and "pretrain-1-alignment" in text.output and "all sources" in text.output
 
     # ---- A third run with nothing changed trains nothing and writes no checkpoint.
@@ -175,10 +199,19 @@ def source_videos(home: Path, mixture_ids: set[str]) -> set[str]:
     tables = home / "tables"
     rows = lance.dataset(str(tables / "mixtures.lance")).to_table().to_pylist()
     used = {r["sample_id"] for r in rows if r["mixture_id"] in mixture_ids}
-    media = {m for r in lance.dataset(str(tables / "train_samples.lance")).to_table().to_pylist()
-             if r["sample_id"] in used for m in r["media_ids"]}
-    return {r["uri"] for r in lance.dataset(str(tables / "video_samples.lance")).to_table(
-        columns=["sample_id", "uri"]).to_pylist() if r["sample_id"] in media}
+    media = {
+        m
+        for r in lance.dataset(str(tables / "train_samples.lance")).to_table().to_pylist()
+        if r["sample_id"] in used
+        for m in r["media_ids"]
+    }
+    return {
+        r["uri"]
+        for r in lance.dataset(str(tables / "video_samples.lance"))
+        .to_table(columns=["sample_id", "uri"])
+        .to_pylist()
+        if r["sample_id"] in media
+    }
 
 
 def test_unknown_target_is_a_clear_error(home):

@@ -20,9 +20,22 @@ def _artifacts(flow_run_id=None):
     from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
 
     with get_client(sync_client=True) as client:
-        return {a.key: a for a in client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(
-            any_=["gate-videos", "gate-video-samples", "slowfast-strips", "ingest-progress",
-                  "pretokenize-progress"])))}
+        return {
+            a.key: a
+            for a in client.read_artifacts(
+                artifact_filter=ArtifactFilter(
+                    key=ArtifactFilterKey(
+                        any_=[
+                            "gate-videos",
+                            "gate-video-samples",
+                            "slowfast-strips",
+                            "ingest-progress",
+                            "pretokenize-progress",
+                        ]
+                    )
+                )
+            )
+        }
 
 
 def test_video_pipeline_tracks_lineage_gates_and_pictures(home, sample_videos, bad_inputs):
@@ -50,8 +63,10 @@ def test_video_pipeline_tracks_lineage_gates_and_pictures(home, sample_videos, b
     assert gate_files == {"gates/video_samples.json", "gates/video_samples.md"}
 
     verdicts = sql.query("select gate, passed from gate_results order by gate")
-    assert verdicts.to_dict("records") == [{"gate": "video_samples", "passed": True},
-                                           {"gate": "videos", "passed": True}]
+    assert verdicts.to_dict("records") == [
+        {"gate": "video_samples", "passed": True},
+        {"gate": "videos", "passed": True},
+    ]
     arts = _artifacts()
     assert {"gate-videos", "gate-video-samples", "slowfast-strips", "ingest-progress"} <= set(arts)
     assert "PASSED" in arts["gate-video-samples"].data
@@ -71,10 +86,14 @@ def test_failing_gate_stops_the_flow_and_names_the_check(home, sample_videos):
 
     with pytest.raises(GateFailed, match="first frame is slow"):
         pretokenize_videos("paper")
-    failed = lineage.client().search_runs([lineage.experiment_id()], "tags.`keyeflow.gate.video_samples` = 'failed'")
+    failed = lineage.client().search_runs(
+        [lineage.experiment_id()], "tags.`keyeflow.gate.video_samples` = 'failed'"
+    )
     assert len(failed) == 1 and failed[0].info.status == "FAILED"
     # downstream of the gate did not run: no strip picture on the failed run
-    assert "slowfast_strips.png" not in {a.path for a in lineage.client().list_artifacts(failed[0].info.run_id)}
+    assert "slowfast_strips.png" not in {
+        a.path for a in lineage.client().list_artifacts(failed[0].info.run_id)
+    }
     assert first["run_id"] != failed[0].info.run_id
     verdict = sql.query("select passed, failures from gate_results where not passed")
     assert len(verdict) == 1 and "tampered" in verdict.failures[0]

@@ -26,25 +26,55 @@ def image_lookup(part: dict) -> MediaPatches:
 
 
 def picture_prompt(seed: int, question: str) -> list[dict]:
-    return [{"role": "user", "content": [{"type": "image", "seed": seed}, {"type": "text", "text": question}]}]
+    return [
+        {"role": "user", "content": [{"type": "image", "seed": seed}, {"type": "text", "text": question}]}
+    ]
 
 
 PAIRS = [
-    {"messages": picture_prompt(1, "What is shown?"), "chosen": "A red square.", "rejected": "Nothing, maybe."},
-    {"messages": picture_prompt(2, "How many dots?"), "chosen": "Three.", "rejected": "I cannot tell at all."},
-    {"messages": [{"role": "user", "content": "Name a colour."}], "chosen": "Blue.", "rejected": "A number: 7"},
-    {"messages": picture_prompt(3, "Which side?"), "chosen": "The left one.", "rejected": "Up, I think, or 9."},
+    {
+        "messages": picture_prompt(1, "What is shown?"),
+        "chosen": "A red square.",
+        "rejected": "Nothing, maybe.",
+    },
+    {
+        "messages": picture_prompt(2, "How many dots?"),
+        "chosen": "Three.",
+        "rejected": "I cannot tell at all.",
+    },
+    {
+        "messages": [{"role": "user", "content": "Name a colour."}],
+        "chosen": "Blue.",
+        "rejected": "A number: 7",
+    },
+    {
+        "messages": picture_prompt(3, "Which side?"),
+        "chosen": "The left one.",
+        "rejected": "Up, I think, or 9.",
+    },
     {"messages": [{"role": "user", "content": "Say hi."}], "chosen": "Hi!", "rejected": "42 42 42"},
 ]
 ITEMS = [
-    {"id": f"item-{k}", "messages": picture_prompt(k, q) if k % 2 else [{"role": "user", "content": q}],
-     "reference": "x"}
-    for k, q in enumerate(["Describe it.", "Count them.", "What colour?", "Where is it?", "Name it.",
-                           "How big?"])
+    {
+        "id": f"item-{k}",
+        "messages": picture_prompt(k, q) if k % 2 else [{"role": "user", "content": q}],
+        "reference": "x",
+    }
+    for k, q in enumerate(
+        ["Describe it.", "Count them.", "What colour?", "Where is it?", "Name it.", "How big?"]
+    )
 ]
 MPO = {"learning_rate": 1e-3, "pairs_per_step": 4, "max_length": 256, "checkpoint_every": 2, "seed": 1}
-GSPO = {"prompts_per_step": 4, "group_size": 4, "max_new_tokens": 8, "learning_rate": 1e-3,
-        "mini_batches_per_step": 2, "hints": None, "seed": 3, "checkpoint_every": 2}
+GSPO = {
+    "prompts_per_step": 4,
+    "group_size": 4,
+    "max_new_tokens": 8,
+    "learning_rate": 1e-3,
+    "mini_batches_per_step": 2,
+    "hints": None,
+    "seed": 3,
+    "checkpoint_every": 2,
+}
 
 
 def letter_share(item, response: str) -> float:
@@ -55,13 +85,23 @@ def letter_share(item, response: str) -> float:
 def main(spec_path: str) -> None:
     spec = json.loads(Path(spec_path).read_text())
     if spec["kind"] == "mpo":
-        result = train_mpo(MPOStageConfig(**MPO, max_steps=spec["max_steps"]), init=spec["init"], pairs=PAIRS,
-                           out_dir=spec["out_dir"], media_lookup=image_lookup)
+        result = train_mpo(
+            MPOStageConfig(**MPO, max_steps=spec["max_steps"]),
+            init=spec["init"],
+            pairs=PAIRS,
+            out_dir=spec["out_dir"],
+            media_lookup=image_lookup,
+        )
         out = {"losses": result.losses, "metrics": result.metrics}
     else:
-        result = train_gspo(GSPOStageConfig(**GSPO, gspo=GSPOConfig(), max_steps=spec["max_steps"]),
-                            init=spec["init"], items=ITEMS, reward_fn=letter_share, out_dir=spec["out_dir"],
-                            media_lookup=image_lookup)
+        result = train_gspo(
+            GSPOStageConfig(**GSPO, gspo=GSPOConfig(), max_steps=spec["max_steps"]),
+            init=spec["init"],
+            items=ITEMS,
+            reward_fn=letter_share,
+            out_dir=spec["out_dir"],
+            media_lookup=image_lookup,
+        )
         out = {"metrics": result.history}
     if int(os.environ.get("RANK", "0")) == 0:
         print(json.dumps({"checkpoint_dir": str(result.checkpoint_dir), **out}), flush=True)

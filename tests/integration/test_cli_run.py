@@ -21,8 +21,11 @@ def test_the_recorded_teacher_answers_the_sample_questions_then_stops(tmp_path, 
     with cli._longcot_teacher(None, None, tmp_path / "teacher") as generation:
         assert generation["backend"] == "openai" and generation["model"] == "replay-teacher"
         url = generation["base_url"]
-        reply = httpx.post(f"{url}/chat/completions", timeout=10, json={
-            "model": generation["model"], "n": 4, "messages": [{"role": "user", "content": question}]})
+        reply = httpx.post(
+            f"{url}/chat/completions",
+            timeout=10,
+            json={"model": generation["model"], "n": 4, "messages": [{"role": "user", "content": question}]},
+        )
         assert reply.status_code == 200
         answers = [c["message"]["content"].rsplit("<answer>", 1)[1] for c in reply.json()["choices"]]
         assert answers == ["½</answer>", "1/2</answer>", "0.5</answer>", "2</answer>"]
@@ -36,8 +39,11 @@ def test_the_recorded_teacher_answers_the_sample_questions_then_stops(tmp_path, 
 
 def test_a_given_teacher_is_used_as_it_is():
     with cli._longcot_teacher("http://vllm.internal:8000/v1", "keye-teacher", None) as generation:
-        assert generation == {"backend": "openai", "base_url": "http://vllm.internal:8000/v1",
-                              "model": "keye-teacher"}
+        assert generation == {
+            "backend": "openai",
+            "base_url": "http://vllm.internal:8000/v1",
+            "model": "keye-teacher",
+        }
 
 
 def test_teacher_url_without_a_model_stops_before_anything_runs(home):
@@ -48,23 +54,36 @@ def test_teacher_url_without_a_model_stops_before_anything_runs(home):
 
 
 def _stage(home, name: str, key: str, run: str, trained: bool = True, step: str = "step-00000004/") -> dict:
-    return {"name": name, "checkpoint": f"{home}/checkpoints/{name}-{key}/{step}model", "run_id": run * 32,
-            "key": key, "trained": trained}
+    return {
+        "name": name,
+        "checkpoint": f"{home}/checkpoints/{name}-{key}/{step}model",
+        "run_id": run * 32,
+        "key": key,
+        "trained": trained,
+    }
 
 
 def test_the_summary_names_every_run_and_fits_a_terminal(home, monkeypatch):
     key = "0123456789abcdef"
-    pre_stages = {"init": _stage(home, "pretrain-0-init", key, "a", step=""),
-                  "video-rich": _stage(home, "pretrain-3-annealing-video-rich", key, "b"),
-                  "fusion": _stage(home, "pretrain-4-fusion", key, "c", step="")}
-    post_stages = {"start": {**pre_stages["fusion"], "trained": False},
-                   "gspo_round_2": _stage(home, "posttrain-5-gspo-round-2", key, "d", trained=False)}
+    pre_stages = {
+        "init": _stage(home, "pretrain-0-init", key, "a", step=""),
+        "video-rich": _stage(home, "pretrain-3-annealing-video-rich", key, "b"),
+        "fusion": _stage(home, "pretrain-4-fusion", key, "c", step=""),
+    }
+    post_stages = {
+        "start": {**pre_stages["fusion"], "trained": False},
+        "gspo_round_2": _stage(home, "posttrain-5-gspo-round-2", key, "d", trained=False),
+    }
     final = post_stages["gspo_round_2"]["checkpoint"]
     shares = {"video": 0.24, "image": 0.5, "text": 0.26}
     data = {"run_id": "e" * 32, "mixtures": {3: {"mixture_id": key, "shares": shares}}}
     pre = {"run_id": "f" * 32, "checkpoint": pre_stages["fusion"]["checkpoint"], "stages": pre_stages}
-    cot = {"run_id": "1" * 32, "question_ids": ["q"] * 33, "review": {"actions": {"reject": 3}},
-           "summary": {"num_paths": 132, "num_A": 11, "num_B": 2, "num_C": 101, "num_kept": 10}}
+    cot = {
+        "run_id": "1" * 32,
+        "question_ids": ["q"] * 33,
+        "review": {"actions": {"reject": 3}},
+        "summary": {"num_paths": 132, "num_A": 11, "num_B": 2, "num_C": 101, "num_kept": 10},
+    }
     post = {"run_id": "2" * 32, "checkpoint": final, "stages": post_stages}
     buffer = io.StringIO()
     monkeypatch.setattr(cli, "console", Console(file=buffer, width=100))

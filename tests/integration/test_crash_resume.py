@@ -18,8 +18,21 @@ KEYEFLOW = str(Path(sys.executable).parent / "keyeflow")
 # Row content that must match; times of writing naturally differ between runs.
 COMPARE = {
     "videos": ("video_id", ["uri", "size_bytes", "codec", "width", "height", "fps", "duration_s"]),
-    "video_samples": ("sample_id", ["video_id", "uri", "config_hash", "frame_types", "timestamps",
-                                    "slow_height", "slow_width", "fast_height", "fast_width", "total_tokens"]),
+    "video_samples": (
+        "sample_id",
+        [
+            "video_id",
+            "uri",
+            "config_hash",
+            "frame_types",
+            "timestamps",
+            "slow_height",
+            "slow_width",
+            "fast_height",
+            "fast_width",
+            "total_tokens",
+        ],
+    ),
     "video_frames": ("frame_id", ["sample_id", "frame_index", "frame_type", "grid_h", "grid_w", "patches"]),
     "quarantine": ("quarantine_id", ["uri", "reason", "stage"]),
 }
@@ -28,7 +41,11 @@ COMPARE = {
 def snapshot(root: Path) -> dict:
     out = {}
     for name, (key, columns) in COMPARE.items():
-        rows = lance.dataset(str(root / "tables" / f"{name}.lance")).to_table(columns=[key, *columns]).to_pylist()
+        rows = (
+            lance.dataset(str(root / "tables" / f"{name}.lance"))
+            .to_table(columns=[key, *columns])
+            .to_pylist()
+        )
         digest = {}
         for row in rows:
             assert row[key] not in digest, f"duplicate {name} row {row[key]}"
@@ -41,8 +58,14 @@ def snapshot(root: Path) -> dict:
 
 def cli(home: Path, *args: str, **kwargs) -> subprocess.Popen:
     env = {**os.environ, "KEYEFLOW_HOME": str(home), "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
-    return subprocess.Popen([KEYEFLOW, *args], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                            start_new_session=True, **kwargs)
+    return subprocess.Popen(
+        [KEYEFLOW, *args],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        start_new_session=True,
+        **kwargs,
+    )
 
 
 def versions(root: Path, name: str) -> int:

@@ -36,28 +36,49 @@ def init_dir(tmp_path_factory) -> Path:
     return path
 
 
-def run_job(kind: str, init: Path, out_dir: Path, *, nproc: int = 1, kill_at: str | None = None) -> dict | None:
+def run_job(
+    kind: str, init: Path, out_dir: Path, *, nproc: int = 1, kill_at: str | None = None
+) -> dict | None:
     """The job in its own process(es); its result, or None when it was killed at `kill_at` as asked."""
     spec = out_dir.with_suffix(".json")
-    spec.write_text(json.dumps({"kind": kind, "init": str(init), "out_dir": str(out_dir), "max_steps": STEPS}))
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
-           "OMP_NUM_THREADS": "1"}
+    spec.write_text(
+        json.dumps({"kind": kind, "init": str(init), "out_dir": str(out_dir), "max_steps": STEPS})
+    )
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
+        "OMP_NUM_THREADS": "1",
+    }
     env.pop("KEYEFLOW_KILL_POINT", None)
     if kill_at:
         env["KEYEFLOW_KILL_POINT"] = kill_at
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc)] \
-        if nproc > 1 else [sys.executable]
-    done = subprocess.run([*launcher, str(JOB), str(spec)], cwd=REPO, env=env, capture_output=True, text=True,
-                          timeout=600, check=False)
+    launcher = (
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc)]
+        if nproc > 1
+        else [sys.executable]
+    )
+    done = subprocess.run(
+        [*launcher, str(JOB), str(spec)],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
     if kill_at:
-        assert done.returncode == -9, f"expected SIGKILL at {kill_at}, got {done.returncode}:\n{done.stderr[-3000:]}"
+        assert done.returncode == -9, (
+            f"expected SIGKILL at {kill_at}, got {done.returncode}:\n{done.stderr[-3000:]}"
+        )
         return None
     assert done.returncode == 0, done.stderr[-4000:]
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 def weights(checkpoint_dir: str | Path) -> dict[str, torch.Tensor]:
-    return {k: v.float() for k, v in load_keye_checkpoint(Path(checkpoint_dir) / "model").state_dict().items()}
+    return {
+        k: v.float() for k, v in load_keye_checkpoint(Path(checkpoint_dir) / "model").state_dict().items()
+    }
 
 
 @pytest.fixture(scope="module")
@@ -66,7 +87,9 @@ def one_process(init_dir, tmp_path_factory) -> dict[str, dict]:
     return {kind: run_job(kind, init_dir, root / kind) for kind in ("mpo", "gspo")}
 
 
-def assert_same_weights(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], init: dict[str, torch.Tensor]):
+def assert_same_weights(
+    a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], init: dict[str, torch.Tensor]
+):
     """Equal weights, and so equal updates: every tensor's change from init agrees to float32 reduction noise."""
     assert a.keys() == b.keys()
     moved = 0
@@ -85,7 +108,14 @@ def test_two_gloo_ranks_give_the_one_process_losses_and_weights(kind, init_dir, 
         assert double["losses"] == pytest.approx(single["losses"], rel=1e-5)
         keys = ("dpo", "bco", "sft", "reward_margin", "grad_norm", "chosen_tokens")
     else:
-        keys = ("reward_mean", "loss", "mean_ratio", "grad_norm", "num_active_responses", "completion_tokens_mean")
+        keys = (
+            "reward_mean",
+            "loss",
+            "mean_ratio",
+            "grad_norm",
+            "num_active_responses",
+            "completion_tokens_mean",
+        )
         assert all(m["num_updates"] == 2 for m in single["metrics"])  # both mini-batches of every step
     for one, two in zip(single["metrics"], double["metrics"], strict=True):
         for key in keys:  # grad_norm: summed over ranks (an average would be half of it)
@@ -95,7 +125,9 @@ def test_two_gloo_ranks_give_the_one_process_losses_and_weights(kind, init_dir, 
 
 
 @pytest.mark.parametrize("kind", ["mpo", "gspo"])
-def test_sigkill_after_a_step_then_resume_is_bitwise_the_uninterrupted_run(kind, init_dir, one_process, tmp_path):
+def test_sigkill_after_a_step_then_resume_is_bitwise_the_uninterrupted_run(
+    kind, init_dir, one_process, tmp_path
+):
     out = tmp_path / "run"
     # Killed after step 3: step 2's checkpoint is registered, step 3's update is lost with the process.
     assert run_job(kind, init_dir, out, kill_at=f"{kind}.step@3") is None
@@ -105,8 +137,9 @@ def test_sigkill_after_a_step_then_resume_is_bitwise_the_uninterrupted_run(kind,
     if kind == "mpo":
         assert resumed["losses"] == single["losses"]
     drop = {"seconds", "time", "time_step", "time_rollout", "time_reward", "time_update"}
-    assert [{k: v for k, v in m.items() if k not in drop} for m in resumed["metrics"]] == \
-        [{k: v for k, v in m.items() if k not in drop} for m in single["metrics"]]
+    assert [{k: v for k, v in m.items() if k not in drop} for m in resumed["metrics"]] == [
+        {k: v for k, v in m.items() if k not in drop} for m in single["metrics"]
+    ]
     resumed_weights, single_weights = weights(resumed["checkpoint_dir"]), weights(single["checkpoint_dir"])
     assert all(torch.equal(resumed_weights[k], single_weights[k]) for k in single_weights)
 

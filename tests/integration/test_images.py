@@ -122,12 +122,16 @@ def test_every_sample_ingests_within_the_token_range(home, sample_images):
     assert modes["cmyk_poster_600x800.jpg"] == "CMYK"
     assert modes["document_1240x1754.png"] == "L"
     assert (images["large_scene_4800x3600.jpg"]["width"], images["large_scene_4800x3600.jpg"]["height"]) == (
-        4800, 3600)
+        4800,
+        3600,
+    )
     assert images["gradient_1024x768.jpg"]["size_bytes"] == sample_images[0].stat().st_size
 
     # The tables are what `keyeflow sql` sees.
-    by_format = sql.query("select i.format, count(*) as n, sum(s.num_tokens) as tokens "
-                          "from image_samples s join images i using (image_id) group by i.format")
+    by_format = sql.query(
+        "select i.format, count(*) as n, sum(s.num_tokens) as tokens "
+        "from image_samples s join images i using (image_id) group by i.format"
+    )
     assert int(by_format.n.sum()) == len(sample_images)
     assert int(by_format.tokens.sum()) == report.total_tokens
 
@@ -184,12 +188,18 @@ def test_patches_round_trip_to_the_resized_image(home, sample_images):
         image = picture(sample)
         np.testing.assert_array_equal(patchify(image, 14, 2), load_image_patches(sample), err_msg=name)
     # Plain RGB files: the stored pixels are exactly the file resized bicubically to the sample size.
-    for name in ("gradient_1024x768.jpg", "shapes_800x600.png", "bar_chart_900x600.webp", "bitmap_128x96.bmp",
-                 "large_scene_4800x3600.jpg"):
+    for name in (
+        "gradient_1024x768.jpg",
+        "shapes_800x600.png",
+        "bar_chart_900x600.webp",
+        "bitmap_128x96.bmp",
+        "large_scene_4800x3600.jpg",
+    ):
         sample = samples[name]
         with Image.open(next(p for p in sample_images if p.name == name)) as source:
-            expected = np.asarray(source.convert("RGB").resize((sample["width"], sample["height"]),
-                                                                Image.Resampling.BICUBIC))
+            expected = np.asarray(
+                source.convert("RGB").resize((sample["width"], sample["height"]), Image.Resampling.BICUBIC)
+            )
         np.testing.assert_array_equal(picture(sample), expected, err_msg=name)
 
 
@@ -224,7 +234,8 @@ def test_bad_images_are_quarantined_with_reasons_and_the_rest_goes_through(
     original, copy = sample_images[0].name, f"copy of {sample_images[0].name}"
     assert report.num_duplicates == 1
     assert quarantined[original]["reason"].startswith(
-        f"duplicate content: same bytes as {image_batch / copy}")
+        f"duplicate content: same bytes as {image_batch / copy}"
+    )
     assert copy not in quarantined
 
     samples = rows_by_name("image_samples")
@@ -253,8 +264,10 @@ def test_rerun_writes_nothing_and_a_config_change_retokenises(home, image_batch,
     redone = ingest([image_batch], smaller, shard_size=5)
     assert redone.num_ingested == len(sample_images)
     assert tables.ref("images").version == before["images"], "known images are not registered again"
-    by_config = sql.query("select config_hash, count(*) as n, max(num_tokens) as most from image_samples "
-                          "group by config_hash order by config_hash")
+    by_config = sql.query(
+        "select config_hash, count(*) as n, max(num_tokens) as most from image_samples "
+        "group by config_hash order by config_hash"
+    )
     assert set(by_config.config_hash) == {first.config_hash(), smaller.config_hash()}
     assert list(by_config.n) == [len(sample_images)] * 2
     assert int(by_config.set_index("config_hash").most[smaller.config_hash()]) <= 256
@@ -272,16 +285,21 @@ def test_header_limits_refuse_before_anything_is_decoded(home, sample_images, ba
     strict = ImageConfig(max_header_pixels=1_000_000)
     report = ingest([large, bad_images["huge_header"]], strict)
     assert report.quarantined[str(large)] == (
-        "possible decompression bomb: header claims 4800x3600 = 17,280,000 pixels (limit 1,000,000); not decoded")
+        "possible decompression bomb: header claims 4800x3600 = 17,280,000 pixels (limit 1,000,000); not decoded"
+    )
     assert report.quarantined[str(bad_images["huge_header"])].startswith("possible decompression bomb")
     assert report.num_ingested == 0
     assert Image.MAX_IMAGE_PIXELS is None or Image.MAX_IMAGE_PIXELS >= strict.max_header_pixels
 
 
 def test_config_is_validated_and_hashed():
-    for kwargs, field in [({"min_tokens": 0}, "min_tokens"), ({"max_tokens": 3}, "max_tokens"),
-                          ({"patch_size": "14"}, "patch_size"), ({"min_side": True}, "min_side"),
-                          ({"max_header_pixels": 10}, "max_header_pixels")]:
+    for kwargs, field in [
+        ({"min_tokens": 0}, "min_tokens"),
+        ({"max_tokens": 3}, "max_tokens"),
+        ({"patch_size": "14"}, "patch_size"),
+        ({"min_side": True}, "min_side"),
+        ({"max_header_pixels": 10}, "max_header_pixels"),
+    ]:
         with pytest.raises(ValueError, match=f"ImageConfig.{field}"):
             ImageConfig(**kwargs)
     assert ImageConfig().config_hash() == ImageConfig(max_tokens=20_480).config_hash()
@@ -304,9 +322,9 @@ def test_generated_samples_are_small_fast_and_deterministic(tmp_path, sample_ima
     offset = 8
     kinds = []
     while offset < len(data):  # every chunk well formed, CRC included
-        (length,) = struct.unpack(">I", data[offset:offset + 4])
-        kind, body = data[offset + 4:offset + 8], data[offset + 8:offset + 8 + length]
-        (crc,) = struct.unpack(">I", data[offset + 8 + length:offset + 12 + length])
+        (length,) = struct.unpack(">I", data[offset : offset + 4])
+        kind, body = data[offset + 4 : offset + 8], data[offset + 8 : offset + 8 + length]
+        (crc,) = struct.unpack(">I", data[offset + 8 + length : offset + 12 + length])
         assert crc == zlib.crc32(kind + body) & 0xFFFFFFFF, kind
         kinds.append(kind)
         offset += 12 + length

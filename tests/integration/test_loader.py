@@ -28,10 +28,21 @@ def _rows(seed: int = 0) -> tuple[list[dict], list[dict], list[dict]]:
     train, videos, images = [], [], []
 
     def train_row(sample_id, modality, text, vision, media):
-        return {"sample_id": sample_id, "source": f"{modality}-src", "task": "caption" if media else "text",
-                "modality": modality, "num_tokens": text + vision, "num_text_tokens": text,
-                "num_vision_tokens": vision, "media_ids": media, "source_uri": f"file:///{sample_id}",
-                "content_hash": sample_id, "config_hash": "tok-v1", "messages": "[]", "created_at": tables.now()}
+        return {
+            "sample_id": sample_id,
+            "source": f"{modality}-src",
+            "task": "caption" if media else "text",
+            "modality": modality,
+            "num_tokens": text + vision,
+            "num_text_tokens": text,
+            "num_vision_tokens": vision,
+            "media_ids": media,
+            "source_uri": f"file:///{sample_id}",
+            "content_hash": sample_id,
+            "config_hash": "tok-v1",
+            "messages": "[]",
+            "created_at": tables.now(),
+        }
 
     for i in range(12):  # few videos: upsampled up to 3×
         num_frames = rng.randint(20, 60)
@@ -40,23 +51,52 @@ def _rows(seed: int = 0) -> tuple[list[dict], list[dict], list[dict]]:
         slow_tokens, fast_tokens = slow[0] * slow[1] // 784, fast[0] * fast[1] // 784
         vision = num_slow * slow_tokens + (num_frames - num_slow) * fast_tokens
         media_id = f"vs-{i:03d}"
-        videos.append({"sample_id": media_id, "video_id": f"vid-{i}", "uri": f"file:///v{i}.mp4",
-                       "config_hash": "sf", "preset": "paper", "sampling_fps": 2.0, "num_frames": num_frames,
-                       "num_slow": num_slow, "num_fast": num_frames - num_slow,
-                       "frame_types": [0] * num_slow + [1] * (num_frames - num_slow),
-                       "timestamps": [k / 2 for k in range(num_frames)], "slow_height": slow[0],
-                       "slow_width": slow[1], "fast_height": fast[0], "fast_width": fast[1],
-                       "slow_tokens": slow_tokens, "fast_tokens": fast_tokens, "total_tokens": vision,
-                       "token_budget": 4000, "created_at": tables.now()})
+        videos.append(
+            {
+                "sample_id": media_id,
+                "video_id": f"vid-{i}",
+                "uri": f"file:///v{i}.mp4",
+                "config_hash": "sf",
+                "preset": "paper",
+                "sampling_fps": 2.0,
+                "num_frames": num_frames,
+                "num_slow": num_slow,
+                "num_fast": num_frames - num_slow,
+                "frame_types": [0] * num_slow + [1] * (num_frames - num_slow),
+                "timestamps": [k / 2 for k in range(num_frames)],
+                "slow_height": slow[0],
+                "slow_width": slow[1],
+                "fast_height": fast[0],
+                "fast_width": fast[1],
+                "slow_tokens": slow_tokens,
+                "fast_tokens": fast_tokens,
+                "total_tokens": vision,
+                "token_budget": 4000,
+                "created_at": tables.now(),
+            }
+        )
         train.append(train_row(f"video-{i:03d}", "video", rng.randint(20, 120), vision, [media_id]))
     for i in range(60):
         grid_h, grid_w = 2 * rng.randint(8, 40), 2 * rng.randint(8, 40)
         media_id = f"is-{i:03d}"
-        images.append({"sample_id": media_id, "image_id": f"img-{i}", "uri": f"file:///i{i}.png",
-                       "config_hash": "im", "height": grid_h * 14, "width": grid_w * 14, "grid_h": grid_h,
-                       "grid_w": grid_w, "num_tokens": grid_h * grid_w // 4,
-                       "patches": bytes(grid_h * grid_w * 588), "created_at": tables.now()})
-        train.append(train_row(f"image-{i:03d}", "image", rng.randint(10, 80), grid_h * grid_w // 4, [media_id]))
+        images.append(
+            {
+                "sample_id": media_id,
+                "image_id": f"img-{i}",
+                "uri": f"file:///i{i}.png",
+                "config_hash": "im",
+                "height": grid_h * 14,
+                "width": grid_w * 14,
+                "grid_h": grid_h,
+                "grid_w": grid_w,
+                "num_tokens": grid_h * grid_w // 4,
+                "patches": bytes(grid_h * grid_w * 588),
+                "created_at": tables.now(),
+            }
+        )
+        train.append(
+            train_row(f"image-{i:03d}", "image", rng.randint(10, 80), grid_h * grid_w // 4, [media_id])
+        )
     for i in range(300):
         train.append(train_row(f"text-{i:03d}", "text", rng.randint(40, 600), 0, []))
     return train, videos, images
@@ -82,22 +122,40 @@ class Reader:
 
     def __call__(self, sample_ids: list[str]):
         self.calls.append(list(sample_ids))
-        return [{"sample_id": s, "num_tokens": self.train[s]["num_tokens"],
-                 "input_ids": torch.zeros(self.train[s]["num_tokens"], dtype=torch.long)} for s in sample_ids]
+        return [
+            {
+                "sample_id": s,
+                "num_tokens": self.train[s]["num_tokens"],
+                "input_ids": torch.zeros(self.train[s]["num_tokens"], dtype=torch.long),
+            }
+            for s in sample_ids
+        ]
 
 
 def make(result, train, *, rank=0, world_size=2, micro_batches=3, seed=0, window=WINDOW, **kwargs):
     reader = Reader(train)
-    loader = MixtureLoader(result.mixture, result.mixture_id, rank=rank, world_size=world_size,
-                           max_length=MAX_LENGTH, micro_batches_per_step=micro_batches, seed=seed,
-                           sample_reader=reader, window_size=window, **kwargs)
+    loader = MixtureLoader(
+        result.mixture,
+        result.mixture_id,
+        rank=rank,
+        world_size=world_size,
+        max_length=MAX_LENGTH,
+        micro_batches_per_step=micro_batches,
+        seed=seed,
+        sample_reader=reader,
+        window_size=window,
+        **kwargs,
+    )
     return loader, reader
 
 
 def mixture_occurrences(result) -> Counter:
     table = tables.open_table("mixtures", version=result.mixture.version).to_table(
-        columns=["sample_id", "repeats"], filter=f"mixture_id = '{result.mixture_id}'")
-    return Counter({s: r for s, r in zip(table.column("sample_id").to_pylist(), table.column("repeats").to_pylist())})
+        columns=["sample_id", "repeats"], filter=f"mixture_id = '{result.mixture_id}'"
+    )
+    return Counter(
+        {s: r for s, r in zip(table.column("sample_id").to_pylist(), table.column("repeats").to_pylist())}
+    )
 
 
 def key(batch) -> tuple:
@@ -153,9 +211,13 @@ def test_costs_come_from_the_frame_grids(mixture):
     assert loader.samples.num_samples_without_grids == 0
     i = list(loader.samples.sample_ids).index("video-003")
     v = videos["vs-003"]
-    expected = SampleCost.video(train["video-003"]["num_tokens"], num_slow=v["num_slow"],
-                                slow_patches=(v["slow_height"] // 14) * (v["slow_width"] // 14),
-                                num_fast=v["num_fast"], fast_patches=64)
+    expected = SampleCost.video(
+        train["video-003"]["num_tokens"],
+        num_slow=v["num_slow"],
+        slow_patches=(v["slow_height"] // 14) * (v["slow_width"] // 14),
+        num_fast=v["num_fast"],
+        fast_patches=64,
+    )
     assert loader.samples.costs[i] == pytest.approx(CostModel().cost(expected))
 
 
@@ -222,7 +284,10 @@ def test_resume_from_two_ranks_on_one_rank_continues_at_the_same_sample(mixture)
     everything = before + [o for b in after for o in b.occurrences]
     assert sorted(everything) == list(range(single.occurrences_per_epoch))
     assert Counter(s for call in reader.calls for s in call) == Counter(
-        single.samples.sample_ids[single.rows_of(np.array([o for b in after for o in b.occurrences]))].tolist())
+        single.samples.sample_ids[
+            single.rows_of(np.array([o for b in after for o in b.occurrences]))
+        ].tolist()
+    )
 
 
 def test_resume_twice_across_world_sizes_inside_one_window(mixture):
@@ -231,7 +296,10 @@ def test_resume_twice_across_world_sizes_inside_one_window(mixture):
     seen = []
     state = None
     for world, micro_batches, take in ((2, 3, 4), (1, 4, 2), (3, 2, None)):
-        loaders = [make(result, train, rank=r, world_size=world, micro_batches=micro_batches)[0] for r in range(world)]
+        loaders = [
+            make(result, train, rank=r, world_size=world, micro_batches=micro_batches)[0]
+            for r in range(world)
+        ]
         for loader in loaders:
             if state is not None:
                 loader.load_state_dict(state)
@@ -255,14 +323,41 @@ def test_resume_refuses_another_stream_and_errors_are_clear(mixture):
     with pytest.raises(ValueError, match="state has window_size=64, this loader has 32"):
         other_window.load_state_dict(state)
     with pytest.raises(ValueError, match=r"more than max_length 100"):
-        MixtureLoader(result.mixture, result.mixture_id, rank=0, world_size=1, max_length=100,
-                      micro_batches_per_step=1, seed=0, sample_reader=Reader(train), window_size=8)
+        MixtureLoader(
+            result.mixture,
+            result.mixture_id,
+            rank=0,
+            world_size=1,
+            max_length=100,
+            micro_batches_per_step=1,
+            seed=0,
+            sample_reader=Reader(train),
+            window_size=8,
+        )
     with pytest.raises(ValueError, match="rank=2: must be < world_size=2"):
         make(result, train, rank=2)
-    bad = MixtureLoader(result.mixture, result.mixture_id, rank=0, world_size=1, max_length=MAX_LENGTH,
-                        micro_batches_per_step=1, seed=0, sample_reader=lambda ids: [], window_size=8)
+    bad = MixtureLoader(
+        result.mixture,
+        result.mixture_id,
+        rank=0,
+        world_size=1,
+        max_length=MAX_LENGTH,
+        micro_batches_per_step=1,
+        seed=0,
+        sample_reader=lambda ids: [],
+        window_size=8,
+    )
     with pytest.raises(ValueError, match=r"sample_reader returned 0 payloads for \d+ sample ids"):
         next(iter(bad))
     with pytest.raises(ValueError, match="has no rows"):
-        MixtureLoader(result.mixture, "nope", rank=0, world_size=1, max_length=MAX_LENGTH,
-                      micro_batches_per_step=1, seed=0, sample_reader=Reader(train), window_size=8)
+        MixtureLoader(
+            result.mixture,
+            "nope",
+            rank=0,
+            world_size=1,
+            max_length=MAX_LENGTH,
+            micro_batches_per_step=1,
+            seed=0,
+            sample_reader=Reader(train),
+            window_size=8,
+        )

@@ -37,21 +37,23 @@ def sample_rows(seed: int = 0, shape=SHAPE, prefix: str = "") -> list[dict]:
             tokens = rng.randint(low, high)
             text = tokens if modality == "text" else rng.randint(20, 200)
             source = sources[i % len(sources)]
-            rows.append({
-                "sample_id": f"{prefix}{modality}-{i:05d}",
-                "source": source,
-                "task": rng.choice(TASKS[modality]),
-                "modality": modality,
-                "num_tokens": tokens,
-                "num_text_tokens": text,
-                "num_vision_tokens": tokens - text,
-                "media_ids": [] if modality == "text" else [f"{modality}-media-{i}"],
-                "source_uri": f"file:///data/{source}/{prefix}{i:05d}",
-                "content_hash": f"{seed}-{modality}-{i}",
-                "config_hash": "tok-v1",
-                "messages": "[]",
-                "created_at": tables.now(),
-            })
+            rows.append(
+                {
+                    "sample_id": f"{prefix}{modality}-{i:05d}",
+                    "source": source,
+                    "task": rng.choice(TASKS[modality]),
+                    "modality": modality,
+                    "num_tokens": tokens,
+                    "num_text_tokens": text,
+                    "num_vision_tokens": tokens - text,
+                    "media_ids": [] if modality == "text" else [f"{modality}-media-{i}"],
+                    "source_uri": f"file:///data/{source}/{prefix}{i:05d}",
+                    "content_hash": f"{seed}-{modality}-{i}",
+                    "config_hash": "tok-v1",
+                    "messages": "[]",
+                    "created_at": tables.now(),
+                }
+            )
     return rows
 
 
@@ -89,10 +91,16 @@ def test_stage3_shares_within_half_a_point_confirmed_by_sql_and_the_gate(samples
     for m in report.modalities:
         assert abs(m.reached_tokens - m.quota_tokens) <= SHAPE[m.modality][2] / 2
     assert report.excluded_counts == {OVER_LENGTH: sum(1 for r in sample_rows() if r["num_tokens"] > 8_192)}
-    assert report.reached_tokens == sql.query(
-        f"select sum(num_tokens * repeats) as t from mixtures where mixture_id = '{result.mixture_id}'").t[0]
+    assert (
+        report.reached_tokens
+        == sql.query(
+            f"select sum(num_tokens * repeats) as t from mixtures where mixture_id = '{result.mixture_id}'"
+        ).t[0]
+    )
 
-    verdict = gates.check_mixture(result.mixture, result.mixture_id, config, tables.ref("quarantine"), samples)
+    verdict = gates.check_mixture(
+        result.mixture, result.mixture_id, config, tables.ref("quarantine"), samples
+    )
     assert verdict.passed, verdict.markdown()
 
 
@@ -132,15 +140,18 @@ def test_new_input_version_new_mixture_old_one_still_readable(samples):
     assert mixture_rows(old) == old_rows
     at_old = tables.open_table("mixtures", version=old.mixture.version)
     assert at_old.count_rows(filter=f"mixture_id = '{new.mixture_id}'") == 0
-    assert tables.open_table("mixtures").count_rows(filter=f"mixture_id = '{old.mixture_id}'") == len(old_rows)
+    assert tables.open_table("mixtures").count_rows(filter=f"mixture_id = '{old.mixture_id}'") == len(
+        old_rows
+    )
     # Rebuilding from the old pinned input gives the old mixture back.
     assert build_mixture(samples, config, None).mixture_id == old.mixture_id
 
 
 def test_shortfall_raises_naming_modality_and_missing_tokens(samples):
     config = stage_mixture(3, max_sample_tokens=8_192, total_tokens=20_000_000)
-    video_tokens = sql.query("select sum(num_tokens) as t from train_samples "
-                             "where modality = 'video' and num_tokens <= 8192").t[0]
+    video_tokens = sql.query(
+        "select sum(num_tokens) as t from train_samples where modality = 'video' and num_tokens <= 8192"
+    ).t[0]
     with pytest.raises(MixtureShortfall) as info:
         build_mixture(samples, config, None)
     message = str(info.value)
@@ -155,7 +166,9 @@ def test_shortfall_raises_naming_modality_and_missing_tokens(samples):
 
 def test_upsample_reaches_the_target_within_the_cap(home):
     # Few videos: the mixture the data gives without repeats is small, video is what runs out.
-    tables.upsert("train_samples", sample_rows(shape={**SHAPE, "video": (60, 2_000, 9_000, ["clips-a", "clips-b"])}))
+    tables.upsert(
+        "train_samples", sample_rows(shape={**SHAPE, "video": (60, 2_000, 9_000, ["clips-a", "clips-b"])})
+    )
     samples = tables.ref("train_samples")
     with pytest.raises(MixtureShortfall, match="video is short by"):
         build_mixture(samples, stage_mixture(3, max_sample_tokens=8_192, total_tokens=2_000_000), None)
@@ -170,8 +183,10 @@ def test_upsample_reaches_the_target_within_the_cap(home):
         assert abs(shares[modality] - target) * 100 <= 0.5
     video = result.report.modality("video")
     assert 2.4 < video.passes <= 3 and video.max_repeats == 3
-    repeats = sql.query(f"select modality, min(repeats) as lo, max(repeats) as hi from mixtures "
-                        f"where mixture_id = '{result.mixture_id}' group by modality")
+    repeats = sql.query(
+        f"select modality, min(repeats) as lo, max(repeats) as hi from mixtures "
+        f"where mixture_id = '{result.mixture_id}' group by modality"
+    )
     assert repeats.hi.max() <= 3
     assert gates.check_mixture(result.mixture, result.mixture_id, config, None, samples).passed
 
@@ -189,7 +204,9 @@ def test_upsample_reaches_the_target_within_the_cap(home):
 def test_quarantined_and_over_length_samples_are_excluded_and_counted(samples):
     rows = sample_rows()
     bad_uris = [r["source_uri"] for r in rows if r["modality"] == "image"][:25]
-    tables.upsert("quarantine", [tables.quarantine_row(u, "decode failed", "ingest_images") for u in bad_uris])
+    tables.upsert(
+        "quarantine", [tables.quarantine_row(u, "decode failed", "ingest_images") for u in bad_uris]
+    )
     quarantine = tables.ref("quarantine")
     config = stage_mixture(3, max_sample_tokens=6_000)
     result = build_mixture(samples, config, quarantine)
@@ -197,11 +214,14 @@ def test_quarantined_and_over_length_samples_are_excluded_and_counted(samples):
     over = sum(1 for r in rows if r["num_tokens"] > 6_000 and r["source_uri"] not in bad_uris)
     assert result.report.excluded_counts == {QUARANTINED: 25, OVER_LENGTH: over}
     # The same reasons, row by row, in SQL.
-    reasons = sql.query(f"select reason, count(*) as n from ({classify_sql(config)}) "
-                        "where reason is not null group by reason")
+    reasons = sql.query(
+        f"select reason, count(*) as n from ({classify_sql(config)}) where reason is not null group by reason"
+    )
     assert dict(zip(reasons.reason, reasons.n)) == {QUARANTINED: 25, OVER_LENGTH: over}
-    used = sql.query(f"select m.sample_id, t.source_uri, m.num_tokens from mixtures m "
-                     f"join train_samples t using (sample_id) where m.mixture_id = '{result.mixture_id}'")
+    used = sql.query(
+        f"select m.sample_id, t.source_uri, m.num_tokens from mixtures m "
+        f"join train_samples t using (sample_id) where m.mixture_id = '{result.mixture_id}'"
+    )
     assert not set(used.source_uri) & set(bad_uris)
     assert used.num_tokens.max() <= 6_000
     assert gates.check_mixture(result.mixture, result.mixture_id, config, quarantine, samples).passed
@@ -210,9 +230,14 @@ def test_quarantined_and_over_length_samples_are_excluded_and_counted(samples):
     stage1 = build_mixture(samples, stage_mixture(1), quarantine)
     assert set(shares_by_sql(stage1.mixture_id)) == {"image"}
     assert stage1.report.excluded_counts[TASK_NOT_IN_STAGE] == sum(
-        1 for r in rows if r["modality"] == "image" and r["task"] != "caption" and r["source_uri"] not in bad_uris)
-    tasks = sql.query(f"select distinct t.task from mixtures m join train_samples t using (sample_id) "
-                      f"where m.mixture_id = '{stage1.mixture_id}'")
+        1
+        for r in rows
+        if r["modality"] == "image" and r["task"] != "caption" and r["source_uri"] not in bad_uris
+    )
+    tasks = sql.query(
+        f"select distinct t.task from mixtures m join train_samples t using (sample_id) "
+        f"where m.mixture_id = '{stage1.mixture_id}'"
+    )
     assert list(tasks.task) == ["caption"]
 
 
@@ -221,8 +246,10 @@ def test_source_weights_split_a_modality(samples):
     weights = {"captions-coco-like": 3, "ocr-docs": 1, "grounding-refcoco-like": 0}
     config = stage_mixture(1, tasks=None, source_weights=weights, total_tokens=600_000)
     result = build_mixture(samples, config, None)
-    by_source = sql.query(f"select source, sum(num_tokens * repeats) as t from mixtures "
-                          f"where mixture_id = '{result.mixture_id}' group by source")
+    by_source = sql.query(
+        f"select source, sum(num_tokens * repeats) as t from mixtures "
+        f"where mixture_id = '{result.mixture_id}' group by source"
+    )
     tokens = dict(zip(by_source.source, by_source.t))
     assert set(tokens) == {"captions-coco-like", "ocr-docs"}
     assert tokens["captions-coco-like"] / tokens["ocr-docs"] == pytest.approx(3, rel=0.02)
@@ -273,7 +300,9 @@ def test_held_out_samples_are_excluded_from_every_mixture_and_counted(samples):
     frame = sql.query(classify_sql(config))
     held = set(frame.sample_id[frame.reason == HELD_OUT])
     assert 0.03 < len(held) / len(frame) < 0.07
-    other = stage_mixture(2, max_sample_tokens=8_192, holdout_per_mille=50, seed=7, upsample=True, max_repeats=4)
+    other = stage_mixture(
+        2, max_sample_tokens=8_192, holdout_per_mille=50, seed=7, upsample=True, max_repeats=4
+    )
     frame2 = sql.query(classify_sql(other))
     assert set(frame2.sample_id[frame2.reason == HELD_OUT]) == held
     assert not held & used

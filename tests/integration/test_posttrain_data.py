@@ -28,8 +28,12 @@ PAPER = resolve_config("paper")
 
 
 def chat(question: str, answer: str, task: str, uri: str) -> dict:
-    return {"uri": uri, "source": "qa", "task": task,
-            "messages": [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]}
+    return {
+        "uri": uri,
+        "source": "qa",
+        "task": task,
+        "messages": [{"role": "user", "content": question}, {"role": "assistant", "content": answer}],
+    }
 
 
 def test_conversations_become_samples_and_fixed_mixtures_keep_their_repeats(home, sample_images):
@@ -37,16 +41,29 @@ def test_conversations_become_samples_and_fixed_mixtures_keep_their_repeats(home
 
     image = str(sample_images[0])
     ingest_images_shard([image], ImageConfig(max_tokens=64))  # media go through ingestion first
-    items = [chat("What is 2 + 2?", "4", "vqa", "made#1"),
-             chat("Name a colour.", "Blue.", "conversation", "made#2"),
-             {"uri": "made#3", "source": "qa", "task": "caption",
-              "messages": [{"role": "user", "content": [{"type": "image", "image": image}]},
-                           {"role": "assistant", "content": "A picture."}]},
-             {"uri": "made#4", "task": "vqa", "messages": [{"role": "user", "content": "no answer"}]},
-             chat("x", "y", "vqa", "made#5") | {"messages": [{"role": "robot", "content": "?"}]},
-             {"uri": "made#6", "task": "caption",
-              "messages": [{"role": "user", "content": [{"type": "image", "image": str(sample_images[1])}]},
-                           {"role": "assistant", "content": "Never ingested."}]}]
+    items = [
+        chat("What is 2 + 2?", "4", "vqa", "made#1"),
+        chat("Name a colour.", "Blue.", "conversation", "made#2"),
+        {
+            "uri": "made#3",
+            "source": "qa",
+            "task": "caption",
+            "messages": [
+                {"role": "user", "content": [{"type": "image", "image": image}]},
+                {"role": "assistant", "content": "A picture."},
+            ],
+        },
+        {"uri": "made#4", "task": "vqa", "messages": [{"role": "user", "content": "no answer"}]},
+        chat("x", "y", "vqa", "made#5") | {"messages": [{"role": "robot", "content": "?"}]},
+        {
+            "uri": "made#6",
+            "task": "caption",
+            "messages": [
+                {"role": "user", "content": [{"type": "image", "image": str(sample_images[1])}]},
+                {"role": "assistant", "content": "Never ingested."},
+            ],
+        },
+    ]
     ids, bad = add_conversations(items, "/", PAPER, ImageConfig(max_tokens=64))
     assert set(ids) == {"made#1", "made#2", "made#3"}
     assert "no assistant turn" in bad["made#4"] and "role must be one of" in bad["made#5"]
@@ -62,8 +79,12 @@ def test_conversations_become_samples_and_fixed_mixtures_keep_their_repeats(home
     samples = tables.ref("train_samples")
     repeats = {ids["made#1"]: 3, ids["made#2"]: 1, ids["made#3"]: 2}
     result = fixed_mixture(samples, repeats, name="longcot", stage=5)
-    written = {r["sample_id"]: r for r in tables.open_table("mixtures").to_table(
-        filter=f"mixture_id = '{result.mixture_id}'").to_pylist()}
+    written = {
+        r["sample_id"]: r
+        for r in tables.open_table("mixtures")
+        .to_table(filter=f"mixture_id = '{result.mixture_id}'")
+        .to_pylist()
+    }
     assert {s: r["repeats"] for s, r in written.items()} == repeats
     assert sorted(r["order"] for r in written.values()) == [0, 1, 2]
     assert {r["train_samples_version"] for r in written.values()} == {samples.version}
@@ -77,17 +98,25 @@ def test_conversations_become_samples_and_fixed_mixtures_keep_their_repeats(home
 
 
 def test_difficulty_filter_drops_only_what_every_path_solves(home, tmp_path):
-    items = [chat("What is 6 times 7?", "42", "vqa", "qa#easy"),
-             chat("What is 12 divided by 5?", "2.4", "vqa", "qa#hard"),
-             chat("Describe a sunset.", "Orange light over the sea.", "conversation", "qa#open")]
+    items = [
+        chat("What is 6 times 7?", "42", "vqa", "qa#easy"),
+        chat("What is 12 divided by 5?", "2.4", "vqa", "qa#hard"),
+        chat("Describe a sunset.", "Orange light over the sea.", "conversation", "qa#open"),
+    ]
     add_conversations(items, "/", PAPER)
     rows = conversation_samples(tables.ref("train_samples"), ("vqa", "conversation"), max_tokens=512)
     assert len(rows) == 3
-    recordings = {"model": "replay", "entries": [
-        # every path gets 6×7 right (in another form: 42.0); 12/5 only sometimes (2.4 = 12/5, not 2)
-        {"match": "6 times 7", "completions": [{"text": "<answer>42.0</answer>"}, {"text": "The answer is 42."}]},
-        {"match": "12 divided by 5", "completions": [{"text": "<answer>12/5</answer>"}, {"text": "2"}]},
-    ]}
+    recordings = {
+        "model": "replay",
+        "entries": [
+            # every path gets 6×7 right (in another form: 42.0); 12/5 only sometimes (2.4 = 12/5, not 2)
+            {
+                "match": "6 times 7",
+                "completions": [{"text": "<answer>42.0</answer>"}, {"text": "The answer is 42."}],
+            },
+            {"match": "12 divided by 5", "completions": [{"text": "<answer>12/5</answer>"}, {"text": "2"}]},
+        ],
+    }
     with replay.start_server(recordings, tmp_path / "server") as (url, log):
         generator = OpenAICompatibleGenerator(url, "replay", max_retries=0)
         report = difficulty_filter(generator, rows, DifficultyConfig(num_paths=4))
@@ -109,25 +138,58 @@ def test_longcot_samples_reach_a_mixture_with_their_repeats(home):
     for n, (domain, repeats) in enumerate([("math", 3), ("math", 1), ("ocr", 2), ("math", 0)]):
         question = f"What is {n} + {n}? /think"
         response = f"<think>{n} plus {n}.</think><answer>{2 * n}</answer>"
-        rows.append({"sample_id": f"q{n}/g/0", "question_id": f"q{n}", "domain": domain, "source": "text",
-                     "question": question, "reference": str(2 * n), "media": "[]", "response": response,
-                     "answer": str(2 * n), "grade": "A", "redundancy": 0.1, "confidence": 0.9, "score": 4,
-                     "repeats": repeats, "reviewer_action": "none", "reviewer": "", "reason": "", "judge": "rule",
-                     "messages": json.dumps([{"role": "user", "content": question},
-                                             {"role": "assistant", "content": response}]),
-                     "gen_config_hash": "g", "created_at": now})
+        rows.append(
+            {
+                "sample_id": f"q{n}/g/0",
+                "question_id": f"q{n}",
+                "domain": domain,
+                "source": "text",
+                "question": question,
+                "reference": str(2 * n),
+                "media": "[]",
+                "response": response,
+                "answer": str(2 * n),
+                "grade": "A",
+                "redundancy": 0.1,
+                "confidence": 0.9,
+                "score": 4,
+                "repeats": repeats,
+                "reviewer_action": "none",
+                "reviewer": "",
+                "reason": "",
+                "judge": "rule",
+                "messages": json.dumps(
+                    [{"role": "user", "content": question}, {"role": "assistant", "content": response}]
+                ),
+                "gen_config_hash": "g",
+                "created_at": now,
+            }
+        )
     tables.upsert("longcot", rows)
-    result, bad = longcot_mixture(tables.ref("longcot"), name="longcot", slowfast=PAPER, image_config=ImageConfig())
+    result, bad = longcot_mixture(
+        tables.ref("longcot"), name="longcot", slowfast=PAPER, image_config=ImageConfig()
+    )
     assert not bad
     used = tables.open_table("mixtures").to_table(filter=f"mixture_id = '{result.mixture_id}'").to_pylist()
     assert sorted(r["repeats"] for r in used) == [1, 2, 3]  # repeats 0: scored out of training
-    expert, _ = longcot_mixture(tables.ref("longcot"), name="expert-math", domain="math", slowfast=PAPER,
-                                image_config=ImageConfig())
+    expert, _ = longcot_mixture(
+        tables.ref("longcot"), name="expert-math", domain="math", slowfast=PAPER, image_config=ImageConfig()
+    )
     used = tables.open_table("mixtures").to_table(filter=f"mixture_id = '{expert.mixture_id}'").to_pylist()
     assert sorted(r["repeats"] for r in used) == [1, 3]
-    everything, _ = longcot_mixture(tables.ref("longcot"), name="expert-math-all", domain="math", slowfast=PAPER,
-                                    image_config=ImageConfig(), min_repeats=1)
-    used = tables.open_table("mixtures").to_table(filter=f"mixture_id = '{everything.mixture_id}'").to_pylist()
+    everything, _ = longcot_mixture(
+        tables.ref("longcot"),
+        name="expert-math-all",
+        domain="math",
+        slowfast=PAPER,
+        image_config=ImageConfig(),
+        min_repeats=1,
+    )
+    used = (
+        tables.open_table("mixtures").to_table(filter=f"mixture_id = '{everything.mixture_id}'").to_pylist()
+    )
     assert sorted(r["repeats"] for r in used) == [1, 1, 3]  # the scored-out sample too, once
     with pytest.raises(ValueError, match="of domain 'gui'"):
-        longcot_mixture(tables.ref("longcot"), name="x", domain="gui", slowfast=PAPER, image_config=ImageConfig())
+        longcot_mixture(
+            tables.ref("longcot"), name="x", domain="gui", slowfast=PAPER, image_config=ImageConfig()
+        )

@@ -102,15 +102,25 @@ def test_pairs_from_a_served_policy_with_reference_checks_and_recorded_drops(tmp
 
     with replay.start_server(pair_recordings(), tmp_path / "replay") as (url, _):
         generator = OpenAICompatibleGenerator(url, "replay-policy", timeout=10, max_retries=0)
-        pairs, records = build_preference_pairs(generator, items, n=3, scorer=make_scorer(), min_margin=0.5, seed=1)
+        pairs, records = build_preference_pairs(
+            generator, items, n=3, scorer=make_scorer(), min_margin=0.5, seed=1
+        )
         # the reward model as a tie-breaker: the two right answers of "close" differ by 0.1 · 0.8 only
         close, close_records = build_preference_pairs(
-            generator, items[4:5], n=2, scorer=make_scorer(reward_model, model_weight=0.1), min_margin=0.05, seed=1)
+            generator,
+            items[4:5],
+            n=2,
+            scorer=make_scorer(reward_model, model_weight=0.1),
+            min_margin=0.05,
+            seed=1,
+        )
 
     assert len(pairs) == 1
     pair = pairs[0]
     assert pair["item_id"] == pair["pair_id"] == "sum" and pair["messages"] == user("What is 2+2?")
-    assert pair["chosen"] == "<think>2 and 2 make 4.</think><answer>4</answer>"  # ties go to the earlier sample
+    assert (
+        pair["chosen"] == "<think>2 and 2 make 4.</think><answer>4</answer>"
+    )  # ties go to the earlier sample
     assert pair["rejected"] == "<answer>5</answer>"
     assert (pair["chosen_score"], pair["rejected_score"], pair["margin"]) == (1.0, 0.0, 1.0)
     assert pair["scores"] == [1.0, 0.0, 1.0] and pair["reference"] == "4" and pair["num_responses"] == 3
@@ -119,11 +129,15 @@ def test_pairs_from_a_served_policy_with_reference_checks_and_recorded_drops(tmp
     assert set(reasons) == {"all-wrong", "identical", "no-reference", "close", "refused"}
     assert reasons["all-wrong"] == "all 3 responses scored alike (0.000)"
     assert reasons["identical"] == "all 3 scored responses are identical"
-    assert reasons["no-reference"].startswith("too few scored responses: 0 of 3 (response 0 not scored "
-                                              "(ValueError: item 'no-reference' has no reference and no reward model)")
+    assert reasons["no-reference"].startswith(
+        "too few scored responses: 0 of 3 (response 0 not scored "
+        "(ValueError: item 'no-reference' has no reference and no reward model)"
+    )
     assert reasons["close"] == "all 3 responses scored alike (1.000)"
-    assert reasons["refused"].startswith("generation failed: GenerationServerError") and "prompt refused" in \
-        reasons["refused"]
+    assert (
+        reasons["refused"].startswith("generation failed: GenerationServerError")
+        and "prompt refused" in reasons["refused"]
+    )
     assert close_records == [] and close[0]["chosen"] == "<answer>10</answer> (sure)"
     assert close[0]["margin"] == pytest.approx(0.08) and "reward model 0.90: confident" in close[0]["reason"]
 
@@ -131,31 +145,63 @@ def test_pairs_from_a_served_policy_with_reference_checks_and_recorded_drops(tmp
 def test_pairs_from_the_tiny_model_in_process_record_why_none_formed(init_dir):
     # The random model never stops by itself within 4 tokens: no response is complete enough to be chosen;
     # an image the generator cannot look up fails its own item only.
-    items = [PreferenceItem("text", user("What is 2+2?"), reference="4"),
-             PreferenceItem("image", [{"role": "user", "content": [{"type": "image", "image": "x.png"},
-                                                                  {"type": "text", "text": "What is shown?"}]}])]
-    pairs, records = build_preference_pairs(LocalGenerator(init_dir), items, n=2, max_new_tokens=4,
-                                            scorer=lambda item, response: float(len(response)), min_margin=0.0,
-                                            seed=0)
+    items = [
+        PreferenceItem("text", user("What is 2+2?"), reference="4"),
+        PreferenceItem(
+            "image",
+            [
+                {
+                    "role": "user",
+                    "content": [
+                        {"type": "image", "image": "x.png"},
+                        {"type": "text", "text": "What is shown?"},
+                    ],
+                }
+            ],
+        ),
+    ]
+    pairs, records = build_preference_pairs(
+        LocalGenerator(init_dir),
+        items,
+        n=2,
+        max_new_tokens=4,
+        scorer=lambda item, response: float(len(response)),
+        min_margin=0.0,
+        seed=0,
+    )
     assert pairs == []
     reasons = {r["item_id"]: r["reason"] for r in records}
     assert reasons["text"] == "no complete response: all 2 hit max_new_tokens"
     assert reasons["image"].startswith("generation failed: ValueError: image part found but no media_lookup")
     with pytest.raises(ValueError, match="n=1: must be an integer >= 2"):
-        build_preference_pairs(LocalGenerator(init_dir), items, n=1, scorer=make_scorer(), min_margin=0, seed=0)
+        build_preference_pairs(
+            LocalGenerator(init_dir), items, n=1, scorer=make_scorer(), min_margin=0, seed=0
+        )
     with pytest.raises(ValueError, match="the last message must be the user's"):
         PreferenceItem("x", [*user("hi"), {"role": "assistant", "content": "hello"}])
 
 
 # ---------------------------------------------------------------------------------------------- MPO
 
-MPO_PAIRS = [{"messages": user(f"What is {i}+{i}?"), "chosen": f"The answer is {2 * i}.",
-              "rejected": f"I think it might be {2 * i + 1}, not sure."} for i in range(4)]
+MPO_PAIRS = [
+    {
+        "messages": user(f"What is {i}+{i}?"),
+        "chosen": f"The answer is {2 * i}.",
+        "rejected": f"I think it might be {2 * i + 1}, not sure.",
+    }
+    for i in range(4)
+]
 
 
 def mpo_config(max_steps: int) -> MPOStageConfig:
-    return MPOStageConfig(learning_rate=3e-3, max_steps=max_steps, pairs_per_step=4, max_length=64,
-                          checkpoint_every=2, mpo=MPOConfig())
+    return MPOStageConfig(
+        learning_rate=3e-3,
+        max_steps=max_steps,
+        pairs_per_step=4,
+        max_length=64,
+        checkpoint_every=2,
+        mpo=MPOConfig(),
+    )
 
 
 def test_mpo_config_is_validated_with_clear_errors():
@@ -167,14 +213,20 @@ def test_mpo_config_is_validated_with_clear_errors():
         MPOStageConfig(learning_rate=1e-3, max_steps=2, pairs_per_step=1, max_length=64, warmup_steps=3)
     with pytest.raises(ValueError, match=r"MPOStageConfig.mpo=\{\}: must be an MPOConfig"):
         MPOStageConfig(learning_rate=1e-3, max_steps=2, pairs_per_step=1, max_length=64, mpo={})
-    assert MPOStageConfig(learning_rate=1, max_steps=4, pairs_per_step=1, max_length=8, warmup_steps=2).lr_at(0) == 0.5
+    assert (
+        MPOStageConfig(learning_rate=1, max_steps=4, pairs_per_step=1, max_length=8, warmup_steps=2).lr_at(0)
+        == 0.5
+    )
 
 
 def pair_margins(policy_dir: Path, init_dir: Path, pairs: list[dict]) -> list[float]:
     """β-free implicit reward margins: (log π − log π_ref)(chosen) − (log π − log π_ref)(rejected), per pair."""
     tokenizer = load_tokenizer()
-    rows = [encode_sample(p["messages"] + [{"role": "assistant", "content": p[key]}], tokenizer)
-            for p in pairs for key in ("chosen", "rejected")]
+    rows = [
+        encode_sample(p["messages"] + [{"role": "assistant", "content": p[key]}], tokenizer)
+        for p in pairs
+        for key in ("chosen", "rejected")
+    ]
     batch = collate(rows, pack=False, pad_token_id=tokenizer.pad_token_id or 0)
     with torch.no_grad():
         policy, _ = sequence_logprobs(load_keye_checkpoint(policy_dir).eval(), batch)
@@ -185,13 +237,17 @@ def pair_margins(policy_dir: Path, init_dir: Path, pairs: list[dict]) -> list[fl
 
 def test_mpo_loss_falls_margin_grows_and_a_resume_continues_bit_for_bit(init_dir, tmp_path, home):
     run_id = lineage.start_run("mpo-test")
-    full = train_mpo(mpo_config(4), init=init_dir, pairs=MPO_PAIRS, out_dir=tmp_path / "full", sink=lineage.RunSink(run_id))
+    full = train_mpo(
+        mpo_config(4), init=init_dir, pairs=MPO_PAIRS, out_dir=tmp_path / "full", sink=lineage.RunSink(run_id)
+    )
     assert full.step == 4 and len(full.losses) == 4 and [m["step"] for m in full.metrics] == [1, 2, 3, 4]
     margins = [m["reward_margin"] for m in full.metrics]
     assert margins[0] == 0.0  # step 1 scores the pairs before any update: policy = reference
     assert all(later > earlier for earlier, later in itertools.pairwise(margins))
     assert full.losses[-1] < full.losses[0] and full.metrics[-1]["reward_accuracy"] == 1.0
-    assert {"loss", "dpo", "bco", "sft", "reward_margin", "reward_accuracy", "bco_shift"} <= set(full.metrics[0])
+    assert {"loss", "dpo", "bco", "sft", "reward_margin", "reward_accuracy", "bco_shift"} <= set(
+        full.metrics[0]
+    )
     assert all(margin > 0 for margin in pair_margins(full.checkpoint_dir / "model", init_dir, MPO_PAIRS))
     assert (tmp_path / "full" / LATEST).read_text().strip() == "step-00000004"
     state = json.loads((full.checkpoint_dir / "state.json").read_text())
@@ -215,14 +271,25 @@ def test_mpo_loss_falls_margin_grows_and_a_resume_continues_bit_for_bit(init_dir
     with pytest.raises(ValueError, match="cannot resume: the checkpoint trained on other pairs"):
         train_mpo(mpo_config(6), init=init_dir, pairs=MPO_PAIRS[:3], out_dir=out)
     with pytest.raises(ValueError, match=r"pairs are longer than max_length=8: pair 0 \("):
-        train_mpo(MPOStageConfig(learning_rate=1e-3, max_steps=1, pairs_per_step=1, max_length=8), init=init_dir,
-                  pairs=MPO_PAIRS, out_dir=tmp_path / "short")
+        train_mpo(
+            MPOStageConfig(learning_rate=1e-3, max_steps=1, pairs_per_step=1, max_length=8),
+            init=init_dir,
+            pairs=MPO_PAIRS,
+            out_dir=tmp_path / "short",
+        )
 
 
 def test_mpo_trains_on_prompts_with_images_through_the_media_lookup(init_dir, tmp_path):
     image = {"type": "image", "image": "red-square.png"}
-    pairs = [{"messages": [{"role": "user", "content": [image, {"type": "text", "text": "What colour is it?"}]}],
-              "chosen": "Red.", "rejected": "It is green, probably."}]
+    pairs = [
+        {
+            "messages": [
+                {"role": "user", "content": [image, {"type": "text", "text": "What colour is it?"}]}
+            ],
+            "chosen": "Red.",
+            "rejected": "It is green, probably.",
+        }
+    ]
     config = MPOStageConfig(learning_rate=3e-3, max_steps=2, pairs_per_step=1, max_length=64)
     with pytest.raises(ValueError, match="image part found but no media_lookup was given"):
         train_mpo(config, init=init_dir, pairs=pairs, out_dir=tmp_path / "no-lookup")
@@ -234,7 +301,9 @@ def test_mpo_trains_on_prompts_with_images_through_the_media_lookup(init_dir, tm
         return MediaPatches(patches=patches, grids=[(1, 2, 2)])
 
     result = train_mpo(config, init=init_dir, pairs=pairs, out_dir=tmp_path / "image", media_lookup=lookup)
-    assert result.step == 2 and result.metrics[-1]["reward_margin"] > 0 and set(looked_up) == {"red-square.png"}
+    assert (
+        result.step == 2 and result.metrics[-1]["reward_margin"] > 0 and set(looked_up) == {"red-square.png"}
+    )
 
 
 # ---------------------------------------------------------------------------------------------- judge
@@ -250,32 +319,48 @@ def model_server(init_dir, tmp_path_factory, serve_model):
 def test_judge_through_the_real_server_turns_nonsense_into_reasons(model_server):
     generator = OpenAICompatibleGenerator(model_server, SERVED_NAME, timeout=60, max_retries=0)
     for mode in ("think", "no_think"):
-        judge = RewardModelJudge(generator, RewardModelConfig(mode=mode), max_new_tokens=6,
-                                 baseline=lambda item: "A baseline answer.")
+        judge = RewardModelJudge(
+            generator,
+            RewardModelConfig(mode=mode),
+            max_new_tokens=6,
+            baseline=lambda item: "A baseline answer.",
+        )
         reward = judge.reward(RewardItem(prompt="What is 2+2?", reference="4"), "4")
-        assert reward.value == 0.5 and reward.reason.startswith("reward model no usable verdict (response as A: "
-                                                                "unusable output: ")
+        assert reward.value == 0.5 and reward.reason.startswith(
+            "reward model no usable verdict (response as A: unusable output: "
+        )
         assert reward.reason.count("unusable output") == 2 and reward.reason.endswith("scored as a tie")
         # one request the server cannot take (an internal image part) fails alone
         image_query = [{"type": "image", "image": "x.png"}, {"type": "text", "text": "What is shown?"}]
-        text_result, image_result = judge.compare([ComparisonRequest("Name a colour.", "Red.", "Blue."),
-                                                   ComparisonRequest(image_query, "A cat.", "A dog.")])
+        text_result, image_result = judge.compare(
+            [
+                ComparisonRequest("Name a colour.", "Red.", "Blue."),
+                ComparisonRequest(image_query, "A cat.", "A dog."),
+            ]
+        )
         assert all(p.startswith("unusable output: ") for p in text_result.problems)
-        assert all(p.startswith("request failed (ValueError: conversation 0: an internal 'image' part")
-                   for p in image_result.problems)
+        assert all(
+            p.startswith("request failed (ValueError: conversation 0: an internal 'image' part")
+            for p in image_result.problems
+        )
         assert text_result.value is None and image_result.value is None
         # as RewardCombiner's reward_model for an item without a reference, against the baseline
-        combined = RewardCombiner(RewardConfig(weights={"reward_model": 1.0}, check_format=False),
-                                  reward_model=judge.reward)(RewardItem(prompt="Describe the sky."), "It is blue.")
-        assert combined.value == 0.5 and combined.reason.startswith("reward_model 0.50: reward model no usable")
+        combined = RewardCombiner(
+            RewardConfig(weights={"reward_model": 1.0}, check_format=False), reward_model=judge.reward
+        )(RewardItem(prompt="Describe the sky."), "It is blue.")
+        assert combined.value == 0.5 and combined.reason.startswith(
+            "reward_model 0.50: reward model no usable"
+        )
     without_competitor = RewardModelJudge(generator, RewardModelConfig(mode="no_think"))
     assert without_competitor.reward(RewardItem(prompt="Describe the sky."), "It is blue.") is None
 
 
 def think_reply(a: int, b: int, verdict: str, drop: str | None = None) -> dict:
     lines = [f"{n}: A={a}, B={b}" for n in DIMENSION_NAMES if n != drop]
-    return {"text": "<think>\nComparing both.\n" + "\n".join(lines) + f"\n</think>\nVerdict: {verdict}",
-            "logprob": -0.1}
+    return {
+        "text": "<think>\nComparing both.\n" + "\n".join(lines) + f"\n</think>\nVerdict: {verdict}",
+        "logprob": -0.1,
+    }
 
 
 def test_judge_parses_served_verdicts_and_averages_both_orders(tmp_path):
@@ -292,22 +377,32 @@ def test_judge_parses_served_verdicts_and_averages_both_orders(tmp_path):
     ]}  # fmt: skip
     with replay.start_server(recordings, tmp_path / "replay") as (url, requests_log):
         generator = OpenAICompatibleGenerator(url, "replay-judge", timeout=10, max_retries=0)
-        judge = RewardModelJudge(generator, RewardModelConfig(mode="think", verdict_weight=0.5),
-                                 baseline=lambda item: "5")
+        judge = RewardModelJudge(
+            generator, RewardModelConfig(mode="think", verdict_weight=0.5), baseline=lambda item: "5"
+        )
         reward = judge.reward(RewardItem(prompt="What is 2+2?"), "4")
-        biased, spelled, unknown = judge.compare([ComparisonRequest("Name a colour.", "Red.", "Blue."),
-                                                  ComparisonRequest("Spell cat.", "C-A-T", "K-A-T"),
-                                                  ComparisonRequest("Anything?", "x", "y")])
+        biased, spelled, unknown = judge.compare(
+            [
+                ComparisonRequest("Name a colour.", "Red.", "Blue."),
+                ComparisonRequest("Spell cat.", "C-A-T", "K-A-T"),
+                ComparisonRequest("Anything?", "x", "y"),
+            ]
+        )
         sent = [json.loads(line) for line in requests_log.read_text().splitlines()]
-    assert reward.value == pytest.approx(0.5 + 0.5 * (0.5 + 7 / 18))  # verdict 1, score margin 7 of 9, both orders
+    assert reward.value == pytest.approx(
+        0.5 + 0.5 * (0.5 + 7 / 18)
+    )  # verdict 1, score margin 7 of 9, both orders
     assert "response as A: verdict A → 0.94; response as B: verdict B → 0.94" in reward.reason
     assert biased.value == pytest.approx(0.5)  # 0.75 as A, 0.25 as B: the position bias cancels
     assert [j.verdict for j in biased.judgements] == ["A", "A"]
     assert spelled.judgements[0] is None and spelled.problems[0] == (
-        "unusable output: no scores for safety in the <think> block")
+        "unusable output: no scores for safety in the <think> block"
+    )
     assert spelled.value == pytest.approx(0.5 + 0.5 * (0.5 + 5 / 18))  # from the usable order alone
     assert unknown.value is None and all("got 'Verdict: perhaps'" in p for p in unknown.problems)
-    assert all(body["temperature"] == 0.0 and body["messages"][1]["content"].endswith("/think") for body in sent)
+    assert all(
+        body["temperature"] == 0.0 and body["messages"][1]["content"].endswith("/think") for body in sent
+    )
 
 
 # ---------------------------------------------------------------------------------------------- training
@@ -315,25 +410,55 @@ def test_judge_parses_served_verdicts_and_averages_both_orders(tmp_path):
 
 def test_reward_model_trained_with_the_stage_trainer_learns_the_verdict_format(init_dir, tmp_path, home):
     pairs = [
-        {"pair_id": "short", "messages": user("What is 1+1?"), "chosen": "2", "rejected": "It is 3, I believe."},
-        {"pair_id": "long1", "messages": user("What is 2+2?"), "chosen": "It is 4, since 2 and 2 make 4.",
-         "rejected": "5"},
-        {"pair_id": "long2", "messages": user("What is 3+3?"), "chosen": "It is 6: 3 and 3 make 6.", "rejected": "7"},
+        {
+            "pair_id": "short",
+            "messages": user("What is 1+1?"),
+            "chosen": "2",
+            "rejected": "It is 3, I believe.",
+        },
+        {
+            "pair_id": "long1",
+            "messages": user("What is 2+2?"),
+            "chosen": "It is 4, since 2 and 2 make 4.",
+            "rejected": "5",
+        },
+        {
+            "pair_id": "long2",
+            "messages": user("What is 3+3?"),
+            "chosen": "It is 6: 3 and 3 make 6.",
+            "rejected": "7",
+        },
     ]
-    conversations, report = build_reward_model_data(pairs, RewardModelConfig(min_shorter_share=0.5),
-                                                    modes=("no_think",))
+    conversations, report = build_reward_model_data(
+        pairs, RewardModelConfig(min_shorter_share=0.5), modes=("no_think",)
+    )
     debias = report.length_debias
     assert (debias.share_before, debias.share_after, debias.num_added) == (pytest.approx(1 / 3), 0.5, 1)
-    stage = StageConfig(name="reward-model", learning_rate=5e-3, max_steps=12, max_length=512, window_size=4,
-                        schedule="constant", checkpoint_every=100)
+    stage = StageConfig(
+        name="reward-model",
+        learning_rate=5e-3,
+        max_steps=12,
+        max_length=512,
+        window_size=4,
+        schedule="constant",
+        checkpoint_every=100,
+    )
     trained = train_reward_model(conversations, stage, init=init_dir, out_dir=tmp_path / "rm")
     assert trained.step == 12 and trained.losses[-1] < trained.losses[0] / 2
     assert (trained.num_samples, trained.num_occurrences, dict(trained.unusable)) == (6, 8, {})
-    rows = tables.dataset(trained.mixture.uri, version=trained.mixture.version).to_table(
-        columns=["repeats"], filter=pc.field("mixture_id") == trained.mixture_id).column("repeats").to_pylist()
+    rows = (
+        tables.dataset(trained.mixture.uri, version=trained.mixture.version)
+        .to_table(columns=["repeats"], filter=pc.field("mixture_id") == trained.mixture_id)
+        .column("repeats")
+        .to_pylist()
+    )
     assert sorted(rows) == [1, 1, 1, 1, 2, 2]  # the shorter-preferred pair's two orders, used twice each
 
-    judge = RewardModelJudge(LocalGenerator(trained.checkpoint_dir / "model"), RewardModelConfig(mode="no_think"))
+    judge = RewardModelJudge(
+        LocalGenerator(trained.checkpoint_dir / "model"), RewardModelConfig(mode="no_think")
+    )
     results = judge.compare([ComparisonRequest(p["messages"], p["chosen"], p["rejected"]) for p in pairs])
-    assert all(problem is None for result in results for problem in result.problems), [r.reason for r in results]
+    assert all(problem is None for result in results for problem in result.problems), [
+        r.reason for r in results
+    ]
     assert all(0.0 <= result.value <= 1.0 for result in results)

@@ -51,11 +51,20 @@ def user(content) -> list[dict]:
 
 TEXT_ITEMS = [
     {"id": "apples", "messages": user("How many apples are on the table? /think"), "reference": "3"},
-    {"id": "boat", "messages": [{"role": "system", "content": "Be brief."},
-                                user("What colour is the boat? /no_think")[0]], "reference": "red"},
+    {
+        "id": "boat",
+        "messages": [
+            {"role": "system", "content": "Be brief."},
+            user("What colour is the boat? /no_think")[0],
+        ],
+        "reference": "red",
+    },
 ]
-IMAGE_ITEM = {"id": "picture", "reference": "a cat",
-              "messages": user([{"type": "image", "seed": 1}, {"type": "text", "text": "What is shown?"}])}
+IMAGE_ITEM = {
+    "id": "picture",
+    "reference": "a cat",
+    "messages": user([{"type": "image", "seed": 1}, {"type": "text", "text": "What is shown?"}]),
+}
 
 
 def image_patches(seed: int, height: int = 56, width: int = 84) -> MediaPatches:
@@ -106,10 +115,19 @@ def generator(init_dir) -> LocalGenerator:
 
 
 def stage(**overrides) -> GSPOStageConfig:
-    args = {"prompts_per_step": 3, "group_size": G, "max_new_tokens": MAX_NEW, "temperature": 1.0,
-            "learning_rate": 1e-3, "max_steps": 1, "mini_batches_per_step": 2, "checkpoint_every": 1,
-            "gspo": GSPOConfig(epsilon_low=0.2, epsilon_high=0.2),
-            "hints": HintConfig(rollouts_per_level=G, max_level=3), "seed": 7}
+    args = {
+        "prompts_per_step": 3,
+        "group_size": G,
+        "max_new_tokens": MAX_NEW,
+        "temperature": 1.0,
+        "learning_rate": 1e-3,
+        "max_steps": 1,
+        "mini_batches_per_step": 2,
+        "checkpoint_every": 1,
+        "gspo": GSPOConfig(epsilon_low=0.2, epsilon_high=0.2),
+        "hints": HintConfig(rollouts_per_level=G, max_level=3),
+        "seed": 7,
+    }
     return GSPOStageConfig(**(args | overrides))
 
 
@@ -137,8 +155,14 @@ def test_config_is_validated():
 
 
 def test_completions_carry_their_sampled_token_ids(generator, tokenizer):
-    out = generator.generate([TEXT_ITEMS[0]["messages"], IMAGE_ITEM["messages"]], n=G, max_new_tokens=MAX_NEW,
-                             temperature=1.0, seed=1, logprobs=True)
+    out = generator.generate(
+        [TEXT_ITEMS[0]["messages"], IMAGE_ITEM["messages"]],
+        n=G,
+        max_new_tokens=MAX_NEW,
+        temperature=1.0,
+        seed=1,
+        logprobs=True,
+    )
     for group in out:
         assert len(group) == G
         for c in group:
@@ -175,8 +199,14 @@ def test_gspo_step_mechanics(init_dir, tmp_path):
         return letter_share(response)
 
     items = [*TEXT_ITEMS, IMAGE_ITEM]
-    result = train_gspo(stage(), init=init_dir, items=items, reward_fn=reward, out_dir=tmp_path / "run",
-                        media_lookup=media_lookup)
+    result = train_gspo(
+        stage(),
+        init=init_dir,
+        items=items,
+        reward_fn=reward,
+        out_dir=tmp_path / "run",
+        media_lookup=media_lookup,
+    )
     assert calls == {item["id"]: G for item in items}  # G rollouts scored per prompt, no hint sampling
     [record] = result.history
     assert record["num_active_responses"] == 3 * G  # every group's rewards vary
@@ -199,8 +229,14 @@ def test_gspo_step_mechanics(init_dir, tmp_path):
 
 
 def test_equal_rewards_give_zero_advantages_and_no_update(init_dir, tmp_path):
-    result = train_gspo(stage(), init=init_dir, items=[*TEXT_ITEMS, IMAGE_ITEM], reward_fn=lambda item, r: 1.0,
-                        out_dir=tmp_path / "run", media_lookup=media_lookup)
+    result = train_gspo(
+        stage(),
+        init=init_dir,
+        items=[*TEXT_ITEMS, IMAGE_ITEM],
+        reward_fn=lambda item, r: 1.0,
+        out_dir=tmp_path / "run",
+        media_lookup=media_lookup,
+    )
     [record] = result.history
     assert record["num_active_responses"] == 0 and record["num_updates"] == 0 and record["pass_rate"] == 1.0
     before, after = weights(init_dir), weights(result.checkpoint_dir / "model")
@@ -220,11 +256,16 @@ def test_a_completion_holding_a_vision_pad_is_left_out_of_the_update(tokenizer, 
         pad = model.config.image_token_id
         hidden = model.language_model.norm.weight  # ones: the final hidden state is this vector
         logits = model.lm_head.weight @ hidden
-        others = torch.logsumexp(torch.cat([logits[:pad], logits[pad + 1:]]), dim=0)
+        others = torch.logsumexp(torch.cat([logits[:pad], logits[pad + 1 :]]), dim=0)
         model.lm_head.weight[pad] = hidden * float(others + math.log(0.06 / 0.94)) / float(hidden @ hidden)
     model.save_pretrained(tmp_path / "init")
-    result = train_gspo(stage(prompts_per_step=2, mini_batches_per_step=1, hints=None), init=tmp_path / "init",
-                        items=TEXT_ITEMS, reward_fn=letter_reward, out_dir=tmp_path / "run")
+    result = train_gspo(
+        stage(prompts_per_step=2, mini_batches_per_step=1, hints=None),
+        init=tmp_path / "init",
+        items=TEXT_ITEMS,
+        reward_fn=letter_reward,
+        out_dir=tmp_path / "run",
+    )
     [record] = result.history
     # P(no pad in 8 tokens) = 0.94^8 ≈ 0.61: some of the 8 responses hold one, most do not.
     assert 0 < record["num_unscorable_responses"] < 2 * G
@@ -246,8 +287,13 @@ def test_hints_train_on_the_minimal_successful_level(init_dir, tmp_path):
         seen.append((item["id"], level))
         return 0.5 + 0.5 * letter_share(response) if level >= needs[item["id"]] else 0.0
 
-    result = train_gspo(stage(prompts_per_step=4, mini_batches_per_step=1), init=init_dir, items=items,
-                        reward_fn=reward, out_dir=tmp_path / "run")
+    result = train_gspo(
+        stage(prompts_per_step=4, mini_batches_per_step=1),
+        init=init_dir,
+        items=items,
+        reward_fn=reward,
+        out_dir=tmp_path / "run",
+    )
     [record] = result.history
     assert record["hint_levels"] == {"easy": 0, "needs-2": 2, "never": None, "no-hints": None}
     assert (record["num_hinted"], record["num_unsolved"], record["num_all_fail"]) == (1, 2, 3)
@@ -257,8 +303,12 @@ def test_hints_train_on_the_minimal_successful_level(init_dir, tmp_path):
     assert report["never"]["pass_rates"] == {"0": 0.0, "1": 0.0, "2": 0.0, "3": 0.0}  # up to max_level=3
     assert report["no-hints"] == {"level": None, "pass_rates": {"0": 0.0}, "note": "item has no hints"}
     # Each level's G rollouts are scored once (level 0 is the step's own rollouts, not sampled again) ...
-    assert sorted(seen) == sorted([("easy", 0)] * G + [("needs-2", k) for k in (0, 1, 2) for _ in range(G)]
-                                  + [("never", k) for k in (0, 1, 2, 3) for _ in range(G)] + [("no-hints", 0)] * G)
+    assert sorted(seen) == sorted(
+        [("easy", 0)] * G
+        + [("needs-2", k) for k in (0, 1, 2) for _ in range(G)]
+        + [("never", k) for k in (0, 1, 2, 3) for _ in range(G)]
+        + [("no-hints", 0)] * G
+    )
     # ... and the update trains on "easy" and on "needs-2" at level 2 (the all-failed groups carry no signal).
     assert record["num_active_responses"] == 2 * G
 
@@ -267,17 +317,37 @@ def test_checkpoint_resume_continues_like_an_uninterrupted_run(init_dir, tmp_pat
     items = [*TEXT_ITEMS, IMAGE_ITEM, {"id": "pears", "messages": user("Count the pears. /think")}]
     config = stage(prompts_per_step=2, mini_batches_per_step=2, hints=None)
     run_id = lineage.start_run("gspo-test")
-    first = train_gspo(dataclasses.replace(config, max_steps=2), init=init_dir, items=items,
-                       reward_fn=letter_reward, out_dir=tmp_path / "run", sink=lineage.RunSink(run_id), media_lookup=media_lookup)
+    first = train_gspo(
+        dataclasses.replace(config, max_steps=2),
+        init=init_dir,
+        items=items,
+        reward_fn=letter_reward,
+        out_dir=tmp_path / "run",
+        sink=lineage.RunSink(run_id),
+        media_lookup=media_lookup,
+    )
     assert (first.step, first.resumed_from_step) == (2, None)
     assert (tmp_path / "run" / LATEST).read_text().strip() == "step-00000002"
     # Fresh run over the same out_dir with more steps: resumes from step 2 (a "kill" after step 2's checkpoint).
-    resumed = train_gspo(dataclasses.replace(config, max_steps=3), init=init_dir, items=items,
-                         reward_fn=letter_reward, out_dir=tmp_path / "run", sink=lineage.RunSink(run_id), media_lookup=media_lookup)
+    resumed = train_gspo(
+        dataclasses.replace(config, max_steps=3),
+        init=init_dir,
+        items=items,
+        reward_fn=letter_reward,
+        out_dir=tmp_path / "run",
+        sink=lineage.RunSink(run_id),
+        media_lookup=media_lookup,
+    )
     assert (resumed.step, resumed.resumed_from_step) == (3, 2)
     assert [r["step"] for r in read_metrics(tmp_path / "run")] == [1, 2, 3]
-    straight = train_gspo(dataclasses.replace(config, max_steps=3), init=init_dir, items=items,
-                          reward_fn=letter_reward, out_dir=tmp_path / "straight", media_lookup=media_lookup)
+    straight = train_gspo(
+        dataclasses.replace(config, max_steps=3),
+        init=init_dir,
+        items=items,
+        reward_fn=letter_reward,
+        out_dir=tmp_path / "straight",
+        media_lookup=media_lookup,
+    )
     assert [r["reward_mean"] for r in resumed.history] == [r["reward_mean"] for r in straight.history]
     a, b = weights(resumed.checkpoint_dir / "model"), weights(straight.checkpoint_dir / "model")
     assert all(torch.equal(a[name], b[name]) for name in a)
@@ -285,15 +355,26 @@ def test_checkpoint_resume_continues_like_an_uninterrupted_run(init_dir, tmp_pat
     assert sorted(m.step for m in history) == [1, 2, 3]
     assert len(lineage.client().get_metric_history(run_id, "time_rollout")) == 3
     with pytest.raises(ValueError, match="another item list"):
-        train_gspo(dataclasses.replace(config, max_steps=4), init=init_dir, items=items[:3],
-                   reward_fn=letter_reward, out_dir=tmp_path / "run", media_lookup=media_lookup)
+        train_gspo(
+            dataclasses.replace(config, max_steps=4),
+            init=init_dir,
+            items=items[:3],
+            reward_fn=letter_reward,
+            out_dir=tmp_path / "run",
+            media_lookup=media_lookup,
+        )
 
 
 # ---------------------------------------------------------------------------------------------- consistency
 
 
-VIDEO_AND_IMAGE = user([{"type": "video", "seed": 3}, {"type": "image", "seed": 4},
-                        {"type": "text", "text": "What happens in the clip, and what is in the picture?"}])
+VIDEO_AND_IMAGE = user(
+    [
+        {"type": "video", "seed": 3},
+        {"type": "image", "seed": 4},
+        {"type": "text", "text": "What happens in the clip, and what is in the picture?"},
+    ]
+)
 
 
 def test_rollout_and_training_inputs_agree_on_image_and_video(generator):
@@ -314,9 +395,14 @@ class FlatPositionGenerator(LocalGenerator):
 
 def test_consistency_check_names_the_first_difference(generator, init_dir):
     with pytest.raises(RolloutInputMismatch, match=r"pixel_values at \(0, 0\)") as error:
-        check_rollout_training_inputs(generator, VIDEO_AND_IMAGE, "ok",
-                                      media_lookup=lambda part: media_lookup(dict(part, seed=part["seed"] + 10)))
+        check_rollout_training_inputs(
+            generator,
+            VIDEO_AND_IMAGE,
+            "ok",
+            media_lookup=lambda part: media_lookup(dict(part, seed=part["seed"] + 10)),
+        )
     assert error.value.field == "pixel_values"
+
     # The trainer reads the video with other timestamps: the timestamp text tokens differ.
     def other_times(part):
         return video_patches(part["seed"], (0.0, 0.7, 1.0)) if part["type"] == "video" else media_lookup(part)
@@ -337,8 +423,12 @@ def test_consistency_check_names_the_first_difference(generator, init_dir):
 
 
 def test_pass_rate_filter_keeps_items_strictly_between_0_and_1(generator):
-    items = [*TEXT_ITEMS, IMAGE_ITEM, {"id": "mixed", "messages": user("Name a colour.")},
-             {"id": "broken", "messages": user([{"type": "image", "seed": 1}, {"type": "text", "text": "?"}])}]
+    items = [
+        *TEXT_ITEMS,
+        IMAGE_ITEM,
+        {"id": "mixed", "messages": user("Name a colour.")},
+        {"id": "broken", "messages": user([{"type": "image", "seed": 1}, {"type": "text", "text": "?"}])},
+    ]
     counts: dict[str, int] = {}
 
     def reward(item, response):  # apples: always right; boat: never; mixed: right on its first rollout only
@@ -378,7 +468,9 @@ def test_rejection_sampling_round_replaces_references_it_prefers(generator):
     better = out.rows[0]["messages"]
     assert better[:-1] == rows[0]["messages"][:-1]
     assert better[-1] == {"role": "assistant", "content": max(verified["better"], key=len)}
-    assert out.records[0].previous_reference == "x" and "preferred over the reference" in out.records[0].reason
+    assert (
+        out.records[0].previous_reference == "x" and "preferred over the reference" in out.records[0].reason
+    )
     assert out.rows[1] == rows[1] and out.records[1].reason == "none of 3 samples verified correct"
     assert out.rows[2] == rows[2] and "none preferred" in out.records[2].reason
     assert (out.records[0].num_sampled, out.records[1].num_verified) == (3, 0)

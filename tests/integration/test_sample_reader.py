@@ -24,8 +24,11 @@ def test_features_match_counts_and_stored_pixels(home, sample_corpus, media_dir)
     images.ingest_images_shard(media["image"], ImageConfig(max_tokens=256))
     conversations.build_train_samples([corpus], str(media_dir), PAPER, ImageConfig(max_tokens=256))
 
-    rows = tables.open_table("train_samples").to_table(
-        columns=["sample_id", "modality", "num_tokens", "num_vision_tokens", "media_ids"]).to_pylist()
+    rows = (
+        tables.open_table("train_samples")
+        .to_table(columns=["sample_id", "modality", "num_tokens", "num_vision_tokens", "media_ids"])
+        .to_pylist()
+    )
     picks = {}
     for row in sorted(rows, key=lambda r: r["num_tokens"]):
         picks.setdefault(row["modality"], row)
@@ -37,8 +40,11 @@ def test_features_match_counts_and_stored_pixels(home, sample_corpus, media_dir)
         assert len(f) == picks[m]["num_tokens"]
         assert f.num_vision_tokens == picks[m]["num_vision_tokens"]
     video = features[0]
-    frames = tables.open_table("video_frames").to_table(
-        filter=f"sample_id = '{picks['video']['media_ids'][0]}'").to_pylist()
+    frames = (
+        tables.open_table("video_frames")
+        .to_table(filter=f"sample_id = '{picks['video']['media_ids'][0]}'")
+        .to_pylist()
+    )
     frames.sort(key=lambda r: r["frame_index"])
     stored = np.concatenate([np.frombuffer(r["patches"], np.uint8).reshape(-1, 588) for r in frames])
     assert torch.equal(video.pixel_values, torch.from_numpy(stored))

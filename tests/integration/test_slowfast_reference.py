@@ -93,7 +93,7 @@ def scene_cuts(rng, height=270, width=480, scenes=5, per_scene=8) -> np.ndarray:
 
 def pan(rng, height=360, width=640, num_frames=60, step=3) -> np.ndarray:
     wide = texture(rng, height, width + step * num_frames, block=12)
-    return np.stack([wide[:, i * step:i * step + width] for i in range(num_frames)])
+    return np.stack([wide[:, i * step : i * step + width] for i in range(num_frames)])
 
 
 def black_mix(rng, height=224, width=392) -> np.ndarray:
@@ -139,7 +139,9 @@ SYNTHETIC = {
     "black_and_sparse": black_mix,
     "tall_1000x17": lambda rng: crossfade(rng, 1000, 17, 8),
     "hd_1080x1920": lambda rng: crossfade(rng, 1080, 1920, 8, block=24),
-    "odd_361x643": lambda rng: np.concatenate([crossfade(rng, 361, 643, 10), scene_cuts(rng, 361, 643, 2, 4)]),
+    "odd_361x643": lambda rng: np.concatenate(
+        [crossfade(rng, 361, 643, 10), scene_cuts(rng, 361, 643, 2, 4)]
+    ),
     "small_100x100_upscaled": lambda rng: crossfade(rng, 100, 100, 12),
     "long_300": long_drift,
     "shares_at_threshold": shares_at_threshold,
@@ -160,7 +162,8 @@ def decode_rgb(path: Path, fps: float = 2.0) -> np.ndarray:
     """Frames at `fps` as uint8 (N, H, W, 3) RGB, decoded by ffmpeg."""
     stream = next(s for s in ffmpeg.probe(str(path))["streams"] if s["codec_type"] == "video")
     out, _ = (
-        ffmpeg.input(str(path)).filter("fps", fps)
+        ffmpeg.input(str(path))
+        .filter("fps", fps)
         .output("pipe:", format="rawvideo", pix_fmt="rgb24")
         .run(capture_stdout=True, capture_stderr=True)
     )
@@ -177,11 +180,15 @@ CLIP_SOURCES = {
     "smptebars": lambda: _lavfi("smptebars=size=640x360:rate=4", 10),
     "noisy_testsrc2": lambda: _lavfi("testsrc2=size=480x270:rate=4", 20).filter("noise", alls=60, allf="t"),
     "life": lambda: _lavfi("life=size=320x240:rate=4:mold=10:ratio=0.3:death_color=#203040", 30),
-    "cuts": lambda: ffmpeg.concat(*[
-        _lavfi(f"{source}=size=480x270:rate=10", 6)
-        for source in ("testsrc2", "smptebars", "mandelbrot", "rgbtestsrc", "testsrc2")
-    ]),
-    "fast_pan": lambda: _lavfi("testsrc2=size=2560x360:rate=10", 30).crop(x="n*20", y=0, width=640, height=360),
+    "cuts": lambda: ffmpeg.concat(
+        *[
+            _lavfi(f"{source}=size=480x270:rate=10", 6)
+            for source in ("testsrc2", "smptebars", "mandelbrot", "rgbtestsrc", "testsrc2")
+        ]
+    ),
+    "fast_pan": lambda: _lavfi("testsrc2=size=2560x360:rate=10", 30).crop(
+        x="n*20", y=0, width=640, height=360
+    ),
     "hd_1080p": lambda: _lavfi("testsrc2=size=1920x1080:rate=4", 6),
     "long_150s": lambda: _lavfi("testsrc2=size=320x180:rate=2", 150),
 }
@@ -193,8 +200,9 @@ def clips(tmp_path_factory) -> dict[str, np.ndarray]:
     decoded = {}
     for name, source in CLIP_SOURCES.items():
         path = folder / f"{name}.mp4"
-        source().output(str(path), vcodec="libx264", preset="ultrafast", pix_fmt="yuv420p").overwrite_output().run(
-            quiet=True)
+        source().output(
+            str(path), vcodec="libx264", preset="ultrafast", pix_fmt="yuv420p"
+        ).overwrite_output().run(quiet=True)
         decoded[name] = decode_rgb(path)
     return decoded
 
@@ -282,12 +290,23 @@ def test_reference_fails_on_one_row_of_patches_and_we_match_its_intent(monkeypat
 def test_smart_resize_equals_reference():
     rng = np.random.default_rng(3)
     sizes = [(h, w) for h, w in rng.integers(1, 4000, size=(400, 2)) if max(h, w) / min(h, w) <= 200]
-    sizes += [(17, 1000), (1000, 17), (42, 70), (70, 42), (28, 28), (1, 1), (360, 640), (1080, 1920), (10, 2000)]
+    sizes += [
+        (17, 1000),
+        (1000, 17),
+        (42, 70),
+        (70, 42),
+        (28, 28),
+        (1, 1),
+        (360, 640),
+        (1080, 1920),
+        (10, 2000),
+    ]
     for height, width in sizes:
         for min_tokens, max_tokens in [(4, 20480), (48, 768), (48, 256), (48, 48), (48, 411), (100, 101)]:
             limits = {"min_pixels": min_tokens * 784, "max_pixels": max_tokens * 784}
             assert smart_resize(int(height), int(width), **limits) == ref.smart_resize(
-                int(height), int(width), 28, **limits), (height, width, limits)
+                int(height), int(width), 28, **limits
+            ), (height, width, limits)
     with pytest.raises(ValueError):
         ref.smart_resize(8, 2000, 28, 784, 784)
     with pytest.raises(ValueError):
@@ -311,8 +330,16 @@ def test_sizes_equal_reference_fetch_video_across_budget_regimes(monkeypatch):
     # for the pixels and thousands of combinations run in a second.
     rng = np.random.default_rng(5)
     checked = budget_bound = overshoot = 0
-    for height, width in [(360, 640), (720, 1280), (1080, 1920), (1920, 1080), (600, 1000), (17, 1000),
-                          (560, 560), (333, 777)]:
+    for height, width in [
+        (360, 640),
+        (720, 1280),
+        (1080, 1920),
+        (1920, 1080),
+        (600, 1000),
+        (17, 1000),
+        (560, 560),
+        (333, 777),
+    ]:
         empty = torch.empty((0, 3, height, width), dtype=torch.uint8)
         for num_frames in [1, 2, 10, 64, 120, 300, 1000]:
             for slow_share in [0.0, 0.05, 0.3, 1.0]:
@@ -322,11 +349,20 @@ def test_sizes_equal_reference_fetch_video_across_budget_regimes(monkeypatch):
                     slow, fast = reference_sizes(empty, labels, budget, monkeypatch)
                     overrides = {} if budget is None else {"total_token_budget": budget}
                     ours = allocate_tokens(labels, height, width, preset="keye-vl-utils", **overrides)
-                    assert (ours.slow_size, ours.fast_size) == (slow, fast), (height, width, num_frames, budget)
+                    assert (ours.slow_size, ours.fast_size) == (slow, fast), (
+                        height,
+                        width,
+                        num_frames,
+                        budget,
+                    )
                     checked += 1
                     limit = budget or 65_536
-                    budget_bound += ours.slow_tokens < allocate_tokens(
-                        labels, height, width, preset="keye-vl-utils", total_token_budget=10**9).slow_tokens
+                    budget_bound += (
+                        ours.slow_tokens
+                        < allocate_tokens(
+                            labels, height, width, preset="keye-vl-utils", total_token_budget=10**9
+                        ).slow_tokens
+                    )
                     overshoot += ours.total_tokens > limit
     assert checked == 8 * 7 * 4 * 7
     assert budget_bound > 300 and overshoot > 0  # both regimes were really reached

@@ -30,8 +30,17 @@ ACCESS_KEY = "AKIAKEYEFLOWTEAM"
 SECRET = "team-secret-9f3b1c7e-do-not-log"
 REGION = "eu-west-1"
 BUCKET = "keyeflow-team"
-AWS_VARS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_REGION", "AWS_DEFAULT_REGION",
-            "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_ALLOW_HTTP", "AWS_PROFILE")
+AWS_VARS = (
+    "AWS_ACCESS_KEY_ID",
+    "AWS_SECRET_ACCESS_KEY",
+    "AWS_SESSION_TOKEN",
+    "AWS_REGION",
+    "AWS_DEFAULT_REGION",
+    "AWS_ENDPOINT_URL",
+    "AWS_ENDPOINT_URL_S3",
+    "AWS_ALLOW_HTTP",
+    "AWS_PROFILE",
+)
 
 
 def _free_port() -> int:
@@ -48,21 +57,26 @@ class _Server:
         # The servers get no AWS credentials: neither needs them, and the test asserts where the secret goes.
         env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "KEYEFLOW_", "MLFLOW_"))}
         with log.open("w") as out:
-            self.process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=cwd,
-                                            start_new_session=True)
+            self.process = subprocess.Popen(
+                command, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=cwd, start_new_session=True
+            )
 
     def wait_until_up(self, timeout: float = 90) -> str:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
-                raise RuntimeError(f"{self.process.args[:4]} exited with {self.process.returncode}:\n"
-                                   f"{self.log.read_text()[-3000:]}")
+                raise RuntimeError(
+                    f"{self.process.args[:4]} exited with {self.process.returncode}:\n"
+                    f"{self.log.read_text()[-3000:]}"
+                )
             try:
                 with urllib.request.urlopen(self.health_url, timeout=2):
                     return self.url
             except OSError:
                 time.sleep(0.2)
-        raise TimeoutError(f"{self.health_url} did not answer in {timeout} s:\n{self.log.read_text()[-3000:]}")
+        raise TimeoutError(
+            f"{self.health_url} did not answer in {timeout} s:\n{self.log.read_text()[-3000:]}"
+        )
 
     def stop(self) -> None:
         for sig, wait in ((signal.SIGTERM, 15), (signal.SIGKILL, 5)):
@@ -81,13 +95,36 @@ def servers(tmp_path_factory):
     overlap; stopped (with any child they forked) when the module is done."""
     base = tmp_path_factory.mktemp("team_servers")
     port = _free_port()
-    moto = _Server([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                   f"http://127.0.0.1:{port}", "/moto-api/", base / "moto.log", base)
+    moto = _Server(
+        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+        f"http://127.0.0.1:{port}",
+        "/moto-api/",
+        base / "moto.log",
+        base,
+    )
     port = _free_port()
-    mlflow = _Server([sys.executable, "-m", "mlflow", "server", "--backend-store-uri",
-                      f"sqlite:///{base / 'mlflow.db'}", "--artifacts-destination", str(base / "artifacts"),
-                      "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
-                     f"http://127.0.0.1:{port}", "/health", base / "mlflow.log", base)
+    mlflow = _Server(
+        [
+            sys.executable,
+            "-m",
+            "mlflow",
+            "server",
+            "--backend-store-uri",
+            f"sqlite:///{base / 'mlflow.db'}",
+            "--artifacts-destination",
+            str(base / "artifacts"),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--workers",
+            "1",
+        ],
+        f"http://127.0.0.1:{port}",
+        "/health",
+        base / "mlflow.log",
+        base,
+    )
     try:
         yield {"moto": moto, "mlflow": mlflow, "artifacts": base / "artifacts"}
     finally:
@@ -101,9 +138,13 @@ def s3_endpoint(servers) -> str:
     import boto3
 
     endpoint = servers["moto"].wait_until_up()
-    boto3.client("s3", endpoint_url=endpoint, aws_access_key_id=ACCESS_KEY, aws_secret_access_key=SECRET,
-                 region_name=REGION).create_bucket(Bucket=BUCKET,
-                                                   CreateBucketConfiguration={"LocationConstraint": REGION})
+    boto3.client(
+        "s3",
+        endpoint_url=endpoint,
+        aws_access_key_id=ACCESS_KEY,
+        aws_secret_access_key=SECRET,
+        region_name=REGION,
+    ).create_bucket(Bucket=BUCKET, CreateBucketConfiguration={"LocationConstraint": REGION})
     return endpoint
 
 
@@ -129,8 +170,13 @@ def s3_tables(home, s3_endpoint, monkeypatch, request) -> str:
 def _s3_keys(endpoint: str, prefix: str) -> list[str]:
     import boto3
 
-    s3 = boto3.client("s3", endpoint_url=endpoint, aws_access_key_id=ACCESS_KEY, aws_secret_access_key=SECRET,
-                      region_name=REGION)
+    s3 = boto3.client(
+        "s3",
+        endpoint_url=endpoint,
+        aws_access_key_id=ACCESS_KEY,
+        aws_secret_access_key=SECRET,
+        region_name=REGION,
+    )
     pages = s3.get_paginator("list_objects_v2").paginate(Bucket=BUCKET, Prefix=prefix)
     return [obj["Key"] for page in pages for obj in page.get("Contents", [])]
 
@@ -146,8 +192,11 @@ def test_storage_options_come_only_from_the_aws_environment(monkeypatch):
     monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-2")
     monkeypatch.setenv("AWS_ENDPOINT_URL", "https://objects.example.org")
     assert keyeflow_config.storage_options("s3://b/t") == {
-        "aws_access_key_id": ACCESS_KEY, "aws_secret_access_key": SECRET, "aws_region": "us-east-2",
-        "aws_endpoint": "https://objects.example.org"}
+        "aws_access_key_id": ACCESS_KEY,
+        "aws_secret_access_key": SECRET,
+        "aws_region": "us-east-2",
+        "aws_endpoint": "https://objects.example.org",
+    }
 
     # The S3-specific endpoint and AWS_REGION win, as in the AWS SDKs; a plain-HTTP endpoint allows HTTP.
     monkeypatch.setenv("AWS_ENDPOINT_URL_S3", "http://127.0.0.1:9000")
@@ -158,8 +207,9 @@ def test_storage_options_come_only_from_the_aws_environment(monkeypatch):
     assert options["aws_region"] == REGION and options["aws_session_token"] == "token"
 
 
-def test_video_tables_on_s3_answer_sql_and_a_rerun_adds_nothing(s3_tables, s3_endpoint, monkeypatch, home,
-                                                                sample_videos, bad_inputs):
+def test_video_tables_on_s3_answer_sql_and_a_rerun_adds_nothing(
+    s3_tables, s3_endpoint, monkeypatch, home, sample_videos, bad_inputs
+):
     # The S3-only endpoint variable: Lance does not read it by itself, so every call site on this path
     # must get it from keyeflow's storage options (else it would try AWS and fail here, offline).
     monkeypatch.setenv("AWS_ENDPOINT_URL_S3", s3_endpoint)
@@ -179,12 +229,16 @@ def test_video_tables_on_s3_answer_sql_and_a_rerun_adds_nothing(s3_tables, s3_en
     assert any(k.endswith(".manifest") for k in keys) and any("/video_frames.lance/data/" in k for k in keys)
     assert not (home / "tables").exists()
 
-    counts_sql = ("select (select count(*) from videos) as videos, (select count(*) from video_samples) as samples, "
-                  "(select count(*) from video_frames) as frames, (select count(*) from quarantine) as quarantined")
+    counts_sql = (
+        "select (select count(*) from videos) as videos, (select count(*) from video_samples) as samples, "
+        "(select count(*) from video_frames) as frames, (select count(*) from quarantine) as quarantined"
+    )
     counts = sql.query(counts_sql).iloc[0].to_dict()
     assert counts["videos"] == 3 and counts["samples"] == 3 and counts["quarantined"] == 1
-    joined = sql.query("select v.uri, s.num_frames, count(f.frame_id) as stored from video_samples s "
-                       "join videos v using (video_id) join video_frames f using (sample_id) group by all")
+    joined = sql.query(
+        "select v.uri, s.num_frames, count(f.frame_id) as stored from video_samples s "
+        "join videos v using (video_id) join video_frames f using (sample_id) group by all"
+    )
     assert len(joined) == 3 and (joined.num_frames == joined.stored).all()
     assert {os.path.basename(u) for u in joined.uri} == {p.name for p in sample_videos[:3]}
     reason = sql.query("select reason, stage from quarantine").iloc[0]
@@ -199,8 +253,10 @@ def test_video_tables_on_s3_answer_sql_and_a_rerun_adds_nothing(s3_tables, s3_en
     assert sum(r.num_already_present for r in reports) == 3 and again.num_videos == 0
     assert {name: tables.ref(name).version for name in versions} == versions
     assert sql.query(counts_sql).iloc[0].to_dict() == counts
-    dupes = sql.query("select (select count(*) - count(distinct video_id) from videos) + "
-                      "(select count(*) - count(distinct frame_id) from video_frames) as n")
+    dupes = sql.query(
+        "select (select count(*) - count(distinct video_id) from videos) + "
+        "(select count(*) - count(distinct frame_id) from video_frames) as n"
+    )
     assert dupes.n[0] == 0
 
     # The other writers: a rewrite of one sample's frames (replace_groups), a changed row (update_rows).
@@ -210,14 +266,17 @@ def test_video_tables_on_s3_answer_sql_and_a_rerun_adds_nothing(s3_tables, s3_en
     assert sql.query(counts_sql).frames[0] == counts["frames"]
     row = tables.open_table("quarantine").to_table().to_pylist()[0]
     tables.update_rows("quarantine", [{**row, "reason": "empty file (0 bytes), checked twice"}])
-    assert sql.query("select reason from quarantine").reason.tolist() == ["empty file (0 bytes), checked twice"]
+    assert sql.query("select reason from quarantine").reason.tolist() == [
+        "empty file (0 bytes), checked twice"
+    ]
     # Pinned reads still see the earlier versions, over the object store.
     pinned = sql.query("select reason from quarantine", versions={"quarantine": versions["quarantine"]})
     assert pinned.reason.tolist() == ["empty file (0 bytes)"]
 
 
-def test_flows_on_s3_tables_log_to_an_mlflow_server(s3_tables, s3_endpoint, mlflow_server, monkeypatch, home,
-                                                    prefect_harness, sample_videos, tmp_path, capfd):
+def test_flows_on_s3_tables_log_to_an_mlflow_server(
+    s3_tables, s3_endpoint, mlflow_server, monkeypatch, home, prefect_harness, sample_videos, tmp_path, capfd
+):
     from mlflow.tracking import MlflowClient
 
     from keyeflow import lineage
@@ -243,7 +302,9 @@ def test_flows_on_s3_tables_log_to_an_mlflow_server(s3_tables, s3_endpoint, mlfl
     assert ingest_run.info.status == "FINISHED"
     assert json.loads(ingest_run.data.params["paths"]) == paths
     assert ingest_run.data.params["shard_size"] == "16"
-    assert ingest_run.data.tags["keyeflow.output.videos"] == f"{s3_tables}/videos.lance@v{ing['videos'].version}"
+    assert (
+        ingest_run.data.tags["keyeflow.output.videos"] == f"{s3_tables}/videos.lance@v{ing['videos'].version}"
+    )
     assert ingest_run.data.metrics["num_ingested"] == 2
     run = server.get_run(tok["run_id"])
     assert run.data.params["config_hash"] == tok["config_hash"]
@@ -284,5 +345,7 @@ def _assert_secret_not_in_prefect() -> None:
         assert flow_runs
         for flow_run in flow_runs:
             assert SECRET not in json.dumps(flow_run.parameters, default=str)
-        logs = client.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[f.id for f in flow_runs])))
+        logs = client.read_logs(
+            log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[f.id for f in flow_runs]))
+        )
         assert all(SECRET not in log.message for log in logs)

@@ -61,10 +61,16 @@ def test_token_counts_are_exact_and_modality_follows_media(built):
     tok = load_tokenizer()
     rows = tables.open_table("train_samples").to_table().to_pylist()
     assert {r["modality"] for r in rows} == {"video", "image", "text"}
-    video_rows = {r["sample_id"]: r for r in tables.open_table("video_samples").to_table(
-        columns=["sample_id", "frame_types", "timestamps", "slow_tokens", "fast_tokens"]).to_pylist()}
-    image_rows = {r["sample_id"]: r["num_tokens"] for r in tables.open_table("image_samples").to_table(
-        columns=["sample_id", "num_tokens"]).to_pylist()}
+    video_rows = {
+        r["sample_id"]: r
+        for r in tables.open_table("video_samples")
+        .to_table(columns=["sample_id", "frame_types", "timestamps", "slow_tokens", "fast_tokens"])
+        .to_pylist()
+    }
+    image_rows = {
+        r["sample_id"]: r["num_tokens"]
+        for r in tables.open_table("image_samples").to_table(columns=["sample_id", "num_tokens"]).to_pylist()
+    }
     checked = {"video": 0, "image": 0}
     for row in rows:
         assert row["num_tokens"] == row["num_text_tokens"] + row["num_vision_tokens"]
@@ -75,8 +81,9 @@ def test_token_counts_are_exact_and_modality_follows_media(built):
         for media_id in row["media_ids"]:
             if media_id in video_rows:
                 v = video_rows[media_id]
-                expected_vision += token_stream.count_video_tokens(tok, v["frame_types"], v["timestamps"],
-                                                                   v["slow_tokens"], v["fast_tokens"])
+                expected_vision += token_stream.count_video_tokens(
+                    tok, v["frame_types"], v["timestamps"], v["slow_tokens"], v["fast_tokens"]
+                )
             else:
                 expected_vision += token_stream.count_image_tokens(image_rows[media_id])
         assert row["num_vision_tokens"] == expected_vision
@@ -104,8 +111,9 @@ def test_stage3_mixture_reaches_24_50_26_and_sql_confirms(built):
     share_column = next(k for k in shares["video"] if "share" in k)
     for modality, target in {"video": 0.24, "image": 0.50, "text": 0.26}.items():
         assert abs(shares[modality][share_column] - target) <= 0.005, (modality, shares[modality])
-    verdict = gates.check_mixture(result.mixture, result.mixture_id, config, tables.ref("quarantine"),
-                                  tables.ref("train_samples"))
+    verdict = gates.check_mixture(
+        result.mixture, result.mixture_id, config, tables.ref("quarantine"), tables.ref("train_samples")
+    )
     assert verdict.passed, verdict.failures
     used_bad = sql.query(f"""select count(*) as n from mixtures m join train_samples s using (sample_id)
                              where m.mixture_id = '{result.mixture_id}' and s.source_uri in

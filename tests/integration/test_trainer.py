@@ -73,15 +73,32 @@ def data(tmp_path_factory, sample_corpus, media_dir):
 
 
 def stage(**overrides) -> StageConfig:
-    base = {"name": "test", "learning_rate": 1e-3, "max_steps": 8, "max_length": MAX_LENGTH, "window_size": 8,
-            "micro_batches_per_step": 2, "warmup_steps": 2, "checkpoint_every": 2}
+    base = {
+        "name": "test",
+        "learning_rate": 1e-3,
+        "max_steps": 8,
+        "max_length": MAX_LENGTH,
+        "window_size": 8,
+        "micro_batches_per_step": 2,
+        "warmup_steps": 2,
+        "checkpoint_every": 2,
+    }
     return StageConfig(**{**base, **overrides})
 
 
 def spec_file(path: Path, data: TrainingData, stage_config: StageConfig, out_dir: Path) -> Path:
     mixture = {"name": data.mixture.name, "uri": data.mixture.uri, "version": data.mixture.version}
-    path.write_text(json.dumps({"stage": stage_config.to_dict(), "init": str(data.init), "mixture": mixture,
-                                "mixture_id": data.mixture_id, "out_dir": str(out_dir)}))
+    path.write_text(
+        json.dumps(
+            {
+                "stage": stage_config.to_dict(),
+                "init": str(data.init),
+                "mixture": mixture,
+                "mixture_id": data.mixture_id,
+                "out_dir": str(out_dir),
+            }
+        )
+    )
     return path
 
 
@@ -90,8 +107,9 @@ def trainer_command(spec: Path) -> list[str]:
 
 
 def run_trainer(spec: Path) -> dict:
-    done = subprocess.run(trainer_command(spec), check=False, cwd=REPO, capture_output=True, text=True,
-                          timeout=300)
+    done = subprocess.run(
+        trainer_command(spec), check=False, cwd=REPO, capture_output=True, text=True, timeout=300
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     return json.loads(done.stdout.strip().splitlines()[-1])
 
@@ -113,7 +131,9 @@ def test_stage_config_is_validated_with_clear_errors():
     with pytest.raises(ValueError, match=r"warmup_steps=9: must be <= max_steps"):
         stage(warmup_steps=9)
     assert stage(trainable=["projector.", "language_model.layers.1"]).trainable == (
-        "language_model.layers.1", "projector")
+        "language_model.layers.1",
+        "projector",
+    )
     assert StageConfig.from_dict(stage(trainable=["projector"]).to_dict()) == stage(trainable=["projector"])
     assert stage().config_hash() != stage(learning_rate=2e-3).config_hash()
     # the schedule: linear warm-up, then cosine to min_lr
@@ -138,17 +158,28 @@ def test_deepspeed_json_is_rendered_from_the_stage_config_and_deepspeed_accepts_
     assert parsed.zero_config.reduce_bucket_size == 1234567 and parsed.zero_config.overlap_comm
 
     changed = {
-        "micro_batches_per_step": ("gradient_accumulation_steps",), "grad_clip": ("gradient_clipping",),
-        "bf16": ("bf16",), "deepspeed_zero": ("zero_optimization",), "zero_bucket_size": ("zero_optimization",),
+        "micro_batches_per_step": ("gradient_accumulation_steps",),
+        "grad_clip": ("gradient_clipping",),
+        "bf16": ("bf16",),
+        "deepspeed_zero": ("zero_optimization",),
+        "zero_bucket_size": ("zero_optimization",),
         "offload_optimizer": ("zero_optimization",),
     }
-    for field, new in (("micro_batches_per_step", 2), ("grad_clip", None), ("bf16", True), ("deepspeed_zero", 1),
-                       ("zero_bucket_size", 99), ("offload_optimizer", True)):
+    for field, new in (
+        ("micro_batches_per_step", 2),
+        ("grad_clip", None),
+        ("bf16", True),
+        ("deepspeed_zero", 1),
+        ("zero_bucket_size", 99),
+        ("offload_optimizer", True),
+    ):
         other = render_deepspeed_config(stage(**{**base.to_dict(), field: new, "name": "x"}), world_size=1)
         differ = {k for k in rendered if rendered[k] != other.get(k)}
         assert set(changed[field]) <= differ, (field, differ)
         DeepSpeedConfig(other)
-    zero3 = DeepSpeedConfig(render_deepspeed_config(stage(deepspeed_zero=3, offload_params=True), world_size=1))
+    zero3 = DeepSpeedConfig(
+        render_deepspeed_config(stage(deepspeed_zero=3, offload_params=True), world_size=1)
+    )
     assert zero3.zero_optimization_stage == 3 and zero3.zero_config.offload_param.device == "cpu"
     with pytest.raises(ValueError, match="does not train with DeepSpeed"):
         render_deepspeed_config(stage(), world_size=1)
@@ -159,8 +190,14 @@ def test_deepspeed_json_is_rendered_from_the_stage_config_and_deepspeed_accepts_
 
 def test_loss_falls_and_metrics_reach_mlflow(data, tmp_path):
     run_id = lineage.start_run("train-test")
-    result = train(stage(max_steps=30, checkpoint_every=30, schedule="constant"), init=data.init,
-                   mixture=data.mixture, mixture_id=data.mixture_id, out_dir=tmp_path / "run", sink=lineage.RunSink(run_id))
+    result = train(
+        stage(max_steps=30, checkpoint_every=30, schedule="constant"),
+        init=data.init,
+        mixture=data.mixture,
+        mixture_id=data.mixture_id,
+        out_dir=tmp_path / "run",
+        sink=lineage.RunSink(run_id),
+    )
     assert result.step == 30 and len(result.losses) == 30
     first, last = sum(result.losses[:5]) / 5, sum(result.losses[-5:]) / 5
     assert last < first - 0.5, result.losses  # ln(4096) ≈ 8.3 at the start
@@ -175,13 +212,20 @@ def test_loss_falls_and_metrics_reach_mlflow(data, tmp_path):
 
 def test_projector_stage_leaves_vit_and_llm_bit_identical(data, tmp_path):
     # weight decay on, rope theta changed: neither may touch a frozen tensor
-    result = train(stage(trainable="projector", max_steps=3, weight_decay=0.1, rope_theta=8e6), init=data.init,
-                   mixture=data.mixture, mixture_id=data.mixture_id, out_dir=tmp_path / "run")
+    result = train(
+        stage(trainable="projector", max_steps=3, weight_decay=0.1, rope_theta=8e6),
+        init=data.init,
+        mixture=data.mixture,
+        mixture_id=data.mixture_id,
+        out_dir=tmp_path / "run",
+    )
     before = load_file(str(data.init / "model.safetensors"))
     after = load_file(str(result.checkpoint_dir / "model" / "model.safetensors"))
     assert before.keys() == after.keys()
     frozen = [k for k in before if not k.startswith("projector.")]
-    assert any(k.startswith("vision.") for k in frozen) and any(k.startswith("language_model.") for k in frozen)
+    assert any(k.startswith("vision.") for k in frozen) and any(
+        k.startswith("language_model.") for k in frozen
+    )
     assert all(torch.equal(before[k], after[k]) for k in frozen)
     assert all(not torch.equal(before[k], after[k]) for k in before if k.startswith("projector."))
     config = json.loads((result.checkpoint_dir / "model" / "config.json").read_text())
@@ -189,8 +233,14 @@ def test_projector_stage_leaves_vit_and_llm_bit_identical(data, tmp_path):
 
 
 def test_a_checkpoint_refuses_a_resume_it_cannot_honour():
-    saved = {"format": 1, "mixture_id": "m1", "deepspeed_zero": 2, "world_size": 2,
-             "stage": stage(deepspeed_zero=2).to_dict(), "stage_hash": stage(deepspeed_zero=2).config_hash()}
+    saved = {
+        "format": 1,
+        "mixture_id": "m1",
+        "deepspeed_zero": 2,
+        "world_size": 2,
+        "stage": stage(deepspeed_zero=2).to_dict(),
+        "stage_hash": stage(deepspeed_zero=2).config_hash(),
+    }
     check_resumable(saved, stage(deepspeed_zero=2), "m1", world_size=2)
     with pytest.raises(ValueError, match="partitioned the optimizer state over 2 ranks, this run has 1"):
         check_resumable(saved, stage(deepspeed_zero=2), "m1", world_size=1)
@@ -204,8 +254,13 @@ def test_a_checkpoint_refuses_a_resume_it_cannot_honour():
 
 def test_a_bad_trainable_prefix_is_refused(data, tmp_path):
     with pytest.raises(ValueError, match="trainable prefix 'projecter' matches no parameter"):
-        train(stage(trainable=["projecter"], max_steps=1, warmup_steps=0), init=data.init, mixture=data.mixture,
-              mixture_id=data.mixture_id, out_dir=tmp_path / "run")
+        train(
+            stage(trainable=["projecter"], max_steps=1, warmup_steps=0),
+            init=data.init,
+            mixture=data.mixture,
+            mixture_id=data.mixture_id,
+            out_dir=tmp_path / "run",
+        )
 
 
 def test_sigkill_then_rerun_gives_the_uninterrupted_losses_bitwise_over_the_same_samples(data, tmp_path):
@@ -214,7 +269,9 @@ def test_sigkill_then_rerun_gives_the_uninterrupted_losses_bitwise_over_the_same
 
     out = tmp_path / "killed"
     spec = spec_file(tmp_path / "killed.json", data, config, out)
-    proc = subprocess.Popen(trainer_command(spec), cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        trainer_command(spec), cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     try:
         deadline = time.monotonic() + 240
         while not ((out / LATEST).is_file() and (out / LATEST).read_text().strip() >= "step-00000004"):
@@ -233,7 +290,9 @@ def test_sigkill_then_rerun_gives_the_uninterrupted_losses_bitwise_over_the_same
     steps = read_metrics(out)
     assert [m["step"] for m in steps] == list(range(1, 9))  # the lines after the checkpoint were dropped
     assert [m["loss"] for m in steps] == reference["losses"]
-    assert [m["occurrences"] for m in steps] == [m["occurrences"] for m in read_metrics(tmp_path / "reference")]
+    assert [m["occurrences"] for m in steps] == [
+        m["occurrences"] for m in read_metrics(tmp_path / "reference")
+    ]
     consumed = [o for m in steps for o in m["occurrences"]]
     assert len(consumed) == len(set(consumed)) == 8 * config.window_size  # nothing repeated, nothing skipped
     state = json.loads((Path(resumed["checkpoint_dir"]) / "state.json").read_text())

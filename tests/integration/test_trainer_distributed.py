@@ -17,8 +17,16 @@ from keyeflow.training.engine import read_metrics
 from keyeflow.training.trainer import train
 
 # 2 ranks × 2 micro-batches = 4 slots for the 3-5 packs of a window of 8 samples: some micro-batches are empty.
-STAGE = StageConfig(name="dist", learning_rate=1e-3, max_steps=6, max_length=1024, window_size=8,
-                    micro_batches_per_step=2, schedule="constant", checkpoint_every=3)
+STAGE = StageConfig(
+    name="dist",
+    learning_rate=1e-3,
+    max_steps=6,
+    max_length=1024,
+    window_size=8,
+    micro_batches_per_step=2,
+    schedule="constant",
+    checkpoint_every=3,
+)
 RTOL = 1e-4
 
 
@@ -36,8 +44,17 @@ def reference(data, tmp_path_factory):
 
 
 def torchrun(spec: Path, nproc: int = 2) -> dict:
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
-               "-m", "keyeflow.steps.train_job", str(spec)]
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        str(nproc),
+        "-m",
+        "keyeflow.steps.train_job",
+        str(spec),
+    ]
     done = subprocess.run(command, check=False, cwd=REPO, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-4000:]
     return json.loads(done.stdout.strip().splitlines()[-1])
@@ -67,13 +84,17 @@ def test_deepspeed_zero2_on_two_ranks_gives_the_single_process_losses_and_resume
     losses, occurrences = reference
     zero2 = {**STAGE.to_dict(), "deepspeed_zero": 2}
     out = tmp_path / "zero2"
-    first = torchrun(spec_file(tmp_path / "a.json", data, StageConfig.from_dict({**zero2, "max_steps": 2}), out))
+    first = torchrun(
+        spec_file(tmp_path / "a.json", data, StageConfig.from_dict({**zero2, "max_steps": 2}), out)
+    )
     assert first["losses"] == pytest.approx(losses[:2], rel=RTOL)
     saved = Path(first["checkpoint_dir"])
     assert (saved / "model" / "model.safetensors").is_file() and (saved / "deepspeed" / "engine").is_dir()
 
     # the same out_dir: the engine reloads its partitioned optimizer state and goes on
-    result = torchrun(spec_file(tmp_path / "b.json", data, StageConfig.from_dict({**zero2, "max_steps": 4}), out))
+    result = torchrun(
+        spec_file(tmp_path / "b.json", data, StageConfig.from_dict({**zero2, "max_steps": 4}), out)
+    )
     assert result["step"] == 4 and result["losses"][:2] == first["losses"]
     assert result["losses"] == pytest.approx(losses[:4], rel=RTOL)
     assert [m["occurrences"] for m in read_metrics(out)] == occurrences[:4]

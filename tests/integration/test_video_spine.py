@@ -14,8 +14,10 @@ from keyeflow.quality import gates
 
 
 def run_spine(paths, config, shard_size=16):
-    reports = [ingest.ingest_shard(shard) for shard in ingest.plan_shards([str(p) for p in paths],
-                                                                       ingest.IngestConfig(shard_size))]
+    reports = [
+        ingest.ingest_shard(shard)
+        for shard in ingest.plan_shards([str(p) for p in paths], ingest.IngestConfig(shard_size))
+    ]
     rows = pretokenize.pending_videos(tables.ref("videos"), config)
     return reports, pretokenize.pretokenize_shard(rows, config)
 
@@ -31,12 +33,16 @@ EXPECTED_QUARANTINE = {
 }
 
 
-def test_mixed_batch_quarantines_bad_inputs_and_completes_the_rest(home, mixed_batch, bad_inputs, sample_videos):
+def test_mixed_batch_quarantines_bad_inputs_and_completes_the_rest(
+    home, mixed_batch, bad_inputs, sample_videos
+):
     config = resolve_config("paper")
     run_spine([mixed_batch], config, shard_size=5)
 
     quarantined = sql.query("select uri, reason, stage from quarantine")
-    by_name = {os.path.basename(u): (s, r) for u, s, r in zip(quarantined.uri, quarantined.stage, quarantined.reason)}
+    by_name = {
+        os.path.basename(u): (s, r) for u, s, r in zip(quarantined.uri, quarantined.stage, quarantined.reason)
+    }
     for key, (stage, reason) in EXPECTED_QUARANTINE.items():
         got_stage, got_reason = by_name[bad_inputs[key].name]
         assert got_stage == stage, key
@@ -49,11 +55,21 @@ def test_mixed_batch_quarantines_bad_inputs_and_completes_the_rest(home, mixed_b
     assert stage == "ingest"
     assert reason.startswith(f"duplicate content: same bytes as {mixed_batch / pair[0]}")
 
-    samples = sql.query("select v.uri, v.width, v.height, v.rotation, v.bit_depth, v.is_vfr, s.num_frames, "
-                        "s.total_tokens from video_samples s join videos v using (video_id)")
+    samples = sql.query(
+        "select v.uri, v.width, v.height, v.rotation, v.bit_depth, v.is_vfr, s.num_frames, "
+        "s.total_tokens from video_samples s join videos v using (video_id)"
+    )
     names = {os.path.basename(u): row for u, row in zip(samples.uri, samples.itertuples())}
-    good_odd = ["one_frame", "extreme_tall_ok", "rotated", "vfr", "ten_bit", "name_spaces", "name_quotes",
-                "name_unicode"]
+    good_odd = [
+        "one_frame",
+        "extreme_tall_ok",
+        "rotated",
+        "vfr",
+        "ten_bit",
+        "name_spaces",
+        "name_quotes",
+        "name_unicode",
+    ]
     for key in good_odd:
         assert bad_inputs[key].name in names, f"{key} should have been tokenised"
     for path in sample_videos[1:]:
@@ -70,8 +86,10 @@ def test_mixed_batch_quarantines_bad_inputs_and_completes_the_rest(home, mixed_b
     assert found == set(samples.uri) | set(quarantined.uri)
     assert not set(samples.uri) & set(quarantined.uri)
 
-    for result in (gates.check_videos(tables.ref("videos")),
-                   gates.check_video_samples(tables.ref("video_samples"), tables.ref("video_frames"), config)):
+    for result in (
+        gates.check_videos(tables.ref("videos")),
+        gates.check_video_samples(tables.ref("video_samples"), tables.ref("video_frames"), config),
+    ):
         assert result.passed, result.failures
 
 
@@ -89,8 +107,9 @@ def test_rerun_writes_nothing_and_config_change_retokenises(home, sample_videos)
     slower = resolve_config("paper", fps=1.0)
     _, redone = run_spine(sample_videos, slower)
     assert redone.num_done == len(sample_videos)
-    by_config = sql.query("select config_hash, count(*) as n, sum(num_frames) as frames from video_samples "
-                          "group by config_hash")
+    by_config = sql.query(
+        "select config_hash, count(*) as n, sum(num_frames) as frames from video_samples group by config_hash"
+    )
     assert sorted(by_config.n) == [len(sample_videos)] * 2
     assert set(by_config.config_hash) == {paper.config_hash(), slower.config_hash()}
     # The old rows are untouched and still readable at their version.
@@ -107,7 +126,9 @@ def test_stored_patches_round_trip_to_the_frame_sizes(home, sample_videos):
     assert image.shape == (frame["grid_h"] * 14, frame["grid_w"] * 14, 3)
     assert frame["num_tokens"] == frame["grid_h"] * frame["grid_w"] // 4
     np.testing.assert_array_equal(pretokenize.patchify(image, 14, 2), patches)
-    sample = sql.query("select * from video_samples where sample_id = ?".replace("?", f"'{frame['sample_id']}'"))
+    sample = sql.query(
+        "select * from video_samples where sample_id = ?".replace("?", f"'{frame['sample_id']}'")
+    )
     assert sample.preset[0] == "keye-vl-utils"
     assert sample.num_slow[0] + sample.num_fast[0] == sample.num_frames[0]
 
@@ -116,15 +137,21 @@ def test_gate_names_the_failed_expectation_and_the_rows(home, sample_videos):
     config = resolve_config("paper")
     run_spine(sample_videos[:2], config)
     row = tables.open_table("video_samples").to_table(limit=1).to_pylist()[0]
-    row.update(sample_id="broken-" + row["sample_id"], frame_types=[1] + row["frame_types"][1:],
-               slow_height=row["slow_height"] + 3)
+    row.update(
+        sample_id="broken-" + row["sample_id"],
+        frame_types=[1] + row["frame_types"][1:],
+        slow_height=row["slow_height"] + 3,
+    )
     tables.upsert("video_samples", pa.Table.from_pylist([row], schema=tables.SCHEMAS["video_samples"]))
 
     result = gates.check_video_samples(tables.ref("video_samples"), tables.ref("video_frames"), config)
     assert not result.passed
     failed = {f["check"]: f for f in result.failures}
-    assert set(failed) == {"first frame is slow", "frame sizes are multiples of 28",
-                           "stored frames match the sample (count and tokens)"}
+    assert set(failed) == {
+        "first frame is slow",
+        "frame sizes are multiples of 28",
+        "stored frames match the sample (count and tokens)",
+    }
     assert failed["first frame is slow"]["examples"] == [row["sample_id"]]
     assert failed["first frame is slow"]["expectation"] == "expect_column_values_to_be_in_set"
     with pytest.raises(gates.GateFailed, match="first frame is slow"):

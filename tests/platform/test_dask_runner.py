@@ -32,8 +32,9 @@ def snapshot(home: Path) -> dict[str, dict]:
         rows = {}
         for row in table.select(columns).to_pylist():
             assert row[key] not in rows, f"duplicate {name} row {row[key]}"
-            rows[row[key]] = {k: hashlib.sha256(v).hexdigest() if isinstance(v, bytes) else v
-                              for k, v in row.items()}
+            rows[row[key]] = {
+                k: hashlib.sha256(v).hexdigest() if isinstance(v, bytes) else v for k, v in row.items()
+            }
         out[name] = rows
     return out
 
@@ -50,7 +51,8 @@ def _progress_artifact(key: str) -> float:
 
     with get_client(sync_client=True) as client:
         (latest,) = client.read_latest_artifacts(
-            artifact_filter=ArtifactCollectionFilter(key=ArtifactCollectionFilterKey(any_=[key])))
+            artifact_filter=ArtifactCollectionFilter(key=ArtifactCollectionFilterKey(any_=[key]))
+        )
     return float(latest.data)
 
 
@@ -90,12 +92,21 @@ def test_task_runner_from_settings(monkeypatch):
 
 def test_flows_read_the_runner_at_import():
     """The setting reaches the flows' decorators when their modules are imported (a fresh process)."""
-    code = ("import json; from keyeflow.flows import data, video; r = video.pretokenize_videos.task_runner; "
-            "print(json.dumps([type(r).__name__, r.cluster_kwargs, type(data.ingest_images.task_runner).__name__,"
-            " type(video.video_pipeline.task_runner).__name__]))")
+    code = (
+        "import json; from keyeflow.flows import data, video; r = video.pretokenize_videos.task_runner; "
+        "print(json.dumps([type(r).__name__, r.cluster_kwargs, type(data.ingest_images.task_runner).__name__,"
+        " type(video.video_pipeline.task_runner).__name__]))"
+    )
     env = {**os.environ, "KEYEFLOW_TASK_RUNNER": "dask", "KEYEFLOW_DASK_WORKERS": "3"}
-    out = subprocess.run([sys.executable, "-c", code], check=False, env=env, cwd=REPO, capture_output=True,
-                         text=True, timeout=120)
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        check=False,
+        env=env,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     kind, kwargs, images, pipeline = json.loads(out.stdout.strip().splitlines()[-1])
     assert (kind, kwargs, images) == ("DaskTaskRunner", {"n_workers": 3, "processes": True}, "DaskTaskRunner")
@@ -124,7 +135,9 @@ def test_video_pipeline_on_dask_matches_default_runner(tmp_path, monkeypatch, sa
         def close(self, *args, **kwargs):
             if self.status.name == "running":
                 with distributed.Client(self) as client:
-                    executed.append(client.run(lambda dask_worker: (os.getpid(), dask_worker.state.executed_count)))
+                    executed.append(
+                        client.run(lambda dask_worker: (os.getpid(), dask_worker.state.executed_count))
+                    )
             return super().close(*args, **kwargs)
 
     monkeypatch.setattr(distributed, "LocalCluster", RecordingCluster)

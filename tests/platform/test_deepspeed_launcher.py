@@ -21,8 +21,16 @@ from keyeflow.training.recipes import pretrain_recipe
 from keyeflow.training.trainer import train
 
 # 2 ranks × 2 micro-batches per step; the loss is a token mean over the step, whatever its split over ranks.
-STAGE = StageConfig(name="launched", learning_rate=1e-3, max_steps=4, max_length=1024, window_size=8,
-                    micro_batches_per_step=2, schedule="constant", checkpoint_every=2)
+STAGE = StageConfig(
+    name="launched",
+    learning_rate=1e-3,
+    max_steps=4,
+    max_length=1024,
+    window_size=8,
+    micro_batches_per_step=2,
+    schedule="constant",
+    checkpoint_every=2,
+)
 RTOL = 1e-4
 
 
@@ -57,24 +65,58 @@ def test_launch_config_is_validated_with_the_field_named(tmp_path):
     hosts = LaunchConfig(launcher="deepspeed", nproc_per_node=8, hostfile="/etc/keyeflow/hosts", num_nodes=2)
     command = hosts.command(tmp_path / "spec.json")
     assert command[1:3] == ["-m", "deepspeed.launcher.runner"]
-    assert command[3:] == ["--hostfile", "/etc/keyeflow/hosts", "--num_nodes", "2", "--num_gpus", "8",
-                           "--no_local_rank", "--module", "keyeflow.steps.train_job", str(tmp_path / "spec.json")]
+    assert command[3:] == [
+        "--hostfile",
+        "/etc/keyeflow/hosts",
+        "--num_nodes",
+        "2",
+        "--num_gpus",
+        "8",
+        "--no_local_rank",
+        "--module",
+        "keyeflow.steps.train_job",
+        str(tmp_path / "spec.json"),
+    ]
     local = LaunchConfig(launcher="deepspeed", nproc_per_node=2).command(tmp_path / "spec.json")
     assert "--master_port" in local  # a free port, not 29500 that another job may hold
-    torchrun = LaunchConfig(launcher="torchrun", nproc_per_node=2, master_port=29911).command(tmp_path / "s.json")
-    assert torchrun[3:] == ["--nnodes", "1", "--master_addr", "127.0.0.1", "--master_port", "29911",
-                            "--nproc_per_node", "2", "-m", "keyeflow.steps.train_job", str(tmp_path / "s.json")]
+    torchrun = LaunchConfig(launcher="torchrun", nproc_per_node=2, master_port=29911).command(
+        tmp_path / "s.json"
+    )
+    assert torchrun[3:] == [
+        "--nnodes",
+        "1",
+        "--master_addr",
+        "127.0.0.1",
+        "--master_port",
+        "29911",
+        "--nproc_per_node",
+        "2",
+        "-m",
+        "keyeflow.steps.train_job",
+        str(tmp_path / "s.json"),
+    ]
     # A recipe carries how its stages launch; unset, its record (and hash) is what it was before.
     recipe = pretrain_recipe("tiny")
     assert recipe.launch is None and "launch" not in recipe.to_dict()
     launched = dataclasses.replace(recipe, launch=LaunchConfig(launcher="deepspeed", nproc_per_node=2))
-    assert launched.to_dict()["launch"] == {"launcher": "deepspeed", "nproc_per_node": 2, "hostfile": None,
-                                            "num_nodes": None, "master_port": None}
+    assert launched.to_dict()["launch"] == {
+        "launcher": "deepspeed",
+        "nproc_per_node": 2,
+        "hostfile": None,
+        "num_nodes": None,
+        "master_port": None,
+    }
 
     # DeepSpeed only warns about a missing hostfile and trains on this machine alone: refuse instead.
     with pytest.raises(FileNotFoundError, match="no such file"):
-        launch_train(LaunchConfig(launcher="deepspeed", hostfile=str(tmp_path / "nope")), STAGE, init="x",
-                     mixture=None, mixture_id="m", out_dir=tmp_path / "out")
+        launch_train(
+            LaunchConfig(launcher="deepspeed", hostfile=str(tmp_path / "nope")),
+            STAGE,
+            init="x",
+            mixture=None,
+            mixture_id="m",
+            out_dir=tmp_path / "out",
+        )
 
 
 def test_deepspeed_launcher_trains_a_zero2_stage_on_two_cpu_ranks(data, reference, tmp_path):
@@ -82,8 +124,9 @@ def test_deepspeed_launcher_trains_a_zero2_stage_on_two_cpu_ranks(data, referenc
     init = steps.prepare_init(tiny(), init=str(data.init), seed=0, root=tmp_path)
     launch = LaunchConfig(launcher="deepspeed", nproc_per_node=2)
 
-    output = steps.train_stage(zero2, init=init, mixture=data.mixture, mixture_id=data.mixture_id, root=tmp_path,
-                               launch=launch)
+    output = steps.train_stage(
+        zero2, init=init, mixture=data.mixture, mixture_id=data.mixture_id, root=tmp_path, launch=launch
+    )
     assert output.trained
     out_dir = Path(output.checkpoint).parents[1]
     last = out_dir / (out_dir / LATEST).read_text().strip()
@@ -103,13 +146,21 @@ def test_deepspeed_launcher_trains_a_zero2_stage_on_two_cpu_ranks(data, referenc
     assert [m.value for m in sorted(history, key=lambda m: m.step)] == pytest.approx(reference, rel=RTOL)
 
     # Launched or not, the step's key is the same: done, so nothing is launched again.
-    again = steps.train_stage(zero2, init=init, mixture=data.mixture, mixture_id=data.mixture_id, root=tmp_path)
+    again = steps.train_stage(
+        zero2, init=init, mixture=data.mixture, mixture_id=data.mixture_id, root=tmp_path
+    )
     assert not again.trained and again.checkpoint == output.checkpoint
 
 
 def test_torchrun_launch_returns_what_in_process_training_returns(data, reference, tmp_path):
-    result = launch_train(LaunchConfig(launcher="torchrun", nproc_per_node=2), STAGE, init=data.init,
-                          mixture=data.mixture, mixture_id=data.mixture_id, out_dir=tmp_path / "run")
+    result = launch_train(
+        LaunchConfig(launcher="torchrun", nproc_per_node=2),
+        STAGE,
+        init=data.init,
+        mixture=data.mixture,
+        mixture_id=data.mixture_id,
+        out_dir=tmp_path / "run",
+    )
     assert result.step == STAGE.max_steps and result.losses == pytest.approx(reference, rel=RTOL)
     assert result.checkpoint_dir == tmp_path / "run" / (tmp_path / "run" / LATEST).read_text().strip()
     assert json.loads((result.checkpoint_dir / STATE).read_text())["world_size"] == 2
@@ -117,8 +168,14 @@ def test_torchrun_launch_returns_what_in_process_training_returns(data, referenc
 
 def test_a_failing_launch_raises_with_the_tail_of_its_stderr(data, tmp_path):
     with pytest.raises(LaunchFailed) as failed:
-        launch_train(LaunchConfig(launcher="torchrun"), STAGE, init=tmp_path / "no-such-checkpoint",
-                     mixture=data.mixture, mixture_id=data.mixture_id, out_dir=tmp_path / "run")
+        launch_train(
+            LaunchConfig(launcher="torchrun"),
+            STAGE,
+            init=tmp_path / "no-such-checkpoint",
+            mixture=data.mixture,
+            mixture_id=data.mixture_id,
+            out_dir=tmp_path / "run",
+        )
     message = str(failed.value)
     assert "stage 'launched': torchrun exited with code 1" in message
     assert f"checkpoint path {tmp_path / 'no-such-checkpoint'} is not a local directory" in message

@@ -53,10 +53,20 @@ class Platform:
 
     def prefect(self, *args: str, timeout: float = 120) -> str:
         """Run the prefect CLI as a person would, from the repository root; returns its output."""
-        result = subprocess.run([sys.executable, "-m", "prefect", *args], check=False, cwd=REPO, env=self.env, text=True,
-                                capture_output=True, timeout=timeout, start_new_session=True)
+        result = subprocess.run(
+            [sys.executable, "-m", "prefect", *args],
+            check=False,
+            cwd=REPO,
+            env=self.env,
+            text=True,
+            capture_output=True,
+            timeout=timeout,
+            start_new_session=True,
+        )
         output = result.stdout + result.stderr
-        assert result.returncode == 0, f"prefect {' '.join(args)} exited {result.returncode}:\n{output[-4000:]}"
+        assert result.returncode == 0, (
+            f"prefect {' '.join(args)} exited {result.returncode}:\n{output[-4000:]}"
+        )
         return output
 
     @contextlib.contextmanager
@@ -66,14 +76,18 @@ class Platform:
         from prefect.client.orchestration import get_client
         from prefect.settings import PREFECT_API_URL, temporary_settings
 
-        with temporary_settings(updates={PREFECT_API_URL: self.api_url}), get_client(sync_client=True) as client:
+        with (
+            temporary_settings(updates={PREFECT_API_URL: self.api_url}),
+            get_client(sync_client=True) as client,
+        ):
             yield client
 
 
 def _spawn(command: list[str], log: Path, env: dict) -> subprocess.Popen:
     with log.open("wb") as out:
-        return subprocess.Popen(command, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT,
-                                start_new_session=True)
+        return subprocess.Popen(
+            command, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+        )
 
 
 def _stop(process: subprocess.Popen, grace_s: float = 10) -> None:
@@ -117,8 +131,11 @@ def platform(tmp_path_factory) -> Platform:
     }
     processes: list[subprocess.Popen] = []
     try:
-        server = _spawn([sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)],
-                        logs / "server.log", env)
+        server = _spawn(
+            [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+            logs / "server.log",
+            env,
+        )
         processes.append(server)
         deadline = time.monotonic() + 90
         while True:
@@ -133,8 +150,13 @@ def platform(tmp_path_factory) -> Platform:
         platform = Platform(api_url, env, root / "home", logs)
         platform.prefect("work-pool", "create", POOL, "--type", "process")
         platform.prefect("--no-prompt", "deploy", "--all", timeout=180)
-        processes.append(_spawn([sys.executable, "-m", "prefect", "worker", "start", "--pool", POOL, "--type", "process"],
-                                logs / "worker.log", env))
+        processes.append(
+            _spawn(
+                [sys.executable, "-m", "prefect", "worker", "start", "--pool", POOL, "--type", "process"],
+                logs / "worker.log",
+                env,
+            )
+        )
         yield platform
     finally:
         for process in reversed(processes):  # the worker (and its flow runs) first, then the server
@@ -148,8 +170,10 @@ def _wait_final(platform: Platform, flow_run_id: UUID, timeout_s: float):
             run = client.read_flow_run(flow_run_id)
             if run.state.is_final():
                 return run
-            assert time.monotonic() < deadline, (f"flow run {run.name} still {run.state.name} after {timeout_s:.0f} s;"
-                                                 f"\nworker log:\n{_tail(platform.logs / 'worker.log')}")
+            assert time.monotonic() < deadline, (
+                f"flow run {run.name} still {run.state.name} after {timeout_s:.0f} s;"
+                f"\nworker log:\n{_tail(platform.logs / 'worker.log')}"
+            )
             time.sleep(0.5)
 
 
@@ -179,7 +203,11 @@ def test_deploy_from_prefect_yaml_then_a_worker_runs_ingest(platform, sample_vid
     assert len(ingest.schedules) == 1
     schedule = ingest.schedules[0]
     assert isinstance(schedule.schedule, CronSchedule)
-    assert (schedule.schedule.cron, schedule.schedule.timezone, schedule.active) == ("0 2 * * *", "UTC", False)
+    assert (schedule.schedule.cron, schedule.schedule.timezone, schedule.active) == (
+        "0 2 * * *",
+        "UTC",
+        False,
+    )
     assert all(not d.schedules for name, d in deployments.items() if name != "ingest-videos")
     # Turned on and off again from the CLI, as the README says.
     for command, active in (("resume", True), ("pause", False)):
@@ -193,8 +221,15 @@ def test_deploy_from_prefect_yaml_then_a_worker_runs_ingest(platform, sample_vid
     for clip in sample_videos[:2]:
         shutil.copy(clip, incoming / clip.name)
     started = time.monotonic()
-    platform.prefect("deployment", "run", "ingest-videos/ingest-videos", "--param", "shard_size=1",
-                     "--flow-run-name", "ingest-two-clips")
+    platform.prefect(
+        "deployment",
+        "run",
+        "ingest-videos/ingest-videos",
+        "--param",
+        "shard_size=1",
+        "--flow-run-name",
+        "ingest-two-clips",
+    )
     run = _wait_final(platform, _run_by_name(platform, "ingest-two-clips").id, 150)
     assert run.state.is_completed(), f"{run.state}\nworker log:\n{_tail(platform.logs / 'worker.log')}"
     assert run.work_pool_name == POOL and run.infrastructure_pid  # a flow-run process the worker started
@@ -210,7 +245,9 @@ def test_deploy_from_prefect_yaml_then_a_worker_runs_ingest(platform, sample_vid
     with platform.client() as client:
         from prefect.client.schemas.filters import TaskRunFilter, TaskRunFilterName
 
-        shards = client.read_task_runs(task_run_filter=TaskRunFilter(name=TaskRunFilterName(like_="ingest_shard")))
+        shards = client.read_task_runs(
+            task_run_filter=TaskRunFilter(name=TaskRunFilterName(like_="ingest_shard"))
+        )
     assert len([t for t in shards if t.flow_run_id == run.id]) == 2  # one task run per shard of one clip
 
 
@@ -230,11 +267,21 @@ def test_longcot_review_through_the_server(platform, teacher, monkeypatch):
 
     monkeypatch.setenv("KEYEFLOW_HOME", str(platform.home))
     generate_longcot_questions(platform.home / "incoming" / "longcot")  # the deployment's question folder
-    params = {"review_timeout_s": 150, "review_poll_interval_s": 1,
-              "generation": {"backend": "openai", "base_url": teacher, "model": "replay-teacher", "n": 4}}
+    params = {
+        "review_timeout_s": 150,
+        "review_poll_interval_s": 1,
+        "generation": {"backend": "openai", "base_url": teacher, "model": "replay-teacher", "n": 4},
+    }
     started = time.monotonic()
-    platform.prefect("deployment", "run", "longcot/longcot", "--params", json.dumps(params),
-                     "--flow-run-name", "longcot-reviewed")
+    platform.prefect(
+        "deployment",
+        "run",
+        "longcot/longcot",
+        "--params",
+        json.dumps(params),
+        "--flow-run-name",
+        "longcot-reviewed",
+    )
     parent = _run_by_name(platform, "longcot-reviewed")
     assert parent.parameters["review"] == "prefect"  # from prefect.yaml
 
@@ -245,10 +292,15 @@ def test_longcot_review_through_the_server(platform, teacher, monkeypatch):
             run = client.read_flow_run(parent.id)
             if run.state.is_final():
                 break
-            assert time.monotonic() < deadline, (f"{len(decided)} reviews after 150 s, flow {run.state.name}\n"
-                                                 f"worker log:\n{_tail(platform.logs / 'worker.log')}")
-            paused = client.read_flow_runs(flow_run_filter=FlowRunFilter(
-                state=FlowRunFilterState(type=FlowRunFilterStateType(any_=[StateType.PAUSED]))))
+            assert time.monotonic() < deadline, (
+                f"{len(decided)} reviews after 150 s, flow {run.state.name}\n"
+                f"worker log:\n{_tail(platform.logs / 'worker.log')}"
+            )
+            paused = client.read_flow_runs(
+                flow_run_filter=FlowRunFilter(
+                    state=FlowRunFilterState(type=FlowRunFilterStateType(any_=[StateType.PAUSED]))
+                )
+            )
             for review_run in paused:
                 path_id = review_run.parameters["path_id"]
                 if path_id in decided:
@@ -263,7 +315,11 @@ def test_longcot_review_through_the_server(platform, teacher, monkeypatch):
                     with pytest.raises(RuntimeError):
                         resume_flow_run(review_run.id, run_input={"item_id": path_id, "action": "maybe"})
                     assert client.read_flow_run(review_run.id).state.is_paused()
-                row = tables.open_table("longcot_paths").to_table(filter=pc.field("path_id") == path_id).to_pylist()[0]
+                row = (
+                    tables.open_table("longcot_paths")
+                    .to_table(filter=pc.field("path_id") == path_id)
+                    .to_pylist()[0]
+                )
                 assert row["status"] == "review"
                 if row["grade"] == "A":
                     decision = {"item_id": path_id, "action": "approve", "reviewer": "dana", "note": "fine"}
@@ -276,12 +332,16 @@ def test_longcot_review_through_the_server(platform, teacher, monkeypatch):
     print(f"longcot with {len(decided)} human reviews on the worker: {time.monotonic() - started:.1f} s")
 
     assert len(decided) == 3
-    reviews = sql.query("select path_id, reviewer, action, source, outcome, flow_run_id, decided_at "
-                        "from longcot_reviews order by path_id")
+    reviews = sql.query(
+        "select path_id, reviewer, action, source, outcome, flow_run_id, decided_at "
+        "from longcot_reviews order by path_id"
+    )
     assert set(reviews.source) == {"person"} and reviews.decided_at.notna().all()
     assert {r.path_id: (r.action, r.flow_run_id) for r in reviews.itertuples()} == decided
     assert {(r.action, r.reviewer, r.outcome) for r in reviews.itertuples()} <= {
-        ("approve", "dana", "kept"), ("reject", "erin", "dropped")}
+        ("approve", "dana", "kept"),
+        ("reject", "erin", "dropped"),
+    }
     kept = set(sql.query("select sample_id from longcot").sample_id)
     for path_id, (action, _) in decided.items():
         assert (path_id in kept) == (action == "approve")

@@ -59,12 +59,22 @@ def image_lookup(part: dict) -> MediaPatches:
 
 
 def picture_prompt(seed: int, question: str) -> list[dict]:
-    return [{"role": "user", "content": [{"type": "image", "seed": seed}, {"type": "text", "text": question}]}]
+    return [
+        {"role": "user", "content": [{"type": "image", "seed": seed}, {"type": "text", "text": question}]}
+    ]
 
 
 MPO_PAIRS = [
-    {"messages": picture_prompt(1, "What is shown?"), "chosen": "A red square.", "rejected": "Nothing, maybe."},
-    {"messages": picture_prompt(2, "How many dots?"), "chosen": "Three.", "rejected": "I cannot tell at all."},
+    {
+        "messages": picture_prompt(1, "What is shown?"),
+        "chosen": "A red square.",
+        "rejected": "Nothing, maybe.",
+    },
+    {
+        "messages": picture_prompt(2, "How many dots?"),
+        "chosen": "Three.",
+        "rejected": "I cannot tell at all.",
+    },
 ]
 GSPO_ITEMS = [
     {"id": "one", "messages": picture_prompt(1, "Describe it."), "reference": "square"},
@@ -91,29 +101,60 @@ def run_trajectory(home: Path, corpus_dir: Path, media_dir: Path) -> dict:
     KeyeForConditionalGeneration(recipe.model_config()).save_pretrained(init)
     out: dict = {"init": weights_digest(init)}
     checkpoint: Path = init
-    for number, stage in ((1, recipe.stages[1]), (2, recipe.stages[2]),
-                          (3, recipe.variant_stage(recipe.variants[0]))):
-        mixture = build_mixture(tables.ref("train_samples"), recipe.mixture(number, recipe.variants[0]),
-                                tables.ref("quarantine"))
-        result = train(stage, init=checkpoint, mixture=mixture.mixture, mixture_id=mixture.mixture_id,
-                       out_dir=home / f"stage-{number}")
+    for number, stage in (
+        (1, recipe.stages[1]),
+        (2, recipe.stages[2]),
+        (3, recipe.variant_stage(recipe.variants[0])),
+    ):
+        mixture = build_mixture(
+            tables.ref("train_samples"), recipe.mixture(number, recipe.variants[0]), tables.ref("quarantine")
+        )
+        result = train(
+            stage,
+            init=checkpoint,
+            mixture=mixture.mixture,
+            mixture_id=mixture.mixture_id,
+            out_dir=home / f"stage-{number}",
+        )
         checkpoint = result.checkpoint_dir / "model"
         out[f"stage{number}"] = {"losses": hexes(result.losses), "weights": weights_digest(checkpoint)}
 
-    mpo = train_mpo(MPOStageConfig(learning_rate=1e-3, max_steps=1, pairs_per_step=2, max_length=256),
-                    init=checkpoint, pairs=MPO_PAIRS, out_dir=home / "mpo", media_lookup=image_lookup)
-    out["mpo"] = {"losses": hexes(mpo.losses),
-                  "metrics": hexes(mpo.metrics[0][k] for k in ("dpo", "bco", "sft", "reward_margin")),
-                  "weights": weights_digest(mpo.checkpoint_dir / "model")}
+    mpo = train_mpo(
+        MPOStageConfig(learning_rate=1e-3, max_steps=1, pairs_per_step=2, max_length=256),
+        init=checkpoint,
+        pairs=MPO_PAIRS,
+        out_dir=home / "mpo",
+        media_lookup=image_lookup,
+    )
+    out["mpo"] = {
+        "losses": hexes(mpo.losses),
+        "metrics": hexes(mpo.metrics[0][k] for k in ("dpo", "bco", "sft", "reward_margin")),
+        "weights": weights_digest(mpo.checkpoint_dir / "model"),
+    }
 
-    gspo = train_gspo(GSPOStageConfig(prompts_per_step=2, group_size=4, max_new_tokens=8, learning_rate=1e-3,
-                                      max_steps=1, hints=None, gspo=GSPOConfig(), seed=3),
-                      init=checkpoint, items=GSPO_ITEMS, reward_fn=letter_share, out_dir=home / "gspo",
-                      media_lookup=image_lookup)
+    gspo = train_gspo(
+        GSPOStageConfig(
+            prompts_per_step=2,
+            group_size=4,
+            max_new_tokens=8,
+            learning_rate=1e-3,
+            max_steps=1,
+            hints=None,
+            gspo=GSPOConfig(),
+            seed=3,
+        ),
+        init=checkpoint,
+        items=GSPO_ITEMS,
+        reward_fn=letter_share,
+        out_dir=home / "gspo",
+        media_lookup=image_lookup,
+    )
     record = gspo.history[0]
     assert record["num_active_responses"] > 0, "the trajectory must include a GSPO update"
-    out["gspo"] = {"metrics": hexes(record[k] for k in ("reward_mean", "loss", "mean_ratio", "grad_norm")),
-                   "weights": weights_digest(gspo.checkpoint_dir / "model")}
+    out["gspo"] = {
+        "metrics": hexes(record[k] for k in ("reward_mean", "loss", "mean_ratio", "grad_norm")),
+        "weights": weights_digest(gspo.checkpoint_dir / "model"),
+    }
     return out
 
 

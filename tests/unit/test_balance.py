@@ -32,8 +32,12 @@ def test_default_coefficients_are_the_text_proxy_and_siglip_against_the_8b_llm()
     assert model.vit_linear == pytest.approx(1393.875)
     assert model.vit_quadratic == 0.2109375
     # The proxy's 24576 is 6·d for d = 4096.
-    assert CostModel.from_model_sizes(vit_layers=27, vit_hidden=1152, vit_mlp=4304, llm_layers=36,
-                                      llm_hidden=4096) == model
+    assert (
+        CostModel.from_model_sizes(
+            vit_layers=27, vit_hidden=1152, vit_mlp=4304, llm_layers=36, llm_hidden=4096
+        )
+        == model
+    )
     assert vit_coefficients(vit_layers=1, vit_hidden=1, vit_mlp=1, llm_layers=1, llm_hidden=1) == (3.0, 1.0)
 
 
@@ -110,8 +114,11 @@ def test_pack_places_every_sample_exactly_once_and_fills_sequences():
 
 def test_pack_samples_uses_their_costs():
     model = CostModel()
-    samples = [SampleCost(6, sample_id="a"), SampleCost(6, (VisionGrid(1000),), sample_id="video"),
-               SampleCost(4, sample_id="b")]
+    samples = [
+        SampleCost(6, sample_id="a"),
+        SampleCost(6, (VisionGrid(1000),), sample_id="video"),
+        SampleCost(4, sample_id="b"),
+    ]
     # Equal lengths: the costlier (the one with a grid) is placed first, so it opens pack 0, and the
     # 4-token sample joins the cheaper pack.
     assert pack(samples, 10, model) == [[1], [0, 2]]

@@ -32,8 +32,12 @@ def hint_text(item_id: str, level: int) -> str:
 
 def make_items(with_hints: bool = True) -> list[dict]:
     return [
-        {"id": item_id, "prompt": f"Question {item_id}: what is the value? /think", "reference": ANSWERS[item_id],
-         **({"hints": {k: hint_text(item_id, k) for k in HINT_LEVELS}} if with_hints else {})}
+        {
+            "id": item_id,
+            "prompt": f"Question {item_id}: what is the value? /think",
+            "reference": ANSWERS[item_id],
+            **({"hints": {k: hint_text(item_id, k) for k in HINT_LEVELS}} if with_hints else {}),
+        }
         for item_id in NEEDS
     ]
 
@@ -122,8 +126,9 @@ def test_rollouts_go_level_by_level_and_stop_at_the_first_success():
 
 def test_max_level_caps_the_hints_tried():
     policy = Policy()
-    records = {r.item_id: r for r in progressive_hint_sampling(make_items(), policy, reward,
-                                                                 HintConfig(max_level=3))}
+    records = {
+        r.item_id: r for r in progressive_hint_sampling(make_items(), policy, reward, HintConfig(max_level=3))
+    }
     assert records["q3"].level == 3 and records["q4"].level is None and records["q5"].level is None
     assert set(records["q4"].pass_rates) == {0, 1, 2, 3}
     assert max(level for _, level, _ in policy.calls) == 3
@@ -195,8 +200,13 @@ def test_items_are_validated():
 
 
 def test_multimodal_prompt_gets_the_hint_in_its_last_text_part():
-    prompt = [{"type": "image", "image": "/data/cat.png"}, {"type": "text", "text": "Question m: how many? /no_think"}]
-    items = [{"id": "m", "prompt": prompt, "reference": "3", "hints": {k: hint_text("m", k) for k in HINT_LEVELS}}]
+    prompt = [
+        {"type": "image", "image": "/data/cat.png"},
+        {"type": "text", "text": "Question m: how many? /no_think"},
+    ]
+    items = [
+        {"id": "m", "prompt": prompt, "reference": "3", "hints": {k: hint_text("m", k) for k in HINT_LEVELS}}
+    ]
     record = progressive_hint_sampling(items, Policy({"m": 2}, {"m": "3"}), reward)[0]
     assert record.level == 2
     assert record.training_prompt == [
@@ -209,9 +219,13 @@ def test_multimodal_prompt_gets_the_hint_in_its_last_text_part():
 def test_hinted_prompt_placement_and_template():
     assert hinted_prompt("Solve x.", "use algebra", 2) == "Solve x.\n\nHint: use algebra"
     assert hinted_prompt("Solve x. /no_think", "use algebra", 2) == "Solve x.\n\nHint: use algebra /no_think"
-    assert hinted_prompt("Solve x./think", "h", 1, " (L{level} hint: {hint})") == "Solve x. (L1 hint: h)/think"
+    assert (
+        hinted_prompt("Solve x./think", "h", 1, " (L{level} hint: {hint})") == "Solve x. (L1 hint: h)/think"
+    )
     assert hinted_prompt([{"type": "image", "image": "a.png"}], "h", 1) == [
-        {"type": "image", "image": "a.png"}, {"type": "text", "text": "Hint: h"}]
+        {"type": "image", "image": "a.png"},
+        {"type": "text", "text": "Hint: h"},
+    ]
 
 
 def test_item_hints_accept_json_style_keys():
@@ -248,7 +262,9 @@ def test_hint_writer_prompt_names_the_level():
 
 def test_levels_follow_the_spec_order():
     assert list(HINT_LEVELS) == [1, 2, 3, 4, 5]
-    for level, word in zip(HINT_LEVELS, ("concept", "strategy", "formula", "first concrete step", "complete")):
+    for level, word in zip(
+        HINT_LEVELS, ("concept", "strategy", "formula", "first concrete step", "complete")
+    ):
         assert word in HINT_LEVELS[level]
 
 

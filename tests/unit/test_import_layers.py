@@ -25,8 +25,20 @@ from pathlib import Path
 import pytest
 
 PACKAGE = "keyeflow"
-LAYERS = ("config", "model", "datasets", "quality", "longcot", "training", "lineage", "steps", "tasks", "flows",
-          "synthetic", "cli")
+LAYERS = (
+    "config",
+    "model",
+    "datasets",
+    "quality",
+    "longcot",
+    "training",
+    "lineage",
+    "steps",
+    "tasks",
+    "flows",
+    "synthetic",
+    "cli",
+)
 RANK = {name: rank for rank, name in enumerate(LAYERS)}
 DOMAIN = ("model", "datasets", "quality", "longcot", "training")
 ORCHESTRATION = ("prefect", "mlflow")  # third-party packages domain code must not import
@@ -79,7 +91,9 @@ def _imported(node: ast.AST, module: str, is_package: bool, modules: set[str]) -
         source = ".".join(base + ([node.module] if node.module else []))
     else:
         source = node.module or ""
-    return [f"{source}.{alias.name}" if f"{source}.{alias.name}" in modules else source for alias in node.names]
+    return [
+        f"{source}.{alias.name}" if f"{source}.{alias.name}" in modules else source for alias in node.names
+    ]
 
 
 def import_violations(root: Path) -> list[Violation]:
@@ -92,7 +106,9 @@ def import_violations(root: Path) -> list[Violation]:
         rel = path.relative_to(root).as_posix()
         layer = layer_of(module)
         if layer is None:
-            violations.append(Violation(rel, 1, module, "-", f"not in a layer; layers are {', '.join(LAYERS)}"))
+            violations.append(
+                Violation(rel, 1, module, "-", f"not in a layer; layers are {', '.join(LAYERS)}")
+            )
             continue
         for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"), filename=rel)):
             if not isinstance(node, (ast.Import, ast.ImportFrom)):
@@ -100,26 +116,38 @@ def import_violations(root: Path) -> list[Violation]:
             for target in dict.fromkeys(_imported(node, module, path.name == "__init__.py", modules)):
                 top = target.split(".")[0]
                 if top in ORCHESTRATION and layer in DOMAIN:
-                    violations.append(Violation(rel, node.lineno, module, target,
-                                                f"domain layer {layer!r} must not import {top}"))
+                    violations.append(
+                        Violation(
+                            rel, node.lineno, module, target, f"domain layer {layer!r} must not import {top}"
+                        )
+                    )
                 if top != PACKAGE:
                     continue
                 target_layer = layer_of(target)
                 if target_layer is None:
                     violations.append(Violation(rel, node.lineno, module, target, "target is not in a layer"))
                 elif target_layer == "synthetic" and layer not in SYNTHETIC_IMPORTERS:
-                    violations.append(Violation(rel, node.lineno, module, target,
-                                                "only keyeflow.cli may import keyeflow.synthetic"))
+                    violations.append(
+                        Violation(
+                            rel,
+                            node.lineno,
+                            module,
+                            target,
+                            "only keyeflow.cli may import keyeflow.synthetic",
+                        )
+                    )
                 elif RANK[target_layer] > RANK[layer]:
-                    violations.append(Violation(rel, node.lineno, module, target,
-                                                f"upward, {layer} → {target_layer}"))
+                    violations.append(
+                        Violation(rel, node.lineno, module, target, f"upward, {layer} → {target_layer}")
+                    )
     # ast.walk goes breadth first; a report reads best in file and line order.
     return sorted(violations, key=lambda v: (Path(v.path).parts, v.line))
 
 
 def _report(violations: list[Violation]) -> str:
-    return f"{len(violations)} import(s) break the layer order {' → '.join(LAYERS)}:\n" + \
-        "\n".join(f"  {v}" for v in violations)
+    return f"{len(violations)} import(s) break the layer order {' → '.join(LAYERS)}:\n" + "\n".join(
+        f"  {v}" for v in violations
+    )
 
 
 def test_keyeflow_imports_follow_the_layers():
@@ -149,13 +177,15 @@ def test_layer_of_maps_modules_to_layers():
 
 
 def test_checker_reports_upward_imports_and_passes_downward_ones(tmp_path):
-    root = _tree(tmp_path, {
-        "__init__.py": "",
-        "config.py": "import json\n",
-        "lineage.py": "import mlflow\nfrom keyeflow.training import loop\n",  # mlflow above the domain: fine
-        "cli.py": "from keyeflow.synthetic import teacher\nfrom keyeflow import lineage\n",
-        "model/__init__.py": "",
-        "model/net.py": """
+    root = _tree(
+        tmp_path,
+        {
+            "__init__.py": "",
+            "config.py": "import json\n",
+            "lineage.py": "import mlflow\nfrom keyeflow.training import loop\n",  # mlflow above the domain: fine
+            "cli.py": "from keyeflow.synthetic import teacher\nfrom keyeflow import lineage\n",
+            "model/__init__.py": "",
+            "model/net.py": """
             from keyeflow import config
             from . import layers
 
@@ -163,9 +193,9 @@ def test_checker_reports_upward_imports_and_passes_downward_ones(tmp_path):
                 from keyeflow.training.loop import train  # upward, hidden in a function
                 return train
             """,
-        "model/layers.py": "import torch\n",
-        "datasets/__init__.py": "",
-        "datasets/tables.py": """
+            "model/layers.py": "import torch\n",
+            "datasets/__init__.py": "",
+            "datasets/tables.py": """
             from typing import TYPE_CHECKING
 
             from ..model import net
@@ -177,21 +207,22 @@ def test_checker_reports_upward_imports_and_passes_downward_ones(tmp_path):
             class Loader:
                 import prefect  # orchestration in the domain
             """,
-        "training/__init__.py": "",
-        "training/loop.py": """
+            "training/__init__.py": "",
+            "training/loop.py": """
             import keyeflow.config
             import keyeflow.datasets.tables
             from keyeflow.model import net, layers
             from .. import config
             from . import loop as myself
             """,
-        "tasks/__init__.py": "",
-        "tasks/run.py": "from prefect import task\nfrom keyeflow.synthetic.teacher import answer\n",
-        "synthetic/__init__.py": "",
-        "synthetic/teacher.py": "from keyeflow.tasks import run\nfrom . import samples\n",
-        "synthetic/samples.py": "",
-        "helpers.py": "",
-    })
+            "tasks/__init__.py": "",
+            "tasks/run.py": "from prefect import task\nfrom keyeflow.synthetic.teacher import answer\n",
+            "synthetic/__init__.py": "",
+            "synthetic/teacher.py": "from keyeflow.tasks import run\nfrom . import samples\n",
+            "synthetic/samples.py": "",
+            "helpers.py": "",
+        },
+    )
     found = [(v.path, v.line, v.target) for v in import_violations(root)]
     assert found == [
         ("keyeflow/datasets/tables.py", 8, "keyeflow.lineage"),
@@ -201,34 +232,56 @@ def test_checker_reports_upward_imports_and_passes_downward_ones(tmp_path):
         ("keyeflow/tasks/run.py", 2, "keyeflow.synthetic.teacher"),
     ]
     report = _report(import_violations(root))
-    assert "keyeflow/model/net.py:6: keyeflow.model.net imports keyeflow.training.loop: upward, model → training" \
+    assert (
+        "keyeflow/model/net.py:6: keyeflow.model.net imports keyeflow.training.loop: upward, model → training"
         in report
+    )
     assert "only keyeflow.cli may import keyeflow.synthetic" in report
     assert "domain layer 'datasets' must not import prefect" in report
 
 
 def test_checker_on_a_copy_of_keyeflow_sees_a_planted_upward_import(tmp_path):
-    shutil.copytree(REPO_ROOT / PACKAGE, tmp_path / PACKAGE, ignore=shutil.ignore_patterns("__pycache__", "assets"))
+    shutil.copytree(
+        REPO_ROOT / PACKAGE, tmp_path / PACKAGE, ignore=shutil.ignore_patterns("__pycache__", "assets")
+    )
     before = {str(v) for v in import_violations(tmp_path)}
     config = tmp_path / PACKAGE / "config.py"
     config.write_text(config.read_text() + "\n\ndef _late():\n    from keyeflow.flows import pretrain\n")
     line = len(config.read_text().splitlines())
     added = [v for v in import_violations(tmp_path) if str(v) not in before]
     assert [(v.path, v.line, v.target, v.why) for v in added] == [
-        ("keyeflow/config.py", line, "keyeflow.flows.pretrain", "upward, config → flows")]
+        ("keyeflow/config.py", line, "keyeflow.flows.pretrain", "upward, config → flows")
+    ]
 
 
-@pytest.mark.parametrize(("module", "is_package", "statement", "expected"), [
-    ("keyeflow.training.rl", False, "from .config import StageConfig", ["keyeflow.training.config"]),
-    ("keyeflow.training", True, "from .config import StageConfig", ["keyeflow.training.config"]),
-    ("keyeflow.training.rl", False, "from ..model import checkpoint", ["keyeflow.model.checkpoint"]),
-    ("keyeflow.training.rl", False, "from .. import lineage", ["keyeflow.lineage"]),
-    ("keyeflow.training.rl", False, "import keyeflow.model.checkpoint as ck", ["keyeflow.model.checkpoint"]),
-    ("keyeflow.training.rl", False, "from keyeflow.training import hints, losses",
-     ["keyeflow.training.hints", "keyeflow.training.losses"]),
-])
+@pytest.mark.parametrize(
+    ("module", "is_package", "statement", "expected"),
+    [
+        ("keyeflow.training.rl", False, "from .config import StageConfig", ["keyeflow.training.config"]),
+        ("keyeflow.training", True, "from .config import StageConfig", ["keyeflow.training.config"]),
+        ("keyeflow.training.rl", False, "from ..model import checkpoint", ["keyeflow.model.checkpoint"]),
+        ("keyeflow.training.rl", False, "from .. import lineage", ["keyeflow.lineage"]),
+        (
+            "keyeflow.training.rl",
+            False,
+            "import keyeflow.model.checkpoint as ck",
+            ["keyeflow.model.checkpoint"],
+        ),
+        (
+            "keyeflow.training.rl",
+            False,
+            "from keyeflow.training import hints, losses",
+            ["keyeflow.training.hints", "keyeflow.training.losses"],
+        ),
+    ],
+)
 def test_relative_and_from_imports_resolve_to_modules(module, is_package, statement, expected):
-    modules = {"keyeflow.training.config", "keyeflow.model.checkpoint", "keyeflow.lineage",
-               "keyeflow.training.hints", "keyeflow.training.losses"}
+    modules = {
+        "keyeflow.training.config",
+        "keyeflow.model.checkpoint",
+        "keyeflow.lineage",
+        "keyeflow.training.hints",
+        "keyeflow.training.losses",
+    }
     node = ast.parse(statement).body[0]
     assert _imported(node, module, is_package, modules) == expected

@@ -53,8 +53,13 @@ MARGINS = [0.2, -0.15, -0.125]
 
 
 def mpo_inputs(grad: bool = False):
-    return (t(POLICY_CHOSEN, grad=grad), t(POLICY_REJECTED, grad=grad), t(REF_CHOSEN), t(REF_REJECTED),
-            torch.tensor(CHOSEN_TOKENS))
+    return (
+        t(POLICY_CHOSEN, grad=grad),
+        t(POLICY_REJECTED, grad=grad),
+        t(REF_CHOSEN),
+        t(REF_REJECTED),
+        torch.tensor(CHOSEN_TOKENS),
+    )
 
 
 def expected_dpo() -> float:
@@ -62,7 +67,9 @@ def expected_dpo() -> float:
 
 
 def expected_bco(delta: float) -> float:
-    return sum(-logsig(c - delta) - logsig(-(r - delta)) for c, r in zip(CHOSEN_REWARDS, REJECTED_REWARDS)) / 3
+    return (
+        sum(-logsig(c - delta) - logsig(-(r - delta)) for c, r in zip(CHOSEN_REWARDS, REJECTED_REWARDS)) / 3
+    )
 
 
 EXPECTED_SFT = (12.0 + 30.5 + 7.25) / (4 + 10 + 3)  # Σ chosen NLL / Σ chosen tokens
@@ -90,8 +97,9 @@ def test_mpo_terms_match_their_formulas_without_shift():
     assert out.dpo.item() == pytest.approx(expected_dpo(), rel=1e-12)
     assert out.bco.item() == pytest.approx(expected_bco(0.0), rel=1e-12)
     assert out.sft.item() == pytest.approx(EXPECTED_SFT, rel=1e-12)
-    assert out.loss.item() == pytest.approx(0.8 * expected_dpo() + 0.2 * expected_bco(0.0) + EXPECTED_SFT,
-                                            rel=1e-12)
+    assert out.loss.item() == pytest.approx(
+        0.8 * expected_dpo() + 0.2 * expected_bco(0.0) + EXPECTED_SFT, rel=1e-12
+    )
     assert out.reward_margin.item() == pytest.approx(sum(MARGINS) / 3)
     assert out.reward_accuracy.item() == pytest.approx(1 / 3)
     assert out.bco_shift == 0.0
@@ -104,8 +112,15 @@ def test_bco_shift_is_the_running_mean_of_batch_means_including_the_current_batc
     assert first.bco_shift == pytest.approx(m1)
     assert first.bco.item() == pytest.approx(expected_bco(m1), rel=1e-12)
     # A second batch whose rewards are all 0.3 (log-ratios 3): δ = (m1 + 0.3) / 2, each batch counted once.
-    second = mpo_loss(MPOConfig(), t([-1.0, -2.0]), t([-4.0, -5.0]), t([-4.0, -5.0]), t([-7.0, -8.0]),
-                      torch.tensor([1, 1]), reward_shift=shift)
+    second = mpo_loss(
+        MPOConfig(),
+        t([-1.0, -2.0]),
+        t([-4.0, -5.0]),
+        t([-4.0, -5.0]),
+        t([-7.0, -8.0]),
+        torch.tensor([1, 1]),
+        reward_shift=shift,
+    )
     delta = (m1 + 0.3) / 2
     assert shift.num_batches == 2 and shift.mean == pytest.approx(delta)
     assert second.bco_shift == pytest.approx(delta)
@@ -129,9 +144,13 @@ def test_reward_shift_matches_trl_running_moments_fed_one_scalar_per_batch():
 def test_zero_bco_weight_reduces_to_dpo_plus_sft_and_weights_scale_terms():
     out = mpo_loss(MPOConfig(bco_weight=0.0), *mpo_inputs(), reward_shift=None)
     assert out.loss.item() == pytest.approx(0.8 * expected_dpo() + EXPECTED_SFT, rel=1e-12)
-    only_dpo = mpo_loss(MPOConfig(dpo_weight=1.0, bco_weight=0.0, sft_weight=0.0), *mpo_inputs(), reward_shift=None)
+    only_dpo = mpo_loss(
+        MPOConfig(dpo_weight=1.0, bco_weight=0.0, sft_weight=0.0), *mpo_inputs(), reward_shift=None
+    )
     assert only_dpo.loss.item() == pytest.approx(expected_dpo(), rel=1e-12)
-    doubled = mpo_loss(MPOConfig(dpo_weight=1.6, bco_weight=0.4, sft_weight=2.0), *mpo_inputs(), reward_shift=None)
+    doubled = mpo_loss(
+        MPOConfig(dpo_weight=1.6, bco_weight=0.4, sft_weight=2.0), *mpo_inputs(), reward_shift=None
+    )
     default = mpo_loss(MPOConfig(), *mpo_inputs(), reward_shift=None)
     assert doubled.loss.item() == pytest.approx(2 * default.loss.item(), rel=1e-12)
 
@@ -202,8 +221,12 @@ def trl_dpo_loss(loss_types: list[str], loss_weights: list[float], beta: float =
 
     def model(**kwargs):
         zeros = torch.zeros(6, width, dtype=F64)
-        return SimpleNamespace(log_probs=per_token, entropy=zeros, mean_logits=zeros,
-                               is_top1=torch.zeros(6, width, dtype=torch.bool))
+        return SimpleNamespace(
+            log_probs=per_token,
+            entropy=zeros,
+            mean_logits=zeros,
+            is_top1=torch.zeros(6, width, dtype=torch.bool),
+        )
 
     trainer = SimpleNamespace(
         model=SimpleNamespace(training=True), accelerator=OneProcessAccelerator(), aux_loss_enabled=False,
@@ -211,9 +234,13 @@ def trl_dpo_loss(loss_types: list[str], loss_weights: list[float], beta: float =
         loss_weights=loss_weights, beta=beta, use_weighting=False, label_smoothing=0.0,
         _metrics={"train": defaultdict(list), "eval": defaultdict(list)}, _total_train_tokens=0, _tp_size=1,
     )  # fmt: skip
-    inputs = {"input_ids": torch.zeros(6, width + 1, dtype=torch.long),
-              "attention_mask": torch.ones(6, width + 1, dtype=torch.long), "completion_mask": completion_mask,
-              "ref_chosen_logps": t(REF_CHOSEN), "ref_rejected_logps": t(REF_REJECTED)}
+    inputs = {
+        "input_ids": torch.zeros(6, width + 1, dtype=torch.long),
+        "attention_mask": torch.ones(6, width + 1, dtype=torch.long),
+        "completion_mask": completion_mask,
+        "ref_chosen_logps": t(REF_CHOSEN),
+        "ref_rejected_logps": t(REF_REJECTED),
+    }
     loss = DPOTrainer._compute_loss(trainer, model, inputs, return_outputs=False)
     return loss, trainer._metrics["train"], per_token
 
@@ -240,10 +267,12 @@ def test_mpo_total_metrics_and_gradients_equal_trl_mpo_recipe():
     # token of a response gets TRL gradient equal to ours w.r.t. the summed log-prob (padding gets none).
     mask = per_token.detach() != 0
     for row in range(3):
-        assert per_token.grad[row][mask[row]].tolist() == pytest.approx([pc.grad[row].item()] * CHOSEN_TOKENS[row],
-                                                                        rel=1e-10)
+        assert per_token.grad[row][mask[row]].tolist() == pytest.approx(
+            [pc.grad[row].item()] * CHOSEN_TOKENS[row], rel=1e-10
+        )
         assert per_token.grad[3 + row][mask[3 + row]].tolist() == pytest.approx(
-            [pr.grad[row].item()] * int(mask[3 + row].sum()), rel=1e-10)
+            [pr.grad[row].item()] * int(mask[3 + row].sum()), rel=1e-10
+        )
 
 
 # ---------------------------------------------------------------------------------------------- GSPO: config, advantages
@@ -269,8 +298,9 @@ def test_group_advantages_use_bessel_std_per_prompt_and_zero_for_equal_rewards()
     adv = group_advantages(rewards, eps=1e-4)
     # row 0: mean 0.5, unbiased std sqrt(4·0.25/3) = sqrt(1/3)
     s0 = math.sqrt(1 / 3)
-    assert adv[0].tolist() == pytest.approx([0.5 / (s0 + 1e-4), -0.5 / (s0 + 1e-4)] * 1 + [-0.5 / (s0 + 1e-4),
-                                            0.5 / (s0 + 1e-4)], rel=1e-6)
+    assert adv[0].tolist() == pytest.approx(
+        [0.5 / (s0 + 1e-4), -0.5 / (s0 + 1e-4)] * 1 + [-0.5 / (s0 + 1e-4), 0.5 / (s0 + 1e-4)], rel=1e-6
+    )
     # row 1: all equal (0.7 is not exact in binary): exactly 0, no NaN
     assert adv[1].tolist() == [0.0, 0.0, 0.0, 0.0]
     # row 2: mean 1, unbiased std sqrt(2/3)
@@ -313,7 +343,9 @@ def clipping_case():
     mask = torch.tensor([[1, 1, 0], [1, 1, 1], [1, 0, 0], [1, 1, 0], [1, 1, 1]], dtype=torch.bool)
     old = t([[-1.0, -2.0, 0.0], [-0.5, -0.7, -3.0], [-2.5, 0.0, 0.0], [-1.5, -0.2, 0.0], [-0.9, -1.1, -1.3]])
     # per-response log s: +1e-3, +1e-3, −1e-3, −1e-3, +1e-4 (spread unevenly over the tokens)
-    shift = t([[0.5e-3, 1.5e-3, 0.0], [3e-3, 0.0, 0.0], [-1e-3, 0.0, 0.0], [-2e-3, 0.0, 0.0], [0.0, 3e-4, 0.0]])
+    shift = t(
+        [[0.5e-3, 1.5e-3, 0.0], [3e-3, 0.0, 0.0], [-1e-3, 0.0, 0.0], [-2e-3, 0.0, 0.0], [0.0, 3e-4, 0.0]]
+    )
     logps = (old + shift).requires_grad_(True)
     adv = t([1.0, -1.0, -1.0, 1.0, 0.5])
     log_s = [1e-3, 1e-3, -1e-3, -1e-3, 1e-4]
@@ -339,7 +371,9 @@ def test_gspo_clips_both_sides_for_both_advantage_signs():
     for i in range(5):
         expected = 0.0 if clipped[i] else -adv[i].item() * s[i] / lengths[i] / 5
         for k in range(3):
-            assert logps.grad[i, k].item() == pytest.approx(expected if mask[i, k] else 0.0, rel=1e-10, abs=1e-15)
+            assert logps.grad[i, k].item() == pytest.approx(
+                expected if mask[i, k] else 0.0, rel=1e-10, abs=1e-15
+            )
 
 
 def test_gspo_token_gradient_equals_the_sequence_form_gradient():
@@ -350,19 +384,24 @@ def test_gspo_token_gradient_equals_the_sequence_form_gradient():
     reference = sequence_form(logps, old, mask, adv)
     reference.backward()
     assert torch.allclose(ours, logps.grad, rtol=1e-12, atol=1e-15)
-    assert gspo_loss(GSPOConfig(), logps, adv, mask, old_logps=old).loss.item() == pytest.approx(reference.item(),
-                                                                                                rel=1e-12)
+    assert gspo_loss(GSPOConfig(), logps, adv, mask, old_logps=old).loss.item() == pytest.approx(
+        reference.item(), rel=1e-12
+    )
 
 
 def test_on_policy_ratio_is_exactly_one_and_gradient_is_the_advantage_over_length():
     mask = torch.tensor([[1, 1, 1, 0], [1, 0, 0, 0], [1, 1, 1, 1], [1, 1, 0, 0]], dtype=torch.bool)
-    logps = t([[-0.3, -1.2, -2.0, 0.0], [-4.0, 0.0, 0.0, 0.0], [-0.1, -0.2, -0.3, -0.4], [-2.2, -0.01, 0.0, 0.0]],
-              grad=True)
+    logps = t(
+        [[-0.3, -1.2, -2.0, 0.0], [-4.0, 0.0, 0.0, 0.0], [-0.1, -0.2, -0.3, -0.4], [-2.2, -0.01, 0.0, 0.0]],
+        grad=True,
+    )
     adv = group_advantages(torch.tensor([[1.0, 0.0], [0.0, 1.0]])).flatten().double()  # ±1/(√½ + 1e-4)
     out = gspo_loss(GSPOConfig(), logps, adv, mask)  # old_logps=None: on-policy
     assert out.ratio.tolist() == [1.0, 1.0, 1.0, 1.0]
     assert out.clip_fraction.item() == 0.0
-    assert out.loss.item() == pytest.approx(-adv.mean().item(), abs=1e-12)  # = 0 for group-normalised advantages
+    assert out.loss.item() == pytest.approx(
+        -adv.mean().item(), abs=1e-12
+    )  # = 0 for group-normalised advantages
     out.loss.backward()
     lengths = [3, 1, 4, 2]
     for i in range(4):
@@ -403,10 +442,14 @@ def test_padding_values_are_ignored_even_nan():
     clean.loss.backward()
     clean_grad = logps.grad.clone()
 
-    dirty_logps = torch.where(mask, logps.detach(), torch.tensor(float("nan"), dtype=F64)).requires_grad_(True)
+    dirty_logps = torch.where(mask, logps.detach(), torch.tensor(float("nan"), dtype=F64)).requires_grad_(
+        True
+    )
     dirty_old = torch.where(mask, old, torch.tensor(float("-inf"), dtype=F64))
     dirty_ref = torch.where(mask, old - 0.2, torch.tensor(float("nan"), dtype=F64))
-    dirty = gspo_loss(GSPOConfig(kl_coef=0.1), dirty_logps, adv, mask, old_logps=dirty_old, ref_logps=dirty_ref)
+    dirty = gspo_loss(
+        GSPOConfig(kl_coef=0.1), dirty_logps, adv, mask, old_logps=dirty_old, ref_logps=dirty_ref
+    )
     dirty.loss.backward()
     assert dirty.loss.item() == pytest.approx(clean.loss.item(), rel=1e-12)
     assert torch.equal(dirty_logps.grad, clean_grad)
@@ -429,8 +472,12 @@ def test_kl_term_is_the_k3_estimator_averaged_per_response():
     assert out.loss.item() == pytest.approx(0.04 * kl, rel=1e-12)
     out.loss.backward()
     # d/dlogp [e^(ref−logp) − (ref−logp) − 1] = 1 − e^(ref−logp); plus the policy part −A/(N·|y|)
-    assert logps.grad[0, 0].item() == pytest.approx(0.04 * (1 - math.exp(-0.5)) / 2 / 2 - 1.0 / 2 / 2, rel=1e-12)
-    assert logps.grad[1, 0].item() == pytest.approx(0.04 * (1 - math.exp(0.25)) / 1 / 2 + 1.0 / 1 / 2, rel=1e-12)
+    assert logps.grad[0, 0].item() == pytest.approx(
+        0.04 * (1 - math.exp(-0.5)) / 2 / 2 - 1.0 / 2 / 2, rel=1e-12
+    )
+    assert logps.grad[1, 0].item() == pytest.approx(
+        0.04 * (1 - math.exp(0.25)) / 1 / 2 + 1.0 / 1 / 2, rel=1e-12
+    )
     assert logps.grad[1, 1].item() == 0.0
 
 
@@ -445,8 +492,12 @@ def test_bf16_log_probs_are_computed_in_float32():
     assert out.loss.item() == pytest.approx(expected.item(), rel=1e-5)
     out.loss.backward()
     assert half.grad.dtype == torch.bfloat16 and torch.isfinite(half.grad).all()
-    mpo = mpo_loss(MPOConfig(), *(x.to(torch.bfloat16) for x in mpo_inputs()[:4]), torch.tensor(CHOSEN_TOKENS),
-                   reward_shift=None)
+    mpo = mpo_loss(
+        MPOConfig(),
+        *(x.to(torch.bfloat16) for x in mpo_inputs()[:4]),
+        torch.tensor(CHOSEN_TOKENS),
+        reward_shift=None,
+    )
     assert mpo.loss.dtype == torch.float32
 
 
@@ -480,9 +531,14 @@ def trl_gspo_loss(logps, old, ref, mask, adv, beta=0.0):
         current_gradient_accumulation_steps=1, _entropy_bonus_enabled=False,
         _metrics={"train": defaultdict(list), "eval": defaultdict(list)},
     )  # fmt: skip
-    inputs = {"prompt_ids": torch.zeros(n, 1, dtype=torch.long), "prompt_mask": torch.ones(n, 1, dtype=torch.long),
-              "completion_ids": torch.zeros(n, width, dtype=torch.long), "completion_mask": mask.long(),
-              "advantages": adv, "old_per_token_logps": old}
+    inputs = {
+        "prompt_ids": torch.zeros(n, 1, dtype=torch.long),
+        "prompt_mask": torch.ones(n, 1, dtype=torch.long),
+        "completion_ids": torch.zeros(n, width, dtype=torch.long),
+        "completion_mask": mask.long(),
+        "advantages": adv,
+        "old_per_token_logps": old,
+    }
     if ref is not None:
         inputs["ref_per_token_logps"] = ref
     return GRPOTrainer._compute_loss(trainer, None, inputs), trainer._metrics["train"]
@@ -495,8 +551,9 @@ def test_gspo_equals_trl_grpo_with_sequence_importance_sampling(kl_coef):
     trl_logps = logps.detach().clone().requires_grad_(True)
     trl_loss, metrics = trl_gspo_loss(trl_logps, old, ref if kl_coef else None, mask, adv, beta=kl_coef)
     trl_loss.backward()
-    ours = gspo_loss(GSPOConfig(kl_coef=kl_coef), logps, adv, mask, old_logps=old,
-                     ref_logps=ref if kl_coef else None)
+    ours = gspo_loss(
+        GSPOConfig(kl_coef=kl_coef), logps, adv, mask, old_logps=old, ref_logps=ref if kl_coef else None
+    )
     ours.loss.backward()
     assert ours.loss.item() == pytest.approx(trl_loss.item(), rel=1e-12)
     assert torch.allclose(logps.grad, trl_logps.grad, rtol=1e-12, atol=1e-15)

@@ -68,7 +68,10 @@ def test_config_hash_is_stable_and_sensitive():
     a = config(target_shares={"text": 0.26, "image": 0.5, "video": 0.24})
     b = config(target_shares={"video": 0.24, "image": 0.50, "text": 0.26})
     assert a.config_hash() == b.config_hash()
-    assert config(upsample=True, max_repeats=2.0).config_hash() == config(upsample=True, max_repeats=2).config_hash()
+    assert (
+        config(upsample=True, max_repeats=2.0).config_hash()
+        == config(upsample=True, max_repeats=2).config_hash()
+    )
     assert config(seed=1).config_hash() != a.config_hash()
     assert config(source_weights={"x": 3}).config_hash() != a.config_hash()
     # Within 1e-9 counts as summing to one (shares typed as decimals rarely add up exactly).
@@ -96,8 +99,13 @@ def test_default_size_is_the_largest_the_data_gives():
 
 def test_weights_split_a_modality_and_short_sources_give_the_rest_to_others():
     available = [("image", "a", 1_000, 10), ("image", "b", 1_000, 10), ("image", "c", 100, 1)]
-    cfg = MixtureConfig(stage=1, target_shares={"image": 1.0}, max_sample_tokens=8192, total_tokens=1_000,
-                        source_weights={"a": 3, "b": 1, "c": 4})
+    cfg = MixtureConfig(
+        stage=1,
+        target_shares={"image": 1.0},
+        max_sample_tokens=8192,
+        total_tokens=1_000,
+        source_weights={"a": 3, "b": 1, "c": 4},
+    )
     plan = plan_quotas(available, cfg)
     quotas = {p.source: p.quota for p in plan.sources}
     # c asks for 4/8 = 500 but has 100: it gives all of it, a and b split the other 900 at 3:1.

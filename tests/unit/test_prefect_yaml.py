@@ -23,4 +23,12 @@ def test_every_deployment_points_at_a_flow_with_those_parameters():
         assert hasattr(flow, "deploy"), f"{deployment['entrypoint']} is not a Prefect flow"
         accepted = set(inspect.signature(flow.fn).parameters)
         assert set(deployment.get("parameters", {})) <= accepted, deployment["name"]
-    assert {"ingest-videos", "pretokenize-videos", "video-pipeline", "data-pipeline", "longcot", "pretrain", "posttrain"} <= set(names)
+    assert {
+        "ingest-videos",
+        "pretokenize-videos",
+        "video-pipeline",
+        "data-pipeline",
+        "longcot",
+        "pretrain",
+        "posttrain",
+    } <= set(names)

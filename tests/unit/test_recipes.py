@@ -83,8 +83,20 @@ def test_training_refuses_model_parallel_sizes_it_cannot_run(tmp_path):
     from keyeflow.model.config import tiny
     from keyeflow.training.trainer import train
 
-    stage = StageConfig(name="cp", learning_rate=1e-3, max_steps=1, max_length=64, window_size=1,
-                        deepspeed_zero=1, sequence_parallel_size=2)
+    stage = StageConfig(
+        name="cp",
+        learning_rate=1e-3,
+        max_steps=1,
+        max_length=64,
+        window_size=1,
+        deepspeed_zero=1,
+        sequence_parallel_size=2,
+    )
     with pytest.raises(ValueError, match="trains data-parallel only"):
-        train(stage, init=tiny(), mixture=TableRef("mixtures", str(tmp_path / "m.lance"), 1), mixture_id="x",
-              out_dir=tmp_path / "out")
+        train(
+            stage,
+            init=tiny(),
+            mixture=TableRef("mixtures", str(tmp_path / "m.lance"), 1),
+            mixture_id="x",
+            out_dir=tmp_path / "out",
+        )

@@ -28,8 +28,9 @@ from keyeflow.quality.reward_model import (
 from keyeflow.quality.rewards import prompt_mode
 
 
-def think_output(a: dict[str, int] | None = None, b: dict[str, int] | None = None, verdict: str = "A",
-                 extra: str = "") -> str:
+def think_output(
+    a: dict[str, int] | None = None, b: dict[str, int] | None = None, verdict: str = "A", extra: str = ""
+) -> str:
     a = a or {}
     b = b or {}
     lines = [f"{n}: A={a.get(n, 7)}, B={b.get(n, 4)}" for n in DIMENSION_NAMES]
@@ -41,10 +42,19 @@ def think_output(a: dict[str, int] | None = None, b: dict[str, int] | None = Non
 
 def test_nine_dimensions_four_from_spec_five_ours_each_defined():
     assert len(DIMENSIONS) == 9 and len(set(DIMENSION_NAMES)) == 9
-    assert [d.name for d in DIMENSIONS if d.source == "SPEC"] == ["credibility", "correctness", "redundancy",
-                                                                 "relevance"]
+    assert [d.name for d in DIMENSIONS if d.source == "SPEC"] == [
+        "credibility",
+        "correctness",
+        "redundancy",
+        "relevance",
+    ]
     assert {d.name for d in DIMENSIONS if d.source == "ours"} == {
-        "completeness", "instruction_following", "clarity", "visual_grounding", "safety"}
+        "completeness",
+        "instruction_following",
+        "clarity",
+        "visual_grounding",
+        "safety",
+    }
     assert all(d.definition and "\n" not in d.definition for d in DIMENSIONS)
 
 
@@ -75,11 +85,15 @@ def test_config_is_validated_with_clear_errors():
 def test_prompt_for_a_text_query_is_one_string_ending_with_the_mode_switch():
     messages = build_prompt("Solve the sum.", "What is 2+2?", "4", "5", "no_think")
     assert messages[0] == {"role": "system", "content": SYSTEM_PROMPT}
-    assert messages[1] == {"role": "user", "content": (
-        "Task definition: Solve the sum.\n\nQuery:\nWhat is 2+2?\n\nResponse A:\n4\n\nResponse B:\n5\n\n"
-        "Compare the two responses on credibility, correctness, redundancy, relevance, completeness, "
-        "instruction following, clarity, visual grounding, safety. Reply with exactly one line: `Verdict: A`, "
-        "`Verdict: B` or `Verdict: tie`. /no_think")}
+    assert messages[1] == {
+        "role": "user",
+        "content": (
+            "Task definition: Solve the sum.\n\nQuery:\nWhat is 2+2?\n\nResponse A:\n4\n\nResponse B:\n5\n\n"
+            "Compare the two responses on credibility, correctness, redundancy, relevance, completeness, "
+            "instruction following, clarity, visual grounding, safety. Reply with exactly one line: `Verdict: A`, "
+            "`Verdict: B` or `Verdict: tie`. /no_think"
+        ),
+    }
     think = build_prompt("Solve the sum.", "What is 2+2?", "4", "5", "think")[1]["content"]
     assert think.endswith(" /think") and prompt_mode(think) == "think"
     assert all(f"- {d.name}: {d.definition}" in think for d in DIMENSIONS)
@@ -93,11 +107,17 @@ def test_prompt_keeps_media_parts_in_place_and_flattens_a_chat_query():
     content = build_prompt("Read the chart.", query, "The red one.", "Blue.", "think")[1]["content"]
     assert content[0] == {"type": "text", "text": "Task definition: Read the chart.\n\nQuery:\n"}
     assert content[1] == image
-    assert content[2]["text"].startswith("Which bar is tallest?\n\nResponse A:\nThe red one.\n\nResponse B:\nBlue.")
+    assert content[2]["text"].startswith(
+        "Which bar is tallest?\n\nResponse A:\nThe red one.\n\nResponse B:\nBlue."
+    )
     assert prompt_mode(content) == "think"
     chat = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi?"}]
-    assert query_parts(chat) == [{"type": "text", "text": "[system]\n"}, {"type": "text", "text": "Be brief."},
-                                 {"type": "text", "text": "\n[user]\n"}, {"type": "text", "text": "Hi?"}]
+    assert query_parts(chat) == [
+        {"type": "text", "text": "[system]\n"},
+        {"type": "text", "text": "Be brief."},
+        {"type": "text", "text": "\n[user]\n"},
+        {"type": "text", "text": "Hi?"},
+    ]
     with pytest.raises(ValueError, match="mode must be one of"):
         build_prompt("t", "q", "a", "b", "auto_think")
     with pytest.raises(ValueError, match="task_definition must be a non-empty string"):
@@ -132,9 +152,15 @@ def test_malformed_no_think_outputs_say_what_is_wrong(text, problem):
 
 
 def test_think_output_parses_scores_and_verdict_with_free_reasoning_lines():
-    text = think_output({"correctness": 10}, {"correctness": 1}, "B",
-                        extra="A gives the right sum; B does not.\n- but B is shorter\n")
-    judgement = parse_output("\n  " + text.replace("safety: A=7, B=4", "  - Safety :A = 7 ,B= 4") + "\n", "think")
+    text = think_output(
+        {"correctness": 10},
+        {"correctness": 1},
+        "B",
+        extra="A gives the right sum; B does not.\n- but B is shorter\n",
+    )
+    judgement = parse_output(
+        "\n  " + text.replace("safety: A=7, B=4", "  - Safety :A = 7 ,B= 4") + "\n", "think"
+    )
     assert judgement.verdict == "B"
     assert judgement.scores_a["correctness"] == 10 and judgement.scores_b["correctness"] == 1
     assert judgement.scores_a["safety"] == 7 and judgement.scores_b["safety"] == 4
@@ -185,8 +211,10 @@ def test_preference_value_of_a_judgement_from_either_position():
     s_a, s_b = (7 * 8 + 10) / 9, (4 * 8 + 1) / 9
     assert preference_value(judgement, "A", config) == pytest.approx(0.5 + 0.5 * (0.5 + (s_a - s_b) / 18))
     assert preference_value(judgement, "B", config) == pytest.approx(0.5 * (0.5 + (s_b - s_a) / 18))
-    only_correctness = RewardModelConfig(verdict_weight=0.0, dimension_weights={
-        n: (1.0 if n == "correctness" else 0.0) for n in DIMENSION_NAMES})
+    only_correctness = RewardModelConfig(
+        verdict_weight=0.0,
+        dimension_weights={n: (1.0 if n == "correctness" else 0.0) for n in DIMENSION_NAMES},
+    )
     assert preference_value(judgement, "A", only_correctness) == pytest.approx(0.5 + 9 / 18)
 
 
@@ -194,8 +222,13 @@ def test_preference_value_of_a_judgement_from_either_position():
 
 
 def pair(chosen_words: int, rejected_words: int, name: str = "p", **extra) -> dict:
-    return {"pair_id": name, "messages": [{"role": "user", "content": "What is the capital of France?"}],
-            "chosen": " ".join(["paris"] * chosen_words), "rejected": " ".join(["lyon"] * rejected_words), **extra}
+    return {
+        "pair_id": name,
+        "messages": [{"role": "user", "content": "What is the capital of France?"}],
+        "chosen": " ".join(["paris"] * chosen_words),
+        "rejected": " ".join(["lyon"] * rejected_words),
+        **extra,
+    }
 
 
 def test_length_debias_oversamples_pairs_whose_preferred_answer_is_shorter():
@@ -206,7 +239,11 @@ def test_length_debias_oversamples_pairs_whose_preferred_answer_is_shorter():
     assert (report.num_after, report.num_shorter_after, report.share_after) == (6, 3, 0.5)
     assert report.num_added == 2 and report.num_removed == 0 and report.reached
     assert [p["repeats"] for p in kept] == [3, 1, 1, 1] and [p["pair_id"] for p in kept] == [
-        "short", "long1", "long2", "equal"]
+        "short",
+        "long1",
+        "long2",
+        "equal",
+    ]
     assert report.to_dict()["share_after"] == 0.5
     assert "repeats" not in pairs[0]  # the input is not modified
 
@@ -236,7 +273,11 @@ def test_length_debias_leaves_data_alone_when_share_is_reached_or_unreachable():
     assert report.share_before == report.share_after == 0.5 and "already reached" in report.note
     assert [p["repeats"] for p in kept] == [1, 1]
     kept, report = length_debias([pair(5, 1), pair(2, 2)], RewardModelConfig())
-    assert report.share_after == 0.0 and not report.reached and "no pair prefers the shorter answer" in report.note
+    assert (
+        report.share_after == 0.0
+        and not report.reached
+        and "no pair prefers the shorter answer" in report.note
+    )
     with pytest.raises(ValueError, match="pair 0: chosen must be a non-empty string"):
         length_debias([{"messages": [], "chosen": "", "rejected": "x"}])
 
@@ -269,8 +310,9 @@ def test_training_data_has_both_orders_with_swapped_verdicts_and_scores():
 
 def test_training_data_carries_the_debiasing_repeats_and_one_mode_when_asked():
     pairs = [pair(1, 5, "short"), pair(5, 1, "long1"), pair(6, 2, "long2")]
-    conversations, report = build_reward_model_data(pairs, RewardModelConfig(min_shorter_share=0.5),
-                                                    modes=("no_think",))
+    conversations, report = build_reward_model_data(
+        pairs, RewardModelConfig(min_shorter_share=0.5), modes=("no_think",)
+    )
     assert {c["mode"] for c in conversations} == {"no_think"}
     assert {c["pair_id"]: c["repeats"] for c in conversations} == {"short": 2, "long1": 1, "long2": 1}
     assert report.length_debias.share_after == 0.5 and report.num_occurrences == 2 * 4
@@ -280,16 +322,25 @@ def test_training_data_carries_the_debiasing_repeats_and_one_mode_when_asked():
 
 
 def test_signal_scores_follow_the_documented_signals():
-    base = {"messages": [{"role": "user", "content": "What is 6 times 7? /think"}], "reference": "42",
-            "task": "math", "chosen": "<think>6 times 7 is 42.</think><answer>42</answer>", "rejected": "41"}
+    base = {
+        "messages": [{"role": "user", "content": "What is 6 times 7? /think"}],
+        "reference": "42",
+        "task": "math",
+        "chosen": "<think>6 times 7 is 42.</think><answer>42</answer>",
+        "rejected": "41",
+    }
     good = signal_scores(base, base["chosen"], base["rejected"])
     bad = signal_scores(base, base["rejected"], base["chosen"])
     assert good["correctness"] == good["credibility"] == 10 and bad["correctness"] == bad["credibility"] == 1
-    assert good["instruction_following"] == 10 and bad["instruction_following"] == 1  # /think asks for <think>
+    assert (
+        good["instruction_following"] == 10 and bad["instruction_following"] == 1
+    )  # /think asks for <think>
     assert good["clarity"] == good["safety"] == good["visual_grounding"] == 10 == bad["safety"]
     repetitive = "the answer is 42 the answer is 42 the answer is 42"
-    assert signal_scores(base, repetitive, "42")["redundancy"] < signal_scores(base, "The answer is 42.",
-                                                                              "42")["redundancy"]
+    assert (
+        signal_scores(base, repetitive, "42")["redundancy"]
+        < signal_scores(base, "The answer is 42.", "42")["redundancy"]
+    )
     assert signal_scores(base, "Bananas grow in tropical climates.", "42")["relevance"] == 1
     assert signal_scores(base, "<think>unfinished", "42")["completeness"] == 1
     no_reference = {**base, "reference": None, "chosen_score": 0.8, "rejected_score": 0.2}

@@ -157,7 +157,10 @@ def test_answer_reward_dispatches_on_task():
         ("What is 2 + 2?/no_think  ", "no_think"),
         ("What is 2 + 2?", "auto_think"),
         ("Explain /think mode to me.", "auto_think"),  # a switch counts only at the very end
-        ([{"type": "image", "image": "a.png"}, {"type": "text", "text": "Count the cats. /no_think"}], "no_think"),
+        (
+            [{"type": "image", "image": "a.png"}, {"type": "text", "text": "Count the cats. /no_think"}],
+            "no_think",
+        ),
     ],
 )
 def test_prompt_mode(prompt, mode):
@@ -193,7 +196,9 @@ def test_mode_format_reward(response, mode, value):
 
 def test_auto_think_reports_the_mode_chosen_and_can_drop_the_analysis():
     assert mode_format_reward("<analysis>easy</analysis>4", "auto_think").reason.endswith("chose no_think")
-    assert mode_format_reward("<analysis>hard</analysis>" + think("4"), "auto_think").reason.endswith("chose think")
+    assert mode_format_reward("<analysis>hard</analysis>" + think("4"), "auto_think").reason.endswith(
+        "chose think"
+    )
     assert format_problem(think("4"), "auto_think", require_analysis=False) is None
     assert format_problem("4", "auto_think", require_analysis=False) is None
     with pytest.raises(ValueError, match="mode"):
@@ -214,7 +219,7 @@ def test_response_body_is_what_the_user_reads():
     ("response", "keys", "value"),
     [
         ('{"name": "Ada", "age": 36}', (), 1.0),
-        ('[1, 2, 3]', (), 1.0),
+        ("[1, 2, 3]", (), 1.0),
         (think('{"name": "Ada"}'), ("name",), 1.0),
         ('```json\n{"name": "Ada"}\n```', ("name",), 1.0),  # one surrounding fence is allowed
         ('{"name": "Ada"}', ("name", "age"), 0.0),  # a required key is missing
@@ -298,7 +303,11 @@ def test_word_and_sentence_counts():
     [
         ("one two three", Constraint("max_words", 3), 1.0),
         ("one two three four", Constraint("max_words", 3), 0.0),
-        (think("one two three", "many many words of reasoning are not counted"), Constraint("max_words", 3), 1.0),
+        (
+            think("one two three", "many many words of reasoning are not counted"),
+            Constraint("max_words", 3),
+            1.0,
+        ),
         ("one two", Constraint("min_words", 3), 0.0),
         ("First. Second. Third.", Constraint("max_sentences", 2), 0.0),
         ("First. Second.", Constraint("min_sentences", 2), 1.0),
@@ -325,7 +334,10 @@ def test_check_constraint(response, constraint, value):
 
 def test_constraint_reasons_say_what_failed():
     assert check_constraint("one two three four", Constraint("max_words", 3)).reason == "4 words > 3"
-    assert check_constraint("x", Constraint("include_keywords", ["cat", "x"])).reason == "missing keywords ['cat']"
+    assert (
+        check_constraint("x", Constraint("include_keywords", ["cat", "x"])).reason
+        == "missing keywords ['cat']"
+    )
     assert "['simple']" in check_constraint("simple", Constraint("exclude_keywords", ["simple"])).reason
 
 
@@ -370,9 +382,14 @@ def test_rule_reward_gates_on_format_and_weights_it():
 
 
 def test_rule_reward_averages_answer_and_constraints():
-    item = RewardItem(prompt="List three fruits as bullets, no apples. /no_think",
-                      constraints=(Constraint("num_bullets", 3), Constraint("exclude_keywords", ["apple"]),
-                                   Constraint("max_words", 5)))
+    item = RewardItem(
+        prompt="List three fruits as bullets, no apples. /no_think",
+        constraints=(
+            Constraint("num_bullets", 3),
+            Constraint("exclude_keywords", ["apple"]),
+            Constraint("max_words", 5),
+        ),
+    )
     r = rule_reward(item, "- pear\n- apple\n- plum")
     # format 1; constraints: bullets 1, keywords 0, words 1 → 0.1 + 0.9 · 2/3
     assert r.value == pytest.approx(0.1 + 0.9 * 2 / 3)
@@ -381,15 +398,18 @@ def test_rule_reward_averages_answer_and_constraints():
 
 
 def test_rule_reward_repeated_constraint_kinds_keep_both():
-    item = RewardItem(prompt="x /no_think", constraints=(Constraint("include_keywords", ["a"]),
-                                                         Constraint("include_keywords", ["b"])))
+    item = RewardItem(
+        prompt="x /no_think",
+        constraints=(Constraint("include_keywords", ["a"]), Constraint("include_keywords", ["b"])),
+    )
     assert set(rule_reward(item, "a b").components) == {"format", "include_keywords", "include_keywords#1"}
 
 
 def test_rule_reward_mode_and_tasks():
     grounding = RewardItem(prompt="Where is the cat? /think", reference=[0, 0, 10, 20], task="grounding")
-    assert rule_reward(grounding, think("[0, 0, 10, 10]"), RewardConfig(iou_continuous=True)).value == \
-        pytest.approx(0.1 + 0.9 * 0.5)
+    assert rule_reward(
+        grounding, think("[0, 0, 10, 10]"), RewardConfig(iou_continuous=True)
+    ).value == pytest.approx(0.1 + 0.9 * 0.5)
     explicit = RewardItem(prompt="no switch here", reference="4", mode="no_think")
     assert rule_reward(explicit, "4").value == 1.0
     auto = RewardItem(prompt="What is 2 + 2?", reference="4")  # no switch: auto_think
@@ -479,8 +499,10 @@ def test_reward_model_scores_only_items_without_reference_by_default():
     assert with_ref.value == 1.0 and "reward_model" not in with_ref.components and calls == []
     open_ended = combine(RewardItem(prompt="Write a poem. /no_think"), "Roses")
     assert open_ended.value == pytest.approx((1.0 + 0.8) / 2) and calls == ["Roses"]
-    always = RewardCombiner(RewardConfig(weights={"rule": 1.0, "reward_model": 1.0},
-                                         reward_model_only_without_reference=False), reward_model=reward_model)
+    always = RewardCombiner(
+        RewardConfig(weights={"rule": 1.0, "reward_model": 1.0}, reward_model_only_without_reference=False),
+        reward_model=reward_model,
+    )
     assert always(RewardItem(prompt="2 + 2? /no_think", reference="4"), "4").value == pytest.approx(0.9)
 
 

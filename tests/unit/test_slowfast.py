@@ -264,7 +264,10 @@ def test_sizes_are_multiples_of_28_and_fast_is_about_30_percent(preset):
             assert result.fast_tokens == result.fast_size[0] * result.fast_size[1] // 784
             assert result.fast_tokens <= max(int(0.3 * result.slow_tokens), 48)
             assert result.fast_tokens >= 0.2 * result.slow_tokens
-            assert result.total_tokens == result.num_slow * result.slow_tokens + result.num_fast * result.fast_tokens
+            assert (
+                result.total_tokens
+                == result.num_slow * result.slow_tokens + result.num_fast * result.fast_tokens
+            )
 
 
 def test_allocation_counts_frames_and_rejects_bad_labels():
