@@ -9,8 +9,8 @@ prompts × `--group` rollouts of random token ids: prompts left-padded to 50–1
 completions right-padded to 10–100% of `--completion-length`; rewards are 0/1 at random, behaviour-policy
 log-probs are the current ones plus N(0, 3e-3) noise per token, so both sides clip some responses.
 
-- **ours**: `model(input_ids, attention_mask, logits_to_keep=C + 1)`, `keyeflow.training.losses.token_logprobs`
-  on the completion positions, `group_advantages`, `gspo_loss`;
+- **ours**: `model(input_ids, attention_mask, logits_to_keep=C + 1)`,
+  `keyeflow.training.losses.token_logprobs` on the completion positions, `group_advantages`, `gspo_loss`;
 - **TRL**: TRL's own code path: `add_fused_lm_head(model, outputs=("log_probs", "entropy"))` as
   `GRPOTrainer.__init__` installs it, then `GRPOTrainer._compute_loss` (which calls TRL's
   `_get_per_token_logps_and_entropies`) with `importance_sampling_level="sequence"`, `loss_type="grpo"`,
@@ -27,9 +27,9 @@ other processes falls on both; the best of each is compared.
 
 The backbone (embedding + decoder layers, forward and backward) is the same work on both sides and dominates a
 whole update of a small model on a CPU, so a second table times only what differs: from fixed final hidden
-states (a leaf tensor), the LM head on the completion positions, the token log-probs, the loss and the backward
-to the hidden states. TRL's side there runs the same fused head and `_compute_loss`, on a stand-in model whose
-`base_model` returns those hidden states.
+states (a leaf tensor), the LM head on the completion positions, the token log-probs, the loss and the
+backward to the hidden states. TRL's side there runs the same fused head and `_compute_loss`, on a stand-in
+model whose `base_model` returns those hidden states.
 """
 
 from __future__ import annotations

@@ -100,7 +100,8 @@ def synthetic_samples(num_rows: int, seed: int = 0) -> pa.Table:
 
 
 def md5_keys(prefix: str, ids: np.ndarray) -> np.ndarray:
-    """The same key as DuckDB's ``md5_number_upper(prefix || id)``: the digest's first 8 bytes, little-endian."""
+    """The same key as DuckDB's ``md5_number_upper(prefix || id)``: the digest's first 8 bytes,
+    little-endian."""
     digest = b"".join(hashlib.md5((prefix + i).encode()).digest()[:8] for i in ids)
     return np.frombuffer(digest, dtype="<u8")
 

@@ -1,7 +1,8 @@
 """Orchestration overhead at load: ingesting thousands of videos through a real Prefect server against the
 same domain work called directly, side by side in one run.
 
-    python benchmarks/bench_prefect_load.py [--num-videos 2000] [--shard-size 16] [--repeats 1] [--untagged-shards]
+    python benchmarks/bench_prefect_load.py [--num-videos 2000] [--shard-size 16] [--repeats 1]
+        [--untagged-shards]
 
 Starts `prefect server start` on a free 127.0.0.1 port with its own PREFECT_HOME (SQLite), then:
   direct:  the flow's domain work with no Prefect at all: plan_shards, ingest_shard per shard, the videos

@@ -104,7 +104,8 @@ def main() -> None:
                 str(path), vcodec="libx264", preset="ultrafast", pix_fmt="yuv420p"
             ).overwrite_output().run(quiet=True)
             frames = decode_rgb(path)
-            # First calls pay one-off set-up (kernel dispatch, allocator growth) that neither side has per clip.
+            # First calls pay one-off set-up (kernel dispatch, allocator growth) that neither side has per
+            # clip.
             reference(frames[:4])
             ours(frames[:4])
             ref_time, ref_result = best_of(lambda frames=frames: reference(frames))

@@ -159,7 +159,8 @@ def _search(filter_string: str) -> list:
 
 def resolve_run(target: str) -> str:
     """A run id, or the run that produced a checkpoint directory (the model dir, its step dir or the stage's
-    output dir). A flow run that ends in a checkpoint (`keyeflow.final_run_id`) resolves to that step's run."""
+    output dir). A flow run that ends in a checkpoint (`keyeflow.final_run_id`) resolves to that step's
+    run."""
     path = Path(target).expanduser()
     if path.exists():
         resolved = path.resolve()
@@ -199,8 +200,8 @@ def _step(run) -> dict[str, Any]:
 
 
 def trace(target: str) -> dict[str, Any]:
-    """The chain behind a checkpoint (or run id): every step run down to the first, each mixture it trained on,
-    and for each mixture its table versions, source media and gate verdicts (`datasets.provenance`)."""
+    """The chain behind a checkpoint (or run id): every step run down to the first, each mixture it trained
+    on, and for each mixture its table versions, source media and gate verdicts (`datasets.provenance`)."""
     from keyeflow.datasets.provenance import mixture_provenance
 
     start = resolve_run(target)

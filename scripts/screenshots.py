@@ -1,12 +1,13 @@
-"""Screenshots of the Prefect UI and the MLflow UI for the docs, taken in headless Chromium against local servers.
+"""Screenshots of the Prefect UI and the MLflow UI for the docs, taken in headless Chromium against local
+servers.
 
     python scripts/screenshots.py [--home KEYEFLOW_HOME] [--out docs/images]
 
-Run it after `keyeflow run` (or any flows): it starts `prefect server start` (over the same Prefect database the
-flows wrote to: PREFECT_HOME, default ~/.prefect) and `mlflow ui` (over KEYEFLOW_HOME's store) on 127.0.0.1,
-opens the flow-run list, the newest `pretrain` flow run, the MLflow experiment and the fused checkpoint's run
-(its lineage tags), writes one PNG each, and stops both servers. Needs Chromium's headless shell:
-`apt-get install -y chromium-headless-shell` (Debian), or set CHROMIUM to another Chromium binary.
+Run it after `keyeflow run` (or any flows): it starts `prefect server start` (over the same Prefect database
+the flows wrote to: PREFECT_HOME, default ~/.prefect) and `mlflow ui` (over KEYEFLOW_HOME's store) on
+127.0.0.1, opens the flow-run list, the newest `pretrain` flow run, the MLflow experiment and the fused
+checkpoint's run (its lineage tags), writes one PNG each, and stops both servers. Needs Chromium's headless
+shell: `apt-get install -y chromium-headless-shell` (Debian), or set CHROMIUM to another Chromium binary.
 """
 
 from __future__ import annotations

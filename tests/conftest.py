@@ -144,8 +144,8 @@ def serve_model():
 
 @pytest.fixture(scope="module")
 def multirank_training_data(request, tmp_path_factory, sample_corpus, media_dir):
-    """The trainer tests' data (sample corpus → train_samples → a stage-2 mixture, a tiny init model) in a home of
-    the calling module's own, set up for multi-process DeepSpeed runs on CPU."""
+    """The trainer tests' data (sample corpus → train_samples → a stage-2 mixture, a tiny init model) in a
+    home of the calling module's own, set up for multi-process DeepSpeed runs on CPU."""
     import sys
 
     sys.path.insert(0, str(Path(__file__).resolve().parent / "integration"))

@@ -329,9 +329,9 @@ def add_conversations(
 ) -> tuple[dict[str, str], dict[str, str]]:
     """Conversations made by the platform itself (LongCoT samples, reward-model judgements, rejection-sampled
     answers) as ``train_samples`` rows, through the same token counting and media lookup as files: each dict
-    has ``uri`` (where it came from: ``table#id``), ``source``, ``task`` and ``messages`` (media parts by path,
-    inside ``source_root``). Returns (uri → sample_id, uri → reason for the ones that could not be used); the
-    rows already present are not written again."""
+    has ``uri`` (where it came from: ``table#id``), ``source``, ``task`` and ``messages`` (media parts by
+    path, inside ``source_root``). Returns (uri → sample_id, uri → reason for the ones that could not be
+    used); the rows already present are not written again."""
     tokenizer = load_tokenizer(config.tokenizer_path)
     chash = samples_config_hash(tokenizer, slowfast, image_config, config)
     index = _MediaIndex(tokenizer, slowfast, image_config, root)

@@ -76,8 +76,8 @@ EXCLUSION_REASONS = (
     SOURCE_WEIGHT_ZERO,
 )
 
-# Tasks of the train_samples rows post-training adds (LongCoT and rejection-sampled conversations, reward-model
-# judgements): pre-training mixtures that take "every task" leave them out.
+# Tasks of the train_samples rows post-training adds (LongCoT and rejection-sampled conversations,
+# reward-model judgements): pre-training mixtures that take "every task" leave them out.
 POSTTRAIN_TASKS = ("longcot", "reward_model")
 
 # Relative slack when comparing float quotas with integer token counts.
@@ -106,8 +106,8 @@ class MixtureConfig:
     tolerance_pp: float = 0.5  # allowed |reached − target| share per modality, percentage points
     seed: int = 0
     # Samples kept out of training for evaluation: those whose sample-id hash falls in the first
-    # `holdout_per_mille` of 1000 buckets (`heldout_sql`). A hash of the id alone, not of the seed or stage, so
-    # every stage and every annealing variant holds out the same samples and no stage trains on another's
+    # `holdout_per_mille` of 1000 buckets (`heldout_sql`). A hash of the id alone, not of the seed or stage,
+    # so every stage and every annealing variant holds out the same samples and no stage trains on another's
     # evaluation data.
     holdout_per_mille: int = 0
 
@@ -547,10 +547,11 @@ def _lits(values: Iterable[str]) -> str:
 
 
 def mixture_id(config: MixtureConfig, eligible_digest: str) -> str:
-    """The mixture's identity: the config and the CONTENT of the rows it may choose from (their ids, modalities,
-    sources and token counts; a sample id is itself a content hash). Not the table versions: rows appended to
-    train_samples or quarantine that this config excludes (post-training's own rows, an unrelated quarantined
-    file) change a version but not the mixture, and must not make every stage downstream train again."""
+    """The mixture's identity: the config and the CONTENT of the rows it may choose from (their ids,
+    modalities, sources and token counts; a sample id is itself a content hash). Not the table versions: rows
+    appended to train_samples or quarantine that this config excludes (post-training's own rows, an unrelated
+    quarantined file) change a version but not the mixture, and must not make every stage downstream train
+    again."""
     payload = {
         "stage": config.stage,
         "config": config.config_hash(),
@@ -918,9 +919,9 @@ def fixed_mixture(
     root: str | None = None,
 ) -> MixtureResult:
     """A mixture whose uses per sample are given, not balanced: post-training sets (SFT after the difficulty
-    filter, LongCoT with its score-derived repeats, a domain expert's subset) go to the trainer through the same
-    `mixtures` table and loader as pre-training. The id hashes the name, stage, seed, train_samples version and
-    every (sample, repeats), so the same set is the same mixture (a rerun writes nothing). Not the
+    filter, LongCoT with its score-derived repeats, a domain expert's subset) go to the trainer through the
+    same `mixtures` table and loader as pre-training. The id hashes the name, stage, seed, train_samples
+    version and every (sample, repeats), so the same set is the same mixture (a rerun writes nothing). Not the
     train_samples version: a sample id names its content (a content hash), so the same ids are the same data
     whatever else was appended to the table since; the rows keep the version they were first read at."""
     if not repeats:

@@ -243,7 +243,8 @@ def _share_is_slow(num_similar: np.ndarray, num_valid: np.ndarray, threshold: fl
 def _exact_patch_similar(
     slow_hsv: np.ndarray, other_hsv: np.ndarray, factor: int, threshold: float
 ) -> np.ndarray:
-    """Per-patch "cosine > threshold" for one frame pair, with the reference's float32 operations and layout."""
+    """Per-patch "cosine > threshold" for one frame pair, with the reference's float32 operations and
+    layout."""
     h, w, _ = slow_hsv.shape
     gh, gw = h // factor, w // factor
 

@@ -62,7 +62,8 @@ Schemas (documented here because ``keyeflow sql`` users read them):
     train_samples_version (the pinned input version), created_at. Shares actually reached:
     ``select modality, sum(num_tokens * repeats) from mixtures where mixture_id = '…' group by 1``.
 
-``longcot_questions`` — LongCoT questions, deduped (primary key ``question_id``: normalised text + media hashes)
+``longcot_questions`` — LongCoT questions, deduped (primary key ``question_id``: normalised text + media
+hashes)
     question_id, source, source_uri (file#Lline, or ``merge:…`` for merged questions), domain (math, stem,
     ocr, grounding, counting, gui, business), question (the text paths are generated for), original_question,
     reference, media (JSON list of {type, path, hash}), num_media, rewrite (none, harder, merged),

@@ -1,8 +1,8 @@
 """The `posttrain` flow, in SPEC §4's order: SFT (difficulty filter, then a low-LR annealing phase) → reward
 model → MPO → LongCoT SFT with expert merging → GSPO rounds (round ≥ 2: rejection sampling by the RL model and
-the reward model, a retrained cold start, the pass-rate filter) → alignment RL. Wiring only; every step returns
-a checkpoint path and its MLflow run, chained into the lineage of the checkpoint it started from, and skips
-itself when its inputs and config are unchanged."""
+the reward model, a retrained cold start, the pass-rate filter) → alignment RL. Wiring only; every step
+returns a checkpoint path and its MLflow run, chained into the lineage of the checkpoint it started from, and
+skips itself when its inputs and config are unchanged."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""Loading a checkpoint laid out like the released Kwai-Keye/Keye-VL-1.5-8B into `KeyeForConditionalGeneration`.
+"""Loading a checkpoint laid out like the released Kwai-Keye/Keye-VL-1.5-8B into
+`KeyeForConditionalGeneration`.
 
 Our own checkpoints are saved and loaded the Hugging Face way (`model.save_pretrained(dir)`,
 `KeyeForConditionalGeneration.from_pretrained(dir)`, safetensors + our config.json); `load_keye_checkpoint`
@@ -7,9 +8,10 @@ also accepts those.
 Keye-VL-1.5 state-dict names, and where each fact comes from (public sources read for this module):
 - Verified from the module tree of vLLM's Keye-VL-1.5 implementation (vllm-project/vllm
   `vllm/model_executor/models/keye.py` + `keye_vl1_5.py`: `self.visual = KeyeSiglipVisionModel(...)` with
-  `vision_model.embeddings/encoder/post_layernorm`, `self.mlp_AR = KeyeVL1_5Projector(...)`, the language model
-  behind `hf_to_vllm_mapper` {"model." → "language_model.model.", "lm_head." → "language_model.lm_head."}) and
-  SGLang's `keye_vl_1_5.py` (`self.visual`, `self.mlp_AR`, `self.model = Qwen3Model`, `self.lm_head`):
+  `vision_model.embeddings/encoder/post_layernorm`, `self.mlp_AR = KeyeVL1_5Projector(...)`, the language
+  model behind `hf_to_vllm_mapper` {"model." → "language_model.model.", "lm_head." →
+  "language_model.lm_head."}) and SGLang's `keye_vl_1_5.py` (`self.visual`, `self.mlp_AR`,
+  `self.model = Qwen3Model`, `self.lm_head`):
     visual.vision_model.embeddings.patch_embedding.{weight,bias}     Conv2d(3, 1152, 14, stride 14)
     visual.vision_model.embeddings.position_embedding.weight         Embedding(num_positions, 1152)
     visual.vision_model.embeddings.packing_position_embedding.weight Embedding(32768, 1152)
@@ -27,9 +29,10 @@ Keye-VL-1.5 state-dict names, and where each fact comes from (public sources rea
   conversion script fills it with zeros), plus any `rotary_emb.inv_freq`.
 - Assumed (not seen in a released file): the config.json field names. We read the Qwen2-VL-style layout the
   vLLM/SGLang code reads (`config.vision_config.{hidden_size, intermediate_size, num_hidden_layers,
-  num_attention_heads, patch_size, spatial_merge_size, image_size, layer_norm_eps, hidden_act}`, LLM fields flat
-  at the top or in `text_config`, `rope_scaling.mrope_section`, `image_token_id`, `video_token_id`), with
-  `image_size` 384 (27×27 = 729 position embeddings, the SigLIP-so400m-patch14-384 grid) when absent.
+  num_attention_heads, patch_size, spatial_merge_size, image_size, layer_norm_eps,
+  hidden_act}`, LLM fields flat at the top or in `text_config`, `rope_scaling.mrope_section`,
+  `image_token_id`, `video_token_id`), with `image_size` 384 (27×27 = 729 position embeddings, the
+  SigLIP-so400m-patch14-384 grid) when absent.
 """
 
 from __future__ import annotations
@@ -134,9 +137,10 @@ def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
 def load_keye_checkpoint(
     path: str | Path, config: KeyeConfig | None = None, *, dtype: torch.dtype | None = None
 ) -> KeyeForConditionalGeneration:
-    """A model with the weights of a Keye-VL-1.5-layout checkpoint directory (safetensors + config.json), or of
-    one of ours (`save_pretrained`). Strict: every parameter must be filled and every key understood. The model
-    is built on the meta device and takes the loaded tensors as they are (no second copy; `dtype` converts)."""
+    """A model with the weights of a Keye-VL-1.5-layout checkpoint directory (safetensors + config.json), or
+    of one of ours (`save_pretrained`). Strict: every parameter must be filled and every key understood. The
+    model is built on the meta device and takes the loaded tensors as they are (no second copy; `dtype`
+    converts)."""
     path = Path(path)
     if not path.is_dir():
         raise ValueError(f"checkpoint path {path} is not a local directory")

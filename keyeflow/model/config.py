@@ -2,12 +2,12 @@
 
 `KeyeConfig` is a transformers config (saved as `config.json` by `save_pretrained`) made of:
 - `vision_config` (`KeyeVisionConfig`): the SigLIP-style ViT run at native resolution (SPEC §1): patch 14,
-  learnable absolute position embeddings on a square grid (bilinearly interpolated to each image/frame's grid),
-  2D RoPE in attention, a 2×2 spatial merge before the projector;
+  learnable absolute position embeddings on a square grid (bilinearly interpolated to each image/frame's
+  grid), 2D RoPE in attention, a 2×2 spatial merge before the projector;
 - `text_config` (`transformers.Qwen3Config`): the LLM. Its `rope_parameters["rope_theta"]` is the one place
   the RoPE base lives (`KeyeConfig.rope_theta` reads and writes it; SPEC: 1e6, 8e6 from pre-training stage 3);
-- projector size, the vision token ids, and `mrope_section` (how the LLM's rotary frequencies are split between
-  the temporal, height and width position streams; its sum is half the LLM head dim).
+- projector size, the vision token ids, and `mrope_section` (how the LLM's rotary frequencies are split
+  between the temporal, height and width position streams; its sum is half the LLM head dim).
 
 Sizes of `keye_8b()` (SPEC §1): SigLIP-400M (27 layers, hidden 1152, MLP 4304, 16 heads, 27×27 = 729 position
 embeddings, the `siglip-so400m-patch14-384` grid Keye started from) and Qwen3-8B (36 layers, hidden 4096,

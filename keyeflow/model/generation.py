@@ -35,14 +35,14 @@ one after another: this is the tiny/CPU default; a real teacher belongs behind v
 
 `OpenAICompatibleGenerator` posts one `/v1/chat/completions` request per conversation (a few at a time),
 retrying connection errors, timeouts, 408, 429 and 5xx with exponential backoff (honouring `Retry-After`); any
-other error, and a reply that is not a well-formed completion (a body that is not JSON, no `choices`, the wrong
-number of them, no logprobs when asked for), is raised at once as `GenerationServerError` with the status and
-the problem: a server that answers malformed once answers so again. The API key is read from the environment
-only, sent as a bearer token, and never logged or shown in a repr or an error.
+other error, and a reply that is not a well-formed completion (a body that is not JSON, no `choices`, the
+wrong number of them, no logprobs when asked for), is raised at once as `GenerationServerError` with the
+status and the problem: a server that answers malformed once answers so again. The API key is read from the
+environment only, sent as a bearer token, and never logged or shown in a repr or an error.
 
 Failures are per conversation: when some conversations of a batch fail and others do not, both backends raise
-`BatchGenerationError`, whose `results[i]` is conversation i's completions or its error, so a caller keeps what
-succeeded and records or retries only what failed (asking again for completions already made costs the
+`BatchGenerationError`, whose `results[i]` is conversation i's completions or its error, so a caller keeps
+what succeeded and records or retries only what failed (asking again for completions already made costs the
 teacher's time again). A batch of one raises that conversation's error itself.
 """
 
@@ -169,7 +169,8 @@ def _check_batch(messages_batch: object) -> None:
 def offsets_of(text: str, tokens: Sequence[str]) -> list[int]:
     """Where each token starts in `text`, walking left to right. A token found at the cursor (or, to step
     over a character a server split into byte tokens, a few characters past it) advances the cursor; one that
-    is not in the text (a stop token shown as `<|im_end|>`, `bytes:\\xe2`) gets the cursor and takes no room."""
+    is not in the text (a stop token shown as `<|im_end|>`, `bytes:\\xe2`) gets the cursor and takes no
+    room."""
     offsets, cursor = [], 0
     for token in tokens:
         if text.startswith(token, cursor):
@@ -261,8 +262,8 @@ class LocalGenerator:
     `model_path_or_model`: a checkpoint directory (ours, `save_pretrained`, or the Keye-VL-1.5 layout; its
     tokenizer is used if the directory has one, the shipped one otherwise) or a model in memory (with
     `tokenizer`, default the shipped one; it is used as it is — not copied, left on its device unless `device`
-    says otherwise, put in eval mode only while sampling). `media_lookup` resolves image/video parts of the messages exactly
-    as for `processor.encode_sample`; without it only text messages are accepted.
+    says otherwise, put in eval mode only while sampling). `media_lookup` resolves image/video parts of the
+    messages exactly as for `processor.encode_sample`; without it only text messages are accepted.
 
     Sampling: temperature 0 is greedy (argmax); otherwise completion j of a request draws from
     softmax(logits / temperature) with its own CPU `torch.Generator`, seeded from (`seed`, j) — the same seed
@@ -397,7 +398,8 @@ class LocalGenerator:
                 f"past the model's max_position_embeddings {max_positions}"
             )
 
-        # Prefill once (batch 1): embeddings with the vision features scattered in, a causal mask, 3D positions.
+        # Prefill once (batch 1): embeddings with the vision features scattered in, a causal mask, 3D
+        # positions.
         input_ids = prompt.input_ids[None].to(device)
         embeds = model.get_input_embeddings()(input_ids)
         cfg = model.config

@@ -1,6 +1,7 @@
-"""Weight-space merging of checkpoints of one architecture: pre-training stage 4 (fusion: the weight average of
-checkpoints annealed on different mixtures, SPEC §3, P0 §3.2) and LongCoT expert merging (an expert SFT'd from
-the cold-start model merged back into it, SPEC §4). Architecture-level only: no training, no model code runs.
+"""Weight-space merging of checkpoints of one architecture: pre-training stage 4 (fusion: the weight average
+of checkpoints annealed on different mixtures, SPEC §3, P0 §3.2) and LongCoT expert merging (an expert SFT'd
+from the cold-start model merged back into it, SPEC §4). Architecture-level only: no training, no model code
+runs.
 
 Methods (`MergeConfig.method`), every tensor computed in float64 and cast back to its stored dtype:
 - `average`: θ = Σ_i w_i·θ_i, summed in input order. The weights are used as given, never rescaled; they must
@@ -19,9 +20,9 @@ Methods (`MergeConfig.method`), every tensor computed in float64 and cast back t
 
 Inputs are checkpoint directories as `save_pretrained` writes them: `model.safetensors` or sharded
 `model-*.safetensors` + `model.safetensors.index.json`, beside `config.json`. All inputs (and the base) must
-hold exactly the same keys with the same shapes and dtypes; the first difference, in sorted key order, is named
-in the error. Tensors are streamed one key at a time from every input (`safe_open`), so peak memory is the
-float64 working copies of one tensor (2 for average/task arithmetic, n + 2 for TIES) plus the output shard
+hold exactly the same keys with the same shapes and dtypes; the first difference, in sorted key order, is
+named in the error. Tensors are streamed one key at a time from every input (`safe_open`), so peak memory is
+the float64 working copies of one tensor (2 for average/task arithmetic, n + 2 for TIES) plus the output shard
 being filled (`max_shard_bytes`), never whole models. Non-floating tensors (none in our model) must be equal
 in every input and are copied.
 

@@ -2,14 +2,14 @@
 transformers `Qwen3Model` with multimodal 3D RoPE (SPEC §1). Architecture only: no training loop here.
 
 Inputs (built by `keyeflow.model.processor`):
-- `pixel_values`: uint8 patches `[num_patches, 3·14·14]` of every image and frame in the batch, in token order.
-  Each row is one 14×14 patch, values channel-major (c, y, x); within an image/frame the rows follow the
-  pre-tokeniser's order (`keyeflow.datasets.pretokenize.patchify`, the Qwen2-VL order): 2×2 merge groups in
-  raster order, and inside a group (0,0), (0,1), (1,0), (1,1). Normalisation happens here, in the first step
-  of `KeyeVisionTransformer.forward`: x/255 then (x − 0.5)/0.5 (SigLIP's mean and std 0.5, Keye's processor);
-  floating-point `pixel_values` are taken as already normalised.
-- `grid_thw`: `[num_grids, 3]` (t, h, w) in 14-px patches per image/frame. Every image and every video frame is
-  its own grid with t = 1 (SPEC §2; Slow and Fast frames of different sizes mix freely); t > 1 is run as t
+- `pixel_values`: uint8 patches `[num_patches, 3·14·14]` of every image and frame in the batch, in token
+  order. Each row is one 14×14 patch, values channel-major (c, y, x); within an image/frame the rows follow
+  the pre-tokeniser's order (`keyeflow.datasets.pretokenize.patchify`, the Qwen2-VL order): 2×2 merge groups
+  in raster order, and inside a group (0,0), (0,1), (1,0), (1,1). Normalisation happens here, in the first
+  step of `KeyeVisionTransformer.forward`: x/255 then (x − 0.5)/0.5 (SigLIP's mean and std 0.5, Keye's
+  processor); floating-point `pixel_values` are taken as already normalised.
+- `grid_thw`: `[num_grids, 3]` (t, h, w) in 14-px patches per image/frame. Every image and every video frame
+  is its own grid with t = 1 (SPEC §2; Slow and Fast frames of different sizes mix freely); t > 1 is run as t
   separate frames.
 - `position_ids`: `[3, B, L]` temporal/height/width positions (`mrope_position_ids`), restarting at 0 for
   every sample of a packed row.
@@ -18,9 +18,9 @@ Inputs (built by `keyeflow.model.processor`):
 
 ViT (Keye-VL-1.5, vLLM `keye.py`): patch embedding (a Linear over the 588 patch values, the same map as
 Keye's stride-14 Conv2d), plus learnable absolute position embeddings on a square grid bilinearly interpolated
-(align_corners=False) to each grid's h×w, then pre-norm SigLIP layers whose attention applies 2D RoPE (the first
-half of the rotary pairs turn with the patch row, the second half with the column; theta 1e4) and never crosses
-a grid: grids are batched by length and attended separately, so nothing is masked and nothing leaks.
+(align_corners=False) to each grid's h×w, then pre-norm SigLIP layers whose attention applies 2D RoPE (the
+first half of the rotary pairs turn with the patch row, the second half with the column; theta 1e4) and never
+crosses a grid: grids are batched by length and attended separately, so nothing is masked and nothing leaks.
 
 Projector (Keye-VL-1.5 `mlp_AR`): each contiguous group of 4 patch features is concatenated (4·hidden) →
 LayerNorm → Linear → GELU → Linear to the LLM width, giving one LLM token per 28×28 pixels.
@@ -89,9 +89,9 @@ def mrope_position_ids(
     (vLLM `KeyeVL1_5ForConditionalGeneration.get_mrope_input_positions`, Qwen2-VL's `get_rope_index`).
 
     A text token takes the next position p in all three streams. A grid (t, h, w) — its t·(h/m)·(w/m) pad
-    tokens, consumed in `grid_thw` order — gets (p + ti, p + hi, p + wi) for its merged tokens in raster order,
-    and the next token continues at 1 + the largest of those. Each frame being its own t=1 grid, a later
-    frame's temporal index is always larger: the temporal stream follows the frame order.
+    tokens, consumed in `grid_thw` order — gets (p + ti, p + hi, p + wi) for its merged tokens in raster
+    order, and the next token continues at 1 + the largest of those. Each frame being its own t=1 grid, a
+    later frame's temporal index is always larger: the temporal stream follows the frame order.
     """
     ids = torch.as_tensor(input_ids, dtype=torch.long).reshape(-1)
     grids = torch.as_tensor(grid_thw, dtype=torch.long).reshape(-1, 3).tolist()
@@ -404,8 +404,8 @@ class KeyeForConditionalGeneration(KeyePreTrainedModel):
         attention_mask: torch.Tensor | None = None,
         **kwargs,
     ) -> CausalLMOutputWithPast:
-        """Logits `[B, L, vocab]` and, with `labels`, the mean next-token cross-entropy over the labels that are
-        not −100 (labels are shifted here: the logit at i predicts label i+1)."""
+        """Logits `[B, L, vocab]` and, with `labels`, the mean next-token cross-entropy over the labels that
+        are not −100 (labels are shifted here: the logit at i predicts label i+1)."""
         if sample_index is None:
             sample_index = (
                 torch.zeros_like(input_ids) if attention_mask is None

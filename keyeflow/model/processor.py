@@ -115,9 +115,10 @@ def encode_sample(
     *,
     spatial_merge_size: int = 2,
 ) -> Features:
-    """Model inputs of one sample. `messages` is a chat (`[{"role", "content"}, ...]` or `{"messages": [...]}`,
-    only assistant turns trained) or a plain-text sample: a string, or `[{"role": "text", "content": str}]` as
-    `train_samples.messages` stores text chunks (every token trained, then EOS)."""
+    """Model inputs of one sample. `messages` is a chat (`[{"role", "content"}, ...]` or
+    `{"messages": [...]}`, only assistant turns trained) or a plain-text sample: a string, or
+    `[{"role": "text", "content": str}]` as `train_samples.messages` stores text chunks (every token trained,
+    then EOS)."""
     media_list: list[MediaPatches] = []  # in token order: render_conversation calls back part by part
 
     def media_ids(part: Mapping) -> list[int]:
@@ -178,13 +179,13 @@ def collate(
 ) -> dict[str, torch.Tensor]:
     """One batch for `KeyeForConditionalGeneration.forward`.
 
-    `pack=False`: one sample per row, right-padded to the longest. `pack=True`: samples are concatenated in the
-    given order into rows of at most `max_length` tokens (a new row starts when the next sample does not fit;
-    `max_length=None` puts everything in one row); attention stays inside each sample (`sample_index`) and
-    positions restart per sample, so a packed row computes what its samples would alone. Either way a sample's
-    first label is set to −100 (no logit of its own sample predicts it), padding has label −100, position 0,
-    `sample_index` −1 and id `pad_token_id` (any id but a vision pad). A sample longer than `max_length` is an
-    error: cutting it could split an image's tokens from its patches.
+    `pack=False`: one sample per row, right-padded to the longest. `pack=True`: samples are concatenated in
+    the given order into rows of at most `max_length` tokens (a new row starts when the next sample does not
+    fit; `max_length=None` puts everything in one row); attention stays inside each sample (`sample_index`)
+    and positions restart per sample, so a packed row computes what its samples would alone. Either way a
+    sample's first label is set to −100 (no logit of its own sample predicts it), padding has label −100,
+    position 0, `sample_index` −1 and id `pad_token_id` (any id but a vision pad). A sample longer than
+    `max_length` is an error: cutting it could split an image's tokens from its patches.
 
     Returns input_ids, labels, sample_index `[B, L]`, position_ids `[3, B, L]`, pixel_values (uint8, all
     samples' patches in row/token order), grid_thw `[num_grids, 3]`.

@@ -7,8 +7,8 @@ Endpoints:
 - `POST /v1/chat/completions`: `messages`, `n`, `max_tokens` (or `max_completion_tokens`; default 256),
   `temperature` (default 1; 0 is greedy), `seed`, `logprobs` (+ `top_logprobs` 0) → `choices[i]` with
   `message.content`, `finish_reason` and `logprobs.content[{token, logprob, bytes, top_logprobs: []}]`, and
-  `usage`. A request's seed is used as given (`LocalGenerator.generate_one`), so `OpenAICompatibleGenerator`, which
-  sends `conversation_seed(seed, messages)`, gets what `LocalGenerator.generate` gives in process.
+  `usage`. A request's seed is used as given (`LocalGenerator.generate_one`), so `OpenAICompatibleGenerator`,
+  which sends `conversation_seed(seed, messages)`, gets what `LocalGenerator.generate` gives in process.
 - `GET /v1/models`, `GET /health`.
 
 Limits, each answered with a clear 400 rather than ignored: text only (content a string or `text` parts;

@@ -72,7 +72,8 @@ def vision_token_ids(tokenizer: PreTrainedTokenizerBase) -> VisionTokenIds:
 
 
 def format_timestamp(seconds: float) -> str:
-    """A frame timestamp as the model reads it: seconds with one decimal, no unit (Keye: `format(t, ".1f")`)."""
+    """A frame timestamp as the model reads it: seconds with one decimal, no unit (Keye:
+    `format(t, ".1f")`)."""
     value = float(seconds)
     if not math.isfinite(value) or value < 0:
         raise ValueError(f"timestamp must be a finite number of seconds >= 0, got {seconds!r}")

@@ -1,4 +1,5 @@
-"""The tokenizer: the special tokens of the Keye-VL-1.5 token stream, the project's own small BPE, and loading.
+"""The tokenizer: the special tokens of the Keye-VL-1.5 token stream, the project's own small BPE, and
+loading.
 
 Two kinds of tokenizer are used:
 - the default one, shipped in `assets/tokenizer/`: a byte-level BPE (vocab 4096) trained with the `tokenizers`

@@ -1,10 +1,11 @@
-"""The Keye reward model (SPEC §4): a generative judge that reads (task definition, query, response A, response B)
-and says which response is better, its prompt and strict output parser, the data to fine-tune it, and a judge
-that serves as the `reward_model` component of `rewards.RewardCombiner`.
+"""The Keye reward model (SPEC §4): a generative judge that reads (task definition, query, response A,
+response B) and says which response is better, its prompt and strict output parser, the data to fine-tune it,
+and a judge that serves as the `reward_model` component of `rewards.RewardCombiner`.
 
 **Modes.** `no_think`: the verdict directly, one line `Verdict: A`, `Verdict: B` or `Verdict: tie`. `think`: a
 `<think>` block scoring A and B on nine dimensions, one line each, `name: A=<score>, B=<score>` (integers from
-`score_min` to `score_max`; other lines in the block are free reasoning), then `</think>` and the verdict line:
+`score_min` to `score_max`; other lines in the block are free reasoning), then `</think>` and the verdict
+line:
 
     <think>
     credibility: A=8, B=6
@@ -44,11 +45,11 @@ topic and concise.
 **The judge** (`RewardModelJudge`) asks any `Generator` (in process or an OpenAI-compatible server) greedily,
 in both orders when `swap_orders` (a judge's position bias cancels in the average), and turns each verdict
 into the response's preference value: 1 win, 0.5 tie, 0 loss; in think mode blended with the weighted
-dimension scores, `verdict_weight`·verdict + (1 − verdict_weight)·(½ + (S_response − S_other) / 2·range), S the
-`dimension_weights`-weighted mean score. An output that does not parse, or a request that fails, makes that
-order unusable with the reason; the other order still counts; with none usable `reward` returns 0.5 (a tie:
-the judge's failure should neither reward nor punish the policy) and says why. Nothing a generator returns
-crashes a batch.
+dimension scores, `verdict_weight`·verdict + (1 − verdict_weight)·(½ + (S_response − S_other) / 2·range), S
+the `dimension_weights`-weighted mean score. An output that does not parse, or a request that fails, makes
+that order unusable with the reason; the other order still counts; with none usable `reward` returns 0.5 (a
+tie: the judge's failure should neither reward nor punish the policy) and says why. Nothing a generator
+returns crashes a batch.
 
 **Training** lives with the other trainers (`keyeflow.training.reward_model_trainer.train_reward_model`): the
 conversations become `train_samples` rows and a mixture that uses each sample as many times as the debiasing
@@ -193,8 +194,9 @@ def _parts(content: object, where: str) -> list[dict[str, Any]]:
 
 
 def query_parts(query: Query) -> list[dict[str, Any]]:
-    """The query as content parts: a string, a list of parts (text, image, video…: passed through as they are),
-    or chat messages (one user message: its content; several: each as `[role]` and its content, in order)."""
+    """The query as content parts: a string, a list of parts (text, image, video…: passed through as they
+    are), or chat messages (one user message: its content; several: each as `[role]` and its content, in
+    order)."""
     if isinstance(query, str):
         return _parts(query, "query")
     if not isinstance(query, Sequence) or not query:
@@ -216,7 +218,8 @@ def query_text(query: Query) -> str:
 
 
 def _merge_text(parts: list[dict[str, Any]]) -> str | list[dict[str, Any]]:
-    """Adjacent text parts joined; a content of text alone becomes a plain string (what every server takes)."""
+    """Adjacent text parts joined; a content of text alone becomes a plain string (what every server
+    takes)."""
     merged: list[dict[str, Any]] = []
     for part in parts:
         if part.get("type") == "text" and merged and merged[-1].get("type") == "text":

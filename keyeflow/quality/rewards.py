@@ -395,8 +395,8 @@ _SENTENCE_SPLIT = re.compile(r"(?<=[.!?])\s+|(?<=[。！？])")
 
 
 def count_words(text: str) -> int:
-    """Words: runs of letters and digits (``don't``, ``well-known`` and ``3.5`` are one); a Chinese or Japanese
-    character is a word by itself (those scripts put no spaces between words)."""
+    """Words: runs of letters and digits (``don't``, ``well-known`` and ``3.5`` are one); a Chinese or
+    Japanese character is a word by itself (those scripts put no spaces between words)."""
     return len(_WORD.findall(text))
 
 

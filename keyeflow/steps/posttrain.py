@@ -1,7 +1,7 @@
-"""Post-training steps, each a `steps.cached_step` (skipped when done, resumed after a kill, one MLflow run chained
-to the runs of the checkpoints it started from): SFT data and filter, preference pairs, the reward model, MPO,
-GSPO rounds with rejection sampling, alignment RL. The flow `keyeflow.flows.posttrain` wires them in SPEC §4's
-order; `keyeflow.training.posttrain_recipe` holds every setting.
+"""Post-training steps, each a `steps.cached_step` (skipped when done, resumed after a kill, one MLflow run
+chained to the runs of the checkpoints it started from): SFT data and filter, preference pairs, the reward
+model, MPO, GSPO rounds with rejection sampling, alignment RL. The flow `keyeflow.flows.posttrain` wires them
+in SPEC §4's order; `keyeflow.training.posttrain_recipe` holds every setting.
 
 Media: RL and preference prompts name images/videos by path (LongCoT questions); they resolve to the patches
 their ingestion stored (`StoredMediaLookup`, by content hash and the LongCoT generation defaults' media
@@ -55,9 +55,9 @@ def local_generator(checkpoint: str) -> LocalGenerator:
 
 
 def start_from(checkpoint: str, *, parent_run_id: str | None = None) -> StageOutput:
-    """The checkpoint post-training starts from, as a step: the run that made it when keyeflow did (so the chain
-    continues into pre-training's lineage), else a step recording the path. "latest-pretrain": the checkpoint
-    the newest finished `pretrain` flow run ended with."""
+    """The checkpoint post-training starts from, as a step: the run that made it when keyeflow did (so the
+    chain continues into pre-training's lineage), else a step recording the path. "latest-pretrain": the
+    checkpoint the newest finished `pretrain` flow run ended with."""
     if checkpoint == LATEST_PRETRAIN:
         checkpoint = lineage.latest_checkpoint("pretrain")
     path = Path(checkpoint).expanduser().resolve()
@@ -153,7 +153,8 @@ def train_reward_model(
     parent_run_id: str | None = None,
     tables_ref: dict[str, TableRef] | None = None,
 ) -> StageOutput:
-    """The think/no_think judge, fine-tuned on judgements built from the pairs (order-swapped, length-debiased)."""
+    """The think/no_think judge, fine-tuned on judgements built from the pairs (order-swapped,
+    length-debiased)."""
     conversations, report = build_reward_model_data(pairs, config)
 
     def body(out_dir: Path, run_id: str) -> str:
@@ -290,8 +291,8 @@ def train_gspo(
     extra_upstream: Sequence[StageOutput] = (),
     parent_run_id: str | None = None,
 ) -> StageOutput:
-    """One GSPO stage (general RL round or alignment RL). `reward_spec`: what the reward is made of (part of the
-    key: a different judge or weight is a different stage)."""
+    """One GSPO stage (general RL round or alignment RL). `reward_spec`: what the reward is made of (part of
+    the key: a different judge or weight is a different stage)."""
 
     def body(out_dir: Path, run_id: str) -> str:
         result = rl.train_gspo(

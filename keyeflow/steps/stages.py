@@ -1,7 +1,8 @@
-"""Training steps that produce checkpoints, each one resumable and cached through `cached_step`: `prepare_init`
-(the starting weights), `train_stage` (any stage `trainer.train` runs: pre-training 1–3, SFT, LongCoT SFT),
-`fuse` (stage 4 and expert merging, through `merging.merge_checkpoints`); post-training's own loops (MPO,
-GSPO) are steps of the same kind. `evaluate_stage` adds held-out loss, MCQ accuracy and the promotion gate.
+"""Training steps that produce checkpoints, each one resumable and cached through `cached_step`:
+`prepare_init` (the starting weights), `train_stage` (any stage `trainer.train` runs: pre-training 1–3, SFT,
+LongCoT SFT), `fuse` (stage 4 and expert merging, through `merging.merge_checkpoints`); post-training's own
+loops (MPO, GSPO) are steps of the same kind. `evaluate_stage` adds held-out loss, MCQ accuracy and the
+promotion gate.
 
 **Cache and resume.** Every step has a key: a hash of what determines its weights — its config hash, the key
 of the checkpoint it starts from (so a change upstream changes every key below it) and the mixture id (which
@@ -57,7 +58,8 @@ KEY_TAG = "keyeflow.step_key"
 
 @dataclass(frozen=True)
 class StageOutput:
-    """What a step hands the next one: a checkpoint directory (loadable with `from_pretrained`) and its run."""
+    """What a step hands the next one: a checkpoint directory (loadable with `from_pretrained`) and its
+    run."""
 
     name: str
     checkpoint: str
@@ -202,11 +204,11 @@ def train_stage(
     launch: LaunchConfig | None = None,
 ) -> StageOutput:
     """Train one stage (any stage the trainer runs: pre-training, SFT, LongCoT SFT) from `init`'s checkpoint
-    on `mixture_id` (cached and resumable, module docstring). `data_from`: steps whose models made the training
-    data (a rejection-sampled cold-start set), recorded as upstream too. `launch`: start the ranks with
-    torchrun or the DeepSpeed launcher (`keyeflow.training.launch`); None trains in this process. It is not in
-    the key: the launcher and the number of ranks change what the stage learns only by float rounding (the
-    step loss is a token mean over all ranks), and a step resumes on any number of ranks."""
+    on `mixture_id` (cached and resumable, module docstring). `data_from`: steps whose models made the
+    training data (a rejection-sampled cold-start set), recorded as upstream too. `launch`: start the ranks
+    with torchrun or the DeepSpeed launcher (`keyeflow.training.launch`); None trains in this process. It is
+    not in the key: the launcher and the number of ranks change what the stage learns only by float rounding
+    (the step loss is a token mean over all ranks), and a step resumes on any number of ranks."""
 
     def body(out_dir: Path, run_id: str) -> str:
         result = launch_train(

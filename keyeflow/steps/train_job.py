@@ -49,8 +49,8 @@ def launch_train(
     out_dir: str | Path,
     run_id: str | None = None,
 ) -> TrainResult:
-    """`trainer.train` with the same arguments, its ranks started by `launch` (module docstring); `run_id`: the
-    MLflow run every rank reports to (None: only `out_dir/metrics.jsonl`)."""
+    """`trainer.train` with the same arguments, its ranks started by `launch` (module docstring); `run_id`:
+    the MLflow run every rank reports to (None: only `out_dir/metrics.jsonl`)."""
     out_dir = Path(out_dir)
     if launch.launcher == "inprocess":
         return train(

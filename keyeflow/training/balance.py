@@ -115,7 +115,8 @@ class SampleCost:
 def vit_coefficients(
     *, vit_layers: int, vit_hidden: int, vit_mlp: int, llm_layers: int, llm_hidden: int
 ) -> tuple[float, float]:
-    """(a, b) of the encoder's ``a·P + b·P²`` per grid, in the LLM proxy's units (``4·d_llm`` FLOPs per layer).
+    """(a, b) of the encoder's ``a·P + b·P²`` per grid, in the LLM proxy's units (``4·d_llm`` FLOPs per
+    layer).
 
     Per encoder layer and patch: matrices ``2·(4·d_v² + 2·d_v·mlp_v)`` FLOPs (QKV+O, a two-matrix MLP),
     attention ``4·d_v·P`` (QKᵀ and AV). Summed over the encoder's layers, divided by the LLM's cost
@@ -138,7 +139,8 @@ _VIT_LINEAR, _VIT_QUADRATIC = vit_coefficients(
 
 @dataclass(frozen=True, kw_only=True)
 class CostModel:
-    """Cost of a sample = ``llm_linear·L + llm_quadratic·L² + Σ_grids count·(vit_linear·P + vit_quadratic·P²)``.
+    """Cost of a sample =
+    ``llm_linear·L + llm_quadratic·L² + Σ_grids count·(vit_linear·P + vit_quadratic·P²)``.
 
     Defaults: the public 7B text proxy for the LLM, SigLIP-400M against the 8B LLM for the encoder
     (see the module docstring for the derivation). Every field can be set.
@@ -309,7 +311,8 @@ def balance(costs: Any, num_groups: int) -> np.ndarray:
 def balance_two_level(
     pack_costs: Any, num_ranks: int, num_micro_batches: int
 ) -> tuple[np.ndarray, np.ndarray]:
-    """(rank, micro-batch) of each pack: LPT across ranks, then LPT over each rank's packs across its micro-batches."""
+    """(rank, micro-batch) of each pack: LPT across ranks, then LPT over each rank's packs across its
+    micro-batches."""
     pack_costs = np.asarray(pack_costs, dtype=np.float64).reshape(-1)
     rank = balance(pack_costs, num_ranks)
     micro_batch = np.zeros(len(pack_costs), dtype=np.int64)

@@ -2,10 +2,10 @@
 and the recipe's pre-training stages (`pretrain_stage`); `MPOStageConfig` (preference optimisation) and
 `GSPOStageConfig` (reinforcement learning) for post-training.
 
-Everything the loop, the loader and DeepSpeed need comes from here: `keyeflow.training.deepspeed_config` renders
-the DeepSpeed JSON from a `StageConfig` (one source of truth), and `keyeflow.training.trainer.train` reads the
-rest. A checkpoint stores `to_dict()` and `config_hash()`, so a resumed run can tell whether its settings
-changed.
+Everything the loop, the loader and DeepSpeed need comes from here: `keyeflow.training.deepspeed_config`
+renders the DeepSpeed JSON from a `StageConfig` (one source of truth), and `keyeflow.training.trainer.train`
+reads the rest. A checkpoint stores `to_dict()` and `config_hash()`, so a resumed run can tell whether its
+settings changed.
 
 What SPEC §3 fixes for pre-training, and what it leaves open:
 - stage 1 (alignment) trains the projector only, ViT and LLM frozen; context 8,192; DP + ZeRO-2;
@@ -65,8 +65,8 @@ class StageConfig:
     rope_theta: float | None = None  # override the LLM's RoPE base (SPEC: 8e6 from stage 3)
     deepspeed_zero: int | None = None  # None: plain data-parallel PyTorch; 0-3: a DeepSpeed engine
     zero_bucket_size: int = 500_000_000  # elements per ZeRO reduce/all-gather bucket (DeepSpeed's default)
-    # bf16 compute: autocast over fp32 weights without DeepSpeed; with it, the engine's bf16 mode (bf16 weights,
-    # fp32 master copies of the trained ones only, so frozen weights are saved rounded to bf16)
+    # bf16 compute: autocast over fp32 weights without DeepSpeed; with it, the engine's bf16 mode (bf16
+    # weights, fp32 master copies of the trained ones only, so frozen weights are saved rounded to bf16)
     bf16: bool = False
     offload_optimizer: bool = False  # ZeRO-Offload: optimizer states in CPU memory (ZeRO >= 1)
     offload_params: bool = False  # ZeRO-Infinity-style parameter offload to CPU (ZeRO 3)
@@ -234,7 +234,8 @@ _PRETRAIN_STAGES: dict[int, dict[str, Any]] = {
 
 def pretrain_stage(stage: int, **overrides: Any) -> StageConfig:
     """The recipe's pre-training stage 1, 2 or 3 (bf16, DeepSpeed as SPEC §3 says), with fields replaced.
-    `max_steps` and `window_size` default to 1000 steps of 256 samples (UNSTATED), warm-up to 3% of the steps."""
+    `max_steps` and `window_size` default to 1000 steps of 256 samples (UNSTATED), warm-up to 3% of the
+    steps."""
     if stage not in _PRETRAIN_STAGES:
         raise ValueError(f"no pre-training stage {stage!r}: stages 1–3 train (stage 4 is weight averaging)")
     base = {"max_steps": 1000, "window_size": 256, "bf16": True, **_PRETRAIN_STAGES[stage]}
@@ -308,14 +309,15 @@ class GSPOStageConfig:
     """One GSPO stage (`keyeflow.training.rl`). Counts are per optimizer step unless said otherwise.
 
     ``prompts_per_step``: prompts rolled out per step. ``group_size``: G, rollouts per prompt (>= 2: the
-    advantages are normalised within the group). ``max_new_tokens``/``temperature``: sampling (temperature > 0:
-    greedy would give G identical responses and no signal). ``learning_rate``: AdamW's, constant (weight decay
-    0, as TRL's GRPO default: with LRs around 1e-6 over a few hundred steps, decay only pulls weights towards 0).
-    ``max_steps``: the step the stage ends at (a resume continues up to it). ``mini_batches_per_step``: updates
-    per rollout batch. ``grad_clip``: max gradient norm (0: no clipping). ``success_threshold``: a rollout
-    passes when its reward reaches it (pass rates, "every rollout fails", hint levels). ``hints``: progressive
-    hint sampling (None: off); its ``rollouts_per_level`` must be G (the step's rollouts are its level 0) and
-    its ``success_threshold`` the stage's. ``checkpoint_every``: steps between checkpoints (and the last step).
+    advantages are normalised within the group). ``max_new_tokens``/``temperature``: sampling (temperature >
+    0: greedy would give G identical responses and no signal). ``learning_rate``: AdamW's, constant (weight
+    decay 0, as TRL's GRPO default: with LRs around 1e-6 over a few hundred steps, decay only pulls weights
+    towards 0). ``max_steps``: the step the stage ends at (a resume continues up to it).
+    ``mini_batches_per_step``: updates per rollout batch. ``grad_clip``: max gradient norm (0: no clipping).
+    ``success_threshold``: a rollout passes when its reward reaches it (pass rates, "every rollout fails",
+    hint levels). ``hints``: progressive hint sampling (None: off); its ``rollouts_per_level`` must be G (the
+    step's rollouts are its level 0) and its ``success_threshold`` the stage's. ``checkpoint_every``: steps
+    between checkpoints (and the last step).
     """
 
     prompts_per_step: int = 8

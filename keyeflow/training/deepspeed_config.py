@@ -10,10 +10,10 @@ of samples varies (packing), so `train_micro_batch_size_per_gpu` is 1 and only `
 (= `micro_batches_per_step`) carries meaning; `train_batch_size` is their product with the world size, as
 DeepSpeed checks. The samples in a step are the loader's `window_size`, whatever the world size.
 
-Model parallelism (a long-context stage): `sequence_parallel_size` (Ulysses context parallelism: each sequence's
-tokens split over that many ranks) goes in as DeepSpeed's top-level key, `pipeline_parallel_size` as the
-`pipeline` section's stage count. Both divide the world: the data-parallel ranks, which alone multiply the batch
-size, are world / (sequence × pipeline).
+Model parallelism (a long-context stage): `sequence_parallel_size` (Ulysses context parallelism: each
+sequence's tokens split over that many ranks) goes in as DeepSpeed's top-level key, `pipeline_parallel_size`
+as the `pipeline` section's stage count. Both divide the world: the data-parallel ranks, which alone multiply
+the batch size, are world / (sequence × pipeline).
 """
 
 from __future__ import annotations
@@ -41,7 +41,8 @@ def render_deepspeed_config(stage: StageConfig, world_size: int) -> dict[str, An
     zero: dict[str, Any] = {"stage": stage.deepspeed_zero}
     if stage.deepspeed_zero >= 1:
         zero.update(
-            # Overlap gradient reduction with the backward pass, into one contiguous buffer (less fragmentation).
+            # Overlap gradient reduction with the backward pass, into one contiguous buffer (less
+            # fragmentation).
             overlap_comm=True,
             contiguous_gradients=True,
             reduce_scatter=True,

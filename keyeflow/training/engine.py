@@ -1,6 +1,6 @@
-"""The one training engine under every loop: the stage trainer (`trainer.train`, which also trains SFT, LongCoT
-SFT and the reward model), MPO (`preference.train_mpo`) and GSPO (`rl.train_gspo`). A loop decides what a
-step computes (its batches and its loss); the engine owns everything else, once:
+"""The one training engine under every loop: the stage trainer (`trainer.train`, which also trains SFT,
+LongCoT SFT and the reward model), MPO (`preference.train_mpo`) and GSPO (`rl.train_gspo`). A loop decides
+what a step computes (its batches and its loss); the engine owns everything else, once:
 
 - **where to start** (`resume_point`): the checkpoint `out_dir/latest` names, or a fresh start;
 - **the model's wrapping**: one process, plain data parallelism over gloo/NCCL (rank 0's weights broadcast at

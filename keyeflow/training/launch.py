@@ -92,7 +92,8 @@ class LaunchConfig:
         """The launcher's command line for the trainer on `spec`."""
         trainer = [TRAIN_JOB_MODULE, str(spec)]
         if self.launcher == "torchrun":
-            # --standalone: a local rendezvous on a free port, as another job on this machine may hold any fixed one.
+            # --standalone: a local rendezvous on a free port, as another job on this machine may hold any
+            # fixed one.
             rendezvous = (
                 ["--standalone"]
                 if self.master_port is None

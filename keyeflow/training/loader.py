@@ -45,10 +45,10 @@ Metadata for costs comes from DuckDB over the Lance tables with projection pushd
 version, this mixture's rows), ``train_samples`` at the version the mixture pinned (num_tokens,
 num_vision_tokens, media_ids), and per media id ``video_samples`` (num_slow/num_fast and the Slow/Fast
 frame sizes) or ``image_samples`` (grid_h, grid_w; the ``patches`` column is never read). All three sit
-beside the ``mixtures`` table (same tables root). The last two are read at their latest version: their rows are keyed by content and config hash and never change, so a
-later version only adds rows. A sample with vision tokens whose media are in neither table is costed
-from ``num_vision_tokens`` alone (4 patches per token, encoder matrices only, no per-grid attention)
-and counted in ``num_samples_without_grids``.
+beside the ``mixtures`` table (same tables root). The last two are read at their latest version: their rows
+are keyed by content and config hash and never change, so a later version only adds rows. A sample with vision
+tokens whose media are in neither table is costed from ``num_vision_tokens`` alone (4 patches per token,
+encoder matrices only, no per-grid attention) and counted in ``num_samples_without_grids``.
 """
 
 from __future__ import annotations
@@ -213,7 +213,8 @@ def read_sample_table(mixture: TableRef, mixture_id: str, cost_model: CostModel)
 
 
 def epoch_stream(repeats: np.ndarray) -> np.ndarray:
-    """Row index of each occurrence of epoch 0: row ``i``'s ``r`` uses at keys ``(i + j·N)/r``, spread evenly."""
+    """Row index of each occurrence of epoch 0: row ``i``'s ``r`` uses at keys ``(i + j·N)/r``, spread
+    evenly."""
     repeats = np.asarray(repeats, dtype=np.int64)
     if len(repeats) and repeats.min() < 1:
         raise ValueError("every mixture row needs repeats >= 1")
@@ -246,7 +247,8 @@ class Pack:
 
 @dataclass(frozen=True)
 class MicroBatch:
-    """What one rank trains on in one micro-batch; ``payloads[p][s]`` is what the reader gave for pack p's sample s."""
+    """What one rank trains on in one micro-batch; ``payloads[p][s]`` is what the reader gave for pack p's
+    sample s."""
 
     step: int  # the global window index (= optimizer step, counted from the start of training)
     epoch: int

@@ -28,11 +28,13 @@ Label smoothing (cDPO) is left out: neither InternVL's MPO nor TRL's current sig
 **GSPO** (Group Sequence Policy Optimization, Zheng et al. 2025), G rollouts per prompt:
 
     J = mean_i min(s_i Â_i, clip(s_i, 1 − ε_low, 1 + ε_high) Â_i),  loss = −J (+ kl_coef · KL)
-    Â_i = (r_i − mean_group r) / (std_group r + eps),  s_i = exp((1/|y_i|) Σ_t [log π_θ(y_i,t) − log π_old(y_i,t)])
+    Â_i = (r_i − mean_group r) / (std_group r + eps),
+    s_i = exp((1/|y_i|) Σ_t [log π_θ(y_i,t) − log π_old(y_i,t)])
 
 - std is the unbiased (Bessel-corrected) standard deviation over the G rewards of a prompt, and eps = 1e-4 is
-  added to it — TRL's and verl's choice, so advantages match theirs; a group whose rewards are all equal has no
-  signal and gets advantages of exactly 0 (set explicitly: r − mean is not always exactly 0 in floating point).
+  added to it — TRL's and verl's choice, so advantages match theirs; a group whose rewards are all equal has
+  no signal and gets advantages of exactly 0 (set explicitly: r − mean is not always exactly 0 in floating
+  point).
 - The gradient is the paper's GSPO-token form: s_i,t = sg[s_i] · π_θ(y_i,t) / sg[π_θ(y_i,t)], averaged over
   the tokens of a response. Its value is s_i on every token and its gradient is s_i ∇log π_θ(y_i,t), so with
   one advantage per response the gradient equals the sequence form's,
@@ -58,9 +60,9 @@ from keyeflow.config import check_number, invalid
 
 
 def token_logprobs(logits: torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor:
-    """log p(token_ids[..., t]) under logits[..., t, :], in float32: the picked logit minus the logsumexp, which
-    never materialises the full log-softmax (the backward still builds the softmax once). The caller aligns
-    them (the logit at position t scores the token at t + 1)."""
+    """log p(token_ids[..., t]) under logits[..., t, :], in float32: the picked logit minus the logsumexp,
+    which never materialises the full log-softmax (the backward still builds the softmax once). The caller
+    aligns them (the logit at position t scores the token at t + 1)."""
     logits = logits.float()
     picked = logits.gather(-1, token_ids[..., None])[..., 0]
     return picked - torch.logsumexp(logits, dim=-1)
@@ -136,9 +138,10 @@ def mpo_loss(
     reward_shift: RewardShift | None,
     all_reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> MPOOutput:
-    """MPO on a batch of pairs. Every input is one value per pair, shape (B,): the log-probabilities summed over
-    the response tokens under the policy and the frozen reference, and the number of chosen response tokens.
-    `reward_shift` (required, may be None) is updated with this batch before BCO uses it; None means δ = 0.
+    """MPO on a batch of pairs. Every input is one value per pair, shape (B,): the log-probabilities summed
+    over the response tokens under the policy and the frozen reference, and the number of chosen response
+    tokens. `reward_shift` (required, may be None) is updated with this batch before BCO uses it; None means
+    δ = 0.
 
     A batch split over data-parallel ranks: `all_reduce` sums a tensor over the ranks (in place, returning
     it). Every term is then a sum over this rank's pairs divided by the whole batch's count (pairs for DPO and
@@ -289,10 +292,11 @@ def gspo_loss(
     old_logps: torch.Tensor | None = None,
     ref_logps: torch.Tensor | None = None,
 ) -> GSPOOutput:
-    """GSPO on N responses padded to T tokens: `logps` (N, T) per-token log-probs under the current policy (with
-    grad), `advantages` (N,) one per response (`group_advantages(...).flatten()`), `mask` (N, T) true on response
-    tokens. `old_logps` (N, T) are the behaviour policy's (None: on-policy, s = 1 exactly); `ref_logps` (N, T)
-    the reference's, needed when `config.kl_coef` > 0. Values at masked positions are ignored, NaN included."""
+    """GSPO on N responses padded to T tokens: `logps` (N, T) per-token log-probs under the current policy
+    (with grad), `advantages` (N,) one per response (`group_advantages(...).flatten()`), `mask` (N, T) true on
+    response tokens. `old_logps` (N, T) are the behaviour policy's (None: on-policy, s = 1 exactly);
+    `ref_logps` (N, T) the reference's, needed when `config.kl_coef` > 0. Values at masked positions are
+    ignored, NaN included."""
     if logps.ndim != 2:
         raise ValueError(f"logps must be (num_responses, num_tokens), got shape {tuple(logps.shape)}")
     if mask.shape != logps.shape:
@@ -329,8 +333,8 @@ def gspo_loss(
         return torch.where(mask, per_token, zero).sum(dim=1) / lengths_f
 
     log_ratio = response_mean(logps - old)  # log s_i
-    # GSPO-token: value s_i on every token, gradient s_i · ∇log π_θ(y_t) (sg = detach). The bracket is exactly 0
-    # in value; written as (a + x) − x instead, rounding could move a ratio across the tiny clipping bounds.
+    # GSPO-token: value s_i on every token, gradient s_i · ∇log π_θ(y_t) (sg = detach). The bracket is exactly
+    # 0 in value; written as (a + x) − x instead, rounding could move a ratio across the tiny clipping bounds.
     token_ratio = torch.exp(log_ratio.detach()[:, None] + (logps - logps.detach()))
     adv = advantages.to(dtype)[:, None]
     clipped = torch.clamp(token_ratio, 1.0 - config.epsilon_low, 1.0 + config.epsilon_high)

@@ -1,9 +1,9 @@
 """The data of post-training's supervised stages, from the tables to a mixture the trainer reads.
 
-- SFT: conversation samples of `train_samples` (the tasks a recipe names), minus what the **difficulty filter**
-  drops: an item whose every one of `num_paths` sampled answers is right teaches nothing new (SPEC §4), so it
-  is dropped with that reason. Items whose answer cannot be checked (free-form captions, chats) are kept: the
-  filter only removes what it can prove easy.
+- SFT: conversation samples of `train_samples` (the tasks a recipe names), minus what the **difficulty
+  filter** drops: an item whose every one of `num_paths` sampled answers is right teaches nothing new (SPEC
+  §4), so it is dropped with that reason. Items whose answer cannot be checked (free-form captions, chats) are
+  kept: the filter only removes what it can prove easy.
 - LongCoT SFT: the `longcot` table's kept samples, each used `repeats` times (its 1–5 quality score turned
   into repeats by the LongCoT flow), as `train_samples` rows (through `conversations.add_conversations`, so
   media go through the same ingestion tables).
@@ -177,8 +177,8 @@ def longcot_mixture(
     root: str | None = None,
 ) -> tuple[MixtureResult, dict[str, str]]:
     """LongCoT samples (one domain's, or all) as train_samples rows and a mixture using each `repeats` times,
-    at least `min_repeats` (an expert takes every kept sample of its domain: 1, even those the scoring drew out
-    of the general mix). Returns the mixture and the samples that could not be used, with why (also in
+    at least `min_repeats` (an expert takes every kept sample of its domain: 1, even those the scoring drew
+    out of the general mix). Returns the mixture and the samples that could not be used, with why (also in
     `quarantine`)."""
     rows = longcot_rows(longcot, domain)
     if not rows:
@@ -199,8 +199,8 @@ def longcot_mixture(
     repeats: dict[str, int] = {}
     for r in rows:
         sample_id = ids.get(f"longcot#{r['sample_id']}")
-        # Repeats 0: the scoring kept the sample out of training (a low score drawn out). Two LongCoT rows with
-        # the same conversation are one sample: it gets the larger count.
+        # Repeats 0: the scoring kept the sample out of training (a low score drawn out). Two LongCoT rows
+        # with the same conversation are one sample: it gets the larger count.
         uses = max(int(r["repeats"]), min_repeats)
         if sample_id is not None and uses >= 1:
             repeats[sample_id] = max(repeats.get(sample_id, 0), uses)

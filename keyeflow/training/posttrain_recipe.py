@@ -1,8 +1,8 @@
 """Post-training as one Python recipe (SPEC §4, in its order): SFT (difficulty filter, then a low-LR annealing
 phase) → reward model → MPO → LongCoT SFT with expert merging → GSPO rounds (progressive hints, rejection
 sampling, pass-rate filter) → alignment RL. `posttrain_recipe("tiny")` runs on a CPU in minutes with the tiny
-model; `posttrain_recipe("keye-8b")` holds full-scale settings where SPEC gives them and marked choices where it
-does not (learning rates, step counts, sample counts: UNSTATED for Keye).
+model; `posttrain_recipe("keye-8b")` holds full-scale settings where SPEC gives them and marked choices where
+it does not (learning rates, step counts, sample counts: UNSTATED for Keye).
 """
 
 from __future__ import annotations
@@ -110,7 +110,8 @@ class PosttrainRecipe:
 
 
 def _plain(value: Any) -> Any:
-    """JSON-ready copy of nested config dataclasses (field by field: `asdict` cannot copy read-only mappings)."""
+    """JSON-ready copy of nested config dataclasses (field by field: `asdict` cannot copy read-only
+    mappings)."""
     if dataclasses.is_dataclass(value):
         return {f.name: _plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
     if isinstance(value, (dict, MappingProxyType)):

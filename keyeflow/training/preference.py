@@ -1,8 +1,8 @@
 """MPO (SPEC §4): preference pairs from sampled responses, and the training stage that learns from them.
 
-**Pairs** (`build_preference_pairs`). For every item (an id, the prompt as chat messages that may hold image and
-video parts, an optional reference answer and how to check it) the generator samples `n` responses; a scorer
-gives each a value (`make_scorer`: the reference check of `rewards.answer_reward` where the item has a
+**Pairs** (`build_preference_pairs`). For every item (an id, the prompt as chat messages that may hold image
+and video parts, an optional reference answer and how to check it) the generator samples `n` responses; a
+scorer gives each a value (`make_scorer`: the reference check of `rewards.answer_reward` where the item has a
 reference, the reward model where it has none, the reward model as a tie-breaker beside the check when both
 are given); the best response becomes `chosen` and the worst `rejected` when their scores differ by at least
 `min_margin`. SPEC's "high/low responses scored by the reward model plus human labels" names no rule, so the
@@ -10,8 +10,8 @@ choices made here (UNSTATED) are:
 - best against worst, one pair per item: the widest margin is the least noisy label, and one pair per prompt
   keeps a prompt with many samples from outweighing the others;
 - the chosen response must be complete (generation stopped on its own, not at `max_new_tokens`): the chosen
-  text is trained with SFT and closed by `<|im_end|>`, so a cut-off chosen answer would teach the model to stop
-  mid-sentence; a cut-off response may still be the rejected one;
+  text is trained with SFT and closed by `<|im_end|>`, so a cut-off chosen answer would teach the model to
+  stop mid-sentence; a cut-off response may still be the rejected one;
 - ties go to the earlier sample, so nothing about a response but its score decides (in particular not its
   length: the reward model's length bias is handled by its own debiasing pass, `quality.reward_model`).
 Every item that gives no pair is recorded with why (generation failed, too few scored responses, no complete
@@ -83,10 +83,10 @@ MPO_CHECKPOINT_FORMAT = 1
 
 @dataclass(frozen=True)
 class PreferenceItem:
-    """One prompt to sample responses for. `messages`: the chat up to the user turn the policy answers (content
-    a string or parts, image/video parts included). `reference`/`task`/`options`: the reference answer and how
-    `rewards.answer_reward` checks it (None: no reference, the reward model scores). `task_definition`: what
-    the reward model is told the task is (None: its default)."""
+    """One prompt to sample responses for. `messages`: the chat up to the user turn the policy answers
+    (content a string or parts, image/video parts included). `reference`/`task`/`options`: the reference
+    answer and how `rewards.answer_reward` checks it (None: no reference, the reward model scores).
+    `task_definition`: what the reward model is told the task is (None: its default)."""
 
     item_id: str
     messages: Sequence[Mapping[str, Any]]
@@ -148,7 +148,8 @@ RewardModel = Callable[[RewardItem, str], "Reward | float | tuple[float, str] | 
 
 
 def _as_reward(name: str, out: object) -> Reward | None:
-    """A reward model's output (a Reward, a number in [0, 1] or (number, reason)) as a Reward; None stays None."""
+    """A reward model's output (a Reward, a number in [0, 1] or (number, reason)) as a Reward; None stays
+    None."""
     if out is None or isinstance(out, Reward):
         return out
     value, reason = out if isinstance(out, tuple) and len(out) == 2 else (out, f"{name} score")
@@ -225,7 +226,8 @@ def build_preference_pairs(
     temperature: float = 1.0,
     batch_size: int = 8,
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """Sample `n` responses per item, score them, pair the best complete one with the worst (module docstring).
+    """Sample `n` responses per item, score them, pair the best complete one with the worst (module
+    docstring).
 
     Returns (pairs, records). A pair: `pair_id` (= item_id), `item_id`, `messages` (the prompt), `chosen`,
     `rejected`, `chosen_score`, `rejected_score`, `margin`, `reason`, `num_responses`, `scores` (every scored
@@ -408,8 +410,8 @@ def pairs_fingerprint(pairs: Sequence[tuple[list[dict], str, str]]) -> str:
 
 
 def pair_indices(num_pairs: int, step: int, pairs_per_step: int, seed: int) -> list[int]:
-    """The pairs of optimizer step `step` (0-based): positions step·P … step·P + P − 1 of the epochs laid end to
-    end, each epoch a shuffle seeded by (seed, epoch). A function of the step alone, so a resume needs no
+    """The pairs of optimizer step `step` (0-based): positions step·P … step·P + P − 1 of the epochs laid end
+    to end, each epoch a shuffle seeded by (seed, epoch). A function of the step alone, so a resume needs no
     loader state."""
     out = []
     for position in range(step * pairs_per_step, (step + 1) * pairs_per_step):
@@ -473,7 +475,8 @@ def _train_mpo(
         _check_resumable(saved, config, init, fingerprint)
     prepare_out_dir(out_dir, dist, saved["step"] if saved else 0)
 
-    # ---- Models: the policy on the engine, and the frozen reference, which is always `init` (also on a resume).
+    # ---- Models: the policy on the engine, and the frozen reference, which is always `init` (also on a
+    # resume).
     tokenizer = _tokenizer_for(init)
     engine = Engine(
         load_model(resume_dir / "model" if resume_dir else init),

@@ -318,7 +318,8 @@ def check_rollout_training_inputs(
 ) -> Features:
     """Check that the rollout and training paths build the same multimodal inputs for `messages` (a prompt
     ending with a user turn, typically with an image and/or a video) answered by `response`; return the
-    Features both paths agreed on. Raises `RolloutInputMismatch` naming the first differing field and position.
+    Features both paths agreed on. Raises `RolloutInputMismatch` naming the first differing field and
+    position.
 
     - rollout path: `generator.encode_prompt(messages)` + the response's ids (`tokenizer.encode(response)` +
       `<|im_end|>`, the tokens a rollout that wrote this text and stopped would carry) via
@@ -375,7 +376,8 @@ def check_rollout_training_inputs(
         sampled = generator.generate_one(
             list(messages), n=1, max_new_tokens=max_new_tokens, temperature=0.0, seed=0, logprobs=True
         )[0]
-        # A vision pad id cannot be teacher-forced (`vision_pad_ids`): compare the tokens before the first one.
+        # A vision pad id cannot be teacher-forced (`vision_pad_ids`): compare the tokens before the first
+        # one.
         pads = vision_pad_ids(model)
         keep = next((i for i, t in enumerate(sampled.token_ids) if t in pads), len(sampled.token_ids))
         sampled_ids, sampled_logprobs = sampled.token_ids[:keep], sampled.token_logprobs[:keep]
@@ -517,7 +519,8 @@ def train_gspo(
     ending in a user turn, and whatever `reward_fn` reads: `reference`, `task`, …; `hints` level → text for
     progressive hint sampling), checkpointing into `out_dir` and resuming from `out_dir/latest` when present.
     `sink`: where parameters and per-step metrics are reported. `media_lookup` resolves image/video parts (as
-    `encode_sample`). Under torchrun each rank rolls out its share of every step's prompts (module docstring)."""
+    `encode_sample`). Under torchrun each rank rolls out its share of every step's prompts (module
+    docstring)."""
     out_dir = Path(out_dir)
     items = _check_items(items, config.hints)
     if config.prompts_per_step > len(items):
@@ -840,7 +843,8 @@ def _updates(
     plan: list[list[tuple[Features, float, Completion]]],
     num_responses: int,
 ) -> tuple[list[dict[str, Any]], list[torch.Tensor]]:
-    """One update per mini-batch; each update's statistics (all ranks) and the sampler/trainer log-prob gaps."""
+    """One update per mini-batch; each update's statistics (all ranks) and the sampler/trainer log-prob
+    gaps."""
     num_mini = config.mini_batches_per_step
     # ---- Old (and reference) log-probs, all before the first update (module docstring).
     model = engine.model
@@ -874,7 +878,8 @@ def _updates(
                 old[k] = logps.detach()
             adv = torch.tensor([a for _, a, _ in part], dtype=torch.float32, device=logps.device)
             out = gspo_loss(config.gspo, logps, adv, mask, old_logps=old[k], ref_logps=ref[k])
-            # GSPO's mean over all N responses of the step, spread evenly over the mini-batches (module docstring).
+            # GSPO's mean over all N responses of the step, spread evenly over the mini-batches (module
+            # docstring).
             engine.backward(out.loss * len(part) / (num_responses / num_mini))
             log_ratio = ((logps.detach() - old[k]) * mask).sum(dim=1) / mask.sum(dim=1)
             record = {

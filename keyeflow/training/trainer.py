@@ -84,8 +84,8 @@ def train(
     out_dir: str | Path,
     sink: MetricsSink | None = None,
 ) -> TrainResult:
-    """Train `stage` on `mixture_id` (rows of the pinned `mixture` table) from `init` (a checkpoint directory, or
-    a `KeyeConfig` for fresh weights seeded by `stage.seed`), checkpointing into `out_dir`; resumes from
+    """Train `stage` on `mixture_id` (rows of the pinned `mixture` table) from `init` (a checkpoint directory,
+    or a `KeyeConfig` for fresh weights seeded by `stage.seed`), checkpointing into `out_dir`; resumes from
     `out_dir/latest` when present. `sink`: where parameters and per-step metrics are reported (None: only
     `out_dir/metrics.jsonl`)."""
     out_dir = Path(out_dir)

@@ -1,9 +1,10 @@
-"""The `posttrain` flow with the tiny recipe on the sample data under Prefect's harness: conversations and media
-through the data flow, the LongCoT table through the LongCoT flow (the teacher is the replaying
-OpenAI-compatible server, a real process: our tiny model answers nothing right), then every post-training stage
-from a tiny start checkpoint. Checked: each stage is an MLflow run in the final checkpoint's lineage, expert
-merging is exactly the configured task arithmetic, the SFT difficulty filter, pair sources, hint records and
-rejection-sampling reports are where a person looks for them, and a rerun with nothing changed trains nothing."""
+"""The `posttrain` flow with the tiny recipe on the sample data under Prefect's harness: conversations and
+media through the data flow, the LongCoT table through the LongCoT flow (the teacher is the replaying
+OpenAI-compatible server, a real process: our tiny model answers nothing right), then every post-training
+stage from a tiny start checkpoint. Checked: each stage is an MLflow run in the final checkpoint's lineage,
+expert merging is exactly the configured task arithmetic, the SFT difficulty filter, pair sources, hint
+records and rejection-sampling reports are where a person looks for them, and a rerun with nothing changed
+trains nothing."""
 
 from __future__ import annotations
 

@@ -1,9 +1,9 @@
-"""The `pretrain` flow with the tiny recipe on the sample data, the way a person would meet it: the real CLI is
-SIGKILLed while stage 3 trains, the flow is rerun and finishes from the last completed stage, and a third run
-with nothing changed trains nothing. Checked on the result: every stage an MLflow run nested under the flow's
-run and chained to its inputs; stage 1 left ViT and LLM bit-identical; stage 3's config has rope theta 8e6 and
-the longer context; the fused weights are exactly the configured weighted average; `keyeflow lineage` on the
-fused checkpoint reaches every source clip behind it, with gate verdicts."""
+"""The `pretrain` flow with the tiny recipe on the sample data, the way a person would meet it: the real CLI
+is SIGKILLed while stage 3 trains, the flow is rerun and finishes from the last completed stage, and a third
+run with nothing changed trains nothing. Checked on the result: every stage an MLflow run nested under the
+flow's run and chained to its inputs; stage 1 left ViT and LLM bit-identical; stage 3's config has rope theta
+8e6 and the longer context; the fused weights are exactly the configured weighted average; `keyeflow lineage`
+on the fused checkpoint reaches every source clip behind it, with gate verdicts."""
 
 from __future__ import annotations
 

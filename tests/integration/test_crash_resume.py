@@ -1,4 +1,5 @@
-"""SIGKILL the real `keyeflow ingest` mid-run, rerun it: the tables hold exactly an uninterrupted run's rows."""
+"""SIGKILL the real `keyeflow ingest` mid-run, rerun it: the tables hold exactly an uninterrupted run's
+rows."""
 
 from __future__ import annotations
 

@@ -1,9 +1,10 @@
-"""The one training engine under MPO and GSPO, run as real processes: 2 gloo ranks give the one-process losses,
-gradient norms and weights after several steps (the gradients are summed over ranks and every loss is divided
-by whole-step counts: averaging instead of summing would halve the norms and change the weights); a run
-SIGKILLed at a named point after a step resumes from its last checkpoint to the uninterrupted run's losses and
-weights, bit for bit (optimizer, schedule and RNG restored); and a bf16 checkpoint trained at a learning rate
-of 1e-6 moves its weights (fp32 master weights), where AdamW on the bf16 weights rounds every update away."""
+"""The one training engine under MPO and GSPO, run as real processes: 2 gloo ranks give the one-process
+losses, gradient norms and weights after several steps (the gradients are summed over ranks and every loss is
+divided by whole-step counts: averaging instead of summing would halve the norms and change the weights); a
+run SIGKILLed at a named point after a step resumes from its last checkpoint to the uninterrupted run's losses
+and weights, bit for bit (optimizer, schedule and RNG restored); and a bf16 checkpoint trained at a learning
+rate of 1e-6 moves its weights (fp32 master weights), where AdamW on the bf16 weights rounds every update
+away."""
 
 from __future__ import annotations
 
@@ -90,7 +91,8 @@ def one_process(init_dir, tmp_path_factory) -> dict[str, dict]:
 def assert_same_weights(
     a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], init: dict[str, torch.Tensor]
 ):
-    """Equal weights, and so equal updates: every tensor's change from init agrees to float32 reduction noise."""
+    """Equal weights, and so equal updates: every tensor's change from init agrees to float32 reduction
+    noise."""
     assert a.keys() == b.keys()
     moved = 0
     for name, value in a.items():

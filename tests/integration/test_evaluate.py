@@ -1,6 +1,7 @@
-"""Evaluation on real pre-tokenised sample videos (ffmpeg clips → Lance) with the tiny model: held-out loss per
-modality against a sample-by-sample computation, a Video-MME-format set built from the tables, option-likelihood
-scoring that follows what the model was trained to answer, and the promotion gate on literal metrics."""
+"""Evaluation on real pre-tokenised sample videos (ffmpeg clips → Lance) with the tiny model: held-out loss
+per modality against a sample-by-sample computation, a Video-MME-format set built from the tables,
+option-likelihood scoring that follows what the model was trained to answer, and the promotion gate on literal
+metrics."""
 
 from __future__ import annotations
 

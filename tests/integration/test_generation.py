@@ -196,7 +196,8 @@ def test_image_prompt_with_media_lookup_equals_plain_forward_loop(model, tokeniz
 
 
 def test_stop_token_ends_a_completion(model, tokenizer):
-    # A copy of the model whose head favours <|im_end|> (P ≈ 0.3 a step): completions stop at different lengths.
+    # A copy of the model whose head favours <|im_end|> (P ≈ 0.3 a step): completions stop at different
+    # lengths.
     torch.manual_seed(0)
     biased = KeyeForConditionalGeneration(model.config).eval()
     biased.load_state_dict(model.state_dict())

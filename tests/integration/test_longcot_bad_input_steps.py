@@ -2,7 +2,8 @@
 server that times out, answers malformed output, fails for a while or is down. Each fails only its own item,
 with a reason naming the question and the problem (transient failures retried a bounded number of times,
 counted on the server side), the rest completes, and a rerun against a working server asks it only for what
-failed. The server is ``keyeflow.synthetic.scripted_teacher``, a real process on 127.0.0.1; nothing is mocked."""
+failed. The server is ``keyeflow.synthetic.scripted_teacher``, a real process on 127.0.0.1; nothing is
+mocked."""
 
 from __future__ import annotations
 

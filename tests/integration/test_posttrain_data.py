@@ -1,7 +1,7 @@
-"""Post-training data on real tables: platform-made conversations become train_samples rows, fixed mixtures carry
-the given repeats, the difficulty filter drops exactly the items every sampled answer solves (answers come from
-the replaying OpenAI-compatible server, a real process: our tiny model answers nothing right), and LongCoT
-samples reach a mixture with their repeats."""
+"""Post-training data on real tables: platform-made conversations become train_samples rows, fixed mixtures
+carry the given repeats, the difficulty filter drops exactly the items every sampled answer solves (answers
+come from the replaying OpenAI-compatible server, a real process: our tiny model answers nothing right), and
+LongCoT samples reach a mixture with their repeats."""
 
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
-"""Preference pairs, MPO and the reward model with real parts: the tiny random model saved with save_pretrained,
-the OpenAI-compatible server (`python -m keyeflow.model.serving`) and the replay server
+"""Preference pairs, MPO and the reward model with real parts: the tiny random model saved with
+save_pretrained, the OpenAI-compatible server (`python -m keyeflow.model.serving`) and the replay server
 (`keyeflow.synthetic.scripted_teacher`) as real processes on 127.0.0.1, real Lance tables and MLflow.
 
 - pairs: sampled over HTTP from the replay server (canned answers, checked against references) and in process
@@ -220,7 +220,8 @@ def test_mpo_config_is_validated_with_clear_errors():
 
 
 def pair_margins(policy_dir: Path, init_dir: Path, pairs: list[dict]) -> list[float]:
-    """β-free implicit reward margins: (log π − log π_ref)(chosen) − (log π − log π_ref)(rejected), per pair."""
+    """β-free implicit reward margins: (log π − log π_ref)(chosen) − (log π − log π_ref)(rejected), per
+    pair."""
     tokenizer = load_tokenizer()
     rows = [
         encode_sample(p["messages"] + [{"role": "assistant", "content": p[key]}], tokenizer)

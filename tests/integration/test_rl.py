@@ -1,8 +1,8 @@
-"""The GSPO engine on the tiny randomly initialised model saved to disk: rollouts and their token ids, the GSPO
-update (advantages, a first-update ratio of exactly 1, weights that move only when rewards vary), progressive
-hints with the minimal-level rule, checkpoint + resume equal to an uninterrupted run (and MLflow metrics), the
-rollout/training input-consistency check on an image and a video (and its failures on altered paths), and
-the two steps of the rejection-sampling loop.
+"""The GSPO engine on the tiny randomly initialised model saved to disk: rollouts and their token ids, the
+GSPO update (advantages, a first-update ratio of exactly 1, weights that move only when rewards vary),
+progressive hints with the minimal-level rule, checkpoint + resume equal to an uninterrupted run (and MLflow
+metrics), the rollout/training input-consistency check on an image and a video (and its failures on altered
+paths), and the two steps of the rejection-sampling loop.
 
 Rewards are constructed so that a random policy gets a signal: `letter_share` (the share of a response's
 characters that are ASCII letters) varies from one random completion to the next, so every group has
@@ -328,7 +328,8 @@ def test_checkpoint_resume_continues_like_an_uninterrupted_run(init_dir, tmp_pat
     )
     assert (first.step, first.resumed_from_step) == (2, None)
     assert (tmp_path / "run" / LATEST).read_text().strip() == "step-00000002"
-    # Fresh run over the same out_dir with more steps: resumes from step 2 (a "kill" after step 2's checkpoint).
+    # Fresh run over the same out_dir with more steps: resumes from step 2 (a "kill" after step 2's
+    # checkpoint).
     resumed = train_gspo(
         dataclasses.replace(config, max_steps=3),
         init=init_dir,

@@ -1,6 +1,6 @@
-"""The OpenAI-compatible path end to end: the real server (`python -m keyeflow.model.serving`) as a subprocess on
-127.0.0.1, `OpenAICompatibleGenerator` against it giving exactly what `LocalGenerator` gives in process, clear
-errors (404, 400, 500 after retries), and retries on 503 and on a server that comes up late (tiny real
+"""The OpenAI-compatible path end to end: the real server (`python -m keyeflow.model.serving`) as a subprocess
+on 127.0.0.1, `OpenAICompatibleGenerator` against it giving exactly what `LocalGenerator` gives in process,
+clear errors (404, 400, 500 after retries), and retries on 503 and on a server that comes up late (tiny real
 `http.server` servers stand in for those). Every server binds 127.0.0.1 only and is stopped in a `finally`."""
 
 from __future__ import annotations
@@ -131,8 +131,8 @@ def test_server_errors_are_clear_and_not_retried(server):
 
 
 class ScriptedServer:
-    """A real HTTP server on 127.0.0.1 that answers each POST with the next (status, body) of `script` (the last
-    one repeats) and records the requests it got."""
+    """A real HTTP server on 127.0.0.1 that answers each POST with the next (status, body) of `script` (the
+    last one repeats) and records the requests it got."""
 
     def __init__(self, script: list[tuple[int, dict]], port: int = 0):
         self.script, self.requests = script, []

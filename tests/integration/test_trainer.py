@@ -1,7 +1,7 @@
-"""The stage trainer on real train_samples and a real stage mixture (Lance, DuckDB, MLflow) with the tiny model:
-the loss falls, the projector-only stage leaves ViT and LLM bit-identical, and a SIGKILLed run resumes to the
-same losses, bit for bit, over the same samples. Stage configs and the DeepSpeed JSON they render are checked
-here too (DeepSpeed itself runs in test_trainer_distributed.py)."""
+"""The stage trainer on real train_samples and a real stage mixture (Lance, DuckDB, MLflow) with the tiny
+model: the loss falls, the projector-only stage leaves ViT and LLM bit-identical, and a SIGKILLed run resumes
+to the same losses, bit for bit, over the same samples. Stage configs and the DeepSpeed JSON they render are
+checked here too (DeepSpeed itself runs in test_trainer_distributed.py)."""
 
 from __future__ import annotations
 
@@ -45,8 +45,8 @@ class TrainingData:
 
 
 def build_training_data(home: Path, corpus_dir: Path, media_dir: Path) -> TrainingData:
-    """train_samples from the sample corpus (images capped at 256 tokens) and a stage-2 mixture (video, image and
-    text) of the samples that fit MAX_LENGTH; KEYEFLOW_HOME must point at `home`."""
+    """train_samples from the sample corpus (images capped at 256 tokens) and a stage-2 mixture (video, image
+    and text) of the samples that fit MAX_LENGTH; KEYEFLOW_HOME must point at `home`."""
     paper = resolve_config("paper")
     image_config = ImageConfig(max_tokens=256)
     media = conversations.referenced_media([str(corpus_dir)], str(media_dir))

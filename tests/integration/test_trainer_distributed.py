@@ -1,6 +1,6 @@
-"""The trainer on 2 gloo ranks under torchrun, against the same stage on one process: a 2-rank checkpoint resumed
-on 1 rank continues at the exact next sample, and DeepSpeed ZeRO-2 on 2 ranks gives the single-process losses
-(the loss is a token mean over the whole step, so it does not depend on how the step was split)."""
+"""The trainer on 2 gloo ranks under torchrun, against the same stage on one process: a 2-rank checkpoint
+resumed on 1 rank continues at the exact next sample, and DeepSpeed ZeRO-2 on 2 ranks gives the single-process
+losses (the loss is a token mean over the whole step, so it does not depend on how the step was split)."""
 
 from __future__ import annotations
 
@@ -16,7 +16,8 @@ from keyeflow.training.config import StageConfig
 from keyeflow.training.engine import read_metrics
 from keyeflow.training.trainer import train
 
-# 2 ranks × 2 micro-batches = 4 slots for the 3-5 packs of a window of 8 samples: some micro-batches are empty.
+# 2 ranks × 2 micro-batches = 4 slots for the 3-5 packs of a window of 8 samples: some micro-batches are
+# empty.
 STAGE = StageConfig(
     name="dist",
     learning_rate=1e-3,

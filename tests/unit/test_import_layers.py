@@ -80,8 +80,8 @@ def layer_of(module: str) -> str | None:
 
 
 def _imported(node: ast.AST, module: str, is_package: bool, modules: set[str]) -> list[str]:
-    """The modules an import statement names, relative imports resolved against the importing module's package.
-    `from a import b` names `a.b` when that is a module of the tree (b is a submodule), else `a`."""
+    """The modules an import statement names, relative imports resolved against the importing module's
+    package. `from a import b` names `a.b` when that is a module of the tree (b is a submodule), else `a`."""
     if isinstance(node, ast.Import):
         return [alias.name for alias in node.names]
     assert isinstance(node, ast.ImportFrom)

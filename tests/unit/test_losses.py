@@ -128,8 +128,8 @@ def test_bco_shift_is_the_running_mean_of_batch_means_including_the_current_batc
 
 
 def test_reward_shift_matches_trl_running_moments_fed_one_scalar_per_batch():
-    # TRL's bco_pair (0.x, the version InternVL's MPO used): RunningMoments(mean=0, var=1, count=1e-24), updated
-    # with the batch's mean reward as a one-element tensor, then δ = running.mean.
+    # TRL's bco_pair (0.x, the version InternVL's MPO used): RunningMoments(mean=0, var=1, count=1e-24),
+    # updated with the batch's mean reward as a one-element tensor, then δ = running.mean.
     mean, var, count = 0.0, 1.0, 1e-24
     ours = RewardShift()
     for batch_mean in (0.02, -0.4, 0.13, 0.5):
@@ -163,7 +163,8 @@ def test_mpo_gradients_are_the_analytical_ones():
     delta, num_pairs, num_tokens = shift.mean, 3, sum(CHOSEN_TOKENS)
     for i in range(3):
         m, c, r = MARGINS[i], CHOSEN_REWARDS[i], REJECTED_REWARDS[i]
-        # d/dx −logσ(βx − βy) = −β σ(−(βx − βy)); d/dx −logσ(βx − δ) = −β σ(−(βx − δ)); d/dx −logσ(−(βy − δ)) = β σ(βy − δ)
+        # d/dx −logσ(βx − βy) = −β σ(−(βx − βy)); d/dx −logσ(βx − δ) = −β σ(−(βx − δ));
+        # d/dx −logσ(−(βy − δ)) = β σ(βy − δ)
         d_chosen = (0.8 * -beta * sig(-m) + 0.2 * -beta * sig(-(c - delta))) / num_pairs - 1.0 / num_tokens
         d_rejected = (0.8 * beta * sig(-m) + 0.2 * beta * sig(r - delta)) / num_pairs
         assert pc.grad[i].item() == pytest.approx(d_chosen, rel=1e-10)
@@ -184,7 +185,8 @@ def test_mpo_rejects_bad_inputs():
 
 
 class OneProcessAccelerator:
-    """What TRL's loss methods call on `self.accelerator`, for one process: gathers and reductions are identity."""
+    """What TRL's loss methods call on `self.accelerator`, for one process: gathers and reductions are
+    identity."""
 
     device = torch.device("cpu")
     is_main_process = True
@@ -275,7 +277,7 @@ def test_mpo_total_metrics_and_gradients_equal_trl_mpo_recipe():
         )
 
 
-# ---------------------------------------------------------------------------------------------- GSPO: config, advantages
+# ----------------------------------------------------------------------------------- GSPO: config, advantages
 
 
 @pytest.mark.parametrize("kwargs, message", [
@@ -482,7 +484,8 @@ def test_kl_term_is_the_k3_estimator_averaged_per_response():
 
 
 def test_bf16_log_probs_are_computed_in_float32():
-    # bf16 cannot tell 1 + 4e-4 from 1: the ratios must be formed after casting up, or nothing would ever clip.
+    # bf16 cannot tell 1 + 4e-4 from 1: the ratios must be formed after casting up, or nothing would ever
+    # clip.
     logps, old, mask, adv, _, _ = clipping_case()
     half = logps.detach().to(torch.bfloat16).requires_grad_(True)
     half_old = old.to(torch.bfloat16)
@@ -513,7 +516,7 @@ def test_gspo_rejects_bad_inputs():
         gspo_loss(GSPOConfig(), logps, adv, mask, old_logps=old[:, :2])
 
 
-# ---------------------------------------------------------------------------------------------- TRL: GSPO side
+# --------------------------------------------------------------------------------------------- TRL: GSPO side
 
 
 def trl_gspo_loss(logps, old, ref, mask, adv, beta=0.0):
@@ -564,7 +567,7 @@ def test_gspo_equals_trl_grpo_with_sequence_importance_sampling(kl_coef):
     # averaged per response first, as ours is.)
 
 
-# ---------------------------------------------------------------------------------------------- token log-probs
+# -------------------------------------------------------------------------------------------- token log-probs
 
 
 def test_token_logprobs_equal_log_softmax_gather():

@@ -1,5 +1,5 @@
-"""Checkpoint merging: exact weighted average of tiny saved models, task arithmetic and TIES on literal tensors
-computed by hand, key/shape/dtype mismatches, config validation, atomic and idempotent output."""
+"""Checkpoint merging: exact weighted average of tiny saved models, task arithmetic and TIES on literal
+tensors computed by hand, key/shape/dtype mismatches, config validation, atomic and idempotent output."""
 
 from __future__ import annotations
 
@@ -127,7 +127,8 @@ def test_ties_by_hand(tmp_path):
         f32(1.0, 0.2, -3.0, 1.5, -0.5, -0.7),  # top 3: idx 2, 3, 0 → (1, 0, -3, 1.5, 0, 0)
     ]  # fmt: skip
     # Σ trimmed = (2, -2.5, -3, 3.5, -1, 0) → signs (+, -, -, +, -, 0)
-    # disjoint means: idx0 (3+1)/2 = 2; idx1 -2.5; idx2 -3; idx3 (2+1.5)/2 = 1.75; idx4 -4 (3 disagrees); idx5 0
+    # disjoint means: idx0 (3+1)/2 = 2; idx1 -2.5; idx2 -3; idx3 (2+1.5)/2 = 1.75; idx4 -4 (3 disagrees);
+    # idx5 0
     expected_tau = f32(2.0, -2.5, -3.0, 1.75, -4.0, 0.0)
     assert torch.equal(ties_merge(torch.stack(tau).double(), 0.5), expected_tau.double())
 

@@ -1,5 +1,5 @@
-"""The Keye-style model at tiny size: mixed image/Slow-Fast video/text batches, per-grid vision attention, 3D RoPE
-positions, packing, save/load, the 8B parameter count, and loading a Keye-VL-1.5-layout checkpoint."""
+"""The Keye-style model at tiny size: mixed image/Slow-Fast video/text batches, per-grid vision attention, 3D
+RoPE positions, packing, save/load, the 8B parameter count, and loading a Keye-VL-1.5-layout checkpoint."""
 
 from __future__ import annotations
 
@@ -53,7 +53,8 @@ def image_media(height: int, width: int, seed: int) -> MediaPatches:
 
 
 def video_media(seed: int) -> MediaPatches:
-    """Slow, Fast, Slow, Fast: Slow frames 56×56 (4×4 patches, 4 tokens), Fast frames 28×56 (2×4, 2 tokens)."""
+    """Slow, Fast, Slow, Fast: Slow frames 56×56 (4×4 patches, 4 tokens), Fast frames 28×56 (2×4, 2
+    tokens)."""
     types = [0, 1, 0, 1]
     sizes = [(56, 56) if t == 0 else (28, 56) for t in types]
     patches = np.concatenate(

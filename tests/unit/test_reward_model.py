@@ -1,6 +1,6 @@
-"""The Keye reward model on literal inputs: its nine dimensions and config, the prompt, the strict parser of both
-output modes (well-formed and malformed outputs), the preference value of a judgement, the length-debiasing
-pass and the order-swapped training conversations."""
+"""The Keye reward model on literal inputs: its nine dimensions and config, the prompt, the strict parser of
+both output modes (well-formed and malformed outputs), the preference value of a judgement, the
+length-debiasing pass and the order-swapped training conversations."""
 
 from __future__ import annotations
 

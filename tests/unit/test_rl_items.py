@@ -1,4 +1,5 @@
-"""The shipped alignment prompts: deterministic, each mode present, every constraint checkable by the rules."""
+"""The shipped alignment prompts: deterministic, each mode present, every constraint checkable by the
+rules."""
 
 from __future__ import annotations
 

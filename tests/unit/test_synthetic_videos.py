@@ -161,7 +161,8 @@ def test_samples_cover_aspect_ratios(videos):
 
 def test_cuts_clip_cuts_where_the_sources_change(videos):
     diffs = frame_diffs(gray_frames(videos["cuts_640x360_h264_25fps.mp4"], 64, 36))
-    # Diff i compares frames i and i+1, so the cuts at 2, 4 and 6 s (frames 50, 100, 150) are diffs 49, 99, 149.
+    # Diff i compares frames i and i+1, so the cuts at 2, 4 and 6 s (frames 50, 100, 150) are diffs
+    # 49, 99, 149.
     assert sorted(np.argsort(diffs)[-3:].tolist()) == [49, 99, 149]
     assert diffs[[49, 99, 149]].min() > 5 * np.median(diffs)
 
