@@ -173,7 +173,8 @@ def main() -> None:
         f"(target ours <= 1.05): {'PASS' if np.mean(results['ours']) <= 1.05 else 'FAIL'}"
     )
     print(
-        f"step time saved vs the split (slowest rank): {1 - np.mean(results['ours']) / np.mean(results['split']):.1%}"
+        "step time saved vs the split (slowest rank): "
+        f"{1 - np.mean(results['ours']) / np.mean(results['split']):.1%}"
     )
     print(
         f"micro-batch cost max/mean within a rank: ours {np.mean(results['micro']):.3f}, "

@@ -270,11 +270,13 @@ def main() -> None:
     n, tokens = args.prompts * args.group, int(mask.sum())
     params = sum(p.numel() for p in ours_model.parameters())
     print(
-        f"model: Qwen3 {args.layers} layers × {args.hidden}, vocab {vocab_size}, {params / 1e6:.1f}M parameters; "
+        f"model: Qwen3 {args.layers} layers × {args.hidden}, vocab {vocab_size}, "
+        f"{params / 1e6:.1f}M parameters; "
         f"{device}, torch threads {torch.get_num_threads()}"
     )
     print(
-        f"batch: {args.prompts} prompts × {args.group} rollouts = {n} responses, prompt ≤ {args.prompt_length}, "
+        f"batch: {args.prompts} prompts × {args.group} rollouts = {n} responses, "
+        f"prompt ≤ {args.prompt_length}, "
         f"completion ≤ {args.completion_length}; {tokens:,} completion tokens; {args.repeats} timed runs each"
     )
 

@@ -378,11 +378,13 @@ def main() -> None:
         "prefect-untagged": "prefect, shard tasks untagged",
     }
     print(
-        f"\ningest {n} videos in {num_shards} shards of {args.shard_size}, one after another (hash + ffprobe + "
+        f"\ningest {n} videos in {num_shards} shards of {args.shard_size}, one after another "
+        "(hash + ffprobe + "
         f"Lance commits per shard), mean of {args.repeats} run(s) per side; wall seconds"
     )
     print(
-        f"{'side':32s} {'wall s':>7s} {'ms/video':>9s} {'overhead':>9s} {'in shards s':>12s} {'outside s':>10s}"
+        f"{'side':32s} {'wall s':>7s} {'ms/video':>9s} {'overhead':>9s} "
+        f"{'in shards s':>12s} {'outside s':>10s}"
     )
     for side in sides:
         overhead = "" if side == "direct" else f"{100 * (mean[side] / mean['direct'] - 1):+8.1f}%"

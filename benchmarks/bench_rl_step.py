@@ -158,7 +158,8 @@ def main() -> None:
         checkpoint_every=args.steps,
     )
     print(
-        f"model {args.size}: {num_params / 1e6:.1f}M parameters; {args.prompts} prompts ({args.images} with an "
+        f"model {args.size}: {num_params / 1e6:.1f}M parameters; "
+        f"{args.prompts} prompts ({args.images} with an "
         f"image) × G={args.group}, up to {args.max_new_tokens} new tokens, {args.mini_batches} mini-batches; "
         f"{args.steps} steps × {args.repeats} runs; torch threads {torch.get_num_threads()}"
     )
@@ -192,7 +193,8 @@ def main() -> None:
         step_times = ", ".join(f"{r['time_step']:.2f}" for r in result.history)
         print(
             f"  run {repeat + 1}: steps {step_times} s "
-            f"(first = warm-up); train_gspo wall {wall:.1f} s, of which {wall - steps_time:.1f} s outside the "
+            f"(first = warm-up); train_gspo wall {wall:.1f} s, "
+            f"of which {wall - steps_time:.1f} s outside the "
             "steps (model load, input check, checkpoint)"
         )
 

@@ -124,7 +124,8 @@ def main() -> None:
         f"{'floor ms':>9} {'speedup above floor':>20}"
     )
     print(
-        f"torch {torch.__version__}, OpenCV {cv2.__version__}, 1 thread; best of {REPEATS}; labels and sizes equal"
+        f"torch {torch.__version__}, OpenCV {cv2.__version__}, 1 thread; best of {REPEATS}; "
+        "labels and sizes equal"
     )
     print(header)
     print("-" * len(header))

@@ -279,7 +279,8 @@ def _summary(result: dict, seconds: float) -> None:
         ing, tok = result["video"]["ingest"], result["video"]["pretokenize"]
         console.print(
             f"videos: {ing['num_ingested']} new, {ing['num_already_present']} already in, "
-            f"{ing['num_duplicates']} duplicates, {ing['num_quarantined'] + tok['num_quarantined']} quarantined; "
+            f"{ing['num_duplicates']} duplicates, "
+            f"{ing['num_quarantined'] + tok['num_quarantined']} quarantined; "
             f"{tok['num_done']} pre-tokenised ({tok['total_tokens']} vision tokens)"
         )
     if result.get("samples"):
@@ -498,7 +499,8 @@ def longcot(
     except GateFailed as exc:
         errors.print(f"[red]gate failed:[/red] {exc}")
         errors.print(
-            '  see: keyeflow sql "select grade, status, stage, reason, count(*) from longcot_paths group by all"'
+            '  see: keyeflow sql "select grade, status, stage, reason, count(*) '
+            'from longcot_paths group by all"'
         )
         raise typer.Exit(2)
     except ValueError as exc:
@@ -520,7 +522,8 @@ def longcot(
     )
     console.print('  keyeflow sql "select grade, count(*) from longcot_paths group by grade"')
     console.print(
-        "  keyeflow sql \"select stage, reason, count(*) from longcot_paths where status = 'dropped' group by all\""
+        '  keyeflow sql "select stage, reason, count(*) from longcot_paths '
+        "where status = 'dropped' group by all\""
     )
     console.print('  keyeflow sql "select reviewer, action, outcome, note from longcot_reviews"')
     console.print('  keyeflow sql "select domain, grade, score, repeats, reviewer_action from longcot"')
@@ -617,7 +620,8 @@ def lineage(
             node.add("from runs " + ", ".join(step["upstream_run_ids"]))
         if step["mixture"]:
             node.add(
-                f"mixture {step['mixture']['mixture_id']} @ {step['mixture']['uri']}@v{step['mixture']['version']}"
+                f"mixture {step['mixture']['mixture_id']} "
+                f"@ {step['mixture']['uri']}@v{step['mixture']['version']}"
             )
     for m in chain["mixtures"]:
         node = root.add(

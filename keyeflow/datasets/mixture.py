@@ -351,17 +351,22 @@ class MixtureReport:
             f"## Mixture `{self.mixture_id}` (stage {self.stage}, seed {self.seed})",
             "",
             (
-                f"{self.reached_tokens:,} tokens in {self.num_rows:,} samples (target {self.total_tokens:,}); "
+                f"{self.reached_tokens:,} tokens in {self.num_rows:,} samples "
+                f"(target {self.total_tokens:,}); "
                 f"shares {verdict} ±{self.tolerance_pp} pp; repeat cap {self.repeat_cap}."
             ),
             "",
-            "| modality | available | target | quota | reached | reached share | samples | uses | max repeats |",
+            (
+                "| modality | available | target | quota | reached | reached share | samples | uses "
+                "| max repeats |"
+            ),
             "|---|---|---|---|---|---|---|---|---|",
         ]
         for m in self.modalities:
             lines.append(
                 f"| {m.modality} | {m.available_tokens:,} | {m.target_share:.2%} | {m.quota_tokens:,.0f} | "
-                f"{m.reached_tokens:,} | {m.reached_share:.2%} | {m.samples_used:,} | {m.uses:,} | {m.max_repeats} |"
+                f"{m.reached_tokens:,} | {m.reached_share:.2%} | {m.samples_used:,} | {m.uses:,} "
+                f"| {m.max_repeats} |"
             )
         if self.excluded:
             lines += ["", "| excluded because | modality | samples | tokens |", "|---|---|---|---|"]
@@ -616,8 +621,8 @@ def heldout_sql(per_mille: int, max_tokens: int, per_modality: int) -> str:
     return f"""
         select sample_id, modality from (
             select s.sample_id, s.modality,
-                   row_number() over (partition by s.modality order by {_key("holdout-order:", "s.sample_id")},
-                                      s.sample_id) as n
+                   row_number() over (partition by s.modality
+                                      order by {_key("holdout-order:", "s.sample_id")}, s.sample_id) as n
             from train_samples s
             where {_held_out("s.sample_id", per_mille)} and s.num_tokens > 0 and s.num_tokens <= {max_tokens}
               and s.source_uri not in (select uri from quarantine where uri is not null)
@@ -732,8 +737,8 @@ def compute_mixture(
             "create or replace temp table classified as " + classify_sql(config, quarantine is not None)
         )
         digest = con.sql("""
-            select coalesce(md5(string_agg(sample_id || ':' || modality || ':' || source || ':' || num_tokens, ','
-                                           order by sample_id)), '')
+            select coalesce(md5(string_agg(sample_id || ':' || modality || ':' || source || ':' || num_tokens,
+                                           ',' order by sample_id)), '')
             from classified where reason is null
         """).fetchall()[0][0]
         mid = mixture_id(config, digest)

@@ -109,7 +109,8 @@ def _gate_verdicts(
     exact = con.execute(
         """
         select gate, table_uri, table_version, passed, run_id, 0 as num_unchecked from gate_results
-        where (table_uri = ? and table_version = ?) or (table_uri like '%/train_samples.lance' and table_version = ?)
+        where (table_uri = ? and table_version = ?)
+           or (table_uri like '%/train_samples.lance' and table_version = ?)
         order by checked_at
     """,
         [mixture.uri, mixture.version, samples_version],

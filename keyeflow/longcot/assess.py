@@ -123,7 +123,8 @@ def assess_paths(
             row.update(scores)
             row.update({
                 "judge": verdict.judge, "judge_notes": "; ".join(verdict.all_notes()),
-                "redundancy": verdict.redundancy, "step_scores": json_text([s.to_dict() for s in verdict.steps]),
+                "redundancy": verdict.redundancy,
+                "step_scores": json_text([s.to_dict() for s in verdict.steps]),
                 "grade": result.grade, "needs_review": result.needs_review,
                 "grade_reasons": "; ".join(result.reasons), "stage": "assess", "updated_at": tables.now(),
             })  # fmt: skip

@@ -336,9 +336,9 @@ def collect_questions(
         report.num_rewrites_discarded += note.startswith("rewrite discarded")
         rows.append({
             "question_id": q.question_id, "source": q.source, "source_uri": q.source_uri, "domain": q.domain,
-            "question": text, "original_question": q.text, "reference": q.reference, "media": json_text(q.media),
-            "num_media": len(q.media), "rewrite": kind, "rewrite_note": note, "config_hash": chash,
-            "created_at": tables.now(),
+            "question": text, "original_question": q.text, "reference": q.reference,
+            "media": json_text(q.media), "num_media": len(q.media), "rewrite": kind, "rewrite_note": note,
+            "config_hash": chash, "created_at": tables.now(),
         })  # fmt: skip
     tables.upsert(
         "quarantine",

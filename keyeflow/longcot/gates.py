@@ -56,7 +56,8 @@ def paths_gate_frame(paths: tables.TableRef, question_ids: Sequence[str]) -> pd.
             "confidence_in_range": conf is not None and 0.0 <= conf <= 1.0
                                    and all(0.0 <= c <= 1.0 for c in (r["step_confidences"] or [])),
             "status": r["status"],
-            "grade_known": r["grade"] in GRADES or (r["grade"] is None and r["stage"] in ("generate", "select")),
+            "grade_known": r["grade"] in GRADES
+                           or (r["grade"] is None and r["stage"] in ("generate", "select")),
             "drop_has_reason": r["status"] != "dropped" or bool((r["reason"] or "").strip()),
             "c_dropped": r["grade"] != "C" or r["status"] == "dropped",
         })  # fmt: skip

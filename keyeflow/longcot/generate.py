@@ -311,9 +311,11 @@ def path_rows(question: dict, completions: Sequence, gen_hash: str, config: Long
             "gen_config_hash": gen_hash, "path_index": k, "text": completion.text,
             "finish_reason": completion.finish_reason, "num_tokens": len(completion.tokens),
             "answer": check.answer, "answer_ok": check.ok, "answer_method": check.method,
-            "answer_reason": check.reason, "format_problem": graders.format_problem(completion.text, "think") or "",
+            "answer_reason": check.reason,
+            "format_problem": graders.format_problem(completion.text, "think") or "",
             "confidence": path.confidence, "step_confidences": steps, "num_steps": len(steps),
-            "confidence_note": note, "selected": id(path) not in dropped, "created_at": now, "updated_at": now,
+            "confidence_note": note, "selected": id(path) not in dropped, "created_at": now,
+            "updated_at": now,
         })  # fmt: skip
         if not check.ok:
             row.update(

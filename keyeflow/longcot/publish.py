@@ -40,11 +40,12 @@ def publish_longcot(
     for r in kept:
         q = qs[r["question_id"]]
         rows.append({
-            "sample_id": r["path_id"], "question_id": r["question_id"], "domain": r["domain"], "source": q["source"],
-            "question": q["question"], "reference": q["reference"], "media": q["media"], "response": r["response"],
-            "answer": graders.extract_answer(r["response"]), "grade": r["grade"], "redundancy": r["redundancy"],
-            "confidence": r["confidence"], "score": r["score"], "repeats": r["repeats"],
-            "reviewer_action": r["review_action"] or "none", "reviewer": r["reviewer"] or "", "reason": r["reason"],
+            "sample_id": r["path_id"], "question_id": r["question_id"], "domain": r["domain"],
+            "source": q["source"], "question": q["question"], "reference": q["reference"],
+            "media": q["media"], "response": r["response"], "answer": graders.extract_answer(r["response"]),
+            "grade": r["grade"], "redundancy": r["redundancy"], "confidence": r["confidence"],
+            "score": r["score"], "repeats": r["repeats"], "reviewer_action": r["review_action"] or "none",
+            "reviewer": r["reviewer"] or "", "reason": r["reason"],
             "judge": r["judge"], "messages": json_text(sft_messages(q, r["response"], config)),
             "gen_config_hash": r["gen_config_hash"], "created_at": now,
         })  # fmt: skip

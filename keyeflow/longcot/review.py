@@ -117,10 +117,11 @@ def person_decisions(path_ids: Sequence[str], root: str | None = None) -> dict[s
 
 def _review_row(d: Decision, path: dict, outcome: str, outcome_reason: str) -> dict:
     return {
-        "review_id": d.review_id, "path_id": d.item_id, "question_id": path["question_id"], "grade": path["grade"],
-        "review_reason": path["grade_reasons"] or "", "action": d.action, "edited_text": d.edited_text,
-        "reviewer": d.reviewer or "anonymous", "note": d.note, "source": d.source, "mode": d.mode, "outcome": outcome,
-        "outcome_reason": outcome_reason, "flow_run_id": d.flow_run_id, "decided_at": d.decided_at or tables.now(),
+        "review_id": d.review_id, "path_id": d.item_id, "question_id": path["question_id"],
+        "grade": path["grade"], "review_reason": path["grade_reasons"] or "", "action": d.action,
+        "edited_text": d.edited_text, "reviewer": d.reviewer or "anonymous", "note": d.note,
+        "source": d.source, "mode": d.mode, "outcome": outcome, "outcome_reason": outcome_reason,
+        "flow_run_id": d.flow_run_id, "decided_at": d.decided_at or tables.now(),
     }  # fmt: skip
 
 

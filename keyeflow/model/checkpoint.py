@@ -109,11 +109,13 @@ def config_from_keye(raw: dict) -> KeyeConfig:
         num_hidden_layers=tc["num_hidden_layers"], num_attention_heads=tc["num_attention_heads"],
         num_key_value_heads=tc.get("num_key_value_heads", tc["num_attention_heads"]),
         head_dim=tc.get("head_dim", tc["hidden_size"] // tc["num_attention_heads"]),
-        rms_norm_eps=tc.get("rms_norm_eps", 1e-6), max_position_embeddings=tc.get("max_position_embeddings", 40960),
+        rms_norm_eps=tc.get("rms_norm_eps", 1e-6),
+        max_position_embeddings=tc.get("max_position_embeddings", 40960),
         tie_word_embeddings=raw.get("tie_word_embeddings", tc.get("tie_word_embeddings", False)),
         rope_parameters={"rope_type": "default", "rope_theta": float(theta)},
     )  # fmt: skip
-    ids = {k: raw[k] for k in ("image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id")
+    ids = {k: raw[k]
+           for k in ("image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id")
            if k in raw}  # fmt: skip
     return KeyeConfig(
         vision_config=vision, text_config=text, mrope_section=rope.get("mrope_section", [16, 24, 24]),

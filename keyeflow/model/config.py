@@ -81,7 +81,8 @@ class KeyeVisionConfig(PreTrainedConfig):
         side = math.isqrt(self.num_position_embeddings)
         if side * side != self.num_position_embeddings:
             raise ValueError(
-                f"num_position_embeddings must be a square (a side×side grid), got {self.num_position_embeddings}"
+                "num_position_embeddings must be a square (a side×side grid), "
+                f"got {self.num_position_embeddings}"
             )
 
     @property
@@ -202,7 +203,8 @@ def keye_8b(tokenizer: PreTrainedTokenizerBase | None = None) -> KeyeConfig:
     text = Qwen3Config(
         vocab_size=151936, hidden_size=4096, intermediate_size=12288, num_hidden_layers=36,
         num_attention_heads=32, num_key_value_heads=8, head_dim=128, max_position_embeddings=131072,
-        rms_norm_eps=1e-6, rope_parameters={"rope_type": "default", "rope_theta": 1e6}, tie_word_embeddings=False,
+        rms_norm_eps=1e-6, rope_parameters={"rope_type": "default", "rope_theta": 1e6},
+        tie_word_embeddings=False,
     )  # fmt: skip
     ids = _token_ids(tokenizer) if tokenizer is not None else {}
     return KeyeConfig(vision_config=vision, text_config=text, mrope_section=[16, 24, 24], **ids)

@@ -251,7 +251,8 @@ def _load_model_and_tokenizer(
         )
     if len(tokenizer) > cfg.text_config.vocab_size:
         raise ValueError(
-            f"tokenizer has {len(tokenizer)} tokens but the model's vocabulary is {cfg.text_config.vocab_size}"
+            f"tokenizer has {len(tokenizer)} tokens but the model's vocabulary is "
+            f"{cfg.text_config.vocab_size}"
         )
     return model, tokenizer
 
@@ -394,7 +395,8 @@ class LocalGenerator:
         last_position = int(prompt.position_ids.max()) + max_new_tokens
         if last_position >= max_positions:
             raise ValueError(
-                f"prompt ({length} tokens) + max_new_tokens ({max_new_tokens}) reach position {last_position}, "
+                f"prompt ({length} tokens) + max_new_tokens ({max_new_tokens}) "
+                f"reach position {last_position}, "
                 f"past the model's max_position_embeddings {max_positions}"
             )
 
@@ -570,7 +572,8 @@ class OpenAICompatibleGenerator:
                     for part in content:
                         if isinstance(part, Mapping) and part.get("type") in ("image", "video"):
                             raise ValueError(
-                                f"conversation {i}: an internal {part['type']!r} part cannot be sent to a server; "
+                                f"conversation {i}: an internal {part['type']!r} part "
+                                "cannot be sent to a server; "
                                 "give it as an OpenAI 'image_url'/'video_url' part"
                             )
         payloads = []
@@ -617,7 +620,8 @@ class OpenAICompatibleGenerator:
                         body = response.json()
                     except ValueError as error:
                         raise GenerationServerError(
-                            f"POST {self.url}: status {status} but the body is not JSON: {response.text[:200]!r}",
+                            f"POST {self.url}: status {status} but the body is not JSON: "
+                            f"{response.text[:200]!r}",
                             status,
                         ) from error
                     return body

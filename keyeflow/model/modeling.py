@@ -243,7 +243,8 @@ class KeyeVisionTransformer(nn.Module):
         num_patches = sum(t * h * w for t, h, w in grids)
         if pixel_values.ndim != 2 or pixel_values.shape[0] != num_patches:
             raise ValueError(
-                f"pixel_values {tuple(pixel_values.shape)} do not match the grids {grids} ({num_patches} patches)"
+                f"pixel_values {tuple(pixel_values.shape)} do not match the grids {grids} "
+                f"({num_patches} patches)"
             )
         if pixel_values.dtype == torch.uint8:
             x = (pixel_values.to(device=device, dtype=torch.float32) / 255.0 - PIXEL_MEAN) / PIXEL_STD

@@ -164,7 +164,8 @@ def missing_vision_tokens(tokenizer: PreTrainedTokenizerBase) -> list[str]:
 def _shipped_tokenizer() -> PreTrainedTokenizerFast:
     if not (SHIPPED_TOKENIZER_DIR / "tokenizer.json").is_file():
         raise FileNotFoundError(
-            f"shipped tokenizer missing under {SHIPPED_TOKENIZER_DIR}; run `python scripts/build_tokenizer.py`"
+            f"shipped tokenizer missing under {SHIPPED_TOKENIZER_DIR}; "
+            "run `python scripts/build_tokenizer.py`"
         )
     return PreTrainedTokenizerFast.from_pretrained(str(SHIPPED_TOKENIZER_DIR))
 

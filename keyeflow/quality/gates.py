@@ -193,12 +193,15 @@ def video_samples_frame(
             s.sample_id, s.num_frames,
             s.frame_types[1] as first_frame_type,
             case when s.num_fast = 0 then 0
-                 else s.fast_tokens - greatest(cast(floor({fast_ratio} * s.slow_tokens) as bigint), {min_tokens})
+                 else s.fast_tokens
+                      - greatest(cast(floor({fast_ratio} * s.slow_tokens) as bigint), {min_tokens})
             end as fast_token_excess,
             s.total_tokens - s.token_budget - {slack} as budget_excess,
-            coalesce(list_sort(s.timestamps) = s.timestamps and len(list_distinct(s.timestamps)) = len(s.timestamps), false)
+            coalesce(list_sort(s.timestamps) = s.timestamps
+                     and len(list_distinct(s.timestamps)) = len(s.timestamps), false)
                 as timestamps_increasing,
-            (s.slow_height % 28) + (s.slow_width % 28) + (s.fast_height % 28) + (s.fast_width % 28) as size_remainder,
+            (s.slow_height % 28) + (s.slow_width % 28) + (s.fast_height % 28) + (s.fast_width % 28)
+                as size_remainder,
             len(s.frame_types) = s.num_frames and len(s.timestamps) = s.num_frames as lengths_agree,
             coalesce(f.n = s.num_frames and f.tokens = s.total_tokens, false) as frames_agree
         from video_samples s left join f using (sample_id)
@@ -398,7 +401,8 @@ def check_image_samples(samples: tables.TableRef, config, root: str | None = Non
         f"""select sample_id,
                num_tokens between {config.min_tokens} and {config.max_tokens} as tokens_in_range,
                (height % 28) + (width % 28) as size_remainder,
-               octet_length(patches) = grid_h * grid_w * 588 and num_tokens * 4 = grid_h * grid_w as patches_agree
+               octet_length(patches) = grid_h * grid_w * 588 and num_tokens * 4 = grid_h * grid_w
+                   as patches_agree
             from image_samples where config_hash = '{config.config_hash()}'""",
         root,
         {"image_samples": samples.version},

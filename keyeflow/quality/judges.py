@@ -261,7 +261,8 @@ def arithmetic_errors(text: str) -> list[str]:
 
 
 _FINAL_CLAIM = re.compile(
-    r"(?:\bfinal answer\b|\bthe answer\b|\banswer\b|\bthe result\b)\s*(?:is|=|:)\s*(.+?)\s*(?=[.;!](?:\s|$)|\n|$)",
+    r"(?:\bfinal answer\b|\bthe answer\b|\banswer\b|\bthe result\b)\s*(?:is|=|:)\s*"
+    r"(.+?)\s*(?=[.;!](?:\s|$)|\n|$)",
     re.IGNORECASE,
 )
 _VAGUE = _word_set("clear obvious simple easy below above shown following given unknown")
@@ -421,7 +422,7 @@ For every step give three scores in [0, 1]: logical_consistency (follows from th
 with the final answer), factual_accuracy (every stated fact and calculation is right) and relevance (it
 helps answer the question). Give one redundancy score in [0, 1] for the whole response (0: nothing
 repeated, 1: mostly repetition). Reply with JSON only, one entry per step, in order:
-{{"steps": [{{"step": 1, "logical_consistency": 1.0, "factual_accuracy": 1.0, "relevance": 1.0}}], "redundancy": 0.0}}"""
+{{"steps": [{{"step": 1, "logical_consistency": 1.0, "factual_accuracy": 1.0, "relevance": 1.0}}], "redundancy": 0.0}}"""  # noqa: E501
 
 SCORE_PROMPT = """Rate how much answering this question needs its {media_kinds}, from 1 to 5.
 1: answerable without looking at it; 2: it helps a little; 3: needed for one fact; 4: needed for several

@@ -95,9 +95,11 @@ class Dimension:
 
 
 DIMENSIONS: tuple[Dimension, ...] = (
-    Dimension("credibility", "claims are well-founded and honest about uncertainty; nothing is invented", "SPEC"),
+    Dimension("credibility", "claims are well-founded and honest about uncertainty; nothing is "
+                             "invented", "SPEC"),
     Dimension("correctness", "the final answer and every stated fact and calculation are right", "SPEC"),
-    Dimension("redundancy", "no repetition, padding or needless length (higher means less redundant)", "SPEC"),
+    Dimension("redundancy", "no repetition, padding or needless length (higher means less "
+                            "redundant)", "SPEC"),
     Dimension("relevance", "stays on the query, with no digressions", "SPEC"),
     Dimension("completeness", "answers every part of the query and reaches a final answer", "ours"),
     Dimension("instruction_following", "obeys the task's explicit constraints: format, length, language, "
@@ -548,7 +550,10 @@ def length_debias(
                 break
         note = f"repeated shorter-preferred pairs {added} more times"
         if added < needed:
-            note += f"; {needed - added} more were needed but every such pair is at max_repeats={config.max_repeats}"
+            note += (
+                f"; {needed - added} more were needed but every such pair is at "
+                f"max_repeats={config.max_repeats}"
+            )
         return out, report(out, added, 0, note)
     # select: keep every shorter-preferred pair and as many others as the share allows.
     allowed = math.floor(shorter * (1 - target) / target + 1e-9)

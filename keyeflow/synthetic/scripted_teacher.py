@@ -162,7 +162,10 @@ def teacher_recordings() -> dict:
                     _path(
                         [
                             (
-                                "Step 1: The pizza has 8 slices and 4 are eaten, so the eaten share is 4 out of 8.",
+                                (
+                                    "Step 1: The pizza has 8 slices and 4 are eaten, "
+                                    "so the eaten share is 4 out of 8."
+                                ),
                                 -0.1,
                             ),
                             ("Step 2: 4 / 8 = 0.5, which is 50%.", -0.1),
@@ -214,7 +217,10 @@ def teacher_recordings() -> dict:
                         [
                             ("Step 1: An equilateral triangle has three angles of 60 degrees.", -0.1),
                             (
-                                "Step 2: 60 + 60 + 60 = 200, but the angle sum of any triangle is 180 degrees.",
+                                (
+                                    "Step 2: 60 + 60 + 60 = 200, "
+                                    "but the angle sum of any triangle is 180 degrees."
+                                ),
                                 -0.1,
                             ),
                         ],
@@ -248,11 +254,17 @@ def teacher_recordings() -> dict:
                         [
                             ("Step 1: The red rectangle is in the top left part of the image.", -0.05),
                             (
-                                "Step 2: Its left edge is at about 76 and its right edge at about 374 on the 1000 scale.",
+                                (
+                                    "Step 2: Its left edge is at about 76 "
+                                    "and its right edge at about 374 on the 1000 scale."
+                                ),
                                 -0.05,
                             ),
                             (
-                                "Step 3: Its top is near 101 and its bottom near 430, above the green triangle.",
+                                (
+                                    "Step 3: Its top is near 101 "
+                                    "and its bottom near 430, above the green triangle."
+                                ),
                                 -0.05,
                             ),
                         ],

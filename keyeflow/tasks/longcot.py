@@ -89,7 +89,8 @@ def generate_paths(
         # cause (a server down, a wrong model name). Each failure is already in the quarantine table.
         uri, reason = next(iter(report.quarantined.items()))
         raise RuntimeError(
-            f"LongCoT generation: none of the {report.num_questions} questions got paths ({report.num_failed} "
+            f"LongCoT generation: none of the {report.num_questions} questions got paths "
+            f"({report.num_failed} "
             f"failed; first, {uri}: {reason}). Each is in the quarantine table (stage {STAGE_GENERATE}) "
             "and is tried again on the next run."
         )

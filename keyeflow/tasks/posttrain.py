@@ -294,7 +294,8 @@ def pass_rate_filter(
         success_threshold=config.success_threshold,
     )
     create_markdown_artifact(
-        f"# Pass-rate filter before GSPO round {round_number}\n\n{len(result.kept)} of {len(items)} items have a "
+        f"# Pass-rate filter before GSPO round {round_number}\n\n"
+        f"{len(result.kept)} of {len(items)} items have a "
         "pass rate strictly between 0 and 1.\n\n"
         + "\n".join(f"- {r.item_id}: {r.pass_rate} ({r.reason})" for r in result.records),
         key=f"pass-rate-filter-round-{round_number}",

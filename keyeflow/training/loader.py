@@ -155,12 +155,16 @@ def read_sample_table(mixture: TableRef, mixture_id: str, cost_model: CostModel)
         parts = []
         video_ds = _open(_sibling(mixture, "video_samples"))
         image_ds = _open(_sibling(mixture, "image_samples"))
-        media = "(select m.idx, unnest(t.media_ids) as media_id from m join train_samples t on t.sample_id = m.sample_id)"
+        media = (
+            "(select m.idx, unnest(t.media_ids) as media_id "
+            "from m join train_samples t on t.sample_id = m.sample_id)"
+        )
         if video_ds is not None:
             con.register("video_samples", video_ds)
             for kind in ("slow", "fast"):
                 parts.append(f"""
-                    select md.idx, (v.{kind}_height // {PATCH_SIZE}) * (v.{kind}_width // {PATCH_SIZE}) as patches,
+                    select md.idx,
+                           (v.{kind}_height // {PATCH_SIZE}) * (v.{kind}_width // {PATCH_SIZE}) as patches,
                            v.num_{kind} as count
                     from {media} md join video_samples v on v.sample_id = md.media_id""")
         if image_ds is not None:

@@ -189,7 +189,8 @@ def _keye_8b() -> PosttrainRecipe:
     return PosttrainRecipe(
         name="keye-8b", sft_tasks=SFT_TASKS, sft_max_items=8_000_000,
         difficulty=DifficultyConfig(num_paths=4, max_new_tokens=4_096),
-        sft=StageConfig(name="posttrain-1-sft", learning_rate=1e-5, max_steps=20_000, warmup_steps=200, **full),
+        sft=StageConfig(name="posttrain-1-sft", learning_rate=1e-5, max_steps=20_000, warmup_steps=200,
+                        **full),
         sft_anneal=StageConfig(name="posttrain-1-sft-anneal", learning_rate=2e-6, max_steps=2_000,
                                schedule="linear", **full),
         preference=PreferenceSettings(num_responses=8, max_new_tokens=4_096),

@@ -357,8 +357,8 @@ def _pair_of(
         "pair_id": item.item_id, "item_id": item.item_id, "messages": item.messages,
         "chosen": best[2], "rejected": worst[2], "chosen_score": best[0], "rejected_score": worst[0],
         "margin": margin, "reason": reason, "num_responses": num, "scores": scores,
-        "reference": item.reference, "task": item.task, "options": dict(item.options) if item.options else None,
-        "task_definition": item.task_definition,
+        "reference": item.reference, "task": item.task,
+        "options": dict(item.options) if item.options else None, "task_definition": item.task_definition,
     }  # fmt: skip
     return pair, {}
 

@@ -152,7 +152,8 @@ class PretrainRecipe:
 
     def to_dict(self) -> dict[str, Any]:
         return {
-            "name": self.name, "model": self.model, "init": self.init, "initial_context": self.initial_context,
+            "name": self.name, "model": self.model, "init": self.init,
+            "initial_context": self.initial_context,
             "stages": {str(k): v.to_dict() for k, v in sorted(self.stages.items())},
             "mixtures": {str(k): v for k, v in sorted(self.mixtures.items())},
             "annealing": self.annealing.to_dict(),

@@ -91,10 +91,10 @@ def train(
     out_dir = Path(out_dir)
     if stage.sequence_parallel_size > 1 or stage.pipeline_parallel_size > 1:
         raise ValueError(
-            f"stage {stage.name!r}: sequence_parallel_size={stage.sequence_parallel_size}, pipeline_parallel_size="
-            f"{stage.pipeline_parallel_size}: this loop trains data-parallel only; the DeepSpeed JSON for those "
-            "sizes is rendered (render_deepspeed_config) for a cluster job whose model is split into pipeline "
-            "stages with Ulysses attention. Set both to 1 to train here."
+            f"stage {stage.name!r}: sequence_parallel_size={stage.sequence_parallel_size}, "
+            f"pipeline_parallel_size={stage.pipeline_parallel_size}: this loop trains data-parallel only; "
+            "the DeepSpeed JSON for those sizes is rendered (render_deepspeed_config) for a cluster job "
+            "whose model is split into pipeline stages with Ulysses attention. Set both to 1 to train here."
         )
     dist = distributed.setup(need_group=stage.deepspeed_zero is not None)
     try:

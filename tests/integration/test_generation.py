@@ -253,8 +253,8 @@ def test_bad_arguments_are_clear(generator, model, tokenizer):
         with pytest.raises(ValueError, match=match):
             generator.generate([QUESTION], **args)
     with pytest.raises(ValueError, match="role"):
-        generator.generate([[{"role": "robot", "content": "hi"}]], n=1, max_new_tokens=2, temperature=0, seed=0,
-                           logprobs=True)  # fmt: skip
+        generator.generate([[{"role": "robot", "content": "hi"}]], n=1, max_new_tokens=2, temperature=0,
+                           seed=0, logprobs=True)  # fmt: skip
     with pytest.raises(TypeError, match="conversation"):
         generator.generate(QUESTION, n=1, max_new_tokens=2, temperature=0, seed=0, logprobs=True)
     with pytest.raises(ValueError, match="max_position_embeddings"):

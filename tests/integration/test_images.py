@@ -285,7 +285,8 @@ def test_header_limits_refuse_before_anything_is_decoded(home, sample_images, ba
     strict = ImageConfig(max_header_pixels=1_000_000)
     report = ingest([large, bad_images["huge_header"]], strict)
     assert report.quarantined[str(large)] == (
-        "possible decompression bomb: header claims 4800x3600 = 17,280,000 pixels (limit 1,000,000); not decoded"
+        "possible decompression bomb: header claims 4800x3600 = 17,280,000 pixels (limit 1,000,000); "
+        "not decoded"
     )
     assert report.quarantined[str(bad_images["huge_header"])].startswith("possible decompression bomb")
     assert report.num_ingested == 0

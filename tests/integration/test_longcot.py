@@ -53,8 +53,10 @@ def recordings() -> dict:
             "completions": [
                 {
                     "text": (
-                        'Here is my verdict:\n```json\n{"steps": [{"step": 1, "logic": 1, "factual": "1.0", "relevance": 0.9}, '
-                        '{"step": 2, "logical_consistency": 1, "factual_accuracy": 1, "relevance": 0.4}], "redundancy": 0.1}\n```'
+                        "Here is my verdict:\n```json\n"
+                        '{"steps": [{"step": 1, "logic": 1, "factual": "1.0", "relevance": 0.9}, '
+                        '{"step": 2, "logical_consistency": 1, "factual_accuracy": 1, "relevance": 0.4}], '
+                        '"redundancy": 0.1}\n```'
                     )
                 }
             ],
@@ -69,8 +71,8 @@ def recordings() -> dict:
             "completions": [
                 {
                     "text": (
-                        "A straight road runs for 1000 m from one end to the other. How long is the road when it is "
-                        "measured in kilometres?"
+                        "A straight road runs for 1000 m from one end to the other. "
+                        "How long is the road when it is measured in kilometres?"
                     )
                 }
             ],

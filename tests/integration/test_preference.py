@@ -82,8 +82,10 @@ def pair_recordings() -> dict:
         {"match": "What is 3+4?", "completions": answers("<answer>6</answer>", "<answer>8</answer>")},
         {"match": "Say hello.", "completions": answers("Hello!")},
         {"match": "Describe the sky.", "completions": answers("It is blue.", "Blue, surely.")},
-        {"match": "What is 5+5?", "completions": answers("<answer>10</answer> (sure)", "<answer>10</answer>")},
-        {"match": "What is 9+9?", "respond": {"status": 400, "body": {"error": {"message": "prompt refused"}}}},
+        {"match": "What is 5+5?", "completions": answers(
+            "<answer>10</answer> (sure)", "<answer>10</answer>")},
+        {"match": "What is 9+9?", "respond": {
+            "status": 400, "body": {"error": {"message": "prompt refused"}}}},
     ]}  # fmt: skip
 
 
@@ -365,7 +367,8 @@ def think_reply(a: int, b: int, verdict: str, drop: str | None = None) -> dict:
 
 
 def test_judge_parses_served_verdicts_and_averages_both_orders(tmp_path):
-    recordings = {"model": "replay-judge", "default": {"text": "Verdict: perhaps", "logprob": -1.0}, "entries": [
+    recordings = {
+        "model": "replay-judge", "default": {"text": "Verdict: perhaps", "logprob": -1.0}, "entries": [
         # a consistent judge: "4" wins in both positions
         {"match": "Response A:\n4\n\nResponse B:\n5", "completions": [think_reply(9, 2, "A")]},
         {"match": "Response A:\n5\n\nResponse B:\n4", "completions": [think_reply(2, 9, "B")]},

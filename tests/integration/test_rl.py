@@ -448,7 +448,8 @@ def test_pass_rate_filter_keeps_items_strictly_between_0_and_1(generator):
 
 
 def test_rejection_sampling_round_replaces_references_it_prefers(generator):
-    rows = [{"id": "better", "messages": [*user("Say something long."), {"role": "assistant", "content": "x"}]},
+    rows = [{"id": "better", "messages": [*user("Say something long."),
+                                          {"role": "assistant", "content": "x"}]},
             {"id": "wrong", "messages": [*user("Say nothing."), {"role": "assistant", "content": "ok"}]},
             {"id": "worse", "messages": [*user("Say a lot."),
                                          {"role": "assistant", "content": "a reference far longer than any "

@@ -182,7 +182,8 @@ def test_checker_reports_upward_imports_and_passes_downward_ones(tmp_path):
         {
             "__init__.py": "",
             "config.py": "import json\n",
-            "lineage.py": "import mlflow\nfrom keyeflow.training import loop\n",  # mlflow above the domain: fine
+            # mlflow above the domain: fine
+            "lineage.py": "import mlflow\nfrom keyeflow.training import loop\n",
             "cli.py": "from keyeflow.synthetic import teacher\nfrom keyeflow import lineage\n",
             "model/__init__.py": "",
             "model/net.py": """

@@ -95,7 +95,8 @@ def test_default_weights_are_equal(tmp_path):
 
 
 def test_task_arithmetic_by_hand(tmp_path):
-    base = write_checkpoint(tmp_path / "base", {"w": f32(1.0, 2.0, -1.0), "b": torch.tensor([0.5], dtype=torch.bfloat16)},
+    base = write_checkpoint(tmp_path / "base",
+                            {"w": f32(1.0, 2.0, -1.0), "b": torch.tensor([0.5], dtype=torch.bfloat16)},
                             {"name": "base"})  # fmt: skip
     x = write_checkpoint(
         tmp_path / "x", {"w": f32(3.0, 2.0, 0.0), "b": torch.tensor([1.5], dtype=torch.bfloat16)}

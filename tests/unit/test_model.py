@@ -282,9 +282,10 @@ def keye_config_json(config: KeyeConfig) -> dict:
     vc, tc = config.vision_config, config.text_config
     return {
         "architectures": ["KeyeVL1_5ForConditionalGeneration"], "model_type": "KeyeVL1_5",
-        "vocab_size": tc.vocab_size, "hidden_size": tc.hidden_size, "intermediate_size": tc.intermediate_size,
-        "num_hidden_layers": tc.num_hidden_layers, "num_attention_heads": tc.num_attention_heads,
-        "num_key_value_heads": tc.num_key_value_heads, "head_dim": tc.head_dim, "rms_norm_eps": tc.rms_norm_eps,
+        "vocab_size": tc.vocab_size, "hidden_size": tc.hidden_size,
+        "intermediate_size": tc.intermediate_size, "num_hidden_layers": tc.num_hidden_layers,
+        "num_attention_heads": tc.num_attention_heads, "num_key_value_heads": tc.num_key_value_heads,
+        "head_dim": tc.head_dim, "rms_norm_eps": tc.rms_norm_eps,
         "rope_theta": config.rope_theta, "rope_scaling": {"type": "mrope", "mrope_section": [2, 3, 3]},
         "tie_word_embeddings": False, "image_token_id": config.image_token_id,
         "video_token_id": config.video_token_id, "vision_start_token_id": config.vision_start_token_id,
@@ -358,8 +359,9 @@ def test_config_from_keye_reads_8b_sizes():
 
 def test_config_validation():
     with pytest.raises(ValueError, match="mrope_section"):
-        KeyeConfig(vision_config=tiny().vision_config, text_config=tiny().text_config, mrope_section=[2, 2, 2],
-                   image_token_id=1, video_token_id=2, vision_start_token_id=3, vision_end_token_id=4)  # fmt: skip
+        KeyeConfig(vision_config=tiny().vision_config, text_config=tiny().text_config,
+                   mrope_section=[2, 2, 2], image_token_id=1, video_token_id=2, vision_start_token_id=3,
+                   vision_end_token_id=4)  # fmt: skip
     with pytest.raises(ValueError, match="square"):
         tiny().vision_config.__class__(num_position_embeddings=10)
 

@@ -90,8 +90,8 @@ def test_prompt_for_a_text_query_is_one_string_ending_with_the_mode_switch():
         "content": (
             "Task definition: Solve the sum.\n\nQuery:\nWhat is 2+2?\n\nResponse A:\n4\n\nResponse B:\n5\n\n"
             "Compare the two responses on credibility, correctness, redundancy, relevance, completeness, "
-            "instruction following, clarity, visual grounding, safety. Reply with exactly one line: `Verdict: A`, "
-            "`Verdict: B` or `Verdict: tie`. /no_think"
+            "instruction following, clarity, visual grounding, safety. Reply with exactly one line: "
+            "`Verdict: A`, `Verdict: B` or `Verdict: tie`. /no_think"
         ),
     }
     think = build_prompt("Solve the sum.", "What is 2+2?", "4", "5", "think")[1]["content"]
@@ -175,12 +175,14 @@ def test_think_output_parses_scores_and_verdict_with_free_reasoning_lines():
     (think_output().replace("safety: A=7, B=4\n", ""), "no scores for safety in the <think> block"),
     (think_output().replace("clarity: A=7, B=4", "clarity: A=7, B=4\nclarity: A=1, B=1"),
      "line 9: clarity is scored twice"),
-    (think_output().replace("relevance: A=7", "relevance: A=11"), r"line 5: relevance A=11 is outside \[1, 10\]"),
+    (think_output().replace("relevance: A=7", "relevance: A=11"),
+     r"line 5: relevance A=11 is outside \[1, 10\]"),
     (think_output().replace("relevance: A=7", "relevance: A=7.5"),
      "line 5: 'relevance: A=7.5, B=4' is not `relevance: A=<score>, B=<score>`"),
     (think_output().replace("relevance: A=7, B=4", "relevance: good for both"),
      "line 5: 'relevance: good for both' is not"),
-    (think_output(verdict="maybe A"), "expected `Verdict: A`, `Verdict: B` or `Verdict: tie`, got 'Verdict: maybe A'"),
+    (think_output(verdict="maybe A"),
+     "expected `Verdict: A`, `Verdict: B` or `Verdict: tie`, got 'Verdict: maybe A'"),
     (think_output() + "\nI am sure.", "expected one verdict line, got 2 lines"),
     (think_output().split("</think>")[0] + "</think>", "no verdict line"),
 ])  # fmt: skip
