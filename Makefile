@@ -8,6 +8,8 @@ run: setup
 	.venv/bin/keyeflow run
 
 test: setup
+	.venv/bin/ruff check keyeflow tests benchmarks scripts
+	.venv/bin/ruff format --check keyeflow tests benchmarks scripts
 	.venv/bin/python -m pytest -q
 
 bench: setup
