@@ -25,7 +25,7 @@ from keyeflow.training.engine import LATEST, Engine
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
-JOB = HERE / "posttrain_job.py"
+JOB = HERE.parent / "posttrain_job.py"
 STEPS = 4
 
 

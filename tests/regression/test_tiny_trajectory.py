@@ -16,18 +16,16 @@ import json
 import os
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
+from posttrain_job import image_lookup, letter_share, picture_prompt
 
 from keyeflow.datasets import conversations, images, ingest, pretokenize, tables
 from keyeflow.datasets.images import ImageConfig
 from keyeflow.datasets.mixture import build_mixture
-from keyeflow.datasets.pretokenize import patchify
 from keyeflow.datasets.slowfast import resolve_config
 from keyeflow.model.checkpoint import load_keye_checkpoint
 from keyeflow.model.modeling import KeyeForConditionalGeneration
-from keyeflow.model.processor import MediaPatches
 from keyeflow.training.config import GSPOStageConfig, MPOStageConfig
 from keyeflow.training.losses import GSPOConfig
 from keyeflow.training.preference import train_mpo
@@ -52,18 +50,6 @@ def hexes(values) -> list[str]:
     return [float(v).hex() for v in values]
 
 
-def image_lookup(part: dict) -> MediaPatches:
-    """A fixed 56×84 random picture for every image part (6 merged tokens)."""
-    pixels = np.random.default_rng(part["seed"]).integers(0, 256, (56, 84, 3), dtype=np.uint8)
-    return MediaPatches(patchify(pixels, 14, 2), [(1, 4, 6)])
-
-
-def picture_prompt(seed: int, question: str) -> list[dict]:
-    return [
-        {"role": "user", "content": [{"type": "image", "seed": seed}, {"type": "text", "text": question}]}
-    ]
-
-
 MPO_PAIRS = [
     {
         "messages": picture_prompt(1, "What is shown?"),
@@ -80,11 +66,6 @@ GSPO_ITEMS = [
     {"id": "one", "messages": picture_prompt(1, "Describe it."), "reference": "square"},
     {"id": "two", "messages": picture_prompt(2, "Count them."), "reference": "3"},
 ]
-
-
-def letter_share(item, response: str) -> float:
-    """A reward that varies between random completions, so every group carries an advantage."""
-    return sum(ch.isascii() and ch.isalpha() for ch in response) / len(response) if response else 0.0
 
 
 def run_trajectory(home: Path, corpus_dir: Path, media_dir: Path) -> dict:
