@@ -43,11 +43,19 @@ class Settings(BaseSettings):
         default=None,
         description="scheduler of an existing Dask cluster (tcp://host:8786) instead of a local one",
     )
+    # How many rows of a table may fail row-level gate checks (and be quarantined) before the gate stops
+    # the flow; JSON, e.g. KEYEFLOW_GATE_MAX_FAILING_SHARE='{"video_samples": 0.05}'. Unnamed gates: 1%.
+    gate_max_failing_share: dict[str, float] = Field(
+        default_factory=dict, description="per gate, the largest share of rows it quarantines and goes on"
+    )
 
     @model_validator(mode="after")
     def _check_task_runner(self) -> Settings:
         if self.dask_workers < 1:
             raise ValueError(f"KEYEFLOW_DASK_WORKERS must be at least 1, got {self.dask_workers}")
+        for gate, share in self.gate_max_failing_share.items():
+            if not 0.0 <= share <= 1.0:
+                raise ValueError(f"KEYEFLOW_GATE_MAX_FAILING_SHARE[{gate!r}] must be in [0, 1], got {share}")
         # A scheduler address with the thread runner would be silently ignored; say so instead.
         if self.dask_address and self.task_runner != "dask":
             raise ValueError(

@@ -14,7 +14,7 @@ from keyeflow.datasets import tables
 from keyeflow.longcot.common import batch_paths, questions_by_id
 from keyeflow.longcot.generate import check_answer
 from keyeflow.quality import graders
-from keyeflow.quality.gates import LONGCOT_PATH_CHECKS, GateResult, longcot_sample_checks, run_gate
+from keyeflow.quality.gates import LONGCOT_PATH_CHECKS, TABLE, GateResult, longcot_sample_checks, run_gate
 from keyeflow.quality.longcot_scoring import GRADES
 
 
@@ -130,6 +130,7 @@ def check_longcot_samples(
                     "check": "empty output allowed (min_samples=0)",
                     "expectation": "ExpectTableRowCountToBeBetween",
                     "column": "*",
+                    "level": TABLE,
                     "success": True,
                     "unexpected_count": 0,
                     "examples": [],

@@ -143,14 +143,26 @@ def log_quarantined(quarantined: dict[str, str]) -> None:
         logger.warning("quarantined %s: %s", uri, reason)
 
 
+def max_failing_share(gate: str) -> float:
+    """The share of rows a gate may quarantine and go on (``KEYEFLOW_GATE_MAX_FAILING_SHARE``, default 1%)."""
+    return get_settings().gate_max_failing_share.get(gate, gates.DEFAULT_MAX_FAILING_SHARE)
+
+
 def publish_gate(result: gates.GateResult, table: tables.TableRef, run_id: str) -> None:
-    """Report a verdict everywhere a person looks (MLflow, Prefect, the gate_results table), then
-    stop the flow if it failed."""
+    """Report a verdict everywhere a person looks (MLflow, Prefect, the gate_results table), quarantine
+    the rows that failed row-level checks when the gate lets the batch go on, then stop the flow if it
+    failed."""
     key = f"gate-{result.gate.replace('_', '-')}"
     lineage.log_dict(run_id, result.to_dict(), f"gates/{result.gate}.json")
     lineage.log_text(run_id, result.markdown(), f"gates/{result.gate}.md")
     lineage.set_tags(run_id, {f"keyeflow.gate.{result.gate}": "passed" if result.passed else "failed"})
     create_markdown_artifact(result.markdown(), key=key, description=f"{result.gate} @ {table}")
+    quarantined = gates.quarantine_rows(result)
+    if quarantined:
+        # Before the verdict row: a crash in between leaves the rows quarantined and a rerun records it.
+        tables.upsert("quarantine", quarantined)
+        lineage.log_metrics(run_id, {f"gate_{result.gate}_quarantined": len(quarantined)})
+        log_quarantined({q["uri"]: q["reason"] for q in quarantined})
     gates.record(result, table, run_id)
     if not result.passed:
         get_run_logger().error("gate %s failed: %s", result.gate, result.failures)

@@ -11,7 +11,7 @@ from keyeflow.datasets import conversations, images, mixture, tables
 from keyeflow.datasets.images import ImageConfig
 from keyeflow.datasets.slowfast import SlowFastConfig
 from keyeflow.quality import gates
-from keyeflow.tasks.common import ProgressTracker, log_quarantined, progress, publish_gate
+from keyeflow.tasks.common import ProgressTracker, log_quarantined, max_failing_share, progress, publish_gate
 
 _SHARD = {"retries": 2, "retry_delay_seconds": 2, "cache_policy": NO_CACHE}
 
@@ -32,7 +32,8 @@ def ingest_image_shard(uris: list[str], config: ImageConfig, tracker: ProgressTr
 
 @task(cache_policy=NO_CACHE)
 def gate_images(samples: tables.TableRef, config: ImageConfig, run_id: str) -> None:
-    publish_gate(gates.check_image_samples(samples, config), samples, run_id)
+    verdict = gates.check_image_samples(samples, config, max_failing_share=max_failing_share("image_samples"))
+    publish_gate(verdict, samples, run_id)
 
 
 @task(cache_policy=NO_CACHE)
@@ -55,7 +56,8 @@ def build_train_samples(
 
 @task(cache_policy=NO_CACHE)
 def gate_train_samples(samples: tables.TableRef, run_id: str) -> None:
-    publish_gate(gates.check_train_samples(samples), samples, run_id)
+    verdict = gates.check_train_samples(samples, max_failing_share=max_failing_share("train_samples"))
+    publish_gate(verdict, samples, run_id)
 
 
 @task(cache_policy=NO_CACHE)

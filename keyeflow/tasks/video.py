@@ -10,7 +10,7 @@ from keyeflow.config import get_settings
 from keyeflow.datasets import ingest, pretokenize, strips, tables
 from keyeflow.datasets.slowfast import SlowFastConfig
 from keyeflow.quality import gates
-from keyeflow.tasks.common import ProgressTracker, log_quarantined, publish_gate
+from keyeflow.tasks.common import ProgressTracker, log_quarantined, max_failing_share, publish_gate
 
 # Shard tasks retry: a remote read or a concurrent Lance commit can fail transiently, and a retried
 # shard is harmless because every write is keyed. Bad files never raise here; they are quarantined.
@@ -54,14 +54,17 @@ def pretokenize_shard(
 
 @task(cache_policy=NO_CACHE)
 def gate_videos(videos: tables.TableRef, run_id: str) -> None:
-    publish_gate(gates.check_videos(videos), videos, run_id)
+    publish_gate(gates.check_videos(videos, max_failing_share=max_failing_share("videos")), videos, run_id)
 
 
 @task(cache_policy=NO_CACHE)
 def gate_video_samples(
     samples: tables.TableRef, frames: tables.TableRef, config: SlowFastConfig, run_id: str
 ) -> None:
-    publish_gate(gates.check_video_samples(samples, frames, config), samples, run_id)
+    verdict = gates.check_video_samples(
+        samples, frames, config, max_failing_share=max_failing_share("video_samples")
+    )
+    publish_gate(verdict, samples, run_id)
 
 
 @task(cache_policy=NO_CACHE)
