@@ -65,7 +65,7 @@ def check_bounds(info: VideoInfo, config: IngestConfig) -> None:
     if info.duration_s > config.max_duration_s:
         raise BadVideo(
             info.uri,
-            over_bound("max_duration_s", f"{info.duration_s:,.1f} s", f"{config.max_duration_s:,.0f} s"),
+            over_bound("max_duration_s", f"{info.duration_s:,.2f} s", f"{config.max_duration_s:g} s"),
         )
 
 
