@@ -256,37 +256,35 @@ def iter_records(
                 yield record
             return
         number, found = 0, False
-        try:
-            for number, line, size in _lines(stream, config.max_line_bytes):
-                if line is None:
-                    found = True
-                    bad.append(
-                        (
-                            f"{path}#L{number}",
-                            f"line {number}: "
-                            + over_bound(
-                                "max_line_bytes", f"{size:,} bytes", config.max_line_bytes, " bytes"
-                            ),
-                        )
-                    )
-                    continue
-                if not line.strip():
-                    continue
-                found = True
-                uri = f"{path}#L{number}"
-                try:
-                    record = _record(parse_line(line, number, config), uri, path.stem, config)
-                except BadLine as exc:  # a parse error names the line itself
-                    bad.append((uri, str(exc)))
-                    continue
-                except BadRecord as exc:
-                    bad.append((uri, f"line {number}: {exc}"))
-                    continue
-                yield record
-        except _STREAM_ERRORS as exc:
-            # The lines before the break went through; the break is recorded where the next line would be.
-            bad.append((f"{path}#L{number + 1}", f"after line {number}: {_stream_error(exc, compression)}"))
-            return
+        lines = _lines(stream, config.max_line_bytes)
+        while True:
+            # Only the reading is guarded: a stream error is about the file, not about a record.
+            try:
+                number, line, size = next(lines)
+            except StopIteration:
+                break
+            except _STREAM_ERRORS as exc:
+                # The lines before the break went through; the break is recorded where the next line is.
+                reason = f"after line {number}: {_stream_error(exc, compression)}"
+                bad.append((f"{path}#L{number + 1}", reason))
+                return
+            found = found or line is None or bool(line.strip())
+            uri = f"{path}#L{number}"
+            if line is None:
+                bound = over_bound("max_line_bytes", f"{size:,} bytes", config.max_line_bytes, " bytes")
+                bad.append((uri, f"line {number}: {bound}"))
+                continue
+            if not line.strip():
+                continue
+            try:
+                record = _record(parse_line(line, number, config), uri, path.stem, config)
+            except BadLine as exc:  # a parse error names the line itself
+                bad.append((uri, str(exc)))
+                continue
+            except BadRecord as exc:
+                bad.append((uri, f"line {number}: {exc}"))
+                continue
+            yield record
     if not found:
         bad.append((str(path), "empty file: no records" + (f" (after {compression})" if compression else "")))
 
