@@ -11,16 +11,33 @@ Media paths are relative to the file that names them and must stay inside the so
 ingested by the video and image paths beforehand (:func:`referenced_media` lists them); here a sample only
 looks its media up by content hash, so a renamed copy of a clip reuses the clip's tokens. Every bad line,
 file or reference is quarantined with its line number and reason; the rest goes through.
+
+Hostile input is a record-level problem, never a batch failure. Files are streamed line by line (a line is
+never held beyond ``max_line_bytes``); gzip and zstd data are recognised by their magic bytes whatever the
+file is named, and a stream that breaks off (a truncated download) keeps the lines before the break. Each
+record is bounded by :class:`SampleConfig`'s ``max_*`` settings (line size, nesting depth, messages, images
+and videos per record, text file size); a record over a bound is quarantined with the bound's name and the
+value found. NUL bytes, invalid UTF-8, wrong types, unknown roles, a last line cut off without its newline
+and an empty file each get their own reason.
 """
 
 from __future__ import annotations
 
+import gzip
 import hashlib
+import io
 import json
-from collections.abc import Callable
+import os
+import re
+import stat
+import zlib
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import BinaryIO
 
+import numpy as np
+import pyarrow as pa
 import pyarrow.compute as pc
 
 from keyeflow.config import check_int, invalid
@@ -37,6 +54,12 @@ SOURCE_SUFFIXES = {".jsonl", ".txt"}
 _ROLES = {"system", "user", "assistant"}
 DEFAULT_IMAGE_CONFIG = ImageConfig()  # frozen: one shared default for the builders' signatures
 _COMMIT_ROWS = 5000
+_MEDIA_KINDS = ("image", "video")
+_PART_TYPES = ("text", *_MEDIA_KINDS)
+_GZIP_MAGIC, _ZSTD_MAGIC = b"\x1f\x8b", b"\x28\xb5\x2f\xfd"
+# Samples are keyed on the settings that change a sample's tokens; the bounds below decide only whether a
+# record is taken, so they stay out of the hash (raising one does not re-key the samples already stored).
+_TOKEN_FIELDS = ("max_text_tokens", "min_text_tokens", "tokenizer_path")
 
 
 @dataclass(frozen=True)
@@ -46,10 +69,27 @@ class SampleConfig:
     max_text_tokens: int = 2048  # plain-text chunk size; longer paragraphs are split on sentences
     min_text_tokens: int = 8  # shorter chunks carry too little to train on and are dropped with a reason
     tokenizer_path: str | None = None  # a real checkpoint's tokenizer; None = the shipped one
+    # What one record may cost. Over a bound, the record is quarantined with the bound's name and its value.
+    max_line_bytes: int = 8 << 20  # one JSONL line; a longer one is skipped without being held in memory
+    max_json_depth: int = 64  # nesting of [ and {; a chat row needs 4 (row, messages, message, parts)
+    max_messages: int = 1024  # turns in one conversation
+    max_images_per_record: int = 64  # image parts in one record (each up to ImageConfig.max_tokens)
+    max_videos_per_record: int = 16  # video parts in one record (each up to the Slow-Fast token budget)
+    max_text_file_bytes: int = 64 << 20  # one .txt document (decompressed), read whole to be chunked
 
     def __post_init__(self):
-        for name in ("min_text_tokens", "max_text_tokens"):
-            object.__setattr__(self, name, check_int("SampleConfig", name, getattr(self, name), minimum=1))
+        for name, minimum in (
+            ("min_text_tokens", 1),
+            ("max_text_tokens", 1),
+            ("max_line_bytes", 1),
+            ("max_json_depth", 1),
+            ("max_messages", 2),  # a user turn and the assistant turn that is trained on
+            ("max_images_per_record", 0),  # 0: text and video records only
+            ("max_videos_per_record", 0),
+            ("max_text_file_bytes", 1),
+        ):
+            value = check_int("SampleConfig", name, getattr(self, name), minimum=minimum)
+            object.__setattr__(self, name, value)
         if self.max_text_tokens <= self.min_text_tokens:
             raise invalid(
                 "SampleConfig",
@@ -61,6 +101,10 @@ class SampleConfig:
 
 class BadRecord(ValueError):
     pass
+
+
+class BadLine(BadRecord):
+    """A JSONL line that does not parse; its reason names the line."""
 
 
 @dataclass
@@ -93,61 +137,280 @@ def discover_sources(paths: list[str]) -> list[Path]:
     return list(dict.fromkeys(found))
 
 
-def read_records(path: Path, bad: list[tuple[str, str]]) -> list[Record]:
-    """Parse one source file; every unusable line/file is appended to ``bad`` as (uri, reason)."""
+def over_bound(name: str, value: str, limit: int, unit: str = "") -> str:
+    """The reason for a record over one of the bounds: the setting's name, the value found and the limit."""
+    return f"over the bound {name}: {value} (limit {limit:,}{unit})"
+
+
+def _open_source(path: Path) -> tuple[BinaryIO, str]:
+    """A binary stream of the file's content, decompressed when its first bytes are gzip's or zstd's magic
+    (a compressed file under a plain name reads as what it holds), and the compression found ("" if none)."""
+    with open(path, "rb") as head:
+        magic = head.read(4)
+    if magic.startswith(_GZIP_MAGIC):
+        return gzip.open(path, "rb"), "gzip"
+    if magic == _ZSTD_MAGIC:
+        return io.BufferedReader(pa.input_stream(str(path), compression="zstd")), "zstd"
+    return open(path, "rb"), ""  # the caller closes it, as it does the other two
+
+
+# What a compressed stream raises when it breaks off or is corrupt: gzip EOFError/BadGzipFile (an OSError)/
+# zlib.error, Arrow's zstd OSError/ArrowInvalid (a ValueError); a plain file only an OSError.
+_STREAM_ERRORS = (OSError, EOFError, ValueError, zlib.error)
+
+
+def _stream_error(exc: BaseException, compression: str) -> str:
+    detail = (str(exc) or type(exc).__name__).splitlines()[0][:200]
+    return f"truncated or corrupt {compression} data: {detail}" if compression else f"read error: {detail}"
+
+
+def _lines(stream: BinaryIO, limit: int) -> Iterator[tuple[int, bytes | None, int]]:
+    """(line number, the line with its newline or None when it is longer than ``limit`` bytes, its length
+    without the newline). An overlong line is read on in chunks and dropped, never held whole."""
+    number = 0
+    while line := stream.readline(limit + 1):
+        number += 1
+        if len(line) <= limit or line.endswith(b"\n"):
+            yield number, line, len(line.rstrip(b"\n"))
+            continue
+        size = len(line)
+        while chunk := stream.readline(1 << 20):
+            size += len(chunk)
+            if chunk.endswith(b"\n"):
+                size -= 1
+                break
+        yield number, None, size
+
+
+_JSON_STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"')
+_BRACKET_STEP = np.zeros(256, dtype=np.int8)
+_BRACKET_STEP[[ord("["), ord("{")]] = 1
+_BRACKET_STEP[[ord("]"), ord("}")]] = -1
+
+
+def json_depth(line: bytes) -> int:
+    """How deeply ``[`` and ``{`` nest in a JSON text, found without parsing it: strings are cut out (a
+    bracket inside one does not nest), then the running sum of +1/-1 per bracket is taken, all in C."""
+    skeleton = _JSON_STRING.sub(b"", line).translate(None, delete=bytes(set(range(256)) - set(b"[]{}")))
+    if not skeleton:
+        return 0
+    return int(np.cumsum(_BRACKET_STEP[np.frombuffer(skeleton, dtype=np.uint8)], dtype=np.int64).max())
+
+
+def parse_line(line: bytes, number: int, config: SampleConfig) -> object:
+    """One JSONL line as JSON, or BadLine saying why not.
+
+    The nesting depth is bounded *before* ``json.loads``, not by catching RecursionError from it: how deep
+    the decoder may go before RecursionError depends on how deep the caller's stack already is (a Prefect
+    worker thread, a test runner), so the same line would pass in one place and fail in another; a
+    structure that parsed just under the limit would still blow the stack later, in ``json.dumps`` or
+    wherever it is walked; and a depth bound is a named, stated setting that a reason can cite."""
+    if (nul := line.find(b"\x00")) >= 0:
+        raise BadLine(f"line {number}: NUL byte at column {nul + 1}: binary data, not a JSON line")
     try:
-        raw = path.read_bytes()
+        text = line.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise BadLine(f"invalid UTF-8 at line {number}, byte {exc.start} of the line") from None
+    depth = json_depth(line)
+    if depth > config.max_json_depth:
+        reason = over_bound("max_json_depth", f"nesting depth {depth:,}", config.max_json_depth)
+        raise BadLine(f"line {number}: {reason}")
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        if not line.endswith(b"\n"):
+            raise BadLine(
+                f"line {number}: truncated: the last line has no newline and is not valid JSON ({exc.msg}, "
+                f"column {exc.colno})"
+            ) from None
+        raise BadLine(f"invalid JSON at line {number}: {exc.msg} (column {exc.colno})") from None
+    except ValueError as exc:  # e.g. an integer over Python's 4,300-digit conversion limit
+        raise BadLine(f"invalid JSON at line {number}: {str(exc).splitlines()[0][:200]}") from None
+
+
+def _regular_file(path: Path) -> str | None:
+    """Why ``path`` cannot be read as a source file, or None. A FIFO or device would block or never end."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError as exc:
+        return f"unreadable: {exc.strerror or exc}"
+    return None if stat.S_ISREG(mode) else "not a regular file"
+
+
+def iter_records(
+    path: Path, bad: list[tuple[str, str]], config: SampleConfig = SampleConfig()
+) -> Iterator[Record]:
+    """Parse one source file as a stream; every unusable line/file is appended to ``bad`` as (uri, reason)."""
+    if why := _regular_file(path):
+        bad.append((str(path), why))
+        return
+    try:
+        stream, compression = _open_source(path)
     except OSError as exc:
         bad.append((str(path), f"unreadable: {exc.strerror or exc}"))
-        return []
-    if path.suffix == ".txt":
-        try:
-            text = raw.decode("utf-8")
-        except UnicodeDecodeError as exc:
-            bad.append((str(path), f"invalid UTF-8 at byte {exc.start}"))
-            return []
-        if not text.strip():
-            bad.append((str(path), "empty text file"))
-            return []
-        return [Record(uri=str(path), source=path.parent.name, task="text", text=text)]
-    records = []
-    for number, line in enumerate(raw.split(b"\n"), start=1):
-        if not line.strip():
-            continue
-        uri = f"{path}#L{number}"
-        try:
-            row = json.loads(line.decode("utf-8"))
-            records.append(_record(row, uri, path.stem))
-        except UnicodeDecodeError as exc:
-            bad.append((uri, f"invalid UTF-8 at line {number}, byte {exc.start} of the line"))
-        except json.JSONDecodeError as exc:
-            bad.append((uri, f"invalid JSON at line {number}: {exc.msg} (column {exc.colno})"))
-        except BadRecord as exc:
-            bad.append((uri, f"line {number}: {exc}"))
-    return records
+        return
+    with stream:
+        if path.suffix == ".txt":
+            record = _text_record(path, stream, compression, bad, config)
+            if record is not None:
+                yield record
+            return
+        number, found = 0, False
+        lines = _lines(stream, config.max_line_bytes)
+        while True:
+            # Only the reading is guarded: a stream error is about the file, not about a record.
+            try:
+                number, line, size = next(lines)
+            except StopIteration:
+                break
+            except _STREAM_ERRORS as exc:
+                # The lines before the break went through; the break is recorded where the next line is.
+                reason = f"after line {number}: {_stream_error(exc, compression)}"
+                bad.append((f"{path}#L{number + 1}", reason))
+                return
+            found = found or line is None or bool(line.strip())
+            uri = f"{path}#L{number}"
+            if line is None:
+                bound = over_bound("max_line_bytes", f"{size:,} bytes", config.max_line_bytes, " bytes")
+                bad.append((uri, f"line {number}: {bound}"))
+                continue
+            if not line.strip():
+                continue
+            try:
+                record = _record(parse_line(line, number, config), uri, path.stem, config)
+            except BadLine as exc:  # a parse error names the line itself
+                bad.append((uri, str(exc)))
+                continue
+            except BadRecord as exc:
+                bad.append((uri, f"line {number}: {exc}"))
+                continue
+            yield record
+    if not found:
+        bad.append((str(path), "empty file: no records" + (f" (after {compression})" if compression else "")))
 
 
-def _record(row, uri: str, default_source: str) -> Record:
+def read_records(
+    path: Path, bad: list[tuple[str, str]], config: SampleConfig = SampleConfig()
+) -> list[Record]:
+    """Parse one source file; every unusable line/file is appended to ``bad`` as (uri, reason)."""
+    return list(iter_records(path, bad, config))
+
+
+def _text_record(
+    path: Path, stream: BinaryIO, compression: str, bad: list[tuple[str, str]], config: SampleConfig
+) -> Record | None:
+    try:
+        raw = stream.read(config.max_text_file_bytes + 1)
+    except _STREAM_ERRORS as exc:
+        bad.append((str(path), _stream_error(exc, compression)))
+        return None
+    if len(raw) > config.max_text_file_bytes:
+        size = f"{path.stat().st_size:,} bytes" if not compression else f"more than that after {compression}"
+        bad.append((str(path), over_bound("max_text_file_bytes", size, config.max_text_file_bytes, " bytes")))
+        return None
+    if (nul := raw.find(b"\x00")) >= 0:
+        bad.append((str(path), f"NUL byte at offset {nul}: binary data, not text"))
+        return None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        bad.append((str(path), f"invalid UTF-8 at byte {exc.start}"))
+        return None
+    if not text.strip():
+        bad.append((str(path), "empty text file"))
+        return None
+    return Record(uri=str(path), source=path.parent.name, task="text", text=text)
+
+
+def _optional_string(row: dict, key: str) -> str | None:
+    value = row.get(key)
+    if value is not None and not isinstance(value, str):
+        raise BadRecord(f"'{key}' must be a string, got {type(value).__name__}")
+    return value or None
+
+
+def _check_strings(value: object) -> None:
+    """No NUL character in any key or string of the record (a ``\\u0000`` escape decodes to one). The
+    depth is bounded before parsing, so walking with a stack is cheap and cannot run away."""
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, str):
+            if "\x00" in item:
+                raise BadRecord("NUL character (\\u0000) in a string: binary data, not text")
+        elif isinstance(item, dict):
+            stack.extend(item.keys())
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+
+
+def _check_message(index: int, message: object) -> dict[str, int]:
+    """Type checks of one message; returns how many parts of each media kind it holds."""
+    if not isinstance(message, dict):
+        raise BadRecord(f"message {index}: expected an object, got {type(message).__name__}")
+    role = message.get("role")
+    if not isinstance(role, str) or role not in _ROLES:
+        raise BadRecord(f"message {index}: role must be one of {sorted(_ROLES)}, got {role!r}"[:300])
+    content = message.get("content")
+    if isinstance(content, str):
+        return {}
+    if not isinstance(content, list):
+        raise BadRecord(
+            f"message {index}: content must be a string or a list of parts, got {type(content).__name__}"
+        )
+    counts = dict.fromkeys(_MEDIA_KINDS, 0)
+    for number, part in enumerate(content):
+        kind = part.get("type") if isinstance(part, dict) else None
+        if not isinstance(kind, str) or kind not in _PART_TYPES:
+            shown = kind if isinstance(part, dict) else type(part).__name__
+            raise BadRecord(
+                f"message {index}, part {number}: content must be a string or a list of parts "
+                f"typed {list(_PART_TYPES)}, got {shown!r}"[:300]
+            )
+        if kind == "text" and not isinstance(part.get("text"), str):
+            raise BadRecord(f"message {index}, part {number}: a text part needs a string 'text'")
+        if kind in counts:
+            if not isinstance(part.get(kind), str) or not part[kind]:
+                raise BadRecord(f"message {index}, part {number}: {kind} part has no path")
+            counts[kind] += 1
+    return counts
+
+
+def _record(row, uri: str, default_source: str, config: SampleConfig = SampleConfig()) -> Record:
     if not isinstance(row, dict):
         raise BadRecord(f"expected a JSON object, got {type(row).__name__}")
-    source = str(row.get("source") or default_source)
+    _check_strings(row)
+    source = _optional_string(row, "source") or default_source
+    task = _optional_string(row, "task")
     if "messages" in row:
         messages = row["messages"]
         if not isinstance(messages, list) or not messages:
             raise BadRecord("'messages' must be a non-empty list")
+        if len(messages) > config.max_messages:
+            raise BadRecord(over_bound("max_messages", f"{len(messages):,} messages", config.max_messages))
+        media = dict.fromkeys(_MEDIA_KINDS, 0)
         for index, message in enumerate(messages):
-            if not isinstance(message, dict) or message.get("role") not in _ROLES:
-                role = message.get("role") if isinstance(message, dict) else message
-                raise BadRecord(f"message {index}: role must be one of {sorted(_ROLES)}, got {role!r}")
-            if not isinstance(message.get("content"), (str, list)):
-                raise BadRecord(f"message {index}: content must be a string or a list of parts")
+            for kind, n in _check_message(index, message).items():
+                media[kind] += n
+        for kind, limit in (
+            ("image", config.max_images_per_record),
+            ("video", config.max_videos_per_record),
+        ):
+            if media[kind] > limit:
+                raise BadRecord(over_bound(f"max_{kind}s_per_record", f"{media[kind]:,} {kind}s", limit))
         if not any(m["role"] == "assistant" for m in messages):
             raise BadRecord("no assistant turn: nothing to train on")
-        return Record(uri=uri, source=source, task=str(row.get("task") or "conversation"), messages=messages)
+        return Record(uri=uri, source=source, task=task or "conversation", messages=messages)
     if "caption" in row:
-        kinds = [k for k in ("image", "video") if k in row]
+        kinds = [k for k in _MEDIA_KINDS if k in row]
         if len(kinds) != 1 or not isinstance(row["caption"], str) or not row["caption"].strip():
             raise BadRecord("a caption pair needs exactly one of 'image'/'video' and a non-empty 'caption'")
+        if not isinstance(row[kinds[0]], str) or not row[kinds[0]]:
+            raise BadRecord(f"caption pair: '{kinds[0]}' must be a path (a non-empty string)")
+        limit = config.max_images_per_record if kinds[0] == "image" else config.max_videos_per_record
+        if limit < 1:
+            raise BadRecord(over_bound(f"max_{kinds[0]}s_per_record", f"1 {kinds[0]}", limit))
         media = {"type": kinds[0], kinds[0]: row[kinds[0]]}
         messages = [{"role": "user", "content": [media]}, {"role": "assistant", "content": row["caption"]}]
         return Record(uri=uri, source=source, task="caption", messages=messages)
@@ -169,22 +432,31 @@ def resolve_media(part: dict, base: Path, source_root: Path) -> Path:
     if not isinstance(value, str) or not value:
         raise BadRecord(f"{kind} part has no path")
     value = value.removeprefix("file://")
-    path = (base / value).resolve() if not Path(value).is_absolute() else Path(value).resolve()
-    if not path.is_relative_to(source_root.resolve()):
-        raise BadRecord(f"{kind} path {value!r} is outside the source root {source_root}")
-    if not path.is_file():
-        raise BadRecord(f"{kind} file {value!r} does not exist (looked at {path})")
+    shown = repr(value) if len(value) <= 200 else f"{value[:200]!r}… ({len(value):,} characters)"
+    if "\x00" in value:
+        raise BadRecord(f"{kind} path {shown} holds a NUL character")
+    try:
+        # resolve() follows symlinks, so a link inside the root that points outside it is caught below.
+        path = (base / value).resolve() if not Path(value).is_absolute() else Path(value).resolve()
+        if not path.is_relative_to(source_root.resolve()):
+            raise BadRecord(f"{kind} path {shown} is outside the source root {source_root}")
+        if not path.is_file():
+            raise BadRecord(f"{kind} file {shown} does not exist (looked at {path})")
+    except OSError as exc:  # a name too long for the filesystem, a symlink loop, a permission denied
+        raise BadRecord(f"{kind} path {shown} cannot be opened: {exc.strerror or exc}") from None
     return path
 
 
-def referenced_media(paths: list[str], source_root: str) -> dict[str, list[str]]:
+def referenced_media(
+    paths: list[str], source_root: str, config: SampleConfig = SampleConfig()
+) -> dict[str, list[str]]:
     """Every video and image file the sources reference (valid references only), for media ingestion."""
     root = Path(source_root)
     media: dict[str, set[str]] = {"video": set(), "image": set()}
     for path in discover_sources(paths):
         if path.suffix != ".jsonl":
             continue
-        for record in read_records(path, []):
+        for record in iter_records(path, [], config):
             for part in _media_parts(record):
                 try:
                     media[part["type"]].add(str(resolve_media(part, path.parent, root)))
@@ -260,7 +532,7 @@ def samples_config_hash(
             "tokenizer": tokenizer_version(tokenizer),
             "slowfast": slowfast.config_hash(),
             "image": image_config.config_hash(),
-            "samples": hash_config(config),
+            "samples": hash_config({name: getattr(config, name) for name in _TOKEN_FIELDS}),
         }
     )
 
@@ -301,7 +573,7 @@ def build_train_samples(
         bad.clear()
 
     for path in discover_sources(paths):
-        for record in read_records(path, bad):
+        for record in iter_records(path, bad, config):
             try:
                 for row in _samples(record, path, Path(source_root), index, tokenizer, config, chash):
                     rows[row["sample_id"]] = row  # identical content twice: one sample
@@ -345,6 +617,7 @@ def add_conversations(
                 {k: item[k] for k in ("messages", "source", "task") if k in item},
                 item["uri"],
                 item.get("source") or "generated",
+                config,
             )
             # Media paths resolve against the source root itself (there is no file to be relative to).
             (row,) = _samples(record, base / "conversation.jsonl", base, index, tokenizer, config, chash)

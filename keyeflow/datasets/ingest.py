@@ -11,20 +11,61 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
-from keyeflow.config import check_int
+from keyeflow.config import check_int, check_number
 from keyeflow.datasets import tables
-from keyeflow.datasets.video import BadVideo, as_local_file, content_hash, discover, probe
+from keyeflow.datasets.video import BadVideo, VideoInfo, as_local_file, content_hash, discover, probe
 
 STAGE = "ingest"
 
 
 @dataclass(frozen=True)
 class IngestConfig:
+    """How video ingestion works through its inputs, and what one video may cost. The number of frames a
+    video is sampled at is bounded where it is decided, by the Slow-Fast config
+    (:func:`keyeflow.datasets.pretokenize.max_frames`: token budget / minimum tokens per frame)."""
+
     shard_size: int = 16
+    # Decoding reads the whole video, so its length is what a video costs in decode time: 3 hours is a
+    # feature film or a long lecture; a longer recording (a day of CCTV, a stream dump) is refused.
+    max_duration_s: float = 3 * 3600.0
+    # Frames are decoded at full size before they are resized, and spooled to disk: one 8K UHD frame is
+    # 100 MB as RGB. Anything larger than 8K UHD (7680x4320) is refused.
+    max_frame_pixels: int = 7680 * 4320
 
     def __post_init__(self):
         object.__setattr__(
             self, "shard_size", check_int("IngestConfig", "shard_size", self.shard_size, minimum=1)
+        )
+        object.__setattr__(
+            self,
+            "max_frame_pixels",
+            check_int("IngestConfig", "max_frame_pixels", self.max_frame_pixels, minimum=1),
+        )
+        duration = check_number("IngestConfig", "max_duration_s", self.max_duration_s, minimum=0, strict=True)
+        object.__setattr__(self, "max_duration_s", duration)
+
+
+def over_bound(name: str, value: str, limit: str) -> str:
+    """The reason for a video over one of IngestConfig's bounds: the setting, the value found, the limit."""
+    return f"over the bound {name}: {value} (limit {limit})"
+
+
+def check_bounds(info: VideoInfo, config: IngestConfig) -> None:
+    """Refuse a probed video that would cost more than the config allows to decode; raises BadVideo."""
+    pixels = info.coded_width * info.coded_height
+    if pixels > config.max_frame_pixels:
+        raise BadVideo(
+            info.uri,
+            over_bound(
+                "max_frame_pixels",
+                f"{info.coded_width}x{info.coded_height} = {pixels:,} pixels per frame",
+                f"{config.max_frame_pixels:,}",
+            ),
+        )
+    if info.duration_s > config.max_duration_s:
+        raise BadVideo(
+            info.uri,
+            over_bound("max_duration_s", f"{info.duration_s:,.2f} s", f"{config.max_duration_s:g} s"),
         )
 
 
@@ -53,9 +94,13 @@ def plan_shards(paths: list[str], config: IngestConfig = IngestConfig()) -> list
 
 
 def ingest_shard(
-    uris: list[str], root: str | None = None, on_item: Callable[[], None] | None = None
+    uris: list[str],
+    root: str | None = None,
+    on_item: Callable[[], None] | None = None,
+    config: IngestConfig = IngestConfig(),
 ) -> IngestReport:
-    """Hash, probe and register one shard of video URIs; returns what happened to each."""
+    """Hash, probe and register one shard of video URIs; returns what happened to each (a video over one
+    of ``config``'s bounds is quarantined with the bound's name and its value)."""
     report = IngestReport(num_seen=len(uris))
     hashed: dict[str, tuple[str, int]] = {}
     bad: list[dict] = []
@@ -84,6 +129,7 @@ def ingest_shard(
             try:
                 with as_local_file(uri) as path:
                     info = probe(uri, path, size)
+                check_bounds(info, config)
             except BadVideo as exc:
                 bad.append(tables.quarantine_row(uri, exc.reason, STAGE, content_hash=digest))
                 report.quarantined[uri] = exc.reason

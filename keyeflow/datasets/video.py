@@ -13,6 +13,7 @@ import math
 import os
 import re
 import shutil
+import stat
 import subprocess
 import tempfile
 import threading
@@ -101,6 +102,19 @@ def content_hash(uri: str) -> tuple[str, int]:
     """(sha256 hex, size in bytes) of the file's bytes."""
     digest = hashlib.sha256()
     size = 0
+    if is_local(uri):
+        # A FIFO would block the read and a symlink to /dev/zero would never end: only regular files
+        # (stat follows symlinks, so a link to a regular file is fine).
+        try:
+            mode = os.stat(local_path(uri)).st_mode
+        except FileNotFoundError as exc:
+            raise BadVideo(uri, f"unreadable: file not found ({exc.strerror or exc})") from exc
+        except OSError as exc:
+            raise BadVideo(uri, f"unreadable: {exc.strerror or exc}") from exc
+        if stat.S_ISDIR(mode):
+            raise BadVideo(uri, "unreadable: is a directory")
+        if not stat.S_ISREG(mode):
+            raise BadVideo(uri, "not a regular file (a pipe, socket or device)")
     try:
         with fsspec.open(uri, "rb") as fh:
             while chunk := fh.read(_HASH_CHUNK):
@@ -145,17 +159,32 @@ def _ratio(text: str | None) -> float:
         return 0.0
 
 
+def _number(value: object) -> float:
+    """A finite float from ffprobe's JSON (numbers come as strings there), or 0.0 for anything else: a
+    hostile container can put any text in a duration or a rotate tag."""
+    try:
+        number = float(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return 0.0
+    return number if math.isfinite(number) else 0.0
+
+
+def _is_count(value: object) -> bool:
+    # str.isdigit alone accepts "²", which int() refuses.
+    return bool(value) and str(value).isascii() and str(value).isdigit()
+
+
 def _rotation(stream: dict) -> int:
     for side in stream.get("side_data_list", []) or []:
-        if "rotation" in side:
-            return round(float(side["rotation"])) % 360
+        if isinstance(side, dict) and "rotation" in side:
+            return round(_number(side["rotation"])) % 360
     tag = (stream.get("tags") or {}).get("rotate")
-    return int(tag) % 360 if tag else 0
+    return round(_number(tag)) % 360 if tag else 0
 
 
 def _bit_depth(stream: dict) -> int:
     raw = stream.get("bits_per_raw_sample")
-    if raw and str(raw).isdigit():
+    if _is_count(raw):
         return int(raw)
     pix = stream.get("pix_fmt", "")
     for depth in (16, 14, 12, 10, 9):
@@ -178,7 +207,7 @@ def probe(uri: str, path: str, size_bytes: int) -> VideoInfo:
         kinds = sorted({s.get("codec_type", "?") for s in streams}) or ["none"]
         raise BadVideo(uri, f"no video stream (streams present: {', '.join(kinds)})")
     stream = video[0]
-    coded_w, coded_h = int(stream.get("width") or 0), int(stream.get("height") or 0)
+    coded_w, coded_h = int(_number(stream.get("width"))), int(_number(stream.get("height")))
     if coded_w <= 0 or coded_h <= 0:
         raise BadVideo(uri, f"video stream has no frame size ({coded_w}x{coded_h})")
     rotation = _rotation(stream)
@@ -190,10 +219,10 @@ def probe(uri: str, path: str, size_bytes: int) -> VideoInfo:
             f"limit {MAX_ASPECT_RATIO}:1)",
         )
     fmt = meta.get("format", {})
-    duration = float(stream.get("duration") or fmt.get("duration") or 0.0)
+    duration = max(0.0, _number(stream.get("duration") or fmt.get("duration")))
     avg_fps, real_fps = _ratio(stream.get("avg_frame_rate")), _ratio(stream.get("r_frame_rate"))
     fps = avg_fps or real_fps
-    num_frames = int(stream.get("nb_frames") or 0) if str(stream.get("nb_frames", "")).isdigit() else 0
+    num_frames = int(stream["nb_frames"]) if _is_count(stream.get("nb_frames")) else 0
     # r_frame_rate is the timebase-level rate; a gap to the average rate means frames are unevenly spaced.
     is_vfr = bool(avg_fps and real_fps and abs(avg_fps - real_fps) / real_fps > 0.01)
     return VideoInfo(
