@@ -29,7 +29,7 @@ from keyeflow.longcot.review import Decision, apply_reviews, record_decision, re
 from keyeflow.longcot.score import score_samples
 from keyeflow.model.generation import LocalGenerator, OpenAICompatibleGenerator
 from keyeflow.quality.judges import (
-    FALLBACK,
+    JudgeFailure,
     JudgeInput,
     ModelJudge,
     RuleJudge,
@@ -452,9 +452,10 @@ def test_model_judge_parses_replies_and_falls_back(home, teacher, tmp_path):
     ]
     verdicts = ModelJudge(server(url)).assess(items)
     assert verdicts[0].judge == "model" and verdicts[0].process_scores()["relevance"] == 0.4
+    # An unusable reply is a failure with its reason, never a stand-in verdict.
     assert (
-        verdicts[1].judge == FALLBACK
-        and "model judge reply unusable (no JSON object with 'steps'" in verdicts[1].notes[0]
+        isinstance(verdicts[1], JudgeFailure)
+        and "model judge reply unusable (no JSON object with 'steps'" in verdicts[1].reason
     )
     scored = ModelJudge(server(url)).score(
         [
@@ -470,15 +471,15 @@ def test_model_judge_parses_replies_and_falls_back(home, teacher, tmp_path):
     )
     assert [(s.score, s.judge) for s in scored] == [(4, "model"), (1, "rule")]
 
-    # Our tiny random model as the judge: nothing usable comes back, every item is judged by the rules.
+    # Our tiny random model as the judge: nothing usable comes back, every item fails with its reason.
     tiny = LocalGenerator(ensure_tiny_model(tmp_path / "tiny"))
     fallen = ModelJudge(tiny, max_new_tokens=24).assess(items)
-    assert [v.judge for v in fallen] == [FALLBACK, FALLBACK]
-    assert all("rule judge used" in v.notes[0] for v in fallen)
+    assert all(isinstance(v, JudgeFailure) for v in fallen) and len(fallen) == 2
+    assert all(v.reason.startswith("model judge reply unusable") for v in fallen)
     down = ModelJudge(OpenAICompatibleGenerator("http://127.0.0.1:9/v1", "x", max_retries=0)).assess(
         items[:1]
     )
-    assert down[0].judge == FALLBACK and "model judge request failed" in down[0].notes[0]
+    assert isinstance(down[0], JudgeFailure) and "model judge request failed" in down[0].reason
 
 
 # =========================================================================================== review
