@@ -28,6 +28,7 @@ from keyeflow.longcot.generate import (
 from keyeflow.longcot.review import Decision, apply_reviews, record_decision, review_plan, review_queue
 from keyeflow.longcot.score import score_samples
 from keyeflow.model.generation import LocalGenerator, OpenAICompatibleGenerator
+from keyeflow.quality.errors import ErrorShareExceeded
 from keyeflow.quality.judges import (
     JudgeFailure,
     JudgeInput,
@@ -483,6 +484,36 @@ def test_model_judge_parses_replies_and_falls_back(home, teacher, tmp_path):
 
 
 # =========================================================================================== review
+
+
+def test_a_judge_that_fails_quarantines_its_paths_and_stops_past_the_threshold(
+    home, questions, teacher, tmp_path
+):
+    url, _ = teacher
+    report = collect_questions([questions["dir"]], questions["root"])
+    ids = _ids(report, "Solve for x: 3x + 5 = 20.", "What is 1 divided by 2?")
+    qref = tables.ref("longcot_questions")
+    generate_paths(qref, ids, server(url), replay_config(url))
+    selected = sorted(sql.query("select path_id from longcot_paths where status = 'selected'").path_id)
+    # Our tiny random model as the judge answers nonsense: no path is graded, none gets a stand-in verdict.
+    broken = ModelJudge(LocalGenerator(ensure_tiny_model(tmp_path / "tiny")), max_new_tokens=8)
+    with pytest.raises(
+        ErrorShareExceeded,
+        match=rf"^LongCoT process assessment: {len(selected)} of {len(selected)} items failed \(100.0% > "
+        rf"max_error_share 5.0%\); first: {selected[0]}: path {selected[0]}: process assessment failed: "
+        "model judge reply unusable",
+    ):
+        assess_paths(tables.ref("longcot_paths"), qref, ids, broken)
+    failed = sql.query("select content_hash, reason from quarantine where stage = 'longcot_assess'")
+    assert sorted(failed.content_hash) == selected
+    rows = sql.query("select status, grade, judge from longcot_paths where status = 'selected'")
+    assert len(rows) == len(selected) and set(rows.grade) == {None} and set(rows.judge) == {None}
+    # Below the threshold the step goes on and reports the failures; a later good judge clears them.
+    kept_going = assess_paths(tables.ref("longcot_paths"), qref, ids, broken, max_error_share=1.0)
+    assert (kept_going.num_assessed, kept_going.num_failed) == (0, len(selected))
+    assessed = assess_paths(tables.ref("longcot_paths"), qref, ids, RuleJudge())
+    assert assessed.num_assessed == len(selected) and assessed.num_failed == 0
+    assert len(sql.query("select * from quarantine where stage = 'longcot_assess'")) == 0
 
 
 def test_review_decisions_are_stored_and_applied(home, questions, teacher):
