@@ -435,9 +435,13 @@ def generate_paths(
         for _ in batch:
             if on_item:
                 on_item()
-    if report.num_failed and not (report.num_generated or report.num_already_done):
-        # Nothing to assess, whatever the threshold: going on would only fail the paths gate with "table has
-        # rows", which hides the cause (a server down, a wrong model name).
+    attempted = report.num_generated + report.num_failed
+    if (
+        report.num_failed
+        and not (report.num_generated or report.num_already_done)
+        and attempted
+        and (report.num_failed / attempted > config.max_error_share)
+    ):  # the threshold's error, in the words that say what happened: nothing has paths
         uri, reason = next(iter(report.quarantined.items()))
         raise ErrorShareExceeded(
             f"LongCoT generation: none of the {report.num_questions} questions got paths ({report.num_failed} "

@@ -22,7 +22,7 @@ from keyeflow.longcot import assess, collect, generate, publish, review, score
 from keyeflow.longcot.assess import JudgeConfig, make_judge
 from keyeflow.longcot.collect import CollectConfig
 from keyeflow.longcot.gates import GateConfig, check_longcot_paths, check_longcot_samples
-from keyeflow.longcot.generate import GenerationConfig, make_generator
+from keyeflow.longcot.generate import STAGE_GENERATE, GenerationConfig, make_generator
 from keyeflow.longcot.publish import batch_summary, grade_shares
 from keyeflow.longcot.review import (
     Decision,
@@ -84,6 +84,15 @@ def generate_paths(
             questions, question_ids, generator, generation, scoring, on_item=tracker.advance
         )
     log_quarantined(report.quarantined)
+    if report.num_failed and not (report.num_generated or report.num_already_done):
+        # Reached only with max_error_share 1 (generate_paths raises first otherwise). Nothing to assess:
+        # going on would only fail the paths gate with "table has rows", which hides the cause.
+        uri, reason = next(iter(report.quarantined.items()))
+        raise RuntimeError(
+            f"LongCoT generation: none of the {report.num_questions} questions got paths ({report.num_failed} "
+            f"failed; first, {uri}: {reason}). Each is in the quarantine table (stage {STAGE_GENERATE}) "
+            "and is tried again on the next run."
+        )
     return report.__dict__
 
 
