@@ -5,6 +5,12 @@ there). :func:`assess_paths` adds the process level (logical consistency, factua
 every step) by a :class:`~keyeflow.quality.judges.Judge` and the grade (``longcot_scoring.grade``): A, or B /
 borderline A flagged for review. :class:`JudgeConfig` and :func:`make_judge` name the judge, which scores the
 samples in step 5 too.
+
+A judge that gives no verdict for a path (its request failed, its reply does not parse) never grades it: the
+path keeps its status (``selected``), so the next run assesses it again, and it is quarantined (stage
+``longcot_assess``, the reason naming the path and the cause) until it succeeds. After the batch is committed
+the step raises when more than ``JudgeConfig.max_error_share`` of its paths failed
+(:mod:`keyeflow.quality.errors`).
 """
 
 from __future__ import annotations
@@ -16,12 +22,14 @@ from dataclasses import dataclass, field
 
 from keyeflow.datasets import tables
 from keyeflow.longcot.common import DEFAULT_SCORING, batch_paths, chunks, json_text, questions_by_id
-from keyeflow.longcot.generate import GenerationConfig, make_generator
+from keyeflow.longcot.generate import GenerationConfig, clear_quarantine, make_generator
 from keyeflow.quality import graders
-from keyeflow.quality.judges import Judge, JudgeInput, ModelJudge, RuleJudge
+from keyeflow.quality.errors import DEFAULT_MAX_ERROR_SHARE, check_error_share, check_max_error_share
+from keyeflow.quality.judges import Judge, JudgeFailure, JudgeInput, ModelJudge, RuleJudge
 from keyeflow.quality.longcot_scoring import LongCoTConfig, grade, split_steps
 
 JUDGES = ("rule", "model")
+STAGE_ASSESS = "longcot_assess"
 
 
 @dataclass(frozen=True)
@@ -31,10 +39,12 @@ class JudgeConfig:
     kind: str = "rule"  # "rule" or "model"
     generation: GenerationConfig | None = None  # the judge model; None: the path generator's settings
     max_new_tokens: int = 256
+    max_error_share: float = DEFAULT_MAX_ERROR_SHARE  # more failed judgements than this stops steps 3 and 5
 
     def __post_init__(self) -> None:
         if self.kind not in JUDGES:
             raise ValueError(f"JudgeConfig.kind must be one of {JUDGES}, got {self.kind!r}")
+        check_max_error_share("JudgeConfig", self.max_error_share)
         if isinstance(self.generation, dict):
             object.__setattr__(self, "generation", GenerationConfig(**self.generation))
 
@@ -98,6 +108,21 @@ class AssessReport:
     grades: dict[str, int] = field(default_factory=dict)
     num_needs_review: int = 0
     judges: dict[str, int] = field(default_factory=dict)
+    num_failed: int = 0  # paths the judge gave no verdict for (quarantined, assessed again next run)
+    failed: dict[str, str] = field(default_factory=dict)  # path id → why
+
+
+def record_judge_failures(
+    failures: Sequence[tuple[dict, JudgeFailure]], stage: str, what: str, root: str | None
+) -> dict[str, str]:
+    """Quarantine each (path row, failure) with its reason; path id → reason."""
+    reasons = {row["path_id"]: f"path {row['path_id']}: {what} failed: {f.reason}" for row, f in failures}
+    if reasons:
+        # update_rows, not upsert: a path that fails again keeps one row, with the latest reason.
+        tables.update_rows(
+            "quarantine", [tables.quarantine_row(p, r, stage, p) for p, r in reasons.items()], root
+        )
+    return reasons
 
 
 def assess_paths(
@@ -108,6 +133,7 @@ def assess_paths(
     scoring: LongCoTConfig = DEFAULT_SCORING,
     batch_size: int = 16,
     root: str | None = None,
+    max_error_share: float = DEFAULT_MAX_ERROR_SHARE,
 ) -> AssessReport:
     """Process-level assessment and grade of every selected path of the batch (module docstring)."""
     todo = [r for r in batch_paths(paths, question_ids) if r["status"] == "selected"]
@@ -115,8 +141,11 @@ def assess_paths(
     report = AssessReport()
     for batch in chunks(todo, batch_size):
         verdicts = judge.assess([judge_input(qs[r["question_id"]], r["text"]) for r in batch])
-        updated = []
+        updated, failures = [], []
         for row, verdict in zip(batch, verdicts):
+            if isinstance(verdict, JudgeFailure):
+                failures.append((row, verdict))
+                continue
             scores = verdict.process_scores()
             result = grade(True, scores, verdict.redundancy, scoring)
             row = dict(row)
@@ -142,6 +171,11 @@ def assess_paths(
             report.grades[result.grade] = report.grades.get(result.grade, 0) + 1
             report.num_needs_review += result.needs_review
             report.judges[verdict.judge] = report.judges.get(verdict.judge, 0) + 1
+        failed = record_judge_failures(failures, STAGE_ASSESS, "process assessment", root)
+        report.failed.update(failed)
+        report.num_failed += len(failed)
         tables.update_rows("longcot_paths", updated, root)
+        clear_quarantine(STAGE_ASSESS, [row["path_id"] for row in updated], root)
         report.num_assessed += len(updated)
+    check_error_share("LongCoT process assessment", list(report.failed.items()), len(todo), max_error_share)
     return report

@@ -41,6 +41,12 @@ from keyeflow.model.generation import BatchGenerationError, LocalGenerator, Open
 from keyeflow.model.modeling import KeyeForConditionalGeneration
 from keyeflow.model.tokenizer import load_tokenizer
 from keyeflow.quality import graders
+from keyeflow.quality.errors import (
+    DEFAULT_MAX_ERROR_SHARE,
+    ErrorShareExceeded,
+    check_error_share,
+    check_max_error_share,
+)
 from keyeflow.quality.longcot_scoring import LongCoTConfig, ReasoningPath, path_confidence, select_paths
 
 STAGE_GENERATE = "longcot_generate"
@@ -82,6 +88,9 @@ class GenerationConfig:
     # Further attempts for a transient failure (timeout, refused connection, 408/429/5xx), 0.5 s · 2^k apart;
     # malformed output and other errors are not retried. A question still failing is quarantined.
     max_retries: int = 4
+    # The step fails when more than this share of the questions it generated for failed (each is quarantined
+    # and retried on the next run either way); see keyeflow.quality.errors.
+    max_error_share: float = DEFAULT_MAX_ERROR_SHARE
 
     def __post_init__(self) -> None:
         if self.backend not in BACKENDS:
@@ -112,6 +121,7 @@ class GenerationConfig:
             raise ValueError(
                 f"GenerationConfig.max_retries must be an integer >= 0, got {self.max_retries!r}"
             )
+        check_max_error_share("GenerationConfig", self.max_error_share)
 
     def resolved_model_path(self) -> str | None:
         if self.backend != "local":
@@ -121,7 +131,14 @@ class GenerationConfig:
     def config_hash(self) -> str:
         """What changes the completions (not batching, timeouts or the key's variable)."""
         payload = asdict(self)
-        for name in ("api_key_env", "batch_size", "request_timeout_s", "max_retries", "model_path"):
+        for name in (
+            "api_key_env",
+            "batch_size",
+            "request_timeout_s",
+            "max_retries",
+            "max_error_share",
+            "model_path",
+        ):
             payload.pop(name)
         payload["model_path"] = self.resolved_model_path()
         return hash_config(payload)
@@ -356,7 +373,9 @@ def generate_paths(
     pre-tokenised or gone) is quarantined (stage ``longcot_generate``, the reason naming the question id and
     the problem) and the rest of its batch is kept. It has no paths, so the next run tries it again; when it
     succeeds, its quarantine row is removed (the table's earlier versions keep it), so the quarantine
-    table says what is failing now. Questions done before are not generated again.
+    table says what is failing now. Questions done before are not generated again. After every batch is
+    committed, the step raises ErrorShareExceeded when more than ``config.max_error_share`` of the
+    questions it generated for failed (a broken teacher must stop the flow, not leave it a few questions).
     """
     gen_hash = config.config_hash()
     rows = {r["question_id"]: r for r in read_ref_rows(questions, "question_id", question_ids)}
@@ -372,7 +391,7 @@ def generate_paths(
         done = set(found.column("question_id").to_pylist())
     report = GenerateReport(num_questions=len(ordered), num_already_done=len(done & set(rows)))
     # A run that stopped between writing a question's paths and clearing its quarantine row repairs it here.
-    _clear_generate_quarantine(sorted(done & set(rows)), gen_hash, root)
+    clear_quarantine(STAGE_GENERATE, sorted(done & set(rows)), root, gen_hash)
     pending = [q for q in ordered if q["question_id"] not in done]
     for _ in range(len(ordered) - len(pending)):
         if on_item:
@@ -411,13 +430,33 @@ def generate_paths(
         # update_rows, not upsert: a question that fails again keeps one row, with the latest reason.
         tables.update_rows("quarantine", bad, root)
         tables.upsert("longcot_paths", new_rows, root)
-        _clear_generate_quarantine(generated, gen_hash, root)
+        clear_quarantine(STAGE_GENERATE, generated, root, gen_hash)
         report.num_paths += len(new_rows)
         report.num_correct += sum(r["answer_ok"] for r in new_rows)
         report.num_selected += sum(r["status"] == "selected" for r in new_rows)
         for _ in batch:
             if on_item:
                 on_item()
+    attempted = report.num_generated + report.num_failed
+    if (
+        report.num_failed
+        and not (report.num_generated or report.num_already_done)
+        and attempted
+        and (report.num_failed / attempted > config.max_error_share)
+    ):  # the threshold's error, in the words that say what happened: nothing has paths
+        uri, reason = next(iter(report.quarantined.items()))
+        raise ErrorShareExceeded(
+            f"LongCoT generation: none of the {report.num_questions} questions got paths "
+            f"({report.num_failed} "
+            f"failed; first, {uri}: {reason}). Each is in the quarantine table (stage {STAGE_GENERATE}) "
+            "and is tried again on the next run."
+        )
+    check_error_share(
+        "LongCoT generation",
+        list(report.quarantined.items()),
+        report.num_generated + report.num_failed,
+        config.max_error_share,
+    )
     return report
 
 
@@ -449,14 +488,15 @@ def generate_each(generator, messages: list[list[dict]], args: dict) -> list:
     return out
 
 
-def _clear_generate_quarantine(question_ids: Sequence[str], gen_hash: str, root: str | None) -> None:
-    """Remove the generation failures of questions that now have paths with these settings."""
-    if not question_ids or not tables.exists("quarantine", root):
+def clear_quarantine(
+    stage: str, content_hashes: Sequence[str], root: str | None, config_hash: str | None = None
+) -> None:
+    """Remove the failures of `stage` of the items (question or path ids) that have now succeeded (with
+    these settings, when `config_hash` is given)."""
+    if not content_hashes or not tables.exists("quarantine", root):
         return
-    where = (
-        f"stage = '{STAGE_GENERATE}' AND config_hash = '{gen_hash}' "
-        f"AND content_hash IN ({sql_list(question_ids)})"
-    )
+    settings = "" if config_hash is None else f" AND config_hash = '{config_hash}'"
+    where = f"stage = '{stage}'{settings} AND content_hash IN ({sql_list(content_hashes)})"
     ds = tables.open_table("quarantine", root=root)
     if ds.count_rows(filter=where):  # a delete commits a new version even when it removes nothing
         ds.delete(where)

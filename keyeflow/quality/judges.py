@@ -42,9 +42,11 @@ step that is relevant but wrong). What each one does:
 verdict, greedy, one request per item. Replies are parsed leniently (code fences and prose around the
 JSON are ignored; the first JSON object with the expected keys is taken; numbers may be strings) but
 validated strictly (one entry per step, every value in [0, 1], a score an integer 1–5). An item whose reply
-cannot be used, or whose request fails, is judged by the fallback :class:`RuleJudge` instead, and the
-result says so: ``judge == "rule (model fallback)"`` and a note with the reason. The judge sees the text
-only (the media kinds are named in the prompt), so any server works.
+cannot be used, or whose request fails, gets a :class:`JudgeFailure` in its place, with the reason: never
+a stand-in verdict (the rule judge's would look like the model's judgement and hide a broken judge). The
+caller sets the item aside and counts it (:mod:`keyeflow.quality.errors`). The judge sees the text only
+(the media kinds are named in the prompt), so any server works. A question that shows no media scores 1
+without asking the model (nothing to look at), by the rule judge's ``score_one``.
 """
 
 from __future__ import annotations
@@ -66,7 +68,6 @@ if TYPE_CHECKING:
 
 RULE = "rule"
 MODEL = "model"
-FALLBACK = "rule (model fallback)"
 
 # ============================================================================================ records
 
@@ -104,7 +105,7 @@ class StepScores:
 class ProcessAssessment:
     steps: tuple[StepScores, ...]
     redundancy: float
-    judge: str  # "rule", "model" or "rule (model fallback)"
+    judge: str  # "rule" or "model"
     notes: tuple[str, ...] = ()
 
     def process_scores(self) -> dict[str, float]:
@@ -128,16 +129,25 @@ class QualityScore:
     reason: str
 
 
+@dataclass(frozen=True)
+class JudgeFailure:
+    """A judge gave no usable verdict for one item: why (the request's error, or what is wrong with the
+    reply)."""
+
+    reason: str
+    judge: str = MODEL
+
+
 @runtime_checkable
 class Judge(Protocol):
     name: str
 
-    def assess(self, items: Sequence[JudgeInput]) -> list[ProcessAssessment]:
-        """Per item, per-step process scores and the response's redundancy."""
+    def assess(self, items: Sequence[JudgeInput]) -> list[ProcessAssessment | JudgeFailure]:
+        """Per item, per-step process scores and the response's redundancy, or why there are none."""
         ...
 
-    def score(self, items: Sequence[JudgeInput]) -> list[QualityScore]:
-        """Per item, the 1–5 dynamic quality score."""
+    def score(self, items: Sequence[JudgeInput]) -> list[QualityScore | JudgeFailure]:
+        """Per item, the 1–5 dynamic quality score, or why there is none."""
         ...
 
 
@@ -456,7 +466,7 @@ def _json_objects(text: str) -> list[object]:
 
 
 # An unusable reply is a ValueError whatever is wrong with it (a wrong type included): callers catch one
-# exception and fall back to the rules.
+# exception and record the item as failed.
 def _unit_number(value: object, what: str) -> float:
     if isinstance(value, bool):
         raise ValueError(f"{what} is a boolean, not a number")  # noqa: TRY004
@@ -522,17 +532,19 @@ def _numbered(steps: Sequence[str]) -> str:
 
 @dataclass
 class ModelJudge:
-    """A judge that asks ``generator`` (module docstring); unusable replies fall back to ``fallback``."""
+    """A judge that asks ``generator`` (module docstring); an item whose reply is unusable, or whose request
+    failed, gets a :class:`JudgeFailure`. ``rules`` scores the questions that show no media (no model
+    needed)."""
 
     generator: Generator
     max_new_tokens: int = 256
     seed: int = 0
-    fallback: RuleJudge = field(default_factory=RuleJudge)
+    rules: RuleJudge = field(default_factory=RuleJudge)
     name: str = MODEL
 
     def _ask(self, prompts: list[str]) -> list[str | Exception]:
-        """Per prompt, the reply or the error its request failed with (that item falls back; the others
-        keep their replies)."""
+        """Per prompt, the reply or the error its request failed with (that item fails; the others keep
+        their replies)."""
         from keyeflow.model.generation import BatchGenerationError
 
         batch = [[{"role": "user", "content": p}] for p in prompts]
@@ -551,7 +563,7 @@ class ModelJudge:
             return [error] * len(prompts)
         return [group[0].text for group in out]
 
-    def assess(self, items: Sequence[JudgeInput]) -> list[ProcessAssessment]:
+    def assess(self, items: Sequence[JudgeInput]) -> list[ProcessAssessment | JudgeFailure]:
         if not items:
             return []
         prompts = [
@@ -563,27 +575,25 @@ class ModelJudge:
             for item in items
         ]  # fmt: skip
         replies = self._ask(prompts)
-        out = []
+        out: list[ProcessAssessment | JudgeFailure] = []
         for item, reply in zip(items, replies):
             if isinstance(reply, Exception):
-                problem = f"model judge request failed ({_failure(reply)})"
-            else:
-                try:
-                    out.append(parse_assessment(reply, len(item.steps)))
-                    continue
-                except ValueError as error:
-                    problem = f"model judge reply unusable ({error})"
-            out.append(self.fallback.assess_one(item, FALLBACK, [f"{problem}; rule judge used"]))
+                out.append(JudgeFailure(f"model judge request failed ({_failure(reply)})"))
+                continue
+            try:
+                out.append(parse_assessment(reply, len(item.steps)))
+            except ValueError as error:
+                out.append(JudgeFailure(f"model judge reply unusable ({error})"))
         return out
 
-    def score(self, items: Sequence[JudgeInput]) -> list[QualityScore]:
+    def score(self, items: Sequence[JudgeInput]) -> list[QualityScore | JudgeFailure]:
         if not items:
             return []
-        out: list[QualityScore | None] = [None] * len(items)
+        out: list[QualityScore | JudgeFailure | None] = [None] * len(items)
         asked = [k for k, item in enumerate(items) if item.media]
         for k, item in enumerate(items):
             if not item.media:  # nothing to look at: no model needed to say so
-                out[k] = self.fallback.score_one(item)
+                out[k] = self.rules.score_one(item)
         prompts = [
             SCORE_PROMPT.format(media_kinds=" and ".join(items[k].media), question=items[k].question,
                                 steps=_numbered(items[k].steps), answer=items[k].answer)
@@ -592,13 +602,10 @@ class ModelJudge:
         replies = self._ask(prompts) if prompts else []
         for j, k in enumerate(asked):
             if isinstance(replies[j], Exception):
-                problem = f"model judge request failed ({_failure(replies[j])})"
-            else:
-                try:
-                    out[k] = QualityScore(parse_score(replies[j]), MODEL, "model judge")
-                    continue
-                except ValueError as error:
-                    problem = f"model judge reply unusable ({error})"
-            rule = self.fallback.score_one(items[k], FALLBACK)
-            out[k] = QualityScore(rule.score, FALLBACK, f"{problem}; rule judge: {rule.reason}")
+                out[k] = JudgeFailure(f"model judge request failed ({_failure(replies[j])})")
+                continue
+            try:
+                out[k] = QualityScore(parse_score(replies[j]), MODEL, "model judge")
+            except ValueError as error:
+                out[k] = JudgeFailure(f"model judge reply unusable ({error})")
         return [s for s in out if s is not None]

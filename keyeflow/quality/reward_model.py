@@ -44,12 +44,15 @@ topic and concise.
 
 **The judge** (`RewardModelJudge`) asks any `Generator` (in process or an OpenAI-compatible server) greedily,
 in both orders when `swap_orders` (a judge's position bias cancels in the average), and turns each verdict
-into the response's preference value: 1 win, 0.5 tie, 0 loss; in think mode blended with the weighted
-dimension scores, `verdict_weight`·verdict + (1 − verdict_weight)·(½ + (S_response − S_other) / 2·range), S
-the `dimension_weights`-weighted mean score. An output that does not parse, or a request that fails, makes
-that order unusable with the reason; the other order still counts; with none usable `reward` returns 0.5 (a
-tie: the judge's failure should neither reward nor punish the policy) and says why. Nothing a generator
-returns crashes a batch.
+into the response's preference value: 1 win, 0.5 tie (the model said `tie`), 0 loss; in think mode blended
+with the weighted dimension scores, `verdict_weight`·verdict + (1 − verdict_weight)·(½ + (S_response −
+S_other) / 2·range), S the `dimension_weights`-weighted mean score. An output that does not parse, or a
+request that fails, makes that order unusable with the reason, and a comparison with any unusable order has
+no value (`Comparison.value` None, the problems per order): the orders are asked to cancel the judge's
+position bias, and one order alone would bring it back. `reward` then raises `ScoringError` naming the query
+and the cause: a failed judgement is never scored as a tie (a constant reward teaches the policy nothing and
+hides a broken judge); the caller sets the item aside and counts it (`keyeflow.quality.errors`). Nothing a
+generator returns crashes a batch of `compare`.
 
 **Training** lives with the other trainers (`keyeflow.training.reward_model_trainer.train_reward_model`): the
 conversations become `train_samples` rows and a mixture that uses each sample as many times as the debiasing
@@ -68,6 +71,7 @@ from types import MappingProxyType
 from typing import TYPE_CHECKING, Any
 
 from keyeflow.config import check_flag, check_int, check_number, invalid
+from keyeflow.quality.errors import ScoringError
 from keyeflow.quality.graders import extract_answer
 from keyeflow.quality.judges import content_terms
 from keyeflow.quality.rewards import (
@@ -728,8 +732,9 @@ class ComparisonRequest:
 
 @dataclass(frozen=True)
 class Comparison:
-    """The judge's preference for the response over its competitor: `value` in [0, 1] (None when no order gave
-    a usable verdict), why, and per order asked (response as A, then as B) the judgement or the problem."""
+    """The judge's preference for the response over its competitor: `value` in [0, 1] (None when an order
+    asked gave no usable verdict), why, and per order asked (response as A, then as B) the judgement or the
+    problem."""
 
     value: float | None
     reason: str
@@ -852,7 +857,8 @@ class RewardModelJudge:
                 problems.append(None)
                 values.append(value)
                 notes.append(f"{where}: verdict {judgement.verdict} → {value:.2f}")
-            value = sum(values) / len(values) if values else None
+            # Every order asked must be usable: one order alone carries the position bias the swap cancels.
+            value = sum(values) / len(values) if values and len(values) == len(positions) else None
             summary = f"{value:.2f}" if value is not None else "no usable verdict"
             results.append(
                 Comparison(
@@ -863,7 +869,8 @@ class RewardModelJudge:
 
     def reward(self, item: RewardItem, response: str) -> Reward | None:
         """`RewardCombiner`'s reward_model callable: the preference for `response` over the item's reference
-        (or the baseline's response), in [0, 1], with the reason; 0.5 when no order gave a usable verdict."""
+        (or the baseline's response), in [0, 1], with the reason; None when there is nothing to compare with.
+        Raises ScoringError (naming the query and every order's problem) when the judgement failed."""
         competitor = (
             item.reference
             if item.reference is not None
@@ -873,7 +880,11 @@ class RewardModelJudge:
             return None
         (comparison,) = self.compare([ComparisonRequest(item.prompt, response, str(competitor))])
         if comparison.value is None:
-            return Reward(0.5, f"{comparison.reason}; scored as a tie")
+            try:
+                named = _short(query_text(item.prompt))
+            except ValueError:  # the malformed query that made the comparison fail
+                named = _short(repr(item.prompt))
+            raise ScoringError(f"reward model: query {named}: {comparison.reason}")
         return Reward(min(1.0, max(0.0, comparison.value)), comparison.reason)
 
     __call__ = reward

@@ -55,7 +55,11 @@ items with no reference, SPEC §4). The judge and reward model are plain callabl
 returning a :class:`Reward`, a float in [0, 1], a ``(float, reason)`` pair, or None when they have
 nothing to say about the item, so a flow can plug in an OpenAI-compatible judge without this module
 knowing about servers. The combined value is the weighted mean over the components that apply (weights
-renormalised); each component's own reward is kept in ``components`` for the logs.
+renormalised); each component's own reward is kept in ``components`` for the logs. A component that fails
+(a judge whose request failed or whose reply does not parse) raises
+:class:`~keyeflow.quality.errors.ScoringError`, and so does the combiner, naming the component: the other
+components' value is not a stand-in for the missing one (that would change the reward's meaning item by
+item), so the caller sets the item aside and counts it.
 """
 
 from __future__ import annotations
@@ -73,6 +77,7 @@ from typing import Any
 
 from keyeflow.config import check_flag, check_int, check_number, invalid, is_number
 from keyeflow.quality import graders
+from keyeflow.quality.errors import ScoringError
 
 TASKS = ("math", "choice", "count", "grounding")
 MODES = graders.FORMAT_MODES  # ("think", "no_think", "auto_think")
@@ -676,7 +681,8 @@ class RewardCombiner:
     ``judge`` and ``reward_model`` are callables ``(item, response)`` (see :data:`Scorer`); a component
     with a weight > 0 must be given. Raises ValueError when no component applies to an item (with the
     default weights: an item with no reference, no constraints and format checking switched off): a
-    reward of 0 for "could not score" would teach the policy something false.
+    reward of 0 for "could not score" would teach the policy something false. A component that raises
+    ScoringError makes the combiner raise ScoringError naming it (module docstring).
     """
 
     def __init__(
@@ -714,7 +720,11 @@ class RewardCombiner:
                 and item.reference is not None
             ):
                 continue
-            reward = _as_reward(name, self.scorers[name](item, response))
+            try:
+                out = self.scorers[name](item, response)
+            except ScoringError as error:
+                raise ScoringError(f"{name}: {error}") from error
+            reward = _as_reward(name, out)
             if reward is not None:
                 parts[name] = reward
         if not parts:

@@ -23,6 +23,7 @@ from keyeflow.datasets.tables import TableRef
 from keyeflow.longcot.generate import GenerationConfig, StoredMediaLookup, media_configs, user_content
 from keyeflow.longcot.rl_items import reward_item
 from keyeflow.model.generation import Generator, LocalGenerator
+from keyeflow.quality.errors import DEFAULT_MAX_ERROR_SHARE, ScoringError, check_error_share
 from keyeflow.quality.reward_model import (
     ComparisonRequest,
     RewardModelConfig,
@@ -357,9 +358,11 @@ def rejection_sampling(
     *,
     max_new_tokens: int,
     seed: int = 0,
+    max_error_share: float = DEFAULT_MAX_ERROR_SHARE,
 ) -> rl.RejectionRound:
     """The RL model re-samples the cold-start set; a verified sample the reward model prefers replaces the
-    reference response."""
+    reference response. A judgement that fails is not "not preferred": the row keeps its reference, recorded
+    as failed, and more failed rows than `max_error_share` of the set raise ErrorShareExceeded."""
 
     def verify(row: Mapping[str, Any], response: str) -> bool:
         return answer_reward(response, row["reference"]).value >= 1.0
@@ -369,7 +372,9 @@ def rejection_sampling(
 
         def prefer(candidate: str, incumbent: str) -> bool:
             (comparison,) = judge.compare([ComparisonRequest(query, candidate, incumbent)])
-            return comparison.value is not None and comparison.value > 0.5
+            if comparison.value is None:
+                raise ScoringError(f"row {row['id']!r}: {comparison.reason}")
+            return comparison.value > 0.5
 
         return prefer
 
@@ -377,8 +382,17 @@ def rejection_sampling(
     out_rows, records = [], []
     for row in rows:  # one row at a time: the judge is told which question the two responses answer
         one = rl.rejection_sampling_round(
-            generator, [row], verify, prefer_for(row), k, max_new_tokens=max_new_tokens, seed=seed
+            generator,
+            [row],
+            verify,
+            prefer_for(row),
+            k,
+            max_new_tokens=max_new_tokens,
+            seed=seed,
+            max_error_share=1.0,  # one row per call: the share is checked over the whole set below
         )
         out_rows += one.rows
         records += one.records
+    failures = [(r.row_id, r.reason) for r in records if r.failed]
+    check_error_share("rejection sampling", failures, len(records), max_error_share)
     return rl.RejectionRound(out_rows, records)

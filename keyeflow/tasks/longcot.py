@@ -85,8 +85,8 @@ def generate_paths(
         )
     log_quarantined(report.quarantined)
     if report.num_failed and not (report.num_generated or report.num_already_done):
-        # Nothing to assess: going on would only fail the paths gate with "table has rows", which hides the
-        # cause (a server down, a wrong model name). Each failure is already in the quarantine table.
+        # Reached only with max_error_share 1 (generate_paths raises first otherwise). Nothing to assess:
+        # going on would only fail the paths gate with "table has rows", which hides the cause.
         uri, reason = next(iter(report.quarantined.items()))
         raise RuntimeError(
             f"LongCoT generation: none of the {report.num_questions} questions got paths "
@@ -106,7 +106,14 @@ def assess_paths(
     generation: GenerationConfig,
     scoring: LongCoTConfig,
 ) -> dict:
-    report = assess.assess_paths(paths, questions, question_ids, make_judge(judge, generation), scoring)
+    report = assess.assess_paths(
+        paths,
+        questions,
+        question_ids,
+        make_judge(judge, generation),
+        scoring,
+        max_error_share=judge.max_error_share,
+    )
     return report.__dict__
 
 
@@ -198,7 +205,14 @@ def score_samples(
     generation: GenerationConfig,
     scoring: LongCoTConfig,
 ) -> dict:
-    report = score.score_samples(paths, questions, question_ids, make_judge(judge, generation), scoring)
+    report = score.score_samples(
+        paths,
+        questions,
+        question_ids,
+        make_judge(judge, generation),
+        scoring,
+        max_error_share=judge.max_error_share,
+    )
     return report.__dict__
 
 

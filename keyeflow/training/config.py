@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from keyeflow.config import check_flag, check_int, check_number, config_hash, invalid, is_number
+from keyeflow.quality.errors import DEFAULT_MAX_ERROR_SHARE
 from keyeflow.training.hints import HintConfig
 from keyeflow.training.losses import GSPOConfig, MPOConfig
 
@@ -317,7 +318,11 @@ class GSPOStageConfig:
     ``success_threshold``: a rollout passes when its reward reaches it (pass rates, "every rollout fails",
     hint levels). ``hints``: progressive hint sampling (None: off); its ``rollouts_per_level`` must be G (the
     step's rollouts are its level 0) and its ``success_threshold`` the stage's. ``checkpoint_every``: steps
-    between checkpoints (and the last step).
+    between checkpoints (and the last step). ``max_reward_error_share``: a prompt whose reward failed for any
+    of its responses is left out of its step's update (recorded in the step's hint file, counted in
+    ``num_reward_errors``); more such prompts than this share of the step's stops the run
+    (`keyeflow.quality.errors`). Not part of `config_hash`: it decides whether a run stops on failures (like a
+    retry count), not what a step computes from its rewards.
     """
 
     prompts_per_step: int = 8
@@ -333,6 +338,7 @@ class GSPOStageConfig:
     hints: HintConfig | None = field(default_factory=HintConfig)
     seed: int = 0
     checkpoint_every: int = 10
+    max_reward_error_share: float = DEFAULT_MAX_ERROR_SHARE
 
     def __post_init__(self) -> None:
         # Checked, not converted: the numbers are hashed as given (a stored hash must not change).
@@ -353,6 +359,17 @@ class GSPOStageConfig:
             ("success_threshold", True),
         ):
             check_number("GSPOStageConfig", name, getattr(self, name), minimum=0, strict=strict)
+        if (
+            not 0
+            <= check_number("GSPOStageConfig", "max_reward_error_share", self.max_reward_error_share)
+            < 1
+        ):
+            raise invalid(
+                "GSPOStageConfig",
+                "max_reward_error_share",
+                self.max_reward_error_share,
+                "must be in [0, 1) (a step whose every prompt failed has nothing to train on)",
+            )
         if self.mini_batches_per_step > self.prompts_per_step * self.group_size:
             raise invalid(
                 "GSPOStageConfig",
@@ -388,4 +405,6 @@ class GSPOStageConfig:
         return dataclasses.asdict(self)
 
     def config_hash(self) -> str:
-        return config_hash(self.to_dict(), compact=True)
+        hashed = self.to_dict()
+        hashed.pop("max_reward_error_share")  # stops a run, changes no step (class docstring)
+        return config_hash(hashed, compact=True)

@@ -15,7 +15,12 @@ choices made here (UNSTATED) are:
 - ties go to the earlier sample, so nothing about a response but its score decides (in particular not its
   length: the reward model's length bias is handled by its own debiasing pass, `quality.reward_model`).
 Every item that gives no pair is recorded with why (generation failed, too few scored responses, no complete
-response, all responses identical or scored alike, margin below `min_margin`), as DESIGN rule 5 asks.
+response, all responses identical or scored alike, margin below `min_margin`), as DESIGN rule 5 asks. A
+failure is not a verdict: an item whose generation failed, or any of whose responses the scorer could not
+score (a reward model whose request failed or whose reply does not parse), gives no pair, with `failed` set
+in its record (pairing the responses that did score would pick a best and a worst among a subset, and the
+missing one may be either); more failed items than `max_error_share` of the items stop the step
+(`keyeflow.quality.errors`).
 
 **Training** (`train_mpo`). The policy starts from `init`; the reference model is `init` too, frozen. A step
 takes `pairs_per_step` pairs (a seeded shuffle of all pairs per epoch, so a step's pairs follow from the step
@@ -56,6 +61,7 @@ from keyeflow.model.generation import BatchGenerationError, Generator
 from keyeflow.model.modeling import IGNORE_INDEX
 from keyeflow.model.processor import Features, MediaLookup, collate, encode_sample
 from keyeflow.model.tokenizer import load_tokenizer
+from keyeflow.quality.errors import DEFAULT_MAX_ERROR_SHARE, check_error_share, check_max_error_share
 from keyeflow.quality.rewards import TASKS, Reward, RewardItem, answer_reward
 from keyeflow.training import distributed
 from keyeflow.training.config import MPOStageConfig
@@ -164,7 +170,8 @@ def make_scorer(reward_model: RewardModel | None = None, *, model_weight: float 
       (1 − w)·check + w·model, w = `model_weight` < 0.5, so every right answer still outranks every wrong one
       and the reward model only orders answers the check scores alike (two right answers, one clearer);
     - an item without a reference: the reward model's value (`RewardModelJudge.reward` fits); without one,
-      a ValueError (that response is recorded as unscored).
+      a ValueError (the item fails: recorded, counted, no pair).
+    A reward model that fails raises (`ScoringError`), and so does the scorer: never a stand-in value.
     `reward_model(item, response)` returns a Reward, a number in [0, 1], (number, reason) or None (no say)."""
     if (
         isinstance(model_weight, bool)
@@ -225,6 +232,7 @@ def build_preference_pairs(
     max_new_tokens: int = 256,
     temperature: float = 1.0,
     batch_size: int = 8,
+    max_error_share: float = DEFAULT_MAX_ERROR_SHARE,
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """Sample `n` responses per item, score them, pair the best complete one with the worst (module
     docstring).
@@ -232,7 +240,9 @@ def build_preference_pairs(
     Returns (pairs, records). A pair: `pair_id` (= item_id), `item_id`, `messages` (the prompt), `chosen`,
     `rejected`, `chosen_score`, `rejected_score`, `margin`, `reason`, `num_responses`, `scores` (every scored
     response's value, in sample order), and the item's `reference`, `task`, `options`, `task_definition`. A
-    record (an item without a pair): `item_id`, `reason`, `num_responses`, `scores`.
+    record (an item without a pair): `item_id`, `reason`, `num_responses`, `scores`, `failed` (its generation
+    or a response's scoring failed). Raises ErrorShareExceeded when more than `max_error_share` of the items
+    failed.
     `seed` makes the sampling reproducible (each conversation gets its own stream from it, see
     `generation.conversation_seed`)."""
     if isinstance(n, bool) or not isinstance(n, int) or n < 2:
@@ -252,6 +262,7 @@ def build_preference_pairs(
         raise ValueError(f"seed={seed!r}: must be an integer")  # noqa: TRY004
     if not callable(scorer):
         raise ValueError("scorer must be a callable (item, response) -> float")  # noqa: TRY004
+    check_max_error_share("build_preference_pairs", max_error_share)
     parsed = [item if isinstance(item, PreferenceItem) else PreferenceItem.from_dict(item) for item in items]
     seen: set[str] = set()
     for item in parsed:
@@ -265,14 +276,18 @@ def build_preference_pairs(
         batch = parsed[start : start + batch_size]
         for item, result in zip(batch, _sample(generator, batch, n, max_new_tokens, temperature, seed)):
             if isinstance(result, Exception):
-                records.append(_record(item, f"generation failed: {type(result).__name__}: {result}"[:300]))
+                records.append(
+                    _record(item, f"generation failed: {type(result).__name__}: {result}"[:300], failed=True)
+                )
                 continue
             pair, record = _pair_of(item, result, scorer, min_margin)
             if pair is not None:
                 pairs.append(pair)
             else:
                 records.append(record)
-    log.info("preference pairs: %d of %d items paired", len(pairs), len(parsed))
+    failures = [(r["item_id"], r["reason"]) for r in records if r["failed"]]
+    log.info("preference pairs: %d of %d items paired, %d failed", len(pairs), len(parsed), len(failures))
+    check_error_share("preference pairs", failures, len(parsed), max_error_share)
     return pairs, records
 
 
@@ -301,9 +316,20 @@ def _sample(
 
 
 def _record(
-    item: PreferenceItem, reason: str, num_responses: int = 0, scores: list[float] | None = None
+    item: PreferenceItem,
+    reason: str,
+    num_responses: int = 0,
+    scores: list[float] | None = None,
+    *,
+    failed: bool = False,
 ) -> dict:
-    return {"item_id": item.item_id, "reason": reason, "num_responses": num_responses, "scores": scores or []}
+    return {
+        "item_id": item.item_id,
+        "reason": reason,
+        "num_responses": num_responses,
+        "scores": scores or [],
+        "failed": failed,
+    }
 
 
 def _pair_of(
@@ -319,8 +345,10 @@ def _pair_of(
         try:
             value, reason = _score(scorer, item, text)
         except (ValueError, TypeError, RuntimeError, KeyError) as error:
-            problems.append(f"response {k} not scored ({type(error).__name__}: {error})"[:200])
-            continue
+            # The item fails as a whole: a pair from the responses that did score is not the best against
+            # the worst (the unscored one may be either).
+            why = f"scoring failed for response {k} of {len(completions)}: {type(error).__name__}: {error}"
+            return None, _record(item, why[:300], len(completions), [s[0] for s in scored], failed=True)
         scored.append((value, reason, text, completion.finish_reason == "stop"))
     scores = [s[0] for s in scored]
     num = len(completions)

@@ -11,7 +11,12 @@ SFT trainer.
    trained: its KV-cached sampler, media resolved by `media_lookup`), seeded from (seed, step).
 3. *Rewards*: `reward_fn(item, response)` → a float in [0, 1] or a `Reward` (`rule_reward_fn` builds one
    from `keyeflow.quality.rewards`). The item handed over is the row with `messages` set to the conversation
-   the response answered (so with the hint, when one was given).
+   the response answered (so with the hint, when one was given). A reward that fails (`reward_fn` raises,
+   e.g. a judge's `ScoringError`, or returns something that is not a reward) is never replaced by a value:
+   the prompt's group is left out of the step's update, counted in `num_reward_errors` and recorded with
+   the reason in the step's hint file (`reward_error`); the step raises `ErrorShareExceeded` when more than
+   `max_reward_error_share` of its prompts failed (`keyeflow.quality.errors`). A failure while scoring a
+   hinted level drops the group the same way.
 4. *Progressive hints* (`keyeflow.training.hints`): an item whose every rollout fails (reward below
    `success_threshold`) gets hints one level at a time; the step trains on the G responses of the lowest
    level with a success, under the hinted prompt (the level used is recorded per item). The step's own
@@ -71,7 +76,9 @@ the training forward's. `train_gspo` runs it on the first item that has media.
 **Rejection-sampling loop** (SPEC §4, P §4.4.3): `pass_rate_filter` keeps RL items whose pass rate under
 the policy is strictly between 0 and 1 (every drop with its reason); `rejection_sampling_round` re-samples
 the cold-start set with the RL model and replaces a reference by a verified sample that `prefer_fn` (the
-reward model's judgement, later) prefers.
+reward model's judgement, later) prefers. In both, an item whose generation, reward, verification or
+judgement failed is recorded as failed with the reason (no pass rate; the reference kept), and more failed
+items than `max_error_share` stop the call.
 """
 
 from __future__ import annotations
@@ -97,6 +104,13 @@ from keyeflow.model.generation import BatchGenerationError, Completion, Generato
 from keyeflow.model.processor import Features, MediaLookup, collate, encode_sample
 from keyeflow.model.token_stream import IGNORE_INDEX
 from keyeflow.model.tokenizer import IM_END
+from keyeflow.quality.errors import (
+    DEFAULT_MAX_ERROR_SHARE,
+    ErrorShareExceeded,
+    ScoringError,
+    check_error_share,
+    check_max_error_share,
+)
 from keyeflow.quality.rewards import Reward, RewardCombiner, RewardItem
 from keyeflow.training import distributed
 from keyeflow.training.config import GSPOStageConfig
@@ -199,6 +213,11 @@ def step_items(items: Sequence[Mapping[str, Any]], step: int, prompts_per_step: 
 def _step_seed(seed: int, step: int) -> int:
     digest = hashlib.sha256(f"keyeflow-gspo-rollout:{seed}:{step}".encode()).digest()
     return int.from_bytes(digest[:8], "little") >> 1
+
+
+# What a reward function raises when it cannot score a response (ScoringError is a RuntimeError): the item is
+# set aside as failed. Anything else is a bug and stops the run.
+REWARD_ERRORS = (ValueError, TypeError, RuntimeError, KeyError, OSError)
 
 
 def _reward_value(item_id: str, out: object) -> float:
@@ -455,14 +474,29 @@ def _rollouts(
     return out
 
 
+def score_responses(reward_fn: RewardFn, item: Mapping[str, Any], responses: Sequence[str]) -> list[float]:
+    """The reward of every response to `item`; ScoringError naming the item, the response and the cause when
+    one cannot be scored (no value stands in for it)."""
+    rewards = []
+    for k, response in enumerate(responses):
+        try:
+            rewards.append(_reward_value(item["id"], reward_fn(item, response)))
+        except REWARD_ERRORS as error:
+            raise ScoringError(
+                f"item {item['id']!r}: reward of response {k} of {len(responses)} failed: "
+                f"{type(error).__name__}: {error}"[:500]
+            ) from error
+    return rewards
+
+
 def _score(
     reward_fn: RewardFn, item: dict, messages: list[dict], completions: list[Completion], timer: _Timer
 ) -> list[float]:
     started = time.perf_counter()
-    scored = dict(item, messages=messages)
-    rewards = [_reward_value(item["id"], reward_fn(scored, c.text)) for c in completions]
-    timer.add("reward", started)
-    return rewards
+    try:
+        return score_responses(reward_fn, dict(item, messages=messages), [c.text for c in completions])
+    finally:
+        timer.add("reward", started)
 
 
 def _hinted_group(
@@ -732,18 +766,18 @@ def _sample_groups(
     first = dist.rank * len(batch) // dist.world_size
     mine = batch[first : (dist.rank + 1) * len(batch) // dist.world_size]
 
-    # ---- Rollouts and rewards of this rank's prompts.
+    # ---- Rollouts and rewards of this rank's prompts; a prompt whose reward failed is not trained.
     sampled = _rollouts(generator, config, [item["messages"] for item in mine], seed, timer)
-    groups = [
-        _Group(
-            item,
-            item["messages"],
-            completions,
-            _score(reward_fn, item, item["messages"], completions, timer),
-            None,
-        )
-        for item, completions in zip(mine, sampled)
-    ]
+    groups: list[_Group] = []
+    failed: dict[str, str] = {}  # item id → why its reward failed
+    for item, completions in zip(mine, sampled):
+        try:
+            rewards = _score(reward_fn, item, item["messages"], completions, timer)
+        except ScoringError as error:
+            failed[item["id"]] = str(error)
+            continue
+        groups.append(_Group(item, item["messages"], completions, rewards, None))
+    _check_reward_errors(config, engine, batch, failed, step)
     threshold = config.success_threshold
     all_rewards = [
         r for rank_rewards in engine.gather([r for g in groups for r in g.rewards]) for r in rank_rewards
@@ -757,7 +791,10 @@ def _sample_groups(
     }
 
     # ---- Progressive hints for the groups where every rollout failed.
-    report: dict[str, Any] = {}
+    report: dict[str, Any] = {
+        item_id: {"level": None, "reward_error": why} for item_id, why in failed.items()
+    }
+    hint_failed: dict[str, str] = {}
     for k, group in enumerate(groups):
         item_id = group.item["id"]
         rate = sum(r >= threshold for r in group.rewards) / len(group.rewards)
@@ -771,19 +808,42 @@ def _sample_groups(
                 "note": "hint sampling off" if config.hints is None else "item has no hints",
             }
         else:
-            record, groups[k] = _hinted_group(generator, config, group, reward_fn, seed, timer)
+            try:
+                record, groups[k] = _hinted_group(generator, config, group, reward_fn, seed, timer)
+            except ScoringError as error:
+                hint_failed[item_id] = f"while scoring hinted rollouts: {error}"
+                report[item_id] = {"level": None, "reward_error": hint_failed[item_id]}
+                continue
             report[item_id] = {
                 "level": record.level,
                 "hint": record.hint,
                 "pass_rates": {str(level): rate for level, rate in record.pass_rates.items()},
             }
+    groups = [g for g in groups if g.item["id"] not in hint_failed]
+    _check_reward_errors(config, engine, batch, {**failed, **hint_failed}, step)
     report = {k: v for rank_report in engine.gather(report) for k, v in rank_report.items()}
-    levels = {item_id: entry["level"] for item_id, entry in report.items()}
+    metrics["num_reward_errors"] = sum(1 for entry in report.values() if "reward_error" in entry)
+    levels = {item_id: entry["level"] for item_id, entry in report.items() if "reward_error" not in entry}
     metrics["hint_levels"] = levels
     metrics["num_hinted"] = sum(1 for v in levels.values() if v)
     metrics["num_unsolved"] = sum(1 for v in levels.values() if v is None)
 
     return groups, first, metrics, report
+
+
+def _check_reward_errors(
+    config: GSPOStageConfig, engine: Engine, batch: list[dict], failed: Mapping[str, str], step: int
+) -> None:
+    """Raise (on every rank alike) when more of the step's prompts failed than `max_reward_error_share`
+    allows, or when none is left to train on."""
+    failed_all = {k: v for rank_failed in engine.gather(dict(failed)) for k, v in rank_failed.items()}
+    if not failed_all:
+        return
+    failures = [(item["id"], failed_all[item["id"]]) for item in batch if item["id"] in failed_all]
+    what = f"GSPO step {step + 1} rewards"
+    check_error_share(what, failures, len(batch), config.max_reward_error_share)
+    if len(failures) == len(batch):  # only reachable with a share of 1, which the config refuses
+        raise ErrorShareExceeded(f"{what}: every prompt's reward failed; first: {failures[0][1]}")
 
 
 def _mini_batch_plan(
@@ -797,8 +857,12 @@ def _mini_batch_plan(
     """Advantages, and this rank's part of each mini-batch of the responses that carry signal (agreed over
     the ranks); also the step's number of responses (the GSPO mean's N). Adds the counts to `metrics`."""
     # ---- Advantages and the responses that carry signal, agreed over the ranks.
+    # (reshaped: a rank whose every prompt failed has no group, and the agreed plan still needs its part)
     advantages = group_advantages(
-        torch.tensor([g.rewards for g in groups], dtype=torch.float32), eps=config.gspo.advantage_eps
+        torch.tensor([g.rewards for g in groups], dtype=torch.float32).reshape(
+            len(groups), config.group_size
+        ),
+        eps=config.gspo.advantage_eps,
     )
     responses: dict[tuple[int, int], tuple[Features, float, Completion]] = {}
     vision_pads = vision_pad_ids(generator.model)
@@ -922,9 +986,10 @@ def _hints_path(out_dir: Path, step: int) -> Path:
 @dataclass(frozen=True)
 class PassRateRecord:
     item_id: str
-    pass_rate: float | None  # share of the G rollouts that passed (None: generation failed)
+    pass_rate: float | None  # share of the G rollouts that passed (None: generation or a reward failed)
     kept: bool
     reason: str
+    failed: bool = False  # generation or a reward failed: no pass rate, not kept
 
 
 @dataclass(frozen=True)
@@ -961,13 +1026,17 @@ def pass_rate_filter(
     temperature: float = 1.0,
     seed: int = 0,
     success_threshold: float = 0.5,
+    max_error_share: float = DEFAULT_MAX_ERROR_SHARE,
 ) -> PassRateFilterResult:
     """The RL item rule of the rejection-sampling loop: sample `G` responses per item from the policy, score
     them with `reward_fn`; keep the items whose pass rate (share with reward >= `success_threshold`) is
     strictly between 0 and 1 (an item always solved or never solved gives GSPO no signal). Every item gets a
-    record with its rate; a conversation the generator failed on is dropped with the error as its reason."""
+    record with its rate; an item whose generation or any of whose rewards failed is dropped as failed, with
+    the error as its reason (no pass rate: it is unknown, not 0), and more failed items than
+    `max_error_share` raise ErrorShareExceeded."""
     if isinstance(G, bool) or not isinstance(G, int) or G < 2:
         raise ValueError(f"G={G!r}: a pass rate strictly between 0 and 1 needs at least 2 rollouts")
+    check_max_error_share("pass_rate_filter", max_error_share)
     items = _check_items(items, None)
     results = _generate_each(
         policy_generator,
@@ -983,11 +1052,19 @@ def pass_rate_filter(
         if isinstance(result, Exception):
             records.append(
                 PassRateRecord(
-                    item["id"], None, False, f"generation failed: {type(result).__name__}: {result}"
+                    item["id"],
+                    None,
+                    False,
+                    f"generation failed: {type(result).__name__}: {result}",
+                    failed=True,
                 )
             )
             continue
-        rewards = [_reward_value(item["id"], reward_fn(item, c.text)) for c in result]
+        try:
+            rewards = score_responses(reward_fn, item, [c.text for c in result])
+        except ScoringError as error:
+            records.append(PassRateRecord(item["id"], None, False, str(error), failed=True))
+            continue
         rate = sum(r >= success_threshold for r in rewards) / len(rewards)
         if rate == 0.0:
             records.append(PassRateRecord(item["id"], rate, False, f"too hard: 0 of {G} rollouts passed"))
@@ -998,6 +1075,8 @@ def pass_rate_filter(
                 PassRateRecord(item["id"], rate, True, f"{round(rate * G)} of {G} rollouts passed")
             )
             kept.append(dict(item, pass_rate=rate))
+    failures = [(r.item_id, r.reason) for r in records if r.failed]
+    check_error_share("pass-rate filter", failures, len(items), max_error_share)
     return PassRateFilterResult(kept, records)
 
 
@@ -1009,6 +1088,7 @@ class RejectionRecord:
     num_sampled: int
     num_verified: int
     previous_reference: str  # the reference the row had before this round
+    failed: bool = False  # generation, verification or the judgement failed: the reference is kept
 
 
 @dataclass(frozen=True)
@@ -1019,6 +1099,10 @@ class RejectionRound:
     @property
     def num_replaced(self) -> int:
         return sum(r.replaced for r in self.records)
+
+    @property
+    def num_failed(self) -> int:
+        return sum(r.failed for r in self.records)
 
 
 def rejection_sampling_round(
@@ -1031,6 +1115,7 @@ def rejection_sampling_round(
     max_new_tokens: int = 1024,
     temperature: float = 1.0,
     seed: int = 0,
+    max_error_share: float = DEFAULT_MAX_ERROR_SHARE,
 ) -> RejectionRound:
     """One round of SPEC §4's rejection-sampling loop over the cold-start set. Each row has an `id` and
     `messages` ending with the reference assistant response. The RL model samples `k` responses to the
@@ -1038,9 +1123,12 @@ def rejection_sampling_round(
     reference one by one, `prefer_fn(candidate, incumbent)` deciding, and a preferred candidate becomes the
     incumbent (as many judge calls as verified samples, and under a consistent judge the result is preferred
     over the reference and over every other verified sample). The row's reference becomes the final
-    incumbent. A row whose generation failed keeps its reference, with the error as the reason."""
+    incumbent. A row whose generation, verification or judgement failed (`verify_fn` or `prefer_fn` raised:
+    a judge gives no "not preferred" for a failed request) keeps its reference, recorded as failed with the
+    error as the reason; more failed rows than `max_error_share` raise ErrorShareExceeded."""
     if isinstance(k, bool) or not isinstance(k, int) or k < 1:
         raise ValueError(f"k={k!r}: must be an integer >= 1")
+    check_max_error_share("rejection_sampling_round", max_error_share)
     rows, prompts = [], []
     for n, row in enumerate(cold_start_rows):
         row_id = row.get("id") if isinstance(row, Mapping) else None
@@ -1077,15 +1165,31 @@ def rejection_sampling_round(
             new_rows.append(row)
             records.append(
                 RejectionRecord(
-                    row["id"], False, f"generation failed: {type(result).__name__}: {result}", 0, 0, reference
+                    row["id"],
+                    False,
+                    f"generation failed: {type(result).__name__}: {result}",
+                    0,
+                    0,
+                    reference,
+                    failed=True,
                 )
             )
             continue
-        verified = [c.text for c in result if verify_fn(row, c.text)]
+        verified: list[str] = []
         incumbent, winner = reference, None
-        for j, candidate in enumerate(verified):
-            if prefer_fn(candidate, incumbent):
-                incumbent, winner = candidate, j
+        try:
+            verified = [c.text for c in result if verify_fn(row, c.text)]
+            for j, candidate in enumerate(verified):
+                if prefer_fn(candidate, incumbent):
+                    incumbent, winner = candidate, j
+        except REWARD_ERRORS as error:
+            stage = "judgement" if verified else "verification"  # `verified` is set once every check ran
+            new_rows.append(row)
+            why = f"{stage} failed: {type(error).__name__}: {error}"[:500]
+            records.append(
+                RejectionRecord(row["id"], False, why, len(result), len(verified), reference, failed=True)
+            )
+            continue
         if not verified:
             reason = f"none of {k} samples verified correct"
         elif winner is None:
@@ -1101,4 +1205,6 @@ def rejection_sampling_round(
         records.append(
             RejectionRecord(row["id"], winner is not None, reason, len(result), len(verified), reference)
         )
+    failures = [(r.row_id, r.reason) for r in records if r.failed]
+    check_error_share("rejection sampling", failures, len(records), max_error_share)
     return RejectionRound(new_rows, records)

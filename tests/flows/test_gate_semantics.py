@@ -42,7 +42,8 @@ def folder_with_tiny_clip(tmp_path, sample_videos):
 
 def _samples_by_uri():
     return sql.query(
-        "select uri, sample_id, num_fast, slow_tokens, fast_tokens, timestamps from video_samples order by uri"
+        "select uri, sample_id, num_fast, slow_tokens, fast_tokens, timestamps from video_samples "
+        "order by uri"
     )
 
 

@@ -23,7 +23,7 @@ from keyeflow import lineage
 from keyeflow.cli import app
 from keyeflow.datasets import sql, tables
 from keyeflow.longcot.generate import GenerationConfig, default_model_path, ensure_tiny_model, make_generator
-from keyeflow.quality.judges import JudgeInput, ModelJudge
+from keyeflow.quality.judges import JudgeFailure, JudgeInput, ModelJudge
 from keyeflow.synthetic import scripted_teacher as replay
 from keyeflow.synthetic.longcot_questions import generate_longcot_questions
 
@@ -400,6 +400,7 @@ def test_longcot_flow_through_the_model_server(home, tmp_path, questions, model_
             "model": "keye-tiny",
             "n": 2,
             "max_new_tokens": 16,
+            "max_error_share": 0.5,  # the image question fails on purpose: 1 of 4
         },
         gates={"min_samples": 0},
     )
@@ -413,4 +414,4 @@ def test_longcot_flow_through_the_model_server(home, tmp_path, questions, model_
         max_new_tokens=16,
     )
     verdict = judge.assess([JudgeInput("What is 1 divided by 2?", "0.5", ("1 / 2 = 0.5.",), "0.5")])[0]
-    assert verdict.judge == "rule (model fallback)" and "rule judge used" in verdict.notes[0]
+    assert isinstance(verdict, JudgeFailure) and verdict.reason.startswith("model judge reply unusable")

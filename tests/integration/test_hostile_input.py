@@ -169,7 +169,8 @@ def hostile_corpus(tmp_path) -> dict:
     c, d = root / "chat.jsonl", docs
     bad = {
         f"{c}#L2": "line 2: over the bound max_json_depth: nesting depth 100,000 (limit 64)",
-        f"{c}#L3": f"line 3: over the bound max_line_bytes: {len(lines[2]) - 1:,} bytes (limit 8,388,608 bytes)",
+        f"{c}#L3": f"line 3: over the bound max_line_bytes: {len(lines[2]) - 1:,} bytes "
+        "(limit 8,388,608 bytes)",
         f"{c}#L4": "line 4: NUL byte at column 15: binary data, not a JSON line",
         f"{c}#L5": "invalid UTF-8 at line 5, byte 14 of the line",
         f"{c}#L6": "line 6: message 0: content must be a string or a list of parts, got int",

@@ -28,8 +28,9 @@ from keyeflow.longcot.generate import (
 from keyeflow.longcot.review import Decision, apply_reviews, record_decision, review_plan, review_queue
 from keyeflow.longcot.score import score_samples
 from keyeflow.model.generation import LocalGenerator, OpenAICompatibleGenerator
+from keyeflow.quality.errors import ErrorShareExceeded
 from keyeflow.quality.judges import (
-    FALLBACK,
+    JudgeFailure,
     JudgeInput,
     ModelJudge,
     RuleJudge,
@@ -329,7 +330,8 @@ def test_local_model_media_prompts_and_failures(home, questions, sample_images):
         "What word is written on the logo?",
         "Is the Sun a star? Answer yes or no.",
     )
-    config = GenerationConfig(n=2, max_new_tokens=24, max_image_tokens=64)
+    # the logo question fails on purpose (1 of 3): these asserts look at it, not at the step's threshold
+    config = GenerationConfig(n=2, max_new_tokens=24, max_image_tokens=64, max_error_share=0.5)
     image_config, _ = media_configs(config)
     shapes = next(p for p in sample_images if p.name.startswith("shapes"))
     ingest_images_shard([str(shapes)], image_config)  # the logo is not ingested
@@ -454,9 +456,10 @@ def test_model_judge_parses_replies_and_falls_back(home, teacher, tmp_path):
     ]
     verdicts = ModelJudge(server(url)).assess(items)
     assert verdicts[0].judge == "model" and verdicts[0].process_scores()["relevance"] == 0.4
+    # An unusable reply is a failure with its reason, never a stand-in verdict.
     assert (
-        verdicts[1].judge == FALLBACK
-        and "model judge reply unusable (no JSON object with 'steps'" in verdicts[1].notes[0]
+        isinstance(verdicts[1], JudgeFailure)
+        and "model judge reply unusable (no JSON object with 'steps'" in verdicts[1].reason
     )
     scored = ModelJudge(server(url)).score(
         [
@@ -472,18 +475,48 @@ def test_model_judge_parses_replies_and_falls_back(home, teacher, tmp_path):
     )
     assert [(s.score, s.judge) for s in scored] == [(4, "model"), (1, "rule")]
 
-    # Our tiny random model as the judge: nothing usable comes back, every item is judged by the rules.
+    # Our tiny random model as the judge: nothing usable comes back, every item fails with its reason.
     tiny = LocalGenerator(ensure_tiny_model(tmp_path / "tiny"))
     fallen = ModelJudge(tiny, max_new_tokens=24).assess(items)
-    assert [v.judge for v in fallen] == [FALLBACK, FALLBACK]
-    assert all("rule judge used" in v.notes[0] for v in fallen)
+    assert all(isinstance(v, JudgeFailure) for v in fallen) and len(fallen) == 2
+    assert all(v.reason.startswith("model judge reply unusable") for v in fallen)
     down = ModelJudge(OpenAICompatibleGenerator("http://127.0.0.1:9/v1", "x", max_retries=0)).assess(
         items[:1]
     )
-    assert down[0].judge == FALLBACK and "model judge request failed" in down[0].notes[0]
+    assert isinstance(down[0], JudgeFailure) and "model judge request failed" in down[0].reason
 
 
 # =========================================================================================== review
+
+
+def test_a_judge_that_fails_quarantines_its_paths_and_stops_past_the_threshold(
+    home, questions, teacher, tmp_path
+):
+    url, _ = teacher
+    report = collect_questions([questions["dir"]], questions["root"])
+    ids = _ids(report, "Solve for x: 3x + 5 = 20.", "What is 1 divided by 2?")
+    qref = tables.ref("longcot_questions")
+    generate_paths(qref, ids, server(url), replay_config(url))
+    selected = sorted(sql.query("select path_id from longcot_paths where status = 'selected'").path_id)
+    # Our tiny random model as the judge answers nonsense: no path is graded, none gets a stand-in verdict.
+    broken = ModelJudge(LocalGenerator(ensure_tiny_model(tmp_path / "tiny")), max_new_tokens=8)
+    with pytest.raises(
+        ErrorShareExceeded,
+        match=rf"^LongCoT process assessment: {len(selected)} of {len(selected)} items failed \(100.0% > "
+        rf"max_error_share 5.0%\); first: {selected[0]}: path {selected[0]}: process assessment failed: "
+        "model judge reply unusable",
+    ):
+        assess_paths(tables.ref("longcot_paths"), qref, ids, broken)
+    failed = sql.query("select content_hash, reason from quarantine where stage = 'longcot_assess'")
+    assert sorted(failed.content_hash) == selected
+    rows = sql.query("select status, grade, judge from longcot_paths where status = 'selected'")
+    assert len(rows) == len(selected) and set(rows.grade) == {None} and set(rows.judge) == {None}
+    # Below the threshold the step goes on and reports the failures; a later good judge clears them.
+    kept_going = assess_paths(tables.ref("longcot_paths"), qref, ids, broken, max_error_share=1.0)
+    assert (kept_going.num_assessed, kept_going.num_failed) == (0, len(selected))
+    assessed = assess_paths(tables.ref("longcot_paths"), qref, ids, RuleJudge())
+    assert assessed.num_assessed == len(selected) and assessed.num_failed == 0
+    assert len(sql.query("select * from quarantine where stage = 'longcot_assess'")) == 0
 
 
 def test_review_decisions_are_stored_and_applied(home, questions, teacher):

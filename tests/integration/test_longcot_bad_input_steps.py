@@ -17,7 +17,7 @@ from keyeflow.datasets import sql, tables
 from keyeflow.longcot.collect import collect_questions
 from keyeflow.longcot.generate import GenerationConfig, generate_paths, make_generator
 from keyeflow.model.generation import BatchGenerationError, GenerationServerError, OpenAICompatibleGenerator
-from keyeflow.quality.judges import FALLBACK, JudgeInput, ModelJudge
+from keyeflow.quality.judges import JudgeFailure, JudgeInput, ModelJudge
 from keyeflow.synthetic import scripted_teacher as replay
 
 HALF = "What is 1 divided by 2?"
@@ -101,6 +101,7 @@ def config(url: str, n: int = 2) -> GenerationConfig:
         n=n,
         request_timeout_s=TIMEOUT_S,
         max_retries=MAX_RETRIES,
+        max_error_share=1.0,  # these tests look at each failed question, not at the step's threshold
     )
 
 
@@ -266,7 +267,7 @@ def test_a_server_that_is_down_fails_every_item_after_bounded_retries(home, tmp_
             generator.generate(batch[1:2], n=1, max_new_tokens=8, temperature=0, seed=0, logprobs=True)
 
 
-def test_a_model_judge_falls_back_only_for_the_items_whose_request_failed(home, tmp_path):
+def test_a_model_judge_fails_only_the_items_whose_request_failed(home, tmp_path):
     judge_prompt = "You grade the reasoning of a response to a question, step by step.\n\nQuestion: "
     verdict = (
         '{"steps": [{"logic": 1, "factual": 1, "relevance": 1}, {"logic": 1, "factual": 1, "relevance": 1}], '
@@ -291,7 +292,7 @@ def test_a_model_judge_falls_back_only_for_the_items_whose_request_failed(home, 
         verdicts = judge.assess(items)
         attempts = (replay.requests_for(log, HALF), replay.requests_for(log, ROAD))
     assert verdicts[0].judge == "model" and verdicts[0].process_scores()["relevance"] == 1.0
-    assert verdicts[1].judge == FALLBACK
-    assert verdicts[1].notes[0].startswith("model judge request failed (GenerationServerError: POST ")
-    assert "failed after 2 attempt(s); last error: HTTP 500: CUDA out of memory" in verdicts[1].notes[0]
-    assert attempts == (1, 2)  # the good item is asked once; the failing one is retried once, then falls back
+    assert isinstance(verdicts[1], JudgeFailure)
+    assert verdicts[1].reason.startswith("model judge request failed (GenerationServerError: POST ")
+    assert "failed after 2 attempt(s); last error: HTTP 500: CUDA out of memory" in verdicts[1].reason
+    assert attempts == (1, 2)  # the good item is asked once; the failing one is retried once, then fails

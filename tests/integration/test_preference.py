@@ -29,6 +29,7 @@ from keyeflow.model.generation import LocalGenerator, OpenAICompatibleGenerator
 from keyeflow.model.modeling import KeyeForConditionalGeneration
 from keyeflow.model.processor import MediaPatches, collate, encode_sample
 from keyeflow.model.tokenizer import load_tokenizer
+from keyeflow.quality.errors import ScoringError
 from keyeflow.quality.reward_model import (
     DIMENSION_NAMES,
     ComparisonRequest,
@@ -105,7 +106,7 @@ def test_pairs_from_a_served_policy_with_reference_checks_and_recorded_drops(tmp
     with replay.start_server(pair_recordings(), tmp_path / "replay") as (url, _):
         generator = OpenAICompatibleGenerator(url, "replay-policy", timeout=10, max_retries=0)
         pairs, records = build_preference_pairs(
-            generator, items, n=3, scorer=make_scorer(), min_margin=0.5, seed=1
+            generator, items, n=3, scorer=make_scorer(), min_margin=0.5, seed=1, max_error_share=0.5
         )
         # the reward model as a tie-breaker: the two right answers of "close" differ by 0.1 · 0.8 only
         close, close_records = build_preference_pairs(
@@ -131,10 +132,12 @@ def test_pairs_from_a_served_policy_with_reference_checks_and_recorded_drops(tmp
     assert set(reasons) == {"all-wrong", "identical", "no-reference", "close", "refused"}
     assert reasons["all-wrong"] == "all 3 responses scored alike (0.000)"
     assert reasons["identical"] == "all 3 scored responses are identical"
-    assert reasons["no-reference"].startswith(
-        "too few scored responses: 0 of 3 (response 0 not scored "
-        "(ValueError: item 'no-reference' has no reference and no reward model)"
+    # a response that cannot be scored fails its item (no pair from the others), recorded as failed
+    assert reasons["no-reference"] == (
+        "scoring failed for response 0 of 3: ValueError: item 'no-reference' has no reference and "
+        "no reward model"
     )
+    assert {r["item_id"] for r in records if r["failed"]} == {"no-reference", "refused"}
     assert reasons["close"] == "all 3 responses scored alike (1.000)"
     assert (
         reasons["refused"].startswith("generation failed: GenerationServerError")
@@ -170,6 +173,7 @@ def test_pairs_from_the_tiny_model_in_process_record_why_none_formed(init_dir):
         scorer=lambda item, response: float(len(response)),
         min_margin=0.0,
         seed=0,
+        max_error_share=0.5,
     )
     assert pairs == []
     reasons = {r["item_id"]: r["reason"] for r in records}
@@ -328,11 +332,14 @@ def test_judge_through_the_real_server_turns_nonsense_into_reasons(model_server)
             max_new_tokens=6,
             baseline=lambda item: "A baseline answer.",
         )
-        reward = judge.reward(RewardItem(prompt="What is 2+2?", reference="4"), "4")
-        assert reward.value == 0.5 and reward.reason.startswith(
-            "reward model no usable verdict (response as A: unusable output: "
+        # nonsense is a failure naming the query and the cause, never a 0.5 "tie"
+        with pytest.raises(ScoringError) as failed:
+            judge.reward(RewardItem(prompt="What is 2+2?", reference="4"), "4")
+        assert str(failed.value).startswith(
+            "reward model: query 'What is 2+2?': reward model no usable verdict "
+            "(response as A: unusable output: "
         )
-        assert reward.reason.count("unusable output") == 2 and reward.reason.endswith("scored as a tie")
+        assert str(failed.value).count("unusable output") == 2 and "0.5" not in str(failed.value)
         # one request the server cannot take (an internal image part) fails alone
         image_query = [{"type": "image", "image": "x.png"}, {"type": "text", "text": "What is shown?"}]
         text_result, image_result = judge.compare(
@@ -347,13 +354,15 @@ def test_judge_through_the_real_server_turns_nonsense_into_reasons(model_server)
             for p in image_result.problems
         )
         assert text_result.value is None and image_result.value is None
-        # as RewardCombiner's reward_model for an item without a reference, against the baseline
-        combined = RewardCombiner(
+        # as RewardCombiner's reward_model for an item without a reference, against the baseline: it fails too
+        combiner = RewardCombiner(
             RewardConfig(weights={"reward_model": 1.0}, check_format=False), reward_model=judge.reward
-        )(RewardItem(prompt="Describe the sky."), "It is blue.")
-        assert combined.value == 0.5 and combined.reason.startswith(
-            "reward_model 0.50: reward model no usable"
         )
+        with pytest.raises(
+            ScoringError,
+            match=r"^reward_model: reward model: query 'Describe the sky.': reward model no usable",
+        ):
+            combiner(RewardItem(prompt="Describe the sky."), "It is blue.")
     without_competitor = RewardModelJudge(generator, RewardModelConfig(mode="no_think"))
     assert without_competitor.reward(RewardItem(prompt="Describe the sky."), "It is blue.") is None
 
@@ -402,7 +411,8 @@ def test_judge_parses_served_verdicts_and_averages_both_orders(tmp_path):
     assert spelled.judgements[0] is None and spelled.problems[0] == (
         "unusable output: no scores for safety in the <think> block"
     )
-    assert spelled.value == pytest.approx(0.5 + 0.5 * (0.5 + 5 / 18))  # from the usable order alone
+    # one usable order alone would bring back the position bias the swap cancels: no value
+    assert spelled.value is None and spelled.judgements[1].verdict == "B"
     assert unknown.value is None and all("got 'Verdict: perhaps'" in p for p in unknown.problems)
     assert all(
         body["temperature"] == 0.0 and body["messages"][1]["content"].endswith("/think") for body in sent

@@ -437,7 +437,9 @@ def test_pass_rate_filter_keeps_items_strictly_between_0_and_1(generator):
         return {"apples": 1.0, "boat": 0.0, "mixed": float(counts.get("mixed") == 1)}[item["id"]]
 
     no_media = LocalGenerator(generator.model, generator.tokenizer)  # cannot read the images
-    result = pass_rate_filter(no_media, [items[0], items[1], items[3], items[4]], G, reward, max_new_tokens=4)
+    result = pass_rate_filter(
+        no_media, [items[0], items[1], items[3], items[4]], G, reward, max_new_tokens=4, max_error_share=0.25
+    )
     assert [item["id"] for item in result.kept] == ["mixed"] and result.kept[0]["pass_rate"] == 0.25
     assert result.pass_rates == {"apples": 1.0, "boat": 0.0, "mixed": 0.25, "broken": None}
     reasons = {r.item_id: r.reason for r in result.records}
