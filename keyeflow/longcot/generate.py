@@ -35,7 +35,7 @@ from keyeflow.datasets.images import ImageConfig
 from keyeflow.datasets.sample_reader import read_media
 from keyeflow.datasets.slowfast import resolve_config
 from keyeflow.datasets.video import content_hash
-from keyeflow.longcot.common import DEFAULT_SCORING, chunks, read_ref_rows, sql_list
+from keyeflow.longcot.common import DEFAULT_SCORING, chunks, read_ref_rows
 from keyeflow.model.config import tiny
 from keyeflow.model.generation import BatchGenerationError, LocalGenerator, OpenAICompatibleGenerator
 from keyeflow.model.modeling import KeyeForConditionalGeneration
@@ -452,9 +452,8 @@ def _clear_generate_quarantine(question_ids: Sequence[str], gen_hash: str, root:
     if not question_ids or not tables.exists("quarantine", root):
         return
     where = (
-        f"stage = '{STAGE_GENERATE}' AND config_hash = '{gen_hash}' "
-        f"AND content_hash IN ({sql_list(question_ids)})"
+        (pc.field("stage") == STAGE_GENERATE)
+        & (pc.field("config_hash") == gen_hash)
+        & pc.field("content_hash").isin(list(question_ids))
     )
-    ds = tables.open_table("quarantine", root=root)
-    if ds.count_rows(filter=where):  # a delete commits a new version even when it removes nothing
-        ds.delete(where)
+    tables.delete_rows("quarantine", where, root)
