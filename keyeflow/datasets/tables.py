@@ -120,6 +120,7 @@ import pyarrow.compute as pc
 from lance.commit import CommitConflictError
 
 from keyeflow.config import get_settings, storage_options
+from keyeflow.faults import kill_point
 
 log = logging.getLogger(__name__)
 
@@ -547,6 +548,7 @@ def upsert(name: str, rows: list[dict] | pa.Table, root: str | None = None) -> i
                 todo = todo.filter(pc.invert(pc.is_in(todo.column(key), pa.array(list(present)))))
         if todo.num_rows == 0:
             return ds.version
+        kill_point("table.commit")  # holding the lock, keys checked, nothing committed
         ds.merge_insert(key).when_not_matched_insert_all().execute(todo)
         return open_table(name, root=root).version
 
@@ -593,6 +595,7 @@ def replace_where(name: str, where: pc.Expression, data: pa.Table, root: str | N
         ds = _ensure_locked(name, root)
         if ds.count_rows(filter=where):
             ds.delete(where)
+            kill_point("table.replace.deleted")  # the old rows deleted, the new ones not yet appended
         if data.num_rows:
             write_dataset(data, table_uri(name, root), mode="append")
         return open_table(name, root=root).version
