@@ -18,6 +18,9 @@ from rich.table import Table
 
 # No network here or on most clusters' workers: Prefect's telemetry would only log errors.
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+# Each command starts Prefect's temporary server; with two commands at once on a busy machine its 20 s
+# default start-up timeout fails the command before any work is done.
+os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
 
 app = typer.Typer(
     help="keyeflow: Keye-VL-1.5 data and training flows",

@@ -10,7 +10,10 @@ the runs. All calls take an explicit run id: Prefect runs tasks on worker thread
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -25,10 +28,39 @@ OUTPUT_TAG = "keyeflow.output."
 PARENT_TAG = "keyeflow.parent_run_id"
 
 
+_ready_stores: set[str] = set()
+
+
 def client() -> MlflowClient:
     settings = get_settings()
     settings.root.mkdir(parents=True, exist_ok=True)
-    return MlflowClient(tracking_uri=settings.mlflow_uri)
+    uri = settings.mlflow_uri
+    if uri in _ready_stores:
+        return MlflowClient(tracking_uri=uri)
+    with _store_lock(uri):
+        c = MlflowClient(tracking_uri=uri)
+        c.search_experiments(max_results=1)  # opens the store: creates and migrates its schema if new
+    _ready_stores.add(uri)
+    return c
+
+
+@contextlib.contextmanager
+def _store_lock(uri: str) -> Iterator[None]:
+    """Held while this process first opens the tracking store. MLflow creates and migrates a new SQLite
+    store's schema when it opens it; two processes doing that at once (two `keyeflow` commands on one
+    data root) fail ("duplicate column", "expected to match one row"), so the first open is serialised by
+    an flock beside the database file. A tracking server migrates its own database."""
+    if not uri.startswith("sqlite:///"):
+        yield
+        return
+    database = Path(uri.removeprefix("sqlite:///"))
+    database.parent.mkdir(parents=True, exist_ok=True)
+    with open(database.with_name(database.name + ".lock"), "a+b") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def experiment_id(name: str | None = None) -> str:
@@ -157,6 +189,31 @@ def _search(filter_string: str) -> list:
     return c.search_runs(experiments, filter_string=filter_string, order_by=["attributes.start_time DESC"])
 
 
+def tag_filter(key: str, value: str) -> str:
+    """An MLflow filter clause matching runs whose tag ``key`` may equal ``value``: the one place a data
+    value enters a filter string (MLflow takes no parameters there).
+
+    MLflow strips a literal's outer quotes and unescapes nothing, so a value is written between the quote
+    character it does not contain. A value holding both quote characters or a backslash (which the filter
+    lexer reads as an escape) cannot be written at all; it becomes a LIKE pattern with ``_`` (any one
+    character) in their places, which matches a superset: :func:`runs_with_tag` keeps the exact matches."""
+    if "`" in key:
+        raise ValueError(f"tag key {key!r} holds a backtick")
+    if "\\" not in value:
+        for quote in ("'", '"'):
+            if quote not in value:
+                return f"tags.`{key}` = {quote}{value}{quote}"
+    pattern = "".join("_" if ch in "'\"\\" else ch for ch in value)
+    return f"tags.`{key}` LIKE '{pattern}'"
+
+
+def runs_with_tag(key: str, value: str, *conditions: str) -> list:
+    """Runs (newest first) whose tag ``key`` is exactly ``value``, and that meet the constant
+    ``conditions``."""
+    runs = _search(" and ".join([tag_filter(key, value), *conditions]))
+    return [r for r in runs if r.data.tags.get(key) == value]
+
+
 def resolve_run(target: str) -> str:
     """A run id, or the run that produced a checkpoint directory (the model dir, its step dir or the stage's
     output dir). A flow run that ends in a checkpoint (`keyeflow.final_run_id`) resolves to that step's
@@ -165,11 +222,11 @@ def resolve_run(target: str) -> str:
     if path.exists():
         resolved = path.resolve()
         for candidate in (resolved, resolved / "model"):
-            runs = _search(f"tags.`{CHECKPOINT_TAG}` = '{candidate}'")
+            runs = runs_with_tag(CHECKPOINT_TAG, str(candidate))
             if runs:  # the newest may be a flow run that ended on this (skipped) step: follow it to the step
                 return runs[0].data.tags.get("keyeflow.final_run_id", runs[0].info.run_id)
         for candidate in (resolved, resolved.parent, resolved.parent.parent):
-            runs = _search(f"tags.`keyeflow.out_dir` = '{candidate}'")
+            runs = runs_with_tag("keyeflow.out_dir", str(candidate))
             if runs:
                 return runs[0].info.run_id
         raise LookupError(f"no MLflow run in {get_settings().mlflow_uri} produced the checkpoint {resolved}")
@@ -234,7 +291,7 @@ def trace(target: str) -> dict[str, Any]:
 
 def latest_checkpoint(kind: str) -> str:
     """The checkpoint the newest finished `kind` flow run (e.g. "pretrain") ended with."""
-    runs = _search(f"tags.`keyeflow.kind` = '{kind}' and attributes.status = 'FINISHED'")
+    runs = runs_with_tag("keyeflow.kind", kind, "attributes.status = 'FINISHED'")
     for run in runs:
         if CHECKPOINT_TAG in run.data.tags:
             return run.data.tags[CHECKPOINT_TAG]

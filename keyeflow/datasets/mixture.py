@@ -544,6 +544,9 @@ def plan_quotas(
 
 
 def _lit(value: str) -> str:
+    # Only for SQL text that people read and run themselves in `keyeflow sql` (classify_sql,
+    # reached_shares_sql), which takes no parameters; quoted the SQL way (a quote doubled). What keyeflow
+    # runs with a data value in it binds the value as a parameter or an Arrow filter instead.
     return "'" + str(value).replace("'", "''") + "'"
 
 
@@ -655,7 +658,8 @@ def heldout_sample_ids(
     return out
 
 
-def _select_sql(config: MixtureConfig, mixture_id_: str, samples_version: int) -> str:
+def _select_sql(config: MixtureConfig, samples_version: int) -> str:
+    # The mixture id is bound as the parameter $mixture_id.
     # ranked: running tokens per (modality, source) in the seeded order. One unpartitioned window over
     # (modality, source, key) minus the tokens of the earlier (modality, source) groups gives the same
     # sum as a partitioned window and sorts faster. progress: where the sample falls in its source's
@@ -695,8 +699,8 @@ def _select_sql(config: MixtureConfig, mixture_id_: str, samples_version: int) -
                    r.full_passes + (c.sample_id is not null)::integer as repeats
             from ranked r left join chosen c on r.sample_id = c.sample_id
         )
-        select {_lit(mixture_id_ + "/")} || sample_id as mixture_row_id,
-               {_lit(mixture_id_)} as mixture_id,
+        select $mixture_id || '/' || sample_id as mixture_row_id,
+               $mixture_id as mixture_id,
                cast({config.stage} as integer) as stage,
                sample_id, modality, source, cast(num_tokens as bigint) as num_tokens,
                cast(repeats as integer) as repeats,
@@ -780,7 +784,9 @@ def compute_mixture(
             pa.Table.from_pylist([{"modality": m, "remainder": r} for m, r in plan.remainders.items()]),
         )
         # Sorted by "order" so the mixture is stored (and read back by the loader) in epoch order.
-        rows = con.sql(_select_sql(config, mid, samples.version) + ' order by "order"').to_arrow_table()
+        rows = con.sql(
+            _select_sql(config, samples.version) + ' order by "order"', params={"mixture_id": mid}
+        ).to_arrow_table()
         con.register("selected", rows)
         reached = con.sql("""
             select modality, source, sum(num_tokens * repeats) as tokens, count(*) as n,
@@ -980,7 +986,7 @@ def _has_rows(name: str, mixture_id_: str, root: str | None) -> bool:
     if not tables.exists(name, root):
         return False
     ds = tables.open_table(name, root=root)
-    return ds.count_rows(filter=f"mixture_id = {_lit(mixture_id_)}") > 0
+    return ds.count_rows(filter=pc.field("mixture_id") == mixture_id_) > 0
 
 
 def reached_shares_sql(mixture_id_: str) -> str:

@@ -117,25 +117,29 @@ def _gate_verdicts(
     ).fetchall()
     media = []
     for name in MEDIA_TABLES:
-        if not con.sql(f"select 1 from information_schema.tables where table_name = '{name}'").fetchall():
+        if not con.execute("select 1 from information_schema.tables where table_name = ?", [name]).fetchall():
             continue
-        # Per referenced media row, the first verdict on its table at or after the row was written.
-        media += con.sql(f"""
+        # Per referenced media row, the first verdict on its table at or after the row was written. `name`
+        # is one of MEDIA_TABLES (an identifier, which SQL cannot bind); values are parameters.
+        media += con.execute(
+            f"""
             with rows as (
                 select x.created_at from media m join {name} x on x.sample_id = m.media_id
             ),
             verdicts as (
                 select gate, table_uri, table_version, passed, run_id, checked_at from gate_results
-                where table_uri like '%/{name}.lance'
+                where table_uri like ('%/' || $name || '.lance')
             ),
             matched as (
                 select v.gate, v.table_uri, v.table_version, v.passed, v.run_id
                 from rows r asof left join verdicts v on r.created_at <= v.checked_at
             )
-            select gate, coalesce(table_uri, '{name}') as table_uri, table_version, passed, run_id,
+            select gate, coalesce(table_uri, $name) as table_uri, table_version, passed, run_id,
                    count(*) filter (where gate is null) as num_unchecked
             from matched group by all order by table_version nulls last
-        """).fetchall()
+        """,
+            {"name": name},
+        ).fetchall()
     out = []
     for gate, uri, version, passed, run_id, unchecked in [*exact, *media]:
         if gate is None:

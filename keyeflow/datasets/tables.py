@@ -10,6 +10,16 @@ is one transaction, and re-writing rows that are already there inserts nothing, 
 crash never duplicates a row. Readers pin a table by ``TableRef`` (URI + version) so a downstream step
 sees exactly the rows its upstream produced.
 
+Several processes may write one data root at once (two ``keyeflow ingest`` over overlapping folders,
+``ingest`` while ``mix`` runs). Lance alone does not keep a key unique then: two ``merge_insert`` commits
+that insert the same new key both succeed. So every write here (i) holds the table's write lock, an
+``flock`` on ``<tables root>/.locks/<table>.lock`` for a local root, while it reads which keys are there
+and commits, and (ii) marks the primary key column as Lance's unenforced primary key, with which Lance
+itself detects a concurrent insert of the same key and retries (what protects keyed writes on an object
+store, where there is no lock); a commit that still conflicts (``lance.commit.CommitConflictError``) is
+re-read and re-applied. A failed commit (a full disk, a killed process) writes no new manifest, so the
+table stays readable at its previous version and the rerun writes the rows again.
+
 Schemas (documented here because ``keyeflow sql`` users read them):
 
 ``videos`` — one row per distinct video content (primary key ``video_id``)
@@ -94,16 +104,26 @@ hashes)
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
-from collections.abc import Iterable
+import logging
+import random
+import time
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
 import lance
 import pyarrow as pa
+import pyarrow.compute as pc
+from lance.commit import CommitConflictError
 
 from keyeflow.config import get_settings, storage_options
+from keyeflow.faults import kill_point
+
+log = logging.getLogger(__name__)
 
 TIMESTAMP = pa.timestamp("us", tz="UTC")
 
@@ -372,6 +392,24 @@ PRIMARY_KEYS = {
     "longcot": "sample_id",
 }
 
+# Lance's marker for a table's primary key: with it, a merge_insert that inserts a key another writer
+# inserted meanwhile conflicts and is retried against the newer version instead of adding a second row.
+# Lance requires the column to be non-nullable (a key is never null here anyway). Tables created before
+# the marker existed keep working: their writers are serialised by the write lock alone.
+PRIMARY_KEY_METADATA = {"lance-schema:unenforced-primary-key": "true"}
+
+
+def _mark_primary_key(schema: pa.Schema, key: str) -> pa.Schema:
+    i = schema.get_field_index(key)
+    field = schema.field(i).with_nullable(False).with_metadata(PRIMARY_KEY_METADATA)
+    return schema.set(i, field)
+
+
+SCHEMAS = {name: _mark_primary_key(schema, PRIMARY_KEYS[name]) for name, schema in SCHEMAS.items()}
+
+# How often a write that keeps conflicting with other writers is re-read and re-applied before it fails.
+MAX_COMMIT_ATTEMPTS = 20
+
 
 @dataclass(frozen=True)
 class TableRef:
@@ -429,43 +467,141 @@ def ensure(name: str, root: str | None = None) -> lance.LanceDataset:
     """Open a table, creating it empty with its schema if it does not exist yet."""
     if exists(name, root):
         return open_table(name, root=root)
-    empty = SCHEMAS[name].empty_table()
-    try:
-        return write_dataset(empty, table_uri(name, root), mode="create")
-    except OSError:
-        # Another writer created it between our check and our write: theirs is as good as ours.
+    with write_lock(name, root):
+        return _ensure_locked(name, root)
+
+
+def _ensure_locked(name: str, root: str | None) -> lance.LanceDataset:
+    if exists(name, root):
         return open_table(name, root=root)
+    try:
+        return write_dataset(SCHEMAS[name].empty_table(), table_uri(name, root), mode="create")
+    except OSError:
+        # Another writer (on an object store, where there is no lock) created it first: theirs is as good.
+        return open_table(name, root=root)
+
+
+@contextlib.contextmanager
+def write_lock(name: str, root: str | None = None) -> Iterator[None]:
+    """Hold the table's write lock: one writer at a time reads which keys are there and commits.
+
+    A local root gets an ``flock`` on ``<root>/.locks/<name>.lock`` (released by the kernel when the
+    holder dies, so a killed writer never leaves it stuck). An object store has no lock; Lance's
+    primary-key conflict detection and :func:`_commit` keep its keyed writes exact."""
+    base = root or get_settings().tables
+    if "://" in base and not base.startswith("file://"):
+        yield
+        return
+    folder = Path(base.removeprefix("file://")) / ".locks"
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / f"{name}.lock", "a+b") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _commit(name: str, root: str | None, write: Callable[[], int]) -> int:
+    """Run one idempotent write under the table's lock; on a commit conflict with another writer, re-read
+    the table and apply it again (``write`` decides afresh what is still missing)."""
+    for attempt in range(1, MAX_COMMIT_ATTEMPTS + 1):
+        try:
+            with write_lock(name, root):
+                return write()
+        except CommitConflictError as exc:
+            if not exc.retryable or attempt == MAX_COMMIT_ATTEMPTS:
+                raise
+            wait = min(2.0, 0.05 * 2**attempt) * random.uniform(0.5, 1.0)
+            log.info(
+                "%s: commit conflict with another writer (%s); retry %d in %.2fs", name, exc, attempt, wait
+            )
+            time.sleep(wait)
+    raise AssertionError("unreachable")
+
+
+def _conform(name: str, data: pa.Table) -> pa.Table:
+    """Rows in the table's own schema (the key marked and non-nullable), whatever produced them."""
+    return data if data.schema.equals(SCHEMAS[name], check_metadata=True) else data.cast(SCHEMAS[name])
 
 
 def upsert(name: str, rows: list[dict] | pa.Table, root: str | None = None) -> int:
     """Insert rows whose primary key is not present yet; return the table version after the commit.
 
-    Existing keys are left untouched, so writing the same shard twice is harmless.
+    Existing keys are left untouched, so writing the same shard twice is harmless, and so is another
+    process writing the same keys at the same time (each key ends up in the table once).
     """
-    data = rows if isinstance(rows, pa.Table) else pa.Table.from_pylist(rows, schema=SCHEMAS[name])
-    ds = ensure(name, root)
+    data = (
+        _conform(name, rows)
+        if isinstance(rows, pa.Table)
+        else pa.Table.from_pylist(rows, schema=SCHEMAS[name])
+    )
     key = PRIMARY_KEYS[name]
-    if data.num_rows:
-        # merge_insert commits a new version even when it inserts nothing; downstream ids (mixtures)
-        # are keyed on input versions, so a no-op rerun must leave the version alone.
-        present = existing_keys(name, data.column(key).to_pylist(), root)
-        if present:
-            data = data.filter(pa.compute.invert(pa.compute.is_in(data.column(key), pa.array(list(present)))))
-    if data.num_rows == 0:
-        return ds.version
-    ds.merge_insert(key).when_not_matched_insert_all().execute(data)
-    return open_table(name, root=root).version
+
+    def write() -> int:
+        ds = _ensure_locked(name, root)
+        todo = data
+        if todo.num_rows:
+            # merge_insert commits a new version even when it inserts nothing; downstream ids (mixtures)
+            # are keyed on input versions, so a no-op rerun must leave the version alone.
+            present = existing_keys(name, todo.column(key).to_pylist(), root)
+            if present:
+                todo = todo.filter(pc.invert(pc.is_in(todo.column(key), pa.array(list(present)))))
+        if todo.num_rows == 0:
+            return ds.version
+        kill_point("table.commit")  # holding the lock, keys checked, nothing committed
+        ds.merge_insert(key).when_not_matched_insert_all().execute(todo)
+        return open_table(name, root=root).version
+
+    return _commit(name, root, write)
 
 
 def update_rows(name: str, rows: list[dict], root: str | None = None) -> int:
     """Write whole rows, replacing those with the same primary key (one merge_insert commit); for tables
     whose rows change state (e.g. a review outcome), unlike :func:`upsert`, which never overwrites."""
-    ds = ensure(name, root)
-    if not rows:
+    data = pa.Table.from_pylist(rows, schema=SCHEMAS[name]) if rows else None
+
+    def write() -> int:
+        ds = _ensure_locked(name, root)
+        if data is None:
+            return ds.version
+        ds.merge_insert(PRIMARY_KEYS[name]).when_matched_update_all().when_not_matched_insert_all().execute(
+            data
+        )
+        return open_table(name, root=root).version
+
+    return _commit(name, root, write)
+
+
+def delete_rows(name: str, where: pc.Expression, root: str | None = None) -> int:
+    """Delete the rows matching an Arrow expression (never a SQL string built from data); no commit, and
+    the version unchanged, when none matches."""
+
+    def write() -> int:
+        ds = _ensure_locked(name, root)
+        if ds.count_rows(filter=where):  # a delete commits a new version even when it removes nothing
+            ds.delete(where)
+            return open_table(name, root=root).version
         return ds.version
-    data = pa.Table.from_pylist(rows, schema=SCHEMAS[name])
-    ds.merge_insert(PRIMARY_KEYS[name]).when_matched_update_all().when_not_matched_insert_all().execute(data)
-    return open_table(name, root=root).version
+
+    return _commit(name, root, write)
+
+
+def replace_where(name: str, where: pc.Expression, data: pa.Table, root: str | None = None) -> int:
+    """Delete the rows matching ``where`` and append ``data`` in its place, under one lock (two commits: a
+    reader pinned between them sees the group absent, never twice)."""
+    data = _conform(name, data)
+
+    def write() -> int:
+        ds = _ensure_locked(name, root)
+        if ds.count_rows(filter=where):
+            ds.delete(where)
+            kill_point("table.replace.deleted")  # the old rows deleted, the new ones not yet appended
+        if data.num_rows:
+            write_dataset(data, table_uri(name, root), mode="append")
+        return open_table(name, root=root).version
+
+    return _commit(name, root, write)
 
 
 def first_uris(name: str, keys: set[str], root: str | None = None) -> dict[str, str]:
@@ -539,20 +675,14 @@ def _filesystem(base: str):
 
 
 def replace_groups(name: str, data: pa.Table, group_column: str, root: str | None = None) -> int:
-    """Append ``data`` after deleting rows of the same groups (e.g. a video's frames) left by a crashed write.
+    """Append ``data`` after deleting rows of the same groups (e.g. a video's frames) left by a crashed write
+    or by another writer that tokenised the same video at the same time.
 
     For bulk rows that one writer produces per group, a plain append is far cheaper than a keyed
-    ``merge_insert``; clearing the group first keeps a rerun from duplicating anything.
+    ``merge_insert``; clearing the group first, under the table's lock, keeps a rerun or a concurrent
+    writer from duplicating anything.
     """
-    ds = ensure(name, root)
     if data.num_rows == 0:
-        return ds.version
-    groups = pa.compute.unique(data.column(group_column)).to_pylist()
-    stale = ds.to_table(columns=[group_column], filter=pa.compute.field(group_column).isin(groups))
-    if stale.num_rows:
-        quoted = ", ".join(
-            "'" + g.replace("'", "''") + "'" for g in set(stale.column(group_column).to_pylist())
-        )
-        ds.delete(f"{group_column} IN ({quoted})")
-    write_dataset(data, table_uri(name, root), mode="append")
-    return open_table(name, root=root).version
+        return ensure(name, root).version
+    groups = pc.unique(data.column(group_column))
+    return replace_where(name, pc.field(group_column).isin(groups), data, root)

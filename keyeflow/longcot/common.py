@@ -37,10 +37,6 @@ def read_ref_rows(ref: tables.TableRef, column: str, keys: Sequence[str]) -> lis
     return ds.to_table(filter=pc.field(column).isin(list(keys))).to_pylist()
 
 
-def sql_list(values: Iterable[str]) -> str:
-    return ", ".join("'" + v.replace("'", "''") + "'" for v in values)
-
-
 def json_text(value) -> str:
     return json.dumps(value, ensure_ascii=False, sort_keys=True)
 

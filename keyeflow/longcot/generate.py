@@ -35,7 +35,7 @@ from keyeflow.datasets.images import ImageConfig
 from keyeflow.datasets.sample_reader import read_media
 from keyeflow.datasets.slowfast import resolve_config
 from keyeflow.datasets.video import content_hash
-from keyeflow.longcot.common import DEFAULT_SCORING, chunks, read_ref_rows, sql_list
+from keyeflow.longcot.common import DEFAULT_SCORING, chunks, read_ref_rows
 from keyeflow.model.config import tiny
 from keyeflow.model.generation import BatchGenerationError, LocalGenerator, OpenAICompatibleGenerator
 from keyeflow.model.modeling import KeyeForConditionalGeneration
@@ -495,8 +495,7 @@ def clear_quarantine(
     these settings, when `config_hash` is given)."""
     if not content_hashes or not tables.exists("quarantine", root):
         return
-    settings = "" if config_hash is None else f" AND config_hash = '{config_hash}'"
-    where = f"stage = '{stage}'{settings} AND content_hash IN ({sql_list(content_hashes)})"
-    ds = tables.open_table("quarantine", root=root)
-    if ds.count_rows(filter=where):  # a delete commits a new version even when it removes nothing
-        ds.delete(where)
+    where = (pc.field("stage") == stage) & pc.field("content_hash").isin(list(content_hashes))
+    if config_hash is not None:
+        where &= pc.field("config_hash") == config_hash
+    tables.delete_rows("quarantine", where, root)

@@ -7,9 +7,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from keyeflow.datasets import tables
-from keyeflow.longcot.common import STATUSES, batch_paths, json_text, questions_by_id, read_rows, sql_list
+from keyeflow.longcot.common import STATUSES, batch_paths, json_text, questions_by_id, read_rows
 from keyeflow.longcot.generate import GenerationConfig, user_content
 from keyeflow.quality import graders
 from keyeflow.quality.longcot_scoring import GRADES
@@ -61,15 +62,12 @@ def publish_longcot(
 
     if sorted(map(key, existing)) == sorted(map(key, rows)):
         return ds.version
-    if existing:
-        ds.delete(f"question_id IN ({sql_list(ids)})")
-    if rows:
-        tables.write_dataset(
-            pa.Table.from_pylist(rows, schema=tables.SCHEMAS["longcot"]),
-            tables.table_uri("longcot", root),
-            mode="append",
-        )
-    return tables.open_table("longcot", root=root).version
+    return tables.replace_where(
+        "longcot",
+        pc.field("question_id").isin(ids),
+        pa.Table.from_pylist(rows, schema=tables.SCHEMAS["longcot"]),
+        root,
+    )
 
 
 # ====================================================================================== summaries

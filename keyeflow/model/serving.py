@@ -2,6 +2,7 @@
 judge (`OpenAICompatibleGenerator`) runs the same against our tiny model here as against vLLM/SGLang at scale.
 
     python -m keyeflow.model.serving --model PATH [--port 8000] [--host 127.0.0.1] [--served-model-name NAME]
+    KEYEFLOW_API_KEY=… python -m keyeflow.model.serving --model PATH     # every request needs the token
 
 Endpoints:
 - `POST /v1/chat/completions`: `messages`, `n`, `max_tokens` (or `max_completion_tokens`; default 256),
@@ -16,8 +17,11 @@ images and videos go through `LocalGenerator` in process, with a media lookup in
 no `stop` strings, no `top_p`/`top_k` other than their defaults, no top-k alternatives (`top_logprobs` > 0).
 Errors use OpenAI's shape `{"error": {"message", "type", "code"}}`; a wrong `model` name is a 404 as in vLLM.
 
-One generation runs at a time (a lock; the model is not shared across threads). There is no authentication:
-the server binds 127.0.0.1 unless told otherwise, and logs a warning when bound to anything else.
+One generation runs at a time (a lock; the model is not shared across threads). The server binds 127.0.0.1
+unless told otherwise. With a bearer token (`--api-key`, or `KEYEFLOW_API_KEY` in its environment, which
+unlike the flag does not show in `ps`), every request but `GET /health` must carry
+`Authorization: Bearer <token>` or gets a 401; `OpenAICompatibleGenerator(api_key_env=...)` sends it. Without
+a token it warns when bound to anything but loopback. The token is never logged or printed.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ import argparse
 import ipaddress
 import logging
 import math
+import os
 import socket
 import threading
 import time
@@ -38,6 +43,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 
+from keyeflow.model.auth import API_KEY_ENV, OPEN_PATHS, bearer_ok
 from keyeflow.model.generation import LocalGenerator
 
 logger = logging.getLogger(__name__)
@@ -105,11 +111,24 @@ def _unsupported(request: ChatCompletionRequest) -> str | None:
     return None
 
 
-def create_app(generator: LocalGenerator, model_name: str) -> FastAPI:
-    """The FastAPI app serving `generator` under the name `model_name`."""
+def create_app(generator: LocalGenerator, model_name: str, api_key: str | None = None) -> FastAPI:
+    """The FastAPI app serving `generator` under the name `model_name`; with `api_key`, every request but
+    the health check must carry it as a bearer token."""
     app = FastAPI(title="keyeflow model server", docs_url=None, redoc_url=None)
     lock = threading.Lock()
     created = int(time.time())
+
+    if api_key:
+
+        @app.middleware("http")
+        async def _authenticate(request: Request, call_next):
+            if request.url.path in OPEN_PATHS or bearer_ok(request.headers.get("authorization"), api_key):
+                return await call_next(request)
+            response = _error(
+                401, "missing or wrong bearer token (Authorization: Bearer …)", "AuthenticationError"
+            )
+            response.headers["WWW-Authenticate"] = "Bearer"
+            return response
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, error: RequestValidationError) -> JSONResponse:
@@ -216,18 +235,23 @@ def serve(
     served_model_name: str | None = None,
     device: str = "cpu",
     log_level: str = "info",
+    api_key: str | None = None,
 ) -> None:
     """Load the model at `model_path` and serve it until interrupted (SIGINT/SIGTERM). `port=0` takes any
     free port; the address actually bound is printed (`keyeflow serving NAME at http://HOST:PORT`).
-    `served_model_name` defaults to `model_path` as given, like vLLM."""
+    `served_model_name` defaults to `model_path` as given, like vLLM. `api_key` (default: the environment's
+    `KEYEFLOW_API_KEY`) makes every request but the health check need it as a bearer token."""
     import uvicorn
 
+    api_key = api_key or os.environ.get(API_KEY_ENV) or None
     generator = LocalGenerator(model_path, device=device)
     name = served_model_name or str(model_path)
-    app = create_app(generator, name)
-    if not _is_loopback(host):
+    app = create_app(generator, name, api_key)
+    if not _is_loopback(host) and not api_key:
         logger.warning(
-            "serving on %s: this server has no authentication; keep it behind a firewall or proxy", host
+            "serving on %s without a token (--api-key or %s): anyone who reaches it can use it",
+            host,
+            API_KEY_ENV,
         )
     family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
     sock = socket.socket(family, kind, proto)
@@ -262,6 +286,12 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--device", default="cpu", help="torch device (default cpu)")
     parser.add_argument(
+        "--api-key",
+        default=None,
+        help=f"bearer token every request but /health must carry (default: ${API_KEY_ENV}; the variable "
+        "keeps it out of the process list)",
+    )
+    parser.add_argument(
         "--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"]
     )
     args = parser.parse_args(argv)
@@ -270,7 +300,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     serve(
         args.model, args.host, args.port, served_model_name=args.served_model_name, device=args.device,
-        log_level=args.log_level,
+        log_level=args.log_level, api_key=args.api_key,
     )  # fmt: skip
 
 

@@ -11,6 +11,10 @@ against it, as they would against vLLM.
 
     python -m keyeflow.synthetic.scripted_teacher --recordings FILE [--port 0] [--log REQUESTS.jsonl]
 
+It binds 127.0.0.1 only. With a token (``--api-key`` or ``KEYEFLOW_API_KEY``; ``start_server(api_key=...)``
+passes it in the environment) every request but ``GET /health`` needs ``Authorization: Bearer <token>``
+(401 otherwise), as from the model server. The request log holds bodies only, never headers.
+
 Recordings (JSON): ``{"model": name, "entries": [{"match": substring, "completions": [completion, ...]}],
 "default": completion}``. A request is answered by the first entry whose ``match`` occurs in the text of
 its last user message; choice ``i`` of ``n`` is ``completions[i % len]``. A completion is ``{"segments":
@@ -37,6 +41,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import os
 import re
 import socket
 import subprocess
@@ -47,6 +52,8 @@ import uuid
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+
+from keyeflow.model.auth import API_KEY_ENV, OPEN_PATHS, bearer_ok
 
 DEFAULT = {"text": "<think>\nI cannot tell.\n</think>\n<answer>unknown</answer>", "logprob": -2.0}
 _PIECE = re.compile(r"\s*\S+|\s+")
@@ -276,7 +283,7 @@ def teacher_recordings() -> dict:
     }
 
 
-def make_handler(recordings: dict, log_path: Path | None):
+def make_handler(recordings: dict, log_path: Path | None, api_key: str | None = None):
     model = recordings.get("model", "replay-teacher")
     lock = threading.Lock()
     matched: dict[int, int] = {}  # entry index -> requests it matched so far
@@ -296,7 +303,20 @@ def make_handler(recordings: dict, log_path: Path | None):
             except (BrokenPipeError, ConnectionResetError):  # the client timed out and left: nobody to answer
                 pass
 
+        def _authorised(self) -> bool:
+            if (
+                not api_key
+                or self.path in OPEN_PATHS
+                or bearer_ok(self.headers.get("Authorization"), api_key)
+            ):
+                return True
+            message = "missing or wrong bearer token (Authorization: Bearer …)"
+            self._send(401, {"error": {"message": message, "type": "AuthenticationError", "code": 401}})
+            return False
+
         def do_GET(self) -> None:
+            if not self._authorised():
+                return
             if self.path == "/health":
                 self._send(200, {"status": "ok"})
             elif self.path == "/v1/models":
@@ -307,6 +327,8 @@ def make_handler(recordings: dict, log_path: Path | None):
                 )
 
         def do_POST(self) -> None:
+            if not self._authorised():
+                return
             if self.path != "/v1/chat/completions":
                 self._send(
                     404, {"error": {"message": f"no route {self.path}", "type": "NotFoundError", "code": 404}}
@@ -374,9 +396,9 @@ def make_handler(recordings: dict, log_path: Path | None):
     return Handler
 
 
-def serve(recordings_path: Path, port: int, log_path: Path | None) -> None:
+def serve(recordings_path: Path, port: int, log_path: Path | None, api_key: str | None = None) -> None:
     recordings = json.loads(Path(recordings_path).read_text(encoding="utf-8"))
-    server = ThreadingHTTPServer(("127.0.0.1", port), make_handler(recordings, log_path))
+    server = ThreadingHTTPServer(("127.0.0.1", port), make_handler(recordings, log_path, api_key))
     print(f"replay serving at http://127.0.0.1:{server.server_address[1]}", flush=True)
     try:
         server.serve_forever()
@@ -403,10 +425,16 @@ def requests_for(log_path: Path, match: str) -> int:
 
 @contextlib.contextmanager
 def start_server(
-    recordings: dict, workdir: Path, timeout_s: float = 30.0, port: int | None = None
+    recordings: dict,
+    workdir: Path,
+    timeout_s: float = 30.0,
+    port: int | None = None,
+    api_key: str | None = None,
 ) -> Iterator[tuple[str, Path]]:
     """Run the server as a subprocess on ``port`` (default: a free one); yields (base URL with /v1, request
-    log path). Giving the port of a server that was down brings it back at the same URL."""
+    log path). Giving the port of a server that was down brings it back at the same URL. With ``api_key``
+    it requires that bearer token (passed in its environment, not on its command line); without, none,
+    whatever this process's environment holds."""
     import httpx
 
     workdir.mkdir(parents=True, exist_ok=True)
@@ -427,6 +455,8 @@ def start_server(
         ],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
+        env={k: v for k, v in os.environ.items() if k != API_KEY_ENV}
+        | ({API_KEY_ENV: api_key} if api_key else {}),
     )
     try:
         deadline = time.monotonic() + timeout_s
@@ -459,8 +489,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--recordings", type=Path, required=True)
     parser.add_argument("--port", type=int, default=0)
     parser.add_argument("--log", type=Path, default=None)
+    parser.add_argument("--api-key", default=None, help=f"bearer token to require (default: ${API_KEY_ENV})")
     args = parser.parse_args(argv)
-    serve(args.recordings, args.port, args.log)
+    serve(args.recordings, args.port, args.log, args.api_key or os.environ.get(API_KEY_ENV) or None)
 
 
 if __name__ == "__main__":

@@ -160,9 +160,10 @@ def _tiny() -> PosttrainRecipe:
         expert_weight=0.5,
         gspo=gspo, rounds=2, rejection_samples=2,
         alignment=dataclasses.replace(gspo, hints=None),
-        # Rule rewards only: the tiny reward model cannot write a verdict in a few tokens, and a failed judgement
-        # is an error, never a tie (keyeflow.quality.errors), so judge and reward-model rewards would stop the
-        # run. They are exercised against served models in tests/integration/test_scoring_errors.py.
+        # Rule rewards only: the tiny reward model cannot write a verdict in a few tokens, and a failed
+        # judgement is an error, never a tie (keyeflow.quality.errors), so judge and reward-model rewards
+        # would stop the run. They are exercised against served models in
+        # tests/integration/test_scoring_errors.py.
         alignment_rewards=AlignmentSettings(num_prompts=6, judge_max_new_tokens=8, weights={"rule": 1.0}),
     )  # fmt: skip
 

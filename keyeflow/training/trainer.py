@@ -37,6 +37,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import pyarrow.compute as pc
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -354,7 +355,7 @@ def tables_root(mixture: TableRef) -> str:
 def train_samples_of(mixture: TableRef, mixture_id: str) -> TableRef:
     """train_samples at the version the mixture pinned."""
     rows = tables.dataset(mixture.uri, version=mixture.version).to_table(
-        columns=["train_samples_version"], filter=f"mixture_id = '{mixture_id}'", limit=1
+        columns=["train_samples_version"], filter=pc.field("mixture_id") == mixture_id, limit=1
     )
     if rows.num_rows == 0:
         raise ValueError(f"mixture {mixture_id!r} has no rows in {mixture}")

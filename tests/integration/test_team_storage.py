@@ -28,6 +28,7 @@ from keyeflow.quality import gates
 
 ACCESS_KEY = "AKIAKEYEFLOWTEAM"
 SECRET = "team-secret-9f3b1c7e-do-not-log"
+SERVER_TOKEN = "kf-server-token-77a0e1-do-not-log"  # the bearer token of the servers keyeflow starts
 REGION = "eu-west-1"
 BUCKET = "keyeflow-team"
 AWS_VARS = (
@@ -285,6 +286,7 @@ def test_flows_on_s3_tables_log_to_an_mlflow_server(
     tracking_uri, artifacts_dir = mlflow_server
     monkeypatch.setenv("AWS_ENDPOINT_URL", s3_endpoint)
     monkeypatch.setenv("KEYEFLOW_TRACKING_URI", tracking_uri)
+    monkeypatch.setenv("KEYEFLOW_API_KEY", SERVER_TOKEN)
     paths = [str(p) for p in sample_videos[:2]]
 
     result = video_pipeline(paths)
@@ -331,9 +333,11 @@ def test_flows_on_s3_tables_log_to_an_mlflow_server(
     for r in runs:
         recorded = json.dumps([r.data.params, r.data.tags, list(r.data.metrics)])
         assert SECRET not in recorded and ACCESS_KEY not in recorded, r.info.run_name
+        assert SERVER_TOKEN not in recorded, r.info.run_name
     _assert_secret_not_in_prefect()
     out, err = capfd.readouterr()
     assert SECRET not in out + err
+    assert SERVER_TOKEN not in out + err
 
 
 def _assert_secret_not_in_prefect() -> None:
@@ -345,7 +349,9 @@ def _assert_secret_not_in_prefect() -> None:
         assert flow_runs
         for flow_run in flow_runs:
             assert SECRET not in json.dumps(flow_run.parameters, default=str)
+            assert SERVER_TOKEN not in json.dumps(flow_run.parameters, default=str)
         logs = client.read_logs(
             log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[f.id for f in flow_runs]))
         )
         assert all(SECRET not in log.message for log in logs)
+        assert all(SERVER_TOKEN not in log.message for log in logs)
