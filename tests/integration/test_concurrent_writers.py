@@ -32,7 +32,6 @@ WRITER = textwrap.dedent(
     """
     import sys
     import pyarrow as pa
-import pytest
     from keyeflow.datasets import tables
 
     writer = int(sys.argv[1])
