@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import shutil
@@ -62,14 +63,20 @@ def cli(home: Path, *args: str, kill: str | None = None) -> subprocess.Completed
     env |= {"KEYEFLOW_HOME": str(home), "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
     if kill:
         env["KEYEFLOW_KILL_POINT"] = kill
-    return subprocess.run(
-        [KEYEFLOW, *args],
-        env=env,
-        check=False,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        timeout=600,
-    )
+    # Its own process group, stderr to a file: a killed CLI leaves its ephemeral Prefect server behind, which
+    # would hold a pipe open (and the test waiting) until it is stopped with the rest of the group.
+    home.mkdir(parents=True, exist_ok=True)
+    with (home / "cli.err").open("w+b") as err:
+        proc = subprocess.Popen(
+            [KEYEFLOW, *args], env=env, stdout=subprocess.DEVNULL, stderr=err, start_new_session=True
+        )
+        try:
+            returncode = proc.wait(timeout=600)
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+        err.seek(0)
+        return subprocess.CompletedProcess(proc.args, returncode, None, err.read())
 
 
 def count(root: Path, name: str) -> int:
