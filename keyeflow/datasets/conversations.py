@@ -46,6 +46,7 @@ from keyeflow.datasets import images, pretokenize, tables
 from keyeflow.datasets.images import ImageConfig
 from keyeflow.datasets.slowfast import SlowFastConfig
 from keyeflow.datasets.video import BadVideo, content_hash
+from keyeflow.faults import kill_point
 from keyeflow.model import token_stream
 from keyeflow.model.tokenizer import load_tokenizer, tokenizer_version
 
@@ -558,10 +559,13 @@ def build_train_samples(
     def commit() -> None:
         present = tables.existing_keys("train_samples", list(rows), root)
         new = [r for key, r in rows.items() if key not in present]
+        kill_point("samples.before_commit")  # the batch's samples counted; none of its rows written
         tables.upsert(
             "quarantine", [tables.quarantine_row(u, why, STAGE, config_hash=chash) for u, why in bad], root
         )
+        kill_point("samples.quarantine_committed")  # the batch's quarantine rows written, its samples not
         tables.upsert("train_samples", new, root)
+        kill_point("samples.batch_committed")  # the batch's rows all written; later batches not counted
         report.num_written += len(new)
         report.num_already_present += len(rows) - len(new)
         report.quarantined.update(dict(bad))

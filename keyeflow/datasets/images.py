@@ -66,6 +66,7 @@ from keyeflow.datasets.ingest import IngestConfig, IngestReport
 from keyeflow.datasets.pretokenize import patchify
 from keyeflow.datasets.slowfast import smart_resize
 from keyeflow.datasets.video import MAX_ASPECT_RATIO, BadVideo, as_local_file, content_hash, discover
+from keyeflow.faults import kill_point
 
 __all__ = [
     "FORMATS",
@@ -443,8 +444,11 @@ def ingest_images_shard(
         if on_item:
             on_item()
     report.num_quarantined = len(report.quarantined)
+    kill_point("images.shard_tokenized")  # the shard decoded and tokenised; none of its rows written
     # A rerun re-detects the same problems; upsert writes only keys not there yet (no new version).
     tables.upsert("quarantine", bad, root)
     tables.upsert("images", image_rows, root)
+    kill_point("images.images_committed")  # the shard's images rows written, its image_samples (done) not
     tables.upsert("image_samples", sample_rows, root)
+    kill_point("images.shard_committed")  # the shard's rows all written; later shards not started
     return report

@@ -14,6 +14,7 @@ from dataclasses import asdict, dataclass, field
 from keyeflow.config import check_int, check_number
 from keyeflow.datasets import tables
 from keyeflow.datasets.video import BadVideo, VideoInfo, as_local_file, content_hash, discover, probe
+from keyeflow.faults import kill_point
 
 STAGE = "ingest"
 
@@ -139,8 +140,11 @@ def ingest_shard(
         if on_item:
             on_item()
     report.num_quarantined = len(report.quarantined)
+    kill_point("ingest.shard_probed")  # the shard hashed and probed; none of its rows written
     # Quarantine first: if we die between the two commits, the rerun re-finds the good videos missing
     # and redoes them, while the quarantine rows (keyed) are not written twice.
     tables.upsert("quarantine", bad, root)
+    kill_point("ingest.quarantine_committed")  # the shard's quarantine rows written, its videos rows not
     tables.upsert("videos", rows, root)
+    kill_point("ingest.shard_committed")  # the shard's rows all written; later shards not started
     return report

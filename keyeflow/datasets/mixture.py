@@ -49,6 +49,7 @@ import pyarrow.compute as pc
 
 from keyeflow.config import check_flag, check_int, check_number, config_hash, invalid
 from keyeflow.datasets import sql, tables
+from keyeflow.faults import kill_point
 
 log = logging.getLogger(__name__)
 
@@ -906,9 +907,11 @@ def build_mixture(
         rows = selection.rows.append_column(
             "created_at", pa.array([tables.now()] * selection.rows.num_rows, tables.TIMESTAMP)
         )
+        kill_point("mixture.before_commit")  # the selection computed; none of the mixture's rows written
         version = tables.upsert(
             "mixtures", rows.select(tables.SCHEMAS["mixtures"].names).cast(tables.SCHEMAS["mixtures"]), root
         )
+        kill_point("mixture.committed")  # the mixture's rows written; its report, gate and MLflow outputs not
         ds = tables.open_table("mixtures", version=version, root=root)
     log.info(
         "mixture %s: %s",

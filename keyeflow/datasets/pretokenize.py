@@ -21,6 +21,7 @@ import torch
 from keyeflow.datasets import tables
 from keyeflow.datasets.slowfast import SlowFastConfig, allocate_tokens, select_frames
 from keyeflow.datasets.video import BadVideo, VideoInfo, as_local_file, decode
+from keyeflow.faults import kill_point
 
 STAGE = "pretokenize"
 _FLUSH_BYTES = 256 << 20  # commit frame rows at least this often to bound memory on long videos
@@ -193,6 +194,8 @@ def pretokenize_shard(
     report.num_quarantined = len(report.quarantined)
     if frames:
         tables.replace_groups("video_frames", pa.concat_tables(frames), "sample_id", root)
+    kill_point("pretokenize.frames_committed")  # the shard's frames written, its samples (done marks) not
     tables.upsert("quarantine", bad, root)
     tables.upsert("video_samples", samples, root)
+    kill_point("pretokenize.shard_committed")  # the shard's frames and samples written; later shards not
     return report

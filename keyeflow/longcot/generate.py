@@ -35,6 +35,7 @@ from keyeflow.datasets.images import ImageConfig
 from keyeflow.datasets.sample_reader import read_media
 from keyeflow.datasets.slowfast import resolve_config
 from keyeflow.datasets.video import content_hash
+from keyeflow.faults import kill_point
 from keyeflow.longcot.common import DEFAULT_SCORING, chunks, read_ref_rows
 from keyeflow.model.config import tiny
 from keyeflow.model.generation import BatchGenerationError, LocalGenerator, OpenAICompatibleGenerator
@@ -427,10 +428,13 @@ def generate_paths(
             new_rows += path_rows(q, result, gen_hash, scoring)
             generated.append(q["question_id"])
             report.num_generated += 1
+        kill_point("longcot_generate.before_commit")  # the batch generated; none of its rows written
         # update_rows, not upsert: a question that fails again keeps one row, with the latest reason.
         tables.update_rows("quarantine", bad, root)
         tables.upsert("longcot_paths", new_rows, root)
+        kill_point("longcot_generate.paths_committed")  # paths written; stale quarantine rows not cleared
         clear_quarantine(STAGE_GENERATE, generated, root, gen_hash)
+        kill_point("longcot_generate.batch_committed")  # the batch all written; later batches not generated
         report.num_paths += len(new_rows)
         report.num_correct += sum(r["answer_ok"] for r in new_rows)
         report.num_selected += sum(r["status"] == "selected" for r in new_rows)

@@ -16,6 +16,7 @@ from datetime import datetime
 from pathlib import Path
 
 from keyeflow.datasets import tables
+from keyeflow.faults import kill_point
 from keyeflow.longcot.assess import as_think_answer
 from keyeflow.longcot.common import batch_paths, questions_by_id, read_ref_rows, read_rows
 from keyeflow.longcot.generate import check_answer
@@ -130,6 +131,7 @@ def record_decision(paths: tables.TableRef, decision: Decision, root: str | None
     not ask the person again: :func:`review_plan` hands it back to be applied."""
     path = read_ref_rows(paths, "path_id", [decision.item_id])[0]
     tables.upsert("longcot_reviews", [_review_row(decision, path, "pending", "")], root)
+    kill_point("longcot_review.decision_recorded")  # a person's decision stored (pending), not yet applied
 
 
 @dataclass
@@ -274,7 +276,9 @@ def apply_reviews(
     }
     for r in reviews:
         r["decided_at"] = first.get(r["review_id"], r["decided_at"])
+    kill_point("longcot_review.before_commit")  # the decisions' outcomes worked out; none written
     tables.update_rows("longcot_reviews", reviews, root)
+    kill_point("longcot_review.reviews_committed")  # the reviews' outcomes written, the paths not updated
     tables.update_rows("longcot_paths", updated, root)
     report.num_decisions = len(decisions)
     return report

@@ -37,6 +37,7 @@ from keyeflow.config import get_settings
 from keyeflow.datasets import tables
 from keyeflow.datasets.sample_reader import LanceSampleReader
 from keyeflow.datasets.tables import TableRef
+from keyeflow.faults import kill_point
 from keyeflow.model.config import KeyeConfig
 from keyeflow.model.merging import MergeConfig, merge_checkpoints
 from keyeflow.model.modeling import KeyeForConditionalGeneration
@@ -144,14 +145,17 @@ def cached_step(
     if (cached := _done(out_dir)) is not None:
         return cached
     run_id = _open_run(out_dir, name, key, params or {}, parent_run_id, list(upstream))
+    kill_point("step.run_opened")  # the step's MLflow run and run.json written; nothing trained
     try:
         checkpoint = body(out_dir, run_id)
     except BaseException:
         lineage.end_run(run_id, failed=True)
         raise
+    kill_point("step.trained")  # the step's final checkpoint written; its run not closed, no done.json
     output = StageOutput(name, str(checkpoint), run_id, key, True)
     lineage.set_tags(run_id, {lineage.CHECKPOINT_TAG: output.checkpoint})
     lineage.end_run(run_id)
+    kill_point("step.run_closed")  # the step's run FINISHED and tagged; done.json not written
     _write_json(out_dir / DONE, {k: v for k, v in output.to_dict().items() if k != "trained"})
     return output
 
