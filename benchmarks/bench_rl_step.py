@@ -39,45 +39,13 @@ PARTS = ("rollout", "reward", "update", "other")
 
 
 def model_config(size: str):
-    from transformers import Qwen3Config
+    """The tiny model, or the 7.3M-parameter one the trainer benchmark also measures (one definition)."""
+    from bench_trainer import bench_model_config
 
-    from keyeflow.model.config import KeyeConfig, KeyeVisionConfig, tiny
+    from keyeflow.model.config import tiny
     from keyeflow.model.tokenizer import load_tokenizer
 
-    tokenizer = load_tokenizer()
-    ids = tiny(tokenizer)
-    if size == "tiny":
-        return ids
-    vision = KeyeVisionConfig(
-        hidden_size=128,
-        intermediate_size=512,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        num_position_embeddings=16,
-    )
-    text = Qwen3Config(
-        vocab_size=len(tokenizer),
-        hidden_size=256,
-        intermediate_size=1024,
-        num_hidden_layers=4,
-        num_attention_heads=8,
-        num_key_value_heads=4,
-        head_dim=32,
-        max_position_embeddings=8192,
-        rope_parameters={"rope_type": "default", "rope_theta": 1e6},
-        tie_word_embeddings=False,
-        pad_token_id=tokenizer.pad_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-    )
-    return KeyeConfig(
-        vision_config=vision,
-        text_config=text,
-        mrope_section=[4, 6, 6],
-        image_token_id=ids.image_token_id,
-        video_token_id=ids.video_token_id,
-        vision_start_token_id=ids.vision_start_token_id,
-        vision_end_token_id=ids.vision_end_token_id,
-    )
+    return tiny(load_tokenizer()) if size == "tiny" else bench_model_config()
 
 
 def build_items(num_prompts: int, num_images: int) -> list[dict]:
