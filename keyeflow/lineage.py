@@ -12,7 +12,10 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import hashlib
 import json
+import os
+import socket
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -155,6 +158,75 @@ def parse_table_tag(value: str) -> tuple[str, int]:
 def reopen_run(run_id: str) -> None:
     """Mark a run RUNNING again: a step resumed after a kill logs into the run it started."""
     client().update_run(run_id, status="RUNNING")
+
+
+# ------------------------------------------------------------------------------------ flow runs that resume
+
+RESUME_KEY_TAG = "keyeflow.resume_key"
+OWNER_TAG = "keyeflow.owner"
+
+
+def _start_ticks(pid: int) -> str:
+    """When process `pid` started (clock ticks since boot, from /proc), so a pid the kernel reused for
+    another process is not taken for the one that died; "" where /proc cannot tell."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return ""
+    fields = stat.rpartition(")")[2].split()
+    return "" if fields[0] == "Z" else fields[19]  # a zombie has exited: it counts as dead
+
+
+def process_owner() -> str:
+    """This process, as a run's owner: host, pid and start time."""
+    return f"{socket.gethostname()}:{os.getpid()}:{_start_ticks(os.getpid())}"
+
+
+def owner_is_dead(owner: str) -> bool:
+    """Whether the process that owns a run has certainly ended. A process on another host cannot be
+    checked from here: it counts as alive, so its run is never taken over."""
+    parts = owner.rsplit(":", 2)
+    if len(parts) != 3 or parts[0] != socket.gethostname() or not parts[1].isdigit():
+        return False
+    pid, ticks = int(parts[1]), parts[2]
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False  # alive, another user's
+    return _start_ticks(pid) != ticks
+
+
+def resume_key(name: str, params: dict[str, Any] | None, parent_run_id: str | None) -> str:
+    """What makes two flow runs the same attempt: the flow, its parameters and its parent run."""
+    text = json.dumps([name, params or {}, parent_run_id], sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:32]
+
+
+def open_flow_run(name: str, params: dict[str, Any] | None = None, parent_run_id: str | None = None) -> str:
+    """The MLflow run of a flow: the run a killed attempt of the same flow left behind, reopened, else a new
+    one. So a crash and its rerun leave one run, as an uninterrupted run does, not a RUNNING orphan beside
+    a FINISHED twin.
+
+    A top-level run is taken over only while it is RUNNING and its owner process has certainly died (same
+    host, pid gone or reused). A subflow run is taken over when its parent was (the same key names the
+    parent) and another process opened it: a subflow that finished before the kill is finished again by the
+    rerun, not duplicated. Two processes that look for the same dead run at once are serialised by the
+    store's lock (a local store; a tracking server's clients are not)."""
+    key = resume_key(name, params, parent_run_id)
+    me = process_owner()
+    client()  # opens the store first: that takes the same lock
+    with _store_lock(get_settings().mlflow_uri):
+        for run in runs_with_tag(RESUME_KEY_TAG, key):
+            owner = run.data.tags.get(OWNER_TAG, "")
+            if owner == me:
+                continue
+            if parent_run_id or (run.info.status == "RUNNING" and owner_is_dead(owner)):
+                reopen_run(run.info.run_id)
+                set_tags(run.info.run_id, {OWNER_TAG: me})
+                return run.info.run_id
+        return start_run(name, params, parent_run_id, tags={RESUME_KEY_TAG: key, OWNER_TAG: me})
 
 
 # ---------------------------------------------------------------------------------------------- tracing

@@ -110,8 +110,9 @@ def progress(total: int, key: str, description: str) -> Iterator[ProgressTracker
 
 @contextlib.contextmanager
 def lineage_run(name: str, params: dict, parent_run_id: str | None = None) -> Iterator[str]:
-    """An MLflow run spanning a flow; marked FAILED if the flow raises."""
-    run_id = lineage.start_run(name, params, parent_run_id)
+    """An MLflow run spanning a flow (the one a killed attempt left, reopened: `lineage.open_flow_run`);
+    marked FAILED if the flow raises."""
+    run_id = lineage.open_flow_run(name, params, parent_run_id)
     try:
         yield run_id
     except BaseException:

@@ -119,30 +119,27 @@ def mlflow_runs(home: Path) -> list:
     return client.search_runs(experiments, max_results=10_000)
 
 
-def finished_runs(home: Path, top_level: bool = False) -> Counter:
+def run_outcomes(home: Path) -> Counter:
+    """(name, status, parent's name) of every MLflow run."""
     runs = mlflow_runs(home)
+    names = {r.info.run_id: r.info.run_name for r in runs}
     return Counter(
-        r.info.run_name
-        for r in runs
-        if r.info.status == "FINISHED" and not (top_level and "mlflow.parentRunId" in r.data.tags)
+        (r.info.run_name, r.info.status, names.get(r.data.tags.get("mlflow.parentRunId", ""))) for r in runs
     )
 
 
 def assert_same_outcome(crashed: Path, reference: Path) -> None:
-    """The crashed-and-rerun home holds exactly the reference's rows and gate verdicts. In MLflow, each
-    command that finished made one finished top-level run, as in the reference; a killed process's runs stay
-    RUNNING (never FINISHED or FAILED: it did not finish), and only the subflows it completed before dying
-    are FINISHED, so those (e.g. ingest-videos) appear again, as the rerun's new runs that found the work
-    done."""
+    """The crashed-and-rerun home holds exactly the reference's rows and gate verdicts, and the same MLflow
+    runs: each killed run was reopened by its rerun and finished there (no RUNNING orphan), and each subflow
+    that finished before the kill was finished again in its own run (no twin)."""
     got, want = snapshot(crashed), snapshot(reference)
     assert got.keys() == want.keys()
     for name in want:
         assert got[name].keys() == want[name].keys(), f"{name}: keys differ (lost or extra rows)"
         assert got[name] == want[name], f"{name}: row contents differ"
     assert verdicts(crashed) == verdicts(reference)
-    assert finished_runs(crashed, top_level=True) == finished_runs(reference, top_level=True)
-    assert finished_runs(crashed).keys() == finished_runs(reference).keys()
-    assert {r.info.status for r in mlflow_runs(crashed)} <= {"FINISHED", "RUNNING"}
+    assert run_outcomes(crashed) == run_outcomes(reference)
+    assert {status for _, status, _ in run_outcomes(crashed)} == {"FINISHED"}
 
 
 # ---------------------------------------------------------------------------------------------- data flows
