@@ -483,10 +483,10 @@ class _MediaIndex:
         digest = self.digest(path)
         if kind == "video":
             key, table = pretokenize.sample_id(digest, self.slowfast), "video_samples"
-            columns = ["sample_id", "frame_types", "timestamps", "slow_tokens", "fast_tokens"]
+            columns = ["sample_id", "config_hash", "frame_types", "timestamps", "slow_tokens", "fast_tokens"]
         else:
             key, table = images.sample_id(digest, self.image_config), "image_samples"
-            columns = ["sample_id", "num_tokens"]
+            columns = ["sample_id", "config_hash", "num_tokens"]
         if key not in self._rows:
             found = None
             if tables.exists(table, self.root):
@@ -496,25 +496,28 @@ class _MediaIndex:
                     .to_pylist()
                 )
                 found = rows[0] if rows else None
+            if found is not None and self._quarantined(
+                (pc.field("content_hash") == digest) & (pc.field("config_hash") == found["config_hash"])
+            ):
+                found = None  # a gate quarantined this very sample: no conversation may use it
             self._rows[key] = found
         if self._rows[key] is None:
             raise BadRecord(f"{kind} {path.name} has no pre-tokenised sample ({self._why(path, digest)})")
         return self._rows[key]
 
+    def _quarantined(self, where: pc.Expression) -> list[str]:
+        if not tables.exists("quarantine", self.root):
+            return []
+        return (
+            tables.open_table("quarantine", root=self.root)
+            .to_table(columns=["reason"], filter=where)
+            .column("reason")
+            .to_pylist()
+        )
+
     def _why(self, path: Path, digest: str) -> str:
-        if tables.exists("quarantine", self.root):
-            q = (
-                tables.open_table("quarantine", root=self.root)
-                .to_table(
-                    columns=["reason"],
-                    filter=(pc.field("content_hash") == digest) | (pc.field("uri") == str(path)),
-                )
-                .column("reason")
-                .to_pylist()
-            )
-            if q:
-                return f"quarantined: {q[0]}"
-        return "not ingested"
+        reasons = self._quarantined((pc.field("content_hash") == digest) | (pc.field("uri") == str(path)))
+        return f"quarantined: {reasons[0]}" if reasons else "not ingested"
 
     def ids(self, kind: str, row: dict) -> list[int]:
         if kind == "video":

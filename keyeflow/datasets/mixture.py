@@ -40,7 +40,7 @@ import hashlib
 import json
 import logging
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -546,13 +546,17 @@ def plan_quotas(
 
 def _lit(value: str) -> str:
     # Only for SQL text that people read and run themselves in `keyeflow sql` (classify_sql,
-    # reached_shares_sql), which takes no parameters; quoted the SQL way (a quote doubled). What keyeflow
-    # runs with a data value in it binds the value as a parameter or an Arrow filter instead.
+    # reached_shares_sql), which takes no parameters, and for constants of the code; quoted the SQL way (a
+    # quote doubled). What keyeflow runs with a data or config value in it binds the value as a parameter
+    # (classify_query) or an Arrow filter instead.
     return "'" + str(value).replace("'", "''") + "'"
 
 
-def _lits(values: Iterable[str]) -> str:
-    return ", ".join(_lit(v) for v in values)
+def _sql_value(value) -> str:
+    """A string or a list of strings as SQL text (a quoted literal, a list literal)."""
+    if isinstance(value, list):
+        return "[" + ", ".join(_lit(v) for v in value) + "]"
+    return _lit(value)
 
 
 def mixture_id(config: MixtureConfig, eligible_digest: str) -> str:
@@ -570,32 +574,45 @@ def mixture_id(config: MixtureConfig, eligible_digest: str) -> str:
     return config_hash(payload, compact=True)
 
 
-def classify_sql(config: MixtureConfig, with_quarantine: bool = True) -> str:
-    """Every train_samples row with the reason it is left out of this config's mixture (NULL = eligible).
+class _Bound:
+    """Values of a query kept out of its text: each becomes a DuckDB named parameter ``$pN``."""
 
-    What ``keyeflow sql`` users run to see what a mixture dropped and why, e.g.
-    ``select reason, modality, count(*) from (<this>) where reason is not null group by all``.
-    """
+    def __init__(self):
+        self.params: dict[str, object] = {}
+
+    def __call__(self, value) -> str:
+        name = f"p{len(self.params)}"
+        self.params[name] = value
+        return "$" + name
+
+
+def _classify(config: MixtureConfig, with_quarantine: bool, value: Callable[[object], str]) -> str:
+    # `value` renders each config value into the query: a bound parameter (what keyeflow runs) or a quoted
+    # literal (the text people run in `keyeflow sql`).
     reasons = []
     if with_quarantine:
-        reasons.append(f"when q.uri is not null then {_lit(QUARANTINED)}")
+        reasons.append(f"when q.uri is not null then {value(QUARANTINED)}")
     if config.holdout_per_mille:
-        reasons.append(f"when {_held_out('s.sample_id', config.holdout_per_mille)} then {_lit(HELD_OUT)}")
+        reasons.append(f"when {_held_out('s.sample_id', config.holdout_per_mille)} then {value(HELD_OUT)}")
+    modalities = value(list(config.targeted_modalities))
     reasons.append(
-        f"when s.modality is null or s.modality not in ({_lits(config.targeted_modalities)}) "
-        f"then {_lit(MODALITY_NOT_IN_MIXTURE)}"
+        f"when s.modality is null or not list_contains({modalities}, s.modality) "
+        f"then {value(MODALITY_NOT_IN_MIXTURE)}"
     )
     if config.tasks is not None:
         reasons.append(
-            f"when s.task is null or s.task not in ({_lits(config.tasks)}) then {_lit(TASK_NOT_IN_STAGE)}"
+            f"when s.task is null or not list_contains({value(list(config.tasks))}, s.task) "
+            f"then {value(TASK_NOT_IN_STAGE)}"
         )
     else:  # "every task" of pre-training never means the rows post-training writes to the same table
-        reasons.append(f"when s.task in ({_lits(POSTTRAIN_TASKS)}) then {_lit(TASK_NOT_IN_STAGE)}")
-    reasons.append(f"when s.num_tokens is null or s.num_tokens <= 0 then {_lit(NO_TOKENS)}")
-    reasons.append(f"when s.num_tokens > {config.max_sample_tokens} then {_lit(OVER_LENGTH)}")
+        reasons.append(
+            f"when list_contains({value(list(POSTTRAIN_TASKS))}, s.task) then {value(TASK_NOT_IN_STAGE)}"
+        )
+    reasons.append(f"when s.num_tokens is null or s.num_tokens <= 0 then {value(NO_TOKENS)}")
+    reasons.append(f"when s.num_tokens > {int(config.max_sample_tokens)} then {value(OVER_LENGTH)}")
     zero = [s for s, w in config.source_weights.items() if w == 0]
     if zero:
-        reasons.append(f"when s.source in ({_lits(zero)}) then {_lit(SOURCE_WEIGHT_ZERO)}")
+        reasons.append(f"when list_contains({value(zero)}, s.source) then {value(SOURCE_WEIGHT_ZERO)}")
     join = (
         "left join (select distinct uri from quarantine where uri is not null) q on s.source_uri = q.uri"
         if with_quarantine
@@ -606,6 +623,22 @@ def classify_sql(config: MixtureConfig, with_quarantine: bool = True) -> str:
                case {" ".join(reasons)} end as reason
         from train_samples s {join}
     """
+
+
+def classify_query(config: MixtureConfig, with_quarantine: bool = True) -> tuple[str, dict[str, object]]:
+    """:func:`classify_sql` as keyeflow runs it: the config's values (modalities, tasks, source names) bound
+    as parameters, never formatted into the text."""
+    bound = _Bound()
+    return _classify(config, with_quarantine, bound), bound.params
+
+
+def classify_sql(config: MixtureConfig, with_quarantine: bool = True) -> str:
+    """Every train_samples row with the reason it is left out of this config's mixture (NULL = eligible).
+
+    What ``keyeflow sql`` users run to see what a mixture dropped and why, e.g.
+    ``select reason, modality, count(*) from (<this>) where reason is not null group by all``.
+    """
+    return _classify(config, with_quarantine, _sql_value)
 
 
 def _key(prefix: str, column: str) -> str:
@@ -738,9 +771,8 @@ def compute_mixture(
         con.register("train_samples", tables.dataset(samples.uri, version=samples.version))
         if quarantine is not None:
             con.register("quarantine", tables.dataset(quarantine.uri, version=quarantine.version))
-        con.execute(
-            "create or replace temp table classified as " + classify_sql(config, quarantine is not None)
-        )
+        text, params = classify_query(config, quarantine is not None)
+        con.execute("create or replace temp table classified as " + text, params)
         digest = con.sql("""
             select coalesce(md5(string_agg(sample_id || ':' || modality || ':' || source || ':' || num_tokens,
                                            ',' order by sample_id)), '')

@@ -54,8 +54,9 @@ Schemas (documented here because ``keyeflow sql`` users read them):
     quarantine_id, uri, reason, stage, content_hash (empty if unreadable), config_hash, detected_at.
 
 ``gate_results`` — every gate verdict (primary key ``gate_result_id``: gate + table version + run)
-    gate, table_uri, table_version, passed, num_rows, failures (JSON list: check, expectation, column,
-    unexpected_count, examples), run_id (MLflow), checked_at.
+    gate, table_uri, table_version, passed, num_rows, failures (JSON object: max_failing_share,
+    num_failing_rows, num_quarantined, and the list of failed checks, each with check, expectation, column,
+    level, action, unexpected_count, examples), run_id (MLflow), checked_at.
 
 ``train_samples`` — one row per training sample, any modality (primary key ``sample_id``)
     sample_id, source (dataset name, e.g. ``captions-coco-like``), task (caption, ocr, grounding, vqa,

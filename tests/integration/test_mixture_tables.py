@@ -332,3 +332,19 @@ def test_rows_the_config_excludes_do_not_change_the_mixture(samples):
     assert again.mixture.version == first.mixture.version  # nothing written
     assert not any(s.startswith("rm-") for s, *_ in mixture_rows(again))
     gates.check_mixture(again.mixture, again.mixture_id, config, None, later).raise_if_failed()
+
+
+def test_config_values_with_quotes_are_bound_not_formatted(home):
+    # A source name holding a quote, a newline and non-ASCII letters, weighted 0: the mixture keyeflow runs
+    # (values bound as parameters) and the SQL text people run (quoted literals) exclude exactly its rows.
+    hostile = "o'brien\n\"çà\""
+    shape = {"image": (90, 200, 2_500, ["plain", hostile, "ocr-docs"])}
+    tables.upsert("train_samples", sample_rows(shape=shape))
+    samples = tables.ref("train_samples")
+    config = stage_mixture(1, tasks=None, source_weights={"plain": 1, hostile: 0, "ocr-docs": 1})
+    result = build_mixture(samples, config, None)
+    assert result.report.excluded_counts == {"source_weight_zero": 30}
+    frame = sql.query(classify_sql(config, with_quarantine=False))
+    assert set(frame.source[frame.reason == "source_weight_zero"]) == {hostile}
+    used = sql.query("select distinct source from mixtures")
+    assert set(used.source) == {"plain", "ocr-docs"}

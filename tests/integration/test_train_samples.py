@@ -119,3 +119,31 @@ def test_stage3_mixture_reaches_24_50_26_and_sql_confirms(built):
                              where m.mixture_id = '{result.mixture_id}' and s.source_uri in
                              (select uri from quarantine)""").n[0]
     assert used_bad == 0
+
+
+def test_a_media_sample_a_gate_quarantined_is_not_used_by_any_conversation(home, sample_corpus, media_dir):
+    # A video's pre-tokenised sample failed a row-level gate (quarantined under its content hash and sample
+    # config): samples-build quarantines every conversation on that video, and uses the other media.
+    corpus = sample_corpus["conversations"].parent
+    ingest_media(corpus, media_dir)
+    gated = tables.open_table("video_samples").to_table(columns=["video_id", "config_hash"]).to_pylist()[0]
+    reason = "gate video_samples: timestamps strictly increase [expect_column_values_to_be_in_set] x=False"
+    tables.upsert(
+        "quarantine",
+        [
+            tables.quarantine_row(
+                "/v/gated.mp4",
+                reason,
+                gates.gate_stage("video_samples"),
+                gated["video_id"],
+                gated["config_hash"],
+            )
+        ],
+    )
+    report = conversations.build_train_samples([str(corpus)], str(media_dir), PAPER)
+    rows = sql.query("select uri, reason from quarantine where stage = 'ingest_samples'")
+    hits = [r for r in rows.reason if "quarantined: " + reason in r]
+    assert hits and all("has no pre-tokenised sample" in r for r in hits)
+    assert report.num_written > 0
+    used = sql.query("select media_ids from train_samples where modality = 'video'").media_ids
+    assert not any(m.startswith(gated["video_id"][:16]) for ids in used for m in ids)
