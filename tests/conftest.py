@@ -66,6 +66,23 @@ def prefect_harness():
         yield
 
 
+@pytest.fixture(scope="session", autouse=True)
+def subprocesses_report_to_the_harness(prefect_harness):
+    """Every `keyeflow` process a test starts reports to the session's Prefect server (PREFECT_API_URL in
+    the environment it inherits) instead of starting and migrating an ephemeral server of its own: ~10 s of
+    every CLI run on this machine, and on a busy one past Prefect's start timeout. A test that needs its own
+    server (the real `prefect server` tests) sets the variable itself."""
+    from prefect.settings import PREFECT_API_URL
+
+    before = os.environ.get("PREFECT_API_URL")
+    os.environ["PREFECT_API_URL"] = PREFECT_API_URL.value()
+    yield
+    if before is None:
+        os.environ.pop("PREFECT_API_URL", None)
+    else:
+        os.environ["PREFECT_API_URL"] = before
+
+
 @pytest.fixture(scope="session")
 def sample_images(media_dir) -> list[Path]:
     from keyeflow.synthetic.images import generate_images

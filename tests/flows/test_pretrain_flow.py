@@ -12,7 +12,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import lance
@@ -55,36 +54,28 @@ def stage_dir(home: Path, name: str) -> Path | None:
 
 
 def kill_during_stage_3(home: Path, tmp_path: Path) -> None:
-    """Run `keyeflow pretrain` and SIGKILL its whole process group once stage 3 has trained a step."""
+    """Run `keyeflow pretrain`, which SIGKILLs itself at the kill point after stage 3's third step (stages 1
+    and 2 train first in the same process: the arrival counts their steps too)."""
+    arrival = RECIPE.stages[1].max_steps + RECIPE.stages[2].max_steps + 3
     env = {
         **os.environ,
         "KEYEFLOW_HOME": str(home),
         "PREFECT_HOME": str(tmp_path / "prefect"),
         "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "KEYEFLOW_KILL_POINT": f"stage.step@{arrival}",
     }
-    proc = subprocess.Popen(
+    done = subprocess.run(
         [KEYEFLOW, "pretrain"],
+        check=False,
         env=env,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
-        start_new_session=True,
+        timeout=600,
     )
-    deadline = time.monotonic() + 600
-    try:
-        while time.monotonic() < deadline:
-            stage3 = stage_dir(home, "pretrain-3-annealing-balanced")
-            metrics = stage3 / "metrics.jsonl" if stage3 else None
-            if metrics and metrics.is_file() and len(metrics.read_text().splitlines()) >= 3:
-                break
-            assert proc.poll() is None, (
-                f"pretrain exited before stage 3 trained: {proc.stderr.read()[-3000:]}"
-            )
-            time.sleep(0.05)
-        else:
-            pytest.fail("stage 3 did not start within 10 minutes")
-    finally:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
+    stderr = done.stderr.decode(errors="replace")
+    assert done.returncode == -signal.SIGKILL and "keyeflow kill point stage.step" in stderr, stderr[-3000:]
+    metrics = stage_dir(home, "pretrain-3-annealing-balanced") / "metrics.jsonl"
+    assert len(metrics.read_text().splitlines()) == 3
 
 
 @pytest.mark.slow

@@ -34,18 +34,6 @@ REPO = HERE.parents[1]
 VOLATILE = {"run_id", "flow_run_id"}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def prefect_api(prefect_harness) -> None:
-    """The processes report to the test session's Prefect server: each would otherwise start (and migrate)
-    an ephemeral server of its own, most of a short run's time, and on a busy machine past its start
-    timeout."""
-    from prefect.settings import PREFECT_API_URL
-
-    os.environ["PREFECT_API_URL"] = PREFECT_API_URL.value()
-    yield
-    del os.environ["PREFECT_API_URL"]
-
-
 def run(home: Path, command: list[str], kill: str | None = None, timeout: int = 600) -> str:
     """Run `command` with KEYEFLOW_HOME=home; with `kill`, it must die at that kill point (its stderr says
     so), else it must succeed. Returns its stderr."""
