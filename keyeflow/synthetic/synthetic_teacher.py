@@ -108,6 +108,22 @@ DIGRESSIONS = (
     "Bees dance to tell each other where flowers grow.",
     "Glaciers carve wide valleys over thousands of years.",
 )
+# Fixed kinds for some sample questions (``teacher_config(plans=SAMPLE_PLANS)``), for tests and demos that
+# need a known flawed path on a known question: every error kind on one question each, correct paths
+# cycling through answer forms written unlike the reference (½ / 1/2 / 0.5, 1000 m / 1 km, \frac{1}{2} /
+# 50%), and, last, every other question answered wrongly (the empty match holds for every prompt).
+SAMPLE_PLANS: dict[str, list[str]] = {
+    "What is 1 divided by 2?": ["correct", "correct", "correct", "wrong_step"],
+    "A road is 1000 m long.": ["correct"],
+    "What fraction of the pizza is eaten?": ["correct"],
+    "Solve for x: 3x + 5 = 20.": ["correct", "irrelevant_step"],
+    "What is 15% of 240?": ["repeated_step"],
+    "interior angles of a triangle": ["wrong_arithmetic"],
+    "Simplify (x + 1)^2 - (x - 1)^2.": ["wrong_step"],
+    "What share of the tokens does the image bar show?": ["correct"],
+    "bounding box of the red rectangle": ["correct"],
+    "": ["wrong_step"],
+}
 UNKNOWN = "<think>\nI cannot tell.\n</think>\n<answer>unknown</answer>"
 _PIECE = re.compile(r"\s*\S+|\s+")
 _STEP_PREFIX = re.compile(r"^Step \d+: ")
