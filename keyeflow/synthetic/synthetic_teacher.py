@@ -25,6 +25,11 @@ Its kind is drawn with the config's ``proportions`` (default: correct 0.5, wrong
 weights. A ``plans`` entry (``{question substring: [kind, ...]}``) fixes the kinds instead: path ``i`` is
 ``plan[i % len(plan)]`` (tests use it to get a flawed path where they need one).
 
+Path ``i`` is written in style ``STYLES[i % 3]`` (a teacher's paths are worded differently, so LongCoT can
+keep several correct ones instead of dropping near-duplicates): ``numbered`` ("Step 1: …"), ``connectives``
+("First, … Then, … Finally, …") or ``restated`` ("The question asks: …", then "(1) …", "(2) …"); the step
+texts are the solution's own.
+
 - ``correct``: the reference steps; the answer in form ``answer_forms[i % len]`` (½ / 1/2 / 0.5): graded A.
 - ``wrong_step``: the last step reaches a wrong value (a seeded pick of ``wrong_answers``) and the answer
   carries it: a wrong answer, graded C.
@@ -109,16 +114,17 @@ DIGRESSIONS = (
     "Glaciers carve wide valleys over thousands of years.",
 )
 # Fixed kinds for some sample questions (``teacher_config(plans=SAMPLE_PLANS)``), for tests and demos that
-# need a known flawed path on a known question: every error kind on one question each, correct paths
+# need a known flawed path on a known question: every error kind on one question each (one path of it among
+# four, the others wrong answers, so one path per question comes up for review), correct paths
 # cycling through answer forms written unlike the reference (½ / 1/2 / 0.5, 1000 m / 1 km, \frac{1}{2} /
 # 50%), and, last, every other question answered wrongly (the empty match holds for every prompt).
 SAMPLE_PLANS: dict[str, list[str]] = {
     "What is 1 divided by 2?": ["correct", "correct", "correct", "wrong_step"],
     "A road is 1000 m long.": ["correct"],
     "What fraction of the pizza is eaten?": ["correct"],
-    "Solve for x: 3x + 5 = 20.": ["correct", "irrelevant_step"],
-    "What is 15% of 240?": ["repeated_step"],
-    "interior angles of a triangle": ["wrong_arithmetic"],
+    "Solve for x: 3x + 5 = 20.": ["correct", "irrelevant_step", "wrong_step", "wrong_step"],
+    "What is 15% of 240?": ["repeated_step", "wrong_step", "wrong_step", "wrong_step"],
+    "interior angles of a triangle": ["wrong_arithmetic", "wrong_step", "wrong_step", "wrong_step"],
     "Simplify (x + 1)^2 - (x - 1)^2.": ["wrong_step"],
     "What share of the tokens does the image bar show?": ["correct"],
     "bounding box of the red rectangle": ["correct"],
@@ -151,27 +157,43 @@ def path_kind(solution: dict, rng: random.Random, proportions: dict[str, float])
     return rng.choices(kinds, weights=[proportions[k] for k in kinds])[0]
 
 
-def _numbered(steps: list[str], asides: list[bool], numbered: bool) -> list[str]:
-    """Steps with "Step k: " markers again (when the solution had them); an aside (a digression) gets none,
-    so its own step number never ties it to a number of the question."""
-    out, k = [], 0
-    for text, aside in zip(steps, asides):
-        if numbered and not aside:
-            k += 1
-            text = f"Step {k}: {text}"
-        out.append(text)
+STYLES = ("numbered", "connectives", "restated")
+
+
+def _styled(steps: list[str], roles: list[str], style: str, question: str) -> list[str]:
+    """The steps written in ``style`` (module docstring). Roles: "step" (the solution's), "aside" (a
+    digression: no marker, so its own step number never ties it to a number of the question) and "repeat"
+    (a step written again: numbered on as a step, or else a verbatim copy of the step before it)."""
+    counted = [
+        k for k, role in enumerate(roles) if role == "step" or (role == "repeat" and style == "numbered")
+    ]
+    out = list(steps)
+    for position, k in enumerate(counted):
+        text = steps[k]
+        if style == "numbered":
+            out[k] = f"Step {position + 1}: {text}"
+        elif style == "connectives" and len(counted) > 1:
+            word = "First" if position == 0 else "Finally" if position == len(counted) - 1 else "Then"
+            lowered = text[0].lower() + text[1:] if len(text) > 1 and text[1].islower() else text
+            out[k] = f"{word}, {lowered}"
+        elif style == "restated":
+            out[k] = f"({position + 1}) {text}"
+    for k, role in enumerate(roles):
+        if role == "repeat" and style != "numbered":
+            out[k] = out[k - 1]
+    if style == "restated":
+        out.insert(0, f"The question asks: {question}")
     return out
 
 
 def write_path(
-    solution: dict, kind: str, index: int, rng: random.Random
+    solution: dict, kind: str, index: int, rng: random.Random, question: str = ""
 ) -> tuple[list[tuple[str, bool]], str]:
     """The path of ``kind`` as (text, written by the solver instead of copied) pieces of the think part,
-    one list entry per step, and its answer. ``index`` picks the answer form of a correct path."""
-    numbered = all(_STEP_PREFIX.match(s) for s in solution["steps"])
+    one list entry per step, and its answer. ``index`` picks the style and the answer form."""
     bare = [_STEP_PREFIX.sub("", s) for s in solution["steps"]]
     changed = [False] * len(bare)
-    asides = [False] * len(bare)
+    roles = ["step"] * len(bare)
     forms = solution.get("answer_forms") or [solution["answer"]]
     answer = forms[index % len(forms)]
     if kind == "wrong_step":
@@ -194,13 +216,16 @@ def write_path(
         at = rng.randint(1, len(bare)) if len(bare) > 1 else 1
         bare.insert(at, rng.choice(DIGRESSIONS))
         changed.insert(at, True)
-        asides.insert(at, True)
+        roles.insert(at, "aside")
     elif kind == "repeated_step":
         k = rng.randrange(len(bare))
         bare.insert(k + 1, bare[k])
         changed.insert(k + 1, True)
-        asides.insert(k + 1, False)
-    steps = _numbered(bare, asides, numbered)
+        roles.insert(k + 1, "repeat")
+    style = STYLES[index % len(STYLES)]
+    steps = _styled(bare, roles, style, question)
+    if style == "restated":
+        changed.insert(0, False)
     return list(zip(steps, changed)), answer
 
 
@@ -234,7 +259,7 @@ def solve(
         kind = plan[i % len(plan)] if plan else path_kind(solution, rng, proportions)
         if not _kind_applies(kind, solution):
             raise ValueError(f"the plan asks {kind} of {question['question']!r}, which cannot apply")
-        steps, answer = write_path(solution, kind, i, rng)
+        steps, answer = write_path(solution, kind, i, rng, question["question"])
         text, tokens, logprobs = path_tokens(steps, answer, kind == "wrong_step", rng)
         paths.append({"text": text, "tokens": tokens, "logprobs": logprobs, "kind": kind, "answer": answer})
     return paths

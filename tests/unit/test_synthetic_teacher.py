@@ -44,13 +44,13 @@ def cases():
         yield item.question, item.domain, {"answer": item.answer, **item.solution}
 
 
-def test_every_kind_is_what_the_graders_see():
+def test_every_kind_is_what_the_graders_see():  # three paths each: every style
     seen = Counter()
     for question, domain, solution in cases():
         for kind in teacher.ERROR_KINDS:
             if kind == "wrong_arithmetic" and not teacher._kind_applies(kind, solution):
                 continue
-            for path in teacher.solve({"question": question, "solution": solution}, 2, 0, {}, [kind]):
+            for path in teacher.solve({"question": question, "solution": solution}, 3, 0, {}, [kind]):
                 right, flawed, redundancy = graded(question, domain, solution["answer"], path["text"])
                 assert path["kind"] == kind
                 if kind == "wrong_step":
