@@ -64,7 +64,9 @@ entry can misbehave, as a real server does: ``"delay_s": seconds`` waits before 
 output; an object as JSON). With ``"times": k`` the misbehaviour applies to the first k matching requests,
 then the request goes on (a transient failure that a retry gets past); without it, to every request. An
 entry without ``completions`` only misbehaves: a request it lets through goes on to the next entry, then
-the solver.
+the solver. A request nothing answers gets the config's ``"default"`` completion (when given) or "unknown".
+With fixed replies and no questions the server is a plain stand-in for any chat model (tests use it as a
+policy or a judge).
 
 ``start_server(config, workdir)`` runs it as a subprocess and yields its base URL and request log; it stops
 the server when the ``with`` block ends.
@@ -379,7 +381,9 @@ def find_question(config: dict, prompt: str, media: list[str]) -> dict | None:
     """The known question whose text the prompt holds and whose media hashes the request's media have (a
     question without media constraints matches on text alone); the longest text wins."""
     found = [
-        q for q in config["questions"] if q["question"] in prompt and (not q["media"] or q["media"] == media)
+        q
+        for q in config.get("questions", [])
+        if q["question"] in prompt and (not q["media"] or q["media"] == media)
     ]
     return max(found, key=lambda q: len(q["question"]), default=None)
 
@@ -467,7 +471,7 @@ def make_handler(
                     return [_fixed(entry["completions"][i % len(entry["completions"])]) for i in range(n)]
             question = find_question(config, prompt, _request_media_hashes(messages))
             if question is None:
-                return [_fixed({"text": UNKNOWN, "logprob": math.log(0.5)})] * n
+                return [_fixed(config.get("default") or {"text": UNKNOWN, "logprob": math.log(0.5)})] * n
             plan = next((p for m, p in config.get("plans", {}).items() if m in prompt), None)
             paths = solve(
                 question,

@@ -18,7 +18,7 @@ from typer.testing import CliRunner
 
 from keyeflow import lineage
 from keyeflow.cli import app
-from keyeflow.synthetic import scripted_teacher as replay
+from keyeflow.synthetic import synthetic_teacher as teacher_server
 from keyeflow.training.posttrain_recipe import posttrain_recipe
 
 STAGES = [
@@ -39,7 +39,7 @@ STAGES = [
 
 @pytest.fixture(scope="module")
 def data_home(tmp_path_factory, sample_corpus, media_dir, prefect_harness):
-    """train_samples from the sample corpus and the LongCoT tables from the replaying teacher."""
+    """train_samples from the sample corpus and the LongCoT tables from the synthetic teacher."""
     from keyeflow.flows.data import build_train_samples
     from keyeflow.flows.longcot import longcot
     from keyeflow.model.config import tiny
@@ -54,12 +54,13 @@ def data_home(tmp_path_factory, sample_corpus, media_dir, prefect_harness):
             mp.delenv(var, raising=False)
         build_train_samples([str(sample_corpus["conversations"].parent)], str(media_dir))
         questions = generate_longcot_questions(media_dir / "longcot-posttrain", media_dir / "images")
-        with replay.start_server(replay.teacher_recordings(), root / "teacher") as (url, _):
+        settings = teacher_server.teacher_config(plans=teacher_server.SAMPLE_PLANS)
+        with teacher_server.start_server(settings, root / "teacher") as (url, _):
             longcot(
                 [str(questions["dir"])],
                 str(media_dir),
                 review="auto_approve",
-                generation={"backend": "openai", "base_url": url, "model": "replay-teacher", "n": 4},
+                generation={"backend": "openai", "base_url": url, "model": teacher_server.MODEL, "n": 4},
             )
         torch.manual_seed(0)
         KeyeForConditionalGeneration(tiny()).save_pretrained(root / "start")

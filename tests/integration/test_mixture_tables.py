@@ -337,7 +337,7 @@ def test_rows_the_config_excludes_do_not_change_the_mixture(samples):
 def test_config_values_with_quotes_are_bound_not_formatted(home):
     # A source name holding a quote, a newline and non-ASCII letters, weighted 0: the mixture keyeflow runs
     # (values bound as parameters) and the SQL text people run (quoted literals) exclude exactly its rows.
-    hostile = "o'brien\n\"çà\""
+    hostile = 'o\'brien\n"çà"'
     shape = {"image": (90, 200, 2_500, ["plain", hostile, "ocr-docs"])}
     tables.upsert("train_samples", sample_rows(shape=shape))
     samples = tables.ref("train_samples")
