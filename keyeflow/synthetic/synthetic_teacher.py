@@ -8,6 +8,7 @@ points it at a real teacher instead). It is a real process on 127.0.0.1 speaking
 and the whole flow run unchanged against it, as they would against vLLM.
 
     python -m keyeflow.synthetic.synthetic_teacher --config FILE [--port 0] [--log REQUESTS.jsonl]
+        [--paths-log PATHS.jsonl] [--api-key TOKEN]
 
 **What it answers.** The config (:func:`teacher_config`) holds the questions it can solve, each with its
 reference solution (``steps``, ``answer_forms``, ``wrong_answers``; the sample questions'
@@ -37,7 +38,8 @@ texts are the solution's own.
   path and the answer stay right: the process check catches the false claim, graded B.
 - ``irrelevant_step``: a digression that shares no word with the question is inserted at a seeded place:
   relevance 0, graded B.
-- ``repeated_step``: a step is written twice: redundancy, a "borderline A" that people review.
+- ``repeated_step``: a step is written twice (numbered on, or word for word in the other styles):
+  redundancy, a "borderline A" that people review.
 
 **Log-probs follow from what it did.** Every token's log-prob is the log of the probability the solver gave
 the token it wrote: a token of the reference solution (or of a listed answer form) was its top choice, with
