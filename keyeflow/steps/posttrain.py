@@ -317,7 +317,9 @@ def train_gspo(
         config.config_hash(),
         init.key,
         reward_spec,
-        [i["id"] for i in items],
+        # An item's hints shape what it trains on (a failed group trains under its hinted prompt): other
+        # hints are another stage. Items without hints keep the key they had.
+        [[i["id"], i["hints"]] if i.get("hints") else i["id"] for i in items],
         [u.key for u in extra_upstream],
     )
     return cached_step(
