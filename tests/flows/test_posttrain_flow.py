@@ -18,6 +18,7 @@ from typer.testing import CliRunner
 
 from keyeflow import lineage
 from keyeflow.cli import app
+from keyeflow.datasets import sql
 from keyeflow.synthetic import synthetic_teacher as teacher_server
 from keyeflow.training.posttrain_recipe import posttrain_recipe
 
@@ -113,6 +114,13 @@ def test_posttrain_flow_runs_every_stage_into_the_lineage(data_home, monkeypatch
     gspo = client.get_run(stages["gspo_round_1"]["run_id"])
     assert "reward_mean" in gspo.data.metrics
     assert {a.path for a in client.list_artifacts(gspo.info.run_id)} >= {"hints"}
+    assert {f"num_hint_level_{k}" for k in range(6)} <= set(gspo.data.metrics)
+    # The hint level every GSPO step trained each item on, as `keyeflow sql` reads it.
+    levels = sql.query(
+        "select stage, run_id, count(*) as n from rl_hint_levels group by stage, run_id order by stage"
+    )
+    assert "posttrain-5-gspo-round-1" in set(levels.stage)
+    assert gspo.info.run_id in set(levels.run_id) and all(levels.n > 0)
     mpo = client.get_run(stages["mpo"]["run_id"])
     assert {"loss", "dpo", "bco", "sft"} <= set(mpo.data.metrics)
 
