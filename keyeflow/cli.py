@@ -117,7 +117,8 @@ def run(
         seconds["pretrain"] = time.perf_counter() - t0
 
         t0 = begin(
-            "longcot", "sample questions → generate → assess → review (unattended: keep out) → score → gates"
+            "longcot",
+            "sample and task questions → generate → assess → review (unattended: keep out) → score → gates",
         )
         questions = generate_longcot_questions(root / "longcot", root / "images", root / "videos")
         tasks = write_task_questions(root / "tasks", root / "tasks" / "media", TASK_ITEMS_PER_FAMILY)
