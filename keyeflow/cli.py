@@ -50,7 +50,7 @@ def _overrides(values: list[str] | None) -> dict:
 # paths done; a random free port would make every `keyeflow run` generate (and post-train on) new paths.
 SYNTHETIC_TEACHER_PORT = 18431
 # Items per verifiable task family (keyeflow.synthetic.verifiable_tasks) `keyeflow run` draws and asks.
-TASK_ITEMS_PER_FAMILY = 16
+TASK_ITEMS_PER_FAMILY = 12
 
 
 @app.command()

@@ -72,12 +72,14 @@ from PIL import Image, ImageDraw, ImageFont
 from keyeflow.synthetic import vocabulary
 
 __all__ = [
+    "BAR_UNIT",
     "EXIF_EXPECTED_QUADRANTS",
     "TASK_COLOURS",
     "ImageScene",
     "PlacedShape",
     "Question",
     "Region",
+    "bar_chart_picture",
     "describe_image",
     "exif_upright",
     "generate_bad_images",
@@ -1091,3 +1093,20 @@ def shape_count_picture(shapes: list[PlacedShape], grid: int = 3, cell: int = 20
 def save_png(image: Image.Image, path: Path) -> None:
     """Write ``image`` as PNG at ``path`` atomically (lossless: the colours stay exact)."""
     _save(image, Path(path))
+
+
+BAR_UNIT = 8  # pixels per grid square of a task bar chart
+
+
+def bar_chart_picture(bars: list[tuple[str, int]], unit: int = BAR_UNIT) -> Image.Image:
+    """A 60x60 bar chart: light grey grid lines every ``unit`` pixels up from the baseline, then one bar per
+    (colour word, height in grid squares), 12 pixels wide, left to right, standing on the baseline."""
+    size, baseline = 60, 56
+    image = Image.new("RGB", (size, size), (255, 255, 255))
+    draw = ImageDraw.Draw(image)
+    for y in range(baseline, -1, -unit):
+        draw.line([(0, y), (size - 1, y)], fill=(200, 200, 200))
+    for k, (colour, height) in enumerate(bars):
+        left = 6 + 18 * k
+        draw.rectangle((left, baseline - height * unit, left + 11, baseline - 1), fill=TASK_COLOURS[colour])
+    return image

@@ -1,14 +1,18 @@
 """Verifiable task families on media we draw: the ground truth is the drawing's own parameters, never a model.
 
 Each family turns a seed and an index into drawing parameters, draws the picture or clip with the drawing
-code (``images.shape_count_picture``, ``videos.colour_shots_clip``), and writes the question, the reference
-answer and a reference solution (the reasoning steps that derive the answer) from the same parameters:
+code (``images.shape_count_picture``, ``images.bar_chart_picture``, ``videos.colour_shots_clip``), and writes
+the question, the reference answer and a reference solution (the reasoning steps that derive the answer) from
+the same parameters:
 
 =============  ======  ========  ==============================================================  ==========
 family         media   domain    question                                                        answer
 =============  ======  ========  ==============================================================  ==========
 count_shapes   image   counting  "How many red shapes are in the picture?" on a 60x60 PNG of      an integer
                                  3-7 squares and circles in a 3x3 grid, four colours             1-7
+bar_sum        image   business  "How many grid squares tall are the red bar and the blue bar   an integer
+                                 together?" on a 60x60 PNG bar chart of three bars 1-6 squares   2-12
+                                 tall over grid lines 8 px apart
 shot_order     video   stem      "Which colour is shown first in the clip, red or blue?" on a    a colour
                                  48x48 MP4 of three 1 s flat colour shots (five colours)         word
 =============  ======  ========  ==============================================================  ==========
@@ -42,7 +46,14 @@ import random
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from keyeflow.synthetic.images import TASK_COLOURS, PlacedShape, save_png, shape_count_picture
+from keyeflow.synthetic.images import (
+    BAR_UNIT,
+    TASK_COLOURS,
+    PlacedShape,
+    bar_chart_picture,
+    save_png,
+    shape_count_picture,
+)
 from keyeflow.synthetic.videos import TASK_SHOT_COLOURS, colour_shots_clip
 
 __all__ = [
@@ -56,7 +67,7 @@ __all__ = [
 ]
 
 HELDOUT_MODULUS = 5  # 1 in 5 ids held out
-FAMILIES = ("count_shapes", "shot_order")
+FAMILIES = ("count_shapes", "bar_sum", "shot_order")
 SOURCE = "verifiable-tasks"
 
 
@@ -160,7 +171,39 @@ def _shot_order(item_id: str, rng: random.Random) -> TaskItem:
     )
 
 
-_MAKERS = {"count_shapes": _count_shapes, "shot_order": _shot_order}
+def _bar_sum(item_id: str, rng: random.Random) -> TaskItem:
+    colours = rng.sample(list(TASK_COLOURS), 3)
+    heights = [rng.randint(1, 6) for _ in colours]
+    i, j = sorted(rng.sample(range(3), 2))
+    a, b = colours[i], colours[j]
+    answer = heights[i] + heights[j]
+    steps = [
+        f"Step 1: The chart has three bars on a grid: {colours[0]}, {colours[1]} and {colours[2]}.",
+        f"Step 2: The {a} bar is {heights[i]} squares tall and the {b} bar is {heights[j]} squares tall.",
+        f"Step 3: {heights[i]} + {heights[j]} = {answer}, so together they are {answer} squares tall.",
+    ]
+    wrong = sorted({answer - 1, answer + 1, sum(heights)} - {answer})
+    return TaskItem(
+        id=item_id,
+        family="bar_sum",
+        domain="business",
+        media_kind="image",
+        media_name=f"{item_id}.png",
+        question=f"How many grid squares tall are the {a} bar and the {b} bar together?",
+        answer=str(answer),
+        solution={
+            "steps": steps,
+            "concept": "A bar's height is read off the grid lines behind it, in whole squares.",
+            "method": f"Count the grid squares the {a} bar covers, then those the {b} bar covers.",
+            "tool": "Add the two heights.",
+            "answer_forms": [str(answer)],
+            "wrong_answers": [str(w) for w in wrong],
+        },
+        params={"bars": [[c, h] for c, h in zip(colours, heights)], "unit": BAR_UNIT},
+    )
+
+
+_MAKERS = {"count_shapes": _count_shapes, "bar_sum": _bar_sum, "shot_order": _shot_order}
 
 
 def make_item(family: str, seed: int, index: int) -> TaskItem:
@@ -181,6 +224,8 @@ def task_items(
 def _draw(item: TaskItem, path: Path) -> None:
     if item.family == "count_shapes":
         save_png(shape_count_picture([PlacedShape(*s) for s in item.params["shapes"]]), path)
+    elif item.family == "bar_sum":
+        save_png(bar_chart_picture([(c, h) for c, h in item.params["bars"]], item.params["unit"]), path)
     else:
         colour_shots_clip(item.params["colours"], path)
 

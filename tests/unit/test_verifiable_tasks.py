@@ -1,6 +1,6 @@
 """Verifiable task families: the ground truth written with each question is what the drawing shows, counted
-independently from the pixels of the written file (connected colour patches; decoded frames), items are
-deterministic from their seed, and the train/held-out split depends on the id alone."""
+independently from the pixels of the written file (connected colour patches; bar heights; decoded frames),
+items are deterministic from their seed, and the train/held-out split depends on the id alone."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from PIL import Image
 from scipy import ndimage
 
 from keyeflow.longcot.generate import check_answer
-from keyeflow.synthetic.images import TASK_COLOURS
+from keyeflow.synthetic.images import BAR_UNIT, TASK_COLOURS
 from keyeflow.synthetic.verifiable_tasks import (
     HELDOUT_MODULUS,
     make_item,
@@ -67,6 +67,32 @@ def test_count_shapes_answer_is_the_number_of_patches_of_that_colour_in_the_png(
         assert not any(
             check_answer("counting", f"<answer>{a}</answer>", row["reference"]).ok
             for a in row["solution"]["wrong_answers"]
+        )
+
+
+def test_bar_sum_answer_is_the_sum_of_the_bar_heights_measured_in_the_png(written):
+    _, files, rows = written
+    charts = [r for r in rows if r["task"]["family"] == "bar_sum"]
+    assert len(charts) == NUM
+    for row in charts:
+        pixels = np.asarray(Image.open(_media(row, files)).convert("RGB"))
+        text = row["messages"][0]["content"][1][
+            "text"
+        ]  # "... tall are the <a> bar and the <b> bar together?"
+        a, b = text.split(" tall are the ")[1].removesuffix(" bar together?").split(" bar and the ")
+        heights = {}
+        for colour in (a, b):
+            mask = np.all(pixels == TASK_COLOURS[colour], axis=-1)
+            columns = np.flatnonzero(mask.any(axis=0))
+            assert len(columns) == 12  # one bar, 12 pixels wide
+            rows_covered = int(mask[:, columns[len(columns) // 2]].sum())
+            assert rows_covered % BAR_UNIT == 0
+            heights[colour] = rows_covered // BAR_UNIT
+        assert row["reference"] == str(heights[a] + heights[b]), row["task"]["id"]
+        assert f"{heights[a]} + {heights[b]} = {row['reference']}" in row["solution"]["steps"][-1]
+        assert not any(
+            check_answer("business", f"<answer>{w}</answer>", row["reference"]).ok
+            for w in row["solution"]["wrong_answers"]
         )
 
 
