@@ -8,7 +8,7 @@ import os
 import socket
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import typer
@@ -45,10 +45,12 @@ def _overrides(values: list[str] | None) -> dict:
     return out
 
 
-# The recorded teacher listens on this port when it is free. The teacher's URL is part of the LongCoT
+# The synthetic teacher listens on this port when it is free. The teacher's URL is part of the LongCoT
 # generation config hash (GenerationConfig.config_hash), so a rerun must reach it at the same URL to find its
 # paths done; a random free port would make every `keyeflow run` generate (and post-train on) new paths.
-RECORDED_TEACHER_PORT = 18431
+SYNTHETIC_TEACHER_PORT = 18431
+# Items per verifiable task family (keyeflow.synthetic.verifiable_tasks) `keyeflow run` draws and asks.
+TASK_ITEMS_PER_FAMILY = 12
 
 
 @app.command()
@@ -58,12 +60,12 @@ def run(
     teacher_url: str | None = typer.Option(
         None,
         help="an OpenAI-compatible teacher for the LongCoT step (API root with /v1; key from "
-        "$OPENAI_API_KEY) instead of the recorded one",
+        "$OPENAI_API_KEY) instead of the synthetic one",
     ),
     teacher_model: str | None = typer.Option(None, help="the served model name of --teacher-url"),
 ):
     """The whole DAG on generated sample data with embedded defaults: data flows → pretrain (tiny) →
-    LongCoT (a recorded teacher unless --teacher-url) → posttrain (tiny), then a summary and where to look.
+    LongCoT (the synthetic teacher unless --teacher-url) → posttrain (tiny), then a summary and where to look.
     A rerun reuses everything that did not change."""
     if (teacher_url is None) != (teacher_model is None):
         raise typer.BadParameter("--teacher-url and --teacher-model go together")
@@ -79,6 +81,7 @@ def run(
     from keyeflow.synthetic.corpus import generate_corpus
     from keyeflow.synthetic.images import generate_images
     from keyeflow.synthetic.longcot_questions import generate_longcot_questions
+    from keyeflow.synthetic.verifiable_tasks import write_task_questions
     from keyeflow.synthetic.videos import generate_videos
     from keyeflow.tasks.pretrain import PromotionBlocked
 
@@ -114,11 +117,15 @@ def run(
         seconds["pretrain"] = time.perf_counter() - t0
 
         t0 = begin(
-            "longcot", "sample questions → generate → assess → review (unattended: keep out) → score → gates"
+            "longcot",
+            "sample and task questions → generate → assess → review (unattended: keep out) → score → gates",
         )
         questions = generate_longcot_questions(root / "longcot", root / "images", root / "videos")
-        with _longcot_teacher(teacher_url, teacher_model, settings.root / "recorded-teacher") as generation:
-            cot = longcot_flow([str(questions["dir"])], str(root), generation=generation)
+        tasks = write_task_questions(root / "tasks", root / "tasks" / "media", TASK_ITEMS_PER_FAMILY)
+        sources = [str(questions["dir"]), str(tasks["train"].parent)]  # held-out items stay out of training
+        teacher_dir = settings.root / "synthetic-teacher"
+        with _longcot_teacher(teacher_url, teacher_model, teacher_dir, [tasks["train"]]) as generation:
+            cot = longcot_flow(sources, str(root), generation=generation)
         seconds["longcot"] = time.perf_counter() - t0
 
         t0 = begin(
@@ -129,7 +136,7 @@ def run(
         post = posttrain_flow(pre["checkpoint"], "tiny")
         seconds["posttrain"] = time.perf_counter() - t0
     except (GateFailed, PromotionBlocked, ValueError, LookupError, OSError, RuntimeError) as exc:
-        # RuntimeError covers a recorded teacher that would not start; ValueError a mixture shortfall or a
+        # RuntimeError covers a synthetic teacher that would not start; ValueError a mixture shortfall or a
         # failed rollout/trainer input check; the flows' own runs in MLflow and Prefect keep the details.
         errors.print(f"[red]stopped in {step}:[/red] {type(exc).__name__}: {exc}")
         raise typer.Exit(2)
@@ -137,29 +144,31 @@ def run(
 
 
 @contextlib.contextmanager
-def _longcot_teacher(url: str | None, model: str | None, workdir: Path) -> Iterator[dict]:
-    """The LongCoT flow's generation settings: the given teacher server, or the recorded teacher started for
-    the step (and stopped after it) on 127.0.0.1."""
+def _longcot_teacher(
+    url: str | None, model: str | None, workdir: Path, task_files: Sequence[Path] = ()
+) -> Iterator[dict]:
+    """The LongCoT flow's generation settings: the given teacher server, or the synthetic teacher started for
+    the step (and stopped after it) on 127.0.0.1, solving the sample questions and those of ``task_files``."""
     if url:
         console.print(f"LongCoT teacher: {model} at {url}")
         yield {"backend": "openai", "base_url": url, "model": model}
         return
-    from keyeflow.synthetic import scripted_teacher
+    from keyeflow.synthetic import synthetic_teacher
 
-    port = RECORDED_TEACHER_PORT if _port_is_free(RECORDED_TEACHER_PORT) else scripted_teacher.free_port()
-    recordings = scripted_teacher.teacher_recordings()
-    with scripted_teacher.start_server(recordings, workdir, port=port) as (base_url, log):
+    port = SYNTHETIC_TEACHER_PORT if _port_is_free(SYNTHETIC_TEACHER_PORT) else synthetic_teacher.free_port()
+    config = synthetic_teacher.teacher_config(task_files)
+    with synthetic_teacher.start_server(config, workdir, port=port) as (base_url, log):
         console.print(
-            "LongCoT teacher: recorded completions for the sample questions (no teacher model runs "
-            f"on a CPU), replayed at {base_url} by keyeflow.synthetic.scripted_teacher; requests "
-            f"logged in {log}"
+            "LongCoT teacher: the synthetic teacher (no teacher model runs on a CPU): a programmatic solver "
+            "writing reasoning paths from the questions' reference solutions, with seeded errors, at "
+            f"{base_url} (keyeflow.synthetic.synthetic_teacher); requests logged in {log}"
         )
-        if port != RECORDED_TEACHER_PORT:
+        if port != SYNTHETIC_TEACHER_PORT:
             console.print(
-                f"  port {RECORDED_TEACHER_PORT} is taken, so the teacher's URL differs from other "
+                f"  port {SYNTHETIC_TEACHER_PORT} is taken, so the teacher's URL differs from other "
                 "runs' and its paths are generated again"
             )
-        yield {"backend": "openai", "base_url": base_url, "model": recordings["model"]}
+        yield {"backend": "openai", "base_url": base_url, "model": config["model"]}
     console.print("LongCoT teacher stopped")
 
 

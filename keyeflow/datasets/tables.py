@@ -77,7 +77,9 @@ Schemas (documented here because ``keyeflow sql`` users read them):
 hashes)
     question_id, source, source_uri (file#Lline, or ``merge:…`` for merged questions), domain (math, stem,
     ocr, grounding, counting, gui, business), question (the text paths are generated for), original_question,
-    reference, media (JSON list of {type, path, hash}), num_media, rewrite (none, harder, merged),
+    reference, solution (JSON reference solution: steps, concept, method, tool, answer_forms, wrong_answers;
+    null when the question gives none), media (JSON list of {type, path, hash}), num_media, rewrite (none,
+    harder, merged),
     rewrite_note (why a rewrite was kept or discarded), config_hash, created_at.
 
 ``longcot_paths`` — every generated reasoning path and what happened to it (primary key ``path_id`` =
@@ -101,6 +103,14 @@ hashes)
     (``<think>…</think><answer>…</answer>``), answer, grade, redundancy, confidence, score, repeats,
     reviewer_action (none, approve, edit), reviewer, reason, judge, messages (JSON, ready for SFT),
     gen_config_hash, created_at.
+
+``rl_hint_levels`` — the hint level every GSPO step trained each item on (primary key ``record_id`` =
+``<run_id>/<step>/<item_id>``)
+    run_id (the stage's MLflow run), stage (its name), step (1-based), item_id, level (0: solved without a
+    hint; k: the lowest hint level with a success; null: unsolved up to the stage's max level, hint sampling
+    off, the item without hints, or its reward failed), hint (the hint text at that level), pass_rates (JSON:
+    level → share of its rollouts that passed), note (why there is no level), created_at. E.g.
+    ``select level, count(*) from rl_hint_levels group by level``.
 """
 
 from __future__ import annotations
@@ -280,6 +290,7 @@ SCHEMAS: dict[str, pa.Schema] = {
             ("question", pa.string()),
             ("original_question", pa.string()),
             ("reference", pa.string()),
+            ("solution", pa.string()),
             ("media", pa.string()),
             ("num_media", pa.int32()),
             ("rewrite", pa.string()),
@@ -375,6 +386,20 @@ SCHEMAS: dict[str, pa.Schema] = {
             ("created_at", TIMESTAMP),
         ]
     ),
+    "rl_hint_levels": pa.schema(
+        [
+            ("record_id", pa.string()),
+            ("run_id", pa.string()),
+            ("stage", pa.string()),
+            ("step", pa.int64()),
+            ("item_id", pa.string()),
+            ("level", pa.int32()),
+            ("hint", pa.string()),
+            ("pass_rates", pa.string()),
+            ("note", pa.string()),
+            ("created_at", TIMESTAMP),
+        ]
+    ),
 }
 
 PRIMARY_KEYS = {
@@ -391,6 +416,7 @@ PRIMARY_KEYS = {
     "longcot_paths": "path_id",
     "longcot_reviews": "review_id",
     "longcot": "sample_id",
+    "rl_hint_levels": "record_id",
 }
 
 # Lance's marker for a table's primary key: with it, a merge_insert that inserts a key another writer

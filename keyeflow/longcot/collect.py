@@ -3,7 +3,10 @@
 :func:`collect_questions` reads JSONL questions in the conversation format (``{"messages": [user turn,
 optional assistant turn], "reference"?, "domain", "source"?}``; the reference is the ``reference`` field,
 else the assistant turn's answer), checks the domain tag (:data:`DOMAINS`) and the media (paths relative to
-the file, inside the source root, as ``conversations`` does), and dedupes on the normalised question text
+the file, inside the source root, as ``conversations`` does), keeps the optional reference solution
+(``"solution"``: ``steps`` — the reasoning that derives the answer — and optionally ``concept``, ``method``,
+``tool``, ``answer_forms``, ``wrong_answers``; see :func:`check_solution`) as JSON in the ``solution``
+column (RL items derive their hints from it), and dedupes on the normalised question text
 plus the media's content hashes. Optional enhancement: ``rewrite`` asks a generator for a harder version of
 each new question and keeps it only if it passes :func:`rewrite_problem` (else the original is kept and the
 reason recorded); ``merge`` joins two questions on the same media into one two-part question whose reference
@@ -70,6 +73,7 @@ class Question:
     text: str
     reference: str
     media: list[dict]  # {"type": "image"|"video", "path": absolute path, "hash": sha256 of the bytes}
+    solution: dict | None = None  # the reference solution (check_solution), when the row gives one
 
 
 @dataclass
@@ -100,6 +104,34 @@ def question_id(text: str, media_hashes: Sequence[tuple[str, str]]) -> str:
     (kind, content hash) pairs, order-free."""
     payload = json_text({"q": graders.normalize_text(text), "media": sorted(map(list, media_hashes))})
     return hashlib.sha256(payload.encode()).hexdigest()[:20]
+
+
+SOLUTION_TEXT_FIELDS = ("concept", "method", "tool")
+SOLUTION_LIST_FIELDS = ("steps", "answer_forms", "wrong_answers")
+
+
+def check_solution(solution: object) -> dict:
+    """A question's reference solution, checked: a mapping with ``steps`` (a non-empty list of non-empty
+    strings, the reasoning in order, the last one reaching the answer), optional ``concept`` / ``method`` /
+    ``tool`` (non-empty strings: what to notice, how to attack it, the operation to use) and optional
+    ``answer_forms`` / ``wrong_answers`` (lists of non-empty strings). Raises BadRecord otherwise."""
+    if not isinstance(solution, dict):
+        raise BadRecord(f"'solution' must be an object, got {type(solution).__name__}")
+    unknown = set(solution) - set(SOLUTION_TEXT_FIELDS) - set(SOLUTION_LIST_FIELDS)
+    if unknown:
+        raise BadRecord(f"'solution' has unknown fields {sorted(unknown)}")
+    if "steps" not in solution:
+        raise BadRecord("'solution' needs 'steps'")
+    for key in SOLUTION_LIST_FIELDS:
+        value = solution.get(key, [])
+        if not isinstance(value, list) or not all(isinstance(v, str) and v.strip() for v in value):
+            raise BadRecord(f"'solution.{key}' must be a list of non-empty strings")
+    if not solution["steps"]:
+        raise BadRecord("'solution.steps' is empty")
+    for key in SOLUTION_TEXT_FIELDS:
+        if key in solution and not (isinstance(solution[key], str) and solution[key].strip()):
+            raise BadRecord(f"'solution.{key}' must be a non-empty string")
+    return dict(solution)
 
 
 def _parse_question(
@@ -148,8 +180,9 @@ def _parse_question(
                 media.append({"type": part["type"], "path": str(path), "hash": digest(path)})
             elif not (isinstance(part, dict) and part.get("type") == "text"):
                 raise BadRecord(f"unsupported content part {part!r:.80}")
+    solution = check_solution(row["solution"]) if row.get("solution") is not None else None
     qid = question_id(text, [(m["type"], m["hash"]) for m in media])
-    return Question(qid, str(row.get("source") or file.stem), uri, domain, text, reference, media)
+    return Question(qid, str(row.get("source") or file.stem), uri, domain, text, reference, media, solution)
 
 
 def read_questions(
@@ -259,7 +292,23 @@ def _merged(a: Question, b: Question) -> Question:
         text,
         f"({a.reference}, {b.reference})",
         a.media,
+        _merged_solution(a, b),
     )
+
+
+def _merged_solution(a: Question, b: Question) -> dict | None:
+    """Both solutions one after the other, marked (1) and (2); None unless both questions have one."""
+    if a.solution is None or b.solution is None:
+        return None
+    merged: dict = {"steps": [f"({k}) {s}" for k, q in ((1, a), (2, b)) for s in q.solution["steps"]]}
+    for key in SOLUTION_TEXT_FIELDS:
+        if key in a.solution and key in b.solution:
+            merged[key] = f"(1) {a.solution[key]} (2) {b.solution[key]}"
+    merged["answer_forms"] = [f"({a.reference}, {b.reference})"]
+    merged["wrong_answers"] = [f"({w}, {b.reference})" for w in a.solution.get("wrong_answers", [])] + [
+        f"({a.reference}, {w})" for w in b.solution.get("wrong_answers", [])
+    ]
+    return merged
 
 
 def collect_questions(
@@ -337,6 +386,7 @@ def collect_questions(
         rows.append({
             "question_id": q.question_id, "source": q.source, "source_uri": q.source_uri, "domain": q.domain,
             "question": text, "original_question": q.text, "reference": q.reference,
+            "solution": json_text(q.solution) if q.solution is not None else None,
             "media": json_text(q.media), "num_media": len(q.media), "rewrite": kind, "rewrite_note": note,
             "config_hash": chash, "created_at": tables.now(),
         })  # fmt: skip

@@ -1,14 +1,28 @@
 """What RL trains on: items with a prompt and what a reward can check.
 
 - General RL (GSPO) items come from `longcot_questions`: each question with its reference answer and the
-  checker its domain needs (counting → count, grounding → box IoU, everything else → answer equivalence).
+  checker its domain needs (counting → count, grounding → box IoU, everything else → answer equivalence),
+  and hints L1-L5 derived from its reference solution (`solution_hints`) when it has one.
 - Alignment RL items are instruction prompts with hard constraints (output mode, JSON keys, word limits,
   keywords, bullets, code that parses): `alignment_prompts()` writes a small deterministic set from templates
   for demos and tests (a real run reads its own prompt set in the same dict form).
 
 An item is a plain dict — `id`, `messages` (a chat, media parts by path), `reference` (or None), `task` (a
-`rewards.TASKS` checker), `mode` and `constraints` (`[kind, value]` pairs) — so it goes through Prefect and
-JSON unchanged; `reward_item` turns it into the rewards' `RewardItem`.
+`rewards.TASKS` checker), `mode`, `constraints` (`[kind, value]` pairs) and `hints` (`{"L1": text, …,
+"L5": text}`, absent when the question has no full reference solution) — so it goes through Prefect and JSON
+unchanged; `reward_item` turns it into the rewards' `RewardItem`.
+
+Hints from a reference solution (`solution_hints`; the levels are `keyeflow.training.hints.HINT_LEVELS`):
+
+- L1 concept / observation: the solution's `concept` (what to notice);
+- L2 strategy / method: its `method` (how to attack the problem);
+- L3 tool / formula: its `tool` (the operation or formula to use);
+- L4 first concrete step: its first step, carried out;
+- L5 complete solution: every step, then "The answer is <reference>."
+
+Each level holds more of the solution than the one before: L4 adds a worked step to L1-L3's pointers and
+L5 is the only level that states the answer. A solution without `concept`, `method` or `tool` gives no
+hints (the GSPO step then keeps the item's failed group as sampled, or a hint writer fills them).
 """
 
 from __future__ import annotations
@@ -27,23 +41,42 @@ THINK = " /think"
 NO_THINK = " /no_think"
 
 
+HINT_FIELDS = ("concept", "method", "tool")  # L1, L2, L3
+
+
+def solution_hints(solution: Mapping[str, Any] | None, reference: str) -> dict[str, str]:
+    """Hints L1-L5 from a reference solution (module docstring); {} when it lacks a field L1-L4 need."""
+    if not solution or not solution.get("steps") or any(not solution.get(k) for k in HINT_FIELDS):
+        return {}
+    steps = [str(s).strip() for s in solution["steps"]]
+    hints = {f"L{k}": str(solution[field]).strip() for k, field in enumerate(HINT_FIELDS, start=1)}
+    hints["L4"] = f"Start like this: {steps[0]}"
+    hints["L5"] = " ".join(steps) + f" The answer is {reference}."
+    return hints
+
+
 def longcot_rl_items(questions: TableRef, domains: tuple[str, ...] | None = None) -> list[dict[str, Any]]:
-    """The verifiable RL items of a pinned `longcot_questions` table (questions with a reference answer)."""
+    """The verifiable RL items of a pinned `longcot_questions` table (questions with a reference answer),
+    with hints L1-L5 from their reference solutions."""
     rows = (
         tables.dataset(questions.uri, version=questions.version)
-        .to_table(columns=["question_id", "domain", "question", "reference", "media"])
+        .to_table(columns=["question_id", "domain", "question", "reference", "solution", "media"])
         .to_pylist()
     )
     items = []
     for row in sorted(rows, key=lambda r: r["question_id"]):
         if not row["reference"] or (domains and row["domain"] not in domains):
             continue
-        items.append({
+        item = {
             "id": row["question_id"], "domain": row["domain"],
             "messages": [{"role": "user", "content": user_content(row, THINK)}],
             "reference": row["reference"], "task": DOMAIN_CHECKERS.get(row["domain"], "math"),
             "mode": "think", "constraints": [],
-        })  # fmt: skip
+        }  # fmt: skip
+        hints = solution_hints(json.loads(row["solution"]) if row["solution"] else None, row["reference"])
+        if hints:
+            item["hints"] = hints
+        items.append(item)
     return items
 
 

@@ -1,4 +1,4 @@
-"""The bearer token the servers keyeflow starts (the model server, the scripted teacher) may require.
+"""The bearer token the servers keyeflow starts (the model server, the synthetic teacher) may require.
 
 One token, from `--api-key` or the server's `KEYEFLOW_API_KEY` environment variable (which, unlike a flag,
 does not show in the process list). Clients (`OpenAICompatibleGenerator`) read theirs from an environment

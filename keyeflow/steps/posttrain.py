@@ -309,6 +309,7 @@ def train_gspo(
         hints = sorted(out_dir.glob("hints/step-*.json"))
         if hints:
             lineage.log_file(run_id, hints[-1], "hints")
+        record_hint_levels(out_dir, run_id, name)
         return str(result.checkpoint_dir / "model")
 
     key = step_key(
@@ -316,7 +317,9 @@ def train_gspo(
         config.config_hash(),
         init.key,
         reward_spec,
-        [i["id"] for i in items],
+        # An item's hints shape what it trains on (a failed group trains under its hinted prompt): other
+        # hints are another stage. Items without hints keep the key they had.
+        [[i["id"], i["hints"]] if i.get("hints") else i["id"] for i in items],
         [u.key for u in extra_upstream],
     )
     return cached_step(
@@ -327,6 +330,31 @@ def train_gspo(
         parent_run_id=parent_run_id,
         params={"gspo": config.to_dict(), "num_items": len(items), "reward": reward_spec},
     )
+
+
+def hint_level_rows(out_dir: Path, run_id: str, stage: str) -> list[dict[str, Any]]:
+    """The ``rl_hint_levels`` rows of a GSPO run's per-step hint files (``out_dir/hints/step-*.json``)."""
+    rows = []
+    for path in sorted(Path(out_dir).glob("hints/step-*.json")):
+        record = json.loads(path.read_text(encoding="utf-8"))
+        step = int(record["step"])
+        for item_id, entry in sorted(record["items"].items()):
+            rates = json.dumps(entry["pass_rates"], sort_keys=True) if "pass_rates" in entry else None
+            rows.append({
+                "record_id": f"{run_id}/{step}/{item_id}", "run_id": run_id, "stage": stage, "step": step,
+                "item_id": item_id, "level": entry.get("level"), "hint": entry.get("hint"),
+                "pass_rates": rates,
+                "note": entry.get("note") or entry.get("reward_error"), "created_at": tables.now(),
+            })  # fmt: skip
+    return rows
+
+
+def record_hint_levels(out_dir: Path, run_id: str, stage: str) -> int:
+    """Write the hint level every step trained each item on into ``rl_hint_levels`` (queryable with
+    ``keyeflow sql``; a rerun adds nothing it already holds); returns the number of rows."""
+    rows = hint_level_rows(out_dir, run_id, stage)
+    tables.upsert("rl_hint_levels", rows)
+    return len(rows)
 
 
 def cold_start_rows(longcot: TableRef) -> list[dict[str, Any]]:

@@ -72,16 +72,22 @@ from PIL import Image, ImageDraw, ImageFont
 from keyeflow.synthetic import vocabulary
 
 __all__ = [
+    "BAR_UNIT",
     "EXIF_EXPECTED_QUADRANTS",
+    "TASK_COLOURS",
     "ImageScene",
+    "PlacedShape",
     "Question",
     "Region",
+    "bar_chart_picture",
     "describe_image",
     "exif_upright",
     "generate_bad_images",
     "generate_images",
     "huge_header_png",
     "main",
+    "save_png",
+    "shape_count_picture",
 ]
 
 # How exif_rotated_orient6.jpg looks once shown upright: (top-left, top-right, bottom) colours.
@@ -1039,3 +1045,68 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+# ====================================================================== verifiable task pictures
+
+# The colours the task pictures paint with, by the word a question and an answer use for them. Far apart in
+# RGB and painted without anti-aliasing into a lossless PNG, so every pixel of a shape is exactly its colour.
+TASK_COLOURS: dict[str, tuple[int, int, int]] = {
+    "red": (220, 30, 30),
+    "green": (30, 160, 60),
+    "blue": (40, 60, 220),
+    "yellow": (230, 200, 30),
+}
+
+
+class PlacedShape(NamedTuple):
+    """One shape of a task picture: its kind ("square" or "circle"), colour word and grid cell."""
+
+    kind: str
+    colour: str
+    row: int
+    col: int
+
+
+def shape_count_picture(shapes: list[PlacedShape], grid: int = 3, cell: int = 20) -> Image.Image:
+    """A white ``grid*cell`` square picture with each shape painted in its own cell, a margin of white
+    around it, so no two shapes touch (one shape is one connected patch of its colour)."""
+    size = grid * cell
+    image = Image.new("RGB", (size, size), (255, 255, 255))
+    draw = ImageDraw.Draw(image)
+    margin = cell // 5
+    for shape in shapes:
+        box = (
+            shape.col * cell + margin,
+            shape.row * cell + margin,
+            (shape.col + 1) * cell - margin - 1,
+            (shape.row + 1) * cell - margin - 1,
+        )
+        fill = TASK_COLOURS[shape.colour]
+        if shape.kind == "square":
+            draw.rectangle(box, fill=fill)
+        else:
+            draw.ellipse(box, fill=fill)
+    return image
+
+
+def save_png(image: Image.Image, path: Path) -> None:
+    """Write ``image`` as PNG at ``path`` atomically (lossless: the colours stay exact)."""
+    _save(image, Path(path))
+
+
+BAR_UNIT = 8  # pixels per grid square of a task bar chart
+
+
+def bar_chart_picture(bars: list[tuple[str, int]], unit: int = BAR_UNIT) -> Image.Image:
+    """A 60x60 bar chart: light grey grid lines every ``unit`` pixels up from the baseline, then one bar per
+    (colour word, height in grid squares), 12 pixels wide, left to right, standing on the baseline."""
+    size, baseline = 60, 56
+    image = Image.new("RGB", (size, size), (255, 255, 255))
+    draw = ImageDraw.Draw(image)
+    for y in range(baseline, -1, -unit):
+        draw.line([(0, y), (size - 1, y)], fill=(200, 200, 200))
+    for k, (colour, height) in enumerate(bars):
+        left = 6 + 18 * k
+        draw.rectangle((left, baseline - height * unit, left + 11, baseline - 1), fill=TASK_COLOURS[colour])
+    return image

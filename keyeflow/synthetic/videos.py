@@ -79,7 +79,16 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["Shot", "VideoScene", "describe_video", "generate_bad_videos", "generate_videos", "main"]
+__all__ = [
+    "TASK_SHOT_COLOURS",
+    "Shot",
+    "VideoScene",
+    "colour_shots_clip",
+    "describe_video",
+    "generate_bad_videos",
+    "generate_videos",
+    "main",
+]
 
 FFMPEG = "ffmpeg"
 
@@ -576,6 +585,35 @@ def generate_bad_videos(dest: Path) -> dict[str, Path]:
             partial.unlink(missing_ok=True)
     out["rotated"] = rotated
     return out
+
+
+# ====================================================================== verifiable task clips
+
+# The colours the task clips show, by the word a question and an answer use for them (ffmpeg hex colours).
+TASK_SHOT_COLOURS: dict[str, str] = {
+    "red": "0xDC1E1E",
+    "green": "0x1EA03C",
+    "blue": "0x283CDC",
+    "yellow": "0xE6C81E",
+    "white": "0xF0F0F0",
+}
+
+
+def colour_shots_clip(
+    colours: list[str], path: Path, size: int = 48, rate: int = 4, shot_s: float = 1.0
+) -> Path:
+    """Encode a clip of flat colour shots, one per word of ``colours`` in that order, each ``shot_s`` seconds,
+    ``size`` pixels square (MPEG-4 part 2 in MP4, every frame a keyframe so no shot bleeds into the next)."""
+    path = Path(path)
+    sources = ";".join(
+        f"color=c={TASK_SHOT_COLOURS[c]}:s={size}x{size}:r={rate}:d={shot_s},setsar=1[s{k}]"
+        for k, c in enumerate(colours)
+    )
+    inputs = "".join(f"[s{k}]" for k in range(len(colours)))
+    graph = f"{sources};{inputs}concat=n={len(colours)}:v=1:a=0,format=yuv420p[v]"
+    codec = ("-c:v", "mpeg4", "-q:v", "4", "-g", "1", "-pix_fmt", "yuv420p")
+    _encode(_Clip(path.name, graph, codec), path)
+    return path
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -22,7 +22,9 @@ and an item stops as soon as one level gets a success. Every item is a mapping (
 - ``hints`` (optional): level → hint text; keys may be ints or the strings "1" / "L1" (JSON and table
   columns turn keys into strings). Levels it lacks are written on demand by ``hint_writer(item, level)``
   (e.g. a teacher model with :func:`hint_writer_prompt`), only for the items and levels actually reached;
-  the record returns every hint known afterwards so a flow can store them on the item;
+  the record returns every hint known afterwards so a flow can store them on the item. The general RL items
+  (``keyeflow.longcot.rl_items.longcot_rl_items``) carry all five, derived from their question's reference
+  solution (concept, method, tool, first step, every step with the answer);
 - whatever ``reward_fn(item, response)`` needs (a reference answer, …).
 
 ``rollout_fn(prompt, n)`` is the policy: ``n`` responses to one prompt. ``reward_fn`` returns a float in

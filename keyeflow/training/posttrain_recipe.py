@@ -151,7 +151,10 @@ def _tiny() -> PosttrainRecipe:
         preference=PreferenceSettings(num_responses=2, max_new_tokens=8, max_teacher_pairs=12,
                                       max_policy_items=4),
         reward_model=RewardModelConfig(mode="no_think"),
-        reward_model_stage=StageConfig(name="posttrain-2-reward-model", learning_rate=1e-3, **small),
+        # A reward-model sample holds the query (with its picture) and both responses: the teacher's pairs on
+        # the larger sample pictures (a 1280x800 screenshot) run past 2,048 tokens.
+        reward_model_stage=StageConfig(name="posttrain-2-reward-model", learning_rate=1e-3,
+                                       **(small | {"max_length": 4_096})),
         mpo=MPOStageConfig(learning_rate=1e-4, max_steps=3, pairs_per_step=2, max_length=2_048,
                            mpo=MPOConfig(), checkpoint_every=3),
         longcot=StageConfig(name="posttrain-4-longcot-sft", learning_rate=1e-3, **small),

@@ -827,6 +827,10 @@ def _sample_groups(
     metrics["hint_levels"] = levels
     metrics["num_hinted"] = sum(1 for v in levels.values() if v)
     metrics["num_unsolved"] = sum(1 for v in levels.values() if v is None)
+    # How many items trained at each level (0 = no hint needed), as numbers a metrics sink keeps per step.
+    max_level = config.hints.max_level if config.hints is not None else 0
+    for level in range(max_level + 1):
+        metrics[f"num_hint_level_{level}"] = sum(1 for v in levels.values() if v == level)
 
     return groups, first, metrics, report
 

@@ -1,8 +1,8 @@
 """The LongCoT flow under Prefect's harness with bad input: question lines without a reference answer, and a
-teacher server (``keyeflow.synthetic.scripted_teacher``, a real process on 127.0.0.1) that times out, answers
-malformed output, fails with 503 for a while, or is down. Each fails its own item with a reason that
-``keyeflow sql`` shows, the rest of the batch goes through to the ``longcot`` table, and a rerun against the
-server, fixed and back at the same address, asks it only for the questions that failed."""
+teacher server (the synthetic teacher, ``keyeflow.synthetic.synthetic_teacher``, a real process on 127.0.0.1)
+that times out, answers malformed output, fails with 503 for a while, or is down. Each fails its own item with
+a reason that ``keyeflow sql`` shows, the rest of the batch goes through to the ``longcot`` table, and a rerun
+against the server, fixed and back at the same address, asks it only for the questions that failed."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 from keyeflow import lineage
 from keyeflow.cli import app
 from keyeflow.datasets import sql, tables
-from keyeflow.synthetic import scripted_teacher as replay
+from keyeflow.synthetic import synthetic_teacher as teacher_server
 
 runner = CliRunner()
 
@@ -35,9 +35,15 @@ def _prefect(prefect_harness):
     yield
 
 
+def teacher() -> dict:
+    """The synthetic teacher with fixed kinds (``SAMPLE_PLANS``): HALF and ROAD answered right, ANGLES with
+    a false calculation on one path, LETTERS and FLAKY wrong."""
+    return teacher_server.teacher_config(plans=teacher_server.SAMPLE_PLANS)
+
+
 def misbehaving() -> dict:
-    rec = replay.teacher_recordings()
-    rec["entries"] = [
+    settings = teacher()
+    settings["entries"] = [
         {"match": SLOW, "delay_s": 3.0},
         {"match": NOT_JSON, "respond": {"status": 200, "body": "<html>502 Bad Gateway</html>"}},
         {
@@ -45,15 +51,15 @@ def misbehaving() -> dict:
             "times": 2,
             "respond": {"status": 503, "body": {"error": {"message": "overloaded"}}},
         },
-    ] + rec["entries"]
-    return rec
+    ]
+    return settings
 
 
 def generation(url: str, max_retries: int = 2) -> dict:
     return {
         "backend": "openai",
         "base_url": url,
-        "model": "replay-teacher",
+        "model": teacher_server.MODEL,
         "n": 2,
         "request_timeout_s": 1.0,
         "max_retries": max_retries,
@@ -95,10 +101,10 @@ def test_bad_questions_and_a_misbehaving_teacher_fail_only_their_items_and_a_rer
     source = write_questions(
         tmp_path / "questions", [HALF, SLOW, ROAD, NOT_JSON, ANGLES, FLAKY, LETTERS], no_reference
     )
-    port = replay.free_port()
-    with replay.start_server(misbehaving(), tmp_path / "faulty", port=port) as (url, log):
+    port = teacher_server.free_port()
+    with teacher_server.start_server(misbehaving(), tmp_path / "faulty", port=port) as (url, log):
         first = longcot([str(source)], str(source.parent), review="auto_approve", generation=generation(url))
-        attempts = {t: replay.requests_for(log, t) for t in REFERENCES}
+        attempts = {t: teacher_server.requests_for(log, t) for t in REFERENCES}
 
     assert first["collect"]["num_new"] == 7 and first["collect"]["num_quarantined"] == 2
     g = first["generate"]
@@ -127,10 +133,10 @@ def test_bad_questions_and_a_misbehaving_teacher_fail_only_their_items_and_a_rer
     assert run.data.metrics["num_failed"] == 2 and run.data.metrics["num_quarantined"] == 2
 
     # The server is fixed and back at the same address: only the two failed questions are asked.
-    with replay.start_server(replay.teacher_recordings(), tmp_path / "fixed", port=port) as (url_again, log):
+    with teacher_server.start_server(teacher(), tmp_path / "fixed", port=port) as (url_again, log):
         assert url_again == url
         second = longcot([str(source)], str(source.parent), review="auto_approve", generation=generation(url))
-        attempts = {t: replay.requests_for(log, t) for t in REFERENCES}
+        attempts = {t: teacher_server.requests_for(log, t) for t in REFERENCES}
     assert attempts == {t: int(t in BAD) for t in REFERENCES}
     g = second["generate"]
     assert (g["num_already_done"], g["num_generated"], g["num_failed"], g["num_paths"]) == (5, 2, 0, 4)
@@ -147,7 +153,7 @@ def test_a_teacher_that_is_down_fails_every_question_with_the_reason_and_a_rerun
     from keyeflow.flows.longcot import longcot
 
     source = write_questions(tmp_path / "questions", [HALF, ROAD, ANGLES])
-    port = replay.free_port()  # nothing listens there
+    port = teacher_server.free_port()  # nothing listens there
     url = f"http://127.0.0.1:{port}/v1"
     with pytest.raises(
         RuntimeError,
@@ -165,14 +171,14 @@ def test_a_teacher_that_is_down_fails_every_question_with_the_reason_and_a_rerun
     assert set(failed.content_hash) == set(question_ids().values())
     assert all("after 2 attempt(s); last error: ConnectError" in r for r in failed.reason)
 
-    with replay.start_server(replay.teacher_recordings(), tmp_path / "up", port=port) as (_, log):
+    with teacher_server.start_server(teacher(), tmp_path / "up", port=port) as (_, log):
         result = longcot(
             [str(source)],
             str(source.parent),
             review="auto_approve",
             generation=generation(url, max_retries=1),
         )
-        attempts = {t: replay.requests_for(log, t) for t in (HALF, ROAD, ANGLES)}
+        attempts = {t: teacher_server.requests_for(log, t) for t in (HALF, ROAD, ANGLES)}
     assert attempts == {HALF: 1, ROAD: 1, ANGLES: 1}
     assert (result["generate"]["num_generated"], result["generate"]["num_failed"]) == (3, 0)
     assert sql.query("select count(*) as n from quarantine").n[0] == 0

@@ -1,7 +1,7 @@
-"""The LongCoT flow under Prefect's harness: end to end against a replaying teacher server (a real
-OpenAI-compatible process on 127.0.0.1), a real pause for human review resumed with
-``resume_flow_run(..., run_input=...)``, the timeout policies, our tiny model in process (images and a
-video ingested first), and our model behind the real ``keyeflow.model.serving`` server."""
+"""The LongCoT flow under Prefect's harness: end to end against the synthetic teacher (a real
+OpenAI-compatible process on 127.0.0.1, fixed error kinds per sample question), a real pause for human review
+resumed with ``resume_flow_run(..., run_input=...)``, the timeout policies, our tiny model in process (images
+and a video ingested first), and our model behind the real ``keyeflow.model.serving`` server."""
 
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ from keyeflow.cli import app
 from keyeflow.datasets import sql, tables
 from keyeflow.longcot.generate import GenerationConfig, default_model_path, ensure_tiny_model, make_generator
 from keyeflow.quality.judges import JudgeFailure, JudgeInput, ModelJudge
-from keyeflow.synthetic import scripted_teacher as replay
+from keyeflow.synthetic import synthetic_teacher as teacher_server
 from keyeflow.synthetic.longcot_questions import generate_longcot_questions
 
 REPO = Path(__file__).resolve().parents[2]
@@ -38,7 +38,8 @@ def _prefect(prefect_harness):
 
 @pytest.fixture(scope="module")
 def teacher(tmp_path_factory):
-    with replay.start_server(replay.teacher_recordings(), tmp_path_factory.mktemp("teacher")) as (url, log):
+    settings = teacher_server.teacher_config(plans=teacher_server.SAMPLE_PLANS)
+    with teacher_server.start_server(settings, tmp_path_factory.mktemp("teacher")) as (url, log):
         yield url, log
 
 
@@ -49,7 +50,7 @@ def questions(tmp_path, sample_images, media_dir) -> dict:
 
 
 def teacher_generation(url: str) -> dict:
-    return {"backend": "openai", "base_url": url, "model": "replay-teacher", "n": 4}
+    return {"backend": "openai", "base_url": url, "model": teacher_server.MODEL, "n": 4}
 
 
 def test_longcot_flow_with_a_teacher_server_end_to_end(home, questions, teacher):
@@ -63,24 +64,25 @@ def test_longcot_flow_with_a_teacher_server_end_to_end(home, questions, teacher)
         [str(questions["dir"])], questions["root"], review="auto_approve", generation=teacher_generation(url)
     )
     s = result["summary"]
-    assert (s["num_paths"], s["num_A"], s["num_B"], s["num_C"], s["num_kept"]) == (124, 11, 2, 93, 13)
+    # SAMPLE_PLANS: 7 questions with correct paths (18 A after 3 near-duplicates), 2 B, the other paths wrong.
+    assert (s["num_paths"], s["num_A"], s["num_B"], s["num_C"], s["num_kept"]) == (124, 18, 2, 101, 20)
     assert result["review"]["sources"] == {"policy": 3} and result["collect"]["num_duplicates"] == 1
 
     # Every verdict is queryable, as `keyeflow sql` users ask it.
     query = "select grade, count(*) as n from longcot_paths group by grade order by grade"
     by_grade = json.loads(runner.invoke(app, ["sql", query, "--format", "json"]).output)
     assert by_grade == [
-        {"grade": "A", "n": 11},
+        {"grade": "A", "n": 18},
         {"grade": "B", "n": 2},
-        {"grade": "C", "n": 93},
-        {"grade": None, "n": 18},
+        {"grade": "C", "n": 101},
+        {"grade": None, "n": 3},
     ]
     drops = sql.query(
         "select stage, count(*) as n from longcot_paths where status = 'dropped' group by stage"
     )
-    assert dict(zip(drops.stage, drops.n)) == {"generate": 93, "select": 18}
+    assert dict(zip(drops.stage, drops.n)) == {"generate": 101, "select": 3}
     out = sql.query("select * from longcot order by sample_id")
-    assert len(out) == 13 and set(out.grade) == {"A", "B"}
+    assert len(out) == 20 and set(out.grade) == {"A", "B"}
     assert set(out.reviewer_action) == {"none", "approve"} and set(out.score) <= {1, 2, 3, 4, 5}
     assert all(r.startswith("<think>") and r.endswith("</answer>") for r in out.response)
     visual = out[out.domain.isin(["business", "grounding"])]
@@ -92,10 +94,10 @@ def test_longcot_flow_with_a_teacher_server_end_to_end(home, questions, teacher)
     reviews = sql.query("select reviewer, action, source, note from longcot_reviews")
     assert set(reviews.reviewer) == {"policy:auto_approve"} and set(reviews.action) == {"approve"}
     gates_run = sql.query("select gate, passed, num_rows from gate_results order by gate")
-    assert gates_run.values.tolist() == [["longcot", True, 13], ["longcot_paths", True, 124]]
+    assert gates_run.values.tolist() == [["longcot", True, 20], ["longcot_paths", True, 124]]
 
     run = lineage.client().get_run(result["run_id"])
-    assert run.data.tags["keyeflow.gate.longcot"] == "passed" and run.data.metrics["num_C"] == 93
+    assert run.data.tags["keyeflow.gate.longcot"] == "passed" and run.data.metrics["num_C"] == 101
     assert run.data.tags["keyeflow.output.longcot"].endswith(f"@v{result['longcot'].version}")
     with get_client(sync_client=True) as client:
         keys = {
@@ -134,11 +136,11 @@ def test_longcot_flow_with_a_teacher_server_end_to_end(home, questions, teacher)
             "--base-url",
             url,
             "--model",
-            "replay-teacher",
+            teacher_server.MODEL,
         ],
     )
     assert again.exit_code == 0, again.output
-    assert "paths: 124 (A 11, B 2, C 93); kept 13" in " ".join(again.output.split())
+    assert "paths: 124 (A 18, B 2, C 101); kept 20" in " ".join(again.output.split())
     assert len(log.read_text().splitlines()) == requests_before
     assert tables.ref("longcot").version == result["longcot"].version
     assert len(sql.query("select * from longcot_reviews")) == 3
@@ -250,7 +252,7 @@ def test_review_pauses_the_flow_and_a_person_resumes_it(home, questions, teacher
         "B (process flawed; relevance 0 < 0.7) edited by alice: dropped the digression"
     )
     rejected = reviews[reviews.reviewer == "carol"].path_id.iloc[0]
-    assert rejected not in set(out.sample_id) and len(out) == 12
+    assert rejected not in set(out.sample_id) and len(out) == 19
     assert sql.query("select bool_and(passed) as ok from gate_results").ok[0]
 
     from prefect.client.orchestration import get_client
@@ -287,7 +289,7 @@ def test_review_timeout_applies_the_configured_policy(home, questions, teacher, 
     assert reviews.note.str.startswith("no decision within 2 s (review run Failed").sum() == 1
     assert reviews.note.str.startswith("not asked: an earlier item got no decision").sum() == 2
     assert set(reviews.outcome) == {"kept" if policy == "auto_approve" else "dropped"}
-    assert result["summary"]["num_kept"] == (13 if policy == "auto_approve" else 10)
+    assert result["summary"]["num_kept"] == (20 if policy == "auto_approve" else 17)
 
 
 def test_longcot_flow_on_the_tiny_local_model(home, tmp_path, sample_images, sample_videos, media_dir):

@@ -18,7 +18,8 @@ from typer.testing import CliRunner
 
 from keyeflow import lineage
 from keyeflow.cli import app
-from keyeflow.synthetic import scripted_teacher as replay
+from keyeflow.datasets import sql
+from keyeflow.synthetic import synthetic_teacher as teacher_server
 from keyeflow.training.posttrain_recipe import posttrain_recipe
 
 STAGES = [
@@ -39,7 +40,7 @@ STAGES = [
 
 @pytest.fixture(scope="module")
 def data_home(tmp_path_factory, sample_corpus, media_dir, prefect_harness):
-    """train_samples from the sample corpus and the LongCoT tables from the replaying teacher."""
+    """train_samples from the sample corpus and the LongCoT tables from the synthetic teacher."""
     from keyeflow.flows.data import build_train_samples
     from keyeflow.flows.longcot import longcot
     from keyeflow.model.config import tiny
@@ -54,12 +55,13 @@ def data_home(tmp_path_factory, sample_corpus, media_dir, prefect_harness):
             mp.delenv(var, raising=False)
         build_train_samples([str(sample_corpus["conversations"].parent)], str(media_dir))
         questions = generate_longcot_questions(media_dir / "longcot-posttrain", media_dir / "images")
-        with replay.start_server(replay.teacher_recordings(), root / "teacher") as (url, _):
+        settings = teacher_server.teacher_config(plans=teacher_server.SAMPLE_PLANS)
+        with teacher_server.start_server(settings, root / "teacher") as (url, _):
             longcot(
                 [str(questions["dir"])],
                 str(media_dir),
                 review="auto_approve",
-                generation={"backend": "openai", "base_url": url, "model": "replay-teacher", "n": 4},
+                generation={"backend": "openai", "base_url": url, "model": teacher_server.MODEL, "n": 4},
             )
         torch.manual_seed(0)
         KeyeForConditionalGeneration(tiny()).save_pretrained(root / "start")
@@ -112,6 +114,13 @@ def test_posttrain_flow_runs_every_stage_into_the_lineage(data_home, monkeypatch
     gspo = client.get_run(stages["gspo_round_1"]["run_id"])
     assert "reward_mean" in gspo.data.metrics
     assert {a.path for a in client.list_artifacts(gspo.info.run_id)} >= {"hints"}
+    assert {f"num_hint_level_{k}" for k in range(6)} <= set(gspo.data.metrics)
+    # The hint level every GSPO step trained each item on, as `keyeflow sql` reads it.
+    levels = sql.query(
+        "select stage, run_id, count(*) as n from rl_hint_levels group by stage, run_id order by stage"
+    )
+    assert "posttrain-5-gspo-round-1" in set(levels.stage)
+    assert gspo.info.run_id in set(levels.run_id) and all(levels.n > 0)
     mpo = client.get_run(stages["mpo"]["run_id"])
     assert {"loss", "dpo", "bco", "sft"} <= set(mpo.data.metrics)
 

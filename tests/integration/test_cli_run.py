@@ -1,11 +1,13 @@
 """`keyeflow run`'s own parts, without its three-minute chain (which tests/flows/test_posttrain_flow.py runs
-end to end): the recorded LongCoT teacher it starts, a real process on 127.0.0.1 that answers the sample
-questions and is gone afterwards; the option check that fails before anything runs; and the summary, which
-names every stage run whole and fits a 100-column terminal."""
+end to end): the synthetic LongCoT teacher it starts, a real process on 127.0.0.1 that answers the sample
+and task questions from their reference solutions and is gone afterwards; the option check that fails
+before anything runs; and the summary, which names every stage run whole and fits a 100-column terminal."""
 
 from __future__ import annotations
 
+import base64
 import io
+import json
 
 import httpx
 import pytest
@@ -13,24 +15,42 @@ from rich.console import Console
 from typer.testing import CliRunner
 
 from keyeflow import cli
-from keyeflow.synthetic.longcot_questions import TEXT_QUESTIONS
+from keyeflow.synthetic.longcot_questions import SOLUTIONS, TEXT_QUESTIONS
+from keyeflow.synthetic.synthetic_teacher import MODEL
+from keyeflow.synthetic.verifiable_tasks import write_task_questions
 
 
-def test_the_recorded_teacher_answers_the_sample_questions_then_stops(tmp_path, capsys):
-    question = TEXT_QUESTIONS[0][1]  # "What is 1 divided by 2?": recorded with four paths
-    with cli._longcot_teacher(None, None, tmp_path / "teacher") as generation:
-        assert generation["backend"] == "openai" and generation["model"] == "replay-teacher"
+def test_the_synthetic_teacher_answers_the_sample_and_task_questions_then_stops(tmp_path, capsys):
+    question = TEXT_QUESTIONS[0][1]  # "What is 1 divided by 2?"
+    tasks = write_task_questions(tmp_path / "tasks", tmp_path / "media", num_per_family=2)
+    task = json.loads(tasks["train"].read_text().splitlines()[0])
+    with cli._longcot_teacher(None, None, tmp_path / "teacher", [tasks["train"]]) as generation:
+        assert generation["backend"] == "openai" and generation["model"] == MODEL
         url = generation["base_url"]
-        reply = httpx.post(
-            f"{url}/chat/completions",
-            timeout=10,
-            json={"model": generation["model"], "n": 4, "messages": [{"role": "user", "content": question}]},
-        )
-        assert reply.status_code == 200
-        answers = [c["message"]["content"].rsplit("<answer>", 1)[1] for c in reply.json()["choices"]]
-        assert answers == ["½</answer>", "1/2</answer>", "0.5</answer>", "2</answer>"]
+
+        def answers(content) -> list[str]:
+            body = {"model": generation["model"], "n": 8, "messages": [{"role": "user", "content": content}]}
+            reply = httpx.post(f"{url}/chat/completions", timeout=10, json=body)
+            assert reply.status_code == 200
+            return [c["message"]["content"].rsplit("<answer>", 1)[1] for c in reply.json()["choices"]]
+
+        # Seeded paths from the reference solution: right answers in its forms, wrong ones from its list.
+        solution = SOLUTIONS[question]
+        got = answers(question)
+        assert set(got) <= {f"{a}</answer>" for a in solution["answer_forms"] + solution["wrong_answers"]}
+        assert got == answers(question) and len(set(got)) > 1
+        part = task["messages"][0]["content"][0]
+        image = (tasks["train"].parent / part[part["type"]]).resolve()
+        data = base64.b64encode(image.read_bytes()).decode()
+        text = task["messages"][0]["content"][1]["text"]
+        content = [
+            {"type": "image_url", "image_url": {"url": f"data:image/png;base64,{data}"}},
+            {"type": "text", "text": text},
+        ]
+        forms = task["solution"]["answer_forms"] + task["solution"]["wrong_answers"]
+        assert set(answers(content)) <= {f"{a}</answer>" for a in forms}
     out = " ".join(capsys.readouterr().out.split())
-    said = "LongCoT teacher: recorded completions for the sample questions (no teacher model runs on a CPU)"
+    said = "LongCoT teacher: the synthetic teacher (no teacher model runs on a CPU)"
     assert said in out
     assert "LongCoT teacher stopped" in out
     with pytest.raises(httpx.TransportError):

@@ -1,8 +1,9 @@
 """LongCoT cold-start steps on real tables, without Prefect: collection (dedupe, domains, media, bad lines,
-rewrites, merges), multi-path generation through an OpenAI-compatible HTTP server replaying a teacher
-(``keyeflow.synthetic.scripted_teacher``, a real process on 127.0.0.1) and through our tiny model in process,
-answers written differently from the reference (½ / 1/2 / 0.5, 1000 m / 1 km, \\frac{1}{2} / 50%) ending
-up as A, the rule and model judges, review decisions and the gates' frames."""
+rewrites, merges), multi-path generation through an OpenAI-compatible HTTP server, the synthetic teacher
+(``keyeflow.synthetic.synthetic_teacher``, a real process on 127.0.0.1, with fixed error kinds per
+question) and through our tiny model in process, answers written differently from the reference (½ / 1/2 /
+0.5, 1000 m / 1 km, \\frac{1}{2} / 50%) ending up as A, the rule and model judges, review decisions and the
+gates' frames."""
 
 from __future__ import annotations
 
@@ -38,16 +39,17 @@ from keyeflow.quality.judges import (
     parse_assessment,
     parse_score,
 )
-from keyeflow.synthetic import scripted_teacher as replay
-from keyeflow.synthetic.longcot_questions import generate_longcot_questions
+from keyeflow.quality.longcot_scoring import path_confidence
+from keyeflow.synthetic import synthetic_teacher as teacher_server
+from keyeflow.synthetic.longcot_questions import SOLUTIONS, generate_longcot_questions
 
 JUDGE = "You grade the reasoning of a response to a question, step by step.\n\nQuestion: "
 REWRITE = "Reply with the new question only.\n\nQuestion: "
 
 
-def recordings() -> dict:
-    """The teacher, plus a judge model and a rewriter for a few prompts (checked first)."""
-    rec = replay.teacher_recordings()
+def teacher_settings() -> dict:
+    """The synthetic teacher with fixed kinds on the sample questions (``SAMPLE_PLANS``), plus fixed replies
+    standing in for a judge model and a rewriter on a few prompts (checked first)."""
     extra = [
         {
             "match": JUDGE + "What is 1 divided by 2?",
@@ -83,13 +85,12 @@ def recordings() -> dict:
             "completions": [{"text": "What is 1 divided by 2, which equals 0.5? Explain why."}],
         },
     ]
-    rec["entries"] = extra + rec["entries"]
-    return rec
+    return teacher_server.teacher_config(plans=teacher_server.SAMPLE_PLANS, entries=extra)
 
 
 @pytest.fixture(scope="module")
 def teacher(tmp_path_factory):
-    with replay.start_server(recordings(), tmp_path_factory.mktemp("replay")) as (url, log):
+    with teacher_server.start_server(teacher_settings(), tmp_path_factory.mktemp("teacher")) as (url, log):
         yield url, log
 
 
@@ -100,11 +101,11 @@ def questions(tmp_path, sample_images, media_dir) -> dict:
 
 
 def server(url: str) -> OpenAICompatibleGenerator:
-    return OpenAICompatibleGenerator(url, "replay-teacher", max_retries=0)
+    return OpenAICompatibleGenerator(url, teacher_server.MODEL, max_retries=0)
 
 
-def replay_config(url: str, n: int = 4) -> GenerationConfig:
-    return GenerationConfig(backend="openai", base_url=url, model="replay-teacher", n=n)
+def teacher_config(url: str, n: int = 4) -> GenerationConfig:
+    return GenerationConfig(backend="openai", base_url=url, model=teacher_server.MODEL, n=n)
 
 
 def _ids(report: CollectReport, *texts: str) -> list[str]:
@@ -216,7 +217,7 @@ def test_rewrites_kept_only_when_sane_and_merges_keep_the_reference(home, questi
         + "\n"
     )
     report = collect_questions(
-        [str(source)], str(tmp_path), CollectConfig(rewrite=True), server(url), replay_config(url)
+        [str(source)], str(tmp_path), CollectConfig(rewrite=True), server(url), teacher_config(url)
     )
     rows = {r["original_question"]: r for r in tables.open_table("longcot_questions").to_table().to_pylist()}
     road = rows["A road is 1000 m long. How long is it in kilometres?"]
@@ -262,29 +263,42 @@ def test_equivalent_answers_written_differently_end_up_as_A(home, questions, tea
         "A pizza is cut into 8 equal slices and 4 of them are eaten. What fraction of the pizza is eaten?",
         "Simplify (x + 1)^2 - (x - 1)^2.",
     )
-    config = replay_config(url)
+    config = teacher_config(url)
     generated = generate_paths(tables.ref("longcot_questions"), ids, server(url), config)
     assert generated.num_paths == 16 and generated.num_failed == 0
     assessed = assess_paths(tables.ref("longcot_paths"), tables.ref("longcot_questions"), ids, RuleJudge())
-    assert assessed.grades == {"A": 7}
+    assert assessed.grades == {"A": 10}
 
     rows = sql.query(
         "select answer, answer_ok, answer_method, grade, status, stage, reason, confidence, "
         "step_confidences, question_id, path_index from longcot_paths"
     )
     graded_a = rows[rows.grade == "A"]
-    assert sorted(graded_a.answer) == sorted(["½", "1/2", "0.5", "1000 m", "1 km", "\\frac{1}{2}", "50%"])
+    # Correct paths cycle through the answer forms (and three wordings): every form ends up A.
+    forms = ["½", "1/2", "0.5", "1000 m", "1 km", "1 km", "\\frac{1}{2}", "\\frac{1}{2}", "50%", "50%"]
+    assert sorted(graded_a.answer) == sorted(forms)
     assert set(graded_a.status) == {"kept"} and all(graded_a.reason == "A: answer right, process sound")
     wrong = rows[rows.grade == "C"]
     assert sorted(wrong.answer) == ["2", "2x", "2x", "2x", "2x"] and set(wrong.stage) == {"generate"}
     assert all(r.startswith("C: answer wrong (") for r in wrong.reason)
-    dupes = rows[rows.grade.isna()]  # the server cycles its recordings: repeats are near-duplicates
-    assert len(dupes) == 4 and all(r.startswith("near-duplicate of a kept path") for r in dupes.reason)
-    # Confidence: the minimum over steps of exp(mean token logprob); recorded -0.05 per token → ~0.95.
+    dupes = rows[rows.grade.isna()]  # path 4 is worded like path 1 (three styles): a near-duplicate
+    assert len(dupes) == 1 and all(r.startswith("near-duplicate of a kept path") for r in dupes.reason)
+    # Confidence: the minimum over steps of exp(mean token logprob) of what the teacher sent for that path.
     half = rows[(rows.answer == "½")].iloc[0]
+    plan = teacher_server.SAMPLE_PLANS["What is 1 divided by 2?"]
+    question = {"question": "What is 1 divided by 2?", "solution": SOLUTIONS["What is 1 divided by 2?"]}
+    sent = teacher_server.solve(question, 4, 0, {}, plan)
+    offsets = [
+        (len("".join(sent[0]["tokens"][:k])), len("".join(sent[0]["tokens"][: k + 1])))
+        for k in range(len(sent[0]["tokens"]))
+    ]
+    expected = path_confidence(sent[0]["text"], sent[0]["logprobs"], offsets)
     assert (
-        half.confidence == pytest.approx(0.951229, abs=1e-3) and len(half.step_confidences) == 3
+        half.confidence == pytest.approx(expected.response, abs=1e-6) and len(half.step_confidences) == 3
     )  # + the answer
+    # The path the teacher got wrong (it wrote "2" instead of its top choice) is the least confident of four.
+    halves = rows[rows.question_id == ids[0]]
+    assert halves.sort_values("confidence").answer.iloc[0] == "2"
     assert all(0.0 <= c <= 1.0 for c in rows.confidence)
     # A rerun with the same settings generates nothing and asks the server nothing.
     before = len(log.read_text().splitlines())
@@ -302,7 +316,7 @@ def test_media_sent_to_a_server_and_grounding_by_iou(home, questions, teacher):
         "What share of the tokens does the image bar show?",
         "Give the bounding box of the red rectangle as [[x1, y1, x2, y2]] in [0, 1000) coordinates.",
     )
-    generate_paths(tables.ref("longcot_questions"), ids, server(url), replay_config(url, n=1))
+    generate_paths(tables.ref("longcot_questions"), ids, server(url), teacher_config(url, n=1))
     rows = sql.query(
         "select domain, answer, answer_ok, answer_method, answer_reason from longcot_paths order by domain"
     )
@@ -496,7 +510,7 @@ def test_a_judge_that_fails_quarantines_its_paths_and_stops_past_the_threshold(
     report = collect_questions([questions["dir"]], questions["root"])
     ids = _ids(report, "Solve for x: 3x + 5 = 20.", "What is 1 divided by 2?")
     qref = tables.ref("longcot_questions")
-    generate_paths(qref, ids, server(url), replay_config(url))
+    generate_paths(qref, ids, server(url), teacher_config(url))
     selected = sorted(sql.query("select path_id from longcot_paths where status = 'selected'").path_id)
     # Our tiny random model as the judge answers nonsense: no path is graded, none gets a stand-in verdict.
     broken = ModelJudge(LocalGenerator(ensure_tiny_model(tmp_path / "tiny")), max_new_tokens=8)
@@ -530,7 +544,7 @@ def test_review_decisions_are_stored_and_applied(home, questions, teacher):
         "What is 1 divided by 2?",
     )
     qref = tables.ref("longcot_questions")
-    generate_paths(qref, ids, server(url), replay_config(url))
+    generate_paths(qref, ids, server(url), teacher_config(url))
     assessed = assess_paths(tables.ref("longcot_paths"), qref, ids, RuleJudge())
     assert assessed.grades == {"A": 5, "B": 2} and assessed.num_needs_review == 3
     queue = review_queue(tables.ref("longcot_paths"), ids)

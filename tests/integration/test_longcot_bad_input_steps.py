@@ -2,8 +2,8 @@
 server that times out, answers malformed output, fails for a while or is down. Each fails only its own item,
 with a reason naming the question and the problem (transient failures retried a bounded number of times,
 counted on the server side), the rest completes, and a rerun against a working server asks it only for what
-failed. The server is ``keyeflow.synthetic.scripted_teacher``, a real process on 127.0.0.1; nothing is
-mocked."""
+failed. The server is the synthetic teacher (``keyeflow.synthetic.synthetic_teacher``), a real process on
+127.0.0.1; nothing is mocked."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ from keyeflow.longcot.collect import collect_questions
 from keyeflow.longcot.generate import GenerationConfig, generate_paths, make_generator
 from keyeflow.model.generation import BatchGenerationError, GenerationServerError, OpenAICompatibleGenerator
 from keyeflow.quality.judges import JudgeFailure, JudgeInput, ModelJudge
-from keyeflow.synthetic import scripted_teacher as replay
+from keyeflow.synthetic import synthetic_teacher as teacher_server
 
 HALF = "What is 1 divided by 2?"
 ROAD = "A road is 1000 m long. How long is it in kilometres?"
@@ -44,6 +44,11 @@ REFERENCES = {
 TIMEOUT_S, MAX_RETRIES = 1.0, 2  # a failing request is tried 3 times, 0.5 s and 1 s apart
 
 
+def teacher() -> dict:
+    """The synthetic teacher with fixed kinds on the sample questions (``SAMPLE_PLANS``)."""
+    return teacher_server.teacher_config(plans=teacher_server.SAMPLE_PLANS)
+
+
 def misbehaving(n: int = 2) -> dict:
     """The teacher, with some questions turned bad (entries placed first, so they are matched first)."""
     no_logprobs = {
@@ -57,7 +62,7 @@ def misbehaving(n: int = 2) -> dict:
             for i in range(n)
         ]
     }
-    rec = replay.teacher_recordings()
+    rec = teacher()
     rec["entries"] = [
         {"match": SLOW, "delay_s": 3 * TIMEOUT_S},
         {
@@ -74,7 +79,7 @@ def misbehaving(n: int = 2) -> dict:
             "times": 2,
             "respond": {"status": 503, "body": {"error": {"message": "overloaded"}}},
         },
-    ] + rec["entries"]
+    ]
     return rec
 
 
@@ -97,7 +102,7 @@ def config(url: str, n: int = 2) -> GenerationConfig:
     return GenerationConfig(
         backend="openai",
         base_url=url,
-        model="replay-teacher",
+        model=teacher_server.MODEL,
         n=n,
         request_timeout_s=TIMEOUT_S,
         max_retries=MAX_RETRIES,
@@ -170,14 +175,14 @@ def test_a_misbehaving_teacher_fails_only_its_items_and_a_rerun_asks_only_for_th
     collect_questions([str(source)], str(source.parent))
     ids = question_ids()
     all_ids = [ids[t] for t in REFERENCES]
-    port = replay.free_port()
-    with replay.start_server(misbehaving(), tmp_path / "faulty", port=port) as (url, log):
+    port = teacher_server.free_port()
+    with teacher_server.start_server(misbehaving(), tmp_path / "faulty", port=port) as (url, log):
         started = time.monotonic()
         report = generate_paths(
             tables.ref("longcot_questions"), all_ids, make_generator(config(url)), config(url)
         )
         elapsed = time.monotonic() - started
-        attempts = {t: replay.requests_for(log, t) for t in REFERENCES}
+        attempts = {t: teacher_server.requests_for(log, t) for t in REFERENCES}
 
     assert (report.num_generated, report.num_failed, report.num_paths) == (5, 4, 10)
     # Timeouts and 503s are retried (3 attempts, counted by the server); malformed output is not; every
@@ -209,12 +214,12 @@ def test_a_misbehaving_teacher_fails_only_its_items_and_a_rerun_asks_only_for_th
     first = paths.set_index("path_id")
 
     # The server is fixed and back at the same address: only the four failed questions are asked, once each.
-    with replay.start_server(replay.teacher_recordings(), tmp_path / "fixed", port=port) as (url_again, log):
+    with teacher_server.start_server(teacher(), tmp_path / "fixed", port=port) as (url_again, log):
         assert url_again == url
         again = generate_paths(
             tables.ref("longcot_questions"), all_ids, make_generator(config(url)), config(url)
         )
-        attempts = {t: replay.requests_for(log, t) for t in REFERENCES}
+        attempts = {t: teacher_server.requests_for(log, t) for t in REFERENCES}
     assert (again.num_already_done, again.num_generated, again.num_failed, again.num_paths) == (5, 4, 0, 8)
     assert attempts == {t: int(t in bad) for t in REFERENCES}
     assert generate_failures() == {}  # nothing is failing now; the table's earlier versions keep the rows
@@ -232,7 +237,7 @@ def test_a_server_that_is_down_fails_every_item_after_bounded_retries(home, tmp_
     source = write_questions(tmp_path / "questions", [HALF, ROAD, LETTERS])
     collect_questions([str(source)], str(source.parent))
     ids = question_ids()
-    url = f"http://127.0.0.1:{replay.free_port()}/v1"  # nothing listens there
+    url = f"http://127.0.0.1:{teacher_server.free_port()}/v1"  # nothing listens there
 
     started = time.monotonic()
     report = generate_paths(
@@ -253,8 +258,8 @@ def test_a_server_that_is_down_fails_every_item_after_bounded_retries(home, tmp_
     assert len(sql.query("select * from quarantine where stage = 'longcot_generate'")) == 3
 
     # The generator itself: a batch with some failures keeps the good results beside the errors.
-    with replay.start_server(misbehaving(n=1), tmp_path / "faulty") as (live, _):
-        generator = OpenAICompatibleGenerator(live, "replay-teacher", timeout=TIMEOUT_S, max_retries=0)
+    with teacher_server.start_server(misbehaving(n=1), tmp_path / "faulty") as (live, _):
+        generator = OpenAICompatibleGenerator(live, teacher_server.MODEL, timeout=TIMEOUT_S, max_retries=0)
         batch = [[{"role": "user", "content": t}] for t in (HALF, NOT_JSON, ROAD)]
         with pytest.raises(
             BatchGenerationError, match="1 of 3 conversations failed; conversation 1"
@@ -287,10 +292,10 @@ def test_a_model_judge_fails_only_the_items_whose_request_failed(home, tmp_path)
         JudgeInput(HALF, "0.5", ("1 / 2 = 0.5.", "So the answer is 0.5."), "0.5"),
         JudgeInput(ROAD, "1 km", ("1000 m is 1 km.", "So the road is 1 km."), "1 km"),
     ]
-    with replay.start_server(recordings, tmp_path / "judge") as (url, log):
+    with teacher_server.start_server(recordings, tmp_path / "judge") as (url, log):
         judge = ModelJudge(OpenAICompatibleGenerator(url, "judge", max_retries=1, backoff_s=0.05))
         verdicts = judge.assess(items)
-        attempts = (replay.requests_for(log, HALF), replay.requests_for(log, ROAD))
+        attempts = (teacher_server.requests_for(log, HALF), teacher_server.requests_for(log, ROAD))
     assert verdicts[0].judge == "model" and verdicts[0].process_scores()["relevance"] == 1.0
     assert isinstance(verdicts[1], JudgeFailure)
     assert verdicts[1].reason.startswith("model judge request failed (GenerationServerError: POST ")

@@ -1,7 +1,7 @@
 """Post-training data on real tables: platform-made conversations become train_samples rows, fixed mixtures
 carry the given repeats, the difficulty filter drops exactly the items every sampled answer solves (answers
-come from the replaying OpenAI-compatible server, a real process: our tiny model answers nothing right), and
-LongCoT samples reach a mixture with their repeats."""
+come from the synthetic teacher's OpenAI-compatible server with fixed replies, a real process: our tiny
+model answers nothing right), and LongCoT samples reach a mixture with their repeats."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from keyeflow.datasets.images import ImageConfig
 from keyeflow.datasets.mixture import fixed_mixture
 from keyeflow.datasets.slowfast import resolve_config
 from keyeflow.model.generation import OpenAICompatibleGenerator
-from keyeflow.synthetic import scripted_teacher as replay
+from keyeflow.synthetic import synthetic_teacher as chat_server
 from keyeflow.training.posttrain_data import (
     DifficultyConfig,
     conversation_samples,
@@ -117,7 +117,7 @@ def test_difficulty_filter_drops_only_what_every_path_solves(home, tmp_path):
             {"match": "12 divided by 5", "completions": [{"text": "<answer>12/5</answer>"}, {"text": "2"}]},
         ],
     }
-    with replay.start_server(recordings, tmp_path / "server") as (url, log):
+    with chat_server.start_server(recordings, tmp_path / "server") as (url, log):
         generator = OpenAICompatibleGenerator(url, "replay", max_retries=0)
         report = difficulty_filter(generator, rows, DifficultyConfig(num_paths=4))
     by_uri = {r["sample_id"]: json.loads(json.dumps(r["messages"]))[0]["content"] for r in rows}
@@ -126,7 +126,7 @@ def test_difficulty_filter_drops_only_what_every_path_solves(home, tmp_path):
     assert "all 4 sampled answers match" in next(iter(report.dropped.values()))
     assert {by_uri[s] for s in report.kept} == {"What is 12 divided by 5?", "Describe a sunset."}
     assert {by_uri[s] for s in report.unchecked} == {"Describe a sunset."}  # no checker: kept, not sampled
-    assert replay.requests_for(log, "sunset") == 0
+    assert chat_server.requests_for(log, "sunset") == 0
     assert sorted(report.num_right.values()) == [2, 4]
     mixture = sft_mixture(tables.ref("train_samples"), report.kept, name="sft")
     assert tables.open_table("mixtures").count_rows(f"mixture_id = '{mixture.mixture_id}'") == 2

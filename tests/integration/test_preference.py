@@ -1,13 +1,14 @@
 """Preference pairs, MPO and the reward model with real parts: the tiny random model saved with
-save_pretrained, the OpenAI-compatible server (`python -m keyeflow.model.serving`) and the replay server
-(`keyeflow.synthetic.scripted_teacher`) as real processes on 127.0.0.1, real Lance tables and MLflow.
+save_pretrained, the OpenAI-compatible server (`python -m keyeflow.model.serving`) and the synthetic
+teacher's server with fixed replies (`keyeflow.synthetic.synthetic_teacher`) as real processes on 127.0.0.1,
+real Lance tables and MLflow.
 
-- pairs: sampled over HTTP from the replay server (canned answers, checked against references) and in process
+- pairs: sampled over HTTP from the fixed replies (canned answers, checked against references) and in process
   from the tiny model; every item without a pair is recorded with why;
 - MPO: the loss falls and the reward margin grows on the training pairs; a resumed run equals an uninterrupted
   one bit for bit; metrics reach MLflow;
 - the judge: the tiny model behind the real server writes nonsense, which becomes reasons, never an exception;
-  well-formed outputs (replay server) are parsed and averaged over both orders; and the reward model trained
+  well-formed outputs (fixed replies) are parsed and averaged over both orders; and the reward model trained
   for a few steps with the stage trainer learns to write a verdict the parser accepts."""
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ from keyeflow.quality.reward_model import (
     build_reward_model_data,
 )
 from keyeflow.quality.rewards import RewardCombiner, RewardConfig, RewardItem
-from keyeflow.synthetic import scripted_teacher as replay
+from keyeflow.synthetic import synthetic_teacher as chat_server
 from keyeflow.training.config import MPOStageConfig, StageConfig
 from keyeflow.training.engine import LATEST
 from keyeflow.training.losses import MPOConfig
@@ -103,7 +104,7 @@ def test_pairs_from_a_served_policy_with_reference_checks_and_recorded_drops(tmp
     def reward_model(item: RewardItem, response: str) -> tuple[float, str]:
         return (0.9, "confident") if "sure" in response else (0.1, "hedged")
 
-    with replay.start_server(pair_recordings(), tmp_path / "replay") as (url, _):
+    with chat_server.start_server(pair_recordings(), tmp_path / "replay") as (url, _):
         generator = OpenAICompatibleGenerator(url, "replay-policy", timeout=10, max_retries=0)
         pairs, records = build_preference_pairs(
             generator, items, n=3, scorer=make_scorer(), min_margin=0.5, seed=1, max_error_share=0.5
@@ -388,7 +389,7 @@ def test_judge_parses_served_verdicts_and_averages_both_orders(tmp_path):
         {"match": "Response A:\nC-A-T", "completions": [think_reply(8, 3, "A", drop="safety")]},
         {"match": "Response A:\nK-A-T", "completions": [think_reply(3, 8, "B")]},
     ]}  # fmt: skip
-    with replay.start_server(recordings, tmp_path / "replay") as (url, requests_log):
+    with chat_server.start_server(recordings, tmp_path / "replay") as (url, requests_log):
         generator = OpenAICompatibleGenerator(url, "replay-judge", timeout=10, max_retries=0)
         judge = RewardModelJudge(
             generator, RewardModelConfig(mode="think", verdict_weight=0.5), baseline=lambda item: "5"

@@ -20,13 +20,18 @@ import pytest
 import torch
 
 from keyeflow import lineage
+from keyeflow.datasets import sql, tables
 from keyeflow.datasets.pretokenize import patchify
+from keyeflow.longcot.collect import collect_questions
+from keyeflow.longcot.rl_items import longcot_rl_items
 from keyeflow.model.checkpoint import load_keye_checkpoint
 from keyeflow.model.config import tiny
 from keyeflow.model.generation import LocalGenerator
 from keyeflow.model.modeling import KeyeForConditionalGeneration
 from keyeflow.model.processor import MediaPatches
 from keyeflow.model.tokenizer import load_tokenizer
+from keyeflow.steps.posttrain import record_hint_levels
+from keyeflow.synthetic.longcot_questions import generate_longcot_questions
 from keyeflow.training.config import GSPOStageConfig
 from keyeflow.training.engine import LATEST, read_metrics
 from keyeflow.training.hints import HintConfig
@@ -311,6 +316,59 @@ def test_hints_train_on_the_minimal_successful_level(init_dir, tmp_path):
     )
     # ... and the update trains on "easy" and on "needs-2" at level 2 (the all-failed groups carry no signal).
     assert record["num_active_responses"] == 2 * G
+
+
+def test_a_failed_group_is_retried_with_the_items_own_hints_at_the_minimal_level_and_the_level_is_recorded(
+    init_dir, tmp_path, home
+):
+    """RL items from the LongCoT questions carry hints L1-L5 derived from their reference solutions; a group
+    that fails gets hinted rollouts level by level and trains at the lowest level with a success; the level
+    per item is in the step's hint file, in the metrics (per level counts) and in ``rl_hint_levels``."""
+    questions = generate_longcot_questions(tmp_path / "questions")  # text questions only: no media given
+    collect_questions([str(questions["text"])], str(tmp_path))
+    by_text = {
+        i["messages"][-1]["content"].removesuffix(" /think"): i
+        for i in longcot_rl_items(tables.ref("longcot_questions"))
+    }
+    easy, step = by_text["What is 1 divided by 2?"], by_text["Solve for x: 3x + 5 = 20."]
+    answer = by_text["What is 15% of 240?"]
+    # The constructed reward passes "easy" unhinted, "step" once the prompt carries its first worked step (L4)
+    # and "answer" only once the prompt gives the answer away (L5, the only level that states it).
+    needs = {
+        easy["id"]: None,
+        step["id"]: step["hints"]["L4"],
+        answer["id"]: f"The answer is {answer['reference']}.",
+    }
+
+    def reward(item, response):
+        needed = needs[item["id"]]
+        return (
+            0.5 + 0.5 * letter_share(response)
+            if needed is None or needed in item["messages"][-1]["content"]
+            else 0.0
+        )
+
+    result = train_gspo(
+        stage(
+            prompts_per_step=3, mini_batches_per_step=1, hints=HintConfig(rollouts_per_level=G, max_level=5)
+        ),
+        init=init_dir,
+        items=[easy, step, answer],
+        reward_fn=reward,
+        out_dir=tmp_path / "run",
+    )
+    [record] = result.history
+    assert record["hint_levels"] == {easy["id"]: 0, step["id"]: 4, answer["id"]: 5}
+    assert [record[f"num_hint_level_{k}"] for k in range(6)] == [1, 0, 0, 0, 1, 1]
+    report = json.loads((tmp_path / "run" / "hints" / "step-00000001.json").read_text())["items"]
+    assert report[step["id"]]["hint"] == step["hints"]["L4"]
+    assert report[answer["id"]]["pass_rates"] == {"0": 0.0, "1": 0.0, "2": 0.0, "3": 0.0, "4": 0.0, "5": 1.0}
+    assert record_hint_levels(tmp_path / "run", "run-1", "gspo-test") == 3
+    assert record_hint_levels(tmp_path / "run", "run-1", "gspo-test") == 3  # a rerun adds no second row
+    levels = sql.query("select item_id, level, step, stage from rl_hint_levels order by level")
+    assert levels.values.tolist() == [
+        [easy["id"], 0, 1, "gspo-test"], [step["id"], 4, 1, "gspo-test"], [answer["id"], 5, 1, "gspo-test"]
+    ]  # fmt: skip
 
 
 def test_checkpoint_resume_continues_like_an_uninterrupted_run(init_dir, tmp_path, home):

@@ -1,7 +1,8 @@
-"""Errors stay errors (issue 13, point 3): a reward model behind a real local server (the scripted teacher)
-that answers nonsense or fails its requests is never scored as a tie. The failed item is recorded with its
-reason and counted, GSPO leaves its group out of the step's update, and every batch step stops with a clear
-error once the failed share passes its threshold; a real "tie" verdict still gives 0.5."""
+"""Errors stay errors (issue 13, point 3): a reward model behind a real local server (fixed replies of the
+synthetic teacher's server) that answers nonsense or fails its requests is never scored as a tie. The failed
+item is recorded with its reason and counted, GSPO leaves its group out of the step's update, and every batch
+step stops with a clear error once the failed share passes its threshold; a real "tie" verdict still gives
+0.5."""
 
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ from keyeflow.model.tokenizer import load_tokenizer
 from keyeflow.quality.errors import ErrorShareExceeded, ScoringError
 from keyeflow.quality.reward_model import ComparisonRequest, RewardModelConfig, RewardModelJudge
 from keyeflow.quality.rewards import RewardCombiner, RewardConfig, RewardItem
-from keyeflow.synthetic import scripted_teacher as replay
+from keyeflow.synthetic import synthetic_teacher as chat_server
 from keyeflow.training.config import GSPOStageConfig
 from keyeflow.training.losses import GSPOConfig
 from keyeflow.training.preference import build_preference_pairs, make_scorer
@@ -46,7 +47,7 @@ def user(text: str) -> list[dict]:
 
 @pytest.fixture(scope="module")
 def judge(tmp_path_factory):
-    with replay.start_server(RECORDINGS, tmp_path_factory.mktemp("judge")) as (url, _):
+    with chat_server.start_server(RECORDINGS, tmp_path_factory.mktemp("judge")) as (url, _):
         generator = OpenAICompatibleGenerator(url, "judge", timeout=10, max_retries=0)
         yield RewardModelJudge(generator, RewardModelConfig(mode="no_think"))
 

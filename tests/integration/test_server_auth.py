@@ -1,4 +1,4 @@
-"""The servers keyeflow starts (the model server, the scripted teacher) bind 127.0.0.1 unless told otherwise,
+"""The servers keyeflow starts (the model server, the synthetic teacher) bind 127.0.0.1 unless told otherwise,
 require a bearer token when given one (401 without it; the health check stays open), and never print or log
 the token; `OpenAICompatibleGenerator` sends it from the environment variable it is told."""
 
@@ -20,7 +20,7 @@ from keyeflow.model.config import tiny
 from keyeflow.model.generation import GenerationServerError, OpenAICompatibleGenerator
 from keyeflow.model.modeling import KeyeForConditionalGeneration
 from keyeflow.model.tokenizer import load_tokenizer
-from keyeflow.synthetic import scripted_teacher
+from keyeflow.synthetic import synthetic_teacher
 
 TOKEN = "kf-token-5d1e0c2a-do-not-log"
 MESSAGES = [[{"role": "user", "content": "Count the red blocks. /think"}]]
@@ -93,9 +93,9 @@ def test_model_server_binds_loopback_and_requires_the_token(model_dir, monkeypat
     assert TOKEN not in banner + out + log.read_text()
 
 
-def test_scripted_teacher_requires_the_token_it_is_given(monkeypatch, tmp_path):
+def test_synthetic_teacher_requires_the_token_it_is_given(monkeypatch, tmp_path):
     recordings = {"model": "teacher", "default": {"text": "<answer>4</answer>", "logprob": -0.1}}
-    with scripted_teacher.start_server(recordings, tmp_path / "guarded", api_key=TOKEN) as (base, log):
+    with synthetic_teacher.start_server(recordings, tmp_path / "guarded", api_key=TOKEN) as (base, log):
         _check_token_required(base)
         assert _generate(base, "teacher", monkeypatch, TOKEN)[0][0].text == "<answer>4</answer>"
         with pytest.raises(GenerationServerError, match="401"):
@@ -104,5 +104,5 @@ def test_scripted_teacher_requires_the_token_it_is_given(monkeypatch, tmp_path):
 
     # Without api_key it requires none, whatever token this process's environment holds.
     monkeypatch.setenv("KEYEFLOW_API_KEY", TOKEN)
-    with scripted_teacher.start_server(recordings, tmp_path / "open") as (base, _):
+    with synthetic_teacher.start_server(recordings, tmp_path / "open") as (base, _):
         assert _generate(base, "teacher", monkeypatch, None)[0][0].text == "<answer>4</answer>"

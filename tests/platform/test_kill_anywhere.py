@@ -321,12 +321,13 @@ def test_training_steps_killed_mid_step_and_between_writes_resume_to_the_same_we
 
 @pytest.fixture(scope="module")
 def teacher(tmp_path_factory):
-    """The recorded teacher (a real OpenAI-compatible server on 127.0.0.1) replaying the sample questions."""
-    from keyeflow.synthetic import scripted_teacher
+    """The synthetic teacher (a real OpenAI-compatible server on 127.0.0.1) answering the sample questions
+    with fixed error kinds."""
+    from keyeflow.synthetic import synthetic_teacher
 
-    recordings = scripted_teacher.teacher_recordings()
-    with scripted_teacher.start_server(recordings, tmp_path_factory.mktemp("kill-teacher")) as (url, _):
-        yield url, recordings["model"]
+    settings = synthetic_teacher.teacher_config(plans=synthetic_teacher.SAMPLE_PLANS)
+    with synthetic_teacher.start_server(settings, tmp_path_factory.mktemp("kill-teacher")) as (url, _):
+        yield url, settings["model"]
 
 
 @pytest.fixture(scope="module")

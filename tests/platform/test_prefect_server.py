@@ -27,7 +27,7 @@ import pytest
 import yaml
 
 from keyeflow.datasets import sql, tables
-from keyeflow.synthetic import scripted_teacher as replay
+from keyeflow.synthetic import synthetic_teacher as teacher_server
 from keyeflow.synthetic.longcot_questions import generate_longcot_questions
 
 REPO = Path(__file__).resolve().parents[2]
@@ -253,7 +253,8 @@ def test_deploy_from_prefect_yaml_then_a_worker_runs_ingest(platform, sample_vid
 
 @pytest.fixture(scope="module")
 def teacher(tmp_path_factory):
-    with replay.start_server(replay.teacher_recordings(), tmp_path_factory.mktemp("teacher")) as (url, _log):
+    settings = teacher_server.teacher_config(plans=teacher_server.SAMPLE_PLANS)
+    with teacher_server.start_server(settings, tmp_path_factory.mktemp("teacher")) as (url, _log):
         yield url
 
 
@@ -270,7 +271,7 @@ def test_longcot_review_through_the_server(platform, teacher, monkeypatch):
     params = {
         "review_timeout_s": 150,
         "review_poll_interval_s": 1,
-        "generation": {"backend": "openai", "base_url": teacher, "model": "replay-teacher", "n": 4},
+        "generation": {"backend": "openai", "base_url": teacher, "model": teacher_server.MODEL, "n": 4},
     }
     started = time.monotonic()
     platform.prefect(
