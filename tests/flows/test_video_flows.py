@@ -15,27 +15,22 @@ def _prefect(prefect_harness):
     yield
 
 
-def _artifacts(flow_run_id=None):
+def _artifacts():
+    """The newest artifact of each key. The harness server holds the artifacts of every test in the session
+    (a failing gate's too), so the newest is this test's: its order by id is random."""
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+    from prefect.client.schemas.sorting import ArtifactSort
 
+    keys = ["gate-videos", "gate-video-samples", "slowfast-strips", "ingest-progress", "pretokenize-progress"]
     with get_client(sync_client=True) as client:
-        return {
-            a.key: a
-            for a in client.read_artifacts(
-                artifact_filter=ArtifactFilter(
-                    key=ArtifactFilterKey(
-                        any_=[
-                            "gate-videos",
-                            "gate-video-samples",
-                            "slowfast-strips",
-                            "ingest-progress",
-                            "pretokenize-progress",
-                        ]
-                    )
-                )
-            )
-        }
+        found = client.read_artifacts(
+            artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=keys)), sort=ArtifactSort.CREATED_DESC
+        )
+    newest = {}
+    for artifact in found:
+        newest.setdefault(artifact.key, artifact)
+    return newest
 
 
 def test_video_pipeline_tracks_lineage_gates_and_pictures(home, sample_videos, bad_inputs):
