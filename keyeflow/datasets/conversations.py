@@ -473,6 +473,7 @@ class _MediaIndex:
         self.tokenizer, self.slowfast, self.image_config, self.root = tokenizer, slowfast, image_config, root
         self._hashes: dict[Path, str] = {}
         self._rows: dict[str, dict | None] = {}
+        self._gated: set[tuple[str, str]] | None = None
 
     def digest(self, path: Path) -> str:
         if path not in self._hashes:
@@ -496,14 +497,29 @@ class _MediaIndex:
                     .to_pylist()
                 )
                 found = rows[0] if rows else None
-            if found is not None and self._quarantined(
-                (pc.field("content_hash") == digest) & (pc.field("config_hash") == found["config_hash"])
-            ):
+            if found is not None and (digest, found["config_hash"]) in self._gate_quarantined():
                 found = None  # a gate quarantined this very sample: no conversation may use it
             self._rows[key] = found
         if self._rows[key] is None:
             raise BadRecord(f"{kind} {path.name} has no pre-tokenised sample ({self._why(path, digest)})")
         return self._rows[key]
+
+    def _gate_quarantined(self) -> set[tuple[str, str]]:
+        """(content hash, config hash) of every media sample a gate quarantined, read once per build: a scan
+        of the quarantine table per media file would cost its size for each."""
+        if self._gated is None:
+            rows = []
+            if tables.exists("quarantine", self.root):
+                rows = (
+                    tables.open_table("quarantine", root=self.root)
+                    .to_table(
+                        columns=["content_hash", "config_hash"],
+                        filter=f"stage LIKE '{tables.GATE_STAGE_PREFIX}%'",  # a constant: no data in it
+                    )
+                    .to_pylist()
+                )
+            self._gated = {(r["content_hash"], r["config_hash"]) for r in rows}
+        return self._gated
 
     def _quarantined(self, where: pc.Expression) -> list[str]:
         if not tables.exists("quarantine", self.root):

@@ -402,6 +402,9 @@ SCHEMAS: dict[str, pa.Schema] = {
     ),
 }
 
+# The `stage` of the quarantine rows a gate writes begins with this (`quality.gates.gate_stage`).
+GATE_STAGE_PREFIX = "gate:"
+
 PRIMARY_KEYS = {
     "videos": "video_id",
     "video_samples": "sample_id",

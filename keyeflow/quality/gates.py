@@ -59,7 +59,7 @@ class Check:
 
 def gate_stage(gate: str) -> str:
     """The ``stage`` of the quarantine rows a gate writes."""
-    return f"gate:{gate}"
+    return f"{tables.GATE_STAGE_PREFIX}{gate}"
 
 
 @dataclass
