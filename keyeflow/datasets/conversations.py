@@ -521,19 +521,20 @@ class _MediaIndex:
             self._gated = {(r["content_hash"], r["config_hash"]) for r in rows}
         return self._gated
 
-    def _quarantined(self, where: pc.Expression) -> list[str]:
-        if not tables.exists("quarantine", self.root):
-            return []
-        return (
-            tables.open_table("quarantine", root=self.root)
-            .to_table(columns=["reason"], filter=where)
-            .column("reason")
-            .to_pylist()
-        )
-
     def _why(self, path: Path, digest: str) -> str:
-        reasons = self._quarantined((pc.field("content_hash") == digest) | (pc.field("uri") == str(path)))
-        return f"quarantined: {reasons[0]}" if reasons else "not ingested"
+        if tables.exists("quarantine", self.root):
+            q = (
+                tables.open_table("quarantine", root=self.root)
+                .to_table(
+                    columns=["reason"],
+                    filter=(pc.field("content_hash") == digest) | (pc.field("uri") == str(path)),
+                )
+                .column("reason")
+                .to_pylist()
+            )
+            if q:
+                return f"quarantined: {q[0]}"
+        return "not ingested"
 
     def ids(self, kind: str, row: dict) -> list[int]:
         if kind == "video":
