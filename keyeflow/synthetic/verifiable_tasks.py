@@ -10,6 +10,8 @@ family         media   domain    question                                       
 =============  ======  ========  ==============================================================  ==========
 count_shapes   image   counting  "How many red shapes are in the picture?" on a 60x60 PNG of      an integer
                                  3-7 squares and circles in a 3x3 grid, four colours             1-7
+shape_colour   image   stem      "What colour is the square in the picture?" on a 60x60 PNG of   a colour
+                                 one square or circle in a cell of a 3x3 grid, four colours      word
 bar_sum        image   business  "How many grid squares tall are the red bar and the blue bar   an integer
                                  together?" on a 60x60 PNG bar chart of three bars 1-6 squares   2-12
                                  tall over grid lines 8 px apart
@@ -67,7 +69,7 @@ __all__ = [
 ]
 
 HELDOUT_MODULUS = 5  # 1 in 5 ids held out
-FAMILIES = ("count_shapes", "bar_sum", "shot_order")
+FAMILIES = ("count_shapes", "shape_colour", "bar_sum", "shot_order")
 SOURCE = "verifiable-tasks"
 
 
@@ -139,6 +141,35 @@ def _count_shapes(item_id: str, rng: random.Random) -> TaskItem:
     )
 
 
+def _shape_colour(item_id: str, rng: random.Random) -> TaskItem:
+    # The family the tiny model can learn to see within a demo's steps: the answer
+    # is the colour of the pixels of one shape, which a vision token carries directly.
+    kind, colour = rng.choice(("square", "circle")), rng.choice(list(TASK_COLOURS))
+    row, col = rng.randrange(3), rng.randrange(3)
+    steps = [
+        f"Step 1: The picture shows one {kind} on a white background.",
+        f"Step 2: The {kind} is painted {colour}, so the answer is {colour}.",
+    ]
+    return TaskItem(
+        id=item_id,
+        family="shape_colour",
+        domain="stem",
+        media_kind="image",
+        media_name=f"{item_id}.png",
+        question=f"What colour is the {kind} in the picture?",
+        answer=colour,
+        solution={
+            "steps": steps,
+            "concept": f"The white background is not a colour of the {kind}; only its own pixels count.",
+            "method": f"Find the one {kind} in the grid and look at the colour it is filled with.",
+            "tool": f"Name the fill colour with one of the colour words: {', '.join(TASK_COLOURS)}.",
+            "answer_forms": [colour],
+            "wrong_answers": [c for c in TASK_COLOURS if c != colour],
+        },
+        params={"shapes": [[kind, colour, row, col]]},
+    )
+
+
 def _shot_order(item_id: str, rng: random.Random) -> TaskItem:
     colours = rng.sample(list(TASK_SHOT_COLOURS), 3)
     i, j = sorted(rng.sample(range(3), 2))
@@ -203,7 +234,12 @@ def _bar_sum(item_id: str, rng: random.Random) -> TaskItem:
     )
 
 
-_MAKERS = {"count_shapes": _count_shapes, "bar_sum": _bar_sum, "shot_order": _shot_order}
+_MAKERS = {
+    "count_shapes": _count_shapes,
+    "shape_colour": _shape_colour,
+    "bar_sum": _bar_sum,
+    "shot_order": _shot_order,
+}
 
 
 def make_item(family: str, seed: int, index: int) -> TaskItem:
@@ -222,7 +258,7 @@ def task_items(
 
 
 def _draw(item: TaskItem, path: Path) -> None:
-    if item.family == "count_shapes":
+    if item.family in ("count_shapes", "shape_colour"):
         save_png(shape_count_picture([PlacedShape(*s) for s in item.params["shapes"]]), path)
     elif item.family == "bar_sum":
         save_png(bar_chart_picture([(c, h) for c, h in item.params["bars"]], item.params["unit"]), path)
