@@ -311,6 +311,31 @@ def _merged_solution(a: Question, b: Question) -> dict | None:
     return merged
 
 
+def read_question_files(
+    paths: Sequence[str], source_root: str, config: CollectConfig, bad: list[tuple[str, str]]
+) -> tuple[int, list[list[Question]]]:
+    """(lines read, the questions of each file) of JSONL files or folders of them (in path order, each
+    file once); every unusable line is appended to ``bad``. Media are hashed once per path."""
+    root_dir = Path(source_root)
+    hashes: dict[Path, str] = {}
+
+    def digest(path: Path) -> str:
+        if path not in hashes:
+            hashes[path] = content_hash(str(path))[0]
+        return hashes[path]
+
+    files: list[Path] = []
+    for item in paths:
+        p = Path(item)
+        files += sorted(x for x in p.rglob("*.jsonl") if x.is_file()) if p.is_dir() else [p]
+    num_lines, out = 0, []
+    for file in dict.fromkeys(files):
+        lines, questions = read_questions(file, root_dir, config, bad, digest)
+        num_lines += lines
+        out.append(questions)
+    return num_lines, out
+
+
 def collect_questions(
     paths: Sequence[str],
     source_root: str,
@@ -326,24 +351,12 @@ def collect_questions(
     """
     if config.rewrite and generator is None:
         raise ValueError("CollectConfig.rewrite needs a generator")
-    root_dir = Path(source_root)
-    hashes: dict[Path, str] = {}
-
-    def digest(path: Path) -> str:
-        if path not in hashes:
-            hashes[path] = content_hash(str(path))[0]
-        return hashes[path]
-
-    files: list[Path] = []
-    for item in paths:
-        p = Path(item)
-        files += sorted(x for x in p.rglob("*.jsonl") if x.is_file()) if p.is_dir() else [p]
     report = CollectReport()
     bad: list[tuple[str, str]] = []
     first: dict[str, Question] = {}
-    for file in dict.fromkeys(files):
-        num_lines, questions = read_questions(file, root_dir, config, bad, digest)
-        report.num_lines += num_lines
+    num_lines, read = read_question_files(paths, source_root, config, bad)
+    report.num_lines += num_lines
+    for questions in read:
         for q in questions:
             if q.question_id in first:
                 kept = first[q.question_id]

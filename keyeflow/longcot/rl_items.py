@@ -8,9 +8,13 @@
   for demos and tests (a real run reads its own prompt set in the same dict form).
 
 An item is a plain dict — `id`, `messages` (a chat, media parts by path), `reference` (or None), `task` (a
-`rewards.TASKS` checker), `mode`, `constraints` (`[kind, value]` pairs) and `hints` (`{"L1": text, …,
-"L5": text}`, absent when the question has no full reference solution) — so it goes through Prefect and JSON
-unchanged; `reward_item` turns it into the rewards' `RewardItem`.
+`rewards.TASKS` checker), `mode` (the thinking mode it is asked in: the prompt ends with ``/think`` or
+``/no_think``), `constraints` (`[kind, value]` pairs), `hints` (`{"L1": text, …, "L5": text}`, absent when the
+question has no full reference solution) and, when the question has a reference solution, its
+`solution_steps` and `wrong_answers` (what reference responses and held-out answer pairs are written from) —
+so it goes through Prefect and JSON unchanged; `reward_item` turns it into the rewards' `RewardItem`.
+`question_file_items` makes the same items from question files without collecting them into a table: a
+held-out set no stage may train on.
 
 Hints from a reference solution (`solution_hints`; the levels are `keyeflow.training.hints.HINT_LEVELS`):
 
@@ -28,11 +32,12 @@ hints (the GSPO step then keeps the item's failed group as sampled, or a hint wr
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from keyeflow.datasets import tables
 from keyeflow.datasets.tables import TableRef
+from keyeflow.longcot.collect import CollectConfig, read_question_files
 from keyeflow.longcot.generate import user_content
 from keyeflow.quality.rewards import Constraint, RewardItem
 
@@ -55,29 +60,63 @@ def solution_hints(solution: Mapping[str, Any] | None, reference: str) -> dict[s
     return hints
 
 
-def longcot_rl_items(questions: TableRef, domains: tuple[str, ...] | None = None) -> list[dict[str, Any]]:
+MODE_SUFFIXES = {"think": THINK, "no_think": NO_THINK}
+
+
+def rl_item(row: Mapping[str, Any], mode: str = "think") -> dict[str, Any]:
+    """The RL item of a question (a ``longcot_questions`` row, or a `collect.Question` as a dict) asked in
+    `mode` ("think" or "no_think"): with hints L1-L5 from its reference solution when it has one, and the
+    solution's steps and wrong answers (what held-out pairs and reference responses are written from)."""
+    if mode not in MODE_SUFFIXES:
+        raise ValueError(f"mode must be one of {sorted(MODE_SUFFIXES)}, got {mode!r}")
+    solution = json.loads(row["solution"]) if isinstance(row.get("solution"), str) else row.get("solution")
+    item = {
+        "id": row["question_id"], "domain": row["domain"],
+        "messages": [{"role": "user", "content": user_content(row, MODE_SUFFIXES[mode])}],
+        "reference": row["reference"], "task": DOMAIN_CHECKERS.get(row["domain"], "math"),
+        "mode": mode, "constraints": [],
+    }  # fmt: skip
+    hints = solution_hints(solution, row["reference"])
+    if hints:
+        item["hints"] = hints
+    if solution:
+        item["solution_steps"] = [str(s) for s in solution.get("steps", [])]
+        item["wrong_answers"] = [str(w) for w in solution.get("wrong_answers", [])]
+    return item
+
+
+def longcot_rl_items(
+    questions: TableRef, domains: tuple[str, ...] | None = None, mode: str = "think"
+) -> list[dict[str, Any]]:
     """The verifiable RL items of a pinned `longcot_questions` table (questions with a reference answer),
-    with hints L1-L5 from their reference solutions."""
+    asked in `mode`, with hints L1-L5 from their reference solutions."""
     rows = (
         tables.dataset(questions.uri, version=questions.version)
         .to_table(columns=["question_id", "domain", "question", "reference", "solution", "media"])
         .to_pylist()
     )
-    items = []
-    for row in sorted(rows, key=lambda r: r["question_id"]):
-        if not row["reference"] or (domains and row["domain"] not in domains):
-            continue
-        item = {
-            "id": row["question_id"], "domain": row["domain"],
-            "messages": [{"role": "user", "content": user_content(row, THINK)}],
-            "reference": row["reference"], "task": DOMAIN_CHECKERS.get(row["domain"], "math"),
-            "mode": "think", "constraints": [],
-        }  # fmt: skip
-        hints = solution_hints(json.loads(row["solution"]) if row["solution"] else None, row["reference"])
-        if hints:
-            item["hints"] = hints
-        items.append(item)
-    return items
+    return [
+        rl_item(row, mode)
+        for row in sorted(rows, key=lambda r: r["question_id"])
+        if row["reference"] and not (domains and row["domain"] not in domains)
+    ]
+
+
+def question_file_items(
+    paths: Sequence[str], source_root: str, mode: str = "think"
+) -> tuple[list[dict[str, Any]], list[tuple[str, str]]]:
+    """RL items of question files in the LongCoT conversation format (JSONL files or folders, media inside
+    `source_root`), e.g. a held-out set no stage trains on, and the lines that could not be read (uri, why).
+    A question repeated across the files is one item."""
+    bad: list[tuple[str, str]] = []
+    _, read = read_question_files(paths, source_root, CollectConfig(), bad)
+    items: dict[str, dict[str, Any]] = {}
+    for questions in read:
+        for q in questions:
+            row = {"question_id": q.question_id, "domain": q.domain, "question": q.text,
+                   "reference": q.reference, "solution": q.solution, "media": q.media}  # fmt: skip
+            items.setdefault(q.question_id, rl_item(row, mode))
+    return list(items.values()), bad
 
 
 # (instruction, mode suffix, constraints): each checkable by rules alone
