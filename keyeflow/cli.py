@@ -50,7 +50,7 @@ def _overrides(values: list[str] | None) -> dict:
 # paths done; a random free port would make every `keyeflow run` generate (and post-train on) new paths.
 SYNTHETIC_TEACHER_PORT = 18431
 # Items per verifiable task family (keyeflow.synthetic.verifiable_tasks) `keyeflow run` draws and asks.
-TASK_ITEMS_PER_FAMILY = 12
+TASK_ITEMS_PER_FAMILY = 60
 
 
 @app.command()
@@ -83,7 +83,7 @@ def run(
     from keyeflow.synthetic.longcot_questions import generate_longcot_questions
     from keyeflow.synthetic.verifiable_tasks import write_task_questions
     from keyeflow.synthetic.videos import generate_videos
-    from keyeflow.tasks.pretrain import PromotionBlocked
+    from keyeflow.tasks.common import PromotionBlocked
 
     settings = get_settings()
     root = settings.samples_dir
@@ -133,7 +133,9 @@ def run(
             "recipe tiny from the pretrain checkpoint: SFT → reward model → MPO → "
             "LongCoT SFT + expert merge → GSPO rounds → alignment RL",
         )
-        post = posttrain_flow(pre["checkpoint"], "tiny")
+        post = posttrain_flow(
+            pre["checkpoint"], "tiny", heldout=[str(tasks["heldout"].parent)], source_root=str(root)
+        )
         seconds["posttrain"] = time.perf_counter() - t0
     except (GateFailed, PromotionBlocked, ValueError, LookupError, OSError, RuntimeError) as exc:
         # RuntimeError covers a synthetic teacher that would not start; ValueError a mixture shortfall or a
@@ -256,6 +258,7 @@ def _run_summary(
                 label, done = f"  from {name}", ""
             table.add_row(label, done, _checkpoint_cell(stage["checkpoint"], name, root), stage["run_id"])
     console.print(table)
+    _learning_signals(post)
     # soft_wrap: paths and commands are not broken by inserted newlines, so they copy whole.
     console.print(f"[bold]final checkpoint[/bold] {post['checkpoint']}", soft_wrap=True)
     console.print(f"done in {total:.0f} s. Where to look:")
@@ -551,7 +554,7 @@ def pretrain(
     stages are skipped, a killed stage resumes."""
     from keyeflow.flows.pretrain import pretrain as pretrain_flow
     from keyeflow.quality.gates import GateFailed
-    from keyeflow.tasks.pretrain import PromotionBlocked
+    from keyeflow.tasks.common import PromotionBlocked
 
     started = time.perf_counter()
     try:
@@ -585,19 +588,39 @@ def posttrain(
     ),
     recipe: str = typer.Option("tiny", help="tiny (CPU, minutes) or keye-8b"),
     samples_version: int | None = typer.Option(None, help="train_samples version to pin (default: latest)"),
+    heldout: list[str] | None = typer.Option(
+        None,
+        help="held-out question files or folders (JSONL, LongCoT conversation format) no stage trains on: "
+        "learning signals and the RL gate are measured on them (repeatable)",
+    ),
+    source_root: str | None = typer.Option(None, help="folder the held-out media lie in (default: samples)"),
 ):
     """Post-training: SFT → reward model → MPO → LongCoT SFT + expert merge → GSPO rounds → alignment RL;
     unchanged stages are skipped, a killed one resumes."""
     from keyeflow.flows.posttrain import posttrain as posttrain_flow
+    from keyeflow.tasks.common import PromotionBlocked
     from keyeflow.training.rl import RolloutInputMismatch
 
     started = time.perf_counter()
     try:
-        result = posttrain_flow(checkpoint, recipe, samples_version)
-    except (RolloutInputMismatch, ValueError, FileNotFoundError, LookupError) as exc:
+        result = posttrain_flow(
+            checkpoint, recipe, samples_version, heldout=heldout or None, source_root=source_root
+        )
+    except (RolloutInputMismatch, PromotionBlocked, ValueError, FileNotFoundError, LookupError) as exc:
         errors.print(f"[red]stopped:[/red] {exc}")
         raise typer.Exit(2)
     _stages_summary("post-training stages", result, time.perf_counter() - started)
+    _learning_signals(result)
+
+
+def _learning_signals(result: dict) -> None:
+    from keyeflow.tasks.posttrain import signal_lines
+
+    lines = signal_lines(result.get("signals") or {})
+    if lines:
+        console.print("[bold]what post-training learned[/bold] (held-out items):")
+        for line in lines:
+            console.print(f"  {line}", soft_wrap=True, highlight=False)
 
 
 @app.command()

@@ -116,6 +116,11 @@ def log_metrics(run_id: str, metrics: dict[str, float], step: int | None = None)
         c.log_metric(run_id, key, float(value), step=step or 0)
 
 
+def metric_history(run_id: str, key: str) -> list[tuple[int, float]]:
+    """(step, value) of a run's metric, in step order."""
+    return sorted((m.step, m.value) for m in client().get_metric_history(run_id, key))
+
+
 def set_tags(run_id: str, values: dict[str, str]) -> None:
     c = client()
     for key, value in values.items():

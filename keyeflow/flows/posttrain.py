@@ -6,8 +6,9 @@ skips itself when its inputs and config are unchanged."""
 
 from __future__ import annotations
 
-from prefect import flow
+from prefect import flow, get_run_logger
 
+from keyeflow.config import get_settings
 from keyeflow.datasets.tables import TableRef, table_uri
 from keyeflow.flows.data import ingest_images
 from keyeflow.flows.video import video_pipeline
@@ -23,11 +24,18 @@ def posttrain(
     recipe: str = "tiny",
     samples_version: int | None = None,
     parent_run_id: str | None = None,
+    heldout: list[str] | None = None,
+    source_root: str | None = None,
 ) -> dict:
     """Post-train from `checkpoint` (pre-training's fused checkpoint) with the named recipe, on train_samples
-    (pinned `samples_version`, or the latest) and the LongCoT tables."""
+    (pinned `samples_version`, or the latest) and the LongCoT tables. `heldout`: question files (JSONL in the
+    LongCoT conversation format, media inside `source_root`, default the samples folder) no stage trains on:
+    every stage's learning signal is measured on them and a GSPO round that makes their pass rate
+    significantly worse stops the flow. Without them nothing is measured or gated (a warning says so)."""
     r = posttrain_recipe(recipe)
     params = {"checkpoint": checkpoint, "recipe": r.to_dict(), "recipe_hash": r.config_hash()}
+    if heldout:
+        params["heldout"] = list(heldout)
     with lineage_run("posttrain", params, parent_run_id) as run_id:
         samples = (
             TableRef("train_samples", table_uri("train_samples"), samples_version)
@@ -39,7 +47,18 @@ def posttrain(
             current_ref("longcot_paths"),
             current_ref("longcot_questions"),
         )
+        held = (
+            t.heldout_set(list(heldout), source_root or str(get_settings().samples_dir), r, run_id)
+            if heldout
+            else None
+        )
+        if held is None:
+            get_run_logger().warning(
+                "no held-out questions: no learning signal is measured and no RL gate runs"
+            )
         media, gen = t.question_media(questions), GenerationConfig()
+        for kind, paths_ in t.items_media(held or []).items():
+            media[kind] = sorted(set(media[kind]) | set(paths_))
         if media["image"]:
             ingest_images(media["image"], max_tokens=gen.max_image_tokens, parent_run_id=run_id)
         if media["video"]:
@@ -50,18 +69,22 @@ def posttrain(
                 parent_run_id=run_id,
             )
         start = t.start_from(checkpoint, run_id)
-        stages = {"start": start}
+        stages, signals = {"start": start}, {}
 
-        sft_mix = t.sft_data(start, samples, r, run_id)
+        items = t.rl_items(questions, r.rl_mode)
+        sft_mix = t.sft_data(start, samples, r, items, run_id)
         sft = t.train_stage(r.sft, start, sft_mix["mixture"], sft_mix["mixture_id"], run_id)
         sft = stages["sft"] = t.train_stage(
             r.sft_anneal, sft, sft_mix["mixture"], sft_mix["mixture_id"], run_id
         )
+        if held:
+            signals["sft"] = t.sft_signal(start, sft, held, run_id)
 
-        items = t.rl_items(questions)
         pairs = t.preference_pairs(sft, paths, questions, items, r, run_id)
         rm = stages["reward_model"] = t.reward_model(r, sft, pairs, run_id)
         mpo = stages["mpo"] = t.mpo(r, sft, pairs, run_id)
+        if held:
+            signals["preference"] = t.preference_signals(sft, mpo, rm, held, r, run_id)
 
         cold_mix = t.longcot_data(longcot, f"longcot-{r.name}", None)
         cold = stages["longcot"] = t.train_stage(
@@ -72,10 +95,15 @@ def posttrain(
         policy = stages["expert_merge"] = t.merge_expert(expert, cold, r.expert_weight, run_id)
 
         t.check_rl_inputs(policy, items)
+        rl_step, accepted = 0, None
+        if held:
+            accepted = t.rl_pass_rates(policy, held, r, run_id, rl_step)
+            signals["rl"] = [{"round": 0, "step": 0, "pass_rate": accepted["estimate"]}]
         for n in range(1, r.rounds + 1):
-            init, data_from = policy, []
+            init, data_from, round_signal = policy, [], {"round": n}
             if n > 1:
                 rows = t.rejection_sampling(policy, rm, longcot, r, n, run_id)
+                round_signal["rejection_replaced"] = rows["num_replaced"]
                 init = t.train_stage(
                     r.cold_start_stage(n),
                     mpo,
@@ -85,16 +113,32 @@ def posttrain(
                     data_from=[policy, rm],
                 )
                 items = t.pass_rate_filter(policy, items, r.gspo, n)
+                round_signal["pass_rate_filter_kept"] = len(items)
                 data_from = [policy]
             policy = stages[f"gspo_round_{n}"] = t.gspo(
                 r.gspo, f"posttrain-5-gspo-round-{n}", init, items, run_id, data_from
             )
+            rl_step += r.gspo.max_steps
+            if held:
+                rates = t.rl_pass_rates(policy, held, r, run_id, rl_step)
+                round_signal |= {
+                    "step": rl_step,
+                    "run_id": policy.run_id,
+                    "pass_rate": rates["estimate"],
+                    "gate": t.rl_gate(accepted, rates, r, policy)["reason"],
+                    "hint_levels": t.hint_levels(policy),
+                }
+                signals["rl"].append(round_signal)
+                accepted = rates
 
         final = stages["alignment"] = t.alignment_rl(r, policy, rm, sft, run_id)
         t.record_final(run_id, final)
+        if signals:
+            t.learning_report(run_id, signals)
         return {
             "run_id": run_id,
             "checkpoint": final.checkpoint,
             "final_run_id": final.run_id,
             "stages": {k: v.to_dict() for k, v in stages.items()},
+            "signals": signals,
         }

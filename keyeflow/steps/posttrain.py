@@ -21,7 +21,7 @@ from keyeflow import lineage
 from keyeflow.datasets import tables
 from keyeflow.datasets.tables import TableRef
 from keyeflow.longcot.generate import GenerationConfig, StoredMediaLookup, media_configs, user_content
-from keyeflow.longcot.rl_items import reward_item
+from keyeflow.longcot.rl_items import question_file_items, reward_item
 from keyeflow.model.generation import Generator, LocalGenerator
 from keyeflow.quality.errors import DEFAULT_MAX_ERROR_SHARE, ScoringError, check_error_share
 from keyeflow.quality.reward_model import (
@@ -41,6 +41,17 @@ from keyeflow.steps.stages import (
 )
 from keyeflow.training import preference, rl
 from keyeflow.training.config import GSPOStageConfig, MPOStageConfig
+from keyeflow.training.heldout import (
+    Estimate,
+    HeldoutConfig,
+    JudgeAccuracy,
+    PassRates,
+    heldout_pass_rate,
+    judge_accuracy,
+    preference_accuracy,
+    reference_response,
+    response_loss,
+)
 from keyeflow.training.posttrain_recipe import AlignmentSettings, PreferenceSettings
 from keyeflow.training.reward_model_trainer import train_reward_model as train_rm
 
@@ -424,3 +435,84 @@ def rejection_sampling(
     failures = [(r.row_id, r.reason) for r in records if r.failed]
     check_error_share("rejection sampling", failures, len(records), max_error_share)
     return rl.RejectionRound(out_rows, records)
+
+
+# ---------------------------------------------------------------------------------------------- held-out
+
+
+HELDOUT_STAGE = "heldout"  # the quarantine stage of held-out question lines that could not be read
+
+
+def heldout_items(paths: Sequence[str], source_root: str, mode: str) -> list[dict[str, Any]]:
+    """The held-out RL items of question files (no stage trains on them), asked in `mode`. A line that cannot
+    be read is quarantined with its reason and the others are used."""
+    items, bad = question_file_items(paths, source_root, mode)
+    tables.upsert("quarantine", [tables.quarantine_row(uri, why, HELDOUT_STAGE) for uri, why in bad])
+    if not items:
+        raise ValueError(f"no usable held-out question in {list(paths)} ({len(bad)} lines quarantined)")
+    return items
+
+
+def rl_answer_conversations(items: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """Each RL item's reference response in its thinking mode, as a conversation for `add_conversations`."""
+    return [
+        {
+            "uri": f"rl-answer#{i['id']}",
+            "source": "rl-answers",
+            "task": "rl-answer",
+            "messages": [
+                *i["messages"],
+                {"role": "assistant", "content": reference_response(i, i["reference"])},
+            ],
+        }
+        for i in items
+        if i.get("reference")
+    ]
+
+
+def pass_rates(
+    output: StageOutput, items: Sequence[Mapping[str, Any]], config: HeldoutConfig, success_threshold: float
+) -> PassRates:
+    """The held-out pass rates of a checkpoint, scored by general RL's reward."""
+    return heldout_pass_rate(
+        local_generator(output.checkpoint),
+        items,
+        verifiable_reward,
+        config,
+        success_threshold=success_threshold,
+    )
+
+
+def _model_and_tokenizer(output: StageOutput):
+    generator = local_generator(output.checkpoint)
+    return generator.model, generator.tokenizer
+
+
+def sft_heldout_loss(output: StageOutput, items: Sequence[Mapping[str, Any]]) -> float:
+    """Mean token loss of the held-out items' reference responses under a checkpoint."""
+    model, tokenizer = _model_and_tokenizer(output)
+    return response_loss(model, tokenizer, media_lookup(), items)
+
+
+def pair_accuracy(output: StageOutput, pairs: Sequence[Mapping[str, Any]]) -> Estimate:
+    """Held-out preference accuracy of a policy checkpoint (mean log-probability per token)."""
+    model, tokenizer = _model_and_tokenizer(output)
+    return preference_accuracy(model, tokenizer, media_lookup(), pairs)
+
+
+def reward_model_accuracy(
+    rm: StageOutput, config: RewardModelConfig, pairs: Sequence[Mapping[str, Any]]
+) -> JudgeAccuracy:
+    return judge_accuracy(judge_for(rm.checkpoint, config), pairs)
+
+
+def hint_level_counts(run_id: str) -> dict[str, int]:
+    """Over a GSPO run's steps, how many item trainings used each hint level (``rl_hint_levels``): "0" solved
+    without a hint, "k" solved only with hint level k, "unsolved" not solved up to the last level."""
+    ds = tables.open_table("rl_hint_levels")
+    rows = ds.to_table(columns=["level"], filter=pc.field("run_id") == run_id).column("level").to_pylist()
+    counts: dict[str, int] = {}
+    for level in rows:
+        key = "unsolved" if level is None else str(level)
+        counts[key] = counts.get(key, 0) + 1
+    return dict(sorted(counts.items()))

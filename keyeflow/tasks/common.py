@@ -24,6 +24,11 @@ from keyeflow.datasets import tables
 from keyeflow.quality import gates
 
 
+class PromotionBlocked(RuntimeError):
+    """A checkpoint evaluated worse than the one it would replace, beyond the recipe's margins: the flow
+    stops there."""
+
+
 def task_runner() -> TaskRunner:
     """The runner data flows submit shard tasks to, chosen by ``KEYEFLOW_TASK_RUNNER`` (see ``Settings``).
 

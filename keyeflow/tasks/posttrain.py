@@ -4,12 +4,15 @@ versions, small item lists), never weights or tensors."""
 
 from __future__ import annotations
 
+import json
+
 from prefect import get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 
 from keyeflow import lineage
 from keyeflow.datasets import tables
+from keyeflow.datasets.conversations import add_conversations
 from keyeflow.datasets.mixture import fixed_mixture
 from keyeflow.datasets.tables import TableRef
 from keyeflow.longcot.collect import referenced_media
@@ -19,8 +22,10 @@ from keyeflow.model.merging import MergeConfig
 from keyeflow.steps import posttrain
 from keyeflow.steps import stages as steps
 from keyeflow.steps.stages import StageOutput
+from keyeflow.tasks.common import PromotionBlocked
 from keyeflow.training import rl
 from keyeflow.training.config import GSPOStageConfig, StageConfig
+from keyeflow.training.heldout import PassRates, answer_pairs, rl_promotion
 from keyeflow.training.posttrain_data import (
     POSTTRAIN_STAGE,
     conversation_samples,
@@ -45,8 +50,11 @@ def start_from(checkpoint: str, run_id: str) -> StageOutput:
 
 
 @task(**_NO_CACHE)
-def sft_data(start: StageOutput, samples: TableRef, recipe: PosttrainRecipe, run_id: str) -> dict:
-    """Conversation samples of the SFT tasks, minus what the difficulty filter drops (reasons on the run)."""
+def sft_data(
+    start: StageOutput, samples: TableRef, recipe: PosttrainRecipe, items: list[dict], run_id: str
+) -> dict:
+    """Conversation samples of the SFT tasks, minus what the difficulty filter drops (reasons on the run),
+    plus the reference responses of the recipe's share of RL items (`sft_rl_items`)."""
     rows = conversation_samples(samples, recipe.sft_tasks, recipe.sft.max_length)[: recipe.sft_max_items]
     if not rows:
         raise ValueError(
@@ -70,7 +78,18 @@ def sft_data(start: StageOutput, samples: TableRef, recipe: PosttrainRecipe, run
         len(report.unchecked),
         len(report.dropped),
     )
-    result = sft_mixture(samples, report.kept, name=f"sft-{recipe.name}", seed=recipe.sft.seed)
+    kept = list(report.kept)
+    answers = posttrain.rl_answer_conversations(items[: recipe.sft_rl_items])
+    if answers:
+        image_config, slowfast = media_configs(GenerationConfig())
+        ids, bad = add_conversations(answers, "/", slowfast, image_config)
+        for uri, why in bad.items():
+            get_run_logger().warning("RL item answer %s not usable for SFT: %s", uri, why)
+        kept += sorted(set(ids.values()) - set(kept))
+        samples = tables.ref("train_samples")  # the version that holds the answers just added
+        lineage.log_metrics(run_id, {"sft_rl_item_answers": len(ids)})
+        get_run_logger().info("SFT also trains on the reference responses of %d RL items", len(ids))
+    result = sft_mixture(samples, kept, name=f"sft-{recipe.name}", seed=recipe.sft.seed)
     return {"mixture": result.mixture, "mixture_id": result.mixture_id}
 
 
@@ -104,8 +123,8 @@ def question_media(questions: TableRef) -> dict[str, list[str]]:
 
 
 @task(**_NO_CACHE)
-def rl_items(questions: TableRef) -> list[dict]:
-    items = longcot_rl_items(questions)
+def rl_items(questions: TableRef, mode: str) -> list[dict]:
+    items = longcot_rl_items(questions, mode=mode)
     if not items:
         raise ValueError(
             f"{questions.uri}@v{questions.version} has no questions with a reference answer to RL on"
@@ -253,8 +272,6 @@ def rejection_sampling(
         key=f"rejection-sampling-round-{round_number}",
     )
     lineage.log_metrics(run_id, {f"rejection_round_{round_number}_replaced": result.num_replaced})
-    from keyeflow.datasets.conversations import add_conversations
-
     image_config, slowfast = media_configs(GenerationConfig())
     items = [
         {
@@ -281,9 +298,8 @@ def rejection_sampling(
 def pass_rate_filter(
     policy: StageOutput, items: list[dict], config: GSPOStageConfig, round_number: int
 ) -> list[dict]:
-    """RL items for the next round: pass rate strictly between 0 and 1 under the policy. When fewer than a
-    step's prompts remain, all items stay: groups whose rollouts all pass or all fail have zero advantage and
-    change nothing, so the fallback costs compute, not correctness."""
+    """RL items for the next round: pass rate strictly between 0 and 1 under the policy. Fewer than a step's
+    prompts left is an error (the round would have nothing to learn from)."""
     result = rl.pass_rate_filter(
         posttrain.local_generator(policy.checkpoint),
         items,
@@ -300,16 +316,18 @@ def pass_rate_filter(
         + "\n".join(f"- {r.item_id}: {r.pass_rate} ({r.reason})" for r in result.records),
         key=f"pass-rate-filter-round-{round_number}",
     )
-    if len(result.kept) >= config.prompts_per_step:
-        return [{k: v for k, v in i.items() if k != "pass_rate"} for i in result.kept]
-    get_run_logger().warning(
-        "pass-rate filter kept %d items (< %d prompts per step): round %d trains on all %d items",
-        len(result.kept),
-        config.prompts_per_step,
-        round_number,
-        len(items),
+    if len(result.kept) < config.prompts_per_step:
+        # Training on all items instead would hide that the round has (almost) nothing to learn from: groups
+        # that all pass or all fail carry no advantage.
+        raise ValueError(
+            f"pass-rate filter before GSPO round {round_number}: {len(result.kept)} of {len(items)} items "
+            f"have a pass rate strictly between 0 and 1, fewer than the {config.prompts_per_step} prompts a "
+            f"step takes; add RL items, or sample more per item (group_size={config.group_size})"
+        )
+    get_run_logger().info(
+        "pass-rate filter before round %d: %d of %d items kept", round_number, len(result.kept), len(items)
     )
-    return items
+    return [{k: v for k, v in i.items() if k != "pass_rate"} for i in result.kept]
 
 
 @task(**_NO_CACHE, tags=["training"])
@@ -353,3 +371,180 @@ def record_final(run_id: str, output: StageOutput) -> None:
     lineage.set_tags(
         run_id, {lineage.CHECKPOINT_TAG: output.checkpoint, "keyeflow.final_run_id": output.run_id}
     )
+
+
+# ---------------------------------------------------------------------------------------------- held-out
+
+
+@task(**_NO_CACHE)
+def heldout_set(paths: list[str], source_root: str, recipe: PosttrainRecipe, run_id: str) -> list[dict]:
+    """The held-out items (asked in the recipe's RL mode): every learning signal below is measured on them."""
+    items = posttrain.heldout_items(paths, source_root, recipe.rl_mode)
+    lineage.log_params(run_id, {"heldout_items": len(items), "heldout_paths": json.dumps(paths)})
+    get_run_logger().info("held-out set: %d items from %s", len(items), paths)
+    return items
+
+
+def items_media(items: list[dict]) -> dict[str, list[str]]:
+    """The image and video files items show (absolute paths), for ingestion."""
+    media: dict[str, set[str]] = {"image": set(), "video": set()}
+    for item in items:
+        content = item["messages"][-1]["content"]
+        for part in content if isinstance(content, list) else ():
+            if part.get("type") in media:
+                media[part["type"]].add(part[part["type"]])
+    return {kind: sorted(paths) for kind, paths in media.items()}
+
+
+@task(**_NO_CACHE)
+def sft_signal(start: StageOutput, sft: StageOutput, heldout: list[dict], run_id: str) -> dict:
+    """SFT's learning signal: the held-out items' reference-response loss before → after."""
+    before, after = posttrain.sft_heldout_loss(start, heldout), posttrain.sft_heldout_loss(sft, heldout)
+    lineage.log_metrics(run_id, {"sft_heldout_loss_before": before, "sft_heldout_loss_after": after})
+    get_run_logger().info("SFT held-out loss %.3f → %.3f", before, after)
+    return {"before": before, "after": after}
+
+
+@task(**_NO_CACHE)
+def preference_signals(
+    sft: StageOutput,
+    mpo: StageOutput,
+    rm: StageOutput,
+    heldout: list[dict],
+    recipe: PosttrainRecipe,
+    run_id: str,
+) -> dict:
+    """MPO's held-out preference accuracy before → after, and the reward model's held-out accuracy, on the
+    held-out answer pairs (the reference answer over each listed wrong answer)."""
+    pairs = answer_pairs(heldout)
+    before, after = posttrain.pair_accuracy(sft, pairs), posttrain.pair_accuracy(mpo, pairs)
+    judged = posttrain.reward_model_accuracy(rm, recipe.reward_model, pairs)
+    lineage.log_metrics(
+        run_id,
+        {
+            "mpo_heldout_preference_accuracy_before": before.mean,
+            "mpo_heldout_preference_accuracy_after": after.mean,
+            "reward_model_heldout_accuracy": judged.estimate.mean,
+            "reward_model_heldout_failed": len(judged.failed),
+            "heldout_pairs": len(pairs),
+        },
+    )
+    get_run_logger().info(
+        "held-out pairs %d: MPO preference accuracy %s → %s; reward model %s (%d judgements failed)",
+        len(pairs), before, after, judged.estimate, len(judged.failed),
+    )  # fmt: skip
+    return {
+        "pairs": len(pairs),
+        "mpo_before": before.to_dict(),
+        "mpo_after": after.to_dict(),
+        "reward_model": judged.estimate.to_dict(),
+        "reward_model_failed": len(judged.failed),
+    }
+
+
+@task(**_NO_CACHE)
+def rl_pass_rates(
+    policy: StageOutput, heldout: list[dict], recipe: PosttrainRecipe, run_id: str, rl_step: int
+) -> dict:
+    """Held-out pass rate of a policy, logged as `heldout_pass_rate` at `rl_step` (GSPO steps done so far: 0
+    before RL) with its interval."""
+    rates = posttrain.pass_rates(policy, heldout, recipe.heldout, recipe.gspo.success_threshold)
+    e = rates.estimate
+    lineage.log_metrics(
+        run_id,
+        {"heldout_pass_rate": e.mean, "heldout_pass_rate_low": e.low, "heldout_pass_rate_high": e.high},
+        step=rl_step,
+    )
+    get_run_logger().info("held-out pass rate of %s after %d RL steps: %s", policy.name, rl_step, e)
+    return rates.to_dict()
+
+
+@task(**_NO_CACHE)
+def rl_gate(before: dict, after: dict, recipe: PosttrainRecipe, candidate: StageOutput) -> dict:
+    """The RL promotion gate (`heldout.rl_promotion`): the flow stops at a round that made the held-out pass
+    rate significantly worse."""
+    decision = rl_promotion(PassRates.from_dict(before), PassRates.from_dict(after), recipe.heldout)
+    create_markdown_artifact(
+        f"# RL promotion gate: {candidate.name}\n\n**{'promoted' if decision.promoted else 'refused'}**: "
+        f"{decision.reason}.\n\nCheckpoint: `{candidate.checkpoint}`",
+        key=f"rl-gate-{candidate.name}".lower()[:60],
+    )
+    if not decision.promoted:
+        raise PromotionBlocked(
+            f"{candidate.name} ({candidate.checkpoint}) is not promoted: {decision.reason}"
+        )
+    return {"reason": decision.reason, "difference": decision.difference.to_dict()}
+
+
+@task(**_NO_CACHE)
+def hint_levels(gspo_output: StageOutput) -> dict[str, int]:
+    """How many items each GSPO step of a round trained at each hint level (from `rl_hint_levels`), summed
+    over the round's steps: level 0 = solved without a hint."""
+    return posttrain.hint_level_counts(gspo_output.run_id)
+
+
+@task(**_NO_CACHE)
+def learning_report(run_id: str, signals: dict) -> dict:
+    """Every stage's learning signal on one Prefect artifact and the posttrain MLflow run, with the chart of
+    the held-out pass rate over RL steps (`heldout_pass_rate.png`)."""
+    import matplotlib.pyplot as plt
+
+    from keyeflow.training.learning_figures import pass_rate_chart
+
+    rounds = signals.get("rl") or []
+    if rounds:
+        training, offset = [], 0
+        for r in rounds[1:]:
+            training += [(offset + s, v) for s, v in lineage.metric_history(r["run_id"], "pass_rate")]
+            offset = r["step"]
+        points = [{"step": r["step"], **r["pass_rate"]} for r in rounds]
+        figure = pass_rate_chart(points, training)
+        lineage.log_figure(run_id, figure, "heldout_pass_rate.png")
+        plt.close(figure)
+    lines = ["# What post-training learned (held-out items no stage trained on)", ""]
+    lines += [f"- {line}" for line in signal_lines(signals)]
+    if rounds:
+        lines.append(f"\nChart: `heldout_pass_rate.png` on MLflow run `{run_id}`.")
+    create_markdown_artifact("\n".join(lines), key="posttrain-learning-signals")
+    lineage.log_dict(run_id, signals, "learning_signals.json")
+    return signals
+
+
+def _interval(e: dict) -> str:
+    return f"{e['mean']:.3f} ± {e['half_width']:.3f}"
+
+
+def signal_lines(signals: dict) -> list[str]:
+    """The learning signals as sentences, one per stage (what `keyeflow run` prints)."""
+    out = []
+    if "sft" in signals:
+        s = signals["sft"]
+        out.append(f"SFT: held-out response loss {s['before']:.3f} → {s['after']:.3f}")
+    if "preference" in signals:
+        p = signals["preference"]
+        out.append(
+            f"MPO: held-out preference accuracy {_interval(p['mpo_before'])} → {_interval(p['mpo_after'])} "
+            f"({p['pairs']} pairs)"
+        )
+        failed = f", {p['reward_model_failed']} judgements failed" if p["reward_model_failed"] else ""
+        out.append(f"reward model: held-out accuracy {_interval(p['reward_model'])}{failed}")
+    for r in signals.get("rl") or []:
+        rate = f"{_interval(r['pass_rate'])} (95%, {r['pass_rate']['num_items']} items)"
+        if r["round"] == 0:
+            out.append(f"GSPO: held-out pass rate before RL {rate}")
+            continue
+        extra = []
+        if r.get("rejection_replaced") is not None:
+            extra.append(f"rejection sampling replaced {r['rejection_replaced']} cold-start responses")
+        if r.get("pass_rate_filter_kept") is not None:
+            extra.append(f"pass-rate filter kept {r['pass_rate_filter_kept']} items")
+        levels = r.get("hint_levels") or {}
+        hinted = sum(n for k, n in levels.items() if k not in ("0", "unsolved"))
+        extra.append(
+            f"hint levels {', '.join(f'{k}: {n}' for k, n in levels.items()) or 'none'} "
+            f"({hinted} solved only with a hint)"
+        )
+        out.append(
+            f"GSPO round {r['round']}: held-out pass rate {rate} after {r['step']} steps; " + "; ".join(extra)
+        )
+    return out

@@ -16,14 +16,11 @@ from keyeflow.datasets.tables import TableRef
 from keyeflow.model.merging import MergeConfig
 from keyeflow.steps import stages as steps
 from keyeflow.steps.stages import StageOutput
+from keyeflow.tasks.common import PromotionBlocked
 from keyeflow.training.config import StageConfig
 from keyeflow.training.evaluate import generate_mcq_set
 from keyeflow.training.launch import LaunchConfig
 from keyeflow.training.recipes import EvalConfig, PretrainRecipe
-
-
-class PromotionBlocked(RuntimeError):
-    """A stage evaluated worse than its parent beyond the recipe's margins."""
 
 
 def _say(output: StageOutput) -> None:

@@ -15,6 +15,7 @@ from typing import Any
 from keyeflow.config import check_int, check_number, config_hash, invalid
 from keyeflow.quality.reward_model import RewardModelConfig
 from keyeflow.training.config import GSPOStageConfig, MPOStageConfig, StageConfig
+from keyeflow.training.heldout import HeldoutConfig
 from keyeflow.training.hints import HintConfig
 from keyeflow.training.losses import GSPOConfig, MPOConfig
 from keyeflow.training.posttrain_data import DifficultyConfig
@@ -90,10 +91,18 @@ class PosttrainRecipe:
     rejection_samples: int  # k: responses the RL model samples per cold-start row
     alignment: GSPOStageConfig
     alignment_rewards: AlignmentSettings
+    heldout: HeldoutConfig  # held-out evaluation of every stage and the RL promotion gate
+    rl_mode: str = "think"  # the thinking mode RL items are asked in ("think" or "no_think")
+    # RL items (the first this many) whose reference responses, written in `rl_mode`, join the SFT set: the
+    # policy RL starts from has then seen the items' answer form. 0: none.
+    sft_rl_items: int = 0
 
     def __post_init__(self) -> None:
         for name in ("rounds", "rejection_samples", "sft_max_items"):  # rounds: at least one GSPO round
             object.__setattr__(self, name, check_int("PosttrainRecipe", name, getattr(self, name), minimum=1))
+        check_int("PosttrainRecipe", "sft_rl_items", self.sft_rl_items, minimum=0)
+        if self.rl_mode not in ("think", "no_think"):
+            raise invalid("PosttrainRecipe", "rl_mode", self.rl_mode, 'one of "think", "no_think"')
         if not self.expert_domain:
             raise ValueError("PosttrainRecipe.expert_domain: name the LongCoT domain the expert trains on")
         check_number("PosttrainRecipe", "expert_weight", self.expert_weight)  # kept as given: hashed
@@ -168,6 +177,8 @@ def _tiny() -> PosttrainRecipe:
         # would stop the run. They are exercised against served models in
         # tests/integration/test_scoring_errors.py.
         alignment_rewards=AlignmentSettings(num_prompts=6, judge_max_new_tokens=8, weights={"rule": 1.0}),
+        heldout=HeldoutConfig(samples_per_item=8, max_new_tokens=8, min_items=40),
+        rl_mode="no_think", sft_rl_items=10_000,
     )  # fmt: skip
 
 
@@ -212,6 +223,7 @@ def _keye_8b() -> PosttrainRecipe:
         gspo=gspo, rounds=3, rejection_samples=8,
         alignment=dataclasses.replace(gspo, hints=None, max_steps=300),
         alignment_rewards=AlignmentSettings(),
+        heldout=HeldoutConfig(samples_per_item=8, max_new_tokens=16_384, min_items=500),
     )  # fmt: skip
 
 
