@@ -1102,7 +1102,10 @@ _CLAIM_TOKEN = re.compile(rf"{_CLAIM_NUMBER}|{_CLAIM_OP}")
 # Before the chain: an operator with an operand before it ("y^2 + 3 = 7", "(1) + 2 = 3") continues it.
 _LEFT_OPERATORS = "+-*/×÷·−^"
 # After the result: more of an expression ("= 5 + 1", "= 5x", "= 5^2", "= 1,000"), so "= 5" is not all of it.
-_CONTINUES_RIGHT = re.compile(rf"[\w^(%°\[{{\\]|[.,]\d|[ \t]*(?:{_CLAIM_OP}|[=^])[ \t]*[\w(\\]")
+_CONTINUES_RIGHT = re.compile(
+    r"[\w^(%°\[{\\]|[.,]\d|[ \t]*(?:[-+*/×÷·−=^]|\\times|\\cdot|\\div)[ \t]*[\w(\\]"
+    r"|[ \t]*x[ \t]*[\d(]"  # "x" continues only before a number: "= 48 xqzt" is a word after the claim
+)
 
 
 def _claim_value(chain: str) -> Fraction | None:

@@ -391,6 +391,7 @@ def test_format_problem_says_why_and_rejects_unknown_modes():
         ("5 / 0 = 0", [("5 / 0 = 0", False)]),
         ("3 × 4 = 12 + 2 = 15", [("12 + 2 = 15", False)]),  # a running chain: the checkable step
         ("x = 2 + 2 = 4", [("2 + 2 = 4", True)]),
+        ("6 × 7 = 48 xqzt, 6 × 7 = 42 x 1", [("6 × 7 = 48", False)]),  # "x 1" continues, "xqzt" does not
         # not checkable: a variable, power, bracket, unit or thousands separator attached
         ("x^2 + 3 = 7, 2x + 3 = 7, (2 + 3) × 4 = 20, 2 + 3 = 5x, 1,000 + 1 = 1,001, 1 + 1 = 2 = 3", []),
         ("x = 5; 2024-01-15; no sums here", []),
