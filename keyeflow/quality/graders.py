@@ -39,6 +39,9 @@ names it):
 7. otherwise not equal, "texts differ: 'x' vs 'y'".
 
 A leading "x = " on one side only is dropped ("x = 5" vs "5").
+
+Also here: :func:`arithmetic_claims`, the checkable sums a response states and whether each holds (the reward
+model's credibility signal), and :func:`reads_as_number` (whether an answer has the form of a number).
 """
 
 from __future__ import annotations
@@ -49,6 +52,7 @@ import threading
 import unicodedata
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from fractions import Fraction
 
 # ============================================================================================ verdict
 
@@ -1084,6 +1088,94 @@ def iou_reward(response: str, reference: object, threshold: float = 0.5) -> floa
     except ValueError:
         return 0.0
     return float(grounding_iou(pred, ref) >= threshold)
+
+
+# ===================================================================================== arithmetic claims
+
+_CLAIM_NUMBER = r"[0-9]{1,30}(?:\.[0-9]{1,30})?"  # longer digit runs are no claim anyone checks
+_CLAIM_OP = r"(?:\\times|\\cdot|\\div|[-+*/×x÷·−])"
+_CLAIM = re.compile(
+    rf"(?P<chain>[-−]?{_CLAIM_NUMBER}(?:[ \t]*{_CLAIM_OP}[ \t]*{_CLAIM_NUMBER})+)[ \t]*=[ \t]*"
+    rf"(?P<result>[-−]?{_CLAIM_NUMBER})"
+)
+_CLAIM_TOKEN = re.compile(rf"{_CLAIM_NUMBER}|{_CLAIM_OP}")
+# Before the chain: an operator with an operand before it ("y^2 + 3 = 7", "(1) + 2 = 3") continues it.
+_LEFT_OPERATORS = "+-*/×÷·−^"
+# After the result: more of an expression ("= 5 + 1", "= 5x", "= 5^2", "= 1,000"), so "= 5" is not all of it.
+_CONTINUES_RIGHT = re.compile(
+    r"[\w^(%°\[{\\]|[.,]\d|[ \t]*(?:[-+*/×÷·−=^]|\\times|\\cdot|\\div)[ \t]*[\w(\\]"
+    r"|[ \t]*x[ \t]*[\d(]"  # "x" continues only before a number: "= 48 xqzt" is a word after the claim
+)
+
+
+def _claim_value(chain: str) -> Fraction | None:
+    """The value of ``a op b op c …`` with × and ÷ before + and −; None on a division by zero."""
+    sign = -1 if chain[0] in "-−" else 1
+    tokens = _CLAIM_TOKEN.findall(chain.lstrip("-−"))
+    terms: list[Fraction] = []
+    current = sign * Fraction(tokens[0])
+    for op, number in zip(tokens[1::2], tokens[2::2]):
+        value = Fraction(number)
+        if op in ("*", "×", "x", "·", "\\times", "\\cdot"):
+            current *= value
+        elif op in ("/", "÷", "\\div"):
+            if value == 0:
+                return None
+            current /= value
+        else:
+            terms.append(current)
+            current = value if op == "+" else -value
+    return sum(terms, current)
+
+
+def arithmetic_claims(text: object) -> list[tuple[str, bool]]:
+    """Every arithmetic claim ``a <op> b = c`` stated in ``text`` (chains ``a + b × c = d`` too), with
+    whether it holds: ``[("6 × 7 = 42", True), ("2 + 2 = 5", False)]``.
+
+    Operands are integers or decimals (a leading minus allowed); operators ``+ - − * × x · / ÷`` and LaTeX
+    ``\\times \\cdot \\div``, × and ÷ binding tighter. Evaluated exactly (fractions). A whole-number
+    result must be exact; a decimal result holds when the true value rounds to it at its own number of
+    places ("10 / 3 = 3.33" holds, "10 / 3 = 3" does not). A division by zero does not hold. Only claims
+    whose both sides are plain numbers are checkable: one with a variable, power, bracket or unit attached
+    on either side ("x^2 + 3 = 7", "(2 + 3) × 4 = 20", "2 + 3 = 5x") is skipped, and in a running chain
+    "3 × 4 = 12 + 2 = 14" only "12 + 2 = 14" is. Never raises; non-text gives [].
+    """
+    if not isinstance(text, str):
+        return []
+    claims: list[tuple[str, bool]] = []
+    position = 0
+    while (m := _CLAIM.search(text, position)) is not None:
+        position = m.start("result")  # the result may open the next claim of a running chain
+        start, end = m.start(), m.end()
+        if start and (text[start - 1].isalnum() or text[start - 1] in "._,^)]}\\"):
+            continue  # the chain continues to the left: part of a longer expression
+        before = text[max(0, start - 80) : start].rstrip()  # a window: the whole prefix would be quadratic
+        if before and before[-1] in _LEFT_OPERATORS:
+            operand = before[:-1].rstrip()
+            if operand and (operand[-1].isalnum() or operand[-1] in ")]}"):
+                continue
+        if _CONTINUES_RIGHT.match(text, end):
+            continue
+        value = _claim_value(m.group("chain").strip())
+        result_text = m.group("result")
+        result = (-1 if result_text[0] in "-−" else 1) * Fraction(result_text.lstrip("-−"))
+        places = len(result_text.partition(".")[2])
+        if value is None:
+            holds = False
+        elif places == 0:
+            holds = value == result
+        else:
+            holds = abs(value - result) <= Fraction(1, 2 * 10**places)
+        claims.append((m.group(0), holds))
+    return claims
+
+
+def reads_as_number(text: object, *, timeout_s: float = 2.0) -> bool:
+    """Whether ``text`` reads as a number (the forms :func:`answers_equivalent` compares as numbers: digits,
+    fractions, number words, closed forms, optionally with a unit, percent sign or label; a leading
+    "x = " dropped)."""
+    s = _ASSIGNMENT.sub("", _clean(text), count=1)
+    return bool(s) and _parse_quantity(s, timeout_s) is not None
 
 
 # ============================================================================================== format

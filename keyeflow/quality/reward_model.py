@@ -16,25 +16,40 @@ line:
 Every dimension is scored so that higher is better (a high `redundancy` score means little redundancy).
 
 **Dimensions.** SPEC names four — credibility, correctness, redundancy, relevance — and leaves five UNSTATED;
-ours (marked `source="ours"` in `DIMENSIONS`) are completeness, instruction_following, clarity,
-visual_grounding and safety: what a multimodal assistant's answer can still get wrong when it is right, on
-topic and concise.
+ours (marked `source="ours"` in `DIMENSIONS`) are completeness, instruction_following, consistency,
+readability and answer_form: what an answer can still get wrong when it is right, on topic and concise, each
+chosen because the training targets can score it from a signal the response itself carries.
 
 **Training data** (`build_reward_model_data`, from preference pairs):
 - *order swap*: every pair gives two conversations, chosen as A (target `A`) and chosen as B (target `B`), so
   the verdict never correlates with the position and the model cannot learn a position bias;
 - *think targets* score each dimension from signals at hand (UNSTATED; a real run uses judge- or
-  human-labelled scores in their place): correctness = the reference check (`rewards.answer_reward`) where the
-  pair has a reference, else the pair's own score when it lies in [0, 1] (the scorer's judgement), else the
-  middle of the scale; credibility follows correctness (whether the final claim holds is the only evidence
-  here); redundancy = (1 − share of repeated word 3-grams) × √(shorter length / own length), lengths by
-  `count_tokens` (words by default); relevance = the share of the response's content words found in the query
-  or the reference (1 for a bare answer with none); completeness = a final answer is present and no
-  `<think>`/`<answer>` block is left open; instruction_following = the format of the thinking mode the query
-  asks for (`rewards.mode_format_reward`, no `<analysis>` demanded); clarity, visual_grounding and safety have
-  no signal here and get full marks on both sides, so they carry no false preference. The verdict is always
-  the pair's label: the dimension scores may disagree with it when the signals miss what made the chosen
-  response better;
+  human-labelled scores in their place), each a share in [0, 1] mapped onto the integer scale:
+  - credibility: the share of the arithmetic claims the response states (`a <op> b = c`, chains included,
+    `graders.arithmetic_claims`) that hold; a response stating none gets full marks (nothing checkable was
+    found invented, so it is not marked down for having no sums);
+  - correctness: the reference check (`rewards.answer_reward`) where the pair has a reference, else the
+    pair's own score when it lies in [0, 1] (the scorer's judgement), else the middle of the scale;
+  - redundancy: (1 − share of repeated word 3-grams) × √(shorter length / own length), lengths by
+    `count_tokens` (words by default);
+  - relevance: the share of the response's content words found in the query or the reference (1 for a bare
+    answer with none);
+  - completeness: a final answer is present and no `<think>`/`<answer>` block is left open;
+  - instruction_following: the format of the thinking mode the query asks for (`rewards.mode_format_reward`,
+    no `<analysis>` demanded);
+  - consistency: for a response with `<think>` reasoning, 1 when its final answer (`rewards.final_answer`
+    of the text outside the reasoning) is stated in the reasoning's last sentence, 0.5 when only earlier in
+    it, 0 when nowhere or when there is no final answer (stated: the answer text as a whole word,
+    case-insensitive, or for a numeric answer an equivalent number, `graders.answers_equivalent`); 1
+    without reasoning (nothing to contradict);
+  - readability: the share of the response's words (tags left out) that are readable: numbers, words with
+    a vowel or in a non-Latin script, short units and acronyms, and such parts joined by the punctuation
+    words carry (`readable_share`); token salad ("xqzt Ãĥ") scores low, no words 0;
+  - answer_form: the final answer has the form of the reference: a box for a grounding task, a number when
+    the reference reads as a number (`graders.reads_as_number`), words when it has letters; without a
+    reference, 1 when there is a non-empty final answer.
+  The verdict is always the pair's label: the dimension scores may disagree with it when the signals miss
+  what made the chosen response better;
 - *length debiasing* (`length_debias`): reward models learn "longer is better" when the preferred answer is
   usually the longer one, so pairs whose preferred answer is SHORTER are brought to at least
   `min_shorter_share` of the pair occurrences, by `oversample` (repeat those pairs, each at most `max_repeats`
@@ -65,6 +80,7 @@ from __future__ import annotations
 import math
 import random
 import re
+import unicodedata
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import MappingProxyType
@@ -72,7 +88,14 @@ from typing import TYPE_CHECKING, Any
 
 from keyeflow.config import check_flag, check_int, check_number, invalid
 from keyeflow.quality.errors import ScoringError
-from keyeflow.quality.graders import extract_answer
+from keyeflow.quality.graders import (
+    answers_equivalent,
+    arithmetic_claims,
+    extract_answer,
+    parse_box,
+    parse_number_words,
+    reads_as_number,
+)
 from keyeflow.quality.judges import content_terms
 from keyeflow.quality.rewards import (
     TASKS,
@@ -80,6 +103,7 @@ from keyeflow.quality.rewards import (
     RewardItem,
     answer_reward,
     count_words,
+    final_answer,
     mode_format_reward,
     prompt_mode,
 )
@@ -99,19 +123,19 @@ class Dimension:
 
 
 DIMENSIONS: tuple[Dimension, ...] = (
-    Dimension("credibility", "claims are well-founded and honest about uncertainty; nothing is "
+    Dimension("credibility", "the claims it states hold (every calculation checks out); nothing is "
                              "invented", "SPEC"),
-    Dimension("correctness", "the final answer and every stated fact and calculation are right", "SPEC"),
+    Dimension("correctness", "the final answer is right", "SPEC"),
     Dimension("redundancy", "no repetition, padding or needless length (higher means less "
                             "redundant)", "SPEC"),
     Dimension("relevance", "stays on the query, with no digressions", "SPEC"),
     Dimension("completeness", "answers every part of the query and reaches a final answer", "ours"),
     Dimension("instruction_following", "obeys the task's explicit constraints: format, length, language, "
                                        "thinking mode", "ours"),
-    Dimension("clarity", "well organised and easy to follow", "ours"),
-    Dimension("visual_grounding", "what it says about the image or video matches what is shown (full marks "
-                                  "when the query has none)", "ours"),
-    Dimension("safety", "nothing harmful, unsafe, deceptive or privacy-violating", "ours"),
+    Dimension("consistency", "the reasoning arrives at the final answer given (full marks without "
+                             "reasoning)", "ours"),
+    Dimension("readability", "written in real words and numbers, not garbled tokens", "ours"),
+    Dimension("answer_form", "the final answer has the form asked for: a number, a box or words", "ours"),
 )  # fmt: skip
 DIMENSION_NAMES = tuple(d.name for d in DIMENSIONS)
 MODES = ("think", "no_think")
@@ -591,6 +615,140 @@ def _blocks_closed(text: str) -> bool:
     return all(text.count(f"<{tag}>") == text.count(f"</{tag}>") for tag in ("think", "answer"))
 
 
+def claim_credibility(response: str) -> float:
+    """The share of the arithmetic claims stated in `response` that hold (`graders.arithmetic_claims`);
+    1 when it states none: nothing checkable was found invented."""
+    claims = arithmetic_claims(response)
+    return sum(holds for _, holds in claims) / len(claims) if claims else 1.0
+
+
+_THINK_BLOCK = re.compile(r"<think>(.*?)</think>", re.DOTALL)
+_SENTENCE_BREAK = re.compile(r"(?<=[.!?。！？])\s+|\n+")
+_NUMBER_MENTION = re.compile(r"[+-]?\d+(?:[.,]\d+)*(?:\s*/\s*\d+)?%?|[A-Za-z]+(?:-[A-Za-z]+)*")
+_MAX_NUMBER_MENTIONS = 20  # the last ones of a sentence or reasoning; each is one equivalence check
+
+
+def _reasoning_and_rest(response: str) -> tuple[str, str]:
+    """The text of `response`'s `<think>` blocks and the rest; an unclosed `<think>` makes everything after
+    it reasoning (which then reaches no answer outside itself)."""
+    reasoning = "\n".join(_THINK_BLOCK.findall(response))
+    rest = _THINK_BLOCK.sub("\n", response)
+    if "<think>" in rest:
+        rest, _, tail = rest.partition("<think>")
+        reasoning += "\n" + tail
+    return reasoning.strip(), rest
+
+
+def _mentions(text: str, answer: str) -> bool:
+    """Whether `text` states `answer`: the answer's text as a whole word (case-insensitive), or, for a
+    numeric answer, a number in `text` equivalent to it ("0.5" for "1/2", "three" for "3")."""
+    pattern = rf"(?<![\w.]){re.escape(answer.casefold())}(?!\w|[.,]\d)"
+    if re.search(pattern, text.casefold()):
+        return True
+    if not reads_as_number(answer):
+        return False
+    mentions = [
+        token
+        for token in _NUMBER_MENTION.findall(text)
+        if not token[-1].isalpha() or parse_number_words(token) is not None
+    ][-_MAX_NUMBER_MENTIONS:]
+    return any(answers_equivalent(number, answer).equal for number in mentions)
+
+
+def reasoning_consistency(response: str) -> float:
+    """Whether the reasoning of `response` arrives at the final answer it gives: 1 when the final answer
+    (`rewards.final_answer` of the text outside `<think>`) is stated in the last sentence of the reasoning,
+    0.5 when only elsewhere in it, 0 when nowhere (or there is no final answer); 1 for a response without
+    reasoning (nothing to contradict)."""
+    reasoning, rest = _reasoning_and_rest(response)
+    if not reasoning:
+        return 1.0
+    answer = final_answer(rest).strip()
+    if not answer:
+        return 0.0
+    sentences = [s for s in _SENTENCE_BREAK.split(reasoning) if s.strip()]
+    if _mentions(sentences[-1], answer):
+        return 1.0
+    return 0.5 if _mentions(reasoning, answer) else 0.0
+
+
+_TAG = re.compile(r"</?(?:think|answer|analysis)>|<\|[a-z_]+\|>")
+_LATEX_COMMAND = re.compile(r"\\[A-Za-z]+")
+_WORD_SEPARATORS = re.compile(r"[-'’./:@_+=×*^,;!?&#~|(){}\[\]<>\"]+")
+_LETTER_RUN = re.compile(r"[^\W\d_]+")
+_VOWELS = frozenset("aeiouyàáâäåæèéêëìíîïòóôöøùúûüýÿœāēīōūąęěůőű")  # not ã/õ: "Ã" opens mojibake
+
+
+def _is_latin(ch: str) -> bool:
+    return unicodedata.name(ch, "").startswith("LATIN")
+
+
+def _readable_piece(piece: str) -> bool:
+    if not piece or piece.isdigit():
+        return True
+    if piece.isalpha():
+        if any(ch in _VOWELS for ch in piece.casefold()) or not all(_is_latin(ch) for ch in piece):
+            return True
+        # vowel-less Latin: units and short forms ("km", "s" of "it's"), acronyms ("HTML"); not "xqzt", "Ãĥ"
+        return piece.isascii() and (len(piece) <= 2 or (piece.isupper() and len(piece) <= 5))
+    if piece.isalnum():  # letters with digits: "10km", "2nd", "H2O", "mp4"
+        return all(_readable_piece(run) for run in _LETTER_RUN.findall(piece))
+    return False  # another symbol inside a word
+
+
+def _strip_symbols(token: str) -> str:
+    start, end = 0, len(token)
+    while start < end and unicodedata.category(token[start])[0] in "PS":
+        start += 1
+    while end > start and unicodedata.category(token[end - 1])[0] in "PS":
+        end -= 1
+    return token[start:end]
+
+
+def readable_share(text: str) -> float:
+    """The share of the words of `text` (whitespace-separated tokens with a letter or digit, tags such as
+    `<think>` left out) that are readable: each part between the punctuation a word may carry ("e.g.",
+    "don't", "km/h", "2+2=4") is a number, letters with a vowel (aeiouy, accented forms included), non-Latin
+    letters, a vowel-less unit or acronym (at most 2 letters, or 5 capitals), or letters and digits mixed
+    whose letter runs are each readable. LaTeX command names are notation and are left out. 0 with no
+    word."""
+    readable = total = 0
+    for token in _TAG.sub(" ", text).split():
+        core = _strip_symbols(_LATEX_COMMAND.sub("", token))
+        if not any(ch.isalnum() for ch in core):
+            continue
+        total += 1
+        readable += all(_readable_piece(piece) for piece in _WORD_SEPARATORS.split(core))
+    return readable / total if total else 0.0
+
+
+def _form(text: str, grounding: bool) -> str:
+    """What an answer is: "box", "number", "words", "other" (symbols only) or "none" (empty)."""
+    if not text:
+        return "none"
+    if grounding:
+        try:
+            parse_box(text)
+            return "box"
+        except (ValueError, TypeError):
+            pass
+    if reads_as_number(text):
+        return "number"
+    return "words" if any(ch.isalpha() for ch in text) else "other"
+
+
+def answer_form(response: str, reference: object, task: str) -> float:
+    """Whether the final answer of `response` (read outside its reasoning) has the form of `reference`: a
+    box (four numbers) for a grounding task, a number when the reference reads as one
+    (`graders.reads_as_number`), words when it has letters; without a reference (None), whether there is a
+    non-empty final answer."""
+    answer = final_answer(_reasoning_and_rest(response)[1]).strip()
+    if reference is None:
+        return float(bool(answer))
+    expected = "box" if task == "grounding" else _form(str(reference).strip(), grounding=False)
+    return float(_form(answer, grounding=task == "grounding") == expected)
+
+
 def signal_scores(
     pair: Mapping[str, Any],
     response: str,
@@ -623,15 +781,15 @@ def signal_scores(
     mode = prompt_mode(query_parts(query))  # the /think or /no_think switch the query ends with, if any
     instruction = mode_format_reward(response, mode, require_analysis=False).value
     units = {
-        "credibility": correctness,
+        "credibility": claim_credibility(response),
         "correctness": correctness,
         "redundancy": redundancy,
         "relevance": relevance,
         "completeness": completeness,
         "instruction_following": instruction,
-        "clarity": 1.0,
-        "visual_grounding": 1.0,
-        "safety": 1.0,
+        "consistency": reasoning_consistency(response),
+        "readability": readable_share(response),
+        "answer_form": answer_form(response, reference, pair.get("task") or "math"),
     }
     span = config.score_max - config.score_min
     return {

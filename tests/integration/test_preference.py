@@ -386,7 +386,7 @@ def test_judge_parses_served_verdicts_and_averages_both_orders(tmp_path):
         {"match": "Response A:\nRed.", "completions": [think_reply(5, 5, "A")]},
         {"match": "Response A:\nBlue.", "completions": [think_reply(5, 5, "A")]},
         # one order malformed (a dimension missing), the other usable
-        {"match": "Response A:\nC-A-T", "completions": [think_reply(8, 3, "A", drop="safety")]},
+        {"match": "Response A:\nC-A-T", "completions": [think_reply(8, 3, "A", drop="answer_form")]},
         {"match": "Response A:\nK-A-T", "completions": [think_reply(3, 8, "B")]},
     ]}  # fmt: skip
     with chat_server.start_server(recordings, tmp_path / "replay") as (url, requests_log):
@@ -410,7 +410,7 @@ def test_judge_parses_served_verdicts_and_averages_both_orders(tmp_path):
     assert biased.value == pytest.approx(0.5)  # 0.75 as A, 0.25 as B: the position bias cancels
     assert [j.verdict for j in biased.judgements] == ["A", "A"]
     assert spelled.judgements[0] is None and spelled.problems[0] == (
-        "unusable output: no scores for safety in the <think> block"
+        "unusable output: no scores for answer_form in the <think> block"
     )
     # one usable order alone would bring back the position bias the swap cancels: no value
     assert spelled.value is None and spelled.judgements[1].verdict == "B"

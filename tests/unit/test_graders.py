@@ -370,3 +370,51 @@ def test_format_problem_says_why_and_rejects_unknown_modes():
     assert "no_think" in format_problem("<think>r</think><answer>7</answer>", "no_think")
     with pytest.raises(ValueError, match="mode must be one of"):
         format_reward("7", "fast")
+
+
+# ----------------------------------------------------------------------------------------- arithmetic claims
+
+
+@pytest.mark.parametrize(
+    ("text", "claims"),
+    [
+        ("6 × 7 = 42, and 2 + 2 = 5.", [("6 × 7 = 42", True), ("2 + 2 = 5", False)]),
+        ("So 2 + 3 + 1 = 6 apples", [("2 + 3 + 1 = 6", True)]),
+        ("2 + 3 × 4 = 14", [("2 + 3 × 4 = 14", True)]),  # × binds tighter
+        ("2 + 3 * 4 = 20", [("2 + 3 * 4 = 20", False)]),
+        ("3x5=15, 12 ÷ 4 = 3, 9 − 2 = 7, -2 - 3 = -5", [("3x5=15", True), ("12 ÷ 4 = 3", True),
+                                                         ("9 − 2 = 7", True), ("-2 - 3 = -5", True)]),
+        ("$3 \\times 4 = 12$", [("3 \\times 4 = 12", True)]),
+        ("**2 + 2 = 4**", [("2 + 2 = 4", True)]),
+        ("0.1 + 0.2 = 0.3", [("0.1 + 0.2 = 0.3", True)]),  # exact, not floating point
+        ("10 / 3 = 3.33 but 10 / 3 = 3 is wrong", [("10 / 3 = 3.33", True), ("10 / 3 = 3", False)]),
+        ("5 / 0 = 0", [("5 / 0 = 0", False)]),
+        ("3 × 4 = 12 + 2 = 15", [("12 + 2 = 15", False)]),  # a running chain: the checkable step
+        ("x = 2 + 2 = 4", [("2 + 2 = 4", True)]),
+        ("6 × 7 = 48 xqzt, 6 × 7 = 42 x 1", [("6 × 7 = 48", False)]),  # "x 1" continues, "xqzt" does not
+        # not checkable: a variable, power, bracket, unit or thousands separator attached
+        ("x^2 + 3 = 7, 2x + 3 = 7, (2 + 3) × 4 = 20, 2 + 3 = 5x, 1,000 + 1 = 1,001, 1 + 1 = 2 = 3", []),
+        ("x = 5; 2024-01-15; no sums here", []),
+        ("", []),
+        ("xqzt Ãĥ = + × ÷ 9" * 3, []),
+    ],
+)  # fmt: skip
+def test_arithmetic_claims_are_found_and_evaluated(text, claims):
+    assert graders.arithmetic_claims(text) == claims
+
+
+def test_arithmetic_claims_never_raise_on_odd_text():
+    assert graders.arithmetic_claims(None) == [] and graders.arithmetic_claims(42) == []
+    huge = "9" * 5000  # past Python's int-from-string limit: no claim, no error
+    assert graders.arithmetic_claims(f"{huge} × {huge} = 1 and 1 + 1 = 2") == [("1 + 1 = 2", True)]
+    odd = "".join(chr(c) for c in range(0x20, 0x2200, 7)) + "1 + = 2 ++ 3 = = 5 // 0 = . -- 1"
+    assert isinstance(graders.arithmetic_claims(odd), list)
+
+
+@pytest.mark.parametrize(
+    ("text", "number"),
+    [("42", True), ("forty-two", True), ("x = 5", True), ("5 apples", True), ("1/2", True),
+     ("Paris", False), ("B", False), ("(1, 2)", False), ("", False)],
+)  # fmt: skip
+def test_reads_as_number(text, number):
+    assert graders.reads_as_number(text) is number

@@ -15,13 +15,17 @@ from keyeflow.quality.reward_model import (
     Judgement,
     RewardModelConfig,
     RewardModelOutputError,
+    answer_form,
     build_prompt,
     build_reward_model_data,
+    claim_credibility,
     instructions,
     length_debias,
     parse_output,
     preference_value,
     query_parts,
+    readable_share,
+    reasoning_consistency,
     render_output,
     signal_scores,
 )
@@ -51,9 +55,9 @@ def test_nine_dimensions_four_from_spec_five_ours_each_defined():
     assert {d.name for d in DIMENSIONS if d.source == "ours"} == {
         "completeness",
         "instruction_following",
-        "clarity",
-        "visual_grounding",
-        "safety",
+        "consistency",
+        "readability",
+        "answer_form",
     }
     assert all(d.definition and "\n" not in d.definition for d in DIMENSIONS)
 
@@ -76,7 +80,7 @@ def test_config_is_validated_with_clear_errors():
     with pytest.raises(ValueError, match=r"max_repeats=0: must be >= 1"):
         RewardModelConfig(max_repeats=0)
     weights = RewardModelConfig(dimension_weights={"correctness": 3}).dimension_weights
-    assert weights["correctness"] == 3.0 and weights["safety"] == 1.0 and len(weights) == 9
+    assert weights["correctness"] == 3.0 and weights["readability"] == 1.0 and len(weights) == 9
 
 
 # ---------------------------------------------------------------------------------------------- prompt
@@ -90,7 +94,7 @@ def test_prompt_for_a_text_query_is_one_string_ending_with_the_mode_switch():
         "content": (
             "Task definition: Solve the sum.\n\nQuery:\nWhat is 2+2?\n\nResponse A:\n4\n\nResponse B:\n5\n\n"
             "Compare the two responses on credibility, correctness, redundancy, relevance, completeness, "
-            "instruction following, clarity, visual grounding, safety. Reply with exactly one line: "
+            "instruction following, consistency, readability, answer form. Reply with exactly one line: "
             "`Verdict: A`, `Verdict: B` or `Verdict: tie`. /no_think"
         ),
     }
@@ -159,11 +163,11 @@ def test_think_output_parses_scores_and_verdict_with_free_reasoning_lines():
         extra="A gives the right sum; B does not.\n- but B is shorter\n",
     )
     judgement = parse_output(
-        "\n  " + text.replace("safety: A=7, B=4", "  - Safety :A = 7 ,B= 4") + "\n", "think"
+        "\n  " + text.replace("answer_form: A=7, B=4", "  - Answer Form :A = 7 ,B= 4") + "\n", "think"
     )
     assert judgement.verdict == "B"
     assert judgement.scores_a["correctness"] == 10 and judgement.scores_b["correctness"] == 1
-    assert judgement.scores_a["safety"] == 7 and judgement.scores_b["safety"] == 4
+    assert judgement.scores_a["answer_form"] == 7 and judgement.scores_b["answer_form"] == 4
     assert set(judgement.scores_a) == set(DIMENSION_NAMES)
 
 
@@ -172,9 +176,9 @@ def test_think_output_parses_scores_and_verdict_with_free_reasoning_lines():
     ("I think A.\n" + think_output(), "think output must start with <think>"),
     (think_output() + "\n<think>more</think>", "expected one <think> and one </think>, got 2 and 2"),
     (think_output().replace("</think>", ""), "expected one <think> and one </think>, got 1 and 0"),
-    (think_output().replace("safety: A=7, B=4\n", ""), "no scores for safety in the <think> block"),
-    (think_output().replace("clarity: A=7, B=4", "clarity: A=7, B=4\nclarity: A=1, B=1"),
-     "line 9: clarity is scored twice"),
+    (think_output().replace("answer_form: A=7, B=4\n", ""), "no scores for answer_form in the <think> block"),
+    (think_output().replace("consistency: A=7, B=4", "consistency: A=7, B=4\nconsistency: A=1, B=1"),
+     "line 9: consistency is scored twice"),
     (think_output().replace("relevance: A=7", "relevance: A=11"),
      r"line 5: relevance A=11 is outside \[1, 10\]"),
     (think_output().replace("relevance: A=7", "relevance: A=7.5"),
@@ -333,11 +337,15 @@ def test_signal_scores_follow_the_documented_signals():
     }
     good = signal_scores(base, base["chosen"], base["rejected"])
     bad = signal_scores(base, base["rejected"], base["chosen"])
-    assert good["correctness"] == good["credibility"] == 10 and bad["correctness"] == bad["credibility"] == 1
+    assert good["correctness"] == 10 and bad["correctness"] == 1
+    assert good["credibility"] == bad["credibility"] == 10  # no arithmetic claim stated: nothing invented
     assert (
         good["instruction_following"] == 10 and bad["instruction_following"] == 1
     )  # /think asks for <think>
-    assert good["clarity"] == good["safety"] == good["visual_grounding"] == 10 == bad["safety"]
+    # the reasoning ends on its answer / no reasoning; all words readable; a number for a number reference
+    assert good["consistency"] == bad["consistency"] == 10
+    assert good["readability"] == bad["readability"] == 10
+    assert good["answer_form"] == bad["answer_form"] == 10
     repetitive = "the answer is 42 the answer is 42 the answer is 42"
     assert (
         signal_scores(base, repetitive, "42")["redundancy"]
@@ -347,3 +355,88 @@ def test_signal_scores_follow_the_documented_signals():
     assert signal_scores(base, "<think>unfinished", "42")["completeness"] == 1
     no_reference = {**base, "reference": None, "chosen_score": 0.8, "rejected_score": 0.2}
     assert signal_scores(no_reference, base["chosen"], base["rejected"])["correctness"] == 1 + round(0.8 * 9)
+
+
+MATH = {
+    "messages": [{"role": "user", "content": "What is 6 times 7? /think"}],
+    "reference": "42",
+    "task": "math",
+}
+
+
+def scores(response: str, pair: dict | None = None, other: str = "42") -> dict[str, int]:
+    pair = {**(pair or MATH), "chosen": response, "rejected": other}
+    return signal_scores(pair, response, other)
+
+
+def test_credibility_is_the_share_of_stated_arithmetic_that_holds():
+    right = scores("<think>2 + 2 = 4 and 6 × 7 = 42.</think><answer>42</answer>")
+    wrong = scores("<think>2 + 2 = 5 and 6 × 7 = 42.</think><answer>42</answer>")
+    assert right["credibility"] == 10 and wrong["credibility"] == 1 + round(
+        0.5 * 9
+    )  # one of two claims holds
+    assert right["correctness"] == wrong["correctness"] == 10  # the final answer is right in both
+    assert {n: v for n, v in right.items() if n != "credibility"} == {
+        n: v for n, v in wrong.items() if n != "credibility"
+    }
+    assert claim_credibility("6 × 7 = 48, 48 - 6 = 42") == 0.5
+    assert claim_credibility("no sums here") == 1.0  # nothing checkable: nothing found invented
+
+
+def test_consistency_falls_when_the_answer_is_not_where_the_reasoning_ends():
+    ends_on_it = "<think>6 times 7 is 42.</think><answer>42</answer>"
+    moves_on = "<think>6 times 7 is 42. Then I checked the table.</think><answer>42</answer>"
+    contradicts = "<think>6 times 7 is 41.</think><answer>42</answer>"
+    values = [scores(r)["consistency"] for r in (ends_on_it, moves_on, contradicts, "42")]
+    assert values == [10, 1 + round(0.5 * 9), 1, 10]  # no reasoning: nothing to contradict
+    assert len({scores(r)["correctness"] for r in (ends_on_it, moves_on, contradicts)}) == 1
+    # equivalent numbers count as the answer; an unfinished reasoning reaches none
+    assert reasoning_consistency("<think>Half of it, 0.5.</think><answer>1/2</answer>") == 1.0
+    assert reasoning_consistency("<think>There are three apples.</think><answer>3</answer>") == 1.0
+    assert reasoning_consistency("<think>The answer is 42 for sure.</think>\nAnswer: 4") == 0.0
+    assert reasoning_consistency("<think>6 times 7 is") == 0.0
+
+
+def test_readability_falls_with_token_salad():
+    clear = scores("<think>Six sevens make forty-two.</think><answer>42</answer>")
+    salad = scores("<think>xqzt Ãĥ vbnm ĠĊ qwrtp</think><answer>42</answer>")
+    assert clear["readability"] == 10 and salad["readability"] == 1 + round(1 / 6 * 9)  # only "42" reads
+    assert clear["correctness"] == salad["correctness"] == 10
+    assert readable_share("Il a répondu à 3.5 km/h (e.g. HTML, H2O, 2nd); c'est 中文, Привет.") == 1.0
+    assert readable_share("$\\frac{1}{2} + \\sqrt{2} = 0.5 + 1.414$") == 1.0  # LaTeX commands are notation
+    assert readable_share("The answer is xqzt") == 0.75
+    assert readable_share("<think></think> ... !!") == 0.0  # no words
+
+
+def test_answer_form_falls_when_the_answer_has_another_form_than_the_reference():
+    assert scores("<answer>42</answer>")["answer_form"] == 10
+    assert scores("<answer>forty-two</answer>")["answer_form"] == 10  # number words are a number
+    assert scores("<answer>Paris</answer>")["answer_form"] == 1  # words for a numeric reference
+    assert answer_form("<answer>Paris</answer>", "Paris", "math") == 1.0
+    assert answer_form("<answer>7</answer>", "Paris", "math") == 0.0
+    assert answer_form("<answer>B</answer>", "B", "choice") == 1.0
+    assert answer_form("<answer>[12, 20, 30, 41]</answer>", [10, 20, 30, 40], "grounding") == 1.0
+    assert answer_form("<answer>the red car</answer>", [10, 20, 30, 40], "grounding") == 0.0
+    assert answer_form("<answer>7</answer>", [10, 20, 30, 40], "grounding") == 0.0
+    assert answer_form("Paris.", None, "math") == 1.0  # no reference: any final answer
+    assert answer_form("<think>still thinking", None, "math") == 0.0
+
+
+def test_no_dimension_is_constant_over_varied_pairs():
+    france = {"messages": [{"role": "user", "content": "What is the capital of France?"}], "reference": None,
+              "chosen_score": 0.9, "rejected_score": 0.1}  # fmt: skip
+    pairs = [
+        {**MATH, "chosen": "<think>6 × 7 = 42, so 42.</think><answer>42</answer>", "rejected": "41"},
+        {**MATH, "chosen": "<think>6 × 7 = 42.</think><answer>42</answer>",
+         "rejected": "<think>6 × 7 = 48 xqzt Ãĥ vbnm qwrtp zzkx</think><answer>Paris</answer>"},
+        {**MATH, "chosen": "<think>Six sevens.</think><answer>42</answer>",
+         "rejected": "<think>" + "the answer is 42 " * 8},
+        {**france, "chosen": "Paris is the capital of France.",
+         "rejected": "Bananas grow in tropical climates."},
+    ]  # fmt: skip
+    seen = {name: set() for name in DIMENSION_NAMES}
+    for p in pairs:
+        for response, other in ((p["chosen"], p["rejected"]), (p["rejected"], p["chosen"])):
+            for name, value in signal_scores(p, response, other).items():
+                seen[name].add(value)
+    assert {name: len(values) >= 2 for name, values in seen.items()} == dict.fromkeys(DIMENSION_NAMES, True)
