@@ -97,7 +97,7 @@ def posttrain(
         t.check_rl_inputs(policy, items)
         rl_step, accepted = 0, None
         if held:
-            accepted = t.rl_pass_rates(policy, held, r, run_id, rl_step)
+            accepted = baseline = t.rl_pass_rates(policy, held, r, run_id, rl_step)
             signals["rl"] = [{"round": 0, "step": 0, "pass_rate": accepted["estimate"]}]
         for n in range(1, r.rounds + 1):
             init, data_from, round_signal = policy, [], {"round": n}
@@ -131,6 +131,8 @@ def posttrain(
                 signals["rl"].append(round_signal)
                 accepted = rates
 
+        if held:
+            signals["rl_gain"] = t.rl_gain(baseline, accepted, run_id)
         final = stages["alignment"] = t.alignment_rl(r, policy, rm, sft, run_id)
         t.record_final(run_id, final)
         if signals:

@@ -160,9 +160,12 @@ class RewardModelConfig:
     (missing names weigh 1). `verdict_weight`: the verdict's share of a think-mode value, the weighted score
     margin the rest (no_think uses the verdict alone). `swap_orders`: judge both A/B orders and average.
     `min_shorter_share`, `debias_method`, `max_repeats`: the length-debiasing pass (module docstring).
+    `train_modes`: the modes its training data is written in (Keye's model answers in both; a model asked in
+    one mode only learns that one's format faster, without the other's long targets).
     """
 
     mode: str = "think"
+    train_modes: tuple[str, ...] = MODES
     score_min: int = 1
     score_max: int = 10
     dimension_weights: Mapping[str, float] = field(default_factory=dict)
@@ -178,6 +181,9 @@ class RewardModelConfig:
 
         if self.mode not in MODES:
             fail("mode", f"must be one of {MODES}")
+        object.__setattr__(self, "train_modes", tuple(self.train_modes))
+        if not self.train_modes or set(self.train_modes) - set(MODES) or self.mode not in self.train_modes:
+            fail("train_modes", f"distinct modes from {MODES}, including the judging mode {self.mode!r}")
         for name, minimum in (("score_min", 0), ("score_max", None), ("max_repeats", 1)):
             object.__setattr__(
                 self, name, check_int("RewardModelConfig", name, getattr(self, name), minimum=minimum)

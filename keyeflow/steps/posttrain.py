@@ -167,7 +167,7 @@ def train_reward_model(
 ) -> StageOutput:
     """The think/no_think judge, fine-tuned on judgements built from the pairs (order-swapped,
     length-debiased)."""
-    conversations, report = build_reward_model_data(pairs, config)
+    conversations, report = build_reward_model_data(pairs, config, modes=config.train_modes)
 
     def body(out_dir: Path, run_id: str) -> str:
         lineage.log_dict(

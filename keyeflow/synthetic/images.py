@@ -88,6 +88,7 @@ __all__ = [
     "main",
     "save_png",
     "shape_count_picture",
+    "single_shape_picture",
 ]
 
 # How exif_rotated_orient6.jpg looks once shown upright: (top-left, top-right, bottom) colours.
@@ -1087,6 +1088,16 @@ def shape_count_picture(shapes: list[PlacedShape], grid: int = 3, cell: int = 20
             draw.rectangle(box, fill=fill)
         else:
             draw.ellipse(box, fill=fill)
+    return image
+
+
+def single_shape_picture(kind: str, colour: str, left: int, top: int, size: int) -> Image.Image:
+    """A white 60x60 picture with one ``kind`` ("square" or "circle") of ``size`` pixels, its bounding box's
+    top-left corner at (``left``, ``top``)."""
+    image = Image.new("RGB", (60, 60), (255, 255, 255))
+    box = (left, top, left + size - 1, top + size - 1)
+    draw = ImageDraw.Draw(image)
+    (draw.rectangle if kind == "square" else draw.ellipse)(box, fill=TASK_COLOURS[colour])
     return image
 
 

@@ -11,7 +11,7 @@ family         media   domain    question                                       
 count_shapes   image   counting  "How many red shapes are in the picture?" on a 60x60 PNG of      an integer
                                  3-7 squares and circles in a 3x3 grid, four colours             1-7
 shape_colour   image   stem      "What colour is the square in the picture?" on a 60x60 PNG of   a colour
-                                 one square or circle in a cell of a 3x3 grid, four colours      word
+                                 one square or circle 10-24 px wide anywhere, four colours       word
 bar_sum        image   business  "How many grid squares tall are the red bar and the blue bar   an integer
                                  together?" on a 60x60 PNG bar chart of three bars 1-6 squares   2-12
                                  tall over grid lines 8 px apart
@@ -55,6 +55,7 @@ from keyeflow.synthetic.images import (
     bar_chart_picture,
     save_png,
     shape_count_picture,
+    single_shape_picture,
 )
 from keyeflow.synthetic.videos import TASK_SHOT_COLOURS, colour_shots_clip
 
@@ -145,7 +146,10 @@ def _shape_colour(item_id: str, rng: random.Random) -> TaskItem:
     # The family the tiny model can learn to see within a demo's steps: the answer
     # is the colour of the pixels of one shape, which a vision token carries directly.
     kind, colour = rng.choice(("square", "circle")), rng.choice(list(TASK_COLOURS))
-    row, col = rng.randrange(3), rng.randrange(3)
+    # Size and place vary freely, so two items almost never draw the same picture (a held-out item must not
+    # be a training item's twin).
+    size = rng.randint(10, 24)
+    left, top = rng.randint(2, 58 - size), rng.randint(2, 58 - size)
     steps = [
         f"Step 1: The picture shows one {kind} on a white background.",
         f"Step 2: The {kind} is painted {colour}, so the answer is {colour}.",
@@ -166,7 +170,7 @@ def _shape_colour(item_id: str, rng: random.Random) -> TaskItem:
             "answer_forms": [colour],
             "wrong_answers": [c for c in TASK_COLOURS if c != colour],
         },
-        params={"shapes": [[kind, colour, row, col]]},
+        params={"shape": [kind, colour, left, top, size]},
     )
 
 
@@ -258,7 +262,9 @@ def task_items(
 
 
 def _draw(item: TaskItem, path: Path) -> None:
-    if item.family in ("count_shapes", "shape_colour"):
+    if item.family == "shape_colour":
+        save_png(single_shape_picture(*item.params["shape"]), path)
+    elif item.family == "count_shapes":
         save_png(shape_count_picture([PlacedShape(*s) for s in item.params["shapes"]]), path)
     elif item.family == "bar_sum":
         save_png(bar_chart_picture([(c, h) for c, h in item.params["bars"]], item.params["unit"]), path)

@@ -25,7 +25,7 @@ from keyeflow.steps.stages import StageOutput
 from keyeflow.tasks.common import PromotionBlocked
 from keyeflow.training import rl
 from keyeflow.training.config import GSPOStageConfig, StageConfig
-from keyeflow.training.heldout import PassRates, answer_pairs, rl_promotion
+from keyeflow.training.heldout import PassRates, answer_pairs, paired_difference, rl_promotion
 from keyeflow.training.posttrain_data import (
     POSTTRAIN_STAGE,
     conversation_samples,
@@ -477,6 +477,17 @@ def rl_gate(before: dict, after: dict, recipe: PosttrainRecipe, candidate: Stage
 
 
 @task(**_NO_CACHE)
+def rl_gain(before: dict, after: dict, run_id: str) -> dict:
+    """What all GSPO rounds together changed: the paired held-out pass-rate difference, last round − before
+    RL, with its 95% interval (logged as `heldout_pass_rate_gain` and `…_half_width`)."""
+    gain = paired_difference(PassRates.from_dict(before), PassRates.from_dict(after))
+    lineage.log_metrics(
+        run_id, {"heldout_pass_rate_gain": gain.mean, "heldout_pass_rate_gain_half_width": gain.half_width}
+    )
+    return gain.to_dict()
+
+
+@task(**_NO_CACHE)
 def hint_levels(gspo_output: StageOutput) -> dict[str, int]:
     """How many items each GSPO step of a round trained at each hint level (from `rl_hint_levels`), summed
     over the round's steps: level 0 = solved without a hint."""
@@ -546,5 +557,12 @@ def signal_lines(signals: dict) -> list[str]:
         )
         out.append(
             f"GSPO round {r['round']}: held-out pass rate {rate} after {r['step']} steps; " + "; ".join(extra)
+        )
+    if "rl_gain" in signals:
+        g = signals["rl_gain"]
+        verdict = "more than" if g["mean"] > g["half_width"] else "not more than"
+        out.append(
+            f"GSPO overall: held-out pass rate {g['mean']:+.3f} ± {g['half_width']:.3f} (paired, 95%, "
+            f"{g['num_items']} items): {verdict} the interval's half-width"
         )
     return out

@@ -245,7 +245,9 @@ def response_logprobs(
                     media_lookup,
                     spatial_merge_size=merge,
                 )
-                batch = {k: v.to(device) for k, v in collate([features], pad_token_id=pad_id).items()}
+                batch = {
+                    k: v.to(device) for k, v in collate([features], pack=False, pad_token_id=pad_id).items()
+                }
                 total, count = sequence_logprobs(model, batch)
                 out.append((float(total[0]), int(count[0])))
     finally:

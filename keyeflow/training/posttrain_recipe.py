@@ -131,6 +131,9 @@ def _plain(value: Any) -> Any:
 
 
 def _tiny() -> PosttrainRecipe:
+    # Sized so that every stage learns something measurable on the verifiable tasks within minutes on a CPU:
+    # the stages that teach the answers (SFT, the reward model, MPO, GSPO) take tens of steps; the LongCoT
+    # stages, whose long reasoning a model this small cannot learn in a demo, keep a few.
     small = {
         "max_steps": 3,
         "window_size": 4,
@@ -141,37 +144,42 @@ def _tiny() -> PosttrainRecipe:
         "deepspeed_zero": None,
         "max_length": 2_048,
     }
-    hints = HintConfig(rollouts_per_level=2, max_level=5)
+    group = 4
     gspo = GSPOStageConfig(
-        prompts_per_step=2,
-        group_size=2,
+        prompts_per_step=16,
+        group_size=group,
         max_new_tokens=8,
-        learning_rate=1e-4,
-        max_steps=2,
+        learning_rate=5e-3,
+        max_steps=12,
         gspo=GSPOConfig(),
-        hints=hints,
-        checkpoint_every=2,
+        hints=HintConfig(rollouts_per_level=group, max_level=5),
+        checkpoint_every=12,
     )
     return PosttrainRecipe(
-        name="tiny", sft_tasks=SFT_TASKS, sft_max_items=24,
+        name="tiny", sft_tasks=SFT_TASKS, sft_max_items=8,
         difficulty=DifficultyConfig(num_paths=2, max_new_tokens=8),
-        sft=StageConfig(name="posttrain-1-sft", learning_rate=1e-3, **small),
-        sft_anneal=StageConfig(name="posttrain-1-sft-anneal", learning_rate=1e-4, schedule="linear", **small),
-        preference=PreferenceSettings(num_responses=2, max_new_tokens=8, max_teacher_pairs=12,
-                                      max_policy_items=4),
-        reward_model=RewardModelConfig(mode="no_think"),
+        sft=StageConfig(name="posttrain-1-sft", learning_rate=4e-3,
+                        **(small | {"max_steps": 100, "window_size": 16, "warmup_steps": 5,
+                                    "checkpoint_every": 100})),
+        sft_anneal=StageConfig(name="posttrain-1-sft-anneal", learning_rate=4e-4, schedule="linear",
+                               **(small | {"max_steps": 5, "window_size": 16, "checkpoint_every": 5})),
+        preference=PreferenceSettings(num_responses=4, max_new_tokens=8, max_teacher_pairs=12,
+                                      max_policy_items=128),
+        reward_model=RewardModelConfig(mode="no_think", train_modes=("no_think",)),
         # A reward-model sample holds the query (with its picture) and both responses: the teacher's pairs on
         # the larger sample pictures (a 1280x800 screenshot) run past 2,048 tokens.
         reward_model_stage=StageConfig(name="posttrain-2-reward-model", learning_rate=1e-3,
-                                       **(small | {"max_length": 4_096})),
-        mpo=MPOStageConfig(learning_rate=1e-4, max_steps=3, pairs_per_step=2, max_length=2_048,
-                           mpo=MPOConfig(), checkpoint_every=3),
+                                       **(small | {"max_length": 4_096, "max_steps": 30, "window_size": 8,
+                                                   "checkpoint_every": 30})),
+        mpo=MPOStageConfig(learning_rate=5e-4, max_steps=20, pairs_per_step=4, max_length=2_048,
+                           mpo=MPOConfig(), checkpoint_every=20),
         longcot=StageConfig(name="posttrain-4-longcot-sft", learning_rate=1e-3, **small),
         expert_domain="math",
         expert=StageConfig(name="posttrain-4-expert-math", learning_rate=1e-3, **small),
         expert_weight=0.5,
         gspo=gspo, rounds=2, rejection_samples=2,
-        alignment=dataclasses.replace(gspo, hints=None),
+        alignment=dataclasses.replace(gspo, hints=None, prompts_per_step=2, group_size=2, max_steps=2,
+                                      checkpoint_every=2),
         # Rule rewards only: the tiny reward model cannot write a verdict in a few tokens, and a failed
         # judgement is an error, never a tie (keyeflow.quality.errors), so judge and reward-model rewards
         # would stop the run. They are exercised against served models in
@@ -227,7 +235,42 @@ def _keye_8b() -> PosttrainRecipe:
     )  # fmt: skip
 
 
-RECIPES = {"tiny": _tiny, "keye-8b": _keye_8b}
+def _smoke() -> PosttrainRecipe:
+    """Every stage for a few steps on a CPU, one GSPO round: what tests of the flow's wiring, lineage and
+    resume run in seconds. It learns nothing measurable (use "tiny" for that), so it is run without held-out
+    items, and one round because the pass-rate filter before a second round finds nothing between 0 and 1
+    for a policy that solves nothing."""
+    small = {
+        "max_steps": 3,
+        "window_size": 4,
+        "micro_batches_per_step": 1,
+        "warmup_steps": 1,
+        "checkpoint_every": 3,
+        "bf16": False,
+        "deepspeed_zero": None,
+        "max_length": 2_048,
+    }
+    gspo = GSPOStageConfig(
+        prompts_per_step=2, group_size=2, max_new_tokens=8, learning_rate=1e-4, max_steps=2,
+        gspo=GSPOConfig(), hints=HintConfig(rollouts_per_level=2, max_level=5), checkpoint_every=2,
+    )  # fmt: skip
+    return dataclasses.replace(
+        _tiny(),
+        name="smoke", sft_max_items=24, sft_rl_items=0, rl_mode="think",
+        difficulty=DifficultyConfig(num_paths=2, max_new_tokens=8),
+        sft=StageConfig(name="posttrain-1-sft", learning_rate=1e-3, **small),
+        sft_anneal=StageConfig(name="posttrain-1-sft-anneal", learning_rate=1e-4, schedule="linear", **small),
+        preference=PreferenceSettings(num_responses=2, max_new_tokens=8, max_teacher_pairs=12,
+                                      max_policy_items=4),
+        reward_model_stage=StageConfig(name="posttrain-2-reward-model", learning_rate=1e-3,
+                                       **(small | {"max_length": 4_096})),
+        mpo=MPOStageConfig(learning_rate=1e-4, max_steps=3, pairs_per_step=2, max_length=2_048,
+                           mpo=MPOConfig(), checkpoint_every=3),
+        gspo=gspo, rounds=1, alignment=dataclasses.replace(gspo, hints=None),
+    )  # fmt: skip
+
+
+RECIPES = {"tiny": _tiny, "smoke": _smoke, "keye-8b": _keye_8b}
 
 
 def posttrain_recipe(name: str) -> PosttrainRecipe:

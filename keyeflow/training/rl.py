@@ -63,8 +63,8 @@ complete `LocalGenerator` input and the next stage's `init`), `trainer.pt` (Adam
 registered atomically in `out_dir/latest`. A run finding `latest` resumes from it: the model, the optimizer,
 the RNG and the step; rollout seeds and prompts follow from the step, so the resumed run continues as the
 uninterrupted one would. `out_dir/metrics.jsonl` has one line per step (a resume drops lines after its
-checkpoint): rewards, pass rate, clip fractions, hint levels, per-update ratios and the time of the rollouts,
-rewards and update; the numeric ones also go to the metrics sink. `out_dir/hints/step-XXXXXXXX.json` has the
+checkpoint): reward mean and standard deviation, pass rate, clip fractions, hint levels, per-update ratios
+and the time of the rollouts, rewards and update; the numeric ones also go to the metrics sink. `out_dir/hints/step-XXXXXXXX.json` has the
 step's per-item record: the hint level trained on and the pass rate of every level tried.
 
 **Before RL starts** (`check_rollout_training_inputs`, DESIGN "better than peers" 9): for a sample with an
@@ -89,6 +89,7 @@ import logging
 import math
 import numbers
 import random
+import statistics
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -785,6 +786,8 @@ def _sample_groups(
     group_rewards = [rs for rank_groups in engine.gather([g.rewards for g in groups]) for rs in rank_groups]
     metrics: dict[str, Any] = {
         "reward_mean": sum(all_rewards) / len(all_rewards),
+        # 0 means no group had anything to learn from: every response of the step scored the same.
+        "reward_std": statistics.pstdev(all_rewards),
         "pass_rate": sum(r >= threshold for r in all_rewards) / len(all_rewards),
         "num_all_fail": sum(all(r < threshold for r in rs) for rs in group_rewards),
         "num_all_pass": sum(all(r >= threshold for r in rs) for rs in group_rewards),

@@ -7,7 +7,12 @@ from __future__ import annotations
 import math
 
 import pytest
+import torch
 
+from keyeflow.model.config import tiny
+from keyeflow.model.modeling import KeyeForConditionalGeneration
+from keyeflow.model.processor import collate, encode_sample
+from keyeflow.model.tokenizer import load_tokenizer
 from keyeflow.training.heldout import (
     Estimate,
     HeldoutConfig,
@@ -15,9 +20,13 @@ from keyeflow.training.heldout import (
     answer_pairs,
     estimate,
     paired_difference,
+    preference_accuracy,
     reference_response,
+    response_logprobs,
+    response_loss,
     rl_promotion,
 )
+from keyeflow.training.preference import sequence_logprobs
 
 
 def _rates(values: dict[str, float]) -> PassRates:
@@ -95,3 +104,38 @@ def test_held_out_pairs_put_the_reference_over_each_wrong_answer_in_the_items_mo
 def test_held_out_config_refuses_one_sample_per_item():
     with pytest.raises(ValueError, match="samples_per_item"):
         HeldoutConfig(samples_per_item=1)
+
+
+def test_preference_accuracy_and_response_loss_follow_what_the_model_learned():
+    torch.manual_seed(0)
+    tokenizer = load_tokenizer()
+    model = KeyeForConditionalGeneration(tiny(tokenizer))
+    items = [
+        {"id": f"q{k}", "mode": "no_think", "reference": "red", "wrong_answers": ["blue", "green"],
+         "messages": [{"role": "user", "content": f"Which colour, number {k}? /no_think"}]}
+        for k in range(4)
+    ]  # fmt: skip
+    pairs = answer_pairs(items)
+    swapped = [dict(p, chosen=p["rejected"], rejected=p["chosen"]) for p in pairs]
+    loss_before = response_loss(model, tokenizer, None, items)
+    # Teach the model that the answer is red: fit the reference responses of the first two items only.
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    for _ in range(30):
+        for item in items[:2]:
+            scores = response_logprobs_with_grad(model, tokenizer, item)
+            optimizer.zero_grad()
+            (-scores).backward()
+            optimizer.step()
+    assert response_loss(model, tokenizer, None, items) < loss_before / 4
+    assert preference_accuracy(model, tokenizer, None, pairs).mean == 1.0  # held-out items 2, 3 included
+    assert preference_accuracy(model, tokenizer, None, swapped).mean == 0.0
+    (total, count), _ = response_logprobs(model, tokenizer, None, [(items[2]["messages"], "red")] * 2)
+    assert count >= 1 and total < 0
+
+
+def response_logprobs_with_grad(model, tokenizer, item) -> torch.Tensor:
+    features = encode_sample(
+        [*item["messages"], {"role": "assistant", "content": item["reference"]}], tokenizer, None
+    )
+    total, _ = sequence_logprobs(model, collate([features], pack=False))
+    return total[0]

@@ -96,6 +96,26 @@ def test_bar_sum_answer_is_the_sum_of_the_bar_heights_measured_in_the_png(writte
         )
 
 
+def test_shape_colour_answer_is_the_only_colour_in_the_png_and_no_two_pictures_are_alike(written):
+    _, files, rows = written
+    coloured = [r for r in rows if r["task"]["family"] == "shape_colour"]
+    assert len(coloured) == NUM
+    pictures = set()
+    for row in coloured:
+        path = _media(row, files)
+        pictures.add(path.read_bytes())
+        pixels = np.asarray(Image.open(path).convert("RGB")).reshape(-1, 3)
+        shown = {name for name, rgb in TASK_COLOURS.items() if np.all(pixels == rgb, axis=-1).any()}
+        assert shown == {row["reference"]}, row["task"]["id"]
+        kind = row["messages"][0]["content"][1]["text"].split()[4]  # "What colour is the <kind> in ..."
+        assert kind in ("square", "circle") and kind in row["solution"]["steps"][0]
+        assert not any(
+            check_answer("stem", f"<answer>{w}</answer>", row["reference"]).ok
+            for w in row["solution"]["wrong_answers"]
+        )
+    assert len(pictures) == NUM  # a held-out item is never a training item's twin
+
+
 def test_shot_order_answer_is_the_colour_decoded_first_from_the_clip(written):
     _, files, rows = written
     names = {name: _hex_rgb(value) for name, value in TASK_SHOT_COLOURS.items()}
