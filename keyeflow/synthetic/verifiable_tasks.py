@@ -16,7 +16,7 @@ bar_sum        image   business  "How many grid squares tall are the red bar and
                                  together?" on a 60x60 PNG bar chart of three bars 1-6 squares   2-12
                                  tall over grid lines 8 px apart
 shot_order     video   stem      "Which colour is shown first in the clip, red or blue?" on a    a colour
-                                 48x48 MP4 of three 1 s flat colour shots (five colours)         word
+                                 48x48 MP4 of three 0.5 s flat colour shots, five colours       word
 =============  ======  ========  ==============================================================  ==========
 
 Determinism: an item's parameters come from ``random.Random("<family>:<seed>:<index>")`` (a string seed,
@@ -269,7 +269,9 @@ def _draw(item: TaskItem, path: Path) -> None:
     elif item.family == "bar_sum":
         save_png(bar_chart_picture([(c, h) for c, h in item.params["bars"]], item.params["unit"]), path)
     else:
-        colour_shots_clip(item.params["colours"], path)
+        # Half-second shots: at the 2 frames per second the clip is read at, one frame per shot, so the clip
+        # costs a model half the vision tokens of one-second shots and still shows every shot.
+        colour_shots_clip(item.params["colours"], path, shot_s=0.5)
 
 
 def reference_turn(steps: list[str], answer: str) -> str:

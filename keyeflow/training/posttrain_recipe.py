@@ -163,12 +163,13 @@ def _tiny() -> PosttrainRecipe:
                                     "checkpoint_every": 100})),
         sft_anneal=StageConfig(name="posttrain-1-sft-anneal", learning_rate=4e-4, schedule="linear",
                                **(small | {"max_steps": 5, "window_size": 16, "checkpoint_every": 5})),
-        preference=PreferenceSettings(num_responses=4, max_new_tokens=8, max_teacher_pairs=12,
+        preference=PreferenceSettings(num_responses=4, max_new_tokens=8, max_teacher_pairs=4,
                                       max_policy_items=128),
         reward_model=RewardModelConfig(mode="no_think", train_modes=("no_think",)),
         # A reward-model sample holds the query (with its picture) and both responses: the teacher's pairs on
-        # the larger sample pictures (a 1280x800 screenshot) run past 2,048 tokens.
-        reward_model_stage=StageConfig(name="posttrain-2-reward-model", learning_rate=1e-3,
+        # the larger sample pictures (a 1280x800 screenshot) run past 2,048 tokens. 30 steps at this rate are
+        # what it takes the tiny model to write a parseable verdict every time (at 1e-3 it writes none).
+        reward_model_stage=StageConfig(name="posttrain-2-reward-model", learning_rate=8e-3,
                                        **(small | {"max_length": 4_096, "max_steps": 30, "window_size": 8,
                                                    "checkpoint_every": 30})),
         mpo=MPOStageConfig(learning_rate=5e-4, max_steps=20, pairs_per_step=4, max_length=2_048,
