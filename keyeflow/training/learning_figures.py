@@ -9,7 +9,7 @@ import matplotlib
 
 matplotlib.use("Agg")  # headless: flows run on servers and workers without a display
 
-import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.pyplot as plt
 
 
 def pass_rate_chart(
@@ -20,7 +20,9 @@ def pass_rate_chart(
     figure, axes = plt.subplots(figsize=(7, 4))
     if training:
         steps, rates = zip(*training)
-        axes.plot(steps, rates, color="#bbbbbb", marker=".", linewidth=1, label="training rollouts (per step)")
+        axes.plot(
+            steps, rates, color="#bbbbbb", marker=".", linewidth=1, label="training rollouts (per step)"
+        )
     axes.errorbar(
         [p["step"] for p in heldout],
         [p["mean"] for p in heldout],

@@ -130,20 +130,24 @@ def _plain(value: Any) -> Any:
     return value
 
 
+# A CPU stage of a few steps: the base of every small recipe's stages (a stage overrides what it needs).
+_SMALL = {
+    "max_steps": 3,
+    "window_size": 4,
+    "micro_batches_per_step": 1,
+    "warmup_steps": 1,
+    "checkpoint_every": 3,
+    "bf16": False,
+    "deepspeed_zero": None,
+    "max_length": 2_048,
+}
+
+
 def _tiny() -> PosttrainRecipe:
+    small = _SMALL
     # Sized so that every stage learns something measurable on the verifiable tasks within minutes on a CPU:
     # the stages that teach the answers (SFT, the reward model, MPO, GSPO) take tens of steps; the LongCoT
     # stages, whose long reasoning a model this small cannot learn in a demo, keep a few.
-    small = {
-        "max_steps": 3,
-        "window_size": 4,
-        "micro_batches_per_step": 1,
-        "warmup_steps": 1,
-        "checkpoint_every": 3,
-        "bf16": False,
-        "deepspeed_zero": None,
-        "max_length": 2_048,
-    }
     group = 4
     gspo = GSPOStageConfig(
         prompts_per_step=16,
@@ -241,16 +245,7 @@ def _smoke() -> PosttrainRecipe:
     resume run in seconds. It learns nothing measurable (use "tiny" for that), so it is run without held-out
     items, and one round because the pass-rate filter before a second round finds nothing between 0 and 1
     for a policy that solves nothing."""
-    small = {
-        "max_steps": 3,
-        "window_size": 4,
-        "micro_batches_per_step": 1,
-        "warmup_steps": 1,
-        "checkpoint_every": 3,
-        "bf16": False,
-        "deepspeed_zero": None,
-        "max_length": 2_048,
-    }
+    small = _SMALL
     gspo = GSPOStageConfig(
         prompts_per_step=2, group_size=2, max_new_tokens=8, learning_rate=1e-4, max_steps=2,
         gspo=GSPOConfig(), hints=HintConfig(rollouts_per_level=2, max_level=5), checkpoint_every=2,

@@ -64,8 +64,9 @@ registered atomically in `out_dir/latest`. A run finding `latest` resumes from i
 the RNG and the step; rollout seeds and prompts follow from the step, so the resumed run continues as the
 uninterrupted one would. `out_dir/metrics.jsonl` has one line per step (a resume drops lines after its
 checkpoint): reward mean and standard deviation, pass rate, clip fractions, hint levels, per-update ratios
-and the time of the rollouts, rewards and update; the numeric ones also go to the metrics sink. `out_dir/hints/step-XXXXXXXX.json` has the
-step's per-item record: the hint level trained on and the pass rate of every level tried.
+and the time of the rollouts, rewards and update; the numeric ones also go to the metrics sink.
+`out_dir/hints/step-XXXXXXXX.json` has the step's per-item record: the hint level trained on and the pass
+rate of every level tried.
 
 **Before RL starts** (`check_rollout_training_inputs`, DESIGN "better than peers" 9): for a sample with an
 image and/or a video, the rollout path (the generator's prompt + a completion) and the training path
