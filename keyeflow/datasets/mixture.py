@@ -77,9 +77,10 @@ EXCLUSION_REASONS = (
     SOURCE_WEIGHT_ZERO,
 )
 
-# Tasks of the train_samples rows post-training adds (LongCoT and rejection-sampled conversations,
-# reward-model judgements): pre-training mixtures that take "every task" leave them out.
-POSTTRAIN_TASKS = ("longcot", "reward_model")
+# Tasks of the train_samples rows post-training adds (LongCoT and rejection-sampled conversations, RL
+# items' answers, reward-model judgements): pre-training mixtures that take "every task" leave them out.
+RL_ANSWER_TASK = "rl-answer"  # RL items' reference answers, written for SFT (keyeflow.steps.posttrain)
+POSTTRAIN_TASKS = ("longcot", "reward_model", RL_ANSWER_TASK)
 
 # Relative slack when comparing float quotas with integer token counts.
 _EPS = 1e-9

@@ -19,6 +19,7 @@ import pyarrow.compute as pc
 
 from keyeflow import lineage
 from keyeflow.datasets import tables
+from keyeflow.datasets.mixture import RL_ANSWER_TASK
 from keyeflow.datasets.tables import TableRef
 from keyeflow.longcot.generate import GenerationConfig, StoredMediaLookup, media_configs, user_content
 from keyeflow.longcot.rl_items import question_file_items, reward_item
@@ -459,7 +460,7 @@ def rl_answer_conversations(items: Sequence[Mapping[str, Any]]) -> list[dict[str
         {
             "uri": f"rl-answer#{i['id']}",
             "source": "rl-answers",
-            "task": "rl-answer",
+            "task": RL_ANSWER_TASK,  # kept out of pre-training mixtures, as every post-training row
             "messages": [
                 *i["messages"],
                 {"role": "assistant", "content": reference_response(i, i["reference"])},

@@ -9,6 +9,7 @@ import pytest
 from keyeflow.datasets import sql, tables
 from keyeflow.datasets.mixture import (
     OVER_LENGTH,
+    POSTTRAIN_TASKS,
     QUARANTINED,
     TASK_NOT_IN_STAGE,
     MixtureShortfall,
@@ -324,7 +325,10 @@ def test_rows_the_config_excludes_do_not_change_the_mixture(samples):
     first = build_mixture(samples, config, None)
     # Post-training writes its own rows into train_samples: a new table version, the same mixture.
     extra = sample_rows(seed=9, shape={"text": (5, 40, 400, ["posttrain"])}, prefix="rm-")
-    tables.upsert("train_samples", [r | {"task": "reward_model"} for r in extra])
+    # every task post-training writes: LongCoT, reward-model judgements, RL items' answers
+    tasks = [POSTTRAIN_TASKS[k % len(POSTTRAIN_TASKS)] for k in range(len(extra))]
+    assert set(tasks) == {"longcot", "reward_model", "rl-answer"}
+    tables.upsert("train_samples", [r | {"task": t} for r, t in zip(extra, tasks)])
     later = tables.ref("train_samples")
     assert later.version > samples.version
     again = build_mixture(later, config, None)
