@@ -521,7 +521,8 @@ def _parse_quantity(s: str, timeout_s: float) -> _Quantity | None:
         label = " ".join(
             w[:-1] if len(w) > 3 and w.endswith("s") else w for w in normalize_text(tail).split()
         )
-        return _Quantity(value, label=label)
+        # A tail of articles only ("5 the", a sampled answer) normalises to nothing: no label, a bare number.
+        return _Quantity(value, label=label) if label else _Quantity(value)
     return None
 
 

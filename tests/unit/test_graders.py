@@ -171,6 +171,9 @@ def test_equivalent_answers(pred, ref, method):
         ("Paris", "London", "texts differ: 'paris' vs 'london'"),
         ("5!", "5", "texts differ"),
         ("", "5", "empty prediction"),
+        # a number followed by an article only (sampled by the tiny policy) is a bare number, not a crash
+        ("5 the", "6", "numbers differ: 5 vs 6"),
+        ("6", "5 an", "numbers differ: 6 vs 5"),
     ],
 )
 def test_different_answers_say_why(pred, ref, reason):
