@@ -419,16 +419,20 @@ def preference_signals(
     pairs = answer_pairs(heldout)
     before, after = posttrain.pair_accuracy(sft, pairs), posttrain.pair_accuracy(mpo, pairs)
     judged = posttrain.reward_model_accuracy(rm, recipe.reward_model, pairs)
-    lineage.log_metrics(
-        run_id,
-        {
-            "mpo_heldout_preference_accuracy_before": before.mean,
-            "mpo_heldout_preference_accuracy_after": after.mean,
-            "reward_model_heldout_accuracy": judged.estimate.mean,
-            "reward_model_heldout_failed": len(judged.failed),
-            "heldout_pairs": len(pairs),
-        },
-    )
+    metrics = {
+        "mpo_heldout_preference_accuracy_before": before.mean,
+        "mpo_heldout_preference_accuracy_after": after.mean,
+        "reward_model_heldout_failed": len(judged.failed),
+        "heldout_pairs": len(pairs),
+    }
+    if judged.estimate is not None:
+        metrics["reward_model_heldout_accuracy"] = judged.estimate.mean
+    lineage.log_metrics(run_id, metrics)
+    if judged.failed:
+        get_run_logger().warning(
+            "the reward model gave no usable verdict on %d of %d held-out pairs; first: %s",
+            len(judged.failed), len(pairs), next(iter(judged.failed.values())),
+        )  # fmt: skip
     get_run_logger().info(
         "held-out pairs %d: MPO preference accuracy %s → %s; reward model %s (%d judgements failed)",
         len(pairs), before, after, judged.estimate, len(judged.failed),
@@ -437,7 +441,7 @@ def preference_signals(
         "pairs": len(pairs),
         "mpo_before": before.to_dict(),
         "mpo_after": after.to_dict(),
-        "reward_model": judged.estimate.to_dict(),
+        "reward_model": judged.estimate.to_dict() if judged.estimate is not None else None,
         "reward_model_failed": len(judged.failed),
     }
 
@@ -537,8 +541,11 @@ def signal_lines(signals: dict) -> list[str]:
             f"MPO: held-out preference accuracy {_interval(p['mpo_before'])} → {_interval(p['mpo_after'])} "
             f"({p['pairs']} pairs)"
         )
-        failed = f", {p['reward_model_failed']} judgements failed" if p["reward_model_failed"] else ""
-        out.append(f"reward model: held-out accuracy {_interval(p['reward_model'])}{failed}")
+        failed = (
+            f"; no usable verdict on {p['reward_model_failed']} pairs" if p["reward_model_failed"] else ""
+        )
+        accuracy = _interval(p["reward_model"]) if p["reward_model"] else "none (no pair decided)"
+        out.append(f"reward model: held-out accuracy {accuracy}{failed}")
     for r in signals.get("rl") or []:
         rate = f"{_interval(r['pass_rate'])} (95%, {r['pass_rate']['num_items']} items)"
         if r["round"] == 0:

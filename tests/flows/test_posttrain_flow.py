@@ -1,11 +1,10 @@
-"""The `posttrain` flow with the smoke recipe (every stage for a few steps, one GSPO round) on the sample
+"""The `posttrain` flow with the tiny recipe (every stage for a few steps, one GSPO round) on the sample
 data under Prefect's harness: conversations and media through the data flow, the LongCoT table through the
 LongCoT flow (the teacher is the synthetic teacher, a real process), then every post-training stage from a
 random tiny start checkpoint. Checked: each stage is an MLflow run in the final checkpoint's lineage, expert
 merging is exactly the configured task arithmetic, the SFT difficulty filter, pair sources and hint records
-are where a person looks for them, and a rerun with nothing changed trains nothing. What the stages learn
-(and rejection sampling, the second round, the RL gate) is checked on `keyeflow run`'s own output in
-tests/flows/test_keyeflow_run.py."""
+are where a person looks for them, and a rerun with nothing changed trains nothing. The held-out learning
+signals and the RL gate are tested in tests/unit/test_heldout.py and tests/flows/test_posttrain_tasks.py."""
 
 from __future__ import annotations
 
@@ -73,7 +72,7 @@ def test_posttrain_flow_runs_every_stage_into_the_lineage(data_home, monkeypatch
 
     home, start = data_home
     monkeypatch.setenv("KEYEFLOW_HOME", str(home))
-    result = posttrain(str(start), "smoke")
+    result = posttrain(str(start))
     stages = result["stages"]
     assert all(s["trained"] for s in stages.values())
 
@@ -92,7 +91,7 @@ def test_posttrain_flow_runs_every_stage_into_the_lineage(data_home, monkeypatch
     assert chain["sources"]["num_texts"] > 0
 
     # ---- Expert merging: cold start + w·(expert − cold start), exactly (float64, cast back).
-    recipe = posttrain_recipe("smoke")
+    recipe = posttrain_recipe("tiny")
     merged_run = client.get_run(stages["expert_merge"]["run_id"])
     inputs = json.loads(merged_run.data.params["inputs"])
     base = load_file(str(Path(merged_run.data.params["base"]) / "model.safetensors"))
@@ -124,6 +123,6 @@ def test_posttrain_flow_runs_every_stage_into_the_lineage(data_home, monkeypatch
     assert {"loss", "dpo", "bco", "sft"} <= set(mpo.data.metrics)
 
     # ---- Nothing changed: nothing trains again.
-    again = posttrain(str(start), "smoke")
+    again = posttrain(str(start))
     assert [k for k, s in again["stages"].items() if s["trained"]] == []
     assert again["checkpoint"] == result["checkpoint"]

@@ -23,7 +23,7 @@ def test_the_pass_rate_filter_stops_a_round_with_nothing_to_learn_from(home, tmp
          "reference": f"zebra-{k}-quartz", "task": "math", "mode": "no_think", "constraints": []}
         for k in range(3)
     ]  # fmt: skip
-    config = posttrain_recipe("smoke").gspo
+    config = posttrain_recipe("tiny").gspo
 
     @flow
     def round_two():
