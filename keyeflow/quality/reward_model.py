@@ -698,7 +698,10 @@ def _readable_piece(piece: str) -> bool:
         # vowel-less Latin: units and short forms ("km", "s" of "it's"), acronyms ("HTML"); not "xqzt", "Ãĥ"
         return piece.isascii() and (len(piece) <= 2 or (piece.isupper() and len(piece) <= 5))
     if piece.isalnum():  # letters with digits: "10km", "2nd", "H2O", "mp4"
-        return all(_readable_piece(run) for run in _LETTER_RUN.findall(piece))
+        runs = _LETTER_RUN.findall(piece)
+        if runs == [piece]:  # numerals `\d` does not match ("½", "Ⅻ", "x½"): number-like, and no split left
+            return True
+        return all(_readable_piece(run) for run in runs)
     return False  # another symbol inside a word
 
 

@@ -406,6 +406,8 @@ def test_readability_falls_with_token_salad():
     assert readable_share("$\\frac{1}{2} + \\sqrt{2} = 0.5 + 1.414$") == 1.0  # LaTeX commands are notation
     assert readable_share("The answer is xqzt") == 0.75
     assert readable_share("<think></think> ... !!") == 0.0  # no words
+    # numerals that are not digits (a sample's "½ cup", "Ⅻ") are read as numbers, not split forever
+    assert readable_share("½ cup, Ⅻ xqzt") == 0.75
 
 
 def test_answer_form_falls_when_the_answer_has_another_form_than_the_reference():
