@@ -143,8 +143,8 @@ def _count_shapes(item_id: str, rng: random.Random) -> TaskItem:
 
 
 def _shape_colour(item_id: str, rng: random.Random) -> TaskItem:
-    # The family the tiny model can learn to see within a demo's steps: the answer
-    # is the colour of the pixels of one shape, which a vision token carries directly.
+    # Meant as the easiest family to see: the answer is the colour of one shape's pixels, which a vision token
+    # carries directly. (After 100 SFT steps the tiny model is still at chance on it: README.)
     kind, colour = rng.choice(("square", "circle")), rng.choice(list(TASK_COLOURS))
     # Size and place vary freely, so two items almost never draw the same picture (a held-out item must not
     # be a training item's twin).
