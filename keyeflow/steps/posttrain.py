@@ -484,21 +484,16 @@ def pass_rates(
     )
 
 
-def _model_and_tokenizer(output: StageOutput):
-    generator = local_generator(output.checkpoint)
-    return generator.model, generator.tokenizer
-
-
 def sft_heldout_loss(output: StageOutput, items: Sequence[Mapping[str, Any]]) -> float:
     """Mean token loss of the held-out items' reference responses under a checkpoint."""
-    model, tokenizer = _model_and_tokenizer(output)
-    return response_loss(model, tokenizer, media_lookup(), items)
+    g = local_generator(output.checkpoint)
+    return response_loss(g.model, g.tokenizer, g.media_lookup, items)
 
 
 def pair_accuracy(output: StageOutput, pairs: Sequence[Mapping[str, Any]]) -> Estimate:
     """Held-out preference accuracy of a policy checkpoint (mean log-probability per token)."""
-    model, tokenizer = _model_and_tokenizer(output)
-    return preference_accuracy(model, tokenizer, media_lookup(), pairs)
+    g = local_generator(output.checkpoint)
+    return preference_accuracy(g.model, g.tokenizer, g.media_lookup, pairs)
 
 
 def reward_model_accuracy(

@@ -267,9 +267,13 @@ def preference_accuracy(
     right = []
     for k in range(len(pairs)):
         (chosen, n_chosen), (rejected, n_rejected) = scores[2 * k], scores[2 * k + 1]
-        a, b = chosen / max(n_chosen, 1), rejected / max(n_rejected, 1)
-        right.append(1.0 if a > b else 0.5 if a == b else 0.0)
+        right.append(_rightness(chosen / max(n_chosen, 1), rejected / max(n_rejected, 1)))
     return estimate(right)
+
+
+def _rightness(chosen: float, rejected: float) -> float:
+    """1 when the chosen side scores higher, 0.5 on a tie (no preference either way), 0 when lower."""
+    return 1.0 if chosen > rejected else 0.5 if chosen == rejected else 0.0
 
 
 def response_loss(
@@ -309,5 +313,5 @@ def judge_accuracy(
         if comparison.value is None:
             failed[pair["pair_id"]] = comparison.reason
         else:
-            right.append(1.0 if comparison.value > 0.5 else 0.5 if comparison.value == 0.5 else 0.0)
+            right.append(_rightness(comparison.value, 0.5))  # the judge's preference for the chosen
     return JudgeAccuracy(estimate(right) if right else None, failed)
