@@ -11,7 +11,7 @@ family         media   domain    question                                       
 count_shapes   image   counting  "How many red shapes are in the picture?" on a 60x60 PNG of      an integer
                                  3-7 squares and circles in a 3x3 grid, four colours             1-7
 shape_colour   image   stem      "What colour is the square in the picture?" on a 60x60 PNG of   a colour
-                                 one square or circle 10-24 px wide anywhere, four colours       word
+                                 one square or circle 36-54 px wide anywhere, four colours       word
 bar_sum        image   business  "How many grid squares tall are the red bar and the blue bar   an integer
                                  together?" on a 60x60 PNG bar chart of three bars 1-6 squares   2-12
                                  tall over grid lines 8 px apart
@@ -143,12 +143,14 @@ def _count_shapes(item_id: str, rng: random.Random) -> TaskItem:
 
 
 def _shape_colour(item_id: str, rng: random.Random) -> TaskItem:
-    # Meant as the easiest family to see: the answer is the colour of one shape's pixels, which a vision token
-    # carries directly. (After 100 SFT steps the tiny model is still at chance on it: README.)
+    # Meant as the easiest family to see: the answer is the colour of one shape's pixels. The shape covers
+    # most of the picture because a 60x60 picture is 4 vision tokens: a 10-24 px shape moved them so little
+    # (cosine 0.98-0.999 between pictures of different colours, tiny model) that 150 SFT steps left the tiny
+    # model at chance, while 36-54 px shapes were named right on 60 of 60 held-out pictures after 40 steps.
     kind, colour = rng.choice(("square", "circle")), rng.choice(list(TASK_COLOURS))
     # Size and place vary freely, so two items almost never draw the same picture (a held-out item must not
     # be a training item's twin).
-    size = rng.randint(10, 24)
+    size = rng.randint(36, 54)
     left, top = rng.randint(2, 58 - size), rng.randint(2, 58 - size)
     steps = [
         f"Step 1: The picture shows one {kind} on a white background.",

@@ -107,6 +107,8 @@ def test_shape_colour_answer_is_the_only_colour_in_the_png_and_no_two_pictures_a
         pixels = np.asarray(Image.open(path).convert("RGB")).reshape(-1, 3)
         shown = {name for name, rgb in TASK_COLOURS.items() if np.all(pixels == rgb, axis=-1).any()}
         assert shown == {row["reference"]}, row["task"]["id"]
+        # Big enough to move the picture's 4 vision tokens (the family's comment says what smaller did).
+        assert np.all(pixels == TASK_COLOURS[row["reference"]], axis=-1).mean() > 0.25, row["task"]["id"]
         kind = row["messages"][0]["content"][1]["text"].split()[4]  # "What colour is the <kind> in ..."
         assert kind in ("square", "circle") and kind in row["solution"]["steps"][0]
         assert not any(
