@@ -144,18 +144,20 @@ def preference_pairs(
     settings = recipe.preference
     teacher = posttrain.teacher_pairs(paths, questions, settings.max_teacher_pairs)
     sampled, records = posttrain.policy_pairs(policy, items, settings)
-    pairs = teacher + sampled
+    answers = answer_pairs(items, limit=settings.max_answer_pairs)
+    pairs = teacher + sampled + answers
     lineage.log_dict(
         run_id,
-        {"teacher": len(teacher), "sampled": len(sampled), "no_pair": records},
+        {"teacher": len(teacher), "sampled": len(sampled), "answers": len(answers), "no_pair": records},
         "preference_pairs.json",
     )
     get_run_logger().info(
         "preference pairs: %d from the LongCoT teacher's paths, %d sampled from the policy "
-        "(%d items gave none)",
+        "(%d items gave none), %d reference-vs-wrong answers of training items",
         len(teacher),
         len(sampled),
         len(records),
+        len(answers),
     )
     if not pairs:
         raise ValueError(

@@ -19,7 +19,8 @@
   counted apart with its reason, and a judge that decides no pair has no accuracy.
 
 Held-out pairs (`answer_pairs`): per item, the reference answer (chosen) over each wrong answer its reference
-solution lists (rejected), both written as the item's thinking mode expects (`reference_response`).
+solution lists (rejected), both written as the item's thinking mode expects (`reference_response`). Built from
+training items, the same pairs are training data for MPO and the reward model (`PreferenceSettings`).
 """
 
 from __future__ import annotations
@@ -189,14 +190,17 @@ def rl_promotion(before: PassRates, after: PassRates, config: HeldoutConfig) -> 
 # ================================================================================== pairs and log-probs
 
 
-def answer_pairs(items: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
-    """Held-out preference pairs: per item with a reference and ``wrong_answers``, the reference response
-    (chosen) over each wrong answer written the same way (rejected)."""
-    pairs = []
+def answer_pairs(items: Sequence[Mapping[str, Any]], limit: int | None = None) -> list[dict[str, Any]]:
+    """Preference pairs: per item with a reference and ``wrong_answers``, the reference response (chosen) over
+    each wrong answer written the same way (rejected), item by item. With `limit`, at most that many, taken
+    round-robin (every item's first wrong answer, then every second one, …) so a cap still covers every item
+    and family."""
+    per_item = []
     for item in items:
         if not item.get("reference"):
             continue
         chosen = reference_response(item, str(item["reference"]))
+        pairs = []
         for k, wrong in enumerate(item.get("wrong_answers") or []):
             rejected = reference_response(item, str(wrong))
             if rejected != chosen:
@@ -204,8 +208,14 @@ def answer_pairs(items: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
                     "pair_id": f"{item['id']}/wrong-{k}", "item_id": item["id"],
                     "messages": list(item["messages"]), "chosen": chosen, "rejected": rejected,
                     "reference": item["reference"], "task": item.get("task", "math"),
+                    "chosen_score": 1.0, "rejected_score": 0.0, "reason": "reference answer vs a wrong answer",
                 })  # fmt: skip
-    return pairs
+        per_item.append(pairs)
+    if limit is None:
+        return [p for pairs in per_item for p in pairs]
+    rounds = max((len(pairs) for pairs in per_item), default=0)
+    spread = [pairs[k] for k in range(rounds) for pairs in per_item if k < len(pairs)]
+    return spread[:limit]
 
 
 def reference_response(item: Mapping[str, Any], answer: str) -> str:

@@ -26,14 +26,17 @@ SFT_TASKS = ("conversation", "vqa", "grounding", "ocr", "temporal", "interleaved
 @dataclass(frozen=True, kw_only=True)
 class PreferenceSettings:
     """Where MPO's and the reward model's pairs come from: the LongCoT teacher's own paths (a kept path over a
-    wrong one of the same question) and `num_responses` samples of the SFT model per verifiable item, scored
-    against the reference (best vs worst when they differ by `min_margin`)."""
+    wrong one of the same question), `num_responses` samples of the SFT model per verifiable item, scored
+    against the reference (best vs worst when they differ by `min_margin`), and, up to `max_answer_pairs`,
+    training items' reference answers over the wrong answers their solutions list (`heldout.answer_pairs`:
+    the held-out pairs' kind, from the training split; 0: none)."""
 
     num_responses: int = 4
     min_margin: float = 0.5
     max_new_tokens: int = 256
     max_teacher_pairs: int = 10_000
     max_policy_items: int = 10_000
+    max_answer_pairs: int = 0
 
     def __post_init__(self) -> None:
         # Best against worst: a pair needs two responses.
@@ -42,6 +45,7 @@ class PreferenceSettings:
             ("max_new_tokens", 1),
             ("max_teacher_pairs", 1),
             ("max_policy_items", 1),
+            ("max_answer_pairs", 0),
         ):
             object.__setattr__(
                 self, name, check_int("PreferenceSettings", name, getattr(self, name), minimum=minimum)

@@ -96,6 +96,10 @@ def test_held_out_pairs_put_the_reference_over_each_wrong_answer_in_the_items_mo
     assert first["rejected"].endswith("So the answer is 4.</think><answer>4</answer>")
     assert "2 + 3 = 5" not in first["rejected"]
     assert (pairs[2]["chosen"], pairs[2]["rejected"]) == ("5", "4")
+    # a cap takes every item's first wrong answer before any item's second
+    capped = answer_pairs([think, no_think], limit=3)
+    assert [p["pair_id"] for p in capped] == ["q1/wrong-0", "q2/wrong-0", "q1/wrong-1"]
+    assert answer_pairs([think], limit=0) == []
     assert reference_response({"mode": "think", "reference": "x"}, "x") == (
         "<think>The answer is x.</think><answer>x</answer>"
     )
