@@ -181,6 +181,9 @@ def train_reward_model(
         )
         lineage.log_params(run_id, {"mixture_id": result.mixture_id})
         lineage.log_input(run_id, result.mixture)
+        lineage.log_metrics(run_id, {"unusable_judgements": len(result.unusable)})
+        if result.unusable:
+            lineage.log_dict(run_id, dict(result.unusable), "reward_data_unusable.json")
         log_loss_curve(run_id, out_dir, stage.name)
         return str(result.checkpoint_dir / "model")
 

@@ -208,7 +208,7 @@ def answer_pairs(items: Sequence[Mapping[str, Any]], limit: int | None = None) -
                     "pair_id": f"{item['id']}/wrong-{k}", "item_id": item["id"],
                     "messages": list(item["messages"]), "chosen": chosen, "rejected": rejected,
                     "reference": item["reference"], "task": item.get("task", "math"),
-                    "chosen_score": 1.0, "rejected_score": 0.0, "reason": "reference answer vs a wrong answer",
+                    "chosen_score": 1.0, "rejected_score": 0.0, "reason": "reference vs a wrong answer",
                 })  # fmt: skip
         per_item.append(pairs)
     if limit is None:

@@ -174,7 +174,7 @@ def _tiny_learn() -> PosttrainRecipe:
         sft_anneal=StageConfig(name="posttrain-1-sft-anneal", learning_rate=4e-4, schedule="linear",
                                **(small | {"max_steps": 5, "window_size": 16, "checkpoint_every": 5})),
         preference=PreferenceSettings(num_responses=4, max_new_tokens=8, max_teacher_pairs=4,
-                                      max_policy_items=128),
+                                      max_policy_items=64, max_answer_pairs=240),
         reward_model=RewardModelConfig(mode="no_think", train_modes=("no_think",)),
         # A reward-model sample holds the query (with its picture) and both responses: the teacher's pairs on
         # the larger sample pictures (a 1280x800 screenshot) run past 2,048 tokens. 30 steps at this rate are

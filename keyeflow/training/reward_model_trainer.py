@@ -11,6 +11,8 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
+import pyarrow.compute as pc
+
 from keyeflow.datasets import conversations as conversation_samples
 from keyeflow.datasets import tables
 from keyeflow.datasets.images import ImageConfig
@@ -77,6 +79,16 @@ def train_reward_model(
     ids, unusable = conversation_samples.add_conversations(
         items, source_root, slowfast or resolve_config("paper"), image_config or ImageConfig(), root=root
     )
+    unusable = dict(unusable)
+    lengths = _num_tokens(set(ids.values()), root)
+    for uri, sample_id in list(ids.items()):
+        # A judgement longer than the stage's context cannot be trained on (the loader never splits a sample);
+        # one long pair (a large picture and two long responses) must not stop the stage.
+        if lengths[sample_id] > stage.max_length:
+            unusable[uri] = (
+                f"{lengths[sample_id]:,} tokens, more than the stage's max_length {stage.max_length:,}"
+            )
+            del ids[uri]
     repeats: dict[str, int] = {}
     for uri, sample_id in ids.items():
         # Two conversations with the same content are one sample; each was meant as its own occurrences.
@@ -102,3 +114,15 @@ def train_reward_model(
         sum(repeats.values()),
         MappingProxyType(dict(unusable)),
     )
+
+
+def _num_tokens(sample_ids: set[str], root: str | None) -> dict[str, int]:
+    if not sample_ids:
+        return {}
+    ref = tables.ref("train_samples", root)
+    rows = (
+        tables.dataset(ref.uri, version=ref.version)
+        .to_table(columns=["sample_id", "num_tokens"], filter=pc.field("sample_id").isin(sorted(sample_ids)))
+        .to_pylist()
+    )
+    return {r["sample_id"]: int(r["num_tokens"]) for r in rows}

@@ -477,3 +477,25 @@ def test_reward_model_trained_with_the_stage_trainer_learns_the_verdict_format(i
         r.reason for r in results
     ]
     assert all(0.0 <= result.value <= 1.0 for result in results)
+
+
+def test_a_judgement_longer_than_the_stage_is_left_out_with_its_reason_and_the_others_train(
+    init_dir, tmp_path, home
+):
+    pairs = [
+        {"pair_id": "fits", "messages": user("What is 1+1?"), "chosen": "2", "rejected": "3"},
+        {"pair_id": "long", "messages": user("What is 2+2?"), "chosen": "4", "rejected": "five " * 400},
+    ]
+    conversations, _ = build_reward_model_data(pairs, RewardModelConfig(), modes=("no_think",))
+    stage = StageConfig(
+        name="reward-model",
+        learning_rate=1e-3,
+        max_steps=1,
+        max_length=256,
+        window_size=2,
+        checkpoint_every=1,
+    )
+    trained = train_reward_model(conversations, stage, init=init_dir, out_dir=tmp_path / "rm")
+    assert trained.step == 1 and trained.num_samples == 2  # the short pair's two orders
+    assert len(trained.unusable) == 2  # the long pair's two orders
+    assert all("more than the stage's max_length 256" in why for why in trained.unusable.values())
