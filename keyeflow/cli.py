@@ -694,6 +694,25 @@ def lineage(
 
 
 @app.command()
+def export(
+    checkpoint: Path = typer.Argument(..., help="a checkpoint's model directory (ours or Keye-VL-1.5's)"),
+    out_dir: Path = typer.Argument(..., help="new or empty directory for the Keye-VL-1.5 layout"),
+    dtype: str = typer.Option("bf16", help="bf16 or fp32"),
+):
+    """The checkpoint in the Keye-VL-1.5 Hugging Face layout (config.json, safetensors under the released
+    names, tokenizer with the chat template, preprocessor config): what Keye's code, vLLM and SGLang load."""
+    from keyeflow.model.export import export_keye
+
+    try:
+        out = export_keye(checkpoint, out_dir, dtype=dtype)
+    except (ValueError, FileNotFoundError, FileExistsError) as exc:
+        errors.print(f"[red]error:[/red] {exc}")
+        raise typer.Exit(2)
+    files = sorted(p.name for p in out.iterdir())
+    console.print(f"exported {checkpoint} → {out} ({dtype}): {', '.join(files)}", soft_wrap=True)
+
+
+@app.command()
 def sql(
     query: str,
     fmt: str = typer.Option("table", "--format", help="table, json or csv"),
