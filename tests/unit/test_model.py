@@ -357,6 +357,66 @@ def test_config_from_keye_reads_8b_sizes():
     assert config.text_config.head_dim == 128 and config.rope_theta == 1e6
 
 
+def test_rotary_inv_freq_buffers_are_dropped_under_any_prefix():
+    """`rotary_emb.inv_freq` is a buffer computed from the config; older exports save it with a prefix."""
+    for key in (
+        "rotary_emb.inv_freq",
+        "model.rotary_emb.inv_freq",
+        "model.layers.3.self_attn.rotary_emb.inv_freq",
+        "visual.vision_model.encoder.rotary_pos_emb.rotary_emb.inv_freq",
+    ):
+        assert keye_key_to_ours(key) is None, key
+    # Only the exact buffer name: a weight whose name merely ends alike is still an unknown key.
+    with pytest.raises(ValueError, match="unknown Keye checkpoint key"):
+        keye_key_to_ours("visual.my_rotary_emb.inv_freq")
+
+
+def test_keye_checkpoint_with_prefixed_inv_freq_loads(config, samples, tmp_path):
+    source = make_model(config, seed=4).eval()
+    state = keye_state_dict(source, config)
+    state["model.rotary_emb.inv_freq"] = torch.ones(8)
+    state["model.layers.0.self_attn.rotary_emb.inv_freq"] = torch.ones(8)
+    save_file(state, str(tmp_path / "model.safetensors"))
+    (tmp_path / "config.json").write_text(json.dumps(keye_config_json(config)))
+    loaded = load_keye_checkpoint(tmp_path)
+    batch = collate(samples, pack=True)
+    with torch.no_grad():
+        assert torch.equal(source(**batch).logits, loaded(**batch).logits)
+
+
+def test_config_from_keye_missing_image_size_is_siglip_224():
+    raw = keye_config_json(keye_8b())
+    raw["rope_scaling"] = {"type": "mrope", "mrope_section": [16, 24, 24]}
+    del raw["vision_config"]["image_size"]
+    raw["vision_config"]["patch_size"] = 14
+    assert config_from_keye(raw).vision_config.num_position_embeddings == (224 // 14) ** 2 == 256
+
+
+@pytest.mark.parametrize(
+    "rope_scaling",
+    [
+        {"type": "mrope", "mrope_section": [16, 24, 24]},
+        {"rope_type": "default", "type": "default", "mrope_section": [16, 24, 24]},
+        {"mrope_section": [16, 24, 24]},
+    ],
+)
+def test_config_from_keye_accepts_plain_rope_types(rope_scaling):
+    raw = keye_config_json(keye_8b())
+    raw["rope_scaling"] = rope_scaling
+    config = config_from_keye(raw)
+    assert config.mrope_section == [16, 24, 24]
+    assert config.text_config.rope_parameters["rope_type"] == "default"
+
+
+@pytest.mark.parametrize("key", ["type", "rope_type"])
+@pytest.mark.parametrize("kind", ["yarn", "linear", "dynamic"])
+def test_config_from_keye_refuses_rope_types_we_do_not_implement(key, kind):
+    raw = keye_config_json(keye_8b())
+    raw["rope_scaling"] = {key: kind, "factor": 4.0, "mrope_section": [16, 24, 24]}
+    with pytest.raises(ValueError, match=f"rope_scaling type '{kind}' is not implemented"):
+        config_from_keye(raw)
+
+
 def test_config_validation():
     with pytest.raises(ValueError, match="mrope_section"):
         KeyeConfig(vision_config=tiny().vision_config, text_config=tiny().text_config,
