@@ -12,7 +12,6 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import cv2
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -55,15 +54,16 @@ def unpatchify(patches: np.ndarray, grid_h: int, grid_w: int, patch: int, merge:
 
 
 def resize(frame: np.ndarray, height: int, width: int) -> np.ndarray:
-    """Resize to the Slow/Fast size: antialiased bilinear when shrinking (the filter the frame selection
-    uses, and cheaper on uint8 than any alternative measured), bicubic when enlarging."""
+    """Resize an H×W×3 uint8 frame to its Slow/Fast size with the filter Keye-VL-1.5's processor uses, in
+    both directions: `torch.nn.functional.interpolate(uint8 frames, mode="bilinear", antialias=True)`
+    (`KeyeVL1_5Processor.__call__` resizes the uint8 frames keye-vl-utils decoded this way before
+    normalising). On uint8 torch runs its integer antialias kernel, so the pixels are the processor's
+    exactly; when enlarging, antialias changes nothing and this is plain bilinear."""
     if frame.shape[0] == height and frame.shape[1] == width:
         return np.ascontiguousarray(frame)
-    if height * width <= frame.shape[0] * frame.shape[1]:
-        chw = torch.from_numpy(np.ascontiguousarray(frame)).permute(2, 0, 1)[None]
-        out = torch.nn.functional.interpolate(chw, size=(height, width), mode="bilinear", antialias=True)
-        return out[0].permute(1, 2, 0).numpy()
-    return cv2.resize(np.asarray(frame), (width, height), interpolation=cv2.INTER_CUBIC)
+    chw = torch.from_numpy(np.ascontiguousarray(frame)).permute(2, 0, 1)[None]
+    out = torch.nn.functional.interpolate(chw, size=(height, width), mode="bilinear", antialias=True)
+    return out[0].permute(1, 2, 0).numpy()
 
 
 @dataclass
