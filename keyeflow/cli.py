@@ -412,16 +412,16 @@ def slowfast(
     as_json: bool = typer.Option(False, "--json", help="print JSON"),
 ):
     """Show how one video would be tokenised: frame types, timestamps, sizes, totals."""
-    from keyeflow.datasets.pretokenize import max_frames
+    from keyeflow.datasets.pretokenize import sample_frames
     from keyeflow.datasets.slowfast import allocate_tokens, resolve_config, select_frames
-    from keyeflow.datasets.video import BadVideo, as_local_file, content_hash, decode, probe
+    from keyeflow.datasets.video import BadVideo, as_local_file, content_hash, probe
 
     config = resolve_config(preset, **_overrides(set_))
     try:
         _, size = content_hash(video)
         with as_local_file(video) as path:
             info = probe(video, path, size)
-            decoded = decode(video, path, info, config.fps, max_frames(config))
+            decoded = sample_frames(info, path, config)
     except BadVideo as exc:
         errors.print(f"[red]error:[/red] {exc}")
         raise typer.Exit(2)

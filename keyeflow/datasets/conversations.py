@@ -48,7 +48,7 @@ from keyeflow.datasets.slowfast import SlowFastConfig
 from keyeflow.datasets.video import BadVideo, content_hash
 from keyeflow.faults import kill_point
 from keyeflow.model import token_stream
-from keyeflow.model.tokenizer import load_tokenizer, tokenizer_version
+from keyeflow.model.tokenizer import DEFAULT_SYSTEM_PROMPT, load_tokenizer, tokenizer_version
 
 STAGE = "ingest_samples"
 SOURCE_SUFFIXES = {".jsonl", ".txt"}
@@ -551,6 +551,8 @@ def samples_config_hash(
     return hash_config(
         {
             "tokenizer": tokenizer_version(tokenizer),
+            # The chat layout is not in the tokenizer's files: its default system turn changes every sample.
+            "default_system_prompt": DEFAULT_SYSTEM_PROMPT,
             "slowfast": slowfast.config_hash(),
             "image": image_config.config_hash(),
             "samples": hash_config({name: getattr(config, name) for name in _TOKEN_FIELDS}),

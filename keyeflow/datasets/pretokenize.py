@@ -12,7 +12,6 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import cv2
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -20,7 +19,16 @@ import torch
 
 from keyeflow.datasets import tables
 from keyeflow.datasets.slowfast import SlowFastConfig, allocate_tokens, select_frames
-from keyeflow.datasets.video import BadVideo, VideoInfo, as_local_file, decode
+from keyeflow.datasets.video import (
+    BadVideo,
+    DecodedFrames,
+    VideoInfo,
+    as_local_file,
+    container_frame_count,
+    decode,
+    decode_frame_indices,
+    keye_vl_utils_frame_indices,
+)
 from keyeflow.faults import kill_point
 
 STAGE = "pretokenize"
@@ -35,6 +43,26 @@ def max_frames(config: SlowFastConfig) -> int:
     # The most frames the budget can hold if every one were Fast at the minimum size (the same cap the
     # reference preprocessing uses); more frames could not all get tokens, so sample fewer instead.
     return max(1, config.total_token_budget // config.min_tokens_per_frame)
+
+
+def sample_frames(
+    info: VideoInfo, path: str, config: SlowFastConfig, spool_dir: Path | None = None
+) -> DecodedFrames:
+    """The frames (and their timestamps) a video is tokenised from, sampled as `config.frame_sampling` says:
+    - "fps" (the `paper` preset): ffmpeg's fps filter at `config.fps` (lowered so a long video stays within
+      `max_frames`), one frame per 1/fps s of presentation time from 0, stamped k / rate;
+    - "keye-vl-utils": keye-vl-utils 1.5.2's frame indices (int(duration · fps) frames spread with linspace
+      from the first frame to the last, capped at `max_frames`), decoded in one ffmpeg pass that keeps only
+      those frames, stamped index / the container's average frame rate as that package does.
+    """
+    if config.frame_sampling == "keye-vl-utils":
+        if not info.fps > 0:
+            raise BadVideo(info.uri, "no frame rate in the container: keye-vl-utils sampling needs one")
+        indices = keye_vl_utils_frame_indices(
+            container_frame_count(info), info.fps, config.fps, max_frames(config)
+        )
+        return decode_frame_indices(info.uri, path, info, indices, spool_dir)
+    return decode(info.uri, path, info, config.fps, max_frames(config), spool_dir)
 
 
 def patchify(frame: np.ndarray, patch: int, merge: int) -> np.ndarray:
@@ -55,15 +83,16 @@ def unpatchify(patches: np.ndarray, grid_h: int, grid_w: int, patch: int, merge:
 
 
 def resize(frame: np.ndarray, height: int, width: int) -> np.ndarray:
-    """Resize to the Slow/Fast size: antialiased bilinear when shrinking (the filter the frame selection
-    uses, and cheaper on uint8 than any alternative measured), bicubic when enlarging."""
+    """Resize an H×W×3 uint8 frame to its Slow/Fast size with the filter Keye-VL-1.5's processor uses, in
+    both directions: `torch.nn.functional.interpolate(uint8 frames, mode="bilinear", antialias=True)`
+    (`KeyeVL1_5Processor.__call__` resizes the uint8 frames keye-vl-utils decoded this way before
+    normalising). On uint8 torch runs its integer antialias kernel, so the pixels are the processor's
+    exactly; when enlarging, antialias changes nothing and this is plain bilinear."""
     if frame.shape[0] == height and frame.shape[1] == width:
         return np.ascontiguousarray(frame)
-    if height * width <= frame.shape[0] * frame.shape[1]:
-        chw = torch.from_numpy(np.ascontiguousarray(frame)).permute(2, 0, 1)[None]
-        out = torch.nn.functional.interpolate(chw, size=(height, width), mode="bilinear", antialias=True)
-        return out[0].permute(1, 2, 0).numpy()
-    return cv2.resize(np.asarray(frame), (width, height), interpolation=cv2.INTER_CUBIC)
+    chw = torch.from_numpy(np.ascontiguousarray(frame)).permute(2, 0, 1)[None]
+    out = torch.nn.functional.interpolate(chw, size=(height, width), mode="bilinear", antialias=True)
+    return out[0].permute(1, 2, 0).numpy()
 
 
 @dataclass
@@ -95,7 +124,7 @@ def pending_videos(videos: tables.TableRef, config: SlowFastConfig, root: str | 
 def tokenize_video(info: VideoInfo, video_id: str, config: SlowFastConfig, spool_dir: Path | None = None):
     """Decode, select, allocate and patchify one video → (sample row, frame rows as an Arrow table)."""
     with as_local_file(info.uri, spool_dir) as path:
-        decoded = decode(info.uri, path, info, config.fps, max_frames(config), spool_dir)
+        decoded = sample_frames(info, path, config, spool_dir)
     frames = decoded.frames
     frame_types = select_frames(frames, config=config)
     (slow_h, slow_w), (fast_h, fast_w), total = allocate_tokens(

@@ -31,6 +31,7 @@ from keyeflow.config import check_flag, check_int, check_number, config_hash, in
 
 FRAME_SLOW = 0
 FRAME_FAST = 1
+FRAME_SAMPLINGS = ("fps", "keye-vl-utils")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -44,6 +45,10 @@ class SlowFastConfig:
     )
     preset: str  # the preset this came from; informational, not part of the hash
     fps: float = 2.0  # frame sampling rate; used by whoever samples frames, hashed because it changes tokens
+    # How frames are picked and stamped (video.py): "fps" = ffmpeg's fps filter at `fps`, stamped k / rate;
+    # "keye-vl-utils" = keye-vl-utils 1.5.2's rule, int(duration · fps) frame indices spread with linspace
+    # from the first to the last frame, stamped index / the container's average frame rate.
+    frame_sampling: str = "fps"
     patch_cosine_threshold: float = 0.7  # a patch counts as similar when its HSV cosine is above this
     selection_max_tokens: int = (
         256  # frames are compared at this size at most, which is also what makes it cheap
@@ -81,6 +86,8 @@ class SlowFastConfig:
 
         if self.fps <= 0:
             fail("fps", self.fps, "must be > 0")
+        if self.frame_sampling not in FRAME_SAMPLINGS:
+            fail("frame_sampling", self.frame_sampling, f"must be one of {', '.join(FRAME_SAMPLINGS)}")
         if not 0.0 <= self.similarity_threshold <= 1.0:
             fail("similarity_threshold", self.similarity_threshold, "must be in [0, 1]")
         if not 0.0 <= self.patch_cosine_threshold <= 1.0:
@@ -110,8 +117,13 @@ class SlowFastConfig:
 
     def config_hash(self) -> str:
         """Stable across processes and Python versions; the preset name is left out because two presets
-        with the same numbers make the same tokens."""
-        return config_hash({k: v for k, v in self.to_dict().items() if k != "preset"}, compact=True)
+        with the same numbers make the same tokens. `frame_sampling` is left out at "fps", the only way
+        frames were sampled before it existed, so samples stored then keep their keys."""
+        fields = self.to_dict()
+        del fields["preset"]
+        if fields["frame_sampling"] == "fps":
+            del fields["frame_sampling"]
+        return config_hash(fields, compact=True)
 
 
 PRESETS: MappingProxyType[str, SlowFastConfig] = MappingProxyType(
@@ -120,7 +132,11 @@ PRESETS: MappingProxyType[str, SlowFastConfig] = MappingProxyType(
             similarity_threshold=0.95, total_token_budget=75_000, strict_budget=True, preset="paper"
         ),
         "keye-vl-utils": SlowFastConfig(
-            similarity_threshold=0.90, total_token_budget=65_536, strict_budget=False, preset="keye-vl-utils"
+            similarity_threshold=0.90,
+            total_token_budget=65_536,
+            strict_budget=False,
+            preset="keye-vl-utils",
+            frame_sampling="keye-vl-utils",
         ),
     }
 )

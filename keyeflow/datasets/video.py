@@ -24,6 +24,7 @@ from pathlib import Path
 import ffmpeg
 import fsspec
 import numpy as np
+import torch
 
 VIDEO_SUFFIXES = {".mp4", ".mkv", ".webm", ".avi", ".mov", ".m4v", ".mpg", ".mpeg", ".ts", ".flv", ".wmv"}
 MAX_ASPECT_RATIO = 200  # the processor's smart_resize refuses anything longer than 200:1
@@ -261,31 +262,35 @@ class DecodedFrames:
     frames: np.ndarray  # N×H×W×3 uint8 RGB (a memmap for long videos)
     timestamps: np.ndarray  # seconds, float32
     fps: float
-
-
-def decode(
-    uri: str, path: str, info: VideoInfo, fps: float, max_frames: int, spool_dir: Path | None = None
-) -> DecodedFrames:
-    """Decode frames at ``fps`` (RGB, rotation applied) with ffmpeg; timestamps are k / fps.
-
-    Frames are written into a memory-mapped scratch file when they would not comfortably fit in memory,
-    so a long 1080p video costs disk, not RAM.
-    """
-    rate = sampling_fps(info, fps, max_frames)
-    width, height = info.width, info.height
-    frame_bytes = width * height * 3
-    capacity = max(
-        1, min(max_frames, math.ceil(info.duration_s * rate) + 2 if info.duration_s else max_frames)
+    frame_indices: np.ndarray | None = (
+        None  # which decoded frames these are, where frames were picked by index
     )
-    if capacity * frame_bytes > (512 << 20):
+
+
+def _frame_buffer(num_frames: int, height: int, width: int, spool_dir: Path | None) -> np.ndarray:
+    """Room for `num_frames` RGB frames: in memory, or memory-mapped scratch when they would not comfortably
+    fit, so a long 1080p video costs disk, not RAM."""
+    if num_frames * height * width * 3 > (512 << 20):
         spool_dir = spool_dir or Path(tempfile.gettempdir())
         spool_dir.mkdir(parents=True, exist_ok=True)
         # The map holds its own handle on the file, so closing (and so deleting) the scratch file right away
         # keeps the frames and leaves nothing on disk once they are dropped, even if this process is killed.
         with tempfile.NamedTemporaryFile(dir=spool_dir, suffix=".frames") as spool:
-            buffer = np.memmap(spool, dtype=np.uint8, mode="w+", shape=(capacity, height, width, 3))
-    else:
-        buffer = np.empty((capacity, height, width, 3), dtype=np.uint8)
+            return np.memmap(spool, dtype=np.uint8, mode="w+", shape=(num_frames, height, width, 3))
+    return np.empty((num_frames, height, width, 3), dtype=np.uint8)
+
+
+def decode(
+    uri: str, path: str, info: VideoInfo, fps: float, max_frames: int, spool_dir: Path | None = None
+) -> DecodedFrames:
+    """Decode frames at ``fps`` (RGB, rotation applied) with ffmpeg's fps filter; timestamps are k / fps
+    (the `paper` preset's sampling: one frame per 1/fps seconds of presentation time, starting at 0)."""
+    rate = sampling_fps(info, fps, max_frames)
+    width, height = info.width, info.height
+    capacity = max(
+        1, min(max_frames, math.ceil(info.duration_s * rate) + 2 if info.duration_s else max_frames)
+    )
+    buffer = _frame_buffer(capacity, height, width, spool_dir)
 
     count, errors = _run_decoder(uri, path, rate, width, height, buffer)
     if count == 0:
@@ -304,18 +309,98 @@ def decode(
     return DecodedFrames(frames=frames, timestamps=timestamps, fps=rate)
 
 
+def container_frame_count(info: VideoInfo) -> int:
+    """The frame count keye-vl-utils 1.5.2 works from (decord's `len(VideoReader)`): the stream's
+    `nb_frames`, or where the container does not record it (Matroska, WebM, some streams), the average
+    frame rate times the duration, truncated (decord's estimate; assumed from its source, not checked
+    against decord here)."""
+    if info.num_frames > 0:
+        return info.num_frames
+    return max(1, int(info.fps * info.duration_s))
+
+
+def keye_vl_utils_frame_indices(num_frames: int, video_fps: float, fps: float, max_frames: int) -> list[int]:
+    """Which decoded frames keye-vl-utils 1.5.2 (`smart_nframes`, `_read_video_decord`) samples from a video
+    of `num_frames` frames at average rate `video_fps`: int(num_frames / video_fps · min(fps, video_fps))
+    frames, at most `max_frames`, at the rounded points of torch.linspace(0, num_frames - 1, n) (float32
+    points, round half to even: torch's own, so every index lands where the reference's does).
+
+    keye-vl-utils returns no frame at all for a clip shorter than half a sampling interval (int(...) = 0);
+    we keep its first frame instead, so a very short clip is still a sample."""
+    if num_frames < 1 or not video_fps > 0:
+        raise ValueError(f"need frames and a frame rate, got {num_frames} frames at {video_fps} fps")
+    rate = min(fps, video_fps)
+    count = max(1, min(int(num_frames / video_fps * rate), max_frames))
+    return torch.linspace(0, num_frames - 1, count).round().long().tolist()
+
+
+def keye_vl_utils_timestamps(frame_indices: list[int], video_fps: float) -> np.ndarray:
+    """keye-vl-utils 1.5.2's frame timestamps: (1 / video_fps) · index in float64, stored as float32 (its
+    FloatTensor). On a variable-frame-rate video these are not the frames' presentation times."""
+    return np.array([(1 / video_fps) * i for i in frame_indices], dtype=np.float32)
+
+
+def decode_frame_indices(
+    uri: str, path: str, info: VideoInfo, frame_indices: list[int], spool_dir: Path | None = None
+) -> DecodedFrames:
+    """Decode only the frames at `frame_indices` (0-based, in decoding order, ascending) in one ffmpeg pass:
+    a `select` filter passes exactly those frames and drops the rest before conversion to RGB. Stamped
+    and rated as keye-vl-utils 1.5.2 does (`keye_vl_utils_timestamps`; `fps` is the mean sampling rate,
+    frames per second of the video's frame-count duration)."""
+    if not frame_indices or list(frame_indices) != sorted(set(frame_indices)) or frame_indices[0] < 0:
+        raise ValueError("frame_indices must be distinct, ascending and >= 0")
+    buffer = _frame_buffer(len(frame_indices), info.height, info.width, spool_dir)
+    count, errors = _run_decoder(uri, path, None, info.width, info.height, buffer, frame_indices)
+    if count == 0:
+        raise BadVideo(uri, f"no frame could be decoded ({errors or 'ffmpeg produced no output'})")
+    if count < len(frame_indices) and (errors or count < 0.9 * len(frame_indices)):
+        raise BadVideo(
+            uri,
+            f"corrupt or truncated: decoded {count} of the {len(frame_indices)} sampled frames "
+            f"({errors or 'fewer frames than the container says'})",
+        )
+    # A container that overstates its frame count by a frame or two: keep the sampled frames that exist.
+    indices = list(frame_indices[:count])
+    video_fps = info.fps
+    num_frames = container_frame_count(info)
+    return DecodedFrames(
+        frames=buffer[:count],
+        timestamps=keye_vl_utils_timestamps(indices, video_fps),
+        fps=count * video_fps / num_frames,
+        frame_indices=np.asarray(indices, dtype=np.int64),
+    )
+
+
+def _select_expression(frame_indices: list[int]) -> str:
+    # One term per wanted frame, 1 on that frame and 0 elsewhere. not(n-i) rather than eq(n,i): a comma
+    # would need escaping through two layers of filtergraph quoting.
+    return "+".join(f"not(n-{i})" for i in frame_indices)
+
+
 def _run_decoder(
-    uri: str, path: str, rate: float | None, width: int, height: int, out: np.ndarray
+    uri: str,
+    path: str,
+    rate: float | None,
+    width: int,
+    height: int,
+    out: np.ndarray,
+    frame_indices: list[int] | None = None,
 ) -> tuple[int, str]:
-    """Stream raw RGB frames from ffmpeg into ``out``; return (frames written, ffmpeg's error text)."""
+    """Stream raw RGB frames from ffmpeg into ``out``; return (frames written, ffmpeg's error text).
+    `rate` resamples with the fps filter; `frame_indices` instead passes only those decoded frames."""
     stream = ffmpeg.input(path)
     if rate is not None:
         stream = stream.filter("fps", fps=f"{rate:.6f}")
+    output_args = {}
+    if frame_indices is not None:
+        stream = stream.filter("select", _select_expression(frame_indices))
+        # Passthrough: each selected frame is written once, never duplicated or dropped to keep a frame rate.
+        output_args["fps_mode"] = "passthrough"
     # The scale keeps the size fixed even if a stream changes resolution midway, which would otherwise
     # desynchronise our fixed-size reads.
     stream = stream.filter("scale", width, height)
     args = (
-        stream.output("pipe:", format="rawvideo", pix_fmt="rgb24", vframes=len(out))
+        stream.output("pipe:", format="rawvideo", pix_fmt="rgb24", vframes=len(out), **output_args)
         .global_args("-v", "error", "-nostdin", "-threads", "1")
         .compile()
     )

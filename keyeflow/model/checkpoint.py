@@ -26,13 +26,20 @@ Keye-VL-1.5 state-dict names, and where each fact comes from (public sources rea
 - Verified as skipped by those loaders, so dropped here: `visual.vision_model.head.*` (SigLIP's pooling head,
   unused by a VLM) and `...packing_position_embedding.weight` (Keye-VL-1.5 runs the ViT with
   `interpolate_pos_encoding=True`, which adds the interpolated `position_embedding` instead; a public Keye
-  conversion script fills it with zeros), plus any `rotary_emb.inv_freq`.
+  conversion script fills it with zeros), plus any `rotary_emb.inv_freq` under any prefix
+  (`model.rotary_emb.inv_freq`, `model.layers.3.self_attn.rotary_emb.inv_freq`): a buffer computed from the
+  config, never a weight.
 - Assumed (not seen in a released file): the config.json field names. We read the Qwen2-VL-style layout the
   vLLM/SGLang code reads (`config.vision_config.{hidden_size, intermediate_size, num_hidden_layers,
   num_attention_heads, patch_size, spatial_merge_size, image_size, layer_norm_eps,
   hidden_act}`, LLM fields flat at the top or in `text_config`, `rope_scaling.mrope_section`,
-  `image_token_id`, `video_token_id`), with `image_size` 384 (27×27 = 729 position embeddings, the
-  SigLIP-so400m-patch14-384 grid) when absent.
+  `image_token_id`, `video_token_id`). An absent `vision_config.image_size` takes `SiglipVisionConfig`'s
+  default, 224 (16×16 = 256 position embeddings at patch 14), as transformers would; the released 8B's ViT
+  is the SigLIP-so400m-patch14-384 grid (27×27 = 729), so its config must say 384.
+- `rope_scaling` (or transformers 5's `rope_parameters`): its `type`/`rope_type` must be one we implement:
+  absent, `default`, or `mrope` (Qwen2-VL's name for default frequencies split by `mrope_section`;
+  transformers rewrites it to `default`). Any other type (linear, dynamic, yarn, …) changes the rotary
+  frequencies, which our mRoPE does not do, so it is refused with a ValueError rather than silently ignored.
 """
 
 from __future__ import annotations
@@ -73,9 +80,14 @@ DROPPED_KEYS = tuple(
     for p in (
         _V + r"embeddings\.packing_position_embedding\.weight$",
         _V + r"head\.",
-        r"rotary_emb\.inv_freq$",
+        # Under any prefix: `re.match` anchors at the start, so the pattern says "anything, then".
+        r"(?:.*\.)?rotary_emb\.inv_freq$",
     )
 )
+# SiglipVisionConfig's default `image_size` (transformers), used when a config.json leaves it out.
+SIGLIP_DEFAULT_IMAGE_SIZE = 224
+# RoPE types whose frequencies are the plain `theta ** (-2i/d)` ones our mRoPE computes.
+IMPLEMENTED_ROPE_TYPES = ("default", "mrope")
 
 
 def keye_key_to_ours(name: str) -> str | None:
@@ -92,7 +104,7 @@ def config_from_keye(raw: dict) -> KeyeConfig:
     """Our config from a Keye-VL-1.5-style config.json (see the module docstring for what is assumed)."""
     vc = raw["vision_config"]
     patch = int(vc.get("patch_size", 14))
-    image_size = int(vc.get("image_size", 384))
+    image_size = int(vc.get("image_size", SIGLIP_DEFAULT_IMAGE_SIZE))
     vision = KeyeVisionConfig(
         hidden_size=vc["hidden_size"], intermediate_size=vc["intermediate_size"],
         num_hidden_layers=vc["num_hidden_layers"], num_attention_heads=vc["num_attention_heads"],
@@ -103,6 +115,12 @@ def config_from_keye(raw: dict) -> KeyeConfig:
     )  # fmt: skip
     tc = raw.get("text_config") or raw
     rope = tc.get("rope_scaling") or tc.get("rope_parameters") or raw.get("rope_scaling") or {}
+    rope_type = rope.get("rope_type", rope.get("type")) or "default"
+    if rope_type not in IMPLEMENTED_ROPE_TYPES:
+        raise ValueError(
+            f"rope_scaling type {rope_type!r} is not implemented (only {', '.join(IMPLEMENTED_ROPE_TYPES)}: "
+            "plain RoPE frequencies split by mrope_section); loading it would silently change the positions"
+        )
     theta = tc.get("rope_theta", rope.get("rope_theta", 1e6))
     text = Qwen3Config(
         vocab_size=tc["vocab_size"], hidden_size=tc["hidden_size"], intermediate_size=tc["intermediate_size"],

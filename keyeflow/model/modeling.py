@@ -77,6 +77,19 @@ def patch_rows_cols(h: int, w: int, merge: int) -> tuple[torch.Tensor, torch.Ten
     return rows.clone(), cols.clone()
 
 
+def merge_order_index(grid_thw: torch.Tensor | Sequence[Sequence[int]], merge: int) -> torch.Tensor:
+    """For each patch row in merge-group order, the index of the same patch among rows in raster order
+    (the released Keye processor's), over all grids in turn (a grid with t > 1 is t frames). The reordering
+    behind `processor.raster_to_merge_order`."""
+    index, offset = [], 0
+    for t, h, w in torch.as_tensor(grid_thw).reshape(-1, 3).tolist():
+        rows, cols = _patch_rows_cols(h, w, merge)
+        for _ in range(t):
+            index.append(offset + rows * w + cols)
+            offset += h * w
+    return torch.cat(index) if index else torch.zeros(0, dtype=torch.long)
+
+
 def mrope_position_ids(
     input_ids: Sequence[int] | torch.Tensor,
     grid_thw: Sequence[Sequence[int]] | torch.Tensor,
@@ -366,7 +379,13 @@ class KeyeForConditionalGeneration(KeyePreTrainedModel):
         self.lm_head = value
 
     def get_vision_embeddings(self, pixel_values: torch.Tensor, grid_thw: torch.Tensor) -> torch.Tensor:
-        """LLM-width embeddings `[num_merged_tokens, hidden]` of all grids, in token order."""
+        """LLM-width embeddings `[num_merged_tokens, hidden]` of all grids, in token order. 4-D
+        `pixel_values` `[N, C, P, P]` are the released Keye processor's, rows in raster order per grid; they
+        are put in merge-group order first (`processor.raster_to_merge_order`)."""
+        if pixel_values.ndim == 4:
+            rows = pixel_values.reshape(pixel_values.shape[0], -1)
+            index = merge_order_index(grid_thw, self.config.vision_config.spatial_merge_size)
+            pixel_values = rows[index.to(rows.device)] if index.numel() == rows.shape[0] else rows
         return self.projector(self.vision(pixel_values, grid_thw))
 
     def position_ids_for(

@@ -15,6 +15,12 @@ Patch rows follow the pre-tokeniser's layout (see `keyeflow.datasets.tables`, `v
 
 Normalisation to SigLIP's [-1, 1] happens inside the model (`KeyeVisionTransformer.forward`), so features and
 batches carry the compact uint8 patches.
+
+Patch order. Our rows are in 2×2 merge-group order (`keyeflow.datasets.pretokenize.patchify`); the released
+Keye-VL-1.5 processor (`KeyeVL1_5ImageProcessor`) gives each grid's rows in raster order, as `[N, 3, 14, 14]`
+float values already normalised to [-1, 1]. `raster_to_merge_order` is the one conversion between the two
+(`merge_to_raster_order` its inverse): `MediaPatches(order="raster")` and the model's 4-D `pixel_values` (the
+released processor's own output) go through it, so either kind of input gives the same features.
 """
 
 from __future__ import annotations
@@ -26,7 +32,7 @@ import numpy as np
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from keyeflow.model.modeling import mrope_position_ids
+from keyeflow.model.modeling import merge_order_index, mrope_position_ids
 from keyeflow.model.token_stream import (
     FAST,
     IGNORE_INDEX,
@@ -39,9 +45,37 @@ from keyeflow.model.token_stream import (
 )
 
 
+def raster_to_merge_order(
+    pixel_values: torch.Tensor, grid_thw: torch.Tensor | Sequence[Sequence[int]], spatial_merge_size: int = 2
+) -> torch.Tensor:
+    """Patch rows in raster order per grid (the released Keye-VL-1.5 processor's `pixel_values`,
+    `[N, C, P, P]` or `[N, C·P·P]`) → our merge-group order, `[N, C·P·P]`. Values and dtype are kept: the
+    processor's float rows (normalised to [-1, 1]) stay float, which the model takes as normalised; uint8
+    rows stay uint8. Each row's values are channel-major (c, y, x) in both layouts, so only rows move."""
+    rows = pixel_values.reshape(pixel_values.shape[0], -1)
+    index = merge_order_index(grid_thw, spatial_merge_size)
+    if index.numel() != rows.shape[0]:
+        raise ValueError(f"{rows.shape[0]} patch rows but the grids {grid_thw} hold {index.numel()}")
+    return rows[index.to(rows.device)]
+
+
+def merge_to_raster_order(
+    pixel_values: torch.Tensor, grid_thw: torch.Tensor | Sequence[Sequence[int]], spatial_merge_size: int = 2
+) -> torch.Tensor:
+    """The inverse of `raster_to_merge_order`: our rows → raster order per grid, `[N, C·P·P]`."""
+    rows = pixel_values.reshape(pixel_values.shape[0], -1)
+    index = merge_order_index(grid_thw, spatial_merge_size)
+    if index.numel() != rows.shape[0]:
+        raise ValueError(f"{rows.shape[0]} patch rows but the grids {grid_thw} hold {index.numel()}")
+    out = torch.empty_like(rows)
+    out[index.to(rows.device)] = rows
+    return out
+
+
 @dataclass(frozen=True)
 class MediaPatches:
-    """One pre-tokenised image (`frame_types` None) or video (one grid per frame)."""
+    """One pre-tokenised image (`frame_types` None) or video (one grid per frame). `order`: "merge" for
+    our stored patches, "raster" for rows in the released processor's raster order (converted on encode)."""
 
     patches: np.ndarray | torch.Tensor
     grids: Sequence[tuple[int, int, int]]
@@ -49,6 +83,7 @@ class MediaPatches:
     timestamps: Sequence[float] | None = None
     slow_tokens: int | None = None
     fast_tokens: int | None = None
+    order: str = "merge"
 
     @property
     def kind(self) -> str:
@@ -148,14 +183,20 @@ def encode_sample(
         rendered = render_conversation(tokenizer, messages, media_ids)
 
     grids = [tuple(int(v) for v in g) for media in media_list for g in media.grids]
-    patches = [torch.as_tensor(np.ascontiguousarray(media.patches)) for media in media_list]
-    for media, block in zip(media_list, patches):
+    patches = []
+    for media in media_list:
+        block = torch.as_tensor(np.ascontiguousarray(media.patches))
         expected = sum(t * h * w for t, h, w in media.grids)
+        if media.order not in ("merge", "raster"):
+            raise ValueError(f"{media.kind} patch order must be 'merge' or 'raster', got {media.order!r}")
+        if media.order == "raster" and block.shape[:1] == (expected,):
+            block = raster_to_merge_order(block, media.grids, spatial_merge_size)
         if block.dtype != torch.uint8 or block.ndim != 2 or block.shape[0] != expected:
             raise ValueError(
                 f"{media.kind} patches must be uint8 [{expected}, patch values], got {block.dtype} "
                 f"{tuple(block.shape)}"
             )
+        patches.append(block)
     pixel_values = torch.cat(patches) if patches else torch.zeros(0, 0, dtype=torch.uint8)
     grid_thw = torch.tensor(grids, dtype=torch.long).reshape(-1, 3)
     ids = vision_token_ids(tokenizer)

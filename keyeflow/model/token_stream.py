@@ -16,7 +16,8 @@ Layout (SPEC §2), checked against the released code:
   template, which writes `<|vision_start|><|video_pad|><|vision_end|>` once per video part.
   Frame types follow keye-vl-utils: 0 = Slow, 1 = Fast. Each frame is its own (t=1, h, w) grid, so N is
   h·w/4 of that frame's patch grid (the caller gives N; it knows the resize).
-- Chat: Qwen style, `<|im_start|>{role}\\n{content}<|im_end|>\\n` per message.
+- Chat: Keye's template (Qwen style), `<|im_start|>{role}\\n{content}<|im_end|>\\n` per message, after a
+  default `system` turn ("You are a helpful assistant.") when the first message is not a system one.
 
 Ids are assembled directly (pads are never re-tokenised as text); only the short timestamp strings go
 through the tokenizer, once per distinct string. Every special id comes from the tokenizer.
@@ -31,6 +32,7 @@ from dataclasses import dataclass
 from transformers import PreTrainedTokenizerBase
 
 from keyeflow.model.tokenizer import (
+    DEFAULT_SYSTEM_PROMPT,
     FAST_END,
     FAST_START,
     FRAME,
@@ -237,11 +239,13 @@ def render_conversation(
 ) -> RenderedConversation:
     """Token ids and labels of a chat sample, `{"messages": [...]}` or the list of messages itself.
 
-    Each message is `<|im_start|>{role}\\n{content}<|im_end|>\\n`; content is a string or a list of
-    `{"type": "text", "text": ...}`, `{"type": "image", ...}`, `{"type": "video", ...}` parts. `media(part)`
-    returns the ids of one image/video part (normally its pre-tokenised `image_ids`/`video_ids`). Only
-    assistant turns are trained: their text content and closing `<|im_end|>` (media ids in an assistant turn
-    are not). `/think` and `/no_think` stay in the user text as typed. The role header and each run of text
+    Each message is `<|im_start|>{role}\\n{content}<|im_end|>\\n`, after Keye's default system turn
+    (`DEFAULT_SYSTEM_PROMPT`, untrained) when the first message is not a system one; content is a string or
+    a list of `{"type": "text", "text": ...}`, `{"type": "image", ...}`, `{"type": "video", ...}` parts.
+    `media(part)` returns the ids of one image/video part (normally its pre-tokenised `image_ids`/
+    `video_ids`). Only assistant turns are trained: their text content and closing `<|im_end|>` (media ids in
+    an assistant turn are not). `/think` and `/no_think` stay in the user text as typed, as in Keye's
+    template. The role header and each run of text
     are tokenised separately, so label boundaries are exact; this equals tokenising the chat-template text
     unless a content starts with whitespace that the pre-tokeniser would join to the header's newline.
     `add_generation_prompt` appends an untrained `<|im_start|>assistant\\n`.
@@ -266,6 +270,10 @@ def render_conversation(
     def emit_header(role: str) -> None:
         emit([im_start, *tokenizer.encode(role + "\n", add_special_tokens=False)], trained=False)
 
+    first = messages[0]
+    if not (isinstance(first, Mapping) and first.get("role") == "system"):
+        emit_header("system")
+        emit([*tokenizer.encode(DEFAULT_SYSTEM_PROMPT, add_special_tokens=False), im_end, *newline], False)
     for index, message in enumerate(messages):
         if not isinstance(message, Mapping):
             raise TypeError(f"message {index} must be a mapping with 'role' and 'content'")

@@ -60,11 +60,22 @@ MARKUP_TOKENS: tuple[str, ...] = (
     CLIP_TIME_START, CLIP_TIME_END, THINK_START, THINK_END, ANSWER_START, ANSWER_END,
 )  # fmt: skip
 
-# Qwen-style chat template, kept equal to what `token_stream.render_conversation` builds (a test checks it).
-# Media parts render as one placeholder inside vision_start/end, as Qwen2-VL's and Keye's templates do; the
-# processor expands it to the full token stream.
+# The system prompt Keye's chat template writes when a conversation does not start with a system message.
+DEFAULT_SYSTEM_PROMPT = "You are a helpful assistant."
+
+# Keye-VL's chat template, kept equal to what `token_stream.render_conversation` builds (a test checks it).
+# Written from the template the Keye processor ships (Kwai-Keye/Keye `keye-vl-8b-preview/
+# chat_template.json`, the Qwen2-VL template; transformers' Keye docs show the same output): a default system
+# turn when the first message is not a system one, then `<|im_start|>{role}\n{content}<|im_end|>\n` per
+# message, media parts as one placeholder inside vision_start/end (the processor expands it to the full token
+# stream), adjacent text parts joined as they are. Thinking modes are chosen by the user typing `/think` or
+# `/no_think` at the end of the question (the Keye-VL-1.5 model card); the template leaves that text as typed
+# and adds nothing to the assistant turn.
 CHAT_TEMPLATE = (
     "{%- for message in messages -%}"
+    "{%- if loop.first and message['role'] != 'system' -%}"
+    "{{ '<|im_start|>system\n' + '" + DEFAULT_SYSTEM_PROMPT + "' + '<|im_end|>\n' }}"
+    "{%- endif -%}"
     "{{ '<|im_start|>' + message['role'] + '\n' }}"
     "{%- if message['content'] is string -%}{{ message['content'] }}"
     "{%- else -%}{%- for part in message['content'] -%}"

@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 from keyeflow.cli import app
 from keyeflow.datasets import ingest, pretokenize, tables
 from keyeflow.datasets.slowfast import allocate_tokens, resolve_config, select_frames
-from keyeflow.datasets.video import content_hash, decode, probe
+from keyeflow.datasets.video import content_hash, probe
 
 runner = CliRunner()
 
@@ -24,12 +24,14 @@ def test_slowfast_json_matches_the_python_api(home, sample_videos):
 
     config = resolve_config("keye-vl-utils")
     info = probe(clip, clip, content_hash(clip)[1])
-    frames = decode(clip, clip, info, config.fps, pretokenize.max_frames(config))
+    frames = pretokenize.sample_frames(info, clip, config)
     types = select_frames(frames.frames, preset="keye-vl-utils")
     slow, fast, total = allocate_tokens(types, info.height, info.width, preset="keye-vl-utils")[:3]
     assert out["frame_types"] == ["slow" if t == 0 else "fast" for t in types]
     assert out["timestamps"] == [round(float(t), 3) for t in frames.timestamps]
-    assert out["timestamps"][:3] == [0.0, 0.5, 1.0]
+    # keye-vl-utils' stamps: frame index / the container's frame rate, at linspace-spread indices (0, 13, 27
+    # of the clip's 25 fps frames), not multiples of 0.5 s.
+    assert out["timestamps"][:3] == [0.0, 0.52, 1.08]
     assert (tuple(out["slow_size"]), tuple(out["fast_size"]), out["total_tokens"]) == (slow, fast, total)
     assert out["num_slow"] + out["num_fast"] == len(types) and out["token_budget"] == 65536
 

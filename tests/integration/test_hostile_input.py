@@ -265,7 +265,7 @@ def test_bounds_are_named_settings_with_defaults_and_checked():
         ingest.IngestConfig(max_duration_s=0)
     # The bounds decide which records are taken, not their tokens: stored samples keep their keys.
     tok = load_tokenizer()
-    assert conversations.samples_config_hash(tok, PAPER, ImageConfig(), config) == "ba7fcffdab80b59c"
+    assert conversations.samples_config_hash(tok, PAPER, ImageConfig(), config) == "b55de1aa43a2f459"
     assert conversations.samples_config_hash(
         tok, PAPER, ImageConfig(), SampleConfig(max_messages=2)
     ) == conversations.samples_config_hash(tok, PAPER, ImageConfig(), config)

@@ -3,6 +3,7 @@ RoPE positions, packing, save/load, the 8B parameter count, and loading a Keye-V
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
@@ -11,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
 
-from keyeflow.datasets.pretokenize import patchify
+from keyeflow.datasets.pretokenize import patchify, unpatchify
 from keyeflow.model.checkpoint import config_from_keye, keye_key_to_ours, load_keye_checkpoint
 from keyeflow.model.config import KeyeConfig, keye_8b, tiny
 from keyeflow.model.modeling import (
@@ -20,7 +21,13 @@ from keyeflow.model.modeling import (
     mrope_position_ids,
     patch_rows_cols,
 )
-from keyeflow.model.processor import MediaPatches, collate, encode_sample
+from keyeflow.model.processor import (
+    MediaPatches,
+    collate,
+    encode_sample,
+    merge_to_raster_order,
+    raster_to_merge_order,
+)
 from keyeflow.model.token_stream import vision_token_ids
 from keyeflow.model.tokenizer import load_tokenizer
 
@@ -327,6 +334,62 @@ def test_keye_conv_patch_embedding_equals_our_linear_on_patchified_pixels(config
     assert torch.allclose(linear, conv[:, rows, cols].T, atol=1e-5)
 
 
+def keye_processor_rows(picture: np.ndarray) -> torch.Tensor:
+    """A frame as the released Keye-VL-1.5 processor lays it out, written from its rule: rescale 1/255,
+    normalise with mean = std = 0.5, then (C, gh, P, gw, P) → (gh, gw, C, P, P): one row per patch in
+    raster order, `[N, C, P, P]` float."""
+    x = (torch.from_numpy(picture).permute(2, 0, 1).float() / 255.0 - 0.5) / 0.5
+    c, h, w = x.shape
+    x = x.reshape(c, h // PATCH, PATCH, w // PATCH, PATCH).permute(1, 3, 0, 2, 4)
+    return x.reshape(-1, c, PATCH, PATCH)
+
+
+def test_raster_order_pixel_values_convert_to_our_patches_and_back():
+    sizes = [(56, 84), (28, 56), (84, 56)]
+    pictures = [frame(h, w, 20 + i) for i, (h, w) in enumerate(sizes)]
+    grids = [(1, h // PATCH, w // PATCH) for h, w in sizes]
+    raster = torch.cat([keye_processor_rows(p) for p in pictures])
+    ours = torch.cat([torch.from_numpy(patchify(p, PATCH, MERGE)) for p in pictures])
+    converted = raster_to_merge_order(raster, grids, MERGE)
+    assert converted.shape == (raster.shape[0], 3 * PATCH * PATCH)
+    assert torch.equal(converted, (ours.float() / 255.0 - 0.5) / 0.5)
+    assert torch.equal(merge_to_raster_order(converted, grids, MERGE), raster.reshape(raster.shape[0], -1))
+    # A grid with t = 2 is two frames of the same size, each reordered on its own.
+    two = raster_to_merge_order(torch.cat([raster[:24], raster[:24]]), [(2, 4, 6)], MERGE)
+    assert torch.equal(two, torch.cat([converted[:24], converted[:24]]))
+    with pytest.raises(ValueError, match="patch rows"):
+        raster_to_merge_order(raster[:-1], grids, MERGE)
+
+
+def test_model_and_processor_accept_the_released_processors_raster_pixel_values(config, tokenizer):
+    """The same image and video as (a) our stored uint8 patches, (b) the released processor's raster-order
+    float pixel_values given to the model, (c) raster-order uint8 rows given to encode_sample: one output."""
+    model = make_model(config, seed=6).eval()
+    image, video = image_media(56, 84, 3), video_media(30)
+    sample = encode_sample(chat(video, "When?", "Soon."), tokenizer, lookup)
+    batch = collate([encode_sample(chat(image, "What?", "Noise."), tokenizer, lookup), sample], pack=True)
+
+    def raster_of(media: MediaPatches) -> list[torch.Tensor]:
+        out, start = [], 0
+        for _, h, w in media.grids:
+            n = h * w
+            picture = unpatchify(np.asarray(media.patches[start : start + n]), h, w, PATCH, MERGE)
+            out.append(keye_processor_rows(picture))
+            start += n
+        return out
+
+    raster = torch.cat(raster_of(image) + raster_of(video))
+    with torch.no_grad():
+        expected = model(**batch).logits
+        got = model(**{**batch, "pixel_values": raster}).logits
+    assert raster.ndim == 4 and torch.equal(got, expected)
+
+    raster_uint8 = merge_to_raster_order(torch.as_tensor(video.patches), video.grids, MERGE)
+    as_raster = dataclasses.replace(video, patches=raster_uint8.numpy(), order="raster")
+    again = encode_sample(chat(as_raster, "When?", "Soon."), tokenizer, lookup)
+    assert torch.equal(again.pixel_values, sample.pixel_values)
+
+
 def test_keye_key_names_map_and_unknown_keys_fail(config, tmp_path):
     assert keye_key_to_ours("visual.vision_model.encoder.layers.26.self_attn.out_proj.bias") == (
         "vision.layers.26.attn.out_proj.bias"
@@ -355,6 +418,66 @@ def test_config_from_keye_reads_8b_sizes():
     assert config.vision_config.num_position_embeddings == 729
     assert config.projector_hidden_size == 4608
     assert config.text_config.head_dim == 128 and config.rope_theta == 1e6
+
+
+def test_rotary_inv_freq_buffers_are_dropped_under_any_prefix():
+    """`rotary_emb.inv_freq` is a buffer computed from the config; older exports save it with a prefix."""
+    for key in (
+        "rotary_emb.inv_freq",
+        "model.rotary_emb.inv_freq",
+        "model.layers.3.self_attn.rotary_emb.inv_freq",
+        "visual.vision_model.encoder.rotary_pos_emb.rotary_emb.inv_freq",
+    ):
+        assert keye_key_to_ours(key) is None, key
+    # Only the exact buffer name: a weight whose name merely ends alike is still an unknown key.
+    with pytest.raises(ValueError, match="unknown Keye checkpoint key"):
+        keye_key_to_ours("visual.my_rotary_emb.inv_freq")
+
+
+def test_keye_checkpoint_with_prefixed_inv_freq_loads(config, samples, tmp_path):
+    source = make_model(config, seed=4).eval()
+    state = keye_state_dict(source, config)
+    state["model.rotary_emb.inv_freq"] = torch.ones(8)
+    state["model.layers.0.self_attn.rotary_emb.inv_freq"] = torch.ones(8)
+    save_file(state, str(tmp_path / "model.safetensors"))
+    (tmp_path / "config.json").write_text(json.dumps(keye_config_json(config)))
+    loaded = load_keye_checkpoint(tmp_path)
+    batch = collate(samples, pack=True)
+    with torch.no_grad():
+        assert torch.equal(source(**batch).logits, loaded(**batch).logits)
+
+
+def test_config_from_keye_missing_image_size_is_siglip_224():
+    raw = keye_config_json(keye_8b())
+    raw["rope_scaling"] = {"type": "mrope", "mrope_section": [16, 24, 24]}
+    del raw["vision_config"]["image_size"]
+    raw["vision_config"]["patch_size"] = 14
+    assert config_from_keye(raw).vision_config.num_position_embeddings == (224 // 14) ** 2 == 256
+
+
+@pytest.mark.parametrize(
+    "rope_scaling",
+    [
+        {"type": "mrope", "mrope_section": [16, 24, 24]},
+        {"rope_type": "default", "type": "default", "mrope_section": [16, 24, 24]},
+        {"mrope_section": [16, 24, 24]},
+    ],
+)
+def test_config_from_keye_accepts_plain_rope_types(rope_scaling):
+    raw = keye_config_json(keye_8b())
+    raw["rope_scaling"] = rope_scaling
+    config = config_from_keye(raw)
+    assert config.mrope_section == [16, 24, 24]
+    assert config.text_config.rope_parameters["rope_type"] == "default"
+
+
+@pytest.mark.parametrize("key", ["type", "rope_type"])
+@pytest.mark.parametrize("kind", ["yarn", "linear", "dynamic"])
+def test_config_from_keye_refuses_rope_types_we_do_not_implement(key, kind):
+    raw = keye_config_json(keye_8b())
+    raw["rope_scaling"] = {key: kind, "factor": 4.0, "mrope_section": [16, 24, 24]}
+    with pytest.raises(ValueError, match=f"rope_scaling type '{kind}' is not implemented"):
+        config_from_keye(raw)
 
 
 def test_config_validation():

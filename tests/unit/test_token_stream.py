@@ -246,7 +246,116 @@ def test_text_only_conversation_and_generation_prompt(tok):
 def test_conversation_without_assistant_trains_nothing(tok):
     rendered = render_conversation(tok, [{"role": "user", "content": "hello"}])
     assert set(rendered.labels) == {IGNORE_INDEX}
-    assert tok.decode(rendered.input_ids) == "<|im_start|>user\nhello<|im_end|>\n"
+    assert tok.decode(rendered.input_ids) == (
+        "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\nhello<|im_end|>\n"
+    )
+
+
+# Keye's chat template, case by case. Each expected string is written out from the template Keye's
+# processor ships (Kwai-Keye/Keye `keye-vl-8b-preview/chat_template.json`; transformers' Keye docs print the
+# same for the multi-turn case): a default system turn when the first message is not a system one, one
+# placeholder per media part, `/think` and `/no_think` left in the user text as typed (the Keye-VL-1.5 model
+# card's switch).
+KEYE_SYSTEM = "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
+IMAGE_SLOT, VIDEO_SLOT = f"{VS}<|image_pad|>{VE}", f"{VS}{VP}{VE}"
+IMAGE, VIDEO_PART = {"type": "image"}, {"type": "video"}
+
+
+def _say(role: str, *parts) -> dict:
+    content = [{"type": "text", "text": p} if isinstance(p, str) else p for p in parts]
+    return {
+        "role": role,
+        "content": content[0]["text"] if len(parts) == 1 and isinstance(parts[0], str) else content,
+    }
+
+
+KEYE_CASES = [
+    pytest.param(
+        [_say("user", "Hello.")],
+        True,
+        KEYE_SYSTEM + "<|im_start|>user\nHello.<|im_end|>\n<|im_start|>assistant\n",
+        id="no-system-gets-the-default",
+    ),
+    pytest.param(
+        [_say("system", "Answer briefly."), _say("user", "Hello.")],
+        True,
+        (
+            "<|im_start|>system\nAnswer briefly.<|im_end|>\n<|im_start|>user\nHello.<|im_end|>\n"
+            "<|im_start|>assistant\n"
+        ),
+        id="own-system-replaces-the-default",
+    ),
+    pytest.param(
+        [_say("user", IMAGE, "Describe this image./think")],
+        True,
+        KEYE_SYSTEM
+        + f"<|im_start|>user\n{IMAGE_SLOT}Describe this image./think<|im_end|>\n<|im_start|>assistant\n",
+        id="image-think",
+    ),
+    pytest.param(
+        [_say("user", VIDEO_PART, "Describe this video./no_think"), _say("assistant", "A door opens.")],
+        False,
+        (
+            KEYE_SYSTEM + f"<|im_start|>user\n{VIDEO_SLOT}Describe this video./no_think<|im_end|>\n"
+            "<|im_start|>assistant\nA door opens.<|im_end|>\n"
+        ),
+        id="video-no-think-answered",
+    ),
+    pytest.param(
+        [
+            _say("user", IMAGE, "Hello, how are you?"),
+            _say("assistant", "I'm doing well, thank you for asking. How can I assist you today?"),
+            _say(
+                "user",
+                "Can you describe these images and video?",
+                IMAGE,
+                IMAGE,
+                VIDEO_PART,
+                "These are from my vacation.",
+            ),
+            _say(
+                "assistant",
+                "I'd be happy to describe the images and video for you. "
+                "Could you please provide more context about your vacation?",
+            ),
+            _say("user", "It was a trip to the mountains. Can you see the details in the images and video?"),
+        ],
+        True,
+        (
+            "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n"
+            "<|vision_start|><|image_pad|><|vision_end|>Hello, how are you?<|im_end|>\n"
+            "<|im_start|>assistant\nI'm doing well, thank you for asking. How can I assist you today?"
+            "<|im_end|>\n<|im_start|>user\n"
+            "Can you describe these images and video?<|vision_start|><|image_pad|><|vision_end|>"
+            "<|vision_start|><|image_pad|><|vision_end|><|vision_start|><|video_pad|><|vision_end|>"
+            "These are from my vacation.<|im_end|>\n<|im_start|>assistant\nI'd be happy to describe the "
+            "images and video for you. Could you please provide more context about your vacation?<|im_end|>\n"
+            "<|im_start|>user\nIt was a trip to the mountains. Can you see the details in the images and "
+            "video?<|im_end|>\n<|im_start|>assistant\n"
+        ),
+        id="transformers-docs-multi-turn",
+    ),
+]
+
+
+@pytest.mark.parametrize("messages, generation_prompt, keye_text", KEYE_CASES)
+def test_rendering_equals_keyes_chat_template(tok, messages, generation_prompt, keye_text):
+    # Our chat template gives Keye's text ...
+    assert (
+        tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
+        == keye_text
+    )
+    # ... and render_conversation its tokens (media placeholders as the single-pad slots the template writes).
+    slots = {"image": image_ids(tok, 1), "video": tok.encode(VIDEO_SLOT, add_special_tokens=False)}
+    rendered = render_conversation(
+        tok, messages, lambda part: slots[part["type"]], add_generation_prompt=generation_prompt
+    )
+    assert tok.decode(rendered.input_ids) == keye_text
+    assert rendered.input_ids == tok(keye_text)["input_ids"]
+    # The default system turn is context, never trained.
+    system_len = len(tok(KEYE_SYSTEM)["input_ids"])
+    if keye_text.startswith(KEYE_SYSTEM):
+        assert set(rendered.labels[:system_len]) == {IGNORE_INDEX}
 
 
 def test_media_part_needs_a_callback(tok):
