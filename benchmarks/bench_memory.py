@@ -120,7 +120,8 @@ def main() -> None:
             mask = measure(length, "mask", args.sample_tokens)
             last_mask = (length, mask["peak_bytes"])
             mib, per_token, seconds = mask["peak_bytes"] / 2**20, mask["peak_bytes"] / length, mask["seconds"]
-            row += f"{mib:>14.1f} {per_token:>8.0f} {seconds:>6.2f} | {mask['peak_bytes'] / new['peak_bytes']:.1f}×"
+            ratio = mask["peak_bytes"] / new["peak_bytes"]
+            row += f"{mib:>14.1f} {per_token:>8.0f} {seconds:>6.2f} | {ratio:.1f}×"
         print(row, flush=True)
     first, last = lengths[0], lengths[-1]
     ratio = new_per_token[last] / new_per_token[first]
