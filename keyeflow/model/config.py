@@ -7,7 +7,9 @@
 - `text_config` (`transformers.Qwen3Config`): the LLM. Its `rope_parameters["rope_theta"]` is the one place
   the RoPE base lives (`KeyeConfig.rope_theta` reads and writes it; SPEC: 1e6, 8e6 from pre-training stage 3);
 - projector size, the vision token ids, and `mrope_section` (how the LLM's rotary frequencies are split
-  between the temporal, height and width position streams; its sum is half the LLM head dim).
+  between the temporal, height and width position streams; its sum is half the LLM head dim);
+- `attention`: how the LLM keeps packed samples apart, "packed" (per-sample segments, no `[L, L]` tensor; the
+  default) or "mask" (the dense `[B, 1, L, L]` additive mask, kept to compare against); see `modeling`.
 
 Sizes of `keye_8b()` (SPEC §1): SigLIP-400M (27 layers, hidden 1152, MLP 4304, 16 heads, 27×27 = 729 position
 embeddings, the `siglip-so400m-patch14-384` grid Keye started from) and Qwen3-8B (36 layers, hidden 4096,
@@ -33,6 +35,11 @@ QWEN_VISION_START_ID, QWEN_VISION_END_ID, QWEN_IMAGE_PAD_ID, QWEN_VIDEO_PAD_ID =
     151655,
     151656,
 )
+
+ATTENTION_PATHS = ("packed", "mask")
+# Activation checkpointing modes of the model's layer loops (`modeling.checkpointed_layers`); chosen per stage
+# by the training configs.
+ACTIVATION_CHECKPOINTING = ("full", "selective", "off")
 
 
 class KeyeVisionConfig(PreTrainedConfig):
@@ -113,11 +120,14 @@ class KeyeConfig(PreTrainedConfig):
     vision_start_token_id: int = QWEN_VISION_START_ID
     vision_end_token_id: int = QWEN_VISION_END_ID
     mrope_section: list[int] | tuple[int, ...] = (16, 24, 24)
+    attention: str = "packed"
     tie_word_embeddings: bool = False
     initializer_range: float = 0.02
 
     def __post_init__(self, **kwargs):
         super().__post_init__(**kwargs)
+        if self.attention not in ATTENTION_PATHS:
+            raise ValueError(f"attention must be one of {ATTENTION_PATHS}, got {self.attention!r}")
         text = self.text_config
         merge = self.vision_config.spatial_merge_size
         if self.projector_hidden_size is None:

@@ -400,7 +400,7 @@ class LocalGenerator:
                 f"past the model's max_position_embeddings {max_positions}"
             )
 
-        # Prefill once (batch 1): embeddings with the vision features scattered in, a causal mask, 3D
+        # Prefill once (batch 1): embeddings with the vision features scattered in, causal attention, 3D
         # positions.
         input_ids = prompt.input_ids[None].to(device)
         embeds = model.get_input_embeddings()(input_ids)
@@ -409,9 +409,9 @@ class LocalGenerator:
         if bool(is_vision.any()):
             vision = model.get_vision_embeddings(prompt.pixel_values.to(device), prompt.grid_thw.to(device))
             embeds = embeds.masked_scatter(is_vision[..., None], vision.to(embeds.dtype))
-        causal = torch.ones(length, length, dtype=torch.bool, device=device).tril()
-        mask = torch.zeros(1, 1, length, length, dtype=embeds.dtype, device=device)
-        mask = mask.masked_fill(~causal, torch.finfo(embeds.dtype).min)
+        # One sample: causal attention over the prompt, on the model's attention path (per-segment kernels on
+        # "packed", no [L, L] mask).
+        mask = model.attention_mask_for(torch.zeros(1, length, dtype=torch.long, device=device), embeds.dtype)
         cache = DynamicCache(config=cfg.text_config)
         hidden = model.language_model(
             inputs_embeds=embeds, position_ids=prompt.position_ids[:, None].to(device),

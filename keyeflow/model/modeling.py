@@ -31,28 +31,54 @@ pairs are split in contiguous sections `mrope_section` (Qwen2-VL / Keye style, [
 pairs 0-15 turn with time, 16-39 with height, 40-63 with width). Text tokens advance all three streams
 together, so on text the model is exactly Qwen3 with 1D RoPE.
 
-The LLM mask is materialised as a `[B, 1, L, L]` additive mask (sdpa and eager); a flash-attention varlen path
-for long packed rows at scale is not wired yet.
+LLM attention (`KeyeConfig.attention`): "packed" (the default) cuts each row into its samples and attends
+each causally on its own (`keyeflow.model.packed_attention`: flash-attn varlen on CUDA where installed, a
+per-segment SDPA loop elsewhere), never building an `[L, L]` tensor; "mask" materialises the `[B, 1, L, L]`
+additive mask (`packed_causal_mask`) and runs transformers' SDPA on it, kept to compare against.
+
+Activation checkpointing (`set_activation_checkpointing`): "full" recomputes every LLM decoder layer and every
+ViT layer in the backward, "selective" every other one (layers 0, 2, 4, …: about half the saved activations
+for about half the recompute), "off" none. It is applied by this model's own layer loops whenever autograd is
+recording, in train and in eval mode alike (HF layers checkpoint only in train mode, and RL trains the policy
+in eval mode), with non-reentrant `torch.utils.checkpoint`.
+
+Log-probs for losses (`forward(logprob_labels=...)`): the per-token log-probabilities of the labels, computed
+over sequence chunks (`keyeflow.model.chunked_head`) so that no `[T, V]` logits exist; the training losses use
+this instead of `logits`.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from functools import lru_cache
 from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 from transformers import PreTrainedModel, Qwen3Model
 from transformers.activations import ACT2FN
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
-from keyeflow.model.config import KeyeConfig, KeyeVisionConfig
+from keyeflow.model.chunked_head import chunked_token_logprobs
+from keyeflow.model.config import ACTIVATION_CHECKPOINTING, KeyeConfig, KeyeVisionConfig
+from keyeflow.model.packed_attention import PACKED_ATTENTION, packed_segments
 
 IGNORE_INDEX = -100
 PIXEL_MEAN, PIXEL_STD = 0.5, 0.5  # SigLIP normalisation over [0, 1], per channel
+
+
+def checkpointed_layers(mode: str, num_layers: int) -> frozenset[int]:
+    """The layers whose activations are recomputed in the backward, when autograd is recording: all ("full"),
+    every other one from the first ("selective"), none ("off")."""
+    if mode not in ACTIVATION_CHECKPOINTING:
+        raise ValueError(f"activation checkpointing must be one of {ACTIVATION_CHECKPOINTING}, got {mode!r}")
+    if mode == "off" or not torch.is_grad_enabled():
+        return frozenset()
+    return frozenset(range(0, num_layers, 2 if mode == "selective" else 1))
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -157,9 +183,11 @@ class VisionAttention(nn.Module):
         num_patches = x.shape[0]
         shape = (num_patches, self.num_heads, self.head_dim)
         q, k, v = self.q_proj(x).view(shape), self.k_proj(x).view(shape), self.v_proj(x).view(shape)
+        # RoPE in fp32 at least, whatever the model dtype: bf16 cannot resolve the angles of a wide grid.
         cos, sin = cos[:, None, :], sin[:, None, :]
-        q = q * cos + rotate_half(q) * sin
-        k = k * cos + rotate_half(k) * sin
+        rope_dtype = torch.promote_types(q.dtype, torch.float32)
+        q = (q.to(rope_dtype) * cos + rotate_half(q.to(rope_dtype)) * sin).to(v.dtype)
+        k = (k.to(rope_dtype) * cos + rotate_half(k.to(rope_dtype)) * sin).to(v.dtype)
         out = groups.attend(q, k, v, dropout=self.dropout if self.training else 0.0)
         return self.out_proj(out.reshape(num_patches, -1))
 
@@ -232,6 +260,7 @@ class KeyeVisionTransformer(nn.Module):
         self.pos_embed = nn.Embedding(config.num_position_embeddings, config.hidden_size)
         self.layers = nn.ModuleList([VisionLayer(config) for _ in range(config.num_hidden_layers)])
         self.post_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.activation_checkpointing = "off"  # set through KeyeForConditionalGeneration
 
     def interpolated_pos_embed(self, h: int, w: int) -> torch.Tensor:
         """The learnt side×side position grid resized to h×w (bilinear, align_corners=False), raster order."""
@@ -278,10 +307,13 @@ class KeyeVisionTransformer(nn.Module):
             frame_lengths.extend([h * w] * t)
         x = x + torch.cat(pos)
         cos, sin = self.rope(torch.cat(rows).to(device).float(), torch.cat(cols).to(device).float())
-        cos, sin = cos.to(dtype), sin.to(dtype)
         groups = VisionGroups(frame_lengths, device)
-        for layer in self.layers:
-            x = layer(x, cos, sin, groups)
+        recomputed = checkpointed_layers(self.activation_checkpointing, len(self.layers))
+        for i, layer in enumerate(self.layers):
+            if i in recomputed:
+                x = checkpoint(layer, x, cos, sin, groups, use_reentrant=False)
+            else:
+                x = layer(x, cos, sin, groups)
         return self.post_norm(x)
 
 
@@ -354,6 +386,14 @@ class KeyePreTrainedModel(PreTrainedModel):
     _supports_attention_backend = True
 
 
+@dataclass
+class KeyeCausalLMOutput(CausalLMOutputWithPast):
+    """`CausalLMOutputWithPast` plus `token_logprobs` `[B, L − 1]` fp32 (given `logprob_labels`): entry t is
+    log p(label t + 1), 0 where that label is −100."""
+
+    token_logprobs: torch.FloatTensor | None = None
+
+
 class KeyeForConditionalGeneration(KeyePreTrainedModel):
     _tied_weights_keys: ClassVar[dict[str, str]] = {"lm_head.weight": "language_model.embed_tokens.weight"}
 
@@ -363,8 +403,25 @@ class KeyeForConditionalGeneration(KeyePreTrainedModel):
         self.projector = KeyeProjector(config)
         self.language_model = Qwen3Model(config.text_config)
         self.language_model.rotary_emb = MultimodalRotaryEmbedding(config)
+        # One registered attention function serves both paths: it runs the per-segment kernels on the
+        # `PackedSegments` the "packed" path passes and hands a dense mask (or None) to transformers' SDPA.
+        self.language_model.set_attn_implementation(PACKED_ATTENTION)
         self.lm_head = nn.Linear(config.text_config.hidden_size, config.text_config.vocab_size, bias=False)
+        self.activation_checkpointing = "off"
         self.post_init()
+
+    def set_activation_checkpointing(self, mode: str) -> None:
+        """ "full" | "selective" | "off" for the LLM decoder layers and the ViT layers (module docstring)."""
+        checkpointed_layers(mode, 0)  # validates
+        self.activation_checkpointing = mode
+        self.vision.activation_checkpointing = mode
+
+    def attention_mask_for(self, sample_index: torch.Tensor, dtype: torch.dtype) -> object:
+        """What the LLM's attention takes as its mask for rows segmented by `sample_index` `[B, L]` (−1 for
+        padding): `PackedSegments` on the "packed" path, the `[B, 1, L, L]` additive mask on "mask"."""
+        if self.config.attention == "packed":
+            return packed_segments(sample_index)
+        return packed_causal_mask(sample_index, dtype)
 
     def get_input_embeddings(self) -> nn.Module:
         return self.language_model.embed_tokens
@@ -422,10 +479,13 @@ class KeyeForConditionalGeneration(KeyePreTrainedModel):
         position_ids: torch.LongTensor | None = None,
         sample_index: torch.LongTensor | None = None,
         attention_mask: torch.Tensor | None = None,
+        logprob_labels: torch.LongTensor | None = None,
         **kwargs,
-    ) -> CausalLMOutputWithPast:
+    ) -> KeyeCausalLMOutput:
         """Logits `[B, L, vocab]` and, with `labels`, the mean next-token cross-entropy over the labels that
-        are not −100 (labels are shifted here: the logit at i predicts label i+1)."""
+        are not −100 (labels are shifted here: the logit at i predicts label i+1). With `logprob_labels`
+        (`[B, L]`, shifted the same way) the output holds only `token_logprobs` `[B, L − 1]`, computed over
+        chunks of the scored positions (no logits at all: the path the training losses take)."""
         if sample_index is None:
             sample_index = (
                 torch.zeros_like(input_ids) if attention_mask is None
@@ -451,14 +511,12 @@ class KeyeForConditionalGeneration(KeyePreTrainedModel):
         elif pixel_values is not None and pixel_values.numel():
             raise ValueError("pixel_values given but input_ids hold no vision pad tokens")
 
-        mask = packed_causal_mask(sample_index.to(embeds.device), embeds.dtype)
-        hidden = self.language_model(
-            inputs_embeds=embeds,
-            position_ids=position_ids.to(embeds.device),
-            attention_mask={"full_attention": mask},
-            use_cache=False,
-            **kwargs,
-        ).last_hidden_state
+        mask = self.attention_mask_for(sample_index.to(embeds.device), embeds.dtype)
+        hidden = self.language_hidden_states(embeds, position_ids.to(embeds.device), mask, **kwargs)
+        if logprob_labels is not None:
+            targets = logprob_labels[:, 1:].to(hidden.device)
+            logps = chunked_token_logprobs(hidden[:, :-1], self.lm_head.weight, targets)
+            return KeyeCausalLMOutput(token_logprobs=logps)
         logits = self.lm_head(hidden)
 
         loss = None
@@ -471,7 +529,27 @@ class KeyeForConditionalGeneration(KeyePreTrainedModel):
                 )  # fmt: skip
             else:
                 loss = logits.sum() * 0.0
-        return CausalLMOutputWithPast(loss=loss, logits=logits)
+        return KeyeCausalLMOutput(loss=loss, logits=logits)
+
+    def language_hidden_states(
+        self, embeds: torch.Tensor, position_ids: torch.Tensor, mask: object, **kwargs
+    ) -> torch.Tensor:
+        """The LLM's final hidden states `[B, L, hidden]`: `Qwen3Model.forward`'s layer loop (same calls, same
+        order), written out here so that activation checkpointing is this model's choice in any mode."""
+        lm = self.language_model
+        position_embeddings = lm.rotary_emb(embeds, position_ids)
+        recomputed = checkpointed_layers(self.activation_checkpointing, len(lm.layers))
+        hidden = embeds
+        for i, layer in enumerate(lm.layers[: lm.config.num_hidden_layers]):
+            layer_kwargs = {
+                "attention_mask": mask, "position_embeddings": position_embeddings,
+                "position_ids": position_ids, **kwargs,
+            }  # fmt: skip
+            if i in recomputed:
+                hidden = checkpoint(layer, hidden, use_reentrant=False, **layer_kwargs)
+            else:
+                hidden = layer(hidden, **layer_kwargs)
+        return lm.norm(hidden)
 
 
 def count_parameters(model: nn.Module) -> dict[str, int]:

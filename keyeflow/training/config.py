@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from keyeflow.config import check_flag, check_int, check_number, config_hash, invalid, is_number
+from keyeflow.model.config import ACTIVATION_CHECKPOINTING
 from keyeflow.quality.errors import DEFAULT_MAX_ERROR_SHARE
 from keyeflow.training.hints import HintConfig
 from keyeflow.training.losses import GSPOConfig, MPOConfig
@@ -77,6 +78,11 @@ class StageConfig:
     # silently running plain data parallelism under a config that says otherwise.
     sequence_parallel_size: int = 1
     pipeline_parallel_size: int = 1
+    # Recompute layer activations in the backward (`modeling.KeyeForConditionalGeneration`, whose loops apply
+    # it in train and eval mode): "full" every LLM decoder layer and ViT layer, "selective" every other one
+    # (layers 0, 2, 4, …), "off" none. It changes memory and time, never the numbers, so it is left out of
+    # `config_hash` (and of `to_dict` when "off").
+    activation_checkpointing: str = "off"
 
     def __post_init__(self) -> None:
         def fail(name: str, value: Any, why: str) -> None:
@@ -146,6 +152,7 @@ class StageConfig:
             )
         for flag in ("bf16", "offload_optimizer", "offload_params"):
             check_flag("StageConfig", flag, getattr(self, flag))
+        _check_checkpointing("StageConfig", self.activation_checkpointing)
         if self.offload_optimizer and (self.deepspeed_zero or 0) < 1:
             fail("offload_optimizer", True, "needs DeepSpeed ZeRO stage >= 1 (deepspeed_zero)")
         if self.offload_params and self.deepspeed_zero != 3:
@@ -180,7 +187,7 @@ class StageConfig:
         return self.min_lr + (self.learning_rate - self.min_lr) * scale
 
     def to_dict(self) -> dict[str, Any]:
-        out = dataclasses.asdict(self)
+        out = _without_default_checkpointing(dataclasses.asdict(self))
         out["betas"] = list(self.betas)
         if isinstance(self.trainable, tuple):
             out["trainable"] = list(self.trainable)
@@ -200,7 +207,24 @@ class StageConfig:
         return cls(**data)
 
     def config_hash(self) -> str:
-        return config_hash(self.to_dict(), compact=True)
+        return config_hash(_unhashed_checkpointing(self.to_dict()), compact=True)
+
+
+def _check_checkpointing(owner: str, mode: Any) -> None:
+    if mode not in ACTIVATION_CHECKPOINTING:
+        raise invalid(owner, "activation_checkpointing", mode, f"must be one of {ACTIVATION_CHECKPOINTING}")
+
+
+def _without_default_checkpointing(data: dict[str, Any]) -> dict[str, Any]:
+    """`to_dict` leaves "off" out, so configs written before the field existed read and compare the same."""
+    if data.get("activation_checkpointing") == "off":
+        del data["activation_checkpointing"]
+    return data
+
+
+def _unhashed_checkpointing(data: dict[str, Any]) -> dict[str, Any]:
+    data.pop("activation_checkpointing", None)
+    return data
 
 
 # SPEC §3 per pre-training stage; learning rates and warm-up are UNSTATED choices (module docstring).
@@ -239,7 +263,10 @@ def pretrain_stage(stage: int, **overrides: Any) -> StageConfig:
     steps."""
     if stage not in _PRETRAIN_STAGES:
         raise ValueError(f"no pre-training stage {stage!r}: stages 1–3 train (stage 4 is weight averaging)")
-    base = {"max_steps": 1000, "window_size": 256, "bf16": True, **_PRETRAIN_STAGES[stage]}
+    base = {
+        "max_steps": 1000, "window_size": 256, "bf16": True, "activation_checkpointing": "full",
+        **_PRETRAIN_STAGES[stage],
+    }  # fmt: skip
     base.update(overrides)
     base.setdefault("warmup_steps", max(1, round(0.03 * base["max_steps"])))
     return StageConfig.from_dict(base)
@@ -265,8 +292,10 @@ class MPOStageConfig:
     checkpoint_every: int = 100
     warmup_steps: int = 0
     grad_clip: float | None = 1.0
+    activation_checkpointing: str = "off"  # as StageConfig's (not hashed)
 
     def __post_init__(self) -> None:
+        _check_checkpointing("MPOStageConfig", self.activation_checkpointing)
         for name, minimum in (
             ("max_steps", 1),
             ("pairs_per_step", 1),
@@ -299,10 +328,10 @@ class MPOStageConfig:
         return self.learning_rate
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        return _without_default_checkpointing(dataclasses.asdict(self))
 
     def config_hash(self) -> str:
-        return config_hash(self.to_dict(), compact=True)
+        return config_hash(_unhashed_checkpointing(self.to_dict()), compact=True)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -339,8 +368,10 @@ class GSPOStageConfig:
     seed: int = 0
     checkpoint_every: int = 10
     max_reward_error_share: float = DEFAULT_MAX_ERROR_SHARE
+    activation_checkpointing: str = "off"  # as StageConfig's (not hashed); the policy trains in eval mode
 
     def __post_init__(self) -> None:
+        _check_checkpointing("GSPOStageConfig", self.activation_checkpointing)
         # Checked, not converted: the numbers are hashed as given (a stored hash must not change).
         for name, minimum in (
             ("prompts_per_step", 1),
@@ -402,9 +433,9 @@ class GSPOStageConfig:
                 )
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        return _without_default_checkpointing(dataclasses.asdict(self))
 
     def config_hash(self) -> str:
-        hashed = self.to_dict()
+        hashed = _unhashed_checkpointing(self.to_dict())
         hashed.pop("max_reward_error_share")  # stops a run, changes no step (class docstring)
         return config_hash(hashed, compact=True)

@@ -209,6 +209,7 @@ class Engine:
         bf16: bool = False,
         deepspeed_config: dict[str, Any] | None = None,
         train_mode: bool = True,
+        activation_checkpointing: str = "off",
     ):
         self.dist = dist
         self.grad_clip = grad_clip or None  # 0 and None both mean no clipping
@@ -218,6 +219,9 @@ class Engine:
         self.trainable = freeze(model, trainable_prefixes)
         model.to(dist.device)
         model.train(train_mode)
+        # Applied by the model's own layer loops in either mode (RL trains its policy in eval mode).
+        if activation_checkpointing != "off":
+            model.set_activation_checkpointing(activation_checkpointing)
         self.model = model
         self.optimizer = torch.optim.AdamW(
             decay_groups(self.trainable, weight_decay), lr=learning_rate, betas=betas

@@ -56,11 +56,9 @@ def _token_logprobs(
     model: torch.nn.Module, batch: dict[str, torch.Tensor]
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-row (Σ log p of the trained next tokens, number of trained tokens), in float32."""
-    logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits
-    targets = batch["labels"][:, 1:]
-    mask = targets != IGNORE_INDEX
-    logp = torch.log_softmax(logits[:, :-1].float(), dim=-1)
-    picked = logp.gather(-1, targets.clamp(min=0)[..., None])[..., 0]
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    picked = model(**inputs, logprob_labels=batch["labels"]).token_logprobs  # chunked: no [T, V] logits
+    mask = batch["labels"][:, 1:] != IGNORE_INDEX
     return (picked * mask).sum(dim=1), mask.sum(dim=1)
 
 

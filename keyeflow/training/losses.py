@@ -1,8 +1,10 @@
 """The losses of post-training (SPEC §4): MPO for preference pairs, GSPO for group rollouts. Pure torch.
 
-Everything here works on log-probabilities the caller has already computed (`token_logprobs` turns logits into
-them), so the same functions serve the single-process loop, DeepSpeed and the tests, and each term can be
-checked against its formula on literal numbers.
+Everything here works on log-probabilities the caller has already computed, so the same functions serve the
+single-process loop, DeepSpeed and the tests, and each term can be checked against its formula on literal
+numbers. The training loops get them from the model without logits (`forward(logprob_labels=...)`: lm_head and
+log-softmax over chunks of positions, `keyeflow.model.chunked_head`); `token_logprobs` is the same computation
+on logits already in hand.
 
 **MPO** (mixed preference optimisation, InternVL's setting; Keye names the method but gives no weights):
 

@@ -211,6 +211,7 @@ def _keye_8b() -> PosttrainRecipe:
         "deepspeed_zero": 2,
         "max_length": 32_768,
         "checkpoint_every": 200,
+        "activation_checkpointing": "full",
     }
     gspo = GSPOStageConfig(
         prompts_per_step=128,
@@ -222,6 +223,7 @@ def _keye_8b() -> PosttrainRecipe:
         gspo=GSPOConfig(),
         hints=HintConfig(rollouts_per_level=8),
         checkpoint_every=50,
+        activation_checkpointing="full",
     )
     return PosttrainRecipe(
         name="keye-8b", sft_tasks=SFT_TASKS, sft_max_items=8_000_000,
@@ -234,7 +236,8 @@ def _keye_8b() -> PosttrainRecipe:
         reward_model=RewardModelConfig(mode="think"),
         reward_model_stage=StageConfig(name="posttrain-2-reward-model", learning_rate=5e-6, max_steps=3_000,
                                        **full),
-        mpo=MPOStageConfig(learning_rate=5e-7, max_steps=2_000, pairs_per_step=64, max_length=32_768),
+        mpo=MPOStageConfig(learning_rate=5e-7, max_steps=2_000, pairs_per_step=64, max_length=32_768,
+                           activation_checkpointing="full"),
         longcot=StageConfig(name="posttrain-4-longcot-sft", learning_rate=1e-5, max_steps=5_000, **full),
         expert_domain="math",
         expert=StageConfig(name="posttrain-4-expert-math", learning_rate=1e-5, max_steps=2_000, **full),

@@ -76,7 +76,7 @@ from keyeflow.training.engine import (
     resume_point,
     seed_everything,
 )
-from keyeflow.training.losses import MPOOutput, RewardShift, mpo_loss, token_logprobs
+from keyeflow.training.losses import MPOOutput, RewardShift, mpo_loss
 from keyeflow.training.trainer import load_model
 
 log = logging.getLogger(__name__)
@@ -405,13 +405,12 @@ class MPOResult:
 def sequence_logprobs(
     model: torch.nn.Module, batch: Mapping[str, torch.Tensor]
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per row: Σ log p of the trained (assistant) tokens, and their number. `losses.token_logprobs` rather
-    than a full log-softmax: the [rows, tokens, vocabulary] log-probabilities of a real vocabulary would not
+    """Per row: Σ log p of the trained (assistant) tokens, and their number. The model scores only those
+    tokens, in chunks (`logprob_labels`): the [rows, tokens, vocabulary] logits of a real vocabulary would not
     fit beside the activations."""
-    logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits
-    targets = batch["labels"][:, 1:]  # the logit at t scores the token at t + 1
-    mask = targets != IGNORE_INDEX
-    logps = token_logprobs(logits[:, :-1], targets.clamp(min=0))
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    logps = model(**inputs, logprob_labels=batch["labels"]).token_logprobs  # [t] scores the token at t + 1
+    mask = batch["labels"][:, 1:] != IGNORE_INDEX
     return (logps * mask).sum(dim=1), mask.sum(dim=1)
 
 
@@ -512,6 +511,7 @@ def _train_mpo(
         learning_rate=config.learning_rate,
         lr_at=config.lr_at,
         grad_clip=config.grad_clip,
+        activation_checkpointing=config.activation_checkpointing,
     )
     policy = engine.model
     reference = load_model(init).to(dist.device).eval().requires_grad_(False)

@@ -130,7 +130,7 @@ from keyeflow.training.engine import (
     write_atomically,
 )
 from keyeflow.training.hints import HintConfig, HintRecord, item_hints, progressive_hint_sampling
-from keyeflow.training.losses import group_advantages, gspo_loss, token_logprobs
+from keyeflow.training.losses import group_advantages, gspo_loss
 
 log = logging.getLogger(__name__)
 
@@ -286,12 +286,13 @@ def completion_logprobs(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Teacher-forced log-probs of the labelled tokens: `(logps, mask)`, both `[B, L − 1]`, one row per
     sample (right-padded, `processor.collate`); `logps[b, t]` scores token t + 1 of row b, `mask` is true on
-    the completion tokens. Gradients flow unless the caller disables them."""
+    the completion tokens (`logps` is 0 elsewhere: only those positions are scored, in chunks, with no
+    [tokens, vocabulary] logits). Gradients flow unless the caller disables them."""
     device = next(model.parameters()).device
     batch = collate(features, pack=False, pad_token_id=pad_token_id)
     inputs = {k: v.to(device) for k, v in batch.items() if k != "labels"}
-    logits = model(**inputs).logits
-    logps = token_logprobs(logits[:, :-1], inputs["input_ids"][:, 1:])
+    scored = torch.where(batch["labels"] != IGNORE_INDEX, batch["input_ids"], IGNORE_INDEX).to(device)
+    logps = model(**inputs, logprob_labels=scored).token_logprobs
     return logps, (batch["labels"][:, 1:] != IGNORE_INDEX).to(device)
 
 
@@ -612,6 +613,7 @@ def _train_gspo(
         lr_at=lambda _: config.learning_rate,
         grad_clip=config.grad_clip,
         train_mode=False,
+        activation_checkpointing=config.activation_checkpointing,
     )
     reference = None
     if config.gspo.kl_coef > 0:

@@ -39,7 +39,6 @@ from typing import Any
 
 import pyarrow.compute as pc
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from keyeflow.datasets import tables
@@ -140,6 +139,7 @@ def _train(
         grad_clip=stage.grad_clip,
         trainable_prefixes=stage.trainable_prefixes(),
         bf16=stage.bf16,
+        activation_checkpointing=stage.activation_checkpointing,
         deepspeed_config=render_deepspeed_config(stage, dist.world_size)
         if stage.deepspeed_zero is not None
         else None,
@@ -332,16 +332,10 @@ def num_label_tokens(batch: dict[str, torch.Tensor]) -> int:
 
 
 def token_loss_sum(forward: nn.Module, batch: dict[str, torch.Tensor], device: torch.device) -> torch.Tensor:
-    """Sum (not mean) of the next-token cross-entropies over the batch's label tokens, in fp32."""
+    """Sum (not mean) of the next-token cross-entropies over the batch's label tokens, in fp32. The model
+    scores only the label positions, in chunks (`logprob_labels`): no [tokens, vocabulary] logits."""
     inputs = {k: v.to(device) for k, v in batch.items() if k != "labels"}
-    logits = forward(**inputs).logits
-    targets = batch["labels"][:, 1:].to(device)
-    return F.cross_entropy(
-        logits[:, :-1].float().reshape(-1, logits.shape[-1]),
-        targets.reshape(-1),
-        ignore_index=IGNORE_INDEX,
-        reduction="sum",
-    )
+    return -forward(**inputs, logprob_labels=batch["labels"].to(device)).token_logprobs.sum()
 
 
 # ---------------------------------------------------------------------------------------------- data
