@@ -18,7 +18,9 @@ and the token ids. It uses none of keyeflow's model code. What it follows, from 
 - Projector `KeyeVL1_5Projector` (`mlp_AR`): the 2×2 neighbours of a raster grid are concatenated as
   `(t h p1 w p2) d -> (t h w) (p1 p2 d)` (top-left, top-right, bottom-left, bottom-right), then LayerNorm
   over 4·hidden (eps 1e-5, fixed in the code, not read from the config) → linear_1 → exact GELU →
-  linear_2. Merged tokens are in raster order of the merged grid.
+  linear_2. Merged tokens are in raster order of the merged grid. The Kwai team's transformers port
+  (`KeyeVL1_5Projector`, `get_rope_index`) does the same: view (t, h/2, 2, w/2, 2, d), permute to
+  (t, h/2, w/2, 2, 2, d), LayerNorm eps 1e-5; and it maps the released `mlp_AR.*` names onto its own.
 - Embeddings: image tokens take the image features in order, video tokens the frames' features in order.
 - 3-row mRoPE positions (vLLM `KeyeVL1_5ForConditionalGeneration.get_mrope_input_positions`): text tokens
   count up on all three rows; each image or frame grid (every video frame its own t=1 grid) gets
@@ -30,6 +32,11 @@ and the token ids. It uses none of keyeflow's model code. What it follows, from 
 - mRoPE section split (Qwen2-VL `apply_multimodal_rotary_pos_emb`): the head_dim/2 frequencies are split by
   `mrope_section` into consecutive chunks taking their angle from the t, h, w position rows in turn; the
   rotation is half-split (NeoX).
+
+What this comparison cannot see at the tolerance (measured by perturbing the reference): the projector
+LayerNorm eps (1e-6 instead of 1e-5 moves the logits by ~5e-6). Everything else tried moves them by 1e-4 to
+3 (vision RoPE axes swapped or left out, align_corners=True, a wrong pixel mean, no q/k norm, GQA heads
+tiled instead of grouped, tanh/exact GELU swapped, a wrong mrope_section, a wrong merge order).
 """
 
 from __future__ import annotations
