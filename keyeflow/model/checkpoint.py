@@ -55,31 +55,48 @@ from transformers import Qwen3Config
 from keyeflow.model.config import KeyeConfig, KeyeVisionConfig
 from keyeflow.model.modeling import KeyeForConditionalGeneration
 
-_V = r"visual\.vision_model\."
-# (Keye name pattern, our name template), first match wins.
-KEYE_TO_OURS: tuple[tuple[re.Pattern, str], ...] = tuple(
-    (re.compile(pattern), template)
-    for pattern, template in (
-        (_V + r"embeddings\.patch_embedding\.(weight|bias)$", r"vision.patch_embed.\1"),
-        (_V + r"embeddings\.position_embedding\.weight$", r"vision.pos_embed.weight"),
-        (_V + r"encoder\.layers\.(\d+)\.layer_norm1\.(weight|bias)$", r"vision.layers.\1.norm1.\2"),
-        (_V + r"encoder\.layers\.(\d+)\.layer_norm2\.(weight|bias)$", r"vision.layers.\1.norm2.\2"),
-        (_V + r"encoder\.layers\.(\d+)\.self_attn\.(q|k|v|out)_proj\.(weight|bias)$",
-         r"vision.layers.\1.attn.\2_proj.\3"),
-        (_V + r"encoder\.layers\.(\d+)\.mlp\.(fc1|fc2)\.(weight|bias)$", r"vision.layers.\1.mlp.\2.\3"),
-        (_V + r"post_layernorm\.(weight|bias)$", r"vision.post_norm.\1"),
-        (r"mlp_AR\.pre_norm\.(weight|bias)$", r"projector.norm.\1"),
-        (r"mlp_AR\.linear_1\.(weight|bias)$", r"projector.fc1.\1"),
-        (r"mlp_AR\.linear_2\.(weight|bias)$", r"projector.fc2.\1"),
-        (r"model\.(.+)$", r"language_model.\1"),
-        (r"lm_head\.weight$", r"lm_head.weight"),
-    )
-)  # fmt: skip
+KEYE_VISION_PREFIX = "visual.vision_model."
+# One table, both directions: (Keye name, our name), with {placeholders} that match the same text on both
+# sides. The loader reads it Keye → ours, `keyeflow.model.export` ours → Keye; first match wins.
+NAME_PAIRS: tuple[tuple[str, str], ...] = (
+    (KEYE_VISION_PREFIX + "embeddings.patch_embedding.{wb}", "vision.patch_embed.{wb}"),
+    (KEYE_VISION_PREFIX + "embeddings.position_embedding.weight", "vision.pos_embed.weight"),
+    (KEYE_VISION_PREFIX + "encoder.layers.{i}.layer_norm1.{wb}", "vision.layers.{i}.norm1.{wb}"),
+    (KEYE_VISION_PREFIX + "encoder.layers.{i}.layer_norm2.{wb}", "vision.layers.{i}.norm2.{wb}"),
+    (
+        KEYE_VISION_PREFIX + "encoder.layers.{i}.self_attn.{qkvo}_proj.{wb}",
+        "vision.layers.{i}.attn.{qkvo}_proj.{wb}",
+    ),
+    (KEYE_VISION_PREFIX + "encoder.layers.{i}.mlp.{fc}.{wb}", "vision.layers.{i}.mlp.{fc}.{wb}"),
+    (KEYE_VISION_PREFIX + "post_layernorm.{wb}", "vision.post_norm.{wb}"),
+    ("mlp_AR.pre_norm.{wb}", "projector.norm.{wb}"),
+    ("mlp_AR.linear_1.{wb}", "projector.fc1.{wb}"),
+    ("mlp_AR.linear_2.{wb}", "projector.fc2.{wb}"),
+    ("model.{rest}", "language_model.{rest}"),
+    ("lm_head.weight", "lm_head.weight"),
+)
+_PLACEHOLDERS = {"wb": "weight|bias", "i": r"\d+", "qkvo": "q|k|v|out", "fc": "fc1|fc2", "rest": ".+"}
+
+
+def _direction(pairs: tuple[tuple[str, str], ...], source: int) -> tuple[tuple[re.Pattern, str], ...]:
+    """(pattern over side `source`'s names, template of the other side's name) for every pair."""
+    out = []
+    for pair in pairs:
+        pattern = re.sub(
+            r"\\\{(\w+)\\\}", lambda m: f"(?P<{m[1]}>{_PLACEHOLDERS[m[1]]})", re.escape(pair[source])
+        )
+        template = re.sub(r"\{(\w+)\}", r"\\g<\1>", pair[1 - source])
+        out.append((re.compile(pattern + "$"), template))
+    return tuple(out)
+
+
+KEYE_TO_OURS = _direction(NAME_PAIRS, 0)
+OURS_TO_KEYE = _direction(NAME_PAIRS, 1)
 DROPPED_KEYS = tuple(
     re.compile(p)
     for p in (
-        _V + r"embeddings\.packing_position_embedding\.weight$",
-        _V + r"head\.",
+        re.escape(KEYE_VISION_PREFIX) + r"embeddings\.packing_position_embedding\.weight$",
+        re.escape(KEYE_VISION_PREFIX) + r"head\.",
         # Under any prefix: `re.match` anchors at the start, so the pattern says "anything, then".
         r"(?:.*\.)?rotary_emb\.inv_freq$",
     )

@@ -28,13 +28,12 @@ from __future__ import annotations
 
 import json
 import math
-import re
 from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
 
-from keyeflow.model.checkpoint import load_keye_checkpoint
+from keyeflow.model.checkpoint import KEYE_VISION_PREFIX, OURS_TO_KEYE, load_keye_checkpoint
 from keyeflow.model.config import KeyeConfig
 from keyeflow.model.modeling import PIXEL_MEAN, PIXEL_STD
 from keyeflow.model.tokenizer import load_tokenizer
@@ -45,27 +44,6 @@ DEFAULT_MAX_SHARD_BYTES = 5 * 1000**3
 PACKING_POSITIONS = 32768
 # keye-vl-utils' token range for an image (one LLM token per 28×28 area), as the image processor's pixels.
 MIN_IMAGE_TOKENS, MAX_IMAGE_TOKENS = 4, 20_480
-
-_V = "visual.vision_model."
-# (our name pattern, Keye name template): the inverse of `checkpoint.KEYE_TO_OURS`, first match wins.
-OURS_TO_KEYE: tuple[tuple[re.Pattern, str], ...] = tuple(
-    (re.compile(pattern), template)
-    for pattern, template in (
-        (r"vision\.patch_embed\.(weight|bias)$", _V + r"embeddings.patch_embedding.\1"),
-        (r"vision\.pos_embed\.weight$", _V + "embeddings.position_embedding.weight"),
-        (r"vision\.layers\.(\d+)\.norm1\.(weight|bias)$", _V + r"encoder.layers.\1.layer_norm1.\2"),
-        (r"vision\.layers\.(\d+)\.norm2\.(weight|bias)$", _V + r"encoder.layers.\1.layer_norm2.\2"),
-        (r"vision\.layers\.(\d+)\.attn\.(q|k|v|out)_proj\.(weight|bias)$",
-         _V + r"encoder.layers.\1.self_attn.\2_proj.\3"),
-        (r"vision\.layers\.(\d+)\.mlp\.(fc1|fc2)\.(weight|bias)$", _V + r"encoder.layers.\1.mlp.\2.\3"),
-        (r"vision\.post_norm\.(weight|bias)$", _V + r"post_layernorm.\1"),
-        (r"projector\.norm\.(weight|bias)$", r"mlp_AR.pre_norm.\1"),
-        (r"projector\.fc1\.(weight|bias)$", r"mlp_AR.linear_1.\1"),
-        (r"projector\.fc2\.(weight|bias)$", r"mlp_AR.linear_2.\1"),
-        (r"language_model\.(.+)$", r"model.\1"),
-        (r"lm_head\.weight$", r"lm_head.weight"),
-    )
-)  # fmt: skip
 
 
 def our_key_to_keye(name: str) -> str:
@@ -88,7 +66,7 @@ def keye_state_dict(model: torch.nn.Module, dtype: torch.dtype) -> dict[str, tor
             # Linear over channel-major (c, y, x) patch values → the Conv2d weight the released ViT holds.
             tensor = tensor.reshape(tensor.shape[0], vc.num_channels, vc.patch_size, vc.patch_size)
         out[our_key_to_keye(name)] = tensor.detach().to(dtype).contiguous()
-    out[_V + "embeddings.packing_position_embedding.weight"] = torch.zeros(
+    out[KEYE_VISION_PREFIX + "embeddings.packing_position_embedding.weight"] = torch.zeros(
         PACKING_POSITIONS, vc.hidden_size, dtype=dtype
     )
     return out
