@@ -9,11 +9,16 @@ rank computes the same plan from table metadata alone (no pixels):
 2. cost each pack (LLM tokens with attention per sample, plus the vision encoder per image/frame grid,
    Slow and Fast frames apart: :class:`balance.CostModel`);
 3. spread the packs over the data-parallel ranks by cost (greedy LPT, :func:`balance.balance`);
-4. spread each rank's packs over its ``micro_batches_per_step`` micro-batches the same way.
+4. spread each rank's packs over its ``micro_batches_per_step`` micro-batches the same way; or, with a
+   token budget (``max_tokens_per_micro_batch``), over the fewest micro-batches (at least
+   ``micro_batches_per_step``, the same number on every rank) that keep each within the budget
+   (:func:`balance.balance_two_level_capped`).
 
 Then a rank calls ``sample_reader(sample_ids)`` for the samples of its own micro-batches only, one call
 per micro-batch, and yields :class:`MicroBatch` objects. The reader is the seam to the model's processor
-(text tokens, pixel patches); the loader never reads a payload itself.
+(text tokens, pixel patches); the loader never reads a payload itself. A background thread makes those
+calls ``prefetch`` micro-batches ahead of the trainer (a bounded queue), so reading overlaps the step;
+what was read ahead is not "consumed" until the trainer has taken it.
 
 **The stream.** Mixture rows sorted by ``order`` (ties by ``sample_id``) are rows ``i = 0..N-1``; a row
 used ``r`` times per epoch has occurrences ``j = 0..r-1`` placed at key ``(i + j·N) / r``, i.e. spread
@@ -652,6 +657,7 @@ class MixtureLoader:
         """Micro-batches read by a background thread, at most ``prefetch`` ahead of the caller (a bounded
         queue). A reader error is raised here, in the caller's thread, with the micro-batch's samples
         named; closing this generator (the caller stops early, or is collected) stops the thread."""
+        schedule = self._schedule()  # from the position now, before the caller can move it
         ready: queue.Queue = queue.Queue(maxsize=self.prefetch)
         stop = threading.Event()
         end = object()
@@ -667,7 +673,7 @@ class MixtureLoader:
 
         def work() -> None:
             try:
-                for item in self._schedule():
+                for item in schedule:
                     if stop.is_set() or not put(self._read(*item)):
                         return
                 put(end)
