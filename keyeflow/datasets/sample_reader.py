@@ -4,13 +4,15 @@ Pixels come back from Lance by key (``video_frames`` by sample, ``image_samples`
 pre-tokenisation stored them; nothing is decoded again. Each rank calls this only for its own samples.
 
 **Reads by index.** A :class:`LanceSampleReader` pins each table's version when it opens it and scans only
-its key column(s) once, into a map key → row offsets (:class:`RowIndex`); every later read is a Lance
-``take`` of exactly the rows wanted. A filter such as ``isin(sample_id)`` instead scans the whole key column
-of the table for every micro-batch (``video_frames`` has one row per stored frame). Measured on a 1M-row
-``video_frames`` (``benchmarks/bench_loader.py``): ``take`` by offset ~0.9 ms per micro-batch, a BTREE scalar
-index on ``sample_id`` + the same filter ~1.7 ms, the unindexed filter ~50 ms; ``take`` is the faster and
-needs no index to be built and kept up to date by every writer, so it is what the reader uses. The key
-scan costs ~0.3 s per million rows once per reader.
+its key column(s) once, into a map key → row offsets (:class:`RowIndex`, which also keeps the frames' grid
+sizes); every later read is a Lance ``take`` of exactly the rows wanted, of the ``patches`` column only.
+A filter such as ``isin(sample_id)`` instead scans the whole key column of the table for every micro-batch
+(``video_frames`` has one row per stored frame). Measured on a 1M-row, 20-fragment ``video_frames``
+(``benchmarks/bench_loader.py``, 8 videos of 16 frames, shared 2-core CPU): ``take`` by offset 1.2-1.5 ms
+per micro-batch, a BTREE scalar index on ``sample_id`` + the same filter 3.0-3.7 ms, the filtered scans
+~46 ms. ``take`` is the faster, and needs no index that every writer would have to build and keep up to
+date after each append, so it is what the reader uses. The key scan costs ~0.2 s per million rows, once
+per reader.
 
 **One copy of the pixels.** ``take`` returns the patches of all frames and images asked for back to back in
 one Arrow buffer (frames of a video in frame order, because the offsets are asked in that order); they
