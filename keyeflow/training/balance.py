@@ -336,3 +336,53 @@ def imbalance(loads: Any) -> float:
     loads = np.asarray(loads, dtype=np.float64)
     mean = loads.mean() if len(loads) else 0.0
     return float(loads.max() / mean) if mean > 0 else 1.0
+
+
+def balance_two_level_capped(
+    pack_costs: Any, pack_tokens: Any, num_ranks: int, min_micro_batches: int, max_tokens: int
+) -> tuple[np.ndarray, np.ndarray, int]:
+    """(rank, micro-batch) of each pack and the number of micro-batches per rank, when a micro-batch may
+    hold at most ``max_tokens`` tokens: LPT across ranks as :func:`balance_two_level`, then the fewest
+    micro-batches (at least ``min_micro_batches``, the same on every rank: data-parallel ranks step in
+    lock-step) into which every rank's packs fit.
+
+    Within a rank, packs go costliest first (ties by index) to the least-loaded micro-batch that still has
+    room for them (ties by lowest index); when one does not fit anywhere, every rank tries again with one
+    micro-batch more. That ends: with as many micro-batches as packs each pack gets its own, and no pack
+    is longer than ``max_tokens`` (checked). Deterministic, so every rank computes the same answer.
+    """
+    pack_costs = np.asarray(pack_costs, dtype=np.float64).reshape(-1)
+    pack_tokens = np.asarray(pack_tokens, dtype=np.int64).reshape(-1)
+    if len(pack_tokens) != len(pack_costs):
+        raise ValueError(f"{len(pack_tokens)} pack lengths for {len(pack_costs)} pack costs")
+    if len(pack_tokens) and int(pack_tokens.max()) > max_tokens:
+        raise ValueError(f"a pack of {int(pack_tokens.max())} tokens is longer than max_tokens={max_tokens}")
+    rank = balance(pack_costs, num_ranks)
+    mine = [np.flatnonzero(rank == r) for r in range(int(num_ranks))]
+    # No fewer micro-batches than the heaviest rank's tokens need.
+    least = max([-(-int(pack_tokens[m].sum()) // max_tokens) for m in mine] + [int(min_micro_batches)])
+    for num_micro_batches in range(least, max(least, max(len(m) for m in mine)) + 1):
+        micro_batch = np.zeros(len(pack_costs), dtype=np.int64)
+        if all(
+            _fill(pack_costs[m], pack_tokens[m], num_micro_batches, max_tokens, micro_batch, m) for m in mine
+        ):
+            return rank, micro_batch, num_micro_batches
+    raise AssertionError("unreachable: one pack per micro-batch always fits")
+
+
+def _fill(
+    costs: np.ndarray, tokens: np.ndarray, num_bins: int, capacity: int, out: np.ndarray, where: np.ndarray
+) -> bool:
+    """Capacity-bounded LPT of one rank's packs into ``num_bins``; writes bins to ``out[where]``; False
+    when a pack fits nowhere."""
+    loads = np.zeros(num_bins)
+    room = np.full(num_bins, capacity, dtype=np.int64)
+    for i in np.lexsort((np.arange(len(costs)), -costs)).tolist():
+        fits = np.flatnonzero(room >= tokens[i])
+        if not len(fits):
+            return False
+        b = int(fits[np.argmin(loads[fits])])  # argmin: the first (lowest index) of equal loads
+        out[where[i]] = b
+        loads[b] += costs[i]
+        room[b] -= tokens[i]
+    return True

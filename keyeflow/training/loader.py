@@ -9,11 +9,16 @@ rank computes the same plan from table metadata alone (no pixels):
 2. cost each pack (LLM tokens with attention per sample, plus the vision encoder per image/frame grid,
    Slow and Fast frames apart: :class:`balance.CostModel`);
 3. spread the packs over the data-parallel ranks by cost (greedy LPT, :func:`balance.balance`);
-4. spread each rank's packs over its ``micro_batches_per_step`` micro-batches the same way.
+4. spread each rank's packs over its ``micro_batches_per_step`` micro-batches the same way; or, with a
+   token budget (``max_tokens_per_micro_batch``), over the fewest micro-batches (at least
+   ``micro_batches_per_step``, the same number on every rank) that keep each within the budget
+   (:func:`balance.balance_two_level_capped`).
 
 Then a rank calls ``sample_reader(sample_ids)`` for the samples of its own micro-batches only, one call
 per micro-batch, and yields :class:`MicroBatch` objects. The reader is the seam to the model's processor
-(text tokens, pixel patches); the loader never reads a payload itself.
+(text tokens, pixel patches); the loader never reads a payload itself. A background thread makes those
+calls ``prefetch`` micro-batches ahead of the trainer (a bounded queue), so reading overlaps the step;
+what was read ahead is not "consumed" until the trainer has taken it.
 
 **The stream.** Mixture rows sorted by ``order`` (ties by ``sample_id``) are rows ``i = 0..N-1``; a row
 used ``r`` times per epoch has occurrences ``j = 0..r-1`` placed at key ``(i + j·N) / r``, i.e. spread
@@ -54,6 +59,8 @@ encoder matrices only, no per-grid attention) and counted in ``num_samples_witho
 from __future__ import annotations
 
 import logging
+import queue
+import threading
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -67,7 +74,14 @@ import pyarrow as pa
 from keyeflow.config import check_int, invalid
 from keyeflow.datasets import tables
 from keyeflow.datasets.tables import TableRef
-from keyeflow.training.balance import CostModel, balance_two_level, group_loads, imbalance, pack_lengths
+from keyeflow.training.balance import (
+    CostModel,
+    balance_two_level,
+    balance_two_level_capped,
+    group_loads,
+    imbalance,
+    pack_lengths,
+)
 
 log = logging.getLogger(__name__)
 
@@ -292,15 +306,22 @@ class Layout:
     max_length: int
     cost_model: dict[str, float]
     plan_version: int = PLAN_VERSION
+    # None: exactly ``micro_batches_per_step`` micro-batches per step. Else the step has as many micro-batches
+    # (at least ``micro_batches_per_step``) as keep every one of them at or under this many tokens.
+    max_tokens_per_micro_batch: int | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        out = {
             "world_size": self.world_size,
             "micro_batches_per_step": self.micro_batches_per_step,
             "max_length": self.max_length,
             "cost_model": dict(self.cost_model),
             "plan_version": self.plan_version,
         }
+        # Only when set, so states saved without a budget stay byte-identical to those of earlier versions.
+        if self.max_tokens_per_micro_batch is not None:
+            out["max_tokens_per_micro_batch"] = self.max_tokens_per_micro_batch
+        return out
 
 
 @dataclass(frozen=True)
@@ -317,6 +338,7 @@ class WindowPlan:
     pack_costs: np.ndarray
     pack_rank: np.ndarray
     pack_micro_batch: np.ndarray
+    num_micro_batches: int  # per rank; = layout.micro_batches_per_step unless a token budget needs more
     _by_slot: dict[tuple[int, int], list[int]] = field(default_factory=dict, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -343,9 +365,7 @@ class WindowPlan:
 
     def micro_batch_loads(self, rank: int) -> np.ndarray:
         mine = self.pack_rank == rank
-        return group_loads(
-            self.pack_costs[mine], self.pack_micro_batch[mine], self.layout.micro_batches_per_step
-        )
+        return group_loads(self.pack_costs[mine], self.pack_micro_batch[mine], self.num_micro_batches)
 
     @property
     def real_token_share(self) -> float:
@@ -356,7 +376,7 @@ class WindowPlan:
 
     @cached_property
     def num_empty_micro_batches(self) -> int:
-        return self.layout.world_size * self.layout.micro_batches_per_step - len(self._by_slot)
+        return self.layout.world_size * self.num_micro_batches - len(self._by_slot)
 
 
 # ---------------------------------------------------------------------------------------------- loader
@@ -367,6 +387,12 @@ class MixtureLoader:
 
     ``window_size`` occurrences form one step on every rank together; ``num_epochs=None`` runs forever.
     Call :meth:`load_state_dict` before iterating. See the module docstring for the plan and resume.
+
+    ``max_tokens_per_micro_batch`` (off by default) caps each micro-batch's tokens: a step then has as
+    many micro-batches as that needs, at least ``micro_batches_per_step``
+    (:attr:`MicroBatch.num_micro_batches` says how many; read until :attr:`MicroBatch.is_last_in_step`).
+    ``prefetch`` micro-batches are read
+    ahead by a background thread while the caller trains (0: read in the caller's thread).
     """
 
     def __init__(
@@ -383,6 +409,8 @@ class MixtureLoader:
         window_size: int,
         cost_model: CostModel | None = None,
         num_epochs: int | None = 1,
+        max_tokens_per_micro_batch: int | None = None,
+        prefetch: int = 2,
     ):
         self.world_size = check_int("MixtureLoader", "world_size", world_size, minimum=1)
         self.rank = check_int("MixtureLoader", "rank", rank, minimum=0)
@@ -397,6 +425,21 @@ class MixtureLoader:
         self.num_epochs = (
             None if num_epochs is None else check_int("MixtureLoader", "num_epochs", num_epochs, minimum=1)
         )
+        self.max_tokens_per_micro_batch = (
+            None
+            if max_tokens_per_micro_batch is None
+            else check_int(
+                "MixtureLoader", "max_tokens_per_micro_batch", max_tokens_per_micro_batch, minimum=1
+            )
+        )
+        if self.max_tokens_per_micro_batch is not None and self.max_tokens_per_micro_batch < self.max_length:
+            raise invalid(
+                "MixtureLoader",
+                "max_tokens_per_micro_batch",
+                max_tokens_per_micro_batch,
+                f"must be >= max_length={max_length} (a micro-batch holds at least one full pack)",
+            )
+        self.prefetch = check_int("MixtureLoader", "prefetch", prefetch, minimum=0)
         if not callable(sample_reader):
             raise invalid("MixtureLoader", "sample_reader", sample_reader, "must be callable(sample_ids)")
         self.sample_reader = sample_reader
@@ -413,7 +456,11 @@ class MixtureLoader:
                 f"{self.max_length:,} ({over} sample(s) too long); samples are never split"
             )
         self.layout = Layout(
-            self.world_size, self.micro_batches_per_step, self.max_length, self.cost_model.to_dict()
+            self.world_size,
+            self.micro_batches_per_step,
+            self.max_length,
+            self.cost_model.to_dict(),
+            max_tokens_per_micro_batch=self.max_tokens_per_micro_batch,
         )
         self._stream0 = epoch_stream(self.samples.repeats)
         self.occurrences_per_epoch = len(self._stream0)
@@ -483,9 +530,17 @@ class MixtureLoader:
         )
         pack_tokens = np.array([int(lengths[p].sum()) for p in packs], dtype=np.int64)
         pack_costs = np.array([float(costs[p].sum()) for p in packs], dtype=np.float64)
-        pack_rank, pack_micro_batch = balance_two_level(
-            pack_costs, layout.world_size, layout.micro_batches_per_step
-        )
+        if layout.max_tokens_per_micro_batch is None:
+            num_micro_batches = layout.micro_batches_per_step
+            pack_rank, pack_micro_batch = balance_two_level(pack_costs, layout.world_size, num_micro_batches)
+        else:
+            pack_rank, pack_micro_batch, num_micro_batches = balance_two_level_capped(
+                pack_costs,
+                pack_tokens,
+                layout.world_size,
+                layout.micro_batches_per_step,
+                layout.max_tokens_per_micro_batch,
+            )
         return WindowPlan(
             window,
             window // self.windows_per_epoch,
@@ -497,70 +552,147 @@ class MixtureLoader:
             pack_costs,
             pack_rank,
             pack_micro_batch,
+            num_micro_batches,
         )
+
+    def _plan_and_warn(self, window: int, exclude: np.ndarray) -> WindowPlan:
+        plan = self.plan_window(window, exclude)
+        if plan.num_empty_micro_batches:
+            log.warning(
+                "step %d: %d packs for %d ranks × %d micro-batches; %d micro-batch(es) are empty "
+                "(raise window_size)",
+                window,
+                len(plan.packs),
+                self.world_size,
+                plan.num_micro_batches,
+                plan.num_empty_micro_batches,
+            )
+        return plan
 
     def current_plan(self) -> WindowPlan:
         if self._plan is None:
-            self._plan = self.plan_window(self._window, self._consumed_before)
-            if self._plan.num_empty_micro_batches:
-                log.warning(
-                    "step %d: %d packs for %d ranks × %d micro-batches; %d micro-batch(es) are empty "
-                    "(raise window_size)",
-                    self._window,
-                    len(self._plan.packs),
-                    self.world_size,
-                    self.micro_batches_per_step,
-                    self._plan.num_empty_micro_batches,
-                )
+            self._plan = self._plan_and_warn(self._window, self._consumed_before)
         return self._plan
 
     # ------------------------------------------------------------------------------------------ iteration
 
-    def _finished(self) -> bool:
-        return self.num_steps is not None and self._window >= self.num_steps
+    def _finished(self, window: int) -> bool:
+        return self.num_steps is not None and window >= self.num_steps
+
+    def _schedule(self) -> Iterator[tuple[WindowPlan, int, tuple[Pack, ...]]]:
+        """(plan, micro-batch index, packs) of this rank from the current position on. Reads nothing and
+        changes no position (it starts from a copy of it): the prefetch thread runs it ahead of what the
+        caller has taken, while the caller moves the position."""
+        return self._schedule_from(self._window, self._done, self._plan, self._consumed_before)
+
+    def _schedule_from(
+        self, window: int, done: int, plan: WindowPlan | None, consumed_before: np.ndarray
+    ) -> Iterator[tuple[WindowPlan, int, tuple[Pack, ...]]]:
+        while not self._finished(window):
+            if plan is None:
+                plan = self._plan_and_warn(window, consumed_before)
+            for index in range(done, plan.num_micro_batches):
+                yield plan, index, self._packs(plan, index)
+            window, done, plan, consumed_before = window + 1, 0, None, np.zeros(0, np.int64)
+
+    def _packs(self, plan: WindowPlan, index: int) -> tuple[Pack, ...]:
+        packs = []
+        for k in plan.micro_batch_packs(self.rank, index):
+            members = plan.packs[k]
+            rows = plan.rows[members]
+            packs.append(
+                Pack(
+                    sample_ids=tuple(self.samples.sample_ids[rows].tolist()),
+                    occurrences=tuple(plan.occurrences[members].tolist()),
+                    num_tokens=tuple(self.samples.num_tokens[rows].tolist()),
+                    modalities=tuple(self.samples.modalities[rows].tolist()),
+                    cost=float(plan.pack_costs[k]),
+                )
+            )
+        return tuple(packs)
+
+    def _read(self, plan: WindowPlan, index: int, packs: tuple[Pack, ...]) -> tuple[WindowPlan, MicroBatch]:
+        ids = [s for p in packs for s in p.sample_ids]
+        payloads: tuple[tuple[Any, ...], ...] = ()
+        if ids:
+            try:
+                got = list(self.sample_reader(ids))
+                if len(got) != len(ids):
+                    raise ValueError(f"sample_reader returned {len(got)} payloads for {len(ids)} sample ids")
+            except Exception as exc:
+                # Raised again in the training thread when read ahead: say which micro-batch it was.
+                exc.add_note(
+                    f"reading step {plan.window} micro-batch {index} (rank {self.rank}): samples {ids}"
+                )
+                raise
+            split = np.cumsum([len(p.sample_ids) for p in packs])[:-1].tolist()
+            payloads = tuple(tuple(got[a:b]) for a, b in zip([0, *split], [*split, len(got)]))
+        return plan, MicroBatch(
+            step=plan.window,
+            epoch=plan.epoch,
+            index=index,
+            num_micro_batches=plan.num_micro_batches,
+            rank=self.rank,
+            packs=packs,
+            payloads=payloads,
+        )
 
     def __iter__(self) -> Iterator[MicroBatch]:
-        while not self._finished():
-            plan = self.current_plan()
-            num = plan.layout.micro_batches_per_step
-            for index in range(self._done, num):
-                packs = []
-                for k in plan.micro_batch_packs(self.rank, index):
-                    members = plan.packs[k]
-                    rows = plan.rows[members]
-                    packs.append(
-                        Pack(
-                            sample_ids=tuple(self.samples.sample_ids[rows].tolist()),
-                            occurrences=tuple(plan.occurrences[members].tolist()),
-                            num_tokens=tuple(self.samples.num_tokens[rows].tolist()),
-                            modalities=tuple(self.samples.modalities[rows].tolist()),
-                            cost=float(plan.pack_costs[k]),
-                        )
-                    )
-                ids = [s for p in packs for s in p.sample_ids]
-                payloads: tuple[tuple[Any, ...], ...] = ()
-                if ids:
-                    got = list(self.sample_reader(ids))
-                    if len(got) != len(ids):
-                        raise ValueError(
-                            f"sample_reader returned {len(got)} payloads for {len(ids)} sample ids"
-                        )
-                    split = np.cumsum([len(p.sample_ids) for p in packs])[:-1].tolist()
-                    payloads = tuple(tuple(got[a:b]) for a, b in zip([0, *split], [*split, len(got)]))
-                batch = MicroBatch(
-                    step=plan.window,
-                    epoch=plan.epoch,
-                    index=index,
-                    num_micro_batches=num,
-                    rank=self.rank,
-                    packs=tuple(packs),
-                    payloads=payloads,
-                )
+        batches = (
+            (self._read(*item) for item in self._schedule()) if self.prefetch == 0 else self._read_ahead()
+        )
+        try:
+            for plan, batch in batches:
+                # The schedule started at this loader's position and moves as the position does.
+                assert plan.window == self._window and batch.index == self._done, "loader position lost"
                 # Advance before yielding: a state_dict() taken after receiving this micro-batch counts it.
-                self._done = index + 1
-                if self._done == num:
+                self._plan, self._done = plan, batch.index + 1
+                if self._done == plan.num_micro_batches:
                     self._next_window()
                 yield batch
+        finally:
+            batches.close()
+
+    def _read_ahead(self) -> Iterator[tuple[WindowPlan, MicroBatch]]:
+        """Micro-batches read by a background thread, at most ``prefetch`` ahead of the caller (a bounded
+        queue). A reader error is raised here, in the caller's thread, with the micro-batch's samples
+        named; closing this generator (the caller stops early, or is collected) stops the thread."""
+        schedule = self._schedule()  # from the position now, before the caller can move it
+        ready: queue.Queue = queue.Queue(maxsize=self.prefetch)
+        stop = threading.Event()
+        end = object()
+
+        def put(item: Any) -> bool:
+            while not stop.is_set():
+                try:
+                    ready.put(item, timeout=0.1)
+                    return True
+                except queue.Full:
+                    continue
+            return False
+
+        def work() -> None:
+            try:
+                for item in schedule:
+                    if stop.is_set() or not put(self._read(*item)):
+                        return
+                put(end)
+            except BaseException as exc:  # noqa: BLE001 - handed to the caller, who raises it
+                put(exc)
+
+        thread = threading.Thread(target=work, name=f"keyeflow-loader-rank{self.rank}", daemon=True)
+        thread.start()
+        try:
+            while True:
+                item = ready.get()
+                if item is end:
+                    return
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+        finally:
+            stop.set()
+            thread.join()
 
     def _next_window(self) -> None:
         self._window += 1
@@ -622,6 +754,7 @@ class MixtureLoader:
             saved["max_length"],
             dict(saved["cost_model"]),
             saved.get("plan_version", -1),
+            saved.get("max_tokens_per_micro_batch"),
         )
         self._window, self._plan = window, None
         if saved_layout == self.layout and state["micro_batches_done"] > 0:

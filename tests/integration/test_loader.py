@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import json
 import random
+import threading
+import time
 from collections import Counter
 
 import numpy as np
@@ -361,3 +363,147 @@ def test_resume_refuses_another_stream_and_errors_are_clear(mixture):
             sample_reader=Reader(train),
             window_size=8,
         )
+
+
+# ---------------------------------------------------------------------------------------------- token budget
+
+BUDGET = 2 * MAX_LENGTH
+
+
+def test_a_token_budget_caps_every_micro_batch_and_steps_stay_in_lock_step(mixture):
+    result, train, _ = mixture
+    world = 2
+    per_rank = [
+        list(
+            make(result, train, rank=r, world_size=world, micro_batches=1, max_tokens_per_micro_batch=BUDGET)[
+                0
+            ]
+        )
+        for r in range(world)
+    ]
+    assert all(b.num_tokens <= BUDGET for batches in per_rank for b in batches)
+    # Every rank has the same number of micro-batches in every step (lock-step data parallelism), at least
+    # micro_batches_per_step, and more than that where the budget needs it.
+    counts = [Counter(b.step for b in batches) for batches in per_rank]
+    assert counts[0] == counts[1]
+    assert all(b.num_micro_batches == counts[0][b.step] for batches in per_rank for b in batches)
+    assert min(counts[0].values()) >= 1 and max(counts[0].values()) > 1
+    # Still every occurrence of the epoch exactly once; and with no budget the plan is what it always was.
+    seen = sorted(o for batches in per_rank for b in batches for o in b.occurrences)
+    assert seen == list(range(make(result, train)[0].occurrences_per_epoch))
+    plain, _ = make(result, train, micro_batches=1)
+    assert max(b.num_tokens for b in plain) > BUDGET  # the cap binds: without it some micro-batch is over
+    assert "max_tokens_per_micro_batch" not in plain.state_dict()["layout"]
+    with pytest.raises(ValueError, match="must be >= max_length"):
+        make(result, train, max_tokens_per_micro_batch=MAX_LENGTH - 1)
+
+
+def test_a_token_budget_plan_resumes_exactly_also_on_another_world_size(mixture):
+    result, train, _ = mixture
+    full = [
+        key(b)
+        for b in make(
+            result, train, rank=0, world_size=2, micro_batches=1, max_tokens_per_micro_batch=BUDGET
+        )[0]
+    ]
+    for stop in (5, 8):
+        states = []
+        for r in range(2):
+            loader, _ = make(
+                result, train, rank=r, world_size=2, micro_batches=1, max_tokens_per_micro_batch=BUDGET
+            )
+            run(loader, stop)
+            states.append(json.loads(json.dumps(loader.state_dict())))
+        assert states[0] == states[1]
+        resumed, _ = make(
+            result, train, rank=0, world_size=2, micro_batches=1, max_tokens_per_micro_batch=BUDGET
+        )
+        resumed.load_state_dict(states[0])
+        assert [key(b) for b in resumed] == full[stop:]
+        # 2 ranks with a budget → 1 rank without: nothing skipped or repeated.
+        seen = [
+            o
+            for r in range(2)
+            for b in run(
+                make(result, train, rank=r, world_size=2, micro_batches=1, max_tokens_per_micro_batch=BUDGET)[
+                    0
+                ],
+                stop,
+            )
+            for o in b.occurrences
+        ]
+        single, _ = make(result, train, rank=0, world_size=1, micro_batches=2)
+        single.load_state_dict(states[0])
+        seen += [o for b in single for o in b.occurrences]
+        assert sorted(seen) == list(range(single.occurrences_per_epoch))
+
+
+# ---------------------------------------------------------------------------------------------- prefetch
+
+
+def test_prefetch_reads_ahead_in_a_thread_and_changes_nothing(mixture):
+    result, train, _ = mixture
+    threads = []
+
+    class Recording(Reader):
+        def __call__(self, sample_ids):
+            threads.append(threading.current_thread())
+            return super().__call__(sample_ids)
+
+    def loader(prefetch):
+        return MixtureLoader(
+            result.mixture, result.mixture_id, rank=1, world_size=2, max_length=MAX_LENGTH,
+            micro_batches_per_step=3, seed=0, sample_reader=Recording(train), window_size=WINDOW,
+            num_epochs=2, prefetch=prefetch,
+        )  # fmt: skip
+
+    inline = [(key(b), b.payloads) for b in loader(0)]
+    assert set(threads) == {threading.main_thread()}
+    threads.clear()
+    ahead = loader(3)
+    got = []
+    for b in ahead:
+        got.append((key(b), b.payloads))
+    assert [k for k, _ in got] == [k for k, _ in inline]
+    assert all(
+        [p["sample_id"] for pack in x for p in pack] == [p["sample_id"] for pack in y for p in pack]
+        for (_, x), (_, y) in zip(got, inline)
+    )
+    assert threading.main_thread() not in threads  # the reads ran in the loader's thread
+
+    # Stopping early: the state counts only what was taken (not what was read ahead), the thread ends.
+    before = threading.active_count()
+    early = loader(4)
+    it = iter(early)
+    taken = [next(it) for _ in range(4)]
+    time.sleep(0.2)  # let the thread fill its queue
+    assert early.state_dict()["micro_batches_done"] == 1 and early.state_dict()["window"] == 1
+    assert threading.active_count() == before + 1
+    it.close()
+    assert threading.active_count() == before
+    resumed = loader(2)
+    resumed.load_state_dict(early.state_dict())
+    assert [key(b) for b in taken] + [key(b) for b in resumed] == [k for k, _ in inline]
+
+
+def test_a_read_error_is_raised_in_the_training_thread_naming_the_samples(mixture):
+    result, train, _ = mixture
+    failing = "image-001"
+
+    class Failing(Reader):
+        def __call__(self, sample_ids):
+            if failing in sample_ids:
+                raise KeyError(f"no rows [{failing!r}]")
+            return super().__call__(sample_ids)
+
+    loader = MixtureLoader(
+        result.mixture, result.mixture_id, rank=0, world_size=1, max_length=MAX_LENGTH,
+        micro_batches_per_step=2, seed=0, sample_reader=Failing(train), window_size=WINDOW, prefetch=2,
+    )  # fmt: skip
+    before = threading.active_count()
+    with pytest.raises(KeyError, match="no rows") as raised:
+        for _ in loader:
+            pass
+    note = "\n".join(raised.value.__notes__)
+    assert "reading step" in note and repr(failing) in note
+    assert threading.active_count() == before  # the reading thread has ended

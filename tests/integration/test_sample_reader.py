@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
+import lance
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pytest
 import torch
 
 from keyeflow.datasets import conversations, images, ingest, pretokenize, tables
 from keyeflow.datasets.images import ImageConfig
-from keyeflow.datasets.sample_reader import LanceSampleReader
+from keyeflow.datasets.sample_reader import LanceSampleReader, MediaReader, read_media
 from keyeflow.datasets.slowfast import resolve_config
 from keyeflow.model.config import tiny
 from keyeflow.model.modeling import KeyeForConditionalGeneration
@@ -56,3 +62,106 @@ def test_features_match_counts_and_stored_pixels(home, sample_corpus, media_dir)
     out = model(**batch)
     out.loss.backward()
     assert torch.isfinite(out.loss)
+
+
+def _frames(
+    video: str, grids: list[tuple[int, int]], seed: int, noise: int = 4
+) -> tuple[pa.Table, list[np.ndarray]]:
+    rng = np.random.default_rng(seed)
+    # Pixel-like values (smooth, with noise) so the stored column has something to compress.
+    pixels = [
+        ((np.arange(h * w * 588) // 7 + rng.integers(0, noise, h * w * 588)) % 256)
+        .astype(np.uint8)
+        .reshape(-1, 588)
+        for h, w in grids
+    ]
+    table = pa.Table.from_pylist(
+        [
+            {"frame_id": f"{video}/{i:06d}", "sample_id": video, "frame_index": i, "frame_type": 0,
+             "timestamp": float(i), "grid_h": h, "grid_w": w, "num_tokens": h * w // 4,
+             "patches": p.tobytes()}
+            for i, ((h, w), p) in enumerate(zip(grids, pixels))
+        ],
+        schema=tables.SCHEMAS["video_frames"],
+    )  # fmt: skip
+    return table, pixels
+
+
+def test_media_are_read_by_row_offsets_exactly_into_one_tensor(home, monkeypatch):
+    expected: dict[str, tuple[list, list[np.ndarray]]] = {}
+    videos = []
+    # Three appends (fragments), then two videos written again: deleted rows and a newer fragment.
+    for shard in range(3):
+        frames = []
+        for k in range(6):
+            video = f"vs-{shard}{k}"
+            grids = [(2, 2 + (k % 3))] * (2 + k % 2) + [(2, 2)]
+            table, pixels = _frames(video, grids, seed=10 * shard + k)
+            frames.append(table)
+            expected[video] = (grids, pixels)
+            videos.append({"sample_id": video, "frame_types": [0] * len(grids),
+                           "timestamps": [0.0] * len(grids), "slow_tokens": 1, "fast_tokens": 1})  # fmt: skip
+        tables.replace_groups("video_frames", pa.concat_tables(frames), "sample_id")
+    for video in ("vs-03", "vs-14"):
+        grids = expected[video][0]
+        table, pixels = _frames(video, grids, seed=99)
+        tables.replace_groups("video_frames", table, "sample_id")
+        expected[video] = (grids, pixels)
+    tables.upsert("video_samples", videos)
+    image = ((np.arange(4 * 588) * 3) % 256).astype(np.uint8).reshape(4, 588)
+    tables.upsert(
+        "image_samples", [{"sample_id": "img-0", "grid_h": 2, "grid_w": 2, "patches": image.tobytes()}]
+    )
+    expected["img-0"] = ([(2, 2)], [image])
+
+    reader = MediaReader()
+    reader(["vs-00", "img-0"])  # builds the row indexes: one scan of the key columns of each table
+    scans = []
+
+    def counting(method):
+        original = getattr(lance.LanceDataset, method)
+
+        def counted(self, *args, **kwargs):
+            scans.append(method)
+            return original(self, *args, **kwargs)
+
+        return counted
+
+    wanted = ["vs-14", "img-0", "vs-03", "vs-21", "vs-00"]
+    with monkeypatch.context() as patched:
+        for method in ("to_table", "scanner", "to_batches"):
+            patched.setattr(lance.LanceDataset, method, counting(method))
+        got = reader(wanted)
+    assert scans == []  # after the index is built, a read is takes only: no scan of any table
+    for media_id in wanted:
+        grids, pixels = expected[media_id]
+        assert [g[1:] for g in got[media_id].grids] == grids
+        assert torch.equal(got[media_id].patches, torch.from_numpy(np.concatenate(pixels)))
+    # One copy: every media of the call is a view of one tensor.
+    assert len({m.patches.untyped_storage().data_ptr() for m in got.values()}) == 1
+    # The one-off filtered path gives the same pixels.
+    again = read_media(set(wanted))
+    assert all(torch.equal(torch.as_tensor(again[m].patches), got[m].patches) for m in wanted)
+
+    with pytest.raises(KeyError, match="nope"):
+        reader(["vs-00", "nope"])
+    tables.delete_rows("video_frames", pc.field("frame_id") == "vs-20/000001")
+    with pytest.raises(KeyError, match="vs-20 has 2 stored frames, expected 3"):
+        MediaReader()(["vs-20"])
+
+
+def test_patches_are_stored_compressed_and_round_trip_exactly(home):
+    table, pixels = _frames("vs-0", [(8, 8)] * 20, seed=0, noise=1)  # smooth pixels: compressible
+    tables.replace_groups("video_frames", table, "sample_id")
+    stored = tables.open_table("video_frames")
+    assert stored.schema.field("patches").metadata == {
+        b"lance-encoding:compression": b"zstd",
+        b"lance-encoding:compression-level": b"9",
+    }
+    on_disk = sum(f.stat().st_size for f in Path(stored.uri, "data").iterdir())
+    raw = sum(p.nbytes for p in pixels)
+    assert on_disk < raw / 4
+    back = stored.to_table(columns=["patches"]).column("patches").to_pylist()
+    assert [np.frombuffer(b, np.uint8).reshape(-1, 588).tolist() for b in back] == [
+        p.tolist() for p in pixels
+    ]
