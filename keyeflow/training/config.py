@@ -83,6 +83,11 @@ class StageConfig:
     # (layers 0, 2, 4, …), "off" none. It changes memory and time, never the numbers, so it is left out of
     # `config_hash` (and of `to_dict` when "off").
     activation_checkpointing: str = "off"
+    # Cap on a micro-batch's tokens (the loader's `max_tokens_per_micro_batch`): a step then takes as many
+    # micro-batches as its window needs, at least `micro_batches_per_step`. None: a fixed count per step (the
+    # plans of every stage trained before the field existed; left out of `to_dict` then). Not under
+    # DeepSpeed, whose accumulation boundary is a fixed `gradient_accumulation_steps`.
+    max_tokens_per_micro_batch: int | None = None
 
     def __post_init__(self) -> None:
         def fail(name: str, value: Any, why: str) -> None:
@@ -157,6 +162,16 @@ class StageConfig:
             fail("offload_optimizer", True, "needs DeepSpeed ZeRO stage >= 1 (deepspeed_zero)")
         if self.offload_params and self.deepspeed_zero != 3:
             fail("offload_params", True, "needs DeepSpeed ZeRO stage 3 (deepspeed_zero=3)")
+        if self.max_tokens_per_micro_batch is not None:
+            budget = check_int(
+                "StageConfig", "max_tokens_per_micro_batch", self.max_tokens_per_micro_batch, minimum=1
+            )
+            if budget < self.max_length:
+                fail(
+                    "max_tokens_per_micro_batch", budget, f"must be >= max_length ({self.max_length}): a pack"
+                )
+            if self.deepspeed_zero is not None:
+                fail("max_tokens_per_micro_batch", budget, "needs a fixed micro-batch count under DeepSpeed")
         for name in ("sequence_parallel_size", "pipeline_parallel_size"):
             if getattr(self, name) > 1 and self.deepspeed_zero is None:
                 fail(name, getattr(self, name), "needs DeepSpeed (deepspeed_zero set)")
@@ -188,6 +203,8 @@ class StageConfig:
 
     def to_dict(self) -> dict[str, Any]:
         out = _without_default_checkpointing(dataclasses.asdict(self))
+        if out["max_tokens_per_micro_batch"] is None:
+            del out["max_tokens_per_micro_batch"]
         out["betas"] = list(self.betas)
         if isinstance(self.trainable, tuple):
             out["trainable"] = list(self.trainable)

@@ -167,6 +167,7 @@ def _train(
         sample_reader=reader,
         window_size=stage.window_size,
         num_epochs=None,
+        max_tokens_per_micro_batch=stage.max_tokens_per_micro_batch,
     )  # max_steps ends the stage, not the epochs
     if saved:
         loader.load_state_dict(saved["loader"])
@@ -201,8 +202,14 @@ def _train(
     # ---- The loop: one window of the mixture per optimizer step.
     while step < stage.max_steps:
         started = time.perf_counter()
-        batches = [next(micro_batches) for _ in range(stage.micro_batches_per_step)]
-        assert batches[0].step == step and batches[-1].is_last_in_step, "loader and trainer disagree on steps"
+        # A step is the loader's micro-batches up to the step's last: a fixed count, or under a token budget
+        # as many as the window needs (the same number on every rank).
+        batches = [next(micro_batches)]
+        while not batches[-1].is_last_in_step:
+            batches.append(next(micro_batches))
+        assert batches[0].step == step and all(mb.step == step for mb in batches), (
+            "loader and trainer disagree"
+        )
         lr = engine.lr
         step_loss, num_tokens, num_labels, grad_norm = train_step(engine, batches, pad_id, dummy)
         step += 1
@@ -217,6 +224,7 @@ def _train(
             "lr": lr,
             "tokens": num_tokens,
             "label_tokens": num_labels,
+            "micro_batches": len(batches),
             "tokens_per_s": num_tokens / elapsed,
             "grad_norm": grad_norm,
         }

@@ -140,6 +140,15 @@ def test_stage_config_is_validated_with_clear_errors():
     assert [s.lr_at(0), s.lr_at(1)] == [5e-4, 1e-3]
     assert s.lr_at(9) == pytest.approx(1e-4 + 9e-4 * 0.5 * (1 + math.cos(math.pi * 7 / 8)))
     assert pretrain_stage(1).trainable == "projector" and pretrain_stage(3).rope_theta == 8e6
+    # a token budget per micro-batch: at least one pack, not under DeepSpeed, absent from older configs' dicts
+    with pytest.raises(ValueError, match=r"max_tokens_per_micro_batch=512: must be >= max_length \(1024\)"):
+        stage(max_tokens_per_micro_batch=512)
+    with pytest.raises(ValueError, match=r"max_tokens_per_micro_batch=2048: needs a fixed micro-batch count"):
+        stage(max_tokens_per_micro_batch=2048, deepspeed_zero=2)
+    assert "max_tokens_per_micro_batch" not in stage().to_dict()
+    budgeted = stage(max_tokens_per_micro_batch=2048)
+    assert StageConfig.from_dict(budgeted.to_dict()) == budgeted
+    assert budgeted.config_hash() != stage().config_hash()
 
 
 def test_deepspeed_json_is_rendered_from_the_stage_config_and_deepspeed_accepts_it():
@@ -229,6 +238,32 @@ def test_projector_stage_leaves_vit_and_llm_bit_identical(data, tmp_path):
     assert all(not torch.equal(before[k], after[k]) for k in before if k.startswith("projector."))
     config = json.loads((result.checkpoint_dir / "model" / "config.json").read_text())
     assert config["text_config"]["rope_parameters"]["rope_theta"] == 8e6
+
+
+def test_a_token_budget_splits_steps_into_more_micro_batches_with_the_same_updates(data, tmp_path):
+    def run(name, **overrides):
+        result = train(
+            stage(max_steps=3, micro_batches_per_step=1, checkpoint_every=3, **overrides),
+            init=data.init, mixture=data.mixture, mixture_id=data.mixture_id, out_dir=tmp_path / name,
+        )  # fmt: skip
+        return (
+            result,
+            read_metrics(tmp_path / name),
+            load_file(str(result.checkpoint_dir / "model" / "model.safetensors")),
+        )
+
+    plain, plain_metrics, plain_weights = run("plain")
+    capped, capped_metrics, capped_weights = run("capped", max_tokens_per_micro_batch=MAX_LENGTH)
+    # The same samples per step, so the same token-mean loss and update, summed in another order.
+    for a, b in zip(plain_metrics, capped_metrics, strict=True):
+        assert a["occurrences"] == b["occurrences"] and a["tokens"] == b["tokens"]
+        assert a["micro_batches"] == 1 and b["micro_batches"] >= math.ceil(b["tokens"] / MAX_LENGTH) > 1
+    assert capped.losses == pytest.approx(plain.losses, rel=1e-6)
+    assert all(torch.allclose(plain_weights[k], capped_weights[k], atol=1e-6) for k in plain_weights)
+    assert any(
+        not torch.equal(plain_weights[k], load_file(str(data.init / "model.safetensors"))[k])
+        for k in plain_weights
+    )
 
 
 def test_a_checkpoint_refuses_a_resume_it_cannot_honour():
