@@ -162,7 +162,8 @@ def main() -> None:
     from keyeflow import lineage
     from keyeflow.model.modeling import KeyeForConditionalGeneration
     from keyeflow.training.config import StageConfig
-    from keyeflow.training.trainer import read_metrics, train
+    from keyeflow.training.engine import read_metrics
+    from keyeflow.training.trainer import train
 
     started = time.perf_counter()
     built = build_data(home, args.max_length, args.image_tokens)
