@@ -84,6 +84,7 @@ def run(
     from keyeflow.synthetic.verifiable_tasks import write_task_questions
     from keyeflow.synthetic.videos import generate_videos
     from keyeflow.tasks.common import PromotionBlocked
+    from keyeflow.training.recipes import pretrain_recipe
 
     settings = get_settings()
     root = settings.samples_dir
@@ -102,13 +103,19 @@ def run(
         videos = generate_videos(root / "videos")
         pictures = generate_images(root / "images")
         generate_corpus(root / "corpus", videos, pictures)
+        stage_list = [int(s) for s in stages.split(",")]
+        # The mixtures the tiny recipe trains on (its stage-2 upsampling, contexts and hold-out), not the bare
+        # stage defaults: the sample data is too small to reach stage 2's shares within 0.5 pp using each
+        # sample once, so a default stage-2 mixture fails its gate as soon as token counts shift a little.
+        recipe = pretrain_recipe("tiny")
         data = data_pipeline(
             [str(root / "videos")],
             [str(root / "images")],
             [str(root / "corpus")],
             str(root),
             preset=preset,
-            stages=[int(s) for s in stages.split(",")],
+            stages=stage_list,
+            mixture_overrides={str(s): recipe.mixture_overrides(s) for s in stage_list},
         )
         seconds["data-pipeline"] = time.perf_counter() - t0
 

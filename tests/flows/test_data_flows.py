@@ -6,6 +6,7 @@ import pytest
 
 from keyeflow import lineage
 from keyeflow.datasets import sql, tables
+from keyeflow.training.recipes import pretrain_recipe
 
 
 @pytest.fixture(autouse=True)
@@ -20,7 +21,15 @@ def test_data_pipeline_builds_gated_mixtures_with_charts(home, sample_corpus, me
     from keyeflow.flows.data import data_pipeline
 
     corpus = str(sample_corpus["conversations"].parent)
-    result = data_pipeline([], [], [corpus], str(media_dir), stages=[1, 3])
+    # Stage 2 as `keyeflow run` builds it: with the tiny recipe's overrides (its upsampling), which reach
+    # the stage's shares on data too small to reach them using each sample once.
+    tiny = pretrain_recipe("tiny")
+    result = data_pipeline(
+        [], [], [corpus], str(media_dir), stages=[1, 2, 3], mixture_overrides={"2": tiny.mixture_overrides(2)}
+    )
+    stage2 = result["mixtures"][2]
+    for modality, target in {"video": 0.2, "image": 0.6, "text": 0.2}.items():
+        assert abs(stage2["shares"][modality] - target) <= 0.005, stage2["shares"]
     stage3 = result["mixtures"][3]
     assert abs(stage3["shares"]["video"] - 0.24) <= 0.005
     assert abs(stage3["shares"]["image"] - 0.50) <= 0.005
