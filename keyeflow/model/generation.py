@@ -71,7 +71,7 @@ from keyeflow.model.checkpoint import load_keye_checkpoint
 from keyeflow.model.modeling import KeyeForConditionalGeneration
 from keyeflow.model.processor import Features, MediaLookup, encode_sample
 from keyeflow.model.token_stream import vision_token_ids
-from keyeflow.model.tokenizer import ENDOFTEXT, IM_END, IM_START, load_tokenizer
+from keyeflow.model.tokenizer import ENDOFTEXT, IM_END, IM_START, checkpoint_tokenizer, load_tokenizer
 
 logger = logging.getLogger(__name__)
 
@@ -240,8 +240,7 @@ def _load_model_and_tokenizer(
             raise ValueError(f"model path {path} is not a local directory (no model hub is used)")
         model = load_keye_checkpoint(path)
         if tokenizer is None:
-            has_own = any((path / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json"))
-            tokenizer = load_tokenizer(path if has_own else None)
+            tokenizer = checkpoint_tokenizer(path)
     cfg = model.config
     ids = vision_token_ids(tokenizer)
     if (ids.image_pad, ids.video_pad) != (cfg.image_token_id, cfg.video_token_id):

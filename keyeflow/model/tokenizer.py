@@ -213,3 +213,11 @@ def tokenizer_version(tokenizer: PreTrainedTokenizerBase) -> str:
     named = {name: str(value) for name, value in sorted(tokenizer.special_tokens_map.items())}
     payload = json.dumps({"backend": state, "special_tokens": named}, sort_keys=True, ensure_ascii=False)
     return hashlib.sha256(payload.encode("utf-8")).hexdigest()[:12]
+
+
+def checkpoint_tokenizer(checkpoint: str | Path) -> PreTrainedTokenizerBase:
+    """The tokenizer a checkpoint directory carries (`tokenizer.json` or `tokenizer_config.json`), else the
+    shipped one: our stage checkpoints save only the model, a Keye-VL-1.5 checkpoint its own tokenizer."""
+    path = Path(checkpoint)
+    has_own = any((path / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json"))
+    return load_tokenizer(path if has_own else None)

@@ -60,7 +60,7 @@ from keyeflow.faults import kill_point
 from keyeflow.model.generation import BatchGenerationError, Generator
 from keyeflow.model.modeling import IGNORE_INDEX
 from keyeflow.model.processor import Features, MediaLookup, collate, encode_sample
-from keyeflow.model.tokenizer import load_tokenizer
+from keyeflow.model.tokenizer import checkpoint_tokenizer
 from keyeflow.quality.errors import DEFAULT_MAX_ERROR_SHARE, check_error_share, check_max_error_share
 from keyeflow.quality.rewards import TASKS, Reward, RewardItem, answer_reward
 from keyeflow.training import distributed
@@ -449,11 +449,6 @@ def pair_indices(num_pairs: int, step: int, pairs_per_step: int, seed: int) -> l
     return out
 
 
-def _tokenizer_for(init: Path):
-    has_own = any((init / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json"))
-    return load_tokenizer(init if has_own else None)
-
-
 def train_mpo(
     config: MPOStageConfig,
     *,
@@ -504,7 +499,7 @@ def _train_mpo(
 
     # ---- Models: the policy on the engine, and the frozen reference, which is always `init` (also on a
     # resume).
-    tokenizer = _tokenizer_for(init)
+    tokenizer = checkpoint_tokenizer(init)
     engine = Engine(
         load_model(resume_dir / "model" if resume_dir else init),
         dist=dist,
