@@ -16,7 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-IGNORE_INDEX = -100
+from keyeflow.model.token_stream import IGNORE_INDEX
+
 # Rows per chunk: [512, 151936] fp32 is 311 MB at the 8B vocabulary; at the tiny vocabulary (4096) a 4K row
 # never holds more than 1/8 of its [T, V].
 DEFAULT_CHUNK_SIZE = 512
@@ -56,11 +57,3 @@ def chunked_token_logprobs(
         else:
             parts.append(_chunk_logprobs(h, weight, t))
     return out.index_put((scored,), torch.cat(parts) if len(parts) > 1 else parts[0]).view(targets.shape)
-
-
-def chunked_cross_entropy_sum(
-    hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, *, chunk_size: int = DEFAULT_CHUNK_SIZE
-) -> torch.Tensor:
-    """Σ of −log p over the targets that are not −100 (fp32): `F.cross_entropy(..., reduction="sum")` of the
-    full logits, chunked."""
-    return -chunked_token_logprobs(hidden, weight, targets, chunk_size=chunk_size).sum()

@@ -27,7 +27,6 @@ read from vLLM's and SGLang's Keye-VL-1.5 modules; the inverse of its loader):
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 
 import torch
@@ -36,7 +35,7 @@ from safetensors.torch import save_file
 from keyeflow.model.checkpoint import KEYE_VISION_PREFIX, OURS_TO_KEYE, load_keye_checkpoint
 from keyeflow.model.config import KeyeConfig
 from keyeflow.model.modeling import PIXEL_MEAN, PIXEL_STD
-from keyeflow.model.tokenizer import load_tokenizer
+from keyeflow.model.tokenizer import checkpoint_tokenizer
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 DEFAULT_MAX_SHARD_BYTES = 5 * 1000**3
@@ -74,12 +73,6 @@ def keye_state_dict(model: torch.nn.Module, dtype: torch.dtype) -> dict[str, tor
 
 def keye_config_dict(config: KeyeConfig, dtype: str) -> dict:
     vc, tc = config.vision_config, config.text_config
-    grid = math.isqrt(vc.num_position_embeddings)
-    if grid * grid != vc.num_position_embeddings:
-        raise ValueError(
-            f"vision num_position_embeddings={vc.num_position_embeddings} is not a square grid: "
-            "Keye's config.json can only say it as image_size / patch_size per side"
-        )
     merged = vc.hidden_size * vc.spatial_merge_size**2
     if config.projector_hidden_size != merged:
         raise ValueError(
@@ -99,7 +92,8 @@ def keye_config_dict(config: KeyeConfig, dtype: str) -> dict:
     vision = {
         "hidden_size": vc.hidden_size, "intermediate_size": vc.intermediate_size,
         "num_hidden_layers": vc.num_hidden_layers, "num_attention_heads": vc.num_attention_heads,
-        "num_channels": vc.num_channels, "patch_size": vc.patch_size, "image_size": grid * vc.patch_size,
+        "num_channels": vc.num_channels, "patch_size": vc.patch_size,
+        "image_size": vc.position_grid_side * vc.patch_size,
         "hidden_act": vc.hidden_act, "layer_norm_eps": vc.layer_norm_eps,
         "spatial_merge_size": vc.spatial_merge_size,
     }  # fmt: skip
@@ -114,7 +108,7 @@ def keye_config_dict(config: KeyeConfig, dtype: str) -> dict:
         "text_config": text,
         "vision_config": vision,
         **ids,
-        "torch_dtype": {"bf16": "bfloat16", "fp32": "float32"}[dtype],
+        "torch_dtype": str(DTYPES[dtype]).removeprefix("torch."),
     }
 
 
@@ -165,8 +159,7 @@ def export_keye(
     if out.exists() and any(out.iterdir()):
         raise FileExistsError(f"export directory {out} is not empty")
     model = load_keye_checkpoint(checkpoint)
-    has_own = any((checkpoint / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json"))
-    tokenizer = load_tokenizer(checkpoint if has_own else None)
+    tokenizer = checkpoint_tokenizer(checkpoint)
     out.mkdir(parents=True, exist_ok=True)
 
     state = keye_state_dict(model, DTYPES[dtype])

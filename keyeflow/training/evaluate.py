@@ -37,7 +37,8 @@ from transformers import PreTrainedTokenizerBase
 from keyeflow.datasets import tables
 from keyeflow.datasets.sample_reader import read_media
 from keyeflow.model.processor import Features, MediaPatches, collate, collate_rows, encode_sample
-from keyeflow.model.token_stream import FAST, IGNORE_INDEX, SLOW
+from keyeflow.model.token_stream import FAST, SLOW
+from keyeflow.training.preference import sequence_logprobs
 
 SampleReader = Callable[[list[str]], list[Features]]
 MediaResolver = Callable[[str], MediaPatches]
@@ -50,16 +51,6 @@ def _device(model: torch.nn.Module) -> torch.device:
 
 def _to(batch: Mapping[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
     return {k: v.to(device) for k, v in batch.items()}
-
-
-def _token_logprobs(
-    model: torch.nn.Module, batch: dict[str, torch.Tensor]
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-row (Σ log p of the trained next tokens, number of trained tokens), in float32."""
-    inputs = {k: v for k, v in batch.items() if k != "labels"}
-    picked = model(**inputs, logprob_labels=batch["labels"]).token_logprobs  # chunked: no [T, V] logits
-    mask = batch["labels"][:, 1:] != IGNORE_INDEX
-    return (picked * mask).sum(dim=1), mask.sum(dim=1)
 
 
 # ---------------------------------------------------------------------------------------------- held-out loss
@@ -96,7 +87,7 @@ def heldout_loss(
             def run(row: list[Features]) -> None:
                 nonlocal total, count
                 batch = _to(collate_rows([row], pad_token_id=pad_token_id), device)
-                logp, n = _token_logprobs(model, batch)
+                logp, n = sequence_logprobs(model, batch)
                 total -= float(logp.sum(dtype=torch.float64))
                 count += int(n.sum())
 
@@ -206,7 +197,7 @@ def score_options(
         for option in record["options"]
     ]  # fmt: skip
     batch = _to(collate(features, pack=False, pad_token_id=tokenizer.pad_token_id or 0), _device(model))
-    logp, counts = _token_logprobs(model, batch)
+    logp, counts = sequence_logprobs(model, batch)
     return [OptionScore(L, float(s), int(n)) for L, s, n in zip(letters, logp.tolist(), counts.tolist())]
 
 
