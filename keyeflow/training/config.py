@@ -84,9 +84,9 @@ class StageConfig:
     # `config_hash` (and of `to_dict` when "off").
     activation_checkpointing: str = "off"
     # Cap on a micro-batch's tokens (the loader's `max_tokens_per_micro_batch`): a step then takes as many
-    # micro-batches as its window needs, at least `micro_batches_per_step`. None: a fixed count per step (the
-    # plans of every stage trained before the field existed; left out of `to_dict` then). Not under
-    # DeepSpeed, whose accumulation boundary is a fixed `gradient_accumulation_steps`.
+    # micro-batches as its window needs, at least `micro_batches_per_step`, the same on every rank (DeepSpeed
+    # is told each step's last one). None: a fixed count per step (the plans of every stage trained before the
+    # field existed; left out of `to_dict` then).
     max_tokens_per_micro_batch: int | None = None
 
     def __post_init__(self) -> None:
@@ -170,8 +170,6 @@ class StageConfig:
                 fail(
                     "max_tokens_per_micro_batch", budget, f"must be >= max_length ({self.max_length}): a pack"
                 )
-            if self.deepspeed_zero is not None:
-                fail("max_tokens_per_micro_batch", budget, "needs a fixed micro-batch count under DeepSpeed")
         for name in ("sequence_parallel_size", "pipeline_parallel_size"):
             if getattr(self, name) > 1 and self.deepspeed_zero is None:
                 fail(name, getattr(self, name), "needs DeepSpeed (deepspeed_zero set)")

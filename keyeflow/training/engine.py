@@ -256,9 +256,15 @@ class Engine:
         """The learning rate the next update uses."""
         return self.scheduler.get_last_lr()[0]
 
-    def backward(self, loss: torch.Tensor) -> None:
-        """Accumulate the gradient of one micro-batch's loss (scaled by the loop to global counts)."""
+    def backward(self, loss: torch.Tensor, *, last: bool | None = None) -> None:
+        """Accumulate the gradient of one micro-batch's loss (scaled by the loop to global counts). `last`:
+        whether it is the step's last micro-batch, for a loop whose steps have varying numbers of them (a
+        token budget); None: the fixed `gradient_accumulation_steps` of the DeepSpeed config decides."""
         if self.deepspeed is not None:
+            if last is not None:
+                # DeepSpeed reduces gradients and updates at the accumulation boundary, which it otherwise
+                # counts from the config's fixed number of micro-batches per step.
+                self.deepspeed.set_gradient_accumulation_boundary(last)
             # DeepSpeed averages gradients over ranks; ours are already divided by the global counts, so scale
             # back to a sum. scale_wrt_gas=False: the accumulation is already in those counts too.
             self.deepspeed.backward(loss * self.dist.world_size, scale_wrt_gas=False)

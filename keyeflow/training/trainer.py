@@ -75,6 +75,19 @@ class TrainResult:
     losses: list[float]  # the loss of every step, from step 1 (across resumes)
 
 
+def unsupported_layout(stage: StageConfig) -> str | None:
+    """Why this loop cannot train `stage` as configured (None: it can). The memory planner reports the same
+    reason before a flow trains anything."""
+    if stage.sequence_parallel_size > 1 or stage.pipeline_parallel_size > 1:
+        return (
+            f"sequence_parallel_size={stage.sequence_parallel_size}, "
+            f"pipeline_parallel_size={stage.pipeline_parallel_size}: this loop trains data-parallel only; "
+            "the DeepSpeed JSON for those sizes is rendered (render_deepspeed_config) for a cluster job "
+            "whose model is split into pipeline stages with Ulysses attention. Set both to 1 to train here."
+        )
+    return None
+
+
 def train(
     stage: StageConfig,
     *,
@@ -89,13 +102,9 @@ def train(
     `out_dir/latest` when present. `sink`: where parameters and per-step metrics are reported (None: only
     `out_dir/metrics.jsonl`)."""
     out_dir = Path(out_dir)
-    if stage.sequence_parallel_size > 1 or stage.pipeline_parallel_size > 1:
-        raise ValueError(
-            f"stage {stage.name!r}: sequence_parallel_size={stage.sequence_parallel_size}, "
-            f"pipeline_parallel_size={stage.pipeline_parallel_size}: this loop trains data-parallel only; "
-            "the DeepSpeed JSON for those sizes is rendered (render_deepspeed_config) for a cluster job "
-            "whose model is split into pipeline stages with Ulysses attention. Set both to 1 to train here."
-        )
+    refusal = unsupported_layout(stage)
+    if refusal:
+        raise ValueError(f"stage {stage.name!r}: {refusal}")
     dist = distributed.setup(need_group=stage.deepspeed_zero is not None)
     try:
         return _train(stage, init, mixture, mixture_id, out_dir, sink or NullSink(), dist)
@@ -211,7 +220,9 @@ def _train(
             "loader and trainer disagree"
         )
         lr = engine.lr
-        step_loss, num_tokens, num_labels, grad_norm = train_step(engine, batches, pad_id, dummy)
+        step_loss, num_tokens, num_labels, grad_norm = train_step(
+            engine, batches, pad_id, dummy, budgeted=stage.max_tokens_per_micro_batch is not None
+        )
         step += 1
         losses.append(step_loss)
         occurrences = sorted(
@@ -265,7 +276,7 @@ def _train(
 
 
 def train_step(
-    engine: Engine, batches: list[MicroBatch], pad_id: int, dummy: Features | None
+    engine: Engine, batches: list[MicroBatch], pad_id: int, dummy: Features | None, *, budgeted: bool = False
 ) -> tuple[float, float, float, float]:
     """One optimizer step over this rank's micro-batches: (the step's token-mean loss over all ranks, its
     tokens, its label tokens, the gradient norm). See the module docstring for the normalisation."""
@@ -279,12 +290,15 @@ def train_step(
     )
     num_labels, num_tokens = engine.all_reduce_sum(counts).tolist()
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
-    for batch in inputs:
+    # With a token budget the number of micro-batches varies by step (the same on every rank): tell the
+    # engine which one closes the step. A fixed count leaves it to the engine's own count.
+    last = max((i for i, b in enumerate(inputs) if b is not None), default=-1) if budgeted else None
+    for i, batch in enumerate(inputs):
         if batch is None:  # an empty micro-batch: nothing to compute, the step's collectives follow
             continue
         with engine.autocast():
             token_losses = token_loss_sum(engine.forward, batch, device)
-        engine.backward(token_losses / max(num_labels, 1.0))
+        engine.backward(token_losses / max(num_labels, 1.0), last=None if last is None else i == last)
         loss_sum += token_losses.detach().double()
     grad_norm = engine.step()
     step_loss = engine.all_reduce_sum(loss_sum).item() / max(num_labels, 1.0)

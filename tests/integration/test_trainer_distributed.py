@@ -99,3 +99,26 @@ def test_deepspeed_zero2_on_two_ranks_gives_the_single_process_losses_and_resume
     assert result["step"] == 4 and result["losses"][:2] == first["losses"]
     assert result["losses"] == pytest.approx(losses[:4], rel=RTOL)
     assert [m["occurrences"] for m in read_metrics(out)] == occurrences[:4]
+
+
+@pytest.mark.slow
+def test_deepspeed_zero2_with_a_token_budget_gives_the_single_process_losses(data, reference, tmp_path):
+    """Under a token budget a step takes as many micro-batches as its packs need (one pack each here), a count
+    that changes from step to step: DeepSpeed must still reduce and update once per step, at its last."""
+    losses, occurrences = reference
+    budgeted = StageConfig.from_dict(
+        {
+            **STAGE.to_dict(),
+            "deepspeed_zero": 2,
+            "max_tokens_per_micro_batch": STAGE.max_length,
+            "max_steps": 4,
+        }
+    )
+    out = tmp_path / "budget"
+    result = torchrun(spec_file(tmp_path / "budget.json", data, budgeted, out))
+    assert result["losses"] == pytest.approx(losses[:4], rel=RTOL)
+    steps = read_metrics(out)
+    assert [m["occurrences"] for m in steps] == occurrences[:4]
+    counts = [m["micro_batches"] for m in steps]
+    # more micro-batches than the fixed count in some step, and not the same number in every step
+    assert max(counts) > STAGE.micro_batches_per_step and len(set(counts)) > 1, counts
