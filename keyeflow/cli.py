@@ -720,6 +720,74 @@ def export(
 
 
 @app.command()
+def plan(
+    recipe: str = typer.Option(
+        ..., help="a pre-training and/or post-training recipe name (tiny, keye-8b, …)"
+    ),
+    nodes: int = typer.Option(1, min=1, help="machines"),
+    gpus_per_node: int = typer.Option(8, min=1, help="GPUs per machine"),
+    gpu_memory_gib: float = typer.Option(80.0, help="memory of one GPU in GiB"),
+    rl_prompt_tokens: int = typer.Option(4_096, min=1, help="a GSPO prompt's tokens (no config bounds them)"),
+    as_json: bool = typer.Option(False, "--json", help="print the plans as JSON"),
+):
+    """Memory per GPU of every training stage of RECIPE on the cluster, and whether it fits: parameters,
+    gradients, optimizer, activations, logit chunks, ViT and buffers under each stage's layout. Exits 1 when a
+    stage cannot run, naming it and what does not fit."""
+    from keyeflow.training.memory_plan import GIB, Cluster, plan_posttrain, plan_pretrain
+    from keyeflow.training.posttrain_recipe import RECIPES as POSTTRAIN_RECIPES
+    from keyeflow.training.posttrain_recipe import posttrain_recipe
+    from keyeflow.training.recipes import RECIPES as PRETRAIN_RECIPES
+    from keyeflow.training.recipes import pretrain_recipe
+
+    if recipe not in PRETRAIN_RECIPES and recipe not in POSTTRAIN_RECIPES:
+        errors.print(
+            f"[red]error:[/red] --recipe {recipe!r}: no such recipe; pre-training: "
+            f"{sorted(PRETRAIN_RECIPES)}, "
+            f"post-training: {sorted(POSTTRAIN_RECIPES)}"
+        )
+        raise typer.Exit(2)
+    try:
+        cluster = Cluster(nodes, gpus_per_node, gpu_memory_gib)
+    except ValueError as exc:
+        errors.print(f"[red]error:[/red] {exc}")
+        raise typer.Exit(2)
+    # The policy post-training trains has the widths of the same-named pre-training recipe's model.
+    model = pretrain_recipe(recipe if recipe in PRETRAIN_RECIPES else "tiny").model_config()
+    plans = plan_pretrain(pretrain_recipe(recipe), cluster) if recipe in PRETRAIN_RECIPES else []
+    if recipe in POSTTRAIN_RECIPES:
+        plans += plan_posttrain(posttrain_recipe(recipe), model, cluster, rl_prompt_tokens=rl_prompt_tokens)
+    if as_json:
+        print(json.dumps([p.to_dict() for p in plans], indent=1))
+    else:
+        table = Table(
+            title=f"{recipe}: {nodes} × {gpus_per_node} GPUs of {gpu_memory_gib:g} GiB, GiB per GPU"
+        )
+        groups = list(plans[0].grouped()) if plans else []
+        for column in ("stage", "layout", "tokens/GPU", *groups, "total", "fits"):
+            table.add_column(
+                column, justify="left" if column in ("stage", "layout") else "right", no_wrap=True
+            )
+        for p in plans:
+            cells = [f"{v / GIB:.1f}" for v in p.grouped().values()]
+            fits = "[green]yes[/green]" if p.fits else "[red]no[/red]"
+            table.add_row(p.stage, p.layout, f"{p.tokens_per_gpu:,}", *cells, f"{p.total / GIB:.1f}", fits)
+        console.print(table)
+        console.print(
+            "model state = weights + gradients + optimizer; activations = LLM layers + logit chunks; other = "
+            "ZeRO buffers, reference model, rollout KV cache, reserve (--json: every component)",
+            soft_wrap=True,
+        )
+        for note in sorted({n for p in plans for n in p.notes}):
+            console.print(f"note: {note}", soft_wrap=True)
+    bad = [p for p in plans if not p.fits]
+    for p in bad:
+        errors.print(f"[red]{p.stage} does not fit:[/red] {'; '.join(p.problems)}")
+    if bad:
+        raise typer.Exit(1)
+    console.print(f"every stage of {recipe} fits", soft_wrap=True)
+
+
+@app.command()
 def sql(
     query: str,
     fmt: str = typer.Option("table", "--format", help="table, json or csv"),

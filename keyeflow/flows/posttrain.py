@@ -69,6 +69,7 @@ def posttrain(
                 parent_run_id=run_id,
             )
         start = t.start_from(checkpoint, run_id)
+        t.check_memory(r, start.checkpoint, run_id)
         stages, signals = {"start": start}, {}
 
         items = t.rl_items(questions, r.rl_mode)

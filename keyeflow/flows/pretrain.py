@@ -27,6 +27,7 @@ def pretrain(
     with lineage_run(
         "pretrain", {"recipe": r.to_dict(), "recipe_hash": r.config_hash()}, parent_run_id
     ) as run_id:
+        t.check_memory(r, run_id)
         samples = (
             TableRef("train_samples", table_uri("train_samples"), samples_version)
             if samples_version

@@ -171,6 +171,20 @@ def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     return load_file(str(single))
 
 
+def _is_ours(path: Path) -> bool:
+    if not path.is_dir():
+        raise ValueError(f"checkpoint path {path} is not a local directory")
+    return json.loads((path / "config.json").read_text()).get("model_type") == KeyeConfig.model_type
+
+
+def checkpoint_config(path: str | Path) -> KeyeConfig:
+    """The model config of a checkpoint directory, ours or in the Keye-VL-1.5 layout (no weights read)."""
+    path = Path(path)
+    if _is_ours(path):
+        return KeyeConfig.from_pretrained(str(path))
+    return config_from_keye(json.loads((path / "config.json").read_text()))
+
+
 def load_keye_checkpoint(
     path: str | Path, config: KeyeConfig | None = None, *, dtype: torch.dtype | None = None
 ) -> KeyeForConditionalGeneration:
@@ -179,17 +193,9 @@ def load_keye_checkpoint(
     model is built on the meta device and takes the loaded tensors as they are (no second copy; `dtype`
     converts)."""
     path = Path(path)
-    if not path.is_dir():
-        raise ValueError(f"checkpoint path {path} is not a local directory")
-    raw = json.loads((path / "config.json").read_text())
-    if raw.get("model_type") == KeyeConfig.model_type:
-        if config is None:
-            config = KeyeConfig.from_pretrained(str(path))
-        translate = str  # our own layout: names unchanged
-    else:
-        if config is None:
-            config = config_from_keye(raw)
-        translate = keye_key_to_ours
+    ours = _is_ours(path)
+    config = config if config is not None else checkpoint_config(path)
+    translate = str if ours else keye_key_to_ours  # our own layout: names unchanged
 
     state: dict[str, torch.Tensor] = {}
     for name, tensor in _read_state_dict(path).items():

@@ -22,6 +22,7 @@ from keyeflow import lineage
 from keyeflow.config import get_settings
 from keyeflow.datasets import tables
 from keyeflow.quality import gates
+from keyeflow.training import memory_plan
 
 
 class PromotionBlocked(RuntimeError):
@@ -173,3 +174,13 @@ def publish_gate(result: gates.GateResult, table: tables.TableRef, run_id: str) 
     if not result.passed:
         get_run_logger().error("gate %s failed: %s", result.gate, result.failures)
     result.raise_if_failed()
+
+
+def publish_memory_plan(plans: list[memory_plan.StagePlan], what: str, run_id: str) -> None:
+    """Publish the memory plan of every stage (a Prefect artifact, the flow run's `memory_plan.json`), then
+    stop the flow, before anything trains, when a stage cannot run (`memory_plan.check_fits`)."""
+    create_markdown_artifact(memory_plan.markdown(plans, what), key="memory-plan", description=what)
+    lineage.log_dict(run_id, [p.to_dict() for p in plans], "memory_plan.json")
+    memory_plan.check_fits(plans, what)
+    sizes = ", ".join(f"{p.stage} {p.total / memory_plan.GIB:.1f} GiB" for p in plans)
+    get_run_logger().info("%s: every stage fits per device (%s)", what, sizes)

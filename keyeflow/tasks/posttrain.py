@@ -18,12 +18,13 @@ from keyeflow.datasets.tables import TableRef
 from keyeflow.longcot.collect import referenced_media
 from keyeflow.longcot.generate import GenerationConfig, media_configs
 from keyeflow.longcot.rl_items import alignment_prompts, longcot_rl_items
+from keyeflow.model.checkpoint import checkpoint_config
 from keyeflow.model.merging import MergeConfig
 from keyeflow.steps import posttrain
 from keyeflow.steps import stages as steps
 from keyeflow.steps.stages import StageOutput
-from keyeflow.tasks.common import PromotionBlocked
-from keyeflow.training import rl
+from keyeflow.tasks.common import PromotionBlocked, publish_memory_plan
+from keyeflow.training import memory_plan, rl
 from keyeflow.training.config import GSPOStageConfig, StageConfig
 from keyeflow.training.heldout import PassRates, answer_pairs, paired_difference, rl_promotion
 from keyeflow.training.posttrain_data import (
@@ -42,6 +43,15 @@ def _say(output: StageOutput) -> StageOutput:
     verb = "trained" if output.trained else "unchanged, skipped"
     get_run_logger().info("%s: %s → %s (MLflow run %s)", output.name, verb, output.checkpoint, output.run_id)
     return output
+
+
+@task(**_NO_CACHE)
+def check_memory(recipe: PosttrainRecipe, checkpoint: str, run_id: str) -> None:
+    """Every post-training stage's memory per device for the policy `checkpoint` holds; refuses the recipe
+    before SFT when one cannot run."""
+    model = checkpoint_config(checkpoint)
+    plans = memory_plan.plan_posttrain(recipe, model, memory_plan.local_cluster(None))
+    publish_memory_plan(plans, f"posttrain {recipe.name}", run_id)
 
 
 @task(**_NO_CACHE)

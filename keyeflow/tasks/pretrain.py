@@ -16,7 +16,8 @@ from keyeflow.datasets.tables import TableRef
 from keyeflow.model.merging import MergeConfig
 from keyeflow.steps import stages as steps
 from keyeflow.steps.stages import StageOutput
-from keyeflow.tasks.common import PromotionBlocked
+from keyeflow.tasks.common import PromotionBlocked, publish_memory_plan
+from keyeflow.training import memory_plan
 from keyeflow.training.config import StageConfig
 from keyeflow.training.evaluate import generate_mcq_set
 from keyeflow.training.launch import LaunchConfig
@@ -26,6 +27,14 @@ from keyeflow.training.recipes import EvalConfig, PretrainRecipe
 def _say(output: StageOutput) -> None:
     verb = "trained" if output.trained else "unchanged, skipped"
     get_run_logger().info("%s: %s → %s (MLflow run %s)", output.name, verb, output.checkpoint, output.run_id)
+
+
+@task(cache_policy=NO_CACHE)
+def check_memory(recipe: PretrainRecipe, run_id: str) -> None:
+    """Every stage's memory per device on the recipe's launch layout here; refuses the recipe before stage 1
+    when one cannot run."""
+    cluster = memory_plan.local_cluster(recipe.launch)
+    publish_memory_plan(memory_plan.plan_pretrain(recipe, cluster), f"pretrain {recipe.name}", run_id)
 
 
 @task(cache_policy=NO_CACHE)

@@ -1,0 +1,544 @@
+"""Memory per GPU of every training stage of a recipe, worked out before anything trains.
+
+`plan_pretrain(recipe, cluster)` and `plan_posttrain(recipe, cluster)` give one `StagePlan` per stage: the
+bytes each GPU holds for parameters, gradients, optimizer state, activations, the loss's logit chunks, the
+ViT, and whatever the loop adds (MPO's reference model, GSPO's rollout KV cache), under the stage's layout
+(DeepSpeed ZeRO stage, sequence/pipeline parallel sizes, activation checkpointing, bf16, offload), and
+whether that fits the card, with the reason when it does not. The pretrain and posttrain flows check their
+recipe with it first (`check_fits`), so an 8B recipe that cannot train is refused before stage 1 rather than
+after two stages have trained; `keyeflow plan` prints it for any cluster.
+
+Where the numbers come from:
+- **Parameter counts** are exact: the model is built on the meta device (no memory) at the recipe's widths,
+  and the stage's freezing policy is applied to it (`engine.freeze`, the trainer's own rule).
+- **Bytes per parameter**: without DeepSpeed the engine keeps fp32 weights and AdamW state (4 + 4 + 8 bytes
+  per trained parameter), and bf16 autocast caches a bf16 copy of every weight during the forward (2 more).
+  DeepSpeed's bf16 mode keeps bf16 weights and gradients (2 + 2) and, per trained parameter, an fp32 master
+  copy, both Adam moments and an fp32 gradient partition (16). ZeRO-1 shards that optimizer state over the
+  ranks of a pipeline stage (DeepSpeed shards over data × sequence ranks), ZeRO-2 also the gradients, ZeRO-3
+  also the weights, frozen ones included; ZeRO-3 then holds gathered weights of the layers in flight (twice
+  the largest module: the one computing and the one prefetched) plus its prefetch bucket. ZeRO-1/2 hold a
+  reduce and an all-gather bucket.
+- **Activations** come from a per-token formula of what autograd saves in one decoder layer and one ViT layer
+  of this model (`layer_activation_bytes`, `vision_layer_activation_bytes`), fitted to and checked against
+  the saved tensors counted in `tests/unit/test_memory_plan.py` (two widths, fp32 and bf16, within 3 %). With
+  checkpointing a layer keeps only its input and one layer is recomputed at a time; "selective" checkpoints
+  every other layer. A frozen layer saves less than the formula (no weight gradients): an upper bound.
+- **Tokens**: a micro-batch's tokens are the stage's `max_tokens_per_micro_batch`; without one, the most a
+  micro-batch can hold: its samples (the step's window over ranks and micro-batches) each `max_length` long.
+  Sequence parallelism splits them over its ranks. The ViT is charged as if every token of the micro-batch
+  were a vision token (4 patches each): the worst micro-batch, all video.
+- **Logit chunks**: `chunked_head` holds one `[512, V]` chunk at a time, in the compute dtype and in fp32,
+  and its gradient in both.
+- **Reserve**: 1 GiB (CUDA context, kernels' workspaces) plus 5 % of everything else for allocator
+  fragmentation. An allowance, not a measurement.
+
+What is not modelled: pipeline bubbles' extra in-flight micro-batches (a 1F1B schedule keeps up to
+`pipeline_parallel_size` micro-batches of activations on the first stage: charged as that many), tensor
+parallelism (no stage config has it), host memory of offloaded state.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from keyeflow.config import check_int, check_number
+from keyeflow.model.chunked_head import DEFAULT_CHUNK_SIZE
+from keyeflow.model.config import KeyeConfig
+from keyeflow.model.modeling import KeyeForConditionalGeneration, checkpointed_layers
+from keyeflow.training.config import GSPOStageConfig, MPOStageConfig, StageConfig
+from keyeflow.training.engine import freeze
+from keyeflow.training.launch import LaunchConfig
+from keyeflow.training.posttrain_recipe import PosttrainRecipe
+from keyeflow.training.recipes import PretrainRecipe
+from keyeflow.training.trainer import unsupported_layout
+
+GIB = 2**30
+RESERVE_FIXED = 1 * GIB
+RESERVE_SHARE = 0.05
+# A GSPO prompt's tokens are not bounded by any config (they depend on the items' media): assumed, and shown.
+DEFAULT_RL_PROMPT_TOKENS = 4_096
+
+COMPONENTS = (
+    "parameters",
+    "gradients",
+    "optimizer",
+    "activations",
+    "logit_chunks",
+    "vit",
+    "zero_buffers",
+    "reference_model",
+    "rollout_kv_cache",
+    "reserve",
+)
+
+
+@dataclass(frozen=True)
+class Cluster:
+    """The machines a stage runs on: `nodes` × `gpus_per_node` devices of `gpu_memory_gib` each."""
+
+    nodes: int
+    gpus_per_node: int
+    gpu_memory_gib: float
+
+    def __post_init__(self) -> None:
+        check_int("Cluster", "nodes", self.nodes, minimum=1)
+        check_int("Cluster", "gpus_per_node", self.gpus_per_node, minimum=1)
+        check_number("Cluster", "gpu_memory_gib", self.gpu_memory_gib, minimum=0, strict=True)
+
+    @property
+    def world_size(self) -> int:
+        return self.nodes * self.gpus_per_node
+
+    @property
+    def capacity(self) -> int:
+        return int(self.gpu_memory_gib * GIB)
+
+
+@dataclass(frozen=True)
+class StagePlan:
+    """One stage on one GPU: `components` in bytes (keys of `COMPONENTS`), `layout` in words, and `problems`:
+    why it cannot run (empty when it fits)."""
+
+    stage: str
+    layout: str
+    tokens_per_gpu: int
+    components: dict[str, int]
+    capacity: int
+    problems: tuple[str, ...] = ()
+    notes: tuple[str, ...] = field(default=())
+
+    @property
+    def total(self) -> int:
+        return sum(self.components.values())
+
+    @property
+    def fits(self) -> bool:
+        return not self.problems
+
+    def grouped(self) -> dict[str, int]:
+        """The components in four groups: weights, gradients and optimizer state ("model state"), the LLM's
+        activations with the logit chunks, the ViT's, and the rest (buffers, reference model, KV cache,
+        reserve)."""
+        c = self.components
+        state = c["parameters"] + c["gradients"] + c["optimizer"]
+        llm = c["activations"] + c["logit_chunks"]
+        return {
+            "model state": state,
+            "activations": llm,
+            "vit": c["vit"],
+            "other": self.total - state - llm - c["vit"],
+        }
+
+    def to_dict(self) -> dict:
+        return {
+            "stage": self.stage,
+            "layout": self.layout,
+            "tokens_per_gpu": self.tokens_per_gpu,
+            "components_gib": {k: round(v / GIB, 2) for k, v in self.components.items()},
+            "total_gib": round(self.total / GIB, 2),
+            "capacity_gib": round(self.capacity / GIB, 2),
+            "fits": self.fits,
+            "problems": list(self.problems),
+            "notes": list(self.notes),
+        }
+
+
+class InfeasibleRecipe(ValueError):
+    """A recipe has a stage that cannot run on the cluster it would run on (`check_fits`)."""
+
+
+# ------------------------------------------------------------------------------------------ model sizes
+
+
+@dataclass(frozen=True)
+class ModelSizes:
+    """Exact parameter counts of a `KeyeConfig` (its model built on the meta device), and the widths the
+    activation formulas take."""
+
+    config: KeyeConfig
+    model: torch.nn.Module  # on the meta device: shapes only
+
+    @classmethod
+    def of(cls, config: KeyeConfig) -> ModelSizes:
+        with torch.device("meta"):
+            return cls(config, KeyeForConditionalGeneration(config))
+
+    @property
+    def total(self) -> int:
+        return sum(p.numel() for p in self.model.parameters())
+
+    def count(self, prefix: str) -> int:
+        return sum(
+            p.numel()
+            for name, p in self.model.named_parameters()
+            if name == prefix or name.startswith(prefix + ".")
+        )
+
+    def trained(self, prefixes: tuple[str, ...] | None) -> dict[str, int]:
+        """Trained elements per top-level module (vision, projector, language_model, lm_head) under the
+        freezing policy, by `engine.freeze` itself: a prefix that names nothing fails here as in the
+        trainer."""
+        out: dict[str, int] = {}
+        trained = {id(p) for p in freeze(self.model, prefixes)}
+        for name, p in self.model.named_parameters():
+            if id(p) in trained:
+                out[name.split(".")[0]] = out.get(name.split(".")[0], 0) + p.numel()
+        return out
+
+    def largest_module(self) -> int:
+        """The most elements one layer-sized module holds (a decoder layer, the embedding, the LM head)."""
+        per_module: dict[str, int] = {}
+        for name, p in self.model.named_parameters():
+            parts = name.split(".")
+            key = ".".join(parts[: parts.index("layers") + 2] if "layers" in parts else parts[:2])
+            per_module[key] = per_module.get(key, 0) + p.numel()
+        return max(per_module.values())
+
+
+def layer_activation_bytes(config: KeyeConfig, compute_bytes: int) -> int:
+    """Bytes autograd saves per token in one LLM decoder layer (Qwen3 with QK-norm, packed attention): in the
+    compute dtype 4 hidden-size tensors (norm inputs and outputs, the residual), 4 per query dim (q before and
+    after its norm and RoPE, the attention output), 3 per key/value dim, 4 per MLP dim (gate, up, their
+    activation and product); plus the fp32 copies RMSNorm makes (2 per hidden, 1 per query and key/value
+    dim), the RoPE cos/sin and the attention's per-head log-sum-exp. Measured:
+    tests/unit/test_memory_plan.py."""
+    text = config.text_config
+    hidden, mlp = text.hidden_size, text.intermediate_size
+    q_dim = text.num_attention_heads * text.head_dim
+    kv_dim = text.num_key_value_heads * text.head_dim
+    return (
+        hidden * (4 * compute_bytes + 8)
+        + mlp * 4 * compute_bytes
+        + q_dim * (4 * compute_bytes + 4)
+        + kv_dim * (3 * compute_bytes + 4)
+        + 2 * text.head_dim * compute_bytes
+        + 8 * text.num_attention_heads
+        + 4 * text.num_key_value_heads
+    )
+
+
+def vision_layer_activation_bytes(config: KeyeConfig, compute_bytes: int) -> int:
+    """Bytes autograd saves per patch in one ViT layer: 8 hidden-size and 2 MLP-size tensors in the compute
+    dtype, the fp32 2D-RoPE cos/sin and the per-head log-sum-exp. Measured: tests/unit/test_memory_plan.py."""
+    vision = config.vision_config
+    return (
+        vision.hidden_size * 8 * compute_bytes
+        + vision.intermediate_size * 2 * compute_bytes
+        + 8 * vision.head_dim
+        + 8 * vision.num_attention_heads
+    )
+
+
+def stack_activation_bytes(per_layer: int, input_bytes: int, num_layers: int, mode: str) -> int:
+    """Per token, a stack of `num_layers` layers in the backward's worst moment: the saved tensors of the
+    layers not checkpointed, the inputs of the checkpointed ones, one layer recomputed, and that layer's
+    activation gradients (as large as what it saved)."""
+    recomputed = len(checkpointed_layers(mode, num_layers))
+    return (num_layers - recomputed) * per_layer + recomputed * input_bytes + 2 * per_layer
+
+
+# ------------------------------------------------------------------------------------------ one stage
+
+
+@dataclass(frozen=True)
+class _Layout:
+    """What the formulas need of a stage, whichever loop trains it."""
+
+    name: str
+    world_size: int
+    trainable: tuple[str, ...] | None
+    tokens: int  # one micro-batch's tokens on one GPU before sequence parallelism
+    zero: int | None  # None: no DeepSpeed
+    bf16: bool
+    checkpointing: str
+    sequence_parallel: int = 1
+    pipeline_parallel: int = 1
+    offload_optimizer: bool = False
+    offload_params: bool = False
+    zero_bucket: int = 0  # elements per ZeRO reduce/all-gather bucket
+    reference_model: bool = False
+    kv_cache_tokens: int = 0
+    problems: tuple[str, ...] = ()
+    notes: tuple[str, ...] = ()
+
+
+def _stage_layout(stage: StageConfig, world_size: int) -> _Layout:
+    problems = []
+    refusal = unsupported_layout(stage)
+    if refusal:
+        problems.append(refusal)
+    model_parallel = stage.sequence_parallel_size * stage.pipeline_parallel_size
+    if world_size % model_parallel:
+        problems.append(
+            f"{world_size} GPUs are not a multiple of sequence × pipeline parallel = {model_parallel}"
+        )
+    data_parallel = max(1, world_size // model_parallel)
+    if stage.max_tokens_per_micro_batch is not None:
+        tokens = stage.max_tokens_per_micro_batch
+    else:
+        samples = math.ceil(stage.window_size / (data_parallel * stage.micro_batches_per_step))
+        tokens = samples * stage.max_length
+    return _Layout(
+        name=stage.name,
+        world_size=world_size,
+        trainable=stage.trainable_prefixes(),
+        tokens=tokens,
+        zero=stage.deepspeed_zero,
+        bf16=stage.bf16,
+        checkpointing=stage.activation_checkpointing,
+        sequence_parallel=stage.sequence_parallel_size,
+        pipeline_parallel=stage.pipeline_parallel_size,
+        offload_optimizer=stage.offload_optimizer,
+        offload_params=stage.offload_params,
+        zero_bucket=stage.zero_bucket_size,
+        problems=tuple(problems),
+    )
+
+
+def plan_layout(layout: _Layout, sizes: ModelSizes, cluster: Cluster) -> StagePlan:
+    config = sizes.config
+    text = config.text_config
+    sp, pp = layout.sequence_parallel, layout.pipeline_parallel
+    shard = max(1, layout.world_size // pp)  # ranks of one pipeline stage: ZeRO's partition group
+    compute_bytes = 2 if layout.bf16 else 4
+    deepspeed = layout.zero is not None
+
+    total = sizes.total
+    trained_by_module = sizes.trained(layout.trainable)
+    trained = sum(trained_by_module.values())
+    vision_trained = trained_by_module.get("vision", 0)
+    # The first pipeline stage holds the ViT, the projector, the embedding and its share of decoder layers.
+    llm_layers = sizes.count("language_model.layers")
+    per_stage = total - llm_layers + math.ceil(llm_layers / pp) if pp > 1 else total
+    stage_share = per_stage / total
+    local_total = per_stage
+    local_trained = trained * stage_share
+
+    if deepspeed and layout.bf16:
+        weight_bytes, grad_bytes, optimizer_bytes = 2, 2, 16
+    elif deepspeed:
+        weight_bytes, grad_bytes, optimizer_bytes = 4, 4, 8
+    else:  # fp32 master weights, bf16 autocast caching a bf16 copy of each weight
+        weight_bytes, grad_bytes, optimizer_bytes = 4 + (2 if layout.bf16 else 0), 4, 8
+    zero = layout.zero or 0
+    parameters = local_total * weight_bytes / (shard if zero >= 3 else 1)
+    if layout.offload_params:
+        parameters = 0
+    gradients = local_trained * grad_bytes / (shard if zero >= 2 else 1)
+    optimizer = (
+        0 if layout.offload_optimizer else local_trained * optimizer_bytes / (shard if zero >= 1 else 1)
+    )
+    if zero >= 3:
+        zero_buffers = (2 * sizes.largest_module() + layout.zero_bucket) * weight_bytes
+    elif deepspeed and zero >= 1:
+        zero_buffers = 2 * layout.zero_bucket * grad_bytes
+    else:
+        zero_buffers = 0
+
+    tokens = math.ceil(layout.tokens / sp)
+    in_flight = pp  # 1F1B keeps up to pp micro-batches' activations on the first pipeline stage
+    llm_layers_here = math.ceil(text.num_hidden_layers / pp)
+    activations = 0
+    if trained:
+        per_token = stack_activation_bytes(
+            layer_activation_bytes(config, compute_bytes),
+            text.hidden_size * compute_bytes,
+            llm_layers_here,
+            layout.checkpointing,
+        )
+        # + the embedding output, the final norm's output and the head's input
+        activations = tokens * in_flight * (per_token + 3 * text.hidden_size * compute_bytes)
+    logit_chunks = DEFAULT_CHUNK_SIZE * text.vocab_size * (2 * compute_bytes + 8) if trained else 0
+
+    vision = config.vision_config
+    patches = tokens * vision.spatial_merge_size**2
+    per_patch = vision_layer_activation_bytes(config, compute_bytes)
+    if vision_trained:
+        vit_per_patch = stack_activation_bytes(
+            per_patch, vision.hidden_size * compute_bytes, vision.num_hidden_layers, layout.checkpointing
+        )
+    else:  # frozen ViT: nothing is saved, one layer's tensors live at a time
+        vit_per_patch = per_patch
+    vit = patches * vit_per_patch
+
+    reference = local_total * compute_bytes if layout.reference_model else 0
+    kv = 2 * text.num_hidden_layers * text.num_key_value_heads * text.head_dim * 4
+    kv_cache = layout.kv_cache_tokens * kv
+
+    components = {
+        "parameters": parameters,
+        "gradients": gradients,
+        "optimizer": optimizer,
+        "activations": activations,
+        "logit_chunks": logit_chunks,
+        "vit": vit,
+        "zero_buffers": zero_buffers,
+        "reference_model": reference,
+        "rollout_kv_cache": kv_cache,
+    }
+    components["reserve"] = RESERVE_FIXED + RESERVE_SHARE * sum(components.values())
+    components = {k: int(v) for k, v in components.items()}
+    total_bytes = sum(components.values())
+    problems = list(layout.problems)
+    if total_bytes > cluster.capacity:
+        largest = max((k for k in COMPONENTS if k != "reserve"), key=components.__getitem__)
+        problems.append(
+            f"needs {total_bytes / GIB:.1f} GiB per GPU of {cluster.gpu_memory_gib:g}; largest: {largest} "
+            f"{components[largest] / GIB:.1f} GiB"
+        )
+    words = [f"{layout.world_size}×", f"ZeRO-{layout.zero}" if deepspeed else "DDP"]
+    if sp > 1:
+        words.append(f"SP{sp}")
+    if pp > 1:
+        words.append(f"PP{pp}")
+    words.append("bf16" if layout.bf16 else "fp32")
+    words.append(f"ckpt:{layout.checkpointing}")
+    return StagePlan(
+        stage=layout.name,
+        layout=" ".join(words),
+        tokens_per_gpu=tokens,
+        components=components,
+        capacity=cluster.capacity,
+        problems=tuple(problems),
+        notes=layout.notes,
+    )
+
+
+# ------------------------------------------------------------------------------------------ recipes
+
+
+def _unique(stages: Iterable[StageConfig]) -> list[StageConfig]:
+    seen, out = set(), []
+    for stage in stages:
+        if stage.name not in seen:
+            seen.add(stage.name)
+            out.append(stage)
+    return out
+
+
+def plan_pretrain(recipe: PretrainRecipe, cluster: Cluster) -> list[StagePlan]:
+    """Stages 1, 2 and 3 (every annealing variant trains the same layout: planned once) of a pre-training
+    recipe, each on the whole cluster (its launcher's ranks). Stage 4 averages checkpoints on the host."""
+    sizes = ModelSizes.of(recipe.model_config())
+    stages = [recipe.stages[1], recipe.stages[2], recipe.annealing]
+    return [plan_layout(_stage_layout(s, cluster.world_size), sizes, cluster) for s in stages]
+
+
+def plan_posttrain(
+    recipe: PosttrainRecipe,
+    model: KeyeConfig,
+    cluster: Cluster,
+    *,
+    rl_prompt_tokens: int = DEFAULT_RL_PROMPT_TOKENS,
+) -> list[StagePlan]:
+    """Every post-training stage of `recipe` for a policy of `model`'s widths. The post-training flow trains
+    in its own process: one GPU per stage whatever the cluster (a note says so)."""
+    sizes = ModelSizes.of(model)
+    one = Cluster(1, 1, cluster.gpu_memory_gib)
+    note = ("post-training runs in the flow's process: 1 GPU",)
+    plans = []
+    for stage in _unique(
+        [recipe.sft, recipe.sft_anneal, recipe.reward_model_stage, recipe.longcot, recipe.expert]
+    ):
+        layout = _stage_layout(stage, 1)
+        plans.append(plan_layout(_with_notes(layout, note), sizes, one))
+    plans.append(plan_layout(_mpo_layout(recipe.mpo, note), sizes, one))
+    for name, gspo in (("gspo", recipe.gspo), ("alignment-rl", recipe.alignment)):
+        plans.append(plan_layout(_gspo_layout(name, gspo, rl_prompt_tokens, note), sizes, one))
+    return plans
+
+
+def _with_notes(layout: _Layout, notes: tuple[str, ...]) -> _Layout:
+    return _Layout(**{**layout.__dict__, "notes": layout.notes + notes})
+
+
+def _mpo_layout(mpo: MPOStageConfig, notes: tuple[str, ...]) -> _Layout:
+    # One batch of pairs_per_step chosen and rejected conversations, and a frozen reference model beside the
+    # policy (`preference.train_mpo`).
+    return _Layout(
+        name="posttrain-3-mpo",
+        world_size=1,
+        trainable=None,
+        tokens=2 * mpo.pairs_per_step * mpo.max_length,
+        zero=None,
+        bf16=False,
+        checkpointing=mpo.activation_checkpointing,
+        reference_model=True,
+        notes=notes + (f"one batch of {mpo.pairs_per_step} pairs, each side up to {mpo.max_length} tokens",),
+    )
+
+
+def _gspo_layout(name: str, gspo: GSPOStageConfig, prompt_tokens: int, notes: tuple[str, ...]) -> _Layout:
+    # Rollouts: one prompt's G responses are sampled together with a KV cache (fp32 weights, fp32 cache);
+    # the update: one padded forward over a mini-batch's responses (`rl.train_gspo`).
+    length = prompt_tokens + gspo.max_new_tokens
+    responses = math.ceil(gspo.prompts_per_step * gspo.group_size / gspo.mini_batches_per_step)
+    return _Layout(
+        name=f"posttrain-{name}",
+        world_size=1,
+        trainable=None,
+        tokens=responses * length,
+        zero=None,
+        bf16=False,
+        checkpointing=gspo.activation_checkpointing,
+        kv_cache_tokens=gspo.group_size * length,
+        notes=notes + (f"prompts assumed ≤ {prompt_tokens:,} tokens",),
+    )
+
+
+# ------------------------------------------------------------------------------------------ the flows' check
+
+
+def local_cluster(launch: LaunchConfig | None) -> Cluster:
+    """The cluster a flow's stages run on here: the launcher's ranks on this machine's device. On CUDA the
+    device's memory; on a CPU the host's RAM shared by the ranks of this node."""
+    launch = launch or LaunchConfig()
+    nodes = 1
+    if launch.hostfile is not None:
+        hosts = [
+            line for line in Path(launch.hostfile).read_text().splitlines() if line.split("#")[0].strip()
+        ]
+        nodes = launch.num_nodes or len(hosts)
+    per_node = launch.nproc_per_node if launch.launcher != "inprocess" else 1
+    if torch.cuda.is_available():
+        memory = torch.cuda.get_device_properties(0).total_memory
+    else:
+        memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / per_node
+    return Cluster(nodes, per_node, memory / GIB)
+
+
+def check_fits(plans: list[StagePlan], what: str) -> None:
+    """Raise `InfeasibleRecipe` naming every stage that cannot run, and why."""
+    bad = [p for p in plans if not p.fits]
+    if bad:
+        lines = [f"  {p.stage} ({p.layout}): {'; '.join(p.problems)}" for p in bad]
+        raise InfeasibleRecipe(f"{what}: {len(bad)} stage(s) cannot run here:\n" + "\n".join(lines))
+
+
+def markdown(plans: list[StagePlan], title: str) -> str:
+    """The plans as a Markdown table (GiB per GPU), for a Prefect artifact."""
+    shown = [c for c in COMPONENTS if any(p.components[c] for p in plans)]
+    lines = [
+        f"### {title}",
+        "",
+        "| stage | layout | tokens/GPU | "
+        + " | ".join(c.replace("_", " ") for c in shown)
+        + " | total | fits |",
+        "|" + "---|" * (len(shown) + 5),
+    ]
+    for p in plans:
+        cells = [f"{p.components[c] / GIB:.2f}" for c in shown]
+        verdict = "yes" if p.fits else "**no**: " + "; ".join(p.problems)
+        lines.append(
+            f"| {p.stage} | {p.layout} | {p.tokens_per_gpu:,} | {' | '.join(cells)} | {p.total / GIB:.2f} | "
+            f"{verdict} |"
+        )
+    notes = sorted({n for p in plans for n in p.notes})
+    return "\n".join(lines + ([""] + [f"- {n}" for n in notes] if notes else []))

@@ -1,0 +1,61 @@
+"""A recipe that cannot train here is refused before anything trains: the pretrain flow's first step is the
+memory plan, and `keyeflow plan` says the same from the terminal."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from keyeflow import lineage
+from keyeflow.cli import app
+from keyeflow.training.memory_plan import InfeasibleRecipe
+
+runner = CliRunner()
+
+
+def test_pretrain_flow_refuses_keye_8b_before_stage_1(home, prefect_harness):
+    from keyeflow.flows.pretrain import pretrain
+
+    # On any machine the 8B recipe's stage 3 asks for sequence and pipeline parallelism this trainer does not
+    # run; on a CPU host stages 1-2 in one process also outgrow its memory.
+    with pytest.raises(InfeasibleRecipe, match="pretrain-3-annealing") as error:
+        pretrain(recipe="keye-8b")
+    assert "sequence_parallel_size=4" in str(error.value)
+    assert not (home / "checkpoints").exists() or not any((home / "checkpoints").iterdir())
+    runs = lineage.runs_with_tag("mlflow.runName", "pretrain")
+    assert len(runs) == 1 and runs[0].info.status == "FAILED"
+    (home / "dl").mkdir()
+    saved = lineage.client().download_artifacts(runs[0].info.run_id, "memory_plan.json", str(home / "dl"))
+    plans = json.loads(Path(saved).read_text())
+    assert [p["stage"] for p in plans] == [
+        "pretrain-1-alignment",
+        "pretrain-2-multitask",
+        "pretrain-3-annealing",
+    ]
+    assert not plans[2]["fits"] and plans[2]["components_gib"]["parameters"] > 0
+
+
+def test_plan_command_exit_codes_and_reasons():
+    fits = runner.invoke(app, ["plan", "--recipe", "tiny", "--gpus-per-node", "1", "--gpu-memory-gib", "8"])
+    assert fits.exit_code == 0, fits.output
+    assert "every stage of tiny fits" in fits.output
+
+    small = runner.invoke(
+        app, ["plan", "--recipe", "keye-8b", "--nodes", "1", "--gpus-per-node", "8", "--gpu-memory-gib", "16"]
+    )
+    assert small.exit_code == 1
+    assert "pretrain-1-alignment does not fit" in small.output and "largest: parameters" in small.output
+
+    as_json = runner.invoke(
+        app, ["plan", "--recipe", "keye-8b", "--nodes", "4", "--gpus-per-node", "8", "--json"]
+    )
+    plans = json.loads(as_json.stdout)
+    first = plans[0]
+    assert first["stage"] == "pretrain-1-alignment" and first["fits"]
+    assert first["total_gib"] == pytest.approx(sum(first["components_gib"].values()), abs=0.1)
+
+    unknown = runner.invoke(app, ["plan", "--recipe", "keye-70b"])
+    assert unknown.exit_code == 2 and "no such recipe" in unknown.output
