@@ -210,6 +210,7 @@ def _keye_8b() -> PosttrainRecipe:
         "bf16": True,
         "deepspeed_zero": 2,
         "max_length": 32_768,
+        "max_tokens_per_micro_batch": 32_768,  # one pack per micro-batch (see the pre-training recipe)
         "checkpoint_every": 200,
         "activation_checkpointing": "full",
     }

@@ -226,7 +226,9 @@ def _tiny(init: str | None) -> PretrainRecipe:
 
 
 def _keye_8b(init: str | None) -> PretrainRecipe:
-    stages = {1: pretrain_stage(1), 2: pretrain_stage(2)}
+    # One pack of the stage's context per micro-batch: a step takes as many micro-batches as its window's
+    # packs need, and activation memory is bounded by the context whatever the samples (`keyeflow plan`).
+    stages = {s: pretrain_stage(s, max_tokens_per_micro_batch=8_192) for s in (1, 2)}
     # Variants: the paper fuses checkpoints annealed on different mixtures without listing them (UNSTATED);
     # these three move the 24/50/26 balance a few points towards each modality in turn.
     variants = (
@@ -248,7 +250,7 @@ def _keye_8b(init: str | None) -> PretrainRecipe:
         init=init,
         stages=stages,
         mixtures={1: {}, 2: {}},
-        annealing=pretrain_stage(3),
+        annealing=pretrain_stage(3, max_tokens_per_micro_batch=131_072),
         variants=variants,
         evaluation=EvalConfig(),
     )
