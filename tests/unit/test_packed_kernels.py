@@ -52,22 +52,15 @@ def reference_allowed(sample_index: torch.Tensor) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("block_size", [16, 128])
-def test_block_mask_equals_torchs_create_block_mask(block_size):
-    allowed = reference_allowed(INDEX)
-    ours = document_block_mask(packed_segments(INDEX), block_size)
-    theirs = create_block_mask(
-        lambda b, h, q, k: allowed[b, q, k],
-        INDEX.shape[0],
-        None,
-        200,
-        200,
-        device="cpu",
-        BLOCK_SIZE=block_size,
-    )
+@pytest.mark.parametrize("index", [INDEX, packed_index([[200]], 200)], ids=["packed", "one-sample"])
+def test_block_mask_equals_torchs_create_block_mask(block_size, index):
+    allowed = reference_allowed(index)
+    ours = document_block_mask(packed_segments(index), block_size)
+    mask_mod = lambda b, h, q, k: allowed[b, q, k]
+    theirs = create_block_mask(mask_mod, index.shape[0], None, 200, 200, device="cpu", BLOCK_SIZE=block_size)
     assert torch.equal(ours.to_dense(), theirs.to_dense())  # partial ∪ full tiles
-    assert torch.equal(
-        ours.full_kv_num_blocks, theirs.full_kv_num_blocks
-    )  # full tiles skip the mask function
+    # Full tiles skip the mask function: they must be exactly torch's.
+    assert torch.equal(ours.full_kv_num_blocks, theirs.full_kv_num_blocks)
     for (n1, i1), (n2, i2) in (
         ((ours.kv_num_blocks, ours.kv_indices), (theirs.kv_num_blocks, theirs.kv_indices)),
         (
@@ -80,7 +73,7 @@ def test_block_mask_equals_torchs_create_block_mask(block_size):
             count = int(n1[b, 0, q_tile])  # the first `count` indices are the tiles, in any order
             assert sorted(i1[b, 0, q_tile, :count].tolist()) == sorted(i2[b, 0, q_tile, :count].tolist())
     # The token-level mask function agrees with the truth everywhere.
-    dense = create_mask(ours.mask_mod, INDEX.shape[0], 1, 200, 200, device="cpu")[:, 0]
+    dense = create_mask(ours.mask_mod, index.shape[0], 1, 200, 200, device="cpu")[:, 0]
     assert torch.equal(dense, allowed)
 
 
