@@ -26,6 +26,7 @@ from keyeflow.model.modeling import KeyeForConditionalGeneration
 from keyeflow.model.processor import MediaPatches, collate_rows, encode_sample
 from keyeflow.model.sequence_parallel import SequenceParallel, sequence_parallel_mesh, vision_assignment
 from keyeflow.model.tokenizer import load_tokenizer
+from keyeflow.training.balance import CostModel
 
 PATCH, MERGE = 14, 2
 WORLD = 2
@@ -92,9 +93,14 @@ def model_outputs(model, batch, sp: SequenceParallel | None) -> dict:
     model.set_sequence_parallel(sp)
     inputs = {k: v for k, v in batch.items() if k != "labels"}
     model.zero_grad(set_to_none=True)
+    seen = []  # tokens per row that this rank's first decoder layer runs on
+    model.language_model.layers[0].register_forward_pre_hook(lambda _, args: seen.append(args[0].shape[1]))
     out = model(**inputs, labels=batch["labels"])
     out.loss.backward()
-    result = {"loss": out.loss.detach(), "logits": out.logits.detach(), "loss_grads": gradients(model, sp)}
+    result = {
+        "loss": out.loss.detach(), "logits": out.logits.detach(), "loss_grads": gradients(model, sp),
+        "local_length": seen[0],
+    }  # fmt: skip
     model.set_activation_checkpointing("full")
     logps = model(**inputs, logprob_labels=batch["labels"]).token_logprobs
     model.set_activation_checkpointing("off")
@@ -107,10 +113,12 @@ def vision_outputs(model, batch, sp: SequenceParallel | None) -> dict:
     """ViT + projector embeddings of the batch's grids, and the gradients of a fixed linear loss on them
     (each of the n ranks backpropagates 1/n of it: the gathered embeddings are the same on every rank)."""
     model.set_sequence_parallel(sp)
+    encoded = [0]  # patches this rank's ViT runs on
+    model.vision.register_forward_pre_hook(lambda _, args: encoded.append(args[0].shape[0]))
     embeddings = model.get_vision_embeddings(batch["pixel_values"], batch["grid_thw"])
     weights = torch.randn(embeddings.shape, generator=torch.Generator().manual_seed(1))
     ((embeddings * weights).sum() / (1 if sp is None else sp.size)).backward()
-    return {"embeddings": embeddings.detach(), "grads": gradients(model, sp)}
+    return {"embeddings": embeddings.detach(), "grads": gradients(model, sp), "patches": sum(encoded)}
 
 
 def run_all(sp: SequenceParallel | None) -> dict:
@@ -128,7 +136,8 @@ def run_rank(rank: int, port: int, out: Path) -> None:
     torch.set_num_threads(1)  # a forked child must not use the parent's OpenMP pool
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD)
     try:
-        _, sp = sequence_parallel_mesh(WORLD)
+        # Frames spread by the loader balancer's cost, as the trainer will pass it.
+        _, sp = sequence_parallel_mesh(WORLD, grid_cost=CostModel().grid_cost)
         torch.save(run_all(sp), out / f"rank{rank}.pt")
     finally:
         dist.destroy_process_group()
@@ -162,7 +171,9 @@ def assert_close(got: torch.Tensor, want: torch.Tensor, what: str) -> None:
 def test_sequence_parallel_2_equals_one_process(runs, part):
     reference, ranks = runs
     want = reference[part]
-    assert want["logits"].shape[1] % WORLD == 1  # the last slice holds padding
+    length = want["logits"].shape[1]
+    assert length % WORLD == 1  # the last slice holds padding
+    assert [results[part]["local_length"] for results in ranks] == [(length + 1) // WORLD] * WORLD
     for rank, results in enumerate(ranks):
         got = results[part]
         for key in ("loss", "logits", "token_logprobs"):
@@ -177,6 +188,9 @@ def test_sequence_parallel_2_equals_one_process(runs, part):
 def test_sharded_vit_equals_the_whole_vit(runs, part):
     reference, ranks = runs
     want = reference[part]
+    # Each rank encoded a share of the frames (all of them, with one frame: the other rank encodes none).
+    shares = [results[part]["patches"] for results in ranks]
+    assert sum(shares) == want["patches"] and (0 in shares) == (part == "vision_one_frame"), shares
     vision_parameters = [n for n in want["grads"] if n.startswith(("vision.", "projector."))]
     assert all(want["grads"][n].abs().sum() > 0 for n in vision_parameters)
     for rank, results in enumerate(ranks):
