@@ -66,6 +66,16 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 from keyeflow.model.chunked_head import chunked_token_logprobs
 from keyeflow.model.config import ACTIVATION_CHECKPOINTING, KeyeConfig, KeyeVisionConfig
 from keyeflow.model.packed_attention import PACKED_ATTENTION, packed_segments
+from keyeflow.model.sequence_parallel import (
+    SEQUENCE_PARALLEL_ATTENTION,
+    SequenceParallel,
+    SequenceParallelSegments,
+    gather_sequence,
+    pad_sequence,
+    shard_sequence,
+    sharded_vision_embeddings,
+    sum_over_group,
+)
 
 IGNORE_INDEX = -100
 PIXEL_MEAN, PIXEL_STD = 0.5, 0.5  # SigLIP normalisation over [0, 1], per channel
@@ -408,6 +418,7 @@ class KeyeForConditionalGeneration(KeyePreTrainedModel):
         self.language_model.set_attn_implementation(PACKED_ATTENTION)
         self.lm_head = nn.Linear(config.text_config.hidden_size, config.text_config.vocab_size, bias=False)
         self.activation_checkpointing = "off"
+        self.sequence_parallel: SequenceParallel | None = None
         self.post_init()
 
     def set_activation_checkpointing(self, mode: str) -> None:
@@ -415,6 +426,18 @@ class KeyeForConditionalGeneration(KeyePreTrainedModel):
         checkpointed_layers(mode, 0)  # validates
         self.activation_checkpointing = mode
         self.vision.activation_checkpointing = mode
+
+    def set_sequence_parallel(self, sequence_parallel: SequenceParallel | None) -> None:
+        """Split every row's tokens over `sequence_parallel`'s group from the next forward on (None: off). All
+        ranks of the group must call the forward with the same batch (`keyeflow.model.sequence_parallel`)."""
+        if sequence_parallel is not None and self.config.attention != "packed":
+            raise ValueError(
+                f"sequence parallelism needs the packed attention path, not {self.config.attention!r}"
+            )
+        self.sequence_parallel = sequence_parallel
+        self.language_model.set_attn_implementation(
+            PACKED_ATTENTION if sequence_parallel is None else SEQUENCE_PARALLEL_ATTENTION
+        )
 
     def attention_mask_for(self, sample_index: torch.Tensor, dtype: torch.dtype) -> object:
         """What the LLM's attention takes as its mask for rows segmented by `sample_index` `[B, L]` (−1 for
@@ -443,6 +466,14 @@ class KeyeForConditionalGeneration(KeyePreTrainedModel):
             rows = pixel_values.reshape(pixel_values.shape[0], -1)
             index = merge_order_index(grid_thw, self.config.vision_config.spatial_merge_size)
             pixel_values = rows[index.to(rows.device)] if index.numel() == rows.shape[0] else rows
+        sp = self.sequence_parallel
+        if sp is not None and sp.size > 1:
+            return sharded_vision_embeddings(
+                lambda pixels, grids: self.projector(self.vision(pixels, grids)),
+                [*self.vision.parameters(), *self.projector.parameters()],
+                self.config.text_config.hidden_size, pixel_values, grid_thw,
+                self.config.vision_config.spatial_merge_size, sp,
+            )  # fmt: skip
         return self.projector(self.vision(pixel_values, grid_thw))
 
     def position_ids_for(
@@ -494,23 +525,30 @@ class KeyeForConditionalGeneration(KeyePreTrainedModel):
         if position_ids is None:
             position_ids = self.position_ids_for(input_ids, grid_thw, sample_index)
 
-        embeds = self.language_model.embed_tokens(input_ids)
         is_vision = (input_ids == self.config.image_token_id) | (input_ids == self.config.video_token_id)
         num_vision = int(is_vision.sum())
+        vision = None
         if num_vision:
             if pixel_values is None or grid_thw is None:
                 raise ValueError(
                     f"input_ids hold {num_vision} vision pad tokens but no pixel_values/grid_thw"
                 )
-            vision = self.get_vision_embeddings(pixel_values, grid_thw).to(embeds.dtype)
+            vision = self.get_vision_embeddings(pixel_values, grid_thw)
+            vision = vision.to(self.language_model.embed_tokens.weight.dtype)
             if vision.shape[0] != num_vision:
                 raise ValueError(
                     f"{num_vision} vision pad tokens but the grids give {vision.shape[0]} embeddings"
                 )
-            embeds = embeds.masked_scatter(is_vision[..., None], vision)
         elif pixel_values is not None and pixel_values.numel():
             raise ValueError("pixel_values given but input_ids hold no vision pad tokens")
+        if self.sequence_parallel is not None and self.sequence_parallel.size > 1:
+            return self.sequence_parallel_forward(
+                input_ids, is_vision, vision, position_ids, sample_index, labels, logprob_labels, **kwargs
+            )
 
+        embeds = self.language_model.embed_tokens(input_ids)
+        if vision is not None:
+            embeds = embeds.masked_scatter(is_vision[..., None], vision)
         mask = self.attention_mask_for(sample_index.to(embeds.device), embeds.dtype)
         hidden = self.language_hidden_states(embeds, position_ids.to(embeds.device), mask, **kwargs)
         if logprob_labels is not None:
@@ -530,6 +568,55 @@ class KeyeForConditionalGeneration(KeyePreTrainedModel):
             else:
                 loss = logits.sum() * 0.0
         return KeyeCausalLMOutput(loss=loss, logits=logits)
+
+    def sequence_parallel_forward(
+        self,
+        input_ids: torch.Tensor,
+        is_vision: torch.Tensor,
+        vision: torch.Tensor | None,
+        position_ids: torch.Tensor,
+        sample_index: torch.Tensor,
+        labels: torch.Tensor | None,
+        logprob_labels: torch.Tensor | None,
+        **kwargs,
+    ) -> KeyeCausalLMOutput:
+        """`forward` with this rank holding one slice of L (`keyeflow.model.sequence_parallel`); the same
+        outputs on every rank of the group. `vision`: the embeddings of every vision token of the batch."""
+        sp = self.sequence_parallel
+        length = input_ids.shape[1]
+        embeds = self.language_model.embed_tokens(shard_sequence(input_ids, 1, 0, sp))
+        if vision is not None:
+            # The global index of each vision token, so this rank places the embeddings of its slice only.
+            vision_order = (torch.cumsum(is_vision.reshape(-1), 0) - 1).view_as(is_vision)
+            local = shard_sequence(is_vision, 1, False, sp)
+            placed = vision[shard_sequence(vision_order, 1, 0, sp)[local]]
+            embeds = embeds.masked_scatter(local[..., None], placed)
+        # Segment boundaries are the whole rows' (padding: sample −1): the attention sees every token.
+        segments = packed_segments(pad_sequence(sample_index, 1, -1, sp).to(embeds.device))
+        positions = shard_sequence(position_ids.to(embeds.device), 2, 0, sp)
+        hidden = self.language_hidden_states(
+            embeds, positions, SequenceParallelSegments(segments, sp), **kwargs
+        )
+
+        def shifted(target: torch.Tensor) -> torch.Tensor:
+            # Shift before the split: the logit at i predicts label i + 1, which may be on the next rank.
+            target = torch.cat([target[:, 1:], torch.full_like(target[:, :1], IGNORE_INDEX)], dim=1)
+            return shard_sequence(target.to(hidden.device), 1, IGNORE_INDEX, sp)
+
+        if logprob_labels is not None:
+            logps = chunked_token_logprobs(hidden, self.lm_head.weight, shifted(logprob_labels))
+            return KeyeCausalLMOutput(token_logprobs=gather_sequence(logps, 1, sp)[:, : length - 1])
+        logits = self.lm_head(hidden)
+        loss = None
+        if labels is not None:
+            # The global token mean: every rank's summed token loss, over the row's label count.
+            summed = F.cross_entropy(
+                logits.float().reshape(-1, logits.shape[-1]), shifted(labels).reshape(-1),
+                ignore_index=IGNORE_INDEX, reduction="sum",
+            )  # fmt: skip
+            num_labels = int((labels[:, 1:] != IGNORE_INDEX).sum())
+            loss = sum_over_group(summed, sp) / max(num_labels, 1)
+        return KeyeCausalLMOutput(loss=loss, logits=gather_sequence(logits, 1, sp)[:, :length])
 
     def language_hidden_states(
         self, embeds: torch.Tensor, position_ids: torch.Tensor, mask: object, **kwargs
