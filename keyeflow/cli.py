@@ -729,6 +729,9 @@ def plan(
     gpu_memory_gib: float = typer.Option(80.0, help="memory of one GPU in GiB"),
     rl_prompt_tokens: int = typer.Option(4_096, min=1, help="a GSPO prompt's tokens (no config bounds them)"),
     as_json: bool = typer.Option(False, "--json", help="print the plans as JSON"),
+    compare: bool = typer.Option(
+        False, "--compare", help="also weigh other layouts (ZeRO, sequence, pipeline, tensor) for stage 3"
+    ),
 ):
     """Memory per GPU of every training stage of RECIPE on the cluster, and whether it fits: parameters,
     gradients, optimizer, activations, logit chunks, ViT and buffers under each stage's layout. Exits 1 when a
@@ -779,12 +782,53 @@ def plan(
         )
         for note in sorted({n for p in plans for n in p.notes}):
             console.print(f"note: {note}", soft_wrap=True)
+    if compare and recipe in PRETRAIN_RECIPES:
+        _print_layouts(pretrain_recipe(recipe).annealing, model, cluster, as_json)
     bad = [p for p in plans if not p.fits]
     for p in bad:
         errors.print(f"[red]{p.stage} does not fit:[/red] {'; '.join(p.problems)}")
     if bad:
         raise typer.Exit(1)
     console.print(f"every stage of {recipe} fits", soft_wrap=True)
+
+
+def _print_layouts(stage, model, cluster, as_json: bool) -> None:
+    from keyeflow.training.memory_plan import Interconnect, compare_layouts
+
+    costs = compare_layouts(stage, model, cluster)
+    if as_json:
+        print(json.dumps([c.to_dict() for c in costs], indent=1))
+        return
+    link = Interconnect()
+    table = Table(
+        title=f"{stage.name}: layouts on this cluster, one micro-batch of {stage.max_length:,} tokens"
+    )
+    for column in (
+        "layout",
+        "GiB/GPU",
+        "fits",
+        "compute s",
+        "NVLink GB",
+        "NIC GB",
+        "comm s",
+        "bubble",
+        "tokens/s",
+    ):
+        table.add_column(column, justify="left" if column == "layout" else "right", no_wrap=True)
+    for c in costs:
+        d = c.to_dict()
+        table.add_row(
+            d["layout"], f"{d['total_gib']:.1f}", "yes" if d["fits"] else "no", f"{d['compute_s']:.2f}",
+            f"{d['intra_node_gb']:.1f}", f"{d['inter_node_gb']:.1f}", f"{d['comm_s']:.2f}",
+            f"{d['bubble']:.1%}", f"{d['tokens_per_s']:,}",
+        )  # fmt: skip
+    console.print(table)
+    console.print(
+        f"assumed: NVLink {link.intra_node_gbps:g} GB/s, NIC {link.inter_node_gbps:g} GB/s per GPU, "
+        f"{link.peak_tflops:g} TFLOP/s at {link.mfu:.0%} MFU, no overlap of communication with compute; "
+        "pipeline and tensor parallelism are compared only (not built)",
+        soft_wrap=True,
+    )
 
 
 @app.command()

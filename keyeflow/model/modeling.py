@@ -33,8 +33,9 @@ together, so on text the model is exactly Qwen3 with 1D RoPE.
 
 LLM attention (`KeyeConfig.attention`): "packed" (the default) cuts each row into its samples and attends
 each causally on its own (`keyeflow.model.packed_attention`: flash-attn varlen on CUDA where installed, else
-FlexAttention with a document mask on CUDA, a per-segment SDPA loop on CPU), never building an `[L, L]` tensor; "mask" materialises the `[B, 1, L, L]`
-additive mask (`packed_causal_mask`) and runs transformers' SDPA on it, kept to compare against.
+FlexAttention with a document mask on CUDA, a per-segment SDPA loop on CPU), never building an `[L, L]`
+tensor; "mask" materialises the `[B, 1, L, L]` additive mask (`packed_causal_mask`) and runs transformers'
+SDPA on it, kept to compare against.
 
 Activation checkpointing (`set_activation_checkpointing`): "full" recomputes every LLM decoder layer and every
 ViT layer in the backward, "selective" every other one (layers 0, 2, 4, …: about half the saved activations

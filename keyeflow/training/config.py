@@ -72,10 +72,10 @@ class StageConfig:
     bf16: bool = False
     offload_optimizer: bool = False  # ZeRO-Offload: optimizer states in CPU memory (ZeRO >= 1)
     offload_params: bool = False  # ZeRO-Infinity-style parameter offload to CPU (ZeRO 3)
-    # Model-parallel degrees of a long-context stage, rendered into the DeepSpeed JSON (data-parallel ranks =
-    # world size / (sequence × pipeline)). Executing them needs the model split into pipeline stages and
-    # Ulysses attention, which the launcher's job on a cluster provides; `train` refuses sizes > 1 rather than
-    # silently running plain data parallelism under a config that says otherwise.
+    # Model-parallel degrees of a long-context stage (data-parallel ranks = world size / sequence).
+    # Sequence parallelism is Ulysses (`keyeflow.model.sequence_parallel`); `train` refuses a size > 1 until
+    # it runs it, rather than silently running plain data parallelism under a config that says otherwise.
+    # Pipeline parallelism is not built and must stay 1 (kept so stored stage dicts load and hash the same).
     sequence_parallel_size: int = 1
     pipeline_parallel_size: int = 1
     # Recompute layer activations in the backward (`modeling.KeyeForConditionalGeneration`, whose loops apply
@@ -170,12 +170,17 @@ class StageConfig:
                 fail(
                     "max_tokens_per_micro_batch", budget, f"must be >= max_length ({self.max_length}): a pack"
                 )
-        for name in ("sequence_parallel_size", "pipeline_parallel_size"):
-            if getattr(self, name) > 1 and self.deepspeed_zero is None:
-                fail(name, getattr(self, name), "needs DeepSpeed (deepspeed_zero set)")
-        if self.pipeline_parallel_size > 1 and (self.deepspeed_zero or 0) > 1:
-            # DeepSpeed's pipeline engine shards optimizer state (ZeRO-1) but not gradients or parameters.
-            fail("pipeline_parallel_size", self.pipeline_parallel_size, "works with ZeRO stage 0 or 1 only")
+        if self.sequence_parallel_size > 1 and self.deepspeed_zero is None:
+            fail(
+                "sequence_parallel_size", self.sequence_parallel_size, "needs DeepSpeed (deepspeed_zero set)"
+            )
+        if self.pipeline_parallel_size != 1:
+            fail(
+                "pipeline_parallel_size",
+                self.pipeline_parallel_size,
+                "pipeline parallelism is not built: at 8.6B ZeRO-3 with sequence parallelism fits where it "
+                "does not (`keyeflow plan --compare`)",
+            )
 
     def trainable_prefixes(self) -> tuple[str, ...] | None:
         """Module-name prefixes of the trained parameters; None means every parameter."""
@@ -265,9 +270,10 @@ _PRETRAIN_STAGES: dict[int, dict[str, Any]] = {
         "max_length": 131_072,
         "rope_theta": 8e6,
         "schedule": "linear",
-        "deepspeed_zero": 1,
+        # ZeRO-3 + Ulysses over 4 ranks of a node: 52.5 GiB per 80 GiB GPU on 4 × 8 at 131,072 tokens,
+        # where ZeRO-1 with pipeline 2 needs 86.2 (`keyeflow plan --compare`, README).
+        "deepspeed_zero": 3,
         "sequence_parallel_size": 4,
-        "pipeline_parallel_size": 2,
     },
 }
 

@@ -11,9 +11,8 @@ of samples varies (packing), so `train_micro_batch_size_per_gpu` is 1 and only `
 DeepSpeed checks. The samples in a step are the loader's `window_size`, whatever the world size.
 
 Model parallelism (a long-context stage): `sequence_parallel_size` (Ulysses context parallelism: each
-sequence's tokens split over that many ranks) goes in as DeepSpeed's top-level key, `pipeline_parallel_size`
-as the `pipeline` section's stage count. Both divide the world: the data-parallel ranks, which alone multiply
-the batch size, are world / (sequence × pipeline).
+sequence's tokens split over that many ranks) goes in as DeepSpeed's top-level key. It divides the world: the
+data-parallel ranks, which alone multiply the batch size, are world / sequence.
 """
 
 from __future__ import annotations
@@ -29,12 +28,11 @@ def render_deepspeed_config(stage: StageConfig, world_size: int) -> dict[str, An
         raise ValueError(f"stage {stage.name!r} does not train with DeepSpeed (deepspeed_zero=None)")
     if isinstance(world_size, bool) or not isinstance(world_size, int) or world_size < 1:
         raise ValueError(f"world_size={world_size!r}: must be an integer >= 1")
-    model_parallel = stage.sequence_parallel_size * stage.pipeline_parallel_size
+    model_parallel = stage.sequence_parallel_size
     if world_size % model_parallel:
         raise ValueError(
-            f"world_size={world_size} is not a multiple of sequence_parallel_size × "
-            f"pipeline_parallel_size = {stage.sequence_parallel_size} × "
-            f"{stage.pipeline_parallel_size} (stage {stage.name!r})"
+            f"world_size={world_size} is not a multiple of sequence_parallel_size = "
+            f"{stage.sequence_parallel_size} (stage {stage.name!r})"
         )
     data_parallel = world_size // model_parallel
 
@@ -74,14 +72,4 @@ def render_deepspeed_config(stage: StageConfig, world_size: int) -> dict[str, An
     }
     if stage.sequence_parallel_size > 1:
         config["sequence_parallel_size"] = stage.sequence_parallel_size
-    if stage.pipeline_parallel_size > 1:
-        # Layers split by parameter count; pipe_partitioned/grad_partitioned shard the activations and
-        # gradients sent between stages over the tensor-parallel group (DeepSpeed's defaults, kept explicit).
-        config["pipeline"] = {
-            "stages": stage.pipeline_parallel_size,
-            "partition": "parameters",
-            "pipe_partitioned": True,
-            "grad_partitioned": True,
-            "activation_checkpoint_interval": 0,
-        }
     return config

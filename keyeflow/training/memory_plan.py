@@ -202,26 +202,27 @@ class ModelSizes:
         return max(per_module.values())
 
 
-def layer_activation_bytes(config: KeyeConfig, compute_bytes: int) -> int:
+def layer_activation_bytes(config: KeyeConfig, compute_bytes: int, *, tensor_parallel: int = 1) -> int:
     """Bytes autograd saves per token in one LLM decoder layer (Qwen3 with QK-norm, packed attention): in the
     compute dtype 4 hidden-size tensors (norm inputs and outputs, the residual), 4 per query dim (q before and
     after its norm and RoPE, the attention output), 3 per key/value dim, 4 per MLP dim (gate, up, their
     activation and product); plus the fp32 copies RMSNorm makes (2 per hidden, 1 per query and key/value
     dim), the RoPE cos/sin and the attention's per-head log-sum-exp. Measured:
-    tests/unit/test_memory_plan.py."""
+    tests/unit/test_memory_plan.py. Under `tensor_parallel` t (a comparison only: not built) the head and MLP
+    parts are split t ways and the hidden-size tensors stay whole on every rank, as in Megatron without its
+    sequence parallelism."""
     text = config.text_config
     hidden, mlp = text.hidden_size, text.intermediate_size
     q_dim = text.num_attention_heads * text.head_dim
     kv_dim = text.num_key_value_heads * text.head_dim
-    return (
-        hidden * (4 * compute_bytes + 8)
-        + mlp * 4 * compute_bytes
+    split = (
+        mlp * 4 * compute_bytes
         + q_dim * (4 * compute_bytes + 4)
         + kv_dim * (3 * compute_bytes + 4)
-        + 2 * text.head_dim * compute_bytes
         + 8 * text.num_attention_heads
         + 4 * text.num_key_value_heads
     )
+    return hidden * (4 * compute_bytes + 8) + 2 * text.head_dim * compute_bytes + split // tensor_parallel
 
 
 def vision_layer_activation_bytes(config: KeyeConfig, compute_bytes: int) -> int:
@@ -260,6 +261,7 @@ class _Layout:
     checkpointing: str
     sequence_parallel: int = 1
     pipeline_parallel: int = 1
+    tensor_parallel: int = 1  # Megatron-style, LLM decoder layers only: no stage config has it (comparisons)
     offload_optimizer: bool = False
     offload_params: bool = False
     zero_bucket: int = 0  # elements per ZeRO reduce/all-gather bucket
@@ -305,8 +307,8 @@ def _stage_layout(stage: StageConfig, world_size: int) -> _Layout:
 def plan_layout(layout: _Layout, sizes: ModelSizes, cluster: Cluster) -> StagePlan:
     config = sizes.config
     text = config.text_config
-    sp, pp = layout.sequence_parallel, layout.pipeline_parallel
-    shard = max(1, layout.world_size // pp)  # ranks of one pipeline stage: ZeRO's partition group
+    sp, pp, tp = layout.sequence_parallel, layout.pipeline_parallel, layout.tensor_parallel
+    shard = max(1, layout.world_size // (pp * tp))  # ZeRO's partition group: the ranks holding the same slice
     compute_bytes = 2 if layout.bf16 else 4
     deepspeed = layout.zero is not None
 
@@ -316,7 +318,7 @@ def plan_layout(layout: _Layout, sizes: ModelSizes, cluster: Cluster) -> StagePl
     vision_trained = trained_by_module.get("vision", 0)
     # The first pipeline stage holds the ViT, the projector, the embedding and its share of decoder layers.
     llm_layers = sizes.count("language_model.layers")
-    per_stage = total - llm_layers + math.ceil(llm_layers / pp) if pp > 1 else total
+    per_stage = total - llm_layers + math.ceil(llm_layers / (pp * tp)) if pp * tp > 1 else total
     stage_share = per_stage / total
     local_total = per_stage
     local_trained = trained * stage_share
@@ -348,7 +350,7 @@ def plan_layout(layout: _Layout, sizes: ModelSizes, cluster: Cluster) -> StagePl
     activations = 0
     if trained:
         per_token = stack_activation_bytes(
-            layer_activation_bytes(config, compute_bytes),
+            layer_activation_bytes(config, compute_bytes, tensor_parallel=tp),
             text.hidden_size * compute_bytes,
             llm_layers_here,
             layout.checkpointing,
@@ -398,6 +400,8 @@ def plan_layout(layout: _Layout, sizes: ModelSizes, cluster: Cluster) -> StagePl
         words.append(f"SP{sp}")
     if pp > 1:
         words.append(f"PP{pp}")
+    if tp > 1:
+        words.append(f"TP{tp}")
     words.append("bf16" if layout.bf16 else "fp32")
     words.append(f"ckpt:{layout.checkpointing}")
     return StagePlan(
@@ -491,6 +495,144 @@ def _gspo_layout(name: str, gspo: GSPOStageConfig, prompt_tokens: int, notes: tu
         kv_cache_tokens=gspo.group_size * length,
         notes=notes + (f"prompts assumed ≤ {prompt_tokens:,} tokens",),
     )
+
+
+# ------------------------------------------------------------------------------------------ layouts compared
+
+
+@dataclass(frozen=True)
+class Interconnect:
+    """What a layout comparison assumes of the machines (stated, not measured): per-GPU bandwidth inside a
+    node (NVLink 4 on H100 SXM: 450 GB/s each way) and across nodes (one 400 Gb/s NIC per GPU: 50 GB/s), the
+    card's dense bf16 peak and the share of it a step reaches."""
+
+    intra_node_gbps: float = 450.0
+    inter_node_gbps: float = 50.0
+    peak_tflops: float = 989.0
+    mfu: float = 0.4
+
+
+@dataclass(frozen=True)
+class LayoutCost:
+    """One candidate layout of a stage: its memory plan, and per micro-batch on one GPU the compute seconds,
+    the communication bytes inside and across nodes and their seconds (no overlap assumed), the pipeline
+    bubble and the cluster's resulting tokens/s."""
+
+    name: str
+    plan: StagePlan
+    compute_s: float
+    intra_bytes: float
+    inter_bytes: float
+    comm_s: float
+    bubble: float
+    tokens_per_s: float
+
+    def to_dict(self) -> dict:
+        return {
+            "layout": self.name,
+            "total_gib": round(self.plan.total / GIB, 1),
+            "fits": self.plan.fits,
+            "problems": list(self.plan.problems),
+            "compute_s": round(self.compute_s, 3),
+            "intra_node_gb": round(self.intra_bytes / 1e9, 2),
+            "inter_node_gb": round(self.inter_bytes / 1e9, 2),
+            "comm_s": round(self.comm_s, 3),
+            "bubble": round(self.bubble, 4),
+            "tokens_per_s": round(self.tokens_per_s),
+        }
+
+
+# The layouts `compare_layouts` weighs for a long-context stage: (ZeRO stage, sequence, pipeline, tensor).
+CANDIDATE_LAYOUTS = ((1, 4, 2, 1), (3, 4, 1, 1), (3, 8, 1, 1), (2, 8, 1, 1), (1, 1, 1, 8), (3, 2, 1, 4))
+
+
+def compare_layouts(
+    stage: StageConfig,
+    model: KeyeConfig,
+    cluster: Cluster,
+    candidates: Iterable[tuple[int, int, int, int]] = CANDIDATE_LAYOUTS,
+    interconnect: Interconnect = Interconnect(),
+) -> list[LayoutCost]:
+    """`stage` under each (ZeRO stage, sequence, pipeline, tensor parallel) candidate on `cluster`: memory per
+    GPU (the stage's own plan with the layout swapped in, the trainer's refusals left out: this compares
+    layouts, not what runs today) and a time model of one micro-batch of `max_tokens_per_micro_batch` tokens
+    (else `max_length`), every sample as long as the micro-batch (the worst case for attention).
+
+    Compute: 6 × LLM parameters × tokens + causal attention 6·T(T+1)·head_dim·heads per layer, split over the
+    micro-batch's sp·pp·tp GPUs, at `mfu` of the peak. Communication per GPU and micro-batch (forward, the
+    recomputation of checkpointing, backward): Ulysses 3 × (an all-to-all of q, k, v and one of the output)
+    per layer; tensor parallelism 6 all-reduces of the hidden states per layer; ZeRO-3 3 parameter
+    all-gathers and one gradient reduce-scatter; ZeRO-2 one reduce-scatter, and ZeRO-0/1 one all-reduce and
+    ZeRO-1/2 one parameter all-gather per step, spread over the step's micro-batches; pipeline sends are left
+    out (one hidden state per micro-batch). A group inside a node runs at NVLink speed, one across nodes at
+    the NIC's.
+    Pipeline bubble: (pp − 1) / (m + pp − 1) with m the step's micro-batches per pipeline, at most one per
+    sample of the window."""
+    sizes = ModelSizes.of(model)
+    text = model.text_config
+    e = 2 if stage.bf16 else 4
+    tokens = stage.max_tokens_per_micro_batch or stage.max_length
+    llm = sizes.count("language_model")
+    q_dim = text.num_attention_heads * text.head_dim
+    kv_dim = text.num_key_value_heads * text.head_dim
+    attention = 6 * tokens * (tokens + 1) * text.head_dim * text.num_attention_heads * text.num_hidden_layers
+    flops = 6 * llm * tokens + attention
+    out = []
+    for zero, sp, pp, tp in candidates:
+        world = cluster.world_size
+        if world % (sp * pp * tp):
+            continue
+        dp = world // (sp * pp * tp)
+        layout = _stage_layout(stage, world)
+        layout = _Layout(
+            **{
+                **layout.__dict__,
+                "zero": zero,
+                "sequence_parallel": sp,
+                "pipeline_parallel": pp,
+                "tensor_parallel": tp,
+                "problems": (),
+            }
+        )
+        plan = plan_layout(layout, sizes, cluster)
+        micro_batches = max(1, math.ceil(stage.window_size / dp))
+        group = max(1, world // (pp * tp))  # ZeRO's partition group
+
+        def link(ranks: int) -> str:
+            return "intra" if ranks <= cluster.gpus_per_node else "inter"
+
+        volume = {"intra": 0.0, "inter": 0.0}
+        layers = math.ceil(text.num_hidden_layers / pp)
+        if sp > 1:
+            per_layer = (tokens / sp) * (2 * q_dim + 2 * kv_dim) * e * (sp - 1) / sp
+            volume[link(sp)] += 3 * layers * per_layer
+        if tp > 1:
+            volume[link(tp)] += 6 * layers * 2 * (tokens / sp) * text.hidden_size * e * (tp - 1) / tp
+        weights = plan.components["parameters"] * (group if zero >= 3 else 1)  # the stage's whole bf16 weights
+        trained = sizes.trained(stage.trainable_prefixes())
+        grads = sum(trained.values()) * e / (pp * tp)
+        share = (group - 1) / group
+        if zero >= 3:
+            volume[link(group)] += (3 * weights + grads) * share
+        elif zero == 2:
+            volume[link(group)] += grads * share + weights * share / micro_batches
+        else:
+            volume[link(group)] += 2 * grads * share / micro_batches + (
+                weights * share / micro_batches if zero else 0
+            )
+        compute_s = flops / (sp * pp * tp) / (interconnect.peak_tflops * 1e12 * interconnect.mfu)
+        comm_s = volume["intra"] / (interconnect.intra_node_gbps * 1e9) + volume["inter"] / (
+            interconnect.inter_node_gbps * 1e9
+        )
+        bubble = (pp - 1) / (micro_batches + pp - 1)
+        seconds = (compute_s + comm_s) / (1 - bubble)
+        name = f"ZeRO-{zero} SP{sp} PP{pp} TP{tp} (DP{dp})"
+        out.append(
+            LayoutCost(
+                name, plan, compute_s, volume["intra"], volume["inter"], comm_s, bubble, dp * tokens / seconds
+            )
+        )
+    return out
 
 
 # ------------------------------------------------------------------------------------------ the flows' check

@@ -78,12 +78,11 @@ class TrainResult:
 def unsupported_layout(stage: StageConfig) -> str | None:
     """Why this loop cannot train `stage` as configured (None: it can). The memory planner reports the same
     reason before a flow trains anything."""
-    if stage.sequence_parallel_size > 1 or stage.pipeline_parallel_size > 1:
+    if stage.sequence_parallel_size > 1:
         return (
-            f"sequence_parallel_size={stage.sequence_parallel_size}, "
-            f"pipeline_parallel_size={stage.pipeline_parallel_size}: this loop trains data-parallel only; "
-            "the DeepSpeed JSON for those sizes is rendered (render_deepspeed_config) for a cluster job "
-            "whose model is split into pipeline stages with Ulysses attention. Set both to 1 to train here."
+            f"sequence_parallel_size={stage.sequence_parallel_size}: this loop trains data-parallel only "
+            "(the model's Ulysses attention, keyeflow.model.sequence_parallel, is not wired into it yet). "
+            "Set it to 1 to train here."
         )
     return None
 

@@ -19,8 +19,8 @@ runner = CliRunner()
 def test_pretrain_flow_refuses_keye_8b_before_stage_1(home, prefect_harness):
     from keyeflow.flows.pretrain import pretrain
 
-    # On any machine the 8B recipe's stage 3 asks for sequence and pipeline parallelism this trainer does not
-    # run; on a CPU host stages 1-2 in one process also outgrow its memory.
+    # On any machine the 8B recipe's stage 3 asks for sequence parallelism this trainer does not run yet;
+    # on a CPU host stages 1-2 in one process also outgrow its memory.
     with pytest.raises(InfeasibleRecipe, match="pretrain-3-annealing") as error:
         pretrain(recipe="keye-8b")
     assert "sequence_parallel_size=4" in str(error.value)

@@ -18,6 +18,7 @@ from keyeflow.training.memory_plan import (
     InfeasibleRecipe,
     ModelSizes,
     check_fits,
+    compare_layouts,
     layer_activation_bytes,
     plan_posttrain,
     plan_pretrain,
@@ -180,3 +181,24 @@ def test_tiny_recipes_fit_a_small_host():
     assert all(p.total < 8 * GIB for p in plans)
     names = [p.stage for p in plans]
     assert "posttrain-3-mpo" in names and "posttrain-gspo" in names and "pretrain-3-annealing" in names
+
+
+def test_layout_comparison_for_the_128k_stage():
+    recipe = pretrain_recipe("keye-8b")
+    model = recipe.model_config()
+    costs = {
+        c.name.split(" (")[0]: c
+        for c in compare_layouts(recipe.annealing, model, Cluster(4, 8, 80), [(1, 4, 2, 1), (3, 4, 1, 1)])
+    }
+    pipeline, sharded = costs["ZeRO-1 SP4 PP2 TP1"], costs["ZeRO-3 SP4 PP1 TP1"]
+    assert not pipeline.plan.fits and sharded.plan.fits  # the reason the recipe dropped the pipeline
+    assert pipeline.bubble == pytest.approx(1 / (256 // 4 + 1))  # 64 micro-batches per pipeline, 2 stages
+    assert sharded.bubble == 0
+    # Ulysses inside a node: 3 passes × 36 layers × (2 q + 2 kv dims) of this rank's 32,768 tokens, 3/4 of it
+    # leaving the rank, in bf16
+    text = model.text_config
+    q, kv = text.num_attention_heads * text.head_dim, text.num_key_value_heads * text.head_dim
+    assert sharded.intra_bytes == pytest.approx(3 * 36 * 32_768 * (2 * q + 2 * kv) * 2 * 3 / 4)
+    # ZeRO-3 across the 4 nodes: 3 all-gathers of the bf16 weights and a reduce-scatter of the gradients
+    weights = 2 * ModelSizes.of(model).total
+    assert sharded.inter_bytes == pytest.approx(4 * weights * 31 / 32, rel=1e-6)

@@ -1,12 +1,12 @@
 """Pre-training recipes and the stage configs they produce: the paper's settings in the full recipe, the same
-code paths scaled down in the tiny one, DeepSpeed JSON with context and pipeline parallelism rendered."""
+code paths scaled down in the tiny one, DeepSpeed JSON with context parallelism rendered."""
 
 from __future__ import annotations
 
 import dataclasses
 
-import deepspeed.runtime.config as ds_config
 import pytest
+from deepspeed.runtime.zero.config import get_zero_config
 
 from keyeflow.training.config import StageConfig, pretrain_stage
 from keyeflow.training.deepspeed_config import render_deepspeed_config
@@ -18,8 +18,8 @@ def test_full_recipe_has_the_papers_stage_settings():
     s1, s2, s3 = r.stages[1], r.stages[2], r.annealing
     assert (s1.trainable, s1.max_length, s1.deepspeed_zero) == ("projector", 8_192, 2)
     assert (s2.trainable, s2.max_length, s2.deepspeed_zero) == ("all", 8_192, 2)
-    assert (s3.trainable, s3.max_length, s3.rope_theta, s3.deepspeed_zero) == ("all", 131_072, 8e6, 1)
-    assert s3.sequence_parallel_size > 1 and s3.pipeline_parallel_size > 1
+    assert (s3.trainable, s3.max_length, s3.rope_theta, s3.deepspeed_zero) == ("all", 131_072, 8e6, 3)
+    assert s3.sequence_parallel_size > 1 and s3.pipeline_parallel_size == 1
     assert r.mixture(3).target_shares == {"video": 0.24, "image": 0.50, "text": 0.26}
     assert r.mixture(3).max_sample_tokens == 131_072 and r.mixture(1).max_sample_tokens == 8_192
     assert r.model_config().text_config.hidden_size == 4096
@@ -60,20 +60,20 @@ def test_recipes_refuse_bad_settings_with_the_field_named():
         dataclasses.replace(r, mixtures={1: {"bogus": 1}, 2: {}})
     with pytest.raises(ValueError, match="sequence_parallel_size"):
         pretrain_stage(3, deepspeed_zero=None)
-    with pytest.raises(ValueError, match="ZeRO stage 0 or 1"):
-        pretrain_stage(3, deepspeed_zero=2)
+    with pytest.raises(ValueError, match="pipeline parallelism is not built"):
+        pretrain_stage(3, pipeline_parallel_size=2)
 
 
-def test_stage3_deepspeed_json_renders_context_and_pipeline_parallelism_and_deepspeed_reads_it():
+def test_stage3_deepspeed_json_renders_context_parallelism_and_deepspeed_reads_it():
     stage = pretrain_stage(3, micro_batches_per_step=4)
     rendered = render_deepspeed_config(stage, world_size=64)
-    assert rendered["zero_optimization"]["stage"] == 1
+    assert rendered["zero_optimization"]["stage"] == 3
     assert rendered["sequence_parallel_size"] == 4
-    assert rendered["pipeline"]["stages"] == 2
-    assert rendered["train_batch_size"] == 4 * 64 // (4 * 2)  # data-parallel ranks only multiply the batch
-    assert ds_config.get_pipeline_config(rendered)["stages"] == 2
+    assert "pipeline" not in rendered
+    assert rendered["train_batch_size"] == 4 * 64 // 4  # data-parallel ranks only multiply the batch
+    assert get_zero_config(rendered).stage == 3
     with pytest.raises(ValueError, match="not a multiple of"):
-        render_deepspeed_config(stage, world_size=12)
+        render_deepspeed_config(stage, world_size=6)
     plain = render_deepspeed_config(pretrain_stage(2), world_size=8)
     assert "sequence_parallel_size" not in plain and "pipeline" not in plain
 
