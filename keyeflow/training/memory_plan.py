@@ -608,7 +608,7 @@ def compare_layouts(
             volume[link(sp)] += 3 * layers * per_layer
         if tp > 1:
             volume[link(tp)] += 6 * layers * 2 * (tokens / sp) * text.hidden_size * e * (tp - 1) / tp
-        weights = plan.components["parameters"] * (group if zero >= 3 else 1)  # the stage's whole bf16 weights
+        weights = plan.components["parameters"] * (group if zero >= 3 else 1)  # the stage's whole weights
         trained = sizes.trained(stage.trainable_prefixes())
         grads = sum(trained.values()) * e / (pp * tp)
         share = (group - 1) / group
