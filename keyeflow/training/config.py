@@ -10,11 +10,10 @@ settings changed.
 What SPEC §3 fixes for pre-training, and what it leaves open:
 - stage 1 (alignment) trains the projector only, ViT and LLM frozen; context 8,192; DP + ZeRO-2;
 - stage 2 (multi-task) trains everything; context 8,192; DP + ZeRO-2;
-- stage 3 (annealing) trains everything; context 131,072; rope theta 1e6 → 8e6; ZeRO-1 with context
-  (sequence) parallelism and pipeline parallelism. Their sizes are UNSTATED: `pretrain_stage(3)` picks
-  sequence-parallel 4 (Ulysses splits attention heads, and 4 divides Qwen3-8B's 8 KV heads) and pipeline 2;
-  both are rendered into the DeepSpeed JSON, and our loop runs data parallelism only (see
-  `StageConfig.sequence_parallel_size`);
+- stage 3 (annealing) trains everything; context 131,072; rope theta 1e6 → 8e6; the paper: ZeRO-1 with
+  context (sequence) parallelism and pipeline parallelism, sizes UNSTATED. `pretrain_stage(3)` takes ZeRO-3
+  with Ulysses sequence parallelism 4 (4 divides Qwen3-8B's 8 KV heads) and no pipeline: the memory planner
+  shows ZeRO-1 + pipeline 2 does not fit an 80 GB card at 131,072 tokens (`keyeflow plan --compare`);
 - learning rates, batch sizes and step counts: UNSTATED. `pretrain_stage` picks LLaVA-style values
   (1e-3 for a projector-only alignment stage, 2e-5 for full training, a lower 1e-5 decaying to 0 for
   annealing) and 3% warmup; override them per run.
@@ -73,9 +72,9 @@ class StageConfig:
     offload_optimizer: bool = False  # ZeRO-Offload: optimizer states in CPU memory (ZeRO >= 1)
     offload_params: bool = False  # ZeRO-Infinity-style parameter offload to CPU (ZeRO 3)
     # Model-parallel degrees of a long-context stage (data-parallel ranks = world size / sequence).
-    # Sequence parallelism is Ulysses (`keyeflow.model.sequence_parallel`); `train` refuses a size > 1 until
-    # it runs it, rather than silently running plain data parallelism under a config that says otherwise.
-    # Pipeline parallelism is not built and must stay 1 (kept so stored stage dicts load and hash the same).
+    # Sequence parallelism is Ulysses (`keyeflow.model.sequence_parallel`): a group of that many ranks trains
+    # on the same micro-batches, each on a slice of every row. Pipeline parallelism is not built and must stay
+    # 1 (kept so stored stage dicts load and hash the same).
     sequence_parallel_size: int = 1
     pipeline_parallel_size: int = 1
     # Recompute layer activations in the backward (`modeling.KeyeForConditionalGeneration`, whose loops apply
@@ -170,10 +169,6 @@ class StageConfig:
                 fail(
                     "max_tokens_per_micro_batch", budget, f"must be >= max_length ({self.max_length}): a pack"
                 )
-        if self.sequence_parallel_size > 1 and self.deepspeed_zero is None:
-            fail(
-                "sequence_parallel_size", self.sequence_parallel_size, "needs DeepSpeed (deepspeed_zero set)"
-            )
         if self.pipeline_parallel_size != 1:
             fail(
                 "pipeline_parallel_size",

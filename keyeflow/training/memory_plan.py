@@ -57,7 +57,6 @@ from keyeflow.training.engine import freeze
 from keyeflow.training.launch import LaunchConfig
 from keyeflow.training.posttrain_recipe import PosttrainRecipe
 from keyeflow.training.recipes import PretrainRecipe
-from keyeflow.training.trainer import unsupported_layout
 
 GIB = 2**30
 RESERVE_FIXED = 1 * GIB
@@ -273,13 +272,10 @@ class _Layout:
 
 def _stage_layout(stage: StageConfig, world_size: int) -> _Layout:
     problems = []
-    refusal = unsupported_layout(stage)
-    if refusal:
-        problems.append(refusal)
     model_parallel = stage.sequence_parallel_size * stage.pipeline_parallel_size
     if world_size % model_parallel:
         problems.append(
-            f"{world_size} GPUs are not a multiple of sequence × pipeline parallel = {model_parallel}"
+            f"{world_size} GPU(s) do not divide into sequence-parallel groups of {model_parallel}"
         )
     data_parallel = max(1, world_size // model_parallel)
     if stage.max_tokens_per_micro_batch is not None:

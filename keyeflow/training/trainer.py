@@ -49,7 +49,9 @@ from keyeflow.model.checkpoint import load_keye_checkpoint
 from keyeflow.model.config import KeyeConfig
 from keyeflow.model.modeling import IGNORE_INDEX, KeyeForConditionalGeneration, mrope_position_ids
 from keyeflow.model.processor import Features, collate_rows
+from keyeflow.model.sequence_parallel import sequence_parallel_mesh
 from keyeflow.training import distributed
+from keyeflow.training.balance import CostModel
 from keyeflow.training.config import StageConfig
 from keyeflow.training.deepspeed_config import render_deepspeed_config
 from keyeflow.training.engine import (
@@ -75,18 +77,6 @@ class TrainResult:
     losses: list[float]  # the loss of every step, from step 1 (across resumes)
 
 
-def unsupported_layout(stage: StageConfig) -> str | None:
-    """Why this loop cannot train `stage` as configured (None: it can). The memory planner reports the same
-    reason before a flow trains anything."""
-    if stage.sequence_parallel_size > 1:
-        return (
-            f"sequence_parallel_size={stage.sequence_parallel_size}: this loop trains data-parallel only "
-            "(the model's Ulysses attention, keyeflow.model.sequence_parallel, is not wired into it yet). "
-            "Set it to 1 to train here."
-        )
-    return None
-
-
 def train(
     stage: StageConfig,
     *,
@@ -101,10 +91,7 @@ def train(
     `out_dir/latest` when present. `sink`: where parameters and per-step metrics are reported (None: only
     `out_dir/metrics.jsonl`)."""
     out_dir = Path(out_dir)
-    refusal = unsupported_layout(stage)
-    if refusal:
-        raise ValueError(f"stage {stage.name!r}: {refusal}")
-    dist = distributed.setup(need_group=stage.deepspeed_zero is not None)
+    dist = distributed.setup(need_group=stage.deepspeed_zero is not None or stage.sequence_parallel_size > 1)
     try:
         return _train(stage, init, mixture, mixture_id, out_dir, sink or NullSink(), dist)
     finally:
@@ -123,6 +110,11 @@ def _train(
     sink: MetricsSink,
     dist: distributed.Distributed,
 ) -> TrainResult:
+    if dist.world_size % stage.sequence_parallel_size:
+        raise ValueError(
+            f"stage {stage.name!r}: sequence_parallel_size={stage.sequence_parallel_size} does not divide "
+            f"{dist.world_size} rank(s)"
+        )
     # ---- Where to start: the last registered checkpoint, else `init`.
     resume_dir, saved = resume_point(out_dir)
     if saved:
@@ -137,6 +129,15 @@ def _train(
     # The checkpoint tells the context it was trained at (what generation and the next stage may rely on).
     text_config = model.config.text_config
     text_config.max_position_embeddings = max(text_config.max_position_embeddings or 0, stage.max_length)
+    # Sequence parallelism: the ranks of a sequence group train on the same micro-batches, each on its
+    # slice of every row (`keyeflow.model.sequence_parallel`); the loader deals micro-batches to data ranks.
+    data_rank, data_world = dist.rank, dist.world_size
+    if stage.sequence_parallel_size > 1:
+        mesh, sequence = sequence_parallel_mesh(
+            stage.sequence_parallel_size, device_type=dist.device.type, grid_cost=CostModel().grid_cost
+        )
+        model.set_sequence_parallel(sequence)
+        data_rank, data_world = mesh.get_local_rank("data"), mesh.size(0)
     engine = Engine(
         model,
         dist=dist,
@@ -167,8 +168,8 @@ def _train(
     loader = MixtureLoader(
         mixture,
         mixture_id,
-        rank=dist.rank,
-        world_size=dist.world_size,
+        rank=data_rank,
+        world_size=data_world,
         max_length=stage.max_length,
         micro_batches_per_step=stage.micro_batches_per_step,
         seed=stage.seed,
@@ -220,12 +221,18 @@ def _train(
         )
         lr = engine.lr
         step_loss, num_tokens, num_labels, grad_norm = train_step(
-            engine, batches, pad_id, dummy, budgeted=stage.max_tokens_per_micro_batch is not None
+            engine,
+            batches,
+            pad_id,
+            dummy,
+            budgeted=stage.max_tokens_per_micro_batch is not None,
+            sequence_parallel_size=stage.sequence_parallel_size,
         )
         step += 1
         losses.append(step_loss)
+        # every rank of a sequence group read the same micro-batches: count them once
         occurrences = sorted(
-            o for rank_occ in engine.gather([o for mb in batches for o in mb.occurrences]) for o in rank_occ
+            {o for rank_occ in engine.gather([o for mb in batches for o in mb.occurrences]) for o in rank_occ}
         )
         num_consumed += len(occurrences)
         elapsed = time.perf_counter() - started
@@ -275,10 +282,19 @@ def _train(
 
 
 def train_step(
-    engine: Engine, batches: list[MicroBatch], pad_id: int, dummy: Features | None, *, budgeted: bool = False
+    engine: Engine,
+    batches: list[MicroBatch],
+    pad_id: int,
+    dummy: Features | None,
+    *,
+    budgeted: bool = False,
+    sequence_parallel_size: int = 1,
 ) -> tuple[float, float, float, float]:
     """One optimizer step over this rank's micro-batches: (the step's token-mean loss over all ranks, its
-    tokens, its label tokens, the gradient norm). See the module docstring for the normalisation."""
+    tokens, its label tokens, the gradient norm). See the module docstring for the normalisation. Under
+    sequence parallelism the `sequence_parallel_size` ranks of a group hold the same micro-batches and each
+    computes the whole rows' loss (its gradient flows through its own slice only): sums over all ranks count
+    every group that many times."""
     inputs = [micro_batch_inputs(mb, pad_id, dummy) for mb in batches]
     device = engine.dist.device
     # N: label tokens of the whole step (every micro-batch of every rank); see the module docstring.
@@ -287,7 +303,7 @@ def train_step(
         dtype=torch.float64,
         device=device,
     )
-    num_labels, num_tokens = engine.all_reduce_sum(counts).tolist()
+    num_labels, num_tokens = (engine.all_reduce_sum(counts) / sequence_parallel_size).tolist()
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
     # With a token budget the number of micro-batches varies by step (the same on every rank): tell the
     # engine which one closes the step. A fixed count leaves it to the engine's own count.
@@ -300,7 +316,7 @@ def train_step(
         engine.backward(token_losses / max(num_labels, 1.0), last=None if last is None else i == last)
         loss_sum += token_losses.detach().double()
     grad_norm = engine.step()
-    step_loss = engine.all_reduce_sum(loss_sum).item() / max(num_labels, 1.0)
+    step_loss = engine.all_reduce_sum(loss_sum).item() / sequence_parallel_size / max(num_labels, 1.0)
     return step_loss, num_tokens, num_labels, grad_norm
 
 

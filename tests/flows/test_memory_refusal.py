@@ -19,11 +19,11 @@ runner = CliRunner()
 def test_pretrain_flow_refuses_keye_8b_before_stage_1(home, prefect_harness):
     from keyeflow.flows.pretrain import pretrain
 
-    # On any machine the 8B recipe's stage 3 asks for sequence parallelism this trainer does not run yet;
-    # on a CPU host stages 1-2 in one process also outgrow its memory.
+    # In one process (the recipe has no launcher) stage 3's sequence-parallel group of 4 cannot form, and on
+    # a CPU host stages 1-2 also outgrow its memory.
     with pytest.raises(InfeasibleRecipe, match="pretrain-3-annealing") as error:
         pretrain(recipe="keye-8b")
-    assert "sequence_parallel_size=4" in str(error.value)
+    assert "1 GPU(s) do not divide into sequence-parallel groups of 4" in str(error.value)
     assert not (home / "checkpoints").exists() or not any((home / "checkpoints").iterdir())
     runs = lineage.runs_with_tag("mlflow.runName", "pretrain")
     assert len(runs) == 1 and runs[0].info.status == "FAILED"

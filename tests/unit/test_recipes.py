@@ -58,8 +58,8 @@ def test_recipes_refuse_bad_settings_with_the_field_named():
         EvalConfig(holdout_per_mille=0)
     with pytest.raises(ValueError, match="unknown or fixed MixtureConfig"):
         dataclasses.replace(r, mixtures={1: {"bogus": 1}, 2: {}})
-    with pytest.raises(ValueError, match="sequence_parallel_size"):
-        pretrain_stage(3, deepspeed_zero=None)
+    with pytest.raises(ValueError, match="sequence_parallel_size=0"):
+        pretrain_stage(3, sequence_parallel_size=0)
     with pytest.raises(ValueError, match="pipeline parallelism is not built"):
         pretrain_stage(3, pipeline_parallel_size=2)
 
@@ -78,7 +78,7 @@ def test_stage3_deepspeed_json_renders_context_parallelism_and_deepspeed_reads_i
     assert "sequence_parallel_size" not in plain and "pipeline" not in plain
 
 
-def test_training_refuses_model_parallel_sizes_it_cannot_run(tmp_path):
+def test_training_refuses_a_sequence_group_larger_than_the_world(tmp_path):
     from keyeflow.datasets.tables import TableRef
     from keyeflow.model.config import tiny
     from keyeflow.training.trainer import train
@@ -92,7 +92,7 @@ def test_training_refuses_model_parallel_sizes_it_cannot_run(tmp_path):
         deepspeed_zero=1,
         sequence_parallel_size=2,
     )
-    with pytest.raises(ValueError, match="trains data-parallel only"):
+    with pytest.raises(ValueError, match=r"stage 'cp': sequence_parallel_size=2 does not divide 1 rank"):
         train(
             stage,
             init=tiny(),
