@@ -126,15 +126,16 @@ def test_deepspeed_zero2_with_a_token_budget_gives_the_single_process_losses(dat
     assert max(counts) > STAGE.micro_batches_per_step and len(set(counts)) > 1, counts
 
 
-def test_sequence_parallel_two_ranks_train_the_one_process_weights(data, reference, tmp_path):
+@pytest.mark.parametrize("zero", [None, pytest.param(2, marks=pytest.mark.slow)])
+def test_sequence_parallel_two_ranks_train_the_one_process_weights(data, reference, tmp_path, zero):
     """Ulysses over 2 ranks: one data-parallel rank whose rows are split in two along the sequence; the same
-    samples, losses and weights as one process."""
+    samples, losses and weights as one process, with plain data parallelism and under DeepSpeed."""
     losses, occurrences = reference
     three = StageConfig.from_dict({**STAGE.to_dict(), "max_steps": 3})
     single = train(
         three, init=data.init, mixture=data.mixture, mixture_id=data.mixture_id, out_dir=tmp_path / "one"
     )
-    split = StageConfig.from_dict({**three.to_dict(), "sequence_parallel_size": 2})
+    split = StageConfig.from_dict({**three.to_dict(), "sequence_parallel_size": 2, "deepspeed_zero": zero})
     out = tmp_path / "sp2"
     result = torchrun(spec_file(tmp_path / "sp2.json", data, split, out))
     assert result["losses"] == pytest.approx(losses[:3], rel=RTOL)
