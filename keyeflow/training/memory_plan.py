@@ -638,12 +638,13 @@ def local_cluster(launch: LaunchConfig | None) -> Cluster:
     """The cluster a flow's stages run on here: the launcher's ranks on this machine's device. On CUDA the
     device's memory; on a CPU the host's RAM shared by the ranks of this node."""
     launch = launch or LaunchConfig()
-    nodes = 1
     if launch.hostfile is not None:
         hosts = [
             line for line in Path(launch.hostfile).read_text().splitlines() if line.split("#")[0].strip()
         ]
         nodes = launch.num_nodes or len(hosts)
+    else:
+        nodes = launch.nodes()
     per_node = launch.nproc_per_node if launch.launcher != "inprocess" else 1
     if torch.cuda.is_available():
         memory = torch.cuda.get_device_properties(0).total_memory
