@@ -56,6 +56,18 @@ def test_features_match_counts_and_stored_pixels(home, sample_corpus, media_dir)
     assert torch.equal(video.pixel_values, torch.from_numpy(stored))
     assert video.grid_thw.tolist() == [[1, r["grid_h"], r["grid_w"]] for r in frames]
 
+    # One copy of the pixels: the reader lays the call's media out in sample order in one tensor, so every
+    # sample's pixel_values, and the batch collated in that order, are views of it (encode_sample and
+    # collate copy nothing); the repeated video has its own bytes there.
+    padded = collate(features, pack=False)
+    buffer = video.pixel_values.untyped_storage()
+    assert padded["pixel_values"].untyped_storage().data_ptr() == buffer.data_ptr()
+    assert padded["pixel_values"].data_ptr() == buffer.data_ptr()
+    assert padded["pixel_values"].nbytes == buffer.nbytes() == sum(f.pixel_values.nbytes for f in features)
+    assert torch.equal(
+        padded["pixel_values"], torch.cat([f.pixel_values for f in features if f.pixel_values.numel()])
+    )
+
     # and the tiny model trains on them: one forward/backward on a packed batch
     model = KeyeForConditionalGeneration(tiny())
     batch = collate(features[:3], pack=True, max_length=sum(len(f) for f in features[:3]))
