@@ -71,14 +71,18 @@ class RowIndex:
     def __contains__(self, key: str) -> bool:
         return key in self._code
 
-    def count(self, key: str) -> int:
-        code = self._code.get(key)
-        return 0 if code is None else int(self._starts[code + 1] - self._starts[code])
+    def __len__(self) -> int:
+        return len(self._offsets)
 
-    def counts(self, keys: Iterable[str]) -> np.ndarray:
-        """How many rows each (known) key has."""
-        codes = np.array([self._code[k] for k in keys], np.int64)
-        return self._starts[codes + 1] - self._starts[codes]
+    def code(self, key: str) -> int:
+        """The key's number in this index, -1 for a key it does not have."""
+        return self._code.get(key, -1)
+
+    def spans(self, codes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Where each key's rows start in the index and how many there are (0, 0 for code -1)."""
+        known = codes >= 0
+        first = np.where(known, self._starts[np.where(known, codes, 0)], 0)
+        return first, np.where(known, self._starts[np.where(known, codes, 0) + 1] - first, 0)
 
     def first_offsets(self, keys: Iterable[str]) -> np.ndarray:
         """The row offset of each (known) key's first row."""
@@ -88,12 +92,15 @@ class RowIndex:
         """Where the rows of each key are, key after key (unknown keys have none), in the order of the
         index: ``offsets`` and ``carried`` values at these positions."""
         codes = np.array([c for c in map(self._code.get, keys) if c is not None], np.int64)
-        starts, counts = self._starts[codes], self._starts[codes + 1] - self._starts[codes]
-        # 0, 1, … over all the keys' rows, shifted key by key to where each key's rows start
-        return np.repeat(starts - (np.cumsum(counts) - counts), counts) + np.arange(counts.sum())
+        return span_positions(self._starts[codes], self._starts[codes + 1] - self._starts[codes])
 
     def offsets(self, positions: np.ndarray) -> np.ndarray:
         return self._offsets[positions]
+
+
+def span_positions(first: np.ndarray, counts: np.ndarray) -> np.ndarray:
+    """first[0], first[0] + 1, … (counts[0] of them), then the same for the next span, …"""
+    return np.repeat(first - (np.cumsum(counts) - counts), counts) + np.arange(counts.sum())
 
 
 class _IndexedTable:
@@ -116,33 +123,39 @@ class _IndexedTable:
         return self.dataset.take(np.sort(self.index.offsets(self.index.positions(keys))), columns=columns)
 
 
-class _VideoRows:
+class _Videos:
     """``video_samples``' per-video columns (no pixels: frame types, timestamps, tokens per frame), held in
-    memory from one scan as flat arrays (list columns as values + offsets): a Lance ``take`` of list columns
-    costs ~1.5 ms per micro-batch, an Arrow take + ``to_pylist`` ~0.14 ms, slicing these a few microseconds
-    (~5 bytes per frame: 0.5 GB for a million 100-frame videos)."""
+    memory from one scan as flat arrays (list columns as values + offsets), joined once to where each
+    video's frames are in ``video_frames``' :class:`RowIndex` (first position, number of rows, first row
+    offset, bytes of patches), so that a read finds all of it with a few array lookups. A Lance ``take`` of
+    the list columns costs ~1.5 ms per micro-batch, an Arrow take + ``to_pylist`` ~0.14 ms, these lookups a
+    few microseconds. Memory: ~5 bytes per frame and ~50 per video (0.5 GB for a million 100-frame
+    videos)."""
 
-    def __init__(self, dataset: lance.LanceDataset):
+    def __init__(self, dataset: lance.LanceDataset, frames: RowIndex):
         table = dataset.to_table(columns=_VIDEO_COLUMNS).combine_chunks()
-        self._position = {k: i for i, k in enumerate(table.column("sample_id").to_pylist())}
+        ids = table.column("sample_id").to_pylist()
+        self.position = {k: i for i, k in enumerate(ids)}
         # ``values`` and ``offsets`` of a list array both ignore a slice's offset, so they agree.
-        types, stamps = (
-            table.column(c).chunk(0) if len(table) else None for c in ("frame_types", "timestamps")
+        types, stamps = (table.column(c).chunk(0) if ids else None for c in ("frame_types", "timestamps"))
+        self._types = (
+            (types.values.to_numpy(), types.offsets.to_numpy()) if ids else (None, np.zeros(1, np.int64))
         )
-        self._types = (types.values.to_numpy(), types.offsets.to_numpy()) if types is not None else None
-        self._stamps = (stamps.values.to_numpy(), stamps.offsets.to_numpy()) if stamps is not None else None
+        self._stamps = (stamps.values.to_numpy(), stamps.offsets.to_numpy()) if ids else None
         self._slow = table.column("slow_tokens").to_pylist()
         self._fast = table.column("fast_tokens").to_pylist()
+        self.num_frames = np.diff(self._types[1])  # as listed in video_samples
+        code = np.array([frames.code(k) for k in ids], np.int64)
+        self.first, self.stored = frames.spans(code)
+        self.first_offset = frames.offsets(self.first) if len(frames) else self.first
+        # bytes of patches before each index position (rows are h·w patches of _PATCH_VALUES bytes)
+        row_bytes = frames.carried["grid_h"].astype(np.int64) * frames.carried["grid_w"] * _PATCH_VALUES
+        self.bytes_before = np.concatenate([[0], np.cumsum(row_bytes)])
 
-    def __contains__(self, key: str) -> bool:
-        return key in self._position
-
-    def row(self, key: str) -> dict:
-        """The row of a video sample (a KeyError when there is none), its lists as Python lists."""
-        i = self._position[key]
+    def row(self, i: int) -> dict:
+        """Row ``i``'s lists as Python lists."""
         (types, type_at), (stamps, stamp_at) = self._types, self._stamps
         return {
-            "sample_id": key,
             "frame_types": types[type_at[i] : type_at[i + 1]].tolist(),
             "timestamps": stamps[stamp_at[i] : stamp_at[i + 1]].tolist(),
             "slow_tokens": self._slow[i],
@@ -158,7 +171,7 @@ class MediaReader:
         self.root = root
         self.pin_memory = torch.cuda.is_available() if pin_memory is None else pin_memory
         self._tables: dict[str, _IndexedTable | None] = {}
-        self._videos: _VideoRows | None = None
+        self._videos: _Videos | None = None
 
     def _table(self, name: str, *args) -> _IndexedTable | None:
         if name not in self._tables:
@@ -188,35 +201,33 @@ class MediaReader:
         frames = self._table("video_frames", "frame_index", ("grid_h", "grid_w"))
         images = self._table("image_samples", None, ("grid_h", "grid_w"))
         if videos and frames and self._videos is None:
-            self._videos = _VideoRows(videos.dataset)
-        video_rows = [self._videos.row(i) for i in ids if i in self._videos] if videos and frames else []
-        stored = frames.index.counts(v["sample_id"] for v in video_rows) if video_rows else []
-        for v, count in zip(video_rows, stored):
-            if count != len(v["frame_types"]):
-                raise KeyError(
-                    f"video sample {v['sample_id']} has {count} stored frames, "
-                    f"expected {len(v['frame_types'])}"
-                )
+            self._videos = _Videos(videos.dataset, frames.index)
         found: dict[str, tuple] = {}  # id → (source bytes, first byte, end byte, grids, video row or None)
-        if video_rows:
+        known = self._videos.position if videos and frames else {}
+        video_ids = [i for i in ids if i in known]
+        if video_ids:
+            table = self._videos
+            rows = np.array([known[i] for i in video_ids], np.int64)
+            stored, listed = table.stored[rows], table.num_frames[rows]
+            for k in np.flatnonzero(stored != listed).tolist()[:1]:
+                raise KeyError(
+                    f"video sample {video_ids[k]} has {stored[k]} stored frames, expected {listed[k]}"
+                )
             # Videos in table order: their frames are stored together, so the offsets then ascend, which
             # Lance's take reads faster (~20%).
-            first = frames.index.first_offsets([v["sample_id"] for v in video_rows])
-            video_rows = [video_rows[i] for i in np.argsort(first, kind="stable").tolist()]
-            at = frames.index.positions([v["sample_id"] for v in video_rows])
-            blob, grids, ends = _take_patches(frames, at)
-            frame = 0
-            for v in video_rows:
-                n = len(v["frame_types"])
-                start = ends[frame - 1] if frame else 0
-                found[v["sample_id"]] = (
-                    blob,
-                    start,
-                    ends[frame + n - 1] if n else start,
-                    grids[frame : frame + n],
-                    v,
-                )
-                frame += n
+            order = np.argsort(table.first_offset[rows], kind="stable")
+            rows, counts = rows[order], stored[order]
+            first = table.first[rows]
+            positions = span_positions(first, counts)
+            blob = _take_bytes(frames, positions)
+            ends = np.cumsum(table.bytes_before[first + counts] - table.bytes_before[first]).tolist()
+            frame_ends = np.cumsum(counts).tolist()
+            heights = frames.index.carried["grid_h"][positions].tolist()
+            widths = frames.index.carried["grid_w"][positions].tolist()
+            for k, (i, row) in enumerate(zip(order.tolist(), rows.tolist())):
+                a, b = (frame_ends[k - 1] if k else 0), frame_ends[k]
+                grids = list(zip(itertools.repeat(1), heights[a:b], widths[a:b]))
+                found[video_ids[i]] = (blob, ends[k - 1] if k else 0, ends[k], grids, table.row(row))
         rest = [i for i in ids if i not in found and images and i in images.index]
         if rest:
             blob, grids, ends = _take_patches(images, images.index.positions(rest))
@@ -252,12 +263,18 @@ class MediaReader:
         return out
 
 
+def _take_bytes(table: _IndexedTable, at: np.ndarray) -> np.ndarray:
+    """One Lance ``take`` of the ``patches`` of the index positions ``at``: their bytes back to back (one
+    read-only view of the Arrow buffer, no copy)."""
+    return _patch_bytes(table.dataset.take(table.index.offsets(at), columns=["patches"]).column(0))
+
+
 def _take_patches(
     table: _IndexedTable, at: np.ndarray
 ) -> tuple[np.ndarray, list[tuple[int, int, int]], list[int]]:
     """One Lance ``take`` of the ``patches`` of the index positions ``at``: their bytes back to back (one
     read-only view of the Arrow buffer, no copy), each row's (1, h, w) grid, and where each row ends."""
-    blob = _patch_bytes(table.dataset.take(table.index.offsets(at), columns=["patches"])["patches"])
+    blob = _patch_bytes(table.dataset.take(table.index.offsets(at), columns=["patches"]).column(0))
     h, w = table.index.carried["grid_h"][at], table.index.carried["grid_w"][at]
     ends = np.cumsum(h.astype(np.int64) * w * _PATCH_VALUES).tolist()
     return blob, list(zip(itertools.repeat(1), h.tolist(), w.tolist())), ends
@@ -317,8 +334,9 @@ def _patch_bytes(column: pa.ChunkedArray) -> np.ndarray:
     array = column.combine_chunks() if column.num_chunks != 1 else column.chunk(0)
     if not len(array):
         return np.zeros(0, np.uint8)
-    offsets = np.frombuffer(array.buffers()[1], dtype=np.int64)[array.offset : array.offset + len(array) + 1]
-    return np.frombuffer(array.buffers()[2], dtype=np.uint8)[offsets[0] : offsets[-1]]
+    _, offsets, values = array.buffers()
+    first, end = np.frombuffer(offsets, dtype=np.int64)[[array.offset, array.offset + len(array)]].tolist()
+    return np.frombuffer(values, dtype=np.uint8)[first:end]
 
 
 class LanceSampleReader:

@@ -160,6 +160,9 @@ def test_media_are_read_by_row_offsets_exactly_into_one_tensor(home, monkeypatch
     tables.delete_rows("video_frames", pc.field("frame_id") == "vs-20/000001")
     with pytest.raises(KeyError, match="vs-20 has 2 stored frames, expected 3"):
         MediaReader()(["vs-20"])
+    tables.delete_rows("video_frames", pc.field("sample_id") == "vs-21")
+    with pytest.raises(KeyError, match="vs-21 has 0 stored frames, expected 4"):
+        MediaReader()(["vs-00", "vs-21"])
 
 
 def test_patches_are_stored_compressed_and_round_trip_exactly(home):
