@@ -134,8 +134,8 @@ class _Videos:
     video's frames are in ``video_frames``' :class:`RowIndex` (first position, number of rows, first row
     offset, bytes of patches), so that a read finds all of it with a few array lookups. A Lance ``take`` of
     the list columns costs ~1.5 ms per micro-batch, an Arrow take + ``to_pylist`` ~0.14 ms, these lookups a
-    few microseconds. Memory: ~5 bytes per frame and ~50 per video (0.5 GB for a million 100-frame
-    videos)."""
+    few microseconds. Memory: ~13 bytes per frame and ~200 per video (1.5 GB for a million 100-frame
+    videos), beside the frames' own :class:`RowIndex` (~16 bytes per frame)."""
 
     def __init__(self, dataset: lance.LanceDataset, frames: RowIndex):
         table = dataset.to_table(columns=_VIDEO_COLUMNS).combine_chunks()
