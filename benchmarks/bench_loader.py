@@ -6,12 +6,15 @@ Three parts, in one temporary KEYEFLOW_HOME, printed side by side:
 
 1. **Fetch one micro-batch** of ``--batch-videos`` videos from a ``video_frames`` table of
    ``--videos × --frames`` rows (default 1,000,000; one 14×14 patch per frame, so the table builds in
-   seconds), best of 20:
-   - *filtered scan*: the loader's reads before issue 14, ``isin(sample_id)`` filters on ``video_samples``
-     and ``video_frames`` (a scan of the key column of the whole table per micro-batch), rows to Python
-     bytes, then concatenated (the code as it was, kept below);
-   - *take*: :class:`keyeflow.datasets.sample_reader.MediaReader`, row offsets from a one-time scan of the key
-     columns, then ``take`` (its one-time index build is printed apart);
+   seconds), best of ``--rounds`` interleaved rounds (the machine may be shared: a busy moment then costs
+   every path alike):
+   - *filtered scans*: the loader's media read before issue 14, verbatim (``old_read_media``): per call it
+     opens the tables, ``isin(sample_id)`` filters on ``video_samples`` and ``video_frames`` (a scan of the
+     key column of the whole table per micro-batch), rows to Python bytes, then concatenated;
+   - *take*: :meth:`keyeflow.datasets.sample_reader.MediaReader.read`, what ``LanceSampleReader`` calls per
+     micro-batch: row offsets from a one-time scan of the key columns (printed apart), then one ``take`` of
+     the ``patches`` column and one copy into the micro-batch's tensor;
+   - *Lance take alone*: the same ``take`` with nothing of ours around it, the floor of the line above;
    - *BTREE*: the same filtered read after ``create_scalar_index(sample_id, BTREE)``: the alternative to
      ``take`` that was measured and not kept. Target: take ≥ 50× faster than the filtered scan.
 2. **Loader vs trainer** on the generated sample corpus (videos, images, text → a stage-2 mixture): samples/s
@@ -44,46 +47,78 @@ def best_of(fn, repeats: int = 20) -> tuple[float, object]:
 
 
 def old_read_media(media_ids: set[str], root: str | None = None) -> dict:
-    """The video part of the reader before issue 14: filtered scans, to_pylist, np.concatenate."""
+    """The media read of ``LanceSampleReader`` before issue 14, verbatim (``git show
+    c897068:keyeflow/datasets/sample_reader.py``, ``read_media``): per call it opens the tables, scans
+    ``video_samples`` and ``video_frames`` with ``isin`` filters (and ``image_samples`` when it exists), takes
+    rows to Python and concatenates each video's frames."""
     import numpy as np
     import pyarrow.compute as pc
 
     from keyeflow.datasets import tables
     from keyeflow.model.processor import MediaPatches
 
+    _PATCH_VALUES = 3 * 14 * 14
+
+    def _old_patches(row: dict) -> np.ndarray:
+        return np.frombuffer(row["patches"], dtype=np.uint8).reshape(
+            row["grid_h"] * row["grid_w"], _PATCH_VALUES
+        )
+
+    out: dict[str, MediaPatches] = {}
+    if not media_ids:
+        return out
     ids = sorted(media_ids)
-    out = {}
-    videos = (
-        tables.open_table("video_samples", root=root)
-        .to_table(
-            columns=["sample_id", "frame_types", "timestamps", "slow_tokens", "fast_tokens"],
-            filter=pc.field("sample_id").isin(ids),
+    if tables.exists("video_samples", root):
+        videos = (
+            tables.open_table("video_samples", root=root)
+            .to_table(
+                columns=["sample_id", "frame_types", "timestamps", "slow_tokens", "fast_tokens"],
+                filter=pc.field("sample_id").isin(ids),
+            )
+            .to_pylist()
         )
-        .to_pylist()
-    )
-    frames = (
-        tables.open_table("video_frames", root=root)
-        .to_table(
-            columns=["sample_id", "frame_index", "grid_h", "grid_w", "patches"],
-            filter=pc.field("sample_id").isin([v["sample_id"] for v in videos]),
-        )
-        .to_pylist()
-    )
-    by_video: dict[str, list[dict]] = {}
-    for f in frames:
-        by_video.setdefault(f["sample_id"], []).append(f)
-    for v in videos:
-        fs = sorted(by_video.get(v["sample_id"], []), key=lambda f: f["frame_index"])
-        out[v["sample_id"]] = MediaPatches(
-            patches=np.concatenate(
-                [np.frombuffer(f["patches"], np.uint8).reshape(f["grid_h"] * f["grid_w"], 588) for f in fs]
-            ),
-            grids=[(1, f["grid_h"], f["grid_w"]) for f in fs],
-            frame_types=v["frame_types"],
-            timestamps=v["timestamps"],
-            slow_tokens=v["slow_tokens"],
-            fast_tokens=v["fast_tokens"],
-        )
+        if videos:
+            frames = (
+                tables.open_table("video_frames", root=root)
+                .to_table(
+                    columns=["sample_id", "frame_index", "grid_h", "grid_w", "patches"],
+                    filter=pc.field("sample_id").isin([v["sample_id"] for v in videos]),
+                )
+                .to_pylist()
+            )
+            by_video: dict[str, list[dict]] = {}
+            for f in frames:
+                by_video.setdefault(f["sample_id"], []).append(f)
+            for v in videos:
+                fs = sorted(by_video.get(v["sample_id"], []), key=lambda f: f["frame_index"])
+                if len(fs) != len(v["frame_types"]):
+                    raise KeyError(
+                        f"video sample {v['sample_id']} has {len(fs)} stored frames, "
+                        f"expected {len(v['frame_types'])}"
+                    )
+                out[v["sample_id"]] = MediaPatches(
+                    patches=np.concatenate([_old_patches(f) for f in fs]),
+                    grids=[(1, f["grid_h"], f["grid_w"]) for f in fs],
+                    frame_types=v["frame_types"],
+                    timestamps=v["timestamps"],
+                    slow_tokens=v["slow_tokens"],
+                    fast_tokens=v["fast_tokens"] if 1 in v["frame_types"] else None,
+                )
+    if tables.exists("image_samples", root):
+        for img in (
+            tables.open_table("image_samples", root=root)
+            .to_table(
+                columns=["sample_id", "grid_h", "grid_w", "patches"], filter=pc.field("sample_id").isin(ids)
+            )
+            .to_pylist()
+        ):
+            # copy: Arrow buffers are read-only and torch warns on wrapping them
+            out[img["sample_id"]] = MediaPatches(
+                patches=_old_patches(img).copy(), grids=[(1, img["grid_h"], img["grid_w"])]
+            )
+    missing = media_ids - set(out)
+    if missing:
+        raise KeyError(f"media not found in video_samples/image_samples: {sorted(missing)[:5]}")
     return out
 
 
@@ -178,16 +213,35 @@ def fetch_part(args) -> None:
         f"({args.videos:,} videos × {args.frames} frames), built in {build_s:.1f} s"
     )
     rng = np.random.default_rng(0)
+    # Micro-batches in the order the trainer asks (MediaReader.read is what LanceSampleReader calls).
     batches = [
-        {f"vs-{i:08d}" for i in rng.choice(args.videos, args.batch_videos, replace=False)} for _ in range(5)
+        [f"vs-{i:08d}" for i in rng.choice(args.videos, args.batch_videos, replace=False)] for _ in range(5)
     ]
-    calls = iter(batches * 1000)
-    scan_s, old = best_of(lambda: old_read_media(next(calls)))
     reader = MediaReader()
     started = time.perf_counter()
-    reader(batches[0])
+    reader.read(batches[0])
     first_s = time.perf_counter() - started
-    take_s, new = best_of(lambda: reader(next(calls)))
+    frames_index = reader._tables["video_frames"]
+    calls = iter(batches * 10_000)
+
+    # The floor: Lance's take of the same rows (videos in table order, as the reader asks), nothing of ours.
+    index = frames_index.index
+    rows_of = [
+        index.offsets(index.positions(sorted(b, key=lambda i: index.first_offsets([i])[0]))) for b in batches
+    ]
+    offsets = iter(rows_of * 10_000)
+
+    def lance_take():
+        return frames_index.dataset.take(next(offsets), columns=["patches"])
+
+    # Interleaved rounds (the machine is shared: a busy moment then costs every path alike); best of each.
+    scan_s = take_s = lance_s = float("inf")
+    for _ in range(args.rounds):
+        scan_s = min(scan_s, best_of(lambda: old_read_media(set(next(calls))), 1)[0])
+        take_s = min(take_s, best_of(lambda: reader.read(next(calls)), 10)[0])
+        lance_s = min(lance_s, best_of(lance_take, 10)[0])
+    old = old_read_media(set(batches[0]))
+    new = dict(zip(batches[0], reader.read(batches[0])))
     same = all(torch.equal(torch.as_tensor(old[k].patches), new[k].patches) for k in old)
     started = time.perf_counter()
     frames.create_scalar_index("sample_id", index_type="BTREE")
@@ -203,11 +257,15 @@ def fetch_part(args) -> None:
 
     btree_s, _ = best_of(btree)
     frames_per_batch = args.batch_videos * args.frames
-    print(f"\nfetch one micro-batch ({args.batch_videos} videos, {frames_per_batch} frames), best of 20:")
-    print(f"{'':<34}{'ms':>9}{'vs scan':>10}")
-    print(f"{'filtered scans (before)':<34}{scan_s * 1e3:>9.2f}{1.0:>9.1f}x")
-    print(f"{'take by row offsets (now)':<34}{take_s * 1e3:>9.2f}{scan_s / take_s:>9.1f}x")
-    print(f"{'BTREE index + filter (not kept)':<34}{btree_s * 1e3:>9.2f}{scan_s / btree_s:>9.1f}x")
+    print(
+        f"\nfetch one micro-batch ({args.batch_videos} videos, {frames_per_batch} frames), best of "
+        f"{args.rounds} rounds, interleaved:"
+    )
+    print(f"{'':<40}{'ms':>9}{'vs scan':>10}")
+    print(f"{'filtered scans (before, verbatim)':<40}{scan_s * 1e3:>9.2f}{1.0:>9.1f}x")
+    print(f"{'MediaReader.read, take by offsets (now)':<40}{take_s * 1e3:>9.2f}{scan_s / take_s:>9.1f}x")
+    print(f"{'  of which Lance take alone (floor)':<40}{lance_s * 1e3:>9.2f}{scan_s / lance_s:>9.1f}x")
+    print(f"{'BTREE index + filter (not kept)':<40}{btree_s * 1e3:>9.2f}{scan_s / btree_s:>9.1f}x")
     print(
         f"one-time: offsets index {first_s:.2f} s (first read, key columns scanned once per reader); "
         f"BTREE build {index_s:.2f} s (a write, to redo after appends); pixels equal: {same}"
@@ -336,6 +394,7 @@ def main() -> None:
     parser.add_argument("--frames", type=int, default=16)
     parser.add_argument("--batch-videos", type=int, default=8)
     parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--rounds", type=int, default=30, help="interleaved timing rounds of part 1")
     parser.add_argument("--window", type=int, default=8, help="samples per step")
     parser.add_argument("--micro-batches", type=int, default=2)
     parser.add_argument("--max-length", type=int, default=1024)

@@ -8,22 +8,30 @@ its key column(s) once, into a map key → row offsets (:class:`RowIndex`, which
 sizes); every later read is a Lance ``take`` of exactly the rows wanted, of the ``patches`` column only.
 A filter such as ``isin(sample_id)`` instead scans the whole key column of the table for every micro-batch
 (``video_frames`` has one row per stored frame). Measured on a 1M-row, 20-fragment ``video_frames``
-(``benchmarks/bench_loader.py``, 8 videos of 16 frames, shared 2-core CPU): ``take`` by offset 1.2-1.5 ms
-per micro-batch, a BTREE scalar index on ``sample_id`` + the same filter 3.0-3.7 ms, the filtered scans
-~46 ms. ``take`` is the faster, and needs no index that every writer would have to build and keep up to
-date after each append, so it is what the reader uses. The key scan costs ~0.2 s per million rows, once
-per reader.
+(``benchmarks/bench_loader.py``, 8 videos of 16 frames, 2-core CPU shared by 4 workers, 3 runs): one
+:meth:`MediaReader.read` 1.17-1.29 ms per micro-batch, the old filtered scans 56-58 ms (45-48x); a BTREE
+scalar index on ``sample_id`` + the same filter 4.5-7.0 ms. Of the read, Lance's ``take`` alone is
+0.84-0.86 ms (it touches 7-8 fragments, ~0.04 ms each, over a ~0.3 ms fixed cost): 65-69x alone. The
+~0.3 ms left is ours, spread over a dozen steps of 10-40 us each (medians of 2,000 reads in place: index
+lookups and the frame-count check ~50 us, byte ranges and grids ~40, the videos' rows ~40, the views ~30,
+MediaPatches ~20, the copy ~20 and allocating its tensor ~13, freeing Lance's result ~15), so 50x, which
+needs the whole read under ~1.1 ms here, is not reached: Lance's take leaves ~0.25 ms for all the rest.
+``take`` needs no index that every writer would have to build and keep up to date after each append, so it
+is what the reader uses. The key scan costs ~0.25 s per million rows, once per reader.
 
 **One copy of the pixels.** ``take`` returns the patches of all frames and images asked for back to back in
-one Arrow buffer (frames of a video in frame order, because the offsets are asked in that order); they
-are copied once into one uint8 torch tensor (page-locked when CUDA is available, so the copy to the GPU can
-be asynchronous), and every image and video gets a view of it.
+one Arrow buffer; :meth:`MediaReader.read` copies them once, into one uint8 torch tensor (page-locked when
+CUDA is available, so the copy to the GPU can be asynchronous), laid out in the order the caller asks: the
+loader asks in micro-batch order (samples, then each sample's media), so every sample's ``pixel_values``
+is a view of that tensor, and so is the collated micro-batch's (``processor.join_rows`` joins adjacent
+views without copying). Before, ``encode_sample`` and ``collate`` each concatenated the patches again.
 """
 
 from __future__ import annotations
 
+import itertools
 import json
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 
 import lance
 import numpy as np
@@ -68,9 +76,18 @@ class RowIndex:
     def __contains__(self, key: str) -> bool:
         return key in self._code
 
-    def count(self, key: str) -> int:
-        code = self._code.get(key)
-        return 0 if code is None else int(self._starts[code + 1] - self._starts[code])
+    def __len__(self) -> int:
+        return len(self._offsets)
+
+    def code(self, key: str) -> int:
+        """The key's number in this index, -1 for a key it does not have."""
+        return self._code.get(key, -1)
+
+    def spans(self, codes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Where each key's rows start in the index and how many there are (0, 0 for code -1)."""
+        known = codes >= 0
+        first = np.where(known, self._starts[np.where(known, codes, 0)], 0)
+        return first, np.where(known, self._starts[np.where(known, codes, 0) + 1] - first, 0)
 
     def first_offsets(self, keys: Iterable[str]) -> np.ndarray:
         """The row offset of each (known) key's first row."""
@@ -79,15 +96,16 @@ class RowIndex:
     def positions(self, keys: Iterable[str]) -> np.ndarray:
         """Where the rows of each key are, key after key (unknown keys have none), in the order of the
         index: ``offsets`` and ``carried`` values at these positions."""
-        parts = [
-            np.arange(self._starts[c], self._starts[c + 1])
-            for c in (self._code.get(k) for k in keys)
-            if c is not None
-        ]
-        return np.concatenate(parts) if parts else np.zeros(0, np.int64)
+        codes = np.array([c for c in map(self._code.get, keys) if c is not None], np.int64)
+        return span_positions(self._starts[codes], self._starts[codes + 1] - self._starts[codes])
 
     def offsets(self, positions: np.ndarray) -> np.ndarray:
         return self._offsets[positions]
+
+
+def span_positions(first: np.ndarray, counts: np.ndarray) -> np.ndarray:
+    """first[0], first[0] + 1, … (counts[0] of them), then the same for the next span, …"""
+    return np.repeat(first - (np.cumsum(counts) - counts), counts) + np.arange(counts.sum())
 
 
 class _IndexedTable:
@@ -106,21 +124,48 @@ class _IndexedTable:
         return self._index
 
     def rows(self, keys: Sequence[str], columns: list[str]) -> pa.Table:
-        return self.dataset.take(self.index.offsets(self.index.positions(keys)), columns=columns)
+        """The rows of ``keys``, in table order (ascending offsets: Lance's take reads them faster)."""
+        return self.dataset.take(np.sort(self.index.offsets(self.index.positions(keys))), columns=columns)
 
 
-class _VideoRows:
+class _Videos:
     """``video_samples``' per-video columns (no pixels: frame types, timestamps, tokens per frame), held in
-    memory from one scan: a Lance ``take`` of list columns costs ~1.5 ms per micro-batch, an Arrow take in
-    memory microseconds (~5 bytes per frame: 0.5 GB for a million 100-frame videos)."""
+    memory from one scan as flat arrays (list columns as values + offsets), joined once to where each
+    video's frames are in ``video_frames``' :class:`RowIndex` (first position, number of rows, first row
+    offset, bytes of patches), so that a read finds all of it with a few array lookups. A Lance ``take`` of
+    the list columns costs ~1.5 ms per micro-batch, an Arrow take + ``to_pylist`` ~0.14 ms, these lookups a
+    few microseconds. Memory: ~13 bytes per frame and ~200 per video (1.5 GB for a million 100-frame
+    videos), beside the frames' own :class:`RowIndex` (~16 bytes per frame)."""
 
-    def __init__(self, dataset: lance.LanceDataset):
-        self.table = dataset.to_table(columns=_VIDEO_COLUMNS).combine_chunks()  # one chunk: a fast take
-        self._position = {k: i for i, k in enumerate(self.table.column("sample_id").to_pylist())}
+    def __init__(self, dataset: lance.LanceDataset, frames: RowIndex):
+        table = dataset.to_table(columns=_VIDEO_COLUMNS).combine_chunks()
+        ids = table.column("sample_id").to_pylist()
+        self.position = {k: i for i, k in enumerate(ids)}
+        # ``values`` and ``offsets`` of a list array both ignore a slice's offset, so they agree.
+        types, stamps = (table.column(c).chunk(0) if ids else None for c in ("frame_types", "timestamps"))
+        self._types = (
+            (types.values.to_numpy(), types.offsets.to_numpy()) if ids else (None, np.zeros(1, np.int64))
+        )
+        self._stamps = (stamps.values.to_numpy(), stamps.offsets.to_numpy()) if ids else None
+        self._slow = table.column("slow_tokens").to_pylist()
+        self._fast = table.column("fast_tokens").to_pylist()
+        self.num_frames = np.diff(self._types[1])  # as listed in video_samples
+        code = np.array([frames.code(k) for k in ids], np.int64)
+        self.first, self.stored = frames.spans(code)
+        self.first_offset = frames.offsets(self.first) if len(frames) else self.first
+        # bytes of patches before each index position (rows are h·w patches of _PATCH_VALUES bytes)
+        row_bytes = frames.carried["grid_h"].astype(np.int64) * frames.carried["grid_w"] * _PATCH_VALUES
+        self.bytes_before = np.concatenate([[0], np.cumsum(row_bytes)])
 
-    def rows(self, keys: Iterable[str]) -> list[dict]:
-        found = [self._position[k] for k in keys if k in self._position]
-        return self.table.take(pa.array(found, pa.int64())).to_pylist() if found else []
+    def row(self, i: int) -> dict:
+        """Row ``i``'s lists as Python lists."""
+        (types, type_at), (stamps, stamp_at) = self._types, self._stamps
+        return {
+            "frame_types": types[type_at[i] : type_at[i + 1]].tolist(),
+            "timestamps": stamps[stamp_at[i] : stamp_at[i + 1]].tolist(),
+            "slow_tokens": self._slow[i],
+            "fast_tokens": self._fast[i],
+        }
 
 
 class MediaReader:
@@ -131,7 +176,7 @@ class MediaReader:
         self.root = root
         self.pin_memory = torch.cuda.is_available() if pin_memory is None else pin_memory
         self._tables: dict[str, _IndexedTable | None] = {}
-        self._videos: _VideoRows | None = None
+        self._videos: _Videos | None = None
 
     def _table(self, name: str, *args) -> _IndexedTable | None:
         if name not in self._tables:
@@ -143,52 +188,106 @@ class MediaReader:
         return self._tables[name]
 
     def __call__(self, media_ids: Iterable[str]) -> dict[str, MediaPatches]:
-        """A missing id, or a video with missing frames, is a KeyError."""
+        """Each distinct id once, by id; all are views of one tensor. A missing id, or a video with missing
+        frames, is a KeyError."""
+        ids = sorted(set(media_ids))
+        return dict(zip(ids, self.read(ids)))
+
+    def read(self, media_ids: Sequence[str]) -> list[MediaPatches]:
+        """One MediaPatches per entry of ``media_ids``, in that order (an id may repeat), whose patches lie
+        back to back in one uint8 tensor (pinned when ``pin_memory``), in that order: the patches of
+        consecutive entries are adjacent views, so a caller asking in micro-batch order (samples, then each
+        sample's media) gets its batch's pixels already concatenated (``processor.join_rows`` then only
+        makes a view). The bytes are copied once, from the Arrow buffers Lance's ``take`` returned."""
         ids = sorted(set(media_ids))
         if not ids:
-            return {}
+            return []
         videos = self._table("video_samples")
         frames = self._table("video_frames", "frame_index", ("grid_h", "grid_w"))
         images = self._table("image_samples", None, ("grid_h", "grid_w"))
         if videos and frames and self._videos is None:
-            self._videos = _VideoRows(videos.dataset)
-        video_rows = self._videos.rows(ids) if videos and frames else []
-        for v in video_rows:
-            if frames.index.count(v["sample_id"]) != len(v["frame_types"]):
+            self._videos = _Videos(videos.dataset, frames.index)
+        found: dict[str, tuple] = {}  # id → (source bytes, first byte, end byte, grids, video row or None)
+        known = self._videos.position if videos and frames else {}
+        video_ids = [i for i in ids if i in known]
+        if video_ids:
+            table = self._videos
+            rows = np.array([known[i] for i in video_ids], np.int64)
+            stored, listed = table.stored[rows], table.num_frames[rows]
+            for k in np.flatnonzero(stored != listed).tolist()[:1]:
                 raise KeyError(
-                    f"video sample {v['sample_id']} has {frames.index.count(v['sample_id'])} stored frames, "
-                    f"expected {len(v['frame_types'])}"
+                    f"video sample {video_ids[k]} has {stored[k]} stored frames, expected {listed[k]}"
                 )
-        if video_rows:
             # Videos in table order: their frames are stored together, so the offsets then ascend, which
             # Lance's take reads faster (~20%).
-            first = frames.index.first_offsets([v["sample_id"] for v in video_rows])
-            video_rows = [video_rows[i] for i in np.argsort(first, kind="stable").tolist()]
-        media = _Media(video_rows)
-        if video_rows:
-            at = frames.index.positions([v["sample_id"] for v in video_rows])
-            media.frame_grids = _grids(frames.index.carried, at)
-            media.frame_patches = frames.dataset.take(frames.index.offsets(at), columns=["patches"])[
-                "patches"
-            ]
-        taken = {v["sample_id"] for v in video_rows}
-        rest = [i for i in ids if i not in taken and images and i in images.index]
+            order = np.argsort(table.first_offset[rows], kind="stable")
+            rows, counts = rows[order], stored[order]
+            first = table.first[rows]
+            positions = span_positions(first, counts)
+            blob = _take_bytes(frames, positions)
+            ends = np.cumsum(table.bytes_before[first + counts] - table.bytes_before[first]).tolist()
+            frame_ends = np.cumsum(counts).tolist()
+            heights = frames.index.carried["grid_h"][positions].tolist()
+            widths = frames.index.carried["grid_w"][positions].tolist()
+            for k, (i, row) in enumerate(zip(order.tolist(), rows.tolist())):
+                a, b = (frame_ends[k - 1] if k else 0), frame_ends[k]
+                grids = list(zip(itertools.repeat(1), heights[a:b], widths[a:b]))
+                found[video_ids[i]] = (blob, ends[k - 1] if k else 0, ends[k], grids, table.row(row))
+        rest = [i for i in ids if i not in found and images and i in images.index]
         if rest:
-            at = images.index.positions(rest)
-            media.image_ids, media.image_grids = rest, _grids(images.index.carried, at)
-            media.image_patches = images.dataset.take(images.index.offsets(at), columns=["patches"])[
-                "patches"
-            ]
-        return media.assemble(ids, self.pin_memory)
+            blob, grids, ends = _take_patches(images, images.index.positions(rest))
+            for k, image_id in enumerate(rest):
+                found[image_id] = (blob, ends[k - 1] if k else 0, ends[k], grids[k : k + 1], None)
+        missing = set(ids) - set(found)
+        if missing:
+            raise KeyError(f"media not found in video_samples/image_samples: {sorted(missing)[:5]}")
+
+        wanted = [found[i] for i in media_ids]
+        sizes = [end - start for _, start, end, _, _ in wanted]
+        pixels = torch.empty(sum(sizes), dtype=torch.uint8, pin_memory=self.pin_memory)
+        into, at = pixels.numpy(), 0
+        for (blob, start, end, _, _), size in zip(wanted, sizes):
+            into[at : at + size] = blob[start:end]  # the one copy
+            at += size
+        views = pixels.view(-1, _PATCH_VALUES).split_with_sizes([size // _PATCH_VALUES for size in sizes])
+        out = []
+        for (_, _, _, grids, v), patches in zip(wanted, views):
+            if v is None:
+                out.append(MediaPatches(patches=patches, grids=grids))
+            else:
+                out.append(
+                    MediaPatches(
+                        patches=patches,
+                        grids=grids,
+                        frame_types=v["frame_types"],
+                        timestamps=v["timestamps"],
+                        slow_tokens=v["slow_tokens"],
+                        fast_tokens=v["fast_tokens"] if 1 in v["frame_types"] else None,
+                    )
+                )
+        return out
 
 
-def _grids(carried: dict[str, np.ndarray], at: np.ndarray) -> np.ndarray:
-    return np.stack([carried["grid_h"][at], carried["grid_w"][at]], axis=1).astype(np.int64)
+def _take_bytes(table: _IndexedTable, at: np.ndarray) -> np.ndarray:
+    """One Lance ``take`` of the ``patches`` of the index positions ``at``: their bytes back to back (one
+    read-only view of the Arrow buffer, no copy)."""
+    return _patch_bytes(table.dataset.take(table.index.offsets(at), columns=["patches"]).column(0))
+
+
+def _take_patches(
+    table: _IndexedTable, at: np.ndarray
+) -> tuple[np.ndarray, list[tuple[int, int, int]], list[int]]:
+    """One Lance ``take`` of the ``patches`` of the index positions ``at``: their bytes back to back (one
+    read-only view of the Arrow buffer, no copy), each row's (1, h, w) grid, and where each row ends."""
+    blob = _patch_bytes(table.dataset.take(table.index.offsets(at), columns=["patches"]).column(0))
+    h, w = table.index.carried["grid_h"][at], table.index.carried["grid_w"][at]
+    ends = np.cumsum(h.astype(np.int64) * w * _PATCH_VALUES).tolist()
+    return blob, list(zip(itertools.repeat(1), h.tolist(), w.tolist())), ends
 
 
 class _Media:
-    """What one read found: ``video_samples`` rows, their frames' (grid_h, grid_w) and patches (each video's
-    frames adjacent and in frame order), images' ids, grids and patches."""
+    """What one filtered read found (``read_media``): ``video_samples`` rows, their frames' (grid_h, grid_w)
+    and patches (each video's frames adjacent and in frame order), images' ids, grids and patches."""
 
     def __init__(self, videos: list[dict]):
         self.videos = videos
@@ -240,8 +339,9 @@ def _patch_bytes(column: pa.ChunkedArray) -> np.ndarray:
     array = column.combine_chunks() if column.num_chunks != 1 else column.chunk(0)
     if not len(array):
         return np.zeros(0, np.uint8)
-    offsets = np.frombuffer(array.buffers()[1], dtype=np.int64)[array.offset : array.offset + len(array) + 1]
-    return np.frombuffer(array.buffers()[2], dtype=np.uint8)[offsets[0] : offsets[-1]]
+    _, offsets, values = array.buffers()
+    first, end = np.frombuffer(offsets, dtype=np.int64)[[array.offset, array.offset + len(array)]].tolist()
+    return np.frombuffer(values, dtype=np.uint8)[first:end]
 
 
 class LanceSampleReader:
@@ -274,12 +374,16 @@ class LanceSampleReader:
         missing = [s for s in wanted if s not in rows]
         if missing:
             raise KeyError(f"train_samples@v{self.samples.dataset.version} has no rows {missing[:5]}")
-        media = self.media({m for r in rows.values() for m in r["media_ids"]})
+        # Media in the order the micro-batch's pixels will be (samples as asked, each one's media in the
+        # order its parts render, which is the order they were counted): every sample's pixel_values, and
+        # the collated batch's, are then views of the reader's one tensor.
+        media = iter(self.media.read([m for sid in sample_ids for m in rows[sid]["media_ids"]]))
         return [self._encode(rows[sid], media) for sid in sample_ids]
 
-    def _encode(self, row: dict, media: dict[str, MediaPatches]) -> Features:
-        order = iter(row["media_ids"])  # media parts are rendered in the order they were counted
-        return encode_sample(json.loads(row["messages"]), self.tokenizer, lambda part: media[next(order)])
+    def _encode(self, row: dict, media: Iterator[MediaPatches]) -> Features:
+        own = [next(media) for _ in row["media_ids"]]  # taken whether or not every part renders
+        parts = iter(own)
+        return encode_sample(json.loads(row["messages"]), self.tokenizer, lambda part: next(parts))
 
 
 def read_media(media_ids: set[str], root: str | None = None) -> dict[str, MediaPatches]:

@@ -72,6 +72,27 @@ def merge_to_raster_order(
     return out
 
 
+def join_rows(blocks: Sequence[torch.Tensor]) -> torch.Tensor:
+    """``torch.cat(blocks)`` of 2-D row blocks, without a copy when they already lie back to back in one
+    storage (as `sample_reader.MediaReader.read` lays out a micro-batch's patches): then one view of them,
+    pinned if that storage is. Otherwise (and for a single block: itself) the same values as ``torch.cat``."""
+    first = blocks[0]
+    at = first.storage_offset()
+    for block in blocks:
+        if not (
+            block.dtype == first.dtype
+            and block.device == first.device
+            and block.ndim == 2
+            and block.shape[1] == first.shape[1]
+            and block.is_contiguous()
+            and block.untyped_storage().data_ptr() == first.untyped_storage().data_ptr()
+            and block.storage_offset() == at
+        ):
+            return torch.cat(blocks)
+        at += block.numel()
+    return first.as_strided((sum(b.shape[0] for b in blocks), first.shape[1]), (first.shape[1], 1))
+
+
 @dataclass(frozen=True)
 class MediaPatches:
     """One pre-tokenised image (`frame_types` None) or video (one grid per frame). `order`: "merge" for
@@ -185,7 +206,12 @@ def encode_sample(
     grids = [tuple(int(v) for v in g) for media in media_list for g in media.grids]
     patches = []
     for media in media_list:
-        block = torch.as_tensor(np.ascontiguousarray(media.patches))
+        # A tensor stays itself (no round trip through numpy, which would lose its storage and pinning).
+        block = (
+            media.patches.contiguous()
+            if isinstance(media.patches, torch.Tensor)
+            else torch.as_tensor(np.ascontiguousarray(media.patches))
+        )
         expected = sum(t * h * w for t, h, w in media.grids)
         if media.order not in ("merge", "raster"):
             raise ValueError(f"{media.kind} patch order must be 'merge' or 'raster', got {media.order!r}")
@@ -197,7 +223,7 @@ def encode_sample(
                 f"{tuple(block.shape)}"
             )
         patches.append(block)
-    pixel_values = torch.cat(patches) if patches else torch.zeros(0, 0, dtype=torch.uint8)
+    pixel_values = join_rows(patches) if patches else torch.zeros(0, 0, dtype=torch.uint8)
     grid_thw = torch.tensor(grids, dtype=torch.long).reshape(-1, 3)
     ids = vision_token_ids(tokenizer)
     input_ids = torch.tensor(rendered.input_ids, dtype=torch.long)
@@ -277,7 +303,7 @@ def collate_rows(rows: Sequence[Sequence[Features]], *, pad_token_id: int = 0) -
 
     ordered = [f for row in rows for f in row]
     blocks = [f.pixel_values for f in ordered if f.pixel_values.numel()]
-    pixel_values = torch.cat(blocks) if blocks else torch.zeros(0, 0, dtype=torch.uint8)
+    pixel_values = join_rows(blocks) if blocks else torch.zeros(0, 0, dtype=torch.uint8)
     grid_thw = torch.cat([f.grid_thw for f in ordered]).reshape(-1, 3)
     return {
         "input_ids": input_ids,

@@ -56,6 +56,18 @@ def test_features_match_counts_and_stored_pixels(home, sample_corpus, media_dir)
     assert torch.equal(video.pixel_values, torch.from_numpy(stored))
     assert video.grid_thw.tolist() == [[1, r["grid_h"], r["grid_w"]] for r in frames]
 
+    # One copy of the pixels: the reader lays the call's media out in sample order in one tensor, so every
+    # sample's pixel_values, and the batch collated in that order, are views of it (encode_sample and
+    # collate copy nothing); the repeated video has its own bytes there.
+    padded = collate(features, pack=False)
+    buffer = video.pixel_values.untyped_storage()
+    assert padded["pixel_values"].untyped_storage().data_ptr() == buffer.data_ptr()
+    assert padded["pixel_values"].data_ptr() == buffer.data_ptr()
+    assert padded["pixel_values"].nbytes == buffer.nbytes() == sum(f.pixel_values.nbytes for f in features)
+    assert torch.equal(
+        padded["pixel_values"], torch.cat([f.pixel_values for f in features if f.pixel_values.numel()])
+    )
+
     # and the tiny model trains on them: one forward/backward on a packed batch
     model = KeyeForConditionalGeneration(tiny())
     batch = collate(features[:3], pack=True, max_length=sum(len(f) for f in features[:3]))
@@ -148,6 +160,9 @@ def test_media_are_read_by_row_offsets_exactly_into_one_tensor(home, monkeypatch
     tables.delete_rows("video_frames", pc.field("frame_id") == "vs-20/000001")
     with pytest.raises(KeyError, match="vs-20 has 2 stored frames, expected 3"):
         MediaReader()(["vs-20"])
+    tables.delete_rows("video_frames", pc.field("sample_id") == "vs-21")
+    with pytest.raises(KeyError, match="vs-21 has 0 stored frames, expected 4"):
+        MediaReader()(["vs-00", "vs-21"])
 
 
 def test_patches_are_stored_compressed_and_round_trip_exactly(home):

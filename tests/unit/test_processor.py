@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from keyeflow.model.processor import MediaPatches, collate, collate_rows, encode_sample
+from keyeflow.model.processor import MediaPatches, collate, collate_rows, encode_sample, join_rows
 from keyeflow.model.token_stream import IGNORE_INDEX, image_ids, render_conversation, render_text, video_ids
 from keyeflow.model.tokenizer import load_tokenizer
 
@@ -119,3 +119,27 @@ def test_collate_rows_keeps_the_given_packs(tokenizer):
     assert torch.equal(
         batch["input_ids"], collate([a, c, b], pack=True, max_length=len(a) + len(c))["input_ids"]
     )
+
+
+def test_media_already_back_to_back_are_joined_without_a_copy(tokenizer):
+    # As the sample reader lays out a micro-batch: the video's then the image's patches in one tensor.
+    buffer = torch.from_numpy(np.concatenate([VIDEO.patches, IMAGE.patches]))
+    video_rows, image_rows = buffer.split([len(VIDEO.patches), len(IMAGE.patches)])
+    video = MediaPatches(video_rows, VIDEO.grids, VIDEO.frame_types, VIDEO.timestamps)
+    image = MediaPatches(image_rows, IMAGE.grids)
+    a = encode_sample(MESSAGES, tokenizer, lambda part: {"video": video, "image": image}[part["type"]])
+    copied = encode_sample(MESSAGES, tokenizer, lookup)  # numpy media: joined by a copy
+    assert torch.equal(a.pixel_values, copied.pixel_values)
+    assert a.pixel_values.data_ptr() == buffer.data_ptr() and a.pixel_values.shape == buffer.shape
+    assert copied.pixel_values.data_ptr() not in (IMAGE.patches.ctypes.data, VIDEO.patches.ctypes.data)
+
+    # collate of samples whose pixels are adjacent: still a view; otherwise torch.cat's values.
+    halves = buffer.split([10, len(buffer) - 10])
+    assert join_rows(list(halves)).data_ptr() == buffer.data_ptr()
+    assert torch.equal(join_rows(list(halves)), buffer)
+    swapped = join_rows([halves[1], halves[0]])
+    assert torch.equal(swapped, torch.cat([halves[1], halves[0]]))
+    assert swapped.untyped_storage().data_ptr() != buffer.untyped_storage().data_ptr()
+    gap = join_rows([buffer[:5], buffer[6:9]])
+    assert torch.equal(gap, torch.cat([buffer[:5], buffer[6:9]]))
+    assert gap.untyped_storage().data_ptr() != buffer.untyped_storage().data_ptr()
