@@ -721,9 +721,8 @@ def export(
 
 @app.command()
 def plan(
-    recipe: str = typer.Option(
-        ..., help="a pre-training and/or post-training recipe name (tiny, keye-8b, …)"
-    ),
+    recipe: str = typer.Option(..., help="a recipe name (tiny, keye-8b, tiny-learn, …)"),
+    flow: str = typer.Option("pretrain", help="whose stages: pretrain, posttrain or all"),
     nodes: int = typer.Option(1, min=1, help="machines"),
     gpus_per_node: int = typer.Option(8, min=1, help="GPUs per machine"),
     gpu_memory_gib: float = typer.Option(80.0, help="memory of one GPU in GiB"),
@@ -742,13 +741,17 @@ def plan(
     from keyeflow.training.recipes import RECIPES as PRETRAIN_RECIPES
     from keyeflow.training.recipes import pretrain_recipe
 
-    if recipe not in PRETRAIN_RECIPES and recipe not in POSTTRAIN_RECIPES:
-        errors.print(
-            f"[red]error:[/red] --recipe {recipe!r}: no such recipe; pre-training: "
-            f"{sorted(PRETRAIN_RECIPES)}, "
-            f"post-training: {sorted(POSTTRAIN_RECIPES)}"
-        )
+    flows = {"pretrain": ("pretrain",), "posttrain": ("posttrain",), "all": ("pretrain", "posttrain")}
+    if flow not in flows:
+        errors.print(f"[red]error:[/red] --flow {flow!r}: one of {sorted(flows)}")
         raise typer.Exit(2)
+    known = {"pretrain": PRETRAIN_RECIPES, "posttrain": POSTTRAIN_RECIPES}
+    for name in flows[flow]:
+        if recipe not in known[name]:
+            errors.print(
+                f"[red]error:[/red] --recipe {recipe!r}: no such {name} recipe; {name}: {sorted(known[name])}"
+            )
+            raise typer.Exit(2)
     try:
         cluster = Cluster(nodes, gpus_per_node, gpu_memory_gib)
     except ValueError as exc:
@@ -756,8 +759,8 @@ def plan(
         raise typer.Exit(2)
     # The policy post-training trains has the widths of the same-named pre-training recipe's model.
     model = pretrain_recipe(recipe if recipe in PRETRAIN_RECIPES else "tiny").model_config()
-    plans = plan_pretrain(pretrain_recipe(recipe), cluster) if recipe in PRETRAIN_RECIPES else []
-    if recipe in POSTTRAIN_RECIPES:
+    plans = plan_pretrain(pretrain_recipe(recipe), cluster) if "pretrain" in flows[flow] else []
+    if "posttrain" in flows[flow]:
         plans += plan_posttrain(posttrain_recipe(recipe), model, cluster, rl_prompt_tokens=rl_prompt_tokens)
     if as_json:
         print(json.dumps([p.to_dict() for p in plans], indent=1))
@@ -782,14 +785,16 @@ def plan(
         )
         for note in sorted({n for p in plans for n in p.notes}):
             console.print(f"note: {note}", soft_wrap=True)
-    if compare and recipe in PRETRAIN_RECIPES:
+    if compare and "pretrain" in flows[flow]:
         _print_layouts(pretrain_recipe(recipe).annealing, model, cluster, as_json)
     bad = [p for p in plans if not p.fits]
     for p in bad:
         errors.print(f"[red]{p.stage} does not fit:[/red] {'; '.join(p.problems)}")
     if bad:
         raise typer.Exit(1)
-    console.print(f"every stage of {recipe} fits", soft_wrap=True)
+    (errors if as_json else console).print(
+        f"every stage of {recipe} fits", soft_wrap=True
+    )  # stdout: JSON only
 
 
 def _print_layouts(stage, model, cluster, as_json: bool) -> None:

@@ -39,9 +39,19 @@ def test_pretrain_flow_refuses_keye_8b_before_stage_1(home, prefect_harness):
 
 
 def test_plan_command_exit_codes_and_reasons():
-    fits = runner.invoke(app, ["plan", "--recipe", "tiny", "--gpus-per-node", "1", "--gpu-memory-gib", "8"])
+    tiny = ["--recipe", "tiny", "--gpus-per-node", "1", "--gpu-memory-gib", "8", "--flow", "all"]
+    fits = runner.invoke(app, ["plan", *tiny])
     assert fits.exit_code == 0, fits.output
-    assert "every stage of tiny fits" in fits.output
+    assert "every stage of tiny fits" in fits.output and "posttrain-gspo" in fits.output
+
+    # issue 15's cluster: every pre-training stage of the 8B recipe fits, stage 3 at 131,072 tokens included
+    cluster = ["--nodes", "4", "--gpus-per-node", "8", "--gpu-memory-gib", "80"]
+    full = runner.invoke(app, ["plan", "--recipe", "keye-8b", *cluster])
+    assert full.exit_code == 0, full.output
+    assert "every stage of keye-8b fits" in full.output
+    # its post-training runs in the flow's one process: refused, each stage named
+    post = runner.invoke(app, ["plan", "--recipe", "keye-8b", "--flow", "posttrain", *cluster])
+    assert post.exit_code == 1 and "posttrain-gspo does not fit" in post.output
 
     small = runner.invoke(
         app, ["plan", "--recipe", "keye-8b", "--nodes", "1", "--gpus-per-node", "8", "--gpu-memory-gib", "16"]
@@ -49,13 +59,16 @@ def test_plan_command_exit_codes_and_reasons():
     assert small.exit_code == 1
     assert "pretrain-1-alignment does not fit" in small.output and "largest: parameters" in small.output
 
-    as_json = runner.invoke(
-        app, ["plan", "--recipe", "keye-8b", "--nodes", "4", "--gpus-per-node", "8", "--json"]
-    )
+    as_json = runner.invoke(app, ["plan", "--recipe", "keye-8b", *cluster, "--json"])
     plans = json.loads(as_json.stdout)
+    assert [(p["stage"], p["tokens_per_gpu"], p["fits"]) for p in plans][2] == (
+        "pretrain-3-annealing",
+        32_768,
+        True,
+    )
     first = plans[0]
     assert first["stage"] == "pretrain-1-alignment" and first["fits"]
     assert first["total_gib"] == pytest.approx(sum(first["components_gib"].values()), abs=0.1)
 
     unknown = runner.invoke(app, ["plan", "--recipe", "keye-70b"])
-    assert unknown.exit_code == 2 and "no such recipe" in unknown.output
+    assert unknown.exit_code == 2 and "no such pretrain recipe" in unknown.output
