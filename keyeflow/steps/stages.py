@@ -35,24 +35,23 @@ import torch
 from keyeflow import lineage
 from keyeflow.config import get_settings
 from keyeflow.datasets import tables
-from keyeflow.datasets.sample_reader import LanceSampleReader
 from keyeflow.datasets.tables import TableRef
 from keyeflow.faults import kill_point
 from keyeflow.model.config import KeyeConfig
 from keyeflow.model.merging import MergeConfig, merge_checkpoints
 from keyeflow.model.modeling import KeyeForConditionalGeneration
-from keyeflow.model.tokenizer import load_tokenizer
+from keyeflow.steps.eval_job import launch_evaluate
 from keyeflow.steps.train_job import launch_train
 from keyeflow.training.config import StageConfig
 from keyeflow.training.engine import read_metrics
-from keyeflow.training.evaluate import evaluate_mcq, heldout_loss, lance_video_lookup, promotion_gate
+from keyeflow.training.evaluate import promotion_gate
 from keyeflow.training.launch import LaunchConfig
 from keyeflow.training.recipes import EvalConfig
-from keyeflow.training.trainer import load_model
 
 DONE = "done.json"
 RUN = "run.json"
 EVAL = "eval-{key}.json"
+EVAL_JOB = "eval-{key}"  # a launched evaluation's spec and result
 FORMAT = 1  # bump when a step's output layout changes: old caches then no longer match
 KEY_TAG = "keyeflow.step_key"
 
@@ -333,10 +332,14 @@ def evaluate_stage(
     samples: TableRef,
     mcq_records: list[dict],
     parent_metrics: dict[str, Any] | None,
+    launch: LaunchConfig | None = None,
 ) -> Evaluation:
     """Held-out loss per modality and MCQ accuracy of `output`'s checkpoint, logged to its run, and the
     promotion gate against `parent_metrics` (None: nothing to compare with, passes). Metrics are cached beside
-    the checkpoint, keyed on the evaluation config and sets, so a rerun does not recompute them."""
+    the checkpoint, keyed on the evaluation config and sets, so a rerun does not recompute them. `launch`: run
+    the evaluation as a job on the ranks it starts, like the stage's training (`keyeflow.steps.eval_job`);
+    None evaluates in this process. It is not in the key: the ranks give the same metrics up to float
+    rounding."""
     eval_key = step_key(
         "eval", asdict(config), heldout, samples.version, [r["question_id"] for r in mcq_records]
     )
@@ -344,18 +347,15 @@ def evaluate_stage(
     if cache.is_file():
         metrics = json.loads(cache.read_text())
     else:
-        model = load_model(output.checkpoint)
-        tokenizer = load_tokenizer()
-        reader = LanceSampleReader(samples, tokenizer)
-        losses = heldout_loss(
-            model, reader, heldout, config.max_tokens, pad_token_id=model.config.text_config.pad_token_id or 0
+        metrics = launch_evaluate(
+            launch or LaunchConfig(),
+            output.checkpoint,
+            heldout=heldout,
+            samples=samples,
+            max_length=config.max_tokens,
+            mcq_records=mcq_records,
+            job_dir=Path(output.checkpoint).parent / EVAL_JOB.format(key=eval_key),
         )
-        mcq = evaluate_mcq(model, tokenizer, mcq_records, lance_video_lookup())
-        metrics = {
-            "heldout_loss": losses,
-            "mcq_accuracy": mcq.accuracy,
-            "mcq_predictions": dict(zip([r["question_id"] for r in mcq_records], mcq.predictions)),
-        }
         _write_json(cache, metrics)
     lineage.log_metrics(
         output.run_id,

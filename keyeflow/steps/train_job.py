@@ -36,7 +36,8 @@ TAIL_LINES = (
 
 
 class LaunchFailed(RuntimeError):
-    """The launched training exited with an error (its stderr's last lines are in the message)."""
+    """A launched job (training, or an evaluation: `eval_job`) exited with an error (its stderr's last lines
+    are in the message)."""
 
 
 def launch_train(
@@ -82,7 +83,7 @@ def launch_train(
     )
     command = launch.command(spec)
     log.info("stage %s: launching %s", stage.name, " ".join(command))
-    returncode, tail = _run(command)
+    returncode, tail = run_launcher(command)
     if returncode != 0:
         raise LaunchFailed(
             f"stage {stage.name!r}: {launch.launcher} exited with code {returncode} "
@@ -96,7 +97,7 @@ def launch_train(
         ) from error
 
 
-def _run(command: list[str]) -> tuple[int, list[str]]:
+def run_launcher(command: list[str]) -> tuple[int, list[str]]:
     """Run `command`, every line of its output into the log as it comes; its exit code and stderr's tail."""
     tail: collections.deque[str] = collections.deque(maxlen=TAIL_LINES)
 

@@ -90,8 +90,10 @@ def evaluate(
     samples: TableRef,
     mcq: list[dict],
     parent_metrics: dict | None,
+    launch: LaunchConfig | None = None,
 ) -> dict:
-    """Evaluate, report in Prefect, and stop the flow when the promotion gate fails."""
+    """Evaluate (on the ranks `launch` starts, like the stage's training; None: in this process), report in
+    Prefect, and stop the flow when the promotion gate fails."""
     result = steps.evaluate_stage(
         output,
         config=config,
@@ -99,6 +101,7 @@ def evaluate(
         samples=samples,
         mcq_records=mcq,
         parent_metrics=parent_metrics,
+        launch=launch,
     )
     losses = result.metrics["heldout_loss"]
     lines = [

@@ -20,6 +20,10 @@ Three parts, each usable alone (no Prefect, no MLflow here):
    tiny pipeline has a real video eval set whose answers are visible in the token stream itself.
 3. `promotion_gate`: fails when a held-out loss is worse than the parent's by more than `margin` (relative)
    or an MCQ accuracy drops by more than `margin` (absolute), with one reason per failing metric.
+
+`distributed_heldout_loss` and `distributed_mcq` are the first two over the ranks of a job
+(`keyeflow.steps.eval_job`): each rank takes its `rank_share` of the samples and records, and the ranks
+combine to what one process computes (loss sums and token counts summed, option scores gathered in order).
 """
 
 from __future__ import annotations
@@ -38,6 +42,7 @@ from keyeflow.datasets import tables
 from keyeflow.datasets.sample_reader import read_media
 from keyeflow.model.processor import Features, MediaPatches, collate, collate_rows, encode_sample
 from keyeflow.model.token_stream import FAST, SLOW
+from keyeflow.training import distributed
 from keyeflow.training.preference import sequence_logprobs
 
 SampleReader = Callable[[list[str]], list[Features]]
@@ -57,6 +62,66 @@ def _to(batch: Mapping[str, torch.Tensor], device: torch.device) -> dict[str, to
 
 
 @torch.no_grad()
+def heldout_loss_sums(
+    model: torch.nn.Module,
+    reader: SampleReader,
+    sample_ids_by_modality: Mapping[str, Sequence[str]],
+    max_length: int,
+    *,
+    pad_token_id: int = 0,
+) -> dict[str, tuple[float, int]]:
+    """Per modality, (Σ cross-entropy over trained tokens, their number), as `heldout_loss` computes them
+    (the caller sets eval mode). A modality with no samples gives (0.0, 0): a rank's share may be empty."""
+    device = _device(model)
+    out: dict[str, tuple[float, int]] = {}
+    for modality, ids in sample_ids_by_modality.items():
+        ids = list(ids)
+        total, count = 0.0, 0
+        row: list[Features] = []
+
+        def run(row: list[Features]) -> None:
+            nonlocal total, count
+            batch = _to(collate_rows([row], pad_token_id=pad_token_id), device)
+            logp, n = sequence_logprobs(model, batch)
+            total -= float(logp.sum(dtype=torch.float64))
+            count += int(n.sum())
+
+        for start in range(0, len(ids), READ_CHUNK):
+            chunk = ids[start : start + READ_CHUNK]
+            for sample_id, features in zip(chunk, reader(chunk)):
+                if len(features) > max_length:
+                    raise ValueError(
+                        f"held-out sample {sample_id!r} has {len(features)} tokens, more than "
+                        f"max_length={max_length}"
+                    )
+                if row and sum(len(f) for f in row) + len(features) > max_length:
+                    run(row)
+                    row = []
+                row.append(features)
+        if row:
+            run(row)
+        out[modality] = (total, count)
+    return out
+
+
+def _check_heldout(sample_ids_by_modality: Mapping[str, Sequence[str]], max_length: int) -> None:
+    if max_length < 1:
+        raise ValueError(f"max_length must be >= 1, got {max_length}")
+    for modality, ids in sample_ids_by_modality.items():
+        if not len(ids):
+            raise ValueError(f"no held-out samples for modality {modality!r}")
+
+
+def _mean_losses(sums: Mapping[str, tuple[float, int]]) -> dict[str, float]:
+    out = {}
+    for modality, (total, count) in sums.items():
+        if count == 0:
+            raise ValueError(f"held-out samples of modality {modality!r} have no trained tokens")
+        out[modality] = total / count
+    return out
+
+
+@torch.no_grad()
 def heldout_loss(
     model: torch.nn.Module,
     reader: SampleReader,
@@ -70,47 +135,14 @@ def heldout_loss(
     `max_length` tokens (attention stays inside each sample, so packing does not change any sample's loss)
     and run one row at a time; a sample longer than `max_length` is an error, as in training (cutting it
     could separate vision tokens from their patches)."""
-    if max_length < 1:
-        raise ValueError(f"max_length must be >= 1, got {max_length}")
+    _check_heldout(sample_ids_by_modality, max_length)
     was_training = model.training
     model.eval()
-    device = _device(model)
-    out: dict[str, float] = {}
     try:
-        for modality, ids in sample_ids_by_modality.items():
-            ids = list(ids)
-            if not ids:
-                raise ValueError(f"no held-out samples for modality {modality!r}")
-            total, count = 0.0, 0
-            row: list[Features] = []
-
-            def run(row: list[Features]) -> None:
-                nonlocal total, count
-                batch = _to(collate_rows([row], pad_token_id=pad_token_id), device)
-                logp, n = sequence_logprobs(model, batch)
-                total -= float(logp.sum(dtype=torch.float64))
-                count += int(n.sum())
-
-            for start in range(0, len(ids), READ_CHUNK):
-                chunk = ids[start : start + READ_CHUNK]
-                for sample_id, features in zip(chunk, reader(chunk)):
-                    if len(features) > max_length:
-                        raise ValueError(
-                            f"held-out sample {sample_id!r} has {len(features)} tokens, more than "
-                            f"max_length={max_length}"
-                        )
-                    if row and sum(len(f) for f in row) + len(features) > max_length:
-                        run(row)
-                        row = []
-                    row.append(features)
-            if row:
-                run(row)
-            if count == 0:
-                raise ValueError(f"held-out samples of modality {modality!r} have no trained tokens")
-            out[modality] = total / count
+        sums = heldout_loss_sums(model, reader, sample_ids_by_modality, max_length, pad_token_id=pad_token_id)
     finally:
         model.train(was_training)
-    return out
+    return _mean_losses(sums)
 
 
 # ---------------------------------------------------------------------------------------------- MCQ
@@ -220,6 +252,37 @@ def mcq_accuracy(predictions: Sequence[str], answers: Sequence[str]) -> float:
     return sum(p == a for p, a in zip(predictions, answers)) / len(answers)
 
 
+def mcq_result(
+    records: Sequence[Mapping], scores: Sequence[list[OptionScore]], length_normalized: bool = True
+) -> MCQResult:
+    """Predictions and accuracy from every record's option scores (in the records' order)."""
+    predictions = [predict(s, length_normalized) for s in scores]
+    answers = [r["answer"] for r in records]
+    accuracy = mcq_accuracy(predictions, answers)
+    num_correct = sum(p == a for p, a in zip(predictions, answers))
+    return MCQResult(accuracy, num_correct, len(records), predictions, list(scores))
+
+
+def _score_records(
+    model: torch.nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    records: Sequence[Mapping],
+    resolve_media: MediaResolver,
+    spatial_merge_size: int,
+) -> list[list[OptionScore]]:
+    was_training = model.training
+    model.eval()
+    try:
+        return [
+            score_options(
+                model, tokenizer, r, resolve_media(r["video"]), spatial_merge_size=spatial_merge_size
+            )
+            for r in records
+        ]
+    finally:
+        model.train(was_training)
+
+
 def evaluate_mcq(
     model: torch.nn.Module,
     tokenizer: PreTrainedTokenizerBase,
@@ -233,22 +296,73 @@ def evaluate_mcq(
     pre-tokenised patches (`lance_video_lookup` for videos in the tables)."""
     for record in records:
         check_mcq_record(record)  # fail on a malformed set before spending any compute
+    scores = _score_records(model, tokenizer, records, resolve_media, spatial_merge_size)
+    return mcq_result(records, scores, length_normalized)
+
+
+# ---------------------------------------------------------------------------------------------- across ranks
+
+
+def rank_share(items: Sequence, rank: int, world_size: int) -> list:
+    """The items a rank evaluates: every `world_size`-th from `rank` (the shares differ in length by at most
+    one and interleave back into the original order)."""
+    return list(items[rank::world_size])
+
+
+def distributed_heldout_loss(
+    model: torch.nn.Module,
+    reader: SampleReader,
+    sample_ids_by_modality: Mapping[str, Sequence[str]],
+    max_length: int,
+    info: distributed.Distributed,
+    *,
+    pad_token_id: int = 0,
+) -> dict[str, float]:
+    """`heldout_loss` over all ranks of `info`'s job, each rank running its `rank_share` of every modality's
+    samples: the loss sums and token counts are summed over ranks (float64; counts are exact there), so the
+    result is the same token-weighted mean (up to float rounding of the rows, which pack differently), on
+    every rank."""
+    _check_heldout(sample_ids_by_modality, max_length)
+    share = {
+        m: rank_share(list(ids), info.rank, info.world_size) for m, ids in sample_ids_by_modality.items()
+    }
     was_training = model.training
     model.eval()
     try:
-        scores = [
-            score_options(
-                model, tokenizer, r, resolve_media(r["video"]), spatial_merge_size=spatial_merge_size
-            )
-            for r in records
-        ]
+        local = heldout_loss_sums(model, reader, share, max_length, pad_token_id=pad_token_id)
     finally:
         model.train(was_training)
-    predictions = [predict(s, length_normalized) for s in scores]
-    answers = [r["answer"] for r in records]
-    accuracy = mcq_accuracy(predictions, answers)
-    num_correct = sum(p == a for p, a in zip(predictions, answers))
-    return MCQResult(accuracy, num_correct, len(records), predictions, scores)
+    modalities = list(sample_ids_by_modality)
+    sums = torch.tensor(
+        [[local[m][0], float(local[m][1])] for m in modalities], dtype=torch.float64, device=info.device
+    )
+    distributed.all_reduce_sum(info, sums)
+    return _mean_losses({m: (float(s), int(n)) for m, (s, n) in zip(modalities, sums.tolist())})
+
+
+def distributed_mcq(
+    model: torch.nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    records: Sequence[Mapping],
+    resolve_media: MediaResolver,
+    info: distributed.Distributed,
+    *,
+    length_normalized: bool = True,
+    spatial_merge_size: int = 2,
+) -> MCQResult:
+    """`evaluate_mcq` over all ranks of `info`'s job: each rank scores its `rank_share` of the records (a
+    record's scores do not depend on the others), the scores are gathered back into the records' order, and
+    every rank gets the same result as one process would."""
+    for record in records:
+        check_mcq_record(record)
+    local = _score_records(
+        model, tokenizer, rank_share(records, info.rank, info.world_size), resolve_media, spatial_merge_size
+    )
+    shares = distributed.all_gather_objects(info, local)
+    scores: list[list[OptionScore]] = [None] * len(records)  # type: ignore[list-item]
+    for rank, share in enumerate(shares):
+        scores[rank :: info.world_size] = share
+    return mcq_result(records, scores, length_normalized)
 
 
 def lance_video_lookup(root: str | None = None) -> MediaResolver:

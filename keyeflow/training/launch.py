@@ -130,9 +130,10 @@ class LaunchConfig:
             return int(_slurm_env("SLURM_JOB_NUM_NODES"))
         return self.num_nodes or 1
 
-    def command(self, spec: Path) -> list[str]:
-        """The launcher's command line for the trainer on `spec`."""
-        trainer = [TRAIN_JOB_MODULE, str(spec)]
+    def command(self, spec: Path, module: str = TRAIN_JOB_MODULE) -> list[str]:
+        """The launcher's command line for `python -m module spec` on every rank (the trainer by default;
+        `keyeflow.steps.eval_job` for an evaluation)."""
+        job = [module, str(spec)]
         if self.launcher == "slurm":
             nodes = self.nodes()
             endpoint = f"{_slurm_first_host()}:{self.master_port or C10D_PORT}"
@@ -144,7 +145,7 @@ class LaunchConfig:
                 "--kill-on-bad-exit=1",  # one failed agent ends the job instead of leaving the others waiting
                 *_torchrun(nodes, self.nproc_per_node, endpoint, f"keyeflow-{job}-{spec.parent.name}"),
                 "-m",
-                *trainer,
+                *job,
             ]
         if self.launcher == "torchrun":
             if self.rdzv_endpoint is not None:
@@ -157,7 +158,7 @@ class LaunchConfig:
                         f"keyeflow-{spec.parent.name}",
                     ),
                     "-m",
-                    *trainer,
+                    *job,
                 ]
             # --standalone: a local rendezvous on a free port, as another job on this machine may hold any
             # fixed one.
@@ -174,14 +175,14 @@ class LaunchConfig:
                 "--nproc_per_node",
                 str(self.nproc_per_node),
                 "-m",
-                *trainer,
+                *job,
             ]
         if self.launcher == "deepspeed":
             port = self.master_port or (None if self.hostfile else _free_port())
             hosts = ["--hostfile", self.hostfile] if self.hostfile else []
             nodes = ["--num_nodes", str(self.num_nodes)] if self.num_nodes else []
             ports = ["--master_port", str(port)] if port is not None else []
-            # --no_local_rank: the trainer reads LOCAL_RANK from the environment and takes only the spec.
+            # --no_local_rank: each rank reads LOCAL_RANK from the environment and takes only the spec.
             return [
                 sys.executable,
                 "-m",
@@ -193,7 +194,7 @@ class LaunchConfig:
                 *ports,
                 "--no_local_rank",
                 "--module",
-                *trainer,
+                *job,
             ]
         raise ValueError(f"launcher {self.launcher!r} runs in this process: there is no command")
 
