@@ -1,0 +1,174 @@
+"""Fully sharded training state: parameters, gradients and AdamW state of every module (the ViT and the
+projector included) split over all ranks with FSDP2 (`torch.distributed.fsdp.fully_shard`), and checkpoints
+written shard by shard, asynchronously, with `torch.distributed.checkpoint` (DCP), readable on any world size.
+
+**Why FSDP2 and not DeepSpeed ZeRO-3.** Both were tried on this model, on CPU with gloo, in this
+environment (torch 2.13, DeepSpeed 0.19.8), before anything was built:
+- FSDP2 trained the tiny model on 2 ranks out of the box, and shards a model built on the meta device, so no
+  rank ever holds the whole model; its parameters stay ordinary `DTensor`s, so AdamW, gradient clipping and
+  freezing work on them unchanged;
+- `deepspeed.zero.Init` (ZeRO-3's way to build a model partitioned) fails inside transformers 5's
+  `post_init` of the nested `Qwen3Model`; without it ZeRO-3 trains, but every rank first builds the whole
+  model;
+- DCP saves each rank's shard (and the optimizer's) in parallel, in a background thread (`async_save`), and
+  loads a checkpoint onto any number of ranks by re-slicing what it reads; DeepSpeed needs an offline
+  `ds_to_universal` conversion for another world size.
+
+**Units.** Each ViT layer and each LLM decoder layer is one FSDP unit (all-gathered just before its forward,
+freed after it, gathered again for its backward), as are the ViT's embeddings (`vision`), the `projector` and
+`embed_tokens`. The root unit holds the rest: the LLM's final norm and `lm_head`, whose weight the chunked
+log-prob head reads directly (not through the module's forward), so it must stay gathered for the step.
+Gradients are reduce-scattered as SUMS over ranks (`set_gradient_divide_factor(1)`): the loops divide their
+losses by whole-step counts, as on plain data parallelism (`keyeflow.training.engine`).
+
+**What a rank materialises.** The model is built on the meta device (no storage), sharded, then given
+storage for its own shard only (`to_empty`): each rank holds 1/world of every parameter, of its gradient and
+of AdamW's two moments (dim-0 slices, padded to equal size). The initial weights of one of our checkpoints
+(safetensors written by `save_pretrained`) are read rank-locally by DCP's Hugging Face reader: each rank reads
+only the rows of its shard. Transient extras: one unit's gathered parameters at a time during forward and
+backward (plus the root's, `lm_head` and the final norm, for the whole step), and rank 0 gathers the full
+weights (never the optimizer state) into CPU memory to write the Hugging Face `model/` export. Two inits
+are materialised whole on every rank once, then sharded and freed: fresh weights from a `KeyeConfig`
+(seeded, so every rank builds the same ones; only tiny from-scratch runs do this), and a checkpoint in the
+released Keye-VL-1.5 layout, whose names and patch-embedding shape are translated on load
+(`keyeflow.model.checkpoint.load_keye_checkpoint`); save it once as ours to load it rank-locally.
+
+**Checkpoints** (`save_state`/`load_state`): `dcp/` holds the model's and optimizer's shards and DCP's
+metadata (global shapes and where every slice lives); loading on another world size reads the slices each
+new rank needs. `async_save` copies the state into host memory (a snapshot: training goes on and changes the
+live tensors) and writes in a background thread over its own gloo group, so checkpoint traffic never
+interleaves with the training collectives; the engine registers the checkpoint in `latest` only once every
+rank's write has finished.
+"""
+
+from __future__ import annotations
+
+from concurrent.futures import Future
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as torch_dist
+import torch.distributed.checkpoint as dcp
+from torch import nn
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_state_dict,
+    set_model_state_dict,
+    set_state_dict,
+)
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+from torch.distributed.tensor import DTensor
+
+from keyeflow.model.checkpoint import checkpoint_config, is_our_checkpoint, load_keye_checkpoint
+from keyeflow.model.config import KeyeConfig
+from keyeflow.model.modeling import KeyeForConditionalGeneration
+from keyeflow.training import distributed
+
+DCP_DIR = "dcp"
+
+
+def unbuilt_model(init: Path | KeyeConfig) -> tuple[KeyeForConditionalGeneration, Path | None]:
+    """The model to shard, and the checkpoint whose weights `shard_model` must load into it (None: it has its
+    weights already, or a resume fills them from DCP). Our own checkpoints come back on the meta device (no
+    storage at all); see the module docstring for the two inits that are built whole."""
+    if isinstance(init, KeyeConfig):
+        return KeyeForConditionalGeneration(init), None  # under the caller's seed, the same on every rank
+    if not is_our_checkpoint(init):
+        return load_keye_checkpoint(init), None
+    with torch.device("meta"):
+        return KeyeForConditionalGeneration(checkpoint_config(init)), Path(init)
+
+
+def shard_model(
+    model: KeyeForConditionalGeneration,
+    dist: distributed.Distributed,
+    *,
+    weights: Path | None,
+    bf16: bool = False,
+) -> None:
+    """Shard `model` in place over all ranks (module docstring: units, gradient sums), give a meta-device
+    model storage for its shard, and load `weights` (one of our checkpoints) rank-locally. `bf16`: the
+    units compute in bf16 (each gathered shard cast once) and reduce gradients in fp32; the sharded
+    parameters, which AdamW updates, stay fp32."""
+    mesh = init_device_mesh(dist.device.type, (dist.world_size,))
+    policy = MixedPrecisionPolicy(
+        param_dtype=torch.bfloat16 if bf16 else None, reduce_dtype=torch.float32 if bf16 else None
+    )
+    units: list[nn.Module] = [
+        *model.vision.layers,
+        model.vision,
+        model.projector,
+        *model.language_model.layers,
+        model.language_model.embed_tokens,
+    ]
+    for unit in units:
+        fully_shard(unit, mesh=mesh, mp_policy=policy)
+    fully_shard(model, mesh=mesh, mp_policy=policy)
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.set_gradient_divide_factor(1.0)
+            # A plain SUM (FSDP would otherwise pre-multiply by 1/factor, an op gloo lacks).
+            module.set_force_sum_reduction_for_comms(True)
+    if any(p.is_meta for p in model.parameters()):
+        model.to_empty(device=dist.device)
+        if weights is None:
+            return  # a resume: load_state fills every shard
+        state = get_model_state_dict(model)
+        # Each rank reads the rows of its own shards from the safetensors files (and casts them to fp32).
+        dcp.load(state, storage_reader=dcp.HuggingFaceStorageReader(str(weights)))
+        set_model_state_dict(model, state)
+
+
+def is_sharded(model: nn.Module) -> bool:
+    return isinstance(model, FSDPModule)
+
+
+def full_tensor(value: torch.Tensor) -> torch.Tensor:
+    """A DTensor's global value (a collective), or the tensor itself."""
+    return value.full_tensor() if isinstance(value, DTensor) else value
+
+
+def clip_and_norm(params: list[nn.Parameter], max_norm: float | None) -> torch.Tensor:
+    """The global L2 norm of the (sharded) gradients, after scaling them to `max_norm` when they exceed it."""
+    grads = [p.grad for p in params]
+    norm = full_tensor(torch.nn.utils.get_total_norm(grads))
+    if max_norm:
+        torch.nn.utils.clip_grads_with_norm_(params, max_norm, norm)
+    return norm
+
+
+def full_weights(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Every parameter's full value in CPU memory on rank 0 (an empty dict on the others), gathered one
+    tensor at a time: what `save_pretrained` writes. No optimizer state is gathered."""
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def new_checkpoint_group(dist: distributed.Distributed) -> Any:
+    """A gloo group of all ranks for the background writer's collectives (module docstring). A collective:
+    every rank calls it, once."""
+    return torch_dist.new_group(backend="gloo") if dist.world_size > 1 else None
+
+
+def save_state(
+    model: nn.Module, optimizer: torch.optim.Optimizer, path: Path, *, group: Any, asynchronous: bool
+) -> Future | None:
+    """Write this rank's shards of the weights and optimizer state under `path/dcp`. Asynchronous: returns
+    once the state is copied to host memory, with a future that completes when this rank's files and (on
+    rank 0) the metadata are written."""
+    model_state, optimizer_state = get_state_dict(model, optimizer)
+    state = {"model": model_state, "optimizer": optimizer_state}
+    if asynchronous:
+        return dcp.async_save(state, checkpoint_id=str(path / DCP_DIR), process_group=group)
+    dcp.save(state, checkpoint_id=str(path / DCP_DIR), process_group=group)
+    return None
+
+
+def load_state(model: nn.Module, optimizer: torch.optim.Optimizer, path: Path) -> None:
+    """Fill the weights and optimizer state from `path/dcp`, written on any number of ranks."""
+    model_state, optimizer_state = get_state_dict(model, optimizer)
+    state = {"model": model_state, "optimizer": optimizer_state}
+    dcp.load(state, checkpoint_id=str(path / DCP_DIR))
+    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])

@@ -1,0 +1,127 @@
+"""The stage trainer with fully sharded state (FSDP2, `keyeflow.training.sharding`) on 2 gloo ranks under
+torchrun, against the unsharded stage in one process: after 3 steps of a cosine schedule every parameter (the
+ViT's and the projector's included) equals the one-process run's, and a sharded checkpoint, written
+asynchronously while training goes on, resumes on another world size (2 → 1 and 1 → 2) to the uninterrupted
+run's next loss over the same samples."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from test_trainer import run_trainer, spec_file
+from test_trainer_distributed import torchrun
+
+from keyeflow.training.config import StageConfig
+from keyeflow.training.engine import LATEST, read_metrics
+from keyeflow.training.trainer import check_resumable, train
+
+# 2 ranks × 2 micro-batches = 4 slots for the 3-5 packs of a window of 8 samples: some micro-batches are
+# empty, and some hold no image (the sharded ViT must run on every rank all the same).
+STAGE = StageConfig(
+    name="sharded",
+    learning_rate=1e-3,
+    max_steps=3,
+    max_length=1024,
+    window_size=8,
+    micro_batches_per_step=2,
+    schedule="cosine",
+    warmup_steps=1,
+    checkpoint_every=2,  # step 2 is written in the background while step 3 trains
+)
+SHARDED = StageConfig.from_dict({**STAGE.to_dict(), "fsdp": True})
+RTOL = 1e-5
+
+
+@pytest.fixture(scope="module")
+def data(multirank_training_data):
+    return multirank_training_data
+
+
+@pytest.fixture(scope="module")
+def reference(data, tmp_path_factory):
+    """The unsharded stage on one process, in this process: losses, per-step occurrences, final weights."""
+    out = tmp_path_factory.mktemp("reference")
+    result = train(STAGE, init=data.init, mixture=data.mixture, mixture_id=data.mixture_id, out_dir=out)
+    return result.losses, [m["occurrences"] for m in read_metrics(out)], weights(result.checkpoint_dir)
+
+
+def weights(checkpoint_dir: str | Path) -> dict[str, torch.Tensor]:
+    return load_file(str(Path(checkpoint_dir) / "model" / "model.safetensors"))
+
+
+def assert_same_weights(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor]) -> None:
+    """Every tensor within RTOL of the one-process run's (as a whole), and every element within RTOL or 1%
+    of one step's largest move (AdamW moves an element by up to lr a step, whatever its gradient: an element
+    whose gradient is ~0 moves by an amount the order of the ranks' summation decides, ~1e-6 here; a wrong
+    shard would be off by ~lr)."""
+    assert got.keys() == want.keys()
+    assert any(k.startswith("vision.") for k in got) and any(k.startswith("projector.") for k in got)
+    for name, value in want.items():
+        assert torch.linalg.vector_norm(got[name] - value) <= RTOL * torch.linalg.vector_norm(value), name
+        torch.testing.assert_close(got[name], value, rtol=RTOL, atol=STAGE.learning_rate / 100)
+
+
+def resume_at(out: Path, step: int) -> None:
+    """Point `latest` back at an earlier registered checkpoint (what a run killed after it would resume)."""
+    (out / LATEST).write_text(f"step-{step:08d}\n")
+
+
+@pytest.mark.slow
+def test_two_sharded_ranks_equal_one_process_and_resume_on_one_rank(data, reference, tmp_path):
+    losses, occurrences, final_weights = reference
+    out = tmp_path / "run"
+    two = torchrun(spec_file(tmp_path / "two.json", data, SHARDED, out))
+    assert two["step"] == 3 and two["losses"] == pytest.approx(losses, rel=RTOL)
+    assert [m["occurrences"] for m in read_metrics(out)] == occurrences
+    assert_same_weights(weights(two["checkpoint_dir"]), final_weights)  # every parameter, ViT included
+    saved = Path(two["checkpoint_dir"])
+    # each rank wrote its own shard file; no gathered optimizer state anywhere
+    assert sorted(p.name for p in (saved / "dcp").glob("*.distcp")) == ["__0_0.distcp", "__1_0.distcp"]
+    assert torch.load(saved / "trainer.pt", weights_only=False)["optimizer"] is None
+
+    # the step-2 checkpoint (written asynchronously while step 3 trained) resumed on 1 rank
+    resume_at(out, 2)
+    one = run_trainer(spec_file(tmp_path / "one.json", data, SHARDED, out))
+    assert one["step"] == 3 and one["losses"][:2] == two["losses"][:2]
+    assert one["losses"][2] == pytest.approx(losses[2], rel=RTOL)
+    assert [m["occurrences"] for m in read_metrics(out)] == occurrences  # the exact next samples
+    assert_same_weights(weights(one["checkpoint_dir"]), final_weights)
+
+
+@pytest.mark.slow
+def test_a_sharded_checkpoint_of_one_rank_resumes_on_two(data, reference, tmp_path):
+    losses, occurrences, _ = reference
+    out = tmp_path / "run"
+    first = StageConfig.from_dict({**SHARDED.to_dict(), "max_steps": 2})
+    one = run_trainer(spec_file(tmp_path / "one.json", data, first, out))
+    assert one["losses"] == pytest.approx(losses[:2], rel=RTOL)
+    assert len(list((Path(one["checkpoint_dir"]) / "dcp").glob("*.distcp"))) == 1
+
+    two = torchrun(spec_file(tmp_path / "two.json", data, SHARDED, out))
+    assert two["step"] == 3 and two["losses"][:2] == one["losses"]
+    assert two["losses"][2] == pytest.approx(losses[2], rel=RTOL)
+    assert [m["occurrences"] for m in read_metrics(out)] == occurrences
+
+
+def test_fsdp_checkpoint_is_refused_by_an_unsharded_run_and_the_reverse():
+    """The formats differ (DCP shards vs. a whole optimizer state): a resume across them is refused."""
+    saved = {
+        "format": 1,
+        "mixture_id": "m1",
+        "deepspeed_zero": None,
+        "fsdp": True,
+        "world_size": 2,
+        "stage": SHARDED.to_dict(),
+        "stage_hash": SHARDED.config_hash(),
+    }
+    check_resumable(saved, SHARDED, "m1", world_size=1)  # another world size: fine
+    with pytest.raises(ValueError, match="written with fsdp=True, this run has False"):
+        check_resumable(saved, STAGE, "m1", world_size=2)
+    with pytest.raises(ValueError, match="written with fsdp=False, this run has True"):
+        check_resumable({**saved, "fsdp": False}, SHARDED, "m1", world_size=2)
+    assert "fsdp" not in STAGE.to_dict()  # unsharded configs hash as before the field existed
+    with pytest.raises(ValueError, match="fsdp"):
+        StageConfig.from_dict({**SHARDED.to_dict(), "deepspeed_zero": 3})
