@@ -43,6 +43,7 @@ rank's write has finished.
 
 from __future__ import annotations
 
+import logging
 from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
@@ -66,6 +67,8 @@ from keyeflow.model.checkpoint import checkpoint_config, is_our_checkpoint, load
 from keyeflow.model.config import KeyeConfig
 from keyeflow.model.modeling import KeyeForConditionalGeneration
 from keyeflow.training import distributed
+
+log = logging.getLogger(__name__)
 
 DCP_DIR = "dcp"
 
@@ -112,6 +115,14 @@ def shard_model(
             module.set_gradient_divide_factor(1.0)
             # A plain SUM (FSDP would otherwise pre-multiply by 1/factor, an op gloo lacks).
             module.set_force_sum_reduction_for_comms(True)
+    local = sum(p.to_local().numel() for p in model.parameters())
+    log.info(
+        "rank %d holds %d of %d parameter elements (%.1f%%), and as much gradient and 2x as much AdamW state",
+        dist.rank,
+        local,
+        sum(p.numel() for p in model.parameters()),
+        100 * local / max(sum(p.numel() for p in model.parameters()), 1),
+    )
     if any(p.is_meta for p in model.parameters()):
         model.to_empty(device=dist.device)
         if weights is None:

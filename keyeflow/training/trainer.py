@@ -2,7 +2,8 @@
 
 It reads top to bottom: where to start (the last checkpoint in `out_dir`, else `init`) → the model on the
 training engine (`keyeflow.training.engine`: freezing per the stage's policy, fp32 master weights, AdamW and
-the LR schedule, plain data parallelism or DeepSpeed ZeRO) → the loader (this rank's micro-batches of the
+the LR schedule, plain data parallelism, DeepSpeed ZeRO, or FSDP2 with `fsdp`: every module's state sharded
+over all ranks, the model built on the meta device) → the loader (this rank's micro-batches of the
 mixture) → steps (`train_step`) → checkpoints. Run it in a process (one rank), or under torchrun / the
 DeepSpeed launcher through `keyeflow.steps.train_job`.
 
@@ -21,7 +22,8 @@ loop's state in `state.json`: the loss of every step so far, the loader's positi
 occurrences consumed, the stage config and its hash. A run finding `out_dir/latest` resumes from it: weights,
 optimizer, schedule, RNG and the loader continue exactly where the checkpoint was taken, so the losses after
 a resume equal an uninterrupted run's, bit for bit (same world size), and the loader takes up at the exact
-next sample on any world size.
+next sample on any world size. Weights and optimizer state resume on any world size too, except DeepSpeed's
+(partitioned for the world size that wrote them); FSDP2's sharded checkpoints are re-sliced on load.
 
 `out_dir/metrics.jsonl` has one line per step (loss, lr, tokens, tokens/s, grad norm, wall-clock time, and
 the mixture occurrences the step trained on, all ranks together); a resume first drops the lines after its
