@@ -24,7 +24,7 @@ what a step computes (its batches and its loss); the engine owns everything else
   `trainer.pt` (optimizer, LR schedule, every rank's torch/numpy/python RNG state), `deepspeed/` (the
   engine's own partitioned state, with DeepSpeed), `dcp/` (with FSDP2: each rank's shards of the weights
   and the optimizer state, written in the background by `torch.distributed.checkpoint.async_save` and
-  loadable on any world size; `model/` is then gathered on rank 0 from the weights alone) and `state.json`
+  loadable on any world size; `model/` is then assembled from the weights' shards on disk) and `state.json`
   (the step, the loop's own state: loader position, reward shift, item fingerprints, its config and hash).
   It is written to a hidden temporary directory, renamed into place, and only then named in `out_dir/latest`
   (replaced atomically too), so a kill at any moment leaves the previous checkpoint or the new one
@@ -362,9 +362,10 @@ class Engine:
                 group=self.checkpoint_group,
                 asynchronous=self.async_checkpoints,
             )
-            weights = sharding.full_weights(self.model)
+            sharding.export_model(self.model, tmp / "model", dist)
         if dist.is_main:
-            self.module.save_pretrained(tmp / "model", state_dict=weights)
+            if not self.sharded:
+                self.module.save_pretrained(tmp / "model", state_dict=weights)
             if tokenizer is not None:
                 tokenizer.save_pretrained(tmp / "model")
             torch.save(

@@ -26,8 +26,8 @@ storage for its own shard only (`to_empty`): each rank holds 1/world of every pa
 of AdamW's two moments (dim-0 slices, padded to equal size). The initial weights of one of our checkpoints
 (safetensors written by `save_pretrained`) are read rank-locally by DCP's Hugging Face reader: each rank reads
 only the rows of its shard. Transient extras: one unit's gathered parameters at a time during forward and
-backward (plus the root's, `lm_head` and the final norm, for the whole step), and rank 0 gathers the full
-weights (never the optimizer state) into CPU memory to write the Hugging Face `model/` export. Two inits
+backward (plus the root's, `lm_head` and the final norm, for the whole step). The Hugging Face `model/`
+export is written from the shards too (`export_model`): no rank gathers the weights in memory. Two inits
 are materialised whole on every rank once, then sharded and freed: fresh weights from a `KeyeConfig`
 (seeded, so every rank builds the same ones; only tiny from-scratch runs do this), and a checkpoint in the
 released Keye-VL-1.5 layout, whose names and patch-embedding shape are translated on load
@@ -44,6 +44,7 @@ rank's write has finished.
 from __future__ import annotations
 
 import logging
+import shutil
 from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
@@ -53,7 +54,6 @@ import torch.distributed as torch_dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
 from torch.distributed.checkpoint.state_dict import (
-    StateDictOptions,
     get_model_state_dict,
     get_state_dict,
     set_model_state_dict,
@@ -71,6 +71,7 @@ from keyeflow.training import distributed
 log = logging.getLogger(__name__)
 
 DCP_DIR = "dcp"
+EXPORT_FILE_BYTES = 5 * 2**30  # per safetensors file of the Hugging Face export
 
 
 def unbuilt_model(init: Path | KeyeConfig) -> tuple[KeyeForConditionalGeneration, Path | None]:
@@ -151,10 +152,30 @@ def clip_and_norm(params: list[nn.Parameter], max_norm: float | None) -> torch.T
     return norm
 
 
-def full_weights(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Every parameter's full value in CPU memory on rank 0 (an empty dict on the others), gathered one
-    tensor at a time: what `save_pretrained` writes. No optimizer state is gathered."""
-    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+def export_model(model: nn.Module, path: Path, dist: distributed.Distributed) -> None:
+    """The Hugging Face checkpoint of the weights (what `save_pretrained` writes and the next stage loads),
+    written from the shards: each rank writes its own shards, then rank 0 copies them, byte range by byte
+    range, into whole tensors in `model-0000k-of-0000n.safetensors` files (at most `EXPORT_FILE_BYTES` each)
+    with their index. No rank gathers the model in memory, and no optimizer state is touched."""
+    state = get_model_state_dict(model)
+    files, size = {}, 0
+    for name, tensor in state.items():  # model order, so a file holds neighbouring layers
+        files[name] = 1 + size // EXPORT_FILE_BYTES
+        size += tensor.numel() * tensor.element_size()
+    dcp.save(
+        state,
+        storage_writer=dcp.HuggingFaceStorageWriter(
+            str(path), fqn_to_index_mapping=files, save_distributed=True, enable_consolidation=True
+        ),
+    )
+    distributed.barrier(dist)  # the consolidated files are complete
+    if dist.is_main:
+        shutil.rmtree(path / "sharded")  # the per-rank pieces the files were assembled from
+        config = model.config
+        # What save_pretrained records (on an FSDP module its class is FSDP's subclass of ours).
+        config.architectures = [KeyeForConditionalGeneration.__name__]
+        config.dtype = next(iter(state.values())).dtype
+        config.save_pretrained(path)
 
 
 def new_checkpoint_group(dist: distributed.Distributed) -> Any:

@@ -14,6 +14,7 @@ from safetensors.torch import load_file
 from test_trainer import run_trainer, spec_file
 from test_trainer_distributed import torchrun
 
+from keyeflow.model.checkpoint import load_keye_checkpoint
 from keyeflow.training.config import StageConfig
 from keyeflow.training.engine import LATEST, read_metrics
 from keyeflow.training.trainer import check_resumable, train
@@ -49,7 +50,10 @@ def reference(data, tmp_path_factory):
 
 
 def weights(checkpoint_dir: str | Path) -> dict[str, torch.Tensor]:
-    return load_file(str(Path(checkpoint_dir) / "model" / "model.safetensors"))
+    """The Hugging Face export's tensors (one `model.safetensors`, or numbered files with an index)."""
+    return {
+        k: v for f in (Path(checkpoint_dir) / "model").glob("*.safetensors") for k, v in load_file(f).items()
+    }
 
 
 def assert_same_weights(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor]) -> None:
@@ -85,6 +89,13 @@ def test_two_sharded_ranks_equal_one_process_and_resume_on_one_rank(data, refere
     everything = 3 * 4 * sum(t.numel() for t in final_weights.values())  # bytes
     assert all(0.4 * everything < shard.stat().st_size < 0.6 * everything for shard in shards)
     assert torch.load(saved / "trainer.pt", weights_only=False)["optimizer"] is None
+    # the export, assembled from the shards on disk, is an ordinary Hugging Face checkpoint
+    assert sorted(p.name for p in (saved / "model").iterdir()) == [
+        "config.json",
+        "model-00001-of-00001.safetensors",
+        "model.safetensors.index.json",
+    ]
+    assert_same_weights(load_keye_checkpoint(saved / "model").state_dict(), final_weights)
 
     # the step-2 checkpoint (written asynchronously while step 3 trained) resumed on 1 rank
     resume_at(out, 2)
