@@ -23,15 +23,15 @@ losses by whole-step counts, as on plain data parallelism (`keyeflow.training.en
 
 **What a rank materialises.** The model is built on the meta device (no storage), sharded, then given
 storage for its own shard only (`to_empty`): each rank holds 1/world of every parameter, of its gradient and
-of AdamW's two moments (dim-0 slices, padded to equal size). The initial weights of one of our checkpoints
-(safetensors written by `save_pretrained`) are read rank-locally by DCP's Hugging Face reader: each rank reads
-only the rows of its shard. Transient extras: one unit's gathered parameters at a time during forward and
+of AdamW's two moments (dim-0 slices, padded to equal size). The initial weights of a checkpoint (ours, or
+the released Keye-VL-1.5 layout, names translated by `keyeflow.model.checkpoint`'s table) are read
+rank-locally by DCP's Hugging Face reader: each rank reads only the rows of its shards from the safetensors
+files; the one exception is Keye's Conv2d patch embedding (0.7M values at SigLIP-400M sizes), read whole by
+every rank to be reshaped. Transient extras: one unit's gathered parameters at a time during forward and
 backward (plus the root's, `lm_head` and the final norm, for the whole step). The Hugging Face `model/`
-export is written from the shards too (`export_model`): no rank gathers the weights in memory. Two inits
-are materialised whole on every rank once, then sharded and freed: fresh weights from a `KeyeConfig`
-(seeded, so every rank builds the same ones; only tiny from-scratch runs do this), and a checkpoint in the
-released Keye-VL-1.5 layout, whose names and patch-embedding shape are translated on load
-(`keyeflow.model.checkpoint.load_keye_checkpoint`); save it once as ours to load it rank-locally.
+export is written from the shards too (`export_model`): no rank gathers the weights in memory. Only fresh
+weights from a `KeyeConfig` are materialised whole, on every rank, once, then sharded and freed (seeded, so
+every rank builds the same ones; only tiny from-scratch runs start so).
 
 **Checkpoints** (`save_state`/`load_state`): `dcp/` holds the model's and optimizer's shards and DCP's
 metadata (global shapes and where every slice lives); loading on another world size reads the slices each
@@ -52,6 +52,7 @@ from typing import Any
 import torch
 import torch.distributed as torch_dist
 import torch.distributed.checkpoint as dcp
+from safetensors import safe_open
 from torch import nn
 from torch.distributed.checkpoint.state_dict import (
     get_model_state_dict,
@@ -61,9 +62,9 @@ from torch.distributed.checkpoint.state_dict import (
 )
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
-from torch.distributed.tensor import DTensor
+from torch.distributed.tensor import DTensor, distribute_tensor
 
-from keyeflow.model.checkpoint import checkpoint_config, is_our_checkpoint, load_keye_checkpoint
+from keyeflow.model.checkpoint import checkpoint_config, is_our_checkpoint, keye_key_to_ours
 from keyeflow.model.config import KeyeConfig
 from keyeflow.model.modeling import KeyeForConditionalGeneration
 from keyeflow.training import distributed
@@ -76,12 +77,10 @@ EXPORT_FILE_BYTES = 5 * 2**30  # per safetensors file of the Hugging Face export
 
 def unbuilt_model(init: Path | KeyeConfig) -> tuple[KeyeForConditionalGeneration, Path | None]:
     """The model to shard, and the checkpoint whose weights `shard_model` must load into it (None: it has its
-    weights already, or a resume fills them from DCP). Our own checkpoints come back on the meta device (no
-    storage at all); see the module docstring for the two inits that are built whole."""
+    weights already, or a resume fills them from DCP). A checkpoint's model comes back on the meta device (no
+    storage at all); fresh weights are built whole (module docstring)."""
     if isinstance(init, KeyeConfig):
         return KeyeForConditionalGeneration(init), None  # under the caller's seed, the same on every rank
-    if not is_our_checkpoint(init):
-        return load_keye_checkpoint(init), None
     with torch.device("meta"):
         return KeyeForConditionalGeneration(checkpoint_config(init)), Path(init)
 
@@ -94,7 +93,7 @@ def shard_model(
     bf16: bool = False,
 ) -> None:
     """Shard `model` in place over all ranks (module docstring: units, gradient sums), give a meta-device
-    model storage for its shard, and load `weights` (one of our checkpoints) rank-locally. `bf16`: the
+    model storage for its shard, and load `weights` (a checkpoint directory) rank-locally. `bf16`: the
     units compute in bf16 (each gathered shard cast once) and reduce gradients in fp32; the sharded
     parameters, which AdamW updates, stay fp32."""
     mesh = init_device_mesh(dist.device.type, (dist.world_size,))
@@ -128,10 +127,41 @@ def shard_model(
         model.to_empty(device=dist.device)
         if weights is None:
             return  # a resume: load_state fills every shard
-        state = get_model_state_dict(model)
-        # Each rank reads the rows of its own shards from the safetensors files (and casts them to fp32).
-        dcp.load(state, storage_reader=dcp.HuggingFaceStorageReader(str(weights)))
-        set_model_state_dict(model, state)
+        load_weights(model, weights)
+
+
+def load_weights(model: nn.Module, path: Path) -> None:
+    """Fill a sharded model from the safetensors of a checkpoint directory, ours or in the released
+    Keye-VL-1.5 layout: each rank reads the rows of its own shards (cast to the parameters' dtype), by the
+    file's names (`keyeflow.model.checkpoint`'s table translates Keye's). The one tensor whose shape differs,
+    Keye's Conv2d patch embedding (a Linear here, the same map), is small: every rank reads it whole."""
+    state = get_model_state_dict(model)
+    translate = str if is_our_checkpoint(path) else keye_key_to_ours
+    by_file_name: dict[str, torch.Tensor] = {}
+    patch_embedding = None
+    for file in sorted(path.glob("*.safetensors")):
+        with safe_open(str(file), framework="pt") as f:
+            for name in f.keys():  # noqa: SIM118 (a safetensors handle is not a dict)
+                ours = translate(name)
+                if ours is None:
+                    continue  # a weight the model does not use (checkpoint.DROPPED_KEYS)
+                if ours == "vision.patch_embed.weight" and len(f.get_slice(name).get_shape()) == 4:
+                    patch_embedding = f.get_tensor(name)
+                else:
+                    by_file_name[name] = state[ours]
+    found = {translate(name) for name in by_file_name} | (
+        {"vision.patch_embed.weight"} if patch_embedding is not None else set()
+    )
+    if set(state) - found:
+        raise ValueError(
+            f"checkpoint {path} does not fit the model: missing {sorted(set(state) - found)[:8]}"
+        )
+    dcp.load(by_file_name, storage_reader=dcp.HuggingFaceStorageReader(str(path)))
+    if patch_embedding is not None:
+        target = state["vision.patch_embed.weight"]
+        flat = patch_embedding.reshape(patch_embedding.shape[0], -1).to(target.dtype)
+        target.to_local().copy_(distribute_tensor(flat, target.device_mesh, target.placements).to_local())
+    set_model_state_dict(model, state)
 
 
 def is_sharded(model: nn.Module) -> bool:

@@ -6,6 +6,7 @@ run's next loss over the same samples."""
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -15,6 +16,7 @@ from test_trainer import run_trainer, spec_file
 from test_trainer_distributed import torchrun
 
 from keyeflow.model.checkpoint import load_keye_checkpoint
+from keyeflow.model.export import export_keye
 from keyeflow.training.config import StageConfig
 from keyeflow.training.engine import LATEST, read_metrics
 from keyeflow.training.trainer import check_resumable, train
@@ -75,9 +77,12 @@ def resume_at(out: Path, step: int) -> None:
 
 @pytest.mark.slow
 def test_two_sharded_ranks_equal_one_process_and_resume_on_one_rank(data, reference, tmp_path):
+    """Starting from the init in the released Keye-VL-1.5 layout (fp32, in several files): the sharded model
+    reads it rank-locally, Keye's names translated and its Conv2d patch embedding reshaped."""
     losses, occurrences, final_weights = reference
+    keye_init = export_keye(data.init, tmp_path / "keye-init", dtype="fp32", max_shard_bytes=1_000_000)
     out = tmp_path / "run"
-    two = torchrun(spec_file(tmp_path / "two.json", data, SHARDED, out))
+    two = torchrun(spec_file(tmp_path / "two.json", dataclasses.replace(data, init=keye_init), SHARDED, out))
     assert two["step"] == 3 and two["losses"] == pytest.approx(losses, rel=RTOL)
     assert [m["occurrences"] for m in read_metrics(out)] == occurrences
     assert_same_weights(weights(two["checkpoint_dir"]), final_weights)  # every parameter, ViT included
