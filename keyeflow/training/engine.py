@@ -222,9 +222,9 @@ class Engine:
         async_checkpoints: bool = True,
     ):
         """`fsdp`: shard `model` (built on the meta device or not, `sharding.unbuilt_model`) with FSDP2, and
-        load `init_weights` (one of our checkpoint directories) into the shards rank-locally; None: the model
-        has its weights, or `load` will fill them. `async_checkpoints`: FSDP2 checkpoints are written in the
-        background (module docstring)."""
+        load `init_weights` (a checkpoint directory, ours or Keye's) into the shards rank-locally; None: the
+        model has its weights, or `load` will fill them. `async_checkpoints`: FSDP2 checkpoints are written in
+        the background (module docstring)."""
         if fsdp and deepspeed_config is not None:
             raise ValueError("fsdp and a DeepSpeed config are two ways to shard: pass one")
         self.dist = dist
@@ -354,7 +354,7 @@ class Engine:
             if self.deepspeed.zero_optimization_stage() == 3:  # parameters are partitioned: gather for rank 0
                 weights = self.deepspeed._zero3_consolidated_16bit_state_dict()
         elif self.sharded:
-            # Every rank writes its shards (in the background); rank 0 gathers the weights for `model/`.
+            # Every rank writes its shards (in the background), then its weights' shards for `model/`.
             writing = sharding.save_state(
                 self.model,
                 self.optimizer,
