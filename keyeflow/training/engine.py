@@ -29,7 +29,8 @@ what a step computes (its batches and its loss); the engine owns everything else
   It is written to a hidden temporary directory, renamed into place, and only then named in `out_dir/latest`
   (replaced atomically too), so a kill at any moment leaves the previous checkpoint or the new one
   registered, never half of one. An asynchronous checkpoint is registered once every rank's write has
-  finished: at the next `save`, or at `wait_for_checkpoint` (the loop calls it before it returns);
+  finished: at the first update after that (`step` asks every rank), at the next `save`, or at
+  `wait_for_checkpoint` (the loop calls it before it returns);
 - **metrics**: `out_dir/metrics.jsonl` (one line per step; a resume first drops the lines after its
   checkpoint) and the `MetricsSink` the loop was given (MLflow through `keyeflow.lineage.RunSink`; training
   code never imports the tracking module).
@@ -323,7 +324,18 @@ class Engine:
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
+        self.register_written_checkpoint()
         return float(grad_norm) if grad_norm is not None else float("nan")
+
+    def register_written_checkpoint(self) -> None:
+        """Register the checkpoint being written in the background if every rank has finished writing it (a
+        collective while one is pending: every rank calls it once per step), so a kill loses as few steps as
+        possible."""
+        if self.pending_checkpoint is None:
+            return
+        done = torch.tensor([float(self.pending_checkpoint[0].done())], device=self.dist.device)
+        if self.all_reduce_sum(done).item() == self.dist.world_size:
+            self.wait_for_checkpoint()
 
     def all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
         return distributed.all_reduce_sum(self.dist, tensor)

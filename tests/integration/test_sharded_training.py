@@ -1,18 +1,20 @@
 """The stage trainer with fully sharded state (FSDP2, `keyeflow.training.sharding`) on 2 gloo ranks under
 torchrun, against the unsharded stage in one process: after 3 steps of a cosine schedule every parameter (the
 ViT's and the projector's included) equals the one-process run's, and a sharded checkpoint, written
-asynchronously while training goes on, resumes on another world size (2 → 1 and 1 → 2) to the uninterrupted
-run's next loss over the same samples."""
+asynchronously while training goes on, resumes on another world size (2 → 1, and 1 → 2 after a SIGKILL) to
+the uninterrupted run's next loss over the same samples."""
 
 from __future__ import annotations
 
 import dataclasses
+import os
+import subprocess
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
-from test_trainer import run_trainer, spec_file
+from test_trainer import REPO, run_trainer, spec_file, trainer_command
 from test_trainer_distributed import torchrun
 
 from keyeflow.model.checkpoint import load_keye_checkpoint
@@ -112,18 +114,26 @@ def test_two_sharded_ranks_equal_one_process_and_resume_on_one_rank(data, refere
 
 
 @pytest.mark.slow
-def test_a_sharded_checkpoint_of_one_rank_resumes_on_two(data, reference, tmp_path):
+def test_a_sharded_checkpoint_of_one_rank_resumes_on_two_after_a_sigkill(data, reference, tmp_path):
+    """One rank checkpoints every step, in the background, and is SIGKILLed after step 2's update: step 1's
+    checkpoint, written while step 2 trained, was registered once written; 2 ranks resume from it."""
     losses, occurrences, _ = reference
     out = tmp_path / "run"
-    first = StageConfig.from_dict({**SHARDED.to_dict(), "max_steps": 2})
-    one = run_trainer(spec_file(tmp_path / "one.json", data, first, out))
-    assert one["losses"] == pytest.approx(losses[:2], rel=RTOL)
-    assert len(list((Path(one["checkpoint_dir"]) / "dcp").glob("*.distcp"))) == 1
+    every_step = StageConfig.from_dict({**SHARDED.to_dict(), "checkpoint_every": 1})
+    env = {**os.environ, "KEYEFLOW_KILL_POINT": "stage.step@2"}
+    spec = spec_file(tmp_path / "one.json", data, every_step, out)
+    killed = subprocess.run(
+        trainer_command(spec), cwd=REPO, env=env, capture_output=True, text=True, timeout=300, check=False
+    )
+    assert killed.returncode == -9 and "kill point stage.step (arrival 2)" in killed.stderr, killed.stderr[
+        -3000:
+    ]
+    assert (out / LATEST).read_text() == "step-00000001\n"
+    assert len(list((out / "step-00000001" / "dcp").glob("*.distcp"))) == 1
 
-    two = torchrun(spec_file(tmp_path / "two.json", data, SHARDED, out))
-    assert two["step"] == 3 and two["losses"][:2] == one["losses"]
-    assert two["losses"][2] == pytest.approx(losses[2], rel=RTOL)
-    assert [m["occurrences"] for m in read_metrics(out)] == occurrences
+    two = torchrun(spec_file(tmp_path / "two.json", data, every_step, out))
+    assert two["step"] == 3 and two["losses"] == pytest.approx(losses, rel=RTOL)
+    assert [m["occurrences"] for m in read_metrics(out)] == occurrences  # steps 2 and 3 on the next samples
 
 
 def test_fsdp_checkpoint_is_refused_by_an_unsharded_run_and_the_reverse():
