@@ -171,7 +171,9 @@ def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     return load_file(str(single))
 
 
-def _is_ours(path: Path) -> bool:
+def is_our_checkpoint(path: str | Path) -> bool:
+    """Whether `path` holds one of our checkpoints (`save_pretrained`), not the Keye-VL-1.5 layout."""
+    path = Path(path)
     if not path.is_dir():
         raise ValueError(f"checkpoint path {path} is not a local directory")
     return json.loads((path / "config.json").read_text()).get("model_type") == KeyeConfig.model_type
@@ -180,7 +182,7 @@ def _is_ours(path: Path) -> bool:
 def checkpoint_config(path: str | Path) -> KeyeConfig:
     """The model config of a checkpoint directory, ours or in the Keye-VL-1.5 layout (no weights read)."""
     path = Path(path)
-    if _is_ours(path):
+    if is_our_checkpoint(path):
         return KeyeConfig.from_pretrained(str(path))
     return config_from_keye(json.loads((path / "config.json").read_text()))
 
@@ -193,7 +195,7 @@ def load_keye_checkpoint(
     model is built on the meta device and takes the loaded tensors as they are (no second copy; `dtype`
     converts)."""
     path = Path(path)
-    ours = _is_ours(path)
+    ours = is_our_checkpoint(path)
     config = config if config is not None else checkpoint_config(path)
     translate = str if ours else keye_key_to_ours  # our own layout: names unchanged
 

@@ -66,6 +66,11 @@ class StageConfig:
     rope_theta: float | None = None  # override the LLM's RoPE base (SPEC: 8e6 from stage 3)
     deepspeed_zero: int | None = None  # None: plain data-parallel PyTorch; 0-3: a DeepSpeed engine
     zero_bucket_size: int = 500_000_000  # elements per ZeRO reduce/all-gather bucket (DeepSpeed's default)
+    # FSDP2 instead of DeepSpeed: parameters, gradients and optimizer state of every module sharded over all
+    # ranks, the model built on the meta device, checkpoints sharded and asynchronous (DCP) and resumable on
+    # any world size (`keyeflow.training.sharding`). Left out of `to_dict` when False (configs written before
+    # the field existed read and hash the same).
+    fsdp: bool = False
     # bf16 compute: autocast over fp32 weights without DeepSpeed; with it, the engine's bf16 mode (bf16
     # weights, fp32 master copies of the trained ones only, so frozen weights are saved rounded to bf16)
     bf16: bool = False
@@ -154,9 +159,11 @@ class StageConfig:
             fail(
                 "deepspeed_zero", self.deepspeed_zero, f"must be None (no DeepSpeed) or one of {ZERO_STAGES}"
             )
-        for flag in ("bf16", "offload_optimizer", "offload_params"):
+        for flag in ("bf16", "offload_optimizer", "offload_params", "fsdp"):
             check_flag("StageConfig", flag, getattr(self, flag))
         _check_checkpointing("StageConfig", self.activation_checkpointing)
+        if self.fsdp and self.deepspeed_zero is not None:
+            fail("fsdp", True, "shards with FSDP2 instead of DeepSpeed: set deepspeed_zero=None")
         if self.offload_optimizer and (self.deepspeed_zero or 0) < 1:
             fail("offload_optimizer", True, "needs DeepSpeed ZeRO stage >= 1 (deepspeed_zero)")
         if self.offload_params and self.deepspeed_zero != 3:
@@ -203,6 +210,8 @@ class StageConfig:
         out = _without_default_checkpointing(dataclasses.asdict(self))
         if out["max_tokens_per_micro_batch"] is None:
             del out["max_tokens_per_micro_batch"]
+        if not out["fsdp"]:
+            del out["fsdp"]
         out["betas"] = list(self.betas)
         if isinstance(self.trainable, tuple):
             out["trainable"] = list(self.trainable)

@@ -4,8 +4,11 @@ what a step computes (its batches and its loss); the engine owns everything else
 
 - **where to start** (`resume_point`): the checkpoint `out_dir/latest` names, or a fresh start;
 - **the model's wrapping**: one process, plain data parallelism over gloo/NCCL (rank 0's weights broadcast at
-  the start, gradients SUMMED over ranks once per update, see `distributed.all_reduce_gradients`), or a
-  DeepSpeed ZeRO 0-3 engine when the loop hands over a rendered DeepSpeed config;
+  the start, gradients SUMMED over ranks once per update, see `distributed.all_reduce_gradients`), a
+  DeepSpeed ZeRO 0-3 engine when the loop hands over a rendered DeepSpeed config, or FSDP2 (`fsdp=True`):
+  parameters, gradients and AdamW state of every module sharded over all ranks, the model built on the meta
+  device and its initial weights read rank-locally (`keyeflow.training.sharding`, which says why FSDP2 and
+  not DeepSpeed ZeRO-3);
 - **fp32 master weights whatever the checkpoint's dtype**: without DeepSpeed the model is trained in float32
   (bf16 compute, when asked for, is autocast over those weights), because AdamW on bf16 weights rounds
   every update below half a unit in the last place away: at a learning rate of 1e-6 nearly all of them
@@ -19,10 +22,15 @@ what a step computes (its batches and its loss); the engine owns everything else
 - **one checkpoint format** (`save`/`load`): `out_dir/step-XXXXXXXX/` holds `model/` (save_pretrained in the
   training dtype, with the tokenizer when the loop has one: what the next stage loads as `init`),
   `trainer.pt` (optimizer, LR schedule, every rank's torch/numpy/python RNG state), `deepspeed/` (the
-  engine's own partitioned state, with DeepSpeed) and `state.json` (the step, the loop's own state: loader
-  position, reward shift, item fingerprints, its config and hash). It is written to a hidden temporary
-  directory, renamed into place, and only then named in `out_dir/latest` (replaced atomically too), so a kill
-  at any moment leaves the previous checkpoint or the new one registered, never half of one;
+  engine's own partitioned state, with DeepSpeed), `dcp/` (with FSDP2: each rank's shards of the weights
+  and the optimizer state, written in the background by `torch.distributed.checkpoint.async_save` and
+  loadable on any world size; `model/` is then assembled from the weights' shards on disk) and `state.json`
+  (the step, the loop's own state: loader position, reward shift, item fingerprints, its config and hash).
+  It is written to a hidden temporary directory, renamed into place, and only then named in `out_dir/latest`
+  (replaced atomically too), so a kill at any moment leaves the previous checkpoint or the new one
+  registered, never half of one. An asynchronous checkpoint is registered once every rank's write has
+  finished: at the first update after that (`step` asks every rank), at the next `save`, or at
+  `wait_for_checkpoint` (the loop calls it before it returns);
 - **metrics**: `out_dir/metrics.jsonl` (one line per step; a resume first drops the lines after its
   checkpoint) and the `MetricsSink` the loop was given (MLflow through `keyeflow.lineage.RunSink`; training
   code never imports the tracking module).
@@ -46,7 +54,7 @@ import torch
 from torch import nn
 
 from keyeflow.datasets.tables import TableRef
-from keyeflow.training import distributed
+from keyeflow.training import distributed, sharding
 
 log = logging.getLogger(__name__)
 
@@ -210,14 +218,34 @@ class Engine:
         deepspeed_config: dict[str, Any] | None = None,
         train_mode: bool = True,
         activation_checkpointing: str = "off",
+        fsdp: bool = False,
+        init_weights: Path | None = None,
+        async_checkpoints: bool = True,
     ):
+        """`fsdp`: shard `model` (built on the meta device or not, `sharding.unbuilt_model`) with FSDP2, and
+        load `init_weights` (a checkpoint directory, ours or Keye's) into the shards rank-locally; None: the
+        model has its weights, or `load` will fill them. `async_checkpoints`: FSDP2 checkpoints are written in
+        the background (module docstring)."""
+        if fsdp and deepspeed_config is not None:
+            raise ValueError("fsdp and a DeepSpeed config are two ways to shard: pass one")
         self.dist = dist
         self.grad_clip = grad_clip or None  # 0 and None both mean no clipping
-        self.bf16_autocast = bf16 and deepspeed_config is None
+        self.sharded = fsdp
+        # FSDP2 computes in bf16 through its mixed-precision policy (each gathered unit cast once).
+        self.bf16_autocast = bf16 and deepspeed_config is None and not fsdp
         if deepspeed_config is None and any(p.dtype != torch.float32 for p in model.parameters()):
             model.float()  # fp32 master weights (module docstring)
         self.trainable = freeze(model, trainable_prefixes)
-        model.to(dist.device)
+        self.checkpoint_group = None
+        self.async_checkpoints = async_checkpoints
+        self.pending_checkpoint: tuple[Any, Path, Path, str] | None = None
+        if fsdp:
+            sharding.shard_model(model, dist, weights=init_weights, bf16=bf16)
+            # fully_shard replaced every parameter by its sharded DTensor (same requires_grad).
+            self.trainable = [p for p in model.parameters() if p.requires_grad]
+            self.checkpoint_group = sharding.new_checkpoint_group(dist)
+        else:
+            model.to(dist.device)
         model.train(train_mode)
         # Applied by the model's own layer loops in either mode (RL trains its policy in eval mode).
         if activation_checkpointing != "off":
@@ -236,7 +264,7 @@ class Engine:
             )
             # DeepSpeed's engine sets train/eval on its module; keep the loop's choice.
             self.deepspeed.module.train(train_mode)
-        else:
+        elif not fsdp:
             distributed.broadcast_parameters(dist, model)
 
     @property
@@ -269,6 +297,8 @@ class Engine:
             # back to a sum. scale_wrt_gas=False: the accumulation is already in those counts too.
             self.deepspeed.backward(loss * self.dist.world_size, scale_wrt_gas=False)
             self.deepspeed.step()  # updates only at the accumulation boundary (the step's last micro-batch)
+        elif self.sharded:
+            loss.backward()  # on every rank, always: FSDP reduce-scatters each unit's gradients in it
         elif loss.requires_grad:  # not when no trained weight was used (text under a projector-only stage)
             loss.backward()
 
@@ -276,6 +306,15 @@ class Engine:
         """One update from the accumulated gradients; returns the global gradient norm (before clipping)."""
         if self.deepspeed is not None:
             grad_norm = self.deepspeed.get_global_grad_norm()
+        elif self.sharded:
+            # Gradients are already summed over ranks, sharded. A parameter no micro-batch used gets zeros, as
+            # on plain data parallelism (distributed.all_reduce_gradients), so AdamW steps it the same way.
+            for p in self.trainable:
+                if p.grad is None:
+                    p.grad = torch.zeros_like(p)
+            grad_norm = sharding.clip_and_norm(self.trainable, self.grad_clip)
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
         else:
             distributed.all_reduce_gradients(self.dist, self.trainable)
             if self.grad_clip:
@@ -285,7 +324,18 @@ class Engine:
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
+        self.register_written_checkpoint()
         return float(grad_norm) if grad_norm is not None else float("nan")
+
+    def register_written_checkpoint(self) -> None:
+        """Register the checkpoint being written in the background if every rank has finished writing it (a
+        collective while one is pending: every rank calls it once per step), so a kill loses as few steps as
+        possible."""
+        if self.pending_checkpoint is None:
+            return
+        done = torch.tensor([float(self.pending_checkpoint[0].done())], device=self.dist.device)
+        if self.all_reduce_sum(done).item() == self.dist.world_size:
+            self.wait_for_checkpoint()
 
     def all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
         return distributed.all_reduce_sum(self.dist, tensor)
@@ -296,7 +346,10 @@ class Engine:
     # ------------------------------------------------------------------------------------------ checkpoints
 
     def save(self, out_dir: Path, step: int, state: dict[str, Any], *, tokenizer: Any = None) -> Path:
-        """Write step `step`'s checkpoint atomically and register it in `latest` (module docstring)."""
+        """Write step `step`'s checkpoint atomically and register it in `latest` (module docstring); with
+        FSDP2 and `async_checkpoints`, its shards are still being written when this returns, and it is
+        registered later (`wait_for_checkpoint`)."""
+        self.wait_for_checkpoint()  # the previous one is registered first: `latest` only moves forward
         dist = self.dist
         name = f"step-{step:08d}"
         final, tmp = out_dir / name, out_dir / f".tmp-{name}"
@@ -306,35 +359,64 @@ class Engine:
         distributed.barrier(dist)
         rngs = distributed.all_gather_objects(dist, rng_state())
         weights = None
+        writing = None
         if self.deepspeed is not None:
             # Every rank writes its own optimizer partition.
             self.deepspeed.save_checkpoint(str(tmp / "deepspeed"), tag="engine", save_latest=False)
             if self.deepspeed.zero_optimization_stage() == 3:  # parameters are partitioned: gather for rank 0
                 weights = self.deepspeed._zero3_consolidated_16bit_state_dict()
+        elif self.sharded:
+            # Every rank writes its shards (in the background), then its weights' shards for `model/`.
+            writing = sharding.save_state(
+                self.model,
+                self.optimizer,
+                tmp,
+                group=self.checkpoint_group,
+                asynchronous=self.async_checkpoints,
+            )
+            sharding.export_model(self.model, tmp / "model", dist)
         if dist.is_main:
-            self.module.save_pretrained(tmp / "model", state_dict=weights)
+            if not self.sharded:
+                self.module.save_pretrained(tmp / "model", state_dict=weights)
             if tokenizer is not None:
                 tokenizer.save_pretrained(tmp / "model")
             torch.save(
                 {
-                    "optimizer": self.optimizer.state_dict() if self.deepspeed is None else None,
+                    "optimizer": self.optimizer.state_dict()
+                    if self.deepspeed is None and not self.sharded
+                    else None,  # in the engine's own sharded files
                     "scheduler": self.scheduler.state_dict(),
                     "rng": rngs,
                 },
                 tmp / TRAINER_STATE,
             )
             (tmp / STATE).write_text(json.dumps({**state, "step": step, "world_size": dist.world_size}))
+        self.pending_checkpoint = (writing, tmp, final, name)
+        if writing is None:
+            self.wait_for_checkpoint()
+        return final
+
+    def wait_for_checkpoint(self) -> None:
+        """Register the checkpoint `save` started, once every rank has written its part (a collective: every
+        rank calls it at the same point; a no-op when none is pending)."""
+        if self.pending_checkpoint is None:
+            return
+        writing, tmp, final, name = self.pending_checkpoint
+        self.pending_checkpoint = None
+        if writing is not None:
+            writing.result()
+        distributed.barrier(self.dist)  # every rank's files are complete
+        if self.dist.is_main:
             if final.exists():  # written by a run killed before it reached `latest`: never registered
                 shutil.rmtree(final)
             os.replace(tmp, final)
-            write_atomically(out_dir / LATEST, name + "\n")
-        distributed.barrier(dist)
-        return final
+            write_atomically(final.parent / LATEST, name + "\n")
+        distributed.barrier(self.dist)
 
     def load(self, path: Path, fallback_seed: int) -> None:
         """Restore the optimizer, the schedule and this rank's RNG streams from the checkpoint at `path` (its
-        weights were loaded with the model). On another world size no saved stream belongs to this rank, so
-        the RNG is seeded from `fallback_seed` + rank instead."""
+        weights were loaded with the model, except with FSDP2: from its `dcp/` here). On another world size no
+        saved stream belongs to this rank, so the RNG is seeded from `fallback_seed` + rank instead."""
         saved = torch.load(path / TRAINER_STATE, map_location="cpu", weights_only=False)
         if self.deepspeed is not None:
             self.deepspeed.load_checkpoint(
@@ -343,6 +425,9 @@ class Engine:
                 load_optimizer_states=True,
                 load_lr_scheduler_states=False,
             )
+        elif self.sharded:
+            # The weights too: this rank reads the slices of its shards, whatever the saving world size.
+            sharding.load_state(self.model, self.optimizer, path)
         else:
             self.optimizer.load_state_dict(saved["optimizer"])
         self.scheduler.load_state_dict(saved["scheduler"])

@@ -2,7 +2,8 @@
 
 It reads top to bottom: where to start (the last checkpoint in `out_dir`, else `init`) → the model on the
 training engine (`keyeflow.training.engine`: freezing per the stage's policy, fp32 master weights, AdamW and
-the LR schedule, plain data parallelism or DeepSpeed ZeRO) → the loader (this rank's micro-batches of the
+the LR schedule, plain data parallelism, DeepSpeed ZeRO, or FSDP2 with `fsdp`: every module's state sharded
+over all ranks, the model built on the meta device) → the loader (this rank's micro-batches of the
 mixture) → steps (`train_step`) → checkpoints. Run it in a process (one rank), or under torchrun / the
 DeepSpeed launcher through `keyeflow.steps.train_job`.
 
@@ -21,7 +22,8 @@ loop's state in `state.json`: the loss of every step so far, the loader's positi
 occurrences consumed, the stage config and its hash. A run finding `out_dir/latest` resumes from it: weights,
 optimizer, schedule, RNG and the loader continue exactly where the checkpoint was taken, so the losses after
 a resume equal an uninterrupted run's, bit for bit (same world size), and the loader takes up at the exact
-next sample on any world size.
+next sample on any world size. Weights and optimizer state resume on any world size too, except DeepSpeed's
+(partitioned for the world size that wrote them); FSDP2's sharded checkpoints are re-sliced on load.
 
 `out_dir/metrics.jsonl` has one line per step (loss, lr, tokens, tokens/s, grad norm, wall-clock time, and
 the mixture occurrences the step trained on, all ranks together); a resume first drops the lines after its
@@ -50,7 +52,7 @@ from keyeflow.model.config import KeyeConfig
 from keyeflow.model.modeling import IGNORE_INDEX, KeyeForConditionalGeneration, mrope_position_ids
 from keyeflow.model.processor import Features, collate_rows
 from keyeflow.model.sequence_parallel import sequence_parallel_mesh
-from keyeflow.training import distributed
+from keyeflow.training import distributed, sharding
 from keyeflow.training.balance import CostModel
 from keyeflow.training.config import StageConfig
 from keyeflow.training.deepspeed_config import render_deepspeed_config
@@ -91,7 +93,9 @@ def train(
     `out_dir/latest` when present. `sink`: where parameters and per-step metrics are reported (None: only
     `out_dir/metrics.jsonl`)."""
     out_dir = Path(out_dir)
-    dist = distributed.setup(need_group=stage.deepspeed_zero is not None or stage.sequence_parallel_size > 1)
+    dist = distributed.setup(
+        need_group=stage.deepspeed_zero is not None or stage.fsdp or stage.sequence_parallel_size > 1
+    )
     try:
         return _train(stage, init, mixture, mixture_id, out_dir, sink or NullSink(), dist)
     finally:
@@ -121,9 +125,17 @@ def _train(
         check_resumable(saved, stage, mixture_id, dist.world_size)
     prepare_out_dir(out_dir, dist, saved["step"] if saved else 0)
 
-    # ---- Model. Fresh weights depend only on the seed, so every rank builds the same ones.
+    # ---- Model. Fresh weights depend only on the seed, so every rank builds the same ones. Sharded (FSDP2),
+    # one of our checkpoints is built on the meta device and each rank reads only its shards: from `init`, or
+    # on a resume from the checkpoint's own sharded state (engine.load).
     torch.manual_seed(stage.seed)
-    model = load_model(resume_dir / "model" if resume_dir else init)
+    init_weights = None
+    if stage.fsdp:
+        model, init_weights = sharding.unbuilt_model(resume_dir / "model" if resume_dir else init)
+        if resume_dir:
+            init_weights = None
+    else:
+        model = load_model(resume_dir / "model" if resume_dir else init)
     if stage.rope_theta is not None:
         model.config.rope_theta = stage.rope_theta  # read at every forward; saved with the checkpoint
     # The checkpoint tells the context it was trained at (what generation and the next stage may rely on).
@@ -149,6 +161,8 @@ def _train(
         trainable_prefixes=stage.trainable_prefixes(),
         bf16=stage.bf16,
         activation_checkpointing=stage.activation_checkpointing,
+        fsdp=stage.fsdp,
+        init_weights=init_weights,
         deepspeed_config=render_deepspeed_config(stage, dist.world_size)
         if stage.deepspeed_zero is not None
         else None,
@@ -184,9 +198,10 @@ def _train(
     pad_id = model.config.text_config.pad_token_id or 0
     # Under DeepSpeed every rank must run a backward for every micro-batch, and, because ZeRO reduces
     # gradients in buckets filled in the order they become ready, touch the same parameters in the same
-    # order. So a DeepSpeed micro-batch without pixels (or an empty one) carries a tiny unlabelled image: its
-    # own sample, which changes no loss and no gradient.
-    dummy = vision_dummy(model.config) if engine.deepspeed is not None else None
+    # order; under FSDP2 every rank must run every unit's forward and backward (its all-gather and
+    # reduce-scatter are collectives), the ViT's too. So a sharded micro-batch without pixels (or an empty
+    # one) carries a tiny unlabelled image: its own sample, which changes no loss and no gradient.
+    dummy = vision_dummy(model.config) if engine.deepspeed is not None or engine.sharded else None
 
     if dist.is_main and not saved:
         sink.log_params(
@@ -272,11 +287,13 @@ def _train(
                     "stage": stage.to_dict(),
                     "stage_hash": stage.config_hash(),
                     "deepspeed_zero": stage.deepspeed_zero,
+                    **({"fsdp": True} if stage.fsdp else {}),
                 },
             )
             if dist.is_main:
                 sink.set_checkpoint(checkpoint_dir)
 
+    engine.wait_for_checkpoint()  # the last one may still be being written (FSDP2 saves asynchronously)
     assert checkpoint_dir is not None  # the last step always writes one
     return TrainResult(checkpoint_dir=checkpoint_dir, step=step, losses=losses)
 
@@ -410,6 +427,12 @@ def check_resumable(saved: dict[str, Any], stage: StageConfig, mixture_id: str, 
             f"cannot resume: the checkpoint's optimizer state was written with deepspeed_zero="
             f"{saved['deepspeed_zero']}, this run has {stage.deepspeed_zero}"
         )
+    if saved.get("fsdp", False) != stage.fsdp:
+        raise ValueError(
+            f"cannot resume: the checkpoint was written with fsdp={saved.get('fsdp', False)}, this run has "
+            f"{stage.fsdp} (its weights and optimizer state are in another format)"
+        )
+    # A sharded (FSDP2) checkpoint is re-sliced for any world size on load; DeepSpeed's is not.
     if stage.deepspeed_zero is not None and saved["world_size"] != world_size:
         raise ValueError(
             f"cannot resume: DeepSpeed partitioned the optimizer state over {saved['world_size']} "
