@@ -274,9 +274,10 @@ _PRETRAIN_STAGES: dict[int, dict[str, Any]] = {
         "max_length": 131_072,
         "rope_theta": 8e6,
         "schedule": "linear",
-        # ZeRO-3 + Ulysses over 4 ranks of a node: 52.5 GiB per 80 GiB GPU on 4 × 8 at 131,072 tokens,
-        # where ZeRO-1 with pipeline 2 needs 86.2 (`keyeflow plan --compare`, README).
-        "deepspeed_zero": 3,
+        # Fully sharded (FSDP2: `keyeflow.training.sharding` says why not ZeRO-3) + Ulysses over 4 ranks of a
+        # node: fits an 80 GiB GPU on 4 × 8 at 131,072 tokens, where ZeRO-1 with pipeline 2 needs 86.2 GiB
+        # (`keyeflow plan --compare`, README).
+        "fsdp": True,
         "sequence_parallel_size": 4,
     },
 }

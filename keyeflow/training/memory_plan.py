@@ -258,6 +258,7 @@ class _Layout:
     zero: int | None  # None: no DeepSpeed
     bf16: bool
     checkpointing: str
+    fsdp: bool = False  # FSDP2 (`keyeflow.training.sharding`), instead of DeepSpeed
     sequence_parallel: int = 1
     pipeline_parallel: int = 1
     tensor_parallel: int = 1  # Megatron-style, LLM decoder layers only: no stage config has it (comparisons)
@@ -289,6 +290,7 @@ def _stage_layout(stage: StageConfig, world_size: int) -> _Layout:
         trainable=stage.trainable_prefixes(),
         tokens=tokens,
         zero=stage.deepspeed_zero,
+        fsdp=stage.fsdp,
         bf16=stage.bf16,
         checkpointing=stage.activation_checkpointing,
         sequence_parallel=stage.sequence_parallel_size,
@@ -321,11 +323,11 @@ def plan_layout(layout: _Layout, sizes: ModelSizes, cluster: Cluster) -> StagePl
 
     if deepspeed and layout.bf16:
         weight_bytes, grad_bytes, optimizer_bytes = 2, 2, 16
-    elif deepspeed:
+    elif deepspeed or layout.fsdp:  # FSDP2: fp32 shards; bf16 is its mixed-precision cast of gathered units
         weight_bytes, grad_bytes, optimizer_bytes = 4, 4, 8
     else:  # fp32 master weights, bf16 autocast caching a bf16 copy of each weight
         weight_bytes, grad_bytes, optimizer_bytes = 4 + (2 if layout.bf16 else 0), 4, 8
-    zero = layout.zero or 0
+    zero = 3 if layout.fsdp else layout.zero or 0  # FSDP2 shards what ZeRO-3 does, over every rank
     parameters = local_total * weight_bytes / (shard if zero >= 3 else 1)
     if layout.offload_params:
         parameters = 0
@@ -333,7 +335,12 @@ def plan_layout(layout: _Layout, sizes: ModelSizes, cluster: Cluster) -> StagePl
     optimizer = (
         0 if layout.offload_optimizer else local_trained * optimizer_bytes / (shard if zero >= 1 else 1)
     )
-    if zero >= 3:
+    if layout.fsdp:
+        # one unit gathered and the next prefetched, in the compute dtype, and the root unit (final norm and
+        # lm_head, which the chunked head reads directly) gathered for the whole step
+        root = sizes.count("lm_head") + sizes.count("language_model.norm")
+        zero_buffers = (2 * sizes.largest_module() + root) * compute_bytes
+    elif zero >= 3:
         zero_buffers = (2 * sizes.largest_module() + layout.zero_bucket) * weight_bytes
     elif deepspeed and zero >= 1:
         zero_buffers = 2 * layout.zero_bucket * grad_bytes
@@ -391,7 +398,10 @@ def plan_layout(layout: _Layout, sizes: ModelSizes, cluster: Cluster) -> StagePl
             f"needs {total_bytes / GIB:.1f} GiB per GPU of {cluster.gpu_memory_gib:g}; largest: {largest} "
             f"{components[largest] / GIB:.1f} GiB"
         )
-    words = [f"{layout.world_size}×", f"ZeRO-{layout.zero}" if deepspeed else "DDP"]
+    words = [
+        f"{layout.world_size}×",
+        "FSDP2" if layout.fsdp else f"ZeRO-{layout.zero}" if deepspeed else "DDP",
+    ]
     if sp > 1:
         words.append(f"SP{sp}")
     if pp > 1:
@@ -584,6 +594,7 @@ def compare_layouts(
             **{
                 **layout.__dict__,
                 "zero": zero,
+                "fsdp": False,
                 "sequence_parallel": sp,
                 "pipeline_parallel": pp,
                 "tensor_parallel": tp,

@@ -191,6 +191,7 @@ def _tiny(init: str | None) -> PretrainRecipe:
         learning_rate=5e-4,
         min_lr=0.0,
         sequence_parallel_size=1,
+        fsdp=False,  # one process: nothing to shard
     )
     # Stage 2's video share must come from the few clips short enough for 1,024 tokens: let it repeat them.
     mixtures = {1: {}, 2: {"upsample": True, "max_repeats": 8}}

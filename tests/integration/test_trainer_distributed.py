@@ -126,21 +126,34 @@ def test_deepspeed_zero2_with_a_token_budget_gives_the_single_process_losses(dat
     assert max(counts) > STAGE.micro_batches_per_step and len(set(counts)) > 1, counts
 
 
-@pytest.mark.parametrize("zero", [None, pytest.param(2, marks=pytest.mark.slow)])
-def test_sequence_parallel_two_ranks_train_the_one_process_weights(data, reference, tmp_path, zero):
+@pytest.mark.parametrize(
+    "sharding",
+    [
+        {},
+        pytest.param({"deepspeed_zero": 2}, marks=pytest.mark.slow),
+        pytest.param({"fsdp": True}, marks=pytest.mark.slow),
+    ],
+    ids=["plain", "zero2", "fsdp"],
+)
+def test_sequence_parallel_two_ranks_train_the_one_process_weights(data, reference, tmp_path, sharding):
     """Ulysses over 2 ranks: one data-parallel rank whose rows are split in two along the sequence; the same
-    samples, losses and weights as one process, with plain data parallelism and under DeepSpeed."""
+    samples, losses and weights as one process, with plain data parallelism, DeepSpeed ZeRO-2 and FSDP2."""
     losses, occurrences = reference
     three = StageConfig.from_dict({**STAGE.to_dict(), "max_steps": 3})
     single = train(
         three, init=data.init, mixture=data.mixture, mixture_id=data.mixture_id, out_dir=tmp_path / "one"
     )
-    split = StageConfig.from_dict({**three.to_dict(), "sequence_parallel_size": 2, "deepspeed_zero": zero})
+    split = StageConfig.from_dict({**three.to_dict(), "sequence_parallel_size": 2, **sharding})
     out = tmp_path / "sp2"
     result = torchrun(spec_file(tmp_path / "sp2.json", data, split, out))
     assert result["losses"] == pytest.approx(losses[:3], rel=RTOL)
     assert [m["occurrences"] for m in read_metrics(out)] == occurrences[:3]
-    ours = load_file(str(Path(result["checkpoint_dir"]) / "model" / "model.safetensors"))
+    # FSDP2 writes its export as shards with an index: read every file of the directory
+    ours = {
+        k: v
+        for f in sorted((Path(result["checkpoint_dir"]) / "model").glob("*.safetensors"))
+        for k, v in load_file(str(f)).items()
+    }
     theirs = load_file(str(single.checkpoint_dir / "model" / "model.safetensors"))
     start = load_file(str(data.init / "model.safetensors"))
     assert ours.keys() == theirs.keys()
@@ -148,8 +161,8 @@ def test_sequence_parallel_two_ranks_train_the_one_process_weights(data, referen
     # weight by a visible fraction of a step: compare with the size of the updates (3 steps at lr 1e-3, ~3e-3;
     # measured differences ≤ 2.4e-6), not with float epsilon.
     update = max((theirs[k] - start[k]).abs().max().item() for k in theirs)
-    for name in ours:
-        assert (ours[name] - theirs[name]).abs().max().item() <= 0.01 * update, name
+    for name, value in ours.items():
+        assert (value - theirs[name]).abs().max().item() <= 0.01 * update, name
     assert any(not torch.equal(ours[k], start[k]) for k in ours if k.startswith("vision."))  # the ViT trained
     saved = json.loads((Path(result["checkpoint_dir"]) / "model" / "config.json").read_text())
     assert "ulysses" not in json.dumps(saved)  # the checkpoint loads without a sequence group

@@ -18,7 +18,13 @@ def test_full_recipe_has_the_papers_stage_settings():
     s1, s2, s3 = r.stages[1], r.stages[2], r.annealing
     assert (s1.trainable, s1.max_length, s1.deepspeed_zero) == ("projector", 8_192, 2)
     assert (s2.trainable, s2.max_length, s2.deepspeed_zero) == ("all", 8_192, 2)
-    assert (s3.trainable, s3.max_length, s3.rope_theta, s3.deepspeed_zero) == ("all", 131_072, 8e6, 3)
+    assert (s3.trainable, s3.max_length, s3.rope_theta, s3.deepspeed_zero, s3.fsdp) == (
+        "all",
+        131_072,
+        8e6,
+        None,
+        True,
+    )
     assert s3.sequence_parallel_size > 1 and s3.pipeline_parallel_size == 1
     assert r.mixture(3).target_shares == {"video": 0.24, "image": 0.50, "text": 0.26}
     assert r.mixture(3).max_sample_tokens == 131_072 and r.mixture(1).max_sample_tokens == 8_192
@@ -65,7 +71,10 @@ def test_recipes_refuse_bad_settings_with_the_field_named():
 
 
 def test_stage3_deepspeed_json_renders_context_parallelism_and_deepspeed_reads_it():
-    stage = pretrain_stage(3, micro_batches_per_step=4)
+    # the recipe shards stage 3 with FSDP2; the same stage on DeepSpeed ZeRO-3 renders its JSON
+    with pytest.raises(ValueError, match="does not train with DeepSpeed"):
+        render_deepspeed_config(pretrain_stage(3), world_size=64)
+    stage = pretrain_stage(3, micro_batches_per_step=4, fsdp=False, deepspeed_zero=3)
     rendered = render_deepspeed_config(stage, world_size=64)
     assert rendered["zero_optimization"]["stage"] == 3
     assert rendered["sequence_parallel_size"] == 4
