@@ -13,6 +13,7 @@ real Lance tables and MLflow.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
 from pathlib import Path
@@ -340,6 +341,15 @@ def test_reference_logprobs_computed_once_give_the_losses_and_weights_of_a_held_
     # The numbers travel with the checkpoint: one per response of every pair.
     state = json.loads((result.checkpoint_dir / "state.json").read_text())
     assert len(state["reference_logps"]) == len(pairs) and all(len(p) == 2 for p in state["reference_logps"])
+    # A checkpoint written before the numbers were stored: the resume scores the pairs with a copy of init
+    # and gets the same numbers.
+    stored = state.pop("reference_logps")
+    (result.checkpoint_dir / "state.json").write_text(json.dumps(state))
+    resumed = train_mpo(
+        dataclasses.replace(config, max_steps=4), init=init_dir, pairs=pairs, out_dir=tmp_path / "mpo"
+    )
+    assert resumed.losses[:3] == expected_losses
+    assert json.loads((resumed.checkpoint_dir / "state.json").read_text())["reference_logps"] == stored
 
 
 def test_mpo_trains_on_prompts_with_images_through_the_media_lookup(init_dir, tmp_path):
