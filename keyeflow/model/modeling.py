@@ -512,12 +512,15 @@ class KeyeForConditionalGeneration(KeyePreTrainedModel):
         sample_index: torch.LongTensor | None = None,
         attention_mask: torch.Tensor | None = None,
         logprob_labels: torch.LongTensor | None = None,
+        vision_embeddings: torch.Tensor | None = None,
         **kwargs,
     ) -> KeyeCausalLMOutput:
         """Logits `[B, L, vocab]` and, with `labels`, the mean next-token cross-entropy over the labels that
         are not −100 (labels are shifted here: the logit at i predicts label i+1). With `logprob_labels`
         (`[B, L]`, shifted the same way) the output holds only `token_logprobs` `[B, L − 1]`, computed over
-        chunks of the scored positions (no logits at all: the path the training losses take)."""
+        chunks of the scored positions (no logits at all: the path the training losses take).
+        `vision_embeddings` (`[num vision tokens, hidden]`, in token order) stand in for `pixel_values`: the
+        caller ran `get_vision_embeddings` itself, e.g. once for a prompt shared by several samples."""
         if sample_index is None:
             sample_index = (
                 torch.zeros_like(input_ids) if attention_mask is None
@@ -529,7 +532,11 @@ class KeyeForConditionalGeneration(KeyePreTrainedModel):
         is_vision = (input_ids == self.config.image_token_id) | (input_ids == self.config.video_token_id)
         num_vision = int(is_vision.sum())
         vision = None
-        if num_vision:
+        if num_vision and vision_embeddings is not None:
+            vision = vision_embeddings.to(self.language_model.embed_tokens.weight.dtype)
+            if vision.shape[0] != num_vision:
+                raise ValueError(f"{num_vision} vision pad tokens but {vision.shape[0]} vision_embeddings")
+        elif num_vision:
             if pixel_values is None or grid_thw is None:
                 raise ValueError(
                     f"input_ids hold {num_vision} vision pad tokens but no pixel_values/grid_thw"

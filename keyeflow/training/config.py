@@ -373,9 +373,12 @@ class GSPOStageConfig:
     ``success_threshold``: a rollout passes when its reward reaches it (pass rates, "every rollout fails",
     hint levels). ``hints``: progressive hint sampling (None: off); its ``rollouts_per_level`` must be G (the
     step's rollouts are its level 0) and its ``success_threshold`` the stage's. ``checkpoint_every``: steps
-    between checkpoints (and the last step). ``max_reward_error_share``: a prompt whose reward failed for any
-    of its responses is left out of its step's update (recorded in the step's hint file, counted in
-    ``num_reward_errors``); more such prompts than this share of the step's stops the run
+    between checkpoints (and the last step). ``max_tokens_per_micro_batch``: cap on the tokens (prompt +
+    completion) of one packed micro-batch of the update; a mini-batch then takes as many forward/backward
+    passes as its responses need, accumulated to the same gradient, with the ViT run once per prompt (None:
+    each rank's part of a mini-batch is one padded forward). ``max_reward_error_share``: a prompt whose
+    reward failed for any of its responses is left out of its step's update (recorded in the step's hint
+    file, counted in ``num_reward_errors``); more such prompts than this share of the step's stops the run
     (`keyeflow.quality.errors`). Not part of `config_hash`: it decides whether a run stops on failures (like a
     retry count), not what a step computes from its rewards.
     """
@@ -395,6 +398,8 @@ class GSPOStageConfig:
     checkpoint_every: int = 10
     max_reward_error_share: float = DEFAULT_MAX_ERROR_SHARE
     activation_checkpointing: str = "off"  # as StageConfig's (not hashed); the policy trains in eval mode
+    # None: left out of `to_dict`, so configs (and hashes) from before the field existed stay the same.
+    max_tokens_per_micro_batch: int | None = None
 
     def __post_init__(self) -> None:
         _check_checkpointing("GSPOStageConfig", self.activation_checkpointing)
@@ -426,6 +431,10 @@ class GSPOStageConfig:
                 "max_reward_error_share",
                 self.max_reward_error_share,
                 "must be in [0, 1) (a step whose every prompt failed has nothing to train on)",
+            )
+        if self.max_tokens_per_micro_batch is not None:
+            check_int(
+                "GSPOStageConfig", "max_tokens_per_micro_batch", self.max_tokens_per_micro_batch, minimum=1
             )
         if self.mini_batches_per_step > self.prompts_per_step * self.group_size:
             raise invalid(
@@ -459,7 +468,10 @@ class GSPOStageConfig:
                 )
 
     def to_dict(self) -> dict[str, Any]:
-        return _without_default_checkpointing(dataclasses.asdict(self))
+        out = _without_default_checkpointing(dataclasses.asdict(self))
+        if out["max_tokens_per_micro_batch"] is None:
+            del out["max_tokens_per_micro_batch"]
+        return out
 
     def config_hash(self) -> str:
         hashed = _unhashed_checkpointing(self.to_dict())

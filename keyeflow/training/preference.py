@@ -27,12 +27,21 @@ takes `pairs_per_step` pairs (a seeded shuffle of all pairs per epoch, so a step
 number alone and a resume needs no loader state), scores each pair's chosen and rejected conversation (the
 prompt messages plus the response as the assistant turn, encoded by `processor.encode_sample`; only the
 assistant tokens and their `<|im_end|>` count) under the policy and the reference, and minimises
-`losses.mpo_loss`. The step's pairs are one batch: the BCO shift and the pooled SFT term are defined over the
-batch, so it is not cut into accumulated micro-batches (that would change the loss); under torchrun the ranks
-share it instead (rank r scores pairs r, r + W, … of the step) and `mpo_loss` normalises every term by the
-whole step's counts, so the summed gradients equal one process's. BCO's running reward shift (`RewardShift`)
-is part of the checkpoint. AdamW, linear warm-up then a constant rate (an MPO run is short, usually one epoch;
-InternVL's recipe is not stated for Keye).
+`losses.mpo_loss`. The step's pairs are one batch: the BCO shift and the pooled SFT term are defined over
+the batch, so it is not cut into accumulated micro-batches (that would change the loss); under torchrun the
+ranks share it instead (rank r scores pairs r, r + W, … of the step) and `mpo_loss` normalises every term by
+the whole step's counts, so the summed gradients equal one process's. BCO's running reward shift
+(`RewardShift`) is part of the checkpoint. AdamW, linear warm-up then a constant rate (an MPO run is short,
+usually one epoch; InternVL's recipe is not stated for Keye).
+
+**The reference's log-probs are computed once, before the first update** (`reference_logprobs`), by the
+policy itself while it still is `init`: one no-grad pass over every pair, kept as two numbers per pair
+(chosen, rejected) and stored in every checkpoint's `state.json`. The reference is frozen, so scoring it again
+at every step only repeats work, and holding it as a second full model beside the policy costs a model's
+memory for the whole run. The pass scores the pairs in the batches of the first epoch's steps (each rank its
+share of each), the layout in which a reference forward over the step's own batch scored them before. A
+resume reads the numbers from the checkpoint and loads no second model (a checkpoint written before they
+were stored gets them from a temporary fp32 copy of `init`, freed before training).
 
 The loop runs on the training engine (`keyeflow.training.engine`: fp32 master weights, data parallelism,
 the one checkpoint format with `latest`, metrics.jsonl and the metrics sink); `state.json` adds the step's
@@ -497,8 +506,8 @@ def _train_mpo(
         _check_resumable(saved, config, init, fingerprint)
     prepare_out_dir(out_dir, dist, saved["step"] if saved else 0)
 
-    # ---- Models: the policy on the engine, and the frozen reference, which is always `init` (also on a
-    # resume).
+    # ---- The policy on the engine. The frozen reference (always `init`, also on a resume) is not a model
+    # held beside it: its log-probs are computed once, below.
     tokenizer = checkpoint_tokenizer(init)
     engine = Engine(
         load_model(resume_dir / "model" if resume_dir else init),
@@ -509,7 +518,6 @@ def _train_mpo(
         activation_checkpointing=config.activation_checkpointing,
     )
     policy = engine.model
-    reference = load_model(init).to(dist.device).eval().requires_grad_(False)
     merge = policy.config.vision_config.spatial_merge_size
     pad_id = policy.config.text_config.pad_token_id or 0
 
@@ -540,6 +548,17 @@ def _train_mpo(
         engine.load(resume_dir, config.seed + step)
     else:
         seed_everything(config.seed)
+
+    # ---- The reference's log-probs of every pair, once (module docstring).
+    if not saved:
+        reference = reference_logprobs(engine, engine.module, config, parsed, encode, pad_id)
+    elif "reference_logps" in saved:
+        reference = torch.tensor(saved["reference_logps"], dtype=torch.float32)
+    else:  # a checkpoint written before the numbers were stored with it
+        # fp32, as the policy was before its first update (the engine keeps fp32 master weights).
+        init_model = load_model(init).float().to(dist.device).requires_grad_(False)
+        reference = reference_logprobs(engine, init_model, config, parsed, encode, pad_id)
+        del init_model
     if dist.is_main and not saved:
         sink.log_params(
             {
@@ -566,7 +585,7 @@ def _train_mpo(
         indices = pair_indices(len(parsed), step, config.pairs_per_step, config.seed)
         lr = engine.lr
         out, num_chosen_tokens = mpo_step(
-            engine, reference, config, [parsed[i] for i in indices], encode, pad_id, shift
+            engine, config, [parsed[i] for i in indices], reference[indices], encode, pad_id, shift
         )
         grad_norm = engine.step()
         step += 1
@@ -620,6 +639,8 @@ def _train_mpo(
                     "init": str(init),
                     "pairs_fingerprint": fingerprint,
                     "num_pairs": len(parsed),
+                    # float32 values as Python floats: JSON writes them back exactly.
+                    "reference_logps": reference.tolist(),
                 },
             )
             if dist.is_main:
@@ -629,33 +650,73 @@ def _train_mpo(
     return MPOResult(checkpoint_dir=checkpoint_dir, step=step, losses=losses, metrics=read_metrics(out_dir))
 
 
+def reference_logprobs(
+    engine: Engine,
+    model: torch.nn.Module,
+    config: MPOStageConfig,
+    parsed: list[tuple[list[dict], str, str]],
+    encode: Callable[[list[dict], str], Features],
+    pad_id: int,
+) -> torch.Tensor:
+    """The reference log-probs of every pair, `[num_pairs, 2]` float32 on the CPU (chosen, rejected: Σ log p
+    of the response tokens), from `model` (the policy before its first update, or a copy of `init`), in eval
+    mode and without gradients. The pairs are scored in the batches of the first epoch's steps, each rank its
+    share of each (`mpo_step`'s layout), and the ranks' numbers are gathered, so every rank holds them all."""
+    dist = engine.dist
+    num_pairs = len(parsed)
+    mine: dict[int, torch.Tensor] = {}
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad(), engine.autocast():
+            # Every pair sits at one position of the first epoch, in step position // pairs_per_step.
+            for step in range(math.ceil(num_pairs / config.pairs_per_step)):
+                indices = pair_indices(num_pairs, step, config.pairs_per_step, config.seed)
+                indices = indices[dist.rank :: dist.world_size]
+                if not indices:
+                    continue
+                rows = [encode(parsed[i][0], response) for i in indices for response in parsed[i][1:]]
+                batch = {
+                    k: v.to(dist.device) for k, v in collate(rows, pack=False, pad_token_id=pad_id).items()
+                }
+                logps, _ = sequence_logprobs(model, batch)
+                for row, index in enumerate(indices):
+                    # The last step of the epoch may reach into the next one: keep a pair's first number.
+                    mine.setdefault(index, logps[2 * row : 2 * row + 2].float().cpu().clone())
+    finally:
+        model.train(was_training)
+    gathered = {index: value for rank_part in engine.gather(mine) for index, value in rank_part.items()}
+    assert sorted(gathered) == list(range(num_pairs))  # every pair is in the first epoch
+    return torch.stack([gathered[index] for index in range(num_pairs)])
+
+
 def mpo_step(
     engine: Engine,
-    reference: torch.nn.Module,
     config: MPOStageConfig,
     step_pairs: list[tuple[list[dict], str, str]],
+    step_reference: torch.Tensor,
     encode: Callable[[list[dict], str], Features],
     pad_id: int,
     shift: RewardShift,
 ) -> tuple[MPOOutput, int]:
     """The gradient of one step's MPO loss, this rank's share of the step's pairs (`step_pairs[rank::world]`;
     the loss's counts are the whole step's, so the ranks' gradients add up to the one-process gradient).
+    `step_reference`: the reference log-probs of `step_pairs`, `[len(step_pairs), 2]` (`reference_logprobs`).
     Returns the loss terms and the whole step's number of chosen tokens."""
     dist = engine.dist
     mine = step_pairs[dist.rank :: dist.world_size]
-    # Rows alternate chosen, rejected: one forward per model scores the rank's pairs.
+    reference = step_reference[dist.rank :: dist.world_size].to(dist.device)
+    # Rows alternate chosen, rejected: one forward scores the rank's pairs.
     rows = [encode(messages, response) for messages, *responses in mine for response in responses]
     batch = {k: v.to(dist.device) for k, v in collate(rows, pack=False, pad_token_id=pad_id).items()}
     with engine.autocast():
         logps, counts = sequence_logprobs(engine.forward, batch)
-        with torch.no_grad():
-            ref_logps, _ = sequence_logprobs(reference, batch)
     out = mpo_loss(
         config.mpo,
         logps[0::2],
         logps[1::2],
-        ref_logps[0::2],
-        ref_logps[1::2],
+        reference[:, 0],
+        reference[:, 1],
         counts[0::2],
         reward_shift=shift,
         all_reduce=engine.all_reduce_sum if dist.world_size > 1 else None,

@@ -28,7 +28,13 @@ SFT trainer.
    token ids (`Completion.token_ids`, never the re-tokenised text), labels on the completion only, positions
    continuing at one past the prompt's largest, as the sampler decoded them (`completion_features`).
 7. *Update*: the step's responses are cut into `mini_batches_per_step` mini-batches, one AdamW update each,
-   with the GSPO loss (`losses.gspo_loss`).
+   with the GSPO loss (`losses.gspo_loss`). A rank's part of a mini-batch is one padded forward, or, with
+   `max_tokens_per_micro_batch`, packed micro-batches of at most that many tokens (a response never split;
+   attention stays inside each response), each with its own forward and backward. A micro-batch's loss is
+   the GSPO mean over its responses times their number over the mini-batch's share of N, so the gradients
+   add up to the one-forward gradient exactly (up to float rounding). The packed path also runs the ViT once
+   per prompt (`PromptVision`): the G responses of a prompt carry the same image/video, so its embeddings
+   are computed once, shared by the G rows, and its backward runs once with their summed gradient.
 
 **Old log-probs are recomputed by the trainer's forward, not taken from the sampler.** The sampler's numbers
 come from another computation (a KV-cached decode, batch-of-one prefill, other kernels; on a serving engine,
@@ -294,6 +300,93 @@ def completion_logprobs(
     scored = torch.where(batch["labels"] != IGNORE_INDEX, batch["input_ids"], IGNORE_INDEX).to(device)
     logps = model(**inputs, logprob_labels=scored).token_logprobs
     return logps, (batch["labels"][:, 1:] != IGNORE_INDEX).to(device)
+
+
+# A response as the update trains it: its inputs, its advantage, the sampled completion and a key naming its
+# prompt within the step (responses with one key share the prompt's image/video).
+_Response = tuple[Features, float, Completion, int]
+
+
+def packed_completion_logprobs(
+    model: nn.Module,
+    features: Sequence[Features],
+    *,
+    pad_token_id: int = 0,
+    vision_embeddings: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`completion_logprobs` of `features` packed into one row (attention stays inside each sample, so each
+    computes what it would alone, with no padding between them): `(logps, mask)`, both `[n, T]`, row i
+    holding sample i's completion-token log-probs from column 0 (T: the longest completion) and `mask` true on
+    them. `vision_embeddings`: the LLM-width embeddings of every vision token of the row in order, computed
+    by the caller (`PromptVision`: once per prompt, shared by its responses); None: the model runs its ViT
+    on the samples' pixels."""
+    device = next(model.parameters()).device
+    batch = collate(features, pack=True, pad_token_id=pad_token_id)
+    inputs = {k: v.to(device) for k, v in batch.items() if k != "labels"}
+    if vision_embeddings is not None:
+        del inputs["pixel_values"]
+        inputs["vision_embeddings"] = vision_embeddings
+    scored = torch.where(batch["labels"] != IGNORE_INDEX, batch["input_ids"], IGNORE_INDEX).to(device)
+    logps = model(**inputs, logprob_labels=scored).token_logprobs[0]  # [L − 1]: t scores token t + 1
+    labelled = (batch["labels"][0, 1:] != IGNORE_INDEX).to(device)
+    # Samples lie in order and their labelled tokens in order within each: one split cuts them apart.
+    counts = torch.bincount(batch["sample_index"][0, 1:][labelled.cpu()], minlength=len(features)).tolist()
+    rows = torch.split(logps[labelled], counts)
+    padded = torch.nn.utils.rnn.pad_sequence(list(rows), batch_first=True)
+    mask = (
+        torch.arange(padded.shape[1], device=device)[None, :] < torch.tensor(counts, device=device)[:, None]
+    )
+    return padded, mask
+
+
+class PromptVision:
+    """The ViT run once per prompt of a mini-batch: a prompt's G responses hold the same image/video tokens,
+    so their vision embeddings are the same numbers. `embeddings(keys)` runs a prompt's ViT at its first
+    response and hands out its embeddings as a leaf tensor that collects the gradient of every micro-batch
+    using it; `done(keys)`, after a micro-batch's backward, runs the ViT's backward of each prompt whose last
+    response that was, with the summed gradient (the chain rule's sum over the responses, in one pass instead
+    of G), and frees its graph. A prompt's responses are contiguous in a mini-batch, so about one prompt's
+    ViT activations are held at a time. With `grad=False` (old and reference log-probs, under no_grad) it
+    only saves the forwards."""
+
+    def __init__(self, model: nn.Module, part: Sequence[_Response], *, grad: bool):
+        self.model, self.grad = model, grad
+        self.prompts: dict[int, Features] = {}
+        self.remaining: dict[int, int] = {}  # responses of the prompt not yet through `done`
+        for features, _, _, key in part:
+            if features.pixel_values.numel():
+                self.prompts.setdefault(key, features)
+                self.remaining[key] = self.remaining.get(key, 0) + 1
+        self.outputs: dict[int, torch.Tensor] = {}
+        self.leaves: dict[int, torch.Tensor] = {}
+
+    def embeddings(self, keys: Sequence[int]) -> torch.Tensor | None:
+        """The vision embeddings of a micro-batch whose responses belong to prompts `keys` (one key per
+        response, in row order)."""
+        parts = []
+        for key in keys:
+            if key not in self.prompts:
+                continue
+            if key not in self.leaves:
+                features = self.prompts[key]
+                device = next(self.model.parameters()).device
+                out = self.model.get_vision_embeddings(
+                    features.pixel_values.to(device), features.grid_thw.to(device)
+                ).to(self.model.language_model.embed_tokens.weight.dtype)
+                self.outputs[key] = out
+                self.leaves[key] = out.detach().requires_grad_(self.grad)
+            parts.append(self.leaves[key])
+        return torch.cat(parts) if parts else None
+
+    def done(self, keys: Sequence[int]) -> None:
+        for key in keys:
+            if key not in self.remaining:
+                continue
+            self.remaining[key] -= 1
+            if self.remaining[key] == 0:
+                out, leaf = self.outputs.pop(key), self.leaves.pop(key)
+                if leaf.grad is not None:
+                    out.backward(leaf.grad)
 
 
 # ================================================================================ input consistency check
@@ -863,7 +956,7 @@ def _mini_batch_plan(
     groups: list[_Group],
     first: int,
     metrics: dict[str, Any],
-) -> tuple[list[list[tuple[Features, float, Completion]]], int]:
+) -> tuple[list[list[_Response]], int]:
     """Advantages, and this rank's part of each mini-batch of the responses that carry signal (agreed over
     the ranks); also the step's number of responses (the GSPO mean's N). Adds the counts to `metrics`."""
     # ---- Advantages and the responses that carry signal, agreed over the ranks.
@@ -874,7 +967,7 @@ def _mini_batch_plan(
         ),
         eps=config.gspo.advantage_eps,
     )
-    responses: dict[tuple[int, int], tuple[Features, float, Completion]] = {}
+    responses: dict[tuple[int, int], _Response] = {}
     vision_pads = vision_pad_ids(generator.model)
     num_unscorable = 0
     for g, group in enumerate(groups):
@@ -888,6 +981,7 @@ def _mini_batch_plan(
                     completion_features(prompt, completion.token_ids),
                     advantage,
                     completion,
+                    first + g,
                 )
     active = sorted(key for rank_keys in engine.gather(sorted(responses)) for key in rank_keys)
     metrics["num_unscorable_responses"] = sum(engine.gather(num_unscorable))
@@ -910,28 +1004,81 @@ def _mini_batch_plan(
     return plan, num_responses
 
 
+def micro_batches(part: Sequence[_Response], max_tokens: int | None) -> list[list[int]]:
+    """`part`'s responses (their positions) cut, in order, into micro-batches of at most `max_tokens` tokens
+    (prompt + completion); None: one micro-batch of them all."""
+    if max_tokens is None:
+        return [list(range(len(part)))]
+    out: list[list[int]] = []
+    used = 0
+    for k, (features, *_) in enumerate(part):
+        if len(features) > max_tokens:
+            raise ValueError(
+                f"a response of {len(features)} tokens (prompt + completion) is longer than "
+                f"GSPOStageConfig.max_tokens_per_micro_batch={max_tokens}"
+            )
+        if not out or used + len(features) > max_tokens:
+            out.append([])
+            used = 0
+        out[-1].append(k)
+        used += len(features)
+    return out
+
+
+def _mean_over(values: Sequence[float], weights: Sequence[int]) -> float:
+    """The `weights`-weighted mean; one value is returned as it is (no rounding through × n / n)."""
+    if len(values) == 1:
+        return values[0]
+    return sum(v * w for v, w in zip(values, weights)) / sum(weights)
+
+
 def _updates(
     config: GSPOStageConfig,
     engine: Engine,
     reference: nn.Module | None,
-    plan: list[list[tuple[Features, float, Completion]]],
+    plan: list[list[_Response]],
     num_responses: int,
 ) -> tuple[list[dict[str, Any]], list[torch.Tensor]]:
     """One update per mini-batch; each update's statistics (all ranks) and the sampler/trainer log-prob
-    gaps."""
+    gaps.
+
+    Without `max_tokens_per_micro_batch` a rank's part of a mini-batch is one padded forward. With it the
+    part is cut into packed micro-batches of at most that many tokens, each its own forward and backward,
+    the ViT run once per prompt (`PromptVision`); a micro-batch's loss is GSPO's mean over its responses
+    times its number of responses over the mini-batch's share of N, so the micro-batches' gradients add up to
+    the whole part's."""
     num_mini = config.mini_batches_per_step
-    # ---- Old (and reference) log-probs, all before the first update (module docstring).
+    budget = config.max_tokens_per_micro_batch
     model = engine.model
     pad = _pad_id(model)
-    old: list[torch.Tensor | None] = [None] * len(plan)
-    ref: list[torch.Tensor | None] = [None] * len(plan)
+    cuts = [micro_batches(part, budget) for part in plan]
+
+    def logprobs(
+        net: nn.Module, part: list[_Response], rows: list[int], vision: PromptVision | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        features = [part[i][0] for i in rows]
+        if budget is None:
+            return completion_logprobs(net, features, pad_token_id=pad)
+        shared = vision.embeddings([part[i][3] for i in rows]) if vision is not None else None
+        out = packed_completion_logprobs(net, features, pad_token_id=pad, vision_embeddings=shared)
+        if vision is not None and not torch.is_grad_enabled():
+            vision.done([part[i][3] for i in rows])  # nothing to backpropagate: free the embeddings
+        return out
+
+    # ---- Old (and reference) log-probs, all before the first update (module docstring); one tensor per
+    # micro-batch.
+    old: list[list[torch.Tensor] | None] = [None] * len(plan)
+    ref: list[list[torch.Tensor | None]] = [[None] * len(c) for c in cuts]
     with torch.no_grad():
         for k, part in enumerate(plan):
-            features = [f for f, _, _ in part]
-            if k > 0 and features:
-                old[k] = completion_logprobs(model, features, pad_token_id=pad)[0]
-            if reference is not None and features:
-                ref[k] = completion_logprobs(reference, features, pad_token_id=pad)[0]
+            if not part:
+                continue
+            if k > 0:
+                vision = PromptVision(model, part, grad=False) if budget is not None else None
+                old[k] = [logprobs(model, part, rows, vision)[0] for rows in cuts[k]]
+            if reference is not None:
+                vision = PromptVision(reference, part, grad=False) if budget is not None else None
+                ref[k] = [logprobs(reference, part, rows, vision)[0] for rows in cuts[k]]
 
     # ---- Updates: one per mini-batch; a rank without a part of it still takes part in the gradient sum.
     keys = [
@@ -946,28 +1093,38 @@ def _updates(
     for k, part in enumerate(plan):
         record: dict[str, Any] = {}
         if part:
-            features = [f for f, _, _ in part]
-            logps, mask = completion_logprobs(engine.forward, features, pad_token_id=pad)
-            if old[k] is None:
-                old[k] = logps.detach()
-            adv = torch.tensor([a for _, a, _ in part], dtype=torch.float32, device=logps.device)
-            out = gspo_loss(config.gspo, logps, adv, mask, old_logps=old[k], ref_logps=ref[k])
-            # GSPO's mean over all N responses of the step, spread evenly over the mini-batches (module
-            # docstring).
-            engine.backward(out.loss * len(part) / (num_responses / num_mini))
-            log_ratio = ((logps.detach() - old[k]) * mask).sum(dim=1) / mask.sum(dim=1)
-            record = {
-                "loss": float(out.loss.detach()),
-                "mean_ratio": float(out.mean_ratio),
-                "max_abs_log_ratio": float(log_ratio.abs().max()),
-                "clip_fraction": float(out.clip_fraction),
-                "clip_low_fraction": float(out.clip_low_fraction),
-                "clip_high_fraction": float(out.clip_high_fraction),
-                **({"kl": float(out.kl)} if out.kl is not None else {}),
-            }
-            for row, (_, _, completion) in enumerate(part):
-                trained = old[k][row][mask[row]].cpu()
-                gaps.append((trained - torch.tensor(completion.token_logprobs)).abs())
+            vision = PromptVision(engine.module, part, grad=True) if budget is not None else None
+            first_old = old[k] is None
+            if first_old:
+                old[k] = []
+            stats: dict[str, list[float]] = {key: [] for key in (*keys, "max_abs_log_ratio")}
+            for m, rows in enumerate(cuts[k]):
+                logps, mask = logprobs(engine.forward, part, rows, vision)
+                if first_old:
+                    old[k].append(logps.detach())
+                old_logps = old[k][m]
+                adv = torch.tensor([part[i][1] for i in rows], dtype=torch.float32, device=logps.device)
+                out = gspo_loss(config.gspo, logps, adv, mask, old_logps=old_logps, ref_logps=ref[k][m])
+                # GSPO's mean over all N responses of the step, spread evenly over the mini-batches (module
+                # docstring).
+                engine.backward(out.loss * len(rows) / (num_responses / num_mini))
+                if vision is not None:
+                    vision.done([part[i][3] for i in rows])  # the ViT's backward of prompts now complete
+                log_ratio = ((logps.detach() - old_logps) * mask).sum(dim=1) / mask.sum(dim=1)
+                stats["loss"].append(float(out.loss.detach()))
+                stats["mean_ratio"].append(float(out.mean_ratio))
+                stats["max_abs_log_ratio"].append(float(log_ratio.abs().max()))
+                stats["clip_fraction"].append(float(out.clip_fraction))
+                stats["clip_low_fraction"].append(float(out.clip_low_fraction))
+                stats["clip_high_fraction"].append(float(out.clip_high_fraction))
+                if out.kl is not None:
+                    stats["kl"].append(float(out.kl.detach()))
+                for row, i in enumerate(rows):
+                    trained = old_logps[row][mask[row]].cpu()
+                    gaps.append((trained - torch.tensor(part[i][2].token_logprobs)).abs())
+            sizes = [len(rows) for rows in cuts[k]]
+            record = {key: _mean_over(stats[key], sizes) for key in keys}
+            record["max_abs_log_ratio"] = max(stats["max_abs_log_ratio"])
         grad_norm = engine.step()
         size = sum(engine.gather(len(part)))
         update = {"num_responses": size}

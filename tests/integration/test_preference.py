@@ -13,6 +13,7 @@ real Lance tables and MLflow.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
 from pathlib import Path
@@ -40,13 +41,15 @@ from keyeflow.quality.reward_model import (
 )
 from keyeflow.quality.rewards import RewardCombiner, RewardConfig, RewardItem
 from keyeflow.synthetic import synthetic_teacher as chat_server
+from keyeflow.training import distributed
 from keyeflow.training.config import MPOStageConfig, StageConfig
-from keyeflow.training.engine import LATEST
-from keyeflow.training.losses import MPOConfig
+from keyeflow.training.engine import LATEST, Engine, seed_everything
+from keyeflow.training.losses import MPOConfig, RewardShift, mpo_loss
 from keyeflow.training.preference import (
     PreferenceItem,
     build_preference_pairs,
     make_scorer,
+    pair_indices,
     sequence_logprobs,
     train_mpo,
 )
@@ -285,6 +288,68 @@ def test_mpo_loss_falls_margin_grows_and_a_resume_continues_bit_for_bit(init_dir
             pairs=MPO_PAIRS,
             out_dir=tmp_path / "short",
         )
+
+
+def mpo_with_a_reference_model(config: MPOStageConfig, init: Path, pairs: list[dict]) -> tuple[list, dict]:
+    """The MPO loop as it ran before the reference log-probs were computed once: a frozen copy of `init` held
+    beside the policy and run over every step's batch. Returns the losses and the final weights."""
+    tokenizer = load_tokenizer()
+    dist = distributed.setup()
+    engine = Engine(
+        load_keye_checkpoint(init),
+        dist=dist,
+        learning_rate=config.learning_rate,
+        lr_at=config.lr_at,
+        grad_clip=config.grad_clip,
+    )
+    reference = load_keye_checkpoint(init).eval().requires_grad_(False)
+    seed_everything(config.seed)
+    shift, losses = RewardShift(), []
+    for step in range(config.max_steps):
+        step_pairs = [pairs[i] for i in pair_indices(len(pairs), step, config.pairs_per_step, config.seed)]
+        rows = [
+            encode_sample(p["messages"] + [{"role": "assistant", "content": p[key]}], tokenizer)
+            for p in step_pairs
+            for key in ("chosen", "rejected")
+        ]
+        batch = collate(rows, pack=False, pad_token_id=tokenizer.pad_token_id or 0)
+        logps, counts = sequence_logprobs(engine.forward, batch)
+        with torch.no_grad():
+            ref_logps, _ = sequence_logprobs(reference, batch)
+        out = mpo_loss(
+            config.mpo, logps[0::2], logps[1::2], ref_logps[0::2], ref_logps[1::2], counts[0::2],
+            reward_shift=shift,
+        )  # fmt: skip
+        engine.backward(out.loss)
+        engine.step()
+        losses.append(out.loss.item())
+    return losses, engine.model.state_dict()
+
+
+def test_reference_logprobs_computed_once_give_the_losses_and_weights_of_a_held_reference_model(
+    init_dir, tmp_path
+):
+    # Pairs of different lengths, 3 steps of 2 over 5 pairs: the third step mixes the first epoch's last pair
+    # with the second epoch's first, so it is scored in a batch the reference pass never saw.
+    pairs = [*MPO_PAIRS, {"messages": user("Name a colour."), "chosen": "Red.", "rejected": "A number, 7."}]
+    config = MPOStageConfig(learning_rate=3e-3, max_steps=3, pairs_per_step=2, max_length=64)
+    expected_losses, expected_weights = mpo_with_a_reference_model(config, init_dir, pairs)
+    result = train_mpo(config, init=init_dir, pairs=pairs, out_dir=tmp_path / "mpo")
+    assert result.losses == expected_losses
+    weights = load_keye_checkpoint(result.checkpoint_dir / "model").state_dict()
+    assert all(torch.equal(weights[k], expected_weights[k]) for k in expected_weights)
+    # The numbers travel with the checkpoint: one per response of every pair.
+    state = json.loads((result.checkpoint_dir / "state.json").read_text())
+    assert len(state["reference_logps"]) == len(pairs) and all(len(p) == 2 for p in state["reference_logps"])
+    # A checkpoint written before the numbers were stored: the resume scores the pairs with a copy of init
+    # and gets the same numbers.
+    stored = state.pop("reference_logps")
+    (result.checkpoint_dir / "state.json").write_text(json.dumps(state))
+    resumed = train_mpo(
+        dataclasses.replace(config, max_steps=4), init=init_dir, pairs=pairs, out_dir=tmp_path / "mpo"
+    )
+    assert resumed.losses[:3] == expected_losses
+    assert json.loads((resumed.checkpoint_dir / "state.json").read_text())["reference_logps"] == stored
 
 
 def test_mpo_trains_on_prompts_with_images_through_the_media_lookup(init_dir, tmp_path):

@@ -32,13 +32,15 @@ from keyeflow.model.processor import MediaPatches
 from keyeflow.model.tokenizer import load_tokenizer
 from keyeflow.steps.posttrain import record_hint_levels
 from keyeflow.synthetic.longcot_questions import generate_longcot_questions
+from keyeflow.training import distributed, rl
 from keyeflow.training.config import GSPOStageConfig
-from keyeflow.training.engine import LATEST, read_metrics
+from keyeflow.training.engine import LATEST, Engine, read_metrics
 from keyeflow.training.hints import HintConfig
-from keyeflow.training.losses import GSPOConfig
+from keyeflow.training.losses import GSPOConfig, gspo_loss
 from keyeflow.training.rl import (
     RolloutInputMismatch,
     check_rollout_training_inputs,
+    completion_features,
     pass_rate_filter,
     rejection_sampling_round,
     rule_reward_fn,
@@ -538,3 +540,123 @@ def test_rejection_sampling_round_replaces_references_it_prefers(generator):
     assert (out.records[0].num_sampled, out.records[1].num_verified) == (3, 0)
     with pytest.raises(ValueError, match="must end with the reference assistant"):
         rejection_sampling_round(generator, [{"id": "q", "messages": user("hi")}], verify, prefer, k=2)
+
+
+# ------------------------------------------------------------------------------------ the packed update
+
+
+def sampled_part(generator: LocalGenerator, items: list[dict]) -> list[tuple]:
+    """The G sampled responses of each item as `_updates` trains them (inputs, advantage, completion, prompt
+    key), with advantages that are all non-zero."""
+    sampled = generator.generate(
+        [i["messages"] for i in items], n=G, max_new_tokens=MAX_NEW, temperature=1.0, seed=5, logprobs=True
+    )
+    part = []
+    for key, (item, completions) in enumerate(zip(items, sampled)):
+        prompt = generator.encode_prompt(item["messages"])
+        for j, completion in enumerate(completions):
+            advantage = (j - (G - 1) / 2) / G
+            part.append((completion_features(prompt, completion.token_ids), advantage, completion, key))
+    return part
+
+
+def update_gradients(config: GSPOStageConfig, init_dir, part: list[tuple]) -> tuple[dict, dict]:
+    """The gradients of one GSPO update over `part` (one mini-batch, the KL term on, so the reference is
+    scored as well) and the update's statistics."""
+    dist = distributed.setup()
+    engine = Engine(load_keye_checkpoint(init_dir), dist=dist, learning_rate=1e-3, lr_at=lambda _: 1e-3,
+                    grad_clip=0.0, train_mode=False)  # fmt: skip
+    reference = load_keye_checkpoint(init_dir).eval().requires_grad_(False)
+    grads = {}
+
+    def step() -> float:
+        grads.update({n: p.grad.clone() for n, p in engine.model.named_parameters() if p.grad is not None})
+        return 0.0
+
+    engine.step = step
+    [update], _ = rl._updates(config, engine, reference, [part], len(part))
+    return grads, update
+
+
+def test_token_budget_micro_batches_give_the_one_batch_gradients(generator, init_dir):
+    part = sampled_part(generator, [TEXT_ITEMS[0], IMAGE_ITEM, TEXT_ITEMS[1]])
+    config = stage(mini_batches_per_step=1, gspo=GSPOConfig(epsilon_low=0.2, epsilon_high=0.2, kl_coef=0.1))
+    lengths = [len(f) for f, *_ in part]
+    budget = max(lengths) + min(lengths)  # the longest (an image prompt's) response fits, text ones pack
+    cuts = rl.micro_batches(part, budget)
+    assert len(cuts) >= 3 and any(len(rows) > 1 for rows in cuts)  # really several packed micro-batches
+    one, one_update = update_gradients(config, init_dir, part)
+    micro, micro_update = update_gradients(
+        dataclasses.replace(config, max_tokens_per_micro_batch=budget), init_dir, part
+    )
+    assert one.keys() == micro.keys() and any(n.startswith("vision") for n in one)
+    for name, grad in one.items():
+        torch.testing.assert_close(micro[name], grad, rtol=0, atol=1e-6, msg=name)
+    assert max(g.abs().max() for g in one.values()) > 1e-3  # gradients large enough for 1e-6 to mean much
+    for key in ("loss", "mean_ratio", "kl", "clip_fraction"):
+        assert micro_update[key] == pytest.approx(one_update[key], rel=1e-6, abs=1e-7), key
+    with pytest.raises(ValueError, match="longer than GSPOStageConfig.max_tokens_per_micro_batch=5"):
+        rl.micro_batches(part, 5)
+
+
+def test_the_vit_once_per_prompt_gives_the_per_response_loss_and_gradients(generator, init_dir):
+    part = sampled_part(generator, [IMAGE_ITEM, TEXT_ITEMS[0]])
+    model = load_keye_checkpoint(init_dir).double().eval()
+    config = GSPOConfig(epsilon_low=0.2, epsilon_high=0.2)
+    advantages = torch.tensor([a for _, a, _, _ in part], dtype=torch.float64)
+    features = [f for f, *_ in part]
+
+    def gradients() -> dict[str, torch.Tensor]:
+        out = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        model.zero_grad(set_to_none=True)
+        return out
+
+    # The ViT on every response's copy of the pixels, one forward.
+    logps, mask = rl.packed_completion_logprobs(model, features)
+    per_response = gspo_loss(config, logps, advantages, mask, old_logps=logps.detach() - 0.01)
+    per_response.loss.backward()
+    expected = gradients()
+
+    # The ViT once per prompt, shared by its responses over two micro-batches, its backward once.
+    vision = rl.PromptVision(model, part, grad=True)
+    assert list(vision.prompts) == [0]  # only the image prompt has pixels
+    loss = 0.0
+    for rows in (range(3), range(3, len(part))):  # the image prompt's 4 responses span both micro-batches
+        keys = [part[i][3] for i in rows]
+        logps, mask = rl.packed_completion_logprobs(
+            model, [features[i] for i in rows], vision_embeddings=vision.embeddings(keys)
+        )
+        out = gspo_loss(config, logps, advantages[list(rows)], mask, old_logps=logps.detach() - 0.01)
+        (out.loss * len(rows) / len(part)).backward()
+        loss += out.loss.item() * len(rows) / len(part)
+        vision.done(keys)
+        assert (0 in vision.leaves) == (
+            rows[0] == 0
+        )  # the ViT's backward waits for the prompt's last response
+    shared = gradients()
+
+    assert loss == pytest.approx(per_response.loss.item(), rel=1e-12)
+    assert shared.keys() == expected.keys() and any(n.startswith("vision") for n in expected)
+    for name, grad in expected.items():
+        torch.testing.assert_close(shared[name], grad, rtol=1e-9, atol=1e-12, msg=name)
+
+
+def test_gspo_with_a_token_budget_trains_as_the_one_batch_update(init_dir, tmp_path):
+    items = [*TEXT_ITEMS, IMAGE_ITEM]
+    runs = {
+        budget: train_gspo(stage(hints=None, max_tokens_per_micro_batch=budget), init=init_dir, items=items,
+                           reward_fn=letter_reward, out_dir=tmp_path / str(budget), media_lookup=media_lookup)
+        for budget in (None, 64)
+    }  # fmt: skip
+    [one], [micro] = runs[None].history, runs[64].history
+    assert micro["num_active_responses"] == one["num_active_responses"] == 3 * G
+    for first, second in zip(one["updates"], micro["updates"], strict=True):
+        for key in ("loss", "mean_ratio", "grad_norm", "clip_fraction"):
+            assert second[key] == pytest.approx(first[key], rel=1e-5, abs=1e-7), key
+    assert micro["updates"][0]["max_abs_log_ratio"] == 0.0  # the first mini-batch's ratio is still exactly 1
+    state = json.loads((runs[64].checkpoint_dir / "state.json").read_text())
+    assert state["config"]["max_tokens_per_micro_batch"] == 64
+    assert (
+        "max_tokens_per_micro_batch"
+        not in json.loads((runs[None].checkpoint_dir / "state.json").read_text())["config"]
+    )  # off: the config (and its hash) is what it was before the field existed
