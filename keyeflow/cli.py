@@ -780,7 +780,7 @@ def plan(
         console.print(table)
         console.print(
             "model state = weights + gradients + optimizer; activations = LLM layers + logit chunks; other = "
-            "ZeRO buffers, reference model, rollout KV cache, reserve (--json: every component)",
+            "ZeRO/FSDP buffers, rollout KV cache, reserve (--json: every component)",
             soft_wrap=True,
         )
         for note in sorted({n for p in plans for n in p.notes}):

@@ -2,7 +2,7 @@
 
 `plan_pretrain(recipe, cluster)` and `plan_posttrain(recipe, cluster)` give one `StagePlan` per stage: the
 bytes each GPU holds for parameters, gradients, optimizer state, activations, the loss's logit chunks, the
-ViT, and whatever the loop adds (MPO's reference model, GSPO's rollout KV cache), under the stage's layout
+ViT, and whatever the loop adds (GSPO's rollout KV cache), under the stage's layout
 (DeepSpeed ZeRO stage, sequence/pipeline parallel sizes, activation checkpointing, bf16, offload), and
 whether that fits the card, with the reason when it does not. The pretrain and posttrain flows check their
 recipe with it first (`check_fits`), so an 8B recipe that cannot train is refused before stage 1 rather than
@@ -72,7 +72,6 @@ COMPONENTS = (
     "logit_chunks",
     "vit",
     "zero_buffers",
-    "reference_model",
     "rollout_kv_cache",
     "reserve",
 )
@@ -123,8 +122,7 @@ class StagePlan:
 
     def grouped(self) -> dict[str, int]:
         """The components in four groups: weights, gradients and optimizer state ("model state"), the LLM's
-        activations with the logit chunks, the ViT's, and the rest (buffers, reference model, KV cache,
-        reserve)."""
+        activations with the logit chunks, the ViT's, and the rest (buffers, KV cache, reserve)."""
         c = self.components
         state = c["parameters"] + c["gradients"] + c["optimizer"]
         llm = c["activations"] + c["logit_chunks"]
@@ -265,7 +263,6 @@ class _Layout:
     offload_optimizer: bool = False
     offload_params: bool = False
     zero_bucket: int = 0  # elements per ZeRO reduce/all-gather bucket
-    reference_model: bool = False
     kv_cache_tokens: int = 0
     problems: tuple[str, ...] = ()
     notes: tuple[str, ...] = ()
@@ -373,7 +370,6 @@ def plan_layout(layout: _Layout, sizes: ModelSizes, cluster: Cluster) -> StagePl
         vit_per_patch = per_patch
     vit = patches * vit_per_patch
 
-    reference = local_total * compute_bytes if layout.reference_model else 0
     kv = 2 * text.num_hidden_layers * text.num_key_value_heads * text.head_dim * 4
     kv_cache = layout.kv_cache_tokens * kv
 
@@ -385,7 +381,6 @@ def plan_layout(layout: _Layout, sizes: ModelSizes, cluster: Cluster) -> StagePl
         "logit_chunks": logit_chunks,
         "vit": vit,
         "zero_buffers": zero_buffers,
-        "reference_model": reference,
         "rollout_kv_cache": kv_cache,
     }
     components["reserve"] = RESERVE_FIXED + RESERVE_SHARE * sum(components.values())
@@ -470,8 +465,8 @@ def _with_notes(layout: _Layout, notes: tuple[str, ...]) -> _Layout:
 
 
 def _mpo_layout(mpo: MPOStageConfig, notes: tuple[str, ...]) -> _Layout:
-    # One batch of pairs_per_step chosen and rejected conversations, and a frozen reference model beside the
-    # policy (`preference.train_mpo`).
+    # One batch of pairs_per_step chosen and rejected conversations (`preference.train_mpo`); the reference
+    # log-probs were computed once per pair before training, so no second model is held.
     return _Layout(
         name="posttrain-3-mpo",
         world_size=1,
@@ -480,21 +475,22 @@ def _mpo_layout(mpo: MPOStageConfig, notes: tuple[str, ...]) -> _Layout:
         zero=None,
         bf16=False,
         checkpointing=mpo.activation_checkpointing,
-        reference_model=True,
         notes=notes + (f"one batch of {mpo.pairs_per_step} pairs, each side up to {mpo.max_length} tokens",),
     )
 
 
 def _gspo_layout(name: str, gspo: GSPOStageConfig, prompt_tokens: int, notes: tuple[str, ...]) -> _Layout:
     # Rollouts: one prompt's G responses are sampled together with a KV cache (fp32 weights, fp32 cache);
-    # the update: one padded forward over a mini-batch's responses (`rl.train_gspo`).
+    # the update: packed micro-batches of at most `max_tokens_per_micro_batch` tokens, else one padded forward
+    # over a mini-batch's responses (`rl.train_gspo`).
     length = prompt_tokens + gspo.max_new_tokens
     responses = math.ceil(gspo.prompts_per_step * gspo.group_size / gspo.mini_batches_per_step)
+    tokens = gspo.max_tokens_per_micro_batch or responses * length
     return _Layout(
         name=f"posttrain-{name}",
         world_size=1,
         trainable=None,
-        tokens=responses * length,
+        tokens=tokens,
         zero=None,
         bf16=False,
         checkpointing=gspo.activation_checkpointing,

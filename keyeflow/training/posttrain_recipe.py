@@ -221,6 +221,7 @@ def _keye_8b() -> PosttrainRecipe:
         learning_rate=1e-6,
         max_steps=500,
         mini_batches_per_step=4,
+        max_tokens_per_micro_batch=32_768,  # packed updates: a prompt and its response fit one
         gspo=GSPOConfig(),
         hints=HintConfig(rollouts_per_level=8),
         checkpoint_every=50,
