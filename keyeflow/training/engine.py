@@ -345,7 +345,15 @@ class Engine:
 
     # ------------------------------------------------------------------------------------------ checkpoints
 
-    def save(self, out_dir: Path, step: int, state: dict[str, Any], *, tokenizer: Any = None) -> Path:
+    def save(
+        self,
+        out_dir: Path,
+        step: int,
+        state: dict[str, Any],
+        *,
+        tokenizer: Any = None,
+        export_weights: bool = True,
+    ) -> Path:
         """Write step `step`'s checkpoint atomically and register it in `latest` (module docstring); with
         FSDP2 and `async_checkpoints`, its shards are still being written when this returns, and it is
         registered later (`wait_for_checkpoint`)."""
@@ -374,7 +382,13 @@ class Engine:
                 group=self.checkpoint_group,
                 asynchronous=self.async_checkpoints,
             )
-            sharding.export_model(self.model, tmp / "model", dist)
+            # The Hugging Face weights only when asked (a stage's last checkpoint, what the next stage loads):
+            # at scale the export is a second full copy of the weights on disk per checkpoint. Without it
+            # `model/` holds the config, enough to resume from `dcp/`.
+            if export_weights:
+                sharding.export_model(self.model, tmp / "model", dist)
+            elif dist.is_main:
+                sharding.write_config(self.model, tmp / "model", torch.float32)
         if dist.is_main:
             if not self.sharded:
                 self.module.save_pretrained(tmp / "model", state_dict=weights)

@@ -201,11 +201,17 @@ def export_model(model: nn.Module, path: Path, dist: distributed.Distributed) ->
     distributed.barrier(dist)  # the consolidated files are complete
     if dist.is_main:
         shutil.rmtree(path / "sharded")  # the per-rank pieces the files were assembled from
-        config = model.config
-        # What save_pretrained records (on an FSDP module its class is FSDP's subclass of ours).
-        config.architectures = [KeyeForConditionalGeneration.__name__]
-        config.dtype = next(iter(state.values())).dtype
-        config.save_pretrained(path)
+        write_config(model, path, next(iter(state.values())).dtype)
+
+
+def write_config(model: nn.Module, path: Path, dtype: torch.dtype) -> None:
+    """The model's `config.json` as `save_pretrained` records it (on an FSDP module its class is FSDP's
+    subclass of ours): alone, it is what a checkpoint without the weights export needs to rebuild the model
+    on the meta device for a resume from its `dcp/` shards."""
+    config = model.config
+    config.architectures = [KeyeForConditionalGeneration.__name__]
+    config.dtype = dtype
+    config.save_pretrained(path)
 
 
 def new_checkpoint_group(dist: distributed.Distributed) -> Any:

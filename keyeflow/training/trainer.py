@@ -289,6 +289,7 @@ def _train(
                     "deepspeed_zero": stage.deepspeed_zero,
                     **({"fsdp": True} if stage.fsdp else {}),
                 },
+                export_weights=step == stage.max_steps,
             )
             if dist.is_main:
                 sink.set_checkpoint(checkpoint_dir)

@@ -104,6 +104,10 @@ def test_two_sharded_ranks_equal_one_process_and_resume_on_one_rank(data, refere
     ]
     assert_same_weights(load_keye_checkpoint(saved / "model").state_dict(), final_weights)
 
+    # a checkpoint before the stage's end carries no weights export (its `dcp/` shards are the state), only
+    # the config a resume rebuilds the model from
+    assert sorted(p.name for p in (out / "step-00000002" / "model").iterdir()) == ["config.json"]
+
     # the step-2 checkpoint (written asynchronously while step 3 trained) resumed on 1 rank
     resume_at(out, 2)
     one = run_trainer(spec_file(tmp_path / "one.json", data, SHARDED, out))
