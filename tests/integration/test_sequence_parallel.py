@@ -4,9 +4,8 @@ padded) give the same gathered logits, loss, token log-probs and, summed over th
 of every parameter; the ViT split over the group by frame cost gives the same embeddings and gradients (a
 rank with no frame included); KV heads fewer than the group are repeated correctly.
 
-The ranks are two processes forked by a module fixture; the one-process reference runs in the test process
-meanwhile. Forking (not spawning) saves each rank seconds of importing torch and transformers; the children
-touch no Lance dataset, so Lance's fork-safety warning does not apply to them.
+The ranks are two processes spawned by a module fixture; the one-process reference runs in the test process
+meanwhile.
 """
 
 from __future__ import annotations
@@ -31,8 +30,6 @@ from keyeflow.training.balance import CostModel
 PATCH, MERGE = 14, 2
 WORLD = 2
 TOLERANCE = 1e-5
-
-pytestmark = pytest.mark.filterwarnings("ignore:lance is not fork-safe")
 
 
 def frame(height: int, width: int, seed: int) -> np.ndarray:
@@ -133,7 +130,7 @@ def run_all(sp: SequenceParallel | None) -> dict:
 
 
 def run_rank(rank: int, port: int, out: Path) -> None:
-    torch.set_num_threads(1)  # a forked child must not use the parent's OpenMP pool
+    torch.set_num_threads(1)  # two ranks and the reference share the machine
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD)
     try:
         # Frames spread by the loader balancer's cost, as the trainer will pass it.
@@ -150,8 +147,10 @@ def runs(tmp_path_factory) -> tuple[dict, list[dict]]:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    fork = multiprocessing.get_context("fork")
-    ranks = [fork.Process(target=run_rank, args=(rank, port, out)) for rank in range(WORLD)]
+    # spawn, not fork: by this point of a full run the test process holds Lance's and Prefect's threads,
+    # which a forked child inherits in whatever state they were
+    spawn = multiprocessing.get_context("spawn")
+    ranks = [spawn.Process(target=run_rank, args=(rank, port, out)) for rank in range(WORLD)]
     for rank in ranks:
         rank.start()
     reference = run_all(None)
