@@ -137,13 +137,13 @@ class LaunchConfig:
         if self.launcher == "slurm":
             nodes = self.nodes()
             endpoint = f"{_slurm_first_host()}:{self.master_port or C10D_PORT}"
-            job = _slurm_env("SLURM_JOB_ID")
+            allocation = _slurm_env("SLURM_JOB_ID")
             return [
                 "srun",
                 f"--nodes={nodes}",
                 "--ntasks-per-node=1",  # one torchrun agent per machine; it starts the machine's ranks
                 "--kill-on-bad-exit=1",  # one failed agent ends the job instead of leaving the others waiting
-                *_torchrun(nodes, self.nproc_per_node, endpoint, f"keyeflow-{job}-{spec.parent.name}"),
+                *_torchrun(nodes, self.nproc_per_node, endpoint, f"keyeflow-{allocation}-{spec.parent.name}"),
                 "-m",
                 *job,
             ]

@@ -102,5 +102,6 @@ def test_slurm_launch_trains_across_two_agents_like_one_process(multirank_traini
     (srun_args,) = slurm.read_text().splitlines()
     assert srun_args.startswith("--nodes=2 --ntasks-per-node=1 --kill-on-bad-exit=1 ")
     assert "--rdzv-endpoint localhost:29400 --rdzv-id keyeflow-4242-run" in srun_args
+    assert srun_args.endswith(f"-m keyeflow.steps.train_job {tmp_path / 'run' / 'launch-spec.json'}")
     assert result.losses == pytest.approx(reference, rel=RTOL)  # 2 agents × 1 rank = 1 process
     assert json.loads((result.checkpoint_dir / STATE).read_text())["world_size"] == 2
