@@ -300,6 +300,8 @@ def _stage_layout(stage: StageConfig, world_size: int) -> _Layout:
 
 
 def plan_layout(layout: _Layout, sizes: ModelSizes, cluster: Cluster) -> StagePlan:
+    """One stage's bytes per GPU under `layout` (module docstring: where each number comes from), and whether
+    they fit `cluster`'s cards."""
     config = sizes.config
     text = config.text_config
     sp, pp, tp = layout.sequence_parallel, layout.pipeline_parallel, layout.tensor_parallel
