@@ -401,13 +401,16 @@ def main() -> None:
     parser.add_argument("--image-tokens", type=int, default=256)
     args = parser.parse_args()
 
-    big = Path(tempfile.mkdtemp(prefix="bench-loader-big-"))
-    os.environ["KEYEFLOW_HOME"] = str(big)
-    fetch_part(args)
-    home = Path(tempfile.mkdtemp(prefix="bench-loader-"))
-    os.environ["KEYEFLOW_HOME"] = str(home)
-    loader_part(args, home)
-    storage_part()
+    # Temporary homes, removed at the end (the 1M-row table alone is ~20 MB)
+    with tempfile.TemporaryDirectory(prefix="bench-loader-") as scratch:
+        big, home = Path(scratch) / "big", Path(scratch) / "home"
+        big.mkdir()
+        home.mkdir()
+        os.environ["KEYEFLOW_HOME"] = str(big)
+        fetch_part(args)
+        os.environ["KEYEFLOW_HOME"] = str(home)
+        loader_part(args, home)
+        storage_part()
 
 
 if __name__ == "__main__":
