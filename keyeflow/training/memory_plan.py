@@ -40,6 +40,7 @@ parallelism (no stage config has it), host memory of offloaded state.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 from collections.abc import Iterable
@@ -455,15 +456,11 @@ def plan_posttrain(
         [recipe.sft, recipe.sft_anneal, recipe.reward_model_stage, recipe.longcot, recipe.expert]
     ):
         layout = _stage_layout(stage, 1)
-        plans.append(plan_layout(_with_notes(layout, note), sizes, one))
+        plans.append(plan_layout(dataclasses.replace(layout, notes=layout.notes + note), sizes, one))
     plans.append(plan_layout(_mpo_layout(recipe.mpo, note), sizes, one))
     for name, gspo in (("gspo", recipe.gspo), ("alignment-rl", recipe.alignment)):
         plans.append(plan_layout(_gspo_layout(name, gspo, rl_prompt_tokens, note), sizes, one))
     return plans
-
-
-def _with_notes(layout: _Layout, notes: tuple[str, ...]) -> _Layout:
-    return _Layout(**{**layout.__dict__, "notes": layout.notes + notes})
 
 
 def _mpo_layout(mpo: MPOStageConfig, notes: tuple[str, ...]) -> _Layout:
@@ -581,23 +578,22 @@ def compare_layouts(
     kv_dim = text.num_key_value_heads * text.head_dim
     attention = 6 * tokens * (tokens + 1) * text.head_dim * text.num_attention_heads * text.num_hidden_layers
     flops = 6 * llm * tokens + attention
+    world = cluster.world_size
+    base = _stage_layout(stage, world)
+    trained_elements = sum(sizes.trained(stage.trainable_prefixes()).values())
     out = []
     for zero, sp, pp, tp in candidates:
-        world = cluster.world_size
         if world % (sp * pp * tp):
             continue
         dp = world // (sp * pp * tp)
-        layout = _stage_layout(stage, world)
-        layout = _Layout(
-            **{
-                **layout.__dict__,
-                "zero": zero,
-                "fsdp": False,
-                "sequence_parallel": sp,
-                "pipeline_parallel": pp,
-                "tensor_parallel": tp,
-                "problems": (),
-            }
+        layout = dataclasses.replace(
+            base,
+            zero=zero,
+            fsdp=False,
+            sequence_parallel=sp,
+            pipeline_parallel=pp,
+            tensor_parallel=tp,
+            problems=(),
         )
         plan = plan_layout(layout, sizes, cluster)
         micro_batches = max(1, math.ceil(stage.window_size / dp))
@@ -614,8 +610,7 @@ def compare_layouts(
         if tp > 1:
             volume[link(tp)] += 6 * layers * 2 * (tokens / sp) * text.hidden_size * e * (tp - 1) / tp
         weights = plan.components["parameters"] * (group if zero >= 3 else 1)  # the stage's whole weights
-        trained = sizes.trained(stage.trainable_prefixes())
-        grads = sum(trained.values()) * e / (pp * tp)
+        grads = trained_elements * e / (pp * tp)
         share = (group - 1) / group
         if zero >= 3:
             volume[link(group)] += (3 * weights + grads) * share
