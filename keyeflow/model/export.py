@@ -158,8 +158,29 @@ def export_keye(
     checkpoint, out = Path(checkpoint), Path(out_dir)
     if out.exists() and any(out.iterdir()):
         raise FileExistsError(f"export directory {out} is not empty")
-    model = load_keye_checkpoint(checkpoint)
-    tokenizer = checkpoint_tokenizer(checkpoint)
+    return export_model(
+        load_keye_checkpoint(checkpoint), checkpoint_tokenizer(checkpoint), out, dtype=dtype,
+        max_shard_bytes=max_shard_bytes,
+    )  # fmt: skip
+
+
+def export_model(
+    model: torch.nn.Module,
+    tokenizer,
+    out_dir: str | Path,
+    *,
+    dtype: str = "bf16",
+    max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+) -> Path:
+    """`export_keye` of a model in memory (RL weight sync writes the policy being trained, with no checkpoint
+    in between); `out_dir` must be empty or absent."""
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype {dtype!r}: one of {sorted(DTYPES)}")
+    if max_shard_bytes < 1:
+        raise ValueError(f"max_shard_bytes={max_shard_bytes}: must be >= 1")
+    out = Path(out_dir)
+    if out.exists() and any(out.iterdir()):
+        raise FileExistsError(f"export directory {out} is not empty")
     out.mkdir(parents=True, exist_ok=True)
 
     state = keye_state_dict(model, DTYPES[dtype])

@@ -360,6 +360,23 @@ class LocalGenerator:
         )
         return [self._completion(i, lp, f, logprobs) for i, lp, f in zip(ids, row_logprobs, finish)]
 
+    def generate_from_features(
+        self,
+        prompt: Features,
+        *,
+        n: int = 1,
+        max_new_tokens: int = 256,
+        temperature: float = 1.0,
+        seed: int | None = None,
+        logprobs: bool = True,
+    ) -> list[Completion]:
+        """`generate_one` of a prompt already encoded (a token-id request: `keyeflow.model.rollout_protocol`);
+        the same prompt Features and seed give the same completions."""
+        check_generate_args(n, max_new_tokens, temperature, seed)
+        request_seed = seed if seed is not None else secrets.randbits(63)
+        ids, row_logprobs, finish = self._sample(prompt, n, max_new_tokens, float(temperature), request_seed)
+        return [self._completion(i, lp, f, logprobs) for i, lp, f in zip(ids, row_logprobs, finish)]
+
     def _completion(
         self, ids: list[int], logprobs: list[float], finish: str, with_logprobs: bool
     ) -> Completion:

@@ -10,6 +10,14 @@ Endpoints:
   `message.content`, `finish_reason` and `logprobs.content[{token, logprob, bytes, top_logprobs: []}]`, and
   `usage`. A request's seed is used as given (`LocalGenerator.generate_one`), so `OpenAICompatibleGenerator`,
   which sends `conversation_seed(seed, messages)`, gets what `LocalGenerator.generate` gives in process.
+- `POST /v1/completions`: token ids in and out for RL rollouts (`keyeflow.model.rollout_protocol` documents
+  the request: `prompt` as token ids, `n`, `max_tokens`, `temperature`, `seed`, `logprobs` 0,
+  `return_token_ids`, `return_tokens_as_token_ids`, `stop_token_ids`, `multi_modal_data` with the image and
+  Slow/Fast video patches and grids) → `choices[i]` with `text`, `token_ids`, `finish_reason` and
+  `logprobs {tokens, token_logprobs, top_logprobs, text_offset}`.
+- `POST /update_weights_from_disk {"model_path"}` (only with `--enable-weight-reload`; SGLang's name and
+  fields): load an export (`keyeflow.model.export`) in place of the served weights, between requests →
+  `{"success", "message"}`. Off by default: it reads any directory the server process can read.
 - `GET /v1/models`, `GET /health`.
 
 Limits, each answered with a clear 400 rather than ignored: text only (content a string or `text` parts;
@@ -45,6 +53,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from keyeflow.model.auth import API_KEY_ENV, OPEN_PATHS, bearer_ok
 from keyeflow.model.generation import LocalGenerator
+from keyeflow.model.rollout_protocol import OUR_OWNER, TOKEN_ID_PREFIX, request_features
 
 logger = logging.getLogger(__name__)
 
@@ -70,6 +79,35 @@ class ChatCompletionRequest(BaseModel):
     stop: str | list[str] | None = None
     top_p: float | None = None
     top_k: int | None = None
+
+
+class CompletionRequest(BaseModel):
+    """The fields of a token-id `/v1/completions` request this server reads (`rollout_protocol`)."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    model: str | None = None
+    prompt: list[int] | str
+    n: int = Field(1, ge=1, le=128)
+    max_tokens: int = Field(16, ge=1)  # OpenAI's completions default
+    temperature: float = Field(1.0, ge=0.0)
+    seed: int | None = None
+    logprobs: int | None = Field(None, ge=0)
+    return_token_ids: bool = False
+    return_tokens_as_token_ids: bool = False
+    stop_token_ids: list[int] | None = None
+    multi_modal_data: dict[str, Any] | None = None
+    stream: bool = False
+    echo: bool = False
+    stop: str | list[str] | None = None
+    top_p: float | None = None
+    top_k: int | None = None
+
+
+class ReloadRequest(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    model_path: str
 
 
 class _RequestError(Exception):
@@ -111,11 +149,19 @@ def _unsupported(request: ChatCompletionRequest) -> str | None:
     return None
 
 
-def create_app(generator: LocalGenerator, model_name: str, api_key: str | None = None) -> FastAPI:
+def create_app(
+    generator: LocalGenerator,
+    model_name: str,
+    api_key: str | None = None,
+    *,
+    weight_reload: bool = False,
+) -> FastAPI:
     """The FastAPI app serving `generator` under the name `model_name`; with `api_key`, every request but
-    the health check must carry it as a bearer token."""
+    the health check must carry it as a bearer token; with `weight_reload`, `/update_weights_from_disk`
+    replaces the served weights."""
     app = FastAPI(title="keyeflow model server", docs_url=None, redoc_url=None)
-    lock = threading.Lock()
+    lock = threading.Lock()  # one generation or reload at a time; a reload waits for the running request
+    served = {"generator": generator}  # swapped whole by a reload
     created = int(time.time())
 
     if api_key:
@@ -155,7 +201,7 @@ def create_app(generator: LocalGenerator, model_name: str, api_key: str | None =
     def models() -> dict:
         return {
             "object": "list",
-            "data": [{"id": model_name, "object": "model", "created": created, "owned_by": "keyeflow"}],
+            "data": [{"id": model_name, "object": "model", "created": created, "owned_by": OUR_OWNER}],
         }
 
     @app.post("/v1/chat/completions")
@@ -171,6 +217,7 @@ def create_app(generator: LocalGenerator, model_name: str, api_key: str | None =
         max_tokens = request.max_completion_tokens or request.max_tokens or DEFAULT_MAX_TOKENS
         try:
             with lock:
+                generator = served["generator"]
                 num_prompt_tokens = generator.num_prompt_tokens(messages)
                 completions = generator.generate_one(
                     messages, n=request.n, max_new_tokens=max_tokens, temperature=request.temperature,
@@ -215,7 +262,124 @@ def create_app(generator: LocalGenerator, model_name: str, api_key: str | None =
             "usage": usage,
         }
 
+    @app.post("/v1/completions")
+    def completions(request: CompletionRequest) -> dict:
+        if request.model is not None and request.model != model_name:
+            raise _RequestError(
+                404, f"model {request.model!r} not found; this server serves {model_name!r}", "NotFoundError"
+            )
+        problem = _unsupported_completion(request)
+        if problem:
+            raise _RequestError(400, problem)
+        try:
+            with lock:
+                generator = served["generator"]
+                stops = set(request.stop_token_ids or ())
+                if not stops <= generator.stop_token_ids:
+                    raise _RequestError(
+                        400,
+                        f"stop_token_ids {sorted(stops - generator.stop_token_ids)} are not the model's stop "
+                        f"tokens {sorted(generator.stop_token_ids)} (the only ones this server stops on)",
+                    )
+                prompt = request_features(request.prompt, request.multi_modal_data, generator.model.config)
+                completions = generator.generate_from_features(
+                    prompt, n=request.n, max_new_tokens=request.max_tokens, temperature=request.temperature,
+                    seed=request.seed, logprobs=True,
+                )  # fmt: skip
+        except (ValueError, TypeError) as error:
+            raise _RequestError(400, str(error)) from error
+        choices = []
+        for index, completion in enumerate(completions):
+            choice: dict[str, Any] = {
+                "index": index,
+                "text": completion.text,
+                "finish_reason": completion.finish_reason,
+                "logprobs": None,
+            }
+            if request.return_token_ids:
+                choice["token_ids"] = completion.token_ids
+                choice["prompt_token_ids"] = request.prompt
+            if request.logprobs is not None:
+                tokens = (
+                    [f"{TOKEN_ID_PREFIX}{i}" for i in completion.token_ids]
+                    if request.return_tokens_as_token_ids
+                    else completion.tokens
+                )
+                choice["logprobs"] = {
+                    "tokens": tokens,
+                    "token_logprobs": [
+                        lp if math.isfinite(lp) else MIN_LOGPROB for lp in completion.token_logprobs
+                    ],
+                    "top_logprobs": None,
+                    "text_offset": completion.token_offsets,
+                }
+            choices.append(choice)
+        num_completion_tokens = sum(len(c.token_ids) for c in completions)
+        return {
+            "id": f"cmpl-{uuid.uuid4().hex}",
+            "object": "text_completion",
+            "created": int(time.time()),
+            "model": model_name,
+            "choices": choices,
+            "usage": {
+                "prompt_tokens": len(request.prompt),
+                "completion_tokens": num_completion_tokens,
+                "total_tokens": len(request.prompt) + num_completion_tokens,
+            },
+        }
+
+    @app.post("/update_weights_from_disk")
+    def update_weights_from_disk(request: ReloadRequest) -> JSONResponse:
+        if not weight_reload:
+            return JSONResponse(
+                {
+                    "success": False,
+                    "message": "weight reload is off (start the server with --enable-weight-reload)",
+                },
+                status_code=404,
+            )
+        current = served["generator"]
+        try:
+            # Loaded outside the lock (requests keep running on the old weights), swapped under it.
+            loaded = LocalGenerator(request.model_path, device=current.device)
+        except (ValueError, OSError, KeyError) as error:
+            return JSONResponse(
+                {"success": False, "message": f"could not load {request.model_path}: {error}"},
+                status_code=400,
+            )
+        old, new = current.model.config.text_config, loaded.model.config.text_config
+        if (old.vocab_size, old.hidden_size, old.num_hidden_layers) != (
+            new.vocab_size,
+            new.hidden_size,
+            new.num_hidden_layers,
+        ):
+            return JSONResponse(
+                {
+                    "success": False,
+                    "message": f"{request.model_path} is another architecture than the served model",
+                },
+                status_code=400,
+            )
+        with lock:
+            served["generator"] = loaded
+        logger.info("reloaded weights from %s", request.model_path)
+        return JSONResponse({"success": True, "message": f"loaded {request.model_path}"})
+
     return app
+
+
+def _unsupported_completion(request: CompletionRequest) -> str | None:
+    if isinstance(request.prompt, str):
+        return "prompt must be a list of token ids (this server takes no text prompts on /v1/completions)"
+    if request.stream or request.echo:
+        return "stream and echo are not supported"
+    if request.stop:
+        return "stop strings are not supported (use stop_token_ids)"
+    if request.top_p not in (None, 1, 1.0) or request.top_k not in (None, 0, -1):
+        return "top_p/top_k other than their defaults are not supported"
+    if request.logprobs:
+        return "logprobs > 0 is not supported (0: only the sampled token's logprob is returned)"
+    return None
 
 
 def _is_loopback(host: str) -> bool:
@@ -236,6 +400,7 @@ def serve(
     device: str = "cpu",
     log_level: str = "info",
     api_key: str | None = None,
+    weight_reload: bool = False,
 ) -> None:
     """Load the model at `model_path` and serve it until interrupted (SIGINT/SIGTERM). `port=0` takes any
     free port; the address actually bound is printed (`keyeflow serving NAME at http://HOST:PORT`).
@@ -246,7 +411,7 @@ def serve(
     api_key = api_key or os.environ.get(API_KEY_ENV) or None
     generator = LocalGenerator(model_path, device=device)
     name = served_model_name or str(model_path)
-    app = create_app(generator, name, api_key)
+    app = create_app(generator, name, api_key, weight_reload=weight_reload)
     if not _is_loopback(host) and not api_key:
         logger.warning(
             "serving on %s without a token (--api-key or %s): anyone who reaches it can use it",
@@ -292,6 +457,11 @@ def main(argv: list[str] | None = None) -> None:
         "keeps it out of the process list)",
     )
     parser.add_argument(
+        "--enable-weight-reload",
+        action="store_true",
+        help="serve POST /update_weights_from_disk (RL weight sync; loads any directory this process reads)",
+    )
+    parser.add_argument(
         "--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"]
     )
     args = parser.parse_args(argv)
@@ -300,7 +470,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     serve(
         args.model, args.host, args.port, served_model_name=args.served_model_name, device=args.device,
-        log_level=args.log_level, api_key=args.api_key,
+        log_level=args.log_level, api_key=args.api_key, weight_reload=args.enable_weight_reload,
     )  # fmt: skip
 
 
