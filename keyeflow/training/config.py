@@ -360,6 +360,45 @@ class MPOStageConfig:
         return config_hash(_unhashed_checkpointing(self.to_dict()), compact=True)
 
 
+ROLLOUT_SYNC_DTYPES = ("bf16", "fp32")
+
+
+@dataclass(frozen=True, kw_only=True)
+class RolloutServerConfig:
+    """GSPO rollouts through an OpenAI-compatible server, token ids in and out
+    (`keyeflow.model.rollout_protocol`), with the policy's weights synced to it after every update
+    (`keyeflow.training.rollout`).
+
+    ``url``: the server's API root with ``/v1`` (vLLM, SGLang or ``keyeflow.model.serving`` started with
+    ``--enable-weight-reload``), on a machine that reads the run's ``out_dir`` (the exports are loaded from
+    there); None: the run starts our own server on 127.0.0.1 itself and stops it at the end (one machine,
+    tests). ``served_model_name``: the name requests ask for. ``sync_dtype``: the dtype of the weights
+    exported for the server ("bf16" as a serving engine runs; "fp32" keeps rollouts bit-equal to the trainer's
+    on our server); it sets the log-prob tolerance of the sync check (`rollout.LOGPROB_TOLERANCE`).
+    ``api_key_env``: the environment variable holding the server's bearer token (None: no token).
+    ``max_concurrency``: conversations in flight at once.
+    """
+
+    url: str | None = None
+    served_model_name: str = "policy"
+    sync_dtype: str = "bf16"
+    api_key_env: str | None = None
+    timeout_s: float = 600.0
+    max_concurrency: int = 8
+
+    def __post_init__(self) -> None:
+        if self.url is not None and not str(self.url).startswith(("http://", "https://")):
+            raise invalid("RolloutServerConfig", "url", self.url, "must start with http:// or https://")
+        if not self.served_model_name:
+            raise invalid("RolloutServerConfig", "served_model_name", self.served_model_name, "must be set")
+        if self.sync_dtype not in ROLLOUT_SYNC_DTYPES:
+            raise invalid(
+                "RolloutServerConfig", "sync_dtype", self.sync_dtype, f"one of {ROLLOUT_SYNC_DTYPES}"
+            )
+        check_number("RolloutServerConfig", "timeout_s", self.timeout_s, minimum=0, strict=True)
+        check_int("RolloutServerConfig", "max_concurrency", self.max_concurrency, minimum=1)
+
+
 @dataclass(frozen=True, kw_only=True)
 class GSPOStageConfig:
     """One GSPO stage (`keyeflow.training.rl`). Counts are per optimizer step unless said otherwise.
@@ -376,7 +415,9 @@ class GSPOStageConfig:
     between checkpoints (and the last step). ``max_tokens_per_micro_batch``: cap on the tokens (prompt +
     completion) of one packed micro-batch of the update; a mini-batch then takes as many forward/backward
     passes as its responses need, accumulated to the same gradient, with the ViT run once per prompt (None:
-    each rank's part of a mini-batch is one padded forward). ``max_reward_error_share``: a prompt whose
+    each rank's part of a mini-batch is one padded forward). ``rollout_server``: where rollouts are sampled
+    (None: in process, by the policy itself; a `RolloutServerConfig`: over HTTP, weights synced after every
+    update). ``max_reward_error_share``: a prompt whose
     reward failed for any of its responses is left out of its step's update (recorded in the step's hint
     file, counted in ``num_reward_errors``); more such prompts than this share of the step's stops the run
     (`keyeflow.quality.errors`). Not part of `config_hash`: it decides whether a run stops on failures (like a
@@ -400,9 +441,14 @@ class GSPOStageConfig:
     activation_checkpointing: str = "off"  # as StageConfig's (not hashed); the policy trains in eval mode
     # None: left out of `to_dict`, so configs (and hashes) from before the field existed stay the same.
     max_tokens_per_micro_batch: int | None = None
+    rollout_server: RolloutServerConfig | None = None  # None: left out of `to_dict` (hashes stay the same)
 
     def __post_init__(self) -> None:
         _check_checkpointing("GSPOStageConfig", self.activation_checkpointing)
+        if self.rollout_server is not None and not isinstance(self.rollout_server, RolloutServerConfig):
+            raise invalid(
+                "GSPOStageConfig", "rollout_server", self.rollout_server, "must be a RolloutServerConfig"
+            )
         # Checked, not converted: the numbers are hashed as given (a stored hash must not change).
         for name, minimum in (
             ("prompts_per_step", 1),
@@ -471,6 +517,8 @@ class GSPOStageConfig:
         out = _without_default_checkpointing(dataclasses.asdict(self))
         if out["max_tokens_per_micro_batch"] is None:
             del out["max_tokens_per_micro_batch"]
+        if out["rollout_server"] is None:
+            del out["rollout_server"]
         return out
 
     def config_hash(self) -> str:

@@ -8,7 +8,9 @@ SFT trainer.
    `len(items) % prompts_per_step` items of an epoch's order wait for a later epoch), so step s's prompts
    follow from (seed, s) alone and a resumed run picks what the uninterrupted one would have.
 2. *Rollouts*: G completions per prompt from the current policy (`LocalGenerator` sharing the model being
-   trained: its KV-cached sampler, media resolved by `media_lookup`), seeded from (seed, step).
+   trained: its KV-cached sampler, media resolved by `media_lookup`), seeded from (seed, step); with
+   `rollout_server`, from a vLLM/SGLang/keyeflow server over HTTP, token ids in and out, its weights synced
+   after every step (`keyeflow.training.rollout`).
 3. *Rewards*: `reward_fn(item, response)` → a float in [0, 1] or a `Reward` (`rule_reward_fn` builds one
    from `keyeflow.quality.rewards`). The item handed over is the row with `messages` set to the conversation
    the response answered (so with the hint, when one was given). A reward that fails (`reward_fn` raises,
@@ -90,6 +92,8 @@ items than `max_error_share` stop the call.
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import hashlib
 import json
 import logging
@@ -137,6 +141,7 @@ from keyeflow.training.engine import (
 )
 from keyeflow.training.hints import HintConfig, HintRecord, item_hints, progressive_hint_sampling
 from keyeflow.training.losses import group_advantages, gspo_loss
+from keyeflow.training.rollout import RolloutInputMismatch, RolloutServer, first_difference
 
 log = logging.getLogger(__name__)
 
@@ -392,34 +397,14 @@ class PromptVision:
 # ================================================================================ input consistency check
 
 
-class RolloutInputMismatch(ValueError):
-    """The rollout and training paths built different model inputs; `field` and `position` say where first."""
-
-    def __init__(self, field_name: str, position: tuple[int, ...] | str, detail: str):
-        self.field = field_name
-        self.position = position
-        super().__init__(f"rollout and training inputs differ in {field_name} at {position}: {detail}")
-
-
-def _first_difference(name: str, rollout: torch.Tensor, training: torch.Tensor) -> None:
-    if rollout.shape != training.shape:
-        # Lengths differ: name the first index where the common prefix stops agreeing (or where one ends).
-        if rollout.ndim == training.ndim and rollout.ndim >= 1 and rollout.shape[1:] == training.shape[1:]:
-            common = min(rollout.shape[0], training.shape[0])
-            diff = (rollout[:common] != training[:common]).reshape(common, -1).any(dim=1).nonzero()
-            at = int(diff[0]) if len(diff) else common
-            raise RolloutInputMismatch(
-                name, (at,), f"shape {tuple(rollout.shape)} (rollout) vs {tuple(training.shape)} (training)"
-            )
-        raise RolloutInputMismatch(
-            name, "shape", f"{tuple(rollout.shape)} (rollout) vs {tuple(training.shape)} (training)"
+def trainer_logprobs(model: nn.Module, prompt: Features, token_ids: Sequence[int]) -> list[float]:
+    """The training forward's log-probs of `token_ids` after `prompt` (no grad): what a sampler's numbers are
+    checked against."""
+    with torch.no_grad():
+        logps, mask = completion_logprobs(
+            model, [completion_features(prompt, token_ids)], pad_token_id=_pad_id(model)
         )
-    diff = (rollout != training).nonzero()
-    if len(diff):
-        at = tuple(int(i) for i in diff[0])
-        raise RolloutInputMismatch(
-            name, at, f"rollout {rollout[at].item()} vs training {training[at].item()}"
-        )
+    return logps[0][mask[0]].tolist()
 
 
 def check_rollout_training_inputs(
@@ -480,11 +465,11 @@ def check_rollout_training_inputs(
     expected_labels = training.labels.clone()
     expected_labels[: min(len(prompt), len(expected_labels))] = IGNORE_INDEX
 
-    _first_difference("input_ids", rollout.input_ids, training.input_ids)
-    _first_difference("pixel_values", rollout.pixel_values, training.pixel_values)
-    _first_difference("grid_thw", rollout.grid_thw, training.grid_thw)
-    _first_difference("position_ids", rollout.position_ids, training.position_ids)
-    _first_difference("labels", rollout.labels, expected_labels)
+    first_difference("input_ids", rollout.input_ids, training.input_ids)
+    first_difference("pixel_values", rollout.pixel_values, training.pixel_values)
+    first_difference("grid_thw", rollout.grid_thw, training.grid_thw)
+    first_difference("position_ids", rollout.position_ids, training.position_ids)
+    first_difference("labels", rollout.labels, expected_labels)
 
     if logprob_atol is not None:
         model = generator.model
@@ -551,7 +536,7 @@ class _Timer:
 
 
 def _rollouts(
-    generator: LocalGenerator,
+    generator: Generator,
     config: GSPOStageConfig,
     messages_batch: list[list[dict]],
     seed: int,
@@ -664,7 +649,10 @@ def train_gspo(
                 f"GSPOStageConfig.prompts_per_step={config.prompts_per_step}: fewer prompts per step "
                 f"than the {dist.world_size} ranks (each rank rolls out at least one prompt)"
             )
-        return _train_gspo(config, init, items, reward_fn, out_dir, sink or NullSink(), media_lookup, dist)
+        with contextlib.ExitStack() as resources:  # closes what the run started (a rollout server)
+            return _train_gspo(
+                config, init, items, reward_fn, out_dir, sink or NullSink(), media_lookup, dist, resources
+            )
     finally:
         distributed.teardown(dist)
 
@@ -678,6 +666,7 @@ def _train_gspo(
     sink: MetricsSink,
     media_lookup: MediaLookup | None,
     dist: distributed.Distributed,
+    resources: contextlib.ExitStack,
 ) -> GSPOResult:
     items_hash = hashlib.sha256(json.dumps([i["id"] for i in items]).encode()).hexdigest()[:16]
 
@@ -726,6 +715,20 @@ def _train_gspo(
             media_lookup=media_lookup,
         )
 
+    # ---- Rollouts over HTTP (`keyeflow.training.rollout`): the server gets the current weights, is checked.
+    server = None
+    if config.rollout_server is not None:
+        if engine.sharded or engine.deepspeed is not None:
+            raise ValueError("GSPOStageConfig.rollout_server: weight sync needs the full weights on rank 0")
+        check_item = with_media or items[0]
+        server = RolloutServer(
+            config.rollout_server, generator, out_dir, dist,
+            functools.partial(trainer_logprobs, generator.model), check_item["messages"],
+            vision_pad_ids(generator.model),
+        )  # fmt: skip
+        resources.callback(server.close)
+        log.info("rollout server: %s", server.open(engine.module, step))
+
     if dist.is_main:
         for stale in (out_dir / HINTS_DIR).glob("step-*.json"):  # steps after the checkpoint are run again
             if int(stale.stem.removeprefix("step-")) > step:
@@ -752,8 +755,13 @@ def _train_gspo(
 
     while step < config.max_steps:
         started = time.perf_counter()
-        metrics, hint_report = gspo_step(config, engine, generator, reference, items, reward_fn, step)
+        metrics, hint_report = gspo_step(
+            config, engine, generator, reference, items, reward_fn, step,
+            sampler=server.sampler if server is not None else None,
+        )  # fmt: skip
         step += 1
+        if server is not None:  # the updated policy onto the server before the next rollouts
+            metrics.update(server.sync(engine.module, step))
         metrics["time_step"] = time.perf_counter() - started
         if dist.is_main:
             write_atomically(
@@ -812,9 +820,13 @@ def gspo_step(
     items: list[dict],
     reward_fn: RewardFn,
     step: int,
+    *,
+    sampler: Generator | None = None,
 ) -> tuple[dict[str, Any], dict[str, Any]]:
     """One step (0-based `step`): rollouts, rewards, hints, advantages, updates. Returns the step's metrics
-    and its per-item hint report, both for the whole step (every rank's prompts).
+    and its per-item hint report, both for the whole step (every rank's prompts). Rollouts come from
+    `sampler` (an HTTP rollout server) or, by default, `generator` (the policy in process); prompts are
+    encoded for the update by `generator` either way.
 
     With W ranks, rank r rolls out the r-th contiguous share of the step's prompts (each conversation's
     samples are seeded by the conversation, not by its place, so they are the one-process samples); the
@@ -822,7 +834,9 @@ def gspo_step(
     process, and each rank computes the part of each mini-batch it rolled out. Losses are divided by the
     whole step's counts, so the summed gradients equal one process's."""
     timer = _Timer()
-    groups, first, metrics, report = _sample_groups(config, engine, generator, items, reward_fn, step, timer)
+    groups, first, metrics, report = _sample_groups(
+        config, engine, sampler or generator, items, reward_fn, step, timer
+    )
     started = time.perf_counter()
     plan, num_responses = _mini_batch_plan(config, engine, generator, groups, first, metrics)
     updates, gap_parts = _updates(config, engine, reference, plan, num_responses)
