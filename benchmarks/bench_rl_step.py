@@ -1,15 +1,24 @@
-"""Where the time of one GSPO step goes: rollouts, rewards, the update.
+"""Where the time of one GSPO step goes: rollouts, rewards, the update, the weight sync; rollouts in process
+beside rollouts over HTTP, in one run.
 
     python benchmarks/bench_rl_step.py [--size tiny|small] [--prompts 4] [--group 8] [--max-new-tokens 64]
                                        [--images 1] [--mini-batches 2] [--steps 3] [--repeats 2] [--threads N]
+                                       [--backends in_process,http]
 
-`keyeflow.training.rl.train_gspo` runs `--steps` steps from the same initial weights, `--repeats` times, each
-in a fresh output directory; the first step of a run is warm-up (lazy initialisation in torch) and left out;
-the split of every later step is read from the step's own timers in metrics.jsonl, and the split of the
-fastest step (the one other processes disturbed least) and of the median step is printed:
+For each backend, `keyeflow.training.rl.train_gspo` runs `--steps` steps from the same initial weights,
+`--repeats` times, each in a fresh output directory; the first step of a run is warm-up (lazy initialisation
+in torch) and left out; the split of every later step is read from the step's own timers in metrics.jsonl,
+and the split of the fastest step (the one other processes disturbed least) and of the median step is
+printed:
 
-- **rollout**: `LocalGenerator` sampling G completions per prompt (KV-cached decode; conversations one after
-  another, the G samples of one prompt decoded together), hint-level rollouts included;
+- **rollout**: G completions per prompt, hint-level rollouts included. `in_process`: `LocalGenerator` on the
+  policy itself (KV-cached decode; conversations one after another, the G samples of one prompt decoded
+  together). `http`: `HTTPRolloutGenerator` against our model server, which the run starts itself on
+  127.0.0.1 (`GSPOStageConfig.rollout_server`, fp32 sync): the same sampler in another process, plus
+  encoding the request (ids, base64 patches), HTTP and JSON; conversations in flight at once, but our server
+  samples one at a time (a lock), so this measures the protocol's overhead, not an engine's batching;
+- **sync** (`http` only): exporting the policy in the serving layout, the server's reload and the log-prob
+  check on a fixed prompt, after every step;
 - **reward**: the reward function over every completion;
 - **update**: prompt encoding, teacher-forced log-probs (old, then one forward + backward per mini-batch),
   the GSPO loss and the AdamW steps;
@@ -28,6 +37,7 @@ which varies between random completions so every group has a signal and every re
 from __future__ import annotations
 
 import argparse
+import shutil
 import sys
 import tempfile
 import time
@@ -35,7 +45,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-PARTS = ("rollout", "reward", "update", "other")
+PARTS = ("rollout", "reward", "update", "sync", "other")
+BACKENDS = ("in_process", "http")
 
 
 def model_config(size: str):
@@ -87,7 +98,13 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=3, help="steps per run; the first is warm-up")
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own)")
+    parser.add_argument(
+        "--backends", default=",".join(BACKENDS), help="comma-separated, of " + ", ".join(BACKENDS)
+    )
     args = parser.parse_args()
+    backends = [b.strip() for b in args.backends.split(",") if b.strip()]
+    if not backends or any(b not in BACKENDS for b in backends):
+        parser.error(f"--backends: a comma-separated list of {BACKENDS}")
     if args.steps < 2:
         parser.error("--steps must be >= 2 (the first step is warm-up)")
 
@@ -96,7 +113,7 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     from keyeflow.model.modeling import KeyeForConditionalGeneration
-    from keyeflow.training.config import GSPOStageConfig
+    from keyeflow.training.config import GSPOStageConfig, RolloutServerConfig
     from keyeflow.training.losses import GSPOConfig
     from keyeflow.training.rl import rule_reward_fn, train_gspo
 
@@ -132,6 +149,22 @@ def main() -> None:
         f"{args.steps} steps × {args.repeats} runs; torch threads {torch.get_num_threads()}"
     )
 
+    try:
+        for backend in backends:
+            run_backend(
+                backend, args, stage, home, items, reward, media_lookup, train_gspo, RolloutServerConfig
+            )
+    finally:
+        shutil.rmtree(home, ignore_errors=True)  # checkpoints and weight exports of every run
+
+
+def run_backend(backend, args, stage, home, items, reward, lookup, train_gspo, rollout_server_config) -> None:
+    import dataclasses
+
+    if backend == "http":
+        # Our server, started by the run on 127.0.0.1; fp32 sync keeps its samples the in-process ones.
+        stage = dataclasses.replace(stage, rollout_server=rollout_server_config(sync_dtype="fp32"))
+    print(f"\n== rollouts {backend} ==")
     splits: dict[str, list[float]] = {part: [] for part in (*PARTS, "step")}
     tokens = []
     for repeat in range(args.repeats):
@@ -141,16 +174,16 @@ def main() -> None:
             init=home / "init",
             items=items,
             reward_fn=reward,
-            out_dir=home / f"run-{repeat}",
-            media_lookup=media_lookup,
+            out_dir=home / f"run-{backend}-{repeat}",
+            media_lookup=lookup,
         )
         wall = time.perf_counter() - wall
-        measured = result.history[1:]
-        for record in measured:
+        for record in result.history[1:]:
             timed = {
                 "rollout": record["time_rollout"],
                 "reward": record["time_reward"],
                 "update": record["time_update"],
+                "sync": record.get("time_sync", 0.0),
             }
             timed["other"] = record["time_step"] - sum(timed.values())
             for part, seconds in timed.items():
@@ -160,17 +193,16 @@ def main() -> None:
         steps_time = sum(r["time_step"] for r in result.history)
         step_times = ", ".join(f"{r['time_step']:.2f}" for r in result.history)
         print(
-            f"  run {repeat + 1}: steps {step_times} s "
-            f"(first = warm-up); train_gspo wall {wall:.1f} s, "
-            f"of which {wall - steps_time:.1f} s outside the "
-            "steps (model load, input check, checkpoint)"
+            f"  run {repeat + 1}: steps {step_times} s (first = warm-up); train_gspo wall {wall:.1f} s, "
+            f"of which {wall - steps_time:.1f} s outside the steps (model load, input check, server start, "
+            "checkpoint)"
         )
 
     # The fastest step is the one least disturbed by other processes; the median shows how much they moved.
     order = sorted(range(len(splits["step"])), key=lambda i: splits["step"][i])
     best, middle = order[0], order[(len(order) - 1) // 2]
     print(
-        f"\none step: fastest {splits['step'][best]:.3f} s, median {splits['step'][middle]:.3f} s "
+        f"one step: fastest {splits['step'][best]:.3f} s, median {splits['step'][middle]:.3f} s "
         f"(of {len(order)} measured); {tokens[best]:.0f} completion tokens sampled in the fastest"
     )
     print(f"{'part':<10}{'fastest s':>11}{'share':>8}{'median-step s':>15}{'share':>8}")
