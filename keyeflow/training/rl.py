@@ -141,7 +141,12 @@ from keyeflow.training.engine import (
 )
 from keyeflow.training.hints import HintConfig, HintRecord, item_hints, progressive_hint_sampling
 from keyeflow.training.losses import group_advantages, gspo_loss
-from keyeflow.training.rollout import RolloutInputMismatch, RolloutServer, first_difference
+from keyeflow.training.rollout import (
+    RolloutInputMismatch,
+    RolloutServer,
+    first_difference,
+    logprob_tolerance,
+)
 
 log = logging.getLogger(__name__)
 
@@ -708,11 +713,14 @@ def _train_gspo(
     # ---- Before any update: the rollout and training paths must see the same multimodal inputs.
     with_media = next((item for item in items if _has_media(item["messages"])), None)
     if with_media is not None:
+        fp32 = next(generator.model.parameters()).dtype == torch.float32
         check_rollout_training_inputs(
             generator,
             with_media["messages"],
             str(with_media.get("reference") or "ok"),
             media_lookup=media_lookup,
+            # fp32 in process: the same weights, only the computation differs (`rollout.LOGPROB_TOLERANCE`).
+            logprob_atol=logprob_tolerance("in_process", "fp32") if fp32 else 1e-3,
         )
 
     # ---- Rollouts over HTTP (`keyeflow.training.rollout`): the server gets the current weights, is checked.
