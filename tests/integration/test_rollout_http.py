@@ -15,6 +15,7 @@ import httpx
 import pytest
 import torch
 import uvicorn
+from fastapi import FastAPI
 from test_rl import IMAGE_ITEM, TEXT_ITEMS, VIDEO_AND_IMAGE, letter_reward, media_lookup, stage
 
 from keyeflow.model.checkpoint import load_keye_checkpoint
@@ -62,8 +63,8 @@ def init_dir(tmp_path_factory):
 class ThreadServer:
     """`create_app` under a real uvicorn server in a thread, on a free 127.0.0.1 port."""
 
-    def __init__(self, generator: LocalGenerator, *, weight_reload: bool = True):
-        app = create_app(generator, SERVED, weight_reload=weight_reload)
+    def __init__(self, generator: LocalGenerator | None, *, weight_reload: bool = True, app=None):
+        app = app if app is not None else create_app(generator, SERVED, weight_reload=weight_reload)
         self.sock = socket.socket()
         self.sock.bind(("127.0.0.1", 0))
         self.root = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
@@ -244,6 +245,23 @@ def test_pass_rate_filter_and_rejection_sampling_are_unchanged_over_http(served,
     )
 
 
+def test_multimodal_rollouts_are_refused_by_an_engine_that_would_drop_the_pixels(local):
+    """vLLM's /v1/completions takes no pixels with a token prompt and ignores unknown fields: the client asks
+    who serves and refuses to send an image there (text goes through)."""
+    app = FastAPI()
+
+    @app.get("/v1/models")
+    def models() -> dict:
+        return {"object": "list", "data": [{"id": SERVED, "object": "model", "owned_by": "vllm"}]}
+
+    with ThreadServer(None, app=app) as thread:
+        sampler = sampler_for(thread.url, local)
+        sampler.request(TEXT_ITEMS[0]["messages"], n=1, max_new_tokens=1, temperature=0.0, seed=0)
+        with pytest.raises(ValueError, match="served by 'vllm'.*takes no pixels"):
+            sampler.request(IMAGE_ITEM["messages"], n=1, max_new_tokens=1, temperature=0.0, seed=0)
+
+
+@pytest.mark.slow  # starts the server subprocess and trains twice (~20-30 s)
 def test_gspo_over_http_trains_as_in_process(init_dir, tmp_path):
     """The run starts our server itself, syncs fp32 weights after every step: same rollouts, rewards, hint
     levels, losses, and the same parameters after each of two steps."""
