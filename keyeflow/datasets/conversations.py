@@ -255,7 +255,7 @@ def _parse_json(data: bytes, where: str, config: SampleConfig, first_line: int |
         return json.loads(text)
     except json.JSONDecodeError as exc:
         if first_line is not None:
-            at = f"line {first_line + exc.lineno - 1}, column {exc.colno}"
+            at = f"the record's line {exc.lineno}, column {exc.colno}"
             raise BadLine(f"invalid JSON at {where}: {exc.msg} ({at})") from None
         if not data.endswith(b"\n"):
             raise BadLine(
@@ -919,7 +919,9 @@ class _MediaIndex:
             self._hashes[path] = content_hash(str(path))[0]
         return self._hashes[path]
 
-    def sample(self, kind: str, path: Path) -> dict:
+    def sample(self, kind: str, path: Path, name: str | None = None) -> dict:
+        """The media's pre-tokenised sample row; ``name`` is what a reason calls it (default: the file's
+        name; media stored inside a source go by the name the source gave them)."""
         digest = self.digest(path)
         if kind == "video":
             key, table = pretokenize.sample_id(digest, self.slowfast), "video_samples"
@@ -940,7 +942,9 @@ class _MediaIndex:
                 found = None  # a gate quarantined this very sample: no conversation may use it
             self._rows[key] = found
         if self._rows[key] is None:
-            raise BadRecord(f"{kind} {path.name} has no pre-tokenised sample ({self._why(path, digest)})")
+            raise BadRecord(
+                f"{kind} {name or path.name} has no pre-tokenised sample ({self._why(path, digest)})"
+            )
         return self._rows[key]
 
     def _gate_quarantined(self) -> set[tuple[str, str]]:
@@ -1135,7 +1139,7 @@ def _samples(
     for position, part in enumerate(_media_parts(record)):
         kind = part["type"]
         file = record.embedded.get(position) or resolve_media(part, record.base or path.parent, source_root)
-        row = index.sample(kind, file)
+        row = index.sample(kind, file, part[kind] if position in record.embedded else None)
         media_rows[id(part)] = (kind, row)
         media_ids.append(row["sample_id"])
         digests.append(index.digest(file))

@@ -197,7 +197,8 @@ def json_array_elements(stream: BinaryIO, limit: int, chunk_size: int = 1 << 20)
         raise BadStructure(f"not a JSON array or object: it starts with {bytes(buf[:20])!r}")
     del buf[:1]
 
-    number, pos, depth, in_string, dropped, started = 0, 0, 0, False, 0, False
+    number, pos, in_string, dropped, started = 0, 0, False, 0, False
+    closers = bytearray()  # the brackets open in the element, as the bytes that close them
     while True:
         if not started:  # between elements: skip blanks to the next value or the closing bracket
             m = _NOT_SPACE.search(buf)
@@ -211,7 +212,8 @@ def json_array_elements(stream: BinaryIO, limit: int, chunk_size: int = 1 << 20)
             del buf[: m.start()]
             if buf[0] == ord("]") and number == 0:
                 return
-            pos, depth, dropped, started = 0, 0, 0, True
+            pos, dropped, started = 0, 0, True
+            closers.clear()
         if in_string:
             end = _STRING_BODY.match(buf, pos).end()
             if end < len(buf) and buf[end] == ord('"'):
@@ -231,10 +233,16 @@ def json_array_elements(stream: BinaryIO, limit: int, chunk_size: int = 1 << 20)
                 if char == ord('"'):
                     in_string = True
                 elif char in b"[{":
-                    depth += 1
-                elif char in b"]}" and depth > 0:
-                    depth -= 1
-                elif depth == 0:  # a ',' or the array's ']' closes the element
+                    closers.append(ord("]") if char == ord("[") else ord("}"))
+                elif closers and char in b"]}":
+                    if closers.pop() != char:  # past this, where an element ends cannot be told
+                        raise BadStructure(
+                            f"record {number + 1}: mismatched brackets: the rest of the document cannot be "
+                            "split into records"
+                        )
+                elif char == ord("}"):
+                    raise BadStructure(f"record {number + 1}: mismatched brackets: '}}' closes nothing")
+                elif not closers:  # a ',' or the array's ']' closes the element
                     number += 1
                     size = dropped + m.start()
                     data = bytes(buf[: m.start()]).rstrip() if not dropped and size <= limit else None
