@@ -30,6 +30,7 @@ import json
 import os
 import re
 import stat
+import tarfile
 import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -40,21 +41,24 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from keyeflow.config import check_int, invalid
+from keyeflow.config import check_int, get_settings, invalid
 from keyeflow.config import config_hash as hash_config
-from keyeflow.datasets import images, pretokenize, tables
+from keyeflow.datasets import images, pretokenize, source_formats, tables
 from keyeflow.datasets.images import ImageConfig
 from keyeflow.datasets.slowfast import SlowFastConfig
+from keyeflow.datasets.source_formats import BadStructure, MediaSpool
 from keyeflow.datasets.video import BadVideo, content_hash
 from keyeflow.faults import kill_point
 from keyeflow.model import token_stream
 from keyeflow.model.tokenizer import DEFAULT_SYSTEM_PROMPT, load_tokenizer, tokenizer_version
 
 STAGE = "ingest_samples"
-SOURCE_SUFFIXES = {".jsonl", ".txt"}
+# Source files by name (see keyeflow.datasets.source_formats): each may also be .gz or .zst compressed.
+SOURCE_SUFFIXES = {".jsonl", ".json", ".txt", ".parquet", ".tar", ".tgz"}
 _ROLES = {"system", "user", "assistant"}
 DEFAULT_IMAGE_CONFIG = ImageConfig()  # frozen: one shared default for the builders' signatures
 _COMMIT_ROWS = 5000
+_TABLE_BATCH_ROWS = 64  # Parquet/Arrow rows turned into Python objects at a time (they may carry images)
 _MEDIA_KINDS = ("image", "video")
 _PART_TYPES = ("text", *_MEDIA_KINDS)
 _GZIP_MAGIC, _ZSTD_MAGIC = b"\x1f\x8b", b"\x28\xb5\x2f\xfd"
@@ -77,6 +81,8 @@ class SampleConfig:
     max_images_per_record: int = 64  # image parts in one record (each up to ImageConfig.max_tokens)
     max_videos_per_record: int = 16  # video parts in one record (each up to the Slow-Fast token budget)
     max_text_file_bytes: int = 64 << 20  # one .txt document (decompressed), read whole to be chunked
+    # one image or video stored inside a source (a tar member, a table's image bytes), copied to the spool
+    max_embedded_media_bytes: int = 1 << 30
 
     def __post_init__(self):
         for name, minimum in (
@@ -88,6 +94,7 @@ class SampleConfig:
             ("max_images_per_record", 0),  # 0: text and video records only
             ("max_videos_per_record", 0),
             ("max_text_file_bytes", 1),
+            ("max_embedded_media_bytes", 1),
         ):
             value = check_int("SampleConfig", name, getattr(self, name), minimum=minimum)
             object.__setattr__(self, name, value)
@@ -110,11 +117,23 @@ class BadLine(BadRecord):
 
 @dataclass
 class Record:
-    uri: str  # file#Lline for JSONL rows, file#chunkN for text
+    uri: str  # file#Lline for JSONL rows, #Rn for JSON array records, #key for tar samples, #rowN for tables
     source: str
     task: str
     messages: list[dict] | None = None
     text: str | None = None
+    # Media stored inside the source, by the position of their part among the record's media parts: the
+    # spooled file (the part itself names the member or the table's path, for the stored messages).
+    embedded: dict[int, Path] = field(default_factory=dict)
+    base: Path | None = None  # what relative media paths are relative to, if not the file's folder
+
+
+@dataclass(frozen=True)
+class Embedded:
+    """A media file a source reader already copied to the spool, under the name the source gave it."""
+
+    path: Path
+    name: str
 
 
 @dataclass
@@ -128,14 +147,22 @@ class SampleReport:
 
 
 def discover_sources(paths: list[str]) -> list[Path]:
+    """Source files and ``save_to_disk`` folders: a folder is searched (symlinked folders are not
+    followed), a file is taken whatever its name (an unknown kind is read as JSONL)."""
     found: list[Path] = []
     for item in paths:
         path = Path(item)
-        if path.is_dir():
-            found += sorted(p for p in path.rglob("*") if p.suffix in SOURCE_SUFFIXES and p.is_file())
+        if path.is_dir() and source_formats.source_kind(path) != "hf":
+            found += source_formats.discover(path)
         else:
             found.append(path)
     return list(dict.fromkeys(found))
+
+
+def default_spool() -> MediaSpool:
+    """Where media stored inside sources are copied: scratch under the data root (the copies are keyed by
+    content, so deleting them costs only a re-copy)."""
+    return MediaSpool(get_settings().work_dir / "embedded_media")
 
 
 def over_bound(name: str, value: str, limit: int, unit: str = "") -> str:
@@ -206,27 +233,38 @@ def parse_line(line: bytes, number: int, config: SampleConfig) -> object:
     worker thread, a test runner), so the same line would pass in one place and fail in another; a
     structure that parsed just under the limit would still blow the stack later, in ``json.dumps`` or
     wherever it is walked; and a depth bound is a named, stated setting that a reason can cite."""
-    if (nul := line.find(b"\x00")) >= 0:
-        raise BadLine(f"line {number}: NUL byte at column {nul + 1}: binary data, not a JSON line")
+    return _parse_json(line, f"line {number}", config)
+
+
+def _parse_json(data: bytes, where: str, config: SampleConfig, first_line: int | None = None) -> object:
+    """``parse_line`` for a line (``first_line`` None) or for a record of a JSON document that starts on
+    ``first_line`` of its file (positions are then given as lines of the file)."""
+    unit = "line" if first_line is None else "record"
+    if (nul := data.find(b"\x00")) >= 0:
+        at = f"column {nul + 1}" if first_line is None else f"byte {nul}"
+        raise BadLine(f"{where}: NUL byte at {at}: binary data, not a JSON {unit}")
     try:
-        text = line.decode("utf-8")
+        text = data.decode("utf-8")
     except UnicodeDecodeError as exc:
-        raise BadLine(f"invalid UTF-8 at line {number}, byte {exc.start} of the line") from None
-    depth = json_depth(line)
+        raise BadLine(f"invalid UTF-8 at {where}, byte {exc.start} of the {unit}") from None
+    depth = json_depth(data)
     if depth > config.max_json_depth:
         reason = over_bound("max_json_depth", f"nesting depth {depth:,}", config.max_json_depth)
-        raise BadLine(f"line {number}: {reason}")
+        raise BadLine(f"{where}: {reason}")
     try:
         return json.loads(text)
     except json.JSONDecodeError as exc:
-        if not line.endswith(b"\n"):
+        if first_line is not None:
+            at = f"the record's line {exc.lineno}, column {exc.colno}"
+            raise BadLine(f"invalid JSON at {where}: {exc.msg} ({at})") from None
+        if not data.endswith(b"\n"):
             raise BadLine(
-                f"line {number}: truncated: the last line has no newline and is not valid JSON ({exc.msg}, "
+                f"{where}: truncated: the last line has no newline and is not valid JSON ({exc.msg}, "
                 f"column {exc.colno})"
             ) from None
-        raise BadLine(f"invalid JSON at line {number}: {exc.msg} (column {exc.colno})") from None
+        raise BadLine(f"invalid JSON at {where}: {exc.msg} (column {exc.colno})") from None
     except ValueError as exc:  # e.g. an integer over Python's 4,300-digit conversion limit
-        raise BadLine(f"invalid JSON at line {number}: {str(exc).splitlines()[0][:200]}") from None
+        raise BadLine(f"invalid JSON at {where}: {str(exc).splitlines()[0][:200]}") from None
 
 
 def _regular_file(path: Path) -> str | None:
@@ -239,11 +277,26 @@ def _regular_file(path: Path) -> str | None:
 
 
 def iter_records(
-    path: Path, bad: list[tuple[str, str]], config: SampleConfig = SampleConfig()
+    path: Path,
+    bad: list[tuple[str, str]],
+    config: SampleConfig = SampleConfig(),
+    spool: MediaSpool | None = None,
 ) -> Iterator[Record]:
-    """Parse one source file as a stream; every unusable line/file is appended to ``bad`` as (uri, reason)."""
+    """Parse one source (file or ``save_to_disk`` folder) as a stream; every unusable record/file is
+    appended to ``bad`` as (uri, reason). Media stored inside the source are copied to ``spool``."""
+    kind = source_formats.source_kind(path) or "jsonl"
+    spool = spool or default_spool()
+    if kind == "hf":
+        yield from _table_records(path, kind, bad, config, spool)
+        return
     if why := _regular_file(path):
         bad.append((str(path), why))
+        return
+    if kind == "tar":
+        yield from _tar_records(path, bad, config, spool)
+        return
+    if kind == "parquet":
+        yield from _table_records(path, kind, bad, config, spool)
         return
     try:
         stream, compression = _open_source(path)
@@ -251,12 +304,15 @@ def iter_records(
         bad.append((str(path), f"unreadable: {exc.strerror or exc}"))
         return
     with stream:
-        if path.suffix == ".txt":
+        if kind == "txt":
             record = _text_record(path, stream, compression, bad, config)
             if record is not None:
                 yield record
             return
-        number, found = 0, False
+        if kind == "json":
+            yield from _json_records(path, stream, compression, bad, config, spool)
+            return
+        number, found, stem = 0, False, source_formats.source_stem(path)
         lines = _lines(stream, config.max_line_bytes)
         while True:
             # Only the reading is guarded: a stream error is about the file, not about a record.
@@ -278,7 +334,7 @@ def iter_records(
             if not line.strip():
                 continue
             try:
-                record = _record(parse_line(line, number, config), uri, path.stem, config)
+                record = _record(parse_line(line, number, config), uri, stem, config, spool)
             except BadLine as exc:  # a parse error names the line itself
                 bad.append((uri, str(exc)))
                 continue
@@ -295,6 +351,196 @@ def read_records(
 ) -> list[Record]:
     """Parse one source file; every unusable line/file is appended to ``bad`` as (uri, reason)."""
     return list(iter_records(path, bad, config))
+
+
+def _json_records(
+    path: Path,
+    stream: BinaryIO,
+    compression: str,
+    bad: list[tuple[str, str]],
+    config: SampleConfig,
+    spool: MediaSpool,
+) -> Iterator[Record]:
+    """The records of a JSON document (an array of them, LLaVA's layout, or one object), one element in
+    memory at a time; reasons name the record's number and the line it starts on."""
+    stem, number = source_formats.source_stem(path), 0
+    try:
+        for element in source_formats.json_array_elements(stream, config.max_line_bytes):
+            number = element.number
+            uri, where = f"{path}#R{number}", f"record {number} (line {element.line})"
+            if element.data is None:
+                bound = over_bound(
+                    "max_line_bytes", f"{element.size:,} bytes", config.max_line_bytes, " bytes"
+                )
+                bad.append((uri, f"{where}: {bound}"))
+                continue
+            try:
+                record = _record(
+                    _parse_json(element.data, where, config, element.line), uri, stem, config, spool
+                )
+            except BadLine as exc:
+                bad.append((uri, str(exc)))
+                continue
+            except BadRecord as exc:
+                bad.append((uri, f"{where}: {exc}"))
+                continue
+            yield record
+    except BadStructure as exc:
+        bad.append((f"{path}#R{number + 1}" if number else str(path), str(exc)))
+    except _STREAM_ERRORS as exc:
+        bad.append((f"{path}#R{number + 1}", f"after record {number}: {_stream_error(exc, compression)}"))
+
+
+def _tar_records(
+    path: Path, bad: list[tuple[str, str]], config: SampleConfig, spool: MediaSpool
+) -> Iterator[Record]:
+    """The samples of a WebDataset shard, streamed: each key's media and caption/.json members make one
+    record (``shard.tar#key``)."""
+    stem, number, key = source_formats.source_stem(path), 0, None
+    samples = source_formats.tar_samples(path, spool, config.max_line_bytes, config.max_embedded_media_bytes)
+    while True:
+        try:
+            sample = next(samples)
+        except StopIteration:
+            break
+        except (tarfile.TarError, *_STREAM_ERRORS) as exc:
+            detail = (str(exc) or type(exc).__name__).splitlines()[0][:200]
+            where = f"after sample {key}" if key is not None else "at the start"
+            bad.append(
+                (f"{path}#{key}+1" if key else str(path), f"{where}: truncated or corrupt tar: {detail}")
+            )
+            return
+        number, key = number + 1, sample.key
+        uri = f"{path}#{sample.key}"
+        try:
+            record = _record(_tar_row(sample, config), uri, stem, config, spool)
+        except BadRecord as exc:
+            bad.append((uri, f"sample {sample.key}: {exc}"))
+            continue
+        yield record
+    if number == 0:
+        bad.append((str(path), "empty shard: no samples"))
+
+
+_CAPTION_MEMBERS = ("txt", "caption", "text")
+
+
+def _tar_row(sample: source_formats.TarSample, config: SampleConfig) -> dict:
+    """A WebDataset sample as a record row: a ``.json`` member holding a conversation (``messages`` or
+    LLaVA ``conversations``) takes the sample's media in member order for the parts it does not name;
+    otherwise the sample is a caption pair of its one media member and its ``.txt`` (or the ``.json``'s
+    ``caption``/``text``)."""
+    if sample.problems:
+        raise BadRecord("; ".join(sample.problems))
+    meta = None
+    if "json" in sample.texts:
+        try:
+            meta = _parse_json(sample.texts["json"], "its .json member", config, 1)
+        except BadLine as exc:
+            raise BadRecord(str(exc)) from None
+    media = {kind: [Embedded(p, name) for k, p, name in sample.media if k == kind] for kind in _MEDIA_KINDS}
+    if isinstance(meta, dict) and ("messages" in meta or "conversations" in meta):
+        for kind in _MEDIA_KINDS:
+            if kind not in meta and f"{kind}s" not in meta and media[kind]:
+                meta[f"{kind}s"] = media[kind]
+        return meta
+    caption = None
+    for ext in _CAPTION_MEMBERS:
+        if ext in sample.texts:
+            data = sample.texts[ext]
+            if b"\x00" in data:
+                raise BadRecord(f"NUL byte in its .{ext} member: binary data, not text")
+            try:
+                caption = data.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise BadRecord(f"invalid UTF-8 in its .{ext} member at byte {exc.start}") from None
+            break
+    if caption is None and isinstance(meta, dict):
+        caption = meta.get("caption", meta.get("text"))
+    found = [(kind, m) for kind in _MEDIA_KINDS for m in media[kind]]
+    if len(found) != 1:
+        raise BadRecord(
+            f"a caption sample needs exactly one image or video member, found {len(found)} "
+            f"(members: {sorted(sample.texts) + [m.name for _, m in found]})"[:300]
+        )
+    if caption is None:
+        raise BadRecord("no caption: no .txt member and no 'caption' in a .json member")
+    row = {found[0][0]: found[0][1], "caption": caption}
+    if isinstance(meta, dict) and "source" in meta:
+        row["source"] = meta["source"]
+    return row
+
+
+def _table_records(
+    path: Path, kind: str, bad: list[tuple[str, str]], config: SampleConfig, spool: MediaSpool
+) -> Iterator[Record]:
+    """The rows of a Parquet file or a ``save_to_disk`` dataset, a batch at a time (``file#rowN``, N from
+    0 as in pandas and ``datasets``). Image columns hold ``{"bytes", "path"}`` structs (``datasets``'
+    Image feature), bytes or paths; paths are relative to the file (the dataset's folder)."""
+    stem = path.name if kind == "hf" else source_formats.source_stem(path)
+    base = path if kind == "hf" else path.parent
+    number = 0
+    try:
+        batches = (
+            source_formats.hf_batches(path, _TABLE_BATCH_ROWS)
+            if kind == "hf"
+            else source_formats.parquet_batches(path, _TABLE_BATCH_ROWS)
+        )
+        for batch in batches:
+            for row in batch.to_pylist():
+                uri = f"{path}#row{number}"
+                try:
+                    record = _record(_table_row(row, config), uri, stem, config, spool)
+                except BadRecord as exc:
+                    bad.append((uri, f"row {number}: {exc}"))
+                else:
+                    record.base = base
+                    yield record
+                number += 1
+    except BadStructure as exc:
+        bad.append((str(path), str(exc)))
+        return
+    except (pa.ArrowException, *_STREAM_ERRORS) as exc:
+        what = "Parquet" if kind == "parquet" else "Arrow (save_to_disk)"
+        detail = (str(exc) or type(exc).__name__).splitlines()[0][:200]
+        where = f"after row {number - 1}: " if number else ""
+        bad.append(
+            (f"{path}#row{number}" if number else str(path), f"{where}unreadable {what} data: {detail}")
+        )
+        return
+    if number == 0:
+        bad.append((str(path), "empty table: no rows"))
+
+
+def _table_row(row: dict, config: SampleConfig) -> dict:
+    """A table row as a record row: bounded like a JSON line (its text and nesting, media bytes aside),
+    null columns and null struct fields dropped (Arrow gives every part of a list of structs every field
+    any part has), and ``text`` taken as the caption of an image/video row without one."""
+    depth, size, stack = 0, 0, [(row, 1)]
+    while stack:
+        item, level = stack.pop()
+        if isinstance(item, dict | list):
+            depth = max(depth, level)
+            stack.extend((v, level + 1) for v in (item.values() if isinstance(item, dict) else item))
+        elif isinstance(item, str):
+            size += len(item.encode("utf-8", "surrogatepass"))
+    if depth > config.max_json_depth:
+        raise BadRecord(over_bound("max_json_depth", f"nesting depth {depth:,}", config.max_json_depth))
+    if size > config.max_line_bytes:
+        bound = over_bound("max_line_bytes", f"{size:,} bytes of text", config.max_line_bytes, " bytes")
+        raise BadRecord(bound)
+    out = {k: _drop_nulls(v) for k, v in row.items() if v is not None}
+    if "caption" not in out and "text" in out and any(k in out for k in _MEDIA_KINDS):
+        out["caption"] = out.pop("text")
+    return out
+
+
+def _drop_nulls(value: object) -> object:
+    if isinstance(value, list):
+        return [_drop_nulls(v) for v in value]
+    if isinstance(value, dict) and not {"bytes", "path"} >= set(value):  # an image struct stays as it is
+        return {k: _drop_nulls(v) for k, v in value.items() if v is not None}
+    return value
 
 
 def _text_record(
@@ -372,18 +618,35 @@ def _check_message(index: int, message: object) -> dict[str, int]:
         if kind == "text" and not isinstance(part.get("text"), str):
             raise BadRecord(f"message {index}, part {number}: a text part needs a string 'text'")
         if kind in counts:
-            if not isinstance(part.get(kind), str) or not part[kind]:
+            if not _is_media_value(part.get(kind)):
                 raise BadRecord(f"message {index}, part {number}: {kind} part has no path")
             counts[kind] += 1
     return counts
 
 
-def _record(row, uri: str, default_source: str, config: SampleConfig = SampleConfig()) -> Record:
+def _is_media_value(value: object) -> bool:
+    """A path, bytes, a ``{"bytes", "path"}`` struct or a spooled file: what a media part may hold."""
+    if isinstance(value, dict):
+        return _is_media_value(value.get("bytes")) or _is_media_value(value.get("path"))
+    return isinstance(value, Embedded) or (isinstance(value, str | bytes) and len(value) > 0)
+
+
+def _record(
+    row,
+    uri: str,
+    default_source: str,
+    config: SampleConfig = SampleConfig(),
+    spool: MediaSpool | None = None,
+) -> Record:
     if not isinstance(row, dict):
         raise BadRecord(f"expected a JSON object, got {type(row).__name__}")
     _check_strings(row)
     source = _optional_string(row, "source") or default_source
     task = _optional_string(row, "task")
+    if "conversations" in row and "messages" not in row:
+        row = {**row, "messages": _llava_messages(row, config)}
+    elif "messages" in row and any(f"{kind}s" in row for kind in _MEDIA_KINDS):
+        row = {**row, "messages": _fill_media_parts(row)}
     if "messages" in row:
         messages = row["messages"]
         if not isinstance(messages, list) or not messages:
@@ -402,20 +665,188 @@ def _record(row, uri: str, default_source: str, config: SampleConfig = SampleCon
                 raise BadRecord(over_bound(f"max_{kind}s_per_record", f"{media[kind]:,} {kind}s", limit))
         if not any(m["role"] == "assistant" for m in messages):
             raise BadRecord("no assistant turn: nothing to train on")
-        return Record(uri=uri, source=source, task=task or "conversation", messages=messages)
+        messages, embedded = _materialise_media(messages, config, spool)
+        return Record(
+            uri=uri, source=source, task=task or "conversation", messages=messages, embedded=embedded
+        )
     if "caption" in row:
         kinds = [k for k in _MEDIA_KINDS if k in row]
         if len(kinds) != 1 or not isinstance(row["caption"], str) or not row["caption"].strip():
             raise BadRecord("a caption pair needs exactly one of 'image'/'video' and a non-empty 'caption'")
-        if not isinstance(row[kinds[0]], str) or not row[kinds[0]]:
+        if not _is_media_value(row[kinds[0]]):
             raise BadRecord(f"caption pair: '{kinds[0]}' must be a path (a non-empty string)")
         limit = config.max_images_per_record if kinds[0] == "image" else config.max_videos_per_record
         if limit < 1:
             raise BadRecord(over_bound(f"max_{kinds[0]}s_per_record", f"1 {kinds[0]}", limit))
         media = {"type": kinds[0], kinds[0]: row[kinds[0]]}
         messages = [{"role": "user", "content": [media]}, {"role": "assistant", "content": row["caption"]}]
-        return Record(uri=uri, source=source, task="caption", messages=messages)
+        messages, embedded = _materialise_media(messages, config, spool)
+        return Record(uri=uri, source=source, task="caption", messages=messages, embedded=embedded)
     raise BadRecord("neither 'messages' nor a caption pair ('image'/'video' + 'caption')")
+
+
+# LLaVA/ShareGPT speakers; ShareGPT dumps also use "human"/"gpt", chat exports "user"/"assistant".
+_LLAVA_ROLES = {
+    "human": "user",
+    "user": "user",
+    "gpt": "assistant",
+    "assistant": "assistant",
+    "system": "system",
+}
+_PLACEHOLDER = re.compile(r"<(image|video)>")
+
+
+def _listed_media(row: dict, kind: str) -> tuple[str, list]:
+    """The media a row lists for ``kind`` (``image``/``images``, ``video``/``videos``) and the field."""
+    fields = [name for name in (kind, f"{kind}s") if row.get(name) is not None]
+    if len(fields) > 1:
+        raise BadRecord(f"both '{kind}' and '{kind}s' are given")
+    if not fields:
+        return f"{kind}s", []
+    value = row[fields[0]]
+    return fields[0], (list(value) if isinstance(value, list | tuple) else [value])
+
+
+def _check_listed(row: dict, kind: str, limit: int) -> tuple[str, list]:
+    name, listed = _listed_media(row, kind)
+    if len(listed) > limit:  # before anything is copied to the spool
+        raise BadRecord(over_bound(f"max_{kind}s_per_record", f"{len(listed):,} {kind}s", limit))
+    return name, listed
+
+
+def _llava_messages(row: dict, config: SampleConfig) -> list[dict]:
+    """LLaVA/ShareGPT ``conversations`` (``from``/``value`` turns, ``<image>``/``<video>`` placeholders in
+    the text) as Keye messages: each placeholder becomes a media part taking the record's next image/video
+    (``image``/``images``, ``video``/``videos``: one path or a list), in order; the text around it becomes
+    text parts (the newline LLaVA puts between a placeholder and the question is dropped). Placeholders and
+    listed media must agree in number, kind by kind."""
+    turns = row["conversations"]
+    if not isinstance(turns, list) or not turns:
+        raise BadRecord("'conversations' must be a non-empty list")
+    if len(turns) > config.max_messages:
+        raise BadRecord(over_bound("max_messages", f"{len(turns):,} messages", config.max_messages))
+    listed = {
+        kind: _check_listed(row, kind, limit)
+        for kind, limit in (("image", config.max_images_per_record), ("video", config.max_videos_per_record))
+    }
+    messages, used = [], dict.fromkeys(_MEDIA_KINDS, 0)
+    for i, turn in enumerate(turns):
+        if not isinstance(turn, dict):
+            raise BadRecord(f"conversation turn {i}: expected an object, got {type(turn).__name__}")
+        speaker, value = turn.get("from"), turn.get("value")
+        if not isinstance(speaker, str) or speaker.lower() not in _LLAVA_ROLES:
+            raise BadRecord(
+                f"conversation turn {i}: 'from' must be one of {sorted(_LLAVA_ROLES)}, got {speaker!r}"[:300]
+            )
+        if not isinstance(value, str):
+            raise BadRecord(f"conversation turn {i}: 'value' must be a string, got {type(value).__name__}")
+        pieces = _PLACEHOLDER.split(value)
+        if len(pieces) == 1:
+            content: str | list = value
+        else:
+            content = []
+            for n, piece in enumerate(pieces):
+                if n % 2:
+                    kind = piece
+                    _, media = listed[kind]
+                    content.append(
+                        {"type": kind, kind: media[used[kind]] if used[kind] < len(media) else None}
+                    )
+                    used[kind] += 1
+                    continue
+                if n > 0:
+                    piece = piece.removeprefix("\n")
+                if n < len(pieces) - 1:
+                    piece = piece.removesuffix("\n")
+                if piece.strip():
+                    content.append({"type": "text", "text": piece})
+        messages.append({"role": _LLAVA_ROLES[speaker.lower()], "content": content})
+    for kind in _MEDIA_KINDS:
+        name, media = listed[kind]
+        if used[kind] != len(media):
+            raise BadRecord(
+                f"{used[kind]} <{kind}> placeholder(s) in 'conversations' but {len(media)} {kind}(s) "
+                f"in '{name}'"
+            )
+    return messages
+
+
+def _fill_media_parts(row: dict) -> list:
+    """``messages`` whose media parts carry no path of their own (``{"type": "image"}``, as TRL and many
+    Hugging Face datasets write them) take the row's ``images``/``videos`` in order; counts must agree."""
+    messages = row["messages"]
+    if not isinstance(messages, list):
+        return messages
+    for kind in _MEDIA_KINDS:
+        name, media = _listed_media(row, kind)
+        empty = [
+            part
+            for m in messages
+            if isinstance(m, dict) and isinstance(m.get("content"), list)
+            for part in m["content"]
+            if isinstance(part, dict) and part.get("type") == kind and part.get(kind) is None
+        ]
+        if len(empty) != len(media):
+            raise BadRecord(
+                f"{len(empty)} {kind} part(s) without a path but {len(media)} {kind}(s) in '{name}'"
+            )
+        for part, value in zip(empty, media):
+            part[kind] = value
+    return messages
+
+
+def _materialise_media(
+    messages: list[dict], config: SampleConfig, spool: MediaSpool | None
+) -> tuple[list[dict], dict[int, Path]]:
+    """The messages with every media part naming its media by a string (what is stored and hashed), and the
+    files of the media the source held inside it, copied to the spool, by part position."""
+    embedded: dict[int, Path] = {}
+    position = 0
+    out = []
+    for message in messages:
+        content = message["content"]
+        if isinstance(content, list):
+            parts = []
+            for part in content:
+                kind = part.get("type")
+                if kind in _MEDIA_KINDS:
+                    name, file = _media_file(part[kind], kind, position, config, spool)
+                    if file is not None:
+                        embedded[position] = file
+                    part = {**part, kind: name}
+                    position += 1
+                parts.append(part)
+            message = {**message, "content": parts}
+        out.append(message)
+    return out, embedded
+
+
+def _media_file(
+    value: object, kind: str, position: int, config: SampleConfig, spool: MediaSpool | None
+) -> tuple[str, Path | None]:
+    """(the name a media value goes by, its spooled file or None for a path to resolve)."""
+    if isinstance(value, Embedded):
+        return value.name, value.path
+    data, name = value, None
+    if isinstance(value, dict):
+        data, name = value.get("bytes"), value.get("path")
+        if name is not None and not isinstance(name, str):
+            raise BadRecord(f"{kind} {position}: 'path' must be a string, got {type(name).__name__}")
+        if not data:
+            return name, None
+    if isinstance(data, str):
+        return data, None
+    if not isinstance(data, bytes):
+        raise BadRecord(
+            f"{kind} {position}: expected a path, bytes or {{'bytes', 'path'}}, got {type(data).__name__}"
+        )
+    if len(data) > config.max_embedded_media_bytes:
+        limit = config.max_embedded_media_bytes
+        raise BadRecord(over_bound("max_embedded_media_bytes", f"{len(data):,} bytes", limit, " bytes"))
+    if spool is None:
+        raise BadRecord(f"{kind} {position}: media bytes given where only paths are taken")
+    file = spool.put_bytes(data, name or "")
+    return Path(name).name if name else file.name, file
 
 
 def _media_parts(record: Record):
@@ -449,18 +880,26 @@ def resolve_media(part: dict, base: Path, source_root: Path) -> Path:
 
 
 def referenced_media(
-    paths: list[str], source_root: str, config: SampleConfig = SampleConfig()
+    paths: list[str],
+    source_root: str,
+    config: SampleConfig = SampleConfig(),
+    spool: MediaSpool | None = None,
 ) -> dict[str, list[str]]:
-    """Every video and image file the sources reference (valid references only), for media ingestion."""
+    """Every video and image file the sources reference (valid references only), for media ingestion:
+    media stored inside a source (tar members, table bytes) are copied to ``spool`` and listed there."""
     root = Path(source_root)
     media: dict[str, set[str]] = {"video": set(), "image": set()}
+    spool = default_spool() if spool is None else spool
     for path in discover_sources(paths):
-        if path.suffix != ".jsonl":
+        if source_formats.source_kind(path) == "txt":
             continue
-        for record in iter_records(path, [], config):
-            for part in _media_parts(record):
+        for record in iter_records(path, [], config, spool):
+            for position, part in enumerate(_media_parts(record)):
                 try:
-                    media[part["type"]].add(str(resolve_media(part, path.parent, root)))
+                    file = record.embedded.get(position) or resolve_media(
+                        part, record.base or path.parent, root
+                    )
+                    media[part["type"]].add(str(file))
                 except BadRecord:
                     pass  # reported when the samples are built
     return {kind: sorted(uris) for kind, uris in media.items()}
@@ -480,7 +919,9 @@ class _MediaIndex:
             self._hashes[path] = content_hash(str(path))[0]
         return self._hashes[path]
 
-    def sample(self, kind: str, path: Path) -> dict:
+    def sample(self, kind: str, path: Path, name: str | None = None) -> dict:
+        """The media's pre-tokenised sample row; ``name`` is what a reason calls it (default: the file's
+        name; media stored inside a source go by the name the source gave them)."""
         digest = self.digest(path)
         if kind == "video":
             key, table = pretokenize.sample_id(digest, self.slowfast), "video_samples"
@@ -501,7 +942,9 @@ class _MediaIndex:
                 found = None  # a gate quarantined this very sample: no conversation may use it
             self._rows[key] = found
         if self._rows[key] is None:
-            raise BadRecord(f"{kind} {path.name} has no pre-tokenised sample ({self._why(path, digest)})")
+            raise BadRecord(
+                f"{kind} {name or path.name} has no pre-tokenised sample ({self._why(path, digest)})"
+            )
         return self._rows[key]
 
     def _gate_quarantined(self) -> set[tuple[str, str]]:
@@ -568,9 +1011,11 @@ def build_train_samples(
     config: SampleConfig = SampleConfig(),
     root: str | None = None,
     on_item: Callable[[], None] | None = None,
+    spool: MediaSpool | None = None,
 ) -> SampleReport:
     """Turn every record under ``paths`` into a ``train_samples`` row (``on_item`` is called once per
-    source file)."""
+    source file). Sources are streamed and rows committed every few thousand, so a source of any length
+    never sits whole in memory."""
     tokenizer = load_tokenizer(config.tokenizer_path)
     chash = samples_config_hash(tokenizer, slowfast, image_config, config)
     index = _MediaIndex(tokenizer, slowfast, image_config, root)
@@ -598,18 +1043,20 @@ def build_train_samples(
         rows.clear()
         bad.clear()
 
+    spool = default_spool() if spool is None else spool
     for path in discover_sources(paths):
-        for record in iter_records(path, bad, config):
+        for record in iter_records(path, bad, config, spool):
             try:
                 for row in _samples(record, path, Path(source_root), index, tokenizer, config, chash):
                     rows[row["sample_id"]] = row  # identical content twice: one sample
             except (BadRecord, BadVideo, TypeError, ValueError) as exc:
                 bad.append((record.uri, str(getattr(exc, "reason", exc))))
             report.num_records += 1
-        # Commit in batches: one Lance version per few thousand rows, not per small text file. A crash
-        # loses at most the batch in flight, which the rerun recomputes (counting tokens is cheap).
-        if len(rows) >= _COMMIT_ROWS:
-            commit()
+            # Commit in batches: one Lance version per few thousand rows, not per small text file, and
+            # within a file too (a 100k-record source is never held whole). A crash loses at most the
+            # batch in flight, which the rerun recomputes (counting tokens is cheap).
+            if len(rows) + len(bad) >= _COMMIT_ROWS:
+                commit()
         if on_item:
             on_item()
     commit()
@@ -689,10 +1136,10 @@ def _samples(
         ]
     media_rows: dict[int, tuple[str, dict]] = {}
     media_ids, digests = [], []
-    for part in _media_parts(record):
+    for position, part in enumerate(_media_parts(record)):
         kind = part["type"]
-        file = resolve_media(part, path.parent, source_root)
-        row = index.sample(kind, file)
+        file = record.embedded.get(position) or resolve_media(part, record.base or path.parent, source_root)
+        row = index.sample(kind, file, part[kind] if position in record.embedded else None)
         media_rows[id(part)] = (kind, row)
         media_ids.append(row["sample_id"])
         digests.append(index.digest(file))

@@ -112,6 +112,10 @@ class MixtureConfig:
     # so every stage and every annealing variant holds out the same samples and no stage trains on another's
     # evaluation data.
     holdout_per_mille: int = 0
+    # What the mixture is called in the `mixtures` table (stage3-balanced, a variant's name): a label for
+    # SQL users, not part of its identity (config_hash and mixture_id leave it out: equal configs are one
+    # mixture, whose rows keep the name they were first written under).
+    name: str = ""
 
     def __post_init__(self) -> None:
         def fail(name: str, value: Any, why: str) -> None:
@@ -209,7 +213,7 @@ class MixtureConfig:
         return out
 
     def config_hash(self) -> str:
-        return config_hash(self.to_dict(), compact=True)
+        return config_hash({k: v for k, v in self.to_dict().items() if k != "name"}, compact=True)
 
 
 # Stage 2's mixture is UNSTATED in the paper (SPEC §3 lists its tasks, not shares). We pick
@@ -245,6 +249,7 @@ def stage_mixture(stage: int, **overrides: Any) -> MixtureConfig:
         "target_shares": dict(STAGE_SHARES[stage]),
         "tasks": STAGE_TASKS[stage],
         "max_sample_tokens": STAGE_CONTEXT[stage],
+        "name": f"stage{stage}",
     }
     return MixtureConfig(**{**base, **overrides})
 
@@ -939,7 +944,7 @@ def build_mixture(
     else:
         rows = selection.rows.append_column(
             "created_at", pa.array([tables.now()] * selection.rows.num_rows, tables.TIMESTAMP)
-        )
+        ).append_column("name", pa.array([config.name or f"stage{config.stage}"] * selection.rows.num_rows))
         kill_point("mixture.before_commit")  # the selection computed; none of the mixture's rows written
         version = tables.upsert(
             "mixtures", rows.select(tables.SCHEMAS["mixtures"].names).cast(tables.SCHEMAS["mixtures"]), root
@@ -1010,6 +1015,7 @@ def fixed_mixture(
             "order": position,
             "train_samples_version": samples.version,
             "created_at": now,
+            "name": name,
         }
         for position, s in enumerate(order)
     ]

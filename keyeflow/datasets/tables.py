@@ -279,6 +279,7 @@ SCHEMAS: dict[str, pa.Schema] = {
             ("order", pa.int64()),
             ("train_samples_version", pa.int64()),
             ("created_at", TIMESTAMP),
+            ("name", pa.string()),  # the mixture's name/variant (stage3-balanced); null in rows before it
         ]
     ),
     "longcot_questions": pa.schema(
@@ -520,12 +521,22 @@ def ensure(name: str, root: str | None = None) -> lance.LanceDataset:
 
 def _ensure_locked(name: str, root: str | None) -> lance.LanceDataset:
     if exists(name, root):
-        return open_table(name, root=root)
+        return _add_new_columns(name, open_table(name, root=root))
     try:
         return write_dataset(SCHEMAS[name].empty_table(), table_uri(name, root), mode="create")
     except OSError:
         # Another writer (on an object store, where there is no lock) created it first: theirs is as good.
         return open_table(name, root=root)
+
+
+def _add_new_columns(name: str, ds: lance.LanceDataset) -> lance.LanceDataset:
+    """A table written before a column was added to its schema gets the column (null in its old rows, a
+    metadata-only change) at its next write, so old tables stay readable and writable."""
+    missing = [f for f in SCHEMAS[name] if f.name not in ds.schema.names]
+    if not missing:
+        return ds
+    ds.add_columns([f.with_nullable(True) for f in missing])
+    return dataset(ds.uri)
 
 
 @contextlib.contextmanager

@@ -128,6 +128,7 @@ class PretrainRecipe:
         context = self.annealing.max_length if stage == 3 else self.stages[stage].max_length
         return {
             "max_sample_tokens": context,
+            "name": f"stage3-{(variant or self.variants[0]).name}" if stage == 3 else f"stage{stage}",
             **overrides,
             "holdout_per_mille": self.evaluation.holdout_per_mille,
         }
