@@ -31,3 +31,7 @@ if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
   .venv/bin/pip install -q -e ".[dev]"
   touch "$stamp"
 fi
+
+# lmms-eval for the evaluation adapter and its tests (about 20 s of pip and 54 MB; moves no pin: see the
+# script). After keyeflow's install, whose entry point is how lmms-eval finds `--model keyeflow`.
+bash scripts/setup_lmms_eval.sh

@@ -18,6 +18,7 @@ import json
 import logging
 import os
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +43,30 @@ EVAL_JOB_MODULE = "keyeflow.steps.eval_job"
 RESULT = "metrics.json"  # rank 0's result, in the job's directory
 
 
+def lmms_eval_metrics(
+    checkpoint: str | Path, tasks: Sequence[str], include_path: str = "", limit: int = 0
+) -> dict[str, dict[str, float]]:
+    """lmms-eval's scores of `checkpoint` on `tasks`: `{"lmms_eval": {task/metric: score}}` for the scores
+    lmms-eval counts higher-is-better (the promotion gate compares them), `"lmms_eval_ungated"` for the
+    others (reported, not gated: no margin fits a perplexity and an accuracy alike)."""
+    # lmms-eval is an optional install (scripts/setup_lmms_eval.sh): only an evaluation that names its tasks
+    # imports the adapter, which imports lmms-eval.
+    try:
+        from keyeflow.steps.lmms_eval_model import run_lmms_eval
+    except ImportError as error:
+        raise RuntimeError(
+            f"EvalConfig.lmms_eval_tasks={list(tasks)} but lmms-eval is not importable ({error}); install it "
+            "with scripts/setup_lmms_eval.sh"
+        ) from error
+    result = run_lmms_eval(checkpoint, tasks, include_path=include_path or None, limit=limit or None)
+    return {
+        "lmms_eval": {k: v for k, v in result.scores.items() if result.higher_is_better.get(k, False)},
+        "lmms_eval_ungated": {
+            k: v for k, v in result.scores.items() if not result.higher_is_better.get(k, False)
+        },
+    }
+
+
 def evaluate_checkpoint(
     checkpoint: str | Path,
     *,
@@ -50,9 +75,14 @@ def evaluate_checkpoint(
     max_length: int,
     mcq_records: list[dict],
     info: distributed.Distributed | None = None,
+    lmms_eval_tasks: Sequence[str] = (),
+    lmms_eval_include_path: str = "",
+    lmms_eval_limit: int = 0,
 ) -> dict[str, Any]:
     """`{"heldout_loss": {modality: loss}, "mcq_accuracy": float, "mcq_predictions": {question_id: letter}}`
-    of `checkpoint`; `info`: this rank's place in a job (None: everything in this process, on the CPU)."""
+    of `checkpoint`, with `lmms_eval_metrics` when `lmms_eval_tasks` names any (run by rank 0 alone: lmms-eval
+    shards by its own launcher, not ours); `info`: this rank's place in a job (None: everything in this
+    process, on the CPU)."""
     model = load_model(checkpoint)
     tokenizer = load_tokenizer()
     reader = LanceSampleReader(samples, tokenizer)
@@ -64,11 +94,14 @@ def evaluate_checkpoint(
         model.to(info.device)
         losses = distributed_heldout_loss(model, reader, heldout, max_length, info, pad_token_id=pad_token_id)
         mcq = distributed_mcq(model, tokenizer, mcq_records, lance_video_lookup(), info)
-    return {
+    metrics = {
         "heldout_loss": losses,
         "mcq_accuracy": mcq.accuracy,
         "mcq_predictions": dict(zip([r["question_id"] for r in mcq_records], mcq.predictions)),
     }
+    if lmms_eval_tasks and (info is None or info.is_main):
+        metrics |= lmms_eval_metrics(checkpoint, lmms_eval_tasks, lmms_eval_include_path, lmms_eval_limit)
+    return metrics
 
 
 def launch_evaluate(
@@ -80,13 +113,18 @@ def launch_evaluate(
     max_length: int,
     mcq_records: list[dict],
     job_dir: str | Path,
+    lmms_eval_tasks: Sequence[str] = (),
+    lmms_eval_include_path: str = "",
+    lmms_eval_limit: int = 0,
 ) -> dict[str, Any]:
     """`evaluate_checkpoint`'s metrics, computed by the ranks `launch` starts (module docstring); `job_dir`
     keeps the spec and the result. "inprocess" evaluates in this process."""
     if launch.launcher == "inprocess":
         return evaluate_checkpoint(
-            checkpoint, heldout=heldout, samples=samples, max_length=max_length, mcq_records=mcq_records
-        )
+            checkpoint, heldout=heldout, samples=samples, max_length=max_length, mcq_records=mcq_records,
+            lmms_eval_tasks=lmms_eval_tasks, lmms_eval_include_path=lmms_eval_include_path,
+            lmms_eval_limit=lmms_eval_limit,
+        )  # fmt: skip
     job_dir = Path(job_dir)
     job_dir.mkdir(parents=True, exist_ok=True)
     result = job_dir / RESULT
@@ -100,6 +138,9 @@ def launch_evaluate(
                 "samples": {"name": samples.name, "uri": samples.uri, "version": samples.version},
                 "max_length": max_length,
                 "mcq_records": mcq_records,
+                "lmms_eval_tasks": list(lmms_eval_tasks),
+                "lmms_eval_include_path": lmms_eval_include_path,
+                "lmms_eval_limit": lmms_eval_limit,
                 "result": str(result.resolve()),
             },
             indent=2,
@@ -140,6 +181,9 @@ def main(argv: list[str] | None = None) -> None:
             max_length=spec["max_length"],
             mcq_records=spec["mcq_records"],
             info=info,
+            lmms_eval_tasks=spec.get("lmms_eval_tasks", ()),
+            lmms_eval_include_path=spec.get("lmms_eval_include_path", ""),
+            lmms_eval_limit=spec.get("lmms_eval_limit", 0),
         )
         if info.is_main:
             result = Path(spec["result"])

@@ -321,7 +321,22 @@ def mean_metrics(evaluations: list[dict[str, Any]]) -> dict[str, Any]:
     losses = {
         m: statistics.fmean(e["heldout_loss"][m] for e in evaluations) for m in evaluations[0]["heldout_loss"]
     }
-    return {"heldout_loss": losses, "mcq_accuracy": statistics.fmean(e["mcq_accuracy"] for e in evaluations)}
+    mean = {"heldout_loss": losses, "mcq_accuracy": statistics.fmean(e["mcq_accuracy"] for e in evaluations)}
+    for section in ("lmms_eval", "lmms_eval_ungated"):
+        if all(section in e for e in evaluations):
+            names = set.intersection(*(set(e[section]) for e in evaluations))
+            mean[section] = {n: statistics.fmean(e[section][n] for e in evaluations) for n in sorted(names)}
+    return mean
+
+
+def eval_run_metrics(metrics: dict[str, Any]) -> dict[str, float]:
+    """A checkpoint's evaluation metrics as the MLflow metrics of its run (`eval/...`)."""
+    logged = {f"eval/heldout_loss/{m}": v for m, v in metrics.get("heldout_loss", {}).items()}
+    if "mcq_accuracy" in metrics:
+        logged["eval/mcq_accuracy"] = metrics["mcq_accuracy"]
+    for section in ("lmms_eval", "lmms_eval_ungated"):
+        logged |= {f"eval/lmms_eval/{name}": v for name, v in metrics.get(section, {}).items()}
+    return logged
 
 
 def evaluate_stage(
@@ -340,9 +355,9 @@ def evaluate_stage(
     the evaluation as a job on the ranks it starts, like the stage's training (`keyeflow.steps.eval_job`);
     None evaluates in this process. It is not in the key: the ranks give the same metrics up to float
     rounding."""
-    eval_key = step_key(
-        "eval", asdict(config), heldout, samples.version, [r["question_id"] for r in mcq_records]
-    )
+    # lmms-eval settings join the key only when used, so evaluations without them keep their cached metrics.
+    keyed = {k: v for k, v in asdict(config).items() if not (k.startswith("lmms_eval_") and not v)}
+    eval_key = step_key("eval", keyed, heldout, samples.version, [r["question_id"] for r in mcq_records])
     cache = Path(output.checkpoint).parent / EVAL.format(key=eval_key)
     if cache.is_file():
         metrics = json.loads(cache.read_text())
@@ -355,13 +370,12 @@ def evaluate_stage(
             max_length=config.max_tokens,
             mcq_records=mcq_records,
             job_dir=Path(output.checkpoint).parent / EVAL_JOB.format(key=eval_key),
+            lmms_eval_tasks=config.lmms_eval_tasks,
+            lmms_eval_include_path=config.lmms_eval_include_path,
+            lmms_eval_limit=config.lmms_eval_limit,
         )
         _write_json(cache, metrics)
-    lineage.log_metrics(
-        output.run_id,
-        {f"eval/heldout_loss/{m}": v for m, v in metrics["heldout_loss"].items()}
-        | {"eval/mcq_accuracy": metrics["mcq_accuracy"]},
-    )
+    lineage.log_metrics(output.run_id, eval_run_metrics(metrics))
     if parent_metrics is None:
         passed, reasons = True, []
     else:

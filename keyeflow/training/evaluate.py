@@ -490,16 +490,17 @@ def promotion_gate(
 ) -> tuple[bool, list[str]]:
     """Whether a child checkpoint may be promoted over its parent, and a reason per failing metric.
 
-    Metrics: `{"heldout_loss": {modality: loss}, "mcq_accuracy": accuracy or {benchmark: accuracy}}` (either
-    section may be absent). A loss fails when child > parent · (1 + margin) (relative); an accuracy fails
-    when child < parent − accuracy_margin (absolute; default: `margin`). A metric the parent has and the child
-    lacks, or a non-finite child value, fails; metrics only the child has are not compared."""
+    Metrics: `{"heldout_loss": {modality: loss}, "mcq_accuracy": accuracy or {benchmark: accuracy},
+    "lmms_eval": {task/metric: score}}` (any section may be absent; lmms-eval scores are higher-is-better
+    ones, compared like accuracies). A loss fails when child > parent · (1 + margin) (relative); an accuracy
+    fails when child < parent − accuracy_margin (absolute; default: `margin`). A metric the parent has and the
+    child lacks, or a non-finite child value, fails; metrics only the child has are not compared."""
     accuracy_margin = margin if accuracy_margin is None else accuracy_margin
     for name, value in (("margin", margin), ("accuracy_margin", accuracy_margin)):
         if not (math.isfinite(value) and value >= 0):
             raise ValueError(f"{name} must be a finite number >= 0, got {value}")
     reasons = []
-    for section, lower_is_better in (("heldout_loss", True), ("mcq_accuracy", False)):
+    for section, lower_is_better in (("heldout_loss", True), ("mcq_accuracy", False), ("lmms_eval", False)):
         child, parent = _flat(child_metrics, section), _flat(parent_metrics, section)
         for name, before in parent.items():
             after = child.get(name)

@@ -55,7 +55,10 @@ class EvalConfig:
     (`holdout_per_mille`), at most `max_tokens` long, the same set for every stage so stages compare.
     MCQ: `num_mcq` Video-MME-format questions generated from the pre-tokenised videos (`generate_mcq_set`).
     Gate: a held-out loss may be at most `loss_margin` (relative) above the parent's, an accuracy at most
-    `accuracy_margin` (absolute) below it."""
+    `accuracy_margin` (absolute) below it.
+    lmms-eval (optional, `scripts/setup_lmms_eval.sh`): `lmms_eval_tasks` names tasks lmms-eval knows or finds
+    under `lmms_eval_include_path` (a directory of task YAMLs), run on at most `lmms_eval_limit` docs each (0:
+    all); their higher-is-better scores are gated like accuracies."""
 
     holdout_per_mille: int = 50
     heldout_per_modality: int = 16
@@ -64,9 +67,16 @@ class EvalConfig:
     loss_margin: float = 0.02
     accuracy_margin: float = 0.02
     seed: int = 0
+    lmms_eval_tasks: tuple[str, ...] = ()
+    lmms_eval_include_path: str = ""
+    lmms_eval_limit: int = 0
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "lmms_eval_tasks", tuple(self.lmms_eval_tasks))
+        if not all(isinstance(t, str) and t for t in self.lmms_eval_tasks):
+            raise ValueError(f"EvalConfig.lmms_eval_tasks must be task names, got {self.lmms_eval_tasks!r}")
         for name, minimum, maximum in (
+            ("lmms_eval_limit", 0, None),
             ("holdout_per_mille", 1, 999),
             ("heldout_per_modality", 1, None),
             ("max_tokens", 1, None),
