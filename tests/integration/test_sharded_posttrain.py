@@ -88,36 +88,29 @@ MPO = MPOStageConfig(learning_rate=LR, max_steps=3, pairs_per_step=2, max_length
 BUDGET = 64
 
 
-def run_all(init: Path, out: Path, fsdp: bool) -> dict[str, Path]:
-    """The three runs (GSPO one padded forward per part, GSPO under a token budget, MPO); their last
-    checkpoints."""
-    runs = {}
-    configs = {
-        "gspo": gspo_config(fsdp=fsdp),
-        "gspo_budget": gspo_config(fsdp=fsdp, max_tokens_per_micro_batch=BUDGET),
-    }
-    for name, config in configs.items():
-        runs[name] = train_gspo(
-            config, init=init, items=ITEMS, reward_fn=letter_reward, out_dir=out / name,
-            media_lookup=media_lookup,
-        ).checkpoint_dir  # fmt: skip
-    runs["mpo"] = train_mpo(
-        dataclasses.replace(MPO, fsdp=fsdp),
-        init=init,
-        pairs=PAIRS,
-        out_dir=out / "mpo",
-        media_lookup=media_lookup,
+RUNS = ("gspo", "gspo_budget", "mpo")  # GSPO one padded forward per part, GSPO under a token budget, MPO
+
+
+def run(name: str, init: Path, out: Path, fsdp: bool) -> Path:
+    """One of the runs; its last checkpoint."""
+    if name == "mpo":
+        mpo = dataclasses.replace(MPO, fsdp=fsdp)
+        result = train_mpo(mpo, init=init, pairs=PAIRS, out_dir=out / name, media_lookup=media_lookup)
+        return result.checkpoint_dir
+    config = gspo_config(fsdp=fsdp, max_tokens_per_micro_batch=BUDGET if name == "gspo_budget" else None)
+    return train_gspo(
+        config, init=init, items=ITEMS, reward_fn=letter_reward, out_dir=out / name, media_lookup=media_lookup
     ).checkpoint_dir
-    return runs
 
 
-def run_rank(rank: int, port: int, init: Path, out: Path) -> None:
+def run_rank(rank: int, port: int, name: str, init: Path, out: Path) -> None:
+    """One rank of one sharded run: a process per run, as a launched job is."""
     torch.set_num_threads(1)  # two ranks and the reference share the machine
     os.environ.update(
         RANK=str(rank), WORLD_SIZE=str(WORLD), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
         MASTER_PORT=str(port),
     )  # fmt: skip
-    run_all(init, out, fsdp=True)
+    run(name, init, out, fsdp=True)
 
 
 @pytest.fixture(scope="module")
@@ -133,19 +126,23 @@ def init_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def runs(init_dir, tmp_path_factory) -> tuple[dict[str, Path], dict[str, Path]]:
     """(the one-process unsharded runs' checkpoints, the 2-rank sharded runs')."""
-    sharded_out = tmp_path_factory.mktemp("sharded")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    sharded_out, one_out = tmp_path_factory.mktemp("sharded"), tmp_path_factory.mktemp("one-process")
     # spawn, not fork: a full test run's process holds Lance's and Prefect's threads
     spawn = multiprocessing.get_context("spawn")
-    ranks = [spawn.Process(target=run_rank, args=(r, port, init_dir, sharded_out)) for r in range(WORLD)]
-    for rank in ranks:
-        rank.start()
-    reference = run_all(init_dir, tmp_path_factory.mktemp("one-process"), fsdp=False)
-    for rank in ranks:
-        rank.join(timeout=600)
-    assert [rank.exitcode for rank in ranks] == [0] * WORLD, "a rank failed (its traceback is above)"
+    reference = {}
+    for name in RUNS:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        ranks = [
+            spawn.Process(target=run_rank, args=(r, port, name, init_dir, sharded_out)) for r in range(WORLD)
+        ]
+        for rank in ranks:
+            rank.start()
+        reference[name] = run(name, init_dir, one_out, fsdp=False)
+        for rank in ranks:
+            rank.join(timeout=600)
+        assert [rank.exitcode for rank in ranks] == [0] * WORLD, f"a rank of {name} failed (traceback above)"
     return reference, {name: sharded_out / name / path.name for name, path in reference.items()}
 
 
@@ -154,7 +151,7 @@ def history(checkpoint: Path) -> list[dict]:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["gspo", "gspo_budget", "mpo"])
+@pytest.mark.parametrize("name", RUNS)
 def test_two_sharded_ranks_train_the_one_process_parameters(runs, init_dir, name):
     reference, sharded = runs
     want = load_keye_checkpoint(reference[name] / "model").state_dict()
