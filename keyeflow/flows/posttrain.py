@@ -74,9 +74,9 @@ def posttrain(
 
         items = t.rl_items(questions, r.rl_mode)
         sft_mix = t.sft_data(start, samples, r, items, run_id)
-        sft = t.train_stage(r.sft, start, sft_mix["mixture"], sft_mix["mixture_id"], run_id)
+        sft = t.train_stage(r.sft, start, sft_mix["mixture"], sft_mix["mixture_id"], run_id, launch=r.launch)
         sft = stages["sft"] = t.train_stage(
-            r.sft_anneal, sft, sft_mix["mixture"], sft_mix["mixture_id"], run_id
+            r.sft_anneal, sft, sft_mix["mixture"], sft_mix["mixture_id"], run_id, launch=r.launch
         )
         if held:
             signals["sft"] = t.sft_signal(start, sft, held, run_id)
@@ -89,10 +89,12 @@ def posttrain(
 
         cold_mix = t.longcot_data(longcot, f"longcot-{r.name}", None)
         cold = stages["longcot"] = t.train_stage(
-            r.longcot, mpo, cold_mix["mixture"], cold_mix["mixture_id"], run_id
+            r.longcot, mpo, cold_mix["mixture"], cold_mix["mixture_id"], run_id, launch=r.launch
         )
         expert_mix = t.longcot_data(longcot, f"expert-{r.expert_domain}", r.expert_domain)
-        expert = t.train_stage(r.expert, cold, expert_mix["mixture"], expert_mix["mixture_id"], run_id)
+        expert = t.train_stage(
+            r.expert, cold, expert_mix["mixture"], expert_mix["mixture_id"], run_id, launch=r.launch
+        )
         policy = stages["expert_merge"] = t.merge_expert(expert, cold, r.expert_weight, run_id)
 
         t.check_rl_inputs(policy, items)
@@ -112,6 +114,7 @@ def posttrain(
                     rows["mixture_id"],
                     run_id,
                     data_from=[policy, rm],
+                    launch=r.launch,
                 )
                 items = t.pass_rate_filter(policy, items, r.gspo, n)
                 round_signal["pass_rate_filter_kept"] = len(items)

@@ -27,6 +27,7 @@ from keyeflow.tasks.common import PromotionBlocked, publish_memory_plan
 from keyeflow.training import memory_plan, rl
 from keyeflow.training.config import GSPOStageConfig, StageConfig
 from keyeflow.training.heldout import PassRates, answer_pairs, paired_difference, rl_promotion
+from keyeflow.training.launch import LaunchConfig
 from keyeflow.training.posttrain_data import (
     POSTTRAIN_STAGE,
     conversation_samples,
@@ -50,7 +51,7 @@ def check_memory(recipe: PosttrainRecipe, checkpoint: str, run_id: str) -> None:
     """Every post-training stage's memory per device for the policy `checkpoint` holds; refuses the recipe
     before SFT when one cannot run."""
     model = checkpoint_config(checkpoint)
-    plans = memory_plan.plan_posttrain(recipe, model, memory_plan.local_cluster(None))
+    plans = memory_plan.plan_posttrain(recipe, model, memory_plan.local_cluster(recipe.launch))
     publish_memory_plan(plans, f"posttrain {recipe.name}", run_id)
 
 
@@ -111,6 +112,7 @@ def train_stage(
     mixture_id: str,
     run_id: str,
     data_from: list[StageOutput] = (),
+    launch: LaunchConfig | None = None,
 ) -> StageOutput:
     return _say(
         steps.train_stage(
@@ -120,6 +122,7 @@ def train_stage(
             mixture_id=mixture_id,
             parent_run_id=run_id,
             data_from=list(data_from),
+            launch=launch,
         )
     )
 

@@ -246,6 +246,12 @@ def _without_default_checkpointing(data: dict[str, Any]) -> dict[str, Any]:
     return data
 
 
+def _without_default_fsdp(data: dict[str, Any]) -> dict[str, Any]:
+    if not data["fsdp"]:
+        del data["fsdp"]
+    return data
+
+
 def _unhashed_checkpointing(data: dict[str, Any]) -> dict[str, Any]:
     data.pop("activation_checkpointing", None)
     return data
@@ -319,9 +325,13 @@ class MPOStageConfig:
     warmup_steps: int = 0
     grad_clip: float | None = 1.0
     activation_checkpointing: str = "off"  # as StageConfig's (not hashed)
+    # As StageConfig's: the policy's parameters, gradients and AdamW state sharded over all ranks (FSDP2).
+    # Left out of `to_dict` when False (configs and hashes from before the field existed stay the same).
+    fsdp: bool = False
 
     def __post_init__(self) -> None:
         _check_checkpointing("MPOStageConfig", self.activation_checkpointing)
+        check_flag("MPOStageConfig", "fsdp", self.fsdp)
         for name, minimum in (
             ("max_steps", 1),
             ("pairs_per_step", 1),
@@ -354,7 +364,7 @@ class MPOStageConfig:
         return self.learning_rate
 
     def to_dict(self) -> dict[str, Any]:
-        return _without_default_checkpointing(dataclasses.asdict(self))
+        return _without_default_fsdp(_without_default_checkpointing(dataclasses.asdict(self)))
 
     def config_hash(self) -> str:
         return config_hash(_unhashed_checkpointing(self.to_dict()), compact=True)
@@ -442,9 +452,13 @@ class GSPOStageConfig:
     # None: left out of `to_dict`, so configs (and hashes) from before the field existed stay the same.
     max_tokens_per_micro_batch: int | None = None
     rollout_server: RolloutServerConfig | None = None  # None: left out of `to_dict` (hashes stay the same)
+    # The policy sharded with FSDP2 (as StageConfig's); rollouts then come from an unsharded copy synced
+    # from the shards before every step (`keyeflow.training.rl`). Left out of `to_dict` when False.
+    fsdp: bool = False
 
     def __post_init__(self) -> None:
         _check_checkpointing("GSPOStageConfig", self.activation_checkpointing)
+        check_flag("GSPOStageConfig", "fsdp", self.fsdp)
         if self.rollout_server is not None and not isinstance(self.rollout_server, RolloutServerConfig):
             raise invalid(
                 "GSPOStageConfig", "rollout_server", self.rollout_server, "must be a RolloutServerConfig"
@@ -514,7 +528,7 @@ class GSPOStageConfig:
                 )
 
     def to_dict(self) -> dict[str, Any]:
-        out = _without_default_checkpointing(dataclasses.asdict(self))
+        out = _without_default_fsdp(_without_default_checkpointing(dataclasses.asdict(self)))
         if out["max_tokens_per_micro_batch"] is None:
             del out["max_tokens_per_micro_batch"]
         if out["rollout_server"] is None:

@@ -74,6 +74,8 @@ COMPONENTS = (
     "vit",
     "zero_buffers",
     "rollout_kv_cache",
+    "rollout_engine",
+    "reference_model",
     "reserve",
 )
 
@@ -265,6 +267,8 @@ class _Layout:
     offload_params: bool = False
     zero_bucket: int = 0  # elements per ZeRO reduce/all-gather bucket
     kv_cache_tokens: int = 0
+    rollout_share: int = 0  # bytes a colocated rollout engine reserves on each GPU (GSPO)
+    reference_bytes: int = 0  # a frozen reference model held beside the policy (GSPO with a KL term)
     problems: tuple[str, ...] = ()
     notes: tuple[str, ...] = ()
 
@@ -385,8 +389,11 @@ def plan_layout(layout: _Layout, sizes: ModelSizes, cluster: Cluster) -> StagePl
         "vit": vit,
         "zero_buffers": zero_buffers,
         "rollout_kv_cache": kv_cache,
+        "rollout_engine": layout.rollout_share,
+        "reference_model": layout.reference_bytes,
     }
-    components["reserve"] = RESERVE_FIXED + RESERVE_SHARE * sum(components.values())
+    # (a rollout engine's share is its own reservation: no fragmentation allowance on it)
+    components["reserve"] = RESERVE_FIXED + RESERVE_SHARE * (sum(components.values()) - layout.rollout_share)
     components = {k: int(v) for k, v in components.items()}
     total_bytes = sum(components.values())
     problems = list(layout.problems)
@@ -446,36 +453,194 @@ def plan_posttrain(
     *,
     rl_prompt_tokens: int = DEFAULT_RL_PROMPT_TOKENS,
 ) -> list[StagePlan]:
-    """Every post-training stage of `recipe` for a policy of `model`'s widths. The post-training flow trains
-    in its own process: one GPU per stage whatever the cluster (a note says so)."""
+    """Every post-training stage of `recipe` for a policy of `model`'s widths. Without a launch config the
+    post-training flow trains in its own process: one GPU per stage whatever the cluster (a note says so);
+    with one, every stage runs on the whole cluster, and each GSPO stage on the first rollout placement that
+    fits (`choose_rollout_placement`; a note names it and why the ones before it were refused)."""
     sizes = ModelSizes.of(model)
-    one = Cluster(1, 1, cluster.gpu_memory_gib)
-    note = ("post-training runs in the flow's process: 1 GPU",)
+    launched = recipe.launch is not None and recipe.launch.launcher != "inprocess"
+    where = cluster if launched else Cluster(1, 1, cluster.gpu_memory_gib)
+    note = () if launched else ("post-training runs in the flow's process: 1 GPU",)
     plans = []
     for stage in _unique(
         [recipe.sft, recipe.sft_anneal, recipe.reward_model_stage, recipe.longcot, recipe.expert]
     ):
-        layout = _stage_layout(stage, 1)
-        plans.append(plan_layout(dataclasses.replace(layout, notes=layout.notes + note), sizes, one))
-    plans.append(plan_layout(_mpo_layout(recipe.mpo, note), sizes, one))
+        layout = _stage_layout(stage, where.world_size)
+        plans.append(plan_layout(dataclasses.replace(layout, notes=layout.notes + note), sizes, where))
+    plans.append(plan_layout(_mpo_layout(recipe.mpo, note, where.world_size), sizes, where))
     for name, gspo in (("gspo", recipe.gspo), ("alignment-rl", recipe.alignment)):
-        plans.append(plan_layout(_gspo_layout(name, gspo, rl_prompt_tokens, note), sizes, one))
+        if not launched:
+            plans.append(plan_layout(_gspo_layout(name, gspo, rl_prompt_tokens, note), sizes, where))
+            continue
+        chosen, tried = choose_rollout_placement(name, gspo, sizes, where, rl_prompt_tokens)
+        refused = [
+            f"{placement.describe()}: {'; '.join(pr for p in ps for pr in p.problems)}"
+            for placement, ps in tried
+            if placement is not chosen
+        ]
+        chosen_plans = tried[-1][1] if chosen is None else dict(tried)[chosen]
+        for plan in chosen_plans:
+            plans.append(
+                dataclasses.replace(plan, notes=plan.notes + tuple(f"refused: {r}" for r in refused))
+            )
     return plans
 
 
-def _mpo_layout(mpo: MPOStageConfig, notes: tuple[str, ...]) -> _Layout:
-    # One batch of pairs_per_step chosen and rejected conversations (`preference.train_mpo`); the reference
-    # log-probs were computed once per pair before training, so no second model is held.
+def _mpo_layout(mpo: MPOStageConfig, notes: tuple[str, ...], world_size: int = 1) -> _Layout:
+    # One batch of pairs_per_step chosen and rejected conversations (`preference.train_mpo`), rank r scoring
+    # pairs r, r + W, …; the reference log-probs were computed once per pair before training, so no second
+    # model is held.
     return _Layout(
         name="posttrain-3-mpo",
-        world_size=1,
+        world_size=world_size,
         trainable=None,
-        tokens=2 * mpo.pairs_per_step * mpo.max_length,
+        tokens=2 * math.ceil(mpo.pairs_per_step / world_size) * mpo.max_length,
         zero=None,
+        fsdp=mpo.fsdp,
         bf16=False,
         checkpointing=mpo.activation_checkpointing,
-        notes=notes + (f"one batch of {mpo.pairs_per_step} pairs, each side up to {mpo.max_length} tokens",),
+        notes=notes
+        + (
+            f"one batch of {mpo.pairs_per_step} pairs, each side up to {mpo.max_length} tokens",
+            "MPO: reference log-probs computed once per pair before training (no reference model held)",
+        ),
     )
+
+
+@dataclass(frozen=True)
+class RolloutPlacement:
+    """Where a GSPO stage's rollout engine runs and what it holds: `engine_bytes` per weight and KV-cache
+    value (2: a bf16 serving engine such as vLLM or SGLang; 4: the in-process fp32 sampler), `tensor_parallel`
+    GPUs per engine instance (weights and KV heads split over them).
+    - "colocated": on the training GPUs. A serving engine reserves `gpu_memory_utilization` of each GPU
+      (vLLM's setting) for its weights and KV cache, resident beside the policy's sharded state, activations
+      and buffers; the in-process sampler (None) holds exactly its weights and one group's cache;
+    - "separate": on `rollout_nodes` machines of their own (`gpu_memory_utilization` of each), the policy
+      training on the others; weights go over the network after every update.
+    The engine must hold its weights and the KV cache of one prompt's G responses at full length (what
+    sampling a group together needs); what is left of its share holds more sequences at once (throughput)."""
+
+    kind: str
+    gpu_memory_utilization: float | None
+    engine_bytes: int = 2
+    tensor_parallel: int = 1
+    rollout_nodes: int = 0
+
+    def describe(self) -> str:
+        engine = "in-process fp32 sampler" if self.engine_bytes == 4 else "bf16 serving engine"
+        share = "" if self.gpu_memory_utilization is None else f" at {self.gpu_memory_utilization:g}"
+        tp = f" TP{self.tensor_parallel}" if self.tensor_parallel > 1 else ""
+        if self.kind == "separate":
+            return f"separate rollout pool of {self.rollout_nodes} node(s), {engine}{share}{tp}"
+        return f"colocated {engine}{share}{tp}"
+
+
+# Tried in order; the first that fits is used. Colocated first: rollouts are most of an RL step, so a
+# separate pool leaves the trainers idle while it samples (and itself idles during the update); among the
+# colocated ones the largest share first (a larger KV cache samples more sequences at once). The in-process
+# sampler (an fp32 copy of the model and fp32 cache) comes last among the colocated ones.
+ROLLOUT_PLACEMENTS = (
+    *(RolloutPlacement("colocated", share) for share in (0.6, 0.5, 0.4)),
+    *(RolloutPlacement("colocated", share, tensor_parallel=2) for share in (0.5, 0.4, 0.3)),
+    RolloutPlacement("colocated", None, engine_bytes=4),
+    RolloutPlacement("separate", 0.9, rollout_nodes=1),
+    RolloutPlacement("separate", 0.9, rollout_nodes=2),
+)
+
+
+def plan_gspo(
+    name: str,
+    gspo: GSPOStageConfig,
+    sizes: ModelSizes,
+    cluster: Cluster,
+    placement: RolloutPlacement,
+    prompt_tokens: int = DEFAULT_RL_PROMPT_TOKENS,
+) -> list[StagePlan]:
+    """A GSPO stage on `cluster` with its rollout engine placed by `placement`: the policy's plan (sharded
+    as its config says over the training GPUs, the update's packed micro-batch, a colocated engine's share,
+    a reference model only with a KL term), and for a separate pool the pool's plan too."""
+    text = sizes.config.text_config
+    length = prompt_tokens + gspo.max_new_tokens
+    tp = placement.tensor_parallel
+    weights = sizes.total * placement.engine_bytes / tp
+    kv_per_token = (
+        2 * text.num_hidden_layers * text.num_key_value_heads * text.head_dim * placement.engine_bytes
+    )
+    kv_per_token /= tp
+    group_cache = gspo.group_size * length * kv_per_token
+    need = weights + group_cache
+    capacity = cluster.capacity
+    share = need if placement.gpu_memory_utilization is None else placement.gpu_memory_utilization * capacity
+    problems, notes = [], [f"prompts assumed ≤ {prompt_tokens:,} tokens", f"rollouts: {placement.describe()}"]
+    if tp > text.num_key_value_heads or text.num_key_value_heads % tp:
+        problems.append(f"rollout TP{tp} does not divide the {text.num_key_value_heads} KV heads")
+    if need > share:
+        problems.append(
+            f"rollout engine needs {need / GIB:.1f} GiB (weights {weights / GIB:.1f} + one group's KV cache "
+            f"{group_cache / GIB:.1f}) of its {share / GIB:.1f} GiB share"
+        )
+    else:
+        sequences = int((share - weights) // (length * kv_per_token))
+        notes.append(f"rollout engine: room for {sequences} sequences of {length:,} tokens at once")
+    train_world = cluster.world_size
+    if placement.kind == "separate":
+        train_world = (cluster.nodes - placement.rollout_nodes) * cluster.gpus_per_node
+        if train_world < 1:
+            problems.append(f"{cluster.nodes} node(s) leave none to train on beside the rollout pool")
+            train_world = 1
+    if gspo.gspo.kl_coef > 0:
+        notes.append("KL term: the frozen reference model is held, unsharded, in fp32")
+    else:
+        notes.append("no KL term: no reference model (old log-probs are recomputed by the policy)")
+    base = _gspo_layout(name, gspo, prompt_tokens, ())
+    layout = dataclasses.replace(
+        base,
+        world_size=train_world,
+        fsdp=gspo.fsdp,
+        kv_cache_tokens=0,  # the engine holds the rollout cache
+        rollout_share=int(share) if placement.kind == "colocated" else 0,
+        reference_bytes=sizes.total * 4 if gspo.gspo.kl_coef > 0 else 0,
+        problems=tuple(problems) if placement.kind == "colocated" else (),
+        notes=tuple(notes),
+    )
+    policy = plan_layout(layout, sizes, cluster)  # (the layout's world size: the training GPUs)
+    if placement.kind == "colocated":
+        return [policy]
+    components = {k: 0 for k in COMPONENTS}
+    components["rollout_engine"] = int(share)
+    components["reserve"] = RESERVE_FIXED
+    pool = StagePlan(
+        stage=f"posttrain-{name}-rollout",
+        layout=f"{placement.rollout_nodes * cluster.gpus_per_node}× rollout engine"
+        + (f" TP{tp}" if tp > 1 else ""),
+        tokens_per_gpu=gspo.group_size * length,
+        components=components,
+        capacity=capacity,
+        problems=tuple(problems),
+        notes=tuple(notes),
+    )
+    return [policy, pool]
+
+
+def choose_rollout_placement(
+    name: str,
+    gspo: GSPOStageConfig,
+    sizes: ModelSizes,
+    cluster: Cluster,
+    prompt_tokens: int = DEFAULT_RL_PROMPT_TOKENS,
+    placements: tuple[RolloutPlacement, ...] = ROLLOUT_PLACEMENTS,
+) -> tuple[RolloutPlacement | None, list[tuple[RolloutPlacement, list[StagePlan]]]]:
+    """The first of `placements` whose plans all fit (None: none does), and every placement tried up to it
+    with its plans (their problems say why a placement was refused)."""
+    tried = []
+    for placement in placements:
+        if placement.kind == "separate" and placement.rollout_nodes >= cluster.nodes:
+            continue  # no machine left to train on
+        plans = plan_gspo(name, gspo, sizes, cluster, placement, prompt_tokens)
+        tried.append((placement, plans))
+        if all(p.fits for p in plans):
+            return placement, tried
+    return None, tried
 
 
 def _gspo_layout(name: str, gspo: GSPOStageConfig, prompt_tokens: int, notes: tuple[str, ...]) -> _Layout:

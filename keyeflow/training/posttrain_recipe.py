@@ -17,6 +17,7 @@ from keyeflow.quality.reward_model import RewardModelConfig
 from keyeflow.training.config import GSPOStageConfig, MPOStageConfig, StageConfig
 from keyeflow.training.heldout import HeldoutConfig
 from keyeflow.training.hints import HintConfig
+from keyeflow.training.launch import LaunchConfig
 from keyeflow.training.losses import GSPOConfig, MPOConfig
 from keyeflow.training.posttrain_data import DifficultyConfig
 
@@ -100,6 +101,9 @@ class PosttrainRecipe:
     # RL items (the first this many) whose reference responses, written in `rl_mode`, join the SFT set: the
     # policy RL starts from has then seen the items' answer form. 0: none.
     sft_rl_items: int = 0
+    # How every training stage's ranks start (SFT-style stages, MPO, GSPO): torchrun, DeepSpeed or Slurm, as
+    # pre-training's (`keyeflow.training.launch`); None: in the flow's process, one rank.
+    launch: LaunchConfig | None = None
 
     def __post_init__(self) -> None:
         for name in ("rounds", "rejection_samples", "sft_max_items"):  # rounds: at least one GSPO round
@@ -116,7 +120,10 @@ class PosttrainRecipe:
         return dataclasses.replace(self.longcot, name=f"{self.longcot.name}-round-{round_number}")
 
     def to_dict(self) -> dict[str, Any]:
-        return _plain(self)
+        out = _plain(self)
+        if out["launch"] is None:  # only when set, so the hash of a recipe that trains in-process stays
+            del out["launch"]
+        return out
 
     def config_hash(self) -> str:
         return config_hash(self.to_dict(), compact=True)
@@ -221,11 +228,14 @@ def _keye_8b() -> PosttrainRecipe:
         learning_rate=1e-6,
         max_steps=500,
         mini_batches_per_step=4,
-        max_tokens_per_micro_batch=32_768,  # packed updates: a prompt and its response fit one
+        # packed updates: one micro-batch holds a whole response (a 4,096-token prompt + 16,384 new tokens);
+        # 32,768 left no room for the policy's activations on an 80 GB card (`keyeflow plan`)
+        max_tokens_per_micro_batch=20_480,
         gspo=GSPOConfig(),
         hints=HintConfig(rollouts_per_level=8),
         checkpoint_every=50,
         activation_checkpointing="full",
+        fsdp=True,  # the policy's state sharded over the 32 GPUs (`keyeflow plan --flow posttrain`)
     )
     return PosttrainRecipe(
         name="keye-8b", sft_tasks=SFT_TASKS, sft_max_items=8_000_000,
@@ -238,8 +248,10 @@ def _keye_8b() -> PosttrainRecipe:
         reward_model=RewardModelConfig(mode="think"),
         reward_model_stage=StageConfig(name="posttrain-2-reward-model", learning_rate=5e-6, max_steps=3_000,
                                        **full),
-        mpo=MPOStageConfig(learning_rate=5e-7, max_steps=2_000, pairs_per_step=64, max_length=32_768,
-                           activation_checkpointing="full"),
+        # MPO's step is one batch (not micro-batched): 32 pairs of up to 8,192 tokens a side over 32 GPUs is
+        # one pair per GPU, what fits 80 GB in fp32 (64 pairs of 32,768 tokens needed 334 GiB a GPU)
+        mpo=MPOStageConfig(learning_rate=5e-7, max_steps=2_000, pairs_per_step=32, max_length=8_192,
+                           activation_checkpointing="full", fsdp=True),
         longcot=StageConfig(name="posttrain-4-longcot-sft", learning_rate=1e-5, max_steps=5_000, **full),
         expert_domain="math",
         expert=StageConfig(name="posttrain-4-expert-math", learning_rate=1e-5, max_steps=2_000, **full),
@@ -248,6 +260,10 @@ def _keye_8b() -> PosttrainRecipe:
         alignment=dataclasses.replace(gspo, hints=None, max_steps=300),
         alignment_rewards=AlignmentSettings(),
         heldout=HeldoutConfig(samples_per_item=8, max_new_tokens=16_384, min_items=500),
+        # 4 nodes × 8 GPUs under Slurm: what `keyeflow plan --flow posttrain --recipe keye-8b --nodes 4`
+        # checks; GSPO's rollouts on a pool of 1 node, the policy on the other 24 GPUs (the planner's choice:
+        # no colocated share leaves room for the update; tests/unit/test_memory_plan.py)
+        launch=LaunchConfig(launcher="slurm", nproc_per_node=8, num_nodes=4),
     )  # fmt: skip
 
 

@@ -72,7 +72,7 @@ from keyeflow.model.processor import Features, MediaLookup, collate, encode_samp
 from keyeflow.model.tokenizer import checkpoint_tokenizer
 from keyeflow.quality.errors import DEFAULT_MAX_ERROR_SHARE, check_error_share, check_max_error_share
 from keyeflow.quality.rewards import TASKS, Reward, RewardItem, answer_reward
-from keyeflow.training import distributed
+from keyeflow.training import distributed, sharding
 from keyeflow.training.config import MPOStageConfig
 from keyeflow.training.engine import (
     Engine,
@@ -86,7 +86,7 @@ from keyeflow.training.engine import (
     seed_everything,
 )
 from keyeflow.training.losses import MPOOutput, RewardShift, mpo_loss
-from keyeflow.training.trainer import load_model
+from keyeflow.training.trainer import load_model, vision_dummy
 
 log = logging.getLogger(__name__)
 
@@ -478,7 +478,7 @@ def train_mpo(
     parsed = [_pair_fields(pair, k) for k, pair in enumerate(pairs)]
     if not parsed:
         raise ValueError("train_mpo needs at least one pair")
-    dist = distributed.setup()
+    dist = distributed.setup(need_group=config.fsdp)
     try:
         if config.pairs_per_step < dist.world_size:
             raise ValueError(
@@ -507,15 +507,22 @@ def _train_mpo(
     prepare_out_dir(out_dir, dist, saved["step"] if saved else 0)
 
     # ---- The policy on the engine. The frozen reference (always `init`, also on a resume) is not a model
-    # held beside it: its log-probs are computed once, below.
+    # held beside it: its log-probs are computed once, below. Sharded (FSDP2), the policy is built on the
+    # meta device and each rank reads its shards (of `init`, or of the checkpoint's dcp/ on a resume).
     tokenizer = checkpoint_tokenizer(init)
+    policy_dir = resume_dir / "model" if resume_dir else init
+    model, init_weights = (
+        sharding.unbuilt_model(policy_dir) if config.fsdp else (load_model(policy_dir), None)
+    )
     engine = Engine(
-        load_model(resume_dir / "model" if resume_dir else init),
+        model,
         dist=dist,
         learning_rate=config.learning_rate,
         lr_at=config.lr_at,
         grad_clip=config.grad_clip,
         activation_checkpointing=config.activation_checkpointing,
+        fsdp=config.fsdp,
+        init_weights=None if resume_dir else init_weights,
     )
     policy = engine.model
     merge = policy.config.vision_config.spatial_merge_size
@@ -646,6 +653,7 @@ def _train_mpo(
             if dist.is_main:
                 sink.set_checkpoint(checkpoint_dir)
 
+    engine.wait_for_checkpoint()  # sharded: the last checkpoint's background write, registered
     assert checkpoint_dir is not None  # the last step always writes one
     return MPOResult(checkpoint_dir=checkpoint_dir, step=step, losses=losses, metrics=read_metrics(out_dir))
 
@@ -676,9 +684,7 @@ def reference_logprobs(
                 if not indices:
                     continue
                 rows = [encode(parsed[i][0], response) for i in indices for response in parsed[i][1:]]
-                batch = {
-                    k: v.to(dist.device) for k, v in collate(rows, pack=False, pad_token_id=pad_id).items()
-                }
+                batch = _batch(engine, rows, pad_id)
                 logps, _ = sequence_logprobs(model, batch)
                 for row, index in enumerate(indices):
                     # The last step of the epoch may reach into the next one: keep a pair's first number.
@@ -708,9 +714,9 @@ def mpo_step(
     reference = step_reference[dist.rank :: dist.world_size].to(dist.device)
     # Rows alternate chosen, rejected: one forward scores the rank's pairs.
     rows = [encode(messages, response) for messages, *responses in mine for response in responses]
-    batch = {k: v.to(dist.device) for k, v in collate(rows, pack=False, pad_token_id=pad_id).items()}
     with engine.autocast():
-        logps, counts = sequence_logprobs(engine.forward, batch)
+        logps, counts = sequence_logprobs(engine.forward, _batch(engine, rows, pad_id))
+    logps, counts = logps[: len(rows)], counts[: len(rows)]  # without the dummy image's row (`_batch`)
     out = mpo_loss(
         config.mpo,
         logps[0::2],
@@ -726,8 +732,22 @@ def mpo_step(
     return out, int(num_chosen)
 
 
+def _batch(engine: Engine, rows: list[Features], pad_id: int) -> dict[str, torch.Tensor]:
+    """`rows` collated on the engine's device. Sharded (FSDP2), every rank must run the ViT (its units'
+    all-gathers are collectives): rows without pixels get an unlabelled dummy image as one more row, which
+    the caller drops from the output (it changes no number)."""
+    if engine.sharded and not any(f.grid_thw.numel() for f in rows):
+        rows = [*rows, vision_dummy(engine.model.config)]
+    return {k: v.to(engine.dist.device) for k, v in collate(rows, pack=False, pad_token_id=pad_id).items()}
+
+
 def _check_resumable(saved: Mapping[str, Any], config: MPOStageConfig, init: Path, fingerprint: str) -> None:
     check_kind(saved, "mpo", MPO_CHECKPOINT_FORMAT)
+    if saved["config"].get("fsdp", False) != config.fsdp:
+        raise ValueError(
+            f"cannot resume: the checkpoint was written with fsdp={saved['config'].get('fsdp', False)}, this "
+            f"run has {config.fsdp} (its weights and optimizer state are in another format)"
+        )
     if saved["pairs_fingerprint"] != fingerprint:
         raise ValueError(
             "cannot resume: the checkpoint trained on other pairs (fingerprint "

@@ -124,7 +124,7 @@ from keyeflow.quality.errors import (
     check_max_error_share,
 )
 from keyeflow.quality.rewards import Reward, RewardCombiner, RewardItem
-from keyeflow.training import distributed
+from keyeflow.training import distributed, sharding
 from keyeflow.training.config import GSPOStageConfig
 from keyeflow.training.engine import (
     Engine,
@@ -147,6 +147,7 @@ from keyeflow.training.rollout import (
     first_difference,
     logprob_tolerance,
 )
+from keyeflow.training.trainer import vision_dummy
 
 log = logging.getLogger(__name__)
 
@@ -647,7 +648,7 @@ def train_gspo(
         raise ValueError(
             f"GSPOStageConfig.prompts_per_step={config.prompts_per_step} is more than the {len(items)} items"
         )
-    dist = distributed.setup()
+    dist = distributed.setup(need_group=config.fsdp)
     try:
         if config.prompts_per_step < dist.world_size:
             raise ValueError(
@@ -684,6 +685,11 @@ def _train_gspo(
                 f"cannot resume {resume_dir}: it trained on another item list (ids hash "
                 f"{saved['items_hash']}, now {items_hash}); start a new out_dir with it as init"
             )
+        if saved["config"].get("fsdp", False) != config.fsdp:
+            raise ValueError(
+                f"cannot resume {resume_dir}: it was written with fsdp={saved['config'].get('fsdp', False)}, "
+                f"this run has {config.fsdp} (its weights and optimizer state are in another format)"
+            )
         if saved["config_hash"] != config.config_hash():
             changed = sorted(k for k, v in config.to_dict().items() if saved["config"].get(k) != v)
             log.warning("resuming with changed GSPO settings: %s", ", ".join(changed))
@@ -691,16 +697,24 @@ def _train_gspo(
     prepare_out_dir(out_dir, dist, step)
 
     # ---- Policy and its sampler: one model, shared, so rollouts always come from the current weights. The
-    # policy stays in eval mode (no dropout; see the module docstring); every parameter trains.
-    generator = LocalGenerator(resume_dir / "model" if resume_dir else Path(init), media_lookup=media_lookup)
+    # policy stays in eval mode (no dropout; see the module docstring); every parameter trains. Sharded
+    # (FSDP2), the policy is built on the meta device and each rank reads its shards; the sampler holds an
+    # unsharded copy, synced from the shards before every step (module docstring).
+    policy_dir = resume_dir / "model" if resume_dir else Path(init)
+    generator = LocalGenerator(
+        policy_dir, media_lookup=media_lookup, device=dist.device if config.fsdp else None
+    )
+    model, init_weights = sharding.unbuilt_model(policy_dir) if config.fsdp else (generator.model, None)
     engine = Engine(
-        generator.model,
+        model,
         dist=dist,
         learning_rate=config.learning_rate,
         lr_at=lambda _: config.learning_rate,
         grad_clip=config.grad_clip,
         train_mode=False,
         activation_checkpointing=config.activation_checkpointing,
+        fsdp=config.fsdp,
+        init_weights=None if resume_dir else init_weights,  # a resume reads the shards from dcp/
     )
     reference = None
     if config.gspo.kl_coef > 0:
@@ -763,6 +777,8 @@ def _train_gspo(
 
     while step < config.max_steps:
         started = time.perf_counter()
+        if engine.sharded:  # the sampler's copy takes the policy's current weights
+            sharding.copy_full_weights(engine.model, generator.model)
         metrics, hint_report = gspo_step(
             config, engine, generator, reference, items, reward_fn, step,
             sampler=server.sampler if server is not None else None,
@@ -802,6 +818,7 @@ def _train_gspo(
             if dist.is_main:
                 sink.set_checkpoint(checkpoint_dir)
 
+    engine.wait_for_checkpoint()  # sharded: the last checkpoint's background write, registered
     assert checkpoint_dir is not None  # the last step always writes one
     return GSPOResult(
         checkpoint_dir=checkpoint_dir,
@@ -1074,18 +1091,35 @@ def _updates(
     model = engine.model
     pad = _pad_id(model)
     cuts = [micro_batches(part, budget) for part in plan]
+    # Sharded (FSDP2), every unit's all-gather and reduce-scatter is a collective: every rank runs as many
+    # forwards (and backwards) as the rank with the most micro-batches, padding with empty ones, and each
+    # forward runs the ViT, on a dummy image (`trainer.vision_dummy`, unlabelled: it changes no number) when
+    # it holds no pixels. The ViT-once path is off there: its own ViT forward and backward would run outside
+    # the model's, a different number of times on each rank.
+    sharded = engine.sharded
+    dummy = vision_dummy(model.config) if sharded else None
+    once_per_prompt = budget is not None and not sharded
+    if sharded:
+        most = [max(counts) for counts in zip(*engine.gather([len(c) for c in cuts]))]
+        cuts = [c + [[] for _ in range(n - len(c))] for c, n in zip(cuts, most)]
 
     def logprobs(
         net: nn.Module, part: list[_Response], rows: list[int], vision: PromptVision | None
     ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The rows' log-probs and mask; for an empty (padding) micro-batch, the dummy image's."""
         features = [part[i][0] for i in rows]
+        if dummy is not None and not any(f.grid_thw.numel() for f in features):
+            features.append(dummy)
         if budget is None:
-            return completion_logprobs(net, features, pad_token_id=pad)
-        shared = vision.embeddings([part[i][3] for i in rows]) if vision is not None else None
-        out = packed_completion_logprobs(net, features, pad_token_id=pad, vision_embeddings=shared)
-        if vision is not None and not torch.is_grad_enabled():
-            vision.done([part[i][3] for i in rows])  # nothing to backpropagate: free the embeddings
-        return out
+            logps, mask = completion_logprobs(net, features, pad_token_id=pad)
+        else:
+            shared = vision.embeddings([part[i][3] for i in rows]) if vision is not None else None
+            logps, mask = packed_completion_logprobs(
+                net, features, pad_token_id=pad, vision_embeddings=shared
+            )
+            if vision is not None and not torch.is_grad_enabled():
+                vision.done([part[i][3] for i in rows])  # nothing to backpropagate: free the embeddings
+        return (logps[: len(rows)], mask[: len(rows)]) if rows else (logps, mask)
 
     # ---- Old (and reference) log-probs, all before the first update (module docstring); one tensor per
     # micro-batch.
@@ -1093,14 +1127,14 @@ def _updates(
     ref: list[list[torch.Tensor | None]] = [[None] * len(c) for c in cuts]
     with torch.no_grad():
         for k, part in enumerate(plan):
-            if not part:
+            if not part and not sharded:
                 continue
             if k > 0:
-                vision = PromptVision(model, part, grad=False) if budget is not None else None
+                vision = PromptVision(model, part, grad=False) if once_per_prompt else None
                 old[k] = [logprobs(model, part, rows, vision)[0] for rows in cuts[k]]
-            if reference is not None:
+            if reference is not None:  # an unsharded model: no collective, no padding needed
                 vision = PromptVision(reference, part, grad=False) if budget is not None else None
-                ref[k] = [logprobs(reference, part, rows, vision)[0] for rows in cuts[k]]
+                ref[k] = [logprobs(reference, part, rows, vision)[0] if rows else None for rows in cuts[k]]
 
     # ---- Updates: one per mini-batch; a rank without a part of it still takes part in the gradient sum.
     keys = [
@@ -1114,8 +1148,8 @@ def _updates(
     updates, gaps = [], []
     for k, part in enumerate(plan):
         record: dict[str, Any] = {}
-        if part:
-            vision = PromptVision(engine.module, part, grad=True) if budget is not None else None
+        if part or sharded:
+            vision = PromptVision(engine.module, part, grad=True) if once_per_prompt else None
             first_old = old[k] is None
             if first_old:
                 old[k] = []
@@ -1124,6 +1158,9 @@ def _updates(
                 logps, mask = logprobs(engine.forward, part, rows, vision)
                 if first_old:
                     old[k].append(logps.detach())
+                if not rows:  # padding (sharded): the units' collectives, a zero gradient
+                    engine.backward(logps.sum() * 0.0)
+                    continue
                 old_logps = old[k][m]
                 adv = torch.tensor([part[i][1] for i in rows], dtype=torch.float32, device=logps.device)
                 out = gspo_loss(config.gspo, logps, adv, mask, old_logps=old_logps, ref_logps=ref[k][m])
@@ -1144,7 +1181,8 @@ def _updates(
                 for row, i in enumerate(rows):
                     trained = old_logps[row][mask[row]].cpu()
                     gaps.append((trained - torch.tensor(part[i][2].token_logprobs)).abs())
-            sizes = [len(rows) for rows in cuts[k]]
+        if part:
+            sizes = [len(rows) for rows in cuts[k] if rows]
             record = {key: _mean_over(stats[key], sizes) for key in keys}
             record["max_abs_log_ratio"] = max(stats["max_abs_log_ratio"])
         grad_norm = engine.step()

@@ -182,6 +182,17 @@ def clip_and_norm(params: list[nn.Parameter], max_norm: float | None) -> torch.T
     return norm
 
 
+def copy_full_weights(sharded: nn.Module, target: nn.Module) -> None:
+    """Copy the weights of a sharded model into an unsharded model of the same architecture (a rollout
+    engine's copy), one tensor at a time: each is all-gathered, copied into place and dropped, so a rank
+    never holds more than the target and one gathered tensor. A collective: every rank calls it at the same
+    point."""
+    target_state = target.state_dict()
+    with torch.no_grad():
+        for name, value in sharded.state_dict().items():
+            target_state[name].copy_(full_tensor(value))
+
+
 def export_model(model: nn.Module, path: Path, dist: distributed.Distributed) -> None:
     """The Hugging Face checkpoint of the weights (what `save_pretrained` writes and the next stage loads),
     written from the shards: each rank writes its own shards, then rank 0 copies them, byte range by byte

@@ -202,3 +202,39 @@ def test_layout_comparison_for_the_128k_stage():
     # ZeRO-3 across the 4 nodes: 3 all-gathers of the bf16 weights and a reduce-scatter of the gradients
     weights = 2 * ModelSizes.of(model).total
     assert sharded.inter_bytes == pytest.approx(4 * weights * 31 / 32, rel=1e-6)
+
+
+def test_keye_8b_gspo_layout_on_4_by_8_h100_and_a_too_small_cluster_is_refused():
+    """GSPO at 8B (issue 17): the policy sharded by FSDP2, the rollout engine's memory (a colocated share of
+    every GPU, or a pool of its own), no reference model. On 4 × 8 H100 80 GB no colocated share leaves room
+    for the update, and a separate pool of 1 node fits; on one node every placement is refused, each with
+    its reason."""
+    from keyeflow.training.memory_plan import GIB, choose_rollout_placement, plan_posttrain
+    from keyeflow.training.posttrain_recipe import posttrain_recipe
+
+    recipe = posttrain_recipe("keye-8b")
+    model = pretrain_recipe("keye-8b").model_config()
+    sizes = ModelSizes.of(model)
+    chosen, tried = choose_rollout_placement("gspo", recipe.gspo, sizes, Cluster(4, 8, 80))
+    assert chosen is not None and (chosen.kind, chosen.rollout_nodes) == ("separate", 1)
+    policy, pool = dict(tried)[chosen]
+    assert policy.fits and pool.fits and policy.layout.startswith("24× FSDP2")
+    assert policy.components["reference_model"] == 0 and policy.components["rollout_engine"] == 0
+    # the pool holds bf16 weights and at least one group's KV cache in its 0.9 share
+    assert pool.components["rollout_engine"] == int(0.9 * 80 * GIB)
+    colocated = [plans[0] for placement, plans in tried if placement.kind == "colocated"]
+    assert colocated and not any(p.fits for p in colocated)
+    assert all(p.components["rollout_engine"] > 0 for p in colocated)
+    assert any("rollout engine needs" in problem for p in colocated for problem in p.problems)
+
+    small, small_tried = choose_rollout_placement("gspo", recipe.gspo, sizes, Cluster(1, 8, 80))
+    assert small is None and small_tried
+    assert all(not all(p.fits for p in plans) for _, plans in small_tried)
+    assert all("separate" not in placement.kind for placement, _ in small_tried)  # no node to spare
+    # the whole recipe on the 4-node cluster: every stage fits, GSPO with its refused placements noted
+    plans = plan_posttrain(recipe, model, Cluster(4, 8, 80))
+    assert all(p.fits for p in plans), [(p.stage, p.problems) for p in plans if not p.fits]
+    gspo = next(p for p in plans if p.stage == "posttrain-gspo")
+    assert any(n.startswith("refused: colocated") for n in gspo.notes)
+    refused = plan_posttrain(recipe, model, Cluster(1, 8, 80))
+    assert any(p.stage == "posttrain-gspo" and not p.fits and p.problems for p in refused)
