@@ -8,17 +8,17 @@ its key column(s) once, into a map key → row offsets (:class:`RowIndex`, which
 sizes); every later read is a Lance ``take`` of exactly the rows wanted, of the ``patches`` column only.
 A filter such as ``isin(sample_id)`` instead scans the whole key column of the table for every micro-batch
 (``video_frames`` has one row per stored frame). Measured on a 1M-row ``video_frames``
-(``benchmarks/bench_loader.py``, 8 videos of 16 frames, 2-core CPU shared by 4 workers, 2 runs), on the
-table as the pre-tokenisation flow leaves it (compacted to one fragment, ``pretokenize.compact_frames``):
-one :meth:`MediaReader.read` 0.74-0.75 ms per micro-batch, the old filtered scans 47-49 ms (64-66x); Lance's
-``take`` alone 0.45 ms; a BTREE scalar index on ``sample_id`` + the same filter 2.6-2.8 ms. On the same rows
-in the 20 fragments the shards appended: 1.07-1.15 ms vs 52-53 ms (45-50x), ``take`` alone 0.76-0.78 ms
-(it touches 7-8 fragments, ~0.04 ms each, over a ~0.3 ms fixed cost). The ~0.3 ms of the read that is
-not Lance's is ours, spread over a dozen steps of 10-40 us each (medians of 2,000 reads in place: index
-lookups and the frame-count check ~50 us, byte ranges and grids ~40, the videos' rows ~40, the views ~30,
-MediaPatches ~20, the copy ~20 and allocating its tensor ~13, freeing Lance's result ~15).
-``take`` needs no index that every writer would have to build and keep up to date after each append, so it
-is what the reader uses. The key scan costs ~0.25 s per million rows, once per reader.
+(``benchmarks/bench_loader.py``, 8 videos of 16 frames, 2-core CPU shared by 4 workers, 3 runs), on the table
+as the pre-tokenisation flow leaves it (compacted to one fragment, ``pretokenize.compact_frames``): one
+:meth:`MediaReader.read` 0.74-0.76 ms per micro-batch, the old filtered scans 47-51 ms (64-67x); Lance's
+``take`` alone 0.45-0.48 ms; a BTREE scalar index on ``sample_id`` + the same filter 2.6-3.0 ms. On the same
+rows in the 20 fragments the shards appended: 1.07-1.15 ms vs 52-55 ms (45-50x), ``take`` alone 0.76-0.80 ms
+(it touches 7-8 fragments, ~0.04 ms each, over a ~0.3 ms fixed cost). The ~0.3 ms of the read that is not
+Lance's is ours, spread over a dozen steps of 10-40 us each (medians of 2,000 reads in place: index lookups
+and the frame-count check ~50 us, byte ranges and grids ~40, the videos' rows ~40, the views ~30, MediaPatches
+~20, the copy ~20 and allocating its tensor ~13, freeing Lance's result ~15). ``take`` needs no index that
+every writer would have to build and keep up to date after each append, so it is what the reader uses. The key
+scan costs ~0.25 s per million rows, once per reader.
 
 **One copy of the pixels.** ``take`` returns the patches of all frames and images asked for back to back in
 one Arrow buffer; :meth:`MediaReader.read` copies them once, into one uint8 torch tensor (page-locked when
