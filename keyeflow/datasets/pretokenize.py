@@ -228,3 +228,15 @@ def pretokenize_shard(
     tables.upsert("video_samples", samples, root)
     kill_point("pretokenize.shard_committed")  # the shard's frames and samples written; later shards not
     return report
+
+
+def compact_frames(root: str | None = None) -> int:
+    """Merge the fragments the shards appended to ``video_frames`` (see :func:`tables.compact`); the table
+    version after it. The pre-tokenisation flow runs it once all shards are committed.
+
+    Why: the loader reads a micro-batch's frames with one Lance ``take``, whose cost grows with the fragments
+    it touches (~0.04 ms each over a ~0.3 ms fixed cost), and every shard, every flush of a long video and
+    every rerun appends a fragment; the videos of one micro-batch are spread over all of them. Measured on a
+    1M-row table built in 20 appends (``benchmarks/bench_loader.py``): one fragment instead of 20 took the
+    ``take`` from 0.78 to 0.56 ms and ``MediaReader.read`` from 1.08 to 0.90 ms (medians)."""
+    return tables.compact("video_frames", root)

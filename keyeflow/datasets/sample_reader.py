@@ -7,17 +7,18 @@ pre-tokenisation stored them; nothing is decoded again. Each rank calls this onl
 its key column(s) once, into a map key → row offsets (:class:`RowIndex`, which also keeps the frames' grid
 sizes); every later read is a Lance ``take`` of exactly the rows wanted, of the ``patches`` column only.
 A filter such as ``isin(sample_id)`` instead scans the whole key column of the table for every micro-batch
-(``video_frames`` has one row per stored frame). Measured on a 1M-row, 20-fragment ``video_frames``
-(``benchmarks/bench_loader.py``, 8 videos of 16 frames, 2-core CPU shared by 4 workers, 3 runs): one
-:meth:`MediaReader.read` 1.17-1.29 ms per micro-batch, the old filtered scans 56-58 ms (45-48x); a BTREE
-scalar index on ``sample_id`` + the same filter 4.5-7.0 ms. Of the read, Lance's ``take`` alone is
-0.84-0.86 ms (it touches 7-8 fragments, ~0.04 ms each, over a ~0.3 ms fixed cost): 65-69x alone. The
-~0.3 ms left is ours, spread over a dozen steps of 10-40 us each (medians of 2,000 reads in place: index
-lookups and the frame-count check ~50 us, byte ranges and grids ~40, the videos' rows ~40, the views ~30,
-MediaPatches ~20, the copy ~20 and allocating its tensor ~13, freeing Lance's result ~15), so 50x, which
-needs the whole read under ~1.1 ms here, is not reached: Lance's take leaves ~0.25 ms for all the rest.
-``take`` needs no index that every writer would have to build and keep up to date after each append, so it
-is what the reader uses. The key scan costs ~0.25 s per million rows, once per reader.
+(``video_frames`` has one row per stored frame). Measured on a 1M-row ``video_frames``
+(``benchmarks/bench_loader.py``, 8 videos of 16 frames, 2-core CPU shared by 4 workers, 3 runs), on the table
+as the pre-tokenisation flow leaves it (compacted to one fragment, ``pretokenize.compact_frames``): one
+:meth:`MediaReader.read` 0.74-0.76 ms per micro-batch, the old filtered scans 47-51 ms (64-67x); Lance's
+``take`` alone 0.45-0.48 ms; a BTREE scalar index on ``sample_id`` + the same filter 2.6-3.0 ms. On the same
+rows in the 20 fragments the shards appended: 1.07-1.15 ms vs 52-55 ms (45-50x), ``take`` alone 0.76-0.80 ms
+(it touches 7-8 fragments, ~0.04 ms each, over a ~0.3 ms fixed cost). The ~0.3 ms of the read that is not
+Lance's is ours, spread over a dozen steps of 10-40 us each (medians of 2,000 reads in place: index lookups
+and the frame-count check ~50 us, byte ranges and grids ~40, the videos' rows ~40, the views ~30, MediaPatches
+~20, the copy ~20 and allocating its tensor ~13, freeing Lance's result ~15). ``take`` needs no index that
+every writer would have to build and keep up to date after each append, so it is what the reader uses. The key
+scan costs ~0.25 s per million rows, once per reader.
 
 **One copy of the pixels.** ``take`` returns the patches of all frames and images asked for back to back in
 one Arrow buffer; :meth:`MediaReader.read` copies them once, into one uint8 torch tensor (page-locked when

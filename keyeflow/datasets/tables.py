@@ -130,6 +130,7 @@ import lance
 import pyarrow as pa
 import pyarrow.compute as pc
 from lance.commit import CommitConflictError
+from lance.optimize import Compaction
 
 from keyeflow.config import get_settings, storage_options
 from keyeflow.faults import kill_point
@@ -657,6 +658,52 @@ def replace_where(name: str, where: pc.Expression, data: pa.Table, root: str | N
             kill_point("table.replace.deleted")  # the old rows deleted, the new ones not yet appended
         if data.num_rows:
             write_dataset(data, table_uri(name, root), mode="append")
+        return open_table(name, root=root).version
+
+    return _commit(name, root, write)
+
+
+# Stored bytes a compacted fragment holds (see :func:`compact`). Why not one fragment whatever the size:
+# each compaction rewrites every fragment under the target, so the target bounds what a run rewrites besides
+# its own new rows; and why bytes, not rows: frames weigh 1 KB to 600 KB, and a row target that the file-size
+# cap cuts short leaves fragments "under target" that every later compaction would rewrite again. At 4 GiB a
+# table's fragments stay few (a 1M-row table of small frames is one; 10 TB of frames ~2,300), while a
+# micro-batch of large frames reads megabytes, next to which one more fragment touched (~0.04 ms) is nothing.
+FRAGMENT_BYTES = 4 << 30
+
+
+def compact(name: str, root: str | None = None, fragment_bytes: int = FRAGMENT_BYTES) -> int:
+    """Merge the table's small fragments (each append adds one) into fragments of about ``fragment_bytes``
+    stored bytes, dropping deleted rows; return the table version after it. Nothing is committed when there
+    is nothing to merge, so a run that wrote nothing leaves the version alone.
+
+    Rows keep their content, keys and order; only the files change. Under the table's write lock, so no
+    writer commits between the plan and its commit; a reader pinned to an older version keeps reading that
+    version's files (compaction deletes none). Pages are copied without re-encoding where the fragments
+    allow it (the patches' zstd encoding stays as written), else re-encoded with the schema's encodings.
+    Killed before the commit, the table stays at its previous version (the rewritten files unreferenced);
+    the rerun compacts again."""
+
+    def write() -> int:
+        ds = _ensure_locked(name, root)
+        fragments = ds.get_fragments()
+        stored = sum(f.file_size_bytes or 0 for fragment in fragments for f in fragment.metadata.files)
+        rows = sum(fragment.metadata.physical_rows for fragment in fragments)
+        if len(fragments) < 2 and not any(f.metadata.deletion_file for f in fragments):
+            return ds.version
+        # Lance's target is in rows: the table's mean stored row size turns bytes into rows.
+        target_rows = max(1, min(fragment_bytes * rows // max(stored, 1), 1 << 31))
+        options = {
+            "target_rows_per_fragment": target_rows,
+            "max_bytes_per_file": 2 * fragment_bytes,  # never cut a fragment short of its row target
+            "compaction_mode": "try_binary_copy",
+        }
+        plan = Compaction.plan(ds, options)
+        if plan.num_tasks() == 0:
+            return ds.version
+        rewritten = [task.execute(ds) for task in plan.tasks]
+        kill_point("table.compact.rewritten")  # the new files written, the table not yet pointing at them
+        Compaction.commit(ds, rewritten)
         return open_table(name, root=root).version
 
     return _commit(name, root, write)

@@ -61,6 +61,8 @@ def pretokenize_videos(
         with progress(sum(map(len, shards)), "pretokenize-progress", "pre-tokenise") as tracker:
             futures = [t.pretokenize_shard.submit(shard, config, tracker.for_tasks()) for shard in shards]
             reports = tracker.results(futures, shards)
+        # One fragment where the shards appended many: the loader's reads cost per fragment touched.
+        t.compact_video_frames()
         totals = {
             k: sum(r[k] for r in reports)
             for k in ("num_videos", "num_done", "num_quarantined", "total_tokens")

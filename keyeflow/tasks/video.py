@@ -52,6 +52,11 @@ def pretokenize_shard(
     return report.__dict__
 
 
+@task(**_SHARD)  # retried like a shard: a compaction commits once or not at all, so a retry is harmless
+def compact_video_frames() -> int:
+    return pretokenize.compact_frames()
+
+
 @task(cache_policy=NO_CACHE)
 def gate_videos(videos: tables.TableRef, run_id: str) -> None:
     publish_gate(gates.check_videos(videos, max_failing_share=max_failing_share("videos")), videos, run_id)
