@@ -7,6 +7,7 @@ terminal and a Prefect progress artifact in the UI.
 from __future__ import annotations
 
 import contextlib
+import json
 import threading
 from collections.abc import Iterator, Sequence
 
@@ -23,6 +24,7 @@ from keyeflow.config import get_settings
 from keyeflow.datasets import tables
 from keyeflow.quality import gates
 from keyeflow.training import memory_plan
+from keyeflow.training.recipe_source import normalise_overrides, to_plain
 
 
 class PromotionBlocked(RuntimeError):
@@ -125,6 +127,37 @@ def lineage_run(name: str, params: dict, parent_run_id: str | None = None) -> It
         lineage.end_run(run_id, failed=True)
         raise
     lineage.end_run(run_id)
+
+
+def recipe_params(recipe, source: str, overrides) -> dict:
+    """The flow run's MLflow params for its recipe: the resolved recipe and its hash (what the steps' cache
+    keys are made of), and, when they differ from a built-in name alone, where it came from and the overrides
+    (left out otherwise, so an unchanged recipe's run params stay as they were)."""
+    params = {"recipe": recipe.to_dict(), "recipe_hash": recipe.config_hash()}
+    if source != recipe.name or overrides:
+        params["recipe_source"] = source
+    if overrides:
+        params["recipe_overrides"] = normalise_overrides(overrides)
+    return params
+
+
+def record_recipe(run_id: str, recipe, source: str, overrides) -> None:
+    """The resolved recipe, whole, where a person looks: `recipe.json` on the flow's MLflow run (the params
+    hold only its first 6,000 characters) and a `recipe` artifact on the Prefect flow run."""
+    plain = to_plain(recipe)
+    lineage.log_dict(run_id, plain, "recipe.json")
+    changes = normalise_overrides(overrides)
+    lines = [
+        f"# recipe {recipe.name} (hash `{recipe.config_hash()}`)",
+        "",
+        f"From `{source}`" + (", with overrides:" if changes else ", no overrides."),
+        *[f"- `{c}`" for c in changes],
+        "",
+        "```json",
+        json.dumps(plain, indent=1, default=str),
+        "```",
+    ]
+    create_markdown_artifact("\n".join(lines), key="recipe", description=f"resolved recipe {recipe.name}")
 
 
 @task(cache_policy=NO_CACHE)
