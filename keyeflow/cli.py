@@ -31,6 +31,26 @@ console = Console()
 errors = Console(stderr=True, soft_wrap=True)  # whole lines: people grep and copy error text
 
 
+@app.callback()
+def main(
+    verbose: bool = typer.Option(
+        False,
+        "--verbose",
+        "-v",
+        help="every log line in the terminal (Prefect's task and flow run states, INFO of every library); "
+        "without it: progress bars, one line per training stage, warnings, errors and the summary",
+    ),
+):
+    """keyeflow: Keye-VL-1.5 data and training flows. Every log line of a flow run is in the Prefect UI
+    whether or not the terminal shows it."""
+    if not verbose:
+        # Read by Prefect's logging set-up when the flows are imported (after this): the console handler keeps
+        # WARNING and above, the API handler (the Prefect UI's logs) still gets everything. An explicit
+        # setting in the environment wins.
+        os.environ.setdefault("PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL", "WARNING")
+        os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")  # "Creating initial MLflow database tables"
+
+
 def _overrides(values: list[str] | None) -> dict:
     """--set key=value pairs; values parse as JSON where they can (numbers, booleans)."""
     out = {}

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
+import os
 import threading
 from collections.abc import Iterator, Sequence
 
@@ -17,6 +19,7 @@ from prefect.cache_policies import NO_CACHE
 from prefect.context import FlowRunContext
 from prefect.futures import PrefectFuture, as_completed
 from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
+from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from keyeflow import lineage
@@ -114,6 +117,27 @@ def progress(total: int, key: str, description: str) -> Iterator[ProgressTracker
         yield tracker
     finally:
         tracker.close()
+
+
+def _terminal_hides_info() -> bool:
+    """Whether Prefect's console handler drops INFO records (`keyeflow` without -v sets it to WARNING; the
+    Prefect UI gets them either way, through its API handler)."""
+    level = os.environ.get("PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL", "0").strip().upper()
+    number = int(level) if level.isdigit() else logging.getLevelName(level)
+    return isinstance(number, int) and number > logging.INFO
+
+
+_terminal = Console(soft_wrap=True, highlight=False)
+
+
+def report_step(output) -> None:
+    """A finished (or skipped) training step: an INFO line in the run's log, and, when the terminal hides
+    INFO, the same line there too: the one line per stage a quiet terminal keeps."""
+    verb = "trained" if output.trained else "unchanged, skipped"
+    get_run_logger().info("%s: %s → %s (MLflow run %s)", output.name, verb, output.checkpoint, output.run_id)
+    if _terminal_hides_info():
+        mark = "[green]✓[/green]" if output.trained else "[dim]=[/dim]"
+        _terminal.print(f"  {mark} {output.name}: {verb} (MLflow run {output.run_id})")
 
 
 @contextlib.contextmanager
