@@ -131,10 +131,17 @@ _terminal = Console(soft_wrap=True, highlight=False)
 
 
 def report_step(output) -> None:
-    """A finished (or skipped) training step: an INFO line in the run's log, and, when the terminal hides
-    INFO, the same line there too: the one line per stage a quiet terminal keeps."""
+    """A finished (or skipped) training step: an INFO line in the run's log, a `stage-<name>` artifact, and,
+    when the terminal hides INFO, the same line there too: the one line per stage a quiet terminal keeps."""
     verb = "trained" if output.trained else "unchanged, skipped"
     get_run_logger().info("%s: %s → %s (MLflow run %s)", output.name, verb, output.checkpoint, output.run_id)
+    # One artifact per stage on the flow run: the Prefect UI lists what each stage did, where its output is.
+    create_markdown_artifact(
+        f"# {output.name}: {verb}\n\nCheckpoint `{output.checkpoint}`\n\nMLflow run `{output.run_id}`, step "
+        f"key `{output.key}`",
+        key=f"stage-{output.name}".lower().replace("_", "-")[:60],
+        description=f"{output.name}: {verb}",
+    )
     if _terminal_hides_info():
         mark = "[green]✓[/green]" if output.trained else "[dim]=[/dim]"
         _terminal.print(f"  {mark} {output.name}: {verb} (MLflow run {output.run_id})")
