@@ -43,10 +43,11 @@ def main(
 ):
     """keyeflow: Keye-VL-1.5 data and training flows. Every log line of a flow run is in the Prefect UI
     whether or not the terminal shows it."""
-    if not verbose:
-        # Read by Prefect's logging set-up when the flows are imported (after this): the console handler keeps
-        # WARNING and above, the API handler (the Prefect UI's logs) still gets everything. An explicit
-        # setting in the environment wins.
+    # Read by Prefect's logging set-up when the flows are imported (after this): the console handler keeps
+    # WARNING and above, the API handler (the Prefect UI's logs) still gets everything. An explicit setting in
+    # the environment wins. Where Prefect is already imported (a test calling the app in-process) its logging
+    # is set up and the variables would only leak into whatever the process starts next.
+    if not verbose and "prefect" not in sys.modules:
         os.environ.setdefault("PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL", "WARNING")
         os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")  # "Creating initial MLflow database tables"
 
