@@ -144,12 +144,13 @@ def run(
     A rerun reuses everything that did not change."""
     if (teacher_url is None) != (teacher_model is None):
         raise typer.BadParameter("--teacher-url and --teacher-model go together")
-    by_flow = _split_overrides(set_)
-    pre_recipe = _pretrain_recipe_or_exit(pretrain_recipe_source, by_flow["pretrain"])
-    _posttrain_recipe_or_exit(posttrain_recipe_source, by_flow["posttrain"])
     # transformers draws a "Writing model shards" bar for every tiny checkpoint it saves, dozens of lines
     # between the flows' own progress; read when transformers is imported, so set before the flows are.
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    # The recipes are checked before anything runs (they import transformers: after the line above).
+    by_flow = _split_overrides(set_)
+    pre_recipe = _pretrain_recipe_or_exit(pretrain_recipe_source, by_flow["pretrain"])
+    _posttrain_recipe_or_exit(posttrain_recipe_source, by_flow["posttrain"])
     from keyeflow.config import get_settings
     from keyeflow.flows.data import data_pipeline
     from keyeflow.flows.longcot import longcot as longcot_flow
