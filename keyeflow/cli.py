@@ -31,6 +31,27 @@ console = Console()
 errors = Console(stderr=True, soft_wrap=True)  # whole lines: people grep and copy error text
 
 
+@app.callback()
+def main(
+    verbose: bool = typer.Option(
+        False,
+        "--verbose",
+        "-v",
+        help="every log line in the terminal (Prefect's task and flow run states, INFO of every library); "
+        "without it: progress bars, one line per training stage, warnings, errors and the summary",
+    ),
+):
+    """keyeflow: Keye-VL-1.5 data and training flows. Every log line of a flow run is in the Prefect UI
+    whether or not the terminal shows it."""
+    # Read by Prefect's logging set-up when the flows are imported (after this): the console handler keeps
+    # WARNING and above, the API handler (the Prefect UI's logs) still gets everything. An explicit setting in
+    # the environment wins. Where Prefect is already imported (a test calling the app in-process) its logging
+    # is set up and the variables would only leak into whatever the process starts next.
+    if not verbose and "prefect" not in sys.modules:
+        os.environ.setdefault("PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL", "WARNING")
+        os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")  # "Creating initial MLflow database tables"
+
+
 def _overrides(values: list[str] | None) -> dict:
     """--set key=value pairs; values parse as JSON where they can (numbers, booleans)."""
     out = {}
@@ -43,6 +64,48 @@ def _overrides(values: list[str] | None) -> dict:
         except json.JSONDecodeError:
             out[key.strip()] = raw
     return out
+
+
+def _split_overrides(values: list[str] | None) -> dict[str, list[str]]:
+    """`keyeflow run`'s --set FLOW.KEY=VALUE, per flow."""
+    out: dict[str, list[str]] = {"pretrain": [], "posttrain": []}
+    for item in values or []:
+        flow, dot, rest = item.partition(".")
+        if flow not in out or not dot:
+            errors.print(
+                f"[red]error:[/red] --set {item!r}: start the key with the flow it changes, pretrain. or "
+                "posttrain. (pretrain.stage2.learning_rate=1e-5)"
+            )
+            raise typer.Exit(2)
+        out[flow].append(rest)
+    return out
+
+
+def _pretrain_recipe_or_exit(source: str, overrides: list[str] | None, init: str | None = None):
+    """The resolved recipe, checked before any flow starts: a bad source or override exits 2 naming it."""
+    from keyeflow.training.recipe_source import RecipeError, load_pretrain_recipe
+
+    try:
+        return load_pretrain_recipe(source, overrides, init)
+    except RecipeError as exc:
+        errors.print(f"[red]recipe refused, nothing ran:[/red] {exc}", highlight=False)
+        raise typer.Exit(2)
+
+
+def _posttrain_recipe_or_exit(source: str, overrides: list[str] | None):
+    from keyeflow.training.recipe_source import RecipeError, load_posttrain_recipe
+
+    try:
+        return load_posttrain_recipe(source, overrides)
+    except RecipeError as exc:
+        errors.print(f"[red]recipe refused, nothing ran:[/red] {exc}", highlight=False)
+        raise typer.Exit(2)
+
+
+RECIPE_HELP = (
+    "a built-in name (tiny, keye-8b, …), a YAML/TOML recipe file (`base:` + changes) or module:function"
+)
+SET_HELP = "recipe override KEY=VALUE, a dotted path into the recipe (stage2.learning_rate=1e-5; repeatable)"
 
 
 # The synthetic teacher listens on this port when it is free. The teacher's URL is part of the LongCoT
@@ -63,6 +126,18 @@ def run(
         "$OPENAI_API_KEY) instead of the synthetic one",
     ),
     teacher_model: str | None = typer.Option(None, help="the served model name of --teacher-url"),
+    pretrain_recipe_source: str = typer.Option(
+        "tiny", "--pretrain-recipe", help="pre-training recipe: a name, a YAML/TOML file or module:function"
+    ),
+    posttrain_recipe_source: str = typer.Option(
+        "tiny", "--posttrain-recipe", help="post-training recipe: a name, a YAML/TOML file or module:function"
+    ),
+    set_: list[str] | None = typer.Option(
+        None,
+        "--set",
+        help="recipe override FLOW.KEY=VALUE, FLOW pretrain or posttrain "
+        "(pretrain.stage2.learning_rate=1e-5; repeatable)",
+    ),
 ):
     """The whole DAG on generated sample data with embedded defaults: data flows → pretrain (tiny) →
     LongCoT (the synthetic teacher unless --teacher-url) → posttrain (tiny), then a summary and where to look.
@@ -72,6 +147,10 @@ def run(
     # transformers draws a "Writing model shards" bar for every tiny checkpoint it saves, dozens of lines
     # between the flows' own progress; read when transformers is imported, so set before the flows are.
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    # The recipes are checked before anything runs (they import transformers: after the line above).
+    by_flow = _split_overrides(set_)
+    pre_recipe = _pretrain_recipe_or_exit(pretrain_recipe_source, by_flow["pretrain"])
+    _posttrain_recipe_or_exit(posttrain_recipe_source, by_flow["posttrain"])
     from keyeflow.config import get_settings
     from keyeflow.flows.data import data_pipeline
     from keyeflow.flows.longcot import longcot as longcot_flow
@@ -84,7 +163,6 @@ def run(
     from keyeflow.synthetic.verifiable_tasks import write_task_questions
     from keyeflow.synthetic.videos import generate_videos
     from keyeflow.tasks.common import PromotionBlocked
-    from keyeflow.training.recipes import pretrain_recipe
 
     settings = get_settings()
     root = settings.samples_dir
@@ -107,7 +185,7 @@ def run(
         # The mixtures the tiny recipe trains on (its stage-2 upsampling, contexts and hold-out), not the bare
         # stage defaults: the sample data is too small to reach stage 2's shares within 0.5 pp using each
         # sample once, so a default stage-2 mixture fails its gate as soon as token counts shift a little.
-        recipe = pretrain_recipe("tiny")
+        recipe = pre_recipe
         data = data_pipeline(
             [str(root / "videos")],
             [str(root / "images")],
@@ -119,8 +197,11 @@ def run(
         )
         seconds["data-pipeline"] = time.perf_counter() - t0
 
-        t0 = begin("pretrain", "recipe tiny: stages 1 → 2 → 3 (variants) → 4 (fusion), each gated")
-        pre = pretrain_flow("tiny")
+        t0 = begin(
+            "pretrain",
+            f"recipe {pre_recipe.name}: stages 1 → 2 → 3 (variants) → 4 (fusion), each gated",
+        )
+        pre = pretrain_flow(pretrain_recipe_source, overrides=by_flow["pretrain"] or None)
         seconds["pretrain"] = time.perf_counter() - t0
 
         t0 = begin(
@@ -137,11 +218,15 @@ def run(
 
         t0 = begin(
             "posttrain",
-            "recipe tiny from the pretrain checkpoint: SFT → reward model → MPO → "
+            f"recipe {posttrain_recipe_source} from the pretrain checkpoint: SFT → reward model → MPO → "
             "LongCoT SFT + expert merge → GSPO rounds → alignment RL",
         )
         post = posttrain_flow(
-            pre["checkpoint"], "tiny", heldout=[str(tasks["heldout"].parent)], source_root=str(root)
+            pre["checkpoint"],
+            posttrain_recipe_source,
+            heldout=[str(tasks["heldout"].parent)],
+            source_root=str(root),
+            overrides=by_flow["posttrain"] or None,
         )
         seconds["posttrain"] = time.perf_counter() - t0
     except (GateFailed, PromotionBlocked, ValueError, LookupError, OSError, RuntimeError) as exc:
@@ -553,9 +638,12 @@ def longcot(
 
 @app.command()
 def pretrain(
-    recipe: str = typer.Option("tiny", help="tiny (CPU, minutes) or keye-8b (the paper's settings)"),
+    recipe: str = typer.Option(
+        "tiny", help=f"tiny (CPU, minutes), keye-8b (the paper's settings); {RECIPE_HELP}"
+    ),
     init: str | None = typer.Option(None, help="checkpoint stage 1 starts from (default: fresh weights)"),
     samples_version: int | None = typer.Option(None, help="train_samples version to pin (default: latest)"),
+    set_: list[str] | None = typer.Option(None, "--set", help=SET_HELP),
 ):
     """Pre-training stages 1 → 2 → 3 (annealing variants) → 4 (fusion), each evaluated and gated; unchanged
     stages are skipped, a killed stage resumes."""
@@ -563,9 +651,10 @@ def pretrain(
     from keyeflow.quality.gates import GateFailed
     from keyeflow.tasks.common import PromotionBlocked
 
+    _pretrain_recipe_or_exit(recipe, set_, init)
     started = time.perf_counter()
     try:
-        result = pretrain_flow(recipe, init, samples_version)
+        result = pretrain_flow(recipe, init, samples_version, overrides=set_ or None)
     except (GateFailed, PromotionBlocked, ValueError) as exc:
         errors.print(f"[red]stopped:[/red] {exc}")
         raise typer.Exit(2)
@@ -593,8 +682,9 @@ def posttrain(
     checkpoint: str = typer.Argument(
         "latest-pretrain", help="checkpoint to start from (default: the newest pretrain run's)"
     ),
-    recipe: str = typer.Option("tiny", help="tiny (CPU, minutes) or keye-8b"),
+    recipe: str = typer.Option("tiny", help=f"tiny (CPU, minutes), keye-8b; {RECIPE_HELP}"),
     samples_version: int | None = typer.Option(None, help="train_samples version to pin (default: latest)"),
+    set_: list[str] | None = typer.Option(None, "--set", help=SET_HELP),
     heldout: list[str] | None = typer.Option(
         None,
         help="held-out question files or folders (JSONL, LongCoT conversation format) no stage trains on: "
@@ -608,10 +698,16 @@ def posttrain(
     from keyeflow.tasks.common import PromotionBlocked
     from keyeflow.training.rl import RolloutInputMismatch
 
+    _posttrain_recipe_or_exit(recipe, set_)
     started = time.perf_counter()
     try:
         result = posttrain_flow(
-            checkpoint, recipe, samples_version, heldout=heldout or None, source_root=source_root
+            checkpoint,
+            recipe,
+            samples_version,
+            heldout=heldout or None,
+            source_root=source_root,
+            overrides=set_ or None,
         )
     except (RolloutInputMismatch, PromotionBlocked, ValueError, FileNotFoundError, LookupError) as exc:
         errors.print(f"[red]stopped:[/red] {exc}")
@@ -628,6 +724,31 @@ def _learning_signals(result: dict) -> None:
         console.print("[bold]what post-training learned[/bold] (held-out items):")
         for line in lines:
             console.print(f"  {line}", soft_wrap=True, highlight=False)
+
+
+@app.command("recipe")
+def recipe_show(
+    source: str = typer.Argument(..., help=RECIPE_HELP),
+    flow: str = typer.Option("pretrain", help="whose recipe: pretrain or posttrain"),
+    set_: list[str] | None = typer.Option(None, "--set", help=SET_HELP),
+):
+    """Print the resolved recipe as YAML: every key `--set` and a recipe file can change, with its value."""
+    import yaml
+
+    from keyeflow.training.recipe_source import to_plain
+
+    if flow not in ("pretrain", "posttrain"):
+        errors.print(f"[red]error:[/red] --flow {flow!r}: pretrain or posttrain")
+        raise typer.Exit(2)
+    if flow == "pretrain":
+        resolved = _pretrain_recipe_or_exit(source, set_)
+    else:
+        resolved = _posttrain_recipe_or_exit(source, set_)
+    # Itself a recipe file: saved, edited and passed back as --recipe, it gives this recipe (and its hash).
+    changes = f" with {' '.join(set_)}" if set_ else ""
+    print(f"# {flow} recipe {source}{changes} (hash {resolved.config_hash()})")
+    base = str(Path(source).resolve()) if source.lower().endswith((".yaml", ".yml", ".toml")) else source
+    print(yaml.safe_dump({"base": base, **to_plain(resolved)}, sort_keys=False), end="")
 
 
 @app.command()

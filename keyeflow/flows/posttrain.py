@@ -6,6 +6,8 @@ skips itself when its inputs and config are unchanged."""
 
 from __future__ import annotations
 
+from typing import Any
+
 from prefect import flow, get_run_logger
 
 from keyeflow.config import get_settings
@@ -14,8 +16,8 @@ from keyeflow.flows.data import ingest_images
 from keyeflow.flows.video import video_pipeline
 from keyeflow.longcot.generate import GenerationConfig
 from keyeflow.tasks import posttrain as t
-from keyeflow.tasks.common import current_ref, lineage_run
-from keyeflow.training.posttrain_recipe import posttrain_recipe
+from keyeflow.tasks.common import current_ref, lineage_run, recipe_params, record_recipe
+from keyeflow.training.recipe_source import load_posttrain_recipe
 
 
 @flow(name="posttrain")
@@ -26,17 +28,21 @@ def posttrain(
     parent_run_id: str | None = None,
     heldout: list[str] | None = None,
     source_root: str | None = None,
+    overrides: list[str] | dict[str, Any] | None = None,
 ) -> dict:
     """Post-train from `checkpoint` (pre-training's fused checkpoint) with the named recipe, on train_samples
     (pinned `samples_version`, or the latest) and the LongCoT tables. `heldout`: question files (JSONL in the
     LongCoT conversation format, media inside `source_root`, default the samples folder) no stage trains on:
     every stage's learning signal is measured on them and a GSPO round that makes their pass rate
-    significantly worse stops the flow. Without them nothing is measured or gated (a warning says so)."""
-    r = posttrain_recipe(recipe)
-    params = {"checkpoint": checkpoint, "recipe": r.to_dict(), "recipe_hash": r.config_hash()}
+    significantly worse stops the flow. Without them nothing is measured or gated (a warning says so).
+    `recipe`: a built-in name, a YAML/TOML recipe file or `module:function`, changed by `overrides`
+    (`["sft.learning_rate=1e-5"]` or a mapping); a bad one stops the flow before anything runs."""
+    r = load_posttrain_recipe(recipe, overrides)
+    params = {"checkpoint": checkpoint, **recipe_params(r, recipe, overrides)}
     if heldout:
         params["heldout"] = list(heldout)
     with lineage_run("posttrain", params, parent_run_id) as run_id:
+        record_recipe(run_id, r, recipe, overrides)
         samples = (
             TableRef("train_samples", table_uri("train_samples"), samples_version)
             if samples_version

@@ -4,14 +4,16 @@ run id, and skips itself when its inputs and config are unchanged (keyeflow.step
 
 from __future__ import annotations
 
+from typing import Any
+
 from prefect import flow
 
 from keyeflow.datasets.tables import TableRef, table_uri
 from keyeflow.flows.data import build_mixture
 from keyeflow.steps.stages import mean_metrics
 from keyeflow.tasks import pretrain as t
-from keyeflow.tasks.common import current_ref, lineage_run
-from keyeflow.training.recipes import pretrain_recipe
+from keyeflow.tasks.common import current_ref, lineage_run, recipe_params, record_recipe
+from keyeflow.training.recipe_source import load_pretrain_recipe
 
 
 @flow(name="pretrain")
@@ -20,13 +22,15 @@ def pretrain(
     init: str | None = None,
     samples_version: int | None = None,
     parent_run_id: str | None = None,
+    overrides: list[str] | dict[str, Any] | None = None,
 ) -> dict:
-    """Pre-train with the named recipe from `init` (a checkpoint path; None = fresh weights) on train_samples
-    (pinned `samples_version`, or the latest)."""
-    r = pretrain_recipe(recipe, init)
-    with lineage_run(
-        "pretrain", {"recipe": r.to_dict(), "recipe_hash": r.config_hash()}, parent_run_id
-    ) as run_id:
+    """Pre-train with `recipe` (a built-in name, a YAML/TOML recipe file or `module:function`) changed by
+    `overrides` (`["stage2.learning_rate=1e-5"]` or `{"stage2.learning_rate": 1e-5}`), from `init` (a
+    checkpoint path; None = fresh weights) on train_samples (pinned `samples_version`, or the latest). A bad
+    recipe or override stops the flow before anything runs."""
+    r = load_pretrain_recipe(recipe, overrides, init)
+    with lineage_run("pretrain", recipe_params(r, recipe, overrides), parent_run_id) as run_id:
+        record_recipe(run_id, r, recipe, overrides)
         t.check_memory(r, run_id)
         samples = (
             TableRef("train_samples", table_uri("train_samples"), samples_version)

@@ -7,6 +7,9 @@ terminal and a Prefect progress artifact in the UI.
 from __future__ import annotations
 
 import contextlib
+import json
+import logging
+import os
 import threading
 from collections.abc import Iterator, Sequence
 
@@ -16,6 +19,7 @@ from prefect.cache_policies import NO_CACHE
 from prefect.context import FlowRunContext
 from prefect.futures import PrefectFuture, as_completed
 from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
+from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from keyeflow import lineage
@@ -23,6 +27,7 @@ from keyeflow.config import get_settings
 from keyeflow.datasets import tables
 from keyeflow.quality import gates
 from keyeflow.training import memory_plan
+from keyeflow.training.recipe_source import normalise_overrides, to_plain
 
 
 class PromotionBlocked(RuntimeError):
@@ -114,6 +119,34 @@ def progress(total: int, key: str, description: str) -> Iterator[ProgressTracker
         tracker.close()
 
 
+def _terminal_hides_info() -> bool:
+    """Whether Prefect's console handler drops INFO records (`keyeflow` without -v sets it to WARNING; the
+    Prefect UI gets them either way, through its API handler)."""
+    level = os.environ.get("PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL", "0").strip().upper()
+    number = int(level) if level.isdigit() else logging.getLevelName(level)
+    return isinstance(number, int) and number > logging.INFO
+
+
+_terminal = Console(soft_wrap=True, highlight=False)
+
+
+def report_step(output) -> None:
+    """A finished (or skipped) training step: an INFO line in the run's log, a `stage-<name>` artifact, and,
+    when the terminal hides INFO, the same line there too: the one line per stage a quiet terminal keeps."""
+    verb = "trained" if output.trained else "unchanged, skipped"
+    get_run_logger().info("%s: %s → %s (MLflow run %s)", output.name, verb, output.checkpoint, output.run_id)
+    # One artifact per stage on the flow run: the Prefect UI lists what each stage did, where its output is.
+    create_markdown_artifact(
+        f"# {output.name}: {verb}\n\nCheckpoint `{output.checkpoint}`\n\nMLflow run `{output.run_id}`, step "
+        f"key `{output.key}`",
+        key=f"stage-{output.name}".lower().replace("_", "-")[:60],
+        description=f"{output.name}: {verb}",
+    )
+    if _terminal_hides_info():
+        mark = "[green]✓[/green]" if output.trained else "[dim]=[/dim]"
+        _terminal.print(f"  {mark} {output.name}: {verb} (MLflow run {output.run_id})")
+
+
 @contextlib.contextmanager
 def lineage_run(name: str, params: dict, parent_run_id: str | None = None) -> Iterator[str]:
     """An MLflow run spanning a flow (the one a killed attempt left, reopened: `lineage.open_flow_run`);
@@ -125,6 +158,37 @@ def lineage_run(name: str, params: dict, parent_run_id: str | None = None) -> It
         lineage.end_run(run_id, failed=True)
         raise
     lineage.end_run(run_id)
+
+
+def recipe_params(recipe, source: str, overrides) -> dict:
+    """The flow run's MLflow params for its recipe: the resolved recipe and its hash (what the steps' cache
+    keys are made of), and, when they differ from a built-in name alone, where it came from and the overrides
+    (left out otherwise, so an unchanged recipe's run params stay as they were)."""
+    params = {"recipe": recipe.to_dict(), "recipe_hash": recipe.config_hash()}
+    if source != recipe.name or overrides:
+        params["recipe_source"] = source
+    if overrides:
+        params["recipe_overrides"] = normalise_overrides(overrides)
+    return params
+
+
+def record_recipe(run_id: str, recipe, source: str, overrides) -> None:
+    """The resolved recipe, whole, where a person looks: `recipe.json` on the flow's MLflow run (the params
+    hold only its first 6,000 characters) and a `recipe` artifact on the Prefect flow run."""
+    plain = to_plain(recipe)
+    lineage.log_dict(run_id, plain, "recipe.json")
+    changes = normalise_overrides(overrides)
+    lines = [
+        f"# recipe {recipe.name} (hash `{recipe.config_hash()}`)",
+        "",
+        f"From `{source}`" + (", with overrides:" if changes else ", no overrides."),
+        *[f"- `{c}`" for c in changes],
+        "",
+        "```json",
+        json.dumps(plain, indent=1, default=str),
+        "```",
+    ]
+    create_markdown_artifact("\n".join(lines), key="recipe", description=f"resolved recipe {recipe.name}")
 
 
 @task(cache_policy=NO_CACHE)

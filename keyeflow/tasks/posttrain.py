@@ -23,7 +23,7 @@ from keyeflow.model.merging import MergeConfig
 from keyeflow.steps import posttrain
 from keyeflow.steps import stages as steps
 from keyeflow.steps.stages import StageOutput
-from keyeflow.tasks.common import PromotionBlocked, publish_memory_plan
+from keyeflow.tasks.common import PromotionBlocked, publish_memory_plan, report_step
 from keyeflow.training import memory_plan, rl
 from keyeflow.training.config import GSPOStageConfig, StageConfig
 from keyeflow.training.heldout import PassRates, answer_pairs, paired_difference, rl_promotion
@@ -41,8 +41,7 @@ _NO_CACHE = {"cache_policy": NO_CACHE}
 
 
 def _say(output: StageOutput) -> StageOutput:
-    verb = "trained" if output.trained else "unchanged, skipped"
-    get_run_logger().info("%s: %s → %s (MLflow run %s)", output.name, verb, output.checkpoint, output.run_id)
+    report_step(output)
     return output
 
 

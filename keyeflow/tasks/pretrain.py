@@ -6,7 +6,7 @@ versions and config hash), which outlives any Prefect database and is what the t
 
 from __future__ import annotations
 
-from prefect import get_run_logger, task
+from prefect import task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 
@@ -16,7 +16,7 @@ from keyeflow.datasets.tables import TableRef
 from keyeflow.model.merging import MergeConfig
 from keyeflow.steps import stages as steps
 from keyeflow.steps.stages import StageOutput
-from keyeflow.tasks.common import PromotionBlocked, publish_memory_plan
+from keyeflow.tasks.common import PromotionBlocked, publish_memory_plan, report_step
 from keyeflow.training import memory_plan
 from keyeflow.training.config import StageConfig
 from keyeflow.training.evaluate import generate_mcq_set
@@ -25,8 +25,7 @@ from keyeflow.training.recipes import EvalConfig, PretrainRecipe
 
 
 def _say(output: StageOutput) -> None:
-    verb = "trained" if output.trained else "unchanged, skipped"
-    get_run_logger().info("%s: %s → %s (MLflow run %s)", output.name, verb, output.checkpoint, output.run_id)
+    report_step(output)
 
 
 @task(cache_policy=NO_CACHE)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -346,3 +347,122 @@ def test_longcot_review_through_the_server(platform, teacher, monkeypatch):
     kept = set(sql.query("select sample_id from longcot").sample_id)
     for path_id, (action, _) in decided.items():
         assert (path_id in kept) == (action == "approve")
+
+
+def _artifact_keys(platform: Platform, flow_run_id: UUID) -> set[str]:
+    """Keys of the artifacts on a flow run and on its subflow runs (a flow's mixtures are subflows)."""
+    from prefect.client.schemas.filters import (
+        ArtifactFilter,
+        ArtifactFilterFlowRunId,
+        FlowRunFilter,
+        FlowRunFilterParentFlowRunId,
+    )
+
+    with platform.client() as client:
+        subflows = client.read_flow_runs(
+            flow_run_filter=FlowRunFilter(parent_flow_run_id=FlowRunFilterParentFlowRunId(any_=[flow_run_id]))
+        )
+        ids = [flow_run_id, *(r.id for r in subflows)]
+        artifacts = client.read_artifacts(
+            artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=ids))
+        )
+    return {a.key for a in artifacts if a.key}
+
+
+def _deployment_run(platform: Platform, deployment: str, name: str, params: dict, timeout_s: float):
+    started = time.monotonic()
+    platform.prefect("deployment", "run", deployment, "--params", json.dumps(params), "--flow-run-name", name)
+    run = _wait_final(platform, _run_by_name(platform, name).id, timeout_s)
+    assert run.state.is_completed(), f"{run.state}\nworker log:\n{_tail(platform.logs / 'worker.log')}"
+    assert run.work_pool_name == POOL and run.infrastructure_pid
+    print(f"{deployment} on the worker: {time.monotonic() - started:.1f} s")
+    return run
+
+
+# Every training stage cut to one step of two samples and the evaluation to one sample a modality: what this
+# test checks is the deployments' wiring on a server, not what the stages learn.
+PRETRAIN_SHORT = [
+    *(f"stage{s}.{k}" for s in (1, 2, 3) for k in ("max_steps=1", "checkpoint_every=1", "window_size=2")),
+    "evaluation.heldout_per_modality=1",
+    "evaluation.num_mcq=1",
+    "evaluation.loss_margin=100",
+    "evaluation.accuracy_margin=1",
+]
+STAGE2_LR = 3e-4  # the `--set`-style override the test follows into stage 2's optimizer
+
+
+@pytest.mark.slow
+def test_every_training_deployment_runs_on_the_worker(platform, teacher, monkeypatch):
+    """data-pipeline → pretrain (with a `--set`-style override parameter) → longcot → posttrain (overrides as
+    a mapping), each a deployment run on the process worker, each with its per-stage artifacts."""
+    from keyeflow.synthetic.corpus import generate_corpus
+    from keyeflow.synthetic.images import generate_images
+    from keyeflow.synthetic.videos import generate_videos
+    from keyeflow.training.recipes import pretrain_recipe
+
+    monkeypatch.setenv("KEYEFLOW_HOME", str(platform.home))
+    incoming = platform.home / "incoming"  # the deployments' folders (prefect.yaml)
+    videos = generate_videos(incoming / "videos")
+    pictures = generate_images(incoming / "images")
+    generate_corpus(incoming / "corpus", videos, pictures)
+    generate_longcot_questions(incoming / "longcot")  # as the review test does: the teacher's sample plans
+
+    # ---- data-pipeline: stage 1's mixture only (pretrain builds its own), as `keyeflow run` sizes it.
+    data = _deployment_run(
+        platform,
+        "data-pipeline/data-pipeline",
+        "data-on-the-worker",
+        {"stages": [1], "mixture_overrides": {"1": pretrain_recipe("tiny").mixture_overrides(1)}},
+        300,
+    )
+    assert {"gate-train-samples", "mixture-stage-1"} <= _artifact_keys(platform, data.id)
+
+    # ---- pretrain with overrides as the Custom run form sends them: a list of key=value strings.
+    overrides = [*PRETRAIN_SHORT, f"stage2.learning_rate={STAGE2_LR}"]
+    pre = _deployment_run(
+        platform, "pretrain/pretrain", "pretrain-on-the-worker", {"overrides": overrides}, 600
+    )
+    assert pre.parameters["overrides"] == overrides and pre.parameters["recipe"] == "tiny"
+    stage2 = next((platform.home / "checkpoints").glob("pretrain-2-multitask-*"))
+    steps = [json.loads(line) for line in (stage2 / "metrics.jsonl").read_text().splitlines()]
+    assert len(steps) == 1 and steps[0]["lr"] == pytest.approx(STAGE2_LR)  # warm-up of 1: the peak
+    stages = (
+        "pretrain-1-alignment",
+        "pretrain-2-multitask",
+        "pretrain-3-annealing-balanced",
+        "pretrain-4-fusion",
+    )
+    keys = _artifact_keys(platform, pre.id)
+    assert {"recipe", "memory-plan", "mixture-stage-1"} <= keys
+    assert {f"stage-{s}" for s in stages} | {f"eval-{s}" for s in stages} <= keys
+
+    # ---- longcot, unattended (the review through the server is test_longcot_review_through_the_server).
+    cot = _deployment_run(
+        platform,
+        "longcot/longcot",
+        "longcot-on-the-worker",
+        {
+            "review": "auto_approve",
+            "generation": {"backend": "openai", "base_url": teacher, "model": teacher_server.MODEL, "n": 4},
+        },
+        300,
+    )
+    assert "longcot-summary" in _artifact_keys(platform, cot.id)
+
+    # ---- posttrain from pretrain's checkpoint, overrides as a mapping (the form's JSON object).
+    post_overrides = {"sft.max_steps": 1, "sft_anneal.max_steps": 1, "sft.checkpoint_every": 1}
+    post = _deployment_run(
+        platform, "posttrain/posttrain", "posttrain-on-the-worker", {"overrides": post_overrides}, 900
+    )
+    assert (
+        post.parameters["checkpoint"] == "latest-pretrain" and post.parameters["overrides"] == post_overrides
+    )
+    (sft,) = [
+        d
+        for d in (platform.home / "checkpoints").iterdir()
+        if re.fullmatch(r"posttrain-1-sft-[0-9a-f]+", d.name)
+    ]
+    assert len((sft / "metrics.jsonl").read_text().splitlines()) == 1
+    keys = _artifact_keys(platform, post.id)
+    assert {"recipe", "memory-plan", "stage-posttrain-1-sft", "stage-posttrain-3-mpo"} <= keys
+    assert "stage-posttrain-6-alignment-rl" in keys, keys
