@@ -506,8 +506,12 @@ def register_checkpoint(model_name: str, run_id: str) -> str:
     gets the version registered before, and its aliases are left as the gate last set them."""
     c = client()
     model = checkpoint_model(run_id)
-    if model is None:
-        raise LookupError(f"run {run_id} logged no checkpoint model to register")
+    if model is None:  # a step that finished before checkpoints were logged models gets its model now
+        run = c.get_run(run_id)
+        if CHECKPOINT_TAG not in run.data.tags:
+            raise LookupError(f"run {run_id} logged no checkpoint model to register")
+        log_checkpoint_model(run_id, run.info.run_name, run.data.tags[CHECKPOINT_TAG])
+        model = checkpoint_model(run_id)
     try:
         c.create_registered_model(model_name, description="keyeflow checkpoints of the recipe " + model_name)
     except mlflow.exceptions.MlflowException as exc:
@@ -632,13 +636,27 @@ def _step(run) -> dict[str, Any]:
         uri, version = parse_table_tag(tags[INPUT_TAG + "mixtures"])
         mixture = {"uri": uri, "version": version, "mixture_id": params["mixture_id"]}
     upstream = [r for r in tags.get(UPSTREAM_TAG, "").split(",") if r]
+    model_ids = [m.model_id for m in run.outputs.model_outputs or []]
     return {
         "name": run.info.run_name, "run_id": run.info.run_id, "status": run.info.status,
         "checkpoint": tags.get(CHECKPOINT_TAG), "upstream_run_ids": upstream, "mixture": mixture,
         "promotion": tags.get("keyeflow.gate.promotion"),
         "metrics": {k: v for k, v in sorted(run.data.metrics.items()) if k.startswith("eval/")},
         "parent_run_id": tags.get(PARENT_TAG),
+        "model": _model_summary(model_ids[0]) if model_ids else None,
     }  # fmt: skip
+
+
+def _model_summary(model_id: str) -> dict[str, Any]:
+    """A step's logged model as the UI shows it: its id, its registered versions and their aliases."""
+    c = client()
+    versions = json.loads(c.get_logged_model(model_id).tags.get(MLFLOW_MODEL_VERSIONS, "[]"))
+    registered = []
+    for v in versions:
+        aliases = c.get_registered_model(v["name"]).aliases
+        named = sorted(a for a, version in aliases.items() if str(version) == str(v["version"]))
+        registered.append({"name": v["name"], "version": str(v["version"]), "aliases": named})
+    return {"model_id": model_id, "registered": registered}
 
 
 def trace(target: str) -> dict[str, Any]:

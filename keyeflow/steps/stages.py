@@ -364,7 +364,8 @@ def evaluate_stage(
             job_dir=Path(output.checkpoint).parent / EVAL_JOB.format(key=eval_key),
         )
         _write_json(cache, metrics)
-    # A step cached before checkpoints were logged models gets its model now (a no-op when it has one).
+    # A step cached before checkpoints were logged models gets its model now (a no-op when it has one): the
+    # evaluation's metrics are logged against it.
     model_id = lineage.log_checkpoint_model(output.run_id, output.name, output.checkpoint)
     lineage.log_input(output.run_id, samples, context="evaluation")
     lineage.log_metrics(

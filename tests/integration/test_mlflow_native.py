@@ -11,8 +11,10 @@ from pathlib import Path
 import lance
 import pyarrow as pa
 import pytest
+from typer.testing import CliRunner
 
 from keyeflow import lineage
+from keyeflow.cli import app
 from keyeflow.datasets import tables
 
 
@@ -127,6 +129,18 @@ def test_checkpoints_are_logged_models_chained_and_the_gate_moves_the_aliases(ho
     assert json.loads(c.get_logged_model(models["stage-3"]).tags["mlflow.modelVersions"]) == [
         {"name": "recipe-x", "version": str(champion.version)}
     ]
+
+    # `keyeflow lineage` walks the chain the UI shows: the same runs, their models, versions and aliases.
+    chain = lineage.trace(runs["stage-3"])
+    assert [(step["name"], step["model"]["model_id"]) for step in chain["steps"]] == [
+        (name, models[name]) for name in ("stage-3", "stage-2", "stage-1")
+    ]
+    assert chain["steps"][0]["model"]["registered"] == [
+        {"name": "recipe-x", "version": str(champion.version), "aliases": ["champion"]}
+    ]
+    text = CliRunner().invoke(app, ["lineage", runs["stage-3"]])
+    assert text.exit_code == 0, text.output
+    assert f"logged model {models['stage-3']} = recipe-x v{champion.version} (champion)" in text.output
 
 
 def test_the_experiment_opens_on_its_runs(home):
