@@ -779,6 +779,15 @@ def lineage(
         node = root.add(f"{step['name']}  run {step['run_id']}  {step['status']}  {gate}")
         if step["checkpoint"]:
             node.add(f"checkpoint {step['checkpoint']}")
+        if step.get("model"):
+            versions = [
+                f"{v['name']} v{v['version']}" + (f" ({', '.join(v['aliases'])})" if v["aliases"] else "")
+                for v in step["model"]["registered"]
+            ]
+            node.add(
+                f"logged model {step['model']['model_id']}"
+                + (" = " + ", ".join(versions) if versions else "")
+            )
         if step["upstream_run_ids"]:
             node.add("from runs " + ", ".join(step["upstream_run_ids"]))
         if step["mixture"]:

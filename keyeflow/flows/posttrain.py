@@ -144,7 +144,7 @@ def posttrain(
         if held:
             signals["rl_gain"] = t.rl_gain(baseline, accepted, run_id)
         final = stages["alignment"] = t.alignment_rl(r, policy, rm, sft, run_id)
-        t.record_final(run_id, final)
+        t.record_final(run_id, final, r.name)
         if signals:
             t.learning_report(run_id, signals)
         return {

@@ -50,7 +50,7 @@ def pretrain(
         mcq = t.mcq_set(current_ref("video_samples"), r.evaluation)
 
         def evaluate(output, parent_metrics):
-            return t.evaluate(output, r.evaluation, heldout, samples, mcq, parent_metrics, r.launch)
+            return t.evaluate(output, r.evaluation, heldout, samples, mcq, parent_metrics, r.launch, r.name)
 
         init_out = t.prepare_init(r, run_id)
         metrics = evaluate(init_out, None)

@@ -175,12 +175,12 @@ def train_reward_model(
             run_id, report.__dict__ if hasattr(report, "__dict__") else report, "reward_data.json"
         )
         for ref in (tables_ref or {}).values():
-            lineage.log_input(run_id, ref)
+            lineage.log_input(run_id, ref, context="training")
         result = train_rm(
             conversations, stage, init=init.checkpoint, out_dir=out_dir, sink=lineage.RunSink(run_id)
         )
         lineage.log_params(run_id, {"mixture_id": result.mixture_id})
-        lineage.log_input(run_id, result.mixture)
+        lineage.log_input(run_id, result.mixture, context="training")
         lineage.log_metrics(run_id, {"unusable_judgements": len(result.unusable)})
         if result.unusable:
             lineage.log_dict(run_id, dict(result.unusable), "reward_data_unusable.json")

@@ -16,7 +16,10 @@ registered (`latest`), which is never half-written.
 **Lineage.** Each step is one MLflow run nested under the flow's run, tagged with its key, its checkpoint
 (`keyeflow.checkpoint`, the model directory the next step loads), the runs of the checkpoints it started
 from (`keyeflow.upstream_run_ids`) and, through the trainer, its mixture (`keyeflow.input.mixtures` = uri@vN
-and the `mixture_id` param). `keyeflow.lineage.trace` walks these down to the source files.
+and the `mixture_id` param). `keyeflow.lineage.trace` walks these down to the source files. The checkpoint
+is also the run's MLflow logged model, with the models of its upstream runs as the run's model inputs (the
+same chain in the UI), and `evaluate_stage` registers it under the recipe's name, where the promotion gate
+moves its aliases.
 """
 
 from __future__ import annotations
@@ -153,6 +156,7 @@ def cached_step(
     kill_point("step.trained")  # the step's final checkpoint written; its run not closed, no done.json
     output = StageOutput(name, str(checkpoint), run_id, key, True)
     lineage.set_tags(run_id, {lineage.CHECKPOINT_TAG: output.checkpoint})
+    lineage.log_checkpoint_model(run_id, name, output.checkpoint)
     lineage.end_run(run_id)
     kill_point("step.run_closed")  # the step's run FINISHED and tagged; done.json not written
     _write_json(out_dir / DONE, {k: v for k, v in output.to_dict().items() if k != "trained"})
@@ -348,9 +352,12 @@ def evaluate_stage(
     mcq_records: list[dict],
     parent_metrics: dict[str, Any] | None,
     launch: LaunchConfig | None = None,
+    registered_model: str | None = None,
 ) -> Evaluation:
-    """Held-out loss per modality and MCQ accuracy of `output`'s checkpoint, logged to its run, and the
-    promotion gate against `parent_metrics` (None: nothing to compare with, passes). Metrics are cached beside
+    """Held-out loss per modality and MCQ accuracy of `output`'s checkpoint, logged to its run (and its logged
+    model), and the promotion gate against `parent_metrics` (None: nothing to compare with, passes). With
+    `registered_model` (the recipe's name) the checkpoint is registered there as the ``candidate`` and the
+    gate's verdict written on the version; one that passed becomes the ``champion``. Metrics are cached beside
     the checkpoint, keyed on the evaluation config and sets, so a rerun does not recompute them. `launch`: run
     the evaluation as a job on the ranks it starts, like the stage's training (`keyeflow.steps.eval_job`);
     None evaluates in this process. It is not in the key: the ranks give the same metrics up to float
@@ -375,7 +382,11 @@ def evaluate_stage(
             lmms_eval_limit=config.lmms_eval_limit,
         )
         _write_json(cache, metrics)
-    lineage.log_metrics(output.run_id, eval_run_metrics(metrics))
+    # A step cached before checkpoints were logged models gets its model now (a no-op when it has one): the
+    # evaluation's metrics are logged against it.
+    model_id = lineage.log_checkpoint_model(output.run_id, output.name, output.checkpoint)
+    lineage.log_input(output.run_id, samples, context="evaluation")
+    lineage.log_metrics(output.run_id, eval_run_metrics(metrics), model_id=model_id)
     if parent_metrics is None:
         passed, reasons = True, []
     else:
@@ -385,7 +396,28 @@ def evaluate_stage(
         output.run_id, {**evaluation.to_dict(), "parent_metrics": parent_metrics}, "evaluation.json"
     )
     lineage.set_tags(output.run_id, {"keyeflow.gate.promotion": "passed" if passed else "failed"})
+    if registered_model is not None:
+        version = lineage.register_checkpoint(registered_model, output.run_id)
+        lineage.record_promotion(
+            registered_model, version, passed, verdict(output, evaluation, parent_metrics)
+        )
     return evaluation
+
+
+def verdict(output: StageOutput, evaluation: Evaluation, parent_metrics: dict[str, Any] | None) -> str:
+    """The promotion gate's verdict in words, for a registered version's description."""
+    head = f"{output.name}: promotion gate {'passed' if evaluation.passed else 'FAILED'}"
+    parent = parent_metrics or {}
+    lines = [
+        f"held-out loss {m} {v:.4f}"
+        + (f" (parent {parent['heldout_loss'][m]:.4f})" if m in parent.get("heldout_loss", {}) else "")
+        for m, v in evaluation.metrics["heldout_loss"].items()
+    ]
+    accuracy = f"MCQ accuracy {evaluation.metrics['mcq_accuracy']:.3f}"
+    if "mcq_accuracy" in parent:
+        accuracy += f" (parent {parent['mcq_accuracy']:.3f})"
+    reasons = evaluation.reasons or (["no parent to compare with"] if parent_metrics is None else [])
+    return "\n".join([head, *lines, accuracy, *reasons, f"checkpoint {output.checkpoint}"])
 
 
 def mcq_source_rows(video_samples: TableRef) -> list[dict]:

@@ -381,9 +381,20 @@ def alignment_rl(
 
 
 @task(**_NO_CACHE)
-def record_final(run_id: str, output: StageOutput) -> None:
+def record_final(run_id: str, output: StageOutput, registered_model: str) -> None:
+    """The flow's run names the checkpoint it ends with (`keyeflow lineage <flow run id>` starts there), and
+    that checkpoint becomes the ``champion`` of the recipe's registered model: the flow reaches this point
+    only when every gate before it passed (a refused RL round stops it)."""
     lineage.set_tags(
         run_id, {lineage.CHECKPOINT_TAG: output.checkpoint, "keyeflow.final_run_id": output.run_id}
+    )
+    version = lineage.register_checkpoint(registered_model, output.run_id)
+    lineage.record_promotion(
+        registered_model,
+        version,
+        True,
+        f"{output.name}: the final checkpoint of post-training; every gate before it passed"
+        f"\ncheckpoint {output.checkpoint}",
     )
 
 
@@ -486,6 +497,15 @@ def rl_gate(before: dict, after: dict, recipe: PosttrainRecipe, candidate: Stage
         f"# RL promotion gate: {candidate.name}\n\n**{'promoted' if decision.promoted else 'refused'}**: "
         f"{decision.reason}.\n\nCheckpoint: `{candidate.checkpoint}`",
         key=f"rl-gate-{candidate.name}".lower()[:60],
+    )
+    verdict = "passed" if decision.promoted else "FAILED"
+    version = lineage.register_checkpoint(recipe.name, candidate.run_id)
+    lineage.record_promotion(
+        recipe.name,
+        version,
+        decision.promoted,
+        f"{candidate.name}: RL promotion gate {verdict}: {decision.reason}\n"
+        f"checkpoint {candidate.checkpoint}",
     )
     if not decision.promoted:
         raise PromotionBlocked(

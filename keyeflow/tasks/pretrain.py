@@ -90,9 +90,11 @@ def evaluate(
     mcq: list[dict],
     parent_metrics: dict | None,
     launch: LaunchConfig | None = None,
+    registered_model: str | None = None,
 ) -> dict:
     """Evaluate (on the ranks `launch` starts, like the stage's training; None: in this process), report in
-    Prefect, and stop the flow when the promotion gate fails."""
+    Prefect and in the Model Registry (`registered_model`: the recipe's name), and stop the flow when the
+    promotion gate fails."""
     result = steps.evaluate_stage(
         output,
         config=config,
@@ -101,6 +103,7 @@ def evaluate(
         mcq_records=mcq,
         parent_metrics=parent_metrics,
         launch=launch,
+        registered_model=registered_model,
     )
     losses = result.metrics["heldout_loss"]
     lines = [

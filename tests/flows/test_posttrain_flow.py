@@ -86,6 +86,13 @@ def test_posttrain_flow_runs_every_stage_into_the_lineage(data_home, monkeypatch
     client = lineage.client()
     for step in chain["steps"]:
         assert client.get_run(step["run_id"]).data.tags["mlflow.parentRunId"]  # nested under the flow's run
+    # ---- The same chain as MLflow models: a logged model per step, the final one the recipe's champion.
+    assert all(step["model"] and step["model"]["model_id"].startswith("m-") for step in chain["steps"])
+    name = posttrain_recipe("tiny").name
+    champion = client.get_model_version_by_alias(name, "champion")
+    assert champion.run_id == result["final_run_id"]
+    assert champion.tags[lineage.CHECKPOINT_TAG] == result["checkpoint"]
+    assert chain["steps"][0]["model"]["registered"][0]["aliases"] == ["champion"]
     # the SFT, LongCoT and reward-model stages trained on mixtures whose sources lineage reaches
     assert {m["stage"] for m in chain["mixtures"]} == {5}
     assert chain["sources"]["num_texts"] > 0

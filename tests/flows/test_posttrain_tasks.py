@@ -7,6 +7,7 @@ from __future__ import annotations
 import pytest
 from prefect import flow
 
+from keyeflow import lineage
 from keyeflow.longcot.generate import ensure_tiny_model
 from keyeflow.steps.stages import StageOutput
 from keyeflow.tasks import posttrain as t
@@ -35,13 +36,23 @@ def test_the_pass_rate_filter_stops_a_round_with_nothing_to_learn_from(home, tmp
         round_two()
 
 
-def test_the_rl_gate_stops_at_a_significant_regression_and_passes_a_gain(prefect_harness):
+def test_the_rl_gate_stops_at_a_significant_regression_and_passes_a_gain(home, tmp_path, prefect_harness):
     recipe = posttrain_recipe("tiny")
     ids = [f"i{k}" for k in range(recipe.heldout.min_items)]
     before = {i: 0.5 for i in ids}
     worse = {i: 0.25 for i in ids}
     better = {i: 0.75 for i in ids}
-    candidate = StageOutput("posttrain-5-gspo-round-1", "/ckpt", "run", "key", True)
+
+    def candidate_step(name: str, attempt: int) -> StageOutput:
+        """A GSPO round's run with its checkpoint logged as a model, as `cached_step` leaves it."""
+        run_id = lineage.start_run(name)
+        checkpoint = tmp_path / f"{name}-{attempt}" / "model"
+        checkpoint.mkdir(parents=True)
+        (checkpoint / "config.json").write_text("{}")
+        lineage.log_checkpoint_model(run_id, name, checkpoint)
+        return StageOutput(name, str(checkpoint), run_id, "key", True)
+
+    candidate = candidate_step("posttrain-5-gspo-round-1", 1)
 
     def rates(values: dict) -> dict:
         return PassRates(values, estimate(list(values.values()))).to_dict()
@@ -51,5 +62,12 @@ def test_the_rl_gate_stops_at_a_significant_regression_and_passes_a_gain(prefect
         return t.rl_gate(rates(before), after, recipe, candidate)
 
     assert "0.500 → 0.750" in gate(rates(better))["reason"]
+    champion = lineage.model_version(recipe.name, "champion")  # the gate's verdict, in the Model Registry
+    assert champion.run_id == candidate.run_id and champion.tags[lineage.PROMOTION_TAG] == "passed"
+    candidate = candidate_step("posttrain-5-gspo-round-1", 2)  # the round trained again, to a regression
     with pytest.raises(PromotionBlocked, match="posttrain-5-gspo-round-1 .* is not promoted: held-out pass"):
         gate(rates(worse))
+    refused = lineage.model_version(recipe.name, "candidate")
+    assert refused.run_id == candidate.run_id and refused.tags[lineage.PROMOTION_TAG] == "failed"
+    assert "RL promotion gate FAILED" in refused.description
+    assert lineage.model_version(recipe.name, "champion").run_id == champion.run_id  # not replaced

@@ -125,6 +125,7 @@ def test_pretrain_killed_then_rerun_then_unchanged(data_home, tmp_path, monkeypa
         assert run.data.tags["keyeflow.gate.promotion"] == "passed"
         assert "eval/mcq_accuracy" in run.data.metrics
     assert client.get_run(result["run_id"]).data.tags[lineage.CHECKPOINT_TAG] == result["checkpoint"]
+    registry = mlflow_entities(client, result)
 
     # ---- Stage 1 trained the projector only.
     init, stage1 = (
@@ -183,6 +184,60 @@ def test_pretrain_killed_then_rerun_then_unchanged(data_home, tmp_path, monkeypa
     assert not any(s["trained"] for s in again["stages"].values())
     assert again["checkpoint"] == result["checkpoint"]
     assert sorted(p.name for p in (data_home / "checkpoints").rglob("*")) == before
+    assert mlflow_entities(client, again) == registry  # no second model, version or alias move
+
+
+def mlflow_entities(client, result: dict) -> dict:
+    """What the MLflow UI shows of the flow, read through the client: every step run has its tables as
+    datasets (Lance URI + version, schema, row count) and one logged model, its checkpoint, whose model
+    inputs are its upstream steps' models; the recipe's registered model has a version per step, each with
+    the gate's verdict, and `champion` on the fused checkpoint. Returns the model ids and versions."""
+    stages = result["stages"]
+    experiment = client.get_run(result["run_id"]).info.experiment_id
+    assert client.get_experiment(experiment).tags["mlflow.experimentKind"] == "custom_model_development"
+    models = {}
+    for name, stage in stages.items():
+        run = client.get_run(stage["run_id"])
+        found = client.search_logged_models(
+            [experiment], filter_string=f"source_run_id = '{run.info.run_id}'"
+        )
+        assert len(found) == 1 and found[0].tags[lineage.CHECKPOINT_TAG] == stage["checkpoint"], name
+        assert [m.model_id for m in run.outputs.model_outputs] == [found[0].model_id]
+        models[name] = found[0].model_id
+        datasets = {}
+        for d in run.inputs.dataset_inputs:
+            context = {t.key: t.value for t in d.tags}["mlflow.data.context"]
+            datasets[(d.dataset.name, context)] = d.dataset
+            source = json.loads(d.dataset.source)
+            table = lance.dataset(source["uri"], version=source["version"])
+            assert d.dataset.source_type == "lance"
+            assert json.loads(d.dataset.profile)["num_rows"] == table.count_rows()
+            columns = [c["name"] for c in json.loads(d.dataset.schema)["mlflow_colspec"]]
+            assert columns == table.schema.names
+        assert ("train_samples", "evaluation") in datasets, name
+        if name not in ("init", "pretrain-4-fusion"):  # trained on a mixture
+            assert ("mixtures", "training") in datasets, name
+            assert "loss" in run.data.metrics  # one metric name in every stage: charts side by side
+    for name, stage in stages.items():
+        upstream = client.get_run(stage["run_id"]).data.tags[lineage.UPSTREAM_TAG].split(",")
+        by_run = {s["run_id"]: models[n] for n, s in stages.items()}
+        inputs = client.get_run(stage["run_id"]).inputs.model_inputs
+        assert sorted(m.model_id for m in inputs) == sorted(by_run[r] for r in upstream if r)
+    versions = client.search_model_versions(f"name = '{RECIPE.name}'")
+    assert sorted(v.run_id for v in versions) == sorted(s["run_id"] for s in stages.values())
+    assert all(
+        v.tags[lineage.PROMOTION_TAG] == "passed" and "promotion gate passed" in v.description
+        for v in versions
+    )
+    champion = client.get_model_version_by_alias(RECIPE.name, "champion")
+    assert champion.run_id == result["final_run_id"]
+    assert champion.tags[lineage.CHECKPOINT_TAG] == result["checkpoint"]
+    assert set(client.get_registered_model(RECIPE.name).aliases) == {"champion"}
+    return {
+        "models": models,
+        "versions": sorted(str(v.version) for v in versions),
+        "champion": champion.version,
+    }
 
 
 def source_videos(home: Path, mixture_ids: set[str]) -> set[str]:
