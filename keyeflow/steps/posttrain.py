@@ -414,7 +414,9 @@ def rejection_sampling(
         query = row["messages"][-2]["content"]  # the user turn the responses answer
 
         def prefer(candidate: str, incumbent: str) -> bool:
-            (comparison,) = judge.compare([ComparisonRequest(query, candidate, incumbent)])
+            (comparison,) = judge.compare(
+                [ComparisonRequest(query, candidate, incumbent, reference=row["reference"])]
+            )
             if comparison.value is None:
                 raise ScoringError(f"row {row['id']!r}: {comparison.reason}")
             return comparison.value > 0.5
