@@ -20,7 +20,7 @@ import pyarrow.compute as pc
 from keyeflow import lineage
 from keyeflow.datasets import tables
 from keyeflow.datasets.mixture import RL_ANSWER_TASK
-from keyeflow.datasets.tables import TableRef
+from keyeflow.datasets.tables import TableRef, table_uri
 from keyeflow.longcot.generate import GenerationConfig, StoredMediaLookup, media_configs, user_content
 from keyeflow.longcot.rl_items import question_file_items, reward_item
 from keyeflow.model.generation import Generator, LocalGenerator
@@ -59,8 +59,16 @@ from keyeflow.training.reward_model_trainer import train_reward_model as train_r
 LATEST_PRETRAIN = "latest-pretrain"
 
 
+_MEDIA_LOOKUPS: dict[str, StoredMediaLookup] = {}
+
+
 def media_lookup(root: str | None = None) -> StoredMediaLookup:
-    return StoredMediaLookup(*media_configs(GenerationConfig()), root=root)
+    """The media lookup of a tables root, one per root in this process: every stage's generator asks for the
+    same held-out and RL pictures, and the lookup keeps what it read (`StoredMediaLookup`)."""
+    key = table_uri("image_samples", root)
+    if key not in _MEDIA_LOOKUPS:
+        _MEDIA_LOOKUPS[key] = StoredMediaLookup(*media_configs(GenerationConfig()), root=root)
+    return _MEDIA_LOOKUPS[key]
 
 
 def local_generator(checkpoint: str) -> LocalGenerator:
