@@ -51,6 +51,10 @@ def _overrides(values: list[str] | None) -> dict:
 SYNTHETIC_TEACHER_PORT = 18431
 # Items per verifiable task family (keyeflow.synthetic.verifiable_tasks) `keyeflow run` draws and asks.
 TASK_ITEMS_PER_FAMILY = 60
+# The post-training recipe of `keyeflow run`: the tiny model sized so that every stage's learning signal shows
+# on the held-out task items within minutes on a CPU ("tiny" runs every stage for a few steps and learns
+# nothing measurable: the fast wiring tests use it).
+RUN_POSTTRAIN_RECIPE = "tiny-learn"
 
 
 @app.command()
@@ -65,7 +69,8 @@ def run(
     teacher_model: str | None = typer.Option(None, help="the served model name of --teacher-url"),
 ):
     """The whole DAG on generated sample data with embedded defaults: data flows → pretrain (tiny) →
-    LongCoT (the synthetic teacher unless --teacher-url) → posttrain (tiny), then a summary and where to look.
+    LongCoT (the synthetic teacher unless --teacher-url) → posttrain (tiny-learn: sized for its learning
+    signals to show), then a summary and where to look.
     A rerun reuses everything that did not change."""
     if (teacher_url is None) != (teacher_model is None):
         raise typer.BadParameter("--teacher-url and --teacher-model go together")
@@ -137,11 +142,14 @@ def run(
 
         t0 = begin(
             "posttrain",
-            "recipe tiny from the pretrain checkpoint: SFT → reward model → MPO → "
+            f"recipe {RUN_POSTTRAIN_RECIPE} from the pretrain checkpoint: SFT → reward model → MPO → "
             "LongCoT SFT + expert merge → GSPO rounds → alignment RL",
         )
         post = posttrain_flow(
-            pre["checkpoint"], "tiny", heldout=[str(tasks["heldout"].parent)], source_root=str(root)
+            pre["checkpoint"],
+            RUN_POSTTRAIN_RECIPE,
+            heldout=[str(tasks["heldout"].parent)],
+            source_root=str(root),
         )
         seconds["posttrain"] = time.perf_counter() - t0
     except (GateFailed, PromotionBlocked, ValueError, LookupError, OSError, RuntimeError) as exc:
