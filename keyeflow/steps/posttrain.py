@@ -184,8 +184,18 @@ def train_reward_model(
         )
         for ref in (tables_ref or {}).values():
             lineage.log_input(run_id, ref)
+        # The media configs every post-training step reads with (what the flow ingested the questions'
+        # pictures and clips with); with the trainer's defaults (a 20,480-token picture) every pair on a task
+        # item's picture was "not ingested" and left out, and the judge trained without its task pairs.
+        image_config, slowfast = media_configs(GenerationConfig())
         result = train_rm(
-            conversations, stage, init=init.checkpoint, out_dir=out_dir, sink=lineage.RunSink(run_id)
+            conversations,
+            stage,
+            init=init.checkpoint,
+            out_dir=out_dir,
+            sink=lineage.RunSink(run_id),
+            slowfast=slowfast,
+            image_config=image_config,
         )
         lineage.log_params(run_id, {"mixture_id": result.mixture_id})
         lineage.log_input(run_id, result.mixture)
