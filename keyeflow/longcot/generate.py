@@ -40,6 +40,7 @@ from keyeflow.longcot.common import DEFAULT_SCORING, chunks, read_ref_rows
 from keyeflow.model.config import tiny
 from keyeflow.model.generation import BatchGenerationError, LocalGenerator, OpenAICompatibleGenerator
 from keyeflow.model.modeling import KeyeForConditionalGeneration
+from keyeflow.model.processor import MediaPatches
 from keyeflow.model.tokenizer import load_tokenizer
 from keyeflow.quality import graders
 from keyeflow.quality.errors import (
@@ -206,11 +207,17 @@ def generation_messages(question: dict, config: GenerationConfig) -> list[dict]:
 
 class StoredMediaLookup:
     """Resolves an image/video part (an absolute path) to its pre-tokenised patches: content hash →
-    ``image_samples``/``video_samples`` row for the given configs (what the flow ingests first)."""
+    ``image_samples``/``video_samples`` row for the given configs (what the flow ingests first).
+
+    Patches read once are kept: a sample id names its content and config, so its patches never change, and
+    evaluation and RL ask for the same few pictures over and over (every sample of a held-out item, every
+    hint level of an RL item); a read opens the media tables each time (about a fifth of a short
+    generation's time on the tiny model)."""
 
     def __init__(self, image_config, slowfast, root: str | None = None):
         self.image_config, self.slowfast, self.root = image_config, slowfast, root
         self._hashes: dict[str, str] = {}
+        self._patches: dict[str, MediaPatches] = {}
 
     def __call__(self, part):
         kind = part["type"]
@@ -223,8 +230,11 @@ class StoredMediaLookup:
             if kind == "image"
             else pretokenize.sample_id(digest, self.slowfast)
         )
+        if sample in self._patches:
+            return self._patches[sample]
         try:
-            return read_media({sample}, self.root)[sample]
+            self._patches[sample] = read_media({sample}, self.root)[sample]
+            return self._patches[sample]
         except KeyError as error:
             raise ValueError(
                 f"{kind} {Path(path).name} has no pre-tokenised sample {sample} for this "

@@ -20,7 +20,7 @@ import pyarrow.compute as pc
 from keyeflow import lineage
 from keyeflow.datasets import tables
 from keyeflow.datasets.mixture import RL_ANSWER_TASK
-from keyeflow.datasets.tables import TableRef
+from keyeflow.datasets.tables import TableRef, table_uri
 from keyeflow.longcot.generate import GenerationConfig, StoredMediaLookup, media_configs, user_content
 from keyeflow.longcot.rl_items import question_file_items, reward_item
 from keyeflow.model.generation import Generator, LocalGenerator
@@ -59,8 +59,16 @@ from keyeflow.training.reward_model_trainer import train_reward_model as train_r
 LATEST_PRETRAIN = "latest-pretrain"
 
 
+_MEDIA_LOOKUPS: dict[str, StoredMediaLookup] = {}
+
+
 def media_lookup(root: str | None = None) -> StoredMediaLookup:
-    return StoredMediaLookup(*media_configs(GenerationConfig()), root=root)
+    """The media lookup of a tables root, one per root in this process: every stage's generator asks for the
+    same held-out and RL pictures, and the lookup keeps what it read (`StoredMediaLookup`)."""
+    key = table_uri("image_samples", root)
+    if key not in _MEDIA_LOOKUPS:
+        _MEDIA_LOOKUPS[key] = StoredMediaLookup(*media_configs(GenerationConfig()), root=root)
+    return _MEDIA_LOOKUPS[key]
 
 
 def local_generator(checkpoint: str) -> LocalGenerator:
@@ -176,8 +184,18 @@ def train_reward_model(
         )
         for ref in (tables_ref or {}).values():
             lineage.log_input(run_id, ref, context="training")
+        # The media configs every post-training step reads with (what the flow ingested the questions'
+        # pictures and clips with); with the trainer's defaults (a 20,480-token picture) every pair on a task
+        # item's picture was "not ingested" and left out, and the judge trained without its task pairs.
+        image_config, slowfast = media_configs(GenerationConfig())
         result = train_rm(
-            conversations, stage, init=init.checkpoint, out_dir=out_dir, sink=lineage.RunSink(run_id)
+            conversations,
+            stage,
+            init=init.checkpoint,
+            out_dir=out_dir,
+            sink=lineage.RunSink(run_id),
+            slowfast=slowfast,
+            image_config=image_config,
         )
         lineage.log_params(run_id, {"mixture_id": result.mixture_id})
         lineage.log_input(run_id, result.mixture, context="training")
@@ -414,7 +432,9 @@ def rejection_sampling(
         query = row["messages"][-2]["content"]  # the user turn the responses answer
 
         def prefer(candidate: str, incumbent: str) -> bool:
-            (comparison,) = judge.compare([ComparisonRequest(query, candidate, incumbent)])
+            (comparison,) = judge.compare(
+                [ComparisonRequest(query, candidate, incumbent, reference=row["reference"])]
+            )
             if comparison.value is None:
                 raise ScoringError(f"row {row['id']!r}: {comparison.reason}")
             return comparison.value > 0.5

@@ -275,7 +275,7 @@ def rejection_sampling(
         rows,
         judge,
         recipe.rejection_samples,
-        max_new_tokens=recipe.gspo.max_new_tokens,
+        max_new_tokens=recipe.rejection_max_new_tokens,
         seed=round_number,
     )
     create_table_artifact(

@@ -317,7 +317,12 @@ def judge_accuracy(
     something (rejection sampling, rewards) a failure is an error there."""
     if not pairs:
         raise ValueError("no held-out pairs to evaluate")
-    comparisons = judge.compare([ComparisonRequest(query_of(p), p["chosen"], p["rejected"]) for p in pairs])
+    comparisons = judge.compare(
+        [
+            ComparisonRequest(query_of(p), p["chosen"], p["rejected"], reference=p.get("reference"))
+            for p in pairs
+        ]
+    )
     right, failed = [], {}
     for pair, comparison in zip(pairs, comparisons):
         if comparison.value is None:

@@ -1,8 +1,10 @@
 """Post-training as one Python recipe (SPEC §4, in its order): SFT (difficulty filter, then a low-LR annealing
 phase) → reward model → MPO → LongCoT SFT with expert merging → GSPO rounds (progressive hints, rejection
-sampling, pass-rate filter) → alignment RL. `posttrain_recipe("tiny")` runs on a CPU in minutes with the tiny
-model; `posttrain_recipe("keye-8b")` holds full-scale settings where SPEC gives them and marked choices where
-it does not (learning rates, step counts, sample counts: UNSTATED for Keye).
+sampling, pass-rate filter) → alignment RL. `posttrain_recipe("tiny-learn")` (what `keyeflow run` uses) runs
+on a CPU in minutes with the tiny model, sized for every stage's learning signal to show on held-out items;
+`posttrain_recipe("tiny")` runs every stage for a few steps (the fast wiring tests);
+`posttrain_recipe("keye-8b")` holds full-scale settings where SPEC gives them and marked choices where it does
+not (learning rates, step counts, sample counts: UNSTATED for Keye).
 """
 
 from __future__ import annotations
@@ -94,6 +96,13 @@ class PosttrainRecipe:
     gspo: GSPOStageConfig
     rounds: int  # GSPO rounds, each followed by rejection sampling and a cold-start retrain
     rejection_samples: int  # k: responses the RL model samples per cold-start row
+    # Tokens each of those samples may take. Not GSPO's budget (it was): the cold-start rows are LongCoT
+    # questions asked in thinking mode, whose `<think>…</think><answer>…</answer>` does not fit a budget
+    # sized for the RL items' short no_think answers (8 tokens in the tiny recipes). Measured on tiny-learn's
+    # round-1 policy it changes nothing yet: that policy answers the rows in a few tokens, and 14 of 151 rows
+    # had a sample verified correct at 8 and at 48 tokens alike; what keeps them out is the reward model,
+    # whose verdict does not depend on the responses.
+    rejection_max_new_tokens: int
     alignment: GSPOStageConfig
     alignment_rewards: AlignmentSettings
     heldout: HeldoutConfig  # held-out evaluation of every stage and the RL promotion gate
@@ -106,7 +115,12 @@ class PosttrainRecipe:
     launch: LaunchConfig | None = None
 
     def __post_init__(self) -> None:
-        for name in ("rounds", "rejection_samples", "sft_max_items"):  # rounds: at least one GSPO round
+        for name in (
+            "rounds",
+            "rejection_samples",
+            "rejection_max_new_tokens",
+            "sft_max_items",
+        ):  # rounds: at least one GSPO round
             object.__setattr__(self, name, check_int("PosttrainRecipe", name, getattr(self, name), minimum=1))
         check_int("PosttrainRecipe", "sft_rl_items", self.sft_rl_items, minimum=0)
         if self.rl_mode not in ("think", "no_think"):
@@ -158,9 +172,7 @@ def _tiny_learn() -> PosttrainRecipe:
     small = _SMALL
     # Sized for the stages that teach the verifiable tasks' answers (SFT, the reward model, MPO, GSPO) to take
     # tens of steps; the LongCoT stages, whose long reasoning a model this small cannot learn, keep a few.
-    # Measured once (README "What is not exercised here"): GSPO's held-out gain beyond its interval, MPO and
-    # the reward model at chance; in a second run the reward model wrote no parseable verdict on most held-out
-    # pairs. About ten minutes on 2 cores: not what `keyeflow run` uses.
+    # What `keyeflow run` uses; tests/flows/test_keyeflow_run.py asserts its learning signals.
     group = 4
     gspo = GSPOStageConfig(
         prompts_per_step=16,
@@ -168,6 +180,10 @@ def _tiny_learn() -> PosttrainRecipe:
         max_new_tokens=8,
         learning_rate=5e-3,
         max_steps=12,
+        # Packed updates: the 64 responses of a step in micro-batches of whole prompt+response rows, the ViT
+        # run once per prompt for its group (padded, it ran once per response): about 40% less update time
+        # per step on 2 cores, the same gradients (tests/integration/test_rl.py).
+        max_tokens_per_micro_batch=4_096,
         gspo=GSPOConfig(),
         hints=HintConfig(rollouts_per_level=group, max_level=5),
         checkpoint_every=12,
@@ -195,7 +211,7 @@ def _tiny_learn() -> PosttrainRecipe:
         expert_domain="math",
         expert=StageConfig(name="posttrain-4-expert-math", learning_rate=1e-3, **small),
         expert_weight=0.5,
-        gspo=gspo, rounds=2, rejection_samples=2,
+        gspo=gspo, rounds=2, rejection_samples=2, rejection_max_new_tokens=48,
         alignment=dataclasses.replace(gspo, hints=None, prompts_per_step=2, group_size=2, max_steps=2,
                                       checkpoint_every=2),
         # Rule rewards only: the tiny reward model cannot write a verdict in a few tokens, and a failed
@@ -256,7 +272,7 @@ def _keye_8b() -> PosttrainRecipe:
         expert_domain="math",
         expert=StageConfig(name="posttrain-4-expert-math", learning_rate=1e-5, max_steps=2_000, **full),
         expert_weight=0.5,
-        gspo=gspo, rounds=3, rejection_samples=8,
+        gspo=gspo, rounds=3, rejection_samples=8, rejection_max_new_tokens=16_384,
         alignment=dataclasses.replace(gspo, hints=None, max_steps=300),
         alignment_rewards=AlignmentSettings(),
         heldout=HeldoutConfig(samples_per_item=8, max_new_tokens=16_384, min_items=500),
@@ -268,8 +284,8 @@ def _keye_8b() -> PosttrainRecipe:
 
 
 def _tiny() -> PosttrainRecipe:
-    """Every stage for a few steps on a CPU and one GSPO round: what `keyeflow run` and the flow's wiring,
-    lineage and resume tests run within minutes. It learns nothing measurable ("tiny-learn" is sized to);
+    """Every stage for a few steps on a CPU and one GSPO round: what the flow's wiring, lineage and resume
+    tests run within minutes. It learns nothing measurable ("tiny-learn" is sized to);
     one round because the pass-rate filter before a second round finds nothing between 0 and 1 for a policy
     that solves nothing, and stops the flow."""
     small = _SMALL

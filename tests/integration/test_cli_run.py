@@ -1,5 +1,5 @@
-"""`keyeflow run`'s own parts, without its three-minute chain (which tests/flows/test_posttrain_flow.py runs
-end to end): the synthetic LongCoT teacher it starts, a real process on 127.0.0.1 that answers the sample
+"""`keyeflow run`'s own parts, without its chain of minutes (tests/flows/test_keyeflow_run.py runs it end to
+end, when asked): the synthetic LongCoT teacher it starts, a real process on 127.0.0.1 that answers the sample
 and task questions from their reference solutions and is gone afterwards; the option check that fails
 before anything runs; and the summary, which names every stage run whole and fits a 100-column terminal."""
 

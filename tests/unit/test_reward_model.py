@@ -12,8 +12,10 @@ from keyeflow.quality.reward_model import (
     DIMENSION_NAMES,
     DIMENSIONS,
     SYSTEM_PROMPT,
+    ComparisonRequest,
     Judgement,
     RewardModelConfig,
+    RewardModelJudge,
     RewardModelOutputError,
     answer_form,
     build_prompt,
@@ -289,6 +291,34 @@ def test_length_debias_leaves_data_alone_when_share_is_reached_or_unreachable():
 
 
 # ------------------------------------------------------------------------------------------ training data
+
+
+def test_the_reference_answer_sits_between_the_query_and_the_responses_in_training_and_judging():
+    """Reference-guided judgement: a pair with a reference shows it to the judge in both orders, a pair
+    without one is unchanged, and the judge shows a request's reference the same way."""
+    plain = build_prompt("Solve the sum.", "What is 2+2?", "4", "5", "no_think")[1]["content"]
+    guided = build_prompt("Solve the sum.", "What is 2+2?", "4", "5", "no_think", reference=4)[1]["content"]
+    assert "Reference answer" not in plain
+    assert guided == plain.replace("What is 2+2?\n\n", "What is 2+2?\n\nReference answer: 4\n\n")
+    conversations, _ = build_reward_model_data(
+        [pair(1, 1, "ref", reference="paris"), pair(1, 1, "none")], RewardModelConfig(), modes=("no_think",)
+    )
+    for c in conversations:
+        shown = "France?\n\nReference answer: paris\n\nResponse A:" in c["messages"][1]["content"]
+        assert shown == (c["pair_id"] == "ref")
+
+    prompts = []
+
+    class Recorder:  # a generator that records its prompts and always answers A
+        def generate(self, conversations, **_):
+            prompts.extend(conversations)
+            return [[type("C", (), {"text": "Verdict: A"})()] for _ in conversations]
+
+    judge = RewardModelJudge(Recorder(), RewardModelConfig(mode="no_think"))
+    (comparison,) = judge.compare([ComparisonRequest("What is 2+2?", "4", "5", reference="4")])
+    assert comparison.value == 0.5  # A in both orders: a position, not a preference
+    assert all("What is 2+2?\n\nReference answer: 4\n\n" in p[1]["content"] for p in prompts)
+    assert len(prompts) == 2
 
 
 def test_training_data_has_both_orders_with_swapped_verdicts_and_scores():
