@@ -366,8 +366,24 @@ class MPOStageConfig:
     def to_dict(self) -> dict[str, Any]:
         return _without_default_fsdp(_without_default_checkpointing(dataclasses.asdict(self)))
 
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> MPOStageConfig:
+        """The config `to_dict` wrote (a launched job's spec)."""
+        data = _known_fields(cls, data)
+        if isinstance(data.get("mpo"), dict):
+            data["mpo"] = MPOConfig(**data["mpo"])
+        return cls(**data)
+
     def config_hash(self) -> str:
         return config_hash(_unhashed_checkpointing(self.to_dict()), compact=True)
+
+
+def _known_fields(cls: type, data: dict[str, Any]) -> dict[str, Any]:
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise ValueError(f"unknown {cls.__name__} field(s) {unknown}; valid: {sorted(names)}")
+    return dict(data)
 
 
 ROLLOUT_SYNC_DTYPES = ("bf16", "fp32")
@@ -534,6 +550,19 @@ class GSPOStageConfig:
         if out["rollout_server"] is None:
             del out["rollout_server"]
         return out
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> GSPOStageConfig:
+        """The config `to_dict` wrote (a launched job's spec)."""
+        data = _known_fields(cls, data)
+        for name, kind in (
+            ("gspo", GSPOConfig),
+            ("hints", HintConfig),
+            ("rollout_server", RolloutServerConfig),
+        ):
+            if isinstance(data.get(name), dict):
+                data[name] = kind(**data[name])
+        return cls(**data)
 
     def config_hash(self) -> str:
         hashed = _unhashed_checkpointing(self.to_dict())

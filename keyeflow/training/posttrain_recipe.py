@@ -104,6 +104,9 @@ class PosttrainRecipe:
     # How every training stage's ranks start (SFT-style stages, MPO, GSPO): torchrun, DeepSpeed or Slurm, as
     # pre-training's (`keyeflow.training.launch`); None: in the flow's process, one rank.
     launch: LaunchConfig | None = None
+    # The GSPO stages' own (rounds and alignment RL), when their rollouts run on machines of the cluster
+    # beside the policy's (a separate rollout pool): fewer nodes than `launch`. None: `launch`.
+    rl_launch: LaunchConfig | None = None
 
     def __post_init__(self) -> None:
         for name in ("rounds", "rejection_samples", "sft_max_items"):  # rounds: at least one GSPO round
@@ -115,14 +118,20 @@ class PosttrainRecipe:
             raise ValueError("PosttrainRecipe.expert_domain: name the LongCoT domain the expert trains on")
         check_number("PosttrainRecipe", "expert_weight", self.expert_weight)  # kept as given: hashed
 
+    @property
+    def gspo_launch(self) -> LaunchConfig | None:
+        """How the GSPO stages' ranks start."""
+        return self.rl_launch if self.rl_launch is not None else self.launch
+
     def cold_start_stage(self, round_number: int) -> StageConfig:
         """The LongCoT SFT retrained on round `round_number`'s rejection-sampled set (a stage of its own)."""
         return dataclasses.replace(self.longcot, name=f"{self.longcot.name}-round-{round_number}")
 
     def to_dict(self) -> dict[str, Any]:
         out = _plain(self)
-        if out["launch"] is None:  # only when set, so the hash of a recipe that trains in-process stays
-            del out["launch"]
+        for name in ("launch", "rl_launch"):  # only when set, so the hash of a recipe without stays
+            if out[name] is None:
+                del out[name]
         return out
 
     def config_hash(self) -> str:
