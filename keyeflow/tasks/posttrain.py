@@ -48,8 +48,12 @@ def _say(output: StageOutput) -> StageOutput:
 
 @task(**_NO_CACHE)
 def check_memory(recipe: PosttrainRecipe, checkpoint: str, run_id: str) -> None:
-    """Every post-training stage's memory per device for the policy `checkpoint` holds; refuses the recipe
-    before SFT when one cannot run."""
+    """Every post-training stage's memory per device for the policy `checkpoint` holds, and the rollout
+    server every GSPO stage samples from is named (a URL variable the user must set: `resolved_url`);
+    refuses the recipe before SFT when one cannot run."""
+    for stage in (recipe.gspo, recipe.alignment):
+        if stage.rollout_server is not None:
+            stage.rollout_server.resolved_url()
     model = checkpoint_config(checkpoint)
     plans = memory_plan.plan_posttrain(recipe, model, memory_plan.local_cluster(recipe.launch))
     publish_memory_plan(plans, f"posttrain {recipe.name}", run_id)

@@ -209,7 +209,7 @@ class RolloutServer:
         self.trainer_logprobs, self.check_messages, self.skip_ids = trainer_logprobs, check_messages, skip_ids
         self.tolerance = logprob_tolerance("http", config.sync_dtype)
         self.process: subprocess.Popen | None = None
-        self.url = config.url
+        self.url = config.resolved_url()
         self.sampler: HTTPRolloutGenerator | None = None
         self.last_check: dict[str, Any] | None = None
 
