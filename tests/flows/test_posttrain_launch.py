@@ -2,10 +2,12 @@
 ranks under torchrun, the policy sharded by FSDP2, the reward rebuilt by name in every rank, against the
 same round in the flow's process (unsharded): same rewards and losses step by step, the same parameters,
 the round's metrics on its MLflow run, its hint records in `rl_hint_levels` and its checkpoint as in
-process. A sharded round without a launch is refused before it trains."""
+process; the MPO stage launched the same way trains the in-process stage's losses and parameters. A
+sharded round without a launch is refused before it trains."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from pathlib import Path
@@ -20,9 +22,10 @@ from keyeflow.longcot.generate import ensure_tiny_model
 from keyeflow.model.checkpoint import load_keye_checkpoint
 from keyeflow.steps.stages import StageOutput
 from keyeflow.tasks import posttrain as t
-from keyeflow.training.config import GSPOStageConfig
+from keyeflow.training.config import GSPOStageConfig, MPOStageConfig
 from keyeflow.training.launch import LaunchConfig
 from keyeflow.training.losses import GSPOConfig
+from keyeflow.training.posttrain_recipe import posttrain_recipe
 
 TESTS = Path(__file__).resolve().parents[1]
 # tests/posttrain_job.py's reward, imported by every rank: it varies between a random policy's completions.
@@ -93,6 +96,54 @@ def test_a_gspo_round_launched_on_two_sharded_ranks_trains_as_in_process(home, t
     assert moved == [k for k in got if not k.startswith(("vision.", "projector."))]
     for key, value in want.items():
         torch.testing.assert_close(got[key], value, rtol=1e-5, atol=LR / 100, msg=key)
+
+
+@pytest.mark.slow  # two ranks under torchrun beside an in-process stage (~40 s)
+def test_mpo_launched_on_two_sharded_ranks_trains_as_in_process(home, tmp_path):
+    init = StageOutput("policy", str(ensure_tiny_model(tmp_path / "tiny")), "start-run", "init-key", False)
+    pairs = [
+        {"pair_id": f"p{k}", "messages": [{"role": "user", "content": f"What is {k}+{k}?"}],
+         "chosen": f"It is {2 * k}.", "rejected": f"Maybe {2 * k + 1}?"}
+        for k in range(4)
+    ]  # fmt: skip
+    mpo = MPOStageConfig(learning_rate=LR, max_steps=2, pairs_per_step=2, max_length=128, checkpoint_every=2)
+    base = posttrain_recipe("tiny")
+    launched_recipe = dataclasses.replace(
+        base,
+        mpo=dataclasses.replace(mpo, fsdp=True),
+        launch=LaunchConfig(launcher="torchrun", nproc_per_node=2),
+    )
+
+    @flow
+    def stages() -> tuple[StageOutput, StageOutput]:
+        launched = t.mpo(launched_recipe, init, pairs, "parent-run")
+        return launched, t.mpo(dataclasses.replace(base, mpo=mpo), init, pairs, "parent-run")
+
+    launched, in_process = stages()
+    out = {s: Path(s.checkpoint).parents[1] for s in (launched, in_process)}
+    assert (out[launched] / "launch-spec.json").is_file() and not (
+        out[in_process] / "launch-spec.json"
+    ).exists()
+    one, two = (
+        json.loads((Path(s.checkpoint).parent / "state.json").read_text()) for s in (in_process, launched)
+    )
+    assert one["step"] == two["step"] == 2
+    assert [m["loss"] for m in history_of(launched)] == pytest.approx(
+        [m["loss"] for m in history_of(in_process)], rel=1e-4
+    )
+    want = load_keye_checkpoint(in_process.checkpoint).state_dict()
+    got = load_keye_checkpoint(launched.checkpoint).state_dict()
+    start = load_keye_checkpoint(init.checkpoint).state_dict()
+    assert any(not torch.equal(got[k], start[k]) for k in got)
+    for key, value in want.items():
+        torch.testing.assert_close(got[key], value, rtol=1e-5, atol=LR / 100, msg=key)
+
+
+def history_of(stage: StageOutput) -> list[dict]:
+    return [
+        json.loads(line)
+        for line in (Path(stage.checkpoint).parents[1] / "metrics.jsonl").read_text().splitlines()
+    ]
 
 
 def test_a_sharded_round_without_a_launch_is_refused(home, tmp_path):
