@@ -32,7 +32,7 @@ from keyeflow.training.config import GSPOStageConfig, MPOStageConfig, RolloutSer
 from keyeflow.training.losses import GSPOConfig
 from keyeflow.training.preference import train_mpo
 from keyeflow.training.rl import train_gspo, trainer_logprobs
-from keyeflow.training.rollout import SYNC_CHECK, SYNC_DIR, logprob_tolerance
+from keyeflow.training.rollout import SYNC_CHECK, logprob_tolerance
 
 WORLD = 2
 LR = 1e-3
@@ -196,7 +196,7 @@ def test_the_server_a_sharded_policy_syncs_answers_with_the_trained_weights(runs
     """After the last step's sync, the server's log-probs of the check completion (the image prompt, greedy)
     are the trained policy's: the weights read back from the run's last checkpoint give the same numbers."""
     _, sharded = runs("gspo_http")
-    check = json.loads((sharded.parent / SYNC_DIR / SYNC_CHECK).read_text())
+    check = json.loads((sharded.parent / SYNC_CHECK).read_text())
     assert check["step"] == 3
     assert [m["sync_logprob_gap"] <= logprob_tolerance("http", "fp32") for m in history(sharded)] == [
         True
