@@ -126,7 +126,7 @@ def posttrain(
                 round_signal["pass_rate_filter_kept"] = len(items)
                 data_from = [policy]
             policy = stages[f"gspo_round_{n}"] = t.gspo(
-                r.gspo, f"posttrain-5-gspo-round-{n}", init, items, run_id, data_from
+                r.gspo, f"posttrain-5-gspo-round-{n}", init, items, run_id, data_from, launch=r.gspo_launch
             )
             rl_step += r.gspo.max_steps
             if held:

@@ -3,6 +3,10 @@ chained to the runs of the checkpoints it started from): SFT data and filter, pr
 model, MPO, GSPO rounds with rejection sampling, alignment RL. The flow `keyeflow.flows.posttrain` wires them
 in SPEC §4's order; `keyeflow.training.posttrain_recipe` holds every setting.
 
+MPO and GSPO train in this process, or, with a launch config (the recipe's `launch`, `rl_launch` for GSPO),
+on ranks started by torchrun, DeepSpeed or Slurm (`keyeflow.steps.posttrain_job`), as the SFT-style stages
+do; a sharded (`fsdp=True`) stage is always launched, a process per run.
+
 Media: RL and preference prompts name images/videos by path (LongCoT questions); they resolve to the patches
 their ingestion stored (`StoredMediaLookup`, by content hash and the LongCoT generation defaults' media
 configs), so rollouts and training read the same pixels as every other stage.
@@ -20,10 +24,10 @@ import pyarrow.compute as pc
 from keyeflow import lineage
 from keyeflow.datasets import tables
 from keyeflow.datasets.mixture import RL_ANSWER_TASK
-from keyeflow.datasets.tables import TableRef, table_uri
-from keyeflow.longcot.generate import GenerationConfig, StoredMediaLookup, media_configs, user_content
-from keyeflow.longcot.rl_items import question_file_items, reward_item
-from keyeflow.model.generation import Generator, LocalGenerator
+from keyeflow.datasets.tables import TableRef
+from keyeflow.longcot.generate import GenerationConfig, media_configs, user_content
+from keyeflow.longcot.rl_items import question_file_items
+from keyeflow.model.generation import Generator
 from keyeflow.quality.errors import DEFAULT_MAX_ERROR_SHARE, ScoringError, check_error_share
 from keyeflow.quality.reward_model import (
     ComparisonRequest,
@@ -31,7 +35,13 @@ from keyeflow.quality.reward_model import (
     RewardModelJudge,
     build_reward_model_data,
 )
-from keyeflow.quality.rewards import Reward, RewardCombiner, RewardConfig, answer_reward
+from keyeflow.quality.rewards import answer_reward
+from keyeflow.steps.posttrain_job import (
+    judge_for,
+    launch_posttrain,
+    local_generator,
+    verifiable_reward,
+)
 from keyeflow.steps.stages import (
     KEY_TAG,
     StageOutput,
@@ -53,26 +63,11 @@ from keyeflow.training.heldout import (
     reference_response,
     response_loss,
 )
-from keyeflow.training.posttrain_recipe import AlignmentSettings, PreferenceSettings
+from keyeflow.training.launch import LaunchConfig
+from keyeflow.training.posttrain_recipe import PreferenceSettings
 from keyeflow.training.reward_model_trainer import train_reward_model as train_rm
 
 LATEST_PRETRAIN = "latest-pretrain"
-
-
-_MEDIA_LOOKUPS: dict[str, StoredMediaLookup] = {}
-
-
-def media_lookup(root: str | None = None) -> StoredMediaLookup:
-    """The media lookup of a tables root, one per root in this process: every stage's generator asks for the
-    same held-out and RL pictures, and the lookup keeps what it read (`StoredMediaLookup`)."""
-    key = table_uri("image_samples", root)
-    if key not in _MEDIA_LOOKUPS:
-        _MEDIA_LOOKUPS[key] = StoredMediaLookup(*media_configs(GenerationConfig()), root=root)
-    return _MEDIA_LOOKUPS[key]
-
-
-def local_generator(checkpoint: str) -> LocalGenerator:
-    return LocalGenerator(checkpoint, media_lookup=media_lookup())
 
 
 def start_from(checkpoint: str, *, parent_run_id: str | None = None) -> StageOutput:
@@ -223,19 +218,22 @@ def train_reward_model(
 
 
 def train_mpo(
-    config: MPOStageConfig, *, init: StageOutput, pairs: list[dict], parent_run_id: str | None = None
+    config: MPOStageConfig,
+    *,
+    init: StageOutput,
+    pairs: list[dict],
+    parent_run_id: str | None = None,
+    launch: LaunchConfig | None = None,
 ) -> StageOutput:
+    """The MPO stage, in this process or on the ranks `launch` starts (`posttrain_job`; how it is launched
+    is not part of the key, as for the SFT-style stages)."""
+
     def body(out_dir: Path, run_id: str) -> str:
-        result = preference.train_mpo(
-            config,
-            init=init.checkpoint,
-            pairs=pairs,
-            out_dir=out_dir,
-            sink=lineage.RunSink(run_id),
-            media_lookup=media_lookup(),
+        checkpoint = launch_posttrain(
+            launch, "mpo", config, init=init.checkpoint, data=pairs, out_dir=out_dir, run_id=run_id
         )
         log_loss_curve(run_id, out_dir, "posttrain-3-mpo")
-        return str(result.checkpoint_dir / "model")
+        return str(checkpoint / "model")
 
     key = step_key(
         "mpo", config.config_hash(), init.key, [(p["pair_id"], p["chosen"], p["rejected"]) for p in pairs]
@@ -251,26 +249,6 @@ def train_mpo(
 
 
 # ---------------------------------------------------------------------------------------------- RL
-
-
-def judge_for(
-    checkpoint: str,
-    config: RewardModelConfig,
-    max_new_tokens: int | None = None,
-    baseline: Mapping[str, str] | None = None,
-) -> RewardModelJudge:
-    """A reward-model judge around a checkpoint in this process. A served judge (vLLM or
-    `python -m keyeflow.model.serving`) goes through `RewardModelJudge(OpenAICompatibleGenerator(...))`: the
-    same interface. `baseline`: prompt text → a competing response, for items without a reference."""
-    lookup = None
-    if baseline is not None:
-
-        def lookup(item) -> str | None:
-            return baseline.get(json.dumps(item.prompt, sort_keys=True))
-
-    return RewardModelJudge(
-        local_generator(checkpoint), config, max_new_tokens=max_new_tokens, baseline=lookup
-    )
 
 
 def baseline_responses(
@@ -291,59 +269,34 @@ def baseline_responses(
     }
 
 
-def verifiable_reward(item: Mapping[str, Any], response: str) -> Reward:
-    """General RL's reward: the rule rewards (answer check + output format) of the item."""
-    return RewardCombiner()(reward_item(item), response)
-
-
-def alignment_reward(
-    settings: AlignmentSettings, *, judge: RewardModelJudge | None, reward_model: RewardModelJudge | None
-):
-    """Alignment RL's reward: rule-based, generative judge and reward model combined by the recipe's weights
-    (a component without a model gets weight 0)."""
-    weights = {
-        k: w
-        for k, w in settings.weights.items()
-        if w > 0 and (k == "rule" or {"judge": judge, "reward_model": reward_model}[k] is not None)
-    }
-    combiner = RewardCombiner(
-        RewardConfig(weights=weights, reward_model_only_without_reference=False),
-        judge=judge.reward if judge and "judge" in weights else None,
-        reward_model=reward_model.reward if reward_model and "reward_model" in weights else None,
-    )
-    return lambda item, response: combiner(reward_item(item), response)
-
-
 def train_gspo(
     config: GSPOStageConfig,
     *,
     name: str,
     init: StageOutput,
     items: list[dict],
-    reward_fn,
+    reward: Mapping[str, Any],
     reward_spec: dict,
     extra_upstream: Sequence[StageOutput] = (),
     parent_run_id: str | None = None,
+    launch: LaunchConfig | None = None,
 ) -> StageOutput:
-    """One GSPO stage (general RL round or alignment RL). `reward_spec`: what the reward is made of (part of
-    the key: a different judge or weight is a different stage)."""
+    """One GSPO stage (general RL round or alignment RL), in this process or on the ranks `launch` starts
+    (`posttrain_job`). `reward`: the reward's spec, rebuilt by name where the stage runs
+    (`posttrain_job.reward_from_spec`); `reward_spec`: what the reward is made of, by the keys of the steps
+    that made its models (part of the key: a different judge or weight is a different stage)."""
 
     def body(out_dir: Path, run_id: str) -> str:
-        result = rl.train_gspo(
-            config,
-            init=init.checkpoint,
-            items=items,
-            reward_fn=reward_fn,
-            out_dir=out_dir,
-            sink=lineage.RunSink(run_id),
-            media_lookup=media_lookup(),
-        )
+        checkpoint = launch_posttrain(
+            launch, "gspo", config, init=init.checkpoint, data=items, reward=reward, out_dir=out_dir,
+            run_id=run_id,
+        )  # fmt: skip
         log_loss_curve(run_id, out_dir, name, metric="reward_mean")
         hints = sorted(out_dir.glob("hints/step-*.json"))
         if hints:
             lineage.log_file(run_id, hints[-1], "hints")
         record_hint_levels(out_dir, run_id, name)
-        return str(result.checkpoint_dir / "model")
+        return str(checkpoint / "model")
 
     key = step_key(
         "gspo",

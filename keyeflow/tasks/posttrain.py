@@ -20,7 +20,7 @@ from keyeflow.longcot.generate import GenerationConfig, media_configs
 from keyeflow.longcot.rl_items import alignment_prompts, longcot_rl_items
 from keyeflow.model.checkpoint import checkpoint_config
 from keyeflow.model.merging import MergeConfig
-from keyeflow.steps import posttrain
+from keyeflow.steps import posttrain, posttrain_job
 from keyeflow.steps import stages as steps
 from keyeflow.steps.stages import StageOutput
 from keyeflow.tasks.common import PromotionBlocked, publish_memory_plan, report_step
@@ -47,8 +47,12 @@ def _say(output: StageOutput) -> StageOutput:
 
 @task(**_NO_CACHE)
 def check_memory(recipe: PosttrainRecipe, checkpoint: str, run_id: str) -> None:
-    """Every post-training stage's memory per device for the policy `checkpoint` holds; refuses the recipe
-    before SFT when one cannot run."""
+    """Every post-training stage's memory per device for the policy `checkpoint` holds, and the rollout
+    server every GSPO stage samples from is named (a URL variable the user must set: `resolved_url`);
+    refuses the recipe before SFT when one cannot run."""
+    for stage in (recipe.gspo, recipe.alignment):
+        if stage.rollout_server is not None:
+            stage.rollout_server.resolved_url()
     model = checkpoint_config(checkpoint)
     plans = memory_plan.plan_posttrain(recipe, model, memory_plan.local_cluster(recipe.launch))
     publish_memory_plan(plans, f"posttrain {recipe.name}", run_id)
@@ -190,7 +194,9 @@ def reward_model(recipe: PosttrainRecipe, init: StageOutput, pairs: list[dict], 
 
 @task(**_NO_CACHE, tags=["training"])
 def mpo(recipe: PosttrainRecipe, init: StageOutput, pairs: list[dict], run_id: str) -> StageOutput:
-    return _say(posttrain.train_mpo(recipe.mpo, init=init, pairs=pairs, parent_run_id=run_id))
+    return _say(
+        posttrain.train_mpo(recipe.mpo, init=init, pairs=pairs, parent_run_id=run_id, launch=recipe.launch)
+    )
 
 
 @task(**_NO_CACHE)
@@ -240,17 +246,22 @@ def gspo(
     items: list[dict],
     run_id: str,
     data_from: list[StageOutput] = (),
+    launch: LaunchConfig | None = None,
+    reward: dict | None = None,
 ) -> StageOutput:
+    """A general RL round, its ranks started by `launch` (None: in this process). `reward`: a reward spec
+    (`posttrain_job.reward_from_spec`); None: the verifiable reward."""
     return _say(
         posttrain.train_gspo(
             config,
             name=name,
             init=init,
             items=items,
-            reward_fn=posttrain.verifiable_reward,
-            reward_spec={"kind": "verifiable"},
+            reward=reward or {"name": "verifiable"},
+            reward_spec={"kind": "verifiable"} if reward is None else dict(reward),
             extra_upstream=list(data_from),
             parent_run_id=run_id,
+            launch=launch,
         )
     )
 
@@ -353,13 +364,11 @@ def alignment_rl(
     # Alignment prompts have no reference answer: the judge and the reward model compare each response with
     # what the policy answered before alignment RL (greedy), so they reward improvement over the start.
     baseline = posttrain.baseline_responses(init, items, recipe.alignment.max_new_tokens)
-    judge = posttrain.judge_for(
-        judge_model.checkpoint, recipe.reward_model, settings.judge_max_new_tokens, baseline
-    )
-    reward_model = posttrain.judge_for(
-        rm.checkpoint, recipe.reward_model, settings.judge_max_new_tokens, baseline
-    )
-    reward_fn = posttrain.alignment_reward(settings, judge=judge, reward_model=reward_model)
+    # The judges are rebuilt from their checkpoints where the stage runs (launched ranks or this process).
+    reward = posttrain_job.alignment_reward_spec(
+        settings, recipe.reward_model, judge=judge_model.checkpoint, reward_model=rm.checkpoint,
+        baseline=baseline,
+    )  # fmt: skip
     spec = {
         "kind": "alignment",
         "weights": settings.weights,
@@ -372,10 +381,11 @@ def alignment_rl(
             name="posttrain-6-alignment-rl",
             init=init,
             items=items,
-            reward_fn=reward_fn,
+            reward=reward,
             reward_spec=spec,
             extra_upstream=[rm, judge_model],
             parent_run_id=run_id,
+            launch=recipe.gspo_launch,
         )
     )
 

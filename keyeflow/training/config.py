@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -366,8 +367,24 @@ class MPOStageConfig:
     def to_dict(self) -> dict[str, Any]:
         return _without_default_fsdp(_without_default_checkpointing(dataclasses.asdict(self)))
 
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> MPOStageConfig:
+        """The config `to_dict` wrote (a launched job's spec)."""
+        data = _known_fields(cls, data)
+        if isinstance(data.get("mpo"), dict):
+            data["mpo"] = MPOConfig(**data["mpo"])
+        return cls(**data)
+
     def config_hash(self) -> str:
         return config_hash(_unhashed_checkpointing(self.to_dict()), compact=True)
+
+
+def _known_fields(cls: type, data: dict[str, Any]) -> dict[str, Any]:
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise ValueError(f"unknown {cls.__name__} field(s) {unknown}; valid: {sorted(names)}")
+    return dict(data)
 
 
 ROLLOUT_SYNC_DTYPES = ("bf16", "fp32")
@@ -386,10 +403,14 @@ class RolloutServerConfig:
     exported for the server ("bf16" as a serving engine runs; "fp32" keeps rollouts bit-equal to the trainer's
     on our server); it sets the log-prob tolerance of the sync check (`rollout.LOGPROB_TOLERANCE`).
     ``api_key_env``: the environment variable holding the server's bearer token (None: no token).
-    ``max_concurrency``: conversations in flight at once.
+    ``max_concurrency``: conversations in flight at once. ``url_env``: instead of ``url``, the environment
+    variable that holds it: a recipe whose server the user starts on machines of their own names the variable
+    (the URL is known only where it runs), and `resolved_url` refuses a run where it is unset instead of
+    falling back to a server on 127.0.0.1. Left out of `to_dict` when None (hashes stay the same).
     """
 
     url: str | None = None
+    url_env: str | None = None
     served_model_name: str = "policy"
     sync_dtype: str = "bf16"
     api_key_env: str | None = None
@@ -399,6 +420,8 @@ class RolloutServerConfig:
     def __post_init__(self) -> None:
         if self.url is not None and not str(self.url).startswith(("http://", "https://")):
             raise invalid("RolloutServerConfig", "url", self.url, "must start with http:// or https://")
+        if self.url_env is not None and (self.url is not None or not self.url_env):
+            raise invalid("RolloutServerConfig", "url_env", self.url_env, "a variable name, with url unset")
         if not self.served_model_name:
             raise invalid("RolloutServerConfig", "served_model_name", self.served_model_name, "must be set")
         if self.sync_dtype not in ROLLOUT_SYNC_DTYPES:
@@ -407,6 +430,21 @@ class RolloutServerConfig:
             )
         check_number("RolloutServerConfig", "timeout_s", self.timeout_s, minimum=0, strict=True)
         check_int("RolloutServerConfig", "max_concurrency", self.max_concurrency, minimum=1)
+
+    def resolved_url(self) -> str | None:
+        """The server's API root: `url`, or the value of `url_env` (an error naming the variable when it is
+        unset or not a URL); None: the run starts its own server."""
+        if self.url_env is None:
+            return self.url
+        value = os.environ.get(self.url_env, "").strip()
+        if not value.startswith(("http://", "https://")):
+            raise ValueError(
+                f"RolloutServerConfig.url_env: set {self.url_env} to the rollout server's API root "
+                f"(http://host:port/v1 of a vLLM, SGLang or `python -m keyeflow.model.serving "
+                f"--enable-weight-reload` server that reads the run's out_dir); it is "
+                f"{repr(value) if value else 'unset'}"
+            )
+        return value
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -533,7 +571,22 @@ class GSPOStageConfig:
             del out["max_tokens_per_micro_batch"]
         if out["rollout_server"] is None:
             del out["rollout_server"]
+        elif out["rollout_server"]["url_env"] is None:
+            del out["rollout_server"]["url_env"]
         return out
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> GSPOStageConfig:
+        """The config `to_dict` wrote (a launched job's spec)."""
+        data = _known_fields(cls, data)
+        for name, kind in (
+            ("gspo", GSPOConfig),
+            ("hints", HintConfig),
+            ("rollout_server", RolloutServerConfig),
+        ):
+            if isinstance(data.get(name), dict):
+                data[name] = kind(**data[name])
+        return cls(**data)
 
     def config_hash(self) -> str:
         hashed = _unhashed_checkpointing(self.to_dict())

@@ -479,11 +479,42 @@ def plan_posttrain(
             if placement is not chosen
         ]
         chosen_plans = tried[-1][1] if chosen is None else dict(tried)[chosen]
-        for plan in chosen_plans:
+        mismatch = _rl_launch_mismatch(recipe, gspo, chosen, cluster) if chosen is not None else None
+        for k, plan in enumerate(chosen_plans):
             plans.append(
-                dataclasses.replace(plan, notes=plan.notes + tuple(f"refused: {r}" for r in refused))
+                dataclasses.replace(
+                    plan,
+                    notes=plan.notes + tuple(f"refused: {r}" for r in refused),
+                    problems=plan.problems + ((mismatch,) if mismatch and k == 0 else ()),
+                )
             )
     return plans
+
+
+def _rl_launch_mismatch(
+    recipe: PosttrainRecipe, gspo: GSPOStageConfig, chosen: RolloutPlacement, cluster: Cluster
+) -> str | None:
+    """Why the recipe's GSPO layout is not the chosen placement's (None: it is): a separate pool of k nodes
+    needs the stage launched on the other nodes (`rl_launch`) and sampling from a server it does not start
+    (`rollout_server.url` or `url_env`); a colocated engine, the stage on the whole cluster."""
+    separate = chosen.kind == "separate"
+    train_nodes = cluster.nodes - chosen.rollout_nodes
+    launch = recipe.gspo_launch
+    launched_nodes = launch.num_nodes if launch is not None else None
+    if separate and launched_nodes != train_nodes:
+        return (
+            f"the chosen layout trains the policy on {train_nodes} node(s) beside a rollout pool of "
+            f"{chosen.rollout_nodes}; the recipe launches GSPO on {launched_nodes or 'all'} (set rl_launch)"
+        )
+    server = gspo.rollout_server
+    if separate and (server is None or (server.url is None and server.url_env is None)):
+        return (
+            "the chosen layout samples on a separate rollout pool: the stage's rollout_server must name "
+            "that server (url or url_env), not start one beside the trainer"
+        )
+    if not separate and recipe.rl_launch is not None and launched_nodes not in (None, cluster.nodes):
+        return f"the chosen layout trains on all {cluster.nodes} node(s); the recipe's rl_launch takes fewer"
+    return None
 
 
 def _mpo_layout(mpo: MPOStageConfig, notes: tuple[str, ...], world_size: int = 1) -> _Layout:

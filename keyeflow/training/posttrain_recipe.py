@@ -17,13 +17,15 @@ from typing import Any
 
 from keyeflow.config import check_int, check_number, config_hash, invalid
 from keyeflow.quality.reward_model import RewardModelConfig
-from keyeflow.training.config import GSPOStageConfig, MPOStageConfig, StageConfig
+from keyeflow.training.config import GSPOStageConfig, MPOStageConfig, RolloutServerConfig, StageConfig
 from keyeflow.training.heldout import HeldoutConfig
 from keyeflow.training.hints import HintConfig
 from keyeflow.training.launch import LaunchConfig
 from keyeflow.training.losses import GSPOConfig, MPOConfig
 from keyeflow.training.posttrain_data import DifficultyConfig
 
+# Where keye-8b's GSPO stages find the rollout server the user started (`RolloutServerConfig.url_env`).
+ROLLOUT_URL_ENV = "KEYEFLOW_ROLLOUT_URL"
 SFT_TASKS = ("conversation", "vqa", "grounding", "ocr", "temporal", "interleaved")
 
 
@@ -114,6 +116,9 @@ class PosttrainRecipe:
     # How every training stage's ranks start (SFT-style stages, MPO, GSPO): torchrun, DeepSpeed or Slurm, as
     # pre-training's (`keyeflow.training.launch`); None: in the flow's process, one rank.
     launch: LaunchConfig | None = None
+    # The GSPO stages' own (rounds and alignment RL), when their rollouts run on machines of the cluster
+    # beside the policy's (a separate rollout pool): fewer nodes than `launch`. None: `launch`.
+    rl_launch: LaunchConfig | None = None
 
     def __post_init__(self) -> None:
         for name in (
@@ -130,14 +135,20 @@ class PosttrainRecipe:
             raise ValueError("PosttrainRecipe.expert_domain: name the LongCoT domain the expert trains on")
         check_number("PosttrainRecipe", "expert_weight", self.expert_weight)  # kept as given: hashed
 
+    @property
+    def gspo_launch(self) -> LaunchConfig | None:
+        """How the GSPO stages' ranks start."""
+        return self.rl_launch if self.rl_launch is not None else self.launch
+
     def cold_start_stage(self, round_number: int) -> StageConfig:
         """The LongCoT SFT retrained on round `round_number`'s rejection-sampled set (a stage of its own)."""
         return dataclasses.replace(self.longcot, name=f"{self.longcot.name}-round-{round_number}")
 
     def to_dict(self) -> dict[str, Any]:
         out = _plain(self)
-        if out["launch"] is None:  # only when set, so the hash of a recipe that trains in-process stays
-            del out["launch"]
+        for name in ("launch", "rl_launch"):  # only when set, so the hash of a recipe without stays
+            if out[name] is None:
+                del out[name]
         return out
 
     def config_hash(self) -> str:
@@ -253,7 +264,13 @@ def _keye_8b() -> PosttrainRecipe:
         hints=HintConfig(rollouts_per_level=8),
         checkpoint_every=50,
         activation_checkpointing="full",
-        fsdp=True,  # the policy's state sharded over the 32 GPUs (`keyeflow plan --flow posttrain`)
+        # The planner's layout (`keyeflow plan --flow posttrain --recipe keye-8b --nodes 4`): the policy's
+        # state sharded by FSDP2 over 3 nodes (`rl_launch`), rollouts from a bf16 serving engine on the 4th
+        # node at 0.9 of its memory, started by the user (vLLM/SGLang, or `python -m keyeflow.model.serving
+        # --enable-weight-reload`) where it reads the run's out_dir, its /v1 root in $KEYEFLOW_ROLLOUT_URL
+        # (checked before SFT starts); the policy is exported in bf16 and reloaded after every step.
+        fsdp=True,
+        rollout_server=RolloutServerConfig(url_env=ROLLOUT_URL_ENV, sync_dtype="bf16"),
     )
     return PosttrainRecipe(
         name="keye-8b", sft_tasks=SFT_TASKS, sft_max_items=8_000_000,
@@ -282,6 +299,7 @@ def _keye_8b() -> PosttrainRecipe:
         # checks; GSPO's rollouts on a pool of 1 node, the policy on the other 24 GPUs (the planner's choice:
         # no colocated share leaves room for the update; tests/unit/test_memory_plan.py)
         launch=LaunchConfig(launcher="slurm", nproc_per_node=8, num_nodes=4),
+        rl_launch=LaunchConfig(launcher="slurm", nproc_per_node=8, num_nodes=3),
     )  # fmt: skip
 
 

@@ -738,10 +738,16 @@ def _train_gspo(
         )
 
     # ---- Rollouts over HTTP (`keyeflow.training.rollout`): the server gets the current weights, is checked.
+    # Sharded, the sampler's unsharded copy is what the server is sent: every rank refreshes it from the
+    # shards (a collective) before rank 0 exports it, so the export needs no gather of its own.
+    served = generator.model if engine.sharded else engine.module
     server = None
     if config.rollout_server is not None:
-        if engine.sharded or engine.deepspeed is not None:
-            raise ValueError("GSPOStageConfig.rollout_server: weight sync needs the full weights on rank 0")
+        if engine.deepspeed is not None:
+            raise ValueError(
+                "GSPOStageConfig.rollout_server: weight sync needs the full weights on rank 0 (DeepSpeed "
+                "partitions them; use fsdp=True)"
+            )
         check_item = with_media or items[0]
         server = RolloutServer(
             config.rollout_server, generator, out_dir, dist,
@@ -749,7 +755,9 @@ def _train_gspo(
             vision_pad_ids(generator.model),
         )  # fmt: skip
         resources.callback(server.close)
-        log.info("rollout server: %s", server.open(engine.module, step))
+        if engine.sharded:  # the copy holds exactly the policy's weights before the first export
+            sharding.copy_full_weights(engine.model, generator.model)
+        log.info("rollout server: %s", server.open(served, step))
 
     if dist.is_main:
         for stale in (out_dir / HINTS_DIR).glob("step-*.json"):  # steps after the checkpoint are run again
@@ -775,9 +783,10 @@ def _train_gspo(
         f", resumed from {resume_dir}" if resume_dir else "",
     )
 
+    copy_current = server is not None  # the sampler's copy was refreshed for the server
     while step < config.max_steps:
         started = time.perf_counter()
-        if engine.sharded:  # the sampler's copy takes the policy's current weights
+        if engine.sharded and not copy_current:  # the sampler's copy takes the policy's current weights
             sharding.copy_full_weights(engine.model, generator.model)
         metrics, hint_report = gspo_step(
             config, engine, generator, reference, items, reward_fn, step,
@@ -785,7 +794,9 @@ def _train_gspo(
         )  # fmt: skip
         step += 1
         if server is not None:  # the updated policy onto the server before the next rollouts
-            metrics.update(server.sync(engine.module, step))
+            if engine.sharded:
+                sharding.copy_full_weights(engine.model, generator.model)
+            metrics.update(server.sync(served, step))
         metrics["time_step"] = time.perf_counter() - started
         if dist.is_main:
             write_atomically(

@@ -14,9 +14,11 @@ exports the policy in the serving layout (`export.export_model`, `sync_dtype`) u
 the previous export, and checks that the server now answers with these weights: it asks the server for a
 greedy completion of a fixed prompt (the run's first item with media, else its first item) and compares the
 server's log-probs of those tokens with the trainer's forward on the same ids. A mean gap over the tolerance
-raises `WeightSyncError` naming both numbers. Other ranks wait at a barrier. Only a policy whose every rank
-holds the full weights (one process, or replicated ranks) can be exported this way; a sharded engine is
-refused.
+raises `WeightSyncError` naming both numbers. Other ranks wait at a barrier. The exported model holds the
+full weights on rank 0: the policy itself (one process, or replicated ranks), or, for a policy sharded with
+FSDP2, the sampler's unsharded copy, which every rank refreshes from the shards (`sharding.copy_full_weights`)
+right before the sync; a DeepSpeed-partitioned policy is refused. Rank 0 writes the last check's numbers to
+`out_dir/rollout_sync_check.json` (beside `rollout_weights/`, which holds only the last export).
 
 **Tolerances** (`LOGPROB_TOLERANCE`, on the mean absolute per-token log-prob gap of the checked tokens):
 - in process, fp32: 1e-5. The sampler and the trainer run the same fp32 weights; only the computation
@@ -39,6 +41,7 @@ refused.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shutil
@@ -69,6 +72,7 @@ LOGPROB_TOLERANCE: dict[tuple[str, str], float] = {
     ("http", "bf16"): 5e-2,
 }
 SYNC_DIR = "rollout_weights"
+SYNC_CHECK = "rollout_sync_check.json"  # in out_dir: the last sync check's ids and log-probs, for a person
 CHECK_TOKENS = 8  # greedy tokens the sync check compares
 
 
@@ -202,10 +206,11 @@ class RolloutServer:
     ):
         self.config, self.generator, self.dist = config, generator, dist
         self.sync_dir = Path(out_dir) / SYNC_DIR
+        self.check_path = Path(out_dir) / SYNC_CHECK
         self.trainer_logprobs, self.check_messages, self.skip_ids = trainer_logprobs, check_messages, skip_ids
         self.tolerance = logprob_tolerance("http", config.sync_dtype)
         self.process: subprocess.Popen | None = None
-        self.url = config.url
+        self.url = config.resolved_url()
         self.sampler: HTTPRolloutGenerator | None = None
         self.last_check: dict[str, Any] | None = None
 
@@ -287,6 +292,7 @@ class RolloutServer:
                 self.sampler, self.generator.encode_prompt, self.check_messages, self.trainer_logprobs,
                 self.tolerance, skip_ids=self.skip_ids, what=f"the rollout server after step {step}",
             )  # fmt: skip
+            self.check_path.write_text(json.dumps({"step": step, **self.last_check}) + "\n")
             record = {
                 "sync_logprob_gap": self.last_check["mean_gap"],
                 "sync_logprob_gap_max": self.last_check["max_gap"],

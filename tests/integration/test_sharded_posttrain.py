@@ -24,13 +24,15 @@ import torch
 from keyeflow.datasets.pretokenize import patchify
 from keyeflow.model.checkpoint import load_keye_checkpoint
 from keyeflow.model.config import tiny
+from keyeflow.model.generation import LocalGenerator
 from keyeflow.model.modeling import KeyeForConditionalGeneration
 from keyeflow.model.processor import MediaPatches
 from keyeflow.model.tokenizer import load_tokenizer
-from keyeflow.training.config import GSPOStageConfig, MPOStageConfig
+from keyeflow.training.config import GSPOStageConfig, MPOStageConfig, RolloutServerConfig
 from keyeflow.training.losses import GSPOConfig
 from keyeflow.training.preference import train_mpo
-from keyeflow.training.rl import train_gspo
+from keyeflow.training.rl import train_gspo, trainer_logprobs
+from keyeflow.training.rollout import SYNC_CHECK, logprob_tolerance
 
 WORLD = 2
 LR = 1e-3
@@ -88,7 +90,10 @@ MPO = MPOStageConfig(learning_rate=LR, max_steps=3, pairs_per_step=2, max_length
 BUDGET = 64
 
 
-RUNS = ("gspo", "gspo_budget", "mpo")  # GSPO one padded forward per part, GSPO under a token budget, MPO
+# GSPO one padded forward per part, GSPO under a token budget, MPO, and GSPO whose sharded run samples over
+# HTTP from our server (started by its rank 0, fp32 weights synced from the sampler's copy after every step)
+# against the one-process run sampling in process.
+RUNS = ("gspo", "gspo_budget", "mpo", "gspo_http")
 
 
 def run(name: str, init: Path, out: Path, fsdp: bool) -> Path:
@@ -97,7 +102,11 @@ def run(name: str, init: Path, out: Path, fsdp: bool) -> Path:
         mpo = dataclasses.replace(MPO, fsdp=fsdp)
         result = train_mpo(mpo, init=init, pairs=PAIRS, out_dir=out / name, media_lookup=media_lookup)
         return result.checkpoint_dir
-    config = gspo_config(fsdp=fsdp, max_tokens_per_micro_batch=BUDGET if name == "gspo_budget" else None)
+    config = gspo_config(
+        fsdp=fsdp,
+        max_tokens_per_micro_batch=BUDGET if name == "gspo_budget" else None,
+        rollout_server=RolloutServerConfig(sync_dtype="fp32") if name == "gspo_http" and fsdp else None,
+    )
     return train_gspo(
         config, init=init, items=ITEMS, reward_fn=letter_reward, out_dir=out / name, media_lookup=media_lookup
     ).checkpoint_dir
@@ -124,13 +133,20 @@ def init_dir(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def runs(init_dir, tmp_path_factory) -> tuple[dict[str, Path], dict[str, Path]]:
-    """(the one-process unsharded runs' checkpoints, the 2-rank sharded runs')."""
+def runs(init_dir, tmp_path_factory):
+    """name → (the one-process unsharded run's last checkpoint, the 2-rank sharded run's), each pair run on
+    first use (a test of one run does not wait for the others)."""
     sharded_out, one_out = tmp_path_factory.mktemp("sharded"), tmp_path_factory.mktemp("one-process")
     # spawn, not fork: a full test run's process holds Lance's and Prefect's threads
     spawn = multiprocessing.get_context("spawn")
-    reference = {}
-    for name in RUNS:
+    done: dict[str, tuple[Path, Path]] = {}
+
+    def get(name: str) -> tuple[Path, Path]:
+        if name not in done:
+            done[name] = run_pair(name)
+        return done[name]
+
+    def run_pair(name: str) -> tuple[Path, Path]:
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
@@ -139,11 +155,13 @@ def runs(init_dir, tmp_path_factory) -> tuple[dict[str, Path], dict[str, Path]]:
         ]
         for rank in ranks:
             rank.start()
-        reference[name] = run(name, init_dir, one_out, fsdp=False)
+        reference = run(name, init_dir, one_out, fsdp=False)
         for rank in ranks:
             rank.join(timeout=600)
         assert [rank.exitcode for rank in ranks] == [0] * WORLD, f"a rank of {name} failed (traceback above)"
-    return reference, {name: sharded_out / name / path.name for name, path in reference.items()}
+        return reference, sharded_out / name / reference.name
+
+    return get
 
 
 def history(checkpoint: Path) -> list[dict]:
@@ -153,12 +171,12 @@ def history(checkpoint: Path) -> list[dict]:
 @pytest.mark.slow
 @pytest.mark.parametrize("name", RUNS)
 def test_two_sharded_ranks_train_the_one_process_parameters(runs, init_dir, name):
-    reference, sharded = runs
-    want = load_keye_checkpoint(reference[name] / "model").state_dict()
-    got = load_keye_checkpoint(sharded[name] / "model").state_dict()
+    reference, sharded = runs(name)
+    want = load_keye_checkpoint(reference / "model").state_dict()
+    got = load_keye_checkpoint(sharded / "model").state_dict()
     init = load_keye_checkpoint(init_dir).state_dict()
     # Same prompts, same sampled tokens: the rewards and completion lengths of every step are the same.
-    one, two = history(reference[name]), history(sharded[name])
+    one, two = history(reference), history(sharded)
     assert len(one) == len(two) == 3
     keys = ("reward_mean", "completion_tokens_mean", "num_active_responses") if name != "mpo" else ("pairs",)
     for first, second in zip(one, two, strict=True):
@@ -171,3 +189,22 @@ def test_two_sharded_ranks_train_the_one_process_parameters(runs, init_dir, name
     for key, value in want.items():
         assert torch.linalg.vector_norm(got[key] - value) <= RTOL * torch.linalg.vector_norm(value), key
         torch.testing.assert_close(got[key], value, rtol=RTOL, atol=ATOL, msg=key)
+
+
+@pytest.mark.slow
+def test_the_server_a_sharded_policy_syncs_answers_with_the_trained_weights(runs, init_dir):
+    """After the last step's sync, the server's log-probs of the check completion (the image prompt, greedy)
+    are the trained policy's: the weights read back from the run's last checkpoint give the same numbers."""
+    _, sharded = runs("gspo_http")
+    check = json.loads((sharded.parent / SYNC_CHECK).read_text())
+    assert check["step"] == 3
+    assert [m["sync_logprob_gap"] <= logprob_tolerance("http", "fp32") for m in history(sharded)] == [
+        True
+    ] * 3
+    trained = LocalGenerator(sharded / "model", media_lookup=media_lookup)
+    prompt = trained.encode_prompt(ITEMS[1]["messages"])  # the run's first item with media: the check's
+    ours = trainer_logprobs(trained.model, prompt, check["token_ids"])
+    assert check["server_logprobs"] == pytest.approx(ours, abs=logprob_tolerance("http", "fp32"))
+    init = LocalGenerator(init_dir, media_lookup=media_lookup)
+    before = trainer_logprobs(init.model, init.encode_prompt(ITEMS[1]["messages"]), check["token_ids"])
+    assert max(abs(a - b) for a, b in zip(before, ours)) > 1e-3  # the policy moved: the check can fail
