@@ -45,10 +45,19 @@ def config(fsdp: bool) -> GSPOStageConfig:
 
 
 @pytest.mark.slow  # two ranks under torchrun beside an in-process round (~40 s)
+def start_policy(tmp_path) -> StageOutput:
+    """The tiny policy as a step with a real MLflow run and its checkpoint logged as a model, as
+    `start_from` leaves it: the rounds log it as their model input and register their checkpoints."""
+    checkpoint = str(ensure_tiny_model(tmp_path / "tiny"))
+    run_id = lineage.start_run("policy")
+    lineage.log_checkpoint_model(run_id, "policy", checkpoint)
+    return StageOutput("policy", checkpoint, run_id, "init-key", False)
+
+
 def test_a_gspo_round_launched_on_two_sharded_ranks_trains_as_in_process(home, tmp_path, monkeypatch):
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")]))
     monkeypatch.syspath_prepend(str(TESTS))
-    init = StageOutput("policy", str(ensure_tiny_model(tmp_path / "tiny")), "start-run", "init-key", False)
+    init = start_policy(tmp_path)
     name = "posttrain-5-gspo-round-1"
 
     @flow
@@ -100,7 +109,7 @@ def test_a_gspo_round_launched_on_two_sharded_ranks_trains_as_in_process(home, t
 
 @pytest.mark.slow  # two ranks under torchrun beside an in-process stage (~40 s)
 def test_mpo_launched_on_two_sharded_ranks_trains_as_in_process(home, tmp_path):
-    init = StageOutput("policy", str(ensure_tiny_model(tmp_path / "tiny")), "start-run", "init-key", False)
+    init = start_policy(tmp_path)
     pairs = [
         {"pair_id": f"p{k}", "messages": [{"role": "user", "content": f"What is {k}+{k}?"}],
          "chosen": f"It is {2 * k}.", "rejected": f"Maybe {2 * k + 1}?"}
@@ -147,7 +156,7 @@ def history_of(stage: StageOutput) -> list[dict]:
 
 
 def test_a_sharded_round_without_a_launch_is_refused(home, tmp_path):
-    init = StageOutput("policy", str(ensure_tiny_model(tmp_path / "tiny")), "start-run", "init-key", False)
+    init = start_policy(tmp_path)
 
     @flow
     def sharded_in_process() -> StageOutput:
