@@ -49,9 +49,17 @@ def test_plan_command_exit_codes_and_reasons():
     full = runner.invoke(app, ["plan", "--recipe", "keye-8b", *cluster])
     assert full.exit_code == 0, full.output
     assert "every stage of keye-8b fits" in full.output
-    # its post-training runs in the flow's one process: refused, each stage named
+    # its post-training is launched on the cluster too, GSPO's rollouts on a separate 1-node pool: it fits
     post = runner.invoke(app, ["plan", "--recipe", "keye-8b", "--flow", "posttrain", *cluster])
-    assert post.exit_code == 1 and "posttrain-gspo does not fit" in post.output
+    assert post.exit_code == 0 and "every stage of keye-8b fits" in post.output, post.output
+    assert "rollouts: separate rollout pool of 1 node(s)" in post.output
+    # on one node of 8 it does not: the stages that cannot run are named, and each rollout placement refused
+    one_node = runner.invoke(
+        app, ["plan", "--recipe", "keye-8b", "--flow", "posttrain", *cluster[2:], "--nodes", "1"]
+    )
+    assert one_node.exit_code == 1
+    assert "posttrain-1-sft does not fit" in one_node.output
+    assert "refused: colocated in-process fp32 sampler" in one_node.output
 
     small = runner.invoke(
         app, ["plan", "--recipe", "keye-8b", "--nodes", "1", "--gpus-per-node", "8", "--gpu-memory-gib", "16"]
