@@ -89,7 +89,7 @@ def posttrain(
 
         pairs = t.preference_pairs(sft, paths, questions, items, r, run_id)
         rm = stages["reward_model"] = t.reward_model(r, sft, pairs, run_id)
-        mpo = stages["mpo"] = t.mpo(r, sft, pairs, run_id)
+        mpo = stages["mpo"] = t.mpo(r, sft, pairs, run_id, inputs=[paths, questions])
         if held:
             signals["preference"] = t.preference_signals(sft, mpo, rm, held, r, run_id)
 
@@ -126,8 +126,9 @@ def posttrain(
                 round_signal["pass_rate_filter_kept"] = len(items)
                 data_from = [policy]
             policy = stages[f"gspo_round_{n}"] = t.gspo(
-                r.gspo, f"posttrain-5-gspo-round-{n}", init, items, run_id, data_from, launch=r.gspo_launch
-            )
+                r.gspo, f"posttrain-5-gspo-round-{n}", init, items, run_id, data_from, launch=r.gspo_launch,
+                inputs=[questions],
+            )  # fmt: skip
             rl_step += r.gspo.max_steps
             if held:
                 rates = t.rl_pass_rates(policy, held, r, run_id, rl_step)

@@ -224,11 +224,15 @@ def train_mpo(
     pairs: list[dict],
     parent_run_id: str | None = None,
     launch: LaunchConfig | None = None,
+    inputs: Sequence[TableRef] = (),
 ) -> StageOutput:
     """The MPO stage, in this process or on the ranks `launch` starts (`posttrain_job`; how it is launched
-    is not part of the key, as for the SFT-style stages)."""
+    is not part of the key, as for the SFT-style stages). `inputs`: the tables the pairs were built from,
+    logged as the run's training datasets (the pairs themselves are in the key)."""
 
     def body(out_dir: Path, run_id: str) -> str:
+        for ref in inputs:
+            lineage.log_input(run_id, ref, context="training")
         checkpoint = launch_posttrain(
             launch, "mpo", config, init=init.checkpoint, data=pairs, out_dir=out_dir, run_id=run_id
         )
@@ -280,13 +284,18 @@ def train_gspo(
     extra_upstream: Sequence[StageOutput] = (),
     parent_run_id: str | None = None,
     launch: LaunchConfig | None = None,
+    inputs: Sequence[TableRef] = (),
 ) -> StageOutput:
     """One GSPO stage (general RL round or alignment RL), in this process or on the ranks `launch` starts
     (`posttrain_job`). `reward`: the reward's spec, rebuilt by name where the stage runs
     (`posttrain_job.reward_from_spec`); `reward_spec`: what the reward is made of, by the keys of the steps
-    that made its models (part of the key: a different judge or weight is a different stage)."""
+    that made its models (part of the key: a different judge or weight is a different stage). `inputs`: the
+    tables the items were drawn from, logged as the run's training datasets (the items are in the key);
+    the `rl_hint_levels` rows the run adds are logged as its output."""
 
     def body(out_dir: Path, run_id: str) -> str:
+        for ref in inputs:
+            lineage.log_input(run_id, ref, context="training")
         checkpoint = launch_posttrain(
             launch, "gspo", config, init=init.checkpoint, data=items, reward=reward, out_dir=out_dir,
             run_id=run_id,
@@ -295,7 +304,8 @@ def train_gspo(
         hints = sorted(out_dir.glob("hints/step-*.json"))
         if hints:
             lineage.log_file(run_id, hints[-1], "hints")
-        record_hint_levels(out_dir, run_id, name)
+        if record_hint_levels(out_dir, run_id, name):
+            lineage.log_output(run_id, tables.ref("rl_hint_levels"))
         return str(checkpoint / "model")
 
     key = step_key(

@@ -193,9 +193,13 @@ def reward_model(recipe: PosttrainRecipe, init: StageOutput, pairs: list[dict], 
 
 
 @task(**_NO_CACHE, tags=["training"])
-def mpo(recipe: PosttrainRecipe, init: StageOutput, pairs: list[dict], run_id: str) -> StageOutput:
+def mpo(
+    recipe: PosttrainRecipe, init: StageOutput, pairs: list[dict], run_id: str, inputs: list[TableRef] = ()
+) -> StageOutput:
     return _say(
-        posttrain.train_mpo(recipe.mpo, init=init, pairs=pairs, parent_run_id=run_id, launch=recipe.launch)
+        posttrain.train_mpo(
+            recipe.mpo, init=init, pairs=pairs, parent_run_id=run_id, launch=recipe.launch, inputs=inputs
+        )
     )
 
 
@@ -248,9 +252,11 @@ def gspo(
     data_from: list[StageOutput] = (),
     launch: LaunchConfig | None = None,
     reward: dict | None = None,
+    inputs: list[TableRef] = (),
 ) -> StageOutput:
     """A general RL round, its ranks started by `launch` (None: in this process). `reward`: a reward spec
-    (`posttrain_job.reward_from_spec`); None: the verifiable reward."""
+    (`posttrain_job.reward_from_spec`); None: the verifiable reward. `inputs`: the tables its items come
+    from (the run's datasets)."""
     return _say(
         posttrain.train_gspo(
             config,
@@ -262,6 +268,7 @@ def gspo(
             extra_upstream=list(data_from),
             parent_run_id=run_id,
             launch=launch,
+            inputs=inputs,
         )
     )
 

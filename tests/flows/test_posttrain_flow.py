@@ -93,6 +93,25 @@ def test_posttrain_flow_runs_every_stage_into_the_lineage(data_home, monkeypatch
     assert champion.run_id == result["final_run_id"]
     assert champion.tags[lineage.CHECKPOINT_TAG] == result["checkpoint"]
     assert chain["steps"][0]["model"]["registered"][0]["aliases"] == ["champion"]
+    # ---- Every step that read tables has them as MLflow datasets: the SFT-style stages their mixtures, MPO
+    # the LongCoT paths and questions its pairs came from, the GSPO rounds the questions their items came
+    # from (and the hint levels they wrote). Read no table: the start, the expert merge (two checkpoints)
+    # and alignment RL (its prompts are generated).
+    datasets = {}
+    for step in chain["steps"]:
+        run = client.get_run(step["run_id"])
+        datasets[step["name"]] = {
+            (d.dataset.name, {t.key: t.value for t in d.tags}["mlflow.data.context"])
+            for d in run.inputs.dataset_inputs
+        }
+        assert all(d.dataset.source_type == "lance" for d in run.inputs.dataset_inputs), step["name"]
+    read = {name for name, found in datasets.items() if any(c != "output" for _, c in found)}
+    no_tables = {"posttrain-0-start", "posttrain-4-expert-merge", "posttrain-6-alignment-rl"}
+    assert set(datasets) - read == no_tables
+    assert {("longcot_paths", "training"), ("longcot_questions", "training")} <= datasets["posttrain-3-mpo"]
+    rounds = [name for name in datasets if name.startswith("posttrain-5-gspo-round-")]
+    assert rounds and all(("longcot_questions", "training") in datasets[n] for n in rounds)
+    assert any(("rl_hint_levels", "output") in datasets[n] for n in rounds)
     # the SFT, LongCoT and reward-model stages trained on mixtures whose sources lineage reaches
     assert {m["stage"] for m in chain["mixtures"]} == {5}
     assert chain["sources"]["num_texts"] > 0
