@@ -57,7 +57,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
 from keyeflow.config import check_int, invalid
 from keyeflow.config import config_hash as _hash_config
@@ -199,6 +199,15 @@ def _allow_pil_pixels(limit: int) -> None:
             Image.MAX_IMAGE_PIXELS = limit
 
 
+def _refuse_truncated_files() -> None:
+    """Turn Pillow's process-wide ``ImageFile.LOAD_TRUNCATED_IMAGES`` back off before a decode. Libraries set
+    it on import (lmms-eval's ``lmms_eval.api.task`` does), and with it on a truncated file decodes with its
+    missing rows filled grey and would enter training as a sample; ingestion quarantines truncated files.
+    Code that shares the process and wants truncated files loaded must set it again itself."""
+    with _PIL_LIMIT_LOCK:
+        ImageFile.LOAD_TRUNCATED_IMAGES = False
+
+
 def _bomb_reason(exc: Exception, limit: int) -> str:
     found = re.search(r"\((\d+) pixels\)", str(exc))
     claimed = f"{int(found.group(1)):,} pixels" if found else "too many pixels"
@@ -297,6 +306,7 @@ def _to_rgb(image: Image.Image) -> Image.Image:
 def decode_image(path: str, uri: str, config: ImageConfig) -> DecodedImage:
     """Header checks, verify, decode, orient and convert one local image file; raises BadImage."""
     _allow_pil_pixels(config.max_header_pixels)
+    _refuse_truncated_files()
     with warnings.catch_warnings():
         warnings.simplefilter("error", Image.DecompressionBombWarning)
         with _open(path, uri, config) as image:

@@ -249,6 +249,18 @@ def test_bad_images_are_quarantined_with_reasons_and_the_rest_goes_through(
     assert not set(samples) & set(quarantined)
 
 
+def test_a_truncated_file_is_quarantined_even_when_a_library_allowed_truncated_loads(
+    home, image_batch, bad_images, monkeypatch
+):
+    """Pillow's LOAD_TRUNCATED_IMAGES is process-wide and lmms-eval turns it on at import: ingestion still
+    refuses the truncated file instead of storing it with grey rows."""
+    monkeypatch.setattr(ImageFile, "LOAD_TRUNCATED_IMAGES", True)
+    ingest([image_batch], ImageConfig(), shard_size=4)
+    quarantined = rows_by_name("quarantine")
+    assert quarantined[bad_images["truncated"].name]["reason"].startswith(EXPECTED_QUARANTINE["truncated"])
+    assert bad_images["truncated"].name not in rows_by_name("image_samples")
+
+
 def test_rerun_writes_nothing_and_a_config_change_retokenises(home, image_batch, sample_images):
     first = ImageConfig()
     ingest([image_batch], first, shard_size=5)
