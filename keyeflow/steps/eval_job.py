@@ -25,7 +25,7 @@ from typing import Any
 from keyeflow.datasets.sample_reader import LanceSampleReader
 from keyeflow.datasets.tables import TableRef
 from keyeflow.model.tokenizer import load_tokenizer
-from keyeflow.steps.train_job import LaunchFailed, run_launcher
+from keyeflow.steps.train_job import LaunchFailed, launch_job
 from keyeflow.training import distributed
 from keyeflow.training.evaluate import (
     distributed_heldout_loss,
@@ -34,7 +34,7 @@ from keyeflow.training.evaluate import (
     heldout_loss,
     lance_video_lookup,
 )
-from keyeflow.training.launch import SPEC, LaunchConfig
+from keyeflow.training.launch import LaunchConfig
 from keyeflow.training.trainer import load_model
 
 log = logging.getLogger(__name__)
@@ -129,32 +129,23 @@ def launch_evaluate(
     job_dir.mkdir(parents=True, exist_ok=True)
     result = job_dir / RESULT
     result.unlink(missing_ok=True)  # a result is only ever the one this launch wrote
-    spec = job_dir / SPEC
-    spec.write_text(
-        json.dumps(
-            {
-                "checkpoint": str(Path(checkpoint).resolve()),
-                "heldout": heldout,
-                "samples": {"name": samples.name, "uri": samples.uri, "version": samples.version},
-                "max_length": max_length,
-                "mcq_records": mcq_records,
-                "lmms_eval_tasks": list(lmms_eval_tasks),
-                "lmms_eval_include_path": lmms_eval_include_path,
-                "lmms_eval_limit": lmms_eval_limit,
-                "result": str(result.resolve()),
-            },
-            indent=2,
-        )
-        + "\n"
+    launch_job(
+        launch,
+        job_dir,
+        {
+            "checkpoint": str(Path(checkpoint).resolve()),
+            "heldout": heldout,
+            "samples": {"name": samples.name, "uri": samples.uri, "version": samples.version},
+            "max_length": max_length,
+            "mcq_records": mcq_records,
+            "lmms_eval_tasks": list(lmms_eval_tasks),
+            "lmms_eval_include_path": lmms_eval_include_path,
+            "lmms_eval_limit": lmms_eval_limit,
+            "result": str(result.resolve()),
+        },
+        module=EVAL_JOB_MODULE,
+        name=f"evaluation of {checkpoint}",
     )
-    command = launch.command(spec, module=EVAL_JOB_MODULE)
-    log.info("evaluating %s: launching %s", checkpoint, " ".join(command))
-    returncode, tail = run_launcher(command)
-    if returncode != 0:
-        raise LaunchFailed(
-            f"evaluation of {checkpoint}: {launch.launcher} exited with code {returncode} "
-            f"(command: {' '.join(command)}); last lines of its stderr:\n" + "\n".join(tail)
-        )
     if not result.is_file():
         raise LaunchFailed(f"the launched evaluation exited cleanly but wrote no {result}")
     return json.loads(result.read_text())

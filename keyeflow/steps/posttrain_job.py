@@ -37,10 +37,10 @@ from keyeflow.longcot.rl_items import reward_item
 from keyeflow.model.generation import LocalGenerator
 from keyeflow.quality.reward_model import RewardModelConfig, RewardModelJudge
 from keyeflow.quality.rewards import Reward, RewardCombiner, RewardConfig
-from keyeflow.steps.train_job import LaunchFailed, run_launcher
+from keyeflow.steps.train_job import LaunchFailed, check_hostfile, launch_job
 from keyeflow.training.config import GSPOStageConfig, MPOStageConfig
 from keyeflow.training.engine import resume_point
-from keyeflow.training.launch import SPEC, LaunchConfig
+from keyeflow.training.launch import LaunchConfig
 from keyeflow.training.posttrain_recipe import AlignmentSettings
 from keyeflow.training.preference import train_mpo
 from keyeflow.training.rl import train_gspo
@@ -196,34 +196,24 @@ def launch_posttrain(
                 "flow's process: a second sharded run in one process hangs (keyeflow.steps.posttrain_job)"
             )
         return run(kind, config, init=init, data=data, reward=reward, out_dir=out_dir, run_id=run_id)
-    if launch.hostfile is not None and not Path(launch.hostfile).is_file():
-        raise FileNotFoundError(f"LaunchConfig.hostfile={launch.hostfile!r}: no such file")
+    check_hostfile(launch)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / DATA).write_text(json.dumps(list(data)) + "\n")
-    spec = out_dir / SPEC
-    spec.write_text(
-        json.dumps(
-            {
-                "kind": kind,
-                "config": config.to_dict(),
-                "init": str(init),
-                "data": str((out_dir / DATA).resolve()),
-                "reward": dict(reward) if reward is not None else None,
-                "out_dir": str(out_dir.resolve()),
-                "run_id": run_id,
-            },
-            indent=2,
-        )
-        + "\n"
+    launch_job(
+        launch,
+        out_dir,
+        {
+            "kind": kind,
+            "config": config.to_dict(),
+            "init": str(init),
+            "data": str((out_dir / DATA).resolve()),
+            "reward": dict(reward) if reward is not None else None,
+            "out_dir": str(out_dir.resolve()),
+            "run_id": run_id,
+        },
+        module=MODULE,
+        name=f"{stage} in {out_dir}",
     )
-    command = launch.command(spec, module=MODULE)
-    log.info("%s: launching %s", stage, " ".join(command))
-    returncode, tail = run_launcher(command)
-    if returncode != 0:
-        raise LaunchFailed(
-            f"{stage} in {out_dir}: {launch.launcher} exited with code {returncode} "
-            f"(command: {' '.join(command)}); last lines of its stderr:\n" + "\n".join(tail)
-        )
     checkpoint, state = resume_point(out_dir)
     if checkpoint is None or state["step"] < config.max_steps:
         raise LaunchFailed(

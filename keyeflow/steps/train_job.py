@@ -25,7 +25,7 @@ from keyeflow import lineage
 from keyeflow.datasets.tables import TableRef
 from keyeflow.model.config import KeyeConfig
 from keyeflow.training.config import StageConfig
-from keyeflow.training.launch import SPEC, LaunchConfig
+from keyeflow.training.launch import SPEC, TRAIN_JOB_MODULE, LaunchConfig
 from keyeflow.training.trainer import TrainResult, read_result, train
 
 log = logging.getLogger(__name__)
@@ -62,39 +62,51 @@ def launch_train(
             out_dir=out_dir,
             sink=lineage.RunSink(run_id) if run_id else None,
         )
-    if launch.hostfile is not None and not Path(launch.hostfile).is_file():
-        # DeepSpeed would only warn and train on this machine alone.
-        raise FileNotFoundError(f"LaunchConfig.hostfile={launch.hostfile!r}: no such file")
-    out_dir.mkdir(parents=True, exist_ok=True)
-    spec = out_dir / SPEC
-    spec.write_text(
-        json.dumps(
-            {
-                "stage": stage.to_dict(),
-                "init": init.to_dict() if isinstance(init, KeyeConfig) else str(init),
-                "mixture": {"name": mixture.name, "uri": mixture.uri, "version": mixture.version},
-                "mixture_id": mixture_id,
-                "out_dir": str(out_dir.resolve()),
-                "run_id": run_id,
-            },
-            indent=2,
-        )
-        + "\n"
+    check_hostfile(launch)
+    launch_job(
+        launch,
+        out_dir,
+        {
+            "stage": stage.to_dict(),
+            "init": init.to_dict() if isinstance(init, KeyeConfig) else str(init),
+            "mixture": {"name": mixture.name, "uri": mixture.uri, "version": mixture.version},
+            "mixture_id": mixture_id,
+            "out_dir": str(out_dir.resolve()),
+            "run_id": run_id,
+        },
+        module=TRAIN_JOB_MODULE,
+        name=f"stage {stage.name!r}",
     )
-    command = launch.command(spec)
-    log.info("stage %s: launching %s", stage.name, " ".join(command))
-    returncode, tail = run_launcher(command)
-    if returncode != 0:
-        raise LaunchFailed(
-            f"stage {stage.name!r}: {launch.launcher} exited with code {returncode} "
-            f"(command: {' '.join(command)}); last lines of its stderr:\n" + "\n".join(tail)
-        )
     try:
         return read_result(out_dir)
     except FileNotFoundError as error:
         raise LaunchFailed(
             f"the launched training exited cleanly but registered no checkpoint in {out_dir}"
         ) from error
+
+
+def check_hostfile(launch: LaunchConfig) -> None:
+    """Refuse a hostfile that is not there, before anything is written: DeepSpeed would only warn and train
+    on this machine alone."""
+    if launch.hostfile is not None and not Path(launch.hostfile).is_file():
+        raise FileNotFoundError(f"LaunchConfig.hostfile={launch.hostfile!r}: no such file")
+
+
+def launch_job(launch: LaunchConfig, job_dir: Path, spec: dict, *, module: str, name: str) -> None:
+    """Write `spec` to `job_dir/SPEC` and run `python -m module SPEC` on every rank `launch` starts, their
+    output streamed into the log (the training, evaluation and post-training jobs all launch this way). A
+    non-zero exit raises, named by `name`, with the command and stderr's tail."""
+    job_dir.mkdir(parents=True, exist_ok=True)
+    path = job_dir / SPEC
+    path.write_text(json.dumps(spec, indent=2) + "\n")
+    command = launch.command(path, module=module)
+    log.info("%s: launching %s", name, " ".join(command))
+    returncode, tail = run_launcher(command)
+    if returncode != 0:
+        raise LaunchFailed(
+            f"{name}: {launch.launcher} exited with code {returncode} "
+            f"(command: {' '.join(command)}); last lines of its stderr:\n" + "\n".join(tail)
+        )
 
 
 def run_launcher(command: list[str]) -> tuple[int, list[str]]:
