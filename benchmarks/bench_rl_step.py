@@ -12,7 +12,7 @@ and the split of the fastest step (the one other processes disturbed least) and 
 printed:
 
 - **rollout**: G completions per prompt, hint-level rollouts included. `in_process`: `LocalGenerator` on the
-  policy itself (KV-cached decode; conversations one after another, the G samples of one prompt decoded
+  policy itself (KV-cached decode; all conversations of a generate call, G samples each, decoded
   together). `http`: `HTTPRolloutGenerator` against our model server, which the run starts itself on
   127.0.0.1 (`GSPOStageConfig.rollout_server`, fp32 sync): the same sampler in another process, plus
   encoding the request (ids, base64 patches), HTTP and JSON; conversations in flight at once, but our server

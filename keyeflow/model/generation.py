@@ -7,8 +7,10 @@ One interface, `Generator.generate(messages_batch, *, n, max_new_tokens, tempera
 each conversation of the batch, `n` `Completion`s. Each conversation is a request of its own, sampled with
 `conversation_seed(seed, messages)` (a hash of the batch seed and the conversation): a conversation's
 completions do not depend on its place in the batch or on what else is in it (a resumed shard samples what
-the first run would have), different conversations get unrelated random streams, and the same call gives the
-same completions in process and through a server (the client sends the derived seed as the request's seed).
+the first run would have; decoded beside other conversations, only the last bits of its logprobs may differ,
+as between the rows of any batched matmul), different conversations get unrelated random streams, and the
+same call gives the same completions in process and through a server (the client sends the derived seed as
+the request's seed).
 
 `Completion` fields, the same from both backends:
 - `text`: the completion as a string, stop token excluded (non-markup special tokens are dropped, as
@@ -27,11 +29,15 @@ same completions in process and through a server (the client sends the derived s
   tokens vanish), and the policy gradient must score the tokens that were actually sampled.
 With `logprobs=False` the three per-token lists are empty (a server sends no tokens then).
 
-`LocalGenerator` runs `KeyeForConditionalGeneration` with a KV cache built from the model's own parts (the
-prompt, images and videos included, is run once; the `n` samples share it and decode together; decode steps
-continue every 3D-RoPE stream at one past the prompt's largest position, as Qwen2-VL/Keye do). The model's
-`forward` has no cache; a test checks the cached loop against a plain loop over `forward`. Conversations run
-one after another: this is the tiny/CPU default; a real teacher belongs behind vLLM/SGLang.
+`LocalGenerator` runs `KeyeForConditionalGeneration` with a KV cache built from the model's own parts (each
+prompt, images and videos included, is run once on its own; decode steps continue every 3D-RoPE stream at one
+past the prompt's largest position, as Qwen2-VL/Keye do). The model's `forward` has no cache; a test checks
+the cached loop against a plain loop over `forward`. All conversations of a `generate` call decode together
+(up to `MAX_DECODE_ROWS` rows): their prompts' caches are left-padded to the longest into one cache, a mask
+hides the padding, and every row keeps its own seed and positions, so a conversation's tokens are those it
+gets alone. On a small model a decode step costs framework overhead, not FLOPs, so one step for all rows is
+far cheaper than one per conversation. This is the tiny/CPU default; a real teacher belongs behind
+vLLM/SGLang.
 
 `OpenAICompatibleGenerator` posts one `/v1/chat/completions` request per conversation (a few at a time),
 retrying connection errors, timeouts, 408, 429 and 5xx with exponential backoff (honouring `Retry-After`); any
@@ -55,8 +61,9 @@ import math
 import os
 import secrets
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol, runtime_checkable
@@ -256,6 +263,25 @@ def _load_model_and_tokenizer(
     return model, tokenizer
 
 
+# Rows (completions of all conversations) decoded together at most. The shared KV cache holds every row's
+# prompt padded to the longest of the batch, so on a real model a batch of long (video) prompts would hold
+# that many full-length caches at once; on the tiny CPU model what batching saves is per-step overhead, which
+# 256 rows already amortise.
+MAX_DECODE_ROWS = 256
+
+
+@dataclass
+class _Prefill:
+    """One prompt run through the LLM: the next-token logits `[1, V]`, its KV cache (batch 1), its length,
+    the 3D position its first completion token takes, and the request seed its rows are seeded from."""
+
+    logits: torch.Tensor
+    cache: DynamicCache
+    length: int
+    next_position: int
+    seed: int
+
+
 class LocalGenerator:
     """Completions from our model in this process.
 
@@ -329,16 +355,27 @@ class LocalGenerator:
         check_generate_args(n, max_new_tokens, temperature, seed)
         _check_batch(messages_batch)
         results: list[list[Completion] | Exception] = []
-        for messages in messages_batch:
-            # A conversation the model cannot take (media not pre-tokenised, a prompt too long, a bad role)
-            # fails alone; the others of the batch are still sampled.
-            try:
-                results.append(self.generate_one(
-                    messages, n=n, max_new_tokens=max_new_tokens, temperature=temperature, logprobs=logprobs,
-                    seed=None if seed is None else conversation_seed(seed, messages),
-                ))  # fmt: skip
-            except (ValueError, KeyError, OSError) as error:
-                results.append(error)
+        per_chunk = max(1, MAX_DECODE_ROWS // n)
+        with self._sampling():
+            for start in range(0, len(messages_batch), per_chunk):
+                chunk = messages_batch[start : start + per_chunk]
+                prefilled: list[tuple[int, _Prefill]] = []
+                outcomes: list[list[Completion] | Exception | None] = [None] * len(chunk)
+                for k, messages in enumerate(chunk):
+                    # A conversation the model cannot take (media not pre-tokenised, a prompt too long, a bad
+                    # role) fails alone; the others of the batch are still sampled.
+                    try:
+                        request_seed = (
+                            secrets.randbits(63) if seed is None else conversation_seed(seed, messages)
+                        )
+                        prompt = self.encode_prompt(messages)
+                        prefilled.append((k, self._prefill(prompt, max_new_tokens, request_seed)))
+                    except (ValueError, KeyError, OSError) as error:
+                        outcomes[k] = error
+                sampled = self._decode([p for _, p in prefilled], n, max_new_tokens, float(temperature))
+                for (k, _), rows in zip(prefilled, sampled):
+                    outcomes[k] = [self._completion(i, lp, f, logprobs) for i, lp, f in zip(*rows)]
+                results.extend(outcomes)
         return gather_results(results)
 
     def generate_one(
@@ -390,21 +427,31 @@ class LocalGenerator:
             cursor += len(piece)
         return Completion(text, list(logprobs), pieces, offsets, finish, list(ids))
 
+    @contextmanager
+    def _sampling(self) -> Iterator[None]:
+        """Eval mode (no dropout) and inference mode while sampling; a model lent by a trainer gets its mode
+        back."""
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            with torch.inference_mode():
+                yield
+        finally:
+            self.model.train(was_training)
+
     def _sample(
         self, prompt: Features, n: int, max_new_tokens: int, temperature: float, seed: int
     ) -> tuple[list[list[int]], list[list[float]], list[str]]:
         """Token ids, their logprobs and finish reasons of `n` completions of one prompt."""
-        was_training = self.model.training
-        self.model.eval()  # no dropout; a model lent by a trainer gets its mode back
-        try:
-            with torch.inference_mode():
-                return self._sample_eval(prompt, n, max_new_tokens, temperature, seed)
-        finally:
-            self.model.train(was_training)
+        with self._sampling():
+            return self._decode(
+                [self._prefill(prompt, max_new_tokens, seed)], n, max_new_tokens, temperature
+            )[0]
 
-    def _sample_eval(
-        self, prompt: Features, n: int, max_new_tokens: int, temperature: float, seed: int
-    ) -> tuple[list[list[int]], list[list[float]], list[str]]:
+    def _prefill(self, prompt: Features, max_new_tokens: int, seed: int) -> _Prefill:
+        """Run one prompt through the LLM (batch 1): embeddings with the vision features scattered in, causal
+        attention on the model's attention path (per-segment kernels on "packed", no [L, L] mask), 3D
+        positions. ValueError when the completion would run past the model's positions."""
         model, device = self.model, self.device
         length = len(prompt)
         max_positions = model.config.text_config.max_position_embeddings
@@ -415,9 +462,6 @@ class LocalGenerator:
                 f"reach position {last_position}, "
                 f"past the model's max_position_embeddings {max_positions}"
             )
-
-        # Prefill once (batch 1): embeddings with the vision features scattered in, causal attention, 3D
-        # positions.
         input_ids = prompt.input_ids[None].to(device)
         embeds = model.get_input_embeddings()(input_ids)
         cfg = model.config
@@ -425,24 +469,57 @@ class LocalGenerator:
         if bool(is_vision.any()):
             vision = model.get_vision_embeddings(prompt.pixel_values.to(device), prompt.grid_thw.to(device))
             embeds = embeds.masked_scatter(is_vision[..., None], vision.to(embeds.dtype))
-        # One sample: causal attention over the prompt, on the model's attention path (per-segment kernels on
-        # "packed", no [L, L] mask).
         mask = model.attention_mask_for(torch.zeros(1, length, dtype=torch.long, device=device), embeds.dtype)
         cache = DynamicCache(config=cfg.text_config)
         hidden = model.language_model(
             inputs_embeds=embeds, position_ids=prompt.position_ids[:, None].to(device),
             attention_mask={"full_attention": mask}, past_key_values=cache, use_cache=True,
         ).last_hidden_state  # fmt: skip
-        logits = model.lm_head(hidden[:, -1]).float().expand(n, -1)
-        if n > 1:
-            cache.batch_repeat_interleave(n)
+        logits = model.lm_head(hidden[:, -1]).float()
+        return _Prefill(logits, cache, length, int(prompt.position_ids.max()) + 1, seed)
 
-        generators = [torch.Generator().manual_seed(_row_seed(seed, j)) for j in range(n)]
-        ids: list[list[int]] = [[] for _ in range(n)]
-        token_logprobs: list[list[float]] = [[] for _ in range(n)]
-        finish = ["length"] * n
-        active = list(range(n))  # rows still generating, in cache/batch order
-        next_position = int(prompt.position_ids.max()) + 1
+    def _decode(
+        self, prompts: Sequence[_Prefill], n: int, max_new_tokens: int, temperature: float
+    ) -> list[tuple[list[list[int]], list[list[float]], list[str]]]:
+        """The `n` completions of every prefilled prompt, decoded together: row r = c·n + j is completion j of
+        prompt c. Each row keeps its own random stream (seeded from its prompt's seed and j) and its own next
+        3D position (its prompt's largest + 1, then one more a step), so a row's tokens are those of its
+        prompt decoded alone. The rows share one KV cache, every prompt left-padded to the longest; a boolean
+        mask over the cached keys hides the padding (the decode steps' attention is transformers' SDPA on
+        both attention paths: one query per row against the cache)."""
+        if not prompts:
+            return []
+        model, device = self.model, self.device
+        num_rows = len(prompts) * n
+        width = max(p.length for p in prompts)
+        if len(prompts) == 1:  # one prompt: its own cache, shared by its n rows, nothing to hide
+            cache = prompts[0].cache
+            if n > 1:
+                cache.batch_repeat_interleave(n)
+            key_mask = None
+        else:
+            cache = DynamicCache(config=model.config.text_config)
+            for index, layer in enumerate(prompts[0].cache.layers):
+                keys, values = (
+                    torch.cat([
+                        F.pad(getattr(p.cache.layers[index], part), (0, 0, width - p.length, 0))
+                        .repeat_interleave(n, dim=0)
+                        for p in prompts
+                    ])
+                    for part in ("keys", "values")
+                )  # fmt: skip
+                cache.update(keys, values, index)
+            key_mask = torch.ones(num_rows, width + max_new_tokens, dtype=torch.bool, device=device)
+            for c, p in enumerate(prompts):
+                key_mask[c * n : (c + 1) * n, : width - p.length] = False
+        logits = torch.cat([p.logits.expand(n, -1) for p in prompts])
+        first_position = torch.tensor([p.next_position for p in prompts], device=device).repeat_interleave(n)
+        generators = [torch.Generator().manual_seed(_row_seed(p.seed, j)) for p in prompts for j in range(n)]
+
+        ids: list[list[int]] = [[] for _ in range(num_rows)]
+        token_logprobs: list[list[float]] = [[] for _ in range(num_rows)]
+        finish = ["length"] * num_rows
+        active = list(range(num_rows))  # rows still generating, in cache/batch order
         for step in range(max_new_tokens):
             logp = F.log_softmax(logits, dim=-1)
             if temperature == 0:
@@ -471,15 +548,19 @@ class LocalGenerator:
                 cache.batch_select_indices(torch.tensor(keep, device=device))
                 chosen = chosen[keep]
                 active = [active[k] for k in keep]
+            rows = torch.tensor(active, device=device)
             step_embeds = model.get_input_embeddings()(chosen.to(device)[:, None])
-            positions = torch.full((3, len(active), 1), next_position, dtype=torch.long, device=device)
+            positions = (first_position[rows] + step)[None, :, None].expand(3, -1, -1)
+            mask = None if key_mask is None else key_mask[rows, None, None, : width + step + 1]
             hidden = model.language_model(
-                inputs_embeds=step_embeds, position_ids=positions, attention_mask={"full_attention": None},
+                inputs_embeds=step_embeds, position_ids=positions, attention_mask={"full_attention": mask},
                 past_key_values=cache, use_cache=True,
             ).last_hidden_state  # fmt: skip
             logits = model.lm_head(hidden[:, -1]).float()
-            next_position += 1
-        return ids, token_logprobs, finish
+        return [
+            (ids[c * n : (c + 1) * n], token_logprobs[c * n : (c + 1) * n], finish[c * n : (c + 1) * n])
+            for c in range(len(prompts))
+        ]
 
 
 # ---------------------------------------------------------------------------------------------- server

@@ -13,6 +13,7 @@ from torch import nn
 from keyeflow.datasets.pretokenize import patchify
 from keyeflow.model.config import tiny
 from keyeflow.model.generation import (
+    BatchGenerationError,
     Completion,
     Generator,
     LocalGenerator,
@@ -67,6 +68,18 @@ def check_completion(c: Completion, max_new_tokens: int) -> None:
         assert len(c.tokens) == max_new_tokens
 
 
+def assert_same_completions(
+    got: list[Completion], expected: list[Completion], tolerance: float = 1e-5
+) -> None:
+    """The same completions up to the last bits of the logprobs: ids, text, pieces, offsets, finish reasons
+    equal."""
+    assert len(got) == len(expected)
+    for g, e in zip(got, expected):
+        assert g.token_ids == e.token_ids and g.text == e.text and g.finish_reason == e.finish_reason
+        assert g.tokens == e.tokens and g.token_offsets == e.token_offsets
+        assert g.token_logprobs == pytest.approx(e.token_logprobs, abs=tolerance)
+
+
 def test_n_completions_with_logprobs(generator):
     assert isinstance(generator, Generator)
     out = generator.generate(
@@ -84,11 +97,16 @@ def test_seed_makes_it_reproducible_and_each_conversation_independent(generator)
     args = {"n": 3, "max_new_tokens": 12, "temperature": 0.9, "logprobs": True}
     first = generator.generate([QUESTION, OTHER], seed=11, **args)
     assert generator.generate([QUESTION, OTHER], seed=11, **args) == first
-    # A conversation's completions do not depend on its place in the batch (one seed per request).
-    assert generator.generate([OTHER], seed=11, **args)[0] == first[1]
+    # A conversation's completions do not depend on its place in the batch (one seed per request);
+    # decoded beside others, its logprobs may differ in the last bits (a batched matmul), never its tokens.
+    alone = generator.generate([OTHER], seed=11, **args)[0]
+    assert_same_completions(alone, first[1])
     assert generator.generate([QUESTION], seed=12, **args)[0] != first[0]
     # What a server does with one request: the conversation's derived seed, used as given.
-    assert generator.generate_one(OTHER, seed=conversation_seed(11, OTHER), **args) == first[1]
+    assert generator.generate_one(OTHER, seed=conversation_seed(11, OTHER), **args) == alone
+    assert_same_completions(
+        generator.generate_one(OTHER, seed=conversation_seed(11, OTHER), **args), first[1]
+    )
     assert conversation_seed(11, OTHER) != conversation_seed(11, QUESTION) != conversation_seed(12, QUESTION)
     # seed=None: fresh randomness each call.
     assert generator.generate([QUESTION], seed=None, **args) != generator.generate(
@@ -261,3 +279,56 @@ def test_bad_arguments_are_clear(generator, model, tokenizer):
         generator.generate([QUESTION], n=1, max_new_tokens=5000, temperature=0, seed=0, logprobs=True)
     with pytest.raises(ValueError, match="not a local directory"):
         LocalGenerator("/nonexistent/model")
+
+
+def media_patches(part) -> MediaPatches:
+    """An image (as `image_lookup`) or a three-frame video (Slow, Fast, Slow: 4, 2, 4 LLM tokens)."""
+    if part["type"] == "image":
+        return image_lookup(part)
+    rng = np.random.default_rng(part["seed"])
+    sizes = [(56, 56), (28, 56), (56, 56)]
+    return MediaPatches(
+        patches=np.concatenate([patchify(rng.integers(0, 256, (h, w, 3), dtype=np.uint8), 14, 2)
+                                for h, w in sizes]),
+        grids=[(1, h // 14, w // 14) for h, w in sizes], frame_types=[0, 1, 0], timestamps=[0.0, 0.5, 1.0],
+    )  # fmt: skip
+
+
+BATCH = [
+    QUESTION,
+    OTHER,
+    [{"role": "user", "content": [{"type": "image", "seed": 1}, {"type": "text", "text": "What is shown?"}]}],
+    [{"role": "user", "content": "Hi"}],
+    [{"role": "user", "content": [{"type": "video", "seed": 3}, {"type": "text", "text": "What happens?"}]}],
+]
+
+
+@pytest.mark.parametrize("attention", ["packed", "mask"])
+def test_a_batch_decoded_together_equals_each_conversation_alone(model, tokenizer, attention):
+    """All conversations of a batch decode together (one KV cache, prompts padded to the longest, the padding
+    masked): each gets the completions it gets alone with its derived seed, greedy and sampled, on both
+    attention paths (the prefill's attention differs; the decode steps are SDPA with the padding mask)."""
+    config = model.config.to_dict()
+    del config["model_type"]
+    twin = KeyeForConditionalGeneration(type(model.config)(**{**config, "attention": attention})).eval()
+    twin.load_state_dict(model.state_dict())
+    generator = LocalGenerator(twin, tokenizer, media_lookup=media_patches)
+    lengths = [generator.num_prompt_tokens(m) for m in BATCH]
+    assert len(set(lengths)) == len(BATCH), lengths  # every row is padded by a different amount
+    for temperature, seed in ((0.0, 4), (1.0, 9)):
+        args = {"n": 3, "max_new_tokens": 10, "temperature": temperature, "logprobs": True}
+        together = generator.generate(BATCH, seed=seed, **args)
+        for messages, got in zip(BATCH, together):
+            assert_same_completions(
+                got, generator.generate_one(messages, seed=conversation_seed(seed, messages), **args)
+            )
+        if temperature:
+            assert len({c.text for group in together for c in group}) == 3 * len(BATCH)
+    # A conversation that cannot be encoded fails alone; the others are sampled as before.
+    args = {"n": 2, "max_new_tokens": 6, "temperature": 1.0, "logprobs": True}
+    good = generator.generate(BATCH[:3], seed=5, **args)
+    with pytest.raises(BatchGenerationError) as error:
+        generator.generate([BATCH[0], [{"role": "robot", "content": "hi"}], *BATCH[1:3]], seed=5, **args)
+    assert list(error.value.failures) == [1] and "role" in str(error.value.failures[1])
+    for got, expected in zip([error.value.results[i] for i in (0, 2, 3)], good):
+        assert_same_completions(got, expected)
