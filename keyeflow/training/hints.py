@@ -27,9 +27,11 @@ and an item stops as soon as one level gets a success. Every item is a mapping (
   solution (concept, method, tool, first step, every step with the answer);
 - whatever ``reward_fn(item, response)`` needs (a reference answer, …).
 
-``rollout_fn(prompt, n)`` is the policy: ``n`` responses to one prompt. ``reward_fn`` returns a float in
-[0, 1] or a :class:`~keyeflow.quality.rewards.Reward`; a rollout succeeds when its reward reaches
-``success_threshold``.
+``rollout_fn(prompt, n)`` is the policy: ``n`` responses to one prompt. Or ``rollout_batch_fn(items,
+prompts, n)``: ``n`` responses to each prompt of a list (``prompts[i]`` is ``items[i]``'s at this level),
+called once per level with every item still unsolved, so a local policy decodes them together (the same
+records either way). ``reward_fn`` returns a float in [0, 1] or a :class:`~keyeflow.quality.rewards.Reward`;
+a rollout succeeds when its reward reaches ``success_threshold``.
 
 Where the hint goes (:func:`hinted_prompt`): SPEC says "append a hint after the query". It is appended to
 the query text with ``hint_template`` (default a blank line then ``Hint: …``), and **before** a trailing
@@ -66,6 +68,7 @@ MAX_LEVEL = max(HINT_LEVELS)
 
 Prompt = str | list[dict[str, Any]]
 RolloutFn = Callable[[Prompt, int], Sequence[str]]
+RolloutBatchFn = Callable[[list[Mapping[str, Any]], list[Prompt], int], Sequence[Sequence[str]]]
 RewardFn = Callable[[Mapping[str, Any], str], "float | Reward"]
 HintWriter = Callable[[Mapping[str, Any], int], str]
 
@@ -227,29 +230,57 @@ def _reward_value(item_id: str, out: object) -> float:
     return float(value)
 
 
-def _rollouts(rollout_fn: RolloutFn, prompt: Prompt, n: int, item_id: str, level: int) -> list[str]:
-    responses = list(rollout_fn(prompt, n))
+def _checked_responses(responses: Sequence[str], n: int, item_id: str, level: int, name: str) -> list[str]:
+    responses = list(responses)
     if len(responses) != n or not all(isinstance(r, str) for r in responses):
         raise ValueError(
-            f"item {item_id!r} at L{level}: rollout_fn must return {n} strings, got {len(responses)} values"
+            f"item {item_id!r} at L{level}: {name} must return {n} strings, got {len(responses)} values"
         )
     return responses
 
 
+def _level_rollouts(
+    rollout_fn: RolloutFn | None,
+    rollout_batch_fn: RolloutBatchFn | None,
+    items: list[Mapping[str, Any]],
+    prompts: list[Prompt],
+    n: int,
+    level: int,
+) -> list[list[str]]:
+    """The responses to every prompt of one level: one `rollout_batch_fn` call, or `rollout_fn` per prompt."""
+    item_ids = [item["id"] for item in items]
+    if rollout_batch_fn is None:
+        return [
+            _checked_responses(rollout_fn(prompt, n), n, item_id, level, "rollout_fn")
+            for prompt, item_id in zip(prompts, item_ids)
+        ]
+    batch = list(rollout_batch_fn(items, prompts, n))
+    if len(batch) != len(prompts):
+        raise ValueError(f"L{level}: rollout_batch_fn must return {len(prompts)} lists, got {len(batch)}")
+    return [
+        _checked_responses(responses, n, item_id, level, "rollout_batch_fn")
+        for responses, item_id in zip(batch, item_ids)
+    ]
+
+
 def progressive_hint_sampling(
     items: Sequence[Mapping[str, Any]],
-    rollout_fn: RolloutFn,
+    rollout_fn: RolloutFn | None,
     reward_fn: RewardFn,
     config: HintConfig | None = None,
     *,
     hint_writer: HintWriter | None = None,
+    rollout_batch_fn: RolloutBatchFn | None = None,
 ) -> list[HintRecord]:
     """One :class:`HintRecord` per item, in order: the lowest hint level (0 = none) at which at least one of
     ``config.rollouts_per_level`` rollouts succeeds, trying levels 0, 1, … ``config.max_level``.
 
-    Without a ``hint_writer``, every item must carry hints for levels 1 … ``max_level`` (checked before
-    any rollout, so a missing hint never wastes a run half-way).
+    The policy is ``rollout_fn`` (one prompt a call) or ``rollout_batch_fn`` (every unsolved item's prompt
+    of a level in one call); exactly one is given. Without a ``hint_writer``, every item must carry hints for
+    levels 1 … ``max_level`` (checked before any rollout, so a missing hint never wastes a run half-way).
     """
+    if (rollout_fn is None) == (rollout_batch_fn is None):
+        raise ValueError("give exactly one of rollout_fn and rollout_batch_fn")
     config = config or HintConfig()
     ids = [item.get("id") for item in items]
     for item, item_id in zip(items, ids):
@@ -273,6 +304,8 @@ def progressive_hint_sampling(
     solved: dict[str, tuple[int, Prompt, list[str], list[float]]] = {}
     n = config.rollouts_per_level
     for level in range(config.max_level + 1):
+        # The items still unsolved, each with this level's prompt.
+        todo: list[tuple[Mapping[str, Any], Prompt]] = []
         for item in items:
             item_id = item["id"]
             if item_id in solved:
@@ -290,7 +323,14 @@ def progressive_hint_sampling(
                         )
                     hints[item_id][level] = text
                 prompt = hinted_prompt(item["prompt"], hints[item_id][level], level, config.hint_template)
-            responses = _rollouts(rollout_fn, prompt, n, item_id, level)
+            todo.append((item, prompt))
+        if not todo:
+            break
+        level_responses = _level_rollouts(
+            rollout_fn, rollout_batch_fn, [i for i, _ in todo], [p for _, p in todo], n, level
+        )
+        for (item, prompt), responses in zip(todo, level_responses):
+            item_id = item["id"]
             rewards = [_reward_value(item_id, reward_fn(item, r)) for r in responses]
             num_success = sum(r >= config.success_threshold for r in rewards)
             pass_rates[item_id][level] = num_success / n

@@ -586,40 +586,68 @@ def _score(
         timer.add("reward", started)
 
 
-def _hinted_group(
+def _hinted_groups(
     generator: LocalGenerator,
     config: GSPOStageConfig,
-    group: _Group,
+    groups: Sequence[_Group],
     reward_fn: RewardFn,
     seed: int,
     timer: _Timer,
-) -> tuple[HintRecord, _Group]:
-    """Progressive hint sampling for one all-failed group; the group at the level used (unchanged when no
-    level succeeds)."""
-    item = group.item
-    tried: list[tuple[list[dict], list[Completion], list[float]]] = []  # one entry per level, in level order
+) -> tuple[dict[str, tuple[HintRecord, _Group]], dict[str, str]]:
+    """Progressive hint sampling for the step's all-failed groups together, one generate call per level over
+    every group still unsolved (each conversation keeps its own seed, so the results are those of searching
+    the groups one by one). Returns, by item id, the record and the group at the level used (unchanged when
+    no level succeeds), and the items whose hinted rollouts could not be scored, with why (their search
+    stopped there; they are not trained)."""
+    by_id = {group.item["id"]: group for group in groups}
+    # One entry per level tried, in level order, per item.
+    tried: dict[str, list[tuple[list[dict], list[Completion], list[float]]]] = {i: [] for i in by_id}
+    failed: dict[str, str] = {}
 
-    def rollout(prompt: Any, n: int) -> list[str]:
-        messages = with_last_user_content(item["messages"], prompt)
-        if not tried:  # level 0 is the step's own rollouts, already sampled and scored
-            completions, rewards = group.completions, group.rewards
+    def rollout_batch(items: list[Mapping[str, Any]], prompts: list[Any], n: int) -> list[list[str]]:
+        ids = [item["id"] for item in items]
+        level_zero = not tried[ids[0]]  # level 0 is the step's own rollouts, already sampled and scored
+        messages = [with_last_user_content(by_id[i].item["messages"], p) for i, p in zip(ids, prompts)]
+        if level_zero:
+            sampled = [by_id[i].completions for i in ids]
         else:
-            completions = _rollouts(generator, config, [messages], seed, timer)[0]
-            rewards = _score(reward_fn, item, messages, completions, timer)
-        tried.append((messages, completions, rewards))
-        return [c.text for c in completions]
+            sampled = _rollouts(generator, config, messages, seed, timer)
+        for item_id, conversation, completions in zip(ids, messages, sampled):
+            if level_zero:
+                rewards = by_id[item_id].rewards
+            else:
+                try:
+                    rewards = _score(reward_fn, by_id[item_id].item, conversation, completions, timer)
+                except ScoringError as error:
+                    failed[item_id] = f"while scoring hinted rollouts: {error}"
+                    rewards = []
+            tried[item_id].append((conversation, completions, rewards))
+        return [[c.text for c in completions] for completions in sampled]
 
-    def reward(_: Mapping[str, Any], response: str) -> float:
-        # Called right after `rollout`, on its responses: the scores are already known.
-        _, completions, rewards = tried[-1]
+    def reward(item: Mapping[str, Any], response: str) -> float:
+        # Called right after `rollout_batch`, on its responses: the scores are already known. An item whose
+        # scoring failed counts as solved, which ends its search (as the error did searching one by one);
+        # its record is dropped.
+        if item["id"] in failed:
+            return 1.0
+        _, completions, rewards = tried[item["id"]][-1]
         return rewards[[c.text for c in completions].index(response)]
 
-    hint_item = dict(item, prompt=item["messages"][-1]["content"])
-    [record] = progressive_hint_sampling([hint_item], rollout, reward, config.hints)
-    if record.level is None:
-        return record, group
-    messages, completions, rewards = tried[record.level]
-    return record, _Group(item, messages, completions, rewards, record.level)
+    hint_items = [dict(g.item, prompt=g.item["messages"][-1]["content"]) for g in groups]
+    records = progressive_hint_sampling(
+        hint_items, None, reward, config.hints, rollout_batch_fn=rollout_batch
+    )
+    out: dict[str, tuple[HintRecord, _Group]] = {}
+    for record in records:
+        if record.item_id in failed:
+            continue
+        group = by_id[record.item_id]
+        if record.level is None:
+            out[record.item_id] = (record, group)
+        else:
+            messages, completions, rewards = tried[record.item_id][record.level]
+            out[record.item_id] = (record, _Group(group.item, messages, completions, rewards, record.level))
+    return out, failed
 
 
 def _pad_id(model: nn.Module) -> int:
@@ -943,7 +971,14 @@ def _sample_groups(
     report: dict[str, Any] = {
         item_id: {"level": None, "reward_error": why} for item_id, why in failed.items()
     }
-    hint_failed: dict[str, str] = {}
+    searched = [
+        g
+        for g in groups
+        if config.hints is not None and g.item.get("hints") and all(r < threshold for r in g.rewards)
+    ]
+    hinted, hint_failed = (
+        _hinted_groups(generator, config, searched, reward_fn, seed, timer) if searched else ({}, {})
+    )
     for k, group in enumerate(groups):
         item_id = group.item["id"]
         rate = sum(r >= threshold for r in group.rewards) / len(group.rewards)
@@ -956,13 +991,10 @@ def _sample_groups(
                 "pass_rates": {"0": 0.0},
                 "note": "hint sampling off" if config.hints is None else "item has no hints",
             }
+        elif item_id in hint_failed:
+            report[item_id] = {"level": None, "reward_error": hint_failed[item_id]}
         else:
-            try:
-                record, groups[k] = _hinted_group(generator, config, group, reward_fn, seed, timer)
-            except ScoringError as error:
-                hint_failed[item_id] = f"while scoring hinted rollouts: {error}"
-                report[item_id] = {"level": None, "reward_error": hint_failed[item_id]}
-                continue
+            record, groups[k] = hinted[item_id]
             report[item_id] = {
                 "level": record.level,
                 "hint": record.hint,
@@ -1347,13 +1379,14 @@ def rejection_sampling_round(
     rl_generator: Generator,
     cold_start_rows: Sequence[Mapping[str, Any]],
     verify_fn: Callable[[Mapping[str, Any], str], bool],
-    prefer_fn: Callable[[str, str], bool],
+    prefer_fn: Callable[[str, str], bool] | None,
     k: int,
     *,
     max_new_tokens: int = 1024,
     temperature: float = 1.0,
     seed: int = 0,
     max_error_share: float = DEFAULT_MAX_ERROR_SHARE,
+    row_prefer_fn: Callable[[Mapping[str, Any], str, str], bool] | None = None,
 ) -> RejectionRound:
     """One round of SPEC §4's rejection-sampling loop over the cold-start set. Each row has an `id` and
     `messages` ending with the reference assistant response. The RL model samples `k` responses to the
@@ -1363,7 +1396,12 @@ def rejection_sampling_round(
     over the reference and over every other verified sample). The row's reference becomes the final
     incumbent. A row whose generation, verification or judgement failed (`verify_fn` or `prefer_fn` raised:
     a judge gives no "not preferred" for a failed request) keeps its reference, recorded as failed with the
-    error as the reason; more failed rows than `max_error_share` raise ErrorShareExceeded."""
+    error as the reason; more failed rows than `max_error_share` raise ErrorShareExceeded. A judge that must
+    know the row (the question the two responses answer) is given as `row_prefer_fn(row, candidate,
+    incumbent)` instead of `prefer_fn` (exactly one of them): every row's samples still come from one
+    generate call."""
+    if (prefer_fn is None) == (row_prefer_fn is None):
+        raise ValueError("give exactly one of prefer_fn and row_prefer_fn")
     if isinstance(k, bool) or not isinstance(k, int) or k < 1:
         raise ValueError(f"k={k!r}: must be an integer >= 1")
     check_max_error_share("rejection_sampling_round", max_error_share)
@@ -1418,7 +1456,11 @@ def rejection_sampling_round(
         try:
             verified = [c.text for c in result if verify_fn(row, c.text)]
             for j, candidate in enumerate(verified):
-                if prefer_fn(candidate, incumbent):
+                if (
+                    prefer_fn(candidate, incumbent)
+                    if row_prefer_fn is None
+                    else row_prefer_fn(row, candidate, incumbent)
+                ):
                     incumbent, winner = candidate, j
         except REWARD_ERRORS as error:
             stage = "judgement" if verified else "verification"  # `verified` is set once every check ran
