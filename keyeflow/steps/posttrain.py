@@ -28,7 +28,7 @@ from keyeflow.datasets.tables import TableRef
 from keyeflow.longcot.generate import GenerationConfig, media_configs, user_content
 from keyeflow.longcot.rl_items import question_file_items
 from keyeflow.model.generation import Generator
-from keyeflow.quality.errors import DEFAULT_MAX_ERROR_SHARE, ScoringError, check_error_share
+from keyeflow.quality.errors import DEFAULT_MAX_ERROR_SHARE, ScoringError
 from keyeflow.quality.reward_model import (
     ComparisonRequest,
     RewardModelConfig,
@@ -391,37 +391,29 @@ def rejection_sampling(
     def verify(row: Mapping[str, Any], response: str) -> bool:
         return answer_reward(response, row["reference"]).value >= 1.0
 
-    def prefer_for(row: Mapping[str, Any]):
-        query = row["messages"][-2]["content"]  # the user turn the responses answer
-
-        def prefer(candidate: str, incumbent: str) -> bool:
-            (comparison,) = judge.compare(
-                [ComparisonRequest(query, candidate, incumbent, reference=row["reference"])]
-            )
-            if comparison.value is None:
-                raise ScoringError(f"row {row['id']!r}: {comparison.reason}")
-            return comparison.value > 0.5
-
-        return prefer
+    def prefer(row: Mapping[str, Any], candidate: str, incumbent: str) -> bool:
+        # The judge is told which question the two responses answer: the row's user turn.
+        query = row["messages"][-2]["content"]
+        (comparison,) = judge.compare(
+            [ComparisonRequest(query, candidate, incumbent, reference=row["reference"])]
+        )
+        if comparison.value is None:
+            raise ScoringError(f"row {row['id']!r}: {comparison.reason}")
+        return comparison.value > 0.5
 
     generator: Generator = local_generator(policy.checkpoint)
-    out_rows, records = [], []
-    for row in rows:  # one row at a time: the judge is told which question the two responses answer
-        one = rl.rejection_sampling_round(
-            generator,
-            [row],
-            verify,
-            prefer_for(row),
-            k,
-            max_new_tokens=max_new_tokens,
-            seed=seed,
-            max_error_share=1.0,  # one row per call: the share is checked over the whole set below
-        )
-        out_rows += one.rows
-        records += one.records
-    failures = [(r.row_id, r.reason) for r in records if r.failed]
-    check_error_share("rejection sampling", failures, len(records), max_error_share)
-    return rl.RejectionRound(out_rows, records)
+    # Every row's k samples in one generate call (decoded together); the judge is still asked row by row.
+    return rl.rejection_sampling_round(
+        generator,
+        rows,
+        verify,
+        None,
+        k,
+        max_new_tokens=max_new_tokens,
+        seed=seed,
+        max_error_share=max_error_share,
+        row_prefer_fn=prefer,
+    )
 
 
 # ---------------------------------------------------------------------------------------------- held-out

@@ -660,3 +660,26 @@ def test_gspo_with_a_token_budget_trains_as_the_one_batch_update(init_dir, tmp_p
         "max_tokens_per_micro_batch"
         not in json.loads((runs[None].checkpoint_dir / "state.json").read_text())["config"]
     )  # off: the config (and its hash) is what it was before the field existed
+
+
+def test_rejection_sampling_round_takes_a_judge_that_reads_the_row(generator):
+    """`row_prefer_fn(row, candidate, incumbent)` (a judge told the row's question) gives the same round as
+    `prefer_fn`, every row sampled in the one generate call."""
+    rows = [
+        dict(item, messages=[*item["messages"], {"role": "assistant", "content": "ref"}])
+        for item in TEXT_ITEMS
+    ]
+    judged: list[str] = []
+
+    def row_prefer(row, candidate: str, incumbent: str) -> bool:
+        judged.append(row["id"])
+        return len(candidate) > len(incumbent)
+
+    args = {"k": 3, "max_new_tokens": 6, "seed": 5, "verify_fn": lambda row, text: len(text) % 2 == 0}
+    with_row = rejection_sampling_round(generator, rows, prefer_fn=None, row_prefer_fn=row_prefer, **args)
+    plain = rejection_sampling_round(generator, rows, prefer_fn=lambda a, b: len(a) > len(b), **args)
+    assert with_row.rows == plain.rows and with_row.records == plain.records
+    assert judged and set(judged) <= {row["id"] for row in rows}
+    assert len(judged) == sum(r.num_verified for r in with_row.records)
+    with pytest.raises(ValueError, match="exactly one"):
+        rejection_sampling_round(generator, rows, prefer_fn=None, **args)

@@ -3,6 +3,7 @@ its prompt carries a hint of at least the item's level."""
 
 from __future__ import annotations
 
+import itertools
 import re
 
 import pytest
@@ -299,3 +300,25 @@ def test_reward_objects_and_floats_both_work_as_reward_fn_output():
     a = progressive_hint_sampling(items, Policy(), as_float)
     b = progressive_hint_sampling(items, Policy(), as_reward)
     assert a == b and [r.level for r in a] == [0, 1]
+
+
+def test_a_batched_policy_gets_each_level_in_one_call_and_the_same_records():
+    one_by_one = progressive_hint_sampling(make_items(), Policy(), reward)
+    policy = Policy()
+    batches: list[list[str]] = []  # the item ids of each call
+
+    def rollout_batch(items, prompts, n):
+        batches.append([item["id"] for item in items])
+        return [policy(prompt, n) for prompt in prompts]
+
+    batched = progressive_hint_sampling(make_items(), None, reward, rollout_batch_fn=rollout_batch)
+    assert batched == one_by_one
+    # One call per level, each with exactly the items still unsolved, in item order.
+    assert batches[0] == [item["id"] for item in make_items()]
+    for before, after in itertools.pairwise(batches):
+        assert after and set(after) < set(before) and after == [i for i in before if i in after]
+    assert [(i, level) for i, level, _ in policy.calls] == [
+        (i, level) for level, ids in enumerate(batches) for i in ids
+    ]
+    with pytest.raises(ValueError, match="exactly one"):
+        progressive_hint_sampling(make_items(), Policy(), reward, rollout_batch_fn=rollout_batch)
