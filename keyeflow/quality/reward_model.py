@@ -2,7 +2,8 @@
 response B) and says which response is better, its prompt and strict output parser, the data to fine-tune it,
 and a judge that serves as the `reward_model` component of `rewards.RewardCombiner`.
 
-**Modes.** `no_think`: the verdict directly, one line `Verdict: A`, `Verdict: B` or `Verdict: tie`. `think`: a
+**Modes.** `no_think`: the verdict directly, one line `Verdict: A`, `Verdict: B` or `Verdict: tie` (after
+the reference line when the prompt has a reference answer, below). `think`: a
 `<think>` block scoring A and B on nine dimensions, one line each, `name: A=<score>, B=<score>` (integers from
 `score_min` to `score_max`; other lines in the block are free reasoning), then `</think>` and the verdict
 line:
@@ -21,15 +22,22 @@ readability and answer_form: what an answer can still get wrong when it is right
 chosen because the training targets can score it from a signal the response itself carries.
 
 **Reference-guided judgement.** When the query has a reference answer (every verifiable item, every
-LongCoT question, every pair built from them), the prompt shows it after the query (`Reference answer: …`),
-in training and when judging alike, for every recipe: SPEC lists the judge's inputs as the query, the two
-responses and the task definition, and the reference is part of what the task defines as right. Judging a
-right answer against a wrong one then means matching each response's final answer with the reference;
-without it, the judge must solve the question itself (count the shapes, read the chart) before it can
-compare, and a judge no better at the task than the policy can only learn a position or a form. Measured on
-the tiny model (2 layers of 64), this is not enough yet: trained on 480 order-swapped reference-guided
-conversations for 30 to 300 steps (learning rates 2e-3 to 8e-3), it still gives one verdict whatever the
-order, held-out accuracy exactly 0.5. Queries without a reference (alignment prompts) are judged as before.
+LongCoT question, every pair built from them), the prompt shows it after the two responses (`Reference
+answer:` and the answer on the next line), in training and when judging alike, for every recipe: SPEC lists
+the judge's inputs as the query, the two responses and the task definition, and the reference is part of
+what the task defines as right. Without it, the judge must solve the question itself (count the shapes, read
+the chart) before it can compare, and a judge no better at the task than the policy can only learn a
+position or a form. The output then starts with one line that restates the reference and says which
+response gives it, `3 is Response A's answer.` (`Response B's`, `both responses'`, `neither response's`;
+the target states what the task's rule check says of each response), then the verdict line; in think mode
+that line opens the `<think>` block. Why the line: a verdict written straight after the prompt has to
+compare two tokens at two places (the reference and a response's answer), a step the tiny model (2 layers of
+64) did not learn: 1,400 steps of 64 such one-token pairs left its verdict at chance (0.49–0.51 training
+accuracy), and the reward model trained in the flow gave one verdict whatever the order (held-out accuracy
+exactly 0.5). Restating the reference first turns the comparison into a look-up, finding that answer among
+the responses and writing the label next to it, which it learned within 200 steps of 32 (0.90 training
+accuracy over steps 101–200; `scripts/judge_learnability.py`). Queries without a reference (alignment
+prompts) are judged as before, one verdict line.
 
 **Training data** (`build_reward_model_data`, from preference pairs):
 - *order swap*: every pair gives two conversations, chosen as A (target `A`) and chosen as B (target `B`), so
@@ -278,20 +286,27 @@ def _merge_text(parts: list[dict[str, Any]]) -> str | list[dict[str, Any]]:
     return merged
 
 
-def instructions(mode: str, config: RewardModelConfig | None = None) -> str:
-    """What the judge is asked to write, per mode (the format the parser accepts)."""
+def instructions(mode: str, config: RewardModelConfig | None = None, *, reference: bool = False) -> str:
+    """What the judge is asked to write, per mode (the format the parser accepts); `reference`: the prompt
+    shows a reference answer, and the output starts by restating it and saying which response gives it."""
     config = config or RewardModelConfig()
     verdict = "`Verdict: A`, `Verdict: B` or `Verdict: tie`"
+    restate = (
+        "the reference answer restated and which response gives it, one line written exactly as "
+        "`<reference answer> is Response A's answer.` (or `Response B's`, `both responses'`, "
+        "`neither response's`)"
+    )
     if mode == "no_think":
-        return (
-            f"Compare the two responses on {', '.join(DIMENSION_NAMES).replace('_', ' ')}. "
-            f"Reply with exactly one line: {verdict}."
-        )
+        compare = f"Compare the two responses on {', '.join(DIMENSION_NAMES).replace('_', ' ')}. "
+        if reference:
+            return compare + f"Reply with exactly two lines: {restate}, then {verdict}."
+        return compare + f"Reply with exactly one line: {verdict}."
     if mode != "think":
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     dims = "\n".join(f"- {d.name}: {d.definition}" for d in DIMENSIONS)
     return (
-        f"First think inside <think> and </think>: score Response A and Response B on each dimension below "
+        ("" if not reference else f"Start the <think> block with {restate}. ")
+        + f"First think inside <think> and </think>: score Response A and Response B on each dimension below "
         f"from {config.score_min} (worst) to {config.score_max} (best), one line per dimension written "
         f"exactly as `name: A=<score>, B=<score>`; other lines may hold your reasoning.\n{dims}\n"
         f"Then, after </think>, write exactly one line: {verdict}."
@@ -309,9 +324,11 @@ def build_prompt(
     reference: object | None = None,
 ) -> list[dict[str, Any]]:
     """The chat asking the reward model to judge A against B: a system message, then one user message with the
-    task definition, the query (its image/video parts kept as parts, in place), the reference answer when the
-    query has one (`reference`: a reference-guided judgement, module docstring), both responses and the
-    instructions of `mode`, ending with Keye's `/think` or `/no_think` switch."""
+    task definition, the query (its image/video parts kept as parts, in place), the instructions of `mode`,
+    both responses, the reference answer when the query has one (`reference`: a reference-guided judgement,
+    module docstring) and Keye's `/think` or `/no_think` switch. The instructions come before the material
+    and the reference last, right before the judge's output restates it: what the judge must compare sits
+    at the same short distance from where it writes, whatever the query's length."""
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     if not isinstance(task_definition, str) or not task_definition.strip():
@@ -324,9 +341,10 @@ def build_prompt(
         *query_parts(query),
         {
             "type": "text",
-            "text": ("" if reference is None else f"\n\nReference answer: {reference}")
-            + f"\n\nResponse A:\n{response_a}\n\nResponse B:\n{response_b}\n\n"
-            f"{instructions(mode, config)} /{mode}",
+            "text": f"\n\n{instructions(mode, config, reference=reference is not None)}\n\n"
+            f"Response A:\n{response_a}\n\nResponse B:\n{response_b}\n\n"
+            + ("" if reference is None else f"Reference answer:\n{reference_text(reference)}\n\n")
+            + f"/{mode}",
         },
     ]
     return [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": _merge_text(parts)}]
@@ -346,6 +364,34 @@ class Judgement:
     verdict: str  # "A", "B" or "tie"
     scores_a: Mapping[str, int] | None = None
     scores_b: Mapping[str, int] | None = None
+    # A reference-guided judgement's first line, `<reference> is Response A's answer.` (`reference_line`), as
+    # written; None when the output has none.
+    reference_line: str | None = None
+
+
+# Who gives the reference answer → the words of the reference line.
+REFERENCE_GIVERS = {
+    "A": "Response A's",
+    "B": "Response B's",
+    "both": "both responses'",
+    "neither": "neither response's",
+}
+_REFERENCE_LINE = re.compile(
+    r"\S.* is (?:" + "|".join(re.escape(words) for words in REFERENCE_GIVERS.values()) + r") answer\."
+)
+
+
+def reference_text(reference: object) -> str:
+    """The reference answer on one line, as the prompt shows it and the reference line restates it."""
+    return " ".join(str(reference).split())
+
+
+def reference_line(reference: object, giver: str) -> str:
+    """The line a reference-guided judgement starts with: the reference answer restated, then which response
+    gives it (`giver`: "A", "B", "both" or "neither")."""
+    if giver not in REFERENCE_GIVERS:
+        raise ValueError(f"giver must be one of {tuple(REFERENCE_GIVERS)}, got {giver!r}")
+    return f"{reference_text(reference)} is {REFERENCE_GIVERS[giver]} answer."
 
 
 _VERDICT = re.compile(r"verdict[ \t]*:[ \t]*(a|b|tie)", re.IGNORECASE)
@@ -389,6 +435,9 @@ def parse_output(text: str, mode: str, config: RewardModelConfig | None = None) 
         rest = _EMPTY_THINK.sub("", text, count=1)
         if "<think>" in rest or "</think>" in rest:
             raise RewardModelOutputError("a <think> block in no_think mode")
+        lines = [line.strip() for line in rest.strip().splitlines() if line.strip()]
+        if len(lines) == 2 and _REFERENCE_LINE.fullmatch(lines[0]):
+            return Judgement(_verdict_line(lines[1]), reference_line=lines[0])
         return Judgement(_verdict_line(rest))
     if mode != "think":
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
@@ -405,6 +454,9 @@ def parse_output(text: str, mode: str, config: RewardModelConfig | None = None) 
     verdict = _verdict_line(after)
     scores_a: dict[str, int] = {}
     scores_b: dict[str, int] = {}
+    restated = next(
+        (line.strip() for line in inner.splitlines() if _REFERENCE_LINE.fullmatch(line.strip())), None
+    )
     # `inner` starts on the `<think>` line, so these numbers are the output's own line numbers.
     for number, raw in enumerate(inner.splitlines(), start=1):
         line = raw.strip().lstrip("-*• ").strip()
@@ -429,7 +481,7 @@ def parse_output(text: str, mode: str, config: RewardModelConfig | None = None) 
     missing = [name for name in DIMENSION_NAMES if name not in scores_a]
     if missing:
         raise RewardModelOutputError(f"no scores for {', '.join(missing)} in the <think> block")
-    return Judgement(verdict, MappingProxyType(scores_a), MappingProxyType(scores_b))
+    return Judgement(verdict, MappingProxyType(scores_a), MappingProxyType(scores_b), restated)
 
 
 def render_output(judgement: Judgement, mode: str) -> str:
@@ -437,8 +489,11 @@ def render_output(judgement: Judgement, mode: str) -> str:
     if judgement.verdict not in VERDICTS:
         raise ValueError(f"verdict must be one of {VERDICTS}, got {judgement.verdict!r}")
     verdict = f"Verdict: {judgement.verdict}"
+    restated = [judgement.reference_line] if judgement.reference_line is not None else []
+    if restated and not _REFERENCE_LINE.fullmatch(restated[0]):
+        raise ValueError(f"reference_line {restated[0]!r} is not `<reference> is Response A's answer.`")
     if mode == "no_think":
-        return verdict
+        return "\n".join([*restated, verdict])
     if mode != "think":
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     if judgement.scores_a is None or judgement.scores_b is None:
@@ -447,7 +502,7 @@ def render_output(judgement: Judgement, mode: str) -> str:
     if missing:
         raise ValueError(f"a think output needs every dimension scored; missing {missing}")
     lines = [f"{n}: A={judgement.scores_a[n]}, B={judgement.scores_b[n]}" for n in DIMENSION_NAMES]
-    return "<think>\n" + "\n".join(lines) + "\n</think>\n" + verdict
+    return "<think>\n" + "\n".join([*restated, *lines]) + "\n</think>\n" + verdict
 
 
 def weighted_score(scores: Mapping[str, int], config: RewardModelConfig) -> float:
@@ -839,6 +894,27 @@ class RewardDataReport:
         }
 
 
+def reference_givers(pair: Mapping[str, Any]) -> dict[str, str]:
+    """Per order ("chosen_a", "chosen_b"), which response gives the pair's reference answer ("A", "B", "both",
+    "neither"), by the rule check of its task (`rewards.answer_reward` = 1): the fact a reference-guided
+    target's first line states."""
+    task = pair.get("task") or "math"
+    if task not in TASKS:
+        raise ValueError(f"pair task {task!r} must be one of {TASKS}")
+    gives = {
+        side: answer_reward(pair[side], pair["reference"], task, options=pair.get("options")).value >= 1.0
+        for side in ("chosen", "rejected")
+    }
+
+    def giver(a: bool, b: bool) -> str:
+        return "both" if a and b else "A" if a else "B" if b else "neither"
+
+    return {
+        "chosen_a": giver(gives["chosen"], gives["rejected"]),
+        "chosen_b": giver(gives["rejected"], gives["chosen"]),
+    }
+
+
 def build_reward_model_data(
     pairs: Sequence[Mapping[str, Any]],
     config: RewardModelConfig | None = None,
@@ -866,6 +942,7 @@ def build_reward_model_data(
         pair_id = str(pair.get("pair_id") or pair.get("item_id") or k)
         definition = pair.get("task_definition") or task_definition
         chosen, rejected = pair["chosen"], pair["rejected"]
+        givers = reference_givers(pair) if pair.get("reference") is not None else None
         scores = None
         if "think" in modes:
             scores = (
@@ -877,10 +954,11 @@ def build_reward_model_data(
                 ("chosen_a", (chosen, rejected), "A"),
                 ("chosen_b", (rejected, chosen), "B"),
             ):
-                judgement = Judgement(verdict)
+                restated = None if givers is None else reference_line(pair["reference"], givers[order])
+                judgement = Judgement(verdict, reference_line=restated)
                 if mode == "think":
                     first, second = scores if verdict == "A" else scores[::-1]
-                    judgement = Judgement(verdict, first, second)
+                    judgement = Judgement(verdict, first, second, restated)
                 messages = build_prompt(
                     definition, pair["messages"], a, b, mode, config, reference=pair.get("reference")
                 )
@@ -936,7 +1014,7 @@ class RewardModelJudge:
     """A reward model behind any `Generator` (module docstring). `task_definition`: what the judge is told the
     task is when a request names none. `baseline(item) -> str | None`: a competing response for `reward` when
     the item has no reference (e.g. the SFT model's answer); without either, `reward` has nothing to compare
-    with and returns None. `max_new_tokens`: default 16 for no_think, 512 for think."""
+    with and returns None. `max_new_tokens`: default 48 for no_think, 512 for think."""
 
     def __init__(
         self,
@@ -956,7 +1034,8 @@ class RewardModelJudge:
             raise ValueError("task_definition must be a non-empty string")
         self.task_definition = task_definition
         self.baseline = baseline
-        self.max_new_tokens = max_new_tokens or (512 if self.config.mode == "think" else 16)
+        # no_think: the reference line (the reference restated, a few words) and the verdict line.
+        self.max_new_tokens = max_new_tokens or (512 if self.config.mode == "think" else 48)
         self.seed = seed
 
     def __repr__(self) -> str:

@@ -28,6 +28,8 @@ from keyeflow.quality.reward_model import (
     query_parts,
     readable_share,
     reasoning_consistency,
+    reference_givers,
+    reference_line,
     render_output,
     signal_scores,
 )
@@ -94,14 +96,14 @@ def test_prompt_for_a_text_query_is_one_string_ending_with_the_mode_switch():
     assert messages[1] == {
         "role": "user",
         "content": (
-            "Task definition: Solve the sum.\n\nQuery:\nWhat is 2+2?\n\nResponse A:\n4\n\nResponse B:\n5\n\n"
+            "Task definition: Solve the sum.\n\nQuery:\nWhat is 2+2?\n\n"
             "Compare the two responses on credibility, correctness, redundancy, relevance, completeness, "
             "instruction following, consistency, readability, answer form. Reply with exactly one line: "
-            "`Verdict: A`, `Verdict: B` or `Verdict: tie`. /no_think"
+            "`Verdict: A`, `Verdict: B` or `Verdict: tie`.\n\nResponse A:\n4\n\nResponse B:\n5\n\n/no_think"
         ),
     }
     think = build_prompt("Solve the sum.", "What is 2+2?", "4", "5", "think")[1]["content"]
-    assert think.endswith(" /think") and prompt_mode(think) == "think"
+    assert think.endswith("\n\n/think") and prompt_mode(think) == "think"
     assert all(f"- {d.name}: {d.definition}" in think for d in DIMENSIONS)
     assert "from 1 (worst) to 10 (best)" in think and "`name: A=<score>, B=<score>`" in think
     assert "from 0 (worst) to 5 (best)" in instructions("think", RewardModelConfig(score_min=0, score_max=5))
@@ -113,9 +115,8 @@ def test_prompt_keeps_media_parts_in_place_and_flattens_a_chat_query():
     content = build_prompt("Read the chart.", query, "The red one.", "Blue.", "think")[1]["content"]
     assert content[0] == {"type": "text", "text": "Task definition: Read the chart.\n\nQuery:\n"}
     assert content[1] == image
-    assert content[2]["text"].startswith(
-        "Which bar is tallest?\n\nResponse A:\nThe red one.\n\nResponse B:\nBlue."
-    )
+    assert content[2]["text"].startswith("Which bar is tallest?\n\nFirst think inside <think>")
+    assert content[2]["text"].endswith("\n\nResponse A:\nThe red one.\n\nResponse B:\nBlue.\n\n/think")
     assert prompt_mode(content) == "think"
     chat = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi?"}]
     assert query_parts(chat) == [
@@ -293,19 +294,31 @@ def test_length_debias_leaves_data_alone_when_share_is_reached_or_unreachable():
 # ------------------------------------------------------------------------------------------ training data
 
 
-def test_the_reference_answer_sits_between_the_query_and_the_responses_in_training_and_judging():
-    """Reference-guided judgement: a pair with a reference shows it to the judge in both orders, a pair
-    without one is unchanged, and the judge shows a request's reference the same way."""
+def test_the_reference_answer_follows_the_responses_and_the_target_restates_it_in_training_and_judging():
+    """Reference-guided judgement: a pair with a reference shows it to the judge after both responses in both
+    orders and its target starts with the line saying which response gives it (by the rule check); a pair
+    without one is unchanged; the judge shows a request's reference the same way."""
     plain = build_prompt("Solve the sum.", "What is 2+2?", "4", "5", "no_think")[1]["content"]
     guided = build_prompt("Solve the sum.", "What is 2+2?", "4", "5", "no_think", reference=4)[1]["content"]
-    assert "Reference answer" not in plain
-    assert guided == plain.replace("What is 2+2?\n\n", "What is 2+2?\n\nReference answer: 4\n\n")
+    assert "Reference answer" not in plain and "restated" not in plain
+    assert guided.endswith("Response A:\n4\n\nResponse B:\n5\n\nReference answer:\n4\n\n/no_think")
+    assert (
+        "Reply with exactly two lines" in guided and "`<reference answer> is Response A's answer.`" in guided
+    )
     conversations, _ = build_reward_model_data(
         [pair(1, 1, "ref", reference="paris"), pair(1, 1, "none")], RewardModelConfig(), modes=("no_think",)
     )
     for c in conversations:
-        shown = "France?\n\nReference answer: paris\n\nResponse A:" in c["messages"][1]["content"]
+        shown = "\n\nReference answer:\nparis\n\n/no_think" in c["messages"][1]["content"]
         assert shown == (c["pair_id"] == "ref")
+        target = c["messages"][-1]["content"]
+        if c["pair_id"] == "ref":  # chosen "paris" gives the reference, rejected "lyon" does not
+            line = reference_line("paris", "A" if c["order"] == "chosen_a" else "B")
+            assert line == f"paris is Response {c['verdict']}'s answer."
+            assert target == f"{line}\nVerdict: {c['verdict']}"
+            assert parse_output(target, "no_think") == Judgement(c["verdict"], reference_line=line)
+        else:
+            assert target == f"Verdict: {c['verdict']}"
 
     prompts = []
 
@@ -317,8 +330,32 @@ def test_the_reference_answer_sits_between_the_query_and_the_responses_in_traini
     judge = RewardModelJudge(Recorder(), RewardModelConfig(mode="no_think"))
     (comparison,) = judge.compare([ComparisonRequest("What is 2+2?", "4", "5", reference="4")])
     assert comparison.value == 0.5  # A in both orders: a position, not a preference
-    assert all("What is 2+2?\n\nReference answer: 4\n\n" in p[1]["content"] for p in prompts)
+    assert all(p[1]["content"].endswith("\n\nReference answer:\n4\n\n/no_think") for p in prompts)
     assert len(prompts) == 2
+
+
+def test_the_reference_line_says_both_or_neither_when_the_rule_check_says_so_and_parses_strictly():
+    both = dict(pair(1, 1, "both", reference="paris"), rejected="Paris")  # the same answer, other case
+    neither = dict(pair(1, 1, "neither", reference="nice"))
+    assert reference_givers(both) == {"chosen_a": "both", "chosen_b": "both"}
+    assert reference_givers(neither) == {"chosen_a": "neither", "chosen_b": "neither"}
+    assert reference_givers(pair(1, 1, reference="paris")) == {"chosen_a": "A", "chosen_b": "B"}
+    conversations, _ = build_reward_model_data([neither], RewardModelConfig(), modes=("think",))
+    for c in conversations:
+        judgement = parse_output(c["messages"][-1]["content"], "think")
+        assert judgement.reference_line == "nice is neither response's answer."
+        assert c["messages"][-1]["content"].startswith("<think>\nnice is neither response's answer.\n")
+    # no_think: one verdict line, or the reference line then the verdict line; nothing else passes
+    assert parse_output("12 apples is both responses' answer.\nVerdict: tie", "no_think") == Judgement(
+        "tie", reference_line="12 apples is both responses' answer."
+    )
+    for text in ("4 is Response C's answer.\nVerdict: A", "I think A.\nVerdict: A", "Verdict: A\nVerdict: A"):
+        with pytest.raises(RewardModelOutputError):
+            parse_output(text, "no_think")
+    with pytest.raises(ValueError, match="giver"):
+        reference_line("4", "C")
+    with pytest.raises(ValueError, match="reference_line"):
+        render_output(Judgement("A", reference_line="A wins."), "no_think")
 
 
 def test_training_data_has_both_orders_with_swapped_verdicts_and_scores():
