@@ -232,14 +232,24 @@ def reference_response(item: Mapping[str, Any], answer: str) -> str:
     return f"<think>{thinking}</think><answer>{answer}</answer>"
 
 
+# Conversations scored per forward: padded rows of one batch. On the tiny CPU model a forward costs per-op
+# overhead more than FLOPs, so 16 rows cost about what one does; the padding of a batch is its longest
+# conversation (a held-out video item is ~200 tokens), small beside what a real model's eval would batch.
+RESPONSE_LOGPROBS_BATCH = 16
+
+
 def response_logprobs(
     model: torch.nn.Module,
     tokenizer,
     media_lookup: MediaLookup | None,
     conversations: Sequence[tuple[Sequence[Mapping], str]],
+    *,
+    batch_size: int = RESPONSE_LOGPROBS_BATCH,
 ) -> list[tuple[float, int]]:
-    """(Σ log p, number of tokens) of each response after its prompt, one forward per conversation, in eval
-    mode with no grad (the model's mode is restored)."""
+    """(Σ log p, number of tokens) of each response after its prompt, `batch_size` conversations per forward
+    (one padded row each: a row's sums are its own conversation's, up to the last bits of a batched
+    matmul), in eval mode with no grad (the model's mode is restored)."""
+    check_int("response_logprobs", "batch_size", batch_size, minimum=1)
     merge = model.config.vision_config.spatial_merge_size
     pad_id = model.config.text_config.pad_token_id or 0
     device = next(model.parameters()).device
@@ -248,18 +258,21 @@ def response_logprobs(
     out = []
     try:
         with torch.no_grad():
-            for messages, response in conversations:
-                features = encode_sample(
-                    [*messages, {"role": "assistant", "content": response}],
-                    tokenizer,
-                    media_lookup,
-                    spatial_merge_size=merge,
-                )
+            for start in range(0, len(conversations), batch_size):
+                features = [
+                    encode_sample(
+                        [*messages, {"role": "assistant", "content": response}],
+                        tokenizer,
+                        media_lookup,
+                        spatial_merge_size=merge,
+                    )
+                    for messages, response in conversations[start : start + batch_size]
+                ]
                 batch = {
-                    k: v.to(device) for k, v in collate([features], pack=False, pad_token_id=pad_id).items()
+                    k: v.to(device) for k, v in collate(features, pack=False, pad_token_id=pad_id).items()
                 }
                 total, count = sequence_logprobs(model, batch)
-                out.append((float(total[0]), int(count[0])))
+                out += [(float(t), int(c)) for t, c in zip(total, count)]
     finally:
         model.train(was_training)
     return out

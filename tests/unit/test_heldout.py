@@ -143,3 +143,23 @@ def response_logprobs_with_grad(model, tokenizer, item) -> torch.Tensor:
     )
     total, _ = sequence_logprobs(model, collate([features], pack=False))
     return total[0]
+
+
+def test_response_logprobs_of_a_batch_are_each_conversations_own():
+    """Conversations of different lengths scored in one padded batch give what each gives alone."""
+    torch.manual_seed(0)
+    tokenizer = load_tokenizer()
+    model = KeyeForConditionalGeneration(tiny(tokenizer))
+    conversations = [
+        ([{"role": "user", "content": "Which colour? /no_think"}], "red"),
+        ([{"role": "user", "content": "How many squares are in the grid, every row? /no_think"}],
+         "seven squares in all"),
+        ([{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Sum 2 and 3."}], "5"),
+    ]  # fmt: skip
+    alone = response_logprobs(model, tokenizer, None, conversations, batch_size=1)
+    together = response_logprobs(model, tokenizer, None, conversations, batch_size=3)
+    assert [c for _, c in together] == [c for _, c in alone] and len({c for _, c in alone}) > 1
+    for (t_batch, _), (t_alone, _) in zip(together, alone):
+        assert abs(t_batch - t_alone) < 1e-5 * max(1.0, abs(t_alone))
+    with pytest.raises(ValueError, match="batch_size"):
+        response_logprobs(model, tokenizer, None, conversations, batch_size=0)
