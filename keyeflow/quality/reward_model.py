@@ -35,9 +35,11 @@ compare two tokens at two places (the reference and a response's answer), a step
 64) did not learn: 1,400 steps of 64 such one-token pairs left its verdict at chance (0.49–0.51 training
 accuracy), and the reward model trained in the flow gave one verdict whatever the order (held-out accuracy
 exactly 0.5). Restating the reference first turns the comparison into a look-up, finding that answer among
-the responses and writing the label next to it, which it learned within 200 steps of 32 (0.90 training
-accuracy over steps 101–200; `scripts/judge_learnability.py`). Queries without a reference (alignment
-prompts) are judged as before, one verdict line.
+the responses and writing the label next to it, which it learns on short text pairs (training accuracy 0.90
+over steps 201–300 of 32 from a fresh model, over steps 101–200 from a pre-trained one;
+`scripts/judge_learnability.py`). With the flow's own judge prompts (the picture, the instructions, ~390
+tokens) it has not learned it yet: it writes one line and verdict whatever the pair (README, issue 16's
+notes). Queries without a reference (alignment prompts) are judged as before, one verdict line.
 
 **Training data** (`build_reward_model_data`, from preference pairs):
 - *order swap*: every pair gives two conversations, chosen as A (target `A`) and chosen as B (target `B`), so
@@ -842,10 +844,7 @@ def signal_scores(
     query = pair["messages"]
     reference = pair.get("reference")
     if reference is not None:
-        task = pair.get("task") or "math"
-        if task not in TASKS:
-            raise ValueError(f"pair task {task!r} must be one of {TASKS}")
-        correctness = answer_reward(response, reference, task, options=pair.get("options")).value
+        correctness = reference_check(pair, response)
     else:
         side = "chosen_score" if response == pair["chosen"] else "rejected_score"
         scores = (pair.get("chosen_score"), pair.get("rejected_score"))
@@ -894,17 +893,20 @@ class RewardDataReport:
         }
 
 
-def reference_givers(pair: Mapping[str, Any]) -> dict[str, str]:
-    """Per order ("chosen_a", "chosen_b"), which response gives the pair's reference answer ("A", "B", "both",
-    "neither"), by the rule check of its task (`rewards.answer_reward` = 1): the fact a reference-guided
-    target's first line states."""
+def reference_check(pair: Mapping[str, Any], response: str) -> float:
+    """The rule check of the pair's task (`rewards.answer_reward`) of `response` against the pair's reference
+    answer, in [0, 1]."""
     task = pair.get("task") or "math"
     if task not in TASKS:
         raise ValueError(f"pair task {task!r} must be one of {TASKS}")
-    gives = {
-        side: answer_reward(pair[side], pair["reference"], task, options=pair.get("options")).value >= 1.0
-        for side in ("chosen", "rejected")
-    }
+    return answer_reward(response, pair["reference"], task, options=pair.get("options")).value
+
+
+def reference_givers(pair: Mapping[str, Any]) -> dict[str, str]:
+    """Per order ("chosen_a", "chosen_b"), which response gives the pair's reference answer ("A", "B", "both",
+    "neither"), by the rule check of its task (`reference_check` = 1): the fact a reference-guided target's
+    first line states."""
+    gives = {side: reference_check(pair, pair[side]) >= 1.0 for side in ("chosen", "rejected")}
 
     def giver(a: bool, b: bool) -> str:
         return "both" if a and b else "A" if a else "B" if b else "neither"

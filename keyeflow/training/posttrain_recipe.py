@@ -215,7 +215,8 @@ def _tiny_learn() -> PosttrainRecipe:
         # A reward-model sample holds the query (with its picture) and both responses: the teacher's pairs on
         # the larger sample pictures (a 1280x800 screenshot) run past 2,048 tokens. Steps and rate: the
         # reference line's look-up took the tiny model about 200 steps of 32 short pairs at 3e-3 to learn
-        # (scripts/judge_learnability.py); 30 steps at 8e-3 taught it only the output's form.
+        # (scripts/judge_learnability.py); 30 steps at 8e-3 taught it only the output's form. On the flow's
+        # longer judge prompts these 200 steps teach the form (no failed judgement) but not the look-up yet.
         reward_model_stage=StageConfig(name="posttrain-2-reward-model", learning_rate=3e-3,
                                        **(small | {"max_length": 4_096, "max_steps": 200, "window_size": 16,
                                                    "warmup_steps": 5, "checkpoint_every": 200})),
