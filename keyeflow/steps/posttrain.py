@@ -391,18 +391,22 @@ def rejection_sampling(
     def verify(row: Mapping[str, Any], response: str) -> bool:
         return answer_reward(response, row["reference"]).value >= 1.0
 
-    def prefer(row: Mapping[str, Any], candidate: str, incumbent: str) -> bool:
-        # The judge is told which question the two responses answer: the row's user turn.
-        query = row["messages"][-2]["content"]
-        (comparison,) = judge.compare(
-            [ComparisonRequest(query, candidate, incumbent, reference=row["reference"])]
+    def prefer(challenges: Sequence[tuple[Mapping[str, Any], str, str]]) -> list[bool | Exception]:
+        # The judge is told which question the two responses answer (the row's user turn) and its reference;
+        # a position's challenges of every row are decoded together (`judge.compare` asks one generate call).
+        comparisons = judge.compare(
+            [
+                ComparisonRequest(row["messages"][-2]["content"], candidate, held, reference=row["reference"])
+                for row, candidate, held in challenges
+            ]
         )
-        if comparison.value is None:
-            raise ScoringError(f"row {row['id']!r}: {comparison.reason}")
-        return comparison.value > 0.5
+        return [
+            ScoringError(f"row {row['id']!r}: {c.reason}") if c.value is None else c.value > 0.5
+            for (row, _, _), c in zip(challenges, comparisons)
+        ]
 
     generator: Generator = local_generator(policy.checkpoint)
-    # Every row's k samples in one generate call (decoded together); the judge is still asked row by row.
+    # Every row's k samples in one generate call (decoded together), the judge once per challenge position.
     return rl.rejection_sampling_round(
         generator,
         rows,
@@ -412,7 +416,7 @@ def rejection_sampling(
         max_new_tokens=max_new_tokens,
         seed=seed,
         max_error_share=max_error_share,
-        row_prefer_fn=prefer,
+        rows_prefer_fn=prefer,
     )
 
 

@@ -152,6 +152,9 @@ from keyeflow.training.trainer import vision_dummy
 log = logging.getLogger(__name__)
 
 RewardFn = Callable[[Mapping[str, Any], str], "float | Reward"]
+# A judge of many rejection-sampling challenges at once: [(row, candidate, incumbent), ...] → per challenge,
+# whether the candidate is preferred, or the error its judgement failed with.
+RowsPreferFn = Callable[[Sequence[tuple[Mapping[str, Any], str, str]]], Sequence["bool | BaseException"]]
 CHECKPOINT_FORMAT = 1
 HINTS_DIR = "hints"
 
@@ -1386,7 +1389,7 @@ def rejection_sampling_round(
     temperature: float = 1.0,
     seed: int = 0,
     max_error_share: float = DEFAULT_MAX_ERROR_SHARE,
-    row_prefer_fn: Callable[[Mapping[str, Any], str, str], bool] | None = None,
+    rows_prefer_fn: RowsPreferFn | None = None,
 ) -> RejectionRound:
     """One round of SPEC §4's rejection-sampling loop over the cold-start set. Each row has an `id` and
     `messages` ending with the reference assistant response. The RL model samples `k` responses to the
@@ -1397,11 +1400,13 @@ def rejection_sampling_round(
     incumbent. A row whose generation, verification or judgement failed (`verify_fn` or `prefer_fn` raised:
     a judge gives no "not preferred" for a failed request) keeps its reference, recorded as failed with the
     error as the reason; more failed rows than `max_error_share` raise ErrorShareExceeded. A judge that must
-    know the row (the question the two responses answer) is given as `row_prefer_fn(row, candidate,
-    incumbent)` instead of `prefer_fn` (exactly one of them): every row's samples still come from one
-    generate call."""
-    if (prefer_fn is None) == (row_prefer_fn is None):
-        raise ValueError("give exactly one of prefer_fn and row_prefer_fn")
+    know the row (the question the two responses answer) is given as `rows_prefer_fn` instead of `prefer_fn`
+    (exactly one of them): it is asked once per challenge position with every row's challenge at that
+    position, `[(row, candidate, incumbent), ...]` → a bool or the error its judgement failed with, each (a
+    batched judge decodes them together; the rounds, incumbents and records are those of asking row by
+    row). Every row's samples come from one generate call."""
+    if (prefer_fn is None) == (rows_prefer_fn is None):
+        raise ValueError("give exactly one of prefer_fn and rows_prefer_fn")
     if isinstance(k, bool) or not isinstance(k, int) or k < 1:
         raise ValueError(f"k={k!r}: must be an integer >= 1")
     check_max_error_share("rejection_sampling_round", max_error_share)
@@ -1434,56 +1439,72 @@ def rejection_sampling_round(
         seed=seed,
         logprobs=False,
     )
-    new_rows, records = [], []
-    for row, prompt, result in zip(rows, prompts, results):
-        reference = row["messages"][-1]["content"]
+    if rows_prefer_fn is None:
+
+        def rows_prefer_fn(challenges: Sequence[tuple[Mapping[str, Any], str, str]]) -> list:
+            out: list[bool | Exception] = []
+            for _, candidate, incumbent in challenges:
+                try:
+                    out.append(bool(prefer_fn(candidate, incumbent)))
+                except REWARD_ERRORS as error:
+                    out.append(error)
+            return out
+
+    # Per row: its verified samples (or why it failed), then its incumbent and the sample that became it.
+    verified: list[list[str]] = []
+    failed: dict[int, str] = {}
+    for n, (row, result) in enumerate(zip(rows, results)):
+        verified.append([])
         if isinstance(result, Exception):
+            failed[n] = f"generation failed: {type(result).__name__}: {result}"
+            continue
+        try:
+            verified[n] = [c.text for c in result if verify_fn(row, c.text)]
+        except REWARD_ERRORS as error:
+            failed[n] = f"verification failed: {type(error).__name__}: {error}"[:500]
+    incumbents = [row["messages"][-1]["content"] for row in rows]
+    winners: list[int | None] = [None] * len(rows)
+    # Challenge position j: every row's j-th verified sample against its incumbent, one judge call for all.
+    for j in range(max((len(v) for v in verified), default=0)):
+        pending = [n for n in range(len(rows)) if n not in failed and len(verified[n]) > j]
+        if not pending:
+            continue
+        decisions = list(rows_prefer_fn([(rows[n], verified[n][j], incumbents[n]) for n in pending]))
+        if len(decisions) != len(pending):
+            raise ValueError(f"rows_prefer_fn gave {len(decisions)} decisions for {len(pending)} challenges")
+        for n, decision in zip(pending, decisions):
+            if isinstance(decision, BaseException):
+                failed[n] = f"judgement failed: {type(decision).__name__}: {decision}"[:500]
+            elif decision:
+                incumbents[n], winners[n] = verified[n][j], j
+    new_rows, records = [], []
+    for n, (row, prompt, result) in enumerate(zip(rows, prompts, results)):
+        reference = row["messages"][-1]["content"]
+        num_sampled = 0 if isinstance(result, Exception) else len(result)
+        if n in failed:
             new_rows.append(row)
             records.append(
                 RejectionRecord(
-                    row["id"],
-                    False,
-                    f"generation failed: {type(result).__name__}: {result}",
-                    0,
-                    0,
-                    reference,
-                    failed=True,
+                    row["id"], False, failed[n], num_sampled, len(verified[n]), reference, failed=True
                 )
             )
             continue
-        verified: list[str] = []
-        incumbent, winner = reference, None
-        try:
-            verified = [c.text for c in result if verify_fn(row, c.text)]
-            for j, candidate in enumerate(verified):
-                if (
-                    prefer_fn(candidate, incumbent)
-                    if row_prefer_fn is None
-                    else row_prefer_fn(row, candidate, incumbent)
-                ):
-                    incumbent, winner = candidate, j
-        except REWARD_ERRORS as error:
-            stage = "judgement" if verified else "verification"  # `verified` is set once every check ran
-            new_rows.append(row)
-            why = f"{stage} failed: {type(error).__name__}: {error}"[:500]
-            records.append(
-                RejectionRecord(row["id"], False, why, len(result), len(verified), reference, failed=True)
-            )
-            continue
-        if not verified:
+        winner = winners[n]
+        if not verified[n]:
             reason = f"none of {k} samples verified correct"
         elif winner is None:
-            reason = f"{len(verified)} of {k} verified, none preferred over the reference"
+            reason = f"{len(verified[n])} of {k} verified, none preferred over the reference"
         else:
             reason = (
-                f"verified sample {winner + 1} of {len(verified)} ({k} sampled) preferred over the reference"
+                f"verified sample {winner + 1} of {len(verified[n])} ({k} sampled) preferred over the "
+                "reference"
             )
         if winner is None:
             new_rows.append(row)
         else:
-            new_rows.append(dict(row, messages=[*prompt, dict(row["messages"][-1], content=incumbent)]))
+            new_rows.append(dict(row, messages=[*prompt, dict(row["messages"][-1], content=incumbents[n])]))
         records.append(
-            RejectionRecord(row["id"], winner is not None, reason, len(result), len(verified), reference)
+            RejectionRecord(row["id"], winner is not None, reason, num_sampled, len(verified[n]), reference)
         )
     failures = [(r.row_id, r.reason) for r in records if r.failed]
     check_error_share("rejection sampling", failures, len(records), max_error_share)

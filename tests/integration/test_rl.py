@@ -662,24 +662,45 @@ def test_gspo_with_a_token_budget_trains_as_the_one_batch_update(init_dir, tmp_p
     )  # off: the config (and its hash) is what it was before the field existed
 
 
-def test_rejection_sampling_round_takes_a_judge_that_reads_the_row(generator):
-    """`row_prefer_fn(row, candidate, incumbent)` (a judge told the row's question) gives the same round as
-    `prefer_fn`, every row sampled in the one generate call."""
+def test_rejection_sampling_round_takes_a_judge_that_reads_the_rows_batch_by_batch(generator):
+    """`rows_prefer_fn([(row, candidate, incumbent), ...])` (a judge told each row's question, asked once per
+    challenge position with every row's challenge there) gives the round `prefer_fn` gives row by row, every
+    row sampled in the one generate call; a failed judgement fails only its own row."""
     rows = [
         dict(item, messages=[*item["messages"], {"role": "assistant", "content": "ref"}])
         for item in TEXT_ITEMS
     ]
-    judged: list[str] = []
+    calls: list[list[str]] = []
 
-    def row_prefer(row, candidate: str, incumbent: str) -> bool:
-        judged.append(row["id"])
-        return len(candidate) > len(incumbent)
+    def rows_prefer(challenges):
+        calls.append([row["id"] for row, _, _ in challenges])
+        return [len(candidate) > len(incumbent) for _, candidate, incumbent in challenges]
 
     args = {"k": 3, "max_new_tokens": 6, "seed": 5, "verify_fn": lambda row, text: len(text) % 2 == 0}
-    with_row = rejection_sampling_round(generator, rows, prefer_fn=None, row_prefer_fn=row_prefer, **args)
+    batched = rejection_sampling_round(generator, rows, prefer_fn=None, rows_prefer_fn=rows_prefer, **args)
     plain = rejection_sampling_round(generator, rows, prefer_fn=lambda a, b: len(a) > len(b), **args)
-    assert with_row.rows == plain.rows and with_row.records == plain.records
-    assert judged and set(judged) <= {row["id"] for row in rows}
-    assert len(judged) == sum(r.num_verified for r in with_row.records)
+    assert batched.rows == plain.rows and batched.records == plain.records
+    verified = [r.num_verified for r in batched.records]
+    # One call per challenge position, each holding the rows with that many verified samples.
+    assert len(calls) == max(verified) >= 1
+    assert [len(c) for c in calls] == [sum(v > j for v in verified) for j in range(max(verified))]
+    assert sum(len(c) for c in calls) == sum(verified) and all(len(set(c)) == len(c) for c in calls)
+
+    judged = next(n for n, v in enumerate(verified) if v)  # a row that reaches the judge
+
+    def one_row_fails(challenges):
+        return [
+            ValueError("judge said nothing") if row["id"] == rows[judged]["id"] else len(c) > len(i)
+            for row, c, i in challenges
+        ]
+
+    out = rejection_sampling_round(
+        generator, rows, prefer_fn=None, rows_prefer_fn=one_row_fails, max_error_share=1.0, **args
+    )
+    assert out.records[judged].failed and out.rows[judged] == rows[judged]
+    assert "judgement failed: ValueError: judge said nothing" in out.records[judged].reason
+    others = [n for n in range(len(rows)) if n != judged]
+    assert [out.records[n] for n in others] == [plain.records[n] for n in others]
+    assert [out.rows[n] for n in others] == [plain.rows[n] for n in others]
     with pytest.raises(ValueError, match="exactly one"):
         rejection_sampling_round(generator, rows, prefer_fn=None, **args)
