@@ -13,9 +13,12 @@ learned on the held-out task items no stage trained on, not only that stages fin
 - the RL promotion gate: a round that ruins the policy (a learning rate of 1) is refused and the flow stops
   before alignment RL.
 
-The whole demo with the recipe sized to learn takes about half an hour on 2 cores (measured under load: 28
-minutes; its post-training alone 16–17 minutes with batched generation, under load), past what the CI suite
-can hold, so it runs only when asked: `KEYEFLOW_LEARNING_TEST=1 pytest
+With that recipe the whole run took 5 min 54 s on an idle 2-core machine (2026-12-07, session 7; 5 min 1 s
+with the 5 annealing steps it had before), but what it shows still varies from run to run: MPO was above 0.5
+in every run, GSPO's gain beyond its interval and rejection sampling's replacements showed in some runs only,
+the reward model was at 0.49-0.50 in all, and one variant (LongCoT's learning rate at 1e-4) stopped in
+rejection sampling on the reward model's unparseable judgements (9.5% of the rows, past the 5% error share).
+So it runs only when asked and `keyeflow run` keeps `tiny`: `KEYEFLOW_LEARNING_TEST=1 pytest
 tests/flows/test_keyeflow_run.py`."""
 
 from __future__ import annotations
@@ -40,7 +43,8 @@ pytestmark = [
     pytest.mark.slow,
     pytest.mark.skipif(
         os.environ.get("KEYEFLOW_LEARNING_TEST") != "1",
-        reason="about 30 min on 2 cores: set KEYEFLOW_LEARNING_TEST=1 to run the learning demo end to end",
+        reason="about 6 min on 2 cores and not yet reliable: set KEYEFLOW_LEARNING_TEST=1 to run the "
+        "learning demo end to end",
     ),
 ]
 
@@ -71,6 +75,7 @@ def _children(parent_run_id: str) -> dict[str, list]:
 
 def test_sft_and_mpo_learned_on_held_out_items(demo):
     _, output, post = demo
+    assert post.data.params["recipe_hash"] == posttrain_recipe(RUN_POSTTRAIN_RECIPE).config_hash()
     m = post.data.metrics
     assert m["sft_heldout_loss_after"] < m["sft_heldout_loss_before"] / 2
     assert m["heldout_pairs"] >= 40
@@ -109,20 +114,24 @@ def test_every_rl_step_had_signal_hints_solved_items_and_rejection_replaced_some
     assert kept and int(kept.group(1)) >= recipe.gspo.prompts_per_step
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="issue 16 open: the tiny generative reward model writes the same reference line and verdict "
-    "whatever the pair (held-out accuracy exactly 0.5), although the restated-reference target is learned on "
-    "short text pairs (scripts/judge_learnability.py), so no rejection-sampled response is ever preferred; "
-    "strict: this fails loudly once the judge learns",
-)
-def test_the_reward_model_beats_chance_and_rejection_sampling_replaced_responses(demo):
+def test_rejection_sampling_replaced_cold_start_responses(demo):
     _, output, post = demo
     recipe = posttrain_recipe(RUN_POSTTRAIN_RECIPE)
-    assert post.data.metrics["reward_model_heldout_accuracy"] > 0.5
     replaced = [int(n) for n in re.findall(r"rejection sampling replaced (\d+) cold-start", output)]
     assert len(replaced) == recipe.rounds - 1 and sum(replaced) >= 1
     assert sum(v for k, v in post.data.metrics.items() if k.startswith("rejection_round_")) >= 1
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="issue 16 open: on the flow's whole judge prompt (system prompt, task definition, the query's "
+    "picture and question, instructions) the tiny reward model does not learn the reference line's look-up "
+    "and writes the same verdict for both orders (held-out accuracy 0.49-0.50); on the responses and "
+    "reference alone it does; strict: this fails loudly once the judge learns",
+)
+def test_the_reward_model_beats_chance_on_held_out_pairs(demo):
+    _, _, post = demo
+    assert post.data.metrics["reward_model_heldout_accuracy"] > 0.5
 
 
 def test_a_round_that_ruins_the_policy_is_refused_and_the_flow_stops(demo, monkeypatch):
