@@ -1469,7 +1469,17 @@ def rejection_sampling_round(
         pending = [n for n in range(len(rows)) if n not in failed and len(verified[n]) > j]
         if not pending:
             continue
-        decisions = list(rows_prefer_fn([(rows[n], verified[n][j], incumbents[n]) for n in pending]))
+        challenges = [(rows[n], verified[n][j], incumbents[n]) for n in pending]
+        try:
+            decisions = list(rows_prefer_fn(challenges))
+        except REWARD_ERRORS:
+            # A judge that refuses the whole batch over one row: asked one at a time, only that row fails.
+            decisions = []
+            for challenge in challenges:
+                try:
+                    decisions += list(rows_prefer_fn([challenge]))
+                except REWARD_ERRORS as error:
+                    decisions.append(error)
         if len(decisions) != len(pending):
             raise ValueError(f"rows_prefer_fn gave {len(decisions)} decisions for {len(pending)} challenges")
         for n, decision in zip(pending, decisions):

@@ -702,5 +702,17 @@ def test_rejection_sampling_round_takes_a_judge_that_reads_the_rows_batch_by_bat
     others = [n for n in range(len(rows)) if n != judged]
     assert [out.records[n] for n in others] == [plain.records[n] for n in others]
     assert [out.rows[n] for n in others] == [plain.rows[n] for n in others]
+
+    def refuses_the_batch(challenges):  # a judge that raises for a whole batch holding the bad row
+        if any(row["id"] == rows[judged]["id"] for row, _, _ in challenges):
+            raise ValueError("bad row in the batch")
+        return [len(c) > len(i) for _, c, i in challenges]
+
+    out = rejection_sampling_round(
+        generator, rows, prefer_fn=None, rows_prefer_fn=refuses_the_batch, max_error_share=1.0, **args
+    )
+    assert out.records[judged].failed
+    assert "judgement failed: ValueError: bad row" in out.records[judged].reason
+    assert [out.records[n] for n in others] == [plain.records[n] for n in others]
     with pytest.raises(ValueError, match="exactly one"):
         rejection_sampling_round(generator, rows, prefer_fn=None, **args)
