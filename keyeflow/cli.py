@@ -141,7 +141,7 @@ def run(
 ):
     """The whole DAG on generated sample data with embedded defaults: data flows → pretrain (tiny) →
     LongCoT (the synthetic teacher unless --teacher-url) → posttrain (tiny; `--posttrain-recipe tiny-learn`
-    is sized for every learning signal to show, about half an hour on 2 cores), then a summary and where to
+    is sized for every learning signal to show, about 6 minutes on 2 cores), then a summary and where to
     look. A rerun reuses everything that did not change."""
     if (teacher_url is None) != (teacher_model is None):
         raise typer.BadParameter("--teacher-url and --teacher-model go together")
