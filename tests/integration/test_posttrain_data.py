@@ -193,3 +193,45 @@ def test_longcot_samples_reach_a_mixture_with_their_repeats(home):
         longcot_mixture(
             tables.ref("longcot"), name="x", domain="gui", slowfast=PAPER, image_config=ImageConfig()
         )
+
+
+def test_rl_item_answers_get_the_same_sample_ids_wherever_their_media_live(home, sample_images, tmp_path):
+    """The SFT rows written from RL items' reference responses are named by content, not by the home their
+    media sit in: the same items under two folders give the same sample ids (absolute paths in the hashed
+    messages gave every home other ids, and so another SFT order)."""
+    import shutil
+
+    from keyeflow.datasets.images import ingest_images_shard
+    from keyeflow.steps.posttrain import rl_answer_conversations
+
+    ids_by_home = []
+    for name in ("home-a", "home-b"):
+        media = tmp_path / name / "samples" / "tasks" / "media"
+        media.mkdir(parents=True)
+        pictures = [shutil.copy(sample_images[k], media / f"picture-{k}.png") for k in range(2)]
+        ingest_images_shard([str(p) for p in pictures], ImageConfig(max_tokens=64))
+        items = [
+            {
+                "id": f"item-{k}",
+                "mode": "no_think",
+                "reference": str(k + 3),
+                "messages": [
+                    {
+                        "role": "user",
+                        "content": [
+                            {"type": "image", "image": str(picture)},
+                            {"type": "text", "text": "How many shapes? /no_think"},
+                        ],
+                    }
+                ],
+            }
+            for k, picture in enumerate(pictures)
+        ]
+        answers, root = rl_answer_conversations(items)
+        assert root == str(media)
+        assert answers[0]["messages"][0]["content"][0]["image"] == "picture-0.png"
+        ids, bad = add_conversations(answers, root, PAPER, ImageConfig(max_tokens=64))
+        assert not bad and set(ids) == {"rl-answer#item-0", "rl-answer#item-1"}
+        ids_by_home.append(ids)
+    assert ids_by_home[0] == ids_by_home[1]
+    assert len(set(ids_by_home[0].values())) == 2
