@@ -14,6 +14,7 @@ configs), so rollouts and training read the same pixels as every other stage.
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 from collections.abc import Mapping, Sequence
@@ -448,7 +449,7 @@ def rl_answer_conversations(items: Sequence[Mapping[str, Any]]) -> tuple[list[di
             "source": "rl-answers",
             "task": RL_ANSWER_TASK,  # kept out of pre-training mixtures, as every post-training row
             "messages": [
-                *i["messages"],
+                *copy.deepcopy(i["messages"]),  # its media paths are rewritten below, the item's are not
                 {"role": "assistant", "content": reference_response(i, i["reference"])},
             ],
         }
@@ -469,25 +470,9 @@ def rl_answer_conversations(items: Sequence[Mapping[str, Any]]) -> tuple[list[di
     if not files or not all(f.is_absolute() for f in files):
         return answers, "/"  # relative paths are already home-independent; none to rewrite
     root = Path(os.path.commonpath([f.parent for f in files]))
-    relative = {id(part): str(f.relative_to(root)) for part, f in zip(parts, files)}
-    return [
-        {
-            **answer,
-            "messages": [
-                {
-                    **message,
-                    "content": [
-                        {**part, part["type"]: relative[id(part)]} if id(part) in relative else part
-                        for part in message["content"]
-                    ],
-                }
-                if isinstance(message.get("content"), list)
-                else message
-                for message in answer["messages"]
-            ],
-        }
-        for answer in answers
-    ], str(root)
+    for part, file in zip(parts, files):
+        part[part["type"]] = str(file.relative_to(root))
+    return answers, str(root)
 
 
 def pass_rates(

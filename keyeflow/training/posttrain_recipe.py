@@ -226,10 +226,9 @@ def _tiny_learn() -> PosttrainRecipe:
         # alone from one SFT checkpoint (held-out 0.62-0.69 after 100-250 steps of 32) but not with the
         # query's picture and question before them (0.500 over 300 steps of 32, with or without the system
         # prompt, task definition and instructions, and with three times the pairs). The two A/B orders of a
-        # pair differ only in where their tokens sit, and this LLM (head_dim 16, RoPE base 8e6) has two
-        # rotary frequencies fast enough to tell neighbouring places apart: at the position writing the
-        # giver, the orders' last-layer states have cosine similarity 0.9997 (README, "What is not
-        # exercised here").
+        # pair differ only in where their tokens sit: a linear probe reads the giver off the SFT model's
+        # states at 0.62-0.63 on held-out pairs, yet fine-tuning writes one giver for both orders, and this
+        # LLM (head_dim 16, RoPE base 8e6) tells places apart poorly (README, "What is not exercised here").
         reward_model_stage=StageConfig(name="posttrain-2-reward-model", learning_rate=3e-3,
                                        **(small | {"max_length": 4_096, "max_steps": 200, "window_size": 16,
                                                    "warmup_steps": 5, "checkpoint_every": 200})),

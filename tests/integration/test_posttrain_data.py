@@ -230,6 +230,7 @@ def test_rl_item_answers_get_the_same_sample_ids_wherever_their_media_live(home,
         answers, root = rl_answer_conversations(items)
         assert root == str(media)
         assert answers[0]["messages"][0]["content"][0]["image"] == "picture-0.png"
+        assert items[0]["messages"][0]["content"][0]["image"] == str(pictures[0])  # the RL item keeps its own
         ids, bad = add_conversations(answers, root, PAPER, ImageConfig(max_tokens=64))
         assert not bad and set(ids) == {"rl-answer#item-0", "rl-answer#item-1"}
         ids_by_home.append(ids)
