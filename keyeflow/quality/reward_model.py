@@ -80,9 +80,14 @@ notes). Queries without a reference (alignment prompts) are judged as before, on
 
 **The judge** (`RewardModelJudge`) asks any `Generator` (in process or an OpenAI-compatible server) greedily,
 in both orders when `swap_orders` (a judge's position bias cancels in the average), and turns each verdict
-into the response's preference value: 1 win, 0.5 tie (the model said `tie`), 0 loss; in think mode blended
-with the weighted dimension scores, `verdict_weight`·verdict + (1 − verdict_weight)·(½ + (S_response −
-S_other) / 2·range), S the `dimension_weights`-weighted mean score. An output that does not parse, or a
+into the response's preference value: 1 win, 0.5 tie (the model said `tie`), 0 loss; with
+`verdict_confidence`, a win is worth the probability the model gave the tokens that name the winner (the
+reference line's giver and the verdict letter: `Completion.token_logprobs`) and a loss one minus it, so a
+judge that writes the same letter in both orders, its position bias outweighing what it read, still ranks
+the pair by how much more surely it names the response in one order than the other (the bias cancels in the
+average instead of hiding the judgement); in think mode blended with the weighted dimension scores,
+`verdict_weight`·verdict + (1 − verdict_weight)·(½ + (S_response − S_other) / 2·range), S the
+`dimension_weights`-weighted mean score. An output that does not parse, or a
 request that fails, makes that order unusable with the reason, and a comparison with any unusable order has
 no value (`Comparison.value` None, the problems per order): the orders are asked to cancel the judge's
 position bias, and one order alone would bring it back. `reward` then raises `ScoringError` naming the query
@@ -98,6 +103,7 @@ asked, trained by the stage trainer. Oversampling is expressed as mixture repeat
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import random
 import re
@@ -130,7 +136,7 @@ from keyeflow.quality.rewards import (
 )
 
 if TYPE_CHECKING:
-    from keyeflow.model.generation import Generator
+    from keyeflow.model.generation import Completion, Generator
 
 
 # ========================================================================================== dimensions
@@ -180,6 +186,9 @@ class RewardModelConfig:
     dimension scores (1–10, UNSTATED). `dimension_weights`: name → weight ≥ 0 of the think-mode weighted score
     (missing names weigh 1). `verdict_weight`: the verdict's share of a think-mode value, the weighted score
     margin the rest (no_think uses the verdict alone). `swap_orders`: judge both A/B orders and average.
+    `verdict_confidence`: weigh each verdict by the probability of the tokens that name the winner (module
+    docstring, "The judge"); the tokens not taken are counted for the other response, so the value is the
+    named side's probability, a lower bound of its share against the other side alone.
     `min_shorter_share`, `debias_method`, `max_repeats`: the length-debiasing pass (module docstring).
     `train_modes`: the modes its training data is written in (Keye's model answers in both; a model asked in
     one mode only learns that one's format faster, without the other's long targets).
@@ -192,6 +201,7 @@ class RewardModelConfig:
     dimension_weights: Mapping[str, float] = field(default_factory=dict)
     verdict_weight: float = 0.5
     swap_orders: bool = True
+    verdict_confidence: bool = False
     min_shorter_share: float = 0.5
     debias_method: str = "oversample"
     max_repeats: int = 4
@@ -228,6 +238,7 @@ class RewardModelConfig:
             fail("verdict_weight", "must be in [0, 1]")
         object.__setattr__(self, "verdict_weight", float(self.verdict_weight))
         check_flag("RewardModelConfig", "swap_orders", self.swap_orders)
+        check_flag("RewardModelConfig", "verdict_confidence", self.verdict_confidence)
         if not 0.0 <= check_number("RewardModelConfig", "min_shorter_share", self.min_shorter_share) < 1.0:
             fail("min_shorter_share", "must be in [0, 1) (1 would leave no pair whose longer answer wins)")
         object.__setattr__(self, "min_shorter_share", float(self.min_shorter_share))
@@ -369,6 +380,9 @@ class Judgement:
     # A reference-guided judgement's first line, `<reference> is Response A's answer.` (`reference_line`), as
     # written; None when the output has none.
     reference_line: str | None = None
+    # The probability the model gave the tokens that name the winner (`decisive_probability`); None when the
+    # judge does not weigh verdicts (`RewardModelConfig.verdict_confidence`) or the verdict is a tie.
+    confidence: float | None = None
 
 
 # Who gives the reference answer → the words of the reference line.
@@ -486,6 +500,43 @@ def parse_output(text: str, mode: str, config: RewardModelConfig | None = None) 
     return Judgement(verdict, MappingProxyType(scores_a), MappingProxyType(scores_b), restated)
 
 
+_GIVER = re.compile(
+    r" is (" + "|".join(re.escape(words) for words in REFERENCE_GIVERS.values()) + r") answer\.$"
+)
+
+
+def decisive_probability(
+    text: str, judgement: Judgement, tokens: Sequence[str], logprobs: Sequence[float]
+) -> float:
+    """The probability a model gave the tokens of `text` (its output, parsed as `judgement`) that name the
+    winner: the verdict letter and, when the output has a reference line, the letter (or word) naming who
+    gives the reference: the product over the distinct tokens that write them. `tokens`/`logprobs`: the
+    output's tokens and their logprobs (`Completion.tokens`, `Completion.token_logprobs`). Raises
+    RewardModelOutputError when they do not cover those characters (no logprobs, a text they do not spell)."""
+    if "".join(tokens) != text or len(tokens) != len(logprobs):
+        raise RewardModelOutputError(
+            f"the output's tokens ({len(tokens)}, with {len(logprobs)} logprobs) do not spell its text"
+        )
+    verdicts = list(_VERDICT.finditer(text))
+    if not verdicts:
+        raise RewardModelOutputError("no verdict in the output to weigh")
+    where = [verdicts[-1].start(1)]
+    if judgement.reference_line is not None:
+        line_at = text.find(judgement.reference_line)
+        giver = _GIVER.search(judgement.reference_line)
+        if line_at < 0 or giver is None:
+            raise RewardModelOutputError(
+                f"reference line {_short(judgement.reference_line)} is not in the output"
+            )
+        words = giver.group(1)
+        where.append(line_at + giver.start(1) + (len("Response ") if words.startswith("Response ") else 0))
+    starts, covering = 0, set()
+    for k, token in enumerate(tokens):
+        covering |= {k for c in where if starts <= c < starts + len(token)}
+        starts += len(token)
+    return math.exp(sum(logprobs[k] for k in covering))
+
+
 def render_output(judgement: Judgement, mode: str) -> str:
     """The output text of a judgement (the training target): `parse_output(render_output(j, m), m) == j`."""
     if judgement.verdict not in VERDICTS:
@@ -518,6 +569,8 @@ def preference_value(judgement: Judgement, position: str, config: RewardModelCon
     if position not in ("A", "B"):
         raise ValueError(f"position must be 'A' or 'B', got {position!r}")
     verdict = 0.5 if judgement.verdict == "tie" else float(judgement.verdict == position)
+    if judgement.confidence is not None and judgement.verdict != "tie":
+        verdict = judgement.confidence if judgement.verdict == position else 1.0 - judgement.confidence
     if judgement.scores_a is None or judgement.scores_b is None or config.verdict_weight == 1.0:
         return verdict
     own, other = (
@@ -1043,8 +1096,9 @@ class RewardModelJudge:
     def __repr__(self) -> str:
         return f"RewardModelJudge({self.generator!r}, mode={self.config.mode!r})"
 
-    def _ask(self, conversations: list[list[dict]]) -> list[str | Exception]:
-        """Per conversation, the output text or the error its request failed with."""
+    def _ask(self, conversations: list[list[dict]]) -> list[Completion | Exception]:
+        """Per conversation, the output (with its tokens' logprobs when `verdict_confidence`) or the error its
+        request failed with."""
         from keyeflow.model.generation import BatchGenerationError
 
         try:
@@ -1054,10 +1108,10 @@ class RewardModelJudge:
                 max_new_tokens=self.max_new_tokens,
                 temperature=0.0,
                 seed=self.seed,
-                logprobs=False,
+                logprobs=self.config.verdict_confidence,
             )
         except BatchGenerationError as error:
-            return [r if isinstance(r, Exception) else r[0].text for r in error.results]
+            return [r if isinstance(r, Exception) else r[0] for r in error.results]
         except ValueError as error:
             # A backend that refuses one conversation before sending any (a server given internal media
             # parts) refuses the whole batch: ask one at a time so only that one fails.
@@ -1066,7 +1120,7 @@ class RewardModelJudge:
             return [error]
         except (RuntimeError, OSError, KeyError) as error:  # a server down or erroring after its retries
             return [error] * len(conversations)
-        return [group[0].text for group in out]
+        return [group[0] for group in out]
 
     def compare(self, requests: Sequence[ComparisonRequest]) -> list[Comparison]:
         """Judge every request (both orders when `swap_orders`), in one generator call."""
@@ -1114,7 +1168,14 @@ class RewardModelJudge:
                     notes.append(f"{where}: {problems[-1]}")
                     continue
                 try:
-                    judgement = parse_output(output, mode, self.config)
+                    judgement = parse_output(output.text, mode, self.config)
+                    if self.config.verdict_confidence and judgement.verdict != "tie":
+                        judgement = dataclasses.replace(
+                            judgement,
+                            confidence=decisive_probability(
+                                output.text, judgement, output.tokens, output.token_logprobs
+                            ),
+                        )
                 except RewardModelOutputError as error:
                     judgements.append(None)
                     problems.append(f"unusable output: {error}")
@@ -1124,7 +1185,8 @@ class RewardModelJudge:
                 judgements.append(judgement)
                 problems.append(None)
                 values.append(value)
-                notes.append(f"{where}: verdict {judgement.verdict} → {value:.2f}")
+                sure = "" if judgement.confidence is None else f" (p={judgement.confidence:.3f})"
+                notes.append(f"{where}: verdict {judgement.verdict}{sure} → {value:.2f}")
             # Every order asked must be usable: one order alone carries the position bias the swap cancels.
             value = sum(values) / len(values) if values and len(values) == len(positions) else None
             summary = f"{value:.2f}" if value is not None else "no usable verdict"

@@ -4,10 +4,12 @@ length-debiasing pass and the order-swapped training conversations."""
 
 from __future__ import annotations
 
+import math
 import re
 
 import pytest
 
+from keyeflow.quality.errors import ScoringError
 from keyeflow.quality.reward_model import (
     DIMENSION_NAMES,
     DIMENSIONS,
@@ -33,7 +35,7 @@ from keyeflow.quality.reward_model import (
     render_output,
     signal_scores,
 )
-from keyeflow.quality.rewards import prompt_mode
+from keyeflow.quality.rewards import RewardItem, prompt_mode
 
 
 def think_output(
@@ -509,3 +511,65 @@ def test_no_dimension_is_constant_over_varied_pairs():
             for name, value in signal_scores(p, response, other).items():
                 seen[name].add(value)
     assert {name: len(values) >= 2 for name, values in seen.items()} == dict.fromkeys(DIMENSION_NAMES, True)
+
+
+class SureOfA:
+    """A reference-guided judge that writes `<reference> is Response A's answer.` and `Verdict: A` for every
+    prompt (its position bias), more surely when Response A's answer is the reference: the probability of its
+    giver token is `sure` then and `unsure` otherwise; the verdict letter, a copy of the giver, has 0.9."""
+
+    def __init__(self, sure: float = 0.7, unsure: float = 0.55, spell_text: bool = True):
+        self.sure, self.unsure, self.spell_text = sure, unsure, spell_text
+
+    def generate(self, conversations, **kwargs):
+        from keyeflow.model.generation import Completion
+
+        assert kwargs["logprobs"] is True  # a weighed verdict needs the tokens' logprobs
+        out = []
+        for conversation in conversations:
+            prompt = conversation[-1]["content"]
+            reference = prompt.split("Reference answer:\n")[1].split("\n")[0]
+            a = prompt.split("Response A:\n")[1].split("\n")[0]
+            tokens = [reference, " is", " Response", " A", "'s", " answer", ".\n", "Verdict", ":", " A"]
+            giver = self.sure if a == reference else self.unsure
+            logprobs = [0.0, 0.0, 0.0, math.log(giver), 0.0, 0.0, 0.0, 0.0, 0.0, math.log(0.9)]
+            text = "".join(tokens)
+            if not self.spell_text:
+                tokens = tokens[:-1]  # a token (and its logprob) missing: they no longer spell the text
+                logprobs = logprobs[:-1]
+            offsets = [sum(len(t) for t in tokens[:k]) for k in range(len(tokens))]
+            out.append([Completion(text, logprobs, tokens, offsets, "stop")])
+        return out
+
+
+def test_a_weighed_verdict_ranks_a_pair_its_judge_names_the_same_letter_for_in_both_orders():
+    """With `verdict_confidence`, the same letter written in both orders still ranks the pair by how surely
+    the judge wrote it in each: value = ½ (p(chosen as A) + 1 − p(chosen as B)), p the product of the giver's
+    and the verdict letter's probabilities. Without it, the value is the tie a position bias gives."""
+    request = ComparisonRequest("How many shapes?", "4", "5", reference="4")
+    weighed = RewardModelJudge(SureOfA(), RewardModelConfig(mode="no_think", verdict_confidence=True))
+    (comparison,) = weighed.compare([request])
+    assert comparison.value == pytest.approx(0.5 * (0.7 * 0.9 + 1 - 0.55 * 0.9))
+    assert [j.confidence for j in comparison.judgements] == pytest.approx([0.63, 0.495])
+    assert "verdict A (p=0.630)" in comparison.reason
+    # the response the judge is less sure of loses, in the other direction
+    (reverse,) = weighed.compare([ComparisonRequest("How many shapes?", "5", "4", reference="4")])
+    assert reverse.value == pytest.approx(1 - comparison.value)
+
+    class Letters(SureOfA):  # the same outputs for a judge that does not weigh (no logprobs asked)
+        def generate(self, conversations, **kwargs):
+            return super().generate(conversations, **dict(kwargs, logprobs=True))
+
+    (plain,) = RewardModelJudge(Letters(), RewardModelConfig(mode="no_think")).compare([request])
+    assert plain.value == 0.5 and all(j.confidence is None for j in plain.judgements)
+
+
+def test_a_weighed_verdict_whose_tokens_do_not_spell_the_output_is_a_failed_judgement():
+    judge = RewardModelJudge(
+        SureOfA(spell_text=False), RewardModelConfig(mode="no_think", verdict_confidence=True)
+    )
+    (comparison,) = judge.compare([ComparisonRequest("How many shapes?", "4", "5", reference="4")])
+    assert comparison.value is None
+    assert "do not spell its text" in comparison.reason
+    with pytest.raises(ScoringError, match="do not spell its text"):
+        judge.reward(RewardItem("How many shapes?", reference="4"), "4")
