@@ -39,7 +39,8 @@ the responses and writing the label next to it, which it learns on short text pa
 over steps 201–300 of 32 from a fresh model, over steps 101–200 from a pre-trained one;
 `scripts/judge_learnability.py`). With the flow's own judge prompts (the picture, the instructions, ~390
 tokens) it has not learned it yet: it writes one line and verdict whatever the pair (README, issue 16's
-notes). Queries without a reference (alignment prompts) are judged as before, one verdict line.
+notes), though how surely it writes them depends on the pair, which `verdict_confidence` reads (below).
+Queries without a reference (alignment prompts) are judged as before, one verdict line.
 
 **Training data** (`build_reward_model_data`, from preference pairs):
 - *order swap*: every pair gives two conversations, chosen as A (target `A`) and chosen as B (target `B`), so
