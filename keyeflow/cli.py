@@ -130,9 +130,7 @@ def run(
         "tiny", "--pretrain-recipe", help="pre-training recipe: a name, a YAML/TOML file or module:function"
     ),
     posttrain_recipe_source: str = typer.Option(
-        "tiny-learn",
-        "--posttrain-recipe",
-        help="post-training recipe: a name, a YAML/TOML file or module:function",
+        "tiny", "--posttrain-recipe", help="post-training recipe: a name, a YAML/TOML file or module:function"
     ),
     set_: list[str] | None = typer.Option(
         None,
@@ -142,10 +140,9 @@ def run(
     ),
 ):
     """The whole DAG on generated sample data with embedded defaults: data flows → pretrain (tiny) →
-    LongCoT (the synthetic teacher unless --teacher-url) → posttrain (tiny-learn, sized for the learning
-    signals to show: about 5 minutes on 2 cores in all; `--posttrain-recipe tiny` runs every post-training
-    stage for a few steps), then what post-training learned, a summary and where to look. A rerun reuses
-    everything that did not change."""
+    LongCoT (the synthetic teacher unless --teacher-url) → posttrain (tiny; `--posttrain-recipe tiny-learn`
+    is sized for every learning signal to show, about 5 minutes on 2 cores), then a summary and where to
+    look. A rerun reuses everything that did not change."""
     if (teacher_url is None) != (teacher_model is None):
         raise typer.BadParameter("--teacher-url and --teacher-model go together")
     # transformers draws a "Writing model shards" bar for every tiny checkpoint it saves, dozens of lines

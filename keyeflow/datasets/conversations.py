@@ -1136,6 +1136,7 @@ def _samples(
         ]
     media_rows: dict[int, tuple[str, dict]] = {}
     media_ids, digests = [], []
+    named_by_digest: dict[int, str] = {}  # absolute media paths → their file's digest, for the sample's id
     for position, part in enumerate(_media_parts(record)):
         kind = part["type"]
         file = record.embedded.get(position) or resolve_media(part, record.base or path.parent, source_root)
@@ -1143,6 +1144,8 @@ def _samples(
         media_rows[id(part)] = (kind, row)
         media_ids.append(row["sample_id"])
         digests.append(index.digest(file))
+        if isinstance(part.get(kind), str) and Path(part[kind].removeprefix("file://")).is_absolute():
+            named_by_digest[id(part)] = digests[-1]
     rendered = token_stream.render_conversation(
         tokenizer, record.messages, lambda part: index.ids(*media_rows[id(part)])
     )
@@ -1155,9 +1158,31 @@ def _samples(
             modality,
             rendered,
             media_ids,
-            {"messages": record.messages, "media": digests},
+            {"messages": _without_absolute_paths(record.messages, named_by_digest), "media": digests},
             chash,
         )
+    ]
+
+
+def _without_absolute_paths(messages: list[dict], named_by_digest: dict[int, str]) -> list[dict]:
+    """`messages` as a sample's id hashes them: a media part given by an absolute path is named by its file's
+    digest instead. The conversations post-training writes (reward-model judgements, RL items' answers,
+    LongCoT and rejection-sampled rows) name their media by absolute path, so the same conversation had
+    another id in every home, and the mixtures ordered by id another order. Relative paths (what source
+    files hold) stay as written, so those samples keep their ids."""
+    if not named_by_digest:
+        return messages
+    return [
+        {
+            **message,
+            "content": [
+                {**part, part["type"]: named_by_digest[id(part)]} if id(part) in named_by_digest else part
+                for part in message["content"]
+            ],
+        }
+        if isinstance(message.get("content"), list)
+        else message
+        for message in messages
     ]
 
 

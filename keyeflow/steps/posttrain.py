@@ -14,9 +14,7 @@ configs), so rollouts and training read the same pixels as every other stage.
 
 from __future__ import annotations
 
-import copy
 import json
-import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -438,41 +436,21 @@ def heldout_items(paths: Sequence[str], source_root: str, mode: str) -> list[dic
     return items
 
 
-def rl_answer_conversations(items: Sequence[Mapping[str, Any]]) -> tuple[list[dict[str, Any]], str]:
-    """Each RL item's reference response in its thinking mode, as a conversation for `add_conversations`, and
-    the source root to add them with: the folder holding every media file they show, their paths written
-    relative to it. A row's id hashes its messages and the SFT mixture's order follows ids, so absolute paths
-    gave the same answer another id, and SFT another order, in every home."""
-    answers = [
+def rl_answer_conversations(items: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """Each RL item's reference response in its thinking mode, as a conversation for `add_conversations`."""
+    return [
         {
             "uri": f"rl-answer#{i['id']}",
             "source": "rl-answers",
             "task": RL_ANSWER_TASK,  # kept out of pre-training mixtures, as every post-training row
             "messages": [
-                *copy.deepcopy(i["messages"]),  # its media paths are rewritten below, the item's are not
+                *i["messages"],
                 {"role": "assistant", "content": reference_response(i, i["reference"])},
             ],
         }
         for i in items
         if i.get("reference")
     ]
-    parts = [
-        part
-        for answer in answers
-        for message in answer["messages"]
-        if isinstance(message.get("content"), list)
-        for part in message["content"]
-        if isinstance(part, dict)
-        and part.get("type") in ("image", "video")
-        and isinstance(part.get(part["type"]), str)
-    ]
-    files = [Path(part[part["type"]].removeprefix("file://")) for part in parts]
-    if not files or not all(f.is_absolute() for f in files):
-        return answers, "/"  # relative paths are already home-independent; none to rewrite
-    root = Path(os.path.commonpath([f.parent for f in files]))
-    for part, file in zip(parts, files):
-        part[part["type"]] = str(file.relative_to(root))
-    return answers, str(root)
 
 
 def pass_rates(

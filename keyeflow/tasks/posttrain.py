@@ -93,10 +93,10 @@ def sft_data(
         len(report.dropped),
     )
     kept = list(report.kept)
-    answers, answers_root = posttrain.rl_answer_conversations(items[: recipe.sft_rl_items])
+    answers = posttrain.rl_answer_conversations(items[: recipe.sft_rl_items])
     if answers:
         image_config, slowfast = media_configs(GenerationConfig())
-        ids, bad = add_conversations(answers, answers_root, slowfast, image_config)
+        ids, bad = add_conversations(answers, "/", slowfast, image_config)
         for uri, why in bad.items():
             get_run_logger().warning("RL item answer %s not usable for SFT: %s", uri, why)
         kept += sorted(set(ids.values()) - set(kept))

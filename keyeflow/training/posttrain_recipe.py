@@ -1,8 +1,9 @@
 """Post-training as one Python recipe (SPEC §4, in its order): SFT (difficulty filter, then a low-LR annealing
 phase) → reward model → MPO → LongCoT SFT with expert merging → GSPO rounds (progressive hints, rejection
-sampling, pass-rate filter) → alignment RL. `posttrain_recipe("tiny-learn")` (what `keyeflow run` uses) runs
-on a 2-core CPU in about 3 minutes with the tiny model (188 s measured), sized for the learning signals to
-show on held-out items; `posttrain_recipe("tiny")` runs every stage for a few steps (the fast wiring tests);
+sampling, pass-rate filter) → alignment RL. `posttrain_recipe("tiny-learn")` (`keyeflow run --posttrain-recipe
+tiny-learn`) runs on a 2-core CPU in about 3 minutes with the tiny model (188 s measured), sized for the
+learning signals to show on held-out items; `posttrain_recipe("tiny")` runs every stage for a few steps (what
+`keyeflow run` and the fast wiring tests use);
 `posttrain_recipe("keye-8b")` holds full-scale settings where SPEC gives them and marked choices where it does
 not (learning rates, step counts, sample counts: UNSTATED for Keye).
 """
@@ -183,7 +184,8 @@ def _tiny_learn() -> PosttrainRecipe:
     small = _SMALL
     # Sized for the stages that teach the verifiable tasks' answers (SFT, the reward model, MPO, GSPO) to take
     # tens of steps; the LongCoT stages, whose long reasoning a model this small cannot learn, keep a few.
-    # `keyeflow run`'s post-training; tests/flows/test_keyeflow_run.py (opt-in) asserts its learning signals.
+    # `keyeflow run --posttrain-recipe tiny-learn`; tests/flows/test_keyeflow_run.py (opt-in) asserts its
+    # learning signals.
     group = 4
     gspo = GSPOStageConfig(
         prompts_per_step=16,

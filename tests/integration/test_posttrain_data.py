@@ -5,6 +5,7 @@ model answers nothing right), and LongCoT samples reach a mixture with their rep
 
 from __future__ import annotations
 
+import hashlib
 import json
 
 import pytest
@@ -14,6 +15,7 @@ from keyeflow.datasets.conversations import add_conversations
 from keyeflow.datasets.images import ImageConfig
 from keyeflow.datasets.mixture import fixed_mixture
 from keyeflow.datasets.slowfast import resolve_config
+from keyeflow.datasets.video import content_hash
 from keyeflow.model.generation import OpenAICompatibleGenerator
 from keyeflow.synthetic import synthetic_teacher as chat_server
 from keyeflow.training.posttrain_data import (
@@ -195,21 +197,20 @@ def test_longcot_samples_reach_a_mixture_with_their_repeats(home):
         )
 
 
-def test_rl_item_answers_get_the_same_sample_ids_wherever_their_media_live(home, sample_images, tmp_path):
-    """The SFT rows written from RL items' reference responses are named by content, not by the home their
-    media sit in: the same items under two folders give the same sample ids (absolute paths in the hashed
-    messages gave every home other ids, and so another SFT order)."""
+def test_conversations_naming_media_by_absolute_path_get_the_same_ids_wherever_the_media_live(
+    home, sample_images, tmp_path
+):
+    """What post-training writes to train_samples (RL items' answers, reward-model judgements, LongCoT rows)
+    names its media by absolute path; a sample's id is its content, so the same conversation over the same
+    pictures gets the same id in any folder (absolute paths in the hashed messages gave every home other ids,
+    and the mixtures ordered by id another order). Another picture is another sample; a relative path keeps
+    the id it had."""
     import shutil
 
     from keyeflow.datasets.images import ingest_images_shard
     from keyeflow.steps.posttrain import rl_answer_conversations
 
-    ids_by_home = []
-    for name in ("home-a", "home-b"):
-        media = tmp_path / name / "samples" / "tasks" / "media"
-        media.mkdir(parents=True)
-        pictures = [shutil.copy(sample_images[k], media / f"picture-{k}.png") for k in range(2)]
-        ingest_images_shard([str(p) for p in pictures], ImageConfig(max_tokens=64))
+    def answers(pictures):
         items = [
             {
                 "id": f"item-{k}",
@@ -227,12 +228,45 @@ def test_rl_item_answers_get_the_same_sample_ids_wherever_their_media_live(home,
             }
             for k, picture in enumerate(pictures)
         ]
-        answers, root = rl_answer_conversations(items)
-        assert root == str(media)
-        assert answers[0]["messages"][0]["content"][0]["image"] == "picture-0.png"
-        assert items[0]["messages"][0]["content"][0]["image"] == str(pictures[0])  # the RL item keeps its own
-        ids, bad = add_conversations(answers, root, PAPER, ImageConfig(max_tokens=64))
+        return rl_answer_conversations(items)
+
+    ids_by_home = []
+    for name in ("home-a", "home-b"):
+        media = tmp_path / name / "samples" / "tasks" / "media"
+        media.mkdir(parents=True)
+        pictures = [shutil.copy(sample_images[k], media / f"picture-{k}.png") for k in range(2)]
+        ingest_images_shard([str(p) for p in pictures], ImageConfig(max_tokens=64))
+        ids, bad = add_conversations(answers(pictures), "/", PAPER, ImageConfig(max_tokens=64))
         assert not bad and set(ids) == {"rl-answer#item-0", "rl-answer#item-1"}
         ids_by_home.append(ids)
     assert ids_by_home[0] == ids_by_home[1]
     assert len(set(ids_by_home[0].values())) == 2
+    # the same question and answer over the other picture: another sample
+    swapped = answers([tmp_path / "home-a/samples/tasks/media/picture-1.png"])
+    (other,) = add_conversations(swapped, "/", PAPER, ImageConfig(max_tokens=64))[0].values()
+    assert other != ids_by_home[0]["rl-answer#item-0"]
+    # a relative path (what source files hold) is hashed as written, as before
+    relative = [
+        {
+            "uri": "made#relative",
+            "task": "caption",
+            "messages": [
+                {"role": "user", "content": [{"type": "image", "image": "picture-0.png"}]},
+                {"role": "assistant", "content": "A picture."},
+            ],
+        }
+    ]
+    source = tmp_path / "home-a" / "samples" / "tasks" / "media"
+    (kept,) = add_conversations(relative, str(source), PAPER, ImageConfig(max_tokens=64))[0].values()
+    absolute = [dict(relative[0], uri="made#absolute")]
+    absolute[0]["messages"] = [
+        {"role": "user", "content": [{"type": "image", "image": str(source / "picture-0.png")}]},
+        relative[0]["messages"][1],
+    ]
+    (by_digest,) = add_conversations(absolute, "/", PAPER, ImageConfig(max_tokens=64))[0].values()
+    assert kept != by_digest
+    digest = content_hash(str(source / "picture-0.png"))[0]
+    as_written = json.dumps(
+        {"messages": relative[0]["messages"], "media": [digest]}, sort_keys=True, ensure_ascii=False
+    )
+    assert kept.split("-")[0] == hashlib.sha256(as_written.encode()).hexdigest()[:20]
