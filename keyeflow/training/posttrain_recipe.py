@@ -214,7 +214,11 @@ def _tiny_learn() -> PosttrainRecipe:
         # before). GSPO's gain still varies from run to run (+0.17 and +0.005 in two runs of this setting).
         sft_anneal=StageConfig(name="posttrain-1-sft-anneal", learning_rate=1e-3, schedule="linear",
                                **(small | {"max_steps": 60, "window_size": 16, "checkpoint_every": 60})),
-        preference=PreferenceSettings(num_responses=4, max_new_tokens=8, max_teacher_pairs=4,
+        # 32 teacher pairs (kept over wrong LongCoT paths, thinking mode): with 4, the reward model had
+        # barely seen the long rows rejection sampling asks it about and wrote malformed reference lines
+        # (`Verdict: A's answer.`) on 28 and 49 of 451 rows, stopping two of three runs past the 5% error
+        # share; with 32, the same run's post-training completed (session 8, README).
+        preference=PreferenceSettings(num_responses=4, max_new_tokens=8, max_teacher_pairs=32,
                                       max_policy_items=64, max_answer_pairs=240),
         # Verdicts weighed by their probability: the tiny reward model writes one verdict for both orders of a
         # pair (greedy held-out accuracy exactly 0.500), while how surely it writes it already depends on the
