@@ -1,7 +1,7 @@
 """Post-training as one Python recipe (SPEC §4, in its order): SFT (difficulty filter, then a low-LR annealing
 phase) → reward model → MPO → LongCoT SFT with expert merging → GSPO rounds (progressive hints, rejection
 sampling, pass-rate filter) → alignment RL. `posttrain_recipe("tiny-learn")` (`keyeflow run --posttrain-recipe
-tiny-learn`) runs on a 2-core CPU in about 3 minutes with the tiny model (188 s measured), sized for the
+tiny-learn`) runs on a 2-core CPU in about 4 minutes with the tiny model (219 s measured), sized for the
 learning signals to show on held-out items; `posttrain_recipe("tiny")` runs every stage for a few steps (what
 `keyeflow run` and the fast wiring tests use);
 `posttrain_recipe("keye-8b")` holds full-scale settings where SPEC gives them and marked choices where it does
